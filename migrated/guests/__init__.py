@@ -1,0 +1,1 @@
+"""Guests migrated runs: the workload guest and its loader."""

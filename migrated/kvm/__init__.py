@@ -1,0 +1,1 @@
+"""The thin typed KVM layer: the only code that issues KVM ioctls."""

@@ -1,0 +1,296 @@
+"""Dirty-page tracking: the per-vCPU dirty rings (DESIGN R1-R4b, R6-R7) or the bitmap (R8).
+
+Both trackers answer `collect()`: every page dirtied since the last call, per memslot, deduplicated,
+with tracking re-armed before it returns, so the caller may read those pages' contents right away
+and a write that lands after the read shows up again in the next collection. The rest of the daemon
+does not care which tracker is in use.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+import ringreader
+
+from . import uapi
+from ._libc import ioctl
+from .errors import DirtyRingLivelockError, KvmIoctlError
+from .memory import GuestMemory, MemoryRegion
+
+PageArray = npt.NDArray[np.uint64]
+
+
+@dataclass(frozen=True)
+class DirtyPages:
+    """Page offsets within each memslot, unique within each slot, in no particular order."""
+
+    by_slot: dict[int, PageArray]
+
+    @property
+    def count(self) -> int:
+        return sum(int(pages.size) for pages in self.by_slot.values())
+
+    def union(self, other: DirtyPages) -> DirtyPages:
+        slots = set(self.by_slot) | set(other.by_slot)
+        empty = np.empty(0, np.uint64)
+        return DirtyPages(
+            {
+                slot: np.union1d(self.by_slot.get(slot, empty), other.by_slot.get(slot, empty))
+                for slot in slots
+            }
+        )
+
+
+@dataclass
+class TrackerStats:
+    mode: str
+    collections: int = 0
+    polls: int = 0
+    entries_harvested: int = 0
+    pages_collected: int = 0
+    ring_full_exits: int = 0
+    resets: int = 0
+    last_collect_ms: float = 0.0
+    backup_bitmap: str = "not in use"
+    backup_bitmap_pages: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class DirtyTracker(Protocol):
+    mode: str
+    stats: TrackerStats
+
+    def collect(self) -> DirtyPages: ...
+
+    def poll(self) -> None: ...
+
+    def collect_backup_bitmap(self) -> DirtyPages | None: ...
+
+
+def _get_dirty_log(vm_fd: int, slot: int, bitmap: npt.NDArray[np.uint64]) -> None:
+    log = uapi.kvm_dirty_log(slot=slot, dirty_bitmap=bitmap.ctypes.data)
+    try:
+        ioctl(vm_fd, uapi.KVM_GET_DIRTY_LOG, log)
+    except OSError as err:
+        raise KvmIoctlError(f"KVM_GET_DIRTY_LOG (slot {slot})", err) from err
+
+
+def _bitmap_words(region: MemoryRegion) -> int:
+    # api.rst: the bitmap has one bit per page, in longs, "rounded up to a multiple of 64 bits".
+    return (region.pages + 63) // 64
+
+
+class RingTracker:
+    """Harvests the per-vCPU dirty rings (R3) and resets them before anyone reads the pages.
+
+    Harvests happen from three places, one at a time under a lock: `poll()` from the continuous
+    harvester thread (R4: so that a ring rarely fills), `on_ring_full()` from a vCPU thread that
+    exited with KVM_EXIT_DIRTY_RING_FULL, and `collect()` from the consumer. What the first two
+    harvest is kept until the next `collect()`.
+    """
+
+    mode = "ring"
+    # Consecutive ring-full exits of one vCPU with nothing in its ring before we call it a
+    # livelock (HOST-NOTES.md: hundreds of thousands of such exits a second, no guest progress).
+    LIVELOCK_EXITS = 1000
+
+    def __init__(
+        self,
+        vm_fd: int,
+        memory: GuestMemory,
+        ring_entries: int,
+        with_bitmap: bool,
+        with_bitmap_reason: str,
+    ) -> None:
+        self._vm_fd = vm_fd
+        self._memory = memory
+        self._entries = ring_entries
+        self._with_bitmap = with_bitmap
+        self._rings: dict[int, tuple[object, list[int]]] = {}  # vcpu -> (buffer, [fetch index])
+        self._lock = threading.Lock()
+        self._slot_ids = [r.slot for r in memory.regions]
+        self._dedup = ringreader.DirtyDedup([r.pages for r in memory.regions])
+        self._out_slot = np.empty(ring_entries, np.uint32)
+        self._out_offset = np.empty(ring_entries, np.uint64)
+        self._pending_slot: list[npt.NDArray[np.uint32]] = []
+        self._pending_offset: list[PageArray] = []
+        self._empty_full_exits: dict[int, int] = {}
+        self.stats = TrackerStats(mode="ring", backup_bitmap=with_bitmap_reason)
+        self._backup_bitmaps = (
+            {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions}
+            if with_bitmap
+            else {}
+        )
+
+    def add_ring(self, vcpu_index: int, ring: object) -> None:
+        """Register a vCPU's mmapped ring (a writable buffer of ring_entries * 16 bytes)."""
+        with self._lock:
+            self._rings[vcpu_index] = (ring, [0])
+
+    def remove_rings(self) -> None:
+        with self._lock:
+            self._rings.clear()
+
+    def _harvest_locked(self) -> dict[int, int]:
+        """R3: harvest every ring in order from its fetch index, then KVM_RESET_DIRTY_RINGS."""
+        counts: dict[int, int] = {}
+        total = 0
+        for index, (ring, fetch) in self._rings.items():
+            harvested = 0
+            while True:
+                count, fetch[0] = ringreader.harvest(
+                    ring, self._entries, fetch[0], self._out_slot, self._out_offset
+                )
+                if count:
+                    self._pending_slot.append(self._out_slot[:count].copy())
+                    self._pending_offset.append(self._out_offset[:count].copy())
+                    harvested += count
+                if count < self._entries:
+                    break
+            counts[index] = harvested
+            total += harvested
+        if total:
+            # api.rst: the reset re-protects the harvested pages; it comes before their contents
+            # are read, or a write between the read and the reset would be lost (R3).
+            try:
+                ioctl(self._vm_fd, uapi.KVM_RESET_DIRTY_RINGS, 0)
+            except OSError as err:
+                raise KvmIoctlError("KVM_RESET_DIRTY_RINGS", err) from err
+            self.stats.resets += 1
+            self.stats.entries_harvested += total
+        return counts
+
+    def poll(self) -> None:
+        with self._lock:
+            self._harvest_locked()
+            self.stats.polls += 1
+
+    def on_ring_full(self, vcpu_index: int) -> None:
+        """A vCPU exited with KVM_EXIT_DIRTY_RING_FULL: harvest so it can re-enter (R4)."""
+        with self._lock:
+            self.stats.ring_full_exits += 1
+            counts = self._harvest_locked()
+            if counts.get(vcpu_index, 0):
+                self._empty_full_exits[vcpu_index] = 0
+                return
+            empty = self._empty_full_exits.get(vcpu_index, 0) + 1
+            self._empty_full_exits[vcpu_index] = empty
+        if empty >= self.LIVELOCK_EXITS:
+            raise DirtyRingLivelockError(
+                f"vCPU {vcpu_index} exited {empty} times in a row with a full dirty ring that "
+                "held nothing to harvest: the ring lost entries (KVM_EXIT_DIRTY_RING_FULL "
+                "livelock); dirty tracking can no longer be trusted"
+            )
+
+    def collect(self) -> DirtyPages:
+        started = time.perf_counter()
+        with self._lock:
+            self._harvest_locked()
+            daemon = self._memory.take_daemon_dirty()
+            slots = self._pending_slot
+            offsets = self._pending_offset
+            self._pending_slot, self._pending_offset = [], []
+            for slot, pages in daemon.items():
+                if pages.size:
+                    slots.append(np.full(pages.size, self._slot_ids.index(slot), np.uint32))
+                    offsets.append(pages)
+            if slots:
+                all_slots, all_offsets = self._dedup.unique(
+                    np.concatenate(slots), np.concatenate(offsets)
+                )
+            else:
+                all_slots = np.empty(0, np.uint32)
+                all_offsets = np.empty(0, np.uint64)
+            self.stats.collections += 1
+        result = _split_by_slot(all_slots, all_offsets, self._slot_ids)
+        self.stats.pages_collected += result.count
+        self.stats.last_collect_ms = (time.perf_counter() - started) * 1e3
+        return result
+
+    def collect_backup_bitmap(self) -> DirtyPages | None:
+        """R6.4: KVM_GET_DIRTY_LOG of every memslot, the very last read of dirty state.
+
+        None where WITH_BITMAP is not in use (R7: the kernel answers ENXIO, and nothing but the
+        rings holds dirty state). Never KVM_CLEAR_DIRTY_LOG in this mode.
+        """
+        if not self._with_bitmap:
+            return None
+        by_slot: dict[int, PageArray] = {}
+        for region in self._memory.regions:
+            bitmap = self._backup_bitmaps[region.slot]
+            _get_dirty_log(self._vm_fd, region.slot, bitmap)
+            by_slot[region.slot] = ringreader.bitmap_to_pages(bitmap)
+        pages = DirtyPages(by_slot)
+        self.stats.backup_bitmap_pages += pages.count
+        return pages
+
+
+class BitmapTracker:
+    """R8: KVM_GET_DIRTY_LOG per memslot (and KVM_CLEAR_DIRTY_LOG with manual protect).
+
+    The reference that shows what the rings buy: its cost follows the guest's size.
+    """
+
+    mode = "bitmap"
+
+    def __init__(self, vm_fd: int, memory: GuestMemory, manual_protect: bool) -> None:
+        self._vm_fd = vm_fd
+        self._memory = memory
+        self._manual_protect = manual_protect
+        self._lock = threading.Lock()
+        self._bitmaps = {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions}
+        self.stats = TrackerStats(
+            mode="bitmap", backup_bitmap="not applicable: bitmap mode tracks all in the bitmap"
+        )
+
+    def poll(self) -> None:
+        self.stats.polls += 1
+
+    def collect(self) -> DirtyPages:
+        started = time.perf_counter()
+        by_slot: dict[int, PageArray] = {}
+        with self._lock:
+            daemon = self._memory.take_daemon_dirty()
+            for region in self._memory.regions:
+                bitmap = self._bitmaps[region.slot]
+                _get_dirty_log(self._vm_fd, region.slot, bitmap)
+                if self._manual_protect:
+                    self._clear(region, bitmap)
+                pages = ringreader.bitmap_to_pages(bitmap)
+                extra = daemon.get(region.slot)
+                if extra is not None and extra.size:
+                    pages = np.union1d(pages, extra)
+                by_slot[region.slot] = pages
+            self.stats.collections += 1
+        result = DirtyPages(by_slot)
+        self.stats.pages_collected += result.count
+        self.stats.last_collect_ms = (time.perf_counter() - started) * 1e3
+        return result
+
+    def _clear(self, region: MemoryRegion, bitmap: npt.NDArray[np.uint64]) -> None:
+        # api.rst: with manual protect, KVM_GET_DIRTY_LOG does not re-protect; the pages whose
+        # bits are passed to KVM_CLEAR_DIRTY_LOG are, before we read them (the same rule as R3).
+        clear = uapi.kvm_clear_dirty_log(
+            slot=region.slot, num_pages=region.pages, first_page=0, dirty_bitmap=bitmap.ctypes.data
+        )
+        try:
+            ioctl(self._vm_fd, uapi.KVM_CLEAR_DIRTY_LOG, clear)
+        except OSError as err:
+            raise KvmIoctlError(f"KVM_CLEAR_DIRTY_LOG (slot {region.slot})", err) from err
+
+    def collect_backup_bitmap(self) -> DirtyPages | None:
+        return None
+
+
+def _split_by_slot(
+    slots: npt.NDArray[np.uint32], offsets: PageArray, slot_ids: list[int]
+) -> DirtyPages:
+    if len(slot_ids) == 1:
+        return DirtyPages({slot_ids[0]: offsets})
+    return DirtyPages({slot_id: offsets[slots == i] for i, slot_id in enumerate(slot_ids)})

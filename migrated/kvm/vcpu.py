@@ -1,0 +1,252 @@
+"""One vCPU: its fd, its mmapped kvm_run and dirty ring, and the OS thread that runs KVM_RUN.
+
+The thread runs an explicit loop of three states. RUNNING: in or around KVM_RUN. PAUSED: parked
+on a condition variable, outside KVM_RUN (so KVM has flushed the CPU's dirty log into the ring).
+FINISHED: the thread has ended, for a stop request or for an error it could not continue from.
+Pausing follows DESIGN section 2: set `immediate_exit`, then signal the thread so a KVM_RUN in
+progress returns EINTR; the vCPU counts as paused only once its thread reports it has parked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import uapi
+from ._libc import ioctl
+from .errors import KvmError, KvmIoctlError, VcpuError
+
+# A real-time signal nobody else in the daemon uses; its handler does nothing: its only purpose
+# is to make a KVM_RUN in progress return EINTR.
+KICK_SIGNAL = signal.SIGRTMIN + 3
+
+
+def _ignore_kick(signum: int, frame: Any) -> None:
+    return None
+
+
+def ensure_kick_handler() -> None:
+    """Install the kick signal's handler (must run on the main thread, once per process)."""
+    if signal.getsignal(KICK_SIGNAL) is _ignore_kick:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise KvmError("the vCPU kick handler must be installed from the main thread first")
+    signal.signal(KICK_SIGNAL, _ignore_kick)
+    # Without SA_RESTART semantics the ioctl returns EINTR instead of being restarted.
+    signal.siginterrupt(KICK_SIGNAL, True)
+
+
+class VcpuState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class VcpuStats:
+    index: int
+    state: str
+    exits: dict[str, int]
+    error: str | None
+
+
+ExitHandler = Callable[["Vcpu"], None]
+
+_EXIT_NAMES = {
+    value: name[len("KVM_EXIT_") :].lower()
+    for name, value in vars(uapi).items()
+    if name.startswith("KVM_EXIT_") and name not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
+}
+
+
+class Vcpu:
+    """A vCPU of a `Vm`. Created by `Vm`; its thread starts with `start()`."""
+
+    PAUSE_TIMEOUT_S = 5.0
+
+    def __init__(self, index: int, fd: int, run_address: int, ring_address: int | None) -> None:
+        self.index = index
+        self.fd = fd
+        self.run_address = run_address
+        self.run = uapi.kvm_run.from_address(run_address)
+        self.ring_address = ring_address
+        self.exits: Counter[str] = Counter()
+        self.error: BaseException | None = None
+        # Handlers by exit reason, set by the VM (dirty ring full, port I/O, MMIO).
+        self.handlers: dict[int, ExitHandler] = {}
+        self._cond = threading.Condition()
+        self._want = VcpuState.PAUSED
+        self._state = VcpuState.CREATED
+        self._thread: threading.Thread | None = None
+        self.on_finished: Callable[[Vcpu], None] | None = None
+
+    # ---- register access (only while the thread is parked or not started) ----------------
+
+    def _ioctl(self, step: str, request: int, arg: Any = 0) -> int:
+        try:
+            return ioctl(self.fd, request, arg)
+        except OSError as err:
+            raise KvmIoctlError(f"vCPU {self.index}: {step}", err) from err
+
+    def get_regs(self) -> uapi.kvm_regs:
+        regs = uapi.kvm_regs()
+        self._ioctl("KVM_GET_REGS", uapi.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        self._ioctl("KVM_SET_REGS", uapi.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        sregs = uapi.kvm_sregs()
+        self._ioctl("KVM_GET_SREGS", uapi.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        self._ioctl("KVM_SET_SREGS", uapi.KVM_SET_SREGS, sregs)
+
+    def set_cpuid(self, cpuid_buffer: ctypes.Array[ctypes.c_uint8]) -> None:
+        self._ioctl("KVM_SET_CPUID2", uapi.KVM_SET_CPUID2, cpuid_buffer)
+
+    def tsc_khz(self) -> int:
+        return self._ioctl("KVM_GET_TSC_KHZ", uapi.KVM_GET_TSC_KHZ)
+
+    # ---- the thread ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> VcpuState:
+        with self._cond:
+            return self._state
+
+    def start(self, running: bool = True) -> None:
+        if self._thread is not None:
+            raise KvmError(f"vCPU {self.index} already started")
+        self._want = VcpuState.RUNNING if running else VcpuState.PAUSED
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"vcpu{self.index}", daemon=True
+        )
+        self._thread.start()
+        if not running:
+            self.wait_parked()
+
+    def request_pause(self) -> None:
+        """Ask the thread to leave KVM_RUN and park; `wait_parked()` waits for it."""
+        with self._cond:
+            if self._state is VcpuState.FINISHED or self._thread is None:
+                return
+            self._want = VcpuState.PAUSED
+            self.run.immediate_exit = 1
+            ident = self._thread.ident
+        if ident is not None:
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass  # the thread has just ended; wait_parked sees FINISHED
+
+    def wait_parked(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (self.PAUSE_TIMEOUT_S if timeout is None else timeout)
+        with self._cond:
+            while self._state not in (VcpuState.PAUSED, VcpuState.FINISHED):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise VcpuError(f"vCPU {self.index} did not park within the pause timeout")
+                self._cond.wait(remaining)
+
+    def resume(self) -> None:
+        with self._cond:
+            if self._state is VcpuState.FINISHED:
+                raise VcpuError(f"vCPU {self.index} has finished and cannot resume: {self.error}")
+            self.run.immediate_exit = 0
+            self._want = VcpuState.RUNNING
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """End the thread (from any state) and wait for it."""
+        with self._cond:
+            self._want = VcpuState.FINISHED
+            self.run.immediate_exit = 1
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is None:
+            return
+        if thread.is_alive() and thread.ident is not None:
+            try:
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+        thread.join()
+
+    def stats(self) -> VcpuStats:
+        return VcpuStats(
+            index=self.index,
+            state=self.state.value,
+            exits=dict(self.exits),
+            error=None if self.error is None else str(self.error),
+        )
+
+    def _thread_main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # the thread must report every end, never die silently
+            self.error = err
+        finally:
+            with self._cond:
+                self._state = VcpuState.FINISHED
+                self._cond.notify_all()
+            if self.on_finished is not None:
+                self.on_finished(self)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._want is VcpuState.PAUSED:
+                    if self._state is not VcpuState.PAUSED:
+                        self._state = VcpuState.PAUSED
+                        self._cond.notify_all()
+                    self._cond.wait()
+                if self._want is VcpuState.FINISHED:
+                    return
+                self._state = VcpuState.RUNNING
+            try:
+                ioctl(self.fd, uapi.KVM_RUN, 0)
+            except OSError as err:
+                if err.errno in (errno.EINTR, errno.EAGAIN):
+                    self.exits["kick"] += 1
+                    continue
+                raise KvmIoctlError(f"vCPU {self.index}: KVM_RUN", err) from err
+            self._handle_exit(self.run.exit_reason)
+
+    def _handle_exit(self, reason: int) -> None:
+        self.exits[_EXIT_NAMES.get(reason, str(reason))] += 1
+        handler = self.handlers.get(reason)
+        if handler is not None:
+            handler(self)
+            return
+        if reason in (uapi.KVM_EXIT_INTR, uapi.KVM_EXIT_HLT):
+            return
+        raise VcpuError(self._describe_fatal_exit(reason))
+
+    def _describe_fatal_exit(self, reason: int) -> str:
+        name = _EXIT_NAMES.get(reason, f"exit reason {reason}")
+        detail = ""
+        if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
+            internal = self.run.exit.internal
+            data = [hex(internal.data[i]) for i in range(min(internal.ndata, 16))]
+            detail = f" (suberror {internal.suberror}, data {data})"
+        elif reason == uapi.KVM_EXIT_FAIL_ENTRY:
+            detail = f" (hardware reason {self.run.exit.fail_entry.hardware_entry_failure_reason:#x})"
+        elif reason == uapi.KVM_EXIT_SYSTEM_EVENT:
+            detail = f" (type {self.run.exit.system_event.type})"
+        try:
+            rip = f" at rip {self.get_regs().rip:#x}"
+        except KvmError:
+            rip = ""
+        return f"vCPU {self.index} stopped: KVM_EXIT_{name.upper()}{detail}{rip}"

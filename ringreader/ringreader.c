@@ -1,0 +1,129 @@
+/*
+ * ringreader.c: see ringreader.h for the contract of each function.
+ *
+ * Quotes are from Documentation/virt/kvm/api.rst, section "KVM_CAP_DIRTY_LOG_RING".
+ */
+#include <errno.h>
+#include <stddef.h>
+
+#include "ringreader.h"
+
+_Static_assert(sizeof(struct rr_dirty_gfn) == 16, "struct kvm_dirty_gfn is 16 bytes");
+_Static_assert(offsetof(struct rr_dirty_gfn, offset) == 8, "kvm_dirty_gfn.offset at byte 8");
+
+/* KVM_GET_DIRTY_LOG bitmaps use little-endian bit order; reading them as native u64 words is
+ * only right on a little-endian host (x86_64, arm64).  Fail the build rather than the guest. */
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "ringreader assumes a little-endian host"
+#endif
+
+int rr_abi_version(void)
+{
+    return RR_ABI_VERSION;
+}
+
+int64_t rr_harvest(struct rr_dirty_gfn *ring, uint32_t n_entries, uint32_t *fetch_index,
+                   uint32_t *out_slot, uint64_t *out_offset, uint64_t capacity)
+{
+    /* "the size of the ring must be a power of two" (in bytes; entries are 16 bytes, so the
+     * entry count is one too), which is what makes index & (n - 1) select the entry. */
+    if (n_entries == 0 || (n_entries & (n_entries - 1)) != 0)
+        return -EINVAL;
+
+    /* One lap at most: past that we would re-read entries we just marked RESET. */
+    const uint64_t limit = capacity < n_entries ? capacity : n_entries;
+    const uint32_t mask = n_entries - 1;
+    uint32_t index = *fetch_index;
+    uint64_t count = 0;
+
+    while (count < limit) {
+        struct rr_dirty_gfn *gfn = &ring[index & mask];
+
+        /* "userspace accesses to the ring buffer (and more specifically the 'flags' field)
+         * must be ordered, using load-acquire/store-release accessors": the acquire pairs
+         * with KVM's store-release of DIRTY, so slot/offset read below are the ones KVM
+         * published with it. */
+        uint32_t flags = __atomic_load_n(&gfn->flags, __ATOMIC_ACQUIRE);
+
+        /* "The userspace should continue to do this until the flags of a GFN have the DIRTY
+         * bit cleared" - and "it must collect the dirty GFNs in sequence", so stop here
+         * even if later entries are dirty. */
+        if (!(flags & RR_DIRTY_GFN_F_DIRTY))
+            break;
+
+        out_slot[count] = gfn->slot;
+        out_offset[count] = gfn->offset;
+
+        /* "mark the flags from state 01b to 1Xb (bit 0 will be ignored by KVM, but bit 1 must
+         * be set ...)".  Release: our reads of slot/offset complete before KVM may see RESET
+         * and recycle the entry at KVM_RESET_DIRTY_RINGS. */
+        __atomic_store_n(&gfn->flags, (uint32_t)RR_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+
+        index++; /* u32 arithmetic: wraps at 2**32 like KVM's own indices */
+        count++;
+    }
+
+    *fetch_index = index;
+    return (int64_t)count;
+}
+
+int64_t rr_dedup(const uint32_t *slot, const uint64_t *offset, uint64_t n,
+                 uint64_t *const *bitmaps, const uint64_t *slot_npages, uint32_t n_slots,
+                 uint32_t *out_slot, uint64_t *out_offset)
+{
+    /* Validate everything first: a bad entry must not leave half the bits set, or the next
+     * call would silently drop those pages as "already seen". */
+    for (uint64_t i = 0; i < n; i++) {
+        if (slot[i] >= n_slots || offset[i] >= slot_npages[slot[i]])
+            return -ERANGE;
+    }
+
+    uint64_t kept = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t *word = &bitmaps[slot[i]][offset[i] >> 6];
+        const uint64_t bit = UINT64_C(1) << (offset[i] & 63);
+
+        if (*word & bit)
+            continue;
+        *word |= bit;
+        out_slot[kept] = slot[i];
+        out_offset[kept] = offset[i];
+        kept++;
+    }
+    return (int64_t)kept;
+}
+
+void rr_clear_bits(uint64_t *const *bitmaps, const uint32_t *slot, const uint64_t *offset,
+                   uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        bitmaps[slot[i]][offset[i] >> 6] &= ~(UINT64_C(1) << (offset[i] & 63));
+}
+
+int64_t rr_bitmap_count(const uint64_t *bitmap, uint64_t n_words)
+{
+    uint64_t count = 0;
+
+    for (uint64_t w = 0; w < n_words; w++)
+        count += (uint64_t)__builtin_popcountll(bitmap[w]);
+    return (int64_t)count;
+}
+
+int64_t rr_bitmap_to_pages(const uint64_t *bitmap, uint64_t n_words, uint64_t *out_pages,
+                           uint64_t capacity)
+{
+    uint64_t count = 0;
+
+    for (uint64_t w = 0; w < n_words; w++) {
+        uint64_t word = bitmap[w];
+
+        /* Zero words (most of a mostly clean guest) cost one load and one branch. */
+        while (word != 0) {
+            if (count == capacity)
+                return -ENOSPC;
+            out_pages[count++] = w * 64 + (uint64_t)__builtin_ctzll(word);
+            word &= word - 1; /* drop the lowest set bit */
+        }
+    }
+    return (int64_t)count;
+}

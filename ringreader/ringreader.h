@@ -1,0 +1,73 @@
+/*
+ * ringreader: the KVM dirty-ring harvest loop, and the dedup/bitmap helpers that keep its cost
+ * proportional to the number of dirty pages instead of the guest's size.
+ *
+ * Rules for this file and ringreader.c (see STYLE.md, "cffi bindings"): no allocation, no state,
+ * no logging.  Every function returns a count or a negative errno and trusts nothing else; the
+ * Python wrapper (ringreader/_shim.py and friends) checks arguments before they get here.
+ *
+ * The block between the "cffi-cdef" markers is fed verbatim to cffi's cdef() by _build.py, so it
+ * must stay within what cffi's parser accepts: plain declarations and integer #defines.
+ */
+#ifndef RINGREADER_H
+#define RINGREADER_H
+
+#include <stdint.h>
+
+/* cffi-cdef-begin */
+
+/* Bump whenever a signature or struct below changes; the wrapper refuses a mismatched build. */
+#define RR_ABI_VERSION 1
+
+/* Mirror of KVM_DIRTY_GFN_F_DIRTY / KVM_DIRTY_GFN_F_RESET from <linux/kvm.h>. */
+#define RR_DIRTY_GFN_F_DIRTY 1
+#define RR_DIRTY_GFN_F_RESET 2
+#define RR_DIRTY_GFN_F_MASK 3
+
+/* Layout of struct kvm_dirty_gfn: one 16-byte entry of a vCPU's mmapped dirty ring. */
+struct rr_dirty_gfn {
+    uint32_t flags;
+    uint32_t slot;   /* (address space id << 16) | memslot id */
+    uint64_t offset; /* page offset inside that memslot */
+};
+
+/* The RR_ABI_VERSION this object was compiled with. */
+int rr_abi_version(void);
+
+/*
+ * Harvest dirty entries in order starting at *fetch_index, at most min(capacity, n_entries).
+ * Each harvested entry's (slot, offset) goes to out_slot/out_offset and its flags become
+ * RR_DIRTY_GFN_F_RESET.  *fetch_index is advanced (u32, wraps) past the harvested entries.
+ * Returns the count, or -EINVAL if n_entries is 0 or not a power of two.
+ */
+int64_t rr_harvest(struct rr_dirty_gfn *ring, uint32_t n_entries, uint32_t *fetch_index,
+                   uint32_t *out_slot, uint64_t *out_offset, uint64_t capacity);
+
+/*
+ * Keep the first occurrence of every (slot, offset) among n entries, in input order, using
+ * bitmaps[slot] (one bit per page of slot_npages[slot] pages) as the "seen" set.  The bits of
+ * kept entries are left SET: pass the output to rr_clear_bits() to return the bitmaps to zero.
+ * Returns the number kept, or -ERANGE (bitmaps untouched) if any slot >= n_slots or any
+ * offset >= slot_npages[slot].  out_slot/out_offset must hold n entries.
+ */
+int64_t rr_dedup(const uint32_t *slot, const uint64_t *offset, uint64_t n,
+                 uint64_t *const *bitmaps, const uint64_t *slot_npages, uint32_t n_slots,
+                 uint32_t *out_slot, uint64_t *out_offset);
+
+/* Clear exactly the n given bits.  No range checks: pass only what rr_dedup() returned. */
+void rr_clear_bits(uint64_t *const *bitmaps, const uint32_t *slot, const uint64_t *offset,
+                   uint64_t n);
+
+/* Number of set bits in a bitmap of n_words u64 words. */
+int64_t rr_bitmap_count(const uint64_t *bitmap, uint64_t n_words);
+
+/*
+ * Indices of the set bits of a KVM_GET_DIRTY_LOG bitmap (u64 words, bit i of word w is page
+ * w * 64 + i), ascending.  Returns the count, or -ENOSPC if more than capacity bits are set.
+ */
+int64_t rr_bitmap_to_pages(const uint64_t *bitmap, uint64_t n_words, uint64_t *out_pages,
+                           uint64_t capacity);
+
+/* cffi-cdef-end */
+
+#endif /* RINGREADER_H */

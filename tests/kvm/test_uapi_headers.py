@@ -1,0 +1,194 @@
+"""Every number in migrated/kvm/uapi.py, checked against what the C compiler makes of the headers.
+
+A generated C program prints each constant, struct size and field offset; it is built against the
+host's <linux/kvm.h> (Debian 12: Linux 6.1) and against newer headers from `.ci/fetch-headers`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from migrated.kvm import uapi
+
+REPO = Path(__file__).resolve().parents[2]
+HOST_KVM_H = "/usr/include/linux/kvm.h"
+MULTIARCH = "x86_64-linux-gnu"  # uapi.py describes the x86_64 layout
+ABSENT = "ABSENT"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One number to ask the C compiler for."""
+
+    name: str  # as reports show it, e.g. "KVM_RUN" or "offsetof(struct kvm_run, mmio.len)"
+    expr: str  # the C expression
+    ours: int
+    macro: str | None = None  # reported absent, not a compile error, when this is undefined
+
+
+def constant_probes(exclude: frozenset[str] = frozenset()) -> list[Probe]:
+    # Every constant, ioctl numbers included, is a macro in the headers, so #ifdef finds them all.
+    return [
+        Probe(name, name, value, macro=name)
+        for name, value in sorted(uapi.constants().items())
+        if name not in exclude
+    ]
+
+
+def _members(
+    cls: type[ctypes.Structure | ctypes.Union],
+    renames: dict[str, str],
+    skip: frozenset[str],
+    c_prefix: str,
+    base: int,
+) -> Iterator[tuple[str, int, int]]:
+    """(C member designator, our offset, our size) of every field, nested ones included."""
+    for name, ctype, *_ in cls._fields_:
+        if name in skip:
+            continue
+        field = getattr(cls, name)
+        c_name = renames.get(name, name)
+        if issubclass(ctype, (ctypes.Structure, ctypes.Union)) and c_name != name:
+            # A renamed aggregate stands for an anonymous C union (kvm_run's exit union goes by
+            # its member `io`): C names its members, `io` among them, without a prefix, and has
+            # no name for the union itself to take the size of.
+            yield from _members(ctype, {}, frozenset(), c_prefix, base + field.offset)
+            continue
+        yield c_prefix + c_name, base + field.offset, field.size
+        if issubclass(ctype, (ctypes.Structure, ctypes.Union)):
+            yield from _members(ctype, {}, frozenset(), f"{c_prefix}{c_name}.", base + field.offset)
+
+
+def struct_probes() -> list[Probe]:
+    probes = []
+    for c_struct, cls in uapi.STRUCTS.items():
+        size = f"sizeof(struct {c_struct})"
+        probes.append(Probe(size, size, ctypes.sizeof(cls)))
+        renames = uapi.C_FIELD_NAMES.get(c_struct, {})
+        skip = uapi.UNCHECKED_FIELDS.get(c_struct, frozenset())
+        for member, offset, field_size in _members(cls, renames, skip, "", 0):
+            where = f"offsetof(struct {c_struct}, {member})"
+            size = f"sizeof(((struct {c_struct} *)0)->{member})"
+            probes += [Probe(where, where, offset), Probe(size, size, field_size)]
+    return probes
+
+
+def c_program(probes: Sequence[Probe]) -> str:
+    """C source printing "name<TAB>value" (or "name<TAB>ABSENT") for each probe."""
+    lines = ["#include <stddef.h>", "#include <stdio.h>", "#include <linux/kvm.h>", ""]
+    lines += ["int main(void)", "{"]
+    for p in probes:
+        # unsigned long: ioctl numbers have bit 31 set and must not come out negative.
+        value = f'    printf("%s\\t%lu\\n", "{p.name}", (unsigned long)({p.expr}));'
+        if p.macro is None:
+            lines.append(value)
+        else:
+            absent = f'    printf("%s\\t{ABSENT}\\n", "{p.name}");'
+            lines += [f"#ifdef {p.macro}", value, "#else", absent, "#endif"]
+    lines += ["    return 0;", "}", ""]
+    return "\n".join(lines)
+
+
+def c_values(
+    probes: Sequence[Probe], tmp_path: Path, include_dirs: Sequence[Path] = ()
+) -> dict[str, int | None]:
+    """What C says for each probe (None: absent), built with include_dirs ahead of the system's."""
+    source, program = tmp_path / "probe.c", tmp_path / "probe"
+    source.write_text(c_program(probes))
+    isystem = [arg for d in include_dirs for arg in ("-isystem", str(d))]
+    subprocess.run(["gcc", "-Wall", *isystem, "-o", str(program), str(source)], check=True)
+    out = subprocess.run([str(program)], check=True, capture_output=True, text=True).stdout
+    values: dict[str, int | None] = {}
+    for line in out.splitlines():
+        name, value = line.split("\t")
+        values[name] = None if value == ABSENT else int(value)
+    return values
+
+
+def mismatches(probes: Sequence[Probe], theirs: dict[str, int | None], header: str) -> list[str]:
+    problems = []
+    for p in probes:
+        ours, c = p.ours % (1 << 64), theirs[p.name]  # both as C's unsigned long
+        if c is None:
+            problems.append(f"{p.name}: absent from {header} (ours {ours} = {ours:#x})")
+        elif c != ours:
+            problems.append(f"{p.name}: ours {ours} = {ours:#x}, C {c} = {c:#x}")
+    return problems
+
+
+def check(probes: Sequence[Probe], tmp_path: Path, include_dirs: Sequence[Path], header: str) -> None:
+    problems = mismatches(probes, c_values(probes, tmp_path, include_dirs), header)
+    assert not problems, f"{len(problems)} mismatches with {header}:\n" + "\n".join(problems)
+
+
+@pytest.fixture(scope="session")
+def newer_headers() -> Path:
+    """DIR holding newer headers: $MIGRATED_NEWER_HEADERS as .ci/run sets it, or a user cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = Path(os.environ.get("MIGRATED_NEWER_HEADERS") or cache / "migrated" / "headers")
+    # Always run it: it returns at once once DIR is complete, and repairs a half-filled DIR.
+    try:
+        subprocess.run(
+            ["bash", str(REPO / ".ci" / "fetch-headers"), str(directory)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        return directory
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        error = f"{e}\n{e.stderr or ''}"
+    pytest.fail(
+        f"newer kernel headers could not be fetched into {directory}:\n{error}\n"
+        "Get them with `.ci/fetch-headers DIR` (as root, with Debian's archive reachable) "
+        "and run the tests with MIGRATED_NEWER_HEADERS=DIR.",
+        pytrace=False,
+    )
+
+
+def test_host_headers_match(tmp_path: Path) -> None:
+    probes = constant_probes(exclude=uapi.NEWER_THAN_HOST_HEADERS) + struct_probes()
+    check(probes, tmp_path, [], HOST_KVM_H)
+
+
+def test_newer_headers_match(tmp_path: Path, newer_headers: Path) -> None:
+    include = newer_headers / "usr" / "include"
+    probes = constant_probes() + struct_probes()
+    check(probes, tmp_path, [include, include / MULTIARCH], str(include / "linux" / "kvm.h"))
+
+
+def test_newer_than_host_headers_are_absent_from_host(tmp_path: Path) -> None:
+    # The exclusion list must not hide a constant the host headers could check.
+    assert uapi.NEWER_THAN_HOST_HEADERS <= uapi.constants().keys()
+    probes = [p for p in constant_probes() if p.name in uapi.NEWER_THAN_HOST_HEADERS]
+    values = c_values(probes, tmp_path)
+    assert [p.name for p in probes if values[p.name] is not None] == []
+
+
+def test_absent_and_wrong_constants_are_reported(tmp_path: Path) -> None:
+    fake = tmp_path / "include"
+    (fake / "linux").mkdir(parents=True)
+    (fake / "linux" / "kvm.h").write_text(
+        "#include <asm-generic/ioctl.h>\n"
+        "#define KVM_RIGHT 7\n"
+        "#define KVM_WRONG 2\n"
+        "#define KVM_HIGH_IOCTL _IOWR(0xAE, 0x05, char[8])\n"
+    )
+    probes = [
+        Probe("KVM_RIGHT", "KVM_RIGHT", 7, macro="KVM_RIGHT"),
+        Probe("KVM_WRONG", "KVM_WRONG", 1, macro="KVM_WRONG"),
+        Probe("KVM_MISSING", "KVM_MISSING", 3, macro="KVM_MISSING"),
+        Probe("KVM_HIGH_IOCTL", "KVM_HIGH_IOCTL", uapi._iowr(0x05, 8), macro="KVM_HIGH_IOCTL"),
+    ]
+    header = str(fake / "linux" / "kvm.h")
+    assert mismatches(probes, c_values(probes, tmp_path, [fake]), header) == [
+        "KVM_WRONG: ours 1 = 0x1, C 2 = 0x2",
+        f"KVM_MISSING: absent from {header} (ours 3 = 0x3)",
+    ]

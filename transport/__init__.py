@@ -1,0 +1,1 @@
+"""The migration wire protocol as a sans-IO state machine: no sockets, no trio."""
