@@ -7,18 +7,19 @@ root. For a local in-place build: ``cd <repo> && python3 ringreader/_build.py``.
 import pathlib
 import re
 
-from cffi import FFI
+from cffi import FFI  # type: ignore[import-untyped, unused-ignore]
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _HEADER = (_HERE / "ringreader.h").read_text()
 # Only the marked block: cffi's parser takes declarations, not include guards or #include.
-_CDEF = re.search(r"/\* cffi-cdef-begin \*/(.*)/\* cffi-cdef-end \*/", _HEADER, re.S)
-assert _CDEF is not None, "ringreader.h lost its cffi-cdef markers"
+_MARKED = re.search(r"/\* cffi-cdef-begin \*/(.*)/\* cffi-cdef-end \*/", _HEADER, re.S)
+assert _MARKED is not None, "ringreader.h lost its cffi-cdef markers"
+_CDEF = _MARKED.group(1)
 
 
 def make_ffibuilder(src_dir: str) -> FFI:
     builder = FFI()
-    builder.cdef(_CDEF.group(1))
+    builder.cdef(_CDEF)
     builder.set_source(
         "ringreader._ringreader",
         '#include "ringreader.h"',

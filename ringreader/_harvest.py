@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import SupportsIndex
+
 import numpy as np
 import numpy.typing as npt
 
@@ -16,11 +18,11 @@ assert DIRTY_GFN_DTYPE.itemsize == DIRTY_GFN_SIZE
 
 def harvest(
     ring: _args.RingBuffer,
-    n_entries: int,
-    fetch_index: int,
+    n_entries: SupportsIndex,
+    fetch_index: SupportsIndex,
     out_slot: npt.NDArray[np.uint32],
     out_offset: npt.NDArray[np.uint64],
-    capacity: int | None = None,
+    capacity: SupportsIndex | None = None,
 ) -> tuple[int, int]:
     """Harvest dirty entries from ring in order, starting at fetch_index.
 

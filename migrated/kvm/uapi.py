@@ -226,6 +226,7 @@ class kvm_run(ctypes.Structure):
         ("exit", kvm_run_exit),
         ("kvm_valid_regs", u64),
         ("kvm_dirty_regs", u64),
+        ("s", ctypes.c_char * 2048),  # union { struct kvm_sync_regs regs; char padding[2048]; }
     ]
 
 

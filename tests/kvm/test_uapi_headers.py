@@ -1,7 +1,8 @@
 """Every number in migrated/kvm/uapi.py, checked against what the C compiler makes of the headers.
 
-A generated C program prints each constant, struct size and field offset; it is built against the
-host's <linux/kvm.h> (Debian 12: Linux 6.1) and against newer headers from `.ci/fetch-headers`.
+A generated C program prints each constant, struct size, field offset and field size; it is built
+against the host's <linux/kvm.h> (Debian 12: Linux 6.1) and against newer headers from
+`.ci/fetch-headers`.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ def mismatches(probes: Sequence[Probe], theirs: dict[str, int | None], header: s
     return problems
 
 
-def check(probes: Sequence[Probe], tmp_path: Path, include_dirs: Sequence[Path], header: str) -> None:
+def check(
+    probes: Sequence[Probe], tmp_path: Path, include_dirs: Sequence[Path], header: str
+) -> None:
     problems = mismatches(probes, c_values(probes, tmp_path, include_dirs), header)
     assert not problems, f"{len(problems)} mismatches with {header}:\n" + "\n".join(problems)
 
@@ -144,7 +147,9 @@ def newer_headers() -> Path:
         )
         return directory
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        error = f"{e}\n{e.stderr or ''}"
+        # TimeoutExpired keeps bytes even with text=True.
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        error = f"{e}\n{stderr or ''}"
     pytest.fail(
         f"newer kernel headers could not be fetched into {directory}:\n{error}\n"
         "Get them with `.ci/fetch-headers DIR` (as root, with Debian's archive reachable) "

@@ -118,9 +118,9 @@ def test_oracle_rejects_out_of_range() -> None:
         ([0], _u64([0]), "slot must be a numpy array"),
     ],
 )
-def test_arguments_checked(slot, offset, match: str) -> None:
+def test_arguments_checked(slot: object, offset: object, match: str) -> None:
     with pytest.raises(RingReaderError, match=match):
-        DirtyDedup([10]).unique(slot, offset)
+        DirtyDedup([10]).unique(slot, offset)  # type: ignore[arg-type]
 
 
 def test_read_only_inputs_are_fine() -> None:
@@ -139,9 +139,9 @@ def test_read_only_inputs_are_fine() -> None:
         ([1.5], "page count of slot 0 must be an integer"),
     ],
 )
-def test_constructor_checks(sizes, match: str) -> None:
+def test_constructor_checks(sizes: object, match: str) -> None:
     with pytest.raises(RingReaderError, match=match):
-        DirtyDedup(sizes)
+        DirtyDedup(sizes)  # type: ignore[arg-type]
 
 
 def test_no_slots_rejects_everything() -> None:

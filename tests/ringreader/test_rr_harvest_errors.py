@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 import ringreader
 from ringreader import RingReaderError, harvest
+
+Outs = Callable[[int], tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]]
+MakeRing = Callable[..., npt.NDArray[np.void]]
+
 
 
 def test_error_is_a_value_error() -> None:
@@ -16,65 +22,65 @@ def test_error_is_a_value_error() -> None:
 
 
 @pytest.mark.parametrize("n", [0, 3, 6, 12, 2**31 + 1, 2**32])
-def test_n_entries_not_power_of_two(n: int, outs) -> None:
+def test_n_entries_not_power_of_two(n: int, outs: Outs) -> None:
     with pytest.raises(RingReaderError, match="n_entries"):
         harvest(bytearray(16 * 8), n, 0, *outs(8))
 
 
-def test_n_entries_message_says_power_of_two(outs) -> None:
+def test_n_entries_message_says_power_of_two(outs: Outs) -> None:
     with pytest.raises(RingReaderError, match="power of two.*6"):
         harvest(bytearray(16 * 6), 6, 0, *outs(8))
 
 
 @pytest.mark.parametrize("index", [-1, 2**32, 1.0, "0", True])
-def test_fetch_index_must_be_u32(index: object, make_ring, outs) -> None:
+def test_fetch_index_must_be_u32(index: object, make_ring: MakeRing, outs: Outs) -> None:
     with pytest.raises(RingReaderError, match="fetch_index"):
         harvest(make_ring(8), 8, index, *outs(8))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("nbytes", [0, 16 * 8 - 1, 16 * 7, 16 * 9])
-def test_ring_size_must_match_n_entries(nbytes: int, outs) -> None:
+def test_ring_size_must_match_n_entries(nbytes: int, outs: Outs) -> None:
     with pytest.raises(RingReaderError, match=f"ring is {nbytes} bytes.*n_entries=8"):
         harvest(bytearray(nbytes), 8, 0, *outs(8))
 
 
-def test_read_only_numpy_ring(make_ring, outs) -> None:
+def test_read_only_numpy_ring(make_ring: MakeRing, outs: Outs) -> None:
     ring = make_ring(8, dirty=[0])
     ring.flags.writeable = False
     with pytest.raises(RingReaderError, match="writable"):
         harvest(ring, 8, 0, *outs(8))
 
 
-def test_bytes_ring_is_read_only(outs) -> None:
+def test_bytes_ring_is_read_only(outs: Outs) -> None:
     with pytest.raises(RingReaderError, match="writable"):
-        harvest(bytes(16 * 8), 8, 0, *outs(8))
+        harvest(bytes(16 * 8), 8, 0, *outs(8))  # type: ignore[arg-type]
 
 
-def test_read_only_mmap(outs) -> None:
+def test_read_only_mmap(outs: Outs) -> None:
     with mmap.mmap(-1, 16 * 8, access=mmap.ACCESS_READ) as mm:
         with pytest.raises(RingReaderError, match="writable"):
             harvest(mm, 8, 0, *outs(8))
 
 
-def test_closed_mmap(outs) -> None:
+def test_closed_mmap(outs: Outs) -> None:
     mm = mmap.mmap(-1, 16 * 8)
     mm.close()
     with pytest.raises(RingReaderError, match="ring must be a writable buffer"):
         harvest(mm, 8, 0, *outs(8))
 
 
-def test_not_a_buffer(outs) -> None:
+def test_not_a_buffer(outs: Outs) -> None:
     with pytest.raises(RingReaderError, match="got list"):
         harvest([0] * 32, 8, 0, *outs(8))  # type: ignore[arg-type]
 
 
-def test_non_contiguous_ring(make_ring, outs) -> None:
+def test_non_contiguous_ring(make_ring: MakeRing, outs: Outs) -> None:
     ring = make_ring(16)[::2]
     with pytest.raises(RingReaderError, match="C-contiguous"):
         harvest(ring, 8, 0, *outs(8))
 
 
-def test_misaligned_ring(outs) -> None:
+def test_misaligned_ring(outs: Outs) -> None:
     backing = np.zeros(16 * 8 + 1, dtype=np.uint8)
     if backing.ctypes.data % 8 == 7:
         backing = np.zeros(16 * 8 + 2, dtype=np.uint8)[1:]
@@ -96,14 +102,16 @@ def test_misaligned_ring(outs) -> None:
         ([0] * 8, np.zeros(8, np.uint64), "out_slot must be a numpy array of uint32, got list"),
     ],
 )
-def test_output_arrays_checked(out_slot, out_offset, match: str, make_ring) -> None:
+def test_output_arrays_checked(
+    out_slot: object, out_offset: object, match: str, make_ring: MakeRing
+) -> None:
     ring = make_ring(8, dirty=range(8))
     with pytest.raises(RingReaderError, match=match):
-        harvest(ring, 8, 0, out_slot, out_offset)
+        harvest(ring, 8, 0, out_slot, out_offset)  # type: ignore[arg-type]
     assert (ring["flags"] == ringreader.DIRTY_GFN_F_DIRTY).all()
 
 
-def test_read_only_output(make_ring) -> None:
+def test_read_only_output(make_ring: MakeRing) -> None:
     out_slot = np.zeros(8, np.uint32)
     out_slot.flags.writeable = False
     with pytest.raises(RingReaderError, match="out_slot must be writable"):
@@ -111,7 +119,7 @@ def test_read_only_output(make_ring) -> None:
 
 
 @pytest.mark.parametrize("capacity", [-1, 9])
-def test_capacity_beyond_outputs(capacity: int, make_ring, outs) -> None:
+def test_capacity_beyond_outputs(capacity: int, make_ring: MakeRing, outs: Outs) -> None:
     with pytest.raises(RingReaderError, match=r"capacity must be in \[0, 8\]"):
         harvest(make_ring(8), 8, 0, *outs(8), capacity=capacity)
 

@@ -71,10 +71,13 @@ static void heartbeat(struct vcpu *v, u64 now)
 
 /* Waits until one more page is allowed at the current rate (re-read on every call). A deficit of
  * more than ~10 ms worth of pages (after a pause by the VMM, or a rate above what the vCPU can do)
- * is forgiven rather than caught up in a burst. */
-static void throttle(struct vcpu *v)
+ * is forgiven rather than caught up in a burst. Returns 0 instead if a continuous sweep should end
+ * because the mode changed (so an idle vCPU still notices a switch to passes). */
+static int throttle(struct vcpu *v, u64 mode)
 {
 	for (;;) {
+		if (mode == WL_MODE_CONTINUOUS && param(v, WL_P_MODE) != mode)
+			return 0;
 		u64 rate = param(v, WL_P_RATE);
 		u64 now = rdtsc();
 		heartbeat(v, now);
@@ -86,7 +89,7 @@ static void throttle(struct vcpu *v)
 		}
 		if (rate == WL_RATE_UNLIMITED) {
 			report(v, WL_S_STATE, WL_STATE_WRITING);
-			return;
+			return 1;
 		}
 		if (rate != 0) {
 			u64 done = v->written - v->base;
@@ -98,7 +101,7 @@ static void throttle(struct vcpu *v)
 					v->base = v->written;
 				}
 				report(v, WL_S_STATE, WL_STATE_WRITING);
-				return;
+				return 1;
 			}
 		}
 		report(v, WL_S_STATE, rate ? WL_STATE_THROTTLED : WL_STATE_IDLE);
@@ -136,9 +139,8 @@ static void sweep(struct vcpu *v, u64 mode)
 {
 	report(v, WL_S_SWEEP, reported(v, WL_S_SWEEP) + 1);
 	for (u64 i = 0; i < v->count; i++) {
-		if (mode == WL_MODE_CONTINUOUS && param(v, WL_P_MODE) != mode)
+		if (!throttle(v, mode))
 			return;
-		throttle(v);
 		rewrite_page(v, v->first + i);
 	}
 }
@@ -178,9 +180,10 @@ __attribute__((noreturn, used)) void workload_main(u64 index, const u64 *params)
 	}
 
 	u64 n = params[WL_P_NVCPUS], pages = params[WL_P_WS_PAGES];
-	/* Contiguous shares: vCPU i owns [i * pages / n, (i + 1) * pages / n). */
-	v.first = (u64)((u128)index * pages / n);
-	v.count = (u64)((u128)(index + 1) * pages / n) - v.first;
+	/* Contiguous shares: vCPU i owns [i * pages / n, (i + 1) * pages / n). (u64 is enough for
+	 * any RAM the layout accepts, and a u128 division would need libgcc.) */
+	v.first = index * pages / n;
+	v.count = (index + 1) * pages / n - v.first;
 	v.hb_ticks = v.tsc_hz / 1000;
 	v.last_hb = rdtsc();
 	v.rate = param(&v, WL_P_RATE);

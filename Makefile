@@ -1,0 +1,34 @@
+# Everything a fresh machine needs: `make test` and `make demo` create the virtualenv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader.h ringreader/_build.py \
+	$(wildcard migrated/guests/x86_64/*) migrated/guests/build.py
+
+.PHONY: venv build test test-kvm demo caps bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import ringreader, migrated.guests.workload"
+	touch $@
+
+build: venv
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m migrated.demo
+
+caps: venv
+	$(VENV)/bin/migratectl caps
+
+bench: venv
+	$(PY) bench/harvest.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info ringreader/*.so migrated/guests/*.bin

@@ -1,0 +1,69 @@
+"""The guest/VMM contract of the workload guest, mirrored from `x86_64/abi.h`.
+
+A test parses the header and compares every `WL_*` name below, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+WL_VERSION = 1
+WL_PAGE_SIZE = 4096
+WL_PAGE_WORDS = 512
+
+WL_PARAMS_MAGIC = 0x4D5241504C57474D  # "MGWLPARM"
+WL_P_MAGIC = 0
+WL_P_VERSION = 1
+WL_P_NVCPUS = 2
+WL_P_WS_BASE = 3
+WL_P_WS_PAGES = 4
+WL_P_TSC_HZ = 5
+WL_P_STATUS_BASE = 6
+WL_P_GEN_BASE = 7
+WL_P_SEED = 8
+WL_P_MODE = 9
+WL_P_RATE = 10
+WL_P_PASS_REQ = 11
+
+WL_MODE_CONTINUOUS = 0
+WL_MODE_PASSES = 1
+WL_RATE_UNLIMITED = 0xFFFFFFFFFFFFFFFF
+
+WL_STATUS_MAGIC = 0x544154534C57474D  # "MGWLSTAT"
+WL_S_MAGIC = 0
+WL_S_VCPU = 1
+WL_S_STATE = 2
+WL_S_HEARTBEAT = 3
+WL_S_PAGES_WRITTEN = 4
+WL_S_PASSES_DONE = 5
+WL_S_VERIFY_ERRORS = 6
+WL_S_LAST_ERROR_GPA = 7
+WL_S_LAST_ERROR_GEN = 8
+WL_S_SWEEP = 9
+WL_S_BUSY_PAGE = 10
+WL_S_FIRST_PAGE = 11
+WL_S_PAGE_COUNT = 12
+WL_S_RATE_SEEN = 13
+
+WL_STATE_BOOTING = 0
+WL_STATE_WRITING = 1
+WL_STATE_THROTTLED = 2
+WL_STATE_IDLE = 3
+WL_STATE_PASS_WAIT = 4
+WL_STATE_BAD_PARAMS = 5
+
+WL_PAGE_MAGIC = 0x454741504C57474D  # "MGWLPAGE"
+WL_H_MAGIC = 0
+WL_H_GPA = 1
+WL_H_GEN = 2
+WL_H_INDEX = 3
+WL_H_CHECKSUM = 4
+WL_HEADER_WORDS = 8
+
+WL_GOLDEN = 0x9E3779B97F4A7C15
+WL_STEP = 0xD1B54A32D192ED03
+WL_MIX_M1 = 0xBF58476D1CE4E5B9
+WL_MIX_M2 = 0x94D049BB133111EB
+
+
+def constants() -> dict[str, int]:
+    """Every `WL_*` constant, by its C name."""
+    return {k: v for k, v in globals().items() if k.startswith("WL_") and isinstance(v, int)}
