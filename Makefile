@@ -18,8 +18,11 @@ $(VENV)/.installed: $(SOURCES)
 
 build: venv
 
+# pytest's exit 5 means no test ran: a failure here.
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$status
 
 demo: venv
 	$(PY) -m migrated.demo

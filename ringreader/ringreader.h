@@ -3,8 +3,9 @@
  * proportional to the number of dirty pages instead of the guest's size.
  *
  * Rules for this file and ringreader.c (see STYLE.md, "cffi bindings"): no allocation, no state,
- * no logging.  Every function returns a count or a negative errno and trusts nothing else; the
- * Python wrapper (ringreader/_shim.py and friends) checks arguments before they get here.
+ * no logging.  Functions return a count or a negative errno.  They check only what they need
+ * for memory safety of the loop itself; the Python wrapper (ringreader/_args.py) checks pointers,
+ * lengths and dtypes before they get here.
  *
  * The block between the "cffi-cdef" markers is fed verbatim to cffi's cdef() by _build.py, so it
  * must stay within what cffi's parser accepts: plain declarations and integer #defines.

@@ -115,7 +115,7 @@ class RingTracker:
         self._rings: dict[int, tuple[object, list[int]]] = {}  # vcpu -> (buffer, [fetch index])
         self._lock = threading.Lock()
         self._slot_ids = [r.slot for r in memory.regions]
-        self._dedup = ringreader.DirtyDedup([r.pages for r in memory.regions])
+        self._dedup = ringreader.DirtyDedup({r.slot: r.pages for r in memory.regions})
         self._out_slot = np.empty(ring_entries, np.uint32)
         self._out_offset = np.empty(ring_entries, np.uint64)
         self._pending_slot: list[npt.NDArray[np.uint32]] = []
@@ -198,7 +198,7 @@ class RingTracker:
             self._pending_slot, self._pending_offset = [], []
             for slot, pages in daemon.items():
                 if pages.size:
-                    slots.append(np.full(pages.size, self._slot_ids.index(slot), np.uint32))
+                    slots.append(np.full(pages.size, slot, np.uint32))
                     offsets.append(pages)
             if slots:
                 all_slots, all_offsets = self._dedup.unique(
@@ -293,4 +293,4 @@ def _split_by_slot(
 ) -> DirtyPages:
     if len(slot_ids) == 1:
         return DirtyPages({slot_ids[0]: offsets})
-    return DirtyPages({slot_id: offsets[slots == i] for i, slot_id in enumerate(slot_ids)})
+    return DirtyPages({slot_id: offsets[slots == slot_id] for slot_id in slot_ids})
