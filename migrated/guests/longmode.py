@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from migrated.kvm.uapi import kvm_regs, kvm_segment, kvm_sregs
 
+# The VMM's way into guest RAM: `write(gpa, data)` stores and marks the pages dirty (R5).
 Write = Callable[[int, "bytes | npt.NDArray[np.generic]"], None]
 
 PAGE_SIZE = 4096

@@ -34,13 +34,14 @@ def mix64(z: U64) -> U64:
 def bodies(gpas: U64, gens: U64, seed: int) -> U64:
     """(n, 504) body words of pages at `gpas` with generations `gens`."""
     base = mix64(gpas ^ np.uint64(seed) ^ (gens * np.uint64(abi.WL_GOLDEN)))
-    x = base[:, None] + _OFFSETS[None, :]
+    x: U64 = base[:, None] + _OFFSETS[None, :]
     return x ^ (x >> np.uint64(29))
 
 
 def checksums(body: U64) -> U64:
     """Checksum of each row of an (n, 504) body array."""
-    return (body * _WEIGHTS).sum(axis=1, dtype=np.uint64)
+    sums: U64 = (body * _WEIGHTS).sum(axis=1, dtype=np.uint64)
+    return sums
 
 
 def render_pages(gpas: U64, indices: U64, gens: U64, vcpus: U64, seed: int) -> U64:

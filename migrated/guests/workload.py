@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,7 +26,7 @@ from migrated.kvm.uapi import kvm_regs, kvm_sregs
 from . import abi
 from .build import IMAGE_NAME
 from .layout import WorkloadLayout, plan_layout
-from .longmode import user_regs, user_sregs, write_long_mode
+from .longmode import Write, user_regs, user_sregs, write_long_mode
 from .pages import VerifyReport, verify_pages
 
 __all__ = [
@@ -45,9 +44,9 @@ __all__ = [
     "plan_layout",
     "rate_pages_per_vcpu",
     "verify_pages",
+    "Write",
 ]
 
-Write = Callable[[int, "bytes | npt.NDArray[np.generic]"], None]
 Mode = Literal["continuous", "passes"]
 _MODES: dict[str, int] = {"continuous": abi.WL_MODE_CONTINUOUS, "passes": abi.WL_MODE_PASSES}
 MIB = 1 << 20

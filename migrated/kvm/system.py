@@ -47,6 +47,7 @@ class Kvm:
     def __init__(self, fd: int, device: str) -> None:
         self.fd = fd
         self.device = device
+        self._supported_cpuid: list[uapi.kvm_cpuid_entry2] | None = None
 
     @classmethod
     def open(cls, device: str = DEFAULT_DEVICE) -> Kvm:
@@ -107,7 +108,13 @@ class Kvm:
         return self._ioctl("KVM_CREATE_VM", uapi.KVM_CREATE_VM, machine_type)
 
     def supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
-        """KVM_GET_SUPPORTED_CPUID, growing the buffer until the kernel stops saying E2BIG."""
+        """KVM_GET_SUPPORTED_CPUID (asked once; the answer does not change while we run)."""
+        if self._supported_cpuid is None:
+            self._supported_cpuid = self._query_supported_cpuid()
+        return list(self._supported_cpuid)
+
+    def _query_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
+        # The kernel says E2BIG until the buffer is large enough.
         count = 64
         while True:
             buf, header, entries = _cpuid_buffer(count)

@@ -1,0 +1,177 @@
+"""The workload guest on real KVM: it boots at CPL3, dirties its working set, verifies it, obeys
+rate and mode changes live, and leaves RAM that the host-side checker accepts."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from migrated.guests import abi
+from migrated.guests.workload import (
+    VcpuState,
+    VcpuStatus,
+    WorkloadGuest,
+    WorkloadParams,
+    install,
+    plan_layout,
+)
+from migrated.kvm.system import Kvm
+from migrated.kvm.vm import Vm, VmConfig
+
+pytestmark = pytest.mark.kvm
+
+MIB = 1 << 20
+MEMORY = 64 * MIB
+WORKING_SET = 16 * MIB
+
+
+@contextmanager
+def booted(params: WorkloadParams, *, start: bool = True) -> Iterator[tuple[Vm, WorkloadGuest]]:
+    layout = plan_layout(MEMORY, params.vcpus, params.working_set_bytes)
+    with Kvm.open() as kvm, Vm.create(kvm, VmConfig(memory_bytes=MEMORY, vcpus=params.vcpus)) as vm:
+        states = install(vm.write_guest, layout, params, vm.tsc_khz())
+        for vcpu, (regs, sregs) in zip(vm.vcpus, states):
+            vcpu.set_sregs(sregs)
+            vcpu.set_regs(regs)
+        if start:
+            vm.start()
+        yield vm, WorkloadGuest(layout)
+        vm.pause()
+        assert [v.error for v in vm.vcpus] == [None] * params.vcpus
+        assert vm.harvester_error is None
+
+
+def wait_for(
+    vm: Vm, guest: WorkloadGuest, predicate: Callable[[list[VcpuStatus]], bool], timeout: float
+) -> list[VcpuStatus]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = guest.status(vm.ram)
+        if predicate(status):
+            return status
+        errors = [v.error for v in vm.vcpus if v.error is not None]
+        assert not errors, errors  # a triple fault, say, would otherwise look like a timeout
+        assert time.monotonic() < deadline, f"timed out; guest status: {status}"
+        time.sleep(0.005)
+
+
+def heartbeats(status: list[VcpuStatus]) -> list[int]:
+    return [s.heartbeat for s in status]
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_guest_runs_dirties_and_verifies(vcpus: int) -> None:
+    with booted(WorkloadParams(vcpus=vcpus, working_set_bytes=WORKING_SET)) as (vm, guest):
+        first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
+        wait_for(
+            vm, guest, lambda s: all(b.heartbeat > a.heartbeat for a, b in zip(first, s)), 1.0
+        )
+        # Three sweeps each, so every page was re-verified at least twice by the guest.
+        status = wait_for(vm, guest, lambda s: all(x.sweep > 3 for x in s), 10.0)
+        assert all(s.state is VcpuState.WRITING and s.started for s in status)
+        vm.pause()
+        status = guest.status(vm.ram)
+        assert [s.verify_errors for s in status] == [0] * vcpus
+        assert [(s.first_page, s.page_count) for s in status] == [
+            guest.layout.share(v) for v in range(vcpus)
+        ]
+        report = guest.verify(vm.ram)
+        assert report.ok, report
+        assert report.pages_written == guest.layout.ws_pages
+        assert report.in_flight <= vcpus
+
+
+def test_guest_stays_correct_across_pause_and_resume() -> None:
+    with booted(WorkloadParams(vcpus=2, working_set_bytes=WORKING_SET)) as (vm, guest):
+        for _ in range(5):
+            wait_for(vm, guest, lambda s: all(x.pages_written > 0 for x in s), 1.0)
+            time.sleep(0.05)
+            vm.pause()
+            report = guest.verify(vm.ram)
+            assert report.ok, report
+            written = [s.pages_written for s in guest.status(vm.ram)]
+            vm.resume()
+            wait_for(vm, guest, lambda s: all(x.pages_written > w for x, w in zip(s, written)), 1.0)
+        assert [s.verify_errors for s in guest.status(vm.ram)] == [0, 0]
+
+
+def test_rate_zero_idles_with_heartbeats_and_rates_change_live() -> None:
+    params = WorkloadParams(vcpus=2, working_set_bytes=WORKING_SET, dirty_rate_mib_s=0)
+    with booted(params) as (vm, guest):
+        first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
+        status = wait_for(
+            vm, guest, lambda s: all(b.heartbeat > a.heartbeat + 50 for a, b in zip(first, s)), 2.0
+        )
+        assert [s.pages_written for s in status] == [0, 0]
+        assert all(s.state is VcpuState.IDLE for s in status)
+
+        guest.set_rate(vm.write_guest, 4)  # 1024 pages/s in all, 512 per vCPU
+        t0 = time.monotonic()
+        start = wait_for(vm, guest, lambda s: all(x.rate_seen == 512 for x in s), 1.0)
+        time.sleep(0.3)
+        end = guest.status(vm.ram)
+        elapsed = time.monotonic() - t0
+        for a, b in zip(start, end):
+            assert 0 < b.pages_written - a.pages_written <= 512 * elapsed + 512 // 100 + 2
+            assert b.state in (VcpuState.THROTTLED, VcpuState.WRITING)
+
+        guest.set_rate(vm.write_guest, math.inf)
+        wait_for(vm, guest, lambda s: all(x.pages_written > 4 * 4096 for x in s), 5.0)
+        guest.set_rate(vm.write_guest, 0)
+        status = wait_for(vm, guest, lambda s: all(x.state is VcpuState.IDLE for x in s), 1.0)
+        time.sleep(0.05)
+        assert [s.pages_written for s in guest.status(vm.ram)] == [s.pages_written for s in status]
+        vm.pause()
+        assert guest.verify(vm.ram).ok
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_passes_mode_writes_exactly_one_pass_per_request(vcpus: int) -> None:
+    params = WorkloadParams(vcpus=vcpus, working_set_bytes=WORKING_SET, mode="passes")
+    with booted(params) as (vm, guest):
+        layout = guest.layout
+        shares = [layout.share(v)[1] for v in range(vcpus)]
+        status = wait_for(vm, guest, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0)
+        assert [s.pages_written for s in status] == [0] * vcpus
+        for n in (1, 2, 3):
+            assert guest.request_pass(vm.write_guest, vm.ram) == n
+            wait_for(vm, guest, lambda s: all(x.passes_done == n for x in s), 5.0)
+            wait_for(vm, guest, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0)
+            time.sleep(0.05)  # time enough to write more, if the guest wrongly would
+            status = guest.status(vm.ram)
+            assert guest.passes_done(vm.ram) == [n] * vcpus
+            assert [s.pages_written for s in status] == [n * c for c in shares]
+            vm.pause()
+            gens = vm.ram[layout.gen : layout.gen + 4 * layout.ws_pages].view(np.uint32)
+            assert np.all(gens == n)
+            report = guest.verify(vm.ram)
+            assert report.ok and report.in_flight == 0, report
+            vm.resume()
+        assert [s.verify_errors for s in guest.status(vm.ram)] == [0] * vcpus
+
+
+def test_install_marks_its_writes_dirty() -> None:
+    """R5: the loader's writes reach the tracker as the daemon's own dirty pages."""
+    with booted(WorkloadParams(vcpus=2, working_set_bytes=WORKING_SET), start=False) as (vm, guest):
+        assert vm.tracker is not None
+        dirty = set(int(p) for p in vm.tracker.collect().by_slot[0])
+        layout = guest.layout
+        lm = layout.longmode
+        expected = {lm.pml4, lm.pdpt, lm.pd, lm.gdt, lm.tss, layout.code, layout.params}
+        assert {gpa // 4096 for gpa in expected} <= dirty
+        vm.start()
+
+
+def test_guest_reports_bad_parameters_instead_of_running() -> None:
+    params = WorkloadParams(vcpus=1, working_set_bytes=WORKING_SET)
+    with booted(params, start=False) as (vm, guest):
+        word = guest.layout.params + 8 * abi.WL_P_VERSION
+        vm.write_guest(word, (abi.WL_VERSION + 1).to_bytes(8, "little"))
+        vm.start()
+        status = wait_for(vm, guest, lambda s: s[0].heartbeat > 10, 1.0)
+        assert status[0].state is VcpuState.BAD_PARAMS and status[0].pages_written == 0
