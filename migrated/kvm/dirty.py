@@ -96,6 +96,9 @@ class RingTracker:
     """
 
     mode = "ring"
+    # Harvested entries kept between collections are deduplicated once they exceed this many,
+    # so a VM nobody collects from holds at most its distinct dirty pages, not every harvest.
+    COMPACT_ENTRIES = 1 << 20
     # Consecutive ring-full exits of one vCPU with nothing in its ring before we call it a
     # livelock (HOST-NOTES.md: hundreds of thousands of such exits a second, no guest progress).
     LIVELOCK_EXITS = 1000
@@ -112,7 +115,8 @@ class RingTracker:
         self._memory = memory
         self._entries = ring_entries
         self._with_bitmap = with_bitmap
-        self._rings: dict[int, tuple[object, list[int]]] = {}  # vcpu -> (buffer, [fetch index])
+        # vcpu -> (the mmapped ring as a writable buffer, [fetch index])
+        self._rings: dict[int, tuple[ringreader.RingBuffer, list[int]]] = {}
         self._lock = threading.Lock()
         self._slot_ids = [r.slot for r in memory.regions]
         self._dedup = ringreader.DirtyDedup({r.slot: r.pages for r in memory.regions})
@@ -120,6 +124,8 @@ class RingTracker:
         self._out_offset = np.empty(ring_entries, np.uint64)
         self._pending_slot: list[npt.NDArray[np.uint32]] = []
         self._pending_offset: list[PageArray] = []
+        self._pending_entries = 0
+        self._compacted_entries = 0
         self._empty_full_exits: dict[int, int] = {}
         self.stats = TrackerStats(mode="ring", backup_bitmap=with_bitmap_reason)
         self._backup_bitmaps = (
@@ -128,7 +134,7 @@ class RingTracker:
             else {}
         )
 
-    def add_ring(self, vcpu_index: int, ring: object) -> None:
+    def add_ring(self, vcpu_index: int, ring: ringreader.RingBuffer) -> None:
         """Register a vCPU's mmapped ring (a writable buffer of ring_entries * 16 bytes)."""
         with self._lock:
             self._rings[vcpu_index] = (ring, [0])
@@ -155,6 +161,9 @@ class RingTracker:
                     break
             counts[index] = harvested
             total += harvested
+        self._pending_entries += total
+        if self._pending_entries - self._compacted_entries > self.COMPACT_ENTRIES:
+            self._compact_locked()
         if total:
             # api.rst: the reset re-protects the harvested pages; it comes before their contents
             # are read, or a write between the read and the reset would be lost (R3).
@@ -165,6 +174,13 @@ class RingTracker:
             self.stats.resets += 1
             self.stats.entries_harvested += total
         return counts
+
+    def _compact_locked(self) -> None:
+        slots, offsets = self._dedup.unique(
+            np.concatenate(self._pending_slot), np.concatenate(self._pending_offset)
+        )
+        self._pending_slot, self._pending_offset = [slots], [offsets]
+        self._pending_entries = self._compacted_entries = int(slots.size)
 
     def poll(self) -> None:
         with self._lock:
@@ -196,6 +212,7 @@ class RingTracker:
             slots = self._pending_slot
             offsets = self._pending_offset
             self._pending_slot, self._pending_offset = [], []
+            self._pending_entries = self._compacted_entries = 0
             for slot, pages in daemon.items():
                 if pages.size:
                     slots.append(np.full(pages.size, slot, np.uint32))

@@ -98,7 +98,11 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | npt.NDArray[np.generic]) -> None:
         """Write into guest RAM as the daemon, marking the pages dirty (R5)."""
-        raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data.view(np.uint8).ravel()
+        raw: npt.NDArray[np.uint8] = (
+            np.frombuffer(data, dtype=np.uint8)
+            if isinstance(data, bytes)
+            else np.ascontiguousarray(data).view(np.uint8).ravel()
+        )
         if raw.size == 0:
             return
         region = self.region_of(gpa, raw.size)

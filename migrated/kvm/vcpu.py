@@ -154,7 +154,10 @@ class Vcpu:
     def wait_parked(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (self.PAUSE_TIMEOUT_S if timeout is None else timeout)
         with self._cond:
-            while self._state not in (VcpuState.PAUSED, VcpuState.FINISHED):
+            while self._thread is not None and self._state not in (
+                VcpuState.PAUSED,
+                VcpuState.FINISHED,
+            ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise VcpuError(f"vCPU {self.index} did not park within the pause timeout")

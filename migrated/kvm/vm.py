@@ -288,7 +288,8 @@ class Vm:
             for vcpu in self.vcpus:
                 assert vcpu.ring_address is not None
                 ring.add_ring(
-                    vcpu.index, (ctypes.c_uint8 * self.ring_bytes).from_address(vcpu.ring_address)
+                    vcpu.index,
+                    memoryview((ctypes.c_uint8 * self.ring_bytes).from_address(vcpu.ring_address)),
                 )
                 vcpu.handlers[uapi.KVM_EXIT_DIRTY_RING_FULL] = self._ring_full_handler(ring)
             tracker = ring
