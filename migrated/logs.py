@@ -1,0 +1,141 @@
+"""Structured logging: events with short snake_case names and key-value fields, never prose.
+
+    log = get_logger(vm="web-1")
+    log.info("migration_started", peer="10.0.0.2:7890", migration_id=mid)
+
+JSON lines when stderr is not a terminal (journald, log shippers), a readable console format on
+a terminal. The processor chain is installed once and reads the level, format and stream from
+`_state` on every event, so `configure_logging()` again on SIGHUP changes loggers that modules
+already hold (structlog would otherwise keep the configuration each logger was built with).
+Libraries that log through the standard `logging` module end up in the same stream and format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from typing import Any, Literal, TextIO
+
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+
+__all__ = ["configure_logging", "get_logger"]
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class _State:
+    level = LEVELS["info"]
+    json = False
+    colors = False
+    stream: TextIO | None = None  # None: whatever sys.stderr is at the time of writing
+
+
+_state = _State()
+_write_lock = threading.Lock()  # vCPU and harvester threads log too: one line at a time
+_installed = False
+
+_timestamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+_format_exc = structlog.processors.format_exc_info
+_json = structlog.processors.JSONRenderer(serializer=json.dumps, default=str)
+_console = {
+    colors: structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False) for colors in (False, True)
+}
+
+
+def _drop_below_level(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    if LEVELS.get(event.get("level", "info"), 20) < _state.level:
+        raise structlog.DropEvent
+    return event
+
+
+def _render(logger: WrappedLogger, method: str, event: EventDict) -> str:
+    if _state.json:
+        rendered: str = _json(logger, method, _format_exc(logger, method, event))
+        return rendered
+    return _console[_state.colors](logger, method, event)
+
+
+class _StreamLogger:
+    """The end of the chain: writes each rendered line to the current stream, whole."""
+
+    def msg(self, line: str) -> None:
+        stream = _state.stream or sys.stderr
+        with _write_lock:
+            stream.write(line + "\n")
+            stream.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+class _ToStructlog(logging.Handler):
+    """Routes the standard `logging` module (trio, libraries) into our stream, as events."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            get_logger().log(record.levelno, "library_log", level_name=level, **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _install() -> None:
+    global _installed
+    if _installed:
+        return
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _drop_below_level,
+            _timestamp,
+            structlog.processors.StackInfoRenderer(),
+            _render,
+        ],
+        # Everything passes this wrapper; `_drop_below_level` filters by the current level.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        logger_factory=lambda *args: _StreamLogger(),
+        cache_logger_on_first_use=True,
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(logging.DEBUG)
+    _installed = True
+
+
+def configure_logging(
+    format: Literal["auto", "json", "console"] | str = "auto",
+    level: Literal["debug", "info", "warning", "error", "critical"] | str = "info",
+    *,
+    stream: TextIO | None = None,
+) -> None:
+    """Set format and level; call at start-up and again on SIGHUP.
+
+    `format` "auto" means JSON unless `stream` (default: stderr) is a terminal.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"log level {level!r}: allowed are {', '.join(LEVELS)}")
+    if format not in ("auto", "json", "console"):
+        raise ValueError(f"log format {format!r}: allowed are auto, json, console")
+    _install()
+    target = stream or sys.stderr
+    try:
+        tty = target.isatty()
+    except (AttributeError, ValueError):  # closed or not a real file
+        tty = False
+    _state.stream = stream
+    _state.level = LEVELS[level]
+    _state.json = format == "json" or (format == "auto" and not tty)
+    _state.colors = tty and format != "json"
+
+
+def get_logger(**bound: Any) -> FilteringBoundLogger:
+    """A logger with `bound` fields in every event (e.g. vm=..., migration_id=..., peer=...)."""
+    _install()
+    logger: FilteringBoundLogger = structlog.get_logger(**bound)
+    return logger
