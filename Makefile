@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader.h ringreader/_build.py \
+	$(wildcard migrated/pagehash/*.[ch]) migrated/pagehash/_build.py \
 	$(wildcard migrated/guests/x86_64/*) migrated/guests/build.py
 
 .PHONY: venv build test test-kvm demo caps bench clean
@@ -34,4 +35,4 @@ bench: venv
 	$(PY) bench/harvest.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info ringreader/*.so migrated/guests/*.bin
+	rm -rf $(VENV) build *.egg-info ringreader/*.so migrated/pagehash/*.so migrated/guests/*.bin

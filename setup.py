@@ -33,6 +33,9 @@ class BuildPyWithGuest(build_py):
 
 
 setup(
-    cffi_modules=["ringreader/_build.py:ffibuilder"],
+    cffi_modules=[
+        "ringreader/_build.py:ffibuilder",
+        "migrated/pagehash/_build.py:ffibuilder",
+    ],
     cmdclass={"build_py": BuildPyWithGuest},
 )

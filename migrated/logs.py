@@ -41,7 +41,8 @@ _timestamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
 _format_exc = structlog.processors.format_exc_info
 _json = structlog.processors.JSONRenderer(serializer=json.dumps, default=str)
 _console = {
-    colors: structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False) for colors in (False, True)
+    colors: structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)
+    for colors in (False, True)
 }
 
 
@@ -53,7 +54,8 @@ def _drop_below_level(logger: WrappedLogger, method: str, event: EventDict) -> E
 
 def _render(logger: WrappedLogger, method: str, event: EventDict) -> str:
     if _state.json:
-        rendered: str = _json(logger, method, _format_exc(logger, method, event))
+        rendered = _json(logger, method, _format_exc(logger, method, event))
+        assert isinstance(rendered, str)  # json.dumps renders str (orjson would give bytes)
         return rendered
     return _console[_state.colors](logger, method, event)
 
@@ -75,11 +77,12 @@ class _ToStructlog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            level = record.levelname.lower()
+            # Custom levels (5, 25, ...) map to the standard level at or below them.
+            name = next((n for n, v in reversed(LEVELS.items()) if record.levelno >= v), "debug")
             fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
             if record.exc_info:
                 fields["exc_info"] = record.exc_info
-            get_logger().log(record.levelno, "library_log", level_name=level, **fields)
+            getattr(get_logger(), name)("library_log", **fields)
         except Exception:
             self.handleError(record)
 
@@ -100,11 +103,10 @@ def _install() -> None:
         # Everything passes this wrapper; `_drop_below_level` filters by the current level.
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=lambda *args: _StreamLogger(),
-        cache_logger_on_first_use=True,
+        # Not cached, so that structlog.testing.capture_logs() sees every logger in tests.
+        cache_logger_on_first_use=False,
     )
-    root = logging.getLogger()
-    root.handlers[:] = [_ToStructlog()]
-    root.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(_ToStructlog())
     _installed = True
 
 
@@ -132,6 +134,8 @@ def configure_logging(
     _state.level = LEVELS[level]
     _state.json = format == "json" or (format == "auto" and not tty)
     _state.colors = tty and format != "json"
+    # Stdlib records below our level would be dropped anyway: skip building them.
+    logging.getLogger().setLevel(LEVELS[level])
 
 
 def get_logger(**bound: Any) -> FilteringBoundLogger:

@@ -1,0 +1,39 @@
+"""cffi (API mode) build of migrated.pagehash._pagehash; run by the package build.
+
+``cffi_modules=["migrated/pagehash/_build.py:ffibuilder"]``; in place: ``python3 migrated/pagehash/_build.py``.
+"""
+
+import pathlib
+import re
+
+from cffi import FFI
+
+_HERE = pathlib.Path(__file__).resolve().parent
+_CDEF = re.search(
+    r"/\* cffi-cdef-begin \*/(.*)/\* cffi-cdef-end \*/", (_HERE / "pagehash.h").read_text(), re.S
+)
+assert _CDEF is not None, "pagehash.h lost its cffi-cdef markers"
+
+
+def make_ffibuilder(src_dir: str) -> FFI:
+    builder = FFI()
+    builder.cdef(_CDEF.group(1))
+    builder.set_source(
+        "migrated.pagehash._pagehash",
+        '#include "pagehash.h"',
+        sources=[f"{src_dir}/pagehash.c"],
+        include_dirs=[src_dir],
+        extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror"],
+    )
+    return builder
+
+
+ffibuilder = make_ffibuilder("migrated/pagehash")
+
+if __name__ == "__main__":
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        built = make_ffibuilder(str(_HERE)).compile(tmpdir=tmp, verbose=False)
+        shutil.copy(built, _HERE)
