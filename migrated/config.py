@@ -164,7 +164,7 @@ class Config:
             old_part, new_part = getattr(self, section), getattr(new, section)
             for key, spec in keys.items():
                 old, now = getattr(old_part, key), getattr(new_part, key)
-                if old != now or (key == "key_file" and old_part.psk != new_part.psk):
+                if old != now or (key == "key_file" and _key_rotated(old_part, new_part)):
                     found.append(ConfigChange(f"{section}.{key}", old, now, spec.reloadable))
         return found
 
@@ -182,6 +182,11 @@ class Config:
                 fixed["psk"] = self.peer.psk  # belongs to key_file, which needs a restart
             parts[section] = dataclasses.replace(getattr(new, section), **fixed)
         return Config(**parts, source=new.source)
+
+
+def _key_rotated(old: PeerConfig, new: PeerConfig) -> bool:
+    # None on either side: auth changed, which is reported on its own.
+    return old.psk is not None and new.psk is not None and old.psk != new.psk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +280,7 @@ def _boolean(value: Any) -> bool:
 def _path(*, socket: bool = False) -> Check:
     allowed = "an absolute path"
     if socket:
-        allowed += f" of at most {SUN_PATH_MAX} bytes (the limit of a Unix socket address)"
+        allowed += f" of at most {SUN_PATH_MAX} bytes, the limit of a Unix socket address"
 
     def check(value: Any) -> Path:
         if not isinstance(value, str) or not value:
@@ -479,7 +484,7 @@ def _check_peer_auth(peer: dict[str, Any], source_of: Callable[[str], str]) -> b
         if peer["key_file"] is None:
             raise ConfigError(
                 source_of("peer.auth"), "peer.key_file", 'required when peer.auth = "psk"',
-                "an absolute path to the pre-shared key (or --peer-key-file)",
+                "an absolute path to the pre-shared key, here or as --peer-key-file",
             )
         return _read_psk(peer["key_file"], source_of("peer.key_file"))
     if auth == "tls":

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 import threading
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
@@ -66,8 +66,13 @@ class _StreamLogger:
     def msg(self, line: str) -> None:
         stream = _state.stream or sys.stderr
         with _write_lock:
-            stream.write(line + "\n")
-            stream.flush()
+            try:
+                stream.write(line + "\n")
+                stream.flush()
+            except (OSError, ValueError):
+                # A closed or broken stderr (journald restarted) must not kill the caller, a
+                # vCPU thread or the event loop; there is nowhere left to report it.
+                pass
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
@@ -111,14 +116,11 @@ def _install() -> None:
 
 
 def configure_logging(
-    format: Literal["auto", "json", "console"] | str = "auto",
-    level: Literal["debug", "info", "warning", "error", "critical"] | str = "info",
-    *,
-    stream: TextIO | None = None,
+    format: str = "auto", level: str = "info", *, stream: TextIO | None = None
 ) -> None:
-    """Set format and level; call at start-up and again on SIGHUP.
+    """Set format ("auto", "json", "console") and level; call at start-up and again on SIGHUP.
 
-    `format` "auto" means JSON unless `stream` (default: stderr) is a terminal.
+    "auto" means JSON unless `stream` (default: stderr, looked up at each write) is a terminal.
     """
     if level not in LEVELS:
         raise ValueError(f"log level {level!r}: allowed are {', '.join(LEVELS)}")

@@ -97,6 +97,11 @@ def _digest(owner: object, name: str, value: object) -> bytes | None:
     return _bytes(owner, name, value, 1, limits.MAX_DIGEST_BYTES)
 
 
+def as_view(buffer: object) -> memoryview:
+    """A memoryview of any buffer (numpy arrays included, which typeshed does not know)."""
+    return memoryview(buffer)  # type: ignore[arg-type]
+
+
 def _set(owner: object, name: str, value: object) -> None:
     object.__setattr__(owner, name, value)
 
@@ -126,13 +131,13 @@ class Hello(Event):
         caps = self.capabilities
         if isinstance(caps, (str, bytes)) or not isinstance(caps, Iterable):
             raise _fail(self, "capabilities", f"must be a set of str, got {type(caps).__name__}")
-        caps = frozenset(caps)
-        if len(caps) > limits.MAX_CAPABILITIES:
-            raise _fail(self, "capabilities", f"has {len(caps)} entries, more than "
+        items = list(caps)
+        if len(items) > limits.MAX_CAPABILITIES:
+            raise _fail(self, "capabilities", f"has {len(items)} entries, more than "
                         f"{limits.MAX_CAPABILITIES}")
-        for cap in caps:
+        for cap in items:
             _str(self, "capabilities", cap, limits.MAX_SHORT_STR_CHARS)
-        _set(self, "capabilities", caps)
+        _set(self, "capabilities", frozenset(items))
         _int_field(self, "max_batch_bytes", limits.MIN_MAX_BATCH_BYTES,
                    limits.HARD_MAX_PAYLOAD_BYTES)
 
@@ -181,7 +186,7 @@ def _freeze_feature(owner: object, value: object, depth: int) -> object:
                 raise _fail(owner, "cpu_features", f"has a non-str key {key!r}")
             out[key] = _freeze_feature(owner, item, depth + 1)
         return out
-    raise _fail(owner, "cpu_features", f"holds a {type(value).__name__}, which msgpack cannot carry")
+    raise _fail(owner, "cpu_features", f"holds a {type(value).__name__}, not a msgpack type")
 
 
 def _regions(owner: object, value: object, page_size: int) -> tuple[MemoryRegion, ...]:
@@ -258,7 +263,8 @@ class Accept(Event):
 
 @dataclass(frozen=True, slots=True)
 class Abort(Event):
-    """Either side, while DESIGN section 5 allows it: the migration is over, the source keeps the VM."""
+    """Either side, while DESIGN section 5 allows it: the migration is over; the source keeps
+    the VM, the target discards its copy."""
 
     reason: str
 
@@ -312,7 +318,7 @@ class PageBatch(Event):
         _set(self, "pages", pages)
         _set(self, "zero_pages", zero)
         try:
-            view = memoryview(self.data)
+            view = as_view(self.data)
         except TypeError:
             raise _fail(self, "data", f"must be a buffer, got {type(self.data).__name__}") from None
         if not view.c_contiguous:
@@ -327,7 +333,7 @@ class PageBatch(Event):
 
     @property
     def data_bytes(self) -> int:
-        return memoryview(self.data).nbytes
+        return as_view(self.data).nbytes
 
 
 @dataclass(frozen=True, slots=True)

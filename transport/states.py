@@ -199,7 +199,7 @@ def explain(state: State, sender: Role, event_type: type[Event]) -> str:
     if state in BEFORE_AUTH and event_type in (VmDescription, PageBatch, DeviceState, Done, Query):
         why = f"{name} before authentication completed"
     elif state in BEFORE_ACCEPT and event_type in (PageBatch, DeviceState, Done):
-        why = f"page data before Accept ({name})"
+        why = f"page data ({name}) before Accept"
     elif event_type is Abort and sender is S and state in (State.COMMITTED, State.DONE):
         why = "Abort after Commit: the VM belongs to the target now"
     elif event_type is Abort and sender is T and state in (State.LOADED, State.COMMITTED):

@@ -1,0 +1,197 @@
+"""The daemon: one trio loop that owns the control socket, the peer listener, the VMs and their
+migrations (DESIGN sections 1-2). Services start with `nursery.start()`, so READY=1 means every
+socket is listening. SIGTERM stops cleanly; SIGHUP reloads what can be reloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import Config, ConfigError, load_config
+from .control import RequestError, serve_control
+from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
+from .kvm.errors import KvmError
+from .kvm.system import Kvm
+from .kvm.vcpu import ensure_kick_handler
+from .logs import configure_logging, get_logger
+from .sdnotify import Notifier
+
+
+class Daemon:
+    def __init__(self, config: Config, kvm: Kvm, notifier: Notifier) -> None:
+        self.config = config
+        self.kvm = kvm
+        self.notifier = notifier
+        self.vms: dict[str, HostedVm] = {}
+        self.log = get_logger(component="daemon")
+        self.nursery: trio.Nursery | None = None
+        # Filled by the migration package; keeps the daemon ignorant of its internals.
+        self.migrations: dict[str, Any] = {}
+        self.commands: dict[str, Any] = {
+            "vm.create": self.cmd_vm_create,
+            "vm.list": self.cmd_vm_list,
+            "vm.show": self.cmd_vm_show,
+            "vm.stop": self.cmd_vm_stop,
+            "daemon.status": self.cmd_daemon_status,
+        }
+
+    # ---- control commands ----------------------------------------------------------------
+
+    async def handle(self, cmd: str, args: dict[str, Any]) -> Any:
+        handler = self.commands.get(cmd)
+        if handler is None:
+            raise RequestError(f"unknown command {cmd!r}; known: {', '.join(sorted(self.commands))}")
+        return await handler(args)
+
+    def hosted(self, args: dict[str, Any]) -> HostedVm:
+        name = args.get("name")
+        if not isinstance(name, str):
+            raise RequestError('"name" (a string) is required')
+        vm = self.vms.get(name)
+        if vm is None:
+            raise RequestError(f"no VM named {name!r} on this daemon")
+        return vm
+
+    async def cmd_vm_create(self, args: dict[str, Any]) -> Any:
+        args = dict(args)
+        tracking = args.pop("dirty_tracking", None) or self.config.vm.dirty_tracking
+        if args.get("dirty_rate_mib_s") in ("max", "inf"):
+            args["dirty_rate_mib_s"] = math.inf
+        try:
+            spec = VmSpec.from_wire(args)
+            config = vm_config(
+                spec, tracking, self.config.vm.ring_bytes, self.config.vm.harvest_interval_ms
+            )
+        except SpecError as err:
+            raise RequestError(str(err)) from None
+        if spec.name in self.vms:
+            raise RequestError(f"a VM named {spec.name!r} already exists on this daemon")
+        try:
+            hosted = await trio.to_thread.run_sync(create_local, self.kvm, spec, config)
+        except (KvmError, ValueError) as err:
+            raise RequestError(f"cannot create VM {spec.name}: {err}") from None
+        self.vms[spec.name] = hosted
+        self.log.info("vm_created", vm=spec.name, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
+                      dirty_tracking=config.dirty_tracking)
+        self.update_status()
+        return hosted.show()
+
+    async def cmd_vm_list(self, args: dict[str, Any]) -> Any:
+        return [
+            {"name": h.name, "state": h.state.value, "memory_mib": h.spec.memory_mib,
+             "vcpus": h.spec.vcpus, "guest": h.spec.guest}
+            for h in self.vms.values()
+        ]
+
+    async def cmd_vm_show(self, args: dict[str, Any]) -> Any:
+        return self.hosted(args).show()
+
+    async def cmd_vm_stop(self, args: dict[str, Any]) -> Any:
+        hosted = self.hosted(args)
+        if hosted.state in (VmState.MIGRATING, VmState.IN_DOUBT, VmState.INCOMING):
+            raise RequestError(
+                f"VM {hosted.name} is {hosted.state.value}: cancel or resolve its migration first"
+            )
+        await self.remove_vm(hosted, "stopped by operator")
+        return {"name": hosted.name, "state": "stopped"}
+
+    async def cmd_daemon_status(self, args: dict[str, Any]) -> Any:
+        return {
+            "vms": len(self.vms),
+            "listen": str(self.config.peer.listen),
+            "control_socket": str(self.config.daemon.control_socket),
+            "pvm": self.kvm.caps().pvm,
+        }
+
+    async def remove_vm(self, hosted: HostedVm, reason: str) -> None:
+        self.vms.pop(hosted.name, None)
+        await trio.to_thread.run_sync(hosted.close)
+        hosted.state = VmState.STOPPED
+        self.log.info("vm_removed", vm=hosted.name, reason=reason)
+        self.update_status()
+
+    def update_status(self) -> None:
+        running = sum(1 for h in self.vms.values() if h.state is VmState.RUNNING)
+        self.notifier.status(f"{len(self.vms)} VMs, {running} running, "
+                             f"{len(self.migrations)} migrations")
+
+    # ---- lifetime -----------------------------------------------------------------------
+
+    async def watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval_s()
+        if interval is None:
+            return
+        while True:
+            # WATCHDOG=1 only when the loop runs (we are here) and every vCPU thread of a VM that
+            # should run is alive.
+            if all(h.error is None for h in self.vms.values() if h.state is VmState.RUNNING):
+                self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    def reload(self, config_path: Path | None, overrides: dict[str, Any]) -> None:
+        try:
+            new = load_config(config_path, overrides)
+        except ConfigError as err:
+            self.log.error("config_reload_refused", error=str(err))
+            return
+        for change in self.config.changes(new):
+            if change.reloadable:
+                self.log.info("config_changed", key=change.key)
+            else:
+                self.log.warning("config_change_needs_restart", key=change.key)
+        self.config = self.config.apply_reload(new)
+        configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
+
+    async def shutdown(self) -> None:
+        self.notifier.stopping()
+        for hosted in list(self.vms.values()):
+            await self.remove_vm(hosted, "daemon stopping")
+
+
+async def run_daemon(
+    config: Config, config_path: Path | None, overrides: dict[str, Any],
+    *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    ensure_kick_handler()
+    log = get_logger(component="daemon")
+    notifier = Notifier.from_environ(
+        on_error=lambda err: log.warning("sd_notify_failed", error=str(err))
+    )
+    kvm = Kvm.open()
+    daemon = Daemon(config, kvm, notifier)
+    caps = kvm.caps()
+    log.info("daemon_starting", pvm=caps.pvm, dirty_ring_max_bytes=caps.dirty_ring_max_bytes,
+             with_bitmap=caps.dirty_ring_with_bitmap, arch=caps.arch)
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                daemon.nursery = nursery
+                await nursery.start(serve_control, config.daemon.control_socket, daemon.handle)
+                from .migration.service import start_migration_service
+
+                await start_migration_service(daemon, nursery)
+                nursery.start_soon(daemon.watchdog)
+                notifier.ready()
+                daemon.update_status()
+                log.info("daemon_ready", control_socket=str(config.daemon.control_socket),
+                         listen=str(config.peer.listen))
+                task_status.started(daemon)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        notifier.reloading()
+                        daemon.reload(config_path, overrides)
+                        notifier.ready()
+                        continue
+                    log.info("daemon_stopping", signal=signal.Signals(signum).name)
+                    await daemon.shutdown()
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        kvm.close()
+        notifier.close()
+        log.info("daemon_stopped")

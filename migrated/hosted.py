@@ -1,0 +1,220 @@
+"""The VMs a daemon hosts: what each was created from (VmSpec) and what it is now (HostedVm).
+
+A HostedVm owns one `Vm` and, for the workload guest, the view that reads its status pages. Its
+state says who may run it: only a "running" or "paused" VM belongs to this daemon alone; the
+migration states say where the VM is on its way (DESIGN section 5).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .guests.boot import load_workload
+from .guests.layout import MAX_MEMORY
+from .guests.workload import WorkloadGuest, WorkloadParams, plan_layout
+from .kvm.system import Kvm
+from .kvm.vcpu import Vcpu
+from .kvm.vm import DIRTY_TRACKING_MODES, Vm, VmConfig
+
+MIB = 1 << 20
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+GUEST_KINDS = ("workload", "none")
+MAX_MEMORY_MIB = 1 << 20  # 1 TiB: sparse memfd RAM makes large guests cheap until touched
+MAX_VCPUS = 64
+
+
+class SpecError(ValueError):
+    """A VM description that names what is wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What a VM is created from; travels to the target in the migration's VM description."""
+
+    name: str
+    memory_mib: int
+    vcpus: int = 1
+    guest: str = "workload"
+    dirty_rate_mib_s: float = 0.0  # math.inf = as fast as the guest can
+    working_set_mib: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
+            raise SpecError(
+                f"VM name {self.name!r}: 1-64 characters of letters, digits, '_', '.', '-', "
+                "starting with a letter or digit"
+            )
+        _int_in("memory (MiB)", self.memory_mib, 2, MAX_MEMORY_MIB)
+        if self.memory_mib % 2:
+            raise SpecError(f"memory {self.memory_mib} MiB: must be a multiple of 2 MiB")
+        _int_in("vCPUs", self.vcpus, 1, MAX_VCPUS)
+        if self.guest not in GUEST_KINDS:
+            raise SpecError(f"guest {self.guest!r}: allowed are {', '.join(GUEST_KINDS)}")
+        rate = self.dirty_rate_mib_s
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or math.isnan(rate) or rate < 0:
+            raise SpecError(f"dirty rate {rate!r} MiB/s: a number >= 0, or 'max'")
+        _int_in("working set (MiB)", self.working_set_mib, 1, self.memory_mib)
+        _int_in("seed", self.seed, 0, (1 << 64) - 1)
+        if self.guest == "workload":
+            try:
+                self.workload_params()
+                plan_layout(self.layout_bytes, self.vcpus, self.working_set_mib * MIB)
+            except ValueError as err:
+                raise SpecError(f"VM {self.name}: {err}") from None
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * MIB
+
+    @property
+    def layout_bytes(self) -> int:
+        return min(self.memory_bytes, MAX_MEMORY)
+
+    def workload_params(self) -> WorkloadParams:
+        return WorkloadParams(
+            vcpus=self.vcpus,
+            working_set_bytes=self.working_set_mib * MIB,
+            dirty_rate_mib_s=self.dirty_rate_mib_s,
+            seed=self.seed,
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["dirty_rate_mib_s"] = "max" if math.isinf(self.dirty_rate_mib_s) else self.dirty_rate_mib_s
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> VmSpec:
+        if not isinstance(wire, dict):
+            raise SpecError(f"VM spec must be a map, got {type(wire).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(wire) - known
+        if unknown:
+            raise SpecError(f"VM spec has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+        values = dict(wire)
+        if values.get("dirty_rate_mib_s") == "max":
+            values["dirty_rate_mib_s"] = math.inf
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise SpecError(f"VM spec: {err}") from None
+
+
+def _int_in(what: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(f"{what} {value!r}: an integer from {low} to {high}")
+
+
+class VmState(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"  # by the operator
+    MIGRATING = "migrating"  # source side, before the VM belongs to the target
+    IN_DOUBT = "in-doubt"  # source: COMMIT sent, RUNNING never came; paused until resolved
+    MIGRATED = "migrated"  # source: the target runs it; this copy is released
+    INCOMING = "incoming"  # target: being loaded; never runs without COMMIT
+    FAILED = "failed"  # a vCPU stopped for an error; the VM is kept for inspection
+    STOPPED = "stopped"
+
+
+class HostedVm:
+    def __init__(self, spec: VmSpec, vm: Vm, guest: WorkloadGuest | None, state: VmState) -> None:
+        self.spec = spec
+        self.vm: Vm | None = vm
+        self.guest = guest
+        self.state = state
+        self.error: str | None = None
+        self.created_at = time.time()
+        self.last_migration: dict[str, Any] | None = None
+        vm.on_vcpu_finished = self._vcpu_finished
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def _vcpu_finished(self, vcpu: Vcpu) -> None:
+        # Called on the vCPU's thread: record only; the daemon's loop reads it.
+        if vcpu.error is not None and self.error is None:
+            self.error = str(vcpu.error)
+            self.state = VmState.FAILED
+
+    def show(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "name": self.name,
+            "state": self.state.value,
+            "spec": self.spec.to_wire(),
+            "error": self.error,
+        }
+        vm = self.vm
+        if vm is not None and vm.tracker is not None:
+            stats = vm.tracker.stats
+            info["dirty_tracking"] = vm.dirty_tracking
+            info["tracker"] = {
+                "collections": stats.collections,
+                "polls": stats.polls,
+                "entries_harvested": stats.entries_harvested,
+                "ring_full_exits": stats.ring_full_exits,
+                "backup_bitmap": stats.backup_bitmap,
+            }
+            info["vcpus"] = [asdict(v.stats()) for v in vm.vcpus]
+        if vm is not None and self.guest is not None and vm.memory is not None:
+            status = self.guest.status(vm.ram)
+            info["guest"] = {
+                "heartbeat": [s.heartbeat for s in status],
+                "heartbeat_generation": sum(s.heartbeat for s in status),
+                "pages_written": sum(s.pages_written for s in status),
+                "verification_errors": sum(s.verify_errors for s in status),
+                "passes_done": [s.passes_done for s in status],
+            }
+        if self.last_migration is not None:
+            info["last_migration"] = self.last_migration
+        return info
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+
+
+def vm_config(spec: VmSpec, dirty_tracking: str, ring_bytes: int, harvest_interval_ms: float) -> VmConfig:
+    if dirty_tracking not in DIRTY_TRACKING_MODES:
+        raise SpecError(f"dirty tracking {dirty_tracking!r}: allowed are {DIRTY_TRACKING_MODES}")
+    return VmConfig(
+        memory_bytes=spec.memory_bytes,
+        vcpus=spec.vcpus,
+        dirty_tracking=dirty_tracking,  # type: ignore[arg-type]
+        ring_bytes=ring_bytes,
+        harvest_interval_s=harvest_interval_ms / 1e3,
+        name=spec.name,
+    )
+
+
+def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig) -> HostedVm:
+    """A new VM with its guest loaded and running (blocking: call it off the event loop)."""
+    vm = Vm.create(kvm, config)
+    try:
+        guest = load_workload(vm, spec.workload_params()) if spec.guest == "workload" else None
+        vm.start()
+    except BaseException:
+        vm.close()
+        raise
+    return HostedVm(spec, vm, guest, VmState.RUNNING)
+
+
+def create_incoming(kvm: Kvm, spec: VmSpec, config: VmConfig) -> HostedVm:
+    """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running."""
+    vm = Vm.create(kvm, config)
+    try:
+        guest = None
+        if spec.guest == "workload":
+            guest = WorkloadGuest(plan_layout(spec.layout_bytes, spec.vcpus, spec.working_set_mib * MIB))
+        vm.start(running=False)
+    except BaseException:
+        vm.close()
+        raise
+    return HostedVm(spec, vm, guest, VmState.INCOMING)

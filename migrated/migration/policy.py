@@ -1,0 +1,102 @@
+"""When to stop the vCPUs: pure convergence maths, no I/O (DESIGN section 4).
+
+The prediction counts everything the downtime contains, not only the pages: the pages in hand
+plus those the guest dirties before the vCPUs stop, the final harvest, state save, state and page
+transfer, the digest (when verifying), state restore on the target, and two round trips (DONE ->
+LOADED, COMMIT -> RUNNING). QEMU and Cloud Hypervisor count only the pages and overshoot.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class DowntimeEstimate:
+    pages: int
+    transfer_ms: float
+    harvest_ms: float
+    state_ms: float
+    verify_ms: float
+    round_trips_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return (
+            self.transfer_ms + self.harvest_ms + self.state_ms + self.verify_ms + self.round_trips_ms
+        )
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the downtime costs besides the pages, measured or estimated by the caller."""
+
+    harvest_ms: float  # one final collection (the tracker's last)
+    state_save_restore_ms: float  # vCPU and device state, both sides
+    state_bytes: int
+    digest_ms: float  # 0 when verify = "off"
+    rtt_ms: float
+
+
+def predict_downtime(
+    pending_pages: int, dirty_pages_per_s: float, bandwidth_bytes_s: float, costs: Costs
+) -> DowntimeEstimate:
+    """Downtime if the vCPUs stopped now, with `pending_pages` collected and not yet sent."""
+    bandwidth = max(bandwidth_bytes_s, 1.0)
+    # Between the last collection and the pause the guest keeps writing for about one harvest.
+    extra = dirty_pages_per_s * costs.harvest_ms / 1e3
+    pages = pending_pages + int(extra)
+    transfer_ms = (pages * PAGE_SIZE + costs.state_bytes) / bandwidth * 1e3
+    return DowntimeEstimate(
+        pages=pages,
+        transfer_ms=transfer_ms,
+        harvest_ms=costs.harvest_ms,
+        state_ms=costs.state_save_restore_ms,
+        verify_ms=costs.digest_ms,
+        round_trips_ms=2 * costs.rtt_ms,
+    )
+
+
+class Decision(enum.Enum):
+    ANOTHER_ROUND = "another-round"
+    STOP_AND_COPY = "stop-and-copy"
+    GIVE_UP = "give-up"  # abort, the VM keeps running on the source
+
+
+@dataclass(frozen=True)
+class Policy:
+    downtime_limit_ms: float
+    max_rounds: int
+    timeout_s: float
+    on_no_convergence: str  # "abort" | "force-downtime"
+
+    def decide(self, estimate: DowntimeEstimate, rounds: int, elapsed_s: float) -> Decision:
+        if estimate.total_ms <= self.downtime_limit_ms:
+            return Decision.STOP_AND_COPY
+        if rounds >= self.max_rounds or elapsed_s >= self.timeout_s:
+            if self.on_no_convergence == "force-downtime":
+                return Decision.STOP_AND_COPY
+            return Decision.GIVE_UP
+        return Decision.ANOTHER_ROUND
+
+
+class RateMeter:
+    """An exponentially weighted rate (units per second) from (amount, seconds) samples."""
+
+    def __init__(self, weight: float = 0.5) -> None:
+        self._weight = weight
+        self.rate = 0.0
+        self.samples = 0
+
+    def add(self, amount: float, seconds: float) -> float:
+        if seconds <= 0:
+            return self.rate
+        sample = amount / seconds
+        self.rate = sample if self.samples == 0 else (
+            self._weight * sample + (1 - self._weight) * self.rate
+        )
+        self.samples += 1
+        return self.rate

@@ -1,0 +1,263 @@
+"""Frames on the wire, and the mapping between events and frames.
+
+    u32 BE header_len | u32 BE payload_len | header (msgpack map) | payload (raw bytes)
+
+The header map holds "t", the message type, and the message's fields. Only PageBatch and
+DeviceState carry a payload. A PageBatch header carries slot, round and the two counts; its
+payload is the page indices (u64 LE), the zero-page indices (u64 LE), then the page data.
+
+Decoding checks the type of every field here and leaves ranges to the events themselves; every
+failure raises LocalProtocolError, which `Connection.next_event` reports as the peer's fault.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import msgpack  # type: ignore[import-untyped]
+import numpy as np
+
+from . import limits
+from .errors import LocalProtocolError
+from .events import (
+    Abort,
+    Accept,
+    Auth,
+    Close,
+    Commit,
+    DeviceState,
+    Done,
+    Event,
+    Hello,
+    Loaded,
+    PageBatch,
+    Progress,
+    Query,
+    QueryResult,
+    Running,
+    VmDescription,
+    as_view,
+)
+
+PREFIX: Final = struct.Struct(">II")
+INDEX_BYTES: Final = 8
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
+
+SendBuffer = bytes | memoryview
+Payload = Literal["none", "pages", "blob"]
+
+_INT = (int,)
+_STR = (str,)
+_BIN = (bytes,)
+_ARRAY = (tuple,)
+_OPT_BIN = (bytes, type(None))
+_FEATURES = (dict, tuple)
+_MSGPACK_NAMES: Final[Mapping[type, str]] = {
+    int: "int", str: "str", bytes: "bin", tuple: "array", dict: "map", type(None): "nil",
+    bool: "bool", float: "float",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """How one event type travels: its name in "t", its header fields and their msgpack types."""
+
+    name: str
+    event: type[Event]
+    fields: Mapping[str, tuple[type, ...]]
+    payload: Payload = "none"
+
+
+WIRES: Final[tuple[Wire, ...]] = (
+    Wire("hello", Hello, {
+        "version_min": _INT, "version_max": _INT, "node": _STR, "nonce": _BIN, "auth": _STR,
+        "capabilities": _ARRAY, "max_batch_bytes": _INT,
+    }),
+    Wire("auth", Auth, {"mac": _BIN}),
+    Wire("vm_description", VmDescription, {
+        "name": _STR, "migration_id": _STR, "memory": _ARRAY, "vcpus": _INT, "guest_kind": _STR,
+        "cpu_features": _FEATURES, "dirty_tracking": _STR, "page_size": _INT, "arch": _STR,
+    }),
+    Wire("accept", Accept, {}),
+    Wire("abort", Abort, {"reason": _STR}),
+    Wire("page_batch", PageBatch, {"slot": _INT, "round": _INT, "n_pages": _INT, "n_zero": _INT},
+         "pages"),
+    Wire("progress", Progress, {"bytes_received": _INT, "pages_received": _INT, "round": _INT}),
+    Wire("device_state", DeviceState, {"kind": _STR}, "blob"),
+    Wire("done", Done, {"pages_total": _INT, "digest": _OPT_BIN, "verify": _STR}),
+    Wire("loaded", Loaded, {"digest": _OPT_BIN}),
+    Wire("commit", Commit, {}),
+    Wire("running", Running, {}),
+    Wire("query", Query, {"migration_id": _STR}),
+    Wire("query_result", QueryResult, {"migration_id": _STR, "state": _STR}),
+    Wire("close", Close, {}),
+)
+BY_NAME: Final[Mapping[str, Wire]] = {wire.name: wire for wire in WIRES}
+BY_EVENT: Final[Mapping[type[Event], Wire]] = {wire.event: wire for wire in WIRES}
+
+TOLERATES_UNKNOWN_FIELDS: Final = frozenset({"hello"})
+"""Hello is read before versions are agreed: a newer peer may add fields, ignored here (and
+still covered by the PSK MAC, which takes the header bytes as they travelled)."""
+
+
+# --- prefix -------------------------------------------------------------------------------------
+
+
+def check_prefix(header_len: int, payload_len: int) -> None:
+    """Static bounds, checked on the 8 bytes before anything else is buffered."""
+    if header_len > limits.MAX_HEADER_BYTES:
+        raise LocalProtocolError(
+            f"frame header length {header_len} exceeds {limits.MAX_HEADER_BYTES}"
+        )
+    if header_len == 0:
+        raise LocalProtocolError("frame header length 0: every frame has a header")
+    if payload_len > limits.HARD_MAX_PAYLOAD_BYTES:
+        raise LocalProtocolError(
+            f"frame payload length {payload_len} exceeds {limits.HARD_MAX_PAYLOAD_BYTES}"
+        )
+
+
+def page_payload_len(n_pages: int, n_zero: int, page_size: int) -> int:
+    return INDEX_BYTES * (n_pages + n_zero) + n_pages * page_size
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+
+def _header_fields(event: Event) -> dict[str, Any]:
+    if isinstance(event, Hello):
+        return {
+            "version_min": event.version_min, "version_max": event.version_max,
+            "node": event.node, "nonce": event.nonce, "auth": event.auth,
+            "capabilities": sorted(event.capabilities), "max_batch_bytes": event.max_batch_bytes,
+        }
+    if isinstance(event, VmDescription):
+        return {
+            "name": event.name, "migration_id": event.migration_id,
+            "memory": [list(region) for region in event.memory], "vcpus": event.vcpus,
+            "guest_kind": event.guest_kind, "cpu_features": event.cpu_features,
+            "dirty_tracking": event.dirty_tracking, "page_size": event.page_size,
+            "arch": event.arch,
+        }
+    if isinstance(event, PageBatch):
+        return {"slot": event.slot, "round": event.round, "n_pages": int(event.pages.size),
+                "n_zero": int(event.zero_pages.size)}
+    if isinstance(event, DeviceState):
+        return {"kind": event.kind}
+    wire = BY_EVENT[type(event)]
+    return {name: getattr(event, name) for name in wire.fields}
+
+
+def _as_bytes_view(buffer: object) -> memoryview:
+    view = as_view(buffer)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _index_view(indices: np.ndarray[Any, Any]) -> memoryview:
+    little = indices.astype("<u8", copy=False)  # no copy on a little-endian host
+    return as_view(little).cast("B")
+
+
+def payload_buffers(event: Event) -> list[SendBuffer]:
+    """The payload as buffers, without copying the page data."""
+    if isinstance(event, PageBatch):
+        parts = [_index_view(event.pages), _index_view(event.zero_pages),
+                 _as_bytes_view(event.data)]
+        return [part for part in parts if part.nbytes]
+    if isinstance(event, DeviceState):
+        return [event.blob] if event.blob else []
+    return []
+
+
+def encode(event: Event) -> tuple[bytes, list[SendBuffer]]:
+    """(header bytes, [prefix + header, *payload buffers]) for one message event."""
+    wire = BY_EVENT[type(event)]
+    header = msgpack.packb({"t": wire.name, **_header_fields(event)}, use_bin_type=True)
+    if len(header) > limits.MAX_HEADER_BYTES:
+        raise LocalProtocolError(
+            f"{type(event).__name__} header is {len(header)} bytes, more than "
+            f"{limits.MAX_HEADER_BYTES}"
+        )
+    payload = payload_buffers(event)
+    payload_len = sum(memoryview(part).nbytes for part in payload)
+    if payload_len > limits.HARD_MAX_PAYLOAD_BYTES:
+        raise LocalProtocolError(
+            f"{type(event).__name__} payload is {payload_len} bytes, more than "
+            f"{limits.HARD_MAX_PAYLOAD_BYTES}"
+        )
+    return header, [PREFIX.pack(len(header), payload_len) + header, *payload]
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    return _MSGPACK_NAMES.get(type(value), type(value).__name__)
+
+
+def decode_header(raw: bytes) -> tuple[Wire, dict[str, Any]]:
+    """The message type and its header fields, each of the msgpack type its message expects."""
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=False,
+            max_str_len=limits.MSGPACK_MAX_STR, max_bin_len=limits.MSGPACK_MAX_BIN,
+            max_array_len=limits.MSGPACK_MAX_ARRAY, max_map_len=limits.MSGPACK_MAX_MAP,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several types for malformed input
+        raise LocalProtocolError(f"frame header is not a valid msgpack map: {exc}") from None
+    if not isinstance(header, dict):
+        raise LocalProtocolError(f"frame header must be a msgpack map, got {_type_name(header)}")
+    name = header.pop("t", None)
+    if not isinstance(name, str):
+        raise LocalProtocolError(f"frame header has no message type 't' (got {name!r})")
+    wire = BY_NAME.get(name)
+    if wire is None:
+        raise LocalProtocolError(f"unknown message type {name[:64]!r}")
+    fields: dict[str, Any] = {}
+    for key, types in wire.fields.items():
+        if key not in header:
+            raise LocalProtocolError(f"{name!r} message lacks field {key!r}")
+        value = header.pop(key)
+        if type(value) not in types:  # exact: a msgpack bool is not an int
+            want = " or ".join(_MSGPACK_NAMES[t] for t in types)
+            raise LocalProtocolError(
+                f"{name!r} field {key!r} must be {want}, got {_type_name(value)}"
+            )
+        fields[key] = value
+    if header and name not in TOLERATES_UNKNOWN_FIELDS:
+        raise LocalProtocolError(f"{name!r} message has unknown field {sorted(header)[0]!r}")
+    return wire, fields
+
+
+def _indices(payload: bytearray, count: int, offset: int) -> np.ndarray[Any, Any]:
+    array = np.frombuffer(payload, dtype="<u8", count=count, offset=offset)
+    if not _LITTLE_ENDIAN:
+        array = array.astype(np.uint64)
+    array.flags.writeable = False
+    return array
+
+
+def build_event(wire: Wire, fields: dict[str, Any], payload: bytearray | None) -> Event:
+    """The event for a complete frame; raises LocalProtocolError if a field is out of range.
+
+    PageBatch indices and data are views of `payload`, which the event then owns."""
+    body = payload if payload is not None else bytearray()
+    if wire.payload == "pages":
+        n_pages, n_zero = fields["n_pages"], fields["n_zero"]
+        index_end = INDEX_BYTES * (n_pages + n_zero)
+        return PageBatch(
+            slot=fields["slot"], round=fields["round"],
+            pages=_indices(body, n_pages, 0),
+            zero_pages=_indices(body, n_zero, INDEX_BYTES * n_pages),
+            data=memoryview(body)[index_end:].toreadonly(),
+        )
+    if wire.payload == "blob":
+        return DeviceState(kind=fields["kind"], blob=bytes(body))
+    return wire.event(**fields)  # Hello makes its capabilities a frozenset after checking them
