@@ -1,6 +1,7 @@
 """migratectl: the operator's command line.
 
-`caps` talks to /dev/kvm directly and works without a running daemon.
+`caps` talks to /dev/kvm directly and works without a running daemon; every other command talks
+to a daemon through its control socket.
 """
 
 from __future__ import annotations
@@ -8,8 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from .config import DEFAULT_CONTROL_SOCKET
+from .control import RequestError, request
 from .kvm.errors import KvmError
 from .kvm.system import DEFAULT_DEVICE, HostCaps, Kvm
 
@@ -54,13 +60,199 @@ def cmd_caps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print(args: argparse.Namespace, result: Any, text: str) -> None:
+    print(json.dumps(result, indent=2) if args.json else text)
+
+
+def _call(args: argparse.Namespace, cmd: str, payload: dict[str, Any] | None = None) -> Any:
+    return request(Path(args.socket), cmd, payload)
+
+
+def _rate(value: str) -> float | str:
+    if value == "max":
+        return "max"
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: MiB/s as a number >= 0, or 'max'") from None
+    if rate < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: MiB/s as a number >= 0, or 'max'")
+    return rate
+
+
+def cmd_vm_create(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {
+        "name": args.name, "memory_mib": args.memory, "vcpus": args.vcpus, "guest": args.guest,
+        "dirty_rate_mib_s": args.dirty_rate, "working_set_mib": args.working_set,
+    }
+    if args.dirty_tracking:
+        payload["dirty_tracking"] = args.dirty_tracking
+    result = _call(args, "vm.create", payload)
+    _print(args, result, f"created {result['name']}: {result['state']}, "
+                         f"dirty tracking {result.get('dirty_tracking')}")
+    return 0
+
+
+def cmd_vm_list(args: argparse.Namespace) -> int:
+    result = _call(args, "vm.list")
+    lines = [f"{'NAME':<20} {'STATE':<10} {'MEMORY':>8} {'VCPUS':>5}  GUEST"]
+    lines += [f"{v['name']:<20} {v['state']:<10} {v['memory_mib']:>6}Mi {v['vcpus']:>5}  {v['guest']}"
+              for v in result]
+    _print(args, result, "\n".join(lines))
+    return 0
+
+
+def _format_show(info: dict[str, Any]) -> str:
+    lines = [f"name: {info['name']}", f"state: {info['state']}"]
+    if info.get("error"):
+        lines.append(f"error: {info['error']}")
+    spec = info["spec"]
+    lines.append(f"memory: {spec['memory_mib']} MiB, vCPUs: {spec['vcpus']}, guest: {spec['guest']}")
+    if "dirty_tracking" in info:
+        lines.append(f"dirty tracking: {info['dirty_tracking']} "
+                     f"(ring-full exits {info['tracker']['ring_full_exits']})")
+    guest = info.get("guest")
+    if guest:
+        lines.append(f"heartbeat generation: {guest['heartbeat_generation']} {guest['heartbeat']}")
+        lines.append(f"pages written: {guest['pages_written']}")
+        lines.append(f"verification errors: {guest['verification_errors']}")
+    return "\n".join(lines)
+
+
+def cmd_vm_show(args: argparse.Namespace) -> int:
+    result = _call(args, "vm.show", {"name": args.name})
+    _print(args, result, _format_show(result))
+    return 0
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    result = _call(args, "vm.stop", {"name": args.name})
+    _print(args, result, f"{result['name']}: {result['state']}")
+    return 0
+
+
+def _progress_line(s: dict[str, Any]) -> str:
+    predicted = s.get("predicted_downtime_ms")
+    return (
+        f"{s['state']:<9} round {s['round']:>3}  sent {s['bytes_sent'] / 2**20:9.1f} MiB  "
+        f"remaining {s['pages_remaining']:>8} pages  dirty {s['dirty_rate_mib_s']:7.1f} MiB/s  "
+        f"bw {s['bandwidth_mib_s']:7.1f} MiB/s  predicted downtime "
+        f"{'-' if predicted is None else f'{predicted:.1f} ms'}"
+    )
+
+
+FINAL_STATES = ("completed", "completed-by-operator", "failed", "aborted", "cancelled", "in-doubt")
+
+
+def _format_final(s: dict[str, Any]) -> str:
+    keys = ["state", "total_ms", "setup_ms", "downtime_ms", "verify_ms", "bytes_sent",
+            "pages_sent", "zero_pages", "rounds", "bandwidth_mib_s", "dirty_rate_mib_s",
+            "dirty_tracking", "backup_bitmap", "error"]
+    return "\n".join(f"{k}: {s.get(k)}" for k in keys if s.get(k) is not None)
+
+
+def _with_rounds(stats: dict[str, Any]) -> dict[str, Any]:
+    return {**stats, "rounds": stats.get("round")}
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"name": args.name, "to": args.to}
+    for key, value in (("downtime_limit_ms", args.downtime_limit), ("max_bandwidth_mib_s", args.max_bandwidth),
+                       ("timeout_s", args.timeout), ("verify", args.verify)):
+        if value is not None:
+            payload[key] = value
+    result = _call(args, "migrate", payload)
+    if not args.wait:
+        _print(args, _with_rounds(result), f"migration {result['migration_id']} of {args.name} started")
+        return 0
+    tty = sys.stderr.isatty()
+    while True:
+        stats = _call(args, "migration.status", {"name": args.name})
+        if stats["state"] in FINAL_STATES:
+            break
+        print(_progress_line(stats), end="\r" if tty else "\n", file=sys.stderr, flush=True)
+        time.sleep(0.2)
+    if tty:
+        print(file=sys.stderr)
+    stats = _with_rounds(stats)
+    _print(args, stats, _format_final(stats))
+    return 0 if stats["state"] in ("completed", "completed-by-operator") else 1
+
+
+def cmd_migration_status(args: argparse.Namespace) -> int:
+    stats = _with_rounds(_call(args, "migration.status", {"name": args.name}))
+    _print(args, stats, _format_final(stats) if stats["state"] in FINAL_STATES else _progress_line(stats))
+    return 0
+
+
+def cmd_migration_cancel(args: argparse.Namespace) -> int:
+    result = _call(args, "migration.cancel", {"name": args.name})
+    _print(args, result, f"{args.name}: cancelling")
+    return 0
+
+
+def cmd_migration_resolve(args: argparse.Namespace) -> int:
+    result = _call(args, "migration.resolve", {"name": args.name, "action": args.action})
+    _print(args, result, json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migratectl", description=__doc__)
+    parser.add_argument("--socket", default=str(DEFAULT_CONTROL_SOCKET),
+                        help="the daemon's control socket (default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     caps = sub.add_parser("caps", help="what this host's KVM offers (no daemon needed)")
     caps.add_argument("--device", default=DEFAULT_DEVICE, help="KVM device (default %(default)s)")
     caps.add_argument("--json", action="store_true", help="print JSON")
     caps.set_defaults(func=cmd_caps)
+
+    vm = sub.add_parser("vm", help="create, list, show, stop VMs").add_subparsers(
+        dest="vm_command", required=True, metavar="VM_COMMAND")
+    create = vm.add_parser("create", help="create and start a VM")
+    create.add_argument("name")
+    create.add_argument("--memory", type=int, required=True, help="guest RAM in MiB")
+    create.add_argument("--vcpus", type=int, default=1)
+    create.add_argument("--guest", default="workload", choices=["workload", "none"])
+    create.add_argument("--dirty-rate", type=_rate, default=0.0, help="MiB/s the guest dirties, or 'max'")
+    create.add_argument("--working-set", type=int, default=16, help="MiB the guest writes over")
+    create.add_argument("--dirty-tracking", choices=["auto", "ring", "bitmap"])
+    create.set_defaults(func=cmd_vm_create)
+    for name, func, text in (("list", cmd_vm_list, "list VMs"), ("show", cmd_vm_show, "one VM"),
+                             ("stop", cmd_vm_stop, "stop and destroy a VM")):
+        command = vm.add_parser(name, help=text)
+        if name != "list":
+            command.add_argument("name")
+        command.set_defaults(func=func)
+
+    migrate = sub.add_parser("migrate", help="move a running VM to a peer daemon")
+    migrate.add_argument("name")
+    migrate.add_argument("--to", required=True, help="the peer daemon, HOST:PORT")
+    migrate.add_argument("--downtime-limit", type=float, help="ms")
+    migrate.add_argument("--max-bandwidth", type=float, help="MiB/s (0 = unlimited)")
+    migrate.add_argument("--timeout", type=float, help="s")
+    migrate.add_argument("--verify", choices=["full", "off"])
+    migrate.add_argument("--wait", action="store_true", help="follow progress; exit 0 only if the VM runs on the target")
+    migrate.set_defaults(func=cmd_migrate)
+
+    migration = sub.add_parser("migration", help="status, cancel, resolve").add_subparsers(
+        dest="migration_command", required=True, metavar="MIGRATION_COMMAND")
+    status = migration.add_parser("status", help="progress or outcome of the VM's last migration")
+    status.add_argument("name")
+    status.set_defaults(func=cmd_migration_status)
+    cancel = migration.add_parser("cancel", help="stop a migration before COMMIT; the VM runs here")
+    cancel.add_argument("name")
+    cancel.set_defaults(func=cmd_migration_cancel)
+    resolve = migration.add_parser("resolve", help="settle an in-doubt migration")
+    resolve.add_argument("name")
+    resolve.add_argument("--action", default="ask", choices=["ask", "release", "resume"],
+                         help="ask the target (default); or release / resume by operator decision")
+    resolve.set_defaults(func=cmd_migration_resolve)
+    for command in (create, status, cancel, resolve, migrate):
+        command.add_argument("--json", action="store_true", help="print JSON")
+    for command in vm.choices.values():
+        if command is not create:
+            command.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -68,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except KvmError as err:
+    except (KvmError, RequestError) as err:
         print(f"migratectl: {err}", file=sys.stderr)
         return 1
 

@@ -62,6 +62,9 @@ PSK_MAX_BYTES = 4096  # a key, not a file someone pointed at by mistake; also bo
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 
 
+DEFAULT_CONTROL_SOCKET = Path("/run/migrated/control.sock")
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong: the message names the source, the key and what is allowed."""
 
@@ -338,7 +341,7 @@ class _Key:
 
 _SCHEMA: dict[str, dict[str, _Key]] = {
     "daemon": {
-        "control_socket": _Key("/run/migrated/control.sock", _path(socket=True), False),
+        "control_socket": _Key(str(DEFAULT_CONTROL_SOCKET), _path(socket=True), False),
         "state_dir": _Key("/var/lib/migrated", _path(), False),
         "log_format": _Key("auto", _one_of("auto", "json", "console"), True),
         "log_level": _Key("info", _one_of("debug", "info", "warning", "error", "critical"), True),

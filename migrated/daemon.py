@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ class Daemon:
         self.log = get_logger(component="daemon")
         self.nursery: trio.Nursery | None = None
         # Filled by the migration package; keeps the daemon ignorant of its internals.
-        self.migrations: dict[str, Any] = {}
+        self.migrations: dict[str, Any] = {}  # VM name -> its latest Source or Target
+        self.outcomes: dict[str, Any] = {}  # migration id -> Target, for in-doubt queries
+        self.node = f"{socket.gethostname()}/{config.peer.listen}"
         self.commands: dict[str, Any] = {
             "vm.create": self.cmd_vm_create,
             "vm.list": self.cmd_vm_list,
@@ -114,6 +117,30 @@ class Daemon:
         hosted.state = VmState.STOPPED
         self.log.info("vm_removed", vm=hosted.name, reason=reason)
         self.update_status()
+
+    def nursery_start(self, fn: Any, *args: Any) -> None:
+        """Run a background task (a migration, a resolver) in the daemon's root nursery."""
+        assert self.nursery is not None
+        self.nursery.start_soon(fn, *args)
+
+    def nursery_start_resolver(self, source: Any) -> None:
+        self.nursery_start(source.resolve)
+
+    async def release_migrated(self, hosted: HostedVm) -> None:
+        """The target runs the VM: free this copy (its record stays in `migrations`)."""
+        self.vms.pop(hosted.name, None)
+        await trio.to_thread.run_sync(hosted.close)
+        hosted.state = VmState.MIGRATED
+        self.log.info("vm_released", vm=hosted.name)
+        self.update_status()
+
+    def register_incoming(self, hosted: HostedVm, target: Any) -> None:
+        self.vms[hosted.name] = hosted
+        self.migrations[hosted.name] = target
+
+    def record_outcome(self, migration_id: str, target: Any, state: str) -> None:
+        self.outcomes[migration_id] = target
+        self.log.info("incoming_outcome", migration_id=migration_id, state=state)
 
     def update_status(self) -> None:
         running = sum(1 for h in self.vms.values() if h.state is VmState.RUNNING)

@@ -321,8 +321,10 @@ class Connection:
             return NEED_DATA
         pending = len(self._buf) - self._pos
         if self._frame is not None or pending:
-            have = pending + (self._frame.filled + len(self._frame.header)
-                              if self._frame is not None else 0)
+            frame = self._frame
+            have = pending if frame is None else (
+                framing.PREFIX.size + len(frame.header) + frame.filled
+            )
             raise LocalProtocolError(
                 f"connection closed mid-frame ({have} bytes of an unfinished frame)"
             )

@@ -62,12 +62,12 @@ def _int_field(owner: object, name: str, low: int, high: int) -> int:
     return number
 
 
-def _str(owner: object, name: str, value: object, max_chars: int, *, empty: bool = False) -> str:
+def _str(owner: object, name: str, value: object, max_chars: int) -> str:
     if not isinstance(value, str):
         raise _fail(owner, name, f"must be a str, got {type(value).__name__}")
     if len(value) > max_chars:
         raise _fail(owner, name, f"is {len(value)} characters, more than {max_chars}")
-    if not value and not empty:
+    if not value:
         raise _fail(owner, name, "must not be empty")
     # Printable only: these strings end up in logs and operator output.
     if not value.isprintable():
@@ -77,7 +77,7 @@ def _str(owner: object, name: str, value: object, max_chars: int, *, empty: bool
 
 def _choice(owner: object, name: str, value: object, choices: frozenset[str]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise _fail(owner, name, f"must be one of {sorted(choices)}, got {value!r}")
+        raise _fail(owner, name, f"must be one of {sorted(choices)}, got {repr(value)[:80]}")
     return value
 
 
@@ -270,6 +270,13 @@ class Abort(Event):
 
     def __post_init__(self) -> None:
         _str(self, "reason", self.reason, limits.MAX_REASON_CHARS)
+
+    @classmethod
+    def from_text(cls, text: str) -> Abort:
+        """An Abort for any text (an exception's message): control characters become spaces,
+        and the result is cut to the bound. The constructor refuses such text instead."""
+        line = "".join(char if char.isprintable() else " " for char in str(text)).strip()
+        return cls(line[:limits.MAX_REASON_CHARS] or "aborted")
 
 
 # --- memory and state ---------------------------------------------------------------------------

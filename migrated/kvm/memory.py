@@ -9,6 +9,7 @@ only guest writes).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -122,6 +123,30 @@ class GuestMemory:
                 taken[slot] = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
                 ranges.clear()
         return taken
+
+    def data_extents(self, region: MemoryRegion) -> list[tuple[int, int]]:
+        """Page ranges [first, end) of `region` that hold allocated RAM; the rest reads as zero.
+
+        tmpfs answers SEEK_DATA/SEEK_HOLE, so a sparse 256 GiB guest is walked by its extents
+        instead of reading 256 GiB of holes (and allocating them on the way).
+        """
+        extents: list[tuple[int, int]] = []
+        position, end = region.offset, region.offset + region.size
+        while position < end:
+            try:
+                data = os.lseek(self._fd, position, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:  # no data after position
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
+            first = (data - region.offset) >> PAGE_SHIFT
+            last = (hole - region.offset + PAGE_SIZE - 1) >> PAGE_SHIFT
+            extents.append((first, last))
+            position = hole
+        return extents
 
     def close(self) -> None:
         if self.address:

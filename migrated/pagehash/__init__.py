@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ..kvm.memory import GuestMemory
 from ._pagehash import ffi, lib  # type: ignore[import-not-found]
 
 PAGE_SIZE = 4096
@@ -49,12 +50,60 @@ class RamDigest:
         return self.sha256.hex()
 
 
-def ram_digest(regions: list[tuple[int, npt.NDArray[np.uint8]]]) -> RamDigest:
-    """Digest of guest RAM given as (guest-physical address, bytes) regions, in address order."""
+def zero_page_hashes(npages: int, first_pfn: int) -> npt.NDArray[np.uint64]:
+    """What `page_hashes` gives for all-zero pages, computed without reading guest RAM."""
+    out = np.empty(npages, np.uint64)
+    if npages:
+        lib.ph_zero_page_hashes(npages, first_pfn, ffi.from_buffer("uint64_t[]", out))
+    return out
+
+
+Extents = list[tuple[int, int]]
+
+
+def ram_digest(
+    regions: list[tuple[int, npt.NDArray[np.uint8]]], extents: list[Extents] | None = None
+) -> RamDigest:
+    """Digest of guest RAM given as (guest-physical address, bytes) regions, in address order.
+
+    `extents` (one list per region, page ranges [first, end) that hold data) lets holes of a
+    sparse memfd count as the zero pages they read as, without touching (and so allocating)
+    them; the digest is the same as with every page read.
+    """
     combined = hashlib.sha256()
     pages = 0
-    for gpa, ram in sorted(regions, key=lambda r: r[0]):
-        hashes = page_hashes(ram, gpa // PAGE_SIZE)
+    order = sorted(range(len(regions)), key=lambda i: regions[i][0])
+    for i in order:
+        gpa, ram = regions[i]
+        first_pfn = gpa // PAGE_SIZE
+        npages = ram.size // PAGE_SIZE
+        hashes = (
+            page_hashes(ram, first_pfn) if extents is None
+            else _sparse_hashes(ram, first_pfn, npages, extents[i])
+        )
         combined.update(hashes.tobytes())
         pages += hashes.size
     return RamDigest(combined.digest(), pages)
+
+
+def _sparse_hashes(
+    ram: npt.NDArray[np.uint8], first_pfn: int, npages: int, extents: Extents
+) -> npt.NDArray[np.uint64]:
+    hashes = np.empty(npages, np.uint64)
+    cursor = 0
+    for first, end in sorted(extents) + [(npages, npages)]:
+        first, end = max(first, cursor), min(end, npages)
+        if first > cursor:
+            hashes[cursor:first] = zero_page_hashes(first - cursor, first_pfn + cursor)
+        if end > first:
+            hashes[first:end] = page_hashes(ram[first * PAGE_SIZE : end * PAGE_SIZE], first_pfn + first)
+        cursor = max(cursor, end)
+    return hashes
+
+
+def memory_digest(memory: GuestMemory) -> RamDigest:
+    """The digest of a VM's guest RAM as it stands, touching only its allocated extents."""
+    return ram_digest(
+        [(r.guest_phys_addr, memory.view(r)) for r in memory.regions],
+        [memory.data_extents(r) for r in memory.regions],
+    )

@@ -50,3 +50,14 @@ int64_t ph_page_hashes(const uint8_t *base, uint64_t npages, uint64_t first_pfn,
         out[i] = hash_page(base + i * PH_PAGE_SIZE, first_pfn + i);
     return (int64_t)npages;
 }
+
+int64_t ph_zero_page_hashes(uint64_t npages, uint64_t first_pfn, uint64_t *out)
+{
+    static const uint8_t zero[PH_PAGE_SIZE];
+
+    if (out == NULL)
+        return -EINVAL;
+    for (uint64_t i = 0; i < npages; i++)
+        out[i] = hash_page(zero, first_pfn + i);
+    return (int64_t)npages;
+}

@@ -18,6 +18,9 @@ int ph_abi_version(void);
  * frame number (first_pfn + i), so the same contents at another address hash differently.
  * Returns npages, or -EINVAL for a NULL pointer. */
 int64_t ph_page_hashes(const uint8_t *base, uint64_t npages, uint64_t first_pfn, uint64_t *out);
+/* The hashes npages all-zero pages would have at first_pfn.. (no guest memory is read: holes in
+ * sparse guest RAM hash like zero pages without being touched, which would allocate them). */
+int64_t ph_zero_page_hashes(uint64_t npages, uint64_t first_pfn, uint64_t *out);
 /* cffi-cdef-end */
 
 #endif

@@ -65,3 +65,20 @@ def test_bad_input_is_refused() -> None:
         page_hashes(np.zeros(100, np.uint8))
     with pytest.raises(ValueError, match="contiguous 1-D uint8"):
         page_hashes(np.zeros((2, PAGE_SIZE), np.uint8))
+
+
+def test_sparse_digest_equals_the_dense_one() -> None:
+    """Holes hash as the zero pages they read as; extents may be wider than the data."""
+    from migrated.pagehash import zero_page_hashes
+
+    rng = np.random.default_rng(3)
+    ram = np.zeros(64 * PAGE_SIZE, np.uint8)
+    ram[5 * PAGE_SIZE : 9 * PAGE_SIZE] = rng.integers(1, 256, 4 * PAGE_SIZE, dtype=np.uint8)
+    ram[40 * PAGE_SIZE + 7] = 1
+    dense = ram_digest([(1 << 20, ram)])
+    assert ram_digest([(1 << 20, ram)], [[(5, 9), (40, 41)]]) == dense
+    assert ram_digest([(1 << 20, ram)], [[(0, 12), (39, 64)]]) == dense
+    assert ram_digest([(1 << 20, ram)], [[(5, 9)]]) != dense  # page 40 left out: caught
+    np.testing.assert_array_equal(
+        zero_page_hashes(3, 77), page_hashes(np.zeros(3 * PAGE_SIZE, np.uint8), 77)
+    )

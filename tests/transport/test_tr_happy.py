@@ -169,7 +169,8 @@ class Buffers(Carrier):
         return events
 
 
-@pytest.mark.parametrize("carrier", [Whole(), ByteAtATime(), Buffers()], ids=type)
+@pytest.mark.parametrize("carrier", [Whole(), ByteAtATime(), Buffers()],
+                         ids=lambda carrier: type(carrier).__name__)
 def test_full_migration_with_psk(carrier: Carrier) -> None:
     source, target = make_pair()
     at_source, at_target = run_migration(source, target, carrier)

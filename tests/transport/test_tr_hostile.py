@@ -101,10 +101,11 @@ def test_payload_on_a_message_without_one() -> None:
             r"frame payload length 5 for 'accept', which carries no payload")
 
 
-@pytest.mark.parametrize("cut", [3, 8, 12, 40])
+@pytest.mark.parametrize("cut", [3, 8, 30, 60, 100, 8000])
 def test_truncated_frame_then_eof(cut: int) -> None:
     source, target = drive(State.PAGES)
     data = source.send(batch(0, [1, 2]))
+    assert len(data) == 8 + 44 + 16 + 2 * PAGE  # cuts: prefix, header, indices, data
     target.receive_data(data[:cut])
     assert drain(target) == []
     refused(target, b"", rf"connection closed mid-frame \({cut} bytes of an unfinished frame\)")
@@ -434,6 +435,14 @@ def test_invalid_strings_and_choices() -> None:
     refused(target_at(State.PAGES), raw_frame({"t": "done", "pages_total": 0, "digest": None,
                                                "verify": "full"}),
             r'Done.digest is required with verify="full"')
+
+
+def test_abort_from_any_text() -> None:
+    with pytest.raises(LocalProtocolError, match="Abort.reason holds control characters"):
+        Abort("line one\nline two")
+    assert Abort.from_text("line one\nline two\x1b[0m") == Abort("line one line two [0m")
+    assert len(Abort.from_text("x" * 5000).reason) == limits.MAX_REASON_CHARS
+    assert Abort.from_text("\n") == Abort("aborted")
 
 
 def test_events_validate_on_construction() -> None:

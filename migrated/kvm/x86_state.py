@@ -1,0 +1,1035 @@
+"""Complete x86 machine state: saved from a paused VM, restored into a fresh one (DESIGN R9).
+
+Per vCPU: CPUID (the vCPU's own table, KVM_GET_CPUID2), MP_STATE, REGS, SREGS, XSAVE (XSAVE2
+sized), XCRS, DEBUGREGS, LAPIC (with an in-kernel irqchip), every MSR of KVM_GET_MSR_INDEX_LIST,
+VCPU_EVENTS and the TSC frequency. Per VM: the in-kernel PIC master, PIC slave and IOAPIC
+(KVM_GET_IRQCHIP), the PIT (KVM_GET_PIT2) where they exist, and kvmclock (KVM_GET_CLOCK).
+
+Restore order, the one KVM accepts (R9; verified on this host, HOST-NOTES "What works"):
+
+    per vCPU:  CPUID, MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC, MSRS, VCPU_EVENTS
+    VM-wide:   IRQCHIP (PIC master, PIC slave, IOAPIC), PIT2, CLOCK   -- after every vCPU
+
+- CPUID first: KVM checks XCR0, CR4 bits and MSRs against the guest's CPUID. KVM accepts
+  KVM_SET_CPUID2 again after a vCPU ran only with identical contents (Linux 5.16+), so the target
+  vCPU must not have run; `Vm.create_vcpu` sets the supported CPUID, and replacing it before the
+  first KVM_RUN is allowed.
+- LAPIC after SREGS (which carries the APIC base) and before MSRS (TSC_DEADLINE needs the LAPIC's
+  timer mode); among the MSRs, IA32_TSC goes first and IA32_TSC_DEADLINE last.
+- VCPU_EVENTS after REGS: KVM_SET_REGS clears a pending exception.
+- The VM-wide parts after the vCPUs, kvmclock last.
+
+Threads: every call here needs the vCPUs parked (`Vm.pause()`) or not started. KVM would
+serialize the ioctls with KVM_RUN, but a state read while the guest runs is torn, and a write
+races with it; the functions refuse a vCPU whose thread is RUNNING.
+
+Serialization: `VmState.to_wire()` gives a msgpack-able dict (str keys; bytes, int and list
+values; the raw struct bytes as KVM returned them); `VmState.from_wire()` checks every key, type,
+size and count before anything is built from it, and raises `StateFormatError` naming the field.
+
+Two classes here share names with others in the package: `VcpuState` (the saved state of one
+vCPU) is not `vcpu.VcpuState` (a vCPU thread's run state, imported here as `VcpuThreadState`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import uapi
+from ._libc import ioctl
+from .errors import KvmError, KvmIoctlError
+from .system import Kvm, cpuid_buffer
+from .vcpu import Vcpu
+from .vcpu import VcpuState as VcpuThreadState
+from .vm import Vm
+
+STATE_VERSION = 1
+
+# Bounds on what a peer may send (DESIGN section 6). KVM's own limits are smaller or equal.
+MAX_VCPUS = 4096  # KVM_MAX_VCPUS on x86 with CONFIG_MAXSMP
+MAX_MSRS = 1024  # KVM_GET_MSR_INDEX_LIST gives 40 here, a few hundred at most elsewhere
+MAX_CPUID_ENTRIES = 256  # KVM_MAX_CPUID_ENTRIES
+MIN_XSAVE_BYTES = ctypes.sizeof(uapi.kvm_xsave)  # 4096: "always at least 4096" (api.rst)
+MAX_XSAVE_BYTES = 64 << 10  # AMX needs ~11 KiB; the largest XSAVE layouts stay far below
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+
+# Names for messages; any other MSR is shown by number alone.
+MSR_NAMES: dict[int, str] = {
+    0x10: "IA32_TSC",
+    0x1B: "IA32_APIC_BASE",
+    0x3B: "IA32_TSC_ADJUST",
+    0x10A: "IA32_ARCH_CAPABILITIES",
+    0x174: "IA32_SYSENTER_CS",
+    0x175: "IA32_SYSENTER_ESP",
+    0x176: "IA32_SYSENTER_EIP",
+    0x1A0: "IA32_MISC_ENABLE",
+    0x277: "IA32_PAT",
+    0x6E0: "IA32_TSC_DEADLINE",
+    0xC0000080: "EFER",
+    0xC0000081: "STAR",
+    0xC0000082: "LSTAR",
+    0xC0000083: "CSTAR",
+    0xC0000084: "SFMASK",
+    0xC0000100: "FS_BASE",
+    0xC0000101: "GS_BASE",
+    0xC0000102: "KERNEL_GS_BASE",
+    0xC0000103: "TSC_AUX",
+    0x4B564D00: "KVM_WALL_CLOCK_NEW",
+    0x4B564D01: "KVM_SYSTEM_TIME_NEW",
+    0x4B564D02: "KVM_ASYNC_PF_EN",
+    0x4B564D03: "KVM_STEAL_TIME",
+    0x4B564D04: "KVM_PV_EOI_EN",
+    0x4B564D05: "KVM_POLL_CONTROL",
+    0x4B564D06: "KVM_ASYNC_PF_INT",
+    0x4B564D07: "KVM_ASYNC_PF_ACK",
+}
+
+# x86 multiprocessing states KVM_GET_MP_STATE can report (api.rst 4.38).
+X86_MP_STATES = frozenset(
+    {
+        uapi.KVM_MP_STATE_RUNNABLE,
+        uapi.KVM_MP_STATE_UNINITIALIZED,
+        uapi.KVM_MP_STATE_INIT_RECEIVED,
+        uapi.KVM_MP_STATE_HALTED,
+        uapi.KVM_MP_STATE_SIPI_RECEIVED,
+        uapi.KVM_MP_STATE_AP_RESET_HOLD,
+    }
+)
+
+_SIZE = {
+    "cpuid": ctypes.sizeof(uapi.kvm_cpuid_entry2),
+    "regs": ctypes.sizeof(uapi.kvm_regs),
+    "sregs": ctypes.sizeof(uapi.kvm_sregs),
+    "xcrs": ctypes.sizeof(uapi.kvm_xcrs),
+    "debugregs": ctypes.sizeof(uapi.kvm_debugregs),
+    "lapic": ctypes.sizeof(uapi.kvm_lapic_state),
+    "events": ctypes.sizeof(uapi.kvm_vcpu_events),
+    "irqchip": ctypes.sizeof(uapi.kvm_irqchip),
+    "pit2": ctypes.sizeof(uapi.kvm_pit_state2),
+    "clock": ctypes.sizeof(uapi.kvm_clock_data),
+}
+_STRUCT_NAME = {
+    "cpuid": "struct kvm_cpuid_entry2",
+    "regs": "struct kvm_regs",
+    "sregs": "struct kvm_sregs",
+    "xcrs": "struct kvm_xcrs",
+    "debugregs": "struct kvm_debugregs",
+    "lapic": "struct kvm_lapic_state",
+    "events": "struct kvm_vcpu_events",
+    "irqchip": "struct kvm_irqchip",
+    "pit2": "struct kvm_pit_state2",
+    "clock": "struct kvm_clock_data",
+}
+IRQCHIP_IDS = (uapi.KVM_IRQCHIP_PIC_MASTER, uapi.KVM_IRQCHIP_PIC_SLAVE, uapi.KVM_IRQCHIP_IOAPIC)
+_IRQCHIP_NAMES = ("PIC master", "PIC slave", "IOAPIC")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+class StateFormatError(ValueError):
+    """Serialized state that is malformed: the message names the field (e.g. `vcpus[1].regs`)."""
+
+
+class StateError(KvmError):
+    """Saving or restoring state could not be done; the message names the step."""
+
+
+class IncompatibleStateError(StateError):
+    """The state cannot run on this host (another CPU model, an MSR or device it lacks)."""
+
+
+def msr_name(index: int) -> str:
+    name = MSR_NAMES.get(index)
+    return f"MSR {index:#x} ({name})" if name else f"MSR {index:#x}"
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU the state was saved on
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuModel:
+    """Vendor and family/model/stepping, from CPUID leaf 0 and leaf 1 EAX."""
+
+    vendor: str
+    family: int
+    model: int
+    stepping: int
+
+    @classmethod
+    def from_cpuid(cls, vendor: bytes, signature: int) -> CpuModel:
+        base_family = signature >> 8 & 0xF
+        base_model = signature >> 4 & 0xF
+        family = base_family + (signature >> 20 & 0xFF) if base_family == 0xF else base_family
+        model = (
+            base_model | (signature >> 16 & 0xF) << 4 if base_family in (0x6, 0xF) else base_model
+        )
+        return cls(vendor.decode("ascii", "replace"), family, model, signature & 0xF)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.vendor} family {self.family:#x} model {self.model:#x} "
+            f"stepping {self.stepping}"
+        )
+
+
+def cpu_identity(entries: Sequence[uapi.kvm_cpuid_entry2]) -> tuple[bytes, int]:
+    """(vendor string, leaf 1 EAX signature) from CPUID entries."""
+    leaves = {(e.function, e.index): e for e in entries}
+    leaf0, leaf1 = leaves.get((0, 0)), leaves.get((1, 0))
+    if leaf0 is None or leaf1 is None:
+        raise StateError("the CPUID lacks leaf 0 or leaf 1: cannot tell the CPU vendor and model")
+    return struct.pack("<III", leaf0.ebx, leaf0.edx, leaf0.ecx), int(leaf1.eax)
+
+
+# --------------------------------------------------------------------------------------------
+# The state
+# --------------------------------------------------------------------------------------------
+_VCPU_KEYS = frozenset(
+    "index tsc_khz cpuid mp_state regs sregs xsave xcrs debugregs lapic msrs events".split()
+)
+_VM_KEYS = frozenset("version cpu_vendor cpu_signature vcpus irqchip pit2 clock".split())
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """One vCPU's state: raw struct bytes as KVM returned them, and ints."""
+
+    index: int
+    tsc_khz: int  # KVM_GET_TSC_KHZ; 0 where the host's TSC is unstable (EIO)
+    cpuid: tuple[bytes, ...]  # struct kvm_cpuid_entry2 each
+    mp_state: int
+    regs: bytes
+    sregs: bytes
+    xsave: bytes  # struct kvm_xsave, XSAVE2-sized (>= 4096 bytes)
+    xcrs: bytes
+    debugregs: bytes
+    lapic: bytes  # b"" without an in-kernel irqchip
+    msrs: tuple[tuple[int, int], ...]  # (index, value)
+    events: bytes
+
+    def msr(self, index: int) -> int | None:
+        for i, value in self.msrs:
+            if i == index:
+                return value
+        return None
+
+    def regs_struct(self) -> uapi.kvm_regs:
+        return uapi.kvm_regs.from_buffer_copy(self.regs)
+
+    def sregs_struct(self) -> uapi.kvm_sregs:
+        return uapi.kvm_sregs.from_buffer_copy(self.sregs)
+
+    def events_struct(self) -> uapi.kvm_vcpu_events:
+        return uapi.kvm_vcpu_events.from_buffer_copy(self.events)
+
+    def cpuid_entries(self) -> list[uapi.kvm_cpuid_entry2]:
+        return [uapi.kvm_cpuid_entry2.from_buffer_copy(e) for e in self.cpuid]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "tsc_khz": self.tsc_khz,
+            "cpuid": list(self.cpuid),
+            "mp_state": self.mp_state,
+            "regs": self.regs,
+            "sregs": self.sregs,
+            "xsave": self.xsave,
+            "xcrs": self.xcrs,
+            "debugregs": self.debugregs,
+            "lapic": self.lapic,
+            "msrs": [[index, value] for index, value in self.msrs],
+            "events": self.events,
+        }
+
+    @classmethod
+    def from_wire(cls, d: object, where: str = "vcpu") -> VcpuState:
+        m = _mapping(d, where, _VCPU_KEYS)
+        cpuid = _list(m, "cpuid", where, MAX_CPUID_ENTRIES)
+        if not cpuid:
+            raise _error(where, "cpuid", "no entries: a vCPU always has a CPUID")
+        entries = tuple(_sized(e, f"{where}.cpuid[{i}]", "cpuid") for i, e in enumerate(cpuid))
+        keys = [struct.unpack_from("<II", e) for e in entries]
+        if len(set(keys)) != len(keys):
+            raise _error(where, "cpuid", "the same (function, index) appears twice")
+        msrs: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        for i, pair in enumerate(_list(m, "msrs", where, MAX_MSRS)):
+            here = f"{where}.msrs[{i}]"
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise StateFormatError(f"x86 state: {here}: expected [index, value]")
+            index = _int_value(pair[0], here + "[0]", 0, (1 << 32) - 1)
+            value = _int_value(pair[1], here + "[1]", 0, (1 << 64) - 1)
+            if index in seen:
+                raise StateFormatError(f"x86 state: {here}: {msr_name(index)} appears twice")
+            seen.add(index)
+            msrs.append((index, value))
+        xsave = _bytes(m, "xsave", where)
+        if not MIN_XSAVE_BYTES <= len(xsave) <= MAX_XSAVE_BYTES or len(xsave) % 4:
+            raise _error(
+                where,
+                "xsave",
+                f"{len(xsave)} bytes: expected a multiple of 4 from {MIN_XSAVE_BYTES} to "
+                f"{MAX_XSAVE_BYTES} (struct kvm_xsave)",
+            )
+        lapic = _bytes(m, "lapic", where)
+        if len(lapic) not in (0, _SIZE["lapic"]):
+            raise _error(
+                where,
+                "lapic",
+                f"{len(lapic)} bytes: expected 0 (no in-kernel irqchip) or {_SIZE['lapic']} "
+                "(struct kvm_lapic_state)",
+            )
+        mp_state = _int(m, "mp_state", where, 0, (1 << 32) - 1)
+        if mp_state not in X86_MP_STATES:
+            raise _error(where, "mp_state", f"{mp_state} is not an x86 KVM_MP_STATE_* value")
+        return cls(
+            index=_int(m, "index", where, 0, MAX_VCPUS - 1),
+            tsc_khz=_int(m, "tsc_khz", where, 0, (1 << 32) - 1),
+            cpuid=entries,
+            mp_state=mp_state,
+            regs=_struct_bytes(m, "regs", where),
+            sregs=_struct_bytes(m, "sregs", where),
+            xsave=xsave,
+            xcrs=_struct_bytes(m, "xcrs", where),
+            debugregs=_struct_bytes(m, "debugregs", where),
+            lapic=lapic,
+            msrs=tuple(msrs),
+            events=_struct_bytes(m, "events", where),
+        )
+
+
+@dataclass(frozen=True)
+class VmState:
+    """The whole machine: every vCPU, the in-kernel devices (if any) and kvmclock."""
+
+    cpu_vendor: bytes  # CPUID leaf 0 (EBX, EDX, ECX) of the supported CPUID: "AuthenticAMD"
+    cpu_signature: int  # CPUID leaf 1 EAX: family, model, stepping
+    vcpus: tuple[VcpuState, ...]
+    irqchip: tuple[bytes, ...]  # struct kvm_irqchip for PIC master, PIC slave, IOAPIC; or ()
+    pit2: bytes  # struct kvm_pit_state2; b"" without an in-kernel PIT
+    clock: bytes  # struct kvm_clock_data
+    # Seconds per step of the save that made this state; not part of the state or the wire.
+    timings: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def has_irqchip(self) -> bool:
+        return bool(self.irqchip)
+
+    @property
+    def has_pit(self) -> bool:
+        return bool(self.pit2)
+
+    @property
+    def cpu_model(self) -> CpuModel:
+        return CpuModel.from_cpuid(self.cpu_vendor, self.cpu_signature)
+
+    def clock_struct(self) -> uapi.kvm_clock_data:
+        return uapi.kvm_clock_data.from_buffer_copy(self.clock)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "cpu_vendor": self.cpu_vendor,
+            "cpu_signature": self.cpu_signature,
+            "vcpus": [v.to_wire() for v in self.vcpus],
+            "irqchip": list(self.irqchip),
+            "pit2": self.pit2,
+            "clock": self.clock,
+        }
+
+    @classmethod
+    def from_wire(cls, d: object) -> VmState:
+        if not isinstance(d, Mapping):
+            raise StateFormatError(f"x86 state: expected a map, got {type(d).__name__}")
+        # The version first: a newer state may have other keys, and must say so, not "unknown".
+        if "version" not in d:
+            raise StateFormatError("x86 state: missing key 'version'")
+        version = _int_value(d["version"], "version", 0, (1 << 32) - 1)
+        if version > STATE_VERSION:
+            raise StateFormatError(
+                f"x86 state: version {version} is newer than this migrated understands "
+                f"(up to {STATE_VERSION}); upgrade migrated on this host"
+            )
+        if version < 1:
+            raise StateFormatError(f"x86 state: version {version} is invalid (versions start at 1)")
+        m = _mapping(d, "", _VM_KEYS)
+        vendor = _bytes(m, "cpu_vendor", "")
+        if len(vendor) != 12:
+            raise _error("", "cpu_vendor", f"{len(vendor)} bytes, expected 12 (CPUID leaf 0)")
+        vcpu_list = _list(m, "vcpus", "", MAX_VCPUS)
+        if not vcpu_list:
+            raise _error("", "vcpus", "no vCPUs")
+        vcpus = tuple(VcpuState.from_wire(v, f"vcpus[{i}]") for i, v in enumerate(vcpu_list))
+        for i, v in enumerate(vcpus):
+            if v.index != i:
+                raise StateFormatError(f"x86 state: vcpus[{i}].index: {v.index}, expected {i}")
+        chips = _list(m, "irqchip", "", len(IRQCHIP_IDS))
+        if len(chips) not in (0, len(IRQCHIP_IDS)):
+            raise _error(
+                "", "irqchip", f"{len(chips)} entries: expected 0 or 3 (PIC master, slave, IOAPIC)"
+            )
+        irqchip = tuple(_sized(c, f"irqchip[{i}]", "irqchip") for i, c in enumerate(chips))
+        for i, (chip, chip_id) in enumerate(zip(irqchip, IRQCHIP_IDS)):
+            found = struct.unpack_from("<I", chip)[0]
+            if found != chip_id:
+                raise StateFormatError(
+                    f"x86 state: irqchip[{i}]: chip_id {found}, expected {chip_id} "
+                    f"({_IRQCHIP_NAMES[i]})"
+                )
+        for v in vcpus:
+            if bool(v.lapic) != bool(irqchip):
+                raise StateFormatError(
+                    f"x86 state: vcpus[{v.index}].lapic: "
+                    + ("missing, but the VM has" if irqchip else "present, but the VM has no")
+                    + " in-kernel irqchip"
+                )
+        pit2 = _bytes(m, "pit2", "")
+        if len(pit2) not in (0, _SIZE["pit2"]):
+            raise _error(
+                "",
+                "pit2",
+                f"{len(pit2)} bytes: expected 0 (no PIT) or {_SIZE['pit2']} "
+                "(struct kvm_pit_state2)",
+            )
+        if pit2 and not irqchip:
+            raise _error("", "pit2", "an in-kernel PIT needs the in-kernel irqchip (absent)")
+        return cls(
+            cpu_vendor=vendor,
+            cpu_signature=_int(m, "cpu_signature", "", 0, (1 << 32) - 1),
+            vcpus=vcpus,
+            irqchip=irqchip,
+            pit2=pit2,
+            clock=_struct_bytes(m, "clock", ""),
+        )
+
+
+# ---- wire validation helpers ----------------------------------------------------------------
+
+
+def _error(where: str, key: str, what: str) -> StateFormatError:
+    path = f"{where}.{key}" if where else key
+    return StateFormatError(f"x86 state: {path}: {what}")
+
+
+def _mapping(d: object, where: str, keys: frozenset[str]) -> Mapping[str, Any]:
+    label = where or "top level"
+    if not isinstance(d, Mapping):
+        raise StateFormatError(f"x86 state: {label}: expected a map, got {type(d).__name__}")
+    bad = [k for k in d if not isinstance(k, str)]
+    if bad:
+        raise StateFormatError(f"x86 state: {label}: keys must be strings, got {bad[0]!r}")
+    missing = sorted(keys - d.keys())
+    if missing:
+        raise StateFormatError(f"x86 state: {label}: missing key(s) {', '.join(missing)}")
+    unknown = sorted(d.keys() - keys)
+    if unknown:
+        raise StateFormatError(f"x86 state: {label}: unknown key(s) {', '.join(unknown)}")
+    return d
+
+
+def _int_value(value: object, path: str, lo: int, hi: int) -> int:
+    if type(value) is not int:  # bool is an int subclass and is refused too
+        raise StateFormatError(
+            f"x86 state: {path}: expected an integer, got {type(value).__name__}"
+        )
+    if not lo <= value <= hi:
+        raise StateFormatError(f"x86 state: {path}: {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _int(m: Mapping[str, Any], key: str, where: str, lo: int, hi: int) -> int:
+    return _int_value(m[key], f"{where}.{key}" if where else key, lo, hi)
+
+
+def _bytes_value(value: object, path: str) -> bytes:
+    if not isinstance(value, (bytes, bytearray)):
+        raise StateFormatError(f"x86 state: {path}: expected bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
+def _bytes(m: Mapping[str, Any], key: str, where: str) -> bytes:
+    return _bytes_value(m[key], f"{where}.{key}" if where else key)
+
+
+def _sized(value: object, path: str, kind: str) -> bytes:
+    data = _bytes_value(value, path)
+    if len(data) != _SIZE[kind]:
+        raise StateFormatError(
+            f"x86 state: {path}: {len(data)} bytes, expected {_SIZE[kind]} ({_STRUCT_NAME[kind]})"
+        )
+    return data
+
+
+def _struct_bytes(m: Mapping[str, Any], key: str, where: str) -> bytes:
+    return _sized(m[key], f"{where}.{key}" if where else key, key)
+
+
+def _list(m: Mapping[str, Any], key: str, where: str, limit: int) -> list[Any]:
+    value = m[key]
+    path = f"{where}.{key}" if where else key
+    if not isinstance(value, (list, tuple)):
+        raise StateFormatError(f"x86 state: {path}: expected a list, got {type(value).__name__}")
+    if len(value) > limit:
+        raise StateFormatError(f"x86 state: {path}: {len(value)} entries, at most {limit} allowed")
+    return list(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+class StepTimes:
+    """Seconds spent per step, summed over vCPUs (`perf_counter`; ~100 ns per step)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def _step(times: StepTimes | None, name: str) -> Iterator[None]:
+    if times is None:
+        yield
+    else:
+        with times.step(name):
+            yield
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    timings: dict[str, float]  # seconds per step, and "total"
+    clock_advanced: bool  # kvmclock was moved on by the host real time since the save
+    # (vCPU, MSR) pairs KVM refused to write although they already held the saved value.
+    msrs_kept: tuple[tuple[int, int], ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# ioctl plumbing
+# --------------------------------------------------------------------------------------------
+def _vcpu_ioctl(vcpu: Vcpu, step: str, request: int, arg: Any = 0) -> int:
+    try:
+        return ioctl(vcpu.fd, request, arg)
+    except OSError as err:
+        raise KvmIoctlError(f"vCPU {vcpu.index}: {step}", err) from err
+
+
+def _vm_ioctl(vm: Vm, step: str, request: int, arg: Any = 0) -> int:
+    try:
+        return ioctl(vm.fd, request, arg)
+    except OSError as err:
+        raise KvmIoctlError(step, err) from err
+
+
+def _get_struct(vcpu: Vcpu, step: str, request: int, cls: type[ctypes.Structure]) -> bytes:
+    obj = cls()
+    _vcpu_ioctl(vcpu, step, request, obj)
+    return bytes(obj)
+
+
+def _buffer(data: bytes, size: int | None = None) -> ctypes.Array[ctypes.c_uint8]:
+    """A writable copy of `data`, zero-padded to `size` bytes."""
+    buf = (ctypes.c_uint8 * max(len(data), size or 0))()
+    ctypes.memmove(buf, data, len(data))
+    return buf
+
+
+def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
+    for vcpu in vcpus:
+        if vcpu.state is VcpuThreadState.RUNNING:
+            raise StateError(
+                f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state"
+            )
+
+
+def xsave2_size(fd: int) -> int:
+    """KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2): the bytes KVM_GET_XSAVE2 and KVM_SET_XSAVE use, asked
+    of a VM fd as api.rst says (or of /dev/kvm); 0 where KVM has no KVM_GET_XSAVE2."""
+    try:
+        return ioctl(fd, uapi.KVM_CHECK_EXTENSION, uapi.KVM_CAP_XSAVE2)
+    except OSError as err:
+        raise KvmIoctlError("KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)", err) from err
+
+
+def _msr_buffer(
+    entries: Sequence[tuple[int, int]],
+) -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[uapi.kvm_msr_entry]]:
+    header_size = ctypes.sizeof(uapi.kvm_msrs)
+    count = len(entries)
+    buf = (ctypes.c_uint8 * (header_size + ctypes.sizeof(uapi.kvm_msr_entry) * count))()
+    uapi.kvm_msrs.from_buffer(buf).nmsrs = count
+    slots = (uapi.kvm_msr_entry * count).from_buffer(buf, header_size)
+    for slot, (index, value) in zip(slots, entries):
+        slot.index = index
+        slot.data = value
+    return buf, slots
+
+
+def get_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[tuple[int, int]]:
+    """KVM_GET_MSRS: (index, value) of each MSR, in order. Names the first one KVM refused."""
+    buf, slots = _msr_buffer([(index, 0) for index in indices])
+    done = _vcpu_ioctl(vcpu, "KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf)
+    if done != len(indices):
+        raise StateError(
+            f"vCPU {vcpu.index}: KVM_GET_MSRS read {done} of {len(indices)} MSRs: "
+            f"{msr_name(indices[done])} could not be read"
+        )
+    return [(int(s.index), int(s.data)) for s in slots]
+
+
+def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
+    """KVM_SET_MSRS, in the order given; returns the MSRs KVM refused although they already hold
+    the value asked for.
+
+    KVM stops at the first MSR it refuses and returns how many it set. A refused MSR that reads
+    back with exactly the value asked for is already in the wanted state, and the rest is written
+    on: KVM can refuse even a register's reset value (MSR_KVM_ASYNC_PF_INT = 0 without an
+    in-kernel LAPIC, though KVM_GET_MSRS reads it). Any other refusal raises, naming the MSR.
+    """
+    kept: list[int] = []
+    pending = list(entries)
+    total = len(pending)
+    while pending:
+        buf, _ = _msr_buffer(pending)
+        done = _vcpu_ioctl(vcpu, "KVM_SET_MSRS", uapi.KVM_SET_MSRS, buf)
+        if done == len(pending):
+            break
+        index, value = pending[done]
+        current = _read_msr(vcpu, index)
+        if current != value:
+            now = "unreadable" if current is None else f"{current:#x}"
+            raise StateError(
+                f"vCPU {vcpu.index}: KVM_SET_MSRS set {total - len(pending) + done} of {total} "
+                f"MSRs: {msr_name(index)} = {value:#x} was refused (it holds {now})"
+            )
+        kept.append(index)
+        pending = pending[done + 1 :]
+    return kept
+
+
+def _read_msr(vcpu: Vcpu, index: int) -> int | None:
+    buf, slots = _msr_buffer([(index, 0)])
+    if _vcpu_ioctl(vcpu, "KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf) != 1:
+        return None
+    return int(slots[0].data)
+
+
+def restore_msr_order(msrs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """IA32_TSC first, IA32_TSC_DEADLINE last (it is relative to the TSC), the rest as saved."""
+    rank = {MSR_IA32_TSC: 0, MSR_IA32_TSC_DEADLINE: 2}
+    return sorted(msrs, key=lambda pair: rank.get(pair[0], 1))  # sorted() is stable
+
+
+def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
+    """KVM_GET_CPUID2: the vCPU's own CPUID table (what was set, plus KVM's runtime updates)."""
+    buf = cpuid_buffer([uapi.kvm_cpuid_entry2()] * MAX_CPUID_ENTRIES)
+    try:
+        _vcpu_ioctl(vcpu, "KVM_GET_CPUID2", uapi.KVM_GET_CPUID2, buf)
+    except KvmIoctlError as err:
+        if err.errno == errno.E2BIG:
+            raise StateError(
+                f"vCPU {vcpu.index}: its CPUID has more than {MAX_CPUID_ENTRIES} entries"
+            ) from err
+        raise
+    count = uapi.kvm_cpuid2.from_buffer(buf).nent
+    entries = (uapi.kvm_cpuid_entry2 * count).from_buffer(buf, ctypes.sizeof(uapi.kvm_cpuid2))
+    return [uapi.kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
+
+
+def set_mp_state(vcpu: Vcpu, mp_state: int) -> None:
+    """KVM_SET_MP_STATE. With the in-kernel irqchip every vCPU but 0 starts UNINITIALIZED
+    (waiting for INIT/SIPI); a VMM that starts them directly makes them RUNNABLE (HOST-NOTES)."""
+    _vcpu_ioctl(vcpu, "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state))
+
+
+def _tsc_khz(vcpu: Vcpu) -> int:
+    try:
+        return ioctl(vcpu.fd, uapi.KVM_GET_TSC_KHZ, 0)
+    except OSError as err:
+        if err.errno == errno.EIO:  # api.rst: "If the host has unstable tsc ... -EIO"
+            return 0
+        raise KvmIoctlError(f"vCPU {vcpu.index}: KVM_GET_TSC_KHZ", err) from err
+
+
+# --------------------------------------------------------------------------------------------
+# In-kernel devices
+# --------------------------------------------------------------------------------------------
+def create_irqchip(vm: Vm) -> None:
+    """KVM_CREATE_IRQCHIP: PIC pair, IOAPIC, and a LAPIC for every vCPU created afterwards.
+
+    Must come before the first vCPU (KVM refuses it after, with EINVAL: the vCPUs created
+    earlier would have no LAPIC); refused here before the kernel sees it. Memslots may exist.
+    With it, vCPUs other than 0 start UNINITIALIZED: see `set_mp_state`.
+    """
+    if vm.vcpus:
+        raise StateError(
+            "KVM_CREATE_IRQCHIP must come before any vCPU is created (each vCPU gets its LAPIC "
+            f"at creation); this VM has {len(vm.vcpus)} vCPU(s)"
+        )
+    _vm_ioctl(vm, "KVM_CREATE_IRQCHIP", uapi.KVM_CREATE_IRQCHIP)
+
+
+def create_pit2(vm: Vm, flags: int = uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
+    """KVM_CREATE_PIT2: the i8254 PIT in the kernel, after `create_irqchip` (api.rst: "only valid
+    after enabling in-kernel irqchip support"). KVM_PIT_SPEAKER_DUMMY (the default) lets the
+    kernel answer port 0x61 too, which this VMM does not emulate."""
+    _vm_ioctl(vm, "KVM_CREATE_PIT2", uapi.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags))
+
+
+def _probe(vm: Vm, step: str, request: int, arg: ctypes.Structure) -> bool:
+    """True when the VM has the device: KVM answers ENXIO to GET_IRQCHIP / GET_PIT2 without it."""
+    try:
+        ioctl(vm.fd, request, arg)
+    except OSError as err:
+        if err.errno == errno.ENXIO:
+            return False
+        raise KvmIoctlError(step, err) from err
+    return True
+
+
+def detect_devices(vm: Vm) -> tuple[bool, bool]:
+    """(has in-kernel irqchip, has in-kernel PIT), asked of KVM."""
+    chip = uapi.kvm_irqchip(chip_id=uapi.KVM_IRQCHIP_PIC_MASTER)
+    irqchip = _probe(vm, "KVM_GET_IRQCHIP", uapi.KVM_GET_IRQCHIP, chip)
+    pit = _probe(vm, "KVM_GET_PIT2", uapi.KVM_GET_PIT2, uapi.kvm_pit_state2())
+    return irqchip, pit
+
+
+def _check_devices(vm: Vm, irqchip: bool, pit: bool, side: str) -> None:
+    has_irqchip, has_pit = detect_devices(vm)
+    for name, said, has in (("irqchip", irqchip, has_irqchip), ("PIT", pit, has_pit)):
+        if said != has:
+            raise StateError(
+                f"{side}: told {name}={said}, but the VM "
+                + ("has an" if has else "has no")
+                + f" in-kernel {name}"
+                + ("" if has else " (create it before the vCPUs: create_irqchip / create_pit2)")
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------
+def save_vcpu_state(
+    vcpu: Vcpu,
+    kvm: Kvm,
+    *,
+    lapic: bool = False,
+    xsave2_bytes: int | None = None,
+    msr_indices: Sequence[int] | None = None,
+    times: StepTimes | None = None,
+) -> VcpuState:
+    """Read one vCPU's state. Its thread must be parked or not started.
+
+    `lapic`: the VM has an in-kernel irqchip (KVM_GET_LAPIC fails without one).
+    `xsave2_bytes`: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) of the VM (asked of `kvm` if None).
+    `msr_indices`: MSRs to read (`kvm.msr_index_list()` if None).
+    """
+    _require_parked([vcpu], "saving")
+    xsave2 = xsave2_bytes if xsave2_bytes is not None else xsave2_size(kvm.fd)
+    indices = list(kvm.msr_index_list() if msr_indices is None else msr_indices)
+    if len(indices) > MAX_MSRS:
+        raise StateError(f"{len(indices)} MSRs to save: more than the {MAX_MSRS} a state carries")
+    with _step(times, "tsc_khz"):
+        tsc_khz = _tsc_khz(vcpu)
+    with _step(times, "cpuid"):
+        cpuid = tuple(bytes(e) for e in get_cpuid(vcpu))
+    with _step(times, "mp_state"):
+        mp = uapi.kvm_mp_state()
+        _vcpu_ioctl(vcpu, "KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
+    with _step(times, "regs"):
+        regs = _get_struct(vcpu, "KVM_GET_REGS", uapi.KVM_GET_REGS, uapi.kvm_regs)
+    with _step(times, "sregs"):
+        sregs = _get_struct(vcpu, "KVM_GET_SREGS", uapi.KVM_GET_SREGS, uapi.kvm_sregs)
+    with _step(times, "xsave"):
+        if xsave2 > 0:
+            # KVM_GET_XSAVE2 writes as many bytes as KVM_CAP_XSAVE2 says (never below 4096).
+            buf = (ctypes.c_uint8 * max(xsave2, MIN_XSAVE_BYTES))()
+            _vcpu_ioctl(vcpu, "KVM_GET_XSAVE2", uapi.KVM_GET_XSAVE2, buf)
+        else:
+            buf = (ctypes.c_uint8 * MIN_XSAVE_BYTES)()
+            _vcpu_ioctl(vcpu, "KVM_GET_XSAVE", uapi.KVM_GET_XSAVE, buf)
+        xsave = bytes(buf)
+    with _step(times, "xcrs"):
+        xcrs = _get_struct(vcpu, "KVM_GET_XCRS", uapi.KVM_GET_XCRS, uapi.kvm_xcrs)
+    with _step(times, "debugregs"):
+        debugregs = _get_struct(
+            vcpu, "KVM_GET_DEBUGREGS", uapi.KVM_GET_DEBUGREGS, uapi.kvm_debugregs
+        )
+    lapic_bytes = b""
+    if lapic:
+        with _step(times, "lapic"):
+            lapic_bytes = _get_struct(
+                vcpu, "KVM_GET_LAPIC", uapi.KVM_GET_LAPIC, uapi.kvm_lapic_state
+            )
+    with _step(times, "msrs"):
+        msrs = tuple(get_msrs(vcpu, indices))
+    with _step(times, "events"):
+        events = _get_struct(
+            vcpu, "KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, uapi.kvm_vcpu_events
+        )
+    return VcpuState(
+        index=vcpu.index,
+        tsc_khz=tsc_khz,
+        cpuid=cpuid,
+        mp_state=int(mp.mp_state),
+        regs=regs,
+        sregs=sregs,
+        xsave=xsave,
+        xcrs=xcrs,
+        debugregs=debugregs,
+        lapic=lapic_bytes,
+        msrs=msrs,
+        events=events,
+    )
+
+
+def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
+    """Read the whole machine's state. Every vCPU must be parked (`vm.pause()`) or not started.
+
+    `irqchip` / `pit`: whether the VM was built with `create_irqchip` / `create_pit2`. They are
+    checked against KVM, so a forgotten flag fails here instead of losing LAPIC or PIT state.
+    The result carries per-step timings in `timings` (seconds).
+    """
+    times = StepTimes()
+    start = time.perf_counter()
+    _require_parked(vm.vcpus, "saving")
+    if not vm.vcpus:
+        raise StateError("the VM has no vCPUs to save")
+    with times.step("devices"):
+        _check_devices(vm, irqchip, pit, "save_vm_state")
+    with times.step("setup"):
+        vendor, signature = cpu_identity(vm.kvm.supported_cpuid())
+        xsave2 = xsave2_size(vm.fd)
+        indices = vm.kvm.msr_index_list()
+    vcpus = tuple(
+        save_vcpu_state(
+            vcpu, vm.kvm, lapic=irqchip, xsave2_bytes=xsave2, msr_indices=indices, times=times
+        )
+        for vcpu in vm.vcpus
+    )
+    chips: list[bytes] = []
+    if irqchip:
+        with times.step("irqchip"):
+            for chip_id in IRQCHIP_IDS:
+                chip = uapi.kvm_irqchip(chip_id=chip_id)
+                _vm_ioctl(vm, f"KVM_GET_IRQCHIP({chip_id})", uapi.KVM_GET_IRQCHIP, chip)
+                chips.append(bytes(chip))
+    pit2 = b""
+    if pit:
+        with times.step("pit2"):
+            pit_state = uapi.kvm_pit_state2()
+            _vm_ioctl(vm, "KVM_GET_PIT2", uapi.KVM_GET_PIT2, pit_state)
+            pit2 = bytes(pit_state)
+    with times.step("clock"):
+        clock = uapi.kvm_clock_data()
+        _vm_ioctl(vm, "KVM_GET_CLOCK", uapi.KVM_GET_CLOCK, clock)
+    times.seconds["total"] = time.perf_counter() - start
+    return VmState(
+        cpu_vendor=vendor,
+        cpu_signature=signature,
+        vcpus=vcpus,
+        irqchip=tuple(chips),
+        pit2=pit2,
+        clock=bytes(clock),
+        timings=dict(times.seconds),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Compatibility
+# --------------------------------------------------------------------------------------------
+def check_compatible(state: VmState, kvm: Kvm) -> None:
+    """Refuse, with the reason, a state this host cannot run.
+
+    The CPU must be the same vendor, family and model (the stepping may differ): the guest keeps
+    the CPUID it was given, and on PVM hosts it sees the host's CPUID leaves anyway (DESIGN 7).
+    Every saved MSR must be known to this host's KVM, the XSAVE area must fit, and the in-kernel
+    devices the state has must be available.
+    """
+    here = CpuModel.from_cpuid(*cpu_identity(kvm.supported_cpuid()))
+    saved = state.cpu_model
+    if (here.vendor, here.family, here.model) != (saved.vendor, saved.family, saved.model):
+        raise IncompatibleStateError(
+            f"the VM's state was saved on {saved}; this host is {here}: migrated moves VMs only "
+            "between hosts with the same CPU vendor, family and model"
+        )
+    known = set(kvm.msr_index_list())
+    unknown = sorted({i for v in state.vcpus for i, _ in v.msrs} - known)
+    if unknown:
+        raise IncompatibleStateError(
+            f"{len(unknown)} MSR(s) of the VM are unknown to this host's KVM: "
+            + ", ".join(msr_name(i) for i in unknown[:8])
+            + (" ..." if len(unknown) > 8 else "")
+        )
+    size = max(xsave2_size(kvm.fd), MIN_XSAVE_BYTES)
+    largest = max(len(v.xsave) for v in state.vcpus)
+    if largest > size:
+        raise IncompatibleStateError(
+            f"the VM's XSAVE area is {largest} bytes; this host's KVM offers {size} "
+            "(KVM_CAP_XSAVE2): a state component is missing here"
+        )
+    if state.has_irqchip and kvm.check_extension(uapi.KVM_CAP_IRQCHIP) <= 0:
+        raise IncompatibleStateError("the VM has an in-kernel irqchip; this host's KVM has none")
+    if state.has_pit and kvm.check_extension(uapi.KVM_CAP_PIT_STATE2) <= 0:
+        raise IncompatibleStateError(
+            "the VM has an in-kernel PIT; this host's KVM lacks KVM_CAP_PIT_STATE2"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Restore
+# --------------------------------------------------------------------------------------------
+_EVENTS_SET_FLAGS = uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+
+
+def restore_vcpu_state(
+    vcpu: Vcpu,
+    state: VcpuState,
+    *,
+    xsave2_bytes: int = 0,
+    times: StepTimes | None = None,
+) -> list[int]:
+    """Write one vCPU's state in the order KVM accepts (module docstring).
+
+    Returns the MSRs KVM refused to write although they already held the saved value (see
+    `set_msrs`); every other refusal raises.
+
+    The vCPU must never have run (KVM accepts another CPUID after KVM_RUN only if identical) and
+    its thread must be parked or not started. Guest RAM should already be in place (R9).
+    `xsave2_bytes`: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) of the target VM; the XSAVE buffer is
+    zero-padded to it, since KVM_SET_XSAVE reads that many bytes (api.rst 4.43).
+    """
+    _require_parked([vcpu], "restoring")
+    if state.tsc_khz:
+        with _step(times, "tsc_khz"):
+            here = _tsc_khz(vcpu)
+            if here != state.tsc_khz:
+                try:
+                    _vcpu_ioctl(vcpu, "KVM_SET_TSC_KHZ", uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
+                except KvmIoctlError as err:
+                    raise IncompatibleStateError(
+                        f"vCPU {vcpu.index}: the guest's TSC runs at {state.tsc_khz} kHz, this "
+                        f"host's at {here} kHz, and KVM cannot scale it ({err})"
+                    ) from err
+    with _step(times, "cpuid"):
+        try:
+            vcpu.set_cpuid(cpuid_buffer(state.cpuid_entries()))
+        except KvmIoctlError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            raise StateError(
+                f"{err}: KVM refuses a CPUID different from the one a vCPU already ran with "
+                "(Linux 5.16+); restore into vCPUs that never ran"
+            ) from err
+    with _step(times, "mp_state"):
+        set_mp_state(vcpu, state.mp_state)
+    with _step(times, "regs"):
+        _vcpu_ioctl(vcpu, "KVM_SET_REGS", uapi.KVM_SET_REGS, _buffer(state.regs))
+    with _step(times, "sregs"):
+        _vcpu_ioctl(vcpu, "KVM_SET_SREGS", uapi.KVM_SET_SREGS, _buffer(state.sregs))
+    with _step(times, "xsave"):
+        buf = _buffer(state.xsave, xsave2_bytes)
+        _vcpu_ioctl(vcpu, "KVM_SET_XSAVE", uapi.KVM_SET_XSAVE, buf)
+    with _step(times, "xcrs"):
+        _vcpu_ioctl(vcpu, "KVM_SET_XCRS", uapi.KVM_SET_XCRS, _buffer(state.xcrs))
+    with _step(times, "debugregs"):
+        _vcpu_ioctl(vcpu, "KVM_SET_DEBUGREGS", uapi.KVM_SET_DEBUGREGS, _buffer(state.debugregs))
+    if state.lapic:
+        with _step(times, "lapic"):
+            _vcpu_ioctl(vcpu, "KVM_SET_LAPIC", uapi.KVM_SET_LAPIC, _buffer(state.lapic))
+    with _step(times, "msrs"):
+        kept = set_msrs(vcpu, restore_msr_order(state.msrs))
+    with _step(times, "events"):
+        events = state.events_struct()
+        # KVM_GET_VCPU_EVENTS reports VALID_SHADOW / SMM / PAYLOAD / TRIPLE_FAULT for the fields
+        # it filled; nmi.pending and sipi_vector are written only when asked for (api.rst 4.32).
+        events.flags |= _EVENTS_SET_FLAGS
+        _vcpu_ioctl(vcpu, "KVM_SET_VCPU_EVENTS", uapi.KVM_SET_VCPU_EVENTS, events)
+    return kept
+
+
+def restore_vm_state(
+    vm: Vm,
+    state: VmState,
+    *,
+    irqchip: bool,
+    pit: bool,
+    check: bool = True,
+    advance_clock: bool = False,
+) -> RestoreReport:
+    """Write the whole machine's state into `vm`, built like the source and never run.
+
+    `vm` has as many vCPUs as the state, and the in-kernel devices the state has (`irqchip`,
+    `pit`: as for `save_vm_state`, checked against KVM). Guest RAM must be in place first (R9).
+    `check`: run `check_compatible` first.
+
+    kvmclock: by default it continues from the saved value, as the TSC does from its saved MSR,
+    so the guest sees the downtime as a pause on both clocks, whatever the hosts' wall clocks
+    say. With `advance_clock`, KVM_CLOCK_REALTIME is passed when the saved clock carries a host
+    real time and this KVM accepts the flag: KVM then adds the real time elapsed since the save
+    (never stepping back), which is right only between hosts with synchronized clocks. No other
+    flag is passed: KVM_GET_CLOCK's TSC_STABLE and HOST_TSC are output only (api.rst: "accepted
+    but ignored"; kernels before 5.16 refuse any flag).
+    """
+    times = StepTimes()
+    start = time.perf_counter()
+    if len(vm.vcpus) != len(state.vcpus):
+        raise IncompatibleStateError(
+            f"the state has {len(state.vcpus)} vCPU(s); the target VM has {len(vm.vcpus)}"
+        )
+    for name, has, said in (("irqchip", state.has_irqchip, irqchip), ("PIT", state.has_pit, pit)):
+        if has != said:
+            raise IncompatibleStateError(
+                f"the source VM {'had' if has else 'had no'} in-kernel {name}; the target is "
+                f"told {name}={said}: build the target like the source"
+            )
+    _require_parked(vm.vcpus, "restoring")
+    with times.step("devices"):
+        _check_devices(vm, irqchip, pit, "restore_vm_state")
+    if check:
+        with times.step("check"):
+            check_compatible(state, vm.kvm)
+    with times.step("setup"):
+        xsave2 = xsave2_size(vm.fd)
+    kept: list[tuple[int, int]] = []
+    for vcpu, vcpu_state in zip(vm.vcpus, state.vcpus):
+        for index in restore_vcpu_state(vcpu, vcpu_state, xsave2_bytes=xsave2, times=times):
+            kept.append((vcpu.index, index))
+    if state.irqchip:
+        with times.step("irqchip"):
+            for chip_id, chip in zip(IRQCHIP_IDS, state.irqchip):
+                _vm_ioctl(vm, f"KVM_SET_IRQCHIP({chip_id})", uapi.KVM_SET_IRQCHIP, _buffer(chip))
+    if state.pit2:
+        with times.step("pit2"):
+            _vm_ioctl(vm, "KVM_SET_PIT2", uapi.KVM_SET_PIT2, _buffer(state.pit2))
+    with times.step("clock"):
+        clock = state.clock_struct()
+        flags = 0
+        if (
+            advance_clock
+            and clock.flags & uapi.KVM_CLOCK_REALTIME
+            and vm.kvm.check_extension(uapi.KVM_CAP_ADJUST_CLOCK) & uapi.KVM_CLOCK_REALTIME
+        ):
+            flags = uapi.KVM_CLOCK_REALTIME
+        clock.flags = flags
+        _vm_ioctl(vm, "KVM_SET_CLOCK", uapi.KVM_SET_CLOCK, clock)
+    times.seconds["total"] = time.perf_counter() - start
+    return RestoreReport(
+        timings=dict(times.seconds), clock_advanced=bool(flags), msrs_kept=tuple(kept)
+    )

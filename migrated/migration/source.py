@@ -1,0 +1,431 @@
+"""The source side of a live migration (DESIGN sections 4 and 5).
+
+setup -> bulk copy -> dirty rounds until the predicted downtime fits -> downtime in the order of
+R6 -> cutover. Until COMMIT is sent, any failure resumes the VM here. Once the VM is recorded as
+the target's and COMMIT is sent, the VM is never resumed blindly: without RUNNING it stays paused
+and in doubt until the target is asked again (or the operator decides).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from transport import (
+    Accept,
+    Commit,
+    DeviceState,
+    Done,
+    Loaded,
+    PageBatch,
+    Query,
+    QueryResult,
+    Role,
+    Running,
+    VmDescription,
+)
+
+from ..hosted import HostedVm, VmState
+from ..kvm.dirty import DirtyPages
+from ..logs import get_logger
+from ..pagehash import memory_digest
+from ..peer import PeerChannel, PeerError, make_connection
+from . import vmstate
+from .pagestream import PAGE_SIZE, StreamCounters, send_pages, send_range
+from .policy import Costs, Decision, Policy, RateMeter, predict_downtime
+from .stats import MigrationStats
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+MIB = 1 << 20
+# Measured on this class of host (bench/harvest.py, pagehash): used until this migration has
+# measured its own.
+DIGEST_BYTES_PER_S = 8e9
+
+
+class MigrationFailed(Exception):
+    """The migration ended without the target running the VM; the source runs it."""
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    host: str
+    port: int
+    downtime_limit_ms: float
+    max_bandwidth_mib_s: float
+    timeout_s: float
+    max_rounds: int
+    on_no_convergence: str
+    verify: str
+    max_batch_bytes: int
+
+
+class Source:
+    def __init__(self, daemon: Daemon, hosted: HostedVm, options: SourceOptions, migration_id: str) -> None:
+        self.daemon = daemon
+        self.hosted = hosted
+        self.options = options
+        self.stats = MigrationStats(
+            migration_id=migration_id, vm=hosted.name, role="source",
+            peer=f"{options.host}:{options.port}", downtime_limit_ms=options.downtime_limit_ms,
+        )
+        self.log = get_logger(component="source", vm=hosted.name, migration_id=migration_id,
+                              peer=self.stats.peer)
+        self.cancel_scope = trio.CancelScope()
+        self.committed = False
+        self._started = time.monotonic()
+        self._paused_at: float | None = None
+        self._bandwidth = RateMeter()
+        self._dirty_rate = RateMeter()
+        self._counters = StreamCounters()
+        self._channel: PeerChannel | None = None
+        self._last_collect = time.perf_counter()
+
+    # ---- entry --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.tracker is not None
+        self.stats.dirty_tracking = vm.dirty_tracking
+        self.stats.backup_bitmap = vm.tracker.stats.backup_bitmap
+        hosted.state = VmState.MIGRATING
+        try:
+            with self.cancel_scope:
+                await self._migrate()
+            if self.cancel_scope.cancelled_caught and not self.committed:
+                raise MigrationFailed("cancelled by the operator")
+        except (MigrationFailed, PeerError, OSError, trio.TooSlowError) as err:
+            await self._fail(err)
+        except Exception as err:  # a bug in one migration must not take the daemon down
+            self.log.exception("migration_crashed")
+            await self._fail(err)
+        finally:
+            self.stats.total_ms = (time.monotonic() - self._started) * 1e3
+            if self._channel is not None:
+                await self._channel.aclose()
+            hosted.last_migration = self.stats.as_dict()
+
+    async def _fail(self, err: BaseException) -> None:
+        message = str(err) or type(err).__name__
+        self.stats.error = message
+        if self.committed:
+            # DESIGN 5: COMMIT went out and RUNNING never came; the target may be running the VM.
+            self.stats.state = "in-doubt"
+            self.hosted.state = VmState.IN_DOUBT
+            self.log.error("migration_in_doubt", error=message)
+            self.daemon.nursery_start_resolver(self)
+            return
+        cancelled = "cancelled" in message
+        self.stats.state = "cancelled" if cancelled else "failed"
+        if self._channel is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self._channel.abort(message)
+        await self._resume_here()
+        self.log.warning("migration_failed", error=message, resumed=True)
+
+    async def _resume_here(self) -> None:
+        vm = self.hosted.vm
+        if vm is not None and self._paused_at is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(vm.resume)
+            self._paused_at = None
+        self.hosted.state = VmState.RUNNING if self.hosted.error is None else VmState.FAILED
+
+    # ---- phases -------------------------------------------------------------------------
+
+    async def _connect(self) -> PeerChannel:
+        peer = self.daemon.config.peer
+        with trio.fail_after(peer.connect_timeout_s):
+            stream = await trio.open_tcp_stream(self.options.host, self.options.port)
+        channel = PeerChannel(stream, make_connection(
+            Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes))
+        with trio.fail_after(peer.connect_timeout_s):
+            await channel.handshake()
+        return channel
+
+    async def _migrate(self) -> None:
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.memory is not None and vm.tracker is not None
+        self.log.info("migration_started", downtime_limit_ms=self.options.downtime_limit_ms)
+        self._channel = channel = await self._connect()
+        await channel.send(VmDescription(
+            name=hosted.name,
+            migration_id=self.stats.migration_id,
+            memory=tuple((r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
+            vcpus=len(vm.vcpus),
+            guest_kind=hosted.spec.guest,
+            cpu_features={"spec": hosted.spec.to_wire(), **vmstate.cpu_features(self.daemon.kvm)},
+            dirty_tracking=vm.dirty_tracking,
+            arch=vm.caps.arch,
+        ))
+        with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
+            await channel.expect(Accept)
+        self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_timeout)
+            # R3: the first collection re-arms tracking before the bulk copy reads any page, so
+            # every write from here on is in a later collection.
+            await trio.to_thread.run_sync(vm.tracker.collect)
+            self._last_collect = time.perf_counter()
+            await self._bulk_copy()
+            pending = await self._rounds()
+            await self._downtime(pending)
+            nursery.cancel_scope.cancel()
+
+    async def _watch_timeout(self) -> None:
+        await trio.sleep(self.options.timeout_s)
+        if self._paused_at is None and not self.committed:
+            self.stats.error = f"timed out after {self.options.timeout_s} s"
+            self.cancel_scope.cancel()
+
+    async def _send_batch(self, batch: PageBatch) -> None:
+        assert self._channel is not None
+        before = self._channel.bytes_sent
+        started = time.perf_counter()
+        await self._channel.send(batch)
+        sent = self._channel.bytes_sent - before
+        self.stats.bytes_sent = self._channel.bytes_sent
+        limit = self.options.max_bandwidth_mib_s * MIB
+        if limit > 0:
+            # Hold the average at the limit: wait out what this batch took less than its share.
+            await trio.sleep(max(0.0, sent / limit - (time.perf_counter() - started)))
+        self.stats.pages_sent = self._counters.pages
+        self.stats.zero_pages = self._counters.zero_pages
+
+    async def _send_dirty(self, dirty: DirtyPages, round_: int) -> float:
+        """Send a dirty set; returns seconds taken."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None
+        started = time.perf_counter()
+        batch_pages = batch_pages_for(self.options.max_batch_bytes)
+        for region in vm.memory.regions:
+            pages = dirty.by_slot.get(region.slot)
+            if pages is None or not pages.size:
+                continue
+            ram_pages = vm.memory.view(region).reshape(-1, PAGE_SIZE)
+            await send_pages(self._send_batch, ram_pages, region.slot, round_, pages,
+                             batch_pages, self._counters)
+        return time.perf_counter() - started
+
+    async def _bulk_copy(self) -> None:
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None
+        self.stats.state = self.stats.phase = "bulk"
+        started = time.perf_counter()
+        bytes_before = self.stats.bytes_sent
+        batch_pages = batch_pages_for(self.options.max_batch_bytes)
+        memory = vm.memory
+        total_pages = sum(r.pages for r in memory.regions)
+        in_extents = 0
+        for region in memory.regions:
+            extents = memory.data_extents(region)
+            in_extents += sum(end - first for first, end in extents)
+            ram_pages = memory.view(region).reshape(-1, PAGE_SIZE)
+            for first, end in extents:
+                self.stats.pages_remaining = max(0, in_extents - self._counters.pages - self._counters.zero_pages)
+                await send_range(self._send_batch, ram_pages, region.slot, 0, first, end,
+                                 batch_pages, self._counters)
+        # Holes in the memfd were never touched: zero on both sides, not sent at all.
+        self._counters.zero_pages += total_pages - in_extents
+        self.stats.zero_pages = self._counters.zero_pages
+        elapsed = time.perf_counter() - started
+        self._bandwidth.add(self.stats.bytes_sent - bytes_before, elapsed)
+        self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
+        self.stats.bulk_ms = elapsed * 1e3
+        self.log.info("bulk_copy_done", pages=self._counters.pages, zero_pages=self._counters.zero_pages,
+                      ms=round(elapsed * 1e3, 1), bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1))
+
+    def _costs(self, state_bytes_guess: int) -> Costs:
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None and vm.tracker is not None
+        digest_ms = 0.0
+        if self.options.verify == "full":
+            digest_ms = vm.memory.size / DIGEST_BYTES_PER_S * 1e3
+        return Costs(
+            harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
+            state_save_restore_ms=vmstate.estimate_ms(len(vm.vcpus)),
+            state_bytes=state_bytes_guess,
+            digest_ms=digest_ms,
+            rtt_ms=self._channel.rtt_ms if self._channel else 0.0,
+        )
+
+    async def _rounds(self) -> DirtyPages:
+        """Dirty rounds until the predicted downtime fits (or the policy says stop)."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.tracker is not None
+        self.stats.state = self.stats.phase = "rounds"
+        policy = Policy(self.options.downtime_limit_ms, self.options.max_rounds,
+                        self.options.timeout_s, self.options.on_no_convergence)
+        while True:
+            pending = await trio.to_thread.run_sync(vm.tracker.collect)
+            now = time.perf_counter()
+            self._dirty_rate.add(pending.count, now - self._last_collect)
+            self._last_collect = now
+            self.stats.dirty_rate_mib_s = self._dirty_rate.rate * PAGE_SIZE / MIB
+            self.stats.pages_remaining = pending.count
+            estimate = predict_downtime(pending.count, self._dirty_rate.rate, self._bandwidth.rate,
+                                        self._costs(vmstate.estimate_bytes(len(vm.vcpus))))
+            self.stats.predicted_downtime_ms = estimate.total_ms
+            decision = policy.decide(estimate, self.stats.round, time.monotonic() - self._started)
+            if decision is Decision.STOP_AND_COPY:
+                self.log.info("converged", round=self.stats.round, pages=pending.count,
+                              predicted_downtime_ms=round(estimate.total_ms, 2))
+                return pending
+            if decision is Decision.GIVE_UP:
+                raise MigrationFailed(
+                    f"did not converge after {self.stats.round} rounds: predicted downtime "
+                    f"{estimate.total_ms:.0f} ms over the limit {self.options.downtime_limit_ms:.0f} ms "
+                    f"(dirty rate {self.stats.dirty_rate_mib_s:.0f} MiB/s, bandwidth "
+                    f"{self.stats.bandwidth_mib_s:.0f} MiB/s); the VM keeps running here"
+                )
+            self.stats.round += 1
+            bytes_before = self.stats.bytes_sent
+            seconds = await self._send_dirty(pending, self.stats.round)
+            if seconds > 0 and pending.count:
+                self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
+                self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
+
+    async def _downtime(self, pending: DirtyPages) -> None:
+        """R6, in order and nothing else in between, then the cutover of DESIGN section 5."""
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.tracker is not None and vm.memory is not None
+        channel = self._channel
+        assert channel is not None
+        self.stats.state = self.stats.phase = "downtime"
+        self._paused_at = time.monotonic()
+        await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
+        final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset
+        state_started = time.perf_counter()
+        blobs = await trio.to_thread.run_sync(vmstate.capture, hosted, self.daemon.kvm)  # R6.3
+        self.stats.state_save_ms = (time.perf_counter() - state_started) * 1e3
+        backup = await trio.to_thread.run_sync(vm.tracker.collect_backup_bitmap)  # R6.4 (R7)
+        dirty = pending.union(final)
+        if backup is not None:
+            self.stats.backup_bitmap_pages = backup.count
+            dirty = dirty.union(backup)
+        self.stats.final_pages = dirty.count
+        self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
+        await self._send_dirty(dirty, self.stats.round + 1)  # R6.5: the union, then state
+        for kind, blob in blobs:
+            await channel.send(DeviceState(kind=kind, blob=blob))
+            self.stats.state_bytes += len(blob)
+        digest = None
+        if self.options.verify == "full":
+            verify_started = time.perf_counter()
+            digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
+            self.stats.verify_ms = (time.perf_counter() - verify_started) * 1e3
+            self.stats.digest = digest.hex()
+        await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest,
+                                verify=self.options.verify))  # type: ignore[arg-type]
+        self.stats.state = self.stats.phase = "cutover"
+        loaded = await channel.expect(Loaded)
+        if digest is not None and loaded.digest != digest:
+            raise MigrationFailed(
+                "memory digest mismatch: the target's RAM differs from the source's; aborted, "
+                "the VM resumes here"
+            )
+        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
+        self._record("committed")
+        self.committed = True
+        await channel.send(Commit())
+        await channel.expect(Running)
+        self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1e3
+        await self._release("completed")
+
+    async def _release(self, how: str) -> None:
+        self._record("released")
+        self.stats.state = self.stats.phase = how
+        self.hosted.state = VmState.MIGRATED
+        self.log.info("migration_completed", downtime_ms=self.stats.downtime_ms,
+                      total_ms=(time.monotonic() - self._started) * 1e3, rounds=self.stats.round,
+                      bytes_sent=self.stats.bytes_sent)
+        await self.daemon.release_migrated(self.hosted)
+
+    def _record(self, state: str) -> None:
+        """Persist the VM's ownership (state_dir), fsync'd: survives a crash of this daemon."""
+        directory = Path(self.daemon.config.daemon.state_dir) / "migrations"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{self.stats.migration_id}.json"
+        record = {"vm": self.hosted.name, "migration_id": self.stats.migration_id,
+                  "target": self.stats.peer, "state": state, "at": time.time()}
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as file:
+            json.dump(record, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+
+    # ---- in doubt -------------------------------------------------------------------------
+
+    async def resolve(self, attempts: int = 0, interval_s: float = 1.0) -> str:
+        """Ask the target what became of the migration until it answers (0 = forever).
+
+        "running": release the paused copy here. "aborted" / "unknown": the target discarded
+        (or never had) the VM; only then resume here.
+        """
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                answer = await self._query()
+            except (PeerError, OSError, trio.TooSlowError) as err:
+                self.log.info("in_doubt_query_failed", error=str(err), attempt=tries)
+                if attempts and tries >= attempts:
+                    return "in-doubt"
+                await trio.sleep(interval_s)
+                continue
+            self.log.info("in_doubt_resolved", target_says=answer)
+            if answer == "running":
+                self.stats.downtime_ms = None
+                await self._release("completed")
+            else:
+                self.committed = False
+                self._record(f"resumed-after-{answer}")
+                self.stats.state = self.stats.phase = "aborted"
+                await self._resume_here()
+            return answer
+
+    async def _query(self) -> str:
+        channel = await self._connect()
+        try:
+            await channel.send(Query(self.stats.migration_id))
+            result = await channel.expect(QueryResult)
+            return result.state
+        finally:
+            await channel.aclose()
+
+    async def resolve_by_operator(self, action: str) -> None:
+        if action == "release":
+            await self._release("completed-by-operator")
+        elif action == "resume":
+            self.committed = False
+            self._record("resumed-by-operator")
+            self.stats.state = self.stats.phase = "aborted"
+            await self._resume_here()
+        else:
+            raise ValueError(f"action {action!r}: allowed are release, resume")
+
+
+def batch_pages_for(max_batch_bytes: int) -> int:
+    """Pages per batch so that data and both index arrays fit the negotiated payload."""
+    return max(1, max_batch_bytes // (PAGE_SIZE + 16))
+
+
+def new_migration_id() -> str:
+    return f"m-{int(time.time())}-{os.urandom(4).hex()}"
+
+
+def status_line(stats: MigrationStats) -> dict[str, Any]:
+    return stats.as_dict()
+

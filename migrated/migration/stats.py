@@ -1,0 +1,45 @@
+"""A migration's progress and outcome, as `migration status` shows it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class MigrationStats:
+    migration_id: str
+    vm: str
+    role: str  # "source" | "target"
+    peer: str
+    state: str = "setup"  # setup, bulk, rounds, downtime, cutover, completed, failed, aborted,
+    # cancelled, in-doubt
+    phase: str = "setup"
+    started_at: float = field(default_factory=time.time)
+    round: int = 0
+    bytes_sent: int = 0
+    pages_sent: int = 0
+    zero_pages: int = 0
+    pages_remaining: int = 0
+    dirty_rate_mib_s: float = 0.0
+    bandwidth_mib_s: float = 0.0
+    predicted_downtime_ms: float | None = None
+    total_ms: float | None = None
+    setup_ms: float | None = None
+    bulk_ms: float | None = None
+    downtime_ms: float | None = None
+    verify_ms: float | None = None
+    state_save_ms: float | None = None
+    state_bytes: int = 0
+    final_pages: int = 0
+    dirty_tracking: str = ""
+    backup_bitmap: str = ""
+    backup_bitmap_pages: int = 0
+    ring_full_exits: int = 0
+    downtime_limit_ms: float = 0.0
+    error: str | None = None
+    digest: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,237 @@
+"""The target side of a live migration, one per incoming peer connection.
+
+The VM is created under the same rules R1/R2 as any other, its pages applied as they come, its
+state restored once all memory is in place (R9), verified, and resumed only on COMMIT (DESIGN
+section 5). Before LOADED any failure discards the copy. After LOADED, a lost link leaves the copy
+paused: asked again, this side aborts for good (it never got COMMIT) and says so.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from transport import (
+    Accept,
+    Commit,
+    DeviceState,
+    Done,
+    Loaded,
+    PageBatch,
+    Query,
+    QueryResult,
+    Role,
+    Running,
+    VmDescription,
+)
+
+from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_config
+from ..kvm.errors import KvmError
+from ..logs import get_logger
+from ..pagehash import memory_digest
+from ..peer import PeerChannel, PeerError, make_connection
+from . import vmstate
+from .pagestream import PAGE_SIZE, apply_batch
+from .stats import MigrationStats
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+# How long a loaded copy waits, after its link broke, for the source to ask what happened
+# before it discards itself for good.
+LOADED_WAIT_S = 300.0
+
+
+class Refused(Exception):
+    """This daemon cannot host the described VM; the reason goes back to the source."""
+
+
+class Target:
+    def __init__(self, daemon: Daemon, stream: trio.SocketStream, peer: str) -> None:
+        self.daemon = daemon
+        self.peer = peer
+        self.channel = PeerChannel(stream, make_connection(
+            Role.TARGET, daemon.config.peer, daemon.node, daemon.config.migration.max_batch_bytes))
+        self.log = get_logger(component="target", peer=peer)
+        self.hosted: HostedVm | None = None
+        self.stats: MigrationStats | None = None
+        self.loaded = False
+        self.committed = False
+
+    async def run(self) -> None:
+        try:
+            with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
+                await self.channel.handshake()
+            first = await self.channel.receive()
+            if isinstance(first, Query):
+                await self._answer_query(first)
+            elif isinstance(first, VmDescription):
+                await self._receive_vm(first)
+            else:
+                raise PeerError(f"expected VmDescription or Query, got {type(first).__name__}")
+        except (PeerError, trio.TooSlowError, OSError) as err:
+            self.log.warning("incoming_connection_failed", error=str(err) or type(err).__name__)
+            await self._on_failure(str(err) or type(err).__name__)
+        except Refused as err:
+            self.log.warning("incoming_vm_refused", error=str(err))
+            await self.channel.abort(str(err))
+            await self._discard(str(err))
+        except Exception as err:
+            self.log.exception("incoming_migration_crashed")
+            await self.channel.abort(f"target error: {err}")
+            await self._on_failure(f"target error: {err}")
+        finally:
+            await self.channel.aclose()
+
+    async def _answer_query(self, query: Query) -> None:
+        outcome = self.daemon.outcomes.get(query.migration_id)
+        if outcome is None:
+            answer = "unknown"
+        elif outcome.state == "running":
+            answer = "running"
+        else:
+            # Loaded and waiting, or already discarded: it never got COMMIT, so it aborts for
+            # good now, and only then may the source resume (DESIGN 5).
+            await outcome.abort_for_good("the source asked after a lost link; no COMMIT came")
+            answer = "aborted"
+        self.log.info("query_answered", migration_id=query.migration_id, answer=answer)
+        await self.channel.send(QueryResult(migration_id=query.migration_id, state=answer))  # type: ignore[arg-type]
+
+    def _check(self, description: VmDescription) -> VmSpec:
+        caps = self.daemon.kvm.caps()
+        features = description.cpu_features
+        try:
+            spec = VmSpec.from_wire(dict(features.get("spec", {})) if isinstance(features, dict) else None)
+        except SpecError as err:
+            raise Refused(f"VM description: {err}") from None
+        if spec.name != description.name:
+            raise Refused(f"VM description names {description.name!r} but its spec {spec.name!r}")
+        if description.arch != caps.arch:
+            raise Refused(f"VM is {description.arch}; this host is {caps.arch}")
+        if description.vcpus != spec.vcpus or description.vcpus > caps.max_vcpus:
+            raise Refused(f"{description.vcpus} vCPUs: this host allows 1 to {caps.max_vcpus}")
+        layout = [(r.slot, r.guest_phys_addr, r.size) for r in description.memory]
+        if layout != [(0, 0, spec.memory_bytes)]:
+            raise Refused(f"memory layout {layout}: this daemon hosts one slot at 0 of the spec's size")
+        if spec.name in self.daemon.vms:
+            raise Refused(f"a VM named {spec.name!r} already exists on this daemon")
+        problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
+        if problem:
+            raise Refused(problem)
+        return spec
+
+    async def _receive_vm(self, description: VmDescription) -> None:
+        started = time.monotonic()
+        spec = self._check(description)
+        self.stats = stats = MigrationStats(
+            migration_id=description.migration_id, vm=spec.name, role="target", peer=self.peer)
+        self.log = self.log.bind(vm=spec.name, migration_id=description.migration_id)
+        defaults = self.daemon.config.vm
+        try:
+            config = vm_config(spec, defaults.dirty_tracking, defaults.ring_bytes,
+                               defaults.harvest_interval_ms)
+            self.hosted = await trio.to_thread.run_sync(
+                create_incoming, self.daemon.kvm, spec, config)
+        except (KvmError, SpecError, ValueError) as err:
+            raise Refused(f"cannot create VM {spec.name} here: {err}") from None
+        self.daemon.register_incoming(self.hosted, self)
+        stats.dirty_tracking = config.dirty_tracking
+        await self.channel.send(Accept())
+        stats.setup_ms = (time.monotonic() - started) * 1e3
+        self.log.info("incoming_vm_accepted", memory_mib=spec.memory_mib, vcpus=spec.vcpus)
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None
+        views = {r.slot: vm.memory.view(r).reshape(-1, PAGE_SIZE) for r in vm.memory.regions}
+        blobs: list[tuple[str, bytes]] = []
+        stats.state = stats.phase = "receiving"
+        while True:
+            event = await self.channel.receive()
+            if isinstance(event, PageBatch):
+                apply_batch(views[event.slot], event, ram_is_fresh=event.round == 0)
+                stats.pages_sent += int(event.pages.size)
+                stats.zero_pages += int(event.zero_pages.size)
+                stats.bytes_sent += event.data_bytes
+                stats.round = event.round
+            elif isinstance(event, DeviceState):
+                blobs.append((event.kind, event.blob))
+            elif isinstance(event, Done):
+                await self._load(event, blobs)
+                break
+            else:
+                raise PeerError(f"unexpected {type(event).__name__} while receiving the VM")
+        await self._await_commit()
+
+    async def _load(self, done: Done, blobs: list[tuple[str, bytes]]) -> None:
+        """R9: all memory is in place; now the state, then the digest, then LOADED."""
+        hosted, stats = self.hosted, self.stats
+        assert hosted is not None and hosted.vm is not None and stats is not None
+        vm = hosted.vm
+        assert vm.memory is not None
+        stats.state = stats.phase = "loading"
+        restore_started = time.perf_counter()
+        try:
+            await trio.to_thread.run_sync(vmstate.restore, hosted, self.daemon.kvm, blobs)
+        except (KvmError, ValueError) as err:
+            raise Refused(f"state restore failed: {err}") from None
+        stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
+        digest = None
+        if done.verify == "full":
+            verify_started = time.perf_counter()
+            digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
+            stats.verify_ms = (time.perf_counter() - verify_started) * 1e3
+            stats.digest = digest.hex()
+            if digest != done.digest:
+                raise Refused("memory digest mismatch after loading: discarding this copy")
+        await self.channel.send(Loaded(digest=digest))
+        self.loaded = True
+        self.daemon.record_outcome(stats.migration_id, self, "loaded")
+        stats.state = stats.phase = "loaded"
+
+    async def _await_commit(self) -> None:
+        await self.channel.expect(Commit)
+        hosted, stats = self.hosted, self.stats
+        assert hosted is not None and hosted.vm is not None and stats is not None
+        self.committed = True
+        self.daemon.record_outcome(stats.migration_id, self, "running")
+        await trio.to_thread.run_sync(hosted.vm.resume)
+        hosted.state = VmState.RUNNING
+        stats.state = stats.phase = "completed"
+        self.log.info("incoming_vm_running")
+        await self.channel.send(Running())
+        hosted.last_migration = stats.as_dict()
+
+    async def _on_failure(self, reason: str) -> None:
+        if self.committed:
+            return  # the VM runs here; only the RUNNING answer was lost
+        if self.loaded:
+            # Never resume without COMMIT; wait for the source to ask, then abort for good.
+            self.log.warning("loaded_copy_waiting_for_query", reason=reason)
+            self.daemon.nursery_start(self._expire_loaded)
+            return
+        await self._discard(reason)
+
+    async def _expire_loaded(self) -> None:
+        await trio.sleep(LOADED_WAIT_S)
+        await self.abort_for_good("no COMMIT and no query from the source in time")
+
+    async def abort_for_good(self, reason: str) -> None:
+        if self.committed:
+            return
+        self.loaded = False
+        await self._discard(reason)
+
+    @property
+    def state(self) -> str:
+        return "running" if self.committed else "loaded" if self.loaded else "aborted"
+
+    async def _discard(self, reason: str) -> None:
+        hosted = self.hosted
+        if self.stats is not None:
+            self.stats.state = self.stats.phase = "aborted"
+            self.stats.error = reason
+            self.daemon.record_outcome(self.stats.migration_id, self, "aborted")
+        if hosted is not None and hosted.state is VmState.INCOMING:
+            self.log.info("incoming_vm_discarded", reason=reason)
+            await self.daemon.remove_vm(hosted, f"incoming migration aborted: {reason}")

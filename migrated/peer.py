@@ -1,0 +1,142 @@
+"""The TCP edge of the migration protocol: bytes between a trio stream and a transport.Connection.
+
+Everything protocol-shaped lives in `transport/`; this module only moves bytes. Page data is read
+from the socket straight into the buffer of the event it belongs to (`get_receive_buffer`), and
+written from guest RAM without a copy (`send_buffers` hands back the RAM view).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypeVar
+
+import trio
+
+from transport import (
+    NEED_DATA,
+    Abort,
+    Connection,
+    ConnectionClosed,
+    Event,
+    Hello,
+    ProtocolError,
+    RemoteProtocolError,
+    Role,
+    State,
+)
+
+from .config import PeerConfig
+
+E = TypeVar("E", bound=Event)
+# How much one recv may read outside a page payload; payloads are read in one piece.
+RECV_BYTES = 1 << 20
+
+
+class PeerError(Exception):
+    """The peer or the link failed; the message says which and how."""
+
+
+class PeerAborted(PeerError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"peer aborted: {reason}")
+        self.reason = reason
+
+
+class LinkLost(PeerError):
+    """The connection broke or closed early: the peer's fate is unknown from here."""
+
+
+def make_connection(role: Role, peer: PeerConfig, node: str, max_batch_bytes: int) -> Connection:
+    return Connection(
+        role,
+        node=node,
+        psk=peer.psk if peer.auth == "psk" else None,
+        tls=peer.auth == "tls",
+        allow_unauthenticated=peer.allow_unauthenticated,
+        max_batch_bytes=max_batch_bytes,
+    )
+
+
+class PeerChannel:
+    """One protocol conversation over one stream."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.bytes_sent = 0
+        self.rtt_ms = 0.0
+        socket = getattr(stream, "socket", None)
+        # recv_into needs the raw socket; a TLS stream decrypts into its own buffers instead.
+        self._socket: Any = socket if isinstance(stream, trio.SocketStream) else None
+
+    async def send(self, event: Event) -> None:
+        try:
+            for buffer in self.conn.send_buffers(event):
+                await self.stream.send_all(buffer)
+                self.bytes_sent += memoryview(buffer).nbytes
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            raise LinkLost(f"sending {type(event).__name__} failed: {err}") from err
+
+    async def receive(self) -> Event:
+        """The next event; PeerAborted for an Abort, LinkLost for EOF or a broken link."""
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as err:
+                raise PeerError(f"peer broke the protocol: {err}") from err
+            if event is NEED_DATA:
+                await self._fill()
+                continue
+            if isinstance(event, ConnectionClosed):
+                raise LinkLost("the peer closed the connection")
+            if isinstance(event, Abort):
+                raise PeerAborted(event.reason)
+            assert isinstance(event, Event)
+            return event
+
+    async def expect(self, kind: type[E]) -> E:
+        event = await self.receive()
+        if not isinstance(event, kind):
+            raise PeerError(f"expected {kind.__name__} from the peer, got {type(event).__name__}")
+        return event
+
+    async def _fill(self) -> None:
+        try:
+            if self._socket is not None:
+                buffer = self.conn.get_receive_buffer(RECV_BYTES)
+                self.conn.receive_buffer_updated(await self._socket.recv_into(buffer))
+            else:
+                self.conn.receive_data(await self.stream.receive_some(RECV_BYTES))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            raise LinkLost(f"receiving failed: {err}") from err
+
+    async def handshake(self) -> None:
+        """Hello both ways (source first), then the PSK MACs when negotiated (DESIGN 6)."""
+        started = time.perf_counter()
+        if self.conn.role is Role.SOURCE:
+            await self.send(self.conn.make_hello())
+            await self.expect(Hello)
+            self.rtt_ms = (time.perf_counter() - started) * 1e3
+        else:
+            await self.expect(Hello)
+            await self.send(self.conn.make_hello())
+        if self.conn.state in (State.AUTH_SOURCE, State.AUTH_TARGET):
+            if self.conn.role is Role.SOURCE:
+                await self.send(self.conn.make_auth())
+                await self.receive()
+            else:
+                await self.receive()
+                await self.send(self.conn.make_auth())
+        if self.conn.state is not State.READY or not self.conn.authenticated:
+            raise PeerError(f"handshake ended in state {self.conn.state.name}, not READY")
+
+    async def abort(self, reason: str) -> None:
+        """Tell the peer, if the protocol and the link still allow it; never raises."""
+        try:
+            await self.send(Abort.from_text(reason))
+        except (PeerError, ProtocolError):
+            pass
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1):
+            await self.stream.aclose()

@@ -1,0 +1,120 @@
+"""Real daemon processes for tests: each with its own control socket, port and state dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from migrated.control import RequestError, request
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class DaemonProcess:
+    name: str
+    workdir: Path
+    key_file: Path
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    netns: str | None = None
+    extra_args: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / f"{self.name}.sock"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def start(self, timeout: float = 20.0) -> DaemonProcess:
+        command = [
+            sys.executable, "-m", "migrated",
+            "--control-socket", str(self.socket),
+            "--listen", self.address,
+            "--state-dir", str(self.workdir / f"{self.name}-state"),
+            "--peer-key-file", str(self.key_file),
+            *self.extra_args,
+        ]
+        if self.netns:
+            command = ["ip", "netns", "exec", self.netns, *command]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.call("daemon.status")
+                return self
+            except (RequestError, OSError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon {self.name} did not start:\n{self.log()}")
+                time.sleep(0.05)
+
+    def call(self, cmd: str, **args: Any) -> Any:
+        return request(self.socket, cmd, args, timeout=60)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.process is not None and self.alive():
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def wait_migration(daemon: DaemonProcess, name: str, timeout: float = 120.0,
+                   until: tuple[str, ...] = ("completed", "failed", "aborted", "cancelled", "in-doubt")) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats: dict[str, Any] = daemon.call("migration.status", name=name)
+        if stats["state"] in until:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"migration of {name} still {stats['state']} after {timeout} s: {stats}")
+        time.sleep(0.05)
+
+
+def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
