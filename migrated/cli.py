@@ -131,6 +131,12 @@ def cmd_vm_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vm_set(args: argparse.Namespace) -> int:
+    result = _call(args, "vm.set", {"name": args.name, "dirty_rate_mib_s": args.dirty_rate})
+    _print(args, result, _format_show(result))
+    return 0
+
+
 def _progress_line(s: dict[str, Any]) -> str:
     predicted = s.get("predicted_downtime_ms")
     return (
@@ -225,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("name")
         command.set_defaults(func=func)
 
+    set_rate = vm.add_parser("set", help="change a running workload guest's dirty rate")
+    set_rate.add_argument("name")
+    set_rate.add_argument("--dirty-rate", type=_rate, required=True, help="MiB/s, or 'max'")
+    set_rate.add_argument("--json", action="store_true", help="print JSON")
+    set_rate.set_defaults(func=cmd_vm_set)
+
     migrate = sub.add_parser("migrate", help="move a running VM to a peer daemon")
     migrate.add_argument("name")
     migrate.add_argument("--to", required=True, help="the peer daemon, HOST:PORT")
@@ -251,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (create, status, cancel, resolve, migrate):
         command.add_argument("--json", action="store_true", help="print JSON")
     for command in vm.choices.values():
-        if command is not create:
+        if command not in (create, set_rate):
             command.add_argument("--json", action="store_true", help="print JSON")
     return parser
 

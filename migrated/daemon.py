@@ -40,6 +40,9 @@ class Daemon:
             "vm.list": self.cmd_vm_list,
             "vm.show": self.cmd_vm_show,
             "vm.stop": self.cmd_vm_stop,
+            "vm.set": self.cmd_vm_set,
+            "vm.pause": self.cmd_vm_pause,
+            "vm.resume": self.cmd_vm_resume,
             "daemon.status": self.cmd_daemon_status,
         }
 
@@ -102,6 +105,39 @@ class Daemon:
             )
         await self.remove_vm(hosted, "stopped by operator")
         return {"name": hosted.name, "state": "stopped"}
+
+    async def cmd_vm_set(self, args: dict[str, Any]) -> Any:
+        """Change a running workload guest's dirty rate (MiB/s, or "max"), live."""
+        hosted = self.hosted(args)
+        rate = args.get("dirty_rate_mib_s")
+        if rate in ("max", "inf"):
+            rate = math.inf
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate < 0:
+            raise RequestError(f"dirty_rate_mib_s {rate!r}: a number >= 0, or 'max'")
+        if hosted.guest is None or hosted.vm is None:
+            raise RequestError(f"VM {hosted.name} has no workload guest to set a rate on")
+        hosted.guest.set_rate(hosted.vm.write_guest, float(rate))
+        return hosted.show()
+
+    async def cmd_vm_pause(self, args: dict[str, Any]) -> Any:
+        hosted = self.hosted(args)
+        if hosted.state is not VmState.RUNNING or hosted.vm is None:
+            raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a running VM pauses")
+        await trio.to_thread.run_sync(hosted.vm.pause)
+        hosted.state = VmState.PAUSED
+        self.log.info("vm_paused", vm=hosted.name)
+        return hosted.show()
+
+    async def cmd_vm_resume(self, args: dict[str, Any]) -> Any:
+        hosted = self.hosted(args)
+        if hosted.state is not VmState.PAUSED or hosted.vm is None:
+            raise RequestError(
+                f"VM {hosted.name} is {hosted.state.value}: only a VM paused by the operator resumes"
+            )
+        await trio.to_thread.run_sync(hosted.vm.resume)
+        hosted.state = VmState.RUNNING
+        self.log.info("vm_resumed", vm=hosted.name)
+        return hosted.show()
 
     async def cmd_daemon_status(self, args: dict[str, Any]) -> Any:
         return {

@@ -54,6 +54,8 @@ def make_connection(role: Role, peer: PeerConfig, node: str, max_batch_bytes: in
         tls=peer.auth == "tls",
         allow_unauthenticated=peer.allow_unauthenticated,
         max_batch_bytes=max_batch_bytes,
+        # The target applies every batch before it reads the next one (migration/target.py).
+        reuse_page_buffer=role is Role.TARGET,
     )
 
 

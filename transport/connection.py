@@ -70,7 +70,7 @@ class _Frame:
     wire: framing.Wire
     fields: dict[str, Any]
     header: bytes
-    payload: bytearray | None
+    payload: bytearray | memoryview | None
     filled: int = 0
 
     @property
@@ -97,6 +97,7 @@ class Connection:
         capabilities: Iterable[str] = (),
         max_batch_bytes: int = limits.DEFAULT_MAX_BATCH_BYTES,
         versions: tuple[int, int] = (limits.PROTOCOL_VERSION_MIN, limits.PROTOCOL_VERSION_MAX),
+        reuse_page_buffer: bool = False,
     ) -> None:
         if not isinstance(role, Role):
             raise LocalProtocolError(f"role must be a Role, got {role!r}")
@@ -155,6 +156,12 @@ class Connection:
         self._closed: ConnectionClosed | None = None
         self._scratch = bytearray(limits.SCRATCH_BYTES)
         self._lent: str | None = None
+        # With reuse_page_buffer, every PageBatch payload lands in one buffer of the negotiated
+        # batch size, so a PageBatch's data and indices are valid only until the next call to
+        # next_event(). The edge that applies each batch at once then gets warm memory for every
+        # batch instead of a fresh allocation (and its page faults) per batch.
+        self._reuse_page_buffer = reuse_page_buffer
+        self._page_buffer: bytearray | None = None
 
     # --- public: handshake helpers --------------------------------------------------------------
 
@@ -291,7 +298,7 @@ class Connection:
             wire, fields = framing.decode_header(header)
             self._disposition(wire.event)  # refuse before buffering the payload
             self._check_payload_len(wire, fields, payload_len)
-            frame = _Frame(wire, fields, header, bytearray(payload_len) if payload_len else None)
+            frame = _Frame(wire, fields, header, self._payload_buffer(wire, payload_len))
             if frame.payload is not None:
                 take = min(payload_len, len(self._buf) - self._pos)
                 with memoryview(self._buf) as view:
@@ -352,6 +359,17 @@ class Connection:
             return _Disposition.CROSSING if event_type is Abort else _Disposition.DROP
         raise LocalProtocolError(f"from the {self.peer.value}: "
                                  f"{explain(self.state, self.peer, event_type)}")
+
+    def _payload_buffer(self, wire: framing.Wire, length: int) -> bytearray | memoryview | None:
+        if not length:
+            return None
+        if not (self._reuse_page_buffer and wire.payload == "pages"):
+            return bytearray(length)
+        if self._page_buffer is None or len(self._page_buffer) < length:
+            # Bounded: _check_batch_len already held length to the negotiated max batch.
+            self._page_buffer = bytearray(length if self.negotiated is None
+                                          else max(length, self.negotiated.max_batch_bytes))
+        return memoryview(self._page_buffer)[:length]
 
     def _check_payload_len(self, wire: framing.Wire, fields: dict[str, Any], length: int) -> None:
         """Per-type payload bounds, from the header alone (before the payload is buffered)."""

@@ -244,7 +244,7 @@ def _indices(payload: bytearray, count: int, offset: int) -> np.ndarray[Any, Any
     return array
 
 
-def build_event(wire: Wire, fields: dict[str, Any], payload: bytearray | None) -> Event:
+def build_event(wire: Wire, fields: dict[str, Any], payload: bytearray | memoryview | None) -> Event:
     """The event for a complete frame; raises LocalProtocolError if a field is out of range.
 
     PageBatch indices and data are views of `payload`, which the event then owns."""

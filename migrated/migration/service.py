@@ -63,8 +63,10 @@ class MigrationService:
     async def cmd_migrate(self, args: dict[str, Any]) -> Any:
         daemon = self.daemon
         hosted = daemon.hosted(args)
-        if hosted.state is not VmState.RUNNING:
-            raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a running VM migrates")
+        if hosted.state not in (VmState.RUNNING, VmState.PAUSED):
+            raise RequestError(
+                f"VM {hosted.name} is {hosted.state.value}: only a running or paused VM migrates"
+            )
         current = daemon.migrations.get(hosted.name)
         if isinstance(current, Source) and current.stats.state in ("setup", "bulk", "rounds", "downtime", "cutover", "in-doubt"):
             raise RequestError(f"VM {hosted.name} is already migrating ({current.stats.state})")

@@ -80,6 +80,7 @@ class Source:
                               peer=self.stats.peer)
         self.cancel_scope = trio.CancelScope()
         self.committed = False
+        self.was_paused = False
         self._started = time.monotonic()
         self._paused_at: float | None = None
         self._bandwidth = RateMeter()
@@ -96,6 +97,8 @@ class Source:
         assert vm is not None and vm.tracker is not None
         self.stats.dirty_tracking = vm.dirty_tracking
         self.stats.backup_bitmap = vm.tracker.stats.backup_bitmap
+        # A VM the operator paused migrates paused and stays paused on the target.
+        self.was_paused = hosted.state is VmState.PAUSED
         hosted.state = VmState.MIGRATING
         try:
             with self.cancel_scope:
@@ -133,11 +136,14 @@ class Source:
 
     async def _resume_here(self) -> None:
         vm = self.hosted.vm
-        if vm is not None and self._paused_at is not None:
+        if vm is not None and self._paused_at is not None and not self.was_paused:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(vm.resume)
             self._paused_at = None
-        self.hosted.state = VmState.RUNNING if self.hosted.error is None else VmState.FAILED
+        if self.hosted.error is not None:
+            self.hosted.state = VmState.FAILED
+        else:
+            self.hosted.state = VmState.PAUSED if self.was_paused else VmState.RUNNING
 
     # ---- phases -------------------------------------------------------------------------
 
@@ -163,7 +169,11 @@ class Source:
             memory=tuple((r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
             vcpus=len(vm.vcpus),
             guest_kind=hosted.spec.guest,
-            cpu_features={"spec": hosted.spec.to_wire(), **vmstate.cpu_features(self.daemon.kvm)},
+            cpu_features={
+                "spec": hosted.spec.to_wire(),
+                "run_state": "paused" if self.was_paused else "running",
+                **vmstate.cpu_features(self.daemon.kvm),
+            },
             dirty_tracking=vm.dirty_tracking,
             arch=vm.caps.arch,
         ))
@@ -242,6 +252,7 @@ class Source:
         self._bandwidth.add(self.stats.bytes_sent - bytes_before, elapsed)
         self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
         self.stats.bulk_ms = elapsed * 1e3
+        self.stats.bulk_bytes = self.stats.bytes_sent - bytes_before
         self.log.info("bulk_copy_done", pages=self._counters.pages, zero_pages=self._counters.zero_pages,
                       ms=round(elapsed * 1e3, 1), bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1))
 
@@ -345,6 +356,7 @@ class Source:
 
     async def _release(self, how: str) -> None:
         self._record("released")
+        self.stats.total_ms = (time.monotonic() - self._started) * 1e3
         self.stats.state = self.stats.phase = how
         self.hosted.state = VmState.MIGRATED
         self.log.info("migration_completed", downtime_ms=self.stats.downtime_ms,

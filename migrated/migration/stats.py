@@ -28,6 +28,8 @@ class MigrationStats:
     total_ms: float | None = None
     setup_ms: float | None = None
     bulk_ms: float | None = None
+    bulk_bytes: int = 0
+    apply_ms: float = 0.0  # target: writing received pages into guest RAM
     downtime_ms: float | None = None
     verify_ms: float | None = None
     state_save_ms: float | None = None

@@ -59,6 +59,7 @@ class Target:
         self.stats: MigrationStats | None = None
         self.loaded = False
         self.committed = False
+        self.run_state = "running"
 
     async def run(self) -> None:
         try:
@@ -120,6 +121,10 @@ class Target:
         problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
         if problem:
             raise Refused(problem)
+        run_state = features.get("run_state", "running")
+        if run_state not in ("running", "paused"):
+            raise Refused(f"run_state {run_state!r}: allowed are running, paused")
+        self.run_state = run_state
         return spec
 
     async def _receive_vm(self, description: VmDescription) -> None:
@@ -149,7 +154,9 @@ class Target:
         while True:
             event = await self.channel.receive()
             if isinstance(event, PageBatch):
+                applied = time.perf_counter()
                 apply_batch(views[event.slot], event, ram_is_fresh=event.round == 0)
+                stats.apply_ms += (time.perf_counter() - applied) * 1e3
                 stats.pages_sent += int(event.pages.size)
                 stats.zero_pages += int(event.zero_pages.size)
                 stats.bytes_sent += event.data_bytes
@@ -195,8 +202,11 @@ class Target:
         assert hosted is not None and hosted.vm is not None and stats is not None
         self.committed = True
         self.daemon.record_outcome(stats.migration_id, self, "running")
-        await trio.to_thread.run_sync(hosted.vm.resume)
-        hosted.state = VmState.RUNNING
+        if self.run_state == "running":
+            await trio.to_thread.run_sync(hosted.vm.resume)
+            hosted.state = VmState.RUNNING
+        else:
+            hosted.state = VmState.PAUSED
         stats.state = stats.phase = "completed"
         self.log.info("incoming_vm_running")
         await self.channel.send(Running())
