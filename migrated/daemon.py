@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from . import faults
 from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
@@ -228,6 +229,8 @@ async def run_daemon(
     kvm = Kvm.open()
     daemon = Daemon(config, kvm, notifier)
     caps = kvm.caps()
+    if faults.ACTIVE:
+        log.warning("test_faults_active", faults=sorted(faults.ACTIVE))
     log.info("daemon_starting", pvm=caps.pvm, dirty_ring_max_bytes=caps.dirty_ring_max_bytes,
              with_bitmap=caps.dirty_ring_with_bitmap, arch=caps.arch)
     try:

@@ -62,9 +62,11 @@ def make_connection(role: Role, peer: PeerConfig, node: str, max_batch_bytes: in
 class PeerChannel:
     """One protocol conversation over one stream."""
 
-    def __init__(self, stream: trio.abc.Stream, conn: Connection) -> None:
+    def __init__(self, stream: trio.abc.Stream, conn: Connection, io_timeout_s: float = 10.0) -> None:
         self.stream = stream
         self.conn = conn
+        # A link that makes no progress for this long is broken: a cut cable sends no RST.
+        self.io_timeout_s = io_timeout_s
         self.bytes_sent = 0
         self.rtt_ms = 0.0
         socket = getattr(stream, "socket", None)
@@ -74,10 +76,15 @@ class PeerChannel:
     async def send(self, event: Event) -> None:
         try:
             for buffer in self.conn.send_buffers(event):
-                await self.stream.send_all(buffer)
+                with trio.fail_after(self.io_timeout_s):
+                    await self.stream.send_all(buffer)
                 self.bytes_sent += memoryview(buffer).nbytes
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
             raise LinkLost(f"sending {type(event).__name__} failed: {err}") from err
+        except trio.TooSlowError:
+            raise LinkLost(
+                f"sending {type(event).__name__} made no progress for {self.io_timeout_s} s"
+            ) from None
 
     async def receive(self) -> Event:
         """The next event; PeerAborted for an Abort, LinkLost for EOF or a broken link."""
@@ -103,6 +110,13 @@ class PeerChannel:
         return event
 
     async def _fill(self) -> None:
+        try:
+            with trio.fail_after(self.io_timeout_s):
+                await self._fill_once()
+        except trio.TooSlowError:
+            raise LinkLost(f"nothing received from the peer for {self.io_timeout_s} s") from None
+
+    async def _fill_once(self) -> None:
         try:
             if self._socket is not None:
                 buffer = self.conn.get_receive_buffer(RECV_BYTES)

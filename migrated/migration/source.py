@@ -31,6 +31,7 @@ from transport import (
     VmDescription,
 )
 
+from .. import faults
 from ..hosted import HostedVm, VmState
 from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
@@ -152,7 +153,8 @@ class Source:
         with trio.fail_after(peer.connect_timeout_s):
             stream = await trio.open_tcp_stream(self.options.host, self.options.port)
         channel = PeerChannel(stream, make_connection(
-            Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes))
+            Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
+            io_timeout_s=peer.connect_timeout_s)
         with trio.fail_after(peer.connect_timeout_s):
             await channel.handshake()
         return channel
@@ -300,6 +302,8 @@ class Source:
                     f"{self.stats.bandwidth_mib_s:.0f} MiB/s); the VM keeps running here"
                 )
             self.stats.round += 1
+            if faults.active("source-stall-rounds"):
+                await trio.sleep(0.2)
             bytes_before = self.stats.bytes_sent
             seconds = await self._send_dirty(pending, self.stats.round)
             if seconds > 0 and pending.count:
@@ -349,6 +353,9 @@ class Source:
         # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
         self._record("committed")
         self.committed = True
+        if faults.active("source-lose-commit"):
+            await channel.aclose()
+            raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
         await channel.send(Commit())
         await channel.expect(Running)
         self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1e3

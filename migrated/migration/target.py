@@ -27,6 +27,7 @@ from transport import (
     VmDescription,
 )
 
+from .. import faults
 from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_config
 from ..kvm.errors import KvmError
 from ..logs import get_logger
@@ -53,7 +54,8 @@ class Target:
         self.daemon = daemon
         self.peer = peer
         self.channel = PeerChannel(stream, make_connection(
-            Role.TARGET, daemon.config.peer, daemon.node, daemon.config.migration.max_batch_bytes))
+            Role.TARGET, daemon.config.peer, daemon.node, daemon.config.migration.max_batch_bytes),
+            io_timeout_s=daemon.config.peer.connect_timeout_s)
         self.log = get_logger(component="target", peer=peer)
         self.hosted: HostedVm | None = None
         self.stats: MigrationStats | None = None
@@ -191,6 +193,8 @@ class Target:
             stats.digest = digest.hex()
             if digest != done.digest:
                 raise Refused("memory digest mismatch after loading: discarding this copy")
+        if faults.active("target-refuse-loaded"):
+            raise Refused("refusing at LOADED (test fault target-refuse-loaded)")
         await self.channel.send(Loaded(digest=digest))
         self.loaded = True
         self.daemon.record_outcome(stats.migration_id, self, "loaded")
@@ -209,6 +213,9 @@ class Target:
             hosted.state = VmState.PAUSED
         stats.state = stats.phase = "completed"
         self.log.info("incoming_vm_running")
+        if faults.active("target-vanish-after-commit"):
+            await self.channel.aclose()
+            raise PeerError("dropped the link before RUNNING (test fault target-vanish-after-commit)")
         await self.channel.send(Running())
         hosted.last_migration = stats.as_dict()
 

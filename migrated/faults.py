@@ -1,0 +1,41 @@
+"""Fault injection for tests: named faults switched on by MIGRATED_TEST_FAULTS (comma-separated).
+
+Production never sets the variable; the daemon logs any fault that is active at start-up, so a
+misconfigured service shows it loudly. Each name marks one place in the migration where a test
+needs a failure that the real world produces only by bad luck:
+
+- target-refuse-loaded: the target aborts instead of answering LOADED.
+- target-vanish-after-commit: the target resumes on COMMIT, then drops the link before RUNNING.
+- source-lose-commit: the source records the commit, then drops the link instead of sending it.
+- source-stall-rounds: the source sleeps 0.2 s before each dirty round (a slow link, made
+  deterministic, so that a test can act during the rounds).
+"""
+
+from __future__ import annotations
+
+import os
+
+KNOWN = frozenset({
+    "target-refuse-loaded",
+    "target-vanish-after-commit",
+    "source-lose-commit",
+    "source-stall-rounds",
+})
+
+
+def _load() -> frozenset[str]:
+    names = frozenset(n.strip() for n in os.environ.get("MIGRATED_TEST_FAULTS", "").split(",") if n.strip())
+    unknown = names - KNOWN
+    if unknown:
+        raise ValueError(
+            f"MIGRATED_TEST_FAULTS names unknown faults {sorted(unknown)}; known: {sorted(KNOWN)}"
+        )
+    return names
+
+
+ACTIVE = _load()
+
+
+def active(name: str) -> bool:
+    assert name in KNOWN, name
+    return name in ACTIVE
