@@ -157,10 +157,6 @@ def _format_final(s: dict[str, Any]) -> str:
     return "\n".join(f"{k}: {s.get(k)}" for k in keys if s.get(k) is not None)
 
 
-def _with_rounds(stats: dict[str, Any]) -> dict[str, Any]:
-    return {**stats, "rounds": stats.get("round")}
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"name": args.name, "to": args.to}
     for key, value in (("downtime_limit_ms", args.downtime_limit), ("max_bandwidth_mib_s", args.max_bandwidth),
@@ -169,7 +165,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             payload[key] = value
     result = _call(args, "migrate", payload)
     if not args.wait:
-        _print(args, _with_rounds(result), f"migration {result['migration_id']} of {args.name} started")
+        _print(args, result, f"migration {result['migration_id']} of {args.name} started")
         return 0
     tty = sys.stderr.isatty()
     while True:
@@ -180,13 +176,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         time.sleep(0.2)
     if tty:
         print(file=sys.stderr)
-    stats = _with_rounds(stats)
-    _print(args, stats, _format_final(stats))
+        _print(args, stats, _format_final(stats))
     return 0 if stats["state"] in ("completed", "completed-by-operator") else 1
 
 
 def cmd_migration_status(args: argparse.Namespace) -> int:
-    stats = _with_rounds(_call(args, "migration.status", {"name": args.name}))
+    stats = _call(args, "migration.status", {"name": args.name})
     _print(args, stats, _format_final(stats) if stats["state"] in FINAL_STATES else _progress_line(stats))
     return 0
 

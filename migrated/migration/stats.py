@@ -44,4 +44,6 @@ class MigrationStats:
     digest: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # `round` is the round in progress; `rounds` is how many dirty rounds ran (the same
+        # number, under the name operators read in the final report).
+        return {**asdict(self), "rounds": self.round}

@@ -32,6 +32,7 @@ class DaemonProcess:
     port: int = field(default_factory=free_port)
     netns: str | None = None
     extra_args: tuple[str, ...] = ()
+    faults: str = ""  # MIGRATED_TEST_FAULTS for this daemon (migrated/faults.py)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,7 +58,7 @@ class DaemonProcess:
         ]
         if self.netns:
             command = ["ip", "netns", "exec", self.netns, *command]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(REPO), MIGRATED_TEST_FAULTS=self.faults)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO, env=env)
         deadline = time.monotonic() + timeout
