@@ -35,7 +35,7 @@ class Costs:
     """What the downtime costs besides the pages, measured or estimated by the caller."""
 
     harvest_ms: float  # one final collection (the tracker's last)
-    state_save_restore_ms: float  # vCPU and device state, both sides
+    fixed_ms: float  # pause, state save and restore, resume, thread hops: DowntimeModel learns it
     state_bytes: int
     digest_ms: float  # 0 when verify = "off"
     rtt_ms: float
@@ -54,7 +54,7 @@ def predict_downtime(
         pages=pages,
         transfer_ms=transfer_ms,
         harvest_ms=costs.harvest_ms,
-        state_ms=costs.state_save_restore_ms,
+        state_ms=costs.fixed_ms,
         verify_ms=costs.digest_ms,
         round_trips_ms=2 * costs.rtt_ms,
     )
@@ -100,3 +100,37 @@ class RateMeter:
         )
         self.samples += 1
         return self.rate
+
+
+GIB = 1 << 30
+
+
+class DowntimeModel:
+    """What a downtime costs on this daemon besides moving pages, learned from each migration.
+
+    The fixed part (pause, state save and restore, resume, the thread hops between them) and the
+    digest rate are measured by every completed migration and averaged, so the next prediction
+    counts what this host really spends instead of a constant.
+    """
+
+    def __init__(self, fixed_ms: float = 10.0, digest_ms_per_gib: float = 70.0) -> None:
+        self.fixed = RateMeter()
+        self.fixed.rate = fixed_ms
+        self.digest = RateMeter()
+        self.digest.rate = digest_ms_per_gib
+        self.learned = 0
+
+    @property
+    def fixed_ms(self) -> float:
+        return self.fixed.rate
+
+    def digest_ms(self, data_bytes: int) -> float:
+        """Both sides' digests, one after the other (the target's starts on DONE)."""
+        return 2 * self.digest.rate * data_bytes / GIB
+
+    def learn(self, downtime_ms: float, send_ms: float, digest_ms: float, data_bytes: int) -> None:
+        if digest_ms > 0 and data_bytes > 0:
+            self.digest.add(digest_ms, data_bytes / GIB)
+        # The target's digest is taken to cost what the source's did.
+        self.fixed.add(max(0.0, downtime_ms - send_ms - 2 * digest_ms), 1.0)
+        self.learned += 1

@@ -46,10 +46,6 @@ if TYPE_CHECKING:
     from ..daemon import Daemon
 
 MIB = 1 << 20
-# Measured on this class of host (bench/harvest.py, pagehash): used until this migration has
-# measured its own.
-DIGEST_BYTES_PER_S = 8e9
-
 
 class MigrationFailed(Exception):
     """The migration ended without the target running the VM; the source runs it."""
@@ -89,6 +85,7 @@ class Source:
         self._counters = StreamCounters()
         self._channel: PeerChannel | None = None
         self._last_collect = time.perf_counter()
+        self._data_pages = 0  # pages in the memfd's data extents: what a digest must read
 
     # ---- entry --------------------------------------------------------------------------
 
@@ -247,6 +244,7 @@ class Source:
                 self.stats.pages_remaining = max(0, in_extents - self._counters.pages - self._counters.zero_pages)
                 await send_range(self._send_batch, ram_pages, region.slot, 0, first, end,
                                  batch_pages, self._counters)
+        self._data_pages = in_extents
         # Holes in the memfd were never touched: zero on both sides, not sent at all.
         self._counters.zero_pages += total_pages - in_extents
         self.stats.zero_pages = self._counters.zero_pages
@@ -261,12 +259,13 @@ class Source:
     def _costs(self, state_bytes_guess: int) -> Costs:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
+        model = self.daemon.downtime_model
         digest_ms = 0.0
         if self.options.verify == "full":
-            digest_ms = vm.memory.size / DIGEST_BYTES_PER_S * 1e3
+            digest_ms = model.digest_ms(self._data_pages * PAGE_SIZE)
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
-            state_save_restore_ms=vmstate.estimate_ms(len(vm.vcpus)),
+            fixed_ms=model.fixed_ms + vmstate.estimate_ms(len(vm.vcpus)),
             state_bytes=state_bytes_guess,
             digest_ms=digest_ms,
             rtt_ms=self._channel.rtt_ms if self._channel else 0.0,
@@ -318,13 +317,17 @@ class Source:
         channel = self._channel
         assert channel is not None
         self.stats.state = self.stats.phase = "downtime"
+        steps = self.stats.downtime_breakdown_ms
+        clock = _StepClock(steps)
         self._paused_at = time.monotonic()
         await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
+        clock.step("pause")
         final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset
-        state_started = time.perf_counter()
+        clock.step("final_harvest")
         blobs = await trio.to_thread.run_sync(vmstate.capture, hosted, self.daemon.kvm)  # R6.3
-        self.stats.state_save_ms = (time.perf_counter() - state_started) * 1e3
+        self.stats.state_save_ms = clock.step("state_save")
         backup = await trio.to_thread.run_sync(vm.tracker.collect_backup_bitmap)  # R6.4 (R7)
+        clock.step("backup_bitmap")
         dirty = pending.union(final)
         if backup is not None:
             self.stats.backup_bitmap_pages = backup.count
@@ -335,16 +338,17 @@ class Source:
         for kind, blob in blobs:
             await channel.send(DeviceState(kind=kind, blob=blob))
             self.stats.state_bytes += len(blob)
+        clock.step("send")
         digest = None
         if self.options.verify == "full":
-            verify_started = time.perf_counter()
             digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
-            self.stats.verify_ms = (time.perf_counter() - verify_started) * 1e3
+            self.stats.verify_ms = clock.step("digest")
             self.stats.digest = digest.hex()
         await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest,
                                 verify=self.options.verify))  # type: ignore[arg-type]
         self.stats.state = self.stats.phase = "cutover"
         loaded = await channel.expect(Loaded)
+        clock.step("target_load")
         if digest is not None and loaded.digest != digest:
             raise MigrationFailed(
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, "
@@ -358,7 +362,12 @@ class Source:
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
         await channel.send(Commit())
         await channel.expect(Running)
+        clock.step("commit_to_running")
         self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1e3
+        self.daemon.downtime_model.learn(
+            self.stats.downtime_ms, steps.get("send", 0.0), steps.get("digest", 0.0),
+            self._data_pages * PAGE_SIZE,
+        )
         await self._release("completed")
 
     async def _release(self, how: str) -> None:
@@ -434,6 +443,21 @@ class Source:
             await self._resume_here()
         else:
             raise ValueError(f"action {action!r}: allowed are release, resume")
+
+
+class _StepClock:
+    """Times consecutive steps into `steps` (name -> ms); `step` returns the step's ms."""
+
+    def __init__(self, steps: dict[str, float]) -> None:
+        self._steps = steps
+        self._last = time.perf_counter()
+
+    def step(self, name: str) -> float:
+        now = time.perf_counter()
+        elapsed = (now - self._last) * 1e3
+        self._steps[name] = round(elapsed, 3)
+        self._last = now
+        return elapsed
 
 
 def batch_pages_for(max_batch_bytes: int) -> int:

@@ -29,6 +29,7 @@ class MigrationStats:
     setup_ms: float | None = None
     bulk_ms: float | None = None
     bulk_bytes: int = 0
+    downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
     apply_ms: float = 0.0  # target: writing received pages into guest RAM
     downtime_ms: float | None = None
     verify_ms: float | None = None

@@ -29,35 +29,40 @@ static inline uint64_t mix(uint64_t h)
     return h;
 }
 
-static uint64_t hash_page(const uint8_t *page, uint64_t pfn)
+static uint64_t content_hash(const uint8_t *page)
 {
-    /* Four independent lanes keep the multipliers busy; each word is mixed with its lane. */
-    uint64_t a = pfn * P1 + 1, b = pfn * P2 + 2, c = pfn * P3 + 3, d = pfn + P1;
+    /* Four independent lanes keep the multipliers busy; each word is mixed into its lane. */
+    uint64_t a = P1 + 1, b = P2 + 2, c = P3 + 3, d = P1 ^ P2;
     for (size_t off = 0; off < PH_PAGE_SIZE; off += 32) {
         a = rotl(a + load64(page + off) * P2, 31) * P1;
         b = rotl(b + load64(page + off + 8) * P2, 31) * P1;
         c = rotl(c + load64(page + off + 16) * P2, 31) * P1;
         d = rotl(d + load64(page + off + 24) * P2, 31) * P1;
     }
-    return mix(rotl(a, 1) + rotl(b, 7) + rotl(c, 12) + rotl(d, 18) + pfn);
+    return rotl(a, 1) + rotl(b, 7) + rotl(c, 12) + rotl(d, 18);
 }
+
+/* The page's frame number enters after the content: a zero page anywhere costs one mix. */
+static inline uint64_t place(uint64_t content, uint64_t pfn) { return mix(content ^ (pfn * P3)); }
 
 int64_t ph_page_hashes(const uint8_t *base, uint64_t npages, uint64_t first_pfn, uint64_t *out)
 {
     if (base == NULL || out == NULL)
         return -EINVAL;
     for (uint64_t i = 0; i < npages; i++)
-        out[i] = hash_page(base + i * PH_PAGE_SIZE, first_pfn + i);
+        out[i] = place(content_hash(base + i * PH_PAGE_SIZE), first_pfn + i);
     return (int64_t)npages;
 }
 
 int64_t ph_zero_page_hashes(uint64_t npages, uint64_t first_pfn, uint64_t *out)
 {
     static const uint8_t zero[PH_PAGE_SIZE];
+    uint64_t content;
 
     if (out == NULL)
         return -EINVAL;
+    content = content_hash(zero);
     for (uint64_t i = 0; i < npages; i++)
-        out[i] = hash_page(zero, first_pfn + i);
+        out[i] = place(content, first_pfn + i);
     return (int64_t)npages;
 }

@@ -17,13 +17,13 @@ def _rotl(x: int, r: int) -> int:
 
 def _oracle(page: bytes, pfn: int) -> int:
     """The loop of pagehash.c, word by word, in Python integers."""
-    lanes = [(pfn * P1 + 1) & M, (pfn * P2 + 2) & M, (pfn * P3 + 3) & M, (pfn + P1) & M]
+    lanes = [(P1 + 1) & M, (P2 + 2) & M, (P3 + 3) & M, P1 ^ P2]
     words = np.frombuffer(page, np.uint64).tolist()
     for i, word in enumerate(words):
         lane = i % 4
         lanes[lane] = (_rotl((lanes[lane] + word * P2) & M, 31) * P1) & M
     a, b, c, d = lanes
-    h = (_rotl(a, 1) + _rotl(b, 7) + _rotl(c, 12) + _rotl(d, 18) + pfn) & M
+    h = ((_rotl(a, 1) + _rotl(b, 7) + _rotl(c, 12) + _rotl(d, 18)) & M) ^ ((pfn * P3) & M)
     h ^= h >> 33
     h = (h * P2) & M
     h ^= h >> 29
