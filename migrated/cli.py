@@ -176,7 +176,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         time.sleep(0.2)
     if tty:
         print(file=sys.stderr)
-        _print(args, stats, _format_final(stats))
+    _print(args, stats, _format_final(stats))
     return 0 if stats["state"] in ("completed", "completed-by-operator") else 1
 
 

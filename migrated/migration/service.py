@@ -118,7 +118,7 @@ class MigrationService:
             )
         if migration.stats.state not in ("setup", "bulk", "rounds", "downtime", "cutover"):
             raise RequestError(f"migration is {migration.stats.state}: nothing to cancel")
-        migration.cancel_scope.cancel()
+        migration.cancel("cancelled by the operator", by_operator=True)
         return {"name": migration.hosted.name, "cancelling": True}
 
     async def cmd_resolve(self, args: dict[str, Any]) -> Any:

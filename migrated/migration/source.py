@@ -76,6 +76,8 @@ class Source:
         self.log = get_logger(component="source", vm=hosted.name, migration_id=migration_id,
                               peer=self.stats.peer)
         self.cancel_scope = trio.CancelScope()
+        self._cancel_reason: str | None = None
+        self.operator_cancelled = False
         self.committed = False
         self.was_paused = False
         self._started = time.monotonic()
@@ -102,7 +104,7 @@ class Source:
             with self.cancel_scope:
                 await self._migrate()
             if self.cancel_scope.cancelled_caught and not self.committed:
-                raise MigrationFailed("cancelled by the operator")
+                raise MigrationFailed(self._cancel_reason or "cancelled")
         except (MigrationFailed, PeerError, OSError, trio.TooSlowError) as err:
             await self._fail(err)
         except Exception as err:  # a bug in one migration must not take the daemon down
@@ -124,12 +126,12 @@ class Source:
             self.log.error("migration_in_doubt", error=message)
             self.daemon.nursery_start_resolver(self)
             return
-        cancelled = "cancelled" in message
-        self.stats.state = "cancelled" if cancelled else "failed"
         if self._channel is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self._channel.abort(message)
         await self._resume_here()
+        # The outcome is published last: whoever sees "failed" finds the VM running here.
+        self.stats.state = self.stats.phase = "cancelled" if self.operator_cancelled else "failed"
         self.log.warning("migration_failed", error=message, resumed=True)
 
     async def _resume_here(self) -> None:
@@ -194,8 +196,14 @@ class Source:
     async def _watch_timeout(self) -> None:
         await trio.sleep(self.options.timeout_s)
         if self._paused_at is None and not self.committed:
-            self.stats.error = f"timed out after {self.options.timeout_s} s"
-            self.cancel_scope.cancel()
+            self.cancel(f"timed out after {self.options.timeout_s} s; the VM keeps running here")
+
+    def cancel(self, reason: str, by_operator: bool = False) -> None:
+        """Stop the migration before COMMIT; the VM resumes (or keeps running) here."""
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+            self.operator_cancelled = by_operator
+        self.cancel_scope.cancel()
 
     async def _send_batch(self, batch: PageBatch) -> None:
         assert self._channel is not None
