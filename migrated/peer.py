@@ -69,9 +69,16 @@ class PeerChannel:
         self.io_timeout_s = io_timeout_s
         self.bytes_sent = 0
         self.rtt_ms = 0.0
-        socket = getattr(stream, "socket", None)
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        return self._stream
+
+    @stream.setter
+    def stream(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
         # recv_into needs the raw socket; a TLS stream decrypts into its own buffers instead.
-        self._socket: Any = socket if isinstance(stream, trio.SocketStream) else None
+        self._socket: Any = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def send(self, event: Event) -> None:
         try:

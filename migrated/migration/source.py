@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from transport import (
     VmDescription,
 )
 
-from .. import faults
+from .. import faults, tls
 from ..hosted import HostedVm, VmState
 from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
@@ -150,7 +151,12 @@ class Source:
     async def _connect(self) -> PeerChannel:
         peer = self.daemon.config.peer
         with trio.fail_after(peer.connect_timeout_s):
-            stream = await trio.open_tcp_stream(self.options.host, self.options.port)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(self.options.host, self.options.port)
+            if peer.auth == "tls":
+                try:
+                    stream = await tls.wrap_client(stream, peer, self.options.host)  # type: ignore[arg-type]
+                except (ssl.SSLError, trio.BrokenResourceError) as err:
+                    raise PeerError(f"TLS handshake with the peer failed: {err}") from err
         channel = PeerChannel(stream, make_connection(
             Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
             io_timeout_s=peer.connect_timeout_s)

@@ -8,6 +8,7 @@ paused: asked again, this side aborts for good (it never got COMMIT) and says so
 
 from __future__ import annotations
 
+import ssl
 import time
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,7 @@ from transport import (
     VmDescription,
 )
 
-from .. import faults
+from .. import faults, tls
 from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_config
 from ..kvm.errors import KvmError
 from ..logs import get_logger
@@ -53,6 +54,7 @@ class Target:
     def __init__(self, daemon: Daemon, stream: trio.SocketStream, peer: str) -> None:
         self.daemon = daemon
         self.peer = peer
+        self._raw = stream
         self.channel = PeerChannel(stream, make_connection(
             Role.TARGET, daemon.config.peer, daemon.node, daemon.config.migration.max_batch_bytes),
             io_timeout_s=daemon.config.peer.connect_timeout_s)
@@ -66,6 +68,11 @@ class Target:
     async def run(self) -> None:
         try:
             with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
+                if self.daemon.config.peer.auth == "tls":
+                    try:
+                        self.channel.stream = await tls.wrap_server(self._raw, self.daemon.config.peer)
+                    except (ssl.SSLError, trio.BrokenResourceError) as err:
+                        raise PeerError(f"TLS handshake failed: {err}") from err
                 await self.channel.handshake()
             first = await self.channel.receive()
             if isinstance(first, Query):
