@@ -44,10 +44,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         trio.run(run_daemon, config, args.config, overrides)
-    except (KvmError, ControlSocketInUseError, OSError) as err:
-        print(f"migrated: {err}", file=sys.stderr)
-        return 1
+    except BaseException as err:  # start-up failures arrive wrapped in exception groups
+        fatal = _first_leaf(err)
+        if isinstance(fatal, (KvmError, ControlSocketInUseError, OSError)):
+            print(f"migrated: {fatal}", file=sys.stderr)
+            return 1
+        raise
     return 0
+
+
+def _first_leaf(err: BaseException) -> BaseException:
+    while isinstance(err, BaseExceptionGroup) and err.exceptions:
+        err = err.exceptions[0]
+    return err
 
 
 if __name__ == "__main__":

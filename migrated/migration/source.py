@@ -9,6 +9,7 @@ and in doubt until the target is asked again (or the operator decides).
 from __future__ import annotations
 
 import json
+import math
 import os
 import ssl
 import time
@@ -102,10 +103,15 @@ class Source:
         self.was_paused = hosted.state is VmState.PAUSED
         hosted.state = VmState.MIGRATING
         try:
+            # The time limit covers everything before the downtime; _downtime lifts it.
+            self.cancel_scope.deadline = trio.current_time() + self.options.timeout_s
             with self.cancel_scope:
                 await self._migrate()
             if self.cancel_scope.cancelled_caught and not self.committed:
-                raise MigrationFailed(self._cancel_reason or "cancelled")
+                raise MigrationFailed(
+                    self._cancel_reason
+                    or f"timed out after {self.options.timeout_s} s; the VM keeps running here"
+                )
         except (MigrationFailed, PeerError, OSError, trio.TooSlowError) as err:
             await self._fail(err)
         except Exception as err:  # a bug in one migration must not take the daemon down
@@ -188,21 +194,14 @@ class Source:
             await channel.expect(Accept)
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_timeout)
-            # R3: the first collection re-arms tracking before the bulk copy reads any page, so
-            # every write from here on is in a later collection.
-            await trio.to_thread.run_sync(vm.tracker.collect)
-            self._last_collect = time.perf_counter()
-            await self._bulk_copy()
-            pending = await self._rounds()
-            await self._downtime(pending)
-            nursery.cancel_scope.cancel()
-
-    async def _watch_timeout(self) -> None:
-        await trio.sleep(self.options.timeout_s)
-        if self._paused_at is None and not self.committed:
-            self.cancel(f"timed out after {self.options.timeout_s} s; the VM keeps running here")
+        # R3: the first collection re-arms tracking before the bulk copy reads any page, so
+        # every write from here on is in a later collection.
+        await trio.to_thread.run_sync(vm.tracker.collect)
+        self._last_collect = time.perf_counter()
+        await self._bulk_copy()
+        pending = await self._rounds()
+        self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
+        await self._downtime(pending)
 
     def cancel(self, reason: str, by_operator: bool = False) -> None:
         """Stop the migration before COMMIT; the VM resumes (or keeps running) here."""
