@@ -137,6 +137,32 @@ def cmd_vm_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vm_simple(args: argparse.Namespace) -> int:
+    result = _call(args, f"vm.{args.vm_command}", {"name": args.name})
+    _print(args, result, _format_show(result))
+    return 0
+
+
+def _address(value: str) -> int:
+    try:
+        number = int(value, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number (decimal or 0x hex)") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be >= 0")
+    return number
+
+
+def cmd_vm_dump(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"name": args.name, "file": str(Path(args.file).resolve()),
+                               "start": args.start}
+    if args.length is not None:
+        payload["length"] = args.length
+    result = _call(args, "vm.dump", payload)
+    _print(args, result, f"wrote {result['length']} bytes from {result['start']:#x} to {result['file']}")
+    return 0
+
+
 def _progress_line(s: dict[str, Any]) -> str:
     predicted = s.get("predicted_downtime_ms")
     return (
@@ -232,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     set_rate.add_argument("--json", action="store_true", help="print JSON")
     set_rate.set_defaults(func=cmd_vm_set)
 
+    for name, text in (("pause", "stop the vCPUs (the VM stays here)"), ("resume", "run it again")):
+        command = vm.add_parser(name, help=text)
+        command.add_argument("name")
+        command.add_argument("--json", action="store_true", help="print JSON")
+        command.set_defaults(func=cmd_vm_simple)
+    dump = vm.add_parser("dump", help="guest-physical memory of a paused VM to a file")
+    dump.add_argument("name")
+    dump.add_argument("file")
+    dump.add_argument("--start", type=_address, default=0, help="guest-physical address")
+    dump.add_argument("--length", type=_address, help="bytes (default: to the end of that RAM region)")
+    dump.add_argument("--json", action="store_true", help="print JSON")
+    dump.set_defaults(func=cmd_vm_dump)
+
     migrate = sub.add_parser("migrate", help="move a running VM to a peer daemon")
     migrate.add_argument("name")
     migrate.add_argument("--to", required=True, help="the peer daemon, HOST:PORT")
@@ -258,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (create, status, cancel, resolve, migrate):
         command.add_argument("--json", action="store_true", help="print JSON")
     for command in vm.choices.values():
-        if command not in (create, set_rate):
+        if command not in (create, set_rate, dump) and command.get_default("func") is not cmd_vm_simple:
             command.add_argument("--json", action="store_true", help="print JSON")
     return parser
 

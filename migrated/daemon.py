@@ -45,6 +45,7 @@ class Daemon:
             "vm.stop": self.cmd_vm_stop,
             "vm.set": self.cmd_vm_set,
             "vm.pause": self.cmd_vm_pause,
+            "vm.dump": self.cmd_vm_dump,
             "vm.resume": self.cmd_vm_resume,
             "daemon.status": self.cmd_daemon_status,
         }
@@ -142,6 +143,38 @@ class Daemon:
         self.log.info("vm_resumed", vm=hosted.name)
         return hosted.show()
 
+    async def cmd_vm_dump(self, args: dict[str, Any]) -> Any:
+        """Guest-physical memory to a file (like QEMU's pmemsave), from a paused VM only, so the
+        file is one consistent moment of the guest."""
+        hosted = self.hosted(args)
+        vm = hosted.vm
+        if vm is None or vm.memory is None or hosted.state not in (VmState.PAUSED, VmState.IN_DOUBT):
+            raise RequestError(
+                f"VM {hosted.name} is {hosted.state.value}: pause it first (`vm pause`), so the "
+                "dump is one consistent moment"
+            )
+        path = args.get("file")
+        if not isinstance(path, str) or not path:
+            raise RequestError('"file" (a path) is required')
+        start = args.get("start", 0)
+        length = args.get("length")
+        if length is None and isinstance(start, int):
+            region = vm.memory.region_of(start) if _in_ram(vm.memory, start) else None
+            length = (region.guest_phys_addr + region.size - start) if region else 0
+        if (not isinstance(start, int) or not isinstance(length, int) or start < 0 or length <= 0
+                or not _in_ram(vm.memory, start, length)):
+            ranges = ", ".join(f"[{r.guest_phys_addr:#x}, {r.guest_phys_addr + r.size:#x})"
+                               for r in vm.memory.regions)
+            raise RequestError(
+                f"range start={start!r} length={length!r}: must lie inside guest RAM ({ranges})"
+            )
+        data = vm.memory.read(start, length)
+        try:
+            await trio.to_thread.run_sync(_write_file, Path(path), data)
+        except OSError as err:
+            raise RequestError(f"cannot write {path}: {err.strerror}") from None
+        return {"name": hosted.name, "file": path, "start": start, "length": length}
+
     async def cmd_daemon_status(self, args: dict[str, Any]) -> Any:
         return {
             "vms": len(self.vms),
@@ -217,6 +250,19 @@ class Daemon:
         self.notifier.stopping()
         for hosted in list(self.vms.values()):
             await self.remove_vm(hosted, "daemon stopping")
+
+
+def _in_ram(memory: Any, gpa: int, length: int = 1) -> bool:
+    try:
+        memory.region_of(gpa, length)
+    except ValueError:
+        return False
+    return True
+
+
+def _write_file(path: Path, data: Any) -> None:
+    with open(path, "wb") as file:
+        file.write(memoryview(data))
 
 
 async def run_daemon(

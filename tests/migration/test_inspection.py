@@ -1,0 +1,60 @@
+"""Operator inspection: vm pause, vm resume, vm dump (guest-physical memory to a file)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import MakeDaemon
+from daemons import wait_migration
+from migrated.guests.workload import plan_layout, verify_pages
+from test_migration import assert_runs_here, create, heartbeat
+
+pytestmark = pytest.mark.kvm
+
+MIB = 1 << 20
+
+
+def test_pause_dump_resume(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    a = make_daemon("a")
+    create(a, memory_mib=64, vcpus=2, rate=32, working_set_mib=16)
+    with pytest.raises(Exception, match="pause it first"):
+        a.call("vm.dump", name="vm1", file=str(tmp_path / "x"))
+    shown = a.call("vm.pause", name="vm1")
+    assert shown["state"] == "paused"
+    frozen = heartbeat(a, "vm1")
+    time.sleep(0.3)
+    assert heartbeat(a, "vm1") == frozen, "a paused guest does not run"
+    dump = tmp_path / "ram.bin"
+    result = a.call("vm.dump", name="vm1", file=str(dump))
+    assert result["length"] == 64 * MIB
+    ram = np.fromfile(dump, np.uint8)
+    report = verify_pages(ram, plan_layout(64 * MIB, 2, 16 * MIB))
+    assert report.ok and report.pages_written > 0, report
+    part = tmp_path / "part.bin"
+    a.call("vm.dump", name="vm1", file=str(part), start=0x200000, length=8192)
+    np.testing.assert_array_equal(np.fromfile(part, np.uint8), ram[0x200000 : 0x200000 + 8192])
+    with pytest.raises(Exception, match="must lie inside guest RAM"):
+        a.call("vm.dump", name="vm1", file=str(part), start=63 * MIB, length=2 * MIB)
+    a.call("vm.resume", name="vm1")
+    assert_runs_here(a, "vm1")
+
+
+def test_a_paused_vm_migrates_paused_with_identical_memory(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    a, b = make_daemon("a"), make_daemon("b")
+    create(a, memory_mib=128, vcpus=2, rate=64, working_set_mib=64)
+    a.call("vm.pause", name="vm1")
+    a.call("vm.dump", name="vm1", file=str(tmp_path / "a.bin"))
+    a.call("migrate", name="vm1", to=b.address)
+    stats = wait_migration(a, "vm1")
+    assert stats["state"] == "completed", stats
+    assert b.call("vm.show", name="vm1")["state"] == "paused"
+    b.call("vm.dump", name="vm1", file=str(tmp_path / "b.bin"))
+    before, after = np.fromfile(tmp_path / "a.bin", np.uint8), np.fromfile(tmp_path / "b.bin", np.uint8)
+    differing = np.flatnonzero((before != after).reshape(-1, 4096).any(axis=1))
+    assert differing.size == 0, f"pages differ after migration: {differing[:10]}"
+    b.call("vm.resume", name="vm1")
+    assert_runs_here(b, "vm1")
