@@ -128,8 +128,12 @@ class DowntimeModel:
         """Both sides' digests, one after the other (the target's starts on DONE)."""
         return 2 * self.digest.rate * data_bytes / GIB
 
+    # A digest of a mostly empty guest is all fixed cost (holes, SHA-256 of the hash vector): a
+    # rate per GiB is learned only from digests that read at least this much data.
+    LEARN_DIGEST_FROM_BYTES = 64 << 20
+
     def learn(self, downtime_ms: float, send_ms: float, digest_ms: float, data_bytes: int) -> None:
-        if digest_ms > 0 and data_bytes > 0:
+        if digest_ms > 0 and data_bytes >= self.LEARN_DIGEST_FROM_BYTES:
             self.digest.add(digest_ms, data_bytes / GIB)
         # The target's digest is taken to cost what the source's did.
         self.fixed.add(max(0.0, downtime_ms - send_ms - 2 * digest_ms), 1.0)

@@ -1,0 +1,55 @@
+"""Convergence maths (pure): what the prediction counts, when it stops, what it learns."""
+
+from __future__ import annotations
+
+from migrated.migration.policy import (
+    Costs,
+    Decision,
+    DowntimeModel,
+    Policy,
+    RateMeter,
+    predict_downtime,
+)
+
+COSTS = Costs(harvest_ms=1.0, fixed_ms=10.0, state_bytes=20_000, digest_ms=30.0, rtt_ms=0.5)
+
+
+def test_prediction_counts_more_than_the_pages() -> None:
+    estimate = predict_downtime(1000, dirty_pages_per_s=0.0, bandwidth_bytes_s=1 << 30, costs=COSTS)
+    pages_only = 1000 * 4096 / (1 << 30) * 1e3
+    assert estimate.total_ms > pages_only + 40  # fixed, digest, harvest and round trips
+    assert estimate.round_trips_ms == 1.0
+
+
+def test_pages_dirtied_before_the_pause_are_counted() -> None:
+    quiet = predict_downtime(0, 0.0, 1 << 30, COSTS)
+    busy = predict_downtime(0, 100_000.0, 1 << 30, COSTS)  # 100k pages/s over a 1 ms harvest
+    assert busy.pages == 100 and busy.total_ms > quiet.total_ms
+
+
+def test_policy_decisions() -> None:
+    policy = Policy(downtime_limit_ms=50, max_rounds=5, timeout_s=60, on_no_convergence="abort")
+    fits = predict_downtime(10, 0.0, 1 << 30, COSTS)
+    big = predict_downtime(10**6, 0.0, 1 << 30, COSTS)
+    assert policy.decide(fits, rounds=0, elapsed_s=0) is Decision.STOP_AND_COPY
+    assert policy.decide(big, rounds=1, elapsed_s=1) is Decision.ANOTHER_ROUND
+    assert policy.decide(big, rounds=5, elapsed_s=1) is Decision.GIVE_UP
+    assert policy.decide(big, rounds=1, elapsed_s=61) is Decision.GIVE_UP
+    forced = Policy(50, 5, 60, "force-downtime")
+    assert forced.decide(big, rounds=5, elapsed_s=1) is Decision.STOP_AND_COPY
+
+
+def test_model_learns_only_from_digests_of_real_data() -> None:
+    model = DowntimeModel(fixed_ms=10.0, digest_ms_per_gib=70.0)
+    model.learn(downtime_ms=25.0, send_ms=1.0, digest_ms=5.0, data_bytes=64 << 10)  # a tiny guest
+    assert model.digest_ms(1 << 30) == 140.0  # unchanged: 5 ms for 64 KiB says nothing per GiB
+    model.learn(downtime_ms=100.0, send_ms=10.0, digest_ms=20.0, data_bytes=512 << 20)
+    assert model.digest_ms(1 << 30) == 2 * 40.0  # the first measurement replaces the guess
+    assert model.fixed_ms > 0
+
+
+def test_rate_meter_weights_recent_samples() -> None:
+    meter = RateMeter(weight=0.5)
+    assert meter.add(100, 1.0) == 100
+    assert meter.add(300, 1.0) == 200
+    assert meter.add(5, 0.0) == 200  # no time, no sample
