@@ -65,7 +65,7 @@ async def serve_control(
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    listener.listen(16)
+    listener.listen(128)
     log.info("control_listening")
     task_status.started()
     try:
@@ -94,6 +94,9 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                         return
                     buffer += chunk
                     continue
+                if newline > MAX_REQUEST_BYTES:
+                    await _send(stream, {"ok": False, "error": "request longer than 1 MiB"})
+                    return
                 line = bytes(buffer[:newline])
                 del buffer[: newline + 1]
                 await _send(stream, await _answer(line, handler, log))
@@ -129,9 +132,10 @@ async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
 def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
     """Blocking client call (for migratectl): returns the result or raises RequestError."""
     sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
         try:
+            # Blocking connect: with a timeout set, a full listen backlog fails at once (EAGAIN)
+            # instead of waiting for the daemon to accept.
             sock.connect(str(path))
         except FileNotFoundError:
             raise RequestError(f"no daemon at {path}: the control socket does not exist") from None
@@ -139,6 +143,7 @@ def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: f
             raise RequestError(f"no daemon at {path}: connection refused") from None
         except PermissionError:
             raise RequestError(f"no permission to use {path}: run as root") from None
+        sock.settimeout(timeout)
         sock.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
         data = bytearray()
         while not data.endswith(b"\n"):

@@ -12,14 +12,14 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from .guests.boot import load_workload
 from .guests.layout import MAX_MEMORY
 from .guests.workload import WorkloadGuest, WorkloadParams, plan_layout
 from .kvm.system import Kvm
 from .kvm.vcpu import Vcpu
-from .kvm.vm import DIRTY_TRACKING_MODES, Vm, VmConfig
+from .kvm.vm import DIRTY_TRACKING_MODES, DirtyTrackingMode, Vm, VmConfig
 
 MIB = 1 << 20
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -187,7 +187,7 @@ def vm_config(spec: VmSpec, dirty_tracking: str, ring_bytes: int, harvest_interv
     return VmConfig(
         memory_bytes=spec.memory_bytes,
         vcpus=spec.vcpus,
-        dirty_tracking=dirty_tracking,  # type: ignore[arg-type]
+        dirty_tracking=cast(DirtyTrackingMode, dirty_tracking),
         ring_bytes=ring_bytes,
         harvest_interval_s=harvest_interval_ms / 1e3,
         name=spec.name,

@@ -146,7 +146,15 @@ class PeerChannel:
         if self.conn.state in (State.AUTH_SOURCE, State.AUTH_TARGET):
             if self.conn.role is Role.SOURCE:
                 await self.send(self.conn.make_auth())
-                await self.receive()
+                try:
+                    await self.receive()
+                except LinkLost:
+                    # The target may not answer a wrong MAC (no Abort exists before
+                    # authentication): it closes the link, and that is all we learn.
+                    raise PeerError(
+                        "the peer closed the link after our authentication: authentication "
+                        "failed (do both daemons use the same pre-shared key?)"
+                    ) from None
             else:
                 await self.receive()
                 await self.send(self.conn.make_auth())

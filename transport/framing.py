@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 import numpy as np
 
 from . import limits
@@ -236,7 +236,7 @@ def decode_header(raw: bytes) -> tuple[Wire, dict[str, Any]]:
     return wire, fields
 
 
-def _indices(payload: bytearray, count: int, offset: int) -> np.ndarray[Any, Any]:
+def _indices(payload: bytearray | memoryview, count: int, offset: int) -> np.ndarray[Any, Any]:
     array = np.frombuffer(payload, dtype="<u8", count=count, offset=offset)
     if not _LITTLE_ENDIAN:
         array = array.astype(np.uint64)

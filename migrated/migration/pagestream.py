@@ -47,7 +47,7 @@ async def _send_block(
         pages, zero = first_pages[nonzero], first_pages[~nonzero]
         data = block[nonzero]
     await send(PageBatch(slot=slot, round=round_, pages=pages, zero_pages=zero,
-                         data=memoryview(data.reshape(-1))))
+                         data=data.reshape(-1).data))
     counters.batches += 1
     counters.pages += int(pages.size)
     counters.zero_pages += int(zero.size)

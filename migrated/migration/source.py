@@ -15,7 +15,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
@@ -25,6 +25,7 @@ from transport import (
     DeviceState,
     Done,
     Loaded,
+    MemoryRegion,
     PageBatch,
     Query,
     QueryResult,
@@ -62,7 +63,7 @@ class SourceOptions:
     timeout_s: float
     max_rounds: int
     on_no_convergence: str
-    verify: str
+    verify: Literal["full", "off"]
     max_batch_bytes: int
 
 
@@ -157,10 +158,11 @@ class Source:
     async def _connect(self) -> PeerChannel:
         peer = self.daemon.config.peer
         with trio.fail_after(peer.connect_timeout_s):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(self.options.host, self.options.port)
+            raw = await trio.open_tcp_stream(self.options.host, self.options.port)
+            stream: trio.abc.Stream = raw
             if peer.auth == "tls":
                 try:
-                    stream = await tls.wrap_client(stream, peer, self.options.host)  # type: ignore[arg-type]
+                    stream = await tls.wrap_client(raw, peer, self.options.host)
                 except (ssl.SSLError, trio.BrokenResourceError) as err:
                     raise PeerError(f"TLS handshake with the peer failed: {err}") from err
         channel = PeerChannel(stream, make_connection(
@@ -179,7 +181,7 @@ class Source:
         await channel.send(VmDescription(
             name=hosted.name,
             migration_id=self.stats.migration_id,
-            memory=tuple((r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
+            memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
             vcpus=len(vm.vcpus),
             guest_kind=hosted.spec.guest,
             cpu_features={
@@ -358,7 +360,7 @@ class Source:
             self.stats.verify_ms = clock.step("digest")
             self.stats.digest = digest.hex()
         await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest,
-                                verify=self.options.verify))  # type: ignore[arg-type]
+                                verify=self.options.verify))
         self.stats.state = self.stats.phase = "cutover"
         loaded = await channel.expect(Loaded)
         clock.step("target_load")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
@@ -81,7 +81,13 @@ class Target:
                 await self._receive_vm(first)
             else:
                 raise PeerError(f"expected VmDescription or Query, got {type(first).__name__}")
-        except (PeerError, trio.TooSlowError, OSError) as err:
+        except trio.TooSlowError:
+            message = (
+                f"the handshake did not finish within {self.daemon.config.peer.connect_timeout_s} s"
+            )
+            self.log.warning("incoming_connection_failed", error=message)
+            await self._on_failure(message)
+        except (PeerError, OSError) as err:
             self.log.warning("incoming_connection_failed", error=str(err) or type(err).__name__)
             await self._on_failure(str(err) or type(err).__name__)
         except Refused as err:
@@ -97,6 +103,7 @@ class Target:
 
     async def _answer_query(self, query: Query) -> None:
         outcome = self.daemon.outcomes.get(query.migration_id)
+        answer: Literal["running", "aborted", "unknown"]
         if outcome is None:
             answer = "unknown"
         elif outcome.state == "running":
@@ -107,13 +114,18 @@ class Target:
             await outcome.abort_for_good("the source asked after a lost link; no COMMIT came")
             answer = "aborted"
         self.log.info("query_answered", migration_id=query.migration_id, answer=answer)
-        await self.channel.send(QueryResult(migration_id=query.migration_id, state=answer))  # type: ignore[arg-type]
+        await self.channel.send(QueryResult(migration_id=query.migration_id, state=answer))
 
     def _check(self, description: VmDescription) -> VmSpec:
         caps = self.daemon.kvm.caps()
+        if not isinstance(description.cpu_features, dict):
+            raise Refused("VM description: cpu_features must be a map")
         features = description.cpu_features
+        spec_wire = features.get("spec")
+        if not isinstance(spec_wire, dict):
+            raise Refused("VM description: cpu_features has no VM spec map")
         try:
-            spec = VmSpec.from_wire(dict(features.get("spec", {})) if isinstance(features, dict) else None)
+            spec = VmSpec.from_wire(dict(spec_wire))
         except SpecError as err:
             raise Refused(f"VM description: {err}") from None
         if spec.name != description.name:
@@ -171,6 +183,12 @@ class Target:
                 stats.bytes_sent += event.data_bytes
                 stats.round = event.round
             elif isinstance(event, DeviceState):
+                # Bounded before it is kept (DESIGN 6): each expected kind once, nothing else.
+                if event.kind not in vmstate.KINDS or event.kind in (kind for kind, _ in blobs):
+                    raise Refused(
+                        f"device state {event.kind!r} unexpected (allowed once each: "
+                        f"{', '.join(sorted(vmstate.KINDS))})"
+                    )
                 blobs.append((event.kind, event.blob))
             elif isinstance(event, Done):
                 await self._load(event, blobs)

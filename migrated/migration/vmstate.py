@@ -14,6 +14,7 @@ from ..kvm import x86_state
 from ..kvm.system import Kvm
 
 X86_MACHINE = "x86-machine"
+KINDS = frozenset({X86_MACHINE})
 # A state blob is a few KiB per vCPU; the transport caps DeviceState at 16 MiB anyway.
 _MAX_BLOB = 16 << 20
 

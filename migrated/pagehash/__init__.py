@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..kvm.memory import GuestMemory
-from ._pagehash import ffi, lib  # type: ignore[import-not-found]
+from ._pagehash import ffi, lib
 
 PAGE_SIZE = 4096
 ABI_VERSION = 1

@@ -9,15 +9,16 @@ import re
 from cffi import FFI
 
 _HERE = pathlib.Path(__file__).resolve().parent
-_CDEF = re.search(
+_MATCH = re.search(
     r"/\* cffi-cdef-begin \*/(.*)/\* cffi-cdef-end \*/", (_HERE / "pagehash.h").read_text(), re.S
 )
-assert _CDEF is not None, "pagehash.h lost its cffi-cdef markers"
+assert _MATCH is not None, "pagehash.h lost its cffi-cdef markers"
+_CDEF = _MATCH.group(1)
 
 
 def make_ffibuilder(src_dir: str) -> FFI:
     builder = FFI()
-    builder.cdef(_CDEF.group(1))
+    builder.cdef(_CDEF)
     builder.set_source(
         "migrated.pagehash._pagehash",
         '#include "pagehash.h"',

@@ -1,0 +1,873 @@
+"""Hostile peers against a real target daemon (DESIGN sections 4 and 6).
+
+One daemon B hosts a running VM, "bystander", for the whole module. Peers then do what an
+attacker, a confused client or a broken link would: the wrong key, bytes that are not the
+protocol, frames with absurd lengths, frames cut short, and a source that knows the key but
+describes a VM B cannot host or sends page batches that point outside guest RAM.
+
+After every attempt: B is alive and answers, "bystander" runs with its heartbeat rising and no
+verification error, no other VM exists on B, and B's log has an event for that very connection
+(matched by the peer's address) whose error names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+import numpy as np
+import pytest
+
+from daemons import DaemonProcess, wait_for, wait_migration
+from migrated.hosted import VmSpec
+from migrated.kvm.system import Kvm
+from migrated.migration import vmstate
+from transport import (
+    NEED_DATA,
+    Abort,
+    Accept,
+    Auth,
+    Connection,
+    DeviceState,
+    Done,
+    Event,
+    Hello,
+    PageBatch,
+    Role,
+    State,
+    VmDescription,
+)
+from transport import framing, limits
+
+pytestmark = pytest.mark.kvm
+
+MIB = 1 << 20
+PAGE = 4096
+VM_MIB = 64
+SLOT_PAGES = VM_MIB * MIB // PAGE
+SMALL_VM: dict[str, Any] = {"memory_mib": VM_MIB, "vcpus": 1, "working_set_mib": 8,
+                            "dirty_rate_mib_s": 10}
+BYSTANDER = "bystander"
+# B drops a peer that makes no progress for this long (peer.connect_timeout_s): short, so that
+# a peer that goes silent costs the test seconds, not the default ten.
+B_TIMEOUT_S = 2
+
+
+# ---- the target daemon and its bystander --------------------------------------------------
+
+
+def write_key(path: Path, key: bytes) -> Path:
+    path.write_bytes(key)
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class TargetHost:
+    daemon: DaemonProcess
+    key: bytes
+    cpu: dict[str, Any]  # vmstate.cpu_features of this host: what a compatible source sends
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TargetHost]:
+    workdir = tmp_path_factory.mktemp("hostile")
+    key = os.urandom(32)
+    config = workdir / "b.toml"
+    config.write_text(f"[peer]\nconnect_timeout_s = {B_TIMEOUT_S}\n")
+    daemon = DaemonProcess("b", workdir, write_key(workdir / "b.key", key),
+                           extra_args=("--config", str(config)))
+    kvm = Kvm.open()
+    try:
+        cpu = vmstate.cpu_features(kvm)
+    finally:
+        kvm.close()
+    try:
+        daemon.start()
+        daemon.call("vm.create", name=BYSTANDER, **SMALL_VM)
+        wait_for(lambda: heartbeat(daemon, BYSTANDER) > 0, what="the bystander's first heartbeat")
+        yield TargetHost(daemon, key, cpu)
+    finally:
+        daemon.stop()
+
+
+def heartbeat(daemon: DaemonProcess, name: str) -> int:
+    return int(daemon.call("vm.show", name=name)["guest"]["heartbeat_generation"])
+
+
+def vm_names(daemon: DaemonProcess) -> list[str]:
+    return [vm["name"] for vm in daemon.call("vm.list")]
+
+
+def assert_unharmed(target: TargetHost) -> None:
+    """B is alive and answers; the bystander runs, its heartbeat rising, with no verification
+    error; no other VM exists on B (an incoming copy is discarded within moments)."""
+    daemon = target.daemon
+    assert daemon.alive(), f"daemon B died:\n{daemon.log()[-4000:]}"
+    status = daemon.call("daemon.status")
+    assert status["listen"] == daemon.address, status
+    wait_for(lambda: vm_names(daemon) == [BYSTANDER], timeout=10,
+             what=f"B to host only {BYSTANDER} (it has {vm_names(daemon)})")
+    assert daemon.call("daemon.status")["vms"] == 1
+    before = daemon.call("vm.show", name=BYSTANDER)
+    assert before["state"] == "running", before
+    wait_for(lambda: heartbeat(daemon, BYSTANDER) > before["guest"]["heartbeat_generation"] + 5,
+             timeout=10, what="the bystander's heartbeat to rise")
+    after = daemon.call("vm.show", name=BYSTANDER)
+    assert after["state"] == "running", after
+    assert after["guest"]["verification_errors"] == 0, after
+    assert after["error"] is None, after
+
+
+# ---- B's log ------------------------------------------------------------------------------
+
+
+class LogWatch:
+    """B's JSON log events from the moment this watch was made."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        self.path = daemon.log_path
+        self.offset = self.path.stat().st_size
+
+    def events(self) -> list[dict[str, Any]]:
+        with open(self.path, "rb") as file:
+            file.seek(self.offset)
+            data = file.read()
+        events = []
+        for line in data.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line still being written, or not JSON (a traceback on stderr)
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+    def find(self, name: str, **fields: Any) -> list[dict[str, Any]]:
+        return [e for e in self.events()
+                if e.get("event") == name and all(e.get(k) == v for k, v in fields.items())]
+
+    def wait(self, name: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.find(name, **fields)
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                tail = "\n".join(json.dumps(e) for e in self.events()[-20:])
+                raise AssertionError(f"B logged no {name} {fields} within {timeout} s; "
+                                     f"B's log since:\n{tail}")
+            time.sleep(0.02)
+
+    def names(self) -> list[str]:
+        return [str(e.get("event")) for e in self.events()]
+
+
+# ---- a hand-driven peer -------------------------------------------------------------------
+
+
+class Peer:
+    """A plain TCP socket to B's peer port; with a key, also a transport.Connection (SOURCE)
+    that this test drives by hand and may bypass with raw bytes."""
+
+    def __init__(self, target: TargetHost, *, key: bytes | None = None,
+                 unauthenticated: bool = False) -> None:
+        host, port = target.daemon.address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        # B logs each incoming connection with peer=HOST:PORT of this socket.
+        self.address = "{}:{}".format(*self.sock.getsockname()[:2])
+        self._conn = None
+        if key is not None or unauthenticated:
+            self._conn = Connection(Role.SOURCE, node="hostile-peer", psk=key,
+                                    allow_unauthenticated=unauthenticated)
+
+    @property
+    def conn(self) -> Connection:
+        assert self._conn is not None, "a raw peer speaks no protocol"
+        return self._conn
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes as given; B may already have closed (it refuses early): that is fine."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def send(self, event: Event) -> None:
+        self.send_raw(self.conn.send(event))
+
+    def receive(self) -> Event:
+        while True:
+            event = self.conn.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, Event)
+                return event
+            try:
+                data = self.sock.recv(1 << 16)
+            except ConnectionResetError:
+                data = b""
+            self.conn.receive_data(data)
+
+    def handshake(self) -> None:
+        self.send(self.conn.make_hello())
+        assert isinstance(self.receive(), Hello)
+        self.send(self.conn.make_auth())
+        assert isinstance(self.receive(), Auth)
+        assert self.conn.state is State.READY and self.conn.authenticated
+
+    def offer(self, description: VmDescription) -> Event:
+        """Send a VM description; B's answer (Accept or Abort)."""
+        self.send(description)
+        return self.receive()
+
+    def end_of_input(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def closed_by_target(self, timeout: float = 10.0) -> bytes:
+        """Wait until B closes the connection (EOF or reset); the bytes it sent meanwhile."""
+        self.sock.settimeout(timeout)
+        received = bytearray()
+        try:
+            while chunk := self.sock.recv(1 << 16):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            raise AssertionError(f"B kept the connection from {self.address} open for "
+                                 f"{timeout} s") from None
+        return bytes(received)
+
+
+def frame(header: dict[str, Any] | bytes, payload: bytes = b"", *,
+          payload_len: int | None = None) -> bytes:
+    """A frame exactly as given (framing.PREFIX, msgpack header, payload), nothing checked."""
+    body = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
+    length = len(payload) if payload_len is None else payload_len
+    return framing.PREFIX.pack(len(body), length) + body + payload
+
+
+def indices(values: list[int]) -> bytes:
+    return np.array(values, dtype="<u8").tobytes()
+
+
+def page_batch_frame(slot: int, pages: list[int], zero: tuple[int, ...] | list[int] = (),
+                     *, n_pages: int | None = None, data: bytes | None = None,
+                     header_only: bool = False) -> bytes:
+    """A PageBatch frame built by hand: transport.Connection refuses to send an invalid one.
+
+    header_only: the prefix (with the payload length the counts call for) and the header,
+    without the payload, for batches B must refuse on their header alone."""
+    zero = list(zero)
+    if data is None:
+        data = b"\xa5" * (PAGE * len(pages))
+    count = len(pages) if n_pages is None else n_pages
+    header = {"t": "page_batch", "slot": slot, "round": 0, "n_pages": count, "n_zero": len(zero)}
+    if header_only:
+        want = framing.page_payload_len(count, len(zero), PAGE)
+        return frame(header, payload_len=want)
+    return frame(header, indices(pages) + indices(zero) + data)
+
+
+def page_batch(pages: list[int]) -> PageBatch:
+    """A valid batch, sent through the Connection like any honest source would."""
+    return PageBatch(slot=0, round=0, pages=np.array(pages, dtype=np.uint64),
+                     zero_pages=np.empty(0, dtype=np.uint64), data=bytes(PAGE * len(pages)))
+
+
+def hello_header(**changes: Any) -> dict[str, Any]:
+    header: dict[str, Any] = {
+        "t": "hello", "version_min": 1, "version_max": 1, "node": "hostile-peer",
+        "nonce": os.urandom(limits.NONCE_BYTES), "auth": "psk", "capabilities": [],
+        "max_batch_bytes": limits.DEFAULT_MAX_BATCH_BYTES,
+    }
+    header.update(changes)
+    return header
+
+
+def new_name() -> str:
+    return f"intruder-{uuid.uuid4().hex[:8]}"
+
+
+def spec_wire(name: str, **changes: Any) -> dict[str, Any]:
+    wire = VmSpec(name=name, **SMALL_VM).to_wire()
+    wire.update(changes)
+    return wire
+
+
+def description(target: TargetHost, name: str, *, spec: dict[str, Any] | None = None,
+                features: dict[str, Any] | None = None, **changes: Any) -> VmDescription:
+    """What migrated/migration/source.py sends for a small VM, with `changes` applied."""
+    fields: dict[str, Any] = {
+        "name": name,
+        "migration_id": f"m-hostile-{uuid.uuid4().hex[:8]}",
+        "memory": ((0, 0, VM_MIB * MIB),),
+        "vcpus": 1,
+        "guest_kind": "workload",
+        "cpu_features": {"spec": spec_wire(name) if spec is None else spec,
+                         "run_state": "running", **target.cpu, **(features or {})},
+        "dirty_tracking": "ring",
+        "arch": "x86_64",
+    }
+    fields.update(changes)
+    return VmDescription(**fields)
+
+
+def description_header(target: TargetHost, vm_name: str, **changes: Any) -> dict[str, Any]:
+    """A vm_description header for a raw frame: values VmDescription itself would refuse."""
+    name = vm_name
+    header: dict[str, Any] = {
+        "t": "vm_description", "name": name, "migration_id": f"m-hostile-{uuid.uuid4().hex[:8]}",
+        "memory": [[0, 0, VM_MIB * MIB]], "vcpus": 1, "guest_kind": "workload",
+        "cpu_features": {"spec": spec_wire(name), "run_state": "running", **target.cpu},
+        "dirty_tracking": "ring", "page_size": PAGE, "arch": "x86_64",
+    }
+    header.update(changes)
+    return header
+
+
+def accepted_peer(target: TargetHost, name: str) -> Peer:
+    """An authenticated peer whose VM B accepted: B holds an incoming copy, pages may flow."""
+    peer = Peer(target, key=target.key)
+    try:
+        peer.handshake()
+        answer = peer.offer(description(target, name))
+        assert isinstance(answer, Accept), answer
+        assert {"name": name, "state": "incoming"}.items() <= next(
+            vm for vm in target.daemon.call("vm.list") if vm["name"] == name).items()
+    except BaseException:
+        peer.sock.close()
+        raise
+    return peer
+
+
+def assert_refused_connection(log: LogWatch, peer: Peer, *words: str) -> dict[str, Any]:
+    """B logged incoming_connection_failed for this peer, its error naming the problem."""
+    event = log.wait("incoming_connection_failed", peer=peer.address)
+    for word in words:
+        assert word in event["error"], (word, event)
+    return event
+
+
+# ---- 1. the wrong key ---------------------------------------------------------------------
+
+
+def test_source_with_the_wrong_key_is_refused_before_any_vm_data(
+        target: TargetHost, tmp_path: Path) -> None:
+    log = LogWatch(target.daemon)
+    a = DaemonProcess("a", tmp_path, write_key(tmp_path / "a.key", os.urandom(32)))
+    try:
+        a.start()
+        a.call("vm.create", name="traveller", **SMALL_VM)
+        wait_for(lambda: heartbeat(a, "traveller") > 0, what="traveller's first heartbeat")
+        a.call("migrate", name="traveller", to=target.daemon.address)
+        stats = wait_migration(a, "traveller", timeout=30)
+        assert stats["state"] == "failed", stats
+        # A keeps its VM, running.
+        shown = a.call("vm.show", name="traveller")
+        assert shown["state"] == "running", shown
+        wait_for(lambda: heartbeat(a, "traveller") > shown["guest"]["heartbeat_generation"] + 5,
+                 what="traveller's heartbeat to rise on A")
+        assert a.call("vm.show", name="traveller")["guest"]["verification_errors"] == 0
+    finally:
+        a.stop()
+    event = log.wait("incoming_connection_failed")
+    assert "peer failed authentication" in event["error"], event
+    assert "incoming_vm_accepted" not in log.names()
+    assert "vm_created" not in log.names()
+    assert "traveller" not in vm_names(target.daemon)
+    assert_unharmed(target)
+    # Last, so that everything above is checked either way: A's operator learns why.
+    assert "authenticat" in (stats.get("error") or "").lower(), (
+        f"A's migration failed, but its error does not say that authentication failed: "
+        f"{stats.get('error')!r}")
+
+
+def test_wrong_key_by_hand_gets_no_mac_from_b(target: TargetHost) -> None:
+    """B checks the source's MAC before it sends its own: a peer without the key learns
+    nothing it could use, and never gets to describe a VM."""
+    log = LogWatch(target.daemon)
+    with Peer(target, key=os.urandom(32)) as peer:
+        peer.send(peer.conn.make_hello())
+        assert isinstance(peer.receive(), Hello)
+        peer.send(peer.conn.make_auth())
+        # Try to go on as if authenticated: a description right behind the Auth.
+        peer.send_raw(frame(description_header(target, new_name())))
+        received = peer.closed_by_target()
+        assert received == b"", "B sent something after a failed authentication"
+    assert_refused_connection(log, peer, "peer failed authentication")
+    assert "incoming_vm_accepted" not in log.names()
+    assert_unharmed(target)
+
+
+# ---- 2, 3. bytes that are not the protocol ------------------------------------------------
+
+
+def _random_garbage() -> bytes:
+    data = random.Random(20240611).randbytes(64)
+    assert int.from_bytes(data[:4], "big") > limits.MAX_HEADER_BYTES  # the seed's property
+    return data
+
+
+NOT_THE_PROTOCOL = {
+    "64 random bytes": (_random_garbage(), ["frame header length", "exceeds 65536"]),
+    "an HTTP request": (b"GET / HTTP/1.1\r\nHost: migrated\r\nUser-Agent: curl/8.0\r\n\r\n",
+                        ["frame header length 1195725856 exceeds 65536"]),
+    "a TLS ClientHello": (bytes.fromhex("160301020001000200") + bytes(500),
+                          ["frame header length 369295618 exceeds 65536"]),
+    "header length 2**31": (framing.PREFIX.pack(1 << 31, 0) + bytes(64),
+                            ["frame header length 2147483648 exceeds 65536"]),
+    "header length 2**32-1": (framing.PREFIX.pack((1 << 32) - 1, (1 << 32) - 1),
+                              ["frame header length 4294967295 exceeds 65536"]),
+    "header length 0": (framing.PREFIX.pack(0, 0) + bytes(16), ["frame header length 0"]),
+    "payload length 2**31 on a Hello": (frame(hello_header(), payload_len=1 << 31),
+                                        ["frame payload length 2147483648 exceeds 67108864"]),
+    "payload length 2**32-1, header of 16 bytes": (framing.PREFIX.pack(16, (1 << 32) - 1),
+                                                   ["frame payload length 4294967295 exceeds"]),
+    "a payload on a Hello": (frame(hello_header(), b"x" * 100),
+                             ["frame payload length 100 for 'hello', which carries no payload"]),
+    "a header that is not msgpack": (frame(b"\xc1" * 12), ["not a valid msgpack map"]),
+    "a header that is a msgpack array": (frame(msgpack.packb([1, 2, 3])),
+                                         ["frame header must be a msgpack map, got array"]),
+    "an unknown message type": (frame({"t": "gimme_root"}), ["unknown message type 'gimme_root'"]),
+    "a Hello without a nonce": (frame({k: v for k, v in hello_header().items() if k != "nonce"}),
+                                ["'hello' message lacks field 'nonce'"]),
+    "a Hello with a str version": (frame(hello_header(version_min="1")),
+                                   ["'hello' field 'version_min' must be int, got str"]),
+    "a Hello with a 1 GiB batch": (frame(hello_header(max_batch_bytes=1 << 30)),
+                                   ["Hello.max_batch_bytes must be in"]),
+}
+
+
+@pytest.mark.parametrize("label", NOT_THE_PROTOCOL)
+def test_bytes_that_are_not_the_protocol_close_that_connection(
+        target: TargetHost, label: str) -> None:
+    data, words = NOT_THE_PROTOCOL[label]
+    log = LogWatch(target.daemon)
+    with Peer(target) as peer:
+        peer.send_raw(data)
+        assert peer.closed_by_target() == b""
+    assert_refused_connection(log, peer, "peer broke the protocol", *words)
+    assert_unharmed(target)
+
+
+# ---- 4. frames cut short ------------------------------------------------------------------
+
+
+TRUNCATED = {
+    "5 bytes of a prefix": (frame(hello_header())[:5], "(5 bytes of an unfinished frame)"),
+    "a prefix and half a Hello": (frame(hello_header())[:40], "(40 bytes of an unfinished frame)"),
+    "a Hello less its last byte": (frame(hello_header())[:-1], "bytes of an unfinished frame"),
+}
+
+
+@pytest.mark.parametrize("label", TRUNCATED)
+def test_truncated_frame_then_eof(target: TargetHost, label: str) -> None:
+    data, words = TRUNCATED[label]
+    log = LogWatch(target.daemon)
+    with Peer(target) as peer:
+        peer.send_raw(data)
+        peer.end_of_input()
+        assert peer.closed_by_target() == b""
+    assert_refused_connection(log, peer, "connection closed mid-frame", words)
+    assert_unharmed(target)
+
+
+def test_silent_peer_is_dropped_after_the_timeout(target: TargetHost) -> None:
+    """A peer that connects and stalls (half a frame, then nothing) holds no resources for
+    long: B drops it after peer.connect_timeout_s and says that it timed out."""
+    log = LogWatch(target.daemon)
+    with Peer(target) as peer:
+        peer.send_raw(frame(hello_header())[:10])
+        started = time.monotonic()
+        peer.closed_by_target(timeout=B_TIMEOUT_S + 8)
+        waited = time.monotonic() - started
+    assert waited >= B_TIMEOUT_S - 0.5, f"B dropped a slow peer after only {waited:.1f} s"
+    event = log.wait("incoming_connection_failed", peer=peer.address)
+    assert_unharmed(target)
+    error = event["error"]
+    assert any(word in error for word in ("handshake", "nothing received", "no progress")), (
+        f"B's error for a peer that stalled in the handshake does not say what timed out: "
+        f"{error!r}")
+
+
+# ---- the handshake: nothing before authentication -----------------------------------------
+
+
+def test_vm_description_as_the_first_frame(target: TargetHost) -> None:
+    log = LogWatch(target.daemon)
+    with Peer(target) as peer:
+        peer.send_raw(frame(description_header(target, new_name())))
+        assert peer.closed_by_target() == b""
+    assert_refused_connection(log, peer, "VmDescription before authentication completed")
+    assert "incoming_vm_accepted" not in log.names()
+    assert_unharmed(target)
+
+
+@pytest.mark.parametrize("what", ["vm_description", "page_batch", "query"])
+def test_vm_data_after_hello_without_auth(target: TargetHost, what: str) -> None:
+    log = LogWatch(target.daemon)
+    with Peer(target, key=target.key) as peer:
+        peer.send(peer.conn.make_hello())
+        assert isinstance(peer.receive(), Hello)
+        assert peer.conn.state is State.AUTH_SOURCE
+        data = {
+            "vm_description": frame(description_header(target, new_name())),
+            "page_batch": page_batch_frame(0, [0]),
+            "query": frame({"t": "query", "migration_id": "m-someone-elses"}),
+        }[what]
+        peer.send_raw(data)
+        assert peer.closed_by_target() == b""
+    event_name = {"vm_description": "VmDescription", "page_batch": "PageBatch",
+                  "query": "Query"}[what]
+    assert_refused_connection(log, peer, f"{event_name} before authentication completed")
+    assert "incoming_vm_accepted" not in log.names()
+    assert "query_answered" not in log.names()
+    assert_unharmed(target)
+
+
+def test_unauthenticated_hello_is_refused(target: TargetHost) -> None:
+    log = LogWatch(target.daemon)
+    with Peer(target, unauthenticated=True) as peer:
+        peer.send(peer.conn.make_hello())
+        assert peer.closed_by_target() == b""
+    assert_refused_connection(log, peer, "auth mismatch", "'none'", "'psk'")
+    assert_unharmed(target)
+
+
+def test_hello_with_no_common_version_is_refused(target: TargetHost) -> None:
+    log = LogWatch(target.daemon)
+    with Peer(target) as peer:
+        peer.send_raw(frame(hello_header(version_min=7, version_max=9)))
+        assert peer.closed_by_target() == b""
+    assert_refused_connection(log, peer, "no common protocol version", "7..9")
+    assert_unharmed(target)
+
+
+# ---- 5. a source that knows the key, then lies in its page batches ------------------------
+
+
+BAD_BATCHES = {
+    "page index just past the slot": (
+        page_batch_frame(0, [SLOT_PAGES]),
+        [f"page index {SLOT_PAGES} outside slot 0 ({SLOT_PAGES} pages)"]),
+    "page index 2**64-1 behind a valid one": (
+        page_batch_frame(0, [0, (1 << 64) - 1]),
+        [f"page index {(1 << 64) - 1} outside slot 0 ({SLOT_PAGES} pages)"]),
+    "zero-page index past the slot": (
+        page_batch_frame(0, [], [SLOT_PAGES + 5]),
+        [f"zero page index {SLOT_PAGES + 5} outside slot 0 ({SLOT_PAGES} pages)"]),
+    "payload shorter than its counts": (
+        page_batch_frame(0, [1, 2], data=b"\xa5" * PAGE),
+        ["PageBatch payload length 4112 does not match 2 pages + 0 zero pages of 4096 bytes",
+         "expected 8208"]),
+    "payload longer than its counts": (
+        page_batch_frame(0, [1], data=b"\xa5" * (2 * PAGE)),
+        ["PageBatch payload length 8200 does not match 1 pages + 0 zero pages", "expected 4104"]),
+    "count of 2**32 pages": (
+        page_batch_frame(0, [1], n_pages=1 << 32),
+        ["PageBatch payload length 4104 does not match 4294967296 pages"]),
+    "unknown slot": (
+        page_batch_frame(7, [0]),
+        ["unknown slot 7 (the VM has slots [0])"]),
+    "slot 2**32-1": (
+        page_batch_frame((1 << 32) - 1, [0]),
+        [f"unknown slot {(1 << 32) - 1}"]),
+    "more than the negotiated batch": (
+        page_batch_frame(0, list(range(4096)), header_only=True),
+        ["PageBatch payload length 16809984 exceeds the negotiated max batch 8388608"]),
+    "a negative round": (
+        frame({"t": "page_batch", "slot": 0, "round": -1, "n_pages": 1, "n_zero": 0},
+              indices([0]) + bytes(PAGE)),
+        ["PageBatch.round must be in"]),
+}
+
+
+@pytest.mark.parametrize("label", BAD_BATCHES)
+def test_page_batch_outside_guest_ram_discards_the_incoming_vm(
+        target: TargetHost, label: str) -> None:
+    data, words = BAD_BATCHES[label]
+    name = new_name()
+    log = LogWatch(target.daemon)
+    with accepted_peer(target, name) as peer:
+        log.wait("incoming_vm_accepted", vm=name)
+        # One valid batch first: B takes real pages, then meets the bad one.
+        peer.send_raw(page_batch_frame(0, [0, 1]))
+        peer.send_raw(data)
+        assert peer.closed_by_target() == b"", "B answered a broken batch instead of closing"
+    assert_refused_connection(log, peer, "peer broke the protocol", *words)
+    discarded = log.wait("incoming_vm_discarded", vm=name)
+    for word in words:
+        assert word in discarded["reason"], (word, discarded)
+    log.wait("vm_removed", vm=name)
+    assert_unharmed(target)
+
+
+def test_truncated_page_batch_then_eof_discards_the_incoming_vm(target: TargetHost) -> None:
+    name = new_name()
+    log = LogWatch(target.daemon)
+    with accepted_peer(target, name) as peer:
+        batch = page_batch_frame(0, [3, 4, 5])
+        peer.send_raw(batch[: len(batch) - PAGE - 100])
+        peer.end_of_input()
+        assert peer.closed_by_target() == b""
+    assert_refused_connection(log, peer, "connection closed mid-frame")
+    log.wait("incoming_vm_discarded", vm=name)
+    assert_unharmed(target)
+
+
+def test_source_vanishing_after_accept_discards_the_incoming_vm(target: TargetHost) -> None:
+    name = new_name()
+    log = LogWatch(target.daemon)
+    with accepted_peer(target, name) as peer:
+        peer.send_raw(page_batch_frame(0, [0]))
+    assert_refused_connection(log, peer, "closed the connection")
+    log.wait("incoming_vm_discarded", vm=name)
+    assert_unharmed(target)
+
+
+# ---- the end of a lying migration: state and Done -----------------------------------------
+
+
+def test_done_without_device_state_is_aborted_with_a_reason(target: TargetHost) -> None:
+    name = new_name()
+    log = LogWatch(target.daemon)
+    with accepted_peer(target, name) as peer:
+        peer.send(page_batch([0, 1]))
+        peer.send(Done(pages_total=2, digest=None, verify="off"))
+        answer = peer.receive()
+        assert isinstance(answer, Abort), answer
+        assert "device state" in answer.reason, answer
+    log.wait("incoming_vm_refused")
+    log.wait("incoming_vm_discarded", vm=name)
+    assert "incoming_vm_running" not in log.names()
+    assert_unharmed(target)
+
+
+@pytest.mark.parametrize(("blob", "words"), [
+    (b"garbage", ["machine state is not valid msgpack"]),
+    (msgpack.packb({}), ["x86 state: missing key 'version'"]),
+    (msgpack.packb({"version": 99}), ["version 99 is newer"]),
+], ids=["not msgpack", "empty map", "future version"])
+def test_malformed_machine_state_is_aborted_with_a_reason(
+        target: TargetHost, blob: bytes, words: list[str]) -> None:
+    name = new_name()
+    log = LogWatch(target.daemon)
+    with accepted_peer(target, name) as peer:
+        peer.send(DeviceState(kind=vmstate.X86_MACHINE, blob=blob))
+        peer.send(Done(pages_total=0, digest=None, verify="off"))
+        answer = peer.receive()
+        assert isinstance(answer, Abort), answer
+        for word in ["state restore failed", *words]:
+            assert word in answer.reason, (word, answer)
+    refused = log.wait("incoming_vm_refused")
+    assert words[0] in refused["error"], refused
+    log.wait("incoming_vm_discarded", vm=name)
+    assert "incoming_vm_running" not in log.names()
+    assert_unharmed(target)
+
+
+def test_done_with_a_wrong_page_count_closes_the_connection(target: TargetHost) -> None:
+    name = new_name()
+    log = LogWatch(target.daemon)
+    with accepted_peer(target, name) as peer:
+        peer.send_raw(page_batch_frame(0, [0, 1]))
+        peer.send_raw(frame({"t": "done", "pages_total": 5, "digest": None, "verify": "off"}))
+        assert peer.closed_by_target() == b""
+    assert_refused_connection(log, peer, "Done.pages_total 5", "carried 2 page entries")
+    log.wait("incoming_vm_discarded", vm=name)
+    assert_unharmed(target)
+
+
+def test_device_state_flood_is_bounded(target: TargetHost) -> None:
+    """DESIGN 6: counts from the wire are bounded before use. A source may send DeviceState
+    messages of up to 16 MiB each; B restores exactly one blob, so it must not buffer an
+    unbounded number of them before Done (each is kept in memory until then)."""
+    name = new_name()
+    blobs, blob_bytes = 24, limits.MAX_DEVICE_STATE_BYTES  # 384 MiB in all
+    pid = target.daemon.process.pid  # type: ignore[union-attr]
+    log = LogWatch(target.daemon)
+    with accepted_peer(target, name) as peer:
+        rss_before = rss_mib(pid)
+        blob = os.urandom(1024) * (blob_bytes // 1024)
+        sent = 0
+        for _ in range(blobs):
+            try:
+                peer.sock.sendall(frame({"t": "device_state", "kind": "x86-machine"}, blob))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+        time.sleep(0.5)  # let B take in what it received
+        grown = rss_mib(pid) - rss_before
+        print(f"sent {sent} DeviceState blobs of {blob_bytes >> 20} MiB; B's RSS grew "
+              f"{grown:.0f} MiB")
+    log.wait("incoming_vm_discarded", vm=name)
+    assert_unharmed(target)
+    assert grown < 4 * blob_bytes / MIB, (
+        f"B buffered {grown:.0f} MiB of device state from one peer ({sent} blobs of "
+        f"{blob_bytes >> 20} MiB accepted): the number of DeviceState messages is not bounded")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+# ---- 6. descriptions B cannot host: Abort with the reason ---------------------------------
+
+
+def _unhostable(target: TargetHost, label: str, name: str) -> VmDescription:
+    spec = spec_wire(name)
+    cases: dict[str, Any] = {
+        "two memory slots": lambda: description(
+            target, name, memory=((0, 0, VM_MIB * MIB), (1, 1 << 32, 16 * PAGE))),
+        "a slot larger than the spec": lambda: description(
+            target, name, memory=((0, 0, 2 * VM_MIB * MIB),)),
+        "a slot not at address 0": lambda: description(
+            target, name, memory=((0, 1 << 30, VM_MIB * MIB),)),
+        "4096 vCPUs": lambda: description(target, name, vcpus=4096),
+        "a spec with 5000 vCPUs": lambda: description(
+            target, name, spec={**spec, "vcpus": 5000}),
+        "an invalid VM name": lambda: description(
+            target, "no such name!", spec={**spec, "name": "no such name!"}),
+        "a spec naming another VM": lambda: description(
+            target, name, spec={**spec, "name": "someone-else"}),
+        "the name of a VM B runs": lambda: description(
+            target, BYSTANDER, spec=spec_wire(BYSTANDER)),
+        "a spec that is a list": lambda: description(target, name, spec=[1, 2, 3]),  # type: ignore[arg-type]
+        "a spec that is a string": lambda: description(target, name, spec="vm"),  # type: ignore[arg-type]
+        "a spec with unknown keys": lambda: description(
+            target, name, spec={**spec, "firmware": "evil.bin"}),
+        "a working set larger than memory": lambda: description(
+            target, name, spec={**spec, "working_set_mib": 4096}),
+        "a foreign CPU": lambda: description(
+            target, name, features={"cpu_vendor": "CyrixInstead"}),
+        "another architecture": lambda: description(target, name, arch="aarch64"),
+        "a run state of its own": lambda: description(
+            target, name, features={"run_state": "owned"}),
+    }
+    return cases[label]()  # type: ignore[no-any-return]
+
+
+UNHOSTABLE = {
+    "two memory slots": ["memory layout", "one slot at 0"],
+    "a slot larger than the spec": ["memory layout", "one slot at 0"],
+    "a slot not at address 0": ["memory layout", "one slot at 0"],
+    "4096 vCPUs": ["4096 vCPUs", "this host allows 1 to"],
+    "a spec with 5000 vCPUs": ["vCPUs 5000", "an integer from 1 to 64"],
+    "an invalid VM name": ["VM name 'no such name!'"],
+    "a spec naming another VM": ["its spec 'someone-else'"],
+    "the name of a VM B runs": ["a VM named 'bystander' already exists"],
+    "a spec that is a list": ["VM description", "spec", "map"],
+    "a spec that is a string": ["VM description", "spec", "map"],
+    "a spec with unknown keys": ["unknown keys ['firmware']"],
+    "a working set larger than memory": ["working set (MiB) 4096"],
+    "a foreign CPU": ["CyrixInstead", "differs from this host"],
+    "another architecture": ["VM is aarch64; this host is x86_64"],
+    "a run state of its own": ["run_state 'owned'"],
+}
+
+
+@pytest.mark.parametrize("label", UNHOSTABLE)
+def test_unhostable_description_gets_abort_with_a_reason(target: TargetHost, label: str) -> None:
+    words = UNHOSTABLE[label]
+    name = new_name()
+    description_ = _unhostable(target, label, name)
+    log = LogWatch(target.daemon)
+    with Peer(target, key=target.key) as peer:
+        peer.handshake()
+        answer = peer.offer(description_)
+        assert isinstance(answer, Abort), f"B answered {answer} to a VM it cannot host"
+        peer.closed_by_target()
+    # B refused it (or, should it have failed otherwise, said so): find the event either way.
+    ended = wait_for(lambda: log.find("incoming_vm_refused", peer=peer.address)
+                     or log.find("incoming_migration_crashed", peer=peer.address),
+                     timeout=10, what="B's event for the refused description")[0]
+    assert "incoming_vm_accepted" not in log.names()
+    assert "vm_created" not in log.names()
+    assert_unharmed(target)
+    assert ended["event"] == "incoming_vm_refused", (
+        f"B did not refuse the description as such: {ended['event']}: {answer.reason!r}")
+    for word in words:
+        assert word in answer.reason, (word, answer.reason)
+        assert word in ended["error"], (word, ended)
+
+
+MALFORMED_DESCRIPTIONS: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "5000 vCPUs": ({"vcpus": 5000}, ["VmDescription.vcpus must be in [1, 4096], got 5000"]),
+    "0 vCPUs": ({"vcpus": 0}, ["VmDescription.vcpus must be in [1, 4096], got 0"]),
+    "a page size of 8 KiB": ({"page_size": 8192}, ["VmDescription.page_size must be one of"]),
+    "overlapping slots": ({"memory": [[0, 0, 2 * MIB], [1, MIB, 2 * MIB]]},
+                          ["slots 0 and 1 overlap"]),
+    "a slot named twice": ({"memory": [[0, 0, MIB], [0, 4 * MIB, MIB]]}, ["names a slot twice"]),
+    "RAM above 2**52": ({"memory": [[0, 1 << 52, MIB]]}, ["guest_phys_addr must be in"]),
+    "1025 memory regions": ({"memory": [[i, i * MIB, MIB] for i in range(1025)]},
+                            ["must hold 1 to 1024 regions, got 1025"]),
+    "no memory": ({"memory": []}, ["must hold 1 to 1024 regions, got 0"]),
+    "a name with a newline": ({"name": "vm\nEVIL log line"}, ["VmDescription.name holds control"]),
+    "an unknown field": ({"bootloader": "grub"}, ["unknown field 'bootloader'"]),
+    "cpu_features nested 20 deep": (
+        {"cpu_features": {"spec": {}, "x": [[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]}},
+        ["cpu_features nests deeper than"]),
+}
+
+
+@pytest.mark.parametrize("label", MALFORMED_DESCRIPTIONS)
+def test_malformed_description_closes_the_connection(target: TargetHost, label: str) -> None:
+    changes, words = MALFORMED_DESCRIPTIONS[label]
+    log = LogWatch(target.daemon)
+    with Peer(target, key=target.key) as peer:
+        peer.handshake()
+        peer.send_raw(frame(description_header(target, new_name(), **changes)))
+        assert peer.closed_by_target() == b""
+    assert_refused_connection(log, peer, "peer broke the protocol", *words)
+    assert "incoming_vm_accepted" not in log.names()
+    assert "vm_created" not in log.names()
+    assert_unharmed(target)
+
+
+def test_many_hostile_peers_at_once(target: TargetHost) -> None:
+    """Ten peers at the same time, each broken in its own way, some holding an accepted VM:
+    each is refused alone and B, with its bystander, carries on."""
+    log = LogWatch(target.daemon)
+    holders = [(accepted_peer(target, name), name) for name in (new_name(), new_name())]
+    authenticated = [Peer(target, key=target.key) for _ in range(4)]
+    for peer in authenticated:
+        peer.handshake()
+    peers = [Peer(target) for _ in range(4)]
+    try:
+        for number, peer in enumerate(peers):
+            peer.send_raw(framing.PREFIX.pack(1 << 31, number))
+        for holder, _ in holders:
+            holder.send_raw(page_batch_frame(0, [SLOT_PAGES * 2]))
+        for peer in authenticated:
+            peer.send_raw(frame(description_header(target, new_name(), vcpus=0)))
+        for peer in [*peers, *(h for h, _ in holders), *authenticated]:
+            peer.closed_by_target()
+    finally:
+        for peer in [*peers, *(h for h, _ in holders), *authenticated]:
+            peer.sock.close()
+    for peer in peers:
+        assert_refused_connection(log, peer, "frame header length 2147483648")
+    for holder, name in holders:
+        assert_refused_connection(log, holder, f"page index {SLOT_PAGES * 2} outside slot 0")
+        log.wait("incoming_vm_discarded", vm=name)
+    for peer in authenticated:
+        assert_refused_connection(log, peer, "VmDescription.vcpus")
+    assert_unharmed(target)
