@@ -68,7 +68,7 @@ class GuestMemory:
             raise
         self._buffer = (ctypes.c_uint8 * self.size).from_address(self.address)
         # The memfd's bytes, all regions back to back, in memfd order.
-        self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._buffer, dtype=np.uint8)
+        self.bytes: npt.NDArray[np.uint8] = np.ctypeslib.as_array(self._buffer)
         self._daemon_lock = threading.Lock()
         # Page ranges the daemon wrote, per slot, as (first, last) pairs. Daemon writes are few
         # (loaders, parameter updates), so a list keeps `take_daemon_dirty` independent of the
