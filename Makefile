@@ -6,7 +6,7 @@ SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader
 	$(wildcard migrated/pagehash/*.[ch]) migrated/pagehash/_build.py \
 	$(wildcard migrated/guests/x86_64/*) migrated/guests/build.py
 
-.PHONY: venv build test test-kvm demo caps bench clean
+.PHONY: venv build test typecheck demo caps bench clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
+
+typecheck: venv
+	$(PY) -m mypy migrated transport ringreader
 
 demo: venv
 	$(PY) -m migrated.demo
