@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
@@ -36,6 +36,7 @@ from ..pagehash import memory_digest
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
 from .pagestream import PAGE_SIZE, apply_batch
+from .prefault import Prefaulter
 from .stats import MigrationStats
 
 if TYPE_CHECKING:
@@ -170,6 +171,16 @@ class Target:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
         views = {r.slot: vm.memory.view(r).reshape(-1, PAGE_SIZE) for r in vm.memory.regions}
+        prefault = {r.slot: Prefaulter(vm.memory.host_address(r), r.size) for r in vm.memory.regions}
+        try:
+            await self._receive(stats, views, prefault)
+        finally:
+            for prefaulter in prefault.values():
+                prefaulter.stop()
+        await self._await_commit()
+
+    async def _receive(self, stats: MigrationStats, views: dict[int, Any],
+                       prefault: dict[int, Prefaulter]) -> None:
         blobs: list[tuple[str, bytes]] = []
         stats.state = stats.phase = "receiving"
         while True:
@@ -178,6 +189,8 @@ class Target:
                 applied = time.perf_counter()
                 apply_batch(views[event.slot], event, ram_is_fresh=event.round == 0)
                 stats.apply_ms += (time.perf_counter() - applied) * 1e3
+                if event.round == 0 and event.pages.size:
+                    prefault[event.slot].advance((int(event.pages[-1]) + 1) * PAGE_SIZE)
                 stats.pages_sent += int(event.pages.size)
                 stats.zero_pages += int(event.zero_pages.size)
                 stats.bytes_sent += event.data_bytes
@@ -192,10 +205,9 @@ class Target:
                 blobs.append((event.kind, event.blob))
             elif isinstance(event, Done):
                 await self._load(event, blobs)
-                break
+                return
             else:
                 raise PeerError(f"unexpected {type(event).__name__} while receiving the VM")
-        await self._await_commit()
 
     async def _load(self, done: Done, blobs: list[tuple[str, bytes]]) -> None:
         """R9: all memory is in place; now the state, then the digest, then LOADED."""

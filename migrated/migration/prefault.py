@@ -1,0 +1,70 @@
+"""Allocating the target's guest RAM ahead of the bulk copy, on another core.
+
+A page of a fresh memfd costs the kernel a fault and a clear_page on first write; on this nested
+host that is most of the target's CPU time in the bulk copy (perf: clear_page_erms 63%), and the
+receiving thread would pay it page by page. A helper thread populates (MADV_POPULATE_WRITE) the
+range just ahead of the highest page received so far, so the receiver copies into memory that is
+already there. The bulk copy sends a slot's data extents in address order: a jump in the received
+position means a hole was skipped; populating restarts at the new position, and after a few jumps
+(a sparse guest) the helper stops, so it never allocates more than a few lookaheads of holes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+from ..kvm import _libc
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14
+LOOKAHEAD_BYTES = 128 << 20
+CHUNK_BYTES = 8 << 20
+MAX_JUMPS = 8
+
+
+class Prefaulter:
+    def __init__(self, address: int, size: int) -> None:
+        self._address = address
+        self._size = size
+        self._received = 0
+        self._populated = 0
+        self._jumps = 0
+        self._stopped = False
+        self._cond = threading.Condition()
+        self.populated_bytes = 0
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="prefault", daemon=True)
+        self._thread.start()
+
+    def advance(self, end_byte: int) -> None:
+        """The receiver has written up to `end_byte` of the region."""
+        with self._cond:
+            if end_byte > self._received:
+                self._received = end_byte
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and self._populated >= min(self._size, self._received + LOOKAHEAD_BYTES):
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                if self._received > self._populated + CHUNK_BYTES:
+                    self._jumps += 1  # the sender skipped a hole: start again where it is
+                    if self._jumps > MAX_JUMPS:
+                        return
+                    self._populated = self._received
+                start = self._populated
+                end = min(self._size, start + CHUNK_BYTES)
+                self._populated = end
+            if _libc._libc.madvise(self._address + start, end - start, MADV_POPULATE_WRITE) != 0:
+                self.error = f"MADV_POPULATE_WRITE failed: errno {ctypes.get_errno()}"
+                return
+            self.populated_bytes += end - start
