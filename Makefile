@@ -39,3 +39,11 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info ringreader/*.so migrated/pagehash/*.so migrated/guests/*.bin
+
+# The arm64 lane (.ci/arm64/lane): tests marked arm64, on a real arm64 KVM inside an emulated
+# arm64 machine; fetches and caches what it needs under ~/.cache/migrated/arm64. pytest's exit
+# code is the lane's. ARM64_PYTEST_ARGS replaces "tests/arm64 -q" (-m arm64 is always given first).
+ARM64_PYTEST_ARGS ?=
+.PHONY: test-arm64
+test-arm64:
+	bash .ci/arm64/lane $(ARM64_PYTEST_ARGS)
