@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader.h ringreader/_build.py \
 	$(wildcard migrated/pagehash/*.[ch]) migrated/pagehash/_build.py \
-	$(wildcard migrated/guests/x86_64/*) migrated/guests/build.py
+	$(wildcard migrated/guests/x86_64/*) $(wildcard migrated/guests/aarch64/*) migrated/guests/build.py
 
 .PHONY: venv build test typecheck demo caps bench clean
 

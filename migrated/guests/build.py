@@ -1,7 +1,8 @@
-"""Builds the workload guest image from the C sources in `x86_64/`.
+"""Builds the workload guest images from the C sources in `x86_64/` and `aarch64/`.
 
-Called by the package build (setup.py) and by `python -m migrated.guests.build` (in place), never
-at import time: the daemon only loads the finished `workload-x86_64.bin`.
+Called by the package build (setup.py) and by `python -m migrated.guests.build` (in place, both
+images), never at import time: the daemon only loads the finished `workload-x86_64.bin` and
+`workload-aarch64.bin`.
 """
 
 from __future__ import annotations
@@ -92,9 +93,79 @@ def build_workload(out_dir: Path) -> Path:
     return target
 
 
+# ---- arm64 ---------------------------------------------------------------------------------
+# Cross-compiled on any host with Debian's gcc-aarch64-linux-gnu. The arm64 guest includes the
+# architecture-neutral abi.h and page.h from x86_64/ (one copy of the contract), its own files
+# from aarch64/.
+
+AARCH64_SOURCE_DIR = Path(__file__).resolve().parent / "aarch64"
+AARCH64_IMAGE_NAME = "workload-aarch64.bin"
+AARCH64_SOURCES = ("start.S", "workload.c", "its.c", "lib.c")
+AARCH64_CROSS_PREFIX = "aarch64-linux-gnu-"
+
+# Runs at EL1 with no FP/SIMD enabled and no runtime under it: general registers only, no
+# out-of-line atomics (libgcc), no branch protection (pointer authentication is not set up),
+# no loop-to-memset rewriting (lib.c is the memset), a fixed-address non-PIE image.
+AARCH64_CFLAGS = (
+    "-O2",
+    "-std=gnu11",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-ffreestanding",
+    "-fno-tree-loop-distribute-patterns",
+    "-fno-pic",
+    "-fno-pie",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-march=armv8-a",
+    "-mgeneral-regs-only",
+    "-mno-outline-atomics",
+    "-mbranch-protection=none",
+    "-mcmodel=small",
+)
+
+
+def _cross_tool(name: str) -> str:
+    path = shutil.which(AARCH64_CROSS_PREFIX + name)
+    if path is None:
+        raise GuestBuildError(
+            f"{AARCH64_CROSS_PREFIX}{name} not found on PATH: building the arm64 workload guest "
+            "needs the aarch64 cross compiler (Debian: apt-get install gcc-aarch64-linux-gnu)"
+        )
+    return path
+
+
+def build_workload_aarch64(out_dir: Path, *, elf_copy: Path | None = None) -> Path:
+    """Cross-compiles and links the arm64 guest, writes `out_dir/workload-aarch64.bin`, returns
+    its path (replaced atomically, like the x86 image). `elf_copy` also keeps the linked ELF
+    there (symbols, for tests and debugging)."""
+    gcc, objcopy = _cross_tool("gcc"), _cross_tool("objcopy")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / AARCH64_IMAGE_NAME
+    with tempfile.TemporaryDirectory(prefix="migrated-guest-aarch64-") as tmp:
+        elf = Path(tmp) / "workload-aarch64.elf"
+        _run(
+            [gcc, *AARCH64_CFLAGS, *LDFLAGS, f"-I{AARCH64_SOURCE_DIR}", f"-I{SOURCE_DIR}"]
+            + ["-T", str(AARCH64_SOURCE_DIR / LINKER_SCRIPT)]
+            + [str(AARCH64_SOURCE_DIR / s) for s in AARCH64_SOURCES]
+            + ["-o", str(elf)]
+        )
+        raw = Path(tmp) / AARCH64_IMAGE_NAME
+        _run([objcopy, "-O", "binary", str(elf), str(raw)])
+        if elf_copy is not None:
+            shutil.copyfile(elf, elf_copy)
+        staged = out_dir / f".{AARCH64_IMAGE_NAME}.{os.getpid()}"
+        shutil.copyfile(raw, staged)
+        os.replace(staged, target)
+    return target
+
+
 def main() -> int:
-    path = build_workload(Path(__file__).resolve().parent)
-    print(f"built {path} ({path.stat().st_size} bytes)")
+    here = Path(__file__).resolve().parent
+    for build in (build_workload, build_workload_aarch64):
+        path = build(here)
+        print(f"built {path} ({path.stat().st_size} bytes)")
     return 0
 
 
