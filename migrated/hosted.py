@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
+from .guests.aarch64_boot import MAX_MEMORY as ARM64_MAX_MEMORY
+from .guests.aarch64_boot import Arm64WorkloadGuest, load_workload_aarch64, plan_layout_aarch64
 from .guests.boot import load_workload
 from .guests.layout import MAX_MEMORY
 from .guests.workload import WorkloadGuest, WorkloadParams, plan_layout
@@ -26,6 +29,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 GUEST_KINDS = ("workload", "none")
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB: sparse memfd RAM makes large guests cheap until touched
 MAX_VCPUS = 64
+HOST_ARCH = os.uname().machine
 
 
 class SpecError(ValueError):
@@ -64,7 +68,7 @@ class VmSpec:
         if self.guest == "workload":
             try:
                 self.workload_params()
-                plan_layout(self.layout_bytes, self.vcpus, self.working_set_mib * MIB)
+                self.plan_layout()
             except ValueError as err:
                 raise SpecError(f"VM {self.name}: {err}") from None
 
@@ -75,6 +79,20 @@ class VmSpec:
     @property
     def layout_bytes(self) -> int:
         return min(self.memory_bytes, MAX_MEMORY)
+
+    def plan_layout(self) -> Any:
+        """Where the workload guest puts everything, for this host's architecture."""
+        if HOST_ARCH == "aarch64":
+            return plan_layout_aarch64(
+                min(self.memory_bytes, ARM64_MAX_MEMORY), self.vcpus, self.working_set_mib * MIB
+            )
+        return plan_layout(self.layout_bytes, self.vcpus, self.working_set_mib * MIB)
+
+    def view(self) -> Any:
+        """The VMM's view of the workload guest (status pages, checks), from its layout."""
+        if HOST_ARCH == "aarch64":
+            return Arm64WorkloadGuest(self.plan_layout())
+        return WorkloadGuest(self.plan_layout())
 
     def workload_params(self) -> WorkloadParams:
         return WorkloadParams(
@@ -123,7 +141,7 @@ class VmState(enum.Enum):
 
 
 class HostedVm:
-    def __init__(self, spec: VmSpec, vm: Vm, guest: WorkloadGuest | None, state: VmState) -> None:
+    def __init__(self, spec: VmSpec, vm: Vm, guest: Any, state: VmState) -> None:
         self.spec = spec
         self.vm: Vm | None = vm
         self.guest = guest
@@ -171,6 +189,9 @@ class HostedVm:
                 "verification_errors": sum(s.verify_errors for s in status),
                 "passes_done": [s.passes_done for s in status],
             }
+            if vm.caps.arch == "aarch64":
+                info["guest"]["lpis_expected"] = sum(getattr(s, "lpis_expected", 0) for s in status)
+                info["guest"]["lpis_received"] = sum(getattr(s, "lpis_received", 0) for s in status)
         if self.last_migration is not None:
             info["last_migration"] = self.last_migration
         return info
@@ -198,7 +219,12 @@ def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig) -> HostedVm:
     """A new VM with its guest loaded and running (blocking: call it off the event loop)."""
     vm = Vm.create(kvm, config)
     try:
-        guest = load_workload(vm, spec.workload_params()) if spec.guest == "workload" else None
+        guest: Any = None
+        if spec.guest == "workload":
+            if vm.caps.arch == "aarch64":
+                guest = load_workload_aarch64(vm, spec.workload_params())
+            else:
+                guest = load_workload(vm, spec.workload_params())
         vm.start()
     except BaseException:
         vm.close()
@@ -210,9 +236,7 @@ def create_incoming(kvm: Kvm, spec: VmSpec, config: VmConfig) -> HostedVm:
     """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running."""
     vm = Vm.create(kvm, config)
     try:
-        guest = None
-        if spec.guest == "workload":
-            guest = WorkloadGuest(plan_layout(spec.layout_bytes, spec.vcpus, spec.working_set_mib * MIB))
+        guest = spec.view() if spec.guest == "workload" else None
         vm.start(running=False)
     except BaseException:
         vm.close()

@@ -3,7 +3,9 @@
 `Vm.create()` builds a VM in the one order the kernel's rules allow (DESIGN R1, R2): the dirty
 ring right after KVM_CREATE_VM, WITH_BITMAP (where offered) next, then memslots, then vCPUs. The
 single steps are public so that the order can be tested, and each one refuses, before the kernel
-sees the request, to run out of order. This module knows nothing about migration.
+sees the request, to run out of order. On arm64 (`caps.arch == "aarch64"`) guest RAM starts at
+`aarch64.RAM_BASE`, and once every vCPU exists `aarch64.setup_machine` initializes them
+(KVM_ARM_VCPU_INIT) and creates the vGIC v3 and its ITS. This module knows nothing about migration.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import uapi
+from . import aarch64, uapi
 from ._libc import MAP_SHARED, PROT_READ, PROT_WRITE, ioctl, mmap, munmap
 from .dirty import BitmapTracker, DirtyTracker, RingTracker
 from .errors import (
@@ -115,6 +117,8 @@ class Vm:
         self._harvest_interval_s = HARVEST_INTERVAL_S
         self.harvester_error: BaseException | None = None
         self.on_vcpu_finished: Callable[[Vcpu], None] | None = None
+        # arm64 only: the vCPU init and the vGIC/ITS device fds (aarch64.setup_machine).
+        self.arm: aarch64.ArmMachine | None = None
 
     # ---- the one order (R1, R2), composed -----------------------------------------------
 
@@ -132,9 +136,17 @@ class Vm:
                     vm.enable_ring_with_bitmap()  # R2
             elif caps.manual_dirty_log_protect:
                 vm.enable_manual_dirty_log_protect()
-            vm.add_memory(GuestMemory.flat(config.memory_bytes, name=f"{config.name}-ram"))
+            if caps.arch == "aarch64":
+                # arm64 guests have RAM at aarch64.RAM_BASE, above the GIC's MMIO frames.
+                memory = aarch64.guest_memory(config.memory_bytes, name=f"{config.name}-ram")
+            else:
+                memory = GuestMemory.flat(config.memory_bytes, name=f"{config.name}-ram")
+            vm.add_memory(memory)
             for index in range(config.vcpus):
                 vm.create_vcpu(index)
+            if caps.arch == "aarch64":
+                # KVM_ARM_VCPU_INIT once every vCPU exists, then the vGIC v3 and its ITS.
+                aarch64.setup_machine(vm)
             vm.finish_setup()
         except BaseException:
             vm.close()
@@ -382,6 +394,9 @@ class Vm:
         for vcpu in self.vcpus:
             os.close(vcpu.fd)
         self.vcpus.clear()
+        if self.arm is not None:
+            self.arm.close()  # the vGIC and ITS device fds
+            self.arm = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

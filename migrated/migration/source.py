@@ -346,7 +346,10 @@ class Source:
         dirty = pending.union(final)
         if backup is not None:
             self.stats.backup_bitmap_pages = backup.count
-            dirty = dirty.union(backup)
+            union = dirty.union(backup)
+            # What only the bitmap saw: on arm64 the ITS save's writes (R6.3).
+            self.stats.backup_bitmap_added = union.count - dirty.count
+            dirty = union
         self.stats.final_pages = dirty.count
         self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
         await self._send_dirty(dirty, self.stats.round + 1)  # R6.5: the union, then state

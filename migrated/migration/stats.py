@@ -39,6 +39,7 @@ class MigrationStats:
     dirty_tracking: str = ""
     backup_bitmap: str = ""
     backup_bitmap_pages: int = 0
+    backup_bitmap_added: int = 0  # pages only the backup bitmap reported
     ring_full_exits: int = 0
     downtime_limit_ms: float = 0.0
     error: str | None = None

@@ -30,6 +30,7 @@ from transport import (
 
 from .. import faults, tls
 from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_config
+from ..kvm import aarch64
 from ..kvm.errors import KvmError
 from ..logs import get_logger
 from ..pagehash import memory_digest
@@ -136,8 +137,12 @@ class Target:
         if description.vcpus != spec.vcpus or description.vcpus > caps.max_vcpus:
             raise Refused(f"{description.vcpus} vCPUs: this host allows 1 to {caps.max_vcpus}")
         layout = [(r.slot, r.guest_phys_addr, r.size) for r in description.memory]
-        if layout != [(0, 0, spec.memory_bytes)]:
-            raise Refused(f"memory layout {layout}: this daemon hosts one slot at 0 of the spec's size")
+        ram_base = aarch64.RAM_BASE if caps.arch == "aarch64" else 0
+        if layout != [(0, ram_base, spec.memory_bytes)]:
+            raise Refused(
+                f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the "
+                "spec's size"
+            )
         if spec.name in self.daemon.vms:
             raise Refused(f"a VM named {spec.name!r} already exists on this daemon")
         problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
@@ -210,18 +215,17 @@ class Target:
                 raise PeerError(f"unexpected {type(event).__name__} while receiving the VM")
 
     async def _load(self, done: Done, blobs: list[tuple[str, bytes]]) -> None:
-        """R9: all memory is in place; now the state, then the digest, then LOADED."""
+        """R9: all memory is in place; the digest of it, then the state, then LOADED.
+
+        The digest comes first: it checks the memory as sent, and restoring device state may
+        itself write guest RAM (on arm64, restoring the ITS consumes pending bits from the LPI
+        pending table and clears them in memory).
+        """
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and stats is not None
         vm = hosted.vm
         assert vm.memory is not None
         stats.state = stats.phase = "loading"
-        restore_started = time.perf_counter()
-        try:
-            await trio.to_thread.run_sync(vmstate.restore, hosted, self.daemon.kvm, blobs)
-        except (KvmError, ValueError) as err:
-            raise Refused(f"state restore failed: {err}") from None
-        stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
         digest = None
         if done.verify == "full":
             verify_started = time.perf_counter()
@@ -230,6 +234,12 @@ class Target:
             stats.digest = digest.hex()
             if digest != done.digest:
                 raise Refused("memory digest mismatch after loading: discarding this copy")
+        restore_started = time.perf_counter()
+        try:
+            await trio.to_thread.run_sync(vmstate.restore, hosted, self.daemon.kvm, blobs)
+        except (KvmError, ValueError) as err:
+            raise Refused(f"state restore failed: {err}") from None
+        stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
         if faults.active("target-refuse-loaded"):
             raise Refused("refusing at LOADED (test fault target-refuse-loaded)")
         await self.channel.send(Loaded(digest=digest))

@@ -1,6 +1,7 @@
 """vCPU and device state for the wire: what the source captures in R6.3 and the target restores
-(R9) after all memory is in place. The KVM side is `migrated.kvm.x86_state`; this module frames
-it as DeviceState blobs (msgpack, bounded, versioned inside) and checks compatibility early.
+(R9) after all memory is in place. The KVM side is `migrated.kvm.x86_state` and
+`migrated.kvm.aarch64`; this module frames it as DeviceState blobs (msgpack, bounded, versioned
+inside) and checks compatibility early.
 """
 
 from __future__ import annotations
@@ -9,18 +10,24 @@ from typing import Any
 
 import msgpack
 
+from .. import faults
 from ..hosted import HostedVm
-from ..kvm import x86_state
+from ..kvm import aarch64, x86_state
 from ..kvm.system import Kvm
 
 X86_MACHINE = "x86-machine"
-KINDS = frozenset({X86_MACHINE})
+ARM64_MACHINE = "arm64-machine"
+KINDS = frozenset({X86_MACHINE, ARM64_MACHINE})
 # A state blob is a few KiB per vCPU; the transport caps DeviceState at 16 MiB anyway.
 _MAX_BLOB = 16 << 20
 
 
 def cpu_features(kvm: Kvm) -> dict[str, Any]:
     """What the VM's CPU looks like, for the target to refuse an incompatible host up front."""
+    if kvm.caps().arch == "aarch64":
+        # KVM_ARM_PREFERRED_TARGET is the generic target on every current host; what differs
+        # between hosts is checked register by register when the state is restored.
+        return {"cpu_arch": "aarch64"}
     vendor, signature = x86_state.cpu_identity(kvm.supported_cpuid())
     model = x86_state.CpuModel.from_cpuid(vendor, signature)
     return {"cpu_vendor": model.vendor, "cpu_family": model.family, "cpu_model": model.model}
@@ -41,6 +48,14 @@ def capture(hosted: HostedVm, kvm: Kvm) -> list[tuple[str, bytes]]:
     """R6.3: every vCPU's and the VM's state; the vCPUs are parked."""
     vm = hosted.vm
     assert vm is not None
+    if vm.caps.arch == "aarch64":
+        # R6.3 on arm64: the LPI pending tables and the ITS tables go into guest RAM first, with
+        # no vCPU running (EBUSY otherwise); only the backup bitmap sees those writes, and the
+        # caller collects it after this (R6.4). Then the registers.
+        if not faults.active("source-skip-its-save"):
+            aarch64.save_its_tables(vm)
+        arm_state = aarch64.save_vm_state(vm)
+        return [(ARM64_MACHINE, msgpack.packb(arm_state.to_wire(), use_bin_type=True))]
     state = x86_state.save_vm_state(vm, irqchip=False, pit=False)
     return [(X86_MACHINE, msgpack.packb(state.to_wire(), use_bin_type=True))]
 
@@ -48,9 +63,10 @@ def capture(hosted: HostedVm, kvm: Kvm) -> list[tuple[str, bytes]]:
 def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> None:
     vm = hosted.vm
     assert vm is not None
+    expected = ARM64_MACHINE if vm.caps.arch == "aarch64" else X86_MACHINE
     kinds = [kind for kind, _ in blobs]
-    if kinds != [X86_MACHINE]:
-        raise ValueError(f"device state kinds {kinds}: this daemon restores exactly [{X86_MACHINE!r}]")
+    if kinds != [expected]:
+        raise ValueError(f"device state kinds {kinds}: this daemon restores exactly [{expected!r}]")
     blob = blobs[0][1]
     if len(blob) > _MAX_BLOB:
         raise ValueError(f"machine state of {len(blob)} bytes exceeds {_MAX_BLOB}")
@@ -58,6 +74,10 @@ def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> None:
         wire = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_bin_len=_MAX_BLOB)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:
         raise ValueError(f"machine state is not valid msgpack: {err}") from None
+    if expected == ARM64_MACHINE:
+        # R9: memory is in place; restore_vm_state follows arm-vgic-its.rst's order.
+        aarch64.restore_vm_state(vm, aarch64.VmState.from_wire(wire))
+        return
     state = x86_state.VmState.from_wire(wire)
     x86_state.restore_vm_state(vm, state, irqchip=False, pit=False)
 

@@ -2,7 +2,10 @@
 
 A generated C program prints each constant, struct size, field offset and field size; it is built
 against the host's <linux/kvm.h> (Debian 12: Linux 6.1) and against newer headers from
-`.ci/fetch-headers`.
+`.ci/fetch-headers`. The arm64 names (`uapi.ARM64_ONLY`, `uapi.ARM64_STRUCTS`) are checked against
+the aarch64 <asm/kvm.h> of the newer headers instead, together with the generic names the arm64
+code uses (`uapi.ARM64_SHARED`): the host gcc builds that program with the aarch64 include
+directory ahead of its own, and fixed-width types give the same layout on both.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from migrated.kvm import uapi
 REPO = Path(__file__).resolve().parents[2]
 HOST_KVM_H = "/usr/include/linux/kvm.h"
 MULTIARCH = "x86_64-linux-gnu"  # uapi.py describes the x86_64 layout
+ARM64_MULTIARCH = "aarch64-linux-gnu"  # ... and, in its arm64 section, the aarch64 one
 ABSENT = "ABSENT"
 
 
@@ -34,12 +38,14 @@ class Probe:
     macro: str | None = None  # reported absent, not a compile error, when this is undefined
 
 
-def constant_probes(exclude: frozenset[str] = frozenset()) -> list[Probe]:
+def constant_probes(
+    exclude: frozenset[str] = frozenset(), only: frozenset[str] | None = None
+) -> list[Probe]:
     # Every constant, ioctl numbers included, is a macro in the headers, so #ifdef finds them all.
     return [
         Probe(name, name, value, macro=name)
         for name, value in sorted(uapi.constants().items())
-        if name not in exclude
+        if name not in exclude and (only is None or name in only)
     ]
 
 
@@ -67,13 +73,18 @@ def _members(
             yield from _members(ctype, {}, frozenset(), f"{c_prefix}{c_name}.", base + field.offset)
 
 
-def struct_probes() -> list[Probe]:
+def struct_probes(
+    structs: dict[str, type[ctypes.Structure]] | None = None,
+    unchecked: dict[str, frozenset[str]] | None = None,
+) -> list[Probe]:
     probes = []
-    for c_struct, cls in uapi.STRUCTS.items():
+    for c_struct, cls in (uapi.STRUCTS if structs is None else structs).items():
         size = f"sizeof(struct {c_struct})"
         probes.append(Probe(size, size, ctypes.sizeof(cls)))
         renames = uapi.C_FIELD_NAMES.get(c_struct, {})
-        skip = uapi.UNCHECKED_FIELDS.get(c_struct, frozenset())
+        skip = (uapi.UNCHECKED_FIELDS if unchecked is None else unchecked).get(
+            c_struct, frozenset()
+        )
         for member, offset, field_size in _members(cls, renames, skip, "", 0):
             where = f"offsetof(struct {c_struct}, {member})"
             size = f"sizeof(((struct {c_struct} *)0)->{member})"
@@ -159,14 +170,61 @@ def newer_headers() -> Path:
 
 
 def test_host_headers_match(tmp_path: Path) -> None:
-    probes = constant_probes(exclude=uapi.NEWER_THAN_HOST_HEADERS) + struct_probes()
+    probes = (
+        constant_probes(exclude=uapi.NEWER_THAN_HOST_HEADERS | uapi.ARM64_ONLY) + struct_probes()
+    )
     check(probes, tmp_path, [], HOST_KVM_H)
 
 
 def test_newer_headers_match(tmp_path: Path, newer_headers: Path) -> None:
     include = newer_headers / "usr" / "include"
-    probes = constant_probes() + struct_probes()
+    probes = constant_probes(exclude=uapi.ARM64_ONLY) + struct_probes()
     check(probes, tmp_path, [include, include / MULTIARCH], str(include / "linux" / "kvm.h"))
+
+
+def arm64_probes() -> list[Probe]:
+    shared_structs = {name: cls for name, cls in uapi.STRUCTS.items() if name in uapi.ARM64_SHARED}
+    return (
+        constant_probes(only=uapi.ARM64_ONLY | uapi.ARM64_SHARED)
+        + struct_probes(uapi.ARM64_STRUCTS, uapi.ARM64_UNCHECKED_FIELDS)
+        + struct_probes(shared_structs)
+        + core_register_probes()
+    )
+
+
+def core_register_probes() -> list[Probe]:
+    """Core register ids as asm/kvm.h builds them (KVM_REG_ARM_CORE_REG) against ours."""
+    from migrated.kvm import aarch64
+
+    probes = []
+    for name, ours in sorted(aarch64.CORE_REGS.items()):
+        member = aarch64.CORE_REG_MEMBERS[name]
+        size = {8: "U64", 16: "U128", 4: "U32"}[aarch64.reg_size(ours)]
+        expr = (
+            f"KVM_REG_ARM64 | KVM_REG_SIZE_{size} | KVM_REG_ARM_CORE"
+            f" | KVM_REG_ARM_CORE_REG({member})"
+        )
+        probes.append(Probe(f"core register {name}", expr, ours))
+    return probes
+
+
+def test_aarch64_headers_match(tmp_path: Path, newer_headers: Path) -> None:
+    include = newer_headers / "usr" / "include"
+    header = include / ARM64_MULTIARCH / "asm" / "kvm.h"
+    assert header.is_file(), f"{header} is missing: .ci/fetch-headers should have unpacked it"
+    check(arm64_probes(), tmp_path, [include, include / ARM64_MULTIARCH], str(header))
+
+
+def test_arm64_names_are_defined_and_disjoint() -> None:
+    names = uapi.constants().keys() | uapi.STRUCTS.keys()
+    assert sorted(uapi.ARM64_SHARED - names) == []
+    assert sorted(uapi.ARM64_ONLY - uapi.constants().keys()) == []
+    # ARM64_ONLY is left out of the x86 checks: no name may be both arm64-only and checked there.
+    assert uapi.ARM64_ONLY.isdisjoint(uapi.ARM64_SHARED)
+    assert uapi.ARM64_ONLY.isdisjoint(uapi.NEWER_THAN_HOST_HEADERS)
+    # Two structs share their C name with x86's and differ in layout; every other arm64 struct
+    # must stay out of STRUCTS, which the x86 headers check.
+    assert uapi.ARM64_STRUCTS.keys() & uapi.STRUCTS.keys() == {"kvm_regs", "kvm_vcpu_events"}
 
 
 def test_newer_than_host_headers_are_absent_from_host(tmp_path: Path) -> None:
