@@ -87,6 +87,14 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
     }
     if args.dirty_tracking:
         payload["dirty_tracking"] = args.dirty_tracking
+    if args.image is not None or args.guest == "raw":
+        if args.guest != "raw" or args.image is None:
+            print("migratectl: --image goes with --guest raw, and --guest raw needs --image",
+                  file=sys.stderr)
+            return 2
+        # The daemon reads the file: give it a path that does not depend on our directory.
+        payload.update(image=str(Path(args.image).resolve()), load_addr=args.load_addr,
+                       entry=args.entry)
     result = _call(args, "vm.create", payload)
     _print(args, result, f"created {result['name']}: {result['state']}, "
                          f"dirty tracking {result.get('dirty_tracking')}")
@@ -111,12 +119,37 @@ def _format_show(info: dict[str, Any]) -> str:
     if "dirty_tracking" in info:
         lines.append(f"dirty tracking: {info['dirty_tracking']} "
                      f"(ring-full exits {info['tracker']['ring_full_exits']})")
+    raw = info.get("raw")
+    if raw:
+        where = raw.get("cs:ip") or raw.get("rip")
+        lines.append(f"image: {raw['image']} at {raw['load_addr']}, {raw['entry']} entry ({where})")
+        lines.append(f"console: {raw['uart']['bytes_transmitted']} bytes sent "
+                     f"(`migratectl vm console {info['name']}`)")
     guest = info.get("guest")
     if guest:
         lines.append(f"heartbeat generation: {guest['heartbeat_generation']} {guest['heartbeat']}")
         lines.append(f"pages written: {guest['pages_written']}")
         lines.append(f"verification errors: {guest['verification_errors']}")
     return "\n".join(lines)
+
+
+def cmd_vm_console(args: argparse.Namespace) -> int:
+    """Print a raw guest's console output; with --follow, keep printing what comes."""
+    out = sys.stdout.buffer
+    position = 0
+    while True:
+        result = _call(args, "vm.console", {"name": args.name, "since": position})
+        if result["dropped"] and position:
+            out.write(f"\n[migratectl: {result['dropped']} bytes dropped]\n".encode())
+        out.write(result["output"].encode("latin-1"))
+        out.flush()
+        position = result["next"]
+        if not args.follow:
+            return 0
+        try:
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            return 0
 
 
 def cmd_vm_show(args: argparse.Namespace) -> int:
@@ -240,7 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--memory", type=int, required=True, help="guest RAM in MiB")
     create.add_argument("--vcpus", type=int, default=1)
-    create.add_argument("--guest", default="workload", choices=["workload", "none"])
+    create.add_argument("--guest", default="workload", choices=["workload", "raw", "none"])
+    create.add_argument("--image", help="raw: a boot sector or flat binary (read by the daemon)")
+    create.add_argument("--load-addr", type=_address, default=0x7C00,
+                        help="raw: guest-physical load address (default 0x7c00)")
+    create.add_argument("--entry", choices=["real", "long"], default="real",
+                        help="raw: start in real mode at 0:ADDR as a BIOS would (default), or in "
+                        "64-bit mode at ADDR with identity paging")
     create.add_argument("--dirty-rate", type=_rate, default=0.0, help="MiB/s the guest dirties, or 'max'")
     create.add_argument("--working-set", type=int, default=16, help="MiB the guest writes over")
     create.add_argument("--dirty-tracking", choices=["auto", "ring", "bitmap"])
@@ -263,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("name")
         command.add_argument("--json", action="store_true", help="print JSON")
         command.set_defaults(func=cmd_vm_simple)
+    console = vm.add_parser("console", help="a raw guest's serial console output (COM1)")
+    console.add_argument("name")
+    console.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    console.set_defaults(func=cmd_vm_console)
     dump = vm.add_parser("dump", help="guest-physical memory of a paused VM to a file")
     dump.add_argument("name")
     dump.add_argument("file")
@@ -297,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (create, status, cancel, resolve, migrate):
         command.add_argument("--json", action="store_true", help="print JSON")
     for command in vm.choices.values():
-        if command not in (create, set_rate, dump) and command.get_default("func") is not cmd_vm_simple:
+        if command not in (create, set_rate, dump, console) and command.get_default("func") is not cmd_vm_simple:
             command.add_argument("--json", action="store_true", help="print JSON")
     return parser
 

@@ -16,6 +16,7 @@ import trio
 from . import faults
 from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
+from .devices import console_log_path
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
 from .kvm.errors import KvmError
 from .kvm.system import Kvm
@@ -46,6 +47,7 @@ class Daemon:
             "vm.set": self.cmd_vm_set,
             "vm.pause": self.cmd_vm_pause,
             "vm.dump": self.cmd_vm_dump,
+            "vm.console": self.cmd_vm_console,
             "vm.resume": self.cmd_vm_resume,
             "daemon.status": self.cmd_daemon_status,
         }
@@ -82,10 +84,13 @@ class Daemon:
         if spec.name in self.vms:
             raise RequestError(f"a VM named {spec.name!r} already exists on this daemon")
         try:
-            hosted = await trio.to_thread.run_sync(create_local, self.kvm, spec, config)
+            hosted = await trio.to_thread.run_sync(
+                create_local, self.kvm, spec, config, self.console_log(spec))
         except (KvmError, ValueError) as err:
             raise RequestError(f"cannot create VM {spec.name}: {err}") from None
         self.vms[spec.name] = hosted
+        for warning in hosted.warnings:
+            self.log.warning("raw_image_warning", vm=spec.name, image=spec.image, warning=warning)
         self.log.info("vm_created", vm=spec.name, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
                       dirty_tracking=config.dirty_tracking)
         self.update_status()
@@ -174,6 +179,31 @@ class Daemon:
         except OSError as err:
             raise RequestError(f"cannot write {path}: {err.strerror}") from None
         return {"name": hosted.name, "file": path, "start": start, "length": length}
+
+    def console_log(self, spec: VmSpec) -> Path | None:
+        """A raw guest's console log: <state_dir>/console/<name>.log (appended to)."""
+        if spec.guest != "raw":
+            return None
+        return console_log_path(self.config.daemon.state_dir, spec.name)
+
+    async def cmd_vm_console(self, args: dict[str, Any]) -> Any:
+        """A raw guest's UART output: what the buffer (its last 64 KiB) holds after byte `since`
+        (0: all of it), and the position to ask from next time (`migratectl vm console -f`)."""
+        hosted = self.hosted(args)
+        if hosted.ports is None:
+            raise RequestError(f"VM {hosted.name} has no console (only raw guests have a UART)")
+        since = args.get("since", 0)
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise RequestError(f"since {since!r}: a byte position >= 0")
+        data, position = hosted.ports.uart.read_output(since)
+        return {
+            "name": hosted.name,
+            "output": data.decode("latin-1"),  # bytes as code points 0-255: lossless in JSON
+            "encoding": "latin-1",
+            "next": position,
+            "dropped": max(0, position - len(data) - since),
+            "log": str(hosted.console_log.path) if hosted.console_log is not None else None,
+        }
 
     async def cmd_daemon_status(self, args: dict[str, Any]) -> Any:
         return {

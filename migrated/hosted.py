@@ -13,11 +13,14 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from .guests.aarch64_boot import MAX_MEMORY as ARM64_MAX_MEMORY
 from .guests.aarch64_boot import Arm64WorkloadGuest, load_workload_aarch64, plan_layout_aarch64
+from .devices import ConsoleLog, PcPorts, pc_ports
 from .guests.boot import load_workload
+from .guests.raw import DEFAULT_LOAD_ADDR, check_raw_image, describe_entry, load_raw, read_raw_image
 from .guests.layout import MAX_MEMORY
 from .guests.workload import WorkloadGuest, WorkloadParams, plan_layout
 from .kvm.system import Kvm
@@ -26,7 +29,7 @@ from .kvm.vm import DIRTY_TRACKING_MODES, DirtyTrackingMode, Vm, VmConfig
 
 MIB = 1 << 20
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-GUEST_KINDS = ("workload", "none")
+GUEST_KINDS = ("workload", "raw", "none")
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB: sparse memfd RAM makes large guests cheap until touched
 MAX_VCPUS = 64
 HOST_ARCH = os.uname().machine
@@ -47,6 +50,11 @@ class VmSpec:
     dirty_rate_mib_s: float = 0.0  # math.inf = as fast as the guest can
     working_set_mib: int = 16
     seed: int = 0
+    # guest "raw": the image file on the host that created the VM (a target never reads it: the
+    # image arrives in RAM), where it is loaded and how it starts (migrated.guests.raw).
+    image: str = ""
+    load_addr: int = DEFAULT_LOAD_ADDR
+    entry: str = "real"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
@@ -65,6 +73,17 @@ class VmSpec:
             raise SpecError(f"dirty rate {rate!r} MiB/s: a number >= 0, or 'max'")
         _int_in("working set (MiB)", self.working_set_mib, 1, self.memory_mib)
         _int_in("seed", self.seed, 0, (1 << 64) - 1)
+        if self.guest == "raw":
+            if not isinstance(self.image, str) or not self.image.startswith("/"):
+                raise SpecError(f"VM {self.name}: a raw guest needs its image as an absolute path")
+            _int_in("load address", self.load_addr, 0, self.memory_bytes - 1)
+            try:
+                # The image's size is unknown here (a target never sees the file): the rest.
+                check_raw_image(1, self.memory_bytes, self.load_addr, self.entry, vcpus=self.vcpus)
+            except ValueError as err:
+                raise SpecError(f"VM {self.name}: {err}") from None
+        elif self.image:
+            raise SpecError(f"VM {self.name}: an image is for guest 'raw' only")
         if self.guest == "workload":
             try:
                 self.workload_params()
@@ -141,10 +160,15 @@ class VmState(enum.Enum):
 
 
 class HostedVm:
-    def __init__(self, spec: VmSpec, vm: Vm, guest: Any, state: VmState) -> None:
+    def __init__(
+        self, spec: VmSpec, vm: Vm, guest: Any, state: VmState, ports: PcPorts | None = None
+    ) -> None:
         self.spec = spec
         self.vm: Vm | None = vm
         self.guest = guest
+        self.ports = ports  # raw guests: COM1, port 0x92, the floating legacy ports
+        self.console_log: ConsoleLog | None = None  # raw guests: the per-VM log of COM1
+        self.warnings: list[str] = []  # the loader's, for the daemon to log
         self.state = state
         self.error: str | None = None
         self.created_at = time.time()
@@ -192,6 +216,16 @@ class HostedVm:
             if vm.caps.arch == "aarch64":
                 info["guest"]["lpis_expected"] = sum(getattr(s, "lpis_expected", 0) for s in status)
                 info["guest"]["lpis_received"] = sum(getattr(s, "lpis_received", 0) for s in status)
+        if self.ports is not None:
+            bus = self.ports.bus.stats()
+            info["raw"] = {
+                "image": self.spec.image,
+                **describe_entry(self.spec.load_addr, self.spec.entry),
+                "uart": bus["devices"]["com1"],
+                "port92": bus["devices"]["port92"],
+                "other_ports": bus["devices"]["unclaimed"],
+                "io_exits": bus["exits"],
+            }
         if self.last_migration is not None:
             info["last_migration"] = self.last_migration
         return info
@@ -200,6 +234,9 @@ class HostedVm:
         if self.vm is not None:
             self.vm.close()
             self.vm = None
+        if self.console_log is not None:
+            self.console_log.close()  # after the vCPUs: nothing writes to it any more
+            self.console_log = None
 
 
 def vm_config(spec: VmSpec, dirty_tracking: str, ring_bytes: int, harvest_interval_ms: float) -> VmConfig:
@@ -215,11 +252,29 @@ def vm_config(spec: VmSpec, dirty_tracking: str, ring_bytes: int, harvest_interv
     )
 
 
-def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig) -> HostedVm:
-    """A new VM with its guest loaded and running (blocking: call it off the event loop)."""
+def raw_ports(vm: Vm, console_log: Path | None) -> tuple[PcPorts, ConsoleLog | None]:
+    """A raw guest's port devices, serving vCPU 0's port I/O exits; COM1 also to the log."""
+    log = ConsoleLog(console_log) if console_log is not None else None
+    ports = pc_ports(console_sink=log.write if log is not None else None)
+    ports.bus.attach(vm.vcpus[0])
+    return ports, log
+
+
+def create_local(
+    kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None
+) -> HostedVm:
+    """A new VM with its guest loaded and running (blocking: call it off the event loop).
+    `console_log`: the file a raw guest's UART output is appended to."""
+    image = read_raw_image(spec.image, spec.memory_bytes) if spec.guest == "raw" else b""
     vm = Vm.create(kvm, config)
+    ports: PcPorts | None = None
+    log: ConsoleLog | None = None
+    warnings: list[str] = []
     try:
         guest: Any = None
+        if spec.guest == "raw":
+            ports, log = raw_ports(vm, console_log)
+            warnings = load_raw(vm, image, spec.load_addr, spec.entry)
         if spec.guest == "workload":
             if vm.caps.arch == "aarch64":
                 guest = load_workload_aarch64(vm, spec.workload_params())
@@ -228,17 +283,32 @@ def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig) -> HostedVm:
         vm.start()
     except BaseException:
         vm.close()
+        if log is not None:
+            log.close()
         raise
-    return HostedVm(spec, vm, guest, VmState.RUNNING)
+    hosted = HostedVm(spec, vm, guest, VmState.RUNNING, ports)
+    hosted.console_log, hosted.warnings = log, warnings
+    return hosted
 
 
-def create_incoming(kvm: Kvm, spec: VmSpec, config: VmConfig) -> HostedVm:
-    """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running."""
+def create_incoming(
+    kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None
+) -> HostedVm:
+    """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running.
+    A raw guest gets the same devices, empty: their state comes with the vCPUs' (vmstate)."""
     vm = Vm.create(kvm, config)
+    ports: PcPorts | None = None
+    log: ConsoleLog | None = None
     try:
         guest = spec.view() if spec.guest == "workload" else None
+        if spec.guest == "raw":
+            ports, log = raw_ports(vm, console_log)
         vm.start(running=False)
     except BaseException:
         vm.close()
+        if log is not None:
+            log.close()
         raise
-    return HostedVm(spec, vm, guest, VmState.INCOMING)
+    hosted = HostedVm(spec, vm, guest, VmState.INCOMING, ports)
+    hosted.console_log = log
+    return hosted

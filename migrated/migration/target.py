@@ -165,7 +165,7 @@ class Target:
             config = vm_config(spec, defaults.dirty_tracking, defaults.ring_bytes,
                                defaults.harvest_interval_ms)
             self.hosted = await trio.to_thread.run_sync(
-                create_incoming, self.daemon.kvm, spec, config)
+                create_incoming, self.daemon.kvm, spec, config, self.daemon.console_log(spec))
         except (KvmError, SpecError, ValueError) as err:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
         self.daemon.register_incoming(self.hosted, self)

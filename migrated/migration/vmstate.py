@@ -17,7 +17,10 @@ from ..kvm.system import Kvm
 
 X86_MACHINE = "x86-machine"
 ARM64_MACHINE = "arm64-machine"
-KINDS = frozenset({X86_MACHINE, ARM64_MACHINE})
+# A raw guest's port devices (COM1 registers, its receive FIFO and its last 64 KiB of output;
+# port 0x92): migrated.devices.PortBus.to_wire(). Well under 100 KiB.
+X86_PORTS = "x86-ports"
+KINDS = frozenset({X86_MACHINE, ARM64_MACHINE, X86_PORTS})
 # A state blob is a few KiB per vCPU; the transport caps DeviceState at 16 MiB anyway.
 _MAX_BLOB = 16 << 20
 
@@ -57,29 +60,42 @@ def capture(hosted: HostedVm, kvm: Kvm) -> list[tuple[str, bytes]]:
         arm_state = aarch64.save_vm_state(vm)
         return [(ARM64_MACHINE, msgpack.packb(arm_state.to_wire(), use_bin_type=True))]
     state = x86_state.save_vm_state(vm, irqchip=False, pit=False)
-    return [(X86_MACHINE, msgpack.packb(state.to_wire(), use_bin_type=True))]
+    blobs = [(X86_MACHINE, msgpack.packb(state.to_wire(), use_bin_type=True))]
+    if hosted.ports is not None:
+        # The vCPUs are parked, and (vcpu.py) finished their last I/O instruction before they
+        # parked, so no device access is half done.
+        blobs.append((X86_PORTS, msgpack.packb(hosted.ports.bus.to_wire(), use_bin_type=True)))
+    return blobs
 
 
 def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> None:
     vm = hosted.vm
     assert vm is not None
-    expected = ARM64_MACHINE if vm.caps.arch == "aarch64" else X86_MACHINE
+    expected = [ARM64_MACHINE if vm.caps.arch == "aarch64" else X86_MACHINE]
+    if hosted.ports is not None:
+        expected.append(X86_PORTS)
     kinds = [kind for kind, _ in blobs]
-    if kinds != [expected]:
-        raise ValueError(f"device state kinds {kinds}: this daemon restores exactly [{expected!r}]")
-    blob = blobs[0][1]
-    if len(blob) > _MAX_BLOB:
-        raise ValueError(f"machine state of {len(blob)} bytes exceeds {_MAX_BLOB}")
-    try:
-        wire = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_bin_len=_MAX_BLOB)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:
-        raise ValueError(f"machine state is not valid msgpack: {err}") from None
-    if expected == ARM64_MACHINE:
+    if kinds != expected:
+        raise ValueError(f"device state kinds {kinds}: this VM restores exactly {expected}")
+    wire = _unpack(blobs[0][1], "machine state")
+    if hosted.ports is not None:
+        # Before any vCPU runs: the first `in` from the UART must see the source's registers.
+        hosted.ports.bus.load_wire(_unpack(blobs[1][1], "port device state"))
+    if expected[0] == ARM64_MACHINE:
         # R9: memory is in place; restore_vm_state follows arm-vgic-its.rst's order.
         aarch64.restore_vm_state(vm, aarch64.VmState.from_wire(wire))
         return
     state = x86_state.VmState.from_wire(wire)
     x86_state.restore_vm_state(vm, state, irqchip=False, pit=False)
+
+
+def _unpack(blob: bytes, what: str) -> Any:
+    if len(blob) > _MAX_BLOB:
+        raise ValueError(f"{what} of {len(blob)} bytes exceeds {_MAX_BLOB}")
+    try:
+        return msgpack.unpackb(blob, raw=False, strict_map_key=True, max_bin_len=_MAX_BLOB)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:
+        raise ValueError(f"{what} is not valid msgpack: {err}") from None
 
 
 def estimate_ms(vcpus: int) -> float:
