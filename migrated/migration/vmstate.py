@@ -26,18 +26,27 @@ _MAX_BLOB = 16 << 20
 
 
 def cpu_features(kvm: Kvm) -> dict[str, Any]:
-    """What the VM's CPU looks like, for the target to refuse an incompatible host up front."""
+    """What the VM's CPU and state format look like, for the target to refuse an incompatible
+    host up front, in the VM description: before the source stops anything."""
     if kvm.caps().arch == "aarch64":
         # KVM_ARM_PREFERRED_TARGET is the generic target on every current host; what differs
         # between hosts is checked register by register when the state is restored.
-        return {"cpu_arch": "aarch64"}
+        return {"cpu_arch": "aarch64", "state_version": aarch64.STATE_VERSION}
     vendor, signature = x86_state.cpu_identity(kvm.supported_cpuid())
     model = x86_state.CpuModel.from_cpuid(vendor, signature)
-    return {"cpu_vendor": model.vendor, "cpu_family": model.family, "cpu_model": model.model}
+    return {"cpu_vendor": model.vendor, "cpu_family": model.family, "cpu_model": model.model,
+            "state_version": x86_state.STATE_VERSION}
 
 
 def incompatibility(features: dict[str, Any], kvm: Kvm) -> str | None:
     here = cpu_features(kvm)
+    version = features.get("state_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > here["state_version"]:
+        return (
+            f"the VM's state format is version {version!r}; this daemon reads versions up to "
+            f"{here['state_version']}: upgrade the target first"
+        )
+    here.pop("state_version")
     theirs = {k: features.get(k) for k in here}
     if theirs != here:
         return (

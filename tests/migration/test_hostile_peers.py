@@ -761,6 +761,8 @@ def _unhostable(target: TargetHost, label: str, name: str) -> VmDescription:
         "another architecture": lambda: description(target, name, arch="aarch64"),
         "a run state of its own": lambda: description(
             target, name, features={"run_state": "owned"}),
+        "a state format from the future": lambda: description(
+            target, name, features={"state_version": 99}),
     }
     return cases[label]()  # type: ignore[no-any-return]
 
@@ -781,6 +783,7 @@ UNHOSTABLE = {
     "a foreign CPU": ["CyrixInstead", "differs from this host"],
     "another architecture": ["VM is aarch64; this host is x86_64"],
     "a run state of its own": ["run_state 'owned'"],
+    "a state format from the future": ["state format is version 99", "upgrade the target"],
 }
 
 
