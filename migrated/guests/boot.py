@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from migrated.kvm import uapi
+from migrated.kvm._libc import ioctl
+from migrated.kvm.errors import KvmIoctlError
+from migrated.kvm.system import Kvm
+from migrated.kvm.vcpu import Vcpu
 from migrated.kvm.vm import Vm
 
 from .layout import MAX_MEMORY
@@ -17,9 +22,67 @@ def load_workload(vm: Vm, params: WorkloadParams) -> WorkloadGuest:
     assert vm.memory is not None
     if params.vcpus != len(vm.vcpus):
         raise ValueError(f"workload for {params.vcpus} vCPUs on a VM with {len(vm.vcpus)}")
-    layout = plan_layout(min(vm.memory.size, MAX_MEMORY), params.vcpus, params.working_set_bytes)
+    layout = plan_layout(
+        min(vm.memory.size, MAX_MEMORY), params.vcpus, params.working_set_bytes,
+        smallos=params.smallos,
+    )
     states = install(vm.write_guest, layout, params, vm.tsc_khz())
     for vcpu, (regs, sregs) in zip(vm.vcpus, states):
+        if params.smallos:
+            # XCR0 before CR4.OSXSAVE is relied on; the guest cannot `xsetbv` at CPL0 on PVM.
+            set_xcr0(vcpu, smallos_xcr0(vm.kvm))
+            if vcpu.index:  # with the in-kernel irqchip, APs start UNINITIALIZED
+                _vcpu_ioctl(vcpu, "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE,
+                            uapi.kvm_mp_state(uapi.KVM_MP_STATE_RUNNABLE))
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs)
     return WorkloadGuest(layout)
+
+
+# ---- the small OS's VMM side (abi_smallos.h) -------------------------------------------
+
+XCR0_X87, XCR0_SSE, XCR0_AVX, XCR0_AVX512 = 0x1, 0x2, 0x4, 0xE0
+
+
+def _vcpu_ioctl(vcpu: Vcpu, step: str, request: int, arg: object) -> None:
+    try:
+        ioctl(vcpu.fd, request, arg)
+    except OSError as err:
+        raise KvmIoctlError(f"vCPU {vcpu.index}: {step}", err) from err
+
+
+def smallos_xcr0(kvm: Kvm) -> int:
+    """The XCR0 the small OS runs with: x87 | SSE, plus AVX and AVX-512 (0xe7) where this KVM
+    supports them (KVM_GET_SUPPORTED_CPUID leaf 0xD, sub-leaf 0)."""
+    supported = 0
+    for entry in kvm.supported_cpuid():
+        if entry.function == 0xD and entry.index == 0:
+            supported = entry.eax | entry.edx << 32
+    xcr0 = XCR0_X87 | XCR0_SSE
+    if supported & XCR0_AVX:
+        xcr0 |= XCR0_AVX
+        if supported & XCR0_AVX512 == XCR0_AVX512:
+            xcr0 |= XCR0_AVX512
+    return xcr0
+
+
+def set_xcr0(vcpu: Vcpu, value: int) -> None:
+    xcrs = uapi.kvm_xcrs(nr_xcrs=1)
+    xcrs.xcrs[0].xcr = 0
+    xcrs.xcrs[0].value = value
+    _vcpu_ioctl(vcpu, f"KVM_SET_XCRS (XCR0 = {value:#x})", uapi.KVM_SET_XCRS, xcrs)
+
+
+def irq_line(vm: Vm, irq: int, level: int) -> None:
+    """KVM_IRQ_LINE: set a GSI of the in-kernel irqchip (PIC and IOAPIC pin `irq`) to `level`."""
+    try:
+        ioctl(vm.fd, uapi.KVM_IRQ_LINE, uapi.kvm_irq_level(irq=irq, level=level))
+    except OSError as err:
+        raise KvmIoctlError(f"KVM_IRQ_LINE (irq {irq}, level {level})", err) from err
+
+
+def pulse_irq(vm: Vm, irq: int = 4) -> None:
+    """An edge on `irq`: what a device raising and dropping its line does (the small OS counts
+    it on vCPU 0 when `irq` is its WorkloadParams.irq_pin)."""
+    irq_line(vm, irq, 1)
+    irq_line(vm, irq, 0)

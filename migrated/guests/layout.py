@@ -28,6 +28,8 @@ TSS_GPA = 0x5000
 TSS_STRIDE = 128
 PD_GPA = 0x8000  # up to MAX_MEMORY / 1 GiB pages, to 0x48000
 KERNEL_RESERVED = (0x48000, 0x100000)  # for a later kernel's code and data
+MMIO_PD_GPA = 0x48000  # the small OS's page directory for the IOAPIC/LAPIC frames (4th GiB)
+SMALLOS_MAX_MEMORY = 3 * GIB  # the small OS maps the 4th GiB's top as MMIO
 KERNEL_STACKS_GPA = 0x100000
 KERNEL_STACK_SIZE = 16 << 10  # MAX_VCPUS of them fill the region up to USER_BASE
 USER_BASE = 0x200000
@@ -107,8 +109,16 @@ class WorkloadLayout:
         }
 
 
-def plan_layout(memory_bytes: int, vcpus: int, working_set_bytes: int) -> WorkloadLayout:
-    """Places everything; raises ValueError naming what does not fit."""
+def plan_layout(
+    memory_bytes: int, vcpus: int, working_set_bytes: int, *, smallos: bool = False
+) -> WorkloadLayout:
+    """Places everything; raises ValueError naming what does not fit. `smallos`: the x86 small
+    OS (abi_smallos.h), which also maps the IOAPIC and LAPIC frames and needs RAM below 3 GiB."""
+    if smallos and memory_bytes > SMALLOS_MAX_MEMORY:
+        raise ValueError(
+            f"memory {memory_bytes >> 20} MiB: the small-OS guest supports at most "
+            f"{SMALLOS_MAX_MEMORY >> 20} MiB (the 4th GiB holds the IOAPIC and LAPIC)"
+        )
     if not 1 <= vcpus <= MAX_VCPUS:
         raise ValueError(f"{vcpus} vCPUs: the workload guest supports 1 to {MAX_VCPUS}")
     if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
@@ -152,6 +162,7 @@ def plan_layout(memory_bytes: int, vcpus: int, working_set_bytes: int) -> Worklo
         kernel_stacks=KERNEL_STACKS_GPA,
         kernel_stack_size=KERNEL_STACK_SIZE,
         user_base=USER_BASE,
+        mmio_pd=MMIO_PD_GPA if smallos else 0,
     )
     return WorkloadLayout(
         memory_bytes=memory_bytes,

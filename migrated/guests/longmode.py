@@ -34,10 +34,10 @@ FIRST_TSS = 0x28
 
 # Page-table entry bits. A and D are preset so the CPU never writes the tables (such writes would
 # dirty them, and on PVM may be emulated).
-PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS = 1, 2, 4, 0x20, 0x40, 0x80
+PTE_P, PTE_RW, PTE_US, PTE_PWT, PTE_PCD, PTE_A, PTE_D, PTE_PS = 1, 2, 4, 8, 0x10, 0x20, 0x40, 0x80
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
-CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 0x20, 0x200, 0x400
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE = 0x20, 0x200, 0x400, 1 << 18
 EFER_LME, EFER_LMA = 0x100, 0x400
 CR0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
 CR4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
@@ -63,6 +63,9 @@ class LongModeSpec:
     kernel_stacks: int  # vCPU i's rsp0 stack: [kernel_stacks + i * size, + size)
     kernel_stack_size: int
     user_base: int
+    # A page directory for the 4th GiB mapping the IOAPIC (0xfec00000) and LAPIC (0xfee00000)
+    # 2 MiB frames, supervisor and uncached; 0: none. Only with memory below 3 GiB.
+    mmio_pd: int = 0
 
     @property
     def mapped_bytes(self) -> int:
@@ -103,6 +106,24 @@ def page_tables(spec: LongModeSpec) -> tuple[bytes, bytes, npt.NDArray[np.uint64
     user = np.where(addresses >= spec.user_base, PTE_US, 0).astype(np.uint64)
     pds[: addresses.size] = addresses | (PTE_P | PTE_RW | PTE_A | PTE_D | PTE_PS) | user
     return pml4.tobytes(), pdpt.tobytes(), pds
+
+
+MMIO_FRAMES = (0xFEC00000, 0xFEE00000)  # IOAPIC, LAPIC
+
+
+def mmio_page_directory(spec: LongModeSpec) -> npt.NDArray[np.uint64]:
+    """The PD of the 4th GiB: the IOAPIC and LAPIC frames, supervisor, uncached."""
+    if spec.mmio_pd and spec.pd_count > 3:
+        raise ValueError(
+            f"{spec.memory_bytes >> 20} MiB of RAM reaches the 4th GiB: RAM would cover the "
+            "IOAPIC and LAPIC (the small OS needs memory below 3 GiB)"
+        )
+    pd = np.zeros(512, np.uint64)
+    for frame in MMIO_FRAMES:
+        pd[(frame - 3 * GIB) // HUGE_PAGE] = frame | (
+            PTE_P | PTE_RW | PTE_PWT | PTE_PCD | PTE_A | PTE_D | PTE_PS
+        )
+    return pd
 
 
 def _descriptor(base: int, limit: int, access: int, flags: int) -> int:
@@ -149,6 +170,11 @@ def tss(spec: LongModeSpec, vcpu: int) -> bytes:
 def write_long_mode(write: Write, spec: LongModeSpec) -> None:
     """Writes the page tables, GDT and every vCPU's TSS into guest RAM through `write`."""
     pml4, pdpt, pds = page_tables(spec)
+    if spec.mmio_pd:
+        table = np.frombuffer(pdpt, np.uint64).copy()
+        table[3] = spec.mmio_pd | PTE_P | PTE_RW | PTE_US | PTE_A
+        pdpt = table.tobytes()
+        write(spec.mmio_pd, mmio_page_directory(spec).tobytes())
     write(spec.pml4, pml4)
     write(spec.pdpt, pdpt)
     write(spec.pd, pds.tobytes())
@@ -180,6 +206,19 @@ def user_sregs(spec: LongModeSpec, vcpu: int) -> kvm_sregs:
     sregs.idt.base, sregs.idt.limit = spec.idt, 0
     sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = CR0, spec.pml4, CR4, EFER
     sregs.apic_base = APIC_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if vcpu == 0 else 0)
+    return sregs
+
+
+def kernel_sregs(spec: LongModeSpec, vcpu: int, *, xsave: bool) -> kvm_sregs:
+    """64-bit mode at CPL0 (the small OS's kernel entry); `xsave` presets CR4.OSXSAVE (the VMM
+    sets XCR0 with KVM_SET_XCRS: `xsetbv` cannot run at CPL0 on PVM, HOST-NOTES)."""
+    sregs = user_sregs(spec, vcpu)
+    sregs.cs = _segment(KERNEL_CS, _CODE, code=True)
+    data = _segment(KERNEL_DS, _DATA, code=False)
+    sregs.ds = sregs.es = sregs.ss = data
+    # FS/GS keep the user data selector: the kernel sets the FS base by MSR and never reloads it.
+    if xsave:
+        sregs.cr4 |= CR4_OSXSAVE
     return sregs
 
 

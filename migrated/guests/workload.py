@@ -26,14 +26,16 @@ from migrated.kvm.uapi import kvm_regs, kvm_sregs
 from . import abi
 from .build import IMAGE_NAME
 from .layout import WorkloadLayout, plan_layout
-from .longmode import Write, user_regs, user_sregs, write_long_mode
+from .longmode import Write, kernel_sregs, user_regs, user_sregs, write_long_mode
 from .pages import VerifyReport, verify_pages
 
 __all__ = [
     "GuestImageMissingError",
     "Mode",
+    "SmallOsStatus",
     "VcpuState",
     "VcpuStatus",
+    "X86VcpuStatus",
     "VerifyReport",
     "WorkloadGuest",
     "WorkloadLayout",
@@ -63,8 +65,21 @@ class WorkloadParams:
     dirty_rate_mib_s: float = math.inf  # whole VM; 0 = idle; math.inf = as fast as it can
     mode: Mode = "continuous"
     seed: int = 0
+    # The x86 small OS (x86_64/abi_smallos.h): a CPL0 kernel under the workload, with interrupts,
+    # timers and register/clock/atomic checks. Needs the in-kernel irqchip (and PIT if pit_hz).
+    smallos: bool = False
+    tick_hz: int = 250  # LAPIC timer, every vCPU
+    pit_hz: int = 100  # PIT channel 0 on vCPU 0; 0: PIT left alone
+    irq_pin: int = 4  # IOAPIC pin the VMM pulses (boot.pulse_irq), counted by vCPU 0
 
     def __post_init__(self) -> None:
+        if self.smallos:
+            if not 1 <= self.tick_hz <= 10_000:
+                raise ValueError(f"tick rate {self.tick_hz} Hz: allowed 1 to 10000")
+            if not 0 <= self.pit_hz <= 10_000 or 0 < self.pit_hz < 19:
+                raise ValueError(f"PIT rate {self.pit_hz} Hz: 0 (off) or 19 to 10000")
+            if self.irq_pin not in range(24) or self.irq_pin in (0, 2):
+                raise ValueError(f"IOAPIC pin {self.irq_pin}: 1 or 3 to 23 (0 and 2: the PIT)")
         if self.mode not in _MODES:
             raise ValueError(f"mode {self.mode!r}: allowed are {', '.join(_MODES)}")
         if not 0 <= self.seed < 1 << 64:
@@ -115,7 +130,18 @@ def params_page(layout: WorkloadLayout, params: WorkloadParams, tsc_khz: int) ->
     words[abi.WL_P_MODE] = _MODES[params.mode]
     words[abi.WL_P_RATE] = rate_pages_per_vcpu(params.dirty_rate_mib_s, layout.vcpus)
     words[abi.WL_P_PASS_REQ] = 0
+    if params.smallos:
+        words[abi.WLX_P_FLAGS] = abi.WLX_F_SMALLOS
+        words[abi.WLX_P_TICK_HZ] = params.tick_hz
+        words[abi.WLX_P_APIC_HZ] = APIC_TIMER_HZ
+        words[abi.WLX_P_PIT_HZ] = params.pit_hz
+        words[abi.WLX_P_IRQ_PIN] = params.irq_pin
+        words[abi.WLX_P_USER_STACKS] = layout.stacks
+        words[abi.WLX_P_USER_STACK_SIZE] = layout.stack_size
     return words.tobytes()
+
+
+APIC_TIMER_HZ = 1_000_000_000  # KVM's LAPIC timer input clock (APIC_BUS_CYCLE_NS = 1)
 
 
 def install(
@@ -134,12 +160,29 @@ def install(
         )
     if tsc_khz <= 0:
         raise ValueError(f"TSC frequency {tsc_khz} kHz: must be positive (KVM_GET_TSC_KHZ)")
+    if params.smallos != bool(layout.longmode.mmio_pd):
+        raise ValueError("params and layout disagree on smallos: plan_layout(..., smallos=...)")
     image = load_image()
     if len(image) > layout.code_max:
         raise ValueError(f"workload image is {len(image)} bytes; its region holds {layout.code_max}")
     write_long_mode(write, layout.longmode)
     write(layout.code, image)
     write(layout.params, params_page(layout, params, tsc_khz))
+    if params.smallos:
+        # Kernel entry at CPL0 on this vCPU's rsp0 stack; it drops to _start at CPL3 itself.
+        lm = layout.longmode
+        return [
+            (
+                user_regs(
+                    rip=layout.code + abi.WLX_KERNEL_ENTRY_OFFSET,
+                    rsp=lm.kernel_stack_top(v),
+                    rdi=v,
+                    rsi=layout.params,
+                ),
+                kernel_sregs(lm, v, xsave=True),
+            )
+            for v in range(layout.vcpus)
+        ]
     return [
         (
             user_regs(rip=layout.entry, rsp=layout.stack_top(v), rdi=v, rsi=layout.params),
@@ -160,6 +203,76 @@ class VcpuState(enum.Enum):
 
 
 @dataclass(frozen=True)
+class SmallOsStatus:
+    """The small OS's counters of one vCPU (abi_smallos.h, status words 64 and up)."""
+
+    kstate: int  # WLX_K_*: 1 kernel entered, 2 CPL3 checks running
+    features: int  # WLX_FEAT_*
+    ticks: int
+    ipis: int
+    ipis_sent: int
+    irqs: int
+    pit_ticks: int
+    unexpected: int
+    faults: int
+    fault_vector: int
+    fault_rip: int
+    msr_checks: int
+    msr_mismatches: int
+    reg_checks: int
+    reg_mismatches: int
+    reg_bad_mask: int  # WLX_R_*
+    clock_reads: int
+    clock_regressions: int
+    clock_ns: int
+    atomic_own: int
+    atomic_shared: int  # meaningful on vCPU 0
+    atomic_checks: int
+    atomic_violations: int
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Every non-zero error counter, by name (empty: clean)."""
+        found = {
+            "unexpected_interrupts": self.unexpected,
+            "faults": self.faults,
+            "msr_mismatches": self.msr_mismatches,
+            "reg_mismatches": self.reg_mismatches,
+            "clock_regressions": self.clock_regressions,
+            "atomic_violations": self.atomic_violations,
+        }
+        return {k: v for k, v in found.items() if v}
+
+
+def _smallos_status(w: list[int]) -> SmallOsStatus:
+    return SmallOsStatus(
+        kstate=w[abi.WLX_S_KSTATE],
+        features=w[abi.WLX_S_FEATURES],
+        ticks=w[abi.WLX_S_TICKS],
+        ipis=w[abi.WLX_S_IPIS],
+        ipis_sent=w[abi.WLX_S_IPIS_SENT],
+        irqs=w[abi.WLX_S_IRQS],
+        pit_ticks=w[abi.WLX_S_PIT_TICKS],
+        unexpected=w[abi.WLX_S_UNEXPECTED],
+        faults=w[abi.WLX_S_FAULTS],
+        fault_vector=w[abi.WLX_S_FAULT_VECTOR],
+        fault_rip=w[abi.WLX_S_FAULT_RIP],
+        msr_checks=w[abi.WLX_S_MSR_CHECKS],
+        msr_mismatches=w[abi.WLX_S_MSR_MISMATCHES],
+        reg_checks=w[abi.WLX_S_REG_CHECKS],
+        reg_mismatches=w[abi.WLX_S_REG_MISMATCHES],
+        reg_bad_mask=w[abi.WLX_S_REG_BAD_MASK],
+        clock_reads=w[abi.WLX_S_CLOCK_READS],
+        clock_regressions=w[abi.WLX_S_CLOCK_REGRESSIONS],
+        clock_ns=w[abi.WLX_S_CLOCK_NS],
+        atomic_own=w[abi.WLX_S_ATOMIC_OWN],
+        atomic_shared=w[abi.WLX_S_ATOMIC_SHARED],
+        atomic_checks=w[abi.WLX_S_ATOMIC_CHECKS],
+        atomic_violations=w[abi.WLX_S_ATOMIC_VIOLATIONS],
+    )
+
+
+@dataclass(frozen=True)
 class VcpuStatus:
     vcpu: int
     started: bool  # the guest wrote its status page's magic
@@ -176,11 +289,17 @@ class VcpuStatus:
     rate_seen: int  # pages/s, as the guest last read it
 
 
+@dataclass(frozen=True)
+class X86VcpuStatus(VcpuStatus):
+    smallos: SmallOsStatus | None  # the small OS's counters; None when it does not run
+
+
 class WorkloadGuest:
     """The VMM's view of a running workload guest, through guest RAM alone (it migrates with it)."""
 
     def __init__(self, layout: WorkloadLayout) -> None:
         self.layout = layout
+        self.smallos = bool(layout.longmode.mmio_pd)
 
     def _params(self, ram: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
         return ram[self.layout.params : self.layout.params + abi.WL_PAGE_SIZE].view(np.uint64)
@@ -188,18 +307,19 @@ class WorkloadGuest:
     def _set_param(self, write: Write, word: int, value: int) -> None:
         write(self.layout.params + 8 * word, int(value).to_bytes(8, "little"))
 
-    def status(self, ram: npt.NDArray[np.uint8]) -> list[VcpuStatus]:
+    def status(self, ram: npt.NDArray[np.uint8]) -> list[X86VcpuStatus]:
         result = []
         for v in range(self.layout.vcpus):
             gpa = self.layout.status_gpa(v)
-            w = [int(x) for x in ram[gpa : gpa + 8 * 16].view(np.uint64)]
+            words = 100 if self.smallos else 16
+            w = [int(x) for x in ram[gpa : gpa + 8 * words].view(np.uint64)]
             try:
                 state = VcpuState(w[abi.WL_S_STATE])
             except ValueError:
                 state = VcpuState.UNKNOWN
             busy = w[abi.WL_S_BUSY_PAGE]
             result.append(
-                VcpuStatus(
+                X86VcpuStatus(
                     vcpu=v,
                     started=w[abi.WL_S_MAGIC] == abi.WL_STATUS_MAGIC,
                     state=state,
@@ -213,6 +333,7 @@ class WorkloadGuest:
                     first_page=w[abi.WL_S_FIRST_PAGE],
                     page_count=w[abi.WL_S_PAGE_COUNT],
                     rate_seen=w[abi.WL_S_RATE_SEEN],
+                    smallos=_smallos_status(w) if self.smallos else None,
                 )
             )
         return result

@@ -116,6 +116,9 @@ class Vm:
         self._harvest_stop = threading.Event()
         self._harvest_interval_s = HARVEST_INTERVAL_S
         self.harvester_error: BaseException | None = None
+        self._throttle_thread: threading.Thread | None = None
+        self._throttle_stop = threading.Event()
+        self._throttle_share = 0.0
         self.harvester_realtime: bool | None = None  # SCHED_FIFO granted (None: not started)
         self.on_vcpu_finished: Callable[[Vcpu], None] | None = None
         # arm64 only: the vCPU init and the vGIC/ITS device fds (aarch64.setup_machine).
@@ -372,6 +375,45 @@ class Vm:
             self.harvester_error = err
             self.pause()
 
+    THROTTLE_PERIOD_S = 0.01
+
+    def set_throttle(self, share: float) -> None:
+        """Keep the vCPUs paused for `share` of every 10 ms (0 = off; returns with them running).
+
+        For a guest that dirties memory faster than it can be sent: a pause costs ~0.1 ms here
+        (HOST-NOTES), so a 10 ms period throttles finely. Call with 0 before pause() or resume().
+        """
+        if not 0.0 <= share < 1.0:
+            raise VmConfigError(f"throttle share {share}: from 0 (off) up to, not including, 1")
+        thread = self._throttle_thread
+        if share == 0.0:
+            if thread is not None:
+                self._throttle_stop.set()
+                thread.join()
+                self._throttle_thread = None
+                self.resume()
+            return
+        self._throttle_share = share
+        if thread is None:
+            self._throttle_stop.clear()
+            self._throttle_thread = threading.Thread(
+                target=self._throttle_loop, name=f"{self.name}-throttle", daemon=True
+            )
+            self._throttle_thread.start()
+
+    @property
+    def throttle_share(self) -> float:
+        return self._throttle_share if self._throttle_thread is not None else 0.0
+
+    def _throttle_loop(self) -> None:
+        while not self._throttle_stop.is_set():
+            share = self._throttle_share
+            self.pause()
+            if self._throttle_stop.wait(share * self.THROTTLE_PERIOD_S):
+                return
+            self.resume()
+            self._throttle_stop.wait((1.0 - share) * self.THROTTLE_PERIOD_S)
+
     def pause(self) -> None:
         """Stop every vCPU; returns once every vCPU thread has left KVM_RUN and parked."""
         for vcpu in self.vcpus:
@@ -389,6 +431,10 @@ class Vm:
 
     def close(self) -> None:
         """Stop threads, unmap and close everything; safe to call twice."""
+        if self._throttle_thread is not None:
+            self._throttle_stop.set()
+            self._throttle_thread.join()
+            self._throttle_thread = None
         self._harvest_stop.set()
         for vcpu in self.vcpus:
             vcpu.stop()

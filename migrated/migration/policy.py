@@ -63,7 +63,12 @@ def predict_downtime(
 class Decision(enum.Enum):
     ANOTHER_ROUND = "another-round"
     STOP_AND_COPY = "stop-and-copy"
+    THROTTLE_MORE = "throttle-more"  # another round, with the guest's vCPUs slowed further
     GIVE_UP = "give-up"  # abort, the VM keeps running on the source
+
+
+# The share of each throttle period the vCPUs are kept paused, one step per round.
+THROTTLE_STEPS = (0.3, 0.5, 0.7, 0.9, 0.99)
 
 
 @dataclass(frozen=True)
@@ -71,14 +76,21 @@ class Policy:
     downtime_limit_ms: float
     max_rounds: int
     timeout_s: float
-    on_no_convergence: str  # "abort" | "force-downtime"
+    on_no_convergence: str  # "abort" | "force-downtime" | "throttle"
 
-    def decide(self, estimate: DowntimeEstimate, rounds: int, elapsed_s: float) -> Decision:
+    def decide(
+        self, estimate: DowntimeEstimate, rounds: int, elapsed_s: float, throttle_step: int = -1
+    ) -> Decision:
+        """`throttle_step`: index into THROTTLE_STEPS in force now (-1: not throttling)."""
         if estimate.total_ms <= self.downtime_limit_ms:
             return Decision.STOP_AND_COPY
-        if rounds >= self.max_rounds or elapsed_s >= self.timeout_s:
+        if elapsed_s >= self.timeout_s:
+            return Decision.STOP_AND_COPY if self.on_no_convergence == "force-downtime" else Decision.GIVE_UP
+        if rounds >= self.max_rounds:
             if self.on_no_convergence == "force-downtime":
                 return Decision.STOP_AND_COPY
+            if self.on_no_convergence == "throttle" and throttle_step + 1 < len(THROTTLE_STEPS):
+                return Decision.THROTTLE_MORE
             return Decision.GIVE_UP
         return Decision.ANOTHER_ROUND
 

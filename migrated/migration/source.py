@@ -42,7 +42,7 @@ from ..pagehash import memory_digest
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
 from .pagestream import PAGE_SIZE, StreamCounters, send_pages, send_range
-from .policy import Costs, Decision, Policy, RateMeter, predict_downtime
+from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class Source:
         self._channel: PeerChannel | None = None
         self._last_collect = time.perf_counter()
         self._data_pages = 0  # pages in the memfd's data extents: what a digest must read
+        self._throttle_step = -1  # index into THROTTLE_STEPS; -1: the guest runs at full speed
 
     # ---- entry --------------------------------------------------------------------------
 
@@ -144,6 +145,9 @@ class Source:
 
     async def _resume_here(self) -> None:
         vm = self.hosted.vm
+        if vm is not None and vm.throttle_share:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(vm.set_throttle, 0.0)
         if vm is not None and self._paused_at is not None and not self.was_paused:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(vm.resume)
@@ -303,7 +307,8 @@ class Source:
             estimate = predict_downtime(pending.count, self._dirty_rate.rate, self._bandwidth.rate,
                                         self._costs(vmstate.estimate_bytes(len(vm.vcpus))))
             self.stats.predicted_downtime_ms = estimate.total_ms
-            decision = policy.decide(estimate, self.stats.round, time.monotonic() - self._started)
+            decision = policy.decide(estimate, self.stats.round, time.monotonic() - self._started,
+                                     self._throttle_step)
             if decision is Decision.STOP_AND_COPY:
                 self.log.info("converged", round=self.stats.round, pages=pending.count,
                               predicted_downtime_ms=round(estimate.total_ms, 2))
@@ -315,6 +320,13 @@ class Source:
                     f"(dirty rate {self.stats.dirty_rate_mib_s:.0f} MiB/s, bandwidth "
                     f"{self.stats.bandwidth_mib_s:.0f} MiB/s); the VM keeps running here"
                 )
+            if decision is Decision.THROTTLE_MORE:
+                self._throttle_step += 1
+                share = THROTTLE_STEPS[self._throttle_step]
+                await trio.to_thread.run_sync(vm.set_throttle, share)
+                self.stats.throttle_percent = round(share * 100)
+                self.log.info("throttling", percent=self.stats.throttle_percent,
+                              predicted_downtime_ms=round(estimate.total_ms, 1))
             self.stats.round += 1
             if faults.active("source-stall-rounds"):
                 await trio.sleep(0.2)
@@ -335,6 +347,7 @@ class Source:
         steps = self.stats.downtime_breakdown_ms
         clock = _StepClock(steps)
         self._paused_at = time.monotonic()
+        await trio.to_thread.run_sync(vm.set_throttle, 0.0)
         await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
         clock.step("pause")
         final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset

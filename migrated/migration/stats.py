@@ -42,6 +42,7 @@ class MigrationStats:
     backup_bitmap_added: int = 0  # pages only the backup bitmap reported
     ring_full_exits: int = 0
     downtime_limit_ms: float = 0.0
+    throttle_percent: int = 0  # share of the time the vCPUs were held paused (policy "throttle")
     error: str | None = None
     digest: str | None = None
 

@@ -53,3 +53,15 @@ def test_rate_meter_weights_recent_samples() -> None:
     assert meter.add(100, 1.0) == 100
     assert meter.add(300, 1.0) == 200
     assert meter.add(5, 0.0) == 200  # no time, no sample
+
+
+def test_throttle_steps_up_then_gives_up() -> None:
+    from migrated.migration.policy import THROTTLE_STEPS
+
+    policy = Policy(downtime_limit_ms=50, max_rounds=3, timeout_s=60, on_no_convergence="throttle")
+    big = predict_downtime(10**6, 0.0, 1 << 30, COSTS)
+    assert policy.decide(big, rounds=2, elapsed_s=1) is Decision.ANOTHER_ROUND
+    for step in range(-1, len(THROTTLE_STEPS) - 1):
+        assert policy.decide(big, rounds=3 + step + 1, elapsed_s=1, throttle_step=step) is Decision.THROTTLE_MORE
+    assert policy.decide(big, rounds=9, elapsed_s=1, throttle_step=len(THROTTLE_STEPS) - 1) is Decision.GIVE_UP
+    assert policy.decide(big, rounds=3, elapsed_s=61, throttle_step=0) is Decision.GIVE_UP

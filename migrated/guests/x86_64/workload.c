@@ -12,7 +12,12 @@
 
 typedef uint64_t u64;
 typedef uint32_t u32;
+typedef uint16_t u16;
+typedef uint8_t u8;
 typedef unsigned __int128 u128;
+
+struct wlx;
+static void wlx_check(struct wlx *x);
 
 struct vcpu {
 	const u64 *params;
@@ -31,6 +36,7 @@ struct vcpu {
 	u64 rate;
 	u64 t0;
 	u64 base;
+	struct wlx *wlx; /* the small OS's CPL3 checks (abi_smallos.h); NULL when off */
 };
 
 static inline u64 rdtsc(void)
@@ -66,8 +72,14 @@ static void heartbeat(struct vcpu *v, u64 now)
 	if (now - v->last_hb >= v->hb_ticks) {
 		v->last_hb = now;
 		report(v, WL_S_HEARTBEAT, reported(v, WL_S_HEARTBEAT) + 1);
+		if (v->wlx)
+			wlx_check(v->wlx);
 	}
 }
+
+#include "smallos.c"
+#include "kernel.c"
+
 
 /* Waits until one more page is allowed at the current rate (re-read on every call). A deficit of
  * more than ~10 ms worth of pages (after a pause by the VMM, or a rate above what the vCPU can do)
@@ -188,6 +200,11 @@ __attribute__((noreturn, used)) void workload_main(u64 index, const u64 *params)
 	v.last_hb = rdtsc();
 	v.rate = param(&v, WL_P_RATE);
 	v.t0 = v.last_hb;
+	struct wlx wlx;
+	if (params[WLX_P_FLAGS] & WLX_F_SMALLOS) {
+		wlx_begin(&wlx, index, params);
+		v.wlx = &wlx;
+	}
 	report(&v, WL_S_FIRST_PAGE, v.first);
 	report(&v, WL_S_PAGE_COUNT, v.count);
 	report(&v, WL_S_RATE_SEEN, v.rate);
