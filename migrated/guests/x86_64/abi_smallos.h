@@ -28,7 +28,7 @@
 #define WLX_S_IPIS 67           /* IPIs received (vector WLX_VEC_IPI) */
 #define WLX_S_IPIS_SENT 68      /* vCPU 0: IPIs sent to the others */
 #define WLX_S_IRQS 69           /* vCPU 0: IOAPIC interrupts of the VMM-pulsed pin */
-#define WLX_S_PIT_TICKS 70      /* vCPU 0: PIT interrupts (IOAPIC pin 2) */
+#define WLX_S_PIT_TICKS 70      /* vCPU 0: PIT interrupts (IOAPIC pin 0, KVM default routing) */
 #define WLX_S_UNEXPECTED 71     /* interrupts on vectors nobody programmed */
 #define WLX_S_LAST_UNEXPECTED 72
 #define WLX_S_FAULTS 73         /* CPU exceptions; the vCPU then stops working (sti; hlt) */

@@ -149,7 +149,9 @@ __attribute__((used)) u64 kernel_main(u64 index, const u64 *params)
 		ioapic_route((u32)params[WLX_P_IRQ_PIN], WLX_VEC_IRQ);
 		u64 pit = params[WLX_P_PIT_HZ];
 		if (pit) {
-			ioapic_route(2, WLX_VEC_PIT); /* KVM routes the PIT's GSI 0 to IOAPIC pin 2 */
+			/* KVM's default routing takes the PIT's GSI 0 to IOAPIC pin 0 (pin 2 is the
+			 * ISA override a VMM can install with KVM_SET_GSI_ROUTING; measured: pin 0). */
+			ioapic_route(0, WLX_VEC_PIT);
 			u64 count = WLX_PIT_HZ_INPUT / pit;
 			count = count > 0xffff ? 0xffff : count ? count : 1;
 			outb(0x43, 0x34); /* channel 0, lobyte/hibyte, mode 2 (rate generator) */
