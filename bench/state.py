@@ -3,6 +3,9 @@ small-OS workload guest, 1 and 2 vCPUs, in-kernel irqchip and PIT on. Prints JSO
 
     python3 bench/state.py [--reps N]
 
+Then the same guest migrates between two daemons on loopback (verify = full), and the share of
+the measured downtime that state save (source) plus restore (target) took is reported.
+
 Each repetition: run the guest briefly, pause, `x86_state.save_vm_state`, copy RAM into a VM
 built the same way, `restore_vm_state`, start it and check the guest's counters keep moving and
 stay clean (so every timed restore is one that works). Medians, with min and max, in ms.
@@ -81,6 +84,41 @@ def one(kvm: Kvm, vcpus: int) -> tuple[float, float, dict[str, float], dict[str,
     return save, restore, state.timings, report.timings
 
 
+def downtime_share(vcpus: int) -> dict[str, float]:
+    """One daemon-to-daemon migration of the small OS: state save + restore vs downtime."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "migration"))
+    from daemons import DaemonProcess, wait_for, wait_migration
+
+    work = Path(tempfile.mkdtemp(prefix="migrated-bench-state-"))
+    key = work / "peer.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    a = DaemonProcess("a", work, key).start()
+    b = DaemonProcess("b", work, key).start()
+    try:
+        a.call("vm.create", name="os", memory_mib=256, vcpus=vcpus, guest="smallos",
+               dirty_rate_mib_s=32, working_set_mib=64)
+        wait_for(lambda: a.call("vm.show", name="os")["guest"]["smallos"]["reg_checks"] > 10)
+        a.call("migrate", name="os", to=b.address)
+        stats = wait_migration(a, "os")
+        if stats["state"] != "completed":
+            raise RuntimeError(f"migration failed: {stats['error']}")
+        time.sleep(0.2)
+        restore_ms = b.call("vm.show", name="os")["last_migration"]["state_save_ms"]
+    finally:
+        a.stop()
+        b.stop()
+    save_ms = stats["downtime_breakdown_ms"]["state_save"]
+    return {
+        "downtime_ms": stats["downtime_ms"],
+        "state_save_ms": save_ms,
+        "state_restore_ms": restore_ms,
+        "share_of_downtime": (save_ms + restore_ms) / stats["downtime_ms"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=15)
@@ -102,6 +140,7 @@ def main() -> None:
                     restore_steps.setdefault(k, []).append(v)
             results.append({
                 "vcpus": vcpus,
+                "in_a_migration": downtime_share(vcpus),
                 "reps": args.reps,
                 "save": summary(saves),
                 "restore": summary(restores),

@@ -130,6 +130,11 @@ def _format_show(info: dict[str, Any]) -> str:
         lines.append(f"heartbeat generation: {guest['heartbeat_generation']} {guest['heartbeat']}")
         lines.append(f"pages written: {guest['pages_written']}")
         lines.append(f"verification errors: {guest['verification_errors']}")
+        kernel = guest.get("smallos")
+        if kernel:
+            lines.append(f"small OS: ticks {kernel['ticks']}, IPIs {kernel['ipis']}, IRQs "
+                         f"{kernel['irqs']}, PIT {kernel['pit_ticks']}, register checks "
+                         f"{kernel['reg_checks']}, errors {kernel['errors'] or 'none'}")
     return "\n".join(lines)
 
 
@@ -273,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--memory", type=int, required=True, help="guest RAM in MiB")
     create.add_argument("--vcpus", type=int, default=1)
-    create.add_argument("--guest", default="workload", choices=["workload", "raw", "none"])
+    create.add_argument("--guest", default="workload", choices=["workload", "smallos", "raw", "none"])
     create.add_argument("--image", help="raw: a boot sector or flat binary (read by the daemon)")
     create.add_argument("--load-addr", type=_address, default=0x7C00,
                         help="raw: guest-physical load address (default 0x7c00)")

@@ -18,6 +18,7 @@ from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
 from .devices import console_log_path
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
+from .guests.boot import pulse_irq
 from .kvm.errors import KvmError
 from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
@@ -251,6 +252,21 @@ class Daemon:
 
     # ---- lifetime -----------------------------------------------------------------------
 
+    IRQ_INTERVAL_S = 0.1
+
+    async def inject_irqs(self) -> None:
+        """The small OS's device interrupt: an edge on its IOAPIC pin every 100 ms, counted by the
+        guest. Only into VMs that run here: never between a migration's state save and restore."""
+        while True:
+            await trio.sleep(self.IRQ_INTERVAL_S)
+            for hosted in list(self.vms.values()):
+                vm = hosted.vm
+                if hosted.spec.guest == "smallos" and hosted.state is VmState.RUNNING and vm:
+                    try:
+                        pulse_irq(vm, hosted.spec.workload_params().irq_pin)
+                    except KvmError as err:
+                        self.log.warning("irq_injection_failed", vm=hosted.name, error=str(err))
+
     async def watchdog(self) -> None:
         interval = self.notifier.watchdog_interval_s()
         if interval is None:
@@ -320,6 +336,7 @@ async def run_daemon(
 
                 await start_migration_service(daemon, nursery)
                 nursery.start_soon(daemon.watchdog)
+                nursery.start_soon(daemon.inject_irqs)
                 notifier.ready()
                 daemon.update_status()
                 log.info("daemon_ready", control_socket=str(config.daemon.control_socket),

@@ -9,6 +9,8 @@ needs a failure that the real world produces only by bad luck:
 - source-lose-commit: the source records the commit, then drops the link instead of sending it.
 - source-stall-rounds: the source sleeps 0.2 s before each dirty round (a slow link, made
   deterministic, so that a test can act during the rounds).
+- source-zero-xsave: x86, the source sends every vCPU's XSAVE area zeroed (the negative test of
+  the complete state: the guest's register checks must catch it).
 - source-skip-its-save: arm64, the source leaves out ITS_SAVE_TABLES and SAVE_PENDING_TABLES
   (the negative test: the target's ITS must then come out wrong, and the test must notice).
 """
@@ -23,6 +25,7 @@ KNOWN = frozenset({
     "source-lose-commit",
     "source-stall-rounds",
     "source-skip-its-save",
+    "source-zero-xsave",
 })
 
 

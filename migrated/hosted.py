@@ -29,7 +29,10 @@ from .kvm.vm import DIRTY_TRACKING_MODES, DirtyTrackingMode, Vm, VmConfig
 
 MIB = 1 << 20
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-GUEST_KINDS = ("workload", "raw", "none")
+# "smallos": the workload under a small CPL0 kernel with interrupts, timers and register checks
+# (x86; the VM gets the in-kernel irqchip and PIT).
+GUEST_KINDS = ("workload", "smallos", "raw", "none")
+WORKLOADS = ("workload", "smallos")
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB: sparse memfd RAM makes large guests cheap until touched
 MAX_VCPUS = 64
 HOST_ARCH = os.uname().machine
@@ -84,7 +87,9 @@ class VmSpec:
                 raise SpecError(f"VM {self.name}: {err}") from None
         elif self.image:
             raise SpecError(f"VM {self.name}: an image is for guest 'raw' only")
-        if self.guest == "workload":
+        if self.guest == "smallos" and HOST_ARCH != "x86_64":
+            raise SpecError(f"VM {self.name}: guest 'smallos' runs on x86_64 hosts only")
+        if self.guest in WORKLOADS:
             try:
                 self.workload_params()
                 self.plan_layout()
@@ -105,7 +110,8 @@ class VmSpec:
             return plan_layout_aarch64(
                 min(self.memory_bytes, ARM64_MAX_MEMORY), self.vcpus, self.working_set_mib * MIB
             )
-        return plan_layout(self.layout_bytes, self.vcpus, self.working_set_mib * MIB)
+        return plan_layout(self.layout_bytes, self.vcpus, self.working_set_mib * MIB,
+                           smallos=self.guest == "smallos")
 
     def view(self) -> Any:
         """The VMM's view of the workload guest (status pages, checks), from its layout."""
@@ -119,6 +125,7 @@ class VmSpec:
             working_set_bytes=self.working_set_mib * MIB,
             dirty_rate_mib_s=self.dirty_rate_mib_s,
             seed=self.seed,
+            smallos=self.guest == "smallos",
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -213,6 +220,24 @@ class HostedVm:
                 "verification_errors": sum(s.verify_errors for s in status),
                 "passes_done": [s.passes_done for s in status],
             }
+            kernels = [s.smallos for s in status if getattr(s, "smallos", None) is not None]
+            if kernels:
+                errors: dict[str, int] = {}
+                for kernel in kernels:
+                    for key, value in kernel.errors.items():
+                        errors[key] = errors.get(key, 0) + value
+                info["guest"]["smallos"] = {
+                    "ticks": [k.ticks for k in kernels],
+                    "ipis": [k.ipis for k in kernels],
+                    "irqs": sum(k.irqs for k in kernels),
+                    "pit_ticks": sum(k.pit_ticks for k in kernels),
+                    "reg_checks": sum(k.reg_checks for k in kernels),
+                    "reg_mismatches": sum(k.reg_mismatches for k in kernels),
+                    "clock_regressions": sum(k.clock_regressions for k in kernels),
+                    "msr_mismatches": sum(k.msr_mismatches for k in kernels),
+                    "atomic_violations": sum(k.atomic_violations for k in kernels),
+                    "errors": errors,
+                }
             if vm.caps.arch == "aarch64":
                 info["guest"]["lpis_expected"] = sum(getattr(s, "lpis_expected", 0) for s in status)
                 info["guest"]["lpis_received"] = sum(getattr(s, "lpis_received", 0) for s in status)
@@ -249,6 +274,8 @@ def vm_config(spec: VmSpec, dirty_tracking: str, ring_bytes: int, harvest_interv
         ring_bytes=ring_bytes,
         harvest_interval_s=harvest_interval_ms / 1e3,
         name=spec.name,
+        irqchip=spec.guest == "smallos",
+        pit=spec.guest == "smallos",
     )
 
 
@@ -275,7 +302,7 @@ def create_local(
         if spec.guest == "raw":
             ports, log = raw_ports(vm, console_log)
             warnings = load_raw(vm, image, spec.load_addr, spec.entry)
-        if spec.guest == "workload":
+        if spec.guest in WORKLOADS:
             if vm.caps.arch == "aarch64":
                 guest = load_workload_aarch64(vm, spec.workload_params())
             else:
@@ -300,7 +327,7 @@ def create_incoming(
     ports: PcPorts | None = None
     log: ConsoleLog | None = None
     try:
-        guest = spec.view() if spec.guest == "workload" else None
+        guest = spec.view() if spec.guest in WORKLOADS else None
         if spec.guest == "raw":
             ports, log = raw_ports(vm, console_log)
         vm.start(running=False)

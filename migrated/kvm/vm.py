@@ -45,6 +45,10 @@ class VmConfig:
     ring_bytes: int = DEFAULT_RING_BYTES
     harvest_interval_s: float = HARVEST_INTERVAL_S
     name: str = "vm"
+    # x86: the in-kernel irqchip (PIC, IOAPIC, a LAPIC per vCPU) and PIT; created before the
+    # vCPUs, which KVM requires for KVM_CREATE_IRQCHIP.
+    irqchip: bool = False
+    pit: bool = False
 
 
 def validate_config(config: VmConfig, caps: HostCaps) -> str:
@@ -146,6 +150,13 @@ class Vm:
             else:
                 memory = GuestMemory.flat(config.memory_bytes, name=f"{config.name}-ram")
             vm.add_memory(memory)
+            if config.irqchip or config.pit:
+                from . import x86_state  # it imports this module
+
+                if config.irqchip:
+                    x86_state.create_irqchip(vm)
+                if config.pit:
+                    x86_state.create_pit2(vm)
             for index in range(config.vcpus):
                 vm.create_vcpu(index)
             if caps.arch == "aarch64":

@@ -6,6 +6,7 @@ inside) and checks compatibility early.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgpack
@@ -68,7 +69,11 @@ def capture(hosted: HostedVm, kvm: Kvm) -> list[tuple[str, bytes]]:
             aarch64.save_its_tables(vm)
         arm_state = aarch64.save_vm_state(vm)
         return [(ARM64_MACHINE, msgpack.packb(arm_state.to_wire(), use_bin_type=True))]
-    state = x86_state.save_vm_state(vm, irqchip=False, pit=False)
+    irqchip, pit = x86_state.detect_devices(vm)
+    state = x86_state.save_vm_state(vm, irqchip=irqchip, pit=pit)
+    if faults.active("source-zero-xsave"):
+        state = dataclasses.replace(state, vcpus=tuple(
+            dataclasses.replace(v, xsave=bytes(len(v.xsave))) for v in state.vcpus))
     blobs = [(X86_MACHINE, msgpack.packb(state.to_wire(), use_bin_type=True))]
     if hosted.ports is not None:
         # The vCPUs are parked, and (vcpu.py) finished their last I/O instruction before they
@@ -95,7 +100,10 @@ def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> None:
         aarch64.restore_vm_state(vm, aarch64.VmState.from_wire(wire))
         return
     state = x86_state.VmState.from_wire(wire)
-    x86_state.restore_vm_state(vm, state, irqchip=False, pit=False)
+    # The target built the same devices from the same spec (hosted.vm_config); checked again
+    # against the state by restore_vm_state.
+    irqchip, pit = x86_state.detect_devices(vm)
+    x86_state.restore_vm_state(vm, state, irqchip=irqchip, pit=pit)
 
 
 def _unpack(blob: bytes, what: str) -> Any:
