@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import uapi
 from ._libc import ioctl
+from .wire import StateFormatError, WireReader
 from .errors import KvmCapabilityError, KvmError, KvmIoctlError, VmConfigError
 from .memory import GuestMemory, MemoryRegion
 from .vcpu import Vcpu
@@ -75,8 +76,12 @@ MAX_REG_BYTES = 256  # KVM_REG_SIZE_U2048, the largest ONE_REG size
 # --------------------------------------------------------------------------------------------
 # Errors (the x86 module's have an "x86 state:" prefix; these say "arm64 state:")
 # --------------------------------------------------------------------------------------------
-class StateFormatError(ValueError):
-    """Serialized arm64 state that is malformed: the message names the field."""
+
+
+# Wire checks shared with the other architecture's state (migrated/kvm/wire.py).
+_W = WireReader("arm64 state")
+_error, _mapping, _int_value, _int = _W.error, _W.mapping, _W.int_value, _W.int_field
+_bytes_value, _bytes, _list = _W.bytes_value, _W.bytes_field, _W.list_field
 
 
 class StateError(KvmError):
@@ -935,61 +940,18 @@ _VM_KEYS = frozenset(
 
 
 # ---- wire validation helpers ----------------------------------------------------------------
-def _error(where: str, key: str, what: str) -> StateFormatError:
-    path = f"{where}.{key}" if where else key
-    return StateFormatError(f"arm64 state: {path}: {what}")
 
 
-def _mapping(d: object, where: str, keys: frozenset[str]) -> Mapping[str, Any]:
-    label = where or "top level"
-    if not isinstance(d, Mapping):
-        raise StateFormatError(f"arm64 state: {label}: expected a map, got {type(d).__name__}")
-    bad = [k for k in d if not isinstance(k, str)]
-    if bad:
-        raise StateFormatError(f"arm64 state: {label}: keys must be strings, got {bad[0]!r}")
-    missing = sorted(keys - d.keys())
-    if missing:
-        raise StateFormatError(f"arm64 state: {label}: missing key(s) {', '.join(missing)}")
-    unknown = sorted(d.keys() - keys)
-    if unknown:
-        raise StateFormatError(f"arm64 state: {label}: unknown key(s) {', '.join(unknown)}")
-    return d
 
 
-def _int_value(value: object, path: str, lo: int, hi: int) -> int:
-    if type(value) is not int:  # bool is an int subclass and is refused too
-        raise StateFormatError(
-            f"arm64 state: {path}: expected an integer, got {type(value).__name__}"
-        )
-    if not lo <= value <= hi:
-        raise StateFormatError(f"arm64 state: {path}: {value} is outside [{lo}, {hi}]")
-    return value
 
 
-def _int(m: Mapping[str, Any], key: str, where: str, lo: int, hi: int) -> int:
-    return _int_value(m[key], f"{where}.{key}" if where else key, lo, hi)
 
 
-def _bytes_value(value: object, path: str) -> bytes:
-    if not isinstance(value, (bytes, bytearray)):
-        raise StateFormatError(f"arm64 state: {path}: expected bytes, got {type(value).__name__}")
-    return bytes(value)
 
 
-def _bytes(m: Mapping[str, Any], key: str, where: str) -> bytes:
-    return _bytes_value(m[key], f"{where}.{key}" if where else key)
 
 
-def _list(m: Mapping[str, Any], key: str, where: str, limit: int) -> list[Any]:
-    value = m[key]
-    path = f"{where}.{key}" if where else key
-    if not isinstance(value, (list, tuple)):
-        raise StateFormatError(f"arm64 state: {path}: expected a list, got {type(value).__name__}")
-    if len(value) > limit:
-        raise StateFormatError(
-            f"arm64 state: {path}: {len(value)} entries, at most {limit} allowed"
-        )
-    return list(value)
 
 
 def _pair(value: object, path: str) -> tuple[object, object]:
