@@ -56,9 +56,9 @@ from .pages import VerifyReport, verify_pages
 from .workload import (
     MIB,
     GuestImageMissingError,
-    Mode,
     VcpuState,
     VcpuStatus,
+    GuestView,
     WorkloadParams,
     rate_pages_per_vcpu,
 )
@@ -595,21 +595,17 @@ class Arm64VcpuStatus(VcpuStatus):
     fault: Fault | None
 
 
-class Arm64WorkloadGuest:
+class Arm64WorkloadGuest(GuestView[Arm64Layout]):
     """The VMM's view of a running arm64 workload guest, through guest RAM alone (it migrates
-    with it). Same calls as `workload.WorkloadGuest`, plus the LPI ones."""
+    with it). `workload.WorkloadGuest`'s calls (rate, mode, passes: the same parameter words),
+    with RAM addressed from RAM_BASE, arm64 status words, and the LPI calls."""
 
-    def __init__(self, layout: Arm64Layout) -> None:
-        self.layout = layout
 
     def _gpa(self, ram: npt.NDArray[np.uint8]) -> _GpaRam:
         return _GpaRam(ram, self.layout.ram_base)
 
     def _params(self, ram: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
         return self._gpa(ram)[self.layout.params : self.layout.params + PAGE_SIZE].view(np.uint64)
-
-    def _set_param(self, write: Write, word: int, value: int) -> None:
-        write(self.layout.params + 8 * word, int(value).to_bytes(8, "little"))
 
     def status(self, ram: npt.NDArray[np.uint8]) -> list[Arm64VcpuStatus]:
         result = []
@@ -662,16 +658,6 @@ class Arm64WorkloadGuest:
             )
         return result
 
-    def set_rate(self, write: Write, mib_s: float) -> None:
-        """Whole-VM dirty rate in MiB/s (0 idle, math.inf unlimited); the guest applies it live."""
-        self._set_param(write, abi.WL_P_RATE, rate_pages_per_vcpu(mib_s, self.layout.vcpus))
-
-    def set_mode(self, write: Write, mode: Mode) -> None:
-        if mode not in ("continuous", "passes"):
-            raise ValueError(f"mode {mode!r}: allowed are continuous, passes")
-        value = abi.WL_MODE_PASSES if mode == "passes" else abi.WL_MODE_CONTINUOUS
-        self._set_param(write, abi.WL_P_MODE, value)
-
     def set_lpi_rate(self, write: Write, per_s: float) -> None:
         """INT commands per second from vCPU 0 (0 stops them; the guest applies it live)."""
         self._set_param(write, WLA_P_LPI_RATE, lpi_rate_word(per_s))
@@ -680,15 +666,6 @@ class Arm64WorkloadGuest:
         """While held, vCPU 0 acknowledges no LPI: they stay pending (a save writes them into
         the LPI pending table); released, it takes them all."""
         self._set_param(write, WLA_P_LPI_HOLD, int(hold))
-
-    def request_pass(self, write: Write, ram: npt.NDArray[np.uint8]) -> int:
-        """Asks every vCPU for one more pass; returns the pass number to wait for."""
-        requested = int(self._params(ram)[abi.WL_P_PASS_REQ]) + 1
-        self._set_param(write, abi.WL_P_PASS_REQ, requested)
-        return requested
-
-    def passes_done(self, ram: npt.NDArray[np.uint8]) -> list[int]:
-        return [s.passes_done for s in self.status(ram)]
 
     def its_device_id(self, ram: npt.NDArray[np.uint8]) -> int:
         return int(self._params(ram)[WLA_P_ITS_DEVICE_ID])

@@ -16,7 +16,9 @@ import enum
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -294,18 +296,64 @@ class X86VcpuStatus(VcpuStatus):
     smallos: SmallOsStatus | None  # the small OS's counters; None when it does not run
 
 
-class WorkloadGuest:
-    """The VMM's view of a running workload guest, through guest RAM alone (it migrates with it)."""
+class GuestLayout(Protocol):
+    """What the shared view needs of a layout (x86 `WorkloadLayout`, arm64 `Arm64Layout`)."""
 
-    def __init__(self, layout: WorkloadLayout) -> None:
+    @property
+    def params(self) -> int: ...
+
+    @property
+    def vcpus(self) -> int: ...
+
+
+L = TypeVar("L", bound=GuestLayout)
+
+
+class GuestView(ABC, Generic[L]):
+    """The calls both workload guests answer the same way: the parameter page's words (rate,
+    mode, passes) are the same on every architecture (abi.h)."""
+
+    def __init__(self, layout: L) -> None:
         self.layout = layout
-        self.smallos = bool(layout.longmode.mmio_pd)
 
     def _params(self, ram: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
         return ram[self.layout.params : self.layout.params + abi.WL_PAGE_SIZE].view(np.uint64)
 
     def _set_param(self, write: Write, word: int, value: int) -> None:
         write(self.layout.params + 8 * word, int(value).to_bytes(8, "little"))
+
+    @abstractmethod
+    def status(self, ram: npt.NDArray[np.uint8]) -> Sequence[VcpuStatus]:
+        """Each vCPU's status page; each architecture has words of its own."""
+
+    def set_rate(self, write: Write, mib_s: float) -> None:
+        """Whole-VM dirty rate in MiB/s (0 idle, math.inf unlimited); the guest applies it live."""
+        self._set_param(write, abi.WL_P_RATE, rate_pages_per_vcpu(mib_s, self.layout.vcpus))
+
+    def set_mode(self, write: Write, mode: Mode) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode {mode!r}: allowed are {', '.join(_MODES)}")
+        self._set_param(write, abi.WL_P_MODE, _MODES[mode])
+
+    def request_pass(self, write: Write, ram: npt.NDArray[np.uint8]) -> int:
+        """Asks every vCPU for one more pass; returns the pass number to wait for.
+
+        The count lives in guest RAM (not here), so it survives a migration of the guest.
+        """
+        requested = int(self._params(ram)[abi.WL_P_PASS_REQ]) + 1
+        self._set_param(write, abi.WL_P_PASS_REQ, requested)
+        return requested
+
+    def passes_done(self, ram: npt.NDArray[np.uint8]) -> list[int]:
+        return [s.passes_done for s in self.status(ram)]
+
+
+class WorkloadGuest(GuestView[WorkloadLayout]):
+    """The VMM's view of a running workload guest, through guest RAM alone (it migrates with it)."""
+
+    def __init__(self, layout: WorkloadLayout) -> None:
+        super().__init__(layout)
+        self.smallos = bool(layout.longmode.mmio_pd)
 
     def status(self, ram: npt.NDArray[np.uint8]) -> list[X86VcpuStatus]:
         result = []
@@ -337,27 +385,6 @@ class WorkloadGuest:
                 )
             )
         return result
-
-    def set_rate(self, write: Write, mib_s: float) -> None:
-        """Whole-VM dirty rate in MiB/s (0 idle, math.inf unlimited); the guest applies it live."""
-        self._set_param(write, abi.WL_P_RATE, rate_pages_per_vcpu(mib_s, self.layout.vcpus))
-
-    def set_mode(self, write: Write, mode: Mode) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode {mode!r}: allowed are {', '.join(_MODES)}")
-        self._set_param(write, abi.WL_P_MODE, _MODES[mode])
-
-    def request_pass(self, write: Write, ram: npt.NDArray[np.uint8]) -> int:
-        """Asks every vCPU for one more pass; returns the pass number to wait for.
-
-        The count lives in guest RAM (not here), so it survives a migration of the guest.
-        """
-        requested = int(self._params(ram)[abi.WL_P_PASS_REQ]) + 1
-        self._set_param(write, abi.WL_P_PASS_REQ, requested)
-        return requested
-
-    def passes_done(self, ram: npt.NDArray[np.uint8]) -> list[int]:
-        return [s.passes_done for s in self.status(ram)]
 
     def verify(self, ram: npt.NDArray[np.uint8], *, pattern: bool = True) -> VerifyReport:
         return verify_pages(ram, self.layout, pattern=pattern)
