@@ -209,6 +209,8 @@ class HostedVm:
                 "entries_harvested": stats.entries_harvested,
                 "ring_full_exits": stats.ring_full_exits,
                 "backup_bitmap": stats.backup_bitmap,
+                # SCHED_FIFO for the ring harvester (vm.py); False: refused, runs as a normal thread
+                "harvester_realtime": vm.harvester_realtime,
             }
             info["vcpus"] = [asdict(v.stats()) for v in vm.vcpus]
         if vm is not None and self.guest is not None and vm.memory is not None:
