@@ -50,16 +50,16 @@ from migrated.kvm._libc import ioctl
 from migrated.kvm.errors import KvmIoctlError
 
 from . import abi
-from .layout import WorkloadLayout
+from .layout import WorkingSetGeometry, WorkloadLayout
 from .longmode import Write
 from .pages import VerifyReport, verify_pages
 from .workload import (
     MIB,
     GuestImageMissingError,
-    VcpuState,
     VcpuStatus,
     GuestView,
     WorkloadParams,
+    shared_status,
     rate_pages_per_vcpu,
 )
 
@@ -235,7 +235,7 @@ def _align_up(value: int, alignment: int) -> int:
 
 
 @dataclass(frozen=True)
-class Arm64Layout:
+class Arm64Layout(WorkingSetGeometry):
     """Guest-physical addresses of everything; the working-set part reads like WorkloadLayout's
     (so `pages.verify_pages` checks it as it checks the x86 guest)."""
 
@@ -265,24 +265,6 @@ class Arm64Layout:
     def ram_end(self) -> int:
         return self.ram_base + self.memory_bytes
 
-    @property
-    def ws_bytes(self) -> int:
-        return self.ws_pages * PAGE_SIZE
-
-    @property
-    def ws_end(self) -> int:
-        return self.ws_base + self.ws_bytes
-
-    def status_gpa(self, vcpu: int) -> int:
-        return self.status + vcpu * PAGE_SIZE
-
-    def stack_top(self, vcpu: int) -> int:
-        return self.stacks + (vcpu + 1) * self.stack_size
-
-    def share(self, vcpu: int) -> tuple[int, int]:
-        """(first global page index, page count) of `vcpu`'s contiguous share, as the guest splits."""
-        first = vcpu * self.ws_pages // self.vcpus
-        return first, (vcpu + 1) * self.ws_pages // self.vcpus - first
 
     def kvm_written_tables(self) -> dict[str, tuple[int, int]]:
         """(GPA, bytes) of what KVM writes while saving: SAVE_PENDING_TABLES and ITS_SAVE_TABLES."""
@@ -613,11 +595,6 @@ class Arm64WorkloadGuest(GuestView[Arm64Layout]):
         for v in range(self.layout.vcpus):
             gpa = self.layout.status_gpa(v)
             w = [int(x) for x in gram[gpa : gpa + 8 * 64].view(np.uint64)]
-            try:
-                state = VcpuState(w[abi.WL_S_STATE])
-            except ValueError:
-                state = VcpuState.UNKNOWN
-            busy = w[abi.WL_S_BUSY_PAGE]
             error, its_state = w[WLA_S_ITS_ERROR], w[WLA_S_ITS_STATE]
             fault = None
             if w[abi.WL_S_STATE] == WLA_STATE_FAULT:
@@ -626,19 +603,7 @@ class Arm64WorkloadGuest(GuestView[Arm64Layout]):
                 )
             result.append(
                 Arm64VcpuStatus(
-                    vcpu=v,
-                    started=w[abi.WL_S_MAGIC] == abi.WL_STATUS_MAGIC,
-                    state=state,
-                    heartbeat=w[abi.WL_S_HEARTBEAT],
-                    pages_written=w[abi.WL_S_PAGES_WRITTEN],
-                    passes_done=w[abi.WL_S_PASSES_DONE],
-                    verify_errors=w[abi.WL_S_VERIFY_ERRORS],
-                    last_error_gpa=w[abi.WL_S_LAST_ERROR_GPA] or None,
-                    sweep=w[abi.WL_S_SWEEP],
-                    busy_page=self.layout.ws_base + (busy - 1) * PAGE_SIZE if busy else None,
-                    first_page=w[abi.WL_S_FIRST_PAGE],
-                    page_count=w[abi.WL_S_PAGE_COUNT],
-                    rate_seen=w[abi.WL_S_RATE_SEEN],
+                    **shared_status(v, w, self.layout.ws_base),
                     counter_hz=w[WLA_S_COUNTER_HZ],
                     mpidr=w[WLA_S_MPIDR],
                     its_state=ITS_STATES.get(its_state, f"unknown {its_state}"),

@@ -49,21 +49,14 @@ def _align_up(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-@dataclass(frozen=True)
-class WorkloadLayout:
-    memory_bytes: int
+class WorkingSetGeometry:
+    """The working set, status pages and stacks as both guests lay them out (x86 and arm64
+    layouts alike): derived from the fields the dataclass that inherits this one declares."""
+
     vcpus: int
-    longmode: LongModeSpec
-    code: int
-    code_max: int
-    entry: int
-    params: int
-    status: int  # vCPU i's status page at status + i * PAGE_SIZE
-    stacks: int  # vCPU i's user stack: [stacks + i * stack_size, + stack_size)
+    status: int
+    stacks: int
     stack_size: int
-    gen: int  # u32 generation per working-set page, by global page index
-    gen_bytes: int
-    metadata_end: int
     ws_base: int
     ws_pages: int
 
@@ -85,6 +78,26 @@ class WorkloadLayout:
         """(first global page index, page count) of `vcpu`'s contiguous share, as the guest splits."""
         first = vcpu * self.ws_pages // self.vcpus
         return first, (vcpu + 1) * self.ws_pages // self.vcpus - first
+
+
+@dataclass(frozen=True)
+class WorkloadLayout(WorkingSetGeometry):
+    memory_bytes: int
+    vcpus: int
+    longmode: LongModeSpec
+    code: int
+    code_max: int
+    entry: int
+    params: int
+    status: int  # vCPU i's status page at status + i * PAGE_SIZE
+    stacks: int  # vCPU i's user stack: [stacks + i * stack_size, + stack_size)
+    stack_size: int
+    gen: int  # u32 generation per working-set page, by global page index
+    gen_bytes: int
+    metadata_end: int
+    ws_base: int
+    ws_pages: int
+
 
     def describe(self) -> dict[str, str]:
         """Human-readable GPA ranges, for logs and reports."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -296,6 +296,30 @@ class X86VcpuStatus(VcpuStatus):
     smallos: SmallOsStatus | None  # the small OS's counters; None when it does not run
 
 
+def shared_status(vcpu: int, w: Sequence[int], ws_base: int) -> dict[str, Any]:
+    """The VcpuStatus fields every workload guest reports in the same status words (abi.h)."""
+    try:
+        state = VcpuState(w[abi.WL_S_STATE])
+    except ValueError:
+        state = VcpuState.UNKNOWN
+    busy = w[abi.WL_S_BUSY_PAGE]
+    return {
+        "vcpu": vcpu,
+        "started": w[abi.WL_S_MAGIC] == abi.WL_STATUS_MAGIC,
+        "state": state,
+        "heartbeat": w[abi.WL_S_HEARTBEAT],
+        "pages_written": w[abi.WL_S_PAGES_WRITTEN],
+        "passes_done": w[abi.WL_S_PASSES_DONE],
+        "verify_errors": w[abi.WL_S_VERIFY_ERRORS],
+        "last_error_gpa": w[abi.WL_S_LAST_ERROR_GPA] or None,
+        "sweep": w[abi.WL_S_SWEEP],
+        "busy_page": ws_base + (busy - 1) * abi.WL_PAGE_SIZE if busy else None,
+        "first_page": w[abi.WL_S_FIRST_PAGE],
+        "page_count": w[abi.WL_S_PAGE_COUNT],
+        "rate_seen": w[abi.WL_S_RATE_SEEN],
+    }
+
+
 class GuestLayout(Protocol):
     """What the shared view needs of a layout (x86 `WorkloadLayout`, arm64 `Arm64Layout`)."""
 
@@ -361,26 +385,9 @@ class WorkloadGuest(GuestView[WorkloadLayout]):
             gpa = self.layout.status_gpa(v)
             words = 100 if self.smallos else 16
             w = [int(x) for x in ram[gpa : gpa + 8 * words].view(np.uint64)]
-            try:
-                state = VcpuState(w[abi.WL_S_STATE])
-            except ValueError:
-                state = VcpuState.UNKNOWN
-            busy = w[abi.WL_S_BUSY_PAGE]
             result.append(
                 X86VcpuStatus(
-                    vcpu=v,
-                    started=w[abi.WL_S_MAGIC] == abi.WL_STATUS_MAGIC,
-                    state=state,
-                    heartbeat=w[abi.WL_S_HEARTBEAT],
-                    pages_written=w[abi.WL_S_PAGES_WRITTEN],
-                    passes_done=w[abi.WL_S_PASSES_DONE],
-                    verify_errors=w[abi.WL_S_VERIFY_ERRORS],
-                    last_error_gpa=w[abi.WL_S_LAST_ERROR_GPA] or None,
-                    sweep=w[abi.WL_S_SWEEP],
-                    busy_page=self.layout.ws_base + (busy - 1) * abi.WL_PAGE_SIZE if busy else None,
-                    first_page=w[abi.WL_S_FIRST_PAGE],
-                    page_count=w[abi.WL_S_PAGE_COUNT],
-                    rate_seen=w[abi.WL_S_RATE_SEEN],
+                    **shared_status(v, w, self.layout.ws_base),
                     smallos=_smallos_status(w) if self.smallos else None,
                 )
             )
