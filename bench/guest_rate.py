@@ -28,7 +28,7 @@ from migrated.guests.workload import (  # noqa: E402
     plan_layout,
 )
 from migrated.kvm.system import Kvm  # noqa: E402
-from migrated.kvm.vm import Vm, VmConfig  # noqa: E402
+from migrated.kvm.vm import DirtyTrackingMode, Vm, VmConfig  # noqa: E402
 
 MIB = 1 << 20
 
@@ -41,12 +41,12 @@ def _wait(vm: Vm, guest: WorkloadGuest, sweeps: int, timeout: float) -> None:
         time.sleep(0.01)
 
 
-def run(kvm: Kvm, vcpus: int, tracking: str, seconds: float, ws_mib: int) -> dict[str, Any]:
+def run(kvm: Kvm, vcpus: int, tracking: DirtyTrackingMode, seconds: float, ws_mib: int) -> dict[str, Any]:
     ws = ws_mib * MIB
     memory = ws + 8 * MIB
     layout = plan_layout(memory, vcpus, ws)
     params = WorkloadParams(vcpus=vcpus, working_set_bytes=ws, dirty_rate_mib_s=math.inf)
-    config = VmConfig(memory_bytes=memory, vcpus=vcpus, dirty_tracking=tracking)  # type: ignore[arg-type]
+    config = VmConfig(memory_bytes=memory, vcpus=vcpus, dirty_tracking=tracking)
     with Vm.create(kvm, config) as vm:
         for vcpu, (regs, sregs) in zip(vm.vcpus, install(vm.write_guest, layout, params, vm.tsc_khz())):
             vcpu.set_sregs(sregs)

@@ -29,7 +29,7 @@ from harvest_shim import measure_entries_per_s  # noqa: E402
 from migrated.guests.boot import load_workload  # noqa: E402
 from migrated.guests.workload import WorkloadGuest, WorkloadParams  # noqa: E402
 from migrated.kvm.system import Kvm  # noqa: E402
-from migrated.kvm.vm import Vm, VmConfig  # noqa: E402
+from migrated.kvm.vm import DirtyTrackingMode, Vm, VmConfig  # noqa: E402
 
 GIB = 1 << 30
 DIRTIED = 16 << 20
@@ -43,11 +43,11 @@ def _wait_pass(vm: Vm, guest: WorkloadGuest, target: int) -> None:
         time.sleep(0.0005)
 
 
-def measure_collect_ms(kvm: Kvm, size_gib: int, mode: str, repeat: int) -> dict[str, Any]:
+def measure_collect_ms(kvm: Kvm, size_gib: int, mode: DirtyTrackingMode, repeat: int) -> dict[str, Any]:
     config = VmConfig(
         memory_bytes=size_gib * GIB,
         vcpus=1,
-        dirty_tracking=mode,  # type: ignore[arg-type]
+        dirty_tracking=mode,
         harvest_interval_s=3600.0,
     )
     params = WorkloadParams(vcpus=1, working_set_bytes=DIRTIED, mode="passes")
