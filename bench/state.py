@@ -57,8 +57,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def one(kvm: Kvm, vcpus: int) -> tuple[float, float, dict[str, float], dict[str, float]]:
-    params = WorkloadParams(vcpus=vcpus, working_set_bytes=8 * MIB, dirty_rate_mib_s=64,
-                            smallos=True)
+    params = WorkloadParams(vcpus=vcpus, working_set_bytes=8 * MIB, dirty_rate_mib_s=64, smallos=True)
     with build_vm(kvm, vcpus, "src") as vm:
         guest = load_workload(vm, params)
         vm.start()
@@ -98,8 +97,15 @@ def downtime_share(vcpus: int) -> dict[str, float]:
     a = DaemonProcess("a", work, key).start()
     b = DaemonProcess("b", work, key).start()
     try:
-        a.call("vm.create", name="os", memory_mib=256, vcpus=vcpus, guest="smallos",
-               dirty_rate_mib_s=32, working_set_mib=64)
+        a.call(
+            "vm.create",
+            name="os",
+            memory_mib=256,
+            vcpus=vcpus,
+            guest="smallos",
+            dirty_rate_mib_s=32,
+            working_set_mib=64,
+        )
         wait_for(lambda: a.call("vm.show", name="os")["guest"]["smallos"]["reg_checks"] > 10)
         a.call("migrate", name="os", to=b.address)
         stats = wait_migration(a, "os")
@@ -138,22 +144,27 @@ def main() -> None:
                     save_steps.setdefault(k, []).append(v)
                 for k, v in rt.items():
                     restore_steps.setdefault(k, []).append(v)
-            results.append({
-                "vcpus": vcpus,
-                "in_a_migration": downtime_share(vcpus),
-                "reps": args.reps,
-                "save": summary(saves),
-                "restore": summary(restores),
-                "save_steps_median_ms": {k: statistics.median(v) * 1e3 for k, v in save_steps.items()},
-                "restore_steps_median_ms": {
-                    k: statistics.median(v) * 1e3 for k, v in restore_steps.items()
-                },
-            })
-    print(json.dumps({
-        "bench": "x86 state save/restore, small-OS guest, irqchip + PIT",
-        "host_pvm": os.path.exists("/sys/module/kvm_pvm"),
-        "results": results,
-    }, indent=2))
+            results.append(
+                {
+                    "vcpus": vcpus,
+                    "in_a_migration": downtime_share(vcpus),
+                    "reps": args.reps,
+                    "save": summary(saves),
+                    "restore": summary(restores),
+                    "save_steps_median_ms": {k: statistics.median(v) * 1e3 for k, v in save_steps.items()},
+                    "restore_steps_median_ms": {k: statistics.median(v) * 1e3 for k, v in restore_steps.items()},
+                }
+            )
+    print(
+        json.dumps(
+            {
+                "bench": "x86 state save/restore, small-OS guest, irqchip + PIT",
+                "host_pvm": os.path.exists("/sys/module/kvm_pvm"),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def iperf3_mib_s(seconds: float) -> float:
         time.sleep(0.3)
         out = subprocess.run(
             ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
     finally:
         server.wait(timeout=10)
@@ -83,8 +85,7 @@ def pipeline_warm_mib_s(size: int = 1 << 30) -> float:
         done = trio.Event()
 
         async def target(stream: trio.SocketStream) -> None:
-            channel = PeerChannel(stream, Connection(Role.TARGET, node="t", psk=key,
-                                                     reuse_page_buffer=True))
+            channel = PeerChannel(stream, Connection(Role.TARGET, node="t", psk=key, reuse_page_buffer=True))
             await channel.handshake()
             await channel.receive()
             await channel.send(Accept())
@@ -101,13 +102,20 @@ def pipeline_warm_mib_s(size: int = 1 << 30) -> float:
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             channel = PeerChannel(stream, Connection(Role.SOURCE, node="s", psk=key))
             await channel.handshake()
-            await channel.send(VmDescription(
-                name="bench", migration_id="bench", memory=((0, 0, size),), vcpus=1,
-                guest_kind="none", cpu_features={}, dirty_tracking="ring"))
+            await channel.send(
+                VmDescription(
+                    name="bench",
+                    migration_id="bench",
+                    memory=((0, 0, size),),
+                    vcpus=1,
+                    guest_kind="none",
+                    cpu_features={},
+                    dirty_tracking="ring",
+                )
+            )
             await channel.receive()
             started = time.perf_counter()
-            await send_range(channel.send, source_ram.reshape(-1, 4096), 0, 0, 0, size // 4096,
-                             2040, StreamCounters())
+            await send_range(channel.send, source_ram.reshape(-1, 4096), 0, 0, 0, size // 4096, 2040, StreamCounters())
             await done.wait()
             elapsed[0] = time.perf_counter() - started
             nursery.cancel_scope.cancel()
@@ -127,11 +135,20 @@ def migrate_once(memory_mib: int, vcpus: int, pause_guest: bool) -> dict[str, An
     b = DaemonProcess("b", work, key).start()
     try:
         working_set = memory_mib - 8  # all but the guest's own metadata
-        a.call("vm.create", name="bench", memory_mib=memory_mib, vcpus=vcpus,
-               dirty_rate_mib_s="max", working_set_mib=working_set)
+        a.call(
+            "vm.create",
+            name="bench",
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            dirty_rate_mib_s="max",
+            working_set_mib=working_set,
+        )
         pages = working_set * MIB // 4096
-        wait_for(lambda: a.call("vm.show", name="bench")["guest"]["pages_written"] >= pages,
-                 timeout=120, what="the guest to write its whole working set")
+        wait_for(
+            lambda: a.call("vm.show", name="bench")["guest"]["pages_written"] >= pages,
+            timeout=120,
+            what="the guest to write its whole working set",
+        )
         a.call("vm.set", name="bench", dirty_rate_mib_s=0)
         if pause_guest:
             a.call("vm.pause", name="bench")
@@ -151,8 +168,9 @@ def main() -> None:
     parser.add_argument("--vcpus", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 duration")
     parser.add_argument("--warm-gib", type=int, default=8, help="host memory to touch first")
-    parser.add_argument("--pause-guest", action="store_true",
-                        help="pause the guest during the copy (its idle loop spins a core)")
+    parser.add_argument(
+        "--pause-guest", action="store_true", help="pause the guest during the copy (its idle loop spins a core)"
+    )
     args = parser.parse_args()
     warm_s = warm_host_memory(args.warm_gib)
     iperf = iperf3_mib_s(args.seconds)
@@ -160,23 +178,28 @@ def main() -> None:
     pipeline = pipeline_warm_mib_s()
     bulk_bytes = stats["bulk_bytes"]
     bulk_mib_s = bulk_bytes / MIB / (stats["bulk_ms"] / 1e3)
-    print(json.dumps({
-        "bulk_mib_s": bulk_mib_s,
-        "iperf3_mib_s": iperf,
-        "pipeline_warm_target_mib_s": pipeline,
-        "ratio": bulk_mib_s / iperf,
-        "target_at_least_70_percent": bulk_mib_s >= 0.7 * iperf,
-        "bulk_bytes": bulk_bytes,
-        "bulk_ms": stats["bulk_ms"],
-        "guest_memory_mib": args.memory_mib,
-        "guest_vcpus": args.vcpus,
-        "guest_paused_during_copy": args.pause_guest,
-        "warmed_host_gib": args.warm_gib,
-        "warm_s": warm_s,
-        "zero_pages": stats["zero_pages"],
-        "downtime_ms": stats["downtime_ms"],
-        "total_ms": stats["total_ms"],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "bulk_mib_s": bulk_mib_s,
+                "iperf3_mib_s": iperf,
+                "pipeline_warm_target_mib_s": pipeline,
+                "ratio": bulk_mib_s / iperf,
+                "target_at_least_70_percent": bulk_mib_s >= 0.7 * iperf,
+                "bulk_bytes": bulk_bytes,
+                "bulk_ms": stats["bulk_ms"],
+                "guest_memory_mib": args.memory_mib,
+                "guest_vcpus": args.vcpus,
+                "guest_paused_during_copy": args.pause_guest,
+                "warmed_host_gib": args.warm_gib,
+                "warm_s": warm_s,
+                "zero_pages": stats["zero_pages"],
+                "downtime_ms": stats["downtime_ms"],
+                "total_ms": stats["total_ms"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

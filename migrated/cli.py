@@ -82,30 +82,30 @@ def _rate(value: str) -> float | str:
 
 def cmd_vm_create(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {
-        "name": args.name, "memory_mib": args.memory, "vcpus": args.vcpus, "guest": args.guest,
-        "dirty_rate_mib_s": args.dirty_rate, "working_set_mib": args.working_set,
+        "name": args.name,
+        "memory_mib": args.memory,
+        "vcpus": args.vcpus,
+        "guest": args.guest,
+        "dirty_rate_mib_s": args.dirty_rate,
+        "working_set_mib": args.working_set,
     }
     if args.dirty_tracking:
         payload["dirty_tracking"] = args.dirty_tracking
     if args.image is not None or args.guest == "raw":
         if args.guest != "raw" or args.image is None:
-            print("migratectl: --image goes with --guest raw, and --guest raw needs --image",
-                  file=sys.stderr)
+            print("migratectl: --image goes with --guest raw, and --guest raw needs --image", file=sys.stderr)
             return 2
         # The daemon reads the file: give it a path that does not depend on our directory.
-        payload.update(image=str(Path(args.image).resolve()), load_addr=args.load_addr,
-                       entry=args.entry)
+        payload.update(image=str(Path(args.image).resolve()), load_addr=args.load_addr, entry=args.entry)
     result = _call(args, "vm.create", payload)
-    _print(args, result, f"created {result['name']}: {result['state']}, "
-                         f"dirty tracking {result.get('dirty_tracking')}")
+    _print(args, result, f"created {result['name']}: {result['state']}, dirty tracking {result.get('dirty_tracking')}")
     return 0
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
     result = _call(args, "vm.list")
     lines = [f"{'NAME':<20} {'STATE':<10} {'MEMORY':>8} {'VCPUS':>5}  GUEST"]
-    lines += [f"{v['name']:<20} {v['state']:<10} {v['memory_mib']:>6}Mi {v['vcpus']:>5}  {v['guest']}"
-              for v in result]
+    lines += [f"{v['name']:<20} {v['state']:<10} {v['memory_mib']:>6}Mi {v['vcpus']:>5}  {v['guest']}" for v in result]
     _print(args, result, "\n".join(lines))
     return 0
 
@@ -117,14 +117,12 @@ def _format_show(info: dict[str, Any]) -> str:
     spec = info["spec"]
     lines.append(f"memory: {spec['memory_mib']} MiB, vCPUs: {spec['vcpus']}, guest: {spec['guest']}")
     if "dirty_tracking" in info:
-        lines.append(f"dirty tracking: {info['dirty_tracking']} "
-                     f"(ring-full exits {info['tracker']['ring_full_exits']})")
+        lines.append(f"dirty tracking: {info['dirty_tracking']} (ring-full exits {info['tracker']['ring_full_exits']})")
     raw = info.get("raw")
     if raw:
         where = raw.get("cs:ip") or raw.get("rip")
         lines.append(f"image: {raw['image']} at {raw['load_addr']}, {raw['entry']} entry ({where})")
-        lines.append(f"console: {raw['uart']['bytes_transmitted']} bytes sent "
-                     f"(`migratectl vm console {info['name']}`)")
+        lines.append(f"console: {raw['uart']['bytes_transmitted']} bytes sent (`migratectl vm console {info['name']}`)")
     guest = info.get("guest")
     if guest:
         lines.append(f"heartbeat generation: {guest['heartbeat_generation']} {guest['heartbeat']}")
@@ -132,9 +130,11 @@ def _format_show(info: dict[str, Any]) -> str:
         lines.append(f"verification errors: {guest['verification_errors']}")
         kernel = guest.get("smallos")
         if kernel:
-            lines.append(f"small OS: ticks {kernel['ticks']}, IPIs {kernel['ipis']}, IRQs "
-                         f"{kernel['irqs']}, PIT {kernel['pit_ticks']}, register checks "
-                         f"{kernel['reg_checks']}, errors {kernel['errors'] or 'none'}")
+            lines.append(
+                f"small OS: ticks {kernel['ticks']}, IPIs {kernel['ipis']}, IRQs "
+                f"{kernel['irqs']}, PIT {kernel['pit_ticks']}, register checks "
+                f"{kernel['reg_checks']}, errors {kernel['errors'] or 'none'}"
+            )
     return "\n".join(lines)
 
 
@@ -192,8 +192,7 @@ def _address(value: str) -> int:
 
 
 def cmd_vm_dump(args: argparse.Namespace) -> int:
-    payload: dict[str, Any] = {"name": args.name, "file": str(Path(args.file).resolve()),
-                               "start": args.start}
+    payload: dict[str, Any] = {"name": args.name, "file": str(Path(args.file).resolve()), "start": args.start}
     if args.length is not None:
         payload["length"] = args.length
     result = _call(args, "vm.dump", payload)
@@ -215,16 +214,33 @@ FINAL_STATES = ("completed", "completed-by-operator", "failed", "aborted", "canc
 
 
 def _format_final(s: dict[str, Any]) -> str:
-    keys = ["state", "total_ms", "setup_ms", "downtime_ms", "verify_ms", "bytes_sent",
-            "pages_sent", "zero_pages", "rounds", "bandwidth_mib_s", "dirty_rate_mib_s",
-            "dirty_tracking", "backup_bitmap", "error"]
+    keys = [
+        "state",
+        "total_ms",
+        "setup_ms",
+        "downtime_ms",
+        "verify_ms",
+        "bytes_sent",
+        "pages_sent",
+        "zero_pages",
+        "rounds",
+        "bandwidth_mib_s",
+        "dirty_rate_mib_s",
+        "dirty_tracking",
+        "backup_bitmap",
+        "error",
+    ]
     return "\n".join(f"{k}: {s.get(k)}" for k in keys if s.get(k) is not None)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"name": args.name, "to": args.to}
-    for key, value in (("downtime_limit_ms", args.downtime_limit), ("max_bandwidth_mib_s", args.max_bandwidth),
-                       ("timeout_s", args.timeout), ("verify", args.verify)):
+    for key, value in (
+        ("downtime_limit_ms", args.downtime_limit),
+        ("max_bandwidth_mib_s", args.max_bandwidth),
+        ("timeout_s", args.timeout),
+        ("verify", args.verify),
+    ):
         if value is not None:
             payload[key] = value
     result = _call(args, "migrate", payload)
@@ -264,8 +280,9 @@ def cmd_migration_resolve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migratectl", description=__doc__)
-    parser.add_argument("--socket", default=str(DEFAULT_CONTROL_SOCKET),
-                        help="the daemon's control socket (default %(default)s)")
+    parser.add_argument(
+        "--socket", default=str(DEFAULT_CONTROL_SOCKET), help="the daemon's control socket (default %(default)s)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     caps = sub.add_parser("caps", help="what this host's KVM offers (no daemon needed)")
     caps.add_argument("--device", default=DEFAULT_DEVICE, help="KVM device (default %(default)s)")
@@ -273,24 +290,33 @@ def build_parser() -> argparse.ArgumentParser:
     caps.set_defaults(func=cmd_caps)
 
     vm = sub.add_parser("vm", help="create, list, show, stop VMs").add_subparsers(
-        dest="vm_command", required=True, metavar="VM_COMMAND")
+        dest="vm_command", required=True, metavar="VM_COMMAND"
+    )
     create = vm.add_parser("create", help="create and start a VM")
     create.add_argument("name")
     create.add_argument("--memory", type=int, required=True, help="guest RAM in MiB")
     create.add_argument("--vcpus", type=int, default=1)
     create.add_argument("--guest", default="workload", choices=["workload", "smallos", "raw", "none"])
     create.add_argument("--image", help="raw: a boot sector or flat binary (read by the daemon)")
-    create.add_argument("--load-addr", type=_address, default=0x7C00,
-                        help="raw: guest-physical load address (default 0x7c00)")
-    create.add_argument("--entry", choices=["real", "long"], default="real",
-                        help="raw: start in real mode at 0:ADDR as a BIOS would (default), or in "
-                        "64-bit mode at ADDR with identity paging")
+    create.add_argument(
+        "--load-addr", type=_address, default=0x7C00, help="raw: guest-physical load address (default 0x7c00)"
+    )
+    create.add_argument(
+        "--entry",
+        choices=["real", "long"],
+        default="real",
+        help="raw: start in real mode at 0:ADDR as a BIOS would (default), or in "
+        "64-bit mode at ADDR with identity paging",
+    )
     create.add_argument("--dirty-rate", type=_rate, default=0.0, help="MiB/s the guest dirties, or 'max'")
     create.add_argument("--working-set", type=int, default=16, help="MiB the guest writes over")
     create.add_argument("--dirty-tracking", choices=["auto", "ring", "bitmap"])
     create.set_defaults(func=cmd_vm_create)
-    for name, func, text in (("list", cmd_vm_list, "list VMs"), ("show", cmd_vm_show, "one VM"),
-                             ("stop", cmd_vm_stop, "stop and destroy a VM")):
+    for name, func, text in (
+        ("list", cmd_vm_list, "list VMs"),
+        ("show", cmd_vm_show, "one VM"),
+        ("stop", cmd_vm_stop, "stop and destroy a VM"),
+    ):
         command = vm.add_parser(name, help=text)
         if name != "list":
             command.add_argument("name")
@@ -326,11 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--max-bandwidth", type=float, help="MiB/s (0 = unlimited)")
     migrate.add_argument("--timeout", type=float, help="s")
     migrate.add_argument("--verify", choices=["full", "off"])
-    migrate.add_argument("--wait", action="store_true", help="follow progress; exit 0 only if the VM runs on the target")
+    migrate.add_argument(
+        "--wait", action="store_true", help="follow progress; exit 0 only if the VM runs on the target"
+    )
     migrate.set_defaults(func=cmd_migrate)
 
     migration = sub.add_parser("migration", help="status, cancel, resolve").add_subparsers(
-        dest="migration_command", required=True, metavar="MIGRATION_COMMAND")
+        dest="migration_command", required=True, metavar="MIGRATION_COMMAND"
+    )
     status = migration.add_parser("status", help="progress or outcome of the VM's last migration")
     status.add_argument("name")
     status.set_defaults(func=cmd_migration_status)
@@ -339,8 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.set_defaults(func=cmd_migration_cancel)
     resolve = migration.add_parser("resolve", help="settle an in-doubt migration")
     resolve.add_argument("name")
-    resolve.add_argument("--action", default="ask", choices=["ask", "release", "resume"],
-                         help="ask the target (default); or release / resume by operator decision")
+    resolve.add_argument(
+        "--action",
+        default="ask",
+        choices=["ask", "release", "resume"],
+        help="ask the target (default); or release / resume by operator decision",
+    )
     resolve.set_defaults(func=cmd_migration_resolve)
     for command in (create, status, cancel, resolve, migrate):
         command.add_argument("--json", action="store_true", help="print JSON")

@@ -302,7 +302,7 @@ _HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def _listen(value: Any) -> HostPort:
-    allowed = 'HOST:PORT, port 1-65535; HOST an IPv4 address, [IPv6] in brackets or a name'
+    allowed = "HOST:PORT, port 1-65535; HOST an IPv4 address, [IPv6] in brackets or a name"
     if not isinstance(value, str):
         raise _Invalid(f"{_show(value)} is not a string", allowed)
     host, sep, port_text = value.rpartition(":")
@@ -403,7 +403,9 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
         if section not in _SCHEMA:
             hint = _did_you_mean(section, _SCHEMA)
             raise ConfigError(
-                file_source, section, f"unknown section [{section}]{hint}",
+                file_source,
+                section,
+                f"unknown section [{section}]{hint}",
                 ", ".join(f"[{s}]" for s in _SCHEMA),
             )
         if not isinstance(table, dict):
@@ -412,7 +414,9 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
             if key not in _SCHEMA[section]:
                 hint = _did_you_mean(key, _SCHEMA[section])
                 raise ConfigError(
-                    file_source, f"{section}.{key}", f"unknown key{hint}",
+                    file_source,
+                    f"{section}.{key}",
+                    f"unknown key{hint}",
                     ", ".join(_SCHEMA[section]),
                 )
             origin[f"{section}.{key}"] = file_source
@@ -478,7 +482,8 @@ def _check_peer_auth(peer: dict[str, Any], source_of: Callable[[str], str]) -> b
     auth = peer["auth"]
     if auth == "none" and not peer["allow_unauthenticated"]:
         raise ConfigError(
-            source_of("peer.auth"), "peer.auth",
+            source_of("peer.auth"),
+            "peer.auth",
             '"none" lets anyone who reaches peer.listen send VMs to this host and receive them '
             "from it; set peer.allow_unauthenticated = true if that is really intended",
             '"psk" | "tls", or "none" together with allow_unauthenticated = true',
@@ -486,7 +491,9 @@ def _check_peer_auth(peer: dict[str, Any], source_of: Callable[[str], str]) -> b
     if auth == "psk":
         if peer["key_file"] is None:
             raise ConfigError(
-                source_of("peer.auth"), "peer.key_file", 'required when peer.auth = "psk"',
+                source_of("peer.auth"),
+                "peer.key_file",
+                'required when peer.auth = "psk"',
                 "an absolute path to the pre-shared key, here or as --peer-key-file",
             )
         return _read_psk(peer["key_file"], source_of("peer.key_file"))
@@ -494,7 +501,9 @@ def _check_peer_auth(peer: dict[str, Any], source_of: Callable[[str], str]) -> b
         for key in ("tls_cert", "tls_key", "tls_ca"):
             if peer[key] is None:
                 raise ConfigError(
-                    source_of("peer.auth"), f"peer.{key}", 'required when peer.auth = "tls"',
+                    source_of("peer.auth"),
+                    f"peer.{key}",
+                    'required when peer.auth = "tls"',
                     "an absolute path to a PEM file",
                 )
         _check_tls(peer, source_of)
@@ -526,7 +535,8 @@ def _read_psk(path: Path, source: str) -> bytes:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
         if mode & 0o077:
             raise ConfigError(
-                source, "peer.key_file",
+                source,
+                "peer.key_file",
                 f"{path} has mode {mode:04o}: group or others may access the key, and whoever "
                 f"reads it can impersonate a peer; run: chmod 600 {path}",
                 allowed,
@@ -543,12 +553,12 @@ def _read_psk(path: Path, source: str) -> bytes:
         os.close(fd)
     key = b"".join(chunks)
     if len(key) < PSK_MIN_BYTES:
-        raise ConfigError(
-            source, "peer.key_file", f"{path} holds {len(key)} bytes, too few for a key", allowed
-        )
+        raise ConfigError(source, "peer.key_file", f"{path} holds {len(key)} bytes, too few for a key", allowed)
     if len(key) > PSK_MAX_BYTES:
         raise ConfigError(
-            source, "peer.key_file", f"{path} is larger than {PSK_MAX_BYTES} bytes: is it the key?",
+            source,
+            "peer.key_file",
+            f"{path} is larger than {PSK_MAX_BYTES} bytes: is it the key?",
             allowed,
         )
     return key
@@ -561,14 +571,17 @@ def _check_tls(peer: dict[str, Any], source_of: Callable[[str], str]) -> None:
             os.close(_open_regular(peer[key]))
         except OSError as err:
             raise ConfigError(
-                source_of(f"peer.{key}"), f"peer.{key}", f"cannot open {peer[key]}: {err.strerror}",
+                source_of(f"peer.{key}"),
+                f"peer.{key}",
+                f"cannot open {peer[key]}: {err.strerror}",
                 "a regular PEM file readable by the daemon",
             ) from None
     mode = stat.S_IMODE(os.stat(peer["tls_key"]).st_mode)
     if mode & 0o007:
         # Group access is allowed: Debian's ssl-cert group is the usual way to share keys.
         raise ConfigError(
-            source_of("peer.tls_key"), "peer.tls_key",
+            source_of("peer.tls_key"),
+            "peer.tls_key",
             f"{peer['tls_key']} has mode {mode:04o}: everyone may read the private key",
             f"mode 0600 or 0640; run: chmod o= {peer['tls_key']}",
         )
@@ -578,7 +591,8 @@ def _check_tls(peer: dict[str, Any], source_of: Callable[[str], str]) -> None:
         context.load_cert_chain(peer["tls_cert"], peer["tls_key"], password=lambda: b"")
     except ssl.SSLError as err:
         raise ConfigError(
-            source_of("peer.tls_cert"), "peer.tls_cert",
+            source_of("peer.tls_cert"),
+            "peer.tls_cert",
             f"cannot load {peer['tls_cert']} with the key {peer['tls_key']}: {err.reason or err}",
             "a PEM certificate (chain) and its unencrypted PEM private key",
         ) from None
@@ -586,7 +600,8 @@ def _check_tls(peer: dict[str, Any], source_of: Callable[[str], str]) -> None:
         context.load_verify_locations(cafile=peer["tls_ca"])
     except ssl.SSLError as err:
         raise ConfigError(
-            source_of("peer.tls_ca"), "peer.tls_ca",
+            source_of("peer.tls_ca"),
+            "peer.tls_ca",
             f"cannot load {peer['tls_ca']}: {err.reason or err}",
             "PEM CA certificates that signed the peers' certificates",
         ) from None

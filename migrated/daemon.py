@@ -77,30 +77,37 @@ class Daemon:
             args["dirty_rate_mib_s"] = math.inf
         try:
             spec = VmSpec.from_wire(args)
-            config = vm_config(
-                spec, tracking, self.config.vm.ring_bytes, self.config.vm.harvest_interval_ms
-            )
+            config = vm_config(spec, tracking, self.config.vm.ring_bytes, self.config.vm.harvest_interval_ms)
         except SpecError as err:
             raise RequestError(str(err)) from None
         if spec.name in self.vms:
             raise RequestError(f"a VM named {spec.name!r} already exists on this daemon")
         try:
-            hosted = await trio.to_thread.run_sync(
-                create_local, self.kvm, spec, config, self.console_log(spec))
+            hosted = await trio.to_thread.run_sync(create_local, self.kvm, spec, config, self.console_log(spec))
         except (KvmError, ValueError) as err:
             raise RequestError(f"cannot create VM {spec.name}: {err}") from None
         self.vms[spec.name] = hosted
         for warning in hosted.warnings:
             self.log.warning("raw_image_warning", vm=spec.name, image=spec.image, warning=warning)
-        self.log.info("vm_created", vm=spec.name, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
-                      dirty_tracking=config.dirty_tracking)
+        self.log.info(
+            "vm_created",
+            vm=spec.name,
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            dirty_tracking=config.dirty_tracking,
+        )
         self.update_status()
         return hosted.show()
 
     async def cmd_vm_list(self, args: dict[str, Any]) -> Any:
         return [
-            {"name": h.name, "state": h.state.value, "memory_mib": h.spec.memory_mib,
-             "vcpus": h.spec.vcpus, "guest": h.spec.guest}
+            {
+                "name": h.name,
+                "state": h.state.value,
+                "memory_mib": h.spec.memory_mib,
+                "vcpus": h.spec.vcpus,
+                "guest": h.spec.guest,
+            }
             for h in self.vms.values()
         ]
 
@@ -110,9 +117,7 @@ class Daemon:
     async def cmd_vm_stop(self, args: dict[str, Any]) -> Any:
         hosted = self.hosted(args)
         if hosted.state in (VmState.MIGRATING, VmState.IN_DOUBT, VmState.INCOMING):
-            raise RequestError(
-                f"VM {hosted.name} is {hosted.state.value}: cancel or resolve its migration first"
-            )
+            raise RequestError(f"VM {hosted.name} is {hosted.state.value}: cancel or resolve its migration first")
         await self.remove_vm(hosted, "stopped by operator")
         return {"name": hosted.name, "state": "stopped"}
 
@@ -141,9 +146,7 @@ class Daemon:
     async def cmd_vm_resume(self, args: dict[str, Any]) -> Any:
         hosted = self.hosted(args)
         if hosted.state is not VmState.PAUSED or hosted.vm is None:
-            raise RequestError(
-                f"VM {hosted.name} is {hosted.state.value}: only a VM paused by the operator resumes"
-            )
+            raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a VM paused by the operator resumes")
         await trio.to_thread.run_sync(hosted.vm.resume)
         hosted.state = VmState.RUNNING
         self.log.info("vm_resumed", vm=hosted.name)
@@ -167,13 +170,15 @@ class Daemon:
         if length is None and isinstance(start, int):
             region = vm.memory.region_of(start) if _in_ram(vm.memory, start) else None
             length = (region.guest_phys_addr + region.size - start) if region else 0
-        if (not isinstance(start, int) or not isinstance(length, int) or start < 0 or length <= 0
-                or not _in_ram(vm.memory, start, length)):
-            ranges = ", ".join(f"[{r.guest_phys_addr:#x}, {r.guest_phys_addr + r.size:#x})"
-                               for r in vm.memory.regions)
-            raise RequestError(
-                f"range start={start!r} length={length!r}: must lie inside guest RAM ({ranges})"
-            )
+        if (
+            not isinstance(start, int)
+            or not isinstance(length, int)
+            or start < 0
+            or length <= 0
+            or not _in_ram(vm.memory, start, length)
+        ):
+            ranges = ", ".join(f"[{r.guest_phys_addr:#x}, {r.guest_phys_addr + r.size:#x})" for r in vm.memory.regions)
+            raise RequestError(f"range start={start!r} length={length!r}: must lie inside guest RAM ({ranges})")
         data = vm.memory.read(start, length)
         try:
             await trio.to_thread.run_sync(_write_file, Path(path), data)
@@ -247,8 +252,7 @@ class Daemon:
 
     def update_status(self) -> None:
         running = sum(1 for h in self.vms.values() if h.state is VmState.RUNNING)
-        self.notifier.status(f"{len(self.vms)} VMs, {running} running, "
-                             f"{len(self.migrations)} migrations")
+        self.notifier.status(f"{len(self.vms)} VMs, {running} running, {len(self.migrations)} migrations")
 
     # ---- lifetime -----------------------------------------------------------------------
 
@@ -312,21 +316,27 @@ def _write_file(path: Path, data: Any) -> None:
 
 
 async def run_daemon(
-    config: Config, config_path: Path | None, overrides: dict[str, Any],
-    *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+    config: Config,
+    config_path: Path | None,
+    overrides: dict[str, Any],
+    *,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     ensure_kick_handler()
     log = get_logger(component="daemon")
-    notifier = Notifier.from_environ(
-        on_error=lambda err: log.warning("sd_notify_failed", error=str(err))
-    )
+    notifier = Notifier.from_environ(on_error=lambda err: log.warning("sd_notify_failed", error=str(err)))
     kvm = Kvm.open()
     daemon = Daemon(config, kvm, notifier)
     caps = kvm.caps()
     if faults.ACTIVE:
         log.warning("test_faults_active", faults=sorted(faults.ACTIVE))
-    log.info("daemon_starting", pvm=caps.pvm, dirty_ring_max_bytes=caps.dirty_ring_max_bytes,
-             with_bitmap=caps.dirty_ring_with_bitmap, arch=caps.arch)
+    log.info(
+        "daemon_starting",
+        pvm=caps.pvm,
+        dirty_ring_max_bytes=caps.dirty_ring_max_bytes,
+        with_bitmap=caps.dirty_ring_with_bitmap,
+        arch=caps.arch,
+    )
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -339,8 +349,9 @@ async def run_daemon(
                 nursery.start_soon(daemon.inject_irqs)
                 notifier.ready()
                 daemon.update_status()
-                log.info("daemon_ready", control_socket=str(config.daemon.control_socket),
-                         listen=str(config.peer.listen))
+                log.info(
+                    "daemon_ready", control_socket=str(config.daemon.control_socket), listen=str(config.peer.listen)
+                )
                 task_status.started(daemon)
                 async for signum in signals:
                     if signum == signal.SIGHUP:

@@ -35,9 +35,19 @@ class _Daemon:
         self.socket = work / f"{name}.sock"
         self.port = _free_port()
         self.log = work / f"{name}.log"
-        command = [sys.executable, "-m", "migrated", "--control-socket", str(self.socket),
-                   "--listen", f"127.0.0.1:{self.port}", "--state-dir", str(work / f"{name}-state"),
-                   "--peer-key-file", str(key)]
+        command = [
+            sys.executable,
+            "-m",
+            "migrated",
+            "--control-socket",
+            str(self.socket),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--state-dir",
+            str(work / f"{name}-state"),
+            "--peer-key-file",
+            str(key),
+        ]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log)
         deadline = time.monotonic() + 20
@@ -47,7 +57,7 @@ class _Daemon:
                 return
             except (RequestError, OSError):
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"daemon {name} did not start: {self.log.read_text()}")
+                    raise RuntimeError(f"daemon {name} did not start: {self.log.read_text()}") from None
                 time.sleep(0.05)
 
     def call(self, cmd: str, **args: Any) -> Any:
@@ -65,9 +75,11 @@ class _Daemon:
 def _guest_line(daemon: _Daemon, name: str) -> str:
     info = daemon.call("vm.show", name=name)
     guest = info["guest"]
-    return (f"  {daemon.name}: {name} {info['state']}, heartbeat {guest['heartbeat_generation']}, "
-            f"pages written {guest['pages_written']}, verification errors "
-            f"{guest['verification_errors']}")
+    return (
+        f"  {daemon.name}: {name} {info['state']}, heartbeat {guest['heartbeat_generation']}, "
+        f"pages written {guest['pages_written']}, verification errors "
+        f"{guest['verification_errors']}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,17 +91,37 @@ def run(args: argparse.Namespace) -> int:
     a = _Daemon("A", work, key)
     b = _Daemon("B", work, key)
     try:
-        a.call("vm.create", name="demo", memory_mib=args.memory, vcpus=args.vcpus,
-               dirty_rate_mib_s=args.dirty_rate, working_set_mib=args.working_set)
-        print(f"demo: VM 'demo' on A: {args.memory} MiB, {args.vcpus} vCPUs, guest dirtying "
-              f"{args.dirty_rate} MiB/s over {args.working_set} MiB")
+        a.call(
+            "vm.create",
+            name="demo",
+            memory_mib=args.memory,
+            vcpus=args.vcpus,
+            dirty_rate_mib_s=args.dirty_rate,
+            working_set_mib=args.working_set,
+        )
+        print(
+            f"demo: VM 'demo' on A: {args.memory} MiB, {args.vcpus} vCPUs, guest dirtying "
+            f"{args.dirty_rate} MiB/s over {args.working_set} MiB"
+        )
         for _ in range(3):
             time.sleep(0.5)
             print(_guest_line(a, "demo"))
         print(f"demo: migratectl migrate demo --to 127.0.0.1:{b.port} --wait")
         result = subprocess.run(
-            [sys.executable, "-m", "migrated.cli", "--socket", str(a.socket), "migrate", "demo",
-             "--to", f"127.0.0.1:{b.port}", "--downtime-limit", str(args.downtime_limit), "--wait"],
+            [
+                sys.executable,
+                "-m",
+                "migrated.cli",
+                "--socket",
+                str(a.socket),
+                "migrate",
+                "demo",
+                "--to",
+                f"127.0.0.1:{b.port}",
+                "--downtime-limit",
+                str(args.downtime_limit),
+                "--wait",
+            ],
             check=False,
         )
         if result.returncode != 0:
@@ -101,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
             print(_guest_line(b, "demo"))
         final = b.call("vm.show", name="demo")
         ok = final["state"] == "running" and final["guest"]["verification_errors"] == 0
-        print(json.dumps({"vm_on_b": final["state"], "verification_errors":
-                          final["guest"]["verification_errors"]}))
+        print(json.dumps({"vm_on_b": final["state"], "verification_errors": final["guest"]["verification_errors"]}))
         return 0 if ok else 1
     finally:
         a.stop()

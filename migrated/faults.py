@@ -19,23 +19,23 @@ from __future__ import annotations
 
 import os
 
-KNOWN = frozenset({
-    "target-refuse-loaded",
-    "target-vanish-after-commit",
-    "source-lose-commit",
-    "source-stall-rounds",
-    "source-skip-its-save",
-    "source-zero-xsave",
-})
+KNOWN = frozenset(
+    {
+        "target-refuse-loaded",
+        "target-vanish-after-commit",
+        "source-lose-commit",
+        "source-stall-rounds",
+        "source-skip-its-save",
+        "source-zero-xsave",
+    }
+)
 
 
 def _load() -> frozenset[str]:
     names = frozenset(n.strip() for n in os.environ.get("MIGRATED_TEST_FAULTS", "").split(",") if n.strip())
     unknown = names - KNOWN
     if unknown:
-        raise ValueError(
-            f"MIGRATED_TEST_FAULTS names unknown faults {sorted(unknown)}; known: {sorted(KNOWN)}"
-        )
+        raise ValueError(f"MIGRATED_TEST_FAULTS names unknown faults {sorted(unknown)}; known: {sorted(KNOWN)}")
     return names
 
 

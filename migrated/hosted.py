@@ -107,11 +107,8 @@ class VmSpec:
     def plan_layout(self) -> Any:
         """Where the workload guest puts everything, for this host's architecture."""
         if HOST_ARCH == "aarch64":
-            return plan_layout_aarch64(
-                min(self.memory_bytes, ARM64_MAX_MEMORY), self.vcpus, self.working_set_mib * MIB
-            )
-        return plan_layout(self.layout_bytes, self.vcpus, self.working_set_mib * MIB,
-                           smallos=self.guest == "smallos")
+            return plan_layout_aarch64(min(self.memory_bytes, ARM64_MAX_MEMORY), self.vcpus, self.working_set_mib * MIB)
+        return plan_layout(self.layout_bytes, self.vcpus, self.working_set_mib * MIB, smallos=self.guest == "smallos")
 
     def view(self) -> Any:
         """The VMM's view of the workload guest (status pages, checks), from its layout."""
@@ -167,9 +164,7 @@ class VmState(enum.Enum):
 
 
 class HostedVm:
-    def __init__(
-        self, spec: VmSpec, vm: Vm, guest: Any, state: VmState, ports: PcPorts | None = None
-    ) -> None:
+    def __init__(self, spec: VmSpec, vm: Vm, guest: Any, state: VmState, ports: PcPorts | None = None) -> None:
         self.spec = spec
         self.vm: Vm | None = vm
         self.guest = guest
@@ -289,9 +284,7 @@ def raw_ports(vm: Vm, console_log: Path | None) -> tuple[PcPorts, ConsoleLog | N
     return ports, log
 
 
-def create_local(
-    kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None
-) -> HostedVm:
+def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None) -> HostedVm:
     """A new VM with its guest loaded and running (blocking: call it off the event loop).
     `console_log`: the file a raw guest's UART output is appended to."""
     image = read_raw_image(spec.image, spec.memory_bytes) if spec.guest == "raw" else b""
@@ -320,9 +313,7 @@ def create_local(
     return hosted
 
 
-def create_incoming(
-    kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None
-) -> HostedVm:
+def create_incoming(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None) -> HostedVm:
     """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running.
     A raw guest gets the same devices, empty: their state comes with the vCPUs' (vmstate)."""
     vm = Vm.create(kvm, config)

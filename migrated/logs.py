@@ -40,10 +40,7 @@ _installed = False
 _timestamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
 _format_exc = structlog.processors.format_exc_info
 _json = structlog.processors.JSONRenderer(serializer=json.dumps, default=str)
-_console = {
-    colors: structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)
-    for colors in (False, True)
-}
+_console = {colors: structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False) for colors in (False, True)}
 
 
 def _drop_below_level(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
@@ -115,9 +112,7 @@ def _install() -> None:
     _installed = True
 
 
-def configure_logging(
-    format: str = "auto", level: str = "info", *, stream: TextIO | None = None
-) -> None:
+def configure_logging(format: str = "auto", level: str = "info", *, stream: TextIO | None = None) -> None:
     """Set format ("auto", "json", "console") and level; call at start-up and again on SIGHUP.
 
     "auto" means JSON unless `stream` (default: stderr, looked up at each write) is a terminal.

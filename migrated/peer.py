@@ -89,9 +89,7 @@ class PeerChannel:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
             raise LinkLost(f"sending {type(event).__name__} failed: {err}") from err
         except trio.TooSlowError:
-            raise LinkLost(
-                f"sending {type(event).__name__} made no progress for {self.io_timeout_s} s"
-            ) from None
+            raise LinkLost(f"sending {type(event).__name__} made no progress for {self.io_timeout_s} s") from None
 
     async def receive(self) -> Event:
         """The next event; PeerAborted for an Abort, LinkLost for EOF or a broken link."""

@@ -46,9 +46,7 @@ class Notifier:
         self._sock: socket.socket | None = None
 
     @classmethod
-    def from_environ(
-        cls, environ: Mapping[str, str] | None = None, *, on_error: ErrorHandler = _ignore
-    ) -> Notifier:
+    def from_environ(cls, environ: Mapping[str, str] | None = None, *, on_error: ErrorHandler = _ignore) -> Notifier:
         env = os.environ if environ is None else environ
         return cls(
             env.get("NOTIFY_SOCKET"),

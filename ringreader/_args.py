@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mmap
 import operator
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -12,7 +12,7 @@ import numpy.typing as npt
 from ._constants import MAX_RING_ENTRIES, U32_MASK, is_power_of_two
 from ._shim import RingReaderError
 
-RingBuffer = Union[mmap.mmap, npt.NDArray[Any], bytearray, memoryview]
+RingBuffer = mmap.mmap | npt.NDArray[Any] | bytearray | memoryview
 """Anything exposing a writable, C-contiguous buffer: in production, the mmapped vCPU ring."""
 
 
@@ -23,9 +23,7 @@ def as_int(name: str, value: object, low: int, high: int) -> int:
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise RingReaderError(
-            f"{name} must be an integer, got {type(value).__name__}"
-        ) from None
+        raise RingReaderError(f"{name} must be an integer, got {type(value).__name__}") from None
     if not low <= number <= high:
         raise RingReaderError(f"{name} must be in [{low}, {high}], got {number}")
     return number
@@ -46,9 +44,7 @@ def array(name: str, arr: object, dtype: type[np.generic], *, writable: bool) ->
     """arr must be a 1-D, C-contiguous numpy array of exactly dtype (native byte order)."""
     want = np.dtype(dtype)
     if not isinstance(arr, np.ndarray):
-        raise RingReaderError(
-            f"{name} must be a numpy array of {want.name}, got {type(arr).__name__}"
-        )
+        raise RingReaderError(f"{name} must be a numpy array of {want.name}, got {type(arr).__name__}")
     if arr.dtype != want:
         raise RingReaderError(f"{name} must have dtype {want.name}, got {arr.dtype}")
     if arr.ndim != 1:
@@ -65,8 +61,7 @@ def ring_buffer(ring: object, n: int, entry_size: int) -> None:
         view = memoryview(ring)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:  # ValueError: a closed mmap
         raise RingReaderError(
-            "ring must be a writable buffer (mmap.mmap, numpy array, bytearray), "
-            f"got {type(ring).__name__}: {exc}"
+            f"ring must be a writable buffer (mmap.mmap, numpy array, bytearray), got {type(ring).__name__}: {exc}"
         ) from None
     # Release at once: a lingering export would keep the caller from closing their mmap.
     with view:

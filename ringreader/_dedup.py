@@ -72,9 +72,7 @@ class DirtyDedup:
         _args.array("slot", slot, np.uint32, writable=False)
         _args.array("offset", offset, np.uint64, writable=False)
         if len(slot) != len(offset):
-            raise RingReaderError(
-                f"slot and offset must have the same length, got {len(slot)} and {len(offset)}"
-            )
+            raise RingReaderError(f"slot and offset must have the same length, got {len(slot)} and {len(offset)}")
         n = len(slot)
         out_slot = np.empty(n, dtype=np.uint32)
         out_offset = np.empty(n, dtype=np.uint64)
@@ -99,9 +97,7 @@ class DirtyDedup:
         """True if every bitmap is zero. O(guest size): for tests and assertions only."""
         return not any(bitmap.any() for bitmap in self._bitmaps.values())
 
-    def _describe_out_of_range(
-        self, slot: npt.NDArray[np.uint32], offset: npt.NDArray[np.uint64]
-    ) -> str:
+    def _describe_out_of_range(self, slot: npt.NDArray[np.uint32], offset: npt.NDArray[np.uint64]) -> str:
         known = slot < self._n_slots
         limit = np.zeros(len(slot), dtype=np.uint64)
         limit[known] = self._npages[slot[known]]

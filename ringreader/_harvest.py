@@ -68,13 +68,10 @@ def bitmap_to_pages(
     pages: npt.NDArray[np.uint64]
     if out is None:
         # Count first: sizing for the worst case would be 64 times the bitmap.
-        pages = np.empty(check(lib.rr_bitmap_count(c_bitmap, len(bitmap)), "rr_bitmap_count"),
-                         dtype=np.uint64)
+        pages = np.empty(check(lib.rr_bitmap_count(c_bitmap, len(bitmap)), "rr_bitmap_count"), dtype=np.uint64)
     else:
         _args.array("out", out, np.uint64, writable=True)
         pages = out
-    rc = lib.rr_bitmap_to_pages(c_bitmap, len(bitmap), ffi.from_buffer("uint64_t[]", pages),
-                                len(pages))
-    count = check(rc, "rr_bitmap_to_pages",
-                  lambda: f"out holds {len(pages)} pages, the bitmap has more set bits")
+    rc = lib.rr_bitmap_to_pages(c_bitmap, len(bitmap), ffi.from_buffer("uint64_t[]", pages), len(pages))
+    count = check(rc, "rr_bitmap_to_pages", lambda: f"out holds {len(pages)} pages, the bitmap has more set bits")
     return pages[:count]

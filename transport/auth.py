@@ -36,9 +36,7 @@ def check_key(key: object) -> bytes:
     if not isinstance(key, (bytes, bytearray)):
         raise LocalProtocolError(f"psk must be bytes, got {type(key).__name__}")
     if len(key) < limits.MIN_PSK_BYTES:
-        raise LocalProtocolError(
-            f"psk is {len(key)} bytes; a key needs at least {limits.MIN_PSK_BYTES}"
-        )
+        raise LocalProtocolError(f"psk is {len(key)} bytes; a key needs at least {limits.MIN_PSK_BYTES}")
     return bytes(key)
 
 
@@ -53,8 +51,12 @@ class Transcript:
 
     def encode(self, sender: Role) -> bytes:
         parts = (
-            LABEL, sender.value.encode(), self.source_nonce, self.target_nonce,
-            self.source_hello, self.target_hello,
+            LABEL,
+            sender.value.encode(),
+            self.source_nonce,
+            self.target_nonce,
+            self.source_hello,
+            self.target_hello,
         )
         return b"".join(_LENGTH.pack(len(part)) + part for part in parts)
 

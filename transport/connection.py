@@ -58,9 +58,9 @@ class Negotiated:
 
 
 class _Disposition(enum.Enum):
-    DELIVER = "deliver"      # allowed by the table: apply it and hand it out
-    DROP = "drop"            # sent by the peer before it saw our Abort: check it, then drop it
-    CROSSING = "crossing"    # the peer's Abort crossed ours: hand it out, state unchanged
+    DELIVER = "deliver"  # allowed by the table: apply it and hand it out
+    DROP = "drop"  # sent by the peer before it saw our Abort: check it, then drop it
+    CROSSING = "crossing"  # the peer's Abort crossed ours: hand it out, state unchanged
 
 
 @dataclass(slots=True)
@@ -120,8 +120,13 @@ class Connection:
             )
         # Validates node, capabilities and max_batch_bytes now rather than at make_hello().
         self._hello_template: Final = Hello(
-            version_min=low, version_max=high, node=node, nonce=_PLACEHOLDER_NONCE, auth=mode,
-            capabilities=frozenset(capabilities), max_batch_bytes=max_batch_bytes,
+            version_min=low,
+            version_max=high,
+            node=node,
+            nonce=_PLACEHOLDER_NONCE,
+            auth=mode,
+            capabilities=frozenset(capabilities),
+            max_batch_bytes=max_batch_bytes,
         )
 
         self.state: State = State.START
@@ -218,7 +223,7 @@ class Connection:
         frame = self._frame
         if frame is not None and frame.missing and frame.payload is not None:
             take = min(view.nbytes, frame.missing)
-            frame.payload[frame.filled:frame.filled + take] = view[:take]
+            frame.payload[frame.filled : frame.filled + take] = view[:take]
             frame.filled += take
             view = view[take:]
         if view.nbytes:
@@ -241,7 +246,7 @@ class Connection:
         frame = self._frame
         if frame is not None and frame.missing and frame.payload is not None:
             self._lent = "payload"
-            return memoryview(frame.payload)[frame.filled:]
+            return memoryview(frame.payload)[frame.filled :]
         self._lent = "scratch"
         size = max(1, min(size_hint, len(self._scratch)))
         return memoryview(self._scratch)[:size]
@@ -293,7 +298,7 @@ class Connection:
             if available < framing.PREFIX.size + header_len:
                 return self._need_data()
             start = self._pos + framing.PREFIX.size
-            header = bytes(self._buf[start:start + header_len])
+            header = bytes(self._buf[start : start + header_len])
             self._consume(framing.PREFIX.size + header_len)
             wire, fields = framing.decode_header(header)
             self._disposition(wire.event)  # refuse before buffering the payload
@@ -302,7 +307,7 @@ class Connection:
             if frame.payload is not None:
                 take = min(payload_len, len(self._buf) - self._pos)
                 with memoryview(self._buf) as view:
-                    frame.payload[:take] = view[self._pos:self._pos + take]
+                    frame.payload[:take] = view[self._pos : self._pos + take]
                 self._consume(take)
                 frame.filled = take
             self._frame = frame
@@ -329,12 +334,8 @@ class Connection:
         pending = len(self._buf) - self._pos
         if self._frame is not None or pending:
             frame = self._frame
-            have = pending if frame is None else (
-                framing.PREFIX.size + len(frame.header) + frame.filled
-            )
-            raise LocalProtocolError(
-                f"connection closed mid-frame ({have} bytes of an unfinished frame)"
-            )
+            have = pending if frame is None else (framing.PREFIX.size + len(frame.header) + frame.filled)
+            raise LocalProtocolError(f"connection closed mid-frame ({have} bytes of an unfinished frame)")
         if self._closed is None:
             self._closed = ConnectionClosed(clean=eof_is_clean(self.state, self.peer))
         return self._closed
@@ -348,7 +349,7 @@ class Connection:
     def _compact(self) -> None:
         # Drop consumed bytes once they are most of the buffer: amortized O(1) per byte.
         if self._pos >= limits.SCRATCH_BYTES and self._pos * 2 >= len(self._buf):
-            del self._buf[:self._pos]
+            del self._buf[: self._pos]
             self._pos = 0
 
     def _disposition(self, event_type: type[Event]) -> _Disposition:
@@ -357,8 +358,7 @@ class Connection:
         peer_closed = self.state in (PEER_CLOSED[self.peer], State.CLOSED)
         if self._in_flight is not None and event_type in self._in_flight and not peer_closed:
             return _Disposition.CROSSING if event_type is Abort else _Disposition.DROP
-        raise LocalProtocolError(f"from the {self.peer.value}: "
-                                 f"{explain(self.state, self.peer, event_type)}")
+        raise LocalProtocolError(f"from the {self.peer.value}: {explain(self.state, self.peer, event_type)}")
 
     def _payload_buffer(self, wire: framing.Wire, length: int) -> bytearray | memoryview | None:
         if not length:
@@ -367,20 +367,17 @@ class Connection:
             return bytearray(length)
         if self._page_buffer is None or len(self._page_buffer) < length:
             # Bounded: _check_batch_len already held length to the negotiated max batch.
-            self._page_buffer = bytearray(length if self.negotiated is None
-                                          else max(length, self.negotiated.max_batch_bytes))
+            self._page_buffer = bytearray(
+                length if self.negotiated is None else max(length, self.negotiated.max_batch_bytes)
+            )
         return memoryview(self._page_buffer)[:length]
 
     def _check_payload_len(self, wire: framing.Wire, fields: dict[str, Any], length: int) -> None:
         """Per-type payload bounds, from the header alone (before the payload is buffered)."""
         if wire.payload == "none" and length:
-            raise LocalProtocolError(
-                f"frame payload length {length} for {wire.name!r}, which carries no payload"
-            )
+            raise LocalProtocolError(f"frame payload length {length} for {wire.name!r}, which carries no payload")
         if wire.payload == "blob" and length > limits.MAX_DEVICE_STATE_BYTES:
-            raise LocalProtocolError(
-                f"DeviceState payload length {length} exceeds {limits.MAX_DEVICE_STATE_BYTES}"
-            )
+            raise LocalProtocolError(f"DeviceState payload length {length} exceeds {limits.MAX_DEVICE_STATE_BYTES}")
         if wire.payload == "pages":
             page_size = self._slot_pages(fields["slot"])[1]
             n_pages, n_zero = fields["n_pages"], fields["n_zero"]
@@ -403,9 +400,7 @@ class Connection:
         ours = sender is self.role
         if isinstance(event, Hello):
             if ours and event != replace(self._hello_template, nonce=event.nonce):
-                raise LocalProtocolError(
-                    "Hello does not match this Connection's configuration: use make_hello()"
-                )
+                raise LocalProtocolError("Hello does not match this Connection's configuration: use make_hello()")
             if not ours:
                 self._negotiate(event)
         elif isinstance(event, Auth):
@@ -427,15 +422,13 @@ class Connection:
             done = self._done
             if done is not None and done.verify == "full" and event.digest != done.digest:
                 raise LocalProtocolError(
-                    "Loaded.digest does not match Done.digest: a target whose copy differs "
-                    "must Abort"
+                    "Loaded.digest does not match Done.digest: a target whose copy differs must Abort"
                 )
         elif isinstance(event, QueryResult):
             asked = self._query.migration_id if self._query is not None else None
             if event.migration_id != asked:
                 raise LocalProtocolError(
-                    f"QueryResult.migration_id {event.migration_id!r} does not answer "
-                    f"Query {asked!r}"
+                    f"QueryResult.migration_id {event.migration_id!r} does not answer Query {asked!r}"
                 )
 
     def _slot_pages(self, slot: int) -> tuple[int, int]:
@@ -443,17 +436,13 @@ class Connection:
         if self.layout is None or self.description is None:
             raise LocalProtocolError("page data before Accept")
         if slot not in self.layout:
-            raise LocalProtocolError(
-                f"unknown slot {slot} (the VM has slots {sorted(self.layout)})"
-            )
+            raise LocalProtocolError(f"unknown slot {slot} (the VM has slots {sorted(self.layout)})")
         return self.layout[slot], self.description.page_size
 
     def _check_batch_len(self, length: int) -> None:
         bound = self.negotiated.max_batch_bytes if self.negotiated else 0
         if length > bound:
-            raise LocalProtocolError(
-                f"PageBatch payload length {length} exceeds the negotiated max batch {bound}"
-            )
+            raise LocalProtocolError(f"PageBatch payload length {length} exceeds the negotiated max batch {bound}")
 
     def _check_batch(self, batch: PageBatch) -> None:
         """DESIGN section 4: a peer can never write outside guest RAM."""
@@ -467,12 +456,8 @@ class Connection:
             if indices.size:
                 highest = int(indices.max())
                 if highest >= slot_pages:
-                    raise LocalProtocolError(
-                        f"{name} index {highest} outside slot {batch.slot} ({slot_pages} pages)"
-                    )
-        self._check_batch_len(
-            framing.INDEX_BYTES * (batch.pages.size + batch.zero_pages.size) + batch.data_bytes
-        )
+                    raise LocalProtocolError(f"{name} index {highest} outside slot {batch.slot} ({slot_pages} pages)")
+        self._check_batch_len(framing.INDEX_BYTES * (batch.pages.size + batch.zero_pages.size) + batch.data_bytes)
 
     def _negotiate(self, theirs: Hello) -> Negotiated:
         ours = self._hello_template
@@ -485,22 +470,21 @@ class Connection:
             )
         if theirs.auth != ours.auth:
             raise LocalProtocolError(
-                f"auth mismatch: peer offers {theirs.auth!r}, this side is configured for "
-                f"{ours.auth!r}"
+                f"auth mismatch: peer offers {theirs.auth!r}, this side is configured for {ours.auth!r}"
             )
         mine = self._hellos.get(self.role)
         if mine is not None and mine[0].nonce == theirs.nonce:
             raise LocalProtocolError("peer echoed this side's nonce")
         return Negotiated(
-            version=high, auth=ours.auth, capabilities=ours.capabilities & theirs.capabilities,
+            version=high,
+            auth=ours.auth,
+            capabilities=ours.capabilities & theirs.capabilities,
             max_batch_bytes=min(ours.max_batch_bytes, theirs.max_batch_bytes),
             peer_node=theirs.node,
         )
 
     def _transcript(self) -> auth.Transcript:
-        (source, source_header), (target, target_header) = (
-            self._hellos[Role.SOURCE], self._hellos[Role.TARGET]
-        )
+        (source, source_header), (target, target_header) = (self._hellos[Role.SOURCE], self._hellos[Role.TARGET])
         return auth.Transcript(source.nonce, target.nonce, source_header, target_header)
 
     def _apply(self, event: Event, sender: Role, header: bytes) -> None:

@@ -12,7 +12,7 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -28,9 +28,9 @@ ARCHES: frozenset[str] = frozenset({"x86_64", "aarch64"})
 DIRTY_TRACKING_MODES: frozenset[str] = frozenset({"ring", "ring+bitmap", "bitmap"})
 """ring (KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]), ring with the backup bitmap (DESIGN R2), bitmap only."""
 
-Buffer = Union[bytes, bytearray, memoryview, npt.NDArray[Any]]
+Buffer = bytes | bytearray | memoryview | npt.NDArray[Any]
 PageIndices = npt.NDArray[np.uint64]
-Features = Union[dict[str, Any], tuple[Any, ...]]
+Features = dict[str, Any] | tuple[Any, ...]
 
 
 class Event:
@@ -133,13 +133,11 @@ class Hello(Event):
             raise _fail(self, "capabilities", f"must be a set of str, got {type(caps).__name__}")
         items = list(caps)
         if len(items) > limits.MAX_CAPABILITIES:
-            raise _fail(self, "capabilities", f"has {len(items)} entries, more than "
-                        f"{limits.MAX_CAPABILITIES}")
+            raise _fail(self, "capabilities", f"has {len(items)} entries, more than {limits.MAX_CAPABILITIES}")
         for cap in items:
             _str(self, "capabilities", cap, limits.MAX_SHORT_STR_CHARS)
         _set(self, "capabilities", frozenset(items))
-        _int_field(self, "max_batch_bytes", limits.MIN_MAX_BATCH_BYTES,
-                   limits.HARD_MAX_PAYLOAD_BYTES)
+        _int_field(self, "max_batch_bytes", limits.MIN_MAX_BATCH_BYTES, limits.HARD_MAX_PAYLOAD_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,24 +189,23 @@ def _freeze_feature(owner: object, value: object, depth: int) -> object:
 
 def _regions(owner: object, value: object, page_size: int) -> tuple[MemoryRegion, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise _fail(owner, "memory", f"must be a sequence of (slot, gpa, size), got "
-                    f"{type(value).__name__}")
+        raise _fail(owner, "memory", f"must be a sequence of (slot, gpa, size), got {type(value).__name__}")
     items = list(value)
     if not 1 <= len(items) <= limits.MAX_MEMORY_REGIONS:
-        raise _fail(owner, "memory", f"must hold 1 to {limits.MAX_MEMORY_REGIONS} regions, got "
-                    f"{len(items)}")
+        raise _fail(owner, "memory", f"must hold 1 to {limits.MAX_MEMORY_REGIONS} regions, got {len(items)}")
     regions: list[MemoryRegion] = []
     for item in items:
         if not isinstance(item, (tuple, list)) or len(item) != 3:
             raise _fail(owner, "memory", f"entries must be (slot, gpa, size), got {item!r}")
         slot = _int(owner, "memory slot", item[0], 0, limits.U32_MAX)
-        gpa = _int(owner, f"memory[slot {slot}].guest_phys_addr", item[1], 0,
-                   limits.GUEST_PHYS_LIMIT - page_size)
-        size = _int(owner, f"memory[slot {slot}].size", item[2], page_size,
-                    limits.GUEST_PHYS_LIMIT - gpa)
+        gpa = _int(owner, f"memory[slot {slot}].guest_phys_addr", item[1], 0, limits.GUEST_PHYS_LIMIT - page_size)
+        size = _int(owner, f"memory[slot {slot}].size", item[2], page_size, limits.GUEST_PHYS_LIMIT - gpa)
         if gpa % page_size or size % page_size:
-            raise _fail(owner, f"memory[slot {slot}]", f"gpa {gpa:#x} and size {size:#x} must be "
-                        f"multiples of the page size {page_size}")
+            raise _fail(
+                owner,
+                f"memory[slot {slot}]",
+                f"gpa {gpa:#x} and size {size:#x} must be multiples of the page size {page_size}",
+            )
         regions.append(MemoryRegion(slot, gpa, size))
     slots = [region.slot for region in regions]
     if len(set(slots)) != len(slots):
@@ -239,14 +236,12 @@ class VmDescription(Event):
         _str(self, "migration_id", self.migration_id, limits.MAX_NAME_CHARS)
         page_size = _int_field(self, "page_size", 1, limits.U32_MAX)
         if page_size not in limits.PAGE_SIZES:
-            raise _fail(self, "page_size", f"must be one of {sorted(limits.PAGE_SIZES)}, got "
-                        f"{page_size}")
+            raise _fail(self, "page_size", f"must be one of {sorted(limits.PAGE_SIZES)}, got {page_size}")
         _set(self, "memory", _regions(self, self.memory, page_size))
         _int_field(self, "vcpus", 1, limits.MAX_VCPUS)
         _str(self, "guest_kind", self.guest_kind, limits.MAX_SHORT_STR_CHARS)
         if not isinstance(self.cpu_features, (dict, list, tuple)):
-            raise _fail(self, "cpu_features", f"must be a dict or a sequence, got "
-                        f"{type(self.cpu_features).__name__}")
+            raise _fail(self, "cpu_features", f"must be a dict or a sequence, got {type(self.cpu_features).__name__}")
         _set(self, "cpu_features", _freeze_feature(self, self.cpu_features, 0))
         _choice(self, "dirty_tracking", self.dirty_tracking, DIRTY_TRACKING_MODES)
         _choice(self, "arch", self.arch, ARCHES)
@@ -276,7 +271,7 @@ class Abort(Event):
         """An Abort for any text (an exception's message): control characters become spaces,
         and the result is cut to the bound. The constructor refuses such text instead."""
         line = "".join(char if char.isprintable() else " " for char in str(text)).strip()
-        return cls(line[:limits.MAX_REASON_CHARS] or "aborted")
+        return cls(line[: limits.MAX_REASON_CHARS] or "aborted")
 
 
 # --- memory and state ---------------------------------------------------------------------------
@@ -335,8 +330,7 @@ class PageBatch(Event):
         if pages.size == 0 and view.nbytes:
             raise _fail(self, "data", f"holds {view.nbytes} bytes but pages is empty")
         if pages.size and view.nbytes % pages.size:
-            raise _fail(self, "data", f"holds {view.nbytes} bytes, not a whole page for each of "
-                        f"{pages.size} pages")
+            raise _fail(self, "data", f"holds {view.nbytes} bytes, not a whole page for each of {pages.size} pages")
 
     @property
     def data_bytes(self) -> int:
@@ -476,13 +470,23 @@ NEED_DATA = _NeedData()
 NeedData = _NeedData
 
 MESSAGE_EVENTS: tuple[type[Event], ...] = (
-    Hello, Auth, VmDescription, Accept, Abort, PageBatch, Progress, DeviceState, Done, Loaded,
-    Commit, Running, Query, QueryResult, Close,
+    Hello,
+    Auth,
+    VmDescription,
+    Accept,
+    Abort,
+    PageBatch,
+    Progress,
+    DeviceState,
+    Done,
+    Loaded,
+    Commit,
+    Running,
+    Query,
+    QueryResult,
+    Close,
 )
 """Every event that travels on the wire (ConnectionClosed does not)."""
 
-VM_DATA_EVENTS: frozenset[type[Event]] = frozenset(
-    {VmDescription, PageBatch, DeviceState, Done, Query}
-)
+VM_DATA_EVENTS: frozenset[type[Event]] = frozenset({VmDescription, PageBatch, DeviceState, Done, Query})
 """Events that carry VM data or ask about a VM: never before authentication (DESIGN 6)."""
-

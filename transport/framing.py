@@ -57,8 +57,14 @@ _ARRAY = (tuple,)
 _OPT_BIN = (bytes, type(None))
 _FEATURES = (dict, tuple)
 _MSGPACK_NAMES: Final[Mapping[type, str]] = {
-    int: "int", str: "str", bytes: "bin", tuple: "array", dict: "map", type(None): "nil",
-    bool: "bool", float: "float",
+    int: "int",
+    str: "str",
+    bytes: "bin",
+    tuple: "array",
+    dict: "map",
+    type(None): "nil",
+    bool: "bool",
+    float: "float",
 }
 
 
@@ -73,19 +79,38 @@ class Wire:
 
 
 WIRES: Final[tuple[Wire, ...]] = (
-    Wire("hello", Hello, {
-        "version_min": _INT, "version_max": _INT, "node": _STR, "nonce": _BIN, "auth": _STR,
-        "capabilities": _ARRAY, "max_batch_bytes": _INT,
-    }),
+    Wire(
+        "hello",
+        Hello,
+        {
+            "version_min": _INT,
+            "version_max": _INT,
+            "node": _STR,
+            "nonce": _BIN,
+            "auth": _STR,
+            "capabilities": _ARRAY,
+            "max_batch_bytes": _INT,
+        },
+    ),
     Wire("auth", Auth, {"mac": _BIN}),
-    Wire("vm_description", VmDescription, {
-        "name": _STR, "migration_id": _STR, "memory": _ARRAY, "vcpus": _INT, "guest_kind": _STR,
-        "cpu_features": _FEATURES, "dirty_tracking": _STR, "page_size": _INT, "arch": _STR,
-    }),
+    Wire(
+        "vm_description",
+        VmDescription,
+        {
+            "name": _STR,
+            "migration_id": _STR,
+            "memory": _ARRAY,
+            "vcpus": _INT,
+            "guest_kind": _STR,
+            "cpu_features": _FEATURES,
+            "dirty_tracking": _STR,
+            "page_size": _INT,
+            "arch": _STR,
+        },
+    ),
     Wire("accept", Accept, {}),
     Wire("abort", Abort, {"reason": _STR}),
-    Wire("page_batch", PageBatch, {"slot": _INT, "round": _INT, "n_pages": _INT, "n_zero": _INT},
-         "pages"),
+    Wire("page_batch", PageBatch, {"slot": _INT, "round": _INT, "n_pages": _INT, "n_zero": _INT}, "pages"),
     Wire("progress", Progress, {"bytes_received": _INT, "pages_received": _INT, "round": _INT}),
     Wire("device_state", DeviceState, {"kind": _STR}, "blob"),
     Wire("done", Done, {"pages_total": _INT, "digest": _OPT_BIN, "verify": _STR}),
@@ -110,15 +135,11 @@ still covered by the PSK MAC, which takes the header bytes as they travelled).""
 def check_prefix(header_len: int, payload_len: int) -> None:
     """Static bounds, checked on the 8 bytes before anything else is buffered."""
     if header_len > limits.MAX_HEADER_BYTES:
-        raise LocalProtocolError(
-            f"frame header length {header_len} exceeds {limits.MAX_HEADER_BYTES}"
-        )
+        raise LocalProtocolError(f"frame header length {header_len} exceeds {limits.MAX_HEADER_BYTES}")
     if header_len == 0:
         raise LocalProtocolError("frame header length 0: every frame has a header")
     if payload_len > limits.HARD_MAX_PAYLOAD_BYTES:
-        raise LocalProtocolError(
-            f"frame payload length {payload_len} exceeds {limits.HARD_MAX_PAYLOAD_BYTES}"
-        )
+        raise LocalProtocolError(f"frame payload length {payload_len} exceeds {limits.HARD_MAX_PAYLOAD_BYTES}")
 
 
 def page_payload_len(n_pages: int, n_zero: int, page_size: int) -> int:
@@ -131,21 +152,33 @@ def page_payload_len(n_pages: int, n_zero: int, page_size: int) -> int:
 def _header_fields(event: Event) -> dict[str, Any]:
     if isinstance(event, Hello):
         return {
-            "version_min": event.version_min, "version_max": event.version_max,
-            "node": event.node, "nonce": event.nonce, "auth": event.auth,
-            "capabilities": sorted(event.capabilities), "max_batch_bytes": event.max_batch_bytes,
+            "version_min": event.version_min,
+            "version_max": event.version_max,
+            "node": event.node,
+            "nonce": event.nonce,
+            "auth": event.auth,
+            "capabilities": sorted(event.capabilities),
+            "max_batch_bytes": event.max_batch_bytes,
         }
     if isinstance(event, VmDescription):
         return {
-            "name": event.name, "migration_id": event.migration_id,
-            "memory": [list(region) for region in event.memory], "vcpus": event.vcpus,
-            "guest_kind": event.guest_kind, "cpu_features": event.cpu_features,
-            "dirty_tracking": event.dirty_tracking, "page_size": event.page_size,
+            "name": event.name,
+            "migration_id": event.migration_id,
+            "memory": [list(region) for region in event.memory],
+            "vcpus": event.vcpus,
+            "guest_kind": event.guest_kind,
+            "cpu_features": event.cpu_features,
+            "dirty_tracking": event.dirty_tracking,
+            "page_size": event.page_size,
             "arch": event.arch,
         }
     if isinstance(event, PageBatch):
-        return {"slot": event.slot, "round": event.round, "n_pages": int(event.pages.size),
-                "n_zero": int(event.zero_pages.size)}
+        return {
+            "slot": event.slot,
+            "round": event.round,
+            "n_pages": int(event.pages.size),
+            "n_zero": int(event.zero_pages.size),
+        }
     if isinstance(event, DeviceState):
         return {"kind": event.kind}
     wire = BY_EVENT[type(event)]
@@ -167,8 +200,7 @@ def _index_view(indices: np.ndarray[Any, Any]) -> memoryview:
 def payload_buffers(event: Event) -> list[SendBuffer]:
     """The payload as buffers, without copying the page data."""
     if isinstance(event, PageBatch):
-        parts = [_index_view(event.pages), _index_view(event.zero_pages),
-                 _as_bytes_view(event.data)]
+        parts = [_index_view(event.pages), _index_view(event.zero_pages), _as_bytes_view(event.data)]
         return [part for part in parts if part.nbytes]
     if isinstance(event, DeviceState):
         return [event.blob] if event.blob else []
@@ -181,15 +213,13 @@ def encode(event: Event) -> tuple[bytes, list[SendBuffer]]:
     header = msgpack.packb({"t": wire.name, **_header_fields(event)}, use_bin_type=True)
     if len(header) > limits.MAX_HEADER_BYTES:
         raise LocalProtocolError(
-            f"{type(event).__name__} header is {len(header)} bytes, more than "
-            f"{limits.MAX_HEADER_BYTES}"
+            f"{type(event).__name__} header is {len(header)} bytes, more than {limits.MAX_HEADER_BYTES}"
         )
     payload = payload_buffers(event)
     payload_len = sum(memoryview(part).nbytes for part in payload)
     if payload_len > limits.HARD_MAX_PAYLOAD_BYTES:
         raise LocalProtocolError(
-            f"{type(event).__name__} payload is {payload_len} bytes, more than "
-            f"{limits.HARD_MAX_PAYLOAD_BYTES}"
+            f"{type(event).__name__} payload is {payload_len} bytes, more than {limits.HARD_MAX_PAYLOAD_BYTES}"
         )
     return header, [PREFIX.pack(len(header), payload_len) + header, *payload]
 
@@ -205,9 +235,14 @@ def decode_header(raw: bytes) -> tuple[Wire, dict[str, Any]]:
     """The message type and its header fields, each of the msgpack type its message expects."""
     try:
         header = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, use_list=False,
-            max_str_len=limits.MSGPACK_MAX_STR, max_bin_len=limits.MSGPACK_MAX_BIN,
-            max_array_len=limits.MSGPACK_MAX_ARRAY, max_map_len=limits.MSGPACK_MAX_MAP,
+            raw,
+            raw=False,
+            strict_map_key=True,
+            use_list=False,
+            max_str_len=limits.MSGPACK_MAX_STR,
+            max_bin_len=limits.MSGPACK_MAX_BIN,
+            max_array_len=limits.MSGPACK_MAX_ARRAY,
+            max_map_len=limits.MSGPACK_MAX_MAP,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several types for malformed input
@@ -227,9 +262,7 @@ def decode_header(raw: bytes) -> tuple[Wire, dict[str, Any]]:
         value = header.pop(key)
         if type(value) not in types:  # exact: a msgpack bool is not an int
             want = " or ".join(_MSGPACK_NAMES[t] for t in types)
-            raise LocalProtocolError(
-                f"{name!r} field {key!r} must be {want}, got {_type_name(value)}"
-            )
+            raise LocalProtocolError(f"{name!r} field {key!r} must be {want}, got {_type_name(value)}")
         fields[key] = value
     if header and name not in TOLERATES_UNKNOWN_FIELDS:
         raise LocalProtocolError(f"{name!r} message has unknown field {sorted(header)[0]!r}")
@@ -253,7 +286,8 @@ def build_event(wire: Wire, fields: dict[str, Any], payload: bytearray | memoryv
         n_pages, n_zero = fields["n_pages"], fields["n_zero"]
         index_end = INDEX_BYTES * (n_pages + n_zero)
         return PageBatch(
-            slot=fields["slot"], round=fields["round"],
+            slot=fields["slot"],
+            round=fields["round"],
             pages=_indices(body, n_pages, 0),
             zero_pages=_indices(body, n_zero, INDEX_BYTES * n_pages),
             data=memoryview(body)[index_end:].toreadonly(),

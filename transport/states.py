@@ -62,25 +62,25 @@ class Role(enum.Enum):
 
 
 class State(enum.Enum):
-    START = "START"                   # nothing yet; the source speaks first
-    HELLO = "HELLO"                   # the source's Hello is out; the target answers with its own
-    AUTH_SOURCE = "AUTH_SOURCE"       # psk: waiting for the source's Auth
-    AUTH_TARGET = "AUTH_TARGET"       # psk: the source proved the key; waiting for the target's
-    READY = "READY"                   # authenticated: VmDescription or Query may come
-    DESCRIBED = "DESCRIBED"           # the target decides: Accept or Abort
-    PAGES = "PAGES"                   # bulk copy and dirty rounds
-    DEVICE_STATE = "DEVICE_STATE"     # vCPU and device state after the last pages (DESIGN R6.5)
-    LOADING = "LOADING"               # Done is out; the target loads and verifies
-    LOADED = "LOADED"                 # the target waits for Commit; only the source may abort
-    COMMITTED = "COMMITTED"           # the VM belongs to the target; nobody aborts
-    DONE = "DONE"                     # Running: the migration succeeded
-    QUERIED = "QUERIED"               # in-doubt resolution: the target answers
-    ANSWERED = "ANSWERED"             # QueryResult given
-    ABORTED = "ABORTED"               # one side aborted; only Close follows
-    SOURCE_CLOSED = "SOURCE_CLOSED"   # the source sent Close
-    TARGET_CLOSED = "TARGET_CLOSED"   # the target sent Close
-    CLOSED = "CLOSED"                 # both did
-    ERROR = "ERROR"                   # the peer broke the protocol; the connection is useless
+    START = "START"  # nothing yet; the source speaks first
+    HELLO = "HELLO"  # the source's Hello is out; the target answers with its own
+    AUTH_SOURCE = "AUTH_SOURCE"  # psk: waiting for the source's Auth
+    AUTH_TARGET = "AUTH_TARGET"  # psk: the source proved the key; waiting for the target's
+    READY = "READY"  # authenticated: VmDescription or Query may come
+    DESCRIBED = "DESCRIBED"  # the target decides: Accept or Abort
+    PAGES = "PAGES"  # bulk copy and dirty rounds
+    DEVICE_STATE = "DEVICE_STATE"  # vCPU and device state after the last pages (DESIGN R6.5)
+    LOADING = "LOADING"  # Done is out; the target loads and verifies
+    LOADED = "LOADED"  # the target waits for Commit; only the source may abort
+    COMMITTED = "COMMITTED"  # the VM belongs to the target; nobody aborts
+    DONE = "DONE"  # Running: the migration succeeded
+    QUERIED = "QUERIED"  # in-doubt resolution: the target answers
+    ANSWERED = "ANSWERED"  # QueryResult given
+    ABORTED = "ABORTED"  # one side aborted; only Close follows
+    SOURCE_CLOSED = "SOURCE_CLOSED"  # the source sent Close
+    TARGET_CLOSED = "TARGET_CLOSED"  # the target sent Close
+    CLOSED = "CLOSED"  # both did
+    ERROR = "ERROR"  # the peer broke the protocol; the connection is useless
 
 
 S: Final = Role.SOURCE
@@ -145,9 +145,7 @@ CLEAN_EOF: Final[frozenset[State]] = frozenset({State.DONE, State.ANSWERED, Stat
 
 PEER_CLOSED: Final[Mapping[Role, State]] = {S: State.SOURCE_CLOSED, T: State.TARGET_CLOSED}
 
-BEFORE_AUTH: Final[frozenset[State]] = frozenset(
-    {State.START, State.HELLO, State.AUTH_SOURCE, State.AUTH_TARGET}
-)
+BEFORE_AUTH: Final[frozenset[State]] = frozenset({State.START, State.HELLO, State.AUTH_SOURCE, State.AUTH_TARGET})
 BEFORE_ACCEPT: Final[frozenset[State]] = frozenset({*BEFORE_AUTH, State.READY, State.DESCRIBED})
 
 

@@ -52,9 +52,7 @@ class PcPorts:
     open_bus: OpenBus
 
 
-def pc_ports(
-    console_sink: Sink | None = None, on_reset: Callable[[], None] | None = None
-) -> PcPorts:
+def pc_ports(console_sink: Sink | None = None, on_reset: Callable[[], None] | None = None) -> PcPorts:
     """COM1 at 0x3f8 (its output also to `console_sink`), port 0x92, every other port floating.
 
     `bus.to_wire()` holds {"com1": ..., "port92": ...}; a target builds the same and calls

@@ -166,9 +166,7 @@ class PortBus:
         devices = self._stateful()
         if not isinstance(wire, Mapping) or set(wire) != set(devices):
             got = sorted(map(str, wire)) if isinstance(wire, Mapping) else type(wire).__name__
-            raise DeviceStateError(
-                f"device state for {got}: this VM's port devices with state are {sorted(devices)}"
-            )
+            raise DeviceStateError(f"device state for {got}: this VM's port devices with state are {sorted(devices)}")
         with self._lock:
             for name, device in devices.items():
                 device.load_wire(wire[name])
@@ -220,12 +218,8 @@ def complete_pending_io(vcpu: Vcpu) -> None:
             reason = int(run.exit_reason)
             handler = vcpu.handlers.get(reason)
             if reason not in (uapi.KVM_EXIT_IO, uapi.KVM_EXIT_MMIO) or handler is None:
-                raise PortBusError(
-                    f"vCPU {vcpu.index}: completing I/O, KVM_RUN exited with reason {reason}"
-                )
+                raise PortBusError(f"vCPU {vcpu.index}: completing I/O, KVM_RUN exited with reason {reason}")
             handler(vcpu)
-        raise PortBusError(
-            f"vCPU {vcpu.index}: I/O still incomplete after {COMPLETION_EXITS} exits"
-        )
+        raise PortBusError(f"vCPU {vcpu.index}: I/O still incomplete after {COMPLETION_EXITS} exits")
     finally:
         run.immediate_exit = saved

@@ -110,9 +110,7 @@ class A20Gate:
 
     def load_wire(self, wire: object) -> None:
         if not isinstance(wire, Mapping) or set(wire) != {"version", "value"}:
-            raise DeviceStateError(
-                f"port92: a map with keys ['value', 'version'], got {_describe(wire)}"
-            )
+            raise DeviceStateError(f"port92: a map with keys ['value', 'version'], got {_describe(wire)}")
         if wire["version"] != WIRE_VERSION:
             raise DeviceStateError(f"port92.version {wire['version']!r}: this daemon reads {WIRE_VERSION}")
         value = wire["value"]

@@ -100,9 +100,7 @@ class Uart8250:
         following registers one byte each, as the ISA bus splits it. Returns the bytes read
         (for a write, b"")."""
         if not 0 <= offset or offset + len(data) > REGISTERS:
-            raise ValueError(
-                f"UART access at offset {offset} of {len(data)} byte(s): registers are 0-7"
-            )
+            raise ValueError(f"UART access at offset {offset} of {len(data)} byte(s): registers are 0-7")
         with self._lock:
             if is_write:
                 for i, value in enumerate(data):
@@ -273,9 +271,7 @@ class Uart8250:
         output = _bytes(m, "output", OUTPUT_BYTES)
         total = m["output_total"]
         if isinstance(total, bool) or not isinstance(total, int) or not len(output) <= total < 1 << 63:
-            raise UartStateError(
-                f"uart.output_total {total!r}: an integer from len(output) = {len(output)} up"
-            )
+            raise UartStateError(f"uart.output_total {total!r}: an integer from len(output) = {len(output)} up")
         with self._lock:
             for key, value in values.items():
                 setattr(self, key, value)
@@ -306,9 +302,7 @@ def _mapping(wire: object) -> Mapping[str, Any]:
         missing, extra = sorted(_WIRE_KEYS - keys, key=str), sorted(keys - _WIRE_KEYS, key=str)
         raise UartStateError(f"uart: missing keys {missing}, unknown keys {extra}")
     if wire["version"] != WIRE_VERSION:
-        raise UartStateError(
-            f"uart.version {wire['version']!r}: this daemon reads version {WIRE_VERSION}"
-        )
+        raise UartStateError(f"uart.version {wire['version']!r}: this daemon reads version {WIRE_VERSION}")
     return wire
 
 

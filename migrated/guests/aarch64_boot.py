@@ -265,7 +265,6 @@ class Arm64Layout(WorkingSetGeometry):
     def ram_end(self) -> int:
         return self.ram_base + self.memory_bytes
 
-
     def kvm_written_tables(self) -> dict[str, tuple[int, int]]:
         """(GPA, bytes) of what KVM writes while saving: SAVE_PENDING_TABLES and ITS_SAVE_TABLES."""
         return {
@@ -297,16 +296,12 @@ class Arm64Layout(WorkingSetGeometry):
         }
 
 
-def plan_layout_aarch64(
-    memory_bytes: int, vcpus: int, working_set_bytes: int, ram_base: int = RAM_BASE
-) -> Arm64Layout:
+def plan_layout_aarch64(memory_bytes: int, vcpus: int, working_set_bytes: int, ram_base: int = RAM_BASE) -> Arm64Layout:
     """Places everything; raises ValueError naming what does not fit."""
     if not 1 <= vcpus <= MAX_VCPUS:
         raise ValueError(f"{vcpus} vCPUs: the workload guest supports 1 to {MAX_VCPUS}")
     if ram_base != RAM_BASE:
-        raise ValueError(
-            f"RAM at {ram_base:#x}: the arm64 workload image is linked at {RAM_BASE:#x}"
-        )
+        raise ValueError(f"RAM at {ram_base:#x}: the arm64 workload image is linked at {RAM_BASE:#x}")
     if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
         raise ValueError(f"memory {memory_bytes} bytes: must be a positive multiple of {PAGE_SIZE}")
     if memory_bytes > MAX_MEMORY:
@@ -315,14 +310,10 @@ def plan_layout_aarch64(
             f"(at most {MAX_MEMORY >> 20} MiB from {ram_base:#x})"
         )
     if working_set_bytes <= 0 or working_set_bytes % PAGE_SIZE:
-        raise ValueError(
-            f"working set {working_set_bytes} bytes: must be a positive multiple of {PAGE_SIZE}"
-        )
+        raise ValueError(f"working set {working_set_bytes} bytes: must be a positive multiple of {PAGE_SIZE}")
     ws_pages = working_set_bytes // PAGE_SIZE
     if ws_pages < vcpus:
-        raise ValueError(
-            f"working set of {ws_pages} pages is smaller than {vcpus} vCPUs: each needs a page"
-        )
+        raise ValueError(f"working set of {ws_pages} pages is smaller than {vcpus} vCPUs: each needs a page")
     gen = ram_base + GEN_OFFSET
     gen_bytes = _align_up(ws_pages * 4, PAGE_SIZE)
     metadata_end = gen + gen_bytes
@@ -393,8 +384,7 @@ class ItsSettings:
             raise ValueError(f"ITS device id {self.device_id}: must be below 65536 (16 id bits)")
         if (self.device_id + 1) * 8 > ITS_TABLE_BYTES:
             raise ValueError(
-                f"ITS device id {self.device_id}: the 64 KiB device table holds ids below "
-                f"{ITS_TABLE_BYTES // 8}"
+                f"ITS device id {self.device_id}: the 64 KiB device table holds ids below {ITS_TABLE_BYTES // 8}"
             )
         lpi_rate_word(self.lpi_rate_hz)
 
@@ -405,9 +395,7 @@ def lpi_rate_word(per_s: float) -> int:
     return 0 if per_s == 0 else max(1, round(per_s))
 
 
-def params_page(
-    layout: Arm64Layout, params: WorkloadParams, its: ItsSettings, counter_hz: int = 0
-) -> bytes:
+def params_page(layout: Arm64Layout, params: WorkloadParams, its: ItsSettings, counter_hz: int = 0) -> bytes:
     """The parameter page. `counter_hz` 0 lets the guest read CNTFRQ_EL0 itself."""
     words = np.zeros(abi.WL_PAGE_WORDS, np.uint64)
     words[abi.WL_P_MAGIC] = abi.WL_PARAMS_MAGIC
@@ -466,16 +454,12 @@ def install(
     if params.vcpus != layout.vcpus:
         raise ValueError(f"params for {params.vcpus} vCPUs, layout for {layout.vcpus}")
     if params.working_set_bytes != layout.ws_bytes:
-        raise ValueError(
-            f"params for a {params.working_set_bytes}-byte working set, layout for {layout.ws_bytes}"
-        )
+        raise ValueError(f"params for a {params.working_set_bytes}-byte working set, layout for {layout.ws_bytes}")
     if counter_hz < 0:
         raise ValueError(f"counter frequency {counter_hz} Hz: must be >= 0 (0: CNTFRQ_EL0)")
     image = load_image()
     if len(image) > layout.code_max:
-        raise ValueError(
-            f"workload image is {len(image)} bytes; its region holds {layout.code_max}"
-        )
+        raise ValueError(f"workload image is {len(image)} bytes; its region holds {layout.code_max}")
     write(layout.code, image)
     write(layout.params, params_page(layout, params, its, counter_hz))
     return [VcpuEntry(pc=layout.entry, x0=v, x1=layout.params) for v in range(layout.vcpus)]
@@ -484,9 +468,7 @@ def install(
 # ---- on a VM ----------------------------------------------------------------------------------
 
 
-def load_workload_aarch64(
-    vm: Vm, params: WorkloadParams, its: ItsSettings = ItsSettings()
-) -> Arm64WorkloadGuest:
+def load_workload_aarch64(vm: Vm, params: WorkloadParams, its: ItsSettings = ItsSettings()) -> Arm64WorkloadGuest:
     """Install the guest into `vm` (fresh, zeroed RAM at RAM_BASE; vCPUs created and initialised
     by migrated/kvm/aarch64.py, not started) and point every vCPU at it through ONE_REG."""
     assert vm.memory is not None
@@ -498,9 +480,7 @@ def load_workload_aarch64(
             f"the arm64 workload guest needs one RAM region at {RAM_BASE:#x}; this VM has "
             + ", ".join(f"{r.guest_phys_addr:#x}+{r.size:#x}" for r in regions)
         )
-    layout = plan_layout_aarch64(
-        min(vm.memory.size, MAX_MEMORY), params.vcpus, params.working_set_bytes
-    )
+    layout = plan_layout_aarch64(min(vm.memory.size, MAX_MEMORY), params.vcpus, params.working_set_bytes)
     if its.enabled and arm.machine(vm).its is None:
         raise ValueError("the workload guest was asked to program an ITS this VM does not have")
     entries = install(vm.write_guest, layout, params, its)
@@ -582,7 +562,6 @@ class Arm64WorkloadGuest(GuestView[Arm64Layout]):
     with it). `workload.WorkloadGuest`'s calls (rate, mode, passes: the same parameter words),
     with RAM addressed from RAM_BASE, arm64 status words, and the LPI calls."""
 
-
     def _gpa(self, ram: npt.NDArray[np.uint8]) -> _GpaRam:
         return _GpaRam(ram, self.layout.ram_base)
 
@@ -598,9 +577,7 @@ class Arm64WorkloadGuest(GuestView[Arm64Layout]):
             error, its_state = w[WLA_S_ITS_ERROR], w[WLA_S_ITS_STATE]
             fault = None
             if w[abi.WL_S_STATE] == WLA_STATE_FAULT:
-                fault = Fault(
-                    w[WLA_S_FAULT_ESR], w[WLA_S_FAULT_ELR], w[WLA_S_FAULT_FAR], w[WLA_S_FAULT_VECTOR]
-                )
+                fault = Fault(w[WLA_S_FAULT_ESR], w[WLA_S_FAULT_ELR], w[WLA_S_FAULT_FAR], w[WLA_S_FAULT_VECTOR])
             result.append(
                 Arm64VcpuStatus(
                     **shared_status(v, w, self.layout.ws_base),

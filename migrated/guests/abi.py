@@ -132,6 +132,7 @@ WLX_SENTINEL_SYSENTER_ESP = 0x5E470000
 WLX_SENTINEL_LSTAR = 0x00007E5800000000
 WLX_SENTINEL_STAR = 0x0023000857A50000
 
+
 def constants() -> dict[str, int]:
     """Every `WL_*` constant, by its C name."""
     return {k: v for k, v in globals().items() if k.startswith("WL_") and isinstance(v, int)}

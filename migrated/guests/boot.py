@@ -23,7 +23,9 @@ def load_workload(vm: Vm, params: WorkloadParams) -> WorkloadGuest:
     if params.vcpus != len(vm.vcpus):
         raise ValueError(f"workload for {params.vcpus} vCPUs on a VM with {len(vm.vcpus)}")
     layout = plan_layout(
-        min(vm.memory.size, MAX_MEMORY), params.vcpus, params.working_set_bytes,
+        min(vm.memory.size, MAX_MEMORY),
+        params.vcpus,
+        params.working_set_bytes,
         smallos=params.smallos,
     )
     states = install(vm.write_guest, layout, params, vm.tsc_khz())
@@ -32,8 +34,9 @@ def load_workload(vm: Vm, params: WorkloadParams) -> WorkloadGuest:
             # XCR0 before CR4.OSXSAVE is relied on; the guest cannot `xsetbv` at CPL0 on PVM.
             set_xcr0(vcpu, smallos_xcr0(vm.kvm))
             if vcpu.index:  # with the in-kernel irqchip, APs start UNINITIALIZED
-                _vcpu_ioctl(vcpu, "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE,
-                            uapi.kvm_mp_state(uapi.KVM_MP_STATE_RUNNABLE))
+                _vcpu_ioctl(
+                    vcpu, "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
+                )
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs)
     return WorkloadGuest(layout)

@@ -65,8 +65,7 @@ def _run(argv: list[str]) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise GuestBuildError(
-            f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n"
-            f"{proc.stdout}{proc.stderr}"
+            f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout}{proc.stderr}"
         )
 
 

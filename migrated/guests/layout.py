@@ -98,7 +98,6 @@ class WorkloadLayout(WorkingSetGeometry):
     ws_base: int
     ws_pages: int
 
-
     def describe(self) -> dict[str, str]:
         """Human-readable GPA ranges, for logs and reports."""
         lm = self.longmode
@@ -122,9 +121,7 @@ class WorkloadLayout(WorkingSetGeometry):
         }
 
 
-def plan_layout(
-    memory_bytes: int, vcpus: int, working_set_bytes: int, *, smallos: bool = False
-) -> WorkloadLayout:
+def plan_layout(memory_bytes: int, vcpus: int, working_set_bytes: int, *, smallos: bool = False) -> WorkloadLayout:
     """Places everything; raises ValueError naming what does not fit. `smallos`: the x86 small
     OS (abi_smallos.h), which also maps the IOAPIC and LAPIC frames and needs RAM below 3 GiB."""
     if smallos and memory_bytes > SMALLOS_MAX_MEMORY:
@@ -142,14 +139,10 @@ def plan_layout(
             f"{MAX_MEMORY >> 30} GiB (one page directory per GiB below {KERNEL_RESERVED[0]:#x})"
         )
     if working_set_bytes <= 0 or working_set_bytes % PAGE_SIZE:
-        raise ValueError(
-            f"working set {working_set_bytes} bytes: must be a positive multiple of {PAGE_SIZE}"
-        )
+        raise ValueError(f"working set {working_set_bytes} bytes: must be a positive multiple of {PAGE_SIZE}")
     ws_pages = working_set_bytes // PAGE_SIZE
     if ws_pages < vcpus:
-        raise ValueError(
-            f"working set of {ws_pages} pages is smaller than {vcpus} vCPUs: each needs a page"
-        )
+        raise ValueError(f"working set of {ws_pages} pages is smaller than {vcpus} vCPUs: each needs a page")
     stacks = STATUS_GPA + vcpus * PAGE_SIZE
     gen = stacks + vcpus * USER_STACK_SIZE
     gen_bytes = _align_up(ws_pages * 4, PAGE_SIZE)

@@ -120,9 +120,7 @@ def mmio_page_directory(spec: LongModeSpec) -> npt.NDArray[np.uint64]:
         )
     pd = np.zeros(512, np.uint64)
     for frame in MMIO_FRAMES:
-        pd[(frame - 3 * GIB) // HUGE_PAGE] = frame | (
-            PTE_P | PTE_RW | PTE_PWT | PTE_PCD | PTE_A | PTE_D | PTE_PS
-        )
+        pd[(frame - 3 * GIB) // HUGE_PAGE] = frame | (PTE_P | PTE_RW | PTE_PWT | PTE_PCD | PTE_A | PTE_D | PTE_PS)
     return pd
 
 
@@ -185,8 +183,16 @@ def write_long_mode(write: Write, spec: LongModeSpec) -> None:
 
 def _segment(selector: int, type_: int, *, code: bool) -> kvm_segment:
     return kvm_segment(
-        base=0, limit=0xFFFFFFFF, selector=selector, type=type_, present=1, dpl=selector & 3,
-        db=0 if code else 1, s=1, l=1 if code else 0, g=1,
+        base=0,
+        limit=0xFFFFFFFF,
+        selector=selector,
+        type=type_,
+        present=1,
+        dpl=selector & 3,
+        db=0 if code else 1,
+        s=1,
+        l=1 if code else 0,
+        g=1,
     )
 
 
@@ -197,8 +203,15 @@ def user_sregs(spec: LongModeSpec, vcpu: int) -> kvm_sregs:
     data = _segment(USER_DS, _DATA, code=False)
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
     sregs.tr = kvm_segment(
-        base=spec.tss_gpa(vcpu), limit=TSS_BYTES - 1, selector=spec.tss_selector(vcpu),
-        type=_TSS_BUSY, present=1, dpl=0, s=0, l=0, g=0,
+        base=spec.tss_gpa(vcpu),
+        limit=TSS_BYTES - 1,
+        selector=spec.tss_selector(vcpu),
+        type=_TSS_BUSY,
+        present=1,
+        dpl=0,
+        s=0,
+        l=0,
+        g=0,
     )
     sregs.ldt = kvm_segment(selector=0, type=2, present=0, unusable=1)
     sregs.gdt.base, sregs.gdt.limit = spec.gdt, spec.gdt_limit

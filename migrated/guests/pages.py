@@ -81,10 +81,7 @@ def _u64_at(ram: npt.NDArray[np.uint8], gpa: int, words: int) -> U64:
 
 def in_flight_pages(ram: npt.NDArray[np.uint8], layout: WorkloadLayout) -> U64:
     """Global indices of the pages the vCPUs were busy with (may be torn while stopped)."""
-    busy = [
-        int(_u64_at(ram, layout.status_gpa(v), abi.WL_PAGE_WORDS)[abi.WL_S_BUSY_PAGE])
-        for v in range(layout.vcpus)
-    ]
+    busy = [int(_u64_at(ram, layout.status_gpa(v), abi.WL_PAGE_WORDS)[abi.WL_S_BUSY_PAGE]) for v in range(layout.vcpus)]
     return np.array([b - 1 for b in busy if 0 < b <= layout.ws_pages], dtype=np.uint64)
 
 
@@ -133,9 +130,7 @@ def verify_pages(
         flying = np.isin(idx, skip)
         judged_written = written & ~flying
         judged_unwritten = ~written & ~flying
-        bad = (judged_written & ~(header_ok & checksum_ok & pattern_ok)) | (
-            judged_unwritten & ~zero_ok
-        )
+        bad = (judged_written & ~(header_ok & checksum_ok & pattern_ok)) | (judged_unwritten & ~zero_ok)
         counts["written"] += int(written.sum())
         counts["in_flight"] += int(flying.sum())
         counts["bad"] += int(bad.sum())

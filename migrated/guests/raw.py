@@ -86,9 +86,7 @@ def check_raw_image(
     if size <= 0:
         raise RawImageError("the image is empty")
     if load_addr >= memory_bytes:
-        raise RawImageError(
-            f"load address {load_addr:#x} is not in guest RAM [0, {memory_bytes:#x})"
-        )
+        raise RawImageError(f"load address {load_addr:#x} is not in guest RAM [0, {memory_bytes:#x})")
     if load_addr + size > memory_bytes:
         raise RawImageError(
             f"an image of {size} bytes at {load_addr:#x} ends at {load_addr + size:#x}, past the "
@@ -125,17 +123,13 @@ def read_raw_image(path: str | os.PathLike[str], memory_bytes: int) -> bytes:
         with path.open("rb") as file:
             size = os.fstat(file.fileno()).st_size
             if size > memory_bytes:
-                raise RawImageError(
-                    f"image {path} is {size} bytes, larger than guest RAM ({memory_bytes} bytes)"
-                )
+                raise RawImageError(f"image {path} is {size} bytes, larger than guest RAM ({memory_bytes} bytes)")
             return file.read(memory_bytes + 1)
     except OSError as err:
         raise RawImageError(f"cannot read image {path}: {err.strerror or err}") from None
 
 
-def load_raw(
-    vm: Vm, image: bytes, load_addr: int = DEFAULT_LOAD_ADDR, entry: str = "real"
-) -> list[str]:
+def load_raw(vm: Vm, image: bytes, load_addr: int = DEFAULT_LOAD_ADDR, entry: str = "real") -> list[str]:
     """Write `image` at `load_addr` and set vCPU 0 to start it. The VM is fresh (zeroed RAM,
     vCPUs not started). Returns warnings (see `check_raw_image`) for the caller to log."""
     assert vm.memory is not None
@@ -158,8 +152,18 @@ def load_raw(
 
 def _real_segment(segment: int, type_: int) -> kvm_segment:
     return kvm_segment(
-        base=segment << 4, limit=0xFFFF, selector=segment, type=type_, present=1, dpl=0, db=0,
-        s=1, l=0, g=0, avl=0, unusable=0,
+        base=segment << 4,
+        limit=0xFFFF,
+        selector=segment,
+        type=type_,
+        present=1,
+        dpl=0,
+        db=0,
+        s=1,
+        l=0,
+        g=0,
+        avl=0,
+        unusable=0,
     )
 
 
@@ -200,23 +204,44 @@ def long_mode_spec(memory_bytes: int) -> LongModeSpec:
     )
 
 
-def long_mode_state(
-    reset: kvm_sregs, spec: LongModeSpec, load_addr: int
-) -> tuple[kvm_regs, kvm_sregs]:
+def long_mode_state(reset: kvm_sregs, spec: LongModeSpec, load_addr: int) -> tuple[kvm_regs, kvm_sregs]:
     """64-bit mode at CPL0 at `load_addr`, paging with `spec`'s tables (written separately)."""
     sregs = kvm_sregs.from_buffer_copy(reset)
     sregs.cs = kvm_segment(
-        base=0, limit=0xFFFFFFFF, selector=longmode.KERNEL_CS, type=_CODE_TYPE, present=1, dpl=0,
-        db=0, s=1, l=1, g=1,
+        base=0,
+        limit=0xFFFFFFFF,
+        selector=longmode.KERNEL_CS,
+        type=_CODE_TYPE,
+        present=1,
+        dpl=0,
+        db=0,
+        s=1,
+        l=1,
+        g=1,
     )
     data = kvm_segment(
-        base=0, limit=0xFFFFFFFF, selector=longmode.KERNEL_DS, type=_DATA_TYPE, present=1, dpl=0,
-        db=1, s=1, l=0, g=1,
+        base=0,
+        limit=0xFFFFFFFF,
+        selector=longmode.KERNEL_DS,
+        type=_DATA_TYPE,
+        present=1,
+        dpl=0,
+        db=1,
+        s=1,
+        l=0,
+        g=1,
     )
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
     sregs.tr = kvm_segment(
-        base=spec.tss_gpa(0), limit=longmode.TSS_BYTES - 1, selector=spec.tss_selector(0),
-        type=0xB, present=1, dpl=0, s=0, l=0, g=0,
+        base=spec.tss_gpa(0),
+        limit=longmode.TSS_BYTES - 1,
+        selector=spec.tss_selector(0),
+        type=0xB,
+        present=1,
+        dpl=0,
+        s=0,
+        l=0,
+        g=0,
     )
     sregs.ldt = kvm_segment(selector=0, type=2, present=0, unusable=1)
     sregs.gdt.base, sregs.gdt.limit = spec.gdt, spec.gdt_limit
@@ -233,4 +258,3 @@ def describe_entry(load_addr: int, entry: str) -> dict[str, str]:
         cs, ip = (0, load_addr) if load_addr <= 0xFFFF else (load_addr >> 4, load_addr & 0xF)
         return {"entry": "real", "cs:ip": f"{cs:04x}:{ip:04x}", "load_addr": f"{load_addr:#x}"}
     return {"entry": "long", "rip": f"{load_addr:#x}", "load_addr": f"{load_addr:#x}"}
-

@@ -157,9 +157,7 @@ def install(
     if params.vcpus != layout.vcpus:
         raise ValueError(f"params for {params.vcpus} vCPUs, layout for {layout.vcpus}")
     if params.working_set_bytes != layout.ws_bytes:
-        raise ValueError(
-            f"params for a {params.working_set_bytes}-byte working set, layout for {layout.ws_bytes}"
-        )
+        raise ValueError(f"params for a {params.working_set_bytes}-byte working set, layout for {layout.ws_bytes}")
     if tsc_khz <= 0:
         raise ValueError(f"TSC frequency {tsc_khz} kHz: must be positive (KVM_GET_TSC_KHZ)")
     if params.smallos != bool(layout.longmode.mmio_pd):

@@ -112,9 +112,7 @@ def _vcpu_ioctl(vcpu: Vcpu, step: str, request: int, arg: Any = 0) -> int:
 def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
     for vcpu in vcpus:
         if vcpu.state is VcpuThreadState.RUNNING:
-            raise StateError(
-                f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state"
-            )
+            raise StateError(f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state")
 
 
 class Device:
@@ -125,17 +123,13 @@ class Device:
         self.name = name
 
     def _attr(self, step: str, request: int, group: int, attr: int, buf: Any) -> None:
-        request_struct = uapi.kvm_device_attr(
-            group=group, attr=attr, addr=0 if buf is None else ctypes.addressof(buf)
-        )
+        request_struct = uapi.kvm_device_attr(group=group, attr=attr, addr=0 if buf is None else ctypes.addressof(buf))
         try:
             ioctl(self.fd, request, request_struct)  # `buf` stays referenced until it returns
         except OSError as err:
             raise KvmIoctlError(f"{self.name}: {step}", err) from err
 
-    def set(
-        self, step: str, group: int, attr: int, value: int | None = None, bits: int = 64
-    ) -> None:
+    def set(self, step: str, group: int, attr: int, value: int | None = None, bits: int = 64) -> None:
         buf = None if value is None else _int_buffer(value, bits)
         self._attr(f"KVM_SET_DEVICE_ATTR({step})", uapi.KVM_SET_DEVICE_ATTR, group, attr, buf)
 
@@ -243,9 +237,7 @@ def preferred_target(vm: Vm) -> uapi.kvm_vcpu_init:
     return init
 
 
-def vcpu_init_struct(
-    target: int, features: int, index: int, secondaries_off: bool
-) -> uapi.kvm_vcpu_init:
+def vcpu_init_struct(target: int, features: int, index: int, secondaries_off: bool) -> uapi.kvm_vcpu_init:
     init = uapi.kvm_vcpu_init(target=target)
     init.features[0] = features
     if secondaries_off and index > 0:
@@ -393,9 +385,7 @@ def set_one_reg(vcpu: Vcpu, reg_id: int, value: bytes) -> None:
     the kvm_one_reg struct passed in. A value is passed in memory at "addr"." """
     size = reg_size(reg_id)
     if len(value) != size:
-        raise StateError(
-            f"vCPU {vcpu.index}: {reg_name(reg_id)} takes {size} bytes, got {len(value)}"
-        )
+        raise StateError(f"vCPU {vcpu.index}: {reg_name(reg_id)} takes {size} bytes, got {len(value)}")
     buf = (ctypes.c_uint8 * size).from_buffer_copy(value)
     request = uapi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf))
     _vcpu_ioctl(vcpu, f"KVM_SET_ONE_REG({reg_name(reg_id)})", uapi.KVM_SET_ONE_REG, request)
@@ -813,8 +803,7 @@ class VcpuState:
             data = _bytes_value(value, here + "[1]")
             if size > MAX_REG_BYTES or len(data) != size:
                 raise StateFormatError(
-                    f"arm64 state: {here}: {reg_name(reg_id)} has {len(data)} bytes, "
-                    f"its id says {size}"
+                    f"arm64 state: {here}: {reg_name(reg_id)} has {len(data)} bytes, its id says {size}"
                 )
             if reg_id in seen:
                 raise StateFormatError(f"arm64 state: {here}: {reg_name(reg_id)} appears twice")
@@ -891,9 +880,7 @@ class VmState:
                 f"(up to {STATE_VERSION}); upgrade migrated on this host"
             )
         if version < 1:
-            raise StateFormatError(
-                f"arm64 state: version {version} is invalid (versions start at 1)"
-            )
+            raise StateFormatError(f"arm64 state: version {version} is invalid (versions start at 1)")
         m = _mapping(d, "", _VM_KEYS)
         if m["arch"] != "aarch64":
             raise _error("", "arch", f"{m['arch']!r}: this is the arm64 state reader")
@@ -910,9 +897,7 @@ class VmState:
         its_base = _int(m, "its_base", "", 0, (1 << 52) - 1)
         its = _pairs(m, "its", "", ITS_SAVED, 64, exact=bool(its_base))
         if bool(its) != bool(its_base):
-            raise _error(
-                "", "its", "ITS registers and its_base disagree on whether there is an ITS"
-            )
+            raise _error("", "its", "ITS registers and its_base disagree on whether there is an ITS")
         levels = _pairs(m, "line_levels", "", frozenset(range(32, nr_irqs, 32)), 32, exact=True)
         return cls(
             target=_int(m, "target", "", 0, (1 << 32) - 1),
@@ -928,30 +913,15 @@ class VmState:
         )
 
 
-ARM64_MP_STATES = frozenset(
-    {uapi.KVM_MP_STATE_RUNNABLE, uapi.KVM_MP_STATE_STOPPED, uapi.KVM_MP_STATE_SUSPENDED}
-)
+ARM64_MP_STATES = frozenset({uapi.KVM_MP_STATE_RUNNABLE, uapi.KVM_MP_STATE_STOPPED, uapi.KVM_MP_STATE_SUSPENDED})
 EVENTS_BYTES = ctypes.sizeof(uapi.kvm_vcpu_events_arm64)
 _VCPU_KEYS = frozenset("index mp_state events regs redist icc".split())
 _VM_KEYS = frozenset(
-    "version arch target features nr_irqs gicd_base gicr_base its_base vcpus dist line_levels "
-    "its".split()
+    "version arch target features nr_irqs gicd_base gicr_base its_base vcpus dist line_levels its".split()
 )
 
 
 # ---- wire validation helpers ----------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _pair(value: object, path: str) -> tuple[object, object]:
@@ -960,9 +930,7 @@ def _pair(value: object, path: str) -> tuple[object, object]:
     return value[0], value[1]
 
 
-def _pairs(
-    m: Mapping[str, Any], key: str, where: str, allowed: frozenset[int], bits: int, exact: bool
-) -> Pairs:
+def _pairs(m: Mapping[str, Any], key: str, where: str, allowed: frozenset[int], bits: int, exact: bool) -> Pairs:
     """(register, value) pairs: registers from `allowed`, each once (all of them if `exact`)."""
     path = f"{where}.{key}" if where else key
     pairs: list[tuple[int, int]] = []
@@ -979,9 +947,7 @@ def _pairs(
         pairs.append((reg, _int_value(value, here + "[1]", 0, (1 << bits) - 1)))
     if exact and seen != allowed:
         missing = sorted(allowed - seen)
-        raise StateFormatError(
-            f"arm64 state: {path}: {len(missing)} register(s) missing, the first {missing[0]:#x}"
-        )
+        raise StateFormatError(f"arm64 state: {path}: {len(missing)} register(s) missing, the first {missing[0]:#x}")
     return tuple(pairs)
 
 
@@ -1055,9 +1021,7 @@ def save_vcpu_state(vm: Vm, vcpu: Vcpu) -> VcpuState:
         )
 
     ctlr = icc(ICC_CTLR_EL1)
-    icc_regs = tuple(
-        (reg, ctlr if reg == ICC_CTLR_EL1 else icc(reg)) for reg in icc_restore_order(ctlr)
-    )
+    icc_regs = tuple((reg, ctlr if reg == ICC_CTLR_EL1 else icc(reg)) for reg in icc_restore_order(ctlr))
     return VcpuState(
         index=vcpu.index,
         mp_state=_get_mp_state(vcpu),
@@ -1121,9 +1085,7 @@ def save_vm_state(vm: Vm) -> VmState:
             its = tuple(
                 (
                     reg,
-                    arm.its.get(
-                        f"GRP_ITS_REGS {ITS_NAMES[reg]}", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, reg
-                    ),
+                    arm.its.get(f"GRP_ITS_REGS {ITS_NAMES[reg]}", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, reg),
                 )
                 for reg in (*ITS_REGS_BEFORE_TABLES, GITS_CTLR)
             )
@@ -1159,9 +1121,7 @@ def check_compatible(vm: Vm, state: VmState) -> None:
     """Refuse, with the reason, a state that cannot be restored into `vm`."""
     arm = machine(vm)
     if len(vm.vcpus) != len(state.vcpus):
-        raise IncompatibleStateError(
-            f"the state has {len(state.vcpus)} vCPU(s); the target VM has {len(vm.vcpus)}"
-        )
+        raise IncompatibleStateError(f"the state has {len(state.vcpus)} vCPU(s); the target VM has {len(vm.vcpus)}")
     if (arm.target, arm.features) != (state.target, state.features):
         raise IncompatibleStateError(
             f"the VM's vCPUs were initialized as target {state.target} with features "
@@ -1170,8 +1130,7 @@ def check_compatible(vm: Vm, state: VmState) -> None:
         )
     if arm.nr_irqs != state.nr_irqs:
         raise IncompatibleStateError(
-            f"the VM's vGIC has {state.nr_irqs} interrupts, the target's {arm.nr_irqs} "
-            "(fixed at its CTRL_INIT)"
+            f"the VM's vGIC has {state.nr_irqs} interrupts, the target's {arm.nr_irqs} (fixed at its CTRL_INIT)"
         )
     if (state.gicd_base, state.gicr_base) != (GICD_BASE, GICR_BASE):
         raise IncompatibleStateError(
@@ -1191,9 +1150,7 @@ def check_compatible(vm: Vm, state: VmState) -> None:
         if unknown:
             raise IncompatibleStateError(
                 f"vCPU {vcpu.index}: {len(unknown)} register(s) of the VM are unknown to this "
-                "host's KVM: "
-                + ", ".join(reg_name(r) for r in unknown[:8])
-                + (" ..." if len(unknown) > 8 else "")
+                "host's KVM: " + ", ".join(reg_name(r) for r in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
             )
 
 
@@ -1251,9 +1208,7 @@ def _restore_redist(vgic: Device, state: VcpuState) -> None:
                 ~value & 0xFFFF_FFFF,
                 bits=32,
             )
-        vgic.set(
-            f"{where} {_redist_name(offset)}", grp, _cpu_attr(state.mpidr, offset), value, bits=32
-        )
+        vgic.set(f"{where} {_redist_name(offset)}", grp, _cpu_attr(state.mpidr, offset), value, bits=32)
 
 
 def _restore_icc(vgic: Device, state: VcpuState) -> None:

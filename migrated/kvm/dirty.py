@@ -40,10 +40,7 @@ class DirtyPages:
         slots = set(self.by_slot) | set(other.by_slot)
         empty = np.empty(0, np.uint64)
         return DirtyPages(
-            {
-                slot: np.union1d(self.by_slot.get(slot, empty), other.by_slot.get(slot, empty))
-                for slot in slots
-            }
+            {slot: np.union1d(self.by_slot.get(slot, empty), other.by_slot.get(slot, empty)) for slot in slots}
         )
 
 
@@ -129,9 +126,7 @@ class RingTracker:
         self._empty_full_exits: dict[int, int] = {}
         self.stats = TrackerStats(mode="ring", backup_bitmap=with_bitmap_reason)
         self._backup_bitmaps = (
-            {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions}
-            if with_bitmap
-            else {}
+            {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions} if with_bitmap else {}
         )
 
     def add_ring(self, vcpu_index: int, ring: ringreader.RingBuffer) -> None:
@@ -150,9 +145,7 @@ class RingTracker:
         for index, (ring, fetch) in self._rings.items():
             harvested = 0
             while True:
-                count, fetch[0] = ringreader.harvest(
-                    ring, self._entries, fetch[0], self._out_slot, self._out_offset
-                )
+                count, fetch[0] = ringreader.harvest(ring, self._entries, fetch[0], self._out_slot, self._out_offset)
                 if count:
                     self._pending_slot.append(self._out_slot[:count].copy())
                     self._pending_offset.append(self._out_offset[:count].copy())
@@ -176,9 +169,7 @@ class RingTracker:
         return counts
 
     def _compact_locked(self) -> None:
-        slots, offsets = self._dedup.unique(
-            np.concatenate(self._pending_slot), np.concatenate(self._pending_offset)
-        )
+        slots, offsets = self._dedup.unique(np.concatenate(self._pending_slot), np.concatenate(self._pending_offset))
         self._pending_slot, self._pending_offset = [slots], [offsets]
         self._pending_entries = self._compacted_entries = int(slots.size)
 
@@ -218,9 +209,7 @@ class RingTracker:
                     slots.append(np.full(pages.size, slot, np.uint32))
                     offsets.append(pages)
             if slots:
-                all_slots, all_offsets = self._dedup.unique(
-                    np.concatenate(slots), np.concatenate(offsets)
-                )
+                all_slots, all_offsets = self._dedup.unique(np.concatenate(slots), np.concatenate(offsets))
             else:
                 all_slots = np.empty(0, np.uint32)
                 all_offsets = np.empty(0, np.uint64)
@@ -262,9 +251,7 @@ class BitmapTracker:
         self._manual_protect = manual_protect
         self._lock = threading.Lock()
         self._bitmaps = {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions}
-        self.stats = TrackerStats(
-            mode="bitmap", backup_bitmap="not applicable: bitmap mode tracks all in the bitmap"
-        )
+        self.stats = TrackerStats(mode="bitmap", backup_bitmap="not applicable: bitmap mode tracks all in the bitmap")
 
     def poll(self) -> None:
         self.stats.polls += 1
@@ -305,9 +292,7 @@ class BitmapTracker:
         return None
 
 
-def _split_by_slot(
-    slots: npt.NDArray[np.uint32], offsets: PageArray, slot_ids: list[int]
-) -> DirtyPages:
+def _split_by_slot(slots: npt.NDArray[np.uint32], offsets: PageArray, slot_ids: list[int]) -> DirtyPages:
     if len(slot_ids) == 1:
         return DirtyPages({slot_ids[0]: offsets})
     return DirtyPages({slot_id: offsets[slots == slot_id] for slot_id in slot_ids})

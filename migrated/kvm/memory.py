@@ -47,8 +47,7 @@ class GuestMemory:
         for region in regions:
             if region.size <= 0 or region.size % PAGE_SIZE or region.guest_phys_addr % PAGE_SIZE:
                 raise VmConfigError(
-                    f"memory region {region}: size and address must be positive multiples of "
-                    f"{PAGE_SIZE} bytes"
+                    f"memory region {region}: size and address must be positive multiples of {PAGE_SIZE} bytes"
                 )
         self.regions = tuple(regions)
         self.size = sum(r.size for r in regions)

@@ -73,9 +73,7 @@ class Kvm:
             raise
         if version != uapi.KVM_API_VERSION:
             kvm.close()
-            raise KvmCapabilityError(
-                f"{device} speaks KVM API {version}; migrated needs API {uapi.KVM_API_VERSION}"
-            )
+            raise KvmCapabilityError(f"{device} speaks KVM API {version}; migrated needs API {uapi.KVM_API_VERSION}")
         return kvm
 
     def close(self) -> None:

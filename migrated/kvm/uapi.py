@@ -26,12 +26,7 @@ _IOC_READ = 2
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (KVMIO << _IOC_TYPESHIFT)
-        | (nr << _IOC_NRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-    )
+    return (direction << _IOC_DIRSHIFT) | (KVMIO << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
 
 
 def _io(nr: int) -> int:
@@ -95,10 +90,7 @@ class kvm_dirty_gfn(ctypes.Structure):
 
 class kvm_regs(ctypes.Structure):
     _fields_ = [
-        (name, u64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
+        (name, u64) for name in ("rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split())
     ]
 
 

@@ -130,9 +130,7 @@ class Vcpu:
         if self._thread is not None:
             raise KvmError(f"vCPU {self.index} already started")
         self._want = VcpuState.RUNNING if running else VcpuState.PAUSED
-        self._thread = threading.Thread(
-            target=self._thread_main, name=f"vcpu{self.index}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self._thread.start()
         if not running:
             self.wait_parked()

@@ -54,18 +54,14 @@ class VmConfig:
 def validate_config(config: VmConfig, caps: HostCaps) -> str:
     """Check `config` against this host; returns the tracking mode to use ("ring" or "bitmap")."""
     if config.memory_bytes <= 0 or config.memory_bytes % (2 << 20):
-        raise VmConfigError(
-            f"memory {config.memory_bytes} bytes: must be a positive multiple of 2 MiB"
-        )
+        raise VmConfigError(f"memory {config.memory_bytes} bytes: must be a positive multiple of 2 MiB")
     if not 1 <= config.vcpus <= caps.max_vcpus:
         raise VmConfigError(
             f"{config.vcpus} vCPUs requested: this host allows 1 to {caps.max_vcpus} "
             f"(KVM_CAP_MAX_VCPUS; {caps.recommended_vcpus} recommended)"
         )
     if config.dirty_tracking not in DIRTY_TRACKING_MODES:
-        raise VmConfigError(
-            f"dirty tracking {config.dirty_tracking!r}: allowed are {', '.join(DIRTY_TRACKING_MODES)}"
-        )
+        raise VmConfigError(f"dirty tracking {config.dirty_tracking!r}: allowed are {', '.join(DIRTY_TRACKING_MODES)}")
     mode = config.dirty_tracking
     if mode == "auto":
         mode = "ring" if caps.dirty_ring_max_bytes else "bitmap"
@@ -89,8 +85,7 @@ def validate_ring_bytes(ring_bytes: int, caps: HostCaps) -> None:
     limit = caps.dirty_ring_max_bytes
     if ring_bytes <= 0 or ring_bytes & (ring_bytes - 1):
         raise VmConfigError(
-            f"dirty ring size {ring_bytes} bytes: must be a power of two between "
-            f"{MIN_RING_BYTES} and {limit} bytes"
+            f"dirty ring size {ring_bytes} bytes: must be a power of two between {MIN_RING_BYTES} and {limit} bytes"
         )
     if not MIN_RING_BYTES <= ring_bytes <= limit:
         raise VmConfigError(
@@ -195,11 +190,7 @@ class Vm:
         if self.ring_bytes:
             raise DirtyTrackingOrderError("R1: the dirty ring is already enabled on this VM")
         validate_ring_bytes(ring_bytes, self.caps)
-        cap = (
-            uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL
-            if self.caps.dirty_ring_acq_rel
-            else uapi.KVM_CAP_DIRTY_LOG_RING
-        )
+        cap = uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL if self.caps.dirty_ring_acq_rel else uapi.KVM_CAP_DIRTY_LOG_RING
         self._enable_cap(f"KVM_ENABLE_CAP(dirty ring, {ring_bytes} bytes)", cap, ring_bytes)
         self.ring_bytes = ring_bytes
         self.ring_acq_rel = self.caps.dirty_ring_acq_rel
@@ -217,8 +208,7 @@ class Vm:
             )
         if self.memslots:
             raise DirtyTrackingOrderError(
-                "R2: KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP must be enabled before the first "
-                f"memslot; {self._existing()}"
+                f"R2: KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP must be enabled before the first memslot; {self._existing()}"
             )
         if self.with_bitmap:
             return
@@ -246,9 +236,7 @@ class Vm:
         if self.memory is not None:
             raise VmConfigError("this VM already has its guest memory")
         if len(memory.regions) > self.caps.memslots:
-            raise VmConfigError(
-                f"{len(memory.regions)} memory regions: this host allows {self.caps.memslots}"
-            )
+            raise VmConfigError(f"{len(memory.regions)} memory regions: this host allows {self.caps.memslots}")
         self.memory = memory
         for region in memory.regions:
             slot = uapi.kvm_userspace_memory_region(
@@ -258,8 +246,7 @@ class Vm:
                 memory_size=region.size,
                 userspace_addr=memory.host_address(region),
             )
-            self._ioctl(f"KVM_SET_USER_MEMORY_REGION (slot {region.slot})",
-                        uapi.KVM_SET_USER_MEMORY_REGION, slot)
+            self._ioctl(f"KVM_SET_USER_MEMORY_REGION (slot {region.slot})", uapi.KVM_SET_USER_MEMORY_REGION, slot)
             self.memslots.append(slot)
 
     def create_vcpu(self, index: int) -> Vcpu:
@@ -309,9 +296,7 @@ class Vm:
                     "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, so KVM_GET_DIRTY_LOG would fail with "
                     "ENXIO and the rings hold all dirty state (R7)"
                 )
-            ring = RingTracker(
-                self.fd, self.memory, self.ring_bytes // 16, self.with_bitmap, reason
-            )
+            ring = RingTracker(self.fd, self.memory, self.ring_bytes // 16, self.with_bitmap, reason)
             for vcpu in self.vcpus:
                 assert vcpu.ring_address is not None
                 ring.add_ring(
@@ -360,9 +345,7 @@ class Vm:
     def start(self, running: bool = True) -> None:
         """Start the vCPU threads and, in ring mode, the continuous harvester (R4)."""
         if self.ring_bytes and self._harvester is None:
-            self._harvester = threading.Thread(
-                target=self._harvest_loop, name=f"{self.name}-harvest", daemon=True
-            )
+            self._harvester = threading.Thread(target=self._harvest_loop, name=f"{self.name}-harvest", daemon=True)
             self._harvester.start()
         for vcpu in self.vcpus:
             vcpu.start(running=running)

@@ -175,16 +175,11 @@ class CpuModel:
         base_family = signature >> 8 & 0xF
         base_model = signature >> 4 & 0xF
         family = base_family + (signature >> 20 & 0xFF) if base_family == 0xF else base_family
-        model = (
-            base_model | (signature >> 16 & 0xF) << 4 if base_family in (0x6, 0xF) else base_model
-        )
+        model = base_model | (signature >> 16 & 0xF) << 4 if base_family in (0x6, 0xF) else base_model
         return cls(vendor.decode("ascii", "replace"), family, model, signature & 0xF)
 
     def __str__(self) -> str:
-        return (
-            f"{self.vendor} family {self.family:#x} model {self.model:#x} "
-            f"stepping {self.stepping}"
-        )
+        return f"{self.vendor} family {self.family:#x} model {self.model:#x} stepping {self.stepping}"
 
 
 def cpu_identity(entries: Sequence[uapi.kvm_cpuid_entry2]) -> tuple[bytes, int]:
@@ -199,9 +194,7 @@ def cpu_identity(entries: Sequence[uapi.kvm_cpuid_entry2]) -> tuple[bytes, int]:
 # --------------------------------------------------------------------------------------------
 # The state
 # --------------------------------------------------------------------------------------------
-_VCPU_KEYS = frozenset(
-    "index tsc_khz cpuid mp_state regs sregs xsave xcrs debugregs lapic msrs events".split()
-)
+_VCPU_KEYS = frozenset("index tsc_khz cpuid mp_state regs sregs xsave xcrs debugregs lapic msrs events".split())
 _VM_KEYS = frozenset("version cpu_vendor cpu_signature vcpus irqchip pit2 clock".split())
 
 
@@ -291,8 +284,7 @@ class VcpuState:
             raise _error(
                 where,
                 "lapic",
-                f"{len(lapic)} bytes: expected 0 (no in-kernel irqchip) or {_SIZE['lapic']} "
-                "(struct kvm_lapic_state)",
+                f"{len(lapic)} bytes: expected 0 (no in-kernel irqchip) or {_SIZE['lapic']} (struct kvm_lapic_state)",
             )
         mp_state = _int(m, "mp_state", where, 0, (1 << 32) - 1)
         if mp_state not in X86_MP_STATES:
@@ -380,16 +372,13 @@ class VmState:
                 raise StateFormatError(f"x86 state: vcpus[{i}].index: {v.index}, expected {i}")
         chips = _list(m, "irqchip", "", len(IRQCHIP_IDS))
         if len(chips) not in (0, len(IRQCHIP_IDS)):
-            raise _error(
-                "", "irqchip", f"{len(chips)} entries: expected 0 or 3 (PIC master, slave, IOAPIC)"
-            )
+            raise _error("", "irqchip", f"{len(chips)} entries: expected 0 or 3 (PIC master, slave, IOAPIC)")
         irqchip = tuple(_sized(c, f"irqchip[{i}]", "irqchip") for i, c in enumerate(chips))
         for i, (chip, chip_id) in enumerate(zip(irqchip, IRQCHIP_IDS)):
             found = struct.unpack_from("<I", chip)[0]
             if found != chip_id:
                 raise StateFormatError(
-                    f"x86 state: irqchip[{i}]: chip_id {found}, expected {chip_id} "
-                    f"({_IRQCHIP_NAMES[i]})"
+                    f"x86 state: irqchip[{i}]: chip_id {found}, expected {chip_id} ({_IRQCHIP_NAMES[i]})"
                 )
         for v in vcpus:
             if bool(v.lapic) != bool(irqchip):
@@ -403,8 +392,7 @@ class VmState:
             raise _error(
                 "",
                 "pit2",
-                f"{len(pit2)} bytes: expected 0 (no PIT) or {_SIZE['pit2']} "
-                "(struct kvm_pit_state2)",
+                f"{len(pit2)} bytes: expected 0 (no PIT) or {_SIZE['pit2']} (struct kvm_pit_state2)",
             )
         if pit2 and not irqchip:
             raise _error("", "pit2", "an in-kernel PIT needs the in-kernel irqchip (absent)")
@@ -421,31 +409,15 @@ class VmState:
 # ---- wire validation helpers ----------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _sized(value: object, path: str, kind: str) -> bytes:
     data = _bytes_value(value, path)
     if len(data) != _SIZE[kind]:
-        raise StateFormatError(
-            f"x86 state: {path}: {len(data)} bytes, expected {_SIZE[kind]} ({_STRUCT_NAME[kind]})"
-        )
+        raise StateFormatError(f"x86 state: {path}: {len(data)} bytes, expected {_SIZE[kind]} ({_STRUCT_NAME[kind]})")
     return data
 
 
 def _struct_bytes(m: Mapping[str, Any], key: str, where: str) -> bytes:
     return _sized(m[key], f"{where}.{key}" if where else key, key)
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,9 +488,7 @@ def _buffer(data: bytes, size: int | None = None) -> ctypes.Array[ctypes.c_uint8
 def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
     for vcpu in vcpus:
         if vcpu.state is VcpuThreadState.RUNNING:
-            raise StateError(
-                f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state"
-            )
+            raise StateError(f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state")
 
 
 def xsave2_size(fd: int) -> int:
@@ -606,9 +576,7 @@ def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
         _vcpu_ioctl(vcpu, "KVM_GET_CPUID2", uapi.KVM_GET_CPUID2, buf)
     except KvmIoctlError as err:
         if err.errno == errno.E2BIG:
-            raise StateError(
-                f"vCPU {vcpu.index}: its CPUID has more than {MAX_CPUID_ENTRIES} entries"
-            ) from err
+            raise StateError(f"vCPU {vcpu.index}: its CPUID has more than {MAX_CPUID_ENTRIES} entries") from err
         raise
     count = uapi.kvm_cpuid2.from_buffer(buf).nent
     entries = (uapi.kvm_cpuid_entry2 * count).from_buffer(buf, ctypes.sizeof(uapi.kvm_cpuid2))
@@ -732,21 +700,15 @@ def save_vcpu_state(
     with _step(times, "xcrs"):
         xcrs = _get_struct(vcpu, "KVM_GET_XCRS", uapi.KVM_GET_XCRS, uapi.kvm_xcrs)
     with _step(times, "debugregs"):
-        debugregs = _get_struct(
-            vcpu, "KVM_GET_DEBUGREGS", uapi.KVM_GET_DEBUGREGS, uapi.kvm_debugregs
-        )
+        debugregs = _get_struct(vcpu, "KVM_GET_DEBUGREGS", uapi.KVM_GET_DEBUGREGS, uapi.kvm_debugregs)
     lapic_bytes = b""
     if lapic:
         with _step(times, "lapic"):
-            lapic_bytes = _get_struct(
-                vcpu, "KVM_GET_LAPIC", uapi.KVM_GET_LAPIC, uapi.kvm_lapic_state
-            )
+            lapic_bytes = _get_struct(vcpu, "KVM_GET_LAPIC", uapi.KVM_GET_LAPIC, uapi.kvm_lapic_state)
     with _step(times, "msrs"):
         msrs = tuple(get_msrs(vcpu, indices))
     with _step(times, "events"):
-        events = _get_struct(
-            vcpu, "KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, uapi.kvm_vcpu_events
-        )
+        events = _get_struct(vcpu, "KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, uapi.kvm_vcpu_events)
     return VcpuState(
         index=vcpu.index,
         tsc_khz=tsc_khz,
@@ -782,9 +744,7 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
         xsave2 = xsave2_size(vm.fd)
         indices = vm.kvm.msr_index_list()
     vcpus = tuple(
-        save_vcpu_state(
-            vcpu, vm.kvm, lapic=irqchip, xsave2_bytes=xsave2, msr_indices=indices, times=times
-        )
+        save_vcpu_state(vcpu, vm.kvm, lapic=irqchip, xsave2_bytes=xsave2, msr_indices=indices, times=times)
         for vcpu in vm.vcpus
     )
     chips: list[bytes] = []
@@ -851,9 +811,7 @@ def check_compatible(state: VmState, kvm: Kvm) -> None:
     if state.has_irqchip and kvm.check_extension(uapi.KVM_CAP_IRQCHIP) <= 0:
         raise IncompatibleStateError("the VM has an in-kernel irqchip; this host's KVM has none")
     if state.has_pit and kvm.check_extension(uapi.KVM_CAP_PIT_STATE2) <= 0:
-        raise IncompatibleStateError(
-            "the VM has an in-kernel PIT; this host's KVM lacks KVM_CAP_PIT_STATE2"
-        )
+        raise IncompatibleStateError("the VM has an in-kernel PIT; this host's KVM lacks KVM_CAP_PIT_STATE2")
 
 
 # --------------------------------------------------------------------------------------------
@@ -954,9 +912,7 @@ def restore_vm_state(
     times = StepTimes()
     start = time.perf_counter()
     if len(vm.vcpus) != len(state.vcpus):
-        raise IncompatibleStateError(
-            f"the state has {len(state.vcpus)} vCPU(s); the target VM has {len(vm.vcpus)}"
-        )
+        raise IncompatibleStateError(f"the state has {len(state.vcpus)} vCPU(s); the target VM has {len(vm.vcpus)}")
     for name, has, said in (("irqchip", state.has_irqchip, irqchip), ("PIT", state.has_pit, pit)):
         if has != said:
             raise IncompatibleStateError(
@@ -994,6 +950,4 @@ def restore_vm_state(
         clock.flags = flags
         _vm_ioctl(vm, "KVM_SET_CLOCK", uapi.KVM_SET_CLOCK, clock)
     times.seconds["total"] = time.perf_counter() - start
-    return RestoreReport(
-        timings=dict(times.seconds), clock_advanced=bool(flags), msrs_kept=tuple(kept)
-    )
+    return RestoreReport(timings=dict(times.seconds), clock_advanced=bool(flags), msrs_kept=tuple(kept))

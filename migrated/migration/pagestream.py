@@ -37,7 +37,11 @@ def _split_zero(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
 
 
 async def _send_block(
-    send: SendBatch, slot: int, round_: int, first_pages: Pages, block: npt.NDArray[np.uint8],
+    send: SendBatch,
+    slot: int,
+    round_: int,
+    first_pages: Pages,
+    block: npt.NDArray[np.uint8],
     counters: StreamCounters,
 ) -> None:
     nonzero = _split_zero(block)
@@ -46,8 +50,7 @@ async def _send_block(
     else:
         pages, zero = first_pages[nonzero], first_pages[~nonzero]
         data = block[nonzero]
-    await send(PageBatch(slot=slot, round=round_, pages=pages, zero_pages=zero,
-                         data=data.reshape(-1).data))
+    await send(PageBatch(slot=slot, round=round_, pages=pages, zero_pages=zero, data=data.reshape(-1).data))
     counters.batches += 1
     counters.pages += int(pages.size)
     counters.zero_pages += int(zero.size)
@@ -55,19 +58,29 @@ async def _send_block(
 
 
 async def send_range(
-    send: SendBatch, ram_pages: npt.NDArray[np.uint8], slot: int, round_: int,
-    first: int, end: int, batch_pages: int, counters: StreamCounters,
+    send: SendBatch,
+    ram_pages: npt.NDArray[np.uint8],
+    slot: int,
+    round_: int,
+    first: int,
+    end: int,
+    batch_pages: int,
+    counters: StreamCounters,
 ) -> None:
     """Pages [first, end) of a slot, in order, in batches: the bulk copy."""
     for start in range(first, end, batch_pages):
         stop = min(start + batch_pages, end)
-        await _send_block(send, slot, round_, np.arange(start, stop, dtype=np.uint64),
-                          ram_pages[start:stop], counters)
+        await _send_block(send, slot, round_, np.arange(start, stop, dtype=np.uint64), ram_pages[start:stop], counters)
 
 
 async def send_pages(
-    send: SendBatch, ram_pages: npt.NDArray[np.uint8], slot: int, round_: int,
-    pages: Pages, batch_pages: int, counters: StreamCounters,
+    send: SendBatch,
+    ram_pages: npt.NDArray[np.uint8],
+    slot: int,
+    round_: int,
+    pages: Pages,
+    batch_pages: int,
+    counters: StreamCounters,
 ) -> None:
     """The given pages of a slot (a dirty set), sorted for locality, gathered per batch."""
     ordered = np.sort(pages)

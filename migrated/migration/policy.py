@@ -25,9 +25,7 @@ class DowntimeEstimate:
 
     @property
     def total_ms(self) -> float:
-        return (
-            self.transfer_ms + self.harvest_ms + self.state_ms + self.verify_ms + self.round_trips_ms
-        )
+        return self.transfer_ms + self.harvest_ms + self.state_ms + self.verify_ms + self.round_trips_ms
 
 
 @dataclass(frozen=True)
@@ -78,9 +76,7 @@ class Policy:
     timeout_s: float
     on_no_convergence: str  # "abort" | "force-downtime" | "throttle"
 
-    def decide(
-        self, estimate: DowntimeEstimate, rounds: int, elapsed_s: float, throttle_step: int = -1
-    ) -> Decision:
+    def decide(self, estimate: DowntimeEstimate, rounds: int, elapsed_s: float, throttle_step: int = -1) -> Decision:
         """`throttle_step`: index into THROTTLE_STEPS in force now (-1: not throttling)."""
         if estimate.total_ms <= self.downtime_limit_ms:
             return Decision.STOP_AND_COPY
@@ -107,9 +103,7 @@ class RateMeter:
         if seconds <= 0:
             return self.rate
         sample = amount / seconds
-        self.rate = sample if self.samples == 0 else (
-            self._weight * sample + (1 - self._weight) * self.rate
-        )
+        self.rate = sample if self.samples == 0 else (self._weight * sample + (1 - self._weight) * self.rate)
         self.samples += 1
         return self.rate
 

@@ -64,11 +64,16 @@ class MigrationService:
         daemon = self.daemon
         hosted = daemon.hosted(args)
         if hosted.state not in (VmState.RUNNING, VmState.PAUSED):
-            raise RequestError(
-                f"VM {hosted.name} is {hosted.state.value}: only a running or paused VM migrates"
-            )
+            raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a running or paused VM migrates")
         current = daemon.migrations.get(hosted.name)
-        if isinstance(current, Source) and current.stats.state in ("setup", "bulk", "rounds", "downtime", "cutover", "in-doubt"):
+        if isinstance(current, Source) and current.stats.state in (
+            "setup",
+            "bulk",
+            "rounds",
+            "downtime",
+            "cutover",
+            "in-doubt",
+        ):
             raise RequestError(f"VM {hosted.name} is already migrating ({current.stats.state})")
         host, port = _parse_to(args.get("to"))
         defaults = daemon.config.migration
@@ -137,11 +142,12 @@ class MigrationService:
 
 async def start_migration_service(daemon: Daemon, nursery: trio.Nursery) -> None:
     service = MigrationService(daemon)
-    daemon.commands.update({
-        "migrate": service.cmd_migrate,
-        "migration.status": service.cmd_status,
-        "migration.cancel": service.cmd_cancel,
-        "migration.resolve": service.cmd_resolve,
-    })
+    daemon.commands.update(
+        {
+            "migrate": service.cmd_migrate,
+            "migration.status": service.cmd_status,
+            "migration.cancel": service.cmd_cancel,
+            "migration.resolve": service.cmd_resolve,
+        }
+    )
     await nursery.start(serve_peers, daemon)
-

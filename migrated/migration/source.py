@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 MIB = 1 << 20
 
+
 class MigrationFailed(Exception):
     """The migration ended without the target running the VM; the source runs it."""
 
@@ -73,11 +74,13 @@ class Source:
         self.hosted = hosted
         self.options = options
         self.stats = MigrationStats(
-            migration_id=migration_id, vm=hosted.name, role="source",
-            peer=f"{options.host}:{options.port}", downtime_limit_ms=options.downtime_limit_ms,
+            migration_id=migration_id,
+            vm=hosted.name,
+            role="source",
+            peer=f"{options.host}:{options.port}",
+            downtime_limit_ms=options.downtime_limit_ms,
         )
-        self.log = get_logger(component="source", vm=hosted.name, migration_id=migration_id,
-                              peer=self.stats.peer)
+        self.log = get_logger(component="source", vm=hosted.name, migration_id=migration_id, peer=self.stats.peer)
         self.cancel_scope = trio.CancelScope()
         self._cancel_reason: str | None = None
         self.operator_cancelled = False
@@ -111,8 +114,7 @@ class Source:
                 await self._migrate()
             if self.cancel_scope.cancelled_caught and not self.committed:
                 raise MigrationFailed(
-                    self._cancel_reason
-                    or f"timed out after {self.options.timeout_s} s; the VM keeps running here"
+                    self._cancel_reason or f"timed out after {self.options.timeout_s} s; the VM keeps running here"
                 )
         except (MigrationFailed, PeerError, OSError, trio.TooSlowError) as err:
             await self._fail(err)
@@ -169,9 +171,11 @@ class Source:
                     stream = await tls.wrap_client(raw, peer, self.options.host)
                 except (ssl.SSLError, trio.BrokenResourceError) as err:
                     raise PeerError(f"TLS handshake with the peer failed: {err}") from err
-        channel = PeerChannel(stream, make_connection(
-            Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
-            io_timeout_s=peer.connect_timeout_s)
+        channel = PeerChannel(
+            stream,
+            make_connection(Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
+            io_timeout_s=peer.connect_timeout_s,
+        )
         with trio.fail_after(peer.connect_timeout_s):
             await channel.handshake()
         return channel
@@ -182,20 +186,22 @@ class Source:
         assert vm is not None and vm.memory is not None and vm.tracker is not None
         self.log.info("migration_started", downtime_limit_ms=self.options.downtime_limit_ms)
         self._channel = channel = await self._connect()
-        await channel.send(VmDescription(
-            name=hosted.name,
-            migration_id=self.stats.migration_id,
-            memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
-            vcpus=len(vm.vcpus),
-            guest_kind=hosted.spec.guest,
-            cpu_features={
-                "spec": hosted.spec.to_wire(),
-                "run_state": "paused" if self.was_paused else "running",
-                **vmstate.cpu_features(self.daemon.kvm),
-            },
-            dirty_tracking=vm.dirty_tracking,
-            arch=vm.caps.arch,
-        ))
+        await channel.send(
+            VmDescription(
+                name=hosted.name,
+                migration_id=self.stats.migration_id,
+                memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
+                vcpus=len(vm.vcpus),
+                guest_kind=hosted.spec.guest,
+                cpu_features={
+                    "spec": hosted.spec.to_wire(),
+                    "run_state": "paused" if self.was_paused else "running",
+                    **vmstate.cpu_features(self.daemon.kvm),
+                },
+                dirty_tracking=vm.dirty_tracking,
+                arch=vm.caps.arch,
+            )
+        )
         with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
             await channel.expect(Accept)
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
@@ -241,8 +247,7 @@ class Source:
             if pages is None or not pages.size:
                 continue
             ram_pages = vm.memory.view(region).reshape(-1, PAGE_SIZE)
-            await send_pages(self._send_batch, ram_pages, region.slot, round_, pages,
-                             batch_pages, self._counters)
+            await send_pages(self._send_batch, ram_pages, region.slot, round_, pages, batch_pages, self._counters)
         return time.perf_counter() - started
 
     async def _bulk_copy(self) -> None:
@@ -261,8 +266,7 @@ class Source:
             ram_pages = memory.view(region).reshape(-1, PAGE_SIZE)
             for first, end in extents:
                 self.stats.pages_remaining = max(0, in_extents - self._counters.pages - self._counters.zero_pages)
-                await send_range(self._send_batch, ram_pages, region.slot, 0, first, end,
-                                 batch_pages, self._counters)
+                await send_range(self._send_batch, ram_pages, region.slot, 0, first, end, batch_pages, self._counters)
         self._data_pages = in_extents
         # Holes in the memfd were never touched: zero on both sides, not sent at all.
         self._counters.zero_pages += total_pages - in_extents
@@ -272,8 +276,13 @@ class Source:
         self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
         self.stats.bulk_ms = elapsed * 1e3
         self.stats.bulk_bytes = self.stats.bytes_sent - bytes_before
-        self.log.info("bulk_copy_done", pages=self._counters.pages, zero_pages=self._counters.zero_pages,
-                      ms=round(elapsed * 1e3, 1), bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1))
+        self.log.info(
+            "bulk_copy_done",
+            pages=self._counters.pages,
+            zero_pages=self._counters.zero_pages,
+            ms=round(elapsed * 1e3, 1),
+            bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1),
+        )
 
     def _costs(self, state_bytes_guess: int) -> Costs:
         vm = self.hosted.vm
@@ -295,8 +304,12 @@ class Source:
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
         self.stats.state = self.stats.phase = "rounds"
-        policy = Policy(self.options.downtime_limit_ms, self.options.max_rounds,
-                        self.options.timeout_s, self.options.on_no_convergence)
+        policy = Policy(
+            self.options.downtime_limit_ms,
+            self.options.max_rounds,
+            self.options.timeout_s,
+            self.options.on_no_convergence,
+        )
         while True:
             pending = await trio.to_thread.run_sync(vm.tracker.collect)
             now = time.perf_counter()
@@ -304,14 +317,21 @@ class Source:
             self._last_collect = now
             self.stats.dirty_rate_mib_s = self._dirty_rate.rate * PAGE_SIZE / MIB
             self.stats.pages_remaining = pending.count
-            estimate = predict_downtime(pending.count, self._dirty_rate.rate, self._bandwidth.rate,
-                                        self._costs(vmstate.estimate_bytes(len(vm.vcpus))))
+            estimate = predict_downtime(
+                pending.count,
+                self._dirty_rate.rate,
+                self._bandwidth.rate,
+                self._costs(vmstate.estimate_bytes(len(vm.vcpus))),
+            )
             self.stats.predicted_downtime_ms = estimate.total_ms
-            decision = policy.decide(estimate, self.stats.round, time.monotonic() - self._started,
-                                     self._throttle_step)
+            decision = policy.decide(estimate, self.stats.round, time.monotonic() - self._started, self._throttle_step)
             if decision is Decision.STOP_AND_COPY:
-                self.log.info("converged", round=self.stats.round, pages=pending.count,
-                              predicted_downtime_ms=round(estimate.total_ms, 2))
+                self.log.info(
+                    "converged",
+                    round=self.stats.round,
+                    pages=pending.count,
+                    predicted_downtime_ms=round(estimate.total_ms, 2),
+                )
                 return pending
             if decision is Decision.GIVE_UP:
                 raise MigrationFailed(
@@ -325,8 +345,9 @@ class Source:
                 share = THROTTLE_STEPS[self._throttle_step]
                 await trio.to_thread.run_sync(vm.set_throttle, share)
                 self.stats.throttle_percent = round(share * 100)
-                self.log.info("throttling", percent=self.stats.throttle_percent,
-                              predicted_downtime_ms=round(estimate.total_ms, 1))
+                self.log.info(
+                    "throttling", percent=self.stats.throttle_percent, predicted_downtime_ms=round(estimate.total_ms, 1)
+                )
             self.stats.round += 1
             if faults.active("source-stall-rounds"):
                 await trio.sleep(0.2)
@@ -375,15 +396,13 @@ class Source:
             digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
             self.stats.verify_ms = clock.step("digest")
             self.stats.digest = digest.hex()
-        await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest,
-                                verify=self.options.verify))
+        await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest, verify=self.options.verify))
         self.stats.state = self.stats.phase = "cutover"
         loaded = await channel.expect(Loaded)
         clock.step("target_load")
         if digest is not None and loaded.digest != digest:
             raise MigrationFailed(
-                "memory digest mismatch: the target's RAM differs from the source's; aborted, "
-                "the VM resumes here"
+                "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
         # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
         self._record("committed")
@@ -396,7 +415,9 @@ class Source:
         clock.step("commit_to_running")
         self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         self.daemon.downtime_model.learn(
-            self.stats.downtime_ms, steps.get("send", 0.0), steps.get("digest", 0.0),
+            self.stats.downtime_ms,
+            steps.get("send", 0.0),
+            steps.get("digest", 0.0),
             self._data_pages * PAGE_SIZE,
         )
         await self._release("completed")
@@ -406,9 +427,13 @@ class Source:
         self.stats.total_ms = (time.monotonic() - self._started) * 1e3
         self.stats.state = self.stats.phase = how
         self.hosted.state = VmState.MIGRATED
-        self.log.info("migration_completed", downtime_ms=self.stats.downtime_ms,
-                      total_ms=(time.monotonic() - self._started) * 1e3, rounds=self.stats.round,
-                      bytes_sent=self.stats.bytes_sent)
+        self.log.info(
+            "migration_completed",
+            downtime_ms=self.stats.downtime_ms,
+            total_ms=(time.monotonic() - self._started) * 1e3,
+            rounds=self.stats.round,
+            bytes_sent=self.stats.bytes_sent,
+        )
         await self.daemon.release_migrated(self.hosted)
 
     def _record(self, state: str) -> None:
@@ -416,8 +441,13 @@ class Source:
         directory = Path(self.daemon.config.daemon.state_dir) / "migrations"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.stats.migration_id}.json"
-        record = {"vm": self.hosted.name, "migration_id": self.stats.migration_id,
-                  "target": self.stats.peer, "state": state, "at": time.time()}
+        record = {
+            "vm": self.hosted.name,
+            "migration_id": self.stats.migration_id,
+            "target": self.stats.peer,
+            "state": state,
+            "at": time.time(),
+        }
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as file:
             json.dump(record, file)
@@ -502,4 +532,3 @@ def new_migration_id() -> str:
 
 def status_line(stats: MigrationStats) -> dict[str, Any]:
     return stats.as_dict()
-

@@ -57,9 +57,11 @@ class Target:
         self.daemon = daemon
         self.peer = peer
         self._raw = stream
-        self.channel = PeerChannel(stream, make_connection(
-            Role.TARGET, daemon.config.peer, daemon.node, daemon.config.migration.max_batch_bytes),
-            io_timeout_s=daemon.config.peer.connect_timeout_s)
+        self.channel = PeerChannel(
+            stream,
+            make_connection(Role.TARGET, daemon.config.peer, daemon.node, daemon.config.migration.max_batch_bytes),
+            io_timeout_s=daemon.config.peer.connect_timeout_s,
+        )
         self.log = get_logger(component="target", peer=peer)
         self.hosted: HostedVm | None = None
         self.stats: MigrationStats | None = None
@@ -84,9 +86,7 @@ class Target:
             else:
                 raise PeerError(f"expected VmDescription or Query, got {type(first).__name__}")
         except trio.TooSlowError:
-            message = (
-                f"the handshake did not finish within {self.daemon.config.peer.connect_timeout_s} s"
-            )
+            message = f"the handshake did not finish within {self.daemon.config.peer.connect_timeout_s} s"
             self.log.warning("incoming_connection_failed", error=message)
             await self._on_failure(message)
         except (PeerError, OSError) as err:
@@ -139,10 +139,7 @@ class Target:
         layout = [(r.slot, r.guest_phys_addr, r.size) for r in description.memory]
         ram_base = aarch64.RAM_BASE if caps.arch == "aarch64" else 0
         if layout != [(0, ram_base, spec.memory_bytes)]:
-            raise Refused(
-                f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the "
-                "spec's size"
-            )
+            raise Refused(f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the spec's size")
         if spec.name in self.daemon.vms:
             raise Refused(f"a VM named {spec.name!r} already exists on this daemon")
         problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
@@ -158,14 +155,15 @@ class Target:
         started = time.monotonic()
         spec = self._check(description)
         self.stats = stats = MigrationStats(
-            migration_id=description.migration_id, vm=spec.name, role="target", peer=self.peer)
+            migration_id=description.migration_id, vm=spec.name, role="target", peer=self.peer
+        )
         self.log = self.log.bind(vm=spec.name, migration_id=description.migration_id)
         defaults = self.daemon.config.vm
         try:
-            config = vm_config(spec, defaults.dirty_tracking, defaults.ring_bytes,
-                               defaults.harvest_interval_ms)
+            config = vm_config(spec, defaults.dirty_tracking, defaults.ring_bytes, defaults.harvest_interval_ms)
             self.hosted = await trio.to_thread.run_sync(
-                create_incoming, self.daemon.kvm, spec, config, self.daemon.console_log(spec))
+                create_incoming, self.daemon.kvm, spec, config, self.daemon.console_log(spec)
+            )
         except (KvmError, SpecError, ValueError) as err:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
         self.daemon.register_incoming(self.hosted, self)
@@ -184,8 +182,7 @@ class Target:
                 prefaulter.stop()
         await self._await_commit()
 
-    async def _receive(self, stats: MigrationStats, views: dict[int, Any],
-                       prefault: dict[int, Prefaulter]) -> None:
+    async def _receive(self, stats: MigrationStats, views: dict[int, Any], prefault: dict[int, Prefaulter]) -> None:
         blobs: list[tuple[str, bytes]] = []
         stats.state = stats.phase = "receiving"
         while True:

@@ -35,8 +35,12 @@ def cpu_features(kvm: Kvm) -> dict[str, Any]:
         return {"cpu_arch": "aarch64", "state_version": aarch64.STATE_VERSION}
     vendor, signature = x86_state.cpu_identity(kvm.supported_cpuid())
     model = x86_state.CpuModel.from_cpuid(vendor, signature)
-    return {"cpu_vendor": model.vendor, "cpu_family": model.family, "cpu_model": model.model,
-            "state_version": x86_state.STATE_VERSION}
+    return {
+        "cpu_vendor": model.vendor,
+        "cpu_family": model.family,
+        "cpu_model": model.model,
+        "state_version": x86_state.STATE_VERSION,
+    }
 
 
 def incompatibility(features: dict[str, Any], kvm: Kvm) -> str | None:
@@ -72,8 +76,9 @@ def capture(hosted: HostedVm, kvm: Kvm) -> list[tuple[str, bytes]]:
     irqchip, pit = x86_state.detect_devices(vm)
     state = x86_state.save_vm_state(vm, irqchip=irqchip, pit=pit)
     if faults.active("source-zero-xsave"):
-        state = dataclasses.replace(state, vcpus=tuple(
-            dataclasses.replace(v, xsave=bytes(len(v.xsave))) for v in state.vcpus))
+        state = dataclasses.replace(
+            state, vcpus=tuple(dataclasses.replace(v, xsave=bytes(len(v.xsave))) for v in state.vcpus)
+        )
     blobs = [(X86_MACHINE, msgpack.packb(state.to_wire(), use_bin_type=True))]
     if hosted.ports is not None:
         # The vCPUs are parked, and (vcpu.py) finished their last I/O instruction before they

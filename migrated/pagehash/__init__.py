@@ -63,9 +63,7 @@ def zero_page_hashes(npages: int, first_pfn: int) -> npt.NDArray[np.uint64]:
 Extents = list[tuple[int, int]]
 
 
-def ram_digest(
-    regions: list[tuple[int, npt.NDArray[np.uint8]]], extents: list[Extents] | None = None
-) -> RamDigest:
+def ram_digest(regions: list[tuple[int, npt.NDArray[np.uint8]]], extents: list[Extents] | None = None) -> RamDigest:
     """Digest of guest RAM given as (guest-physical address, bytes) regions, in address order.
 
     `extents` (one list per region, page ranges [first, end) that hold data) lets holes of a
@@ -79,10 +77,7 @@ def ram_digest(
         gpa, ram = regions[i]
         first_pfn = gpa // PAGE_SIZE
         npages = ram.size // PAGE_SIZE
-        hashes = (
-            page_hashes(ram, first_pfn) if extents is None
-            else _sparse_hashes(ram, first_pfn, npages, extents[i])
-        )
+        hashes = page_hashes(ram, first_pfn) if extents is None else _sparse_hashes(ram, first_pfn, npages, extents[i])
         combined.update(hashes.tobytes())
         pages += hashes.size
     return RamDigest(combined.digest(), pages)
@@ -94,9 +89,7 @@ _CHUNK_PAGES = 16384
 _THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-def _sparse_hashes(
-    ram: npt.NDArray[np.uint8], first_pfn: int, npages: int, extents: Extents
-) -> npt.NDArray[np.uint64]:
+def _sparse_hashes(ram: npt.NDArray[np.uint8], first_pfn: int, npages: int, extents: Extents) -> npt.NDArray[np.uint64]:
     hashes = np.empty(npages, np.uint64)
     data: list[tuple[int, int]] = []
     cursor = 0

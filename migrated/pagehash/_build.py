@@ -9,9 +9,7 @@ import re
 from cffi import FFI
 
 _HERE = pathlib.Path(__file__).resolve().parent
-_MATCH = re.search(
-    r"/\* cffi-cdef-begin \*/(.*)/\* cffi-cdef-end \*/", (_HERE / "pagehash.h").read_text(), re.S
-)
+_MATCH = re.search(r"/\* cffi-cdef-begin \*/(.*)/\* cffi-cdef-end \*/", (_HERE / "pagehash.h").read_text(), re.S)
 assert _MATCH is not None, "pagehash.h lost its cffi-cdef markers"
 _CDEF = _MATCH.group(1)
 

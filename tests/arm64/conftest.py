@@ -38,9 +38,7 @@ SetMemslot = Callable[..., int]
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if ON_ARM64:
         return
-    skip = pytest.mark.skip(
-        reason=f"arm64 lane only ({platform.machine()} host): run `make test-arm64`"
-    )
+    skip = pytest.mark.skip(reason=f"arm64 lane only ({platform.machine()} host): run `make test-arm64`")
     for item in items:
         if item.get_closest_marker("arm64") is not None:
             item.add_marker(skip)
@@ -50,9 +48,7 @@ _skipped_in_lane: list[str] = []
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, Any, None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report = outcome.get_result()
     if ON_ARM64 and report.skipped and item.get_closest_marker("arm64") is not None:
@@ -138,7 +134,11 @@ def set_memslot() -> SetMemslot:
     from migrated.kvm._libc import ioctl
 
     def set_region(
-        fd: int, slot: int, gpa: int, size: int, address: int,
+        fd: int,
+        slot: int,
+        gpa: int,
+        size: int,
+        address: int,
         flags: int = uapi.KVM_MEM_LOG_DIRTY_PAGES,
     ) -> int:
         region = uapi.kvm_userspace_memory_region(

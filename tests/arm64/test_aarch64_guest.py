@@ -72,28 +72,35 @@ def test_guest_runs_verifies_pages_and_receives_every_lpi(
 ) -> None:
     vm, guest = running_guest
     first = wait_for(
-        guest, vm, "every vCPU started and wrote pages, ITS ready, LPIs received",
-        lambda st: all(s.started and s.heartbeat > 0 and s.pages_written > 0 for s in st)
-        and st[0].its_state == "ready"
-        and st[0].lpis_received >= 5,
+        guest,
+        vm,
+        "every vCPU started and wrote pages, ITS ready, LPIs received",
+        lambda st: (
+            all(s.started and s.heartbeat > 0 and s.pages_written > 0 for s in st)
+            and st[0].its_state == "ready"
+            and st[0].lpis_received >= 5
+        ),
     )
     no_fault(first)
     assert all(s.counter_hz >= 1000 for s in first)
     assert [s.mpidr & 0xFF for s in first] == list(range(len(first)))
     later = wait_for(
-        guest, vm, "heartbeats, pages and LPIs rose",
-        lambda st: all(
-            s.heartbeat > f.heartbeat and s.pages_written > f.pages_written
-            for s, f in zip(st, first)
-        )
-        and st[0].lpis_received > first[0].lpis_received,
+        guest,
+        vm,
+        "heartbeats, pages and LPIs rose",
+        lambda st: (
+            all(s.heartbeat > f.heartbeat and s.pages_written > f.pages_written for s, f in zip(st, first))
+            and st[0].lpis_received > first[0].lpis_received
+        ),
     )
     assert later[0].its_error is None and later[0].its_commands > 2 + ab.WLA_EVENTS
 
     # Stop the INTs: whatever is outstanding arrives, and then received == sent, exactly.
     guest.set_lpi_rate(vm.write_guest, 0)
     quiet = wait_for(
-        guest, vm, "no LPI outstanding",
+        guest,
+        vm,
+        "no LPI outstanding",
         lambda st: st[0].lpi_rate_seen == 0 and st[0].lpi_outstanding == 0,
     )
     assert quiet[0].lpis_received == quiet[0].lpis_expected > 0
@@ -123,9 +130,7 @@ def test_its_table_saves_land_in_the_backup_bitmap_not_in_the_rings(
     wait_for(guest, vm, "LPIs flowing", lambda st: st[0].lpis_received >= 3)
     # Hold the LPIs: the next INT stays pending, so SAVE_PENDING_TABLES has a bit to write.
     guest.hold_lpis(vm.write_guest, True)
-    held = wait_for(
-        guest, vm, "an LPI left pending", lambda st: st[0].lpis_expected > st[0].lpis_received
-    )
+    held = wait_for(guest, vm, "an LPI left pending", lambda st: st[0].lpis_expected > st[0].lpis_received)
     assert held[0].lpi_outstanding != 0
 
     vm.pause()
@@ -168,9 +173,7 @@ def test_its_table_saves_land_in_the_backup_bitmap_not_in_the_rings(
     vm.resume()
     guest.set_lpi_rate(vm.write_guest, 0)
     guest.hold_lpis(vm.write_guest, False)
-    quiet = wait_for(
-        guest, vm, "held LPIs received", lambda st: st[0].lpi_outstanding == 0
-    )
+    quiet = wait_for(guest, vm, "held LPIs received", lambda st: st[0].lpi_outstanding == 0)
     assert quiet[0].lpis_received == quiet[0].lpis_expected
     assert quiet[0].lpis_unexpected == 0
     no_fault(quiet)
@@ -189,8 +192,7 @@ def test_guest_moves_to_a_fresh_vm_with_its_pending_lpis(vcpus: int) -> None:
         source.start()
         wait_for(guest, source, "LPIs flowing", lambda st: st[0].lpis_received >= 3)
         guest.hold_lpis(source.write_guest, True)
-        wait_for(guest, source, "an LPI left pending",
-                 lambda st: st[0].lpis_expected > st[0].lpis_received)
+        wait_for(guest, source, "an LPI left pending", lambda st: st[0].lpis_expected > st[0].lpis_received)
 
         source.pause()  # R6.1
         assert source.tracker is not None
@@ -205,21 +207,25 @@ def test_guest_moves_to_a_fresh_vm_with_its_pending_lpis(vcpus: int) -> None:
         arm.restore_vm_state(target, state)
         target.start()
         after = wait_for(
-            guest, target, "heartbeats and pages go on in the target",
-            lambda st: all(
-                s.heartbeat > b.heartbeat and s.pages_written > b.pages_written
-                for s, b in zip(st, before)
-            ),
+            guest,
+            target,
+            "heartbeats and pages go on in the target",
+            lambda st: all(s.heartbeat > b.heartbeat and s.pages_written > b.pages_written for s, b in zip(st, before)),
         )
         no_fault(after)
         # Released: the LPIs pending since the source arrive, and INT commands issued in the
         # target (through its restored command queue) arrive after them.
         guest.hold_lpis(target.write_guest, False)
-        wait_for(guest, target, "LPIs of INTs sent in the target",
-                 lambda st: st[0].lpis_received > before[0].lpis_expected + 3)
+        wait_for(
+            guest,
+            target,
+            "LPIs of INTs sent in the target",
+            lambda st: st[0].lpis_received > before[0].lpis_expected + 3,
+        )
         guest.set_lpi_rate(target.write_guest, 0)
-        quiet = wait_for(guest, target, "no LPI outstanding",
-                         lambda st: st[0].lpi_rate_seen == 0 and st[0].lpi_outstanding == 0)
+        quiet = wait_for(
+            guest, target, "no LPI outstanding", lambda st: st[0].lpi_rate_seen == 0 and st[0].lpi_outstanding == 0
+        )
         assert quiet[0].lpis_received == quiet[0].lpis_expected
         assert (quiet[0].its_state, quiet[0].its_error, quiet[0].lpis_unexpected) == ("ready", None, 0)
         target.pause()

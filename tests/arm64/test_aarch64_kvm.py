@@ -54,8 +54,7 @@ LPI = 8192
 DEVICE_ID = 1
 EVENT_ID = 0
 TABLE_PAGES = frozenset(
-    (gpa - RAM) >> PAGE_SHIFT
-    for gpa in (DEVICE_TABLE, COLLECTION_TABLE, ITT, PEND_TABLES + LPI // 8)
+    (gpa - RAM) >> PAGE_SHIFT for gpa in (DEVICE_TABLE, COLLECTION_TABLE, ITT, PEND_TABLES + LPI // 8)
 )
 
 GITS_BASER_VALID = 1 << 63
@@ -147,11 +146,7 @@ class Recorder:
         return recording
 
     def index(self, request: int, detail: Any = None, last: bool = False) -> int:
-        hits = [
-            i
-            for i, (r, d) in enumerate(self.calls)
-            if r == request and (detail is None or d == detail)
-        ]
+        hits = [i for i, (r, d) in enumerate(self.calls) if r == request and (detail is None or d == detail)]
         assert hits, f"ioctl {request:#x} ({detail}) was not sent"
         return hits[-1] if last else hits[0]
 
@@ -206,9 +201,7 @@ def program_its(vm: Vm) -> None:
         redist_set(vm, n, aarch64.GICR_PENDBASER, PEND_TABLES + n * 0x1_0000, bits=64)
         redist_set(vm, n, aarch64.GICR_CTLR, GICR_CTLR_ENABLE_LPIS)
     its_set(vm, aarch64.GITS_BASER[0], GITS_BASER_VALID | GITS_BASER_PAGE_SIZE_64K | DEVICE_TABLE)
-    its_set(
-        vm, aarch64.GITS_BASER[1], GITS_BASER_VALID | GITS_BASER_PAGE_SIZE_64K | COLLECTION_TABLE
-    )
+    its_set(vm, aarch64.GITS_BASER[1], GITS_BASER_VALID | GITS_BASER_PAGE_SIZE_64K | COLLECTION_TABLE)
     its_set(vm, aarch64.GITS_CBASER, GITS_CBASER_VALID | COMMAND_QUEUE)  # Size 0: one 4 KiB page
     its_set(vm, aarch64.GITS_CTLR, 1)
     commands = b"".join(
@@ -251,9 +244,7 @@ def clear_tables(vm: Vm) -> None:
 # --------------------------------------------------------------------------------------------
 # Creation order (R1, R2) and the refusals
 # --------------------------------------------------------------------------------------------
-def test_create_orders_ring_bitmap_memslot_vcpus_init_and_gic(
-    kvm: Kvm, made: list[Vm], recorder: Recorder
-) -> None:
+def test_create_orders_ring_bitmap_memslot_vcpus_init_and_gic(kvm: Kvm, made: list[Vm], recorder: Recorder) -> None:
     vm = create_vm(kvm, made, vcpus=2)
     assert vm.dirty_tracking == "ring" and vm.ring_acq_rel and vm.with_bitmap
     ring = recorder.index(uapi.KVM_ENABLE_CAP, uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
@@ -281,9 +272,7 @@ def test_create_orders_ring_bitmap_memslot_vcpus_init_and_gic(
     assert vm.memory is not None and vm.memory.regions[0].guest_phys_addr == aarch64.RAM_BASE
 
 
-def test_with_bitmap_after_memslot_is_refused_before_the_kernel_sees_it(
-    kvm: Kvm, recorder: Recorder
-) -> None:
+def test_with_bitmap_after_memslot_is_refused_before_the_kernel_sees_it(kvm: Kvm, recorder: Recorder) -> None:
     vm = Vm(kvm, kvm.caps())
     try:
         vm.enable_dirty_ring(RING_BYTES)
@@ -426,9 +415,7 @@ def test_guest_loop_runs_from_ram_and_its_writes_reach_the_ring(kvm: Kvm, made: 
 # --------------------------------------------------------------------------------------------
 # The ITS tables (R6.3)
 # --------------------------------------------------------------------------------------------
-def test_table_saves_answer_ebusy_while_a_vcpu_runs_and_succeed_when_parked(
-    kvm: Kvm, made: list[Vm]
-) -> None:
+def test_table_saves_answer_ebusy_while_a_vcpu_runs_and_succeed_when_parked(kvm: Kvm, made: list[Vm]) -> None:
     vm = create_vm(kvm, made, vcpus=2)
     program_its(vm)
     load_loop(vm)
@@ -447,9 +434,7 @@ def test_table_saves_answer_ebusy_while_a_vcpu_runs_and_succeed_when_parked(
     aarch64.save_its_tables(vm)  # both return 0 with every vCPU parked
 
 
-def test_table_saves_write_guest_ram_seen_only_by_the_backup_bitmap(
-    kvm: Kvm, made: list[Vm]
-) -> None:
+def test_table_saves_write_guest_ram_seen_only_by_the_backup_bitmap(kvm: Kvm, made: list[Vm]) -> None:
     """The seed's scenario: ITS_SAVE_TABLES writes guest RAM without a running vCPU; the rings
     never see it, KVM_GET_DIRTY_LOG (the backup bitmap, R6.4) does."""
     vm = create_vm(kvm, made)
@@ -479,9 +464,7 @@ def test_table_saves_write_guest_ram_seen_only_by_the_backup_bitmap(
 SPI = 40  # an SPI whose input line the source's "device" holds high
 
 
-def saved_source(
-    kvm: Kvm, made: list[Vm], second_runs: bool = False
-) -> tuple[Vm, aarch64.VmState, int]:
+def saved_source(kvm: Kvm, made: list[Vm], second_runs: bool = False) -> tuple[Vm, aarch64.VmState, int]:
     """A two-vCPU VM that ran, with the ITS in use and an SPI line high, paused and saved as the
     downtime does (R6). vCPU 1 stays powered off, or runs the loop too (`second_runs`)."""
     vm = create_vm(kvm, made, vcpus=2)
@@ -523,9 +506,7 @@ def test_state_round_trip_into_a_fresh_vm(kvm: Kvm, made: list[Vm], second_runs:
     source, state, count = saved_source(kvm, made, second_runs)
     assert state.has_its and len(state.vcpus) == 2
     assert state.vcpus[0].reg("PC") is not None and state.vcpus[0].reg("X1") is not None
-    assert state.vcpus[1].mp_state == (
-        uapi.KVM_MP_STATE_RUNNABLE if second_runs else uapi.KVM_MP_STATE_STOPPED
-    )
+    assert state.vcpus[1].mp_state == (uapi.KVM_MP_STATE_RUNNABLE if second_runs else uapi.KVM_MP_STATE_STOPPED)
     assert dict(state.line_levels)[SPI - SPI % 32] == 1 << SPI % 32
     target = create_vm(kvm, made, vcpus=2)
     copy_memory(source, target)  # R9: memory first
@@ -549,9 +530,7 @@ def test_state_round_trip_into_a_fresh_vm(kvm: Kvm, made: list[Vm], second_runs:
         assert counter(target, 1) == 0  # still powered off
 
 
-def test_restore_follows_the_its_restore_sequence(
-    kvm: Kvm, made: list[Vm], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_restore_follows_the_its_restore_sequence(kvm: Kvm, made: list[Vm], monkeypatch: pytest.MonkeyPatch) -> None:
     """arm-vgic-its.rst: memory and vCPUs, redistributors, ITS base address, GITS_CBASER, the
     other GITS_ registers (GITS_IIDR, GITS_CREADR after GITS_CBASER), RESTORE_TABLES,
     GITS_CTLR. The target's ITS is created without its base address, which the restore
@@ -585,12 +564,8 @@ def test_restore_follows_the_its_restore_sequence(
 
     G = uapi  # noqa: N806 - short alias for the group names
     last_one_reg = rec.index(uapi.KVM_SET_ONE_REG, last=True)
-    dist, dist_end = first(G.KVM_DEV_ARM_VGIC_GRP_DIST_REGS), first(
-        G.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, last=True
-    )
-    redist, redist_end = first(G.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS), first(
-        G.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, last=True
-    )
+    dist, dist_end = first(G.KVM_DEV_ARM_VGIC_GRP_DIST_REGS), first(G.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, last=True)
+    redist, redist_end = first(G.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS), first(G.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, last=True)
     icc = first(G.KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS)
     its_addr = first(G.KVM_DEV_ARM_VGIC_GRP_ADDR, G.KVM_VGIC_ITS_ADDR_TYPE)
     its_regs = G.KVM_DEV_ARM_VGIC_GRP_ITS_REGS
@@ -637,9 +612,7 @@ def test_save_refuses_running_vcpus(kvm: Kvm, made: list[Vm]) -> None:
 def wire(kvm: Kvm, made: list[Vm]) -> dict[str, Any]:
     vm = create_vm(kvm, made, vcpus=2)
     state = aarch64.save_vm_state(vm)
-    unpacked: dict[str, Any] = msgpack.unpackb(
-        msgpack.packb(state.to_wire(), use_bin_type=True), raw=False
-    )
+    unpacked: dict[str, Any] = msgpack.unpackb(msgpack.packb(state.to_wire(), use_bin_type=True), raw=False)
     return unpacked
 
 

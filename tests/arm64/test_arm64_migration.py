@@ -38,8 +38,7 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
         config = tmp_path / f"{name}.toml"
         # The emulated machine is slow: generous link timeouts, no tight downtime limit.
         config.write_text("[peer]\nconnect_timeout_s = 60\n[migration]\ndowntime_limit_ms = 5000\n")
-        daemon = DaemonProcess(name, tmp_path, key, extra_args=("--config", str(config)),
-                               faults=faults)
+        daemon = DaemonProcess(name, tmp_path, key, extra_args=("--config", str(config)), faults=faults)
         started.append(daemon)
         return daemon.start(timeout=120)
 
@@ -56,8 +55,9 @@ def guest(daemon: DaemonProcess, name: str = "vm1") -> dict[str, Any]:
 
 def lpis_arrive(daemon: DaemonProcess, timeout: float = 60.0) -> None:
     before = guest(daemon)["lpis_received"]
-    wait_for(lambda: guest(daemon)["lpis_received"] > before + 3, timeout=timeout,
-             what=f"LPIs to arrive on {daemon.name}")
+    wait_for(
+        lambda: guest(daemon)["lpis_received"] > before + 3, timeout=timeout, what=f"LPIs to arrive on {daemon.name}"
+    )
 
 
 def its_tables(path: Path, layout: Any) -> dict[str, bytes]:
@@ -122,7 +122,6 @@ def test_without_the_its_save_the_target_loses_the_interrupts(daemons: Callable[
         return  # refused outright: detected as well
     received = guest(b)["lpis_received"]
     heartbeat = guest(b)["heartbeat_generation"]
-    wait_for(lambda: guest(b)["heartbeat_generation"] > heartbeat + 50, timeout=60,
-             what="the guest to run on b")
+    wait_for(lambda: guest(b)["heartbeat_generation"] > heartbeat + 50, timeout=60, what="the guest to run on b")
     time.sleep(3)
     assert guest(b)["lpis_received"] == received, "LPIs arrived although the ITS tables never did"

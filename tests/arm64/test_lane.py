@@ -48,9 +48,7 @@ def test_only_the_acq_rel_ring_is_offered(kvm: Kvm) -> None:
     assert kvm.check_extension(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL) == MIB
 
 
-def test_with_bitmap_after_the_ring_on_a_fresh_vm(
-    vm_fd: int, enable_cap: Callable[..., int]
-) -> None:
+def test_with_bitmap_after_the_ring_on_a_fresh_vm(vm_fd: int, enable_cap: Callable[..., int]) -> None:
     assert enable_cap(vm_fd, uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, RING_BYTES) == 0
     assert enable_cap(vm_fd, uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP) == 0
 

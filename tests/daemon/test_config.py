@@ -226,13 +226,25 @@ INVALID = [
     ("migration", "max_bandwidth_mib_s = -1", "migration.max_bandwidth_mib_s", "from 0 to"),
     ("migration", "max_rounds = 0", "migration.max_rounds", "an integer from 1 to 10000"),
     ("migration", "timeout_s = 0", "migration.timeout_s", "a number from 1 to 86400"),
-    ("migration", 'on_no_convergence = "slow"', "migration.on_no_convergence",
-     '"abort" | "force-downtime" | "throttle"'),
+    (
+        "migration",
+        'on_no_convergence = "slow"',
+        "migration.on_no_convergence",
+        '"abort" | "force-downtime" | "throttle"',
+    ),
     ("migration", 'verify = "partial"', "migration.verify", '"full" | "off"'),
-    ("migration", "max_batch_bytes = 1048575", "migration.max_batch_bytes",
-     "from 1048576 (1 MiB) to 67108864 (64 MiB)"),
-    ("migration", "max_batch_bytes = 67108865", "migration.max_batch_bytes",
-     "from 1048576 (1 MiB) to 67108864 (64 MiB)"),
+    (
+        "migration",
+        "max_batch_bytes = 1048575",
+        "migration.max_batch_bytes",
+        "from 1048576 (1 MiB) to 67108864 (64 MiB)",
+    ),
+    (
+        "migration",
+        "max_batch_bytes = 67108865",
+        "migration.max_batch_bytes",
+        "from 1048576 (1 MiB) to 67108864 (64 MiB)",
+    ),
 ]
 
 
@@ -245,7 +257,7 @@ def test_invalid_value_names_file_key_and_allowed(
     assert err.source == str(path)
     assert err.key == dotted
     assert str(err).startswith(f"{path}: {dotted}: ")
-    assert f"(allowed: " in str(err)
+    assert "(allowed: " in str(err)
     assert allowed in str(err)
 
 
@@ -265,9 +277,7 @@ def _error_without_override(path: Path) -> ConfigError:
         ("node-2.example.org:7891", "node-2.example.org", 7891, "node-2.example.org:7891"),
     ],
 )
-def test_valid_listen_addresses(
-    write: Write, key: Path, listen: str, host: str, port: int, text: str
-) -> None:
+def test_valid_listen_addresses(write: Write, key: Path, listen: str, host: str, port: int, text: str) -> None:
     config = load(write(f'[peer]\nlisten = "{listen}"\n'), key)
     assert config.peer.listen == HostPort(host, port)
     assert str(config.peer.listen) == text
@@ -387,18 +397,14 @@ def test_auth_none_needs_the_explicit_consent(write: Write, key: Path) -> None:
     assert err.key == "peer.auth"
     assert str(err).startswith(f'{path}: peer.auth: "none" lets anyone who reaches peer.listen')
     assert "set peer.allow_unauthenticated = true" in str(err)
-    assert str(err).endswith(
-        '(allowed: "psk" | "tls", or "none" together with allow_unauthenticated = true)'
-    )
+    assert str(err).endswith('(allowed: "psk" | "tls", or "none" together with allow_unauthenticated = true)')
 
     config = load_config(write('[peer]\nauth = "none"\nallow_unauthenticated = true\n'), {})
     assert (config.peer.auth, config.peer.psk) == ("none", None)
 
 
 def test_key_file_is_not_read_unless_auth_is_psk(write: Write, tmp_path: Path) -> None:
-    path = write(
-        f'[peer]\nauth = "none"\nallow_unauthenticated = true\nkey_file = "{tmp_path}/absent"\n'
-    )
+    path = write(f'[peer]\nauth = "none"\nallow_unauthenticated = true\nkey_file = "{tmp_path}/absent"\n')
     assert load_config(path, {}).peer.psk is None
 
 
@@ -450,9 +456,7 @@ def test_tls_key_readable_by_everyone_is_refused(write: Write, tls_files: dict[s
     load_config(write(tls_config(tls_files)), {})
 
 
-def test_tls_key_that_does_not_match_the_certificate(
-    write: Write, tls_files: dict[str, Path]
-) -> None:
+def test_tls_key_that_does_not_match_the_certificate(write: Write, tls_files: dict[str, Path]) -> None:
     tls_files["tls_key"].write_text(OTHER_KEY)
     err = _error_without_override(write(tls_config(tls_files)))
     assert err.key == "peer.tls_cert"
@@ -502,9 +506,7 @@ def test_relative_override_paths_are_taken_from_the_working_directory(
     tmp_path: Path, key: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    config = load_config(
-        None, {"state_dir": "state", "control_socket": "c.sock", "peer_key_file": key.name}
-    )
+    config = load_config(None, {"state_dir": "state", "control_socket": "c.sock", "peer_key_file": key.name})
     assert config.daemon.state_dir == tmp_path / "state"
     assert config.daemon.control_socket == tmp_path / "c.sock"
     assert config.peer.key_file == key
@@ -544,8 +546,7 @@ def test_reloadable_diff(write: Write, key: Path, tmp_path: Path) -> None:
         key,
     )
     assert old.reloadable_diff(new) == [
-        f'daemon.control_socket: "/run/migrated/control.sock" -> "{tmp_path}/c.sock" '
-        "(needs a restart)",
+        f'daemon.control_socket: "/run/migrated/control.sock" -> "{tmp_path}/c.sock" (needs a restart)',
         f'daemon.state_dir: "/var/lib/migrated" -> "{tmp_path}/s" (needs a restart)',
         'daemon.log_format: "auto" -> "json" (applied on reload)',
         'daemon.log_level: "info" -> "debug" (applied on reload)',
@@ -569,9 +570,7 @@ def test_apply_reload_keeps_what_needs_a_restart(write: Write, key: Path) -> Non
     assert applied.daemon.log_level == "debug"
     assert applied.peer.listen == old.peer.listen
     assert applied.source == new.source
-    assert old.reloadable_diff(applied) == [
-        'daemon.log_level: "info" -> "debug" (applied on reload)'
-    ]
+    assert old.reloadable_diff(applied) == ['daemon.log_level: "info" -> "debug" (applied on reload)']
 
 
 def test_rotated_key_contents_show_without_the_key(tmp_path: Path, key: Path) -> None:

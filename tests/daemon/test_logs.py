@@ -8,7 +8,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import Any
 
 import pytest
@@ -39,19 +39,24 @@ def test_json_lines_carry_event_level_timestamp_and_bound_fields() -> None:
     stream = io.StringIO()
     configure_logging("json", "info", stream=stream)
     log = get_logger(vm="web-1", migration_id="m-42")
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     log.info("migration_started", peer="10.0.0.2:7890", round=1)
     log.warning("round_slow", round=2, dirty_rate_pages_s=12345.5)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
 
     first, second = json_lines(stream)
     assert first["event"] == "migration_started"
     assert first["level"] == "info"
     assert (first["vm"], first["migration_id"], first["peer"], first["round"]) == (
-        "web-1", "m-42", "10.0.0.2:7890", 1,
+        "web-1",
+        "m-42",
+        "10.0.0.2:7890",
+        1,
     )
     assert (second["event"], second["level"], second["dirty_rate_pages_s"]) == (
-        "round_slow", "warning", 12345.5,
+        "round_slow",
+        "warning",
+        12345.5,
     )
     for line in (first, second):
         # ISO 8601 in UTC, with the Z suffix.
@@ -111,7 +116,7 @@ def test_exception_is_one_line_with_the_traceback() -> None:
     stream = io.StringIO()
     configure_logging("json", "info", stream=stream)
     try:
-        1 / 0
+        _ = 1 / 0
     except ZeroDivisionError:
         get_logger(vm="v").exception("vcpu_thread_failed")
     (line,) = json_lines(stream)

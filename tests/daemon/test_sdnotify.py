@@ -161,9 +161,7 @@ def test_unsupported_address_is_reported() -> None:
     assert "vsock:2:1234" in str(errors[0])
 
 
-def test_a_stuck_systemd_does_not_block_for_long(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_stuck_systemd_does_not_block_for_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import migrated.sdnotify as sdnotify
 
     monkeypatch.setattr(sdnotify, "SEND_TIMEOUT_S", 0.1)

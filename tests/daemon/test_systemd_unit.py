@@ -40,12 +40,13 @@ def verify(text: str, directory: Path) -> list[str]:
     env = {**os.environ, "SYSTEMD_LOG_LEVEL": "info", "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""}
     result = subprocess.run(
         [systemd_analyze(), "verify", "--man=no", "--recursive-errors=no", str(unit)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     # Most complaints (unknown keys, unparsable values) leave the exit status at 0: read them.
-    complaints = [
-        line for line in (result.stdout + result.stderr).splitlines() if "migrated.service" in line
-    ]
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if "migrated.service" in line]
     if result.returncode != 0:
         complaints.append(f"exit status {result.returncode}: {result.stderr.strip()}")
     return complaints
@@ -116,9 +117,16 @@ def test_hardening_keeps_kvm_reachable() -> None:
     assert "PrivateDevices" not in s  # it would hide /dev/kvm
     assert s["CapabilityBoundingSet"] == [""]
     for key in (
-        "NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelTunables",
-        "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "RestrictNamespaces",
-        "LockPersonality", "MemoryDenyWriteExecute",
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "RestrictNamespaces",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
     ):
         assert s[key] == ["yes"], key
     assert s["ProtectSystem"] == ["strict"]

@@ -104,9 +104,7 @@ def test_image_carries_the_identity_map(built: tuple[Path, Path]) -> None:
     assert ab.RAM_BASE == gib and ab.RAM_BASE + ab.MAX_MEMORY == 512 * gib
 
 
-def test_missing_cross_compiler_is_named(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_missing_cross_compiler_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     expected = r"aarch64-linux-gnu-gcc not found.*apt-get install gcc-aarch64-linux-gnu"
     with pytest.raises(build.GuestBuildError, match=expected):
@@ -140,8 +138,7 @@ def test_python_m_build_builds_both_images(
 def test_abi_header_and_python_agree() -> None:
     header = (SOURCES / "abi_aarch64.h").read_text()
     in_c = {
-        name: int(value, 0)
-        for name, value in re.findall(r"^#define (WLA_\w+) (0x[0-9a-fA-F]+|\d+)\b", header, re.M)
+        name: int(value, 0) for name, value in re.findall(r"^#define (WLA_\w+) (0x[0-9a-fA-F]+|\d+)\b", header, re.M)
     }
     assert in_c == ab.constants()
 
@@ -177,7 +174,10 @@ def test_linker_script_matches_layout() -> None:
 
 def test_gic_and_ram_are_where_the_vm_layer_puts_them() -> None:
     assert (ab.RAM_BASE, ab.GICD_BASE, ab.GICR_BASE, ab.ITS_BASE) == (
-        arm.RAM_BASE, arm.GICD_BASE, arm.GICR_BASE, arm.ITS_BASE,
+        arm.RAM_BASE,
+        arm.GICD_BASE,
+        arm.GICR_BASE,
+        arm.ITS_BASE,
     )
 
 
@@ -213,13 +213,18 @@ def test_layout_regions_are_disjoint_and_aligned(memory: int, vcpus: int, ws: in
     lay = plan_layout_aarch64(memory, vcpus, ws)
     regions = sorted(
         [
-            (lay.code, lay.code_max), (lay.params, 4096), (lay.status, ab.MAX_VCPUS * 4096),
+            (lay.code, lay.code_max),
+            (lay.params, 4096),
+            (lay.status, ab.MAX_VCPUS * 4096),
             (lay.stacks, ab.MAX_VCPUS * lay.stack_size),
             (lay.its_device_table, ab.ITS_TABLE_BYTES),
             (lay.its_collection_table, ab.ITS_TABLE_BYTES),
-            (lay.its_cmdq, ab.ITS_CMDQ_BYTES), (lay.its_itt, ab.ITS_ITT_BYTES),
-            (lay.lpi_prop, ab.LPI_PROP_BYTES), (lay.lpi_pend, 0x10000),
-            (lay.gen, lay.gen_bytes), (lay.ws_base, lay.ws_bytes),
+            (lay.its_cmdq, ab.ITS_CMDQ_BYTES),
+            (lay.its_itt, ab.ITS_ITT_BYTES),
+            (lay.lpi_prop, ab.LPI_PROP_BYTES),
+            (lay.lpi_pend, 0x10000),
+            (lay.gen, lay.gen_bytes),
+            (lay.ws_base, lay.ws_bytes),
         ]
     )
     for (a, size), (b, _) in zip(regions, regions[1:]):
@@ -234,7 +239,10 @@ def test_layout_regions_are_disjoint_and_aligned(memory: int, vcpus: int, ws: in
     shares = [lay.share(v) for v in range(vcpus)]
     assert shares[0][0] == 0 and sum(c for _, c in shares) == lay.ws_pages
     assert set(lay.kvm_written_tables()) == {
-        "its device table", "its collection table", "itt", "lpi pending table",
+        "its device table",
+        "its collection table",
+        "itt",
+        "lpi pending table",
     }
 
 
@@ -265,9 +273,7 @@ def test_install_writes_only_through_write_and_returns_entries(built_image: Path
     fake = FakeRam(16 * MIB)
     params = WorkloadParams(vcpus=2, working_set_bytes=8 * MIB, dirty_rate_mib_s=10, seed=7)
     entries = install(fake.write, lay, params, ItsSettings(device_id=5, lpi_rate_hz=250))
-    assert [(e.pc, e.x0, e.x1, e.pstate) for e in entries] == [
-        (ab.CODE_GPA, v, lay.params, 0x3C5) for v in range(2)
-    ]
+    assert [(e.pc, e.x0, e.x1, e.pstate) for e in entries] == [(ab.CODE_GPA, v, lay.params, 0x3C5) for v in range(2)]
     written = np.zeros(fake.ram.size, bool)
     for gpa, size in fake.writes:
         written[gpa - ab.RAM_BASE : gpa - ab.RAM_BASE + size] = True
@@ -281,7 +287,9 @@ def test_install_writes_only_through_write_and_returns_entries(built_image: Path
     assert int(p[abi.WL_P_WS_BASE]) == lay.ws_base and int(p[abi.WL_P_GEN_BASE]) == lay.gen
     assert int(p[ab.WLA_P_VERSION]) == ab.WLA_VERSION and int(p[ab.WLA_P_FEATURES]) == ab.WLA_F_ITS
     assert [int(p[w]) for w in (ab.WLA_P_GICD_BASE, ab.WLA_P_GICR_BASE, ab.WLA_P_ITS_BASE)] == [
-        arm.GICD_BASE, arm.GICR_BASE, arm.ITS_BASE,
+        arm.GICD_BASE,
+        arm.GICR_BASE,
+        arm.ITS_BASE,
     ]
     assert int(p[ab.WLA_P_ITS_DEVICE_TABLE]) == lay.its_device_table
     assert int(p[ab.WLA_P_ITS_COLL_TABLE]) == lay.its_collection_table
@@ -466,25 +474,56 @@ def test_boots_under_qemu_tcg_with_its_and_lpis(built: tuple[Path, Path], tmp_pa
     assert image.stat().st_size <= stub - ab.CODE_GPA
     (tmp_path / "smoke.S").write_text(
         SMOKE_S.format(
-            image=image, stub_offset=stub - ab.CODE_GPA, stub=stub, params=lay.params,
-            entry=lay.entry, params_offset=lay.params - ab.CODE_GPA,
-            params_file=tmp_path / "params.bin", end_offset=lay.ws_end - ab.CODE_GPA,
+            image=image,
+            stub_offset=stub - ab.CODE_GPA,
+            stub=stub,
+            params=lay.params,
+            entry=lay.entry,
+            params_offset=lay.params - ab.CODE_GPA,
+            params_file=tmp_path / "params.bin",
+            end_offset=lay.ws_end - ab.CODE_GPA,
         )
     )
     gcc = build._cross_tool("gcc")
     subprocess.run([gcc, "-c", str(tmp_path / "smoke.S"), "-o", str(tmp_path / "smoke.o")], check=True)
     subprocess.run(
-        [gcc, "-nostdlib", "-static", "-no-pie", f"-Wl,-Ttext={ab.CODE_GPA:#x}", "-Wl,-e,stub",
-         str(tmp_path / "smoke.o"), "-o", str(tmp_path / "smoke.elf")],
+        [
+            gcc,
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            f"-Wl,-Ttext={ab.CODE_GPA:#x}",
+            "-Wl,-e,stub",
+            str(tmp_path / "smoke.o"),
+            "-o",
+            str(tmp_path / "smoke.elf"),
+        ],
         check=True,
     )
     qmp_path = tmp_path / "qmp.sock"
     log = (tmp_path / "qemu.log").open("wb")  # QEMU's complaints, if it has any
     qemu = subprocess.Popen(
-        [QEMU, "-M", "virt,gic-version=3,its=on", "-cpu", "max", "-smp", str(vcpus),
-         "-m", str(memory >> 20), "-nographic", "-nodefaults", "-no-shutdown",
-         "-kernel", str(tmp_path / "smoke.elf"), "-qmp", f"unix:{qmp_path},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        [
+            QEMU,
+            "-M",
+            "virt,gic-version=3,its=on",
+            "-cpu",
+            "max",
+            "-smp",
+            str(vcpus),
+            "-m",
+            str(memory >> 20),
+            "-nographic",
+            "-nodefaults",
+            "-no-shutdown",
+            "-kernel",
+            str(tmp_path / "smoke.elf"),
+            "-qmp",
+            f"unix:{qmp_path},server=on,wait=off",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     guest = Arm64WorkloadGuest(lay)
     dump = tmp_path / "ram.bin"

@@ -126,9 +126,7 @@ def new_machine(kvm: Kvm, config: VmConfig) -> Machine:
 
 
 @contextmanager
-def booted(
-    kvm: Kvm, image: bytes, config: VmConfig | None = None, **load: int | str
-) -> Iterator[Machine]:
+def booted(kvm: Kvm, image: bytes, config: VmConfig | None = None, **load: int | str) -> Iterator[Machine]:
     machine = new_machine(kvm, config or VmConfig(memory_bytes=MEMORY, vcpus=1))
     try:
         assert load_raw(machine.vm, image, **load) == []  # type: ignore[arg-type]
@@ -178,7 +176,12 @@ def test_boot_sector_prints_switches_mode_and_stamps_memory(kvm: Kvm, sector: by
         # What the sector did to the devices: programmed COM1 and opened A20.
         uart = m.ports.uart
         assert (uart.lcr, uart.dll, uart.dlm, uart.mcr, uart.fcr, uart.ier) == (
-            0x03, 0x01, 0x00, 0x0B, 0xC1, 0x00,
+            0x03,
+            0x01,
+            0x00,
+            0x0B,
+            0xC1,
+            0x00,
         )
         assert m.ports.a20.value == 0x02 and m.ports.a20.reset_requests == 0
         assert m.ports.open_bus.stats()["accesses"] == {}  # it touched no other port
@@ -190,7 +193,7 @@ def test_boot_sector_prints_switches_mode_and_stamps_memory(kvm: Kvm, sector: by
 def test_real_mode_entry_state(kvm: Kvm) -> None:
     """What a boot sector finds: CS:IP 0:7c00, SS:SP 0:7c00, DL 0x80, real mode."""
     # mov %dl,%al; out %al,$0xe9 (DL to the floating debug port); mov %sp,%ax; ... jmp .
-    code = bytes.fromhex("88d0" "e6e9" "89e0" "e6e9" "88e0" "e6e9" "ebfe")
+    code = bytes.fromhex("88d0e6e989e0e6e988e0e6e9ebfe")
     image = code + bytes(510 - len(code)) + b"\x55\xaa"
     with booted(kvm, image) as m:
         m.wait_for("three writes to 0xe9", lambda: m.ports.open_bus.writes[0xE9] == 3)
@@ -205,7 +208,7 @@ def test_real_mode_entry_state(kvm: Kvm) -> None:
 @pytest.mark.kvm
 def test_flat_binary_above_64k_starts_in_real_mode(kvm: Kvm) -> None:
     # mov $0x3f8,%dx; mov $'R',%al; out %al,(%dx); mov %cs,%ax; mov %ah,%al; out %al,(%dx); jmp .
-    code = bytes.fromhex("baf803" "b052" "ee" "8cc8" "88e0" "ee" "ebfe")
+    code = bytes.fromhex("baf803b052ee8cc888e0eeebfe")
     with booted(kvm, code, load_addr=0x12340) as m:
         m.wait_for("two bytes", lambda: len(m.output) == 2)
         assert m.output == b"R\x12"  # CS = 0x1234
@@ -217,9 +220,12 @@ def test_flat_binary_above_64k_starts_in_real_mode(kvm: Kvm) -> None:
 def test_long_mode_entry(kvm: Kvm) -> None:
     load, slot = 0x200000, 0x200100  # the stack pointer goes to `slot`, past the code
     code = bytes.fromhex(
-        "66baf803" "b04c" "ee"  # mov $0x3f8,%dx; mov $'L',%al; out %al,(%dx)
-        "48b8" + slot.to_bytes(8, "little").hex() +  # movabs $slot,%rax
-        "488920"  # mov %rsp,(%rax)
+        "66baf803"
+        "b04c"
+        "ee"  # mov $0x3f8,%dx; mov $'L',%al; out %al,(%dx)
+        "48b8"
+        + slot.to_bytes(8, "little").hex()  # movabs $slot,%rax
+        + "488920"  # mov %rsp,(%rax)
         "ebfe"  # jmp .
     )
     with booted(kvm, code, load_addr=load, entry="long") as m:
@@ -276,7 +282,9 @@ def test_state_round_trip_while_running(kvm: Kvm, sector: bytes, region: int, ho
             machine.vm.close()
             machine = target
             assert machine.output.startswith(printed)  # the console's history came along
-            machine.wait_for("progress on the new VM", lambda: machine.passes() > before + 1)
+            machine.wait_for(
+                "progress on the new VM", lambda machine=machine, before=before: machine.passes() > before + 1
+            )
         done = machine.passes()
         machine.wait_for("another 'pass' line", lambda: max(pass_numbers(machine.output)) > done)
         machine.pause()
@@ -411,7 +419,10 @@ def test_a_full_ring_under_emulation_is_detected_not_spun_on(kvm: Kvm, sector: b
     ring as documented must instead lose nothing."""
     image = bsbuild.configure(sector, BootSectorParams(bytes=4 * MIB))
     config = VmConfig(
-        memory_bytes=MEMORY, vcpus=1, dirty_tracking="ring", ring_bytes=64 << 10,
+        memory_bytes=MEMORY,
+        vcpus=1,
+        dirty_tracking="ring",
+        ring_bytes=64 << 10,
         harvest_interval_s=1.0,
     )
     with booted(kvm, image, config) as m:
@@ -448,7 +459,10 @@ def test_check_raw_image_errors() -> None:
         ({"load_addr": 0x100000}, "real mode starts below 1 MiB"),
         ({"entry": "protected"}, "entry 'protected': allowed are real, long"),
         ({"vcpus": 2}, "a raw image starts on one vCPU; this VM has 2"),
-        ({"entry": "long", "load_addr": 0x5800}, r"an image at 0x5800-0x5a00 overlaps the long-mode page tables and GDT at 0x1000-0x6000"),
+        (
+            {"entry": "long", "load_addr": 0x5800},
+            r"an image at 0x5800-0x5a00 overlaps the long-mode page tables and GDT at 0x1000-0x6000",
+        ),
     ]
     for changes, match in cases:
         args: dict[str, object] = {"image_bytes": sector, "memory_bytes": MEMORY, **changes}

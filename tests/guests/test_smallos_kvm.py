@@ -60,8 +60,13 @@ def build_vm(kvm: Kvm, vcpus: int, name: str) -> Vm:
 
 def params(vcpus: int, **kw: object) -> WorkloadParams:
     return WorkloadParams(
-        vcpus=vcpus, working_set_bytes=WORKING_SET, dirty_rate_mib_s=64, smallos=True,
-        tick_hz=TICK_HZ, pit_hz=PIT_HZ, **kw,  # type: ignore[arg-type]
+        vcpus=vcpus,
+        working_set_bytes=WORKING_SET,
+        dirty_rate_mib_s=64,
+        smallos=True,
+        tick_hz=TICK_HZ,
+        pit_hz=PIT_HZ,
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -105,7 +110,9 @@ def assert_clean(vm: Vm, guest: WorkloadGuest) -> None:
     assert 0 <= own - shared <= len(status), (own, shared)  # one increment in flight per vCPU
 
 
-def running_figures(vm: Vm, guest: WorkloadGuest, seconds: float) -> tuple[list[SmallOsStatus], list[SmallOsStatus], float]:
+def running_figures(
+    vm: Vm, guest: WorkloadGuest, seconds: float
+) -> tuple[list[SmallOsStatus], list[SmallOsStatus], float]:
     a = so(guest.status(vm.ram))
     t0 = time.monotonic()
     time.sleep(seconds)
@@ -155,9 +162,7 @@ def migrate_into_new_vm(kvm: Kvm, vm: Vm, vcpus: int, drop: str | None = None) -
     vm.pause()
     state = x86_state.save_vm_state(vm, irqchip=True, pit=True)
     if drop == "xsave":
-        state = replace(
-            state, vcpus=tuple(replace(v, xsave=bytes(len(v.xsave))) for v in state.vcpus)
-        )
+        state = replace(state, vcpus=tuple(replace(v, xsave=bytes(len(v.xsave))) for v in state.vcpus))
     elif drop == "lapic":
         state = replace(state, vcpus=tuple(replace(v, lapic=b"") for v in state.vcpus))
     target = build_vm(kvm, vcpus, "dst")
@@ -179,9 +184,9 @@ def test_small_os_survives_a_full_state_round_trip(vcpus: int) -> None:
         with migrate_into_new_vm(kvm, vm, vcpus) as target:
             target.start()
             after = wait_for(
-                target, guest,
-                lambda s: all(b.reg_checks > a.reg_checks + 20 and b.ticks > a.ticks + 5
-                              for a, b in zip(before, s)),
+                target,
+                guest,
+                lambda s: all(b.reg_checks > a.reg_checks + 20 and b.ticks > a.ticks + 5 for a, b in zip(before, s)),
                 3.0,
             )
             assert all(b.clock_ns >= a.clock_ns for a, b in zip(before, after))
@@ -205,8 +210,10 @@ def test_small_os_catches_a_restore_that_leaves_state_out(drop: str) -> None:
             target.start()
             # The CPL3 checks go on either way (heartbeat-driven): wait for 50 more of each.
             after = wait_for(
-                target, guest,
-                lambda s: all(b.reg_checks > a.reg_checks + 50 for a, b in zip(before, s)), 3.0,
+                target,
+                guest,
+                lambda s: all(b.reg_checks > a.reg_checks + 50 for a, b in zip(before, s)),
+                3.0,
             )
             if drop == "xsave":
                 # Every vCPU's first check after the restore finds its registers gone.

@@ -105,11 +105,19 @@ def test_layout_regions_are_disjoint_and_aligned(memory: int, vcpus: int, ws: in
     lm = lay.longmode
     regions = sorted(
         [
-            (lm.pml4, 4096), (lm.pdpt, 4096), (lm.gdt, lm.gdt_limit + 1), (lm.idt, 4096),
-            (lm.tss, vcpus * lm.tss_stride), (lm.pd, lm.pd_count * 4096),
-            (lm.kernel_stacks, vcpus * lm.kernel_stack_size), (lay.code, lay.code_max),
-            (lay.params, 4096), (lay.status, vcpus * 4096), (lay.stacks, vcpus * lay.stack_size),
-            (lay.gen, lay.gen_bytes), (lay.ws_base, lay.ws_bytes),
+            (lm.pml4, 4096),
+            (lm.pdpt, 4096),
+            (lm.gdt, lm.gdt_limit + 1),
+            (lm.idt, 4096),
+            (lm.tss, vcpus * lm.tss_stride),
+            (lm.pd, lm.pd_count * 4096),
+            (lm.kernel_stacks, vcpus * lm.kernel_stack_size),
+            (lay.code, lay.code_max),
+            (lay.params, 4096),
+            (lay.status, vcpus * 4096),
+            (lay.stacks, vcpus * lay.stack_size),
+            (lay.gen, lay.gen_bytes),
+            (lay.ws_base, lay.ws_bytes),
         ]
     )
     for (a, size), (b, _) in zip(regions, regions[1:]):
@@ -191,7 +199,11 @@ def test_install_writes_only_through_write_and_returns_registers(built_image: Pa
     assert len(states) == 2
     for v, (regs, sregs) in enumerate(states):
         assert (regs.rip, regs.rsp, regs.rdi, regs.rsi, regs.rflags) == (
-            lay.entry, lay.stack_top(v), v, lay.params, 2,
+            lay.entry,
+            lay.stack_top(v),
+            v,
+            lay.params,
+            2,
         )
         assert sregs.cs.dpl == 3 and sregs.tr.base == lay.longmode.tss_gpa(v)
     written = np.zeros(fake.ram.size, bool)
@@ -328,9 +340,7 @@ def test_checker_rejects_flipped_body_byte(guest_ram: tuple[FakeRam, layout.Work
 
 
 @pytest.mark.parametrize("word", [abi.WL_H_MAGIC, abi.WL_H_GPA, abi.WL_H_GEN, abi.WL_H_INDEX, 6])
-def test_checker_rejects_wrong_header(
-    guest_ram: tuple[FakeRam, layout.WorkloadLayout], word: int
-) -> None:
+def test_checker_rejects_wrong_header(guest_ram: tuple[FakeRam, layout.WorkloadLayout], word: int) -> None:
     fake, lay = guest_ram
     page = int(_written_pages(fake, lay)[-1])
     fake.ram[lay.ws_base + page * 4096 + 8 * word + 2] ^= 0x40

@@ -68,18 +68,14 @@ def heartbeats(status: list[VcpuStatus]) -> list[int]:
 def test_guest_runs_dirties_and_verifies(vcpus: int) -> None:
     with booted(WorkloadParams(vcpus=vcpus, working_set_bytes=WORKING_SET)) as (vm, guest):
         first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
-        wait_for(
-            vm, guest, lambda s: all(b.heartbeat > a.heartbeat for a, b in zip(first, s)), 1.0
-        )
+        wait_for(vm, guest, lambda s: all(b.heartbeat > a.heartbeat for a, b in zip(first, s)), 1.0)
         # Three sweeps each, so every page was re-verified at least twice by the guest.
         status = wait_for(vm, guest, lambda s: all(x.sweep > 3 for x in s), 10.0)
         assert all(s.state is VcpuState.WRITING and s.started for s in status)
         vm.pause()
         status = guest.status(vm.ram)
         assert [s.verify_errors for s in status] == [0] * vcpus
-        assert [(s.first_page, s.page_count) for s in status] == [
-            guest.layout.share(v) for v in range(vcpus)
-        ]
+        assert [(s.first_page, s.page_count) for s in status] == [guest.layout.share(v) for v in range(vcpus)]
         report = guest.verify(vm.ram)
         assert report.ok, report
         assert report.pages_written == guest.layout.ws_pages
@@ -96,7 +92,7 @@ def test_guest_stays_correct_across_pause_and_resume() -> None:
             assert report.ok, report
             written = [s.pages_written for s in guest.status(vm.ram)]
             vm.resume()
-            wait_for(vm, guest, lambda s: all(x.pages_written > w for x, w in zip(s, written)), 1.0)
+            wait_for(vm, guest, lambda s, written=written: all(x.pages_written > w for x, w in zip(s, written)), 1.0)
         assert [s.verify_errors for s in guest.status(vm.ram)] == [0, 0]
 
 
@@ -104,9 +100,7 @@ def test_rate_zero_idles_with_heartbeats_and_rates_change_live() -> None:
     params = WorkloadParams(vcpus=2, working_set_bytes=WORKING_SET, dirty_rate_mib_s=0)
     with booted(params) as (vm, guest):
         first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
-        status = wait_for(
-            vm, guest, lambda s: all(b.heartbeat > a.heartbeat + 50 for a, b in zip(first, s)), 2.0
-        )
+        status = wait_for(vm, guest, lambda s: all(b.heartbeat > a.heartbeat + 50 for a, b in zip(first, s)), 2.0)
         assert [s.pages_written for s in status] == [0, 0]
         assert all(s.state is VcpuState.IDLE for s in status)
 
@@ -140,7 +134,7 @@ def test_passes_mode_writes_exactly_one_pass_per_request(vcpus: int) -> None:
         assert [s.pages_written for s in status] == [0] * vcpus
         for n in (1, 2, 3):
             assert guest.request_pass(vm.write_guest, vm.ram) == n
-            wait_for(vm, guest, lambda s: all(x.passes_done == n for x in s), 5.0)
+            wait_for(vm, guest, lambda s, n=n: all(x.passes_done == n for x in s), 5.0)
             wait_for(vm, guest, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0)
             time.sleep(0.05)  # time enough to write more, if the guest wrongly would
             status = guest.status(vm.ram)

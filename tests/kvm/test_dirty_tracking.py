@@ -33,12 +33,18 @@ HEADER_GEN_WORD = 2  # generation | vcpu << 32 (migrated/guests/x86_64/abi.h)
 
 @contextmanager
 def workload_vm(
-    vcpus: int, tracking: str, ring_bytes: int = 1 << 20, working_set: int = 32 * MIB,
-    mode: str = "continuous", memory: int = 64 * MIB,
+    vcpus: int,
+    tracking: str,
+    ring_bytes: int = 1 << 20,
+    working_set: int = 32 * MIB,
+    mode: str = "continuous",
+    memory: int = 64 * MIB,
 ) -> Iterator[tuple[Vm, WorkloadGuest]]:
     params = WorkloadParams(vcpus=vcpus, working_set_bytes=working_set, mode=mode)  # type: ignore[arg-type]
     config = VmConfig(
-        memory_bytes=memory, vcpus=vcpus, dirty_tracking=tracking,  # type: ignore[arg-type]
+        memory_bytes=memory,
+        vcpus=vcpus,
+        dirty_tracking=tracking,  # type: ignore[arg-type]
         ring_bytes=ring_bytes,
     )
     with Kvm.open() as kvm, Vm.create(kvm, config) as vm:
@@ -56,7 +62,9 @@ def _headers(vm: Vm, guest: WorkloadGuest) -> npt.NDArray[np.uint64]:
 
 
 def _assert_covered(
-    changed: npt.NDArray[np.uint64], before: npt.NDArray[np.uint64], now: npt.NDArray[np.uint64],
+    changed: npt.NDArray[np.uint64],
+    before: npt.NDArray[np.uint64],
+    now: npt.NDArray[np.uint64],
     interval: int,
 ) -> None:
     """Pages whose header changed between snapshots i-1 and i are in collection i-1 or i.

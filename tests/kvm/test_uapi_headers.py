@@ -38,9 +38,7 @@ class Probe:
     macro: str | None = None  # reported absent, not a compile error, when this is undefined
 
 
-def constant_probes(
-    exclude: frozenset[str] = frozenset(), only: frozenset[str] | None = None
-) -> list[Probe]:
+def constant_probes(exclude: frozenset[str] = frozenset(), only: frozenset[str] | None = None) -> list[Probe]:
     # Every constant, ioctl numbers included, is a macro in the headers, so #ifdef finds them all.
     return [
         Probe(name, name, value, macro=name)
@@ -82,9 +80,7 @@ def struct_probes(
         size = f"sizeof(struct {c_struct})"
         probes.append(Probe(size, size, ctypes.sizeof(cls)))
         renames = uapi.C_FIELD_NAMES.get(c_struct, {})
-        skip = (uapi.UNCHECKED_FIELDS if unchecked is None else unchecked).get(
-            c_struct, frozenset()
-        )
+        skip = (uapi.UNCHECKED_FIELDS if unchecked is None else unchecked).get(c_struct, frozenset())
         for member, offset, field_size in _members(cls, renames, skip, "", 0):
             where = f"offsetof(struct {c_struct}, {member})"
             size = f"sizeof(((struct {c_struct} *)0)->{member})"
@@ -108,9 +104,7 @@ def c_program(probes: Sequence[Probe]) -> str:
     return "\n".join(lines)
 
 
-def c_values(
-    probes: Sequence[Probe], tmp_path: Path, include_dirs: Sequence[Path] = ()
-) -> dict[str, int | None]:
+def c_values(probes: Sequence[Probe], tmp_path: Path, include_dirs: Sequence[Path] = ()) -> dict[str, int | None]:
     """What C says for each probe (None: absent), built with include_dirs ahead of the system's."""
     source, program = tmp_path / "probe.c", tmp_path / "probe"
     source.write_text(c_program(probes))
@@ -135,9 +129,7 @@ def mismatches(probes: Sequence[Probe], theirs: dict[str, int | None], header: s
     return problems
 
 
-def check(
-    probes: Sequence[Probe], tmp_path: Path, include_dirs: Sequence[Path], header: str
-) -> None:
+def check(probes: Sequence[Probe], tmp_path: Path, include_dirs: Sequence[Path], header: str) -> None:
     problems = mismatches(probes, c_values(probes, tmp_path, include_dirs), header)
     assert not problems, f"{len(problems)} mismatches with {header}:\n" + "\n".join(problems)
 
@@ -170,9 +162,7 @@ def newer_headers() -> Path:
 
 
 def test_host_headers_match(tmp_path: Path) -> None:
-    probes = (
-        constant_probes(exclude=uapi.NEWER_THAN_HOST_HEADERS | uapi.ARM64_ONLY) + struct_probes()
-    )
+    probes = constant_probes(exclude=uapi.NEWER_THAN_HOST_HEADERS | uapi.ARM64_ONLY) + struct_probes()
     check(probes, tmp_path, [], HOST_KVM_H)
 
 
@@ -200,10 +190,7 @@ def core_register_probes() -> list[Probe]:
     for name, ours in sorted(aarch64.CORE_REGS.items()):
         member = aarch64.CORE_REG_MEMBERS[name]
         size = {8: "U64", 16: "U128", 4: "U32"}[aarch64.reg_size(ours)]
-        expr = (
-            f"KVM_REG_ARM64 | KVM_REG_SIZE_{size} | KVM_REG_ARM_CORE"
-            f" | KVM_REG_ARM_CORE_REG({member})"
-        )
+        expr = f"KVM_REG_ARM64 | KVM_REG_SIZE_{size} | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG({member})"
         probes.append(Probe(f"core register {name}", expr, ours))
     return probes
 

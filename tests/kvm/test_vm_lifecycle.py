@@ -66,9 +66,7 @@ def test_ring_after_memslot_is_refused_before_the_kernel_sees_it(kvm: Kvm, vm_io
         vm.close()
 
 
-def test_with_bitmap_after_memslot_is_refused_before_the_kernel_sees_it(
-    kvm: Kvm, vm_ioctls: list[int]
-) -> None:
+def test_with_bitmap_after_memslot_is_refused_before_the_kernel_sees_it(kvm: Kvm, vm_ioctls: list[int]) -> None:
     vm = Vm(kvm, kvm.caps())
     try:
         vm.enable_dirty_ring(1 << 16)
@@ -176,7 +174,10 @@ def test_no_permission_is_a_clear_error() -> None:
         "try:\n    Kvm.open()\nexcept KvmUnavailableError as e:\n    print(e)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     ).stdout
     assert "no permission to open /dev/kvm: run as root or as a member of the group" in out

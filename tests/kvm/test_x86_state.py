@@ -108,10 +108,7 @@ def pit_without_load_times(pit2: bytes) -> list[tuple[Any, ...]]:
     """The PIT's channels, minus `count_load_time`: KVM_SET_PIT2 reloads each channel's count
     at the host's current ktime, so that field is the restore's instant, not the saved one."""
     state = uapi.kvm_pit_state2.from_buffer_copy(pit2)
-    channels = [
-        tuple(getattr(c, name) for name, *_ in c._fields_ if name != "count_load_time")
-        for c in state.channels
-    ]
+    channels = [tuple(getattr(c, name) for name, *_ in c._fields_ if name != "count_load_time") for c in state.channels]
     return [*channels, (state.flags,)]
 
 
@@ -138,7 +135,7 @@ def migrate_in_process(vcpus: int, devices: bool, kvm: Kvm) -> None:
 
         # TSC continuity: not reset to ~0 on the new VM, not behind the saved value.
         for vcpu, saved in zip(target.vcpus, state.vcpus):
-            (_, tsc_now), = get_msrs(vcpu, [MSR_IA32_TSC])
+            ((_, tsc_now),) = get_msrs(vcpu, [MSR_IA32_TSC])
             tsc_saved = saved.msr(MSR_IA32_TSC)
             assert tsc_saved is not None and tsc_saved > 0
             assert tsc_now >= tsc_saved, (vcpu.index, tsc_now, tsc_saved)
@@ -177,9 +174,7 @@ def assert_same_state(saved: VmState, again: VmState) -> None:
         assert b.tsc_khz == a.tsc_khz, where
         # The TSC runs on while the target waits; every other MSR reads back as written.
         moving = {MSR_IA32_TSC}
-        assert [m for m in b.msrs if m[0] not in moving] == [
-            m for m in a.msrs if m[0] not in moving
-        ], where
+        assert [m for m in b.msrs if m[0] not in moving] == [m for m in a.msrs if m[0] not in moving], where
     # VM-wide parts: PIC master, PIC slave and IOAPIC byte for byte; the PIT but for its
     # reload instants.
     assert again.irqchip == saved.irqchip
@@ -267,7 +262,7 @@ def test_msr_failures_name_the_first_refused_msr(kvm: Kvm) -> None:
         vcpu = vm.vcpus[0]
         with pytest.raises(StateError, match=r"read 1 of 2 MSRs: MSR 0x12345678 could not be read"):
             get_msrs(vcpu, [MSR_IA32_TSC, 0x12345678])
-        (_, efer), = get_msrs(vcpu, [0xC0000080])
+        ((_, efer),) = get_msrs(vcpu, [0xC0000080])
         bad_efer = efer | 1 << 63  # a reserved bit
         with pytest.raises(
             StateError,
@@ -282,9 +277,7 @@ def test_msr_failures_name_the_first_refused_msr(kvm: Kvm) -> None:
             set_msrs(vcpu, [(0x12345678, 1)])
 
 
-def test_clock_is_frozen_by_default_and_advanced_by_realtime_on_request(
-    kvm: Kvm, saved_state: VmState
-) -> None:
+def test_clock_is_frozen_by_default_and_advanced_by_realtime_on_request(kvm: Kvm, saved_state: VmState) -> None:
     """KVM_SET_CLOCK gets KVM_CLOCK_REALTIME only when asked for and the saved clock has it."""
     clock = saved_state.clock_struct()
     clock.flags |= uapi.KVM_CLOCK_REALTIME | uapi.KVM_CLOCK_HOST_TSC
@@ -306,7 +299,11 @@ def test_clock_is_frozen_by_default_and_advanced_by_realtime_on_request(
 def test_msr_restore_order_puts_tsc_first_and_deadline_last() -> None:
     msrs = [(0x174, 1), (MSR_IA32_TSC_DEADLINE, 2), (0x277, 3), (MSR_IA32_TSC, 4), (0x3B, 5)]
     assert restore_msr_order(msrs) == [
-        (MSR_IA32_TSC, 4), (0x174, 1), (0x277, 3), (0x3B, 5), (MSR_IA32_TSC_DEADLINE, 2),
+        (MSR_IA32_TSC, 4),
+        (0x174, 1),
+        (0x277, 3),
+        (0x3B, 5),
+        (MSR_IA32_TSC_DEADLINE, 2),
     ]
 
 
@@ -378,9 +375,7 @@ def _set(path: str, value: Any) -> Mutation:
         if value is _DELETE:
             del target[last]
         else:
-            target[int(last) if last.isdigit() else last] = value(target[last]) if callable(
-                value
-            ) else value
+            target[int(last) if last.isdigit() else last] = value(target[last]) if callable(value) else value
 
     return mutate
 
@@ -388,67 +383,89 @@ def _set(path: str, value: Any) -> Mutation:
 _DELETE = object()
 
 BAD_WIRE: list[tuple[str, Mutation, str]] = [
-    ("newer version", _set("version", STATE_VERSION + 1),
-     r"version 2 is newer than this migrated understands \(up to 1\); upgrade migrated"),
+    (
+        "newer version",
+        _set("version", STATE_VERSION + 1),
+        r"version 2 is newer than this migrated understands \(up to 1\); upgrade migrated",
+    ),
     ("version 0", _set("version", 0), r"version 0 is invalid"),
     ("missing version", _set("version", _DELETE), r"missing key 'version'"),
     ("missing key", _set("clock", _DELETE), r"top level: missing key\(s\) clock"),
     ("unknown key", _set("extra", 1), r"top level: unknown key\(s\) extra"),
     ("missing vcpu key", _set("vcpus/1/events", _DELETE), r"vcpus\[1\]: missing key\(s\) events"),
     ("unknown vcpu key", _set("vcpus/0/fpu", b""), r"vcpus\[0\]: unknown key\(s\) fpu"),
-    ("short regs", _set("vcpus/1/regs", lambda b: b[:-1]),
-     r"vcpus\[1\]\.regs: 143 bytes, expected 144 \(struct kvm_regs\)"),
-    ("long sregs", _set("vcpus/0/sregs", lambda b: b + b"\0"),
-     r"vcpus\[0\]\.sregs: 313 bytes, expected 312 \(struct kvm_sregs\)"),
-    ("regs not bytes", _set("vcpus/0/regs", "x" * 144),
-     r"vcpus\[0\]\.regs: expected bytes, got str"),
-    ("short clock", _set("clock", b"\0" * 40),
-     r"clock: 40 bytes, expected 48 \(struct kvm_clock_data\)"),
-    ("short events", _set("vcpus/0/events", b"\0" * 63),
-     r"vcpus\[0\]\.events: 63 bytes, expected 64"),
-    ("too many MSRs", _set("vcpus/0/msrs", [[0x10 + i, 0] for i in range(MAX_MSRS + 1)]),
-     r"vcpus\[0\]\.msrs: 1025 entries, at most 1024 allowed"),
-    ("MSR not a pair", _set("vcpus/0/msrs", [[0x10]]),
-     r"vcpus\[0\]\.msrs\[0\]: expected \[index, value\]"),
-    ("MSR value too big", _set("vcpus/0/msrs", [[0x10, 1 << 64]]),
-     r"vcpus\[0\]\.msrs\[0\]\[1\]: 18446744073709551616 is outside"),
-    ("MSR twice", _set("vcpus/0/msrs", [[0x10, 1], [0x10, 2]]),
-     r"vcpus\[0\]\.msrs\[1\]: MSR 0x10 \(IA32_TSC\) appears twice"),
-    ("too many CPUID entries", _set("vcpus/0/cpuid", [b"\0" * 40] * (MAX_CPUID_ENTRIES + 1)),
-     r"vcpus\[0\]\.cpuid: 257 entries, at most 256 allowed"),
-    ("CPUID entry short", _set("vcpus/0/cpuid", [b"\0" * 39]),
-     r"vcpus\[0\]\.cpuid\[0\]: 39 bytes, expected 40 \(struct kvm_cpuid_entry2\)"),
+    (
+        "short regs",
+        _set("vcpus/1/regs", lambda b: b[:-1]),
+        r"vcpus\[1\]\.regs: 143 bytes, expected 144 \(struct kvm_regs\)",
+    ),
+    (
+        "long sregs",
+        _set("vcpus/0/sregs", lambda b: b + b"\0"),
+        r"vcpus\[0\]\.sregs: 313 bytes, expected 312 \(struct kvm_sregs\)",
+    ),
+    ("regs not bytes", _set("vcpus/0/regs", "x" * 144), r"vcpus\[0\]\.regs: expected bytes, got str"),
+    ("short clock", _set("clock", b"\0" * 40), r"clock: 40 bytes, expected 48 \(struct kvm_clock_data\)"),
+    ("short events", _set("vcpus/0/events", b"\0" * 63), r"vcpus\[0\]\.events: 63 bytes, expected 64"),
+    (
+        "too many MSRs",
+        _set("vcpus/0/msrs", [[0x10 + i, 0] for i in range(MAX_MSRS + 1)]),
+        r"vcpus\[0\]\.msrs: 1025 entries, at most 1024 allowed",
+    ),
+    ("MSR not a pair", _set("vcpus/0/msrs", [[0x10]]), r"vcpus\[0\]\.msrs\[0\]: expected \[index, value\]"),
+    (
+        "MSR value too big",
+        _set("vcpus/0/msrs", [[0x10, 1 << 64]]),
+        r"vcpus\[0\]\.msrs\[0\]\[1\]: 18446744073709551616 is outside",
+    ),
+    (
+        "MSR twice",
+        _set("vcpus/0/msrs", [[0x10, 1], [0x10, 2]]),
+        r"vcpus\[0\]\.msrs\[1\]: MSR 0x10 \(IA32_TSC\) appears twice",
+    ),
+    (
+        "too many CPUID entries",
+        _set("vcpus/0/cpuid", [b"\0" * 40] * (MAX_CPUID_ENTRIES + 1)),
+        r"vcpus\[0\]\.cpuid: 257 entries, at most 256 allowed",
+    ),
+    (
+        "CPUID entry short",
+        _set("vcpus/0/cpuid", [b"\0" * 39]),
+        r"vcpus\[0\]\.cpuid\[0\]: 39 bytes, expected 40 \(struct kvm_cpuid_entry2\)",
+    ),
     ("CPUID empty", _set("vcpus/0/cpuid", []), r"vcpus\[0\]\.cpuid: no entries"),
-    ("xsave too big", _set("vcpus/0/xsave", b"\0" * (64 * 1024 + 4)),
-     r"vcpus\[0\]\.xsave: 65540 bytes: expected a multiple of 4 from 4096 to 65536"),
+    (
+        "xsave too big",
+        _set("vcpus/0/xsave", b"\0" * (64 * 1024 + 4)),
+        r"vcpus\[0\]\.xsave: 65540 bytes: expected a multiple of 4 from 4096 to 65536",
+    ),
     ("xsave too small", _set("vcpus/0/xsave", b"\0" * 1024), r"vcpus\[0\]\.xsave: 1024 bytes"),
-    ("lapic wrong size", _set("vcpus/0/lapic", b"\0" * 1000),
-     r"vcpus\[0\]\.lapic: 1000 bytes: expected 0 \(no in-kernel irqchip\) or 1024"),
-    ("lapic missing", _set("vcpus/1/lapic", b""),
-     r"vcpus\[1\]\.lapic: missing, but the VM has in-kernel irqchip"),
-    ("bool for int", _set("vcpus/0/mp_state", True),
-     r"vcpus\[0\]\.mp_state: expected an integer, got bool"),
+    (
+        "lapic wrong size",
+        _set("vcpus/0/lapic", b"\0" * 1000),
+        r"vcpus\[0\]\.lapic: 1000 bytes: expected 0 \(no in-kernel irqchip\) or 1024",
+    ),
+    ("lapic missing", _set("vcpus/1/lapic", b""), r"vcpus\[1\]\.lapic: missing, but the VM has in-kernel irqchip"),
+    ("bool for int", _set("vcpus/0/mp_state", True), r"vcpus\[0\]\.mp_state: expected an integer, got bool"),
     ("unknown mp_state", _set("vcpus/0/mp_state", 5), r"vcpus\[0\]\.mp_state: 5 is not an x86"),
     ("index out of order", _set("vcpus/1/index", 0), r"vcpus\[1\]\.index: 0, expected 1"),
     ("no vcpus", _set("vcpus", []), r"vcpus: no vCPUs"),
     ("too many vcpus", _set("vcpus", [{}] * 4097), r"vcpus: 4097 entries, at most 4096"),
     ("vcpu not a map", _set("vcpus/0", [1, 2]), r"vcpus\[0\]: expected a map, got list"),
-    ("two irqchips", _set("irqchip", lambda chips: chips[:2]),
-     r"irqchip: 2 entries: expected 0 or 3"),
-    ("irqchips swapped", _set("irqchip", lambda chips: [chips[1], chips[0], chips[2]]),
-     r"irqchip\[0\]: chip_id 1, expected 0 \(PIC master\)"),
+    ("two irqchips", _set("irqchip", lambda chips: chips[:2]), r"irqchip: 2 entries: expected 0 or 3"),
+    (
+        "irqchips swapped",
+        _set("irqchip", lambda chips: [chips[1], chips[0], chips[2]]),
+        r"irqchip\[0\]: chip_id 1, expected 0 \(PIC master\)",
+    ),
     ("pit wrong size", _set("pit2", b"\0" * 100), r"pit2: 100 bytes: expected 0 \(no PIT\) or 112"),
     ("vendor wrong size", _set("cpu_vendor", b"AMD"), r"cpu_vendor: 3 bytes, expected 12"),
     ("signature negative", _set("cpu_signature", -1), r"cpu_signature: -1 is outside"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "message"), [(m, msg) for _, m, msg in BAD_WIRE], ids=[n for n, _, _ in BAD_WIRE]
-)
-def test_malformed_wire_state_is_refused_naming_the_field(
-    saved_state: VmState, mutate: Mutation, message: str
-) -> None:
+@pytest.mark.parametrize(("mutate", "message"), [(m, msg) for _, m, msg in BAD_WIRE], ids=[n for n, _, _ in BAD_WIRE])
+def test_malformed_wire_state_is_refused_naming_the_field(saved_state: VmState, mutate: Mutation, message: str) -> None:
     d = wire(saved_state)
     mutate(d)
     with pytest.raises(StateFormatError, match=message):

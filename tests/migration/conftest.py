@@ -34,11 +34,25 @@ def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
     started: list[DaemonProcess] = []
     shared_key = write_key(tmp_path / "peer.key")
 
-    def make(name: str, *, key: Path | None = None, faults: str = "", netns: str | None = None,
-             host: str = "127.0.0.1", **migration: object) -> DaemonProcess:
+    def make(
+        name: str,
+        *,
+        key: Path | None = None,
+        faults: str = "",
+        netns: str | None = None,
+        host: str = "127.0.0.1",
+        **migration: object,
+    ) -> DaemonProcess:
         config = write_config(tmp_path / f"{name}.toml", **migration)
-        daemon = DaemonProcess(name, tmp_path, key or shared_key, host=host, netns=netns,
-                               extra_args=("--config", str(config)), faults=faults)
+        daemon = DaemonProcess(
+            name,
+            tmp_path,
+            key or shared_key,
+            host=host,
+            netns=netns,
+            extra_args=("--config", str(config)),
+            faults=faults,
+        )
         started.append(daemon)
         return daemon.start()
 

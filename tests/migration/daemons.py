@@ -49,11 +49,17 @@ class DaemonProcess:
 
     def start(self, timeout: float = 20.0) -> DaemonProcess:
         command = [
-            sys.executable, "-m", "migrated",
-            "--control-socket", str(self.socket),
-            "--listen", self.address,
-            "--state-dir", str(self.workdir / f"{self.name}-state"),
-            "--peer-key-file", str(self.key_file),
+            sys.executable,
+            "-m",
+            "migrated",
+            "--control-socket",
+            str(self.socket),
+            "--listen",
+            self.address,
+            "--state-dir",
+            str(self.workdir / f"{self.name}-state"),
+            "--peer-key-file",
+            str(self.key_file),
             *self.extra_args,
         ]
         if self.netns:
@@ -68,7 +74,7 @@ class DaemonProcess:
                 return self
             except (RequestError, OSError):
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"daemon {self.name} did not start:\n{self.log()}")
+                    raise RuntimeError(f"daemon {self.name} did not start:\n{self.log()}") from None
                 time.sleep(0.05)
 
     def call(self, cmd: str, **args: Any) -> Any:
@@ -98,8 +104,12 @@ class DaemonProcess:
         return self.process.returncode
 
 
-def wait_migration(daemon: DaemonProcess, name: str, timeout: float = 120.0,
-                   until: tuple[str, ...] = ("completed", "failed", "aborted", "cancelled", "in-doubt")) -> dict[str, Any]:
+def wait_migration(
+    daemon: DaemonProcess,
+    name: str,
+    timeout: float = 120.0,
+    until: tuple[str, ...] = ("completed", "failed", "aborted", "cancelled", "in-doubt"),
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         stats: dict[str, Any] = daemon.call("migration.status", name=name)

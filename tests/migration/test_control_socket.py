@@ -28,8 +28,7 @@ from migrated.control import MAX_REQUEST_BYTES, RequestError, request
 pytestmark = pytest.mark.kvm
 
 KEEPER = "keeper"
-SMALL_VM: dict[str, Any] = {"memory_mib": 64, "vcpus": 1, "working_set_mib": 8,
-                            "dirty_rate_mib_s": 10}
+SMALL_VM: dict[str, Any] = {"memory_mib": 64, "vcpus": 1, "working_set_mib": 8, "dirty_rate_mib_s": 10}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +58,11 @@ def assert_keeps_serving(daemon: DaemonProcess) -> None:
     assert [vm["name"] for vm in daemon.call("vm.list")] == [KEEPER]
     before = daemon.call("vm.show", name=KEEPER)
     assert before["state"] == "running", before
-    wait_for(lambda: heartbeat(daemon, KEEPER) > before["guest"]["heartbeat_generation"] + 5,
-             timeout=10, what="the keeper's heartbeat to rise")
+    wait_for(
+        lambda: heartbeat(daemon, KEEPER) > before["guest"]["heartbeat_generation"] + 5,
+        timeout=10,
+        what="the keeper's heartbeat to rise",
+    )
     after = daemon.call("vm.show", name=KEEPER)
     assert after["guest"]["verification_errors"] == 0, after
     assert after["error"] is None, after
@@ -134,10 +136,23 @@ def test_second_daemon_on_the_same_socket_is_refused(daemon: DaemonProcess, tmp_
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
     second = subprocess.run(
-        [sys.executable, "-m", "migrated", "--control-socket", str(daemon.socket),
-         "--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state"),
-         "--peer-key-file", str(key)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "migrated",
+            "--control-socket",
+            str(daemon.socket),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--peer-key-file",
+            str(key),
+        ],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        timeout=30,
     )
     assert second.returncode != 0, second
     assert b"in use by a running daemon" in second.stderr, second.stderr
@@ -150,7 +165,7 @@ def test_second_daemon_on_the_same_socket_is_refused(daemon: DaemonProcess, tmp_
 
 MALFORMED = {
     "not JSON": (b"vm.list please\n", ["request is not JSON"]),
-    "invalid UTF-8": (b"\xff\xfe{\"cmd\": \"vm.list\"}\n", ["request is not JSON"]),
+    "invalid UTF-8": (b'\xff\xfe{"cmd": "vm.list"}\n', ["request is not JSON"]),
     "half a JSON object": (b'{"cmd": "vm.list", "args": {\n', ["request is not JSON"]),
     "a JSON array": (b'["vm.list", {}]\n', ['JSON object with a string "cmd"']),
     "a JSON string": (b'"vm.list"\n', ['JSON object with a string "cmd"']),
@@ -160,8 +175,10 @@ MALFORMED = {
     "args that are a list": (request_line("vm.show", ["keeper"]), ['"args" must be a JSON object']),
     "args that are a string": (request_line("vm.show", "keeper"), ['"args" must be a JSON object']),
     "an empty line": (b"\n", ["request is not JSON"]),
-    "an unknown command": (request_line("vm.explode", {"name": "keeper"}),
-                           ["unknown command 'vm.explode'", "known:", "vm.create", "migrate"]),
+    "an unknown command": (
+        request_line("vm.explode", {"name": "keeper"}),
+        ["unknown command 'vm.explode'", "known:", "vm.create", "migrate"],
+    ),
 }
 
 
@@ -197,46 +214,59 @@ BAD_ARGUMENTS = {
     "a name that is a number": (create(name=7), ["VM name 7"]),
     "no name": (create(name=None), ["VM spec", "name"]),
     "no memory": (create(memory_mib=None), ["VM spec", "memory_mib"]),
-    "working set larger than memory": (create(working_set_mib=128),
-                                       ["working set (MiB) 128", "an integer from 1 to 64"]),
+    "working set larger than memory": (
+        create(working_set_mib=128),
+        ["working set (MiB) 128", "an integer from 1 to 64"],
+    ),
     "negative dirty rate": (create(dirty_rate_mib_s=-5), ["dirty rate -5"]),
     "dirty rate 'fast'": (create(dirty_rate_mib_s="fast"), ["dirty rate 'fast'"]),
-    "dirty rate NaN": (b'{"cmd": "vm.create", "args": {"name": "newcomer", "memory_mib": 64, '
-                       b'"working_set_mib": 8, "dirty_rate_mib_s": NaN}}\n', ["dirty rate nan"]),
-    "memory Infinity": (b'{"cmd": "vm.create", "args": {"name": "newcomer", '
-                        b'"memory_mib": Infinity}}\n', ["memory (MiB) inf"]),
+    "dirty rate NaN": (
+        b'{"cmd": "vm.create", "args": {"name": "newcomer", "memory_mib": 64, '
+        b'"working_set_mib": 8, "dirty_rate_mib_s": NaN}}\n',
+        ["dirty rate nan"],
+    ),
+    "memory Infinity": (
+        b'{"cmd": "vm.create", "args": {"name": "newcomer", "memory_mib": Infinity}}\n',
+        ["memory (MiB) inf"],
+    ),
     "an unknown guest": (create(guest="windows"), ["guest 'windows'", "workload"]),
     "an unknown key": (create(colour="blue"), ["unknown keys ['colour']"]),
-    "an unknown dirty tracking": (create(dirty_tracking="telepathy"),
-                                  ["dirty tracking 'telepathy'"]),
+    "an unknown dirty tracking": (create(dirty_tracking="telepathy"), ["dirty tracking 'telepathy'"]),
     "the keeper's name": (create(name=KEEPER), ["a VM named 'keeper' already exists"]),
-    "vm.show of an unknown VM": (request_line("vm.show", {"name": "ghost"}),
-                                 ["no VM named 'ghost'"]),
+    "vm.show of an unknown VM": (request_line("vm.show", {"name": "ghost"}), ["no VM named 'ghost'"]),
     "vm.show without a name": (request_line("vm.show", {}), ['"name" (a string) is required']),
-    "vm.show with a list for a name": (request_line("vm.show", {"name": ["keeper"]}),
-                                       ['"name" (a string) is required']),
-    "vm.stop of an unknown VM": (request_line("vm.stop", {"name": "ghost"}),
-                                 ["no VM named 'ghost'"]),
-    "vm.set rate 'fast'": (request_line("vm.set", {"name": KEEPER, "dirty_rate_mib_s": "fast"}),
-                           ["dirty_rate_mib_s 'fast'"]),
-    "vm.set rate -1": (request_line("vm.set", {"name": KEEPER, "dirty_rate_mib_s": -1}),
-                       ["dirty_rate_mib_s -1"]),
-    "vm.set rate NaN": (b'{"cmd": "vm.set", "args": {"name": "keeper", '
-                        b'"dirty_rate_mib_s": NaN}}\n', ["dirty rate nan"]),
-    "migrate an unknown VM": (request_line("migrate", {"name": "ghost", "to": "127.0.0.1:1"}),
-                              ["no VM named 'ghost'"]),
-    "migrate to no port": (request_line("migrate", {"name": KEEPER, "to": "nowhere"}),
-                           ["'nowhere'", "HOST:PORT"]),
-    "migrate to port 99999": (request_line("migrate", {"name": KEEPER, "to": "127.0.0.1:99999"}),
-                              ["'127.0.0.1:99999'", "port from 1 to 65535"]),
+    "vm.show with a list for a name": (
+        request_line("vm.show", {"name": ["keeper"]}),
+        ['"name" (a string) is required'],
+    ),
+    "vm.stop of an unknown VM": (request_line("vm.stop", {"name": "ghost"}), ["no VM named 'ghost'"]),
+    "vm.set rate 'fast'": (
+        request_line("vm.set", {"name": KEEPER, "dirty_rate_mib_s": "fast"}),
+        ["dirty_rate_mib_s 'fast'"],
+    ),
+    "vm.set rate -1": (request_line("vm.set", {"name": KEEPER, "dirty_rate_mib_s": -1}), ["dirty_rate_mib_s -1"]),
+    "vm.set rate NaN": (
+        b'{"cmd": "vm.set", "args": {"name": "keeper", "dirty_rate_mib_s": NaN}}\n',
+        ["dirty rate nan"],
+    ),
+    "migrate an unknown VM": (request_line("migrate", {"name": "ghost", "to": "127.0.0.1:1"}), ["no VM named 'ghost'"]),
+    "migrate to no port": (request_line("migrate", {"name": KEEPER, "to": "nowhere"}), ["'nowhere'", "HOST:PORT"]),
+    "migrate to port 99999": (
+        request_line("migrate", {"name": KEEPER, "to": "127.0.0.1:99999"}),
+        ["'127.0.0.1:99999'", "port from 1 to 65535"],
+    ),
     "migrate with a downtime limit 'fast'": (
         request_line("migrate", {"name": KEEPER, "to": "127.0.0.1:1", "downtime_limit_ms": "fast"}),
-        ["downtime_limit_ms 'fast'", "a number from 1 to 60000"]),
+        ["downtime_limit_ms 'fast'", "a number from 1 to 60000"],
+    ),
     "migrate with verify 'maybe'": (
         request_line("migrate", {"name": KEEPER, "to": "127.0.0.1:1", "verify": "maybe"}),
-        ["verify 'maybe'", "full, off"]),
-    "migration.status of an unknown VM": (request_line("migration.status", {"name": "ghost"}),
-                                          ["no migration of a VM named 'ghost'"]),
+        ["verify 'maybe'", "full, off"],
+    ),
+    "migration.status of an unknown VM": (
+        request_line("migration.status", {"name": "ghost"}),
+        ["no migration of a VM named 'ghost'"],
+    ),
 }
 
 
@@ -259,8 +289,7 @@ def test_same_name_twice_is_refused_and_the_first_vm_runs_on(daemon: DaemonProce
         assert shown["spec"] == first["spec"], "the refused create changed the first VM"
         assert shown["state"] == "running", shown
         generation = shown["guest"]["heartbeat_generation"]
-        wait_for(lambda: heartbeat(daemon, "twin") > generation + 5,
-                 what="twin's heartbeat to rise")
+        wait_for(lambda: heartbeat(daemon, "twin") > generation + 5, what="twin's heartbeat to rise")
         assert daemon.call("vm.show", name="twin")["guest"]["verification_errors"] == 0
     finally:
         daemon.call("vm.stop", name="twin")
@@ -272,8 +301,12 @@ def test_same_name_twice_is_refused_and_the_first_vm_runs_on(daemon: DaemonProce
 
 def test_bad_request_does_not_end_the_connection(daemon: DaemonProcess) -> None:
     """One connection, requests pipelined: each gets its answer, in order."""
-    lines = [b"garbage\n", request_line("vm.show", {"name": KEEPER}), request_line("nope"),
-             request_line("daemon.status")]
+    lines = [
+        b"garbage\n",
+        request_line("vm.show", {"name": KEEPER}),
+        request_line("nope"),
+        request_line("daemon.status"),
+    ]
     answers = exchange(daemon.socket, b"".join(lines))
     assert [answer["ok"] for answer in answers] == [False, True, False, True], answers
     assert answers[1]["result"]["name"] == KEEPER
@@ -289,8 +322,7 @@ def padded(size: int) -> bytes:
     return line
 
 
-@pytest.mark.parametrize("size", [2 * MAX_REQUEST_BYTES, 16 * MAX_REQUEST_BYTES],
-                         ids=["2 MiB", "16 MiB"])
+@pytest.mark.parametrize("size", [2 * MAX_REQUEST_BYTES, 16 * MAX_REQUEST_BYTES], ids=["2 MiB", "16 MiB"])
 def test_request_over_1_mib_is_refused(daemon: DaemonProcess, size: int) -> None:
     answers = exchange(daemon.socket, padded(size))
     assert len(answers) == 1, answers
@@ -310,7 +342,8 @@ def test_request_just_over_1_mib_is_refused(daemon: DaemonProcess, excess: int) 
     answers = exchange(daemon.socket, padded(MAX_REQUEST_BYTES + excess))
     assert len(answers) == 1, answers
     assert answers[0] == {"ok": False, "error": "request longer than 1 MiB"}, (
-        f"a request line of 1 MiB + {excess} bytes was served: {str(answers[0])[:200]}")
+        f"a request line of 1 MiB + {excess} bytes was served: {str(answers[0])[:200]}"
+    )
     assert_keeps_serving(daemon)
 
 

@@ -24,7 +24,10 @@ pytestmark = pytest.mark.kvm
 def migratectl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "migrated.cli", "--socket", str(daemon.socket), *args],
-        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
         timeout=120,
     )
 
@@ -80,8 +83,13 @@ def test_sigterm_with_a_running_vm_stops_cleanly(make_daemon: MakeDaemon) -> Non
 def test_bad_config_names_file_key_and_allowed(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[migration]\ndowntime_limit_ms = -5\n")
-    result = subprocess.run([sys.executable, "-m", "migrated", "--config", str(config)],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "migrated", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert str(config) in result.stderr and "migration.downtime_limit_ms" in result.stderr
     assert "allowed" in result.stderr
@@ -89,8 +97,9 @@ def test_bad_config_names_file_key_and_allowed(tmp_path: Path) -> None:
 
 def test_operator_cli_end_to_end(make_daemon: MakeDaemon) -> None:
     a, b = make_daemon("a"), make_daemon("b")
-    created = migratectl(a, "vm", "create", "web", "--memory", "256", "--vcpus", "2",
-                         "--dirty-rate", "32", "--working-set", "64")
+    created = migratectl(
+        a, "vm", "create", "web", "--memory", "256", "--vcpus", "2", "--dirty-rate", "32", "--working-set", "64"
+    )
     assert created.returncode == 0, created.stderr
     listed = json.loads(migratectl(a, "vm", "list", "--json").stdout)
     assert [vm["name"] for vm in listed] == ["web"]
@@ -101,9 +110,21 @@ def test_operator_cli_end_to_end(make_daemon: MakeDaemon) -> None:
     assert "state: completed" in moved.stdout and "downtime_ms:" in moved.stdout
     assert "round" in moved.stderr, "the live progress line goes to stderr"
     status = json.loads(migratectl(a, "migration", "status", "web", "--json").stdout)
-    for key in ("state", "total_ms", "setup_ms", "downtime_ms", "bytes_sent", "pages_sent",
-                "zero_pages", "rounds", "bandwidth_mib_s", "dirty_rate_mib_s", "verify_ms",
-                "dirty_tracking", "backup_bitmap"):
+    for key in (
+        "state",
+        "total_ms",
+        "setup_ms",
+        "downtime_ms",
+        "bytes_sent",
+        "pages_sent",
+        "zero_pages",
+        "rounds",
+        "bandwidth_mib_s",
+        "dirty_rate_mib_s",
+        "verify_ms",
+        "dirty_tracking",
+        "backup_bitmap",
+    ):
         assert key in status, key
     assert status["state"] == "completed"
     assert_runs_here(b, "web")
@@ -134,7 +155,11 @@ def test_cli_errors_name_the_problem(make_daemon: MakeDaemon, args: tuple[str, .
 def test_cli_without_a_daemon_says_so(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "migrated.cli", "--socket", str(tmp_path / "none.sock"), "vm", "list"],
-        capture_output=True, text=True, cwd=REPO, timeout=60)
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 1 and "no daemon at" in result.stderr
 
 
@@ -144,4 +169,3 @@ def test_migrate_to_bad_address_is_refused(make_daemon: MakeDaemon) -> None:
     result = migratectl(a, "migrate", "vm1", "--to", "no-port-here")
     assert result.returncode == 1 and "HOST:PORT" in result.stderr
     wait_for(lambda: a.call("vm.show", name="vm1")["state"] == "running", what="vm1 running")
-

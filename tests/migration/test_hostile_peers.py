@@ -54,8 +54,7 @@ MIB = 1 << 20
 PAGE = 4096
 VM_MIB = 64
 SLOT_PAGES = VM_MIB * MIB // PAGE
-SMALL_VM: dict[str, Any] = {"memory_mib": VM_MIB, "vcpus": 1, "working_set_mib": 8,
-                            "dirty_rate_mib_s": 10}
+SMALL_VM: dict[str, Any] = {"memory_mib": VM_MIB, "vcpus": 1, "working_set_mib": 8, "dirty_rate_mib_s": 10}
 BYSTANDER = "bystander"
 # B drops a peer that makes no progress for this long (peer.connect_timeout_s): short, so that
 # a peer that goes silent costs the test seconds, not the default ten.
@@ -84,8 +83,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TargetHost]:
     key = os.urandom(32)
     config = workdir / "b.toml"
     config.write_text(f"[peer]\nconnect_timeout_s = {B_TIMEOUT_S}\n")
-    daemon = DaemonProcess("b", workdir, write_key(workdir / "b.key", key),
-                           extra_args=("--config", str(config)))
+    daemon = DaemonProcess("b", workdir, write_key(workdir / "b.key", key), extra_args=("--config", str(config)))
     kvm = Kvm.open()
     try:
         cpu = vmstate.cpu_features(kvm)
@@ -115,13 +113,19 @@ def assert_unharmed(target: TargetHost) -> None:
     assert daemon.alive(), f"daemon B died:\n{daemon.log()[-4000:]}"
     status = daemon.call("daemon.status")
     assert status["listen"] == daemon.address, status
-    wait_for(lambda: vm_names(daemon) == [BYSTANDER], timeout=10,
-             what=f"B to host only {BYSTANDER} (it has {vm_names(daemon)})")
+    wait_for(
+        lambda: vm_names(daemon) == [BYSTANDER],
+        timeout=10,
+        what=f"B to host only {BYSTANDER} (it has {vm_names(daemon)})",
+    )
     assert daemon.call("daemon.status")["vms"] == 1
     before = daemon.call("vm.show", name=BYSTANDER)
     assert before["state"] == "running", before
-    wait_for(lambda: heartbeat(daemon, BYSTANDER) > before["guest"]["heartbeat_generation"] + 5,
-             timeout=10, what="the bystander's heartbeat to rise")
+    wait_for(
+        lambda: heartbeat(daemon, BYSTANDER) > before["guest"]["heartbeat_generation"] + 5,
+        timeout=10,
+        what="the bystander's heartbeat to rise",
+    )
     after = daemon.call("vm.show", name=BYSTANDER)
     assert after["state"] == "running", after
     assert after["guest"]["verification_errors"] == 0, after
@@ -153,8 +157,7 @@ class LogWatch:
         return events
 
     def find(self, name: str, **fields: Any) -> list[dict[str, Any]]:
-        return [e for e in self.events()
-                if e.get("event") == name and all(e.get(k) == v for k, v in fields.items())]
+        return [e for e in self.events() if e.get("event") == name and all(e.get(k) == v for k, v in fields.items())]
 
     def wait(self, name: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -164,8 +167,7 @@ class LogWatch:
                 return found[0]
             if time.monotonic() > deadline:
                 tail = "\n".join(json.dumps(e) for e in self.events()[-20:])
-                raise AssertionError(f"B logged no {name} {fields} within {timeout} s; "
-                                     f"B's log since:\n{tail}")
+                raise AssertionError(f"B logged no {name} {fields} within {timeout} s; B's log since:\n{tail}")
             time.sleep(0.02)
 
     def names(self) -> list[str]:
@@ -179,16 +181,14 @@ class Peer:
     """A plain TCP socket to B's peer port; with a key, also a transport.Connection (SOURCE)
     that this test drives by hand and may bypass with raw bytes."""
 
-    def __init__(self, target: TargetHost, *, key: bytes | None = None,
-                 unauthenticated: bool = False) -> None:
+    def __init__(self, target: TargetHost, *, key: bytes | None = None, unauthenticated: bool = False) -> None:
         host, port = target.daemon.address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=10)
         # B logs each incoming connection with peer=HOST:PORT of this socket.
         self.address = "{}:{}".format(*self.sock.getsockname()[:2])
         self._conn = None
         if key is not None or unauthenticated:
-            self._conn = Connection(Role.SOURCE, node="hostile-peer", psk=key,
-                                    allow_unauthenticated=unauthenticated)
+            self._conn = Connection(Role.SOURCE, node="hostile-peer", psk=key, allow_unauthenticated=unauthenticated)
 
     @property
     def conn(self) -> Connection:
@@ -247,14 +247,12 @@ class Peer:
                 received += chunk
         except ConnectionResetError:
             pass
-        except socket.timeout:
-            raise AssertionError(f"B kept the connection from {self.address} open for "
-                                 f"{timeout} s") from None
+        except TimeoutError:
+            raise AssertionError(f"B kept the connection from {self.address} open for {timeout} s") from None
         return bytes(received)
 
 
-def frame(header: dict[str, Any] | bytes, payload: bytes = b"", *,
-          payload_len: int | None = None) -> bytes:
+def frame(header: dict[str, Any] | bytes, payload: bytes = b"", *, payload_len: int | None = None) -> bytes:
     """A frame exactly as given (framing.PREFIX, msgpack header, payload), nothing checked."""
     body = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
     length = len(payload) if payload_len is None else payload_len
@@ -265,9 +263,15 @@ def indices(values: list[int]) -> bytes:
     return np.array(values, dtype="<u8").tobytes()
 
 
-def page_batch_frame(slot: int, pages: list[int], zero: tuple[int, ...] | list[int] = (),
-                     *, n_pages: int | None = None, data: bytes | None = None,
-                     header_only: bool = False) -> bytes:
+def page_batch_frame(
+    slot: int,
+    pages: list[int],
+    zero: tuple[int, ...] | list[int] = (),
+    *,
+    n_pages: int | None = None,
+    data: bytes | None = None,
+    header_only: bool = False,
+) -> bytes:
     """A PageBatch frame built by hand: transport.Connection refuses to send an invalid one.
 
     header_only: the prefix (with the payload length the counts call for) and the header,
@@ -285,14 +289,24 @@ def page_batch_frame(slot: int, pages: list[int], zero: tuple[int, ...] | list[i
 
 def page_batch(pages: list[int]) -> PageBatch:
     """A valid batch, sent through the Connection like any honest source would."""
-    return PageBatch(slot=0, round=0, pages=np.array(pages, dtype=np.uint64),
-                     zero_pages=np.empty(0, dtype=np.uint64), data=bytes(PAGE * len(pages)))
+    return PageBatch(
+        slot=0,
+        round=0,
+        pages=np.array(pages, dtype=np.uint64),
+        zero_pages=np.empty(0, dtype=np.uint64),
+        data=bytes(PAGE * len(pages)),
+    )
 
 
 def hello_header(**changes: Any) -> dict[str, Any]:
     header: dict[str, Any] = {
-        "t": "hello", "version_min": 1, "version_max": 1, "node": "hostile-peer",
-        "nonce": os.urandom(limits.NONCE_BYTES), "auth": "psk", "capabilities": [],
+        "t": "hello",
+        "version_min": 1,
+        "version_max": 1,
+        "node": "hostile-peer",
+        "nonce": os.urandom(limits.NONCE_BYTES),
+        "auth": "psk",
+        "capabilities": [],
         "max_batch_bytes": limits.DEFAULT_MAX_BATCH_BYTES,
     }
     header.update(changes)
@@ -309,8 +323,14 @@ def spec_wire(name: str, **changes: Any) -> dict[str, Any]:
     return wire
 
 
-def description(target: TargetHost, name: str, *, spec: dict[str, Any] | None = None,
-                features: dict[str, Any] | None = None, **changes: Any) -> VmDescription:
+def description(
+    target: TargetHost,
+    name: str,
+    *,
+    spec: dict[str, Any] | None = None,
+    features: dict[str, Any] | None = None,
+    **changes: Any,
+) -> VmDescription:
     """What migrated/migration/source.py sends for a small VM, with `changes` applied."""
     fields: dict[str, Any] = {
         "name": name,
@@ -318,8 +338,12 @@ def description(target: TargetHost, name: str, *, spec: dict[str, Any] | None = 
         "memory": ((0, 0, VM_MIB * MIB),),
         "vcpus": 1,
         "guest_kind": "workload",
-        "cpu_features": {"spec": spec_wire(name) if spec is None else spec,
-                         "run_state": "running", **target.cpu, **(features or {})},
+        "cpu_features": {
+            "spec": spec_wire(name) if spec is None else spec,
+            "run_state": "running",
+            **target.cpu,
+            **(features or {}),
+        },
         "dirty_tracking": "ring",
         "arch": "x86_64",
     }
@@ -331,10 +355,16 @@ def description_header(target: TargetHost, vm_name: str, **changes: Any) -> dict
     """A vm_description header for a raw frame: values VmDescription itself would refuse."""
     name = vm_name
     header: dict[str, Any] = {
-        "t": "vm_description", "name": name, "migration_id": f"m-hostile-{uuid.uuid4().hex[:8]}",
-        "memory": [[0, 0, VM_MIB * MIB]], "vcpus": 1, "guest_kind": "workload",
+        "t": "vm_description",
+        "name": name,
+        "migration_id": f"m-hostile-{uuid.uuid4().hex[:8]}",
+        "memory": [[0, 0, VM_MIB * MIB]],
+        "vcpus": 1,
+        "guest_kind": "workload",
         "cpu_features": {"spec": spec_wire(name), "run_state": "running", **target.cpu},
-        "dirty_tracking": "ring", "page_size": PAGE, "arch": "x86_64",
+        "dirty_tracking": "ring",
+        "page_size": PAGE,
+        "arch": "x86_64",
     }
     header.update(changes)
     return header
@@ -348,7 +378,8 @@ def accepted_peer(target: TargetHost, name: str) -> Peer:
         answer = peer.offer(description(target, name))
         assert isinstance(answer, Accept), answer
         assert {"name": name, "state": "incoming"}.items() <= next(
-            vm for vm in target.daemon.call("vm.list") if vm["name"] == name).items()
+            vm for vm in target.daemon.call("vm.list") if vm["name"] == name
+        ).items()
     except BaseException:
         peer.sock.close()
         raise
@@ -366,8 +397,7 @@ def assert_refused_connection(log: LogWatch, peer: Peer, *words: str) -> dict[st
 # ---- 1. the wrong key ---------------------------------------------------------------------
 
 
-def test_source_with_the_wrong_key_is_refused_before_any_vm_data(
-        target: TargetHost, tmp_path: Path) -> None:
+def test_source_with_the_wrong_key_is_refused_before_any_vm_data(target: TargetHost, tmp_path: Path) -> None:
     log = LogWatch(target.daemon)
     a = DaemonProcess("a", tmp_path, write_key(tmp_path / "a.key", os.urandom(32)))
     try:
@@ -380,8 +410,10 @@ def test_source_with_the_wrong_key_is_refused_before_any_vm_data(
         # A keeps its VM, running.
         shown = a.call("vm.show", name="traveller")
         assert shown["state"] == "running", shown
-        wait_for(lambda: heartbeat(a, "traveller") > shown["guest"]["heartbeat_generation"] + 5,
-                 what="traveller's heartbeat to rise on A")
+        wait_for(
+            lambda: heartbeat(a, "traveller") > shown["guest"]["heartbeat_generation"] + 5,
+            what="traveller's heartbeat to rise on A",
+        )
         assert a.call("vm.show", name="traveller")["guest"]["verification_errors"] == 0
     finally:
         a.stop()
@@ -393,8 +425,8 @@ def test_source_with_the_wrong_key_is_refused_before_any_vm_data(
     assert_unharmed(target)
     # Last, so that everything above is checked either way: A's operator learns why.
     assert "authenticat" in (stats.get("error") or "").lower(), (
-        f"A's migration failed, but its error does not say that authentication failed: "
-        f"{stats.get('error')!r}")
+        f"A's migration failed, but its error does not say that authentication failed: {stats.get('error')!r}"
+    )
 
 
 def test_wrong_key_by_hand_gets_no_mac_from_b(target: TargetHost) -> None:
@@ -425,37 +457,55 @@ def _random_garbage() -> bytes:
 
 NOT_THE_PROTOCOL = {
     "64 random bytes": (_random_garbage(), ["frame header length", "exceeds 65536"]),
-    "an HTTP request": (b"GET / HTTP/1.1\r\nHost: migrated\r\nUser-Agent: curl/8.0\r\n\r\n",
-                        ["frame header length 1195725856 exceeds 65536"]),
-    "a TLS ClientHello": (bytes.fromhex("160301020001000200") + bytes(500),
-                          ["frame header length 369295618 exceeds 65536"]),
-    "header length 2**31": (framing.PREFIX.pack(1 << 31, 0) + bytes(64),
-                            ["frame header length 2147483648 exceeds 65536"]),
-    "header length 2**32-1": (framing.PREFIX.pack((1 << 32) - 1, (1 << 32) - 1),
-                              ["frame header length 4294967295 exceeds 65536"]),
+    "an HTTP request": (
+        b"GET / HTTP/1.1\r\nHost: migrated\r\nUser-Agent: curl/8.0\r\n\r\n",
+        ["frame header length 1195725856 exceeds 65536"],
+    ),
+    "a TLS ClientHello": (
+        bytes.fromhex("160301020001000200") + bytes(500),
+        ["frame header length 369295618 exceeds 65536"],
+    ),
+    "header length 2**31": (
+        framing.PREFIX.pack(1 << 31, 0) + bytes(64),
+        ["frame header length 2147483648 exceeds 65536"],
+    ),
+    "header length 2**32-1": (
+        framing.PREFIX.pack((1 << 32) - 1, (1 << 32) - 1),
+        ["frame header length 4294967295 exceeds 65536"],
+    ),
     "header length 0": (framing.PREFIX.pack(0, 0) + bytes(16), ["frame header length 0"]),
-    "payload length 2**31 on a Hello": (frame(hello_header(), payload_len=1 << 31),
-                                        ["frame payload length 2147483648 exceeds 67108864"]),
-    "payload length 2**32-1, header of 16 bytes": (framing.PREFIX.pack(16, (1 << 32) - 1),
-                                                   ["frame payload length 4294967295 exceeds"]),
-    "a payload on a Hello": (frame(hello_header(), b"x" * 100),
-                             ["frame payload length 100 for 'hello', which carries no payload"]),
+    "payload length 2**31 on a Hello": (
+        frame(hello_header(), payload_len=1 << 31),
+        ["frame payload length 2147483648 exceeds 67108864"],
+    ),
+    "payload length 2**32-1, header of 16 bytes": (
+        framing.PREFIX.pack(16, (1 << 32) - 1),
+        ["frame payload length 4294967295 exceeds"],
+    ),
+    "a payload on a Hello": (
+        frame(hello_header(), b"x" * 100),
+        ["frame payload length 100 for 'hello', which carries no payload"],
+    ),
     "a header that is not msgpack": (frame(b"\xc1" * 12), ["not a valid msgpack map"]),
-    "a header that is a msgpack array": (frame(msgpack.packb([1, 2, 3])),
-                                         ["frame header must be a msgpack map, got array"]),
+    "a header that is a msgpack array": (
+        frame(msgpack.packb([1, 2, 3])),
+        ["frame header must be a msgpack map, got array"],
+    ),
     "an unknown message type": (frame({"t": "gimme_root"}), ["unknown message type 'gimme_root'"]),
-    "a Hello without a nonce": (frame({k: v for k, v in hello_header().items() if k != "nonce"}),
-                                ["'hello' message lacks field 'nonce'"]),
-    "a Hello with a str version": (frame(hello_header(version_min="1")),
-                                   ["'hello' field 'version_min' must be int, got str"]),
-    "a Hello with a 1 GiB batch": (frame(hello_header(max_batch_bytes=1 << 30)),
-                                   ["Hello.max_batch_bytes must be in"]),
+    "a Hello without a nonce": (
+        frame({k: v for k, v in hello_header().items() if k != "nonce"}),
+        ["'hello' message lacks field 'nonce'"],
+    ),
+    "a Hello with a str version": (
+        frame(hello_header(version_min="1")),
+        ["'hello' field 'version_min' must be int, got str"],
+    ),
+    "a Hello with a 1 GiB batch": (frame(hello_header(max_batch_bytes=1 << 30)), ["Hello.max_batch_bytes must be in"]),
 }
 
 
 @pytest.mark.parametrize("label", NOT_THE_PROTOCOL)
-def test_bytes_that_are_not_the_protocol_close_that_connection(
-        target: TargetHost, label: str) -> None:
+def test_bytes_that_are_not_the_protocol_close_that_connection(target: TargetHost, label: str) -> None:
     data, words = NOT_THE_PROTOCOL[label]
     log = LogWatch(target.daemon)
     with Peer(target) as peer:
@@ -501,8 +551,8 @@ def test_silent_peer_is_dropped_after_the_timeout(target: TargetHost) -> None:
     assert_unharmed(target)
     error = event["error"]
     assert any(word in error for word in ("handshake", "nothing received", "no progress")), (
-        f"B's error for a peer that stalled in the handshake does not say what timed out: "
-        f"{error!r}")
+        f"B's error for a peer that stalled in the handshake does not say what timed out: {error!r}"
+    )
 
 
 # ---- the handshake: nothing before authentication -----------------------------------------
@@ -532,8 +582,7 @@ def test_vm_data_after_hello_without_auth(target: TargetHost, what: str) -> None
         }[what]
         peer.send_raw(data)
         assert peer.closed_by_target() == b""
-    event_name = {"vm_description": "VmDescription", "page_batch": "PageBatch",
-                  "query": "Query"}[what]
+    event_name = {"vm_description": "VmDescription", "page_batch": "PageBatch", "query": "Query"}[what]
     assert_refused_connection(log, peer, f"{event_name} before authentication completed")
     assert "incoming_vm_accepted" not in log.names()
     assert "query_answered" not in log.names()
@@ -564,42 +613,43 @@ def test_hello_with_no_common_version_is_refused(target: TargetHost) -> None:
 BAD_BATCHES = {
     "page index just past the slot": (
         page_batch_frame(0, [SLOT_PAGES]),
-        [f"page index {SLOT_PAGES} outside slot 0 ({SLOT_PAGES} pages)"]),
+        [f"page index {SLOT_PAGES} outside slot 0 ({SLOT_PAGES} pages)"],
+    ),
     "page index 2**64-1 behind a valid one": (
         page_batch_frame(0, [0, (1 << 64) - 1]),
-        [f"page index {(1 << 64) - 1} outside slot 0 ({SLOT_PAGES} pages)"]),
+        [f"page index {(1 << 64) - 1} outside slot 0 ({SLOT_PAGES} pages)"],
+    ),
     "zero-page index past the slot": (
         page_batch_frame(0, [], [SLOT_PAGES + 5]),
-        [f"zero page index {SLOT_PAGES + 5} outside slot 0 ({SLOT_PAGES} pages)"]),
+        [f"zero page index {SLOT_PAGES + 5} outside slot 0 ({SLOT_PAGES} pages)"],
+    ),
     "payload shorter than its counts": (
         page_batch_frame(0, [1, 2], data=b"\xa5" * PAGE),
-        ["PageBatch payload length 4112 does not match 2 pages + 0 zero pages of 4096 bytes",
-         "expected 8208"]),
+        ["PageBatch payload length 4112 does not match 2 pages + 0 zero pages of 4096 bytes", "expected 8208"],
+    ),
     "payload longer than its counts": (
         page_batch_frame(0, [1], data=b"\xa5" * (2 * PAGE)),
-        ["PageBatch payload length 8200 does not match 1 pages + 0 zero pages", "expected 4104"]),
+        ["PageBatch payload length 8200 does not match 1 pages + 0 zero pages", "expected 4104"],
+    ),
     "count of 2**32 pages": (
         page_batch_frame(0, [1], n_pages=1 << 32),
-        ["PageBatch payload length 4104 does not match 4294967296 pages"]),
-    "unknown slot": (
-        page_batch_frame(7, [0]),
-        ["unknown slot 7 (the VM has slots [0])"]),
-    "slot 2**32-1": (
-        page_batch_frame((1 << 32) - 1, [0]),
-        [f"unknown slot {(1 << 32) - 1}"]),
+        ["PageBatch payload length 4104 does not match 4294967296 pages"],
+    ),
+    "unknown slot": (page_batch_frame(7, [0]), ["unknown slot 7 (the VM has slots [0])"]),
+    "slot 2**32-1": (page_batch_frame((1 << 32) - 1, [0]), [f"unknown slot {(1 << 32) - 1}"]),
     "more than the negotiated batch": (
         page_batch_frame(0, list(range(4096)), header_only=True),
-        ["PageBatch payload length 16809984 exceeds the negotiated max batch 8388608"]),
+        ["PageBatch payload length 16809984 exceeds the negotiated max batch 8388608"],
+    ),
     "a negative round": (
-        frame({"t": "page_batch", "slot": 0, "round": -1, "n_pages": 1, "n_zero": 0},
-              indices([0]) + bytes(PAGE)),
-        ["PageBatch.round must be in"]),
+        frame({"t": "page_batch", "slot": 0, "round": -1, "n_pages": 1, "n_zero": 0}, indices([0]) + bytes(PAGE)),
+        ["PageBatch.round must be in"],
+    ),
 }
 
 
 @pytest.mark.parametrize("label", BAD_BATCHES)
-def test_page_batch_outside_guest_ram_discards_the_incoming_vm(
-        target: TargetHost, label: str) -> None:
+def test_page_batch_outside_guest_ram_discards_the_incoming_vm(target: TargetHost, label: str) -> None:
     data, words = BAD_BATCHES[label]
     name = new_name()
     log = LogWatch(target.daemon)
@@ -658,13 +708,16 @@ def test_done_without_device_state_is_aborted_with_a_reason(target: TargetHost) 
     assert_unharmed(target)
 
 
-@pytest.mark.parametrize(("blob", "words"), [
-    (b"garbage", ["machine state is not valid msgpack"]),
-    (msgpack.packb({}), ["x86 state: missing key 'version'"]),
-    (msgpack.packb({"version": 99}), ["version 99 is newer"]),
-], ids=["not msgpack", "empty map", "future version"])
-def test_malformed_machine_state_is_aborted_with_a_reason(
-        target: TargetHost, blob: bytes, words: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("blob", "words"),
+    [
+        (b"garbage", ["machine state is not valid msgpack"]),
+        (msgpack.packb({}), ["x86 state: missing key 'version'"]),
+        (msgpack.packb({"version": 99}), ["version 99 is newer"]),
+    ],
+    ids=["not msgpack", "empty map", "future version"],
+)
+def test_malformed_machine_state_is_aborted_with_a_reason(target: TargetHost, blob: bytes, words: list[str]) -> None:
     name = new_name()
     log = LogWatch(target.daemon)
     with accepted_peer(target, name) as peer:
@@ -713,13 +766,13 @@ def test_device_state_flood_is_bounded(target: TargetHost) -> None:
             sent += 1
         time.sleep(0.5)  # let B take in what it received
         grown = rss_mib(pid) - rss_before
-        print(f"sent {sent} DeviceState blobs of {blob_bytes >> 20} MiB; B's RSS grew "
-              f"{grown:.0f} MiB")
+        print(f"sent {sent} DeviceState blobs of {blob_bytes >> 20} MiB; B's RSS grew {grown:.0f} MiB")
     log.wait("incoming_vm_discarded", vm=name)
     assert_unharmed(target)
     assert grown < 4 * blob_bytes / MIB, (
         f"B buffered {grown:.0f} MiB of device state from one peer ({sent} blobs of "
-        f"{blob_bytes >> 20} MiB accepted): the number of DeviceState messages is not bounded")
+        f"{blob_bytes >> 20} MiB accepted): the number of DeviceState messages is not bounded"
+    )
 
 
 def rss_mib(pid: int) -> float:
@@ -735,34 +788,22 @@ def rss_mib(pid: int) -> float:
 def _unhostable(target: TargetHost, label: str, name: str) -> VmDescription:
     spec = spec_wire(name)
     cases: dict[str, Any] = {
-        "two memory slots": lambda: description(
-            target, name, memory=((0, 0, VM_MIB * MIB), (1, 1 << 32, 16 * PAGE))),
-        "a slot larger than the spec": lambda: description(
-            target, name, memory=((0, 0, 2 * VM_MIB * MIB),)),
-        "a slot not at address 0": lambda: description(
-            target, name, memory=((0, 1 << 30, VM_MIB * MIB),)),
+        "two memory slots": lambda: description(target, name, memory=((0, 0, VM_MIB * MIB), (1, 1 << 32, 16 * PAGE))),
+        "a slot larger than the spec": lambda: description(target, name, memory=((0, 0, 2 * VM_MIB * MIB),)),
+        "a slot not at address 0": lambda: description(target, name, memory=((0, 1 << 30, VM_MIB * MIB),)),
         "4096 vCPUs": lambda: description(target, name, vcpus=4096),
-        "a spec with 5000 vCPUs": lambda: description(
-            target, name, spec={**spec, "vcpus": 5000}),
-        "an invalid VM name": lambda: description(
-            target, "no such name!", spec={**spec, "name": "no such name!"}),
-        "a spec naming another VM": lambda: description(
-            target, name, spec={**spec, "name": "someone-else"}),
-        "the name of a VM B runs": lambda: description(
-            target, BYSTANDER, spec=spec_wire(BYSTANDER)),
+        "a spec with 5000 vCPUs": lambda: description(target, name, spec={**spec, "vcpus": 5000}),
+        "an invalid VM name": lambda: description(target, "no such name!", spec={**spec, "name": "no such name!"}),
+        "a spec naming another VM": lambda: description(target, name, spec={**spec, "name": "someone-else"}),
+        "the name of a VM B runs": lambda: description(target, BYSTANDER, spec=spec_wire(BYSTANDER)),
         "a spec that is a list": lambda: description(target, name, spec=[1, 2, 3]),  # type: ignore[arg-type]
         "a spec that is a string": lambda: description(target, name, spec="vm"),  # type: ignore[arg-type]
-        "a spec with unknown keys": lambda: description(
-            target, name, spec={**spec, "firmware": "evil.bin"}),
-        "a working set larger than memory": lambda: description(
-            target, name, spec={**spec, "working_set_mib": 4096}),
-        "a foreign CPU": lambda: description(
-            target, name, features={"cpu_vendor": "CyrixInstead"}),
+        "a spec with unknown keys": lambda: description(target, name, spec={**spec, "firmware": "evil.bin"}),
+        "a working set larger than memory": lambda: description(target, name, spec={**spec, "working_set_mib": 4096}),
+        "a foreign CPU": lambda: description(target, name, features={"cpu_vendor": "CyrixInstead"}),
         "another architecture": lambda: description(target, name, arch="aarch64"),
-        "a run state of its own": lambda: description(
-            target, name, features={"run_state": "owned"}),
-        "a state format from the future": lambda: description(
-            target, name, features={"state_version": 99}),
+        "a run state of its own": lambda: description(target, name, features={"run_state": "owned"}),
+        "a state format from the future": lambda: description(target, name, features={"state_version": 99}),
     }
     return cases[label]()  # type: ignore[no-any-return]
 
@@ -799,14 +840,20 @@ def test_unhostable_description_gets_abort_with_a_reason(target: TargetHost, lab
         assert isinstance(answer, Abort), f"B answered {answer} to a VM it cannot host"
         peer.closed_by_target()
     # B refused it (or, should it have failed otherwise, said so): find the event either way.
-    ended = wait_for(lambda: log.find("incoming_vm_refused", peer=peer.address)
-                     or log.find("incoming_migration_crashed", peer=peer.address),
-                     timeout=10, what="B's event for the refused description")[0]
+    ended = wait_for(
+        lambda: (
+            log.find("incoming_vm_refused", peer=peer.address)
+            or log.find("incoming_migration_crashed", peer=peer.address)
+        ),
+        timeout=10,
+        what="B's event for the refused description",
+    )[0]
     assert "incoming_vm_accepted" not in log.names()
     assert "vm_created" not in log.names()
     assert_unharmed(target)
     assert ended["event"] == "incoming_vm_refused", (
-        f"B did not refuse the description as such: {ended['event']}: {answer.reason!r}")
+        f"B did not refuse the description as such: {ended['event']}: {answer.reason!r}"
+    )
     for word in words:
         assert word in answer.reason, (word, answer.reason)
         assert word in ended["error"], (word, ended)
@@ -816,18 +863,20 @@ MALFORMED_DESCRIPTIONS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "5000 vCPUs": ({"vcpus": 5000}, ["VmDescription.vcpus must be in [1, 4096], got 5000"]),
     "0 vCPUs": ({"vcpus": 0}, ["VmDescription.vcpus must be in [1, 4096], got 0"]),
     "a page size of 8 KiB": ({"page_size": 8192}, ["VmDescription.page_size must be one of"]),
-    "overlapping slots": ({"memory": [[0, 0, 2 * MIB], [1, MIB, 2 * MIB]]},
-                          ["slots 0 and 1 overlap"]),
+    "overlapping slots": ({"memory": [[0, 0, 2 * MIB], [1, MIB, 2 * MIB]]}, ["slots 0 and 1 overlap"]),
     "a slot named twice": ({"memory": [[0, 0, MIB], [0, 4 * MIB, MIB]]}, ["names a slot twice"]),
     "RAM above 2**52": ({"memory": [[0, 1 << 52, MIB]]}, ["guest_phys_addr must be in"]),
-    "1025 memory regions": ({"memory": [[i, i * MIB, MIB] for i in range(1025)]},
-                            ["must hold 1 to 1024 regions, got 1025"]),
+    "1025 memory regions": (
+        {"memory": [[i, i * MIB, MIB] for i in range(1025)]},
+        ["must hold 1 to 1024 regions, got 1025"],
+    ),
     "no memory": ({"memory": []}, ["must hold 1 to 1024 regions, got 0"]),
     "a name with a newline": ({"name": "vm\nEVIL log line"}, ["VmDescription.name holds control"]),
     "an unknown field": ({"bootloader": "grub"}, ["unknown field 'bootloader'"]),
     "cpu_features nested 20 deep": (
         {"cpu_features": {"spec": {}, "x": [[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]}},
-        ["cpu_features nests deeper than"]),
+        ["cpu_features nests deeper than"],
+    ),
 }
 
 

@@ -19,10 +19,22 @@ pytestmark = pytest.mark.kvm
 MIB = 1 << 20
 
 
-def create(daemon: DaemonProcess, name: str = "vm1", memory_mib: int = 256, vcpus: int = 2,
-           rate: float | str = 0.0, working_set_mib: int = 64) -> dict[str, Any]:
-    info: dict[str, Any] = daemon.call("vm.create", name=name, memory_mib=memory_mib, vcpus=vcpus,
-                                       dirty_rate_mib_s=rate, working_set_mib=working_set_mib)
+def create(
+    daemon: DaemonProcess,
+    name: str = "vm1",
+    memory_mib: int = 256,
+    vcpus: int = 2,
+    rate: float | str = 0.0,
+    working_set_mib: int = 64,
+) -> dict[str, Any]:
+    info: dict[str, Any] = daemon.call(
+        "vm.create",
+        name=name,
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        dirty_rate_mib_s=rate,
+        working_set_mib=working_set_mib,
+    )
     wait_for(lambda: heartbeat(daemon, name) > 0, what="the guest's first heartbeat")
     return info
 
@@ -35,8 +47,10 @@ def assert_runs_here(daemon: DaemonProcess, name: str) -> dict[str, Any]:
     """The VM runs on `daemon`: state running, heartbeat rising, no verification error."""
     before = daemon.call("vm.show", name=name)
     assert before["state"] == "running", before
-    wait_for(lambda: heartbeat(daemon, name) > before["guest"]["heartbeat_generation"] + 5,
-             what=f"{name}'s heartbeat to rise on {daemon.name}")
+    wait_for(
+        lambda: heartbeat(daemon, name) > before["guest"]["heartbeat_generation"] + 5,
+        what=f"{name}'s heartbeat to rise on {daemon.name}",
+    )
     after = daemon.call("vm.show", name=name)
     assert after["guest"]["verification_errors"] == 0, after
     assert after["error"] is None, after
@@ -53,7 +67,8 @@ def migrate(source: DaemonProcess, target: DaemonProcess, name: str = "vm1", **o
 
 
 @pytest.mark.parametrize(
-    ("label", "rate"), [("idle", 0.0), ("moderate", 64.0)],
+    ("label", "rate"),
+    [("idle", 0.0), ("moderate", 64.0)],
 )
 def test_converging_workloads_migrate_there_and_back(make_daemon: MakeDaemon, label: str, rate: float) -> None:
     a, b = make_daemon("a"), make_daemon("b")
@@ -62,9 +77,20 @@ def test_converging_workloads_migrate_there_and_back(make_daemon: MakeDaemon, la
         generation = heartbeat(source, "vm1")
         stats = migrate(source, target)
         assert stats["state"] == "completed", stats
-        for key in ("total_ms", "setup_ms", "downtime_ms", "bytes_sent", "pages_sent", "zero_pages",
-                    "rounds", "bandwidth_mib_s", "dirty_rate_mib_s", "verify_ms",
-                    "dirty_tracking", "backup_bitmap"):
+        for key in (
+            "total_ms",
+            "setup_ms",
+            "downtime_ms",
+            "bytes_sent",
+            "pages_sent",
+            "zero_pages",
+            "rounds",
+            "bandwidth_mib_s",
+            "dirty_rate_mib_s",
+            "verify_ms",
+            "dirty_tracking",
+            "backup_bitmap",
+        ):
             assert stats.get(key) is not None, (key, stats)
         assert stats["dirty_tracking"] == "ring"
         assert "not in use" in stats["backup_bitmap"] and "R7" in stats["backup_bitmap"]
@@ -73,8 +99,10 @@ def test_converging_workloads_migrate_there_and_back(make_daemon: MakeDaemon, la
         shown = assert_runs_here(target, "vm1")
         # The guest's own counters travelled with its RAM: it goes on from where it stopped.
         assert shown["guest"]["heartbeat_generation"] >= generation
-        print(f"{label} {source.name}->{target.name}: total {stats['total_ms']:.0f} ms, "
-              f"downtime {stats['downtime_ms']:.1f} ms, rounds {stats['rounds']}")
+        print(
+            f"{label} {source.name}->{target.name}: total {stats['total_ms']:.0f} ms, "
+            f"downtime {stats['downtime_ms']:.1f} ms, rounds {stats['rounds']}"
+        )
 
 
 def test_full_speed_guest_converges_or_keeps_running_on_the_source(make_daemon: MakeDaemon) -> None:
@@ -88,15 +116,20 @@ def test_full_speed_guest_converges_or_keeps_running_on_the_source(make_daemon: 
         assert stats["state"] == "failed" and "did not converge" in stats["error"], stats
         assert_runs_here(a, "vm1")
         assert_absent(b, "vm1")
-    print(f"full speed: {stats['state']}, total {stats.get('total_ms')}, downtime "
-          f"{stats.get('downtime_ms')}, rounds {stats['rounds']}, error {stats.get('error')}")
+    print(
+        f"full speed: {stats['state']}, total {stats.get('total_ms')}, downtime "
+        f"{stats.get('downtime_ms')}, rounds {stats['rounds']}, error {stats.get('error')}"
+    )
 
 
 def test_target_killed_during_bulk_copy(make_daemon: MakeDaemon) -> None:
     a, b = make_daemon("a", max_bandwidth_mib_s=64), make_daemon("b")
     create(a, memory_mib=512, rate=32, working_set_mib=400)
-    wait_for(lambda: a.call("vm.show", name="vm1")["guest"]["pages_written"] > 400 * 256,
-             timeout=30, what="the working set to be written once")
+    wait_for(
+        lambda: a.call("vm.show", name="vm1")["guest"]["pages_written"] > 400 * 256,
+        timeout=30,
+        what="the working set to be written once",
+    )
     a.call("migrate", name="vm1", to=b.address)
     wait_migration(a, "vm1", until=("bulk",))
     time.sleep(0.3)
@@ -164,8 +197,20 @@ def test_full_speed_guest_converges_when_throttled(make_daemon: MakeDaemon) -> N
     time.sleep(0.5)
     stats = migrate(a, b)
     assert stats["state"] == "completed", stats["error"]
-    assert stats["throttle_percent"] >= 30, {k: stats[k] for k in ("rounds", "predicted_downtime_ms", "downtime_ms", "final_pages", "dirty_rate_mib_s", "bandwidth_mib_s")}
+    assert stats["throttle_percent"] >= 30, {
+        k: stats[k]
+        for k in (
+            "rounds",
+            "predicted_downtime_ms",
+            "downtime_ms",
+            "final_pages",
+            "dirty_rate_mib_s",
+            "bandwidth_mib_s",
+        )
+    }
     assert_absent(a, "vm1")
     assert_runs_here(b, "vm1")
-    print(f"throttled: {stats['throttle_percent']}%, rounds {stats['rounds']}, downtime "
-          f"{stats['downtime_ms']:.1f} ms, total {stats['total_ms']:.0f} ms")
+    print(
+        f"throttled: {stats['throttle_percent']}%, rounds {stats['rounds']}, downtime "
+        f"{stats['downtime_ms']:.1f} ms, total {stats['total_ms']:.0f} ms"
+    )

@@ -31,7 +31,10 @@ MIB = 1 << 20
 def migratectl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "migrated.cli", "--socket", str(daemon.socket), *args],
-        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
         timeout=120,
     )
 
@@ -46,8 +49,7 @@ def test_boot_sector_console_and_migration(make_daemon: MakeDaemon, tmp_path: Pa
     image = tmp_path / "boot.bin"
     write_image(image, build_boot_sector(params))
     a, b = make_daemon("a"), make_daemon("b")
-    created = migratectl(a, "vm", "create", "bs", "--memory", "64", "--guest", "raw",
-                         "--image", str(image))
+    created = migratectl(a, "vm", "create", "bs", "--memory", "64", "--guest", "raw", "--image", str(image))
     assert created.returncode == 0, created.stderr
     wait_for(lambda: len(passes(a, "bs")) >= 2, what="two pass lines on a")
     console = migratectl(a, "vm", "console", "bs")
@@ -72,11 +74,9 @@ def test_emulated_writes_over_100_mib_migrate_exactly(make_daemon: MakeDaemon, t
     image = tmp_path / "boot.bin"
     write_image(image, build_boot_sector(params))
     a, b = make_daemon("a"), make_daemon("b")
-    created = migratectl(a, "vm", "create", "big", "--memory", "256", "--guest", "raw",
-                         "--image", str(image))
+    created = migratectl(a, "vm", "create", "big", "--memory", "256", "--guest", "raw", "--image", str(image))
     assert created.returncode == 0, created.stderr
-    wait_for(lambda: "protected mode" in a.call("vm.console", name="big")["output"],
-             what="protected mode")
+    wait_for(lambda: "protected mode" in a.call("vm.console", name="big")["output"], what="protected mode")
     a.call("migrate", name="big", to=b.address)
     stats = wait_migration(a, "big")
     assert stats["state"] == "completed", stats["error"]

@@ -29,10 +29,13 @@ def assert_machine_alive(daemon: DaemonProcess, vcpus: int) -> None:
 
     def moved() -> bool:
         now = kernel(daemon)
-        return (all(n > b + 20 for n, b in zip(now["ticks"], before["ticks"]))
-                and now["irqs"] > before["irqs"] + 2 and now["pit_ticks"] > before["pit_ticks"] + 10
-                and now["reg_checks"] > before["reg_checks"]
-                and (vcpus < 2 or now["ipis"][1] > before["ipis"][1] + 10))
+        return (
+            all(n > b + 20 for n, b in zip(now["ticks"], before["ticks"]))
+            and now["irqs"] > before["irqs"] + 2
+            and now["pit_ticks"] > before["pit_ticks"] + 10
+            and now["reg_checks"] > before["reg_checks"]
+            and (vcpus < 2 or now["ipis"][1] > before["ipis"][1] + 10)
+        )
 
     wait_for(moved, timeout=20, what=f"the small OS's counters to move on {daemon.name}")
 
@@ -40,8 +43,9 @@ def assert_machine_alive(daemon: DaemonProcess, vcpus: int) -> None:
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_small_os_migrates_there_and_back(make_daemon: MakeDaemon, vcpus: int) -> None:
     a, b = make_daemon("a"), make_daemon("b")
-    a.call("vm.create", name="os1", memory_mib=128, vcpus=vcpus, guest="smallos",
-           dirty_rate_mib_s=32, working_set_mib=32)
+    a.call(
+        "vm.create", name="os1", memory_mib=128, vcpus=vcpus, guest="smallos", dirty_rate_mib_s=32, working_set_mib=32
+    )
     wait_for(lambda: kernel(a)["ticks"][0] > 10, what="the small OS to tick")
     assert_machine_alive(a, vcpus)
     for source, target in ((a, b), (b, a)):
@@ -55,10 +59,12 @@ def test_small_os_migrates_there_and_back(make_daemon: MakeDaemon, vcpus: int) -
 def test_small_os_keeps_running_when_the_target_dies(make_daemon: MakeDaemon) -> None:
     a = make_daemon("a", max_bandwidth_mib_s=32)
     b = make_daemon("b")
-    a.call("vm.create", name="os1", memory_mib=256, vcpus=2, guest="smallos",
-           dirty_rate_mib_s=64, working_set_mib=128)
-    wait_for(lambda: a.call("vm.show", name="os1")["guest"]["pages_written"] > 128 * 256,
-             timeout=30, what="the working set to be written once")
+    a.call("vm.create", name="os1", memory_mib=256, vcpus=2, guest="smallos", dirty_rate_mib_s=64, working_set_mib=128)
+    wait_for(
+        lambda: a.call("vm.show", name="os1")["guest"]["pages_written"] > 128 * 256,
+        timeout=30,
+        what="the working set to be written once",
+    )
     a.call("migrate", name="os1", to=b.address)
     wait_migration(a, "os1", until=("bulk",))
     b.kill()
@@ -71,8 +77,7 @@ def test_a_migration_that_drops_xsave_is_caught_by_the_guest(make_daemon: MakeDa
     """The negative test: a test-only source (fault source-zero-xsave) loses the vector
     registers; the small OS's own checks count the mismatches on the target."""
     a, b = make_daemon("a", faults="source-zero-xsave"), make_daemon("b")
-    a.call("vm.create", name="os1", memory_mib=128, vcpus=2, guest="smallos",
-           dirty_rate_mib_s=16, working_set_mib=16)
+    a.call("vm.create", name="os1", memory_mib=128, vcpus=2, guest="smallos", dirty_rate_mib_s=16, working_set_mib=16)
     wait_for(lambda: kernel(a)["reg_checks"] > 10, what="register checks on a")
     a.call("migrate", name="os1", to=b.address)
     stats = wait_migration(a, "os1")

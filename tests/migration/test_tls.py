@@ -20,17 +20,57 @@ def _openssl(*args: str) -> None:
 
 def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
     key, cert = directory / f"{name}-ca.key", directory / f"{name}-ca.pem"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name} CA")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name} CA",
+    )
     return key, cert
 
 
 def make_cert(directory: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
     key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.pem"
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[1]), "-CAkey", str(ca[0]),
-             "-CAcreateserial", "-out", str(cert), "-days", "2")
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        f"/CN={name}",
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca[1]),
+        "-CAkey",
+        str(ca[0]),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+    )
     key.chmod(0o600)
     return key, cert
 
@@ -42,8 +82,9 @@ def tls_daemon(tmp_path: Path, name: str, cert: tuple[Path, Path], ca_cert: Path
         f'tls_ca = "{ca_cert}"\nconnect_timeout_s = 3\n'
     )
     # The pre-shared key is not used with TLS; the harness passes one anyway.
-    return DaemonProcess(name, tmp_path, write_key(tmp_path / f"{name}.unused-key"),
-                         extra_args=("--config", str(config)))
+    return DaemonProcess(
+        name, tmp_path, write_key(tmp_path / f"{name}.unused-key"), extra_args=("--config", str(config))
+    )
 
 
 def test_mutual_tls_migration_and_a_stranger_refused(tmp_path: Path) -> None:

@@ -55,9 +55,7 @@ def test_same_contents_at_another_address_differ() -> None:
     page = np.full(PAGE_SIZE, 0x5A, np.uint8)
     assert page_hashes(page, 1)[0] != page_hashes(page, 2)[0]
     swapped = np.concatenate([np.zeros(PAGE_SIZE, np.uint8), page])
-    assert ram_digest([(0, np.concatenate([page, np.zeros(PAGE_SIZE, np.uint8)]))]) != ram_digest(
-        [(0, swapped)]
-    )
+    assert ram_digest([(0, np.concatenate([page, np.zeros(PAGE_SIZE, np.uint8)]))]) != ram_digest([(0, swapped)])
 
 
 def test_bad_input_is_refused() -> None:
@@ -79,6 +77,4 @@ def test_sparse_digest_equals_the_dense_one() -> None:
     assert ram_digest([(1 << 20, ram)], [[(5, 9), (40, 41)]]) == dense
     assert ram_digest([(1 << 20, ram)], [[(0, 12), (39, 64)]]) == dense
     assert ram_digest([(1 << 20, ram)], [[(5, 9)]]) != dense  # page 40 left out: caught
-    np.testing.assert_array_equal(
-        zero_page_hashes(3, 77), page_hashes(np.zeros(3 * PAGE_SIZE, np.uint8), 77)
-    )
+    np.testing.assert_array_equal(zero_page_hashes(3, 77), page_hashes(np.zeros(3 * PAGE_SIZE, np.uint8), 77))

@@ -14,9 +14,7 @@ Ring = npt.NDArray[np.void]
 MakeRing = Callable[..., Ring]
 
 
-def _make_ring(
-    n_entries: int, dirty: Iterable[int] = (), start: int = 0, slot_base: int = 0
-) -> Ring:
+def _make_ring(n_entries: int, dirty: Iterable[int] = (), start: int = 0, slot_base: int = 0) -> Ring:
     """A ring whose entries at (start + k) & (n - 1), k in dirty, are DIRTY.
 
     slot/offset of every entry encode its position so a test can tell them apart:

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
-import pytest
 
 import ringreader
 from ringreader import DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET, harvest
@@ -16,7 +15,6 @@ U32 = 2**32
 
 Outs = Callable[[int], tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]]
 MakeRing = Callable[..., npt.NDArray[np.void]]
-
 
 
 def test_partial_ring_harvests_dirty_prefix(make_ring: MakeRing, outs: Outs) -> None:

@@ -16,7 +16,6 @@ Outs = Callable[[int], tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]]
 MakeRing = Callable[..., npt.NDArray[np.void]]
 
 
-
 def test_error_is_a_value_error() -> None:
     assert issubclass(RingReaderError, ValueError)
 
@@ -102,9 +101,7 @@ def test_misaligned_ring(outs: Outs) -> None:
         ([0] * 8, np.zeros(8, np.uint64), "out_slot must be a numpy array of uint32, got list"),
     ],
 )
-def test_output_arrays_checked(
-    out_slot: object, out_offset: object, match: str, make_ring: MakeRing
-) -> None:
+def test_output_arrays_checked(out_slot: object, out_offset: object, match: str, make_ring: MakeRing) -> None:
     ring = make_ring(8, dirty=range(8))
     with pytest.raises(RingReaderError, match=match):
         harvest(ring, 8, 0, out_slot, out_offset)  # type: ignore[arg-type]

@@ -59,12 +59,15 @@ def test_abort_where_design_allows_it(state: State, role: Role) -> None:
         assert feed(conn, b"") == [ConnectionClosed(clean=True)]
 
 
-@pytest.mark.parametrize(("state", "role", "rule"), [
-    (State.COMMITTED, S, "Abort after Commit"),
-    (State.DONE, S, "Abort after Commit"),
-    (State.LOADED, T, "Abort after Loaded"),
-    (State.COMMITTED, T, "Abort after Loaded"),
-])
+@pytest.mark.parametrize(
+    ("state", "role", "rule"),
+    [
+        (State.COMMITTED, S, "Abort after Commit"),
+        (State.DONE, S, "Abort after Commit"),
+        (State.LOADED, T, "Abort after Loaded"),
+        (State.COMMITTED, T, "Abort after Loaded"),
+    ],
+)
 def test_abort_refused_where_design_forbids_it(state: State, role: Role, rule: str) -> None:
     sender, receiver = side(drive(state), role)
     with pytest.raises(LocalProtocolError, match=rule):
@@ -79,8 +82,9 @@ def test_target_abort_crossing_the_source_stream() -> None:
     """The target aborts while pages, state and Done are on their way: they are checked and
     dropped, not called protocol errors; the source sees the Abort after its Done."""
     source, target = drive(State.PAGES)
-    in_flight = b"".join(source.send(event) for event in (
-        batch(0, [1, 2]), DeviceState("vcpu0", b"r"), Done(2, None, "off")))
+    in_flight = b"".join(
+        source.send(event) for event in (batch(0, [1, 2]), DeviceState("vcpu0", b"r"), Done(2, None, "off"))
+    )
     abort = target.send(Abort("target out of memory"))
     assert feed(target, in_flight) == []
     assert target.dropped_after_abort == 3 and target.state is State.ABORTED
@@ -146,8 +150,11 @@ def test_nothing_after_abort_but_close() -> None:
 
 # --- EOF ----------------------------------------------------------------------------------------
 
-UNCLEAN = [s for s in State if s not in (State.DONE, State.ANSWERED, State.CLOSED, State.ERROR,
-                                          State.SOURCE_CLOSED, State.TARGET_CLOSED)]
+UNCLEAN = [
+    s
+    for s in State
+    if s not in (State.DONE, State.ANSWERED, State.CLOSED, State.ERROR, State.SOURCE_CLOSED, State.TARGET_CLOSED)
+]
 
 
 @pytest.mark.parametrize("state", UNCLEAN, ids=lambda s: s.value)

@@ -36,18 +36,34 @@ LIMITS = {0: SLOT0_PAGES, 1: SLOT1_PAGES}
 
 def streams() -> dict[str, tuple[State, int, bytes]]:
     """name -> (state both sides start in, which side is fed: 0 source, 1 target, valid bytes)."""
-    hello = raw_frame({"t": "hello", "version_min": 1, "version_max": 1, "node": "x",
-                       "nonce": b"n" * 32, "auth": "psk", "capabilities": ["a"],
-                       "max_batch_bytes": 8 << 20})
+    hello = raw_frame(
+        {
+            "t": "hello",
+            "version_min": 1,
+            "version_max": 1,
+            "node": "x",
+            "nonce": b"n" * 32,
+            "auth": "psk",
+            "capabilities": ["a"],
+            "max_batch_bytes": 8 << 20,
+        }
+    )
     return {
         "hello": (State.START, 1, hello),
         "describe": (State.READY, 1, encoded(description()) + encoded(Query(MIGRATION_ID))),
-        "pages": (State.PAGES, 1, b"".join([
-            encoded(batch(0, [1, 2, 63], [0, 5])), encoded(batch(1, [15], [])),
-            encoded(DeviceState("vcpu0", b"\x00" * 50)), encoded(Done(6, b"d" * 32, "full")),
-        ])),
-        "cutover": (State.LOADING, 0, encoded(Progress(1, 2, 3)) + encoded(Loaded(b"d" * 32))
-                    + encoded(Abort("x"))),
+        "pages": (
+            State.PAGES,
+            1,
+            b"".join(
+                [
+                    encoded(batch(0, [1, 2, 63], [0, 5])),
+                    encoded(batch(1, [15], [])),
+                    encoded(DeviceState("vcpu0", b"\x00" * 50)),
+                    encoded(Done(6, b"d" * 32, "full")),
+                ]
+            ),
+        ),
+        "cutover": (State.LOADING, 0, encoded(Progress(1, 2, 3)) + encoded(Loaded(b"d" * 32)) + encoded(Abort("x"))),
     }
 
 
@@ -63,9 +79,9 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
         elif kind == 2:
             out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
         elif kind == 3:
-            del out[at:at + rng.randint(1, 16)]
+            del out[at : at + rng.randint(1, 16)]
         else:
-            out[at:at + 4] = rng.randrange(1 << 32).to_bytes(4, "big")
+            out[at : at + 4] = rng.randrange(1 << 32).to_bytes(4, "big")
         if not out:
             out = bytearray(b"\x00")
     return bytes(out)
@@ -75,7 +91,7 @@ def feed_chunks(rng: random.Random, conn: Connection, data: bytes) -> None:
     offset = 0
     while offset < len(data):
         step = rng.choice([1, 3, 64, 4096, len(data)])
-        conn.receive_data(data[offset:offset + step])
+        conn.receive_data(data[offset : offset + step])
         offset += step
         while (event := conn.next_event()) is not NEED_DATA:
             if isinstance(event, PageBatch):

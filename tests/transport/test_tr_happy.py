@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 from tr_helpers import (
     KEY,
-    MIGRATION_ID,
     PAGE,
     SLOT0_PAGES,
     SLOT1_PAGES,
-    S,
-    T,
     batch,
     description,
     drain,
@@ -74,12 +71,25 @@ def source_batches(memory: dict[int, np.ndarray]) -> list[PageBatch]:
         for chunk in np.array_split(indices, max(1, len(ram) // 10)):
             is_zero = ~ram[chunk].any(axis=1)
             pages = np.ascontiguousarray(chunk[~is_zero])
-            batches.append(PageBatch(slot=slot, round=0, pages=pages,
-                                     zero_pages=np.ascontiguousarray(chunk[is_zero]),
-                                     data=np.ascontiguousarray(ram[pages])))
+            batches.append(
+                PageBatch(
+                    slot=slot,
+                    round=0,
+                    pages=pages,
+                    zero_pages=np.ascontiguousarray(chunk[is_zero]),
+                    data=np.ascontiguousarray(ram[pages]),
+                )
+            )
     dirty = np.array([1, 2, 3], dtype=np.uint64)
-    batches.append(PageBatch(slot=0, round=1, pages=dirty, zero_pages=np.array([], np.uint64),
-                             data=np.ascontiguousarray(memory[0][dirty])))
+    batches.append(
+        PageBatch(
+            slot=0,
+            round=1,
+            pages=dirty,
+            zero_pages=np.array([], np.uint64),
+            data=np.ascontiguousarray(memory[0][dirty]),
+        )
+    )
     return batches
 
 
@@ -89,8 +99,7 @@ def apply_batch(memory: dict[int, np.ndarray], event: PageBatch) -> None:
     ram[event.zero_pages] = 0
 
 
-def run_migration(source: Connection, target: Connection,
-                  carry: Carrier) -> tuple[list[Event], list[Event]]:
+def run_migration(source: Connection, target: Connection, carry: Carrier) -> tuple[list[Event], list[Event]]:
     """The whole protocol; `carry(sender, receiver, event)` moves one event's bytes."""
     memory = guest_memory()
     received = {slot: np.full((pages, PAGE), 0xAA, np.uint8) for slot, pages in SLOTS.items()}
@@ -142,7 +151,7 @@ class ByteAtATime(Carrier):
         events: list[Event] = []
         data = sender.send(event)
         for offset in range(len(data)):
-            receiver.receive_data(data[offset:offset + 1])
+            receiver.receive_data(data[offset : offset + 1])
             got = drain(receiver)
             assert not got or offset == len(data) - 1, "an event before its last byte"
             events += got
@@ -162,15 +171,14 @@ class Buffers(Carrier):
         while offset < len(data):
             target = receiver.get_receive_buffer(self.random.choice([1, 7, 100, 5000, 1 << 20]))
             n = min(len(target), len(data) - offset, self.random.randint(1, 9000))
-            target[:n] = data[offset:offset + n]
+            target[:n] = data[offset : offset + n]
             receiver.receive_buffer_updated(n)
             offset += n
             events += drain(receiver)
         return events
 
 
-@pytest.mark.parametrize("carrier", [Whole(), ByteAtATime(), Buffers()],
-                         ids=lambda carrier: type(carrier).__name__)
+@pytest.mark.parametrize("carrier", [Whole(), ByteAtATime(), Buffers()], ids=lambda carrier: type(carrier).__name__)
 def test_full_migration_with_psk(carrier: Carrier) -> None:
     source, target = make_pair()
     at_source, at_target = run_migration(source, target, carrier)
@@ -179,8 +187,8 @@ def test_full_migration_with_psk(carrier: Carrier) -> None:
     assert kinds[-5:] == ["DeviceState", "DeviceState", "Done", "Commit", "Close"]
     assert [type(e).__name__ for e in at_source][-3:] == ["Loaded", "Running", "Close"]
     assert source.negotiated == Negotiated(
-        version=1, auth="psk", capabilities=frozenset(), max_batch_bytes=8 << 20,
-        peer_node="host-b")
+        version=1, auth="psk", capabilities=frozenset(), max_batch_bytes=8 << 20, peer_node="host-b"
+    )
     assert target.negotiated is not None and target.negotiated.peer_node == "host-a"
     pages = sum(e.pages.size + e.zero_pages.size for e in at_target if isinstance(e, PageBatch))
     assert pages == target.pages_transferred == source.pages_transferred > SLOT0_PAGES
@@ -211,13 +219,12 @@ def test_events_arrive_equal_to_what_was_sent() -> None:
 
 
 def test_negotiation_takes_highest_version_common_caps_and_smallest_batch() -> None:
-    source = Connection(Role.SOURCE, node="a", psk=KEY, capabilities={"zero-pages", "digest"},
-                        max_batch_bytes=4 << 20)
+    source = Connection(Role.SOURCE, node="a", psk=KEY, capabilities={"zero-pages", "digest"}, max_batch_bytes=4 << 20)
     target = Connection(Role.TARGET, node="b", psk=KEY, capabilities={"digest", "compress"})
     handshake(source, target)
     assert source.negotiated == Negotiated(
-        version=1, auth="psk", capabilities=frozenset({"digest"}), max_batch_bytes=4 << 20,
-        peer_node="b")
+        version=1, auth="psk", capabilities=frozenset({"digest"}), max_batch_bytes=4 << 20, peer_node="b"
+    )
     assert target.negotiated is not None
     assert target.negotiated.max_batch_bytes == 4 << 20
     assert target.negotiated.capabilities == frozenset({"digest"})
@@ -268,7 +275,7 @@ def test_events_outlive_later_reads() -> None:
     stream = b"".join(source.send(batch(0, [page])) for page in range(40))
     events: list[Event] = []
     for offset in range(0, len(stream), 3000):
-        target.receive_data(stream[offset:offset + 3000])
+        target.receive_data(stream[offset : offset + 3000])
         events += drain(target)
     assert all(isinstance(e, PageBatch) for e in events)
     datas = [bytes(e.data) for e in events if isinstance(e, PageBatch)]

@@ -48,8 +48,14 @@ NONCE = b"n" * 32
 
 def hello_fields(**changes: object) -> dict[str, object]:
     fields: dict[str, object] = {
-        "t": "hello", "version_min": 1, "version_max": 1, "node": "evil", "nonce": NONCE,
-        "auth": "psk", "capabilities": [], "max_batch_bytes": 8 << 20,
+        "t": "hello",
+        "version_min": 1,
+        "version_max": 1,
+        "node": "evil",
+        "nonce": NONCE,
+        "auth": "psk",
+        "capabilities": [],
+        "max_batch_bytes": 8 << 20,
     }
     fields.update(changes)
     return fields
@@ -77,13 +83,15 @@ def test_garbage_bytes() -> None:
 
 
 def test_garbage_that_passes_the_prefix_is_not_msgpack() -> None:
-    refused(target_at(State.START), struct.pack(">II", 4, 0) + b"\xc1\xc1\xc1\xc1",
-            r"frame header is not a valid msgpack map")
+    refused(
+        target_at(State.START),
+        struct.pack(">II", 4, 0) + b"\xc1\xc1\xc1\xc1",
+        r"frame header is not a valid msgpack map",
+    )
 
 
 def test_oversized_header_length_refused_on_the_prefix_alone() -> None:
-    refused(target_at(State.START), struct.pack(">II", 9999999, 0),
-            r"frame header length 9999999 exceeds 65536")
+    refused(target_at(State.START), struct.pack(">II", 9999999, 0), r"frame header length 9999999 exceeds 65536")
 
 
 def test_zero_header_length() -> None:
@@ -91,14 +99,18 @@ def test_zero_header_length() -> None:
 
 
 def test_oversized_payload_length_refused_on_the_prefix_alone() -> None:
-    refused(target_at(State.PAGES), struct.pack(">II", 10, (64 << 20) + 1),
-            r"frame payload length 67108865 exceeds 67108864")
+    refused(
+        target_at(State.PAGES),
+        struct.pack(">II", 10, (64 << 20) + 1),
+        r"frame payload length 67108865 exceeds 67108864",
+    )
 
 
 def test_payload_on_a_message_without_one() -> None:
     source, target = drive(State.DESCRIBED)
-    refused(source, raw_frame({"t": "accept"}, b"12345"),
-            r"frame payload length 5 for 'accept', which carries no payload")
+    refused(
+        source, raw_frame({"t": "accept"}, b"12345"), r"frame payload length 5 for 'accept', which carries no payload"
+    )
 
 
 @pytest.mark.parametrize("cut", [3, 8, 30, 60, 100, 8000])
@@ -113,25 +125,25 @@ def test_truncated_frame_then_eof(cut: int) -> None:
 
 def test_header_is_not_a_map() -> None:
     body = msgpack.packb(["hello"])
-    refused(target_at(State.START), struct.pack(">II", len(body), 0) + body,
-            r"frame header must be a msgpack map, got array")
+    refused(
+        target_at(State.START),
+        struct.pack(">II", len(body), 0) + body,
+        r"frame header must be a msgpack map, got array",
+    )
 
 
 def test_header_trailing_bytes() -> None:
     body = msgpack.packb(hello_fields()) + b"\x00"
-    refused(target_at(State.START), struct.pack(">II", len(body), 0) + body,
-            r"not a valid msgpack map")
+    refused(target_at(State.START), struct.pack(">II", len(body), 0) + body, r"not a valid msgpack map")
 
 
 def test_msgpack_ext_types_refused() -> None:
     body = msgpack.packb({"t": "abort", "reason": msgpack.ExtType(5, b"xx")})
-    refused(target_at(State.READY), struct.pack(">II", len(body), 0) + body,
-            r"not a valid msgpack map")
+    refused(target_at(State.READY), struct.pack(">II", len(body), 0) + body, r"not a valid msgpack map")
 
 
 def test_unknown_type() -> None:
-    refused(target_at(State.START), raw_frame({"t": "teleport"}),
-            r"unknown message type 'teleport'")
+    refused(target_at(State.START), raw_frame({"t": "teleport"}), r"unknown message type 'teleport'")
 
 
 def test_missing_type() -> None:
@@ -146,8 +158,11 @@ def test_missing_field() -> None:
 
 @pytest.mark.parametrize(("value", "got"), [("1", "str"), (True, "bool"), (1.0, "float")])
 def test_field_of_the_wrong_type(value: object, got: str) -> None:
-    refused(target_at(State.START), raw_frame(hello_fields(version_min=value)),
-            rf"'hello' field 'version_min' must be int, got {got}")
+    refused(
+        target_at(State.START),
+        raw_frame(hello_fields(version_min=value)),
+        rf"'hello' field 'version_min' must be int, got {got}",
+    )
 
 
 def test_unknown_field_refused_except_in_hello() -> None:
@@ -162,31 +177,43 @@ def test_unknown_field_refused_except_in_hello() -> None:
 
 
 def test_wrong_version() -> None:
-    refused(target_at(State.START), raw_frame(hello_fields(version_min=2, version_max=5)),
-            r"no common protocol version: peer speaks 2..5, this side 1..1")
+    refused(
+        target_at(State.START),
+        raw_frame(hello_fields(version_min=2, version_max=5)),
+        r"no common protocol version: peer speaks 2..5, this side 1..1",
+    )
 
 
-@pytest.mark.parametrize(("changes", "match"), [
-    ({"version_min": 0}, r"Hello.version_min must be in \[1, 65535\], got 0"),
-    ({"version_min": 3, "version_max": 2}, r"Hello.version_max must be in \[3, 65535\], got 2"),
-    ({"nonce": b"short"}, r"Hello.nonce must be 32 bytes, got 5 bytes"),
-    ({"auth": "magic"}, r"Hello.auth must be one of \['none', 'psk', 'tls'\], got 'magic'"),
-    ({"node": "a\x1b[31mb"}, r"Hello.node holds control characters"),
-    ({"max_batch_bytes": 1 << 40}, r"Hello.max_batch_bytes must be in \[1048576, 67108864\]"),
-    ({"capabilities": [{"x": 1}]}, r"Hello.capabilities must be a str, got dict"),
-])
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"version_min": 0}, r"Hello.version_min must be in \[1, 65535\], got 0"),
+        ({"version_min": 3, "version_max": 2}, r"Hello.version_max must be in \[3, 65535\], got 2"),
+        ({"nonce": b"short"}, r"Hello.nonce must be 32 bytes, got 5 bytes"),
+        ({"auth": "magic"}, r"Hello.auth must be one of \['none', 'psk', 'tls'\], got 'magic'"),
+        ({"node": "a\x1b[31mb"}, r"Hello.node holds control characters"),
+        ({"max_batch_bytes": 1 << 40}, r"Hello.max_batch_bytes must be in \[1048576, 67108864\]"),
+        ({"capabilities": [{"x": 1}]}, r"Hello.capabilities must be a str, got dict"),
+    ],
+)
 def test_invalid_hello_fields(changes: dict[str, object], match: str) -> None:
     refused(target_at(State.START), raw_frame(hello_fields(**changes)), match)
 
 
-@pytest.mark.parametrize(("source_mode", "target_mode", "match"), [
-    ({"tls": True}, {"psk": b"k" * 16}, r"auth mismatch: peer offers 'tls', this side is "
-                                        r"configured for 'psk'"),
-    ({"allow_unauthenticated": True}, {"psk": b"k" * 16}, r"peer offers 'none'"),
-    ({"psk": b"k" * 16}, {"allow_unauthenticated": True}, r"peer offers 'psk'"),
-])
-def test_auth_modes_must_agree(source_mode: dict[str, object], target_mode: dict[str, object],
-                               match: str) -> None:
+@pytest.mark.parametrize(
+    ("source_mode", "target_mode", "match"),
+    [
+        (
+            {"tls": True},
+            {"psk": b"k" * 16},
+            r"auth mismatch: peer offers 'tls', this side is "
+            r"configured for 'psk'",
+        ),
+        ({"allow_unauthenticated": True}, {"psk": b"k" * 16}, r"peer offers 'none'"),
+        ({"psk": b"k" * 16}, {"allow_unauthenticated": True}, r"peer offers 'psk'"),
+    ],
+)
+def test_auth_modes_must_agree(source_mode: dict[str, object], target_mode: dict[str, object], match: str) -> None:
     source = Connection(Role.SOURCE, node="a", **source_mode)  # type: ignore[arg-type]
     target = Connection(Role.TARGET, node="b", **target_mode)  # type: ignore[arg-type]
     refused(target, source.send(source.make_hello()), match)
@@ -278,24 +305,34 @@ def test_own_events_must_come_from_the_helpers() -> None:
 # --- VM description -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("changes", "match"), [
-    ({"memory": [[0, 0, 4096], [1, 0, 4096]]}, r"VmDescription.memory slots 0 and 1 overlap"),
-    ({"memory": [[0, 0, 4096], [0, 8192, 4096]]}, r"VmDescription.memory names a slot twice"),
-    ({"memory": [[0, 100, 4096]]}, r"multiples of the page size 4096"),
-    ({"memory": []}, r"VmDescription.memory must hold 1 to 1024 regions, got 0"),
-    ({"memory": [[0, 0, 1 << 53]]}, r"VmDescription.memory\[slot 0\].size must be in"),
-    ({"vcpus": 0}, r"VmDescription.vcpus must be in \[1, 4096\], got 0"),
-    ({"page_size": 1000}, r"VmDescription.page_size must be one of"),
-    ({"arch": "sparc"}, r"VmDescription.arch must be one of"),
-    ({"cpu_features": {"a": [[[[[[[[[[1]]]]]]]]]]}}, r"cpu_features nests deeper than 8"),
-    ({"cpu_features": {"a": float("nan")}}, r"cpu_features holds a non-finite float"),
-    ({"cpu_features": 5}, r"'vm_description' field 'cpu_features' must be map or array, got int"),
-])
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"memory": [[0, 0, 4096], [1, 0, 4096]]}, r"VmDescription.memory slots 0 and 1 overlap"),
+        ({"memory": [[0, 0, 4096], [0, 8192, 4096]]}, r"VmDescription.memory names a slot twice"),
+        ({"memory": [[0, 100, 4096]]}, r"multiples of the page size 4096"),
+        ({"memory": []}, r"VmDescription.memory must hold 1 to 1024 regions, got 0"),
+        ({"memory": [[0, 0, 1 << 53]]}, r"VmDescription.memory\[slot 0\].size must be in"),
+        ({"vcpus": 0}, r"VmDescription.vcpus must be in \[1, 4096\], got 0"),
+        ({"page_size": 1000}, r"VmDescription.page_size must be one of"),
+        ({"arch": "sparc"}, r"VmDescription.arch must be one of"),
+        ({"cpu_features": {"a": [[[[[[[[[[1]]]]]]]]]]}}, r"cpu_features nests deeper than 8"),
+        ({"cpu_features": {"a": float("nan")}}, r"cpu_features holds a non-finite float"),
+        ({"cpu_features": 5}, r"'vm_description' field 'cpu_features' must be map or array, got int"),
+    ],
+)
 def test_invalid_description(changes: dict[str, object], match: str) -> None:
     fields: dict[str, object] = {
-        "t": "vm_description", "name": "vm", "migration_id": MIGRATION_ID,
-        "memory": [[0, 0, 1 << 20]], "vcpus": 1, "guest_kind": "workload", "cpu_features": {},
-        "dirty_tracking": "ring", "page_size": 4096, "arch": "x86_64",
+        "t": "vm_description",
+        "name": "vm",
+        "migration_id": MIGRATION_ID,
+        "memory": [[0, 0, 1 << 20]],
+        "vcpus": 1,
+        "guest_kind": "workload",
+        "cpu_features": {},
+        "dirty_tracking": "ring",
+        "page_size": 4096,
+        "arch": "x86_64",
     }
     fields.update(changes)
     refused(target_at(State.READY), raw_frame(fields), match)
@@ -304,12 +341,26 @@ def test_invalid_description(changes: dict[str, object], match: str) -> None:
 # --- page batches -------------------------------------------------------------------------------
 
 
-def page_frame(slot: int, pages: list[int], zero: list[int] = (), *,  # type: ignore[assignment]
-               n_pages: int | None = None, data: bytes | None = None) -> bytes:
-    header = {"t": "page_batch", "slot": slot, "round": 0,
-              "n_pages": len(pages) if n_pages is None else n_pages, "n_zero": len(zero)}
-    payload = (np.array(pages, "<u8").tobytes() + np.array(zero, "<u8").tobytes()
-               + (bytes(PAGE * len(pages)) if data is None else data))
+def page_frame(
+    slot: int,
+    pages: list[int],
+    zero: list[int] = (),
+    *,  # type: ignore[assignment]
+    n_pages: int | None = None,
+    data: bytes | None = None,
+) -> bytes:
+    header = {
+        "t": "page_batch",
+        "slot": slot,
+        "round": 0,
+        "n_pages": len(pages) if n_pages is None else n_pages,
+        "n_zero": len(zero),
+    }
+    payload = (
+        np.array(pages, "<u8").tobytes()
+        + np.array(zero, "<u8").tobytes()
+        + (bytes(PAGE * len(pages)) if data is None else data)
+    )
     return raw_frame(header, payload)
 
 
@@ -322,14 +373,12 @@ def big_vm_target() -> Connection:
 
 
 def test_page_index_outside_the_slot() -> None:
-    err = refused(big_vm_target(), page_frame(0, [5, 70000, 6]),
-                  r"^page index 70000 outside slot 0 \(65536 pages\)$")
+    err = refused(big_vm_target(), page_frame(0, [5, 70000, 6]), r"^page index 70000 outside slot 0 \(65536 pages\)$")
     assert isinstance(err.__cause__, LocalProtocolError)
 
 
 def test_zero_page_index_outside_the_slot() -> None:
-    refused(big_vm_target(), page_frame(3, [], [0, 1]),
-            r"zero page index 1 outside slot 3 \(1 pages\)")
+    refused(big_vm_target(), page_frame(3, [], [0, 1]), r"zero page index 1 outside slot 3 \(1 pages\)")
 
 
 def test_unknown_slot() -> None:
@@ -337,14 +386,20 @@ def test_unknown_slot() -> None:
 
 
 def test_count_and_length_mismatch() -> None:
-    refused(big_vm_target(), page_frame(0, [1], n_pages=2),
-            r"PageBatch payload length 4104 does not match 2 pages \+ 0 zero pages of 4096 bytes "
-            r"\(expected 8208\)")
+    refused(
+        big_vm_target(),
+        page_frame(0, [1], n_pages=2),
+        r"PageBatch payload length 4104 does not match 2 pages \+ 0 zero pages of 4096 bytes "
+        r"\(expected 8208\)",
+    )
 
 
 def test_short_data_mismatch() -> None:
-    refused(big_vm_target(), page_frame(0, [1, 2], data=bytes(PAGE)),
-            r"PageBatch payload length 4112 does not match 2 pages")
+    refused(
+        big_vm_target(),
+        page_frame(0, [1, 2], data=bytes(PAGE)),
+        r"PageBatch payload length 4112 does not match 2 pages",
+    )
 
 
 def test_empty_batch() -> None:
@@ -352,8 +407,11 @@ def test_empty_batch() -> None:
 
 
 def test_page_data_before_accept() -> None:
-    refused(target_at(State.DESCRIBED), page_frame(0, [1]),
-            r"from the source: page data \(PageBatch\) before Accept \(state DESCRIBED")
+    refused(
+        target_at(State.DESCRIBED),
+        page_frame(0, [1]),
+        r"from the source: page data \(PageBatch\) before Accept \(state DESCRIBED",
+    )
 
 
 def test_refused_from_the_header_before_the_payload_arrives() -> None:
@@ -369,14 +427,13 @@ def test_batch_over_the_negotiated_max() -> None:
     handshake(source, target)
     transfer(source, target, description())
     transfer(target, source, Accept())
-    big = PageBatch(slot=0, round=0, pages=np.arange(256, dtype=np.uint64) % 64,
-                    zero_pages=u64(), data=bytes(256 * PAGE))
-    with pytest.raises(LocalProtocolError,
-                       match=r"1050624 exceeds the negotiated max batch 1048576"):
+    big = PageBatch(
+        slot=0, round=0, pages=np.arange(256, dtype=np.uint64) % 64, zero_pages=u64(), data=bytes(256 * PAGE)
+    )
+    with pytest.raises(LocalProtocolError, match=r"1050624 exceeds the negotiated max batch 1048576"):
         source.send(big)
     pages = list(range(64)) * 4
-    refused(target, page_frame(0, pages),
-            r"PageBatch payload length 1050624 exceeds the negotiated max batch 1048576")
+    refused(target, page_frame(0, pages), r"PageBatch payload length 1050624 exceeds the negotiated max batch 1048576")
 
 
 def test_local_batches_are_checked_against_the_layout_too() -> None:
@@ -387,29 +444,27 @@ def test_local_batches_are_checked_against_the_layout_too() -> None:
         source.send(batch(9, [0]))
     with pytest.raises(LocalProtocolError, match=r"PageBatch.data holds 100 bytes"):
         PageBatch(slot=0, round=0, pages=u64(1, 2, 3), zero_pages=u64(), data=bytes(100))
-    with pytest.raises(LocalProtocolError,
-                       match=r"PageBatch.pages must have dtype uint64, got int64"):
+    with pytest.raises(LocalProtocolError, match=r"PageBatch.pages must have dtype uint64, got int64"):
         PageBatch(slot=0, round=0, pages=np.array([1]), zero_pages=u64(), data=bytes(PAGE))
     with pytest.raises(LocalProtocolError, match=r"PageBatch.data is 8192 bytes; 1 pages of 4096"):
-        source.send(
-            PageBatch(slot=0, round=0, pages=u64(1), zero_pages=u64(), data=bytes(2 * PAGE)))
+        source.send(PageBatch(slot=0, round=0, pages=u64(1), zero_pages=u64(), data=bytes(2 * PAGE)))
     assert source.state is State.PAGES and source.pages_transferred == 0
 
 
 def test_device_state_too_large() -> None:
-    refused(target_at(State.PAGES),
-            raw_frame({"t": "device_state", "kind": "vcpu0"}, payload_len=(16 << 20) + 1),
-            r"DeviceState payload length 16777217 exceeds 16777216")
+    refused(
+        target_at(State.PAGES),
+        raw_frame({"t": "device_state", "kind": "vcpu0"}, payload_len=(16 << 20) + 1),
+        r"DeviceState payload length 16777217 exceeds 16777216",
+    )
 
 
 def test_done_must_count_the_pages_sent() -> None:
     source, target = drive(State.PAGES)
     transfer(source, target, batch(0, [1, 2], [3]))
-    with pytest.raises(LocalProtocolError,
-                       match=r"Done.pages_total 5 but this connection carried 3"):
+    with pytest.raises(LocalProtocolError, match=r"Done.pages_total 5 but this connection carried 3"):
         source.send(Done(5, None, "off"))
-    refused(target, encoded(Done(5, None, "off")),
-            r"Done.pages_total 5 but this connection carried 3 page entries")
+    refused(target, encoded(Done(5, None, "off")), r"Done.pages_total 5 but this connection carried 3 page entries")
 
 
 def test_loaded_digest_must_match_done() -> None:
@@ -422,19 +477,27 @@ def test_loaded_digest_must_match_done() -> None:
 
 def test_query_result_must_answer_the_query() -> None:
     source, target = drive(State.QUERIED)
-    refused(source, encoded(QueryResult("some-other-id", "aborted")),
-            r"QueryResult.migration_id 'some-other-id' does not answer Query 'mig-0001'")
+    refused(
+        source,
+        encoded(QueryResult("some-other-id", "aborted")),
+        r"QueryResult.migration_id 'some-other-id' does not answer Query 'mig-0001'",
+    )
 
 
 def test_invalid_strings_and_choices() -> None:
-    refused(target_at(State.READY), raw_frame({"t": "abort", "reason": "x\ny"}),
-            r"Abort.reason holds control characters")
-    refused(drive(State.QUERIED)[0],
-            raw_frame({"t": "query_result", "migration_id": MIGRATION_ID, "state": "maybe"}),
-            r"QueryResult.state must be one of \['aborted', 'running', 'unknown'\], got 'maybe'")
-    refused(target_at(State.PAGES), raw_frame({"t": "done", "pages_total": 0, "digest": None,
-                                               "verify": "full"}),
-            r'Done.digest is required with verify="full"')
+    refused(
+        target_at(State.READY), raw_frame({"t": "abort", "reason": "x\ny"}), r"Abort.reason holds control characters"
+    )
+    refused(
+        drive(State.QUERIED)[0],
+        raw_frame({"t": "query_result", "migration_id": MIGRATION_ID, "state": "maybe"}),
+        r"QueryResult.state must be one of \['aborted', 'running', 'unknown'\], got 'maybe'",
+    )
+    refused(
+        target_at(State.PAGES),
+        raw_frame({"t": "done", "pages_total": 0, "digest": None, "verify": "full"}),
+        r'Done.digest is required with verify="full"',
+    )
 
 
 def test_abort_from_any_text() -> None:

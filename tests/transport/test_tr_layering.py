@@ -33,13 +33,8 @@ def test_no_module_names_io_or_an_upper_layer() -> None:
 
 
 def test_import_pulls_in_no_io() -> None:
-    code = (
-        "import sys, transport\n"
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    )
+    code = f"import sys, transport\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 

@@ -54,7 +54,8 @@ def test_design_section_5_in_the_table() -> None:
         assert (S, Abort) not in TRANSITIONS[state] and (T, Abort) not in TRANSITIONS[state]
     for state in (State.START, State.HELLO, State.AUTH_SOURCE, State.AUTH_TARGET):
         assert {event for _, event in TRANSITIONS[state]} <= {
-            sample for sample in MESSAGE_EVENTS if sample.__name__ in ("Hello", "Auth")}
+            sample for sample in MESSAGE_EVENTS if sample.__name__ in ("Hello", "Auth")
+        }
 
 
 @pytest.mark.parametrize("case", FORBIDDEN, ids=_id)
@@ -98,10 +99,10 @@ def test_hints_name_the_rule() -> None:
 
 def test_in_flight_sets_follow_the_table() -> None:
     assert in_flight_after_abort([State.PAGES], S) == {
-        type(e) for e in sample_events().values()
-        if type(e).__name__ in ("PageBatch", "DeviceState", "Done", "Abort")}
+        type(e) for e in sample_events().values() if type(e).__name__ in ("PageBatch", "DeviceState", "Done", "Abort")
+    }
     assert in_flight_after_abort([State.LOADING], T) == {
-        type(e) for e in sample_events().values()
-        if type(e).__name__ in ("Progress", "Loaded", "Abort")}
+        type(e) for e in sample_events().values() if type(e).__name__ in ("Progress", "Loaded", "Abort")
+    }
     assert in_flight_after_abort([State.LOADED], T) == set()
     assert Close not in in_flight_after_abort(list(State), S)

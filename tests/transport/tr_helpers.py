@@ -86,9 +86,12 @@ def handshake(source: Connection, target: Connection) -> None:
 
 def description(**changes: Any) -> VmDescription:
     fields: dict[str, Any] = dict(
-        name="vm1", migration_id=MIGRATION_ID,
+        name="vm1",
+        migration_id=MIGRATION_ID,
         memory=((0, 0, SLOT0_PAGES * PAGE), (1, 1 << 32, SLOT1_PAGES * PAGE)),
-        vcpus=2, guest_kind="workload", cpu_features={"cpuid": [[1, 0, 0x1234]], "pvm": True},
+        vcpus=2,
+        guest_kind="workload",
+        cpu_features={"cpuid": [[1, 0, 0x1234]], "pvm": True},
         dirty_tracking="ring",
     )
     fields.update(changes)
@@ -107,8 +110,13 @@ def u64(*values: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
 
 def batch(slot: int, pages: Sequence[int], zero: Sequence[int] = (), round_: int = 0) -> PageBatch:
     data = b"".join(page_bytes(slot, page, round_) for page in pages)
-    return PageBatch(slot=slot, round=round_, pages=np.array(pages, dtype=np.uint64),
-                     zero_pages=np.array(zero, dtype=np.uint64), data=bytearray(data))
+    return PageBatch(
+        slot=slot,
+        round=round_,
+        pages=np.array(pages, dtype=np.uint64),
+        zero_pages=np.array(zero, dtype=np.uint64),
+        data=bytearray(data),
+    )
 
 
 def sample_events() -> dict[type[Event], Event]:
@@ -182,9 +190,7 @@ def drive(state: State, *, aborter: Role = S, **both: Any) -> tuple[Connection, 
     return pair
 
 
-def raw_frame(
-    header: dict[str, Any], payload: bytes = b"", *, payload_len: int | None = None
-) -> bytes:
+def raw_frame(header: dict[str, Any], payload: bytes = b"", *, payload_len: int | None = None) -> bytes:
     """A frame exactly as given: nothing checked, as a hostile peer would write it."""
     body: bytes = msgpack.packb(header, use_bin_type=True)
     length = len(payload) if payload_len is None else payload_len

@@ -67,16 +67,13 @@ class BootSectorParams:
     def check_fits(self, memory_bytes: int) -> None:
         if self.end > memory_bytes:
             raise ValueError(
-                f"boot sector region {self.base:#x}-{self.end:#x} does not fit in "
-                f"{memory_bytes >> 20} MiB of RAM"
+                f"boot sector region {self.base:#x}-{self.end:#x} does not fit in {memory_bytes >> 20} MiB of RAM"
             )
 
 
 def pass_numbers(words: npt.NDArray[np.uint32], base: int) -> npt.NDArray[np.uint32]:
     """Which pass wrote each word of the region starting at `base` (mod 2^32 arithmetic)."""
-    addresses = (np.uint32(base) + np.arange(words.size, dtype=np.uint32) * np.uint32(4)).astype(
-        np.uint32
-    )
+    addresses = (np.uint32(base) + np.arange(words.size, dtype=np.uint32) * np.uint32(4)).astype(np.uint32)
     diff = words.astype(np.uint32) - addresses
     return (diff * np.uint32(PASS_KEY_INVERSE)).astype(np.uint32)
 

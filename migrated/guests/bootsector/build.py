@@ -38,8 +38,7 @@ def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         raise BootSectorBuildError(
-            f"{name} not found on PATH: building the boot sector needs GNU as and ld "
-            "(Debian: apt-get install binutils)"
+            f"{name} not found on PATH: building the boot sector needs GNU as and ld (Debian: apt-get install binutils)"
         )
     return path
 
@@ -48,8 +47,7 @@ def _run(argv: list[str]) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise BootSectorBuildError(
-            f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n"
-            f"{proc.stdout}{proc.stderr}"
+            f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout}{proc.stderr}"
         )
 
 
@@ -60,8 +58,23 @@ def assemble(source: Path = SOURCE) -> bytes:
         obj, out = Path(tmp) / "boot.o", Path(tmp) / "boot.bin"
         _run([as_, "--32", "-o", str(obj), str(source)])
         _run(
-            [ld, "-m", "elf_i386", "-Ttext", f"{LOAD_ADDR:#x}", "-e", "_start", "--build-id=none",
-             "-z", "noexecstack", "--oformat", "binary", "-o", str(out), str(obj)]
+            [
+                ld,
+                "-m",
+                "elf_i386",
+                "-Ttext",
+                f"{LOAD_ADDR:#x}",
+                "-e",
+                "_start",
+                "--build-id=none",
+                "-z",
+                "noexecstack",
+                "--oformat",
+                "binary",
+                "-o",
+                str(out),
+                str(obj),
+            ]
         )
         image = out.read_bytes()
     if len(image) != SECTOR_BYTES or image[510:] != b"\x55\xaa":
@@ -89,7 +102,12 @@ def configure(image: bytes, params: BootSectorParams) -> bytes:
     read_params(image)
     patched = bytearray(image)
     _PARAMS.pack_into(
-        patched, PARAMS_OFFSET, PARAMS_MAGIC, PARAMS_VERSION, params.base, params.bytes,
+        patched,
+        PARAMS_OFFSET,
+        PARAMS_MAGIC,
+        PARAMS_VERSION,
+        params.base,
+        params.bytes,
         params.print_every,
     )
     return bytes(patched)
@@ -118,12 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m migrated.guests.bootsector.build", description=__doc__.splitlines()[0]
     )
     parser.add_argument("out", type=Path, help="where to write the 512-byte image")
-    parser.add_argument("--base", type=_int, default=defaults.base,
-                        help=f"first byte of the region the guest rewrites (default {defaults.base:#x})")
-    parser.add_argument("--bytes", type=_int, default=defaults.bytes,
-                        help=f"size of that region (default {defaults.bytes:#x})")
-    parser.add_argument("--print-every", type=int, default=defaults.print_every,
-                        help=f"print 'pass N' every this many passes (default {defaults.print_every})")
+    parser.add_argument(
+        "--base",
+        type=_int,
+        default=defaults.base,
+        help=f"first byte of the region the guest rewrites (default {defaults.base:#x})",
+    )
+    parser.add_argument(
+        "--bytes", type=_int, default=defaults.bytes, help=f"size of that region (default {defaults.bytes:#x})"
+    )
+    parser.add_argument(
+        "--print-every",
+        type=int,
+        default=defaults.print_every,
+        help=f"print 'pass N' every this many passes (default {defaults.print_every})",
+    )
     args = parser.parse_args(argv)
     try:
         params = BootSectorParams(base=args.base, bytes=args.bytes, print_every=args.print_every)
@@ -132,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BootSectorBuildError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"built {args.out} ({len(image)} bytes; region {params.base:#x}+{params.bytes:#x}, "
-          f"'pass N' every {params.print_every} passes)")
+    print(
+        f"built {args.out} ({len(image)} bytes; region {params.base:#x}+{params.bytes:#x}, "
+        f"'pass N' every {params.print_every} passes)"
+    )
     return 0
 
 
