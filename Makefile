@@ -6,11 +6,23 @@ SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader
 	$(wildcard migrated/pagehash/*.[ch]) migrated/pagehash/_build.py \
 	$(wildcard migrated/guests/x86_64/*) $(wildcard migrated/guests/aarch64/*) migrated/guests/build.py
 
-.PHONY: venv build test typecheck demo caps bench clean
+.PHONY: venv build test typecheck lint format demo caps bench clean system-packages FORCE
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: $(SOURCES)
+# The Debian packages of .ci/system-packages (the one list, shared with .ci/run).
+system-packages:
+	@bash .ci/install-system-packages
+
+# What the package build compiles with: a cross compiler that appears later (or a new gcc)
+# changes this file, and the virtualenv is rebuilt, so the arm64 guest image gets built then.
+$(VENV)/.toolchain: system-packages FORCE
+	@mkdir -p $(VENV)
+	@fp="$$(for t in gcc objcopy aarch64-linux-gnu-gcc aarch64-linux-gnu-objcopy; do \
+	  command -v $$t >/dev/null && echo "$$t $$($$t --version | head -1)" || echo "$$t absent"; done)"; \
+	if [ "$$fp" != "$$(cat $@ 2>/dev/null)" ]; then echo "$$fp" > $@; fi
+
+$(VENV)/.installed: $(SOURCES) $(VENV)/.toolchain
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
 	$(PY) -m pip install -q -e '.[test]'
@@ -27,6 +39,13 @@ test: venv
 
 typecheck: venv
 	$(PY) -m mypy migrated transport ringreader
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
 
 demo: venv
 	$(PY) -m migrated.demo
