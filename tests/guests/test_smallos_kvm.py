@@ -110,34 +110,42 @@ def assert_clean(vm: Vm, guest: WorkloadGuest) -> None:
     assert 0 <= own - shared <= len(status), (own, shared)  # one increment in flight per vCPU
 
 
-def running_figures(
-    vm: Vm, guest: WorkloadGuest, seconds: float
-) -> tuple[list[SmallOsStatus], list[SmallOsStatus], float]:
-    a = so(guest.status(vm.ram))
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    b = so(guest.status(vm.ram))
-    return a, b, time.monotonic() - t0
-
-
 def check_moving(vm: Vm, guest: WorkloadGuest, vcpus: int) -> None:
     """Over half a second: ticks near the rate, IPIs on the others, the PIT, injected IRQs,
     and every CPL3 check running."""
     a = so(guest.status(vm.ram))
     t0 = time.monotonic()
-    for _ in range(10):
+    # One pulse at a time, each counted before the next: two pulses the guest has not yet taken
+    # would merge into one (an edge), which says nothing about the guest.
+    for n in range(1, 11):
         pulse_irq(vm, 4)
-        time.sleep(0.05)
+        wait_for(vm, guest, lambda s, n=n: s[0].irqs >= a[0].irqs + n, 10.0)
+    b = wait_for(
+        vm,
+        guest,
+        lambda s: (
+            all(
+                y.ticks >= x.ticks + 10
+                and y.reg_checks > x.reg_checks
+                and y.clock_reads > x.clock_reads
+                and y.msr_checks > x.msr_checks
+                and y.atomic_checks > x.atomic_checks
+                for x, y in zip(a, s)
+            )
+            and s[0].pit_ticks >= a[0].pit_ticks + 5
+            and all(s[v].ipis > a[v].ipis for v in range(1, vcpus))
+        ),
+        10.0,
+    )
     elapsed = time.monotonic() - t0
-    b = wait_for(vm, guest, lambda s: s[0].irqs >= a[0].irqs + 10, 1.0)
     assert b[0].irqs == a[0].irqs + 10
+    # Only upper bounds against the clock: a loaded host may run the guest late, never early.
+    # The rates themselves are measured by bench/state.py.
     for x, y in zip(a, b):
         ticks = y.ticks - x.ticks
-        assert 0.5 * TICK_HZ * elapsed < ticks < 1.5 * TICK_HZ * elapsed + 5, (ticks, elapsed)
-        assert y.reg_checks > x.reg_checks and y.clock_reads > x.clock_reads
-        assert y.msr_checks > x.msr_checks and y.atomic_checks > x.atomic_checks
+        assert ticks < 1.5 * TICK_HZ * elapsed + 5, (ticks, elapsed)
     pit = b[0].pit_ticks - a[0].pit_ticks
-    assert 0.5 * PIT_HZ * elapsed < pit < 1.5 * PIT_HZ * elapsed + 5, (pit, elapsed)
+    assert pit < 1.5 * PIT_HZ * elapsed + 5, (pit, elapsed)
     for v in range(1, vcpus):
         assert b[v].ipis > a[v].ipis
     assert b[0].ipis == 0
@@ -147,7 +155,7 @@ def check_moving(vm: Vm, guest: WorkloadGuest, vcpus: int) -> None:
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_small_os_runs_and_stays_clean(vcpus: int) -> None:
     with booted(vcpus) as (_, vm, guest):
-        status = wait_for(vm, guest, lambda s: all(x.kstate == abi.WLX_K_USER and x.reg_checks > 5 for x in s), 3.0)
+        status = wait_for(vm, guest, lambda s: all(x.kstate == abi.WLX_K_USER and x.reg_checks > 5 for x in s), 10.0)
         assert all(s.features & abi.WLX_FEAT_KVMCLOCK for s in status)
         check_moving(vm, guest, vcpus)
         vm.pause()
@@ -179,7 +187,7 @@ def migrate_into_new_vm(kvm: Kvm, vm: Vm, vcpus: int, drop: str | None = None) -
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_small_os_survives_a_full_state_round_trip(vcpus: int) -> None:
     with booted(vcpus) as (kvm, vm, guest):
-        wait_for(vm, guest, lambda s: all(x.reg_checks > 20 for x in s), 3.0)
+        wait_for(vm, guest, lambda s: all(x.reg_checks > 20 for x in s), 10.0)
         before = so(guest.status(vm.ram))
         with migrate_into_new_vm(kvm, vm, vcpus) as target:
             target.start()
@@ -203,7 +211,7 @@ def test_small_os_survives_a_full_state_round_trip(vcpus: int) -> None:
 def test_small_os_catches_a_restore_that_leaves_state_out(drop: str) -> None:
     vcpus = 2
     with booted(vcpus) as (kvm, vm, guest):
-        wait_for(vm, guest, lambda s: all(x.reg_checks > 20 for x in s), 3.0)
+        wait_for(vm, guest, lambda s: all(x.reg_checks > 20 for x in s), 10.0)
         before = so(guest.status(vm.ram))
         assert all(x.reg_mismatches == 0 for x in before)
         with migrate_into_new_vm(kvm, vm, vcpus, drop=drop) as target:
@@ -220,9 +228,11 @@ def test_small_os_catches_a_restore_that_leaves_state_out(drop: str) -> None:
                 assert all(x.reg_mismatches >= 1 for x in after), after
                 assert all(x.reg_bad_mask & (abi.WLX_R_ZMM | abi.WLX_R_MXCSR) for x in after)
             else:
-                # No LAPIC state: timers, ticks and IPIs stop (and the guest can tell).
-                time.sleep(0.2)
-                later = so(guest.status(target.ram))
+                # No LAPIC state: timers, ticks and IPIs stop (and the guest can tell). The witness
+                # that the guest had time to take ticks: its CPL3 checks went on meanwhile.
+                later = wait_for(
+                    target, guest, lambda s: all(y.reg_checks > x.reg_checks + 200 for x, y in zip(after, s)), 10.0
+                )
                 assert [x.ticks for x in later] == [x.ticks for x in after], (after, later)
                 assert later[1].ipis == after[1].ipis
             target.pause()

@@ -67,8 +67,8 @@ def heartbeats(status: list[VcpuStatus]) -> list[int]:
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_guest_runs_dirties_and_verifies(vcpus: int) -> None:
     with booted(WorkloadParams(vcpus=vcpus, working_set_bytes=WORKING_SET)) as (vm, guest):
-        first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
-        wait_for(vm, guest, lambda s: all(b.heartbeat > a.heartbeat for a, b in zip(first, s)), 1.0)
+        first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 10.0)
+        wait_for(vm, guest, lambda s: all(b.heartbeat > a.heartbeat for a, b in zip(first, s)), 10.0)
         # Three sweeps each, so every page was re-verified at least twice by the guest.
         status = wait_for(vm, guest, lambda s: all(x.sweep > 3 for x in s), 10.0)
         assert all(s.state is VcpuState.WRITING and s.started for s in status)
@@ -85,41 +85,46 @@ def test_guest_runs_dirties_and_verifies(vcpus: int) -> None:
 def test_guest_stays_correct_across_pause_and_resume() -> None:
     with booted(WorkloadParams(vcpus=2, working_set_bytes=WORKING_SET)) as (vm, guest):
         for _ in range(5):
-            wait_for(vm, guest, lambda s: all(x.pages_written > 0 for x in s), 1.0)
+            wait_for(vm, guest, lambda s: all(x.pages_written > 0 for x in s), 10.0)
             time.sleep(0.05)
             vm.pause()
             report = guest.verify(vm.ram)
             assert report.ok, report
             written = [s.pages_written for s in guest.status(vm.ram)]
             vm.resume()
-            wait_for(vm, guest, lambda s, written=written: all(x.pages_written > w for x, w in zip(s, written)), 1.0)
+            wait_for(vm, guest, lambda s, written=written: all(x.pages_written > w for x, w in zip(s, written)), 10.0)
         assert [s.verify_errors for s in guest.status(vm.ram)] == [0, 0]
 
 
 def test_rate_zero_idles_with_heartbeats_and_rates_change_live() -> None:
     params = WorkloadParams(vcpus=2, working_set_bytes=WORKING_SET, dirty_rate_mib_s=0)
     with booted(params) as (vm, guest):
-        first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
-        status = wait_for(vm, guest, lambda s: all(b.heartbeat > a.heartbeat + 50 for a, b in zip(first, s)), 2.0)
+        first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 10.0)
+        status = wait_for(vm, guest, lambda s: all(b.heartbeat > a.heartbeat + 50 for a, b in zip(first, s)), 10.0)
         assert [s.pages_written for s in status] == [0, 0]
         assert all(s.state is VcpuState.IDLE for s in status)
 
         guest.set_rate(vm.write_guest, 4)  # 1024 pages/s in all, 512 per vCPU
         t0 = time.monotonic()
-        start = wait_for(vm, guest, lambda s: all(x.rate_seen == 512 for x in s), 1.0)
-        time.sleep(0.3)
-        end = guest.status(vm.ram)
+        start = wait_for(vm, guest, lambda s: all(x.rate_seen == 512 for x in s), 10.0)
+        end = wait_for(
+            vm,
+            guest,
+            lambda s, start=start: all(b.pages_written > a.pages_written + 50 for a, b in zip(start, s)),
+            10.0,
+        )
         elapsed = time.monotonic() - t0
         for a, b in zip(start, end):
             assert 0 < b.pages_written - a.pages_written <= 512 * elapsed + 512 // 100 + 2
             assert b.state in (VcpuState.THROTTLED, VcpuState.WRITING)
 
         guest.set_rate(vm.write_guest, math.inf)
-        wait_for(vm, guest, lambda s: all(x.pages_written > 4 * 4096 for x in s), 5.0)
+        wait_for(vm, guest, lambda s: all(x.pages_written > 4 * 4096 for x in s), 10.0)
         guest.set_rate(vm.write_guest, 0)
-        status = wait_for(vm, guest, lambda s: all(x.state is VcpuState.IDLE for x in s), 1.0)
-        time.sleep(0.05)
-        assert [s.pages_written for s in guest.status(vm.ram)] == [s.pages_written for s in status]
+        status = wait_for(vm, guest, lambda s: all(x.state is VcpuState.IDLE for x in s), 10.0)
+        # The witness that the guest ran meanwhile (and would have written, if it wrongly did).
+        later = wait_for(vm, guest, lambda s: all(b.heartbeat > a.heartbeat + 20 for a, b in zip(status, s)), 10.0)
+        assert [s.pages_written for s in later] == [s.pages_written for s in status]
         vm.pause()
         assert guest.verify(vm.ram).ok
 
@@ -130,13 +135,14 @@ def test_passes_mode_writes_exactly_one_pass_per_request(vcpus: int) -> None:
     with booted(params) as (vm, guest):
         layout = guest.layout
         shares = [layout.share(v)[1] for v in range(vcpus)]
-        status = wait_for(vm, guest, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0)
+        status = wait_for(vm, guest, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 10.0)
         assert [s.pages_written for s in status] == [0] * vcpus
         for n in (1, 2, 3):
             assert guest.request_pass(vm.write_guest, vm.ram) == n
-            wait_for(vm, guest, lambda s, n=n: all(x.passes_done == n for x in s), 5.0)
-            wait_for(vm, guest, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0)
-            time.sleep(0.05)  # time enough to write more, if the guest wrongly would
+            wait_for(vm, guest, lambda s, n=n: all(x.passes_done == n for x in s), 10.0)
+            waiting = wait_for(vm, guest, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 10.0)
+            # Heartbeats are the witness that it ran long enough to write more, if it wrongly would.
+            wait_for(vm, guest, lambda s, w=waiting: all(b.heartbeat > a.heartbeat + 20 for a, b in zip(w, s)), 10.0)
             status = guest.status(vm.ram)
             assert guest.passes_done(vm.ram) == [n] * vcpus
             assert [s.pages_written for s in status] == [n * c for c in shares]
@@ -167,5 +173,5 @@ def test_guest_reports_bad_parameters_instead_of_running() -> None:
         word = guest.layout.params + 8 * abi.WL_P_VERSION
         vm.write_guest(word, (abi.WL_VERSION + 1).to_bytes(8, "little"))
         vm.start()
-        status = wait_for(vm, guest, lambda s: s[0].heartbeat > 10, 1.0)
+        status = wait_for(vm, guest, lambda s: s[0].heartbeat > 10, 10.0)
         assert status[0].state is VcpuState.BAD_PARAMS and status[0].pages_written == 0

@@ -52,7 +52,7 @@ pytestmark = pytest.mark.kvm
 
 MIB = 1 << 20
 MEMORY = 64 * MIB
-RUN_S = 0.3
+WAIT_S = 30.0  # a deadline for guest progress, generous for a loaded host
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def pit_without_load_times(pit2: bytes) -> list[tuple[Any, ...]]:
 def migrate_in_process(vcpus: int, devices: bool, kvm: Kvm) -> None:
     with build_vm(kvm, vcpus, devices) as source, build_vm(kvm, vcpus, devices) as target:
         guest = start_workload(source, vcpus, devices)
-        time.sleep(RUN_S)
+        wait_guest(source, guest, lambda st: all(s.started and s.heartbeat > 0 and s.pages_written > 0 for s in st))
         source.pause()
         assert_vcpus_healthy(source)
         before = guest.status(source.ram)
@@ -149,7 +149,11 @@ def migrate_in_process(vcpus: int, devices: bool, kvm: Kvm) -> None:
         assert_same_state(state, again)
 
         target.start()
-        time.sleep(RUN_S)
+        wait_guest(
+            target,
+            guest,
+            lambda st: all(a.heartbeat > b.heartbeat and a.pages_written > b.pages_written for b, a in zip(before, st)),
+        )
         target.pause()
         assert_vcpus_healthy(target)
         after = guest.status(target.ram)
@@ -180,6 +184,16 @@ def assert_same_state(saved: VmState, again: VmState) -> None:
     assert again.irqchip == saved.irqchip
     if saved.pit2:
         assert pit_without_load_times(again.pit2) == pit_without_load_times(saved.pit2)
+
+
+def wait_guest(vm: Vm, guest: WorkloadGuest, condition: Callable[[list[VcpuStatus]], bool]) -> None:
+    """Until the guest's own status words say `condition` (a deadline, not a fixed run time)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition(guest.status(vm.ram)):
+        errors = [v.error for v in vm.vcpus if v.error is not None]
+        assert not errors, errors
+        assert time.monotonic() < deadline, f"timed out; guest status: {guest.status(vm.ram)}"
+        time.sleep(0.005)
 
 
 def assert_continued(before: list[VcpuStatus], after: list[VcpuStatus]) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import MakeDaemon
-from daemons import wait_migration
+from daemons import wait_for, wait_migration
 from migrated.guests.workload import plan_layout, verify_pages
 from test_migration import assert_runs_here, create, heartbeat
 
@@ -26,8 +25,13 @@ def test_pause_dump_resume(make_daemon: MakeDaemon, tmp_path: Path) -> None:
     shown = a.call("vm.pause", name="vm1")
     assert shown["state"] == "paused"
     frozen = heartbeat(a, "vm1")
-    time.sleep(0.3)
+    # A second guest is the witness that guests were given time to run meanwhile: a fixed sleep
+    # would pass for the wrong reason on a host too busy to run anything.
+    create(a, name="witness", memory_mib=16, vcpus=1, working_set_mib=4)
+    witness = heartbeat(a, "witness")
+    wait_for(lambda: heartbeat(a, "witness") > witness + 20, what="the witness guest to run")
     assert heartbeat(a, "vm1") == frozen, "a paused guest does not run"
+    a.call("vm.stop", name="witness")
     dump = tmp_path / "ram.bin"
     result = a.call("vm.dump", name="vm1", file=str(dump))
     assert result["length"] == 64 * MIB
