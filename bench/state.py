@@ -29,6 +29,7 @@ from migrated.kvm import x86_state  # noqa: E402
 from migrated.kvm.memory import GuestMemory  # noqa: E402
 from migrated.kvm.system import Kvm  # noqa: E402
 from migrated.kvm.vcpu import ensure_kick_handler  # noqa: E402
+from migrated.kvm.arch import host_arch
 from migrated.kvm.vm import Vm  # noqa: E402
 
 MIB = 1 << 20
@@ -36,7 +37,7 @@ MEMORY = 64 * MIB
 
 
 def build_vm(kvm: Kvm, vcpus: int, name: str) -> Vm:
-    vm = Vm(kvm, kvm.caps(), name)
+    vm = Vm(kvm, kvm.caps(), host_arch(), name)
     try:
         vm.enable_dirty_ring(1 << 20)
         vm.add_memory(GuestMemory.flat(MEMORY, name=f"{name}-ram"))

@@ -25,6 +25,7 @@ from .guests.layout import MAX_MEMORY
 from .guests.workload import WorkloadGuest, WorkloadParams, plan_layout
 from .kvm.system import Kvm
 from .kvm.vcpu import Vcpu
+from .kvm.arch import create_vm
 from .kvm.vm import DIRTY_TRACKING_MODES, DirtyTrackingMode, Vm, VmConfig
 
 MIB = 1 << 20
@@ -288,7 +289,7 @@ def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | N
     """A new VM with its guest loaded and running (blocking: call it off the event loop).
     `console_log`: the file a raw guest's UART output is appended to."""
     image = read_raw_image(spec.image, spec.memory_bytes) if spec.guest == "raw" else b""
-    vm = Vm.create(kvm, config)
+    vm = create_vm(kvm, config)
     ports: PcPorts | None = None
     log: ConsoleLog | None = None
     warnings: list[str] = []
@@ -316,7 +317,7 @@ def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | N
 def create_incoming(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None) -> HostedVm:
     """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running.
     A raw guest gets the same devices, empty: their state comes with the vCPUs' (vmstate)."""
-    vm = Vm.create(kvm, config)
+    vm = create_vm(kvm, config)
     ports: PcPorts | None = None
     log: ConsoleLog | None = None
     try:

@@ -46,8 +46,6 @@ import numpy.typing as npt
 
 from migrated.kvm import aarch64 as arm
 from migrated.kvm import uapi
-from migrated.kvm._libc import ioctl
-from migrated.kvm.errors import KvmIoctlError
 
 from . import abi
 from .layout import WorkingSetGeometry, WorkloadLayout
@@ -502,11 +500,7 @@ def start_vcpu_at(vcpu: Vcpu, entry: VcpuEntry) -> None:
     arm.set_reg(vcpu, "X0", entry.x0)
     arm.set_reg(vcpu, "X1", entry.x1)
     arm.set_reg(vcpu, "PSTATE", entry.pstate)
-    state = uapi.kvm_mp_state(mp_state=uapi.KVM_MP_STATE_RUNNABLE)
-    try:
-        ioctl(vcpu.fd, uapi.KVM_SET_MP_STATE, state)
-    except OSError as err:
-        raise KvmIoctlError(f"vCPU {vcpu.index}: KVM_SET_MP_STATE(RUNNABLE)", err) from err
+    vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
 
 
 # ---- the view -------------------------------------------------------------------------------

@@ -93,22 +93,8 @@ class IncompatibleStateError(StateError):
 
 
 # --------------------------------------------------------------------------------------------
-# ioctl plumbing (module-level `ioctl`, so that tests can record every request)
+# vCPU checks
 # --------------------------------------------------------------------------------------------
-def _vm_ioctl(vm: Vm, step: str, request: int, arg: Any = 0) -> int:
-    try:
-        return ioctl(vm.fd, request, arg)
-    except OSError as err:
-        raise KvmIoctlError(step, err) from err
-
-
-def _vcpu_ioctl(vcpu: Vcpu, step: str, request: int, arg: Any = 0) -> int:
-    try:
-        return ioctl(vcpu.fd, request, arg)
-    except OSError as err:
-        raise KvmIoctlError(f"vCPU {vcpu.index}: {step}", err) from err
-
-
 def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
     for vcpu in vcpus:
         if vcpu.state is VcpuThreadState.RUNNING:
@@ -169,7 +155,7 @@ def create_device(vm: Vm, dev_type: int, name: str) -> Device:
     """KVM_CREATE_DEVICE: "Creates an emulated device in the kernel. The file descriptor
     returned in fd can be used with KVM_SET/GET/HAS_DEVICE_ATTR." """
     request = uapi.kvm_create_device(type=dev_type)
-    _vm_ioctl(vm, f"KVM_CREATE_DEVICE({name})", uapi.KVM_CREATE_DEVICE, request)
+    vm.ioctl(f"KVM_CREATE_DEVICE({name})", uapi.KVM_CREATE_DEVICE, request)
     return Device(int(request.fd), name)
 
 
@@ -233,7 +219,7 @@ def preferred_target(vm: Vm) -> uapi.kvm_vcpu_init:
     returned will have feature bits set if the preferred target recommends setting these
     features, but this is not mandatory." """
     init = uapi.kvm_vcpu_init()
-    _vm_ioctl(vm, "KVM_ARM_PREFERRED_TARGET", uapi.KVM_ARM_PREFERRED_TARGET, init)
+    vm.ioctl("KVM_ARM_PREFERRED_TARGET", uapi.KVM_ARM_PREFERRED_TARGET, init)
     return init
 
 
@@ -264,7 +250,7 @@ def init_vcpus(vm: Vm, *, secondaries_off: bool = True) -> None:
     if secondaries_off and len(vm.vcpus) > 1:
         needed.append((uapi.KVM_CAP_ARM_PSCI, "KVM_CAP_ARM_PSCI", "KVM_ARM_VCPU_POWER_OFF"))
     for cap, cap_name, feature in needed:
-        if _vm_ioctl(vm, f"KVM_CHECK_EXTENSION({cap_name})", uapi.KVM_CHECK_EXTENSION, cap) <= 0:
+        if vm.ioctl(f"KVM_CHECK_EXTENSION({cap_name})", uapi.KVM_CHECK_EXTENSION, cap) <= 0:
             raise KvmCapabilityError(f"this arm64 KVM lacks {cap_name}, which {feature} needs")
     preferred = preferred_target(vm)
     # "Emulate PSCI v0.2 (or a future revision backward compatible with v0.2) for the CPU."
@@ -273,7 +259,7 @@ def init_vcpus(vm: Vm, *, secondaries_off: bool = True) -> None:
     arm.target, arm.features, arm.secondaries_off = int(preferred.target), features, secondaries_off
     for vcpu in vm.vcpus[arm.initialized_vcpus :]:
         init = vcpu_init_struct(arm.target, features, vcpu.index, secondaries_off)
-        _vcpu_ioctl(vcpu, "KVM_ARM_VCPU_INIT", uapi.KVM_ARM_VCPU_INIT, init)
+        vcpu.ioctl("KVM_ARM_VCPU_INIT", uapi.KVM_ARM_VCPU_INIT, init)
         arm.initialized_vcpus += 1
 
 
@@ -376,7 +362,7 @@ def get_one_reg(vcpu: Vcpu, reg_id: int) -> bytes:
         raise StateError(f"vCPU {vcpu.index}: {reg_name(reg_id)} is {size} bytes wide")
     buf = (ctypes.c_uint8 * size)()
     request = uapi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf))
-    _vcpu_ioctl(vcpu, f"KVM_GET_ONE_REG({reg_name(reg_id)})", uapi.KVM_GET_ONE_REG, request)
+    vcpu.ioctl(f"KVM_GET_ONE_REG({reg_name(reg_id)})", uapi.KVM_GET_ONE_REG, request)
     return bytes(buf)  # `buf` was referenced by this frame for the whole ioctl
 
 
@@ -388,7 +374,7 @@ def set_one_reg(vcpu: Vcpu, reg_id: int, value: bytes) -> None:
         raise StateError(f"vCPU {vcpu.index}: {reg_name(reg_id)} takes {size} bytes, got {len(value)}")
     buf = (ctypes.c_uint8 * size).from_buffer_copy(value)
     request = uapi.kvm_one_reg(id=reg_id, addr=ctypes.addressof(buf))
-    _vcpu_ioctl(vcpu, f"KVM_SET_ONE_REG({reg_name(reg_id)})", uapi.KVM_SET_ONE_REG, request)
+    vcpu.ioctl(f"KVM_SET_ONE_REG({reg_name(reg_id)})", uapi.KVM_SET_ONE_REG, request)
 
 
 def get_reg(vcpu: Vcpu, reg: int | str) -> int:
@@ -533,8 +519,7 @@ def set_spi_level(vm: Vm, intid: int, level: bool) -> None:
     if not 32 <= intid < arm.nr_irqs:
         raise ValueError(f"SPI {intid}: this vGIC has SPIs 32 to {arm.nr_irqs - 1}")
     irq = uapi.KVM_ARM_IRQ_TYPE_SPI << uapi.KVM_ARM_IRQ_TYPE_SHIFT | intid
-    _vm_ioctl(
-        vm,
+    vm.ioctl(
         f"KVM_IRQ_LINE(SPI {intid})",
         uapi.KVM_IRQ_LINE,
         uapi.kvm_irq_level(irq=irq, level=int(level)),
@@ -982,7 +967,7 @@ def save_vcpu_registers(vcpu: Vcpu) -> tuple[tuple[int, bytes], ...]:
 
 def _get_mp_state(vcpu: Vcpu) -> int:
     mp = uapi.kvm_mp_state()
-    _vcpu_ioctl(vcpu, "KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
+    vcpu.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
     return int(mp.mp_state)
 
 
@@ -999,7 +984,7 @@ def save_vcpu_state(vm: Vm, vcpu: Vcpu) -> VcpuState:
         raise StateError(f"vCPU {vcpu.index}: KVM_GET_REG_LIST does not list MPIDR_EL1")
     mpidr_el1 = int.from_bytes(dict(regs)[MPIDR_EL1], "little")
     events = uapi.kvm_vcpu_events_arm64()
-    _vcpu_ioctl(vcpu, "KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, events)
+    vcpu.ioctl("KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, events)
     redist = tuple(
         (
             offset,
@@ -1165,9 +1150,9 @@ def restore_vcpu_registers(vcpu: Vcpu, state: VcpuState) -> None:
     # KVM_MP_STATE_STOPPED and KVM_MP_STATE_RUNNABLE which reflect if the vcpu should be paused
     # or not." (A powered-off secondary is STOPPED; PSCI CPU_ON makes it RUNNABLE.)
     mp = uapi.kvm_mp_state(mp_state=state.mp_state)
-    _vcpu_ioctl(vcpu, "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, mp)
+    vcpu.ioctl("KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, mp)
     events = uapi.kvm_vcpu_events_arm64.from_buffer_copy(state.events)
-    _vcpu_ioctl(vcpu, "KVM_SET_VCPU_EVENTS", uapi.KVM_SET_VCPU_EVENTS, events)
+    vcpu.ioctl("KVM_SET_VCPU_EVENTS", uapi.KVM_SET_VCPU_EVENTS, events)
 
 
 def _restore_dist(vgic: Device, state: VmState) -> None:

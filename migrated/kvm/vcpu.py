@@ -72,6 +72,7 @@ class Vcpu:
     """A vCPU of a `Vm`. Created by `Vm`; its thread starts with `start()`."""
 
     PAUSE_TIMEOUT_S = 5.0
+    COMPLETION_EXITS = 64  # bounds complete_pending_io: a string I/O of this many exits at most
 
     def __init__(self, index: int, fd: int, run_address: int, ring_address: int | None) -> None:
         self.index = index
@@ -91,7 +92,8 @@ class Vcpu:
 
     # ---- register access (only while the thread is parked or not started) ----------------
 
-    def _ioctl(self, step: str, request: int, arg: Any = 0) -> int:
+    def ioctl(self, step: str, request: int, arg: Any = 0) -> int:
+        """A vCPU ioctl; a failure raises KvmIoctlError naming this vCPU and `step`."""
         try:
             return ioctl(self.fd, request, arg)
         except OSError as err:
@@ -99,25 +101,36 @@ class Vcpu:
 
     def get_regs(self) -> uapi.kvm_regs:
         regs = uapi.kvm_regs()
-        self._ioctl("KVM_GET_REGS", uapi.KVM_GET_REGS, regs)
+        self.ioctl("KVM_GET_REGS", uapi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
-        self._ioctl("KVM_SET_REGS", uapi.KVM_SET_REGS, regs)
+        self.ioctl("KVM_SET_REGS", uapi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> uapi.kvm_sregs:
         sregs = uapi.kvm_sregs()
-        self._ioctl("KVM_GET_SREGS", uapi.KVM_GET_SREGS, sregs)
+        self.ioctl("KVM_GET_SREGS", uapi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
-        self._ioctl("KVM_SET_SREGS", uapi.KVM_SET_SREGS, sregs)
+        self.ioctl("KVM_SET_SREGS", uapi.KVM_SET_SREGS, sregs)
+
+    def get_mp_state(self) -> int:
+        mp = uapi.kvm_mp_state()
+        self.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
+        return int(mp.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE. x86: with the in-kernel irqchip every vCPU but 0 starts UNINITIALIZED
+        (waiting for INIT/SIPI), so a VMM that starts them directly makes them RUNNABLE (HOST-NOTES);
+        arm64: RUNNABLE keeps the registers the VMM set, where a PSCI CPU_ON would reset them."""
+        self.ioctl("KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state=mp_state))
 
     def set_cpuid(self, cpuid_buffer: ctypes.Array[ctypes.c_uint8]) -> None:
-        self._ioctl("KVM_SET_CPUID2", uapi.KVM_SET_CPUID2, cpuid_buffer)
+        self.ioctl("KVM_SET_CPUID2", uapi.KVM_SET_CPUID2, cpuid_buffer)
 
     def tsc_khz(self) -> int:
-        return self._ioctl("KVM_GET_TSC_KHZ", uapi.KVM_GET_TSC_KHZ)
+        return self.ioctl("KVM_GET_TSC_KHZ", uapi.KVM_GET_TSC_KHZ)
 
     # ---- the thread ----------------------------------------------------------------------
 
@@ -192,6 +205,43 @@ class Vcpu:
             exits=dict(self.exits),
             error=None if self.error is None else str(self.error),
         )
+
+    def complete_pending_io(self) -> None:
+        """Finish an I/O instruction this parked vCPU exited for, without running any further one.
+
+        api.rst (struct kvm_run): "For KVM_EXIT_IO, KVM_EXIT_MMIO, ... the corresponding operations
+        are complete (and guest state is consistent) only after userspace has re-entered the kernel
+        with KVM_RUN. ... userspace should ensure that the operation is completed before performing a
+        live migration. Userspace can re-enter the guest ... with the immediate_exit field set to
+        complete pending operations without allowing any further instructions to be executed."
+
+        The vCPU thread does this itself before it parks (`_loop`); this is the same step for a
+        vCPU whose thread was stopped inside an exit handler. Measured on PVM: a pause between an
+        `in` exit and the next KVM_RUN leaves rip on the `in` with AL not loaded (re-reading LSR is
+        harmless, re-reading RBR loses a byte). With nothing pending, KVM_RUN returns EINTR at once.
+        """
+        if self.state is VcpuState.RUNNING:
+            raise VcpuError(f"vCPU {self.index} is running: park it first")
+        saved = self.run.immediate_exit
+        self.run.immediate_exit = 1
+        try:
+            # A string instruction may need more than one exit to finish (`rep outsb` of more
+            # than a page): each one is served here like the vCPU thread would.
+            for _ in range(self.COMPLETION_EXITS):
+                try:
+                    ioctl(self.fd, uapi.KVM_RUN, 0)
+                except OSError as err:
+                    if err.errno in (errno.EINTR, errno.EAGAIN):
+                        return
+                    raise KvmIoctlError(f"vCPU {self.index}: KVM_RUN (completing I/O)", err) from err
+                reason = int(self.run.exit_reason)
+                handler = self.handlers.get(reason)
+                if reason not in (uapi.KVM_EXIT_IO, uapi.KVM_EXIT_MMIO) or handler is None:
+                    raise VcpuError(f"vCPU {self.index}: completing I/O, KVM_RUN exited with reason {reason}")
+                handler(self)
+            raise VcpuError(f"vCPU {self.index}: I/O still incomplete after {self.COMPLETION_EXITS} exits")
+        finally:
+            self.run.immediate_exit = saved
 
     def _thread_main(self) -> None:
         try:

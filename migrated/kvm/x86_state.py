@@ -458,23 +458,9 @@ class RestoreReport:
 # --------------------------------------------------------------------------------------------
 # ioctl plumbing
 # --------------------------------------------------------------------------------------------
-def _vcpu_ioctl(vcpu: Vcpu, step: str, request: int, arg: Any = 0) -> int:
-    try:
-        return ioctl(vcpu.fd, request, arg)
-    except OSError as err:
-        raise KvmIoctlError(f"vCPU {vcpu.index}: {step}", err) from err
-
-
-def _vm_ioctl(vm: Vm, step: str, request: int, arg: Any = 0) -> int:
-    try:
-        return ioctl(vm.fd, request, arg)
-    except OSError as err:
-        raise KvmIoctlError(step, err) from err
-
-
 def _get_struct(vcpu: Vcpu, step: str, request: int, cls: type[ctypes.Structure]) -> bytes:
     obj = cls()
-    _vcpu_ioctl(vcpu, step, request, obj)
+    vcpu.ioctl(step, request, obj)
     return bytes(obj)
 
 
@@ -517,7 +503,7 @@ def _msr_buffer(
 def get_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[tuple[int, int]]:
     """KVM_GET_MSRS: (index, value) of each MSR, in order. Names the first one KVM refused."""
     buf, slots = _msr_buffer([(index, 0) for index in indices])
-    done = _vcpu_ioctl(vcpu, "KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf)
+    done = vcpu.ioctl("KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf)
     if done != len(indices):
         raise StateError(
             f"vCPU {vcpu.index}: KVM_GET_MSRS read {done} of {len(indices)} MSRs: "
@@ -540,7 +526,7 @@ def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
     total = len(pending)
     while pending:
         buf, _ = _msr_buffer(pending)
-        done = _vcpu_ioctl(vcpu, "KVM_SET_MSRS", uapi.KVM_SET_MSRS, buf)
+        done = vcpu.ioctl("KVM_SET_MSRS", uapi.KVM_SET_MSRS, buf)
         if done == len(pending):
             break
         index, value = pending[done]
@@ -558,7 +544,7 @@ def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
 
 def _read_msr(vcpu: Vcpu, index: int) -> int | None:
     buf, slots = _msr_buffer([(index, 0)])
-    if _vcpu_ioctl(vcpu, "KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf) != 1:
+    if vcpu.ioctl("KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf) != 1:
         return None
     return int(slots[0].data)
 
@@ -573,7 +559,7 @@ def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
     """KVM_GET_CPUID2: the vCPU's own CPUID table (what was set, plus KVM's runtime updates)."""
     buf = cpuid_buffer([uapi.kvm_cpuid_entry2()] * MAX_CPUID_ENTRIES)
     try:
-        _vcpu_ioctl(vcpu, "KVM_GET_CPUID2", uapi.KVM_GET_CPUID2, buf)
+        vcpu.ioctl("KVM_GET_CPUID2", uapi.KVM_GET_CPUID2, buf)
     except KvmIoctlError as err:
         if err.errno == errno.E2BIG:
             raise StateError(f"vCPU {vcpu.index}: its CPUID has more than {MAX_CPUID_ENTRIES} entries") from err
@@ -581,12 +567,6 @@ def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
     count = uapi.kvm_cpuid2.from_buffer(buf).nent
     entries = (uapi.kvm_cpuid_entry2 * count).from_buffer(buf, ctypes.sizeof(uapi.kvm_cpuid2))
     return [uapi.kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
-
-
-def set_mp_state(vcpu: Vcpu, mp_state: int) -> None:
-    """KVM_SET_MP_STATE. With the in-kernel irqchip every vCPU but 0 starts UNINITIALIZED
-    (waiting for INIT/SIPI); a VMM that starts them directly makes them RUNNABLE (HOST-NOTES)."""
-    _vcpu_ioctl(vcpu, "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state))
 
 
 def _tsc_khz(vcpu: Vcpu) -> int:
@@ -606,21 +586,21 @@ def create_irqchip(vm: Vm) -> None:
 
     Must come before the first vCPU (KVM refuses it after, with EINVAL: the vCPUs created
     earlier would have no LAPIC); refused here before the kernel sees it. Memslots may exist.
-    With it, vCPUs other than 0 start UNINITIALIZED: see `set_mp_state`.
+    With it, vCPUs other than 0 start UNINITIALIZED: see `Vcpu.set_mp_state`.
     """
     if vm.vcpus:
         raise StateError(
             "KVM_CREATE_IRQCHIP must come before any vCPU is created (each vCPU gets its LAPIC "
             f"at creation); this VM has {len(vm.vcpus)} vCPU(s)"
         )
-    _vm_ioctl(vm, "KVM_CREATE_IRQCHIP", uapi.KVM_CREATE_IRQCHIP)
+    vm.ioctl("KVM_CREATE_IRQCHIP", uapi.KVM_CREATE_IRQCHIP)
 
 
 def create_pit2(vm: Vm, flags: int = uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
     """KVM_CREATE_PIT2: the i8254 PIT in the kernel, after `create_irqchip` (api.rst: "only valid
     after enabling in-kernel irqchip support"). KVM_PIT_SPEAKER_DUMMY (the default) lets the
     kernel answer port 0x61 too, which this VMM does not emulate."""
-    _vm_ioctl(vm, "KVM_CREATE_PIT2", uapi.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags))
+    vm.ioctl("KVM_CREATE_PIT2", uapi.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags))
 
 
 def _probe(vm: Vm, step: str, request: int, arg: ctypes.Structure) -> bool:
@@ -683,7 +663,7 @@ def save_vcpu_state(
         cpuid = tuple(bytes(e) for e in get_cpuid(vcpu))
     with _step(times, "mp_state"):
         mp = uapi.kvm_mp_state()
-        _vcpu_ioctl(vcpu, "KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
+        vcpu.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
     with _step(times, "regs"):
         regs = _get_struct(vcpu, "KVM_GET_REGS", uapi.KVM_GET_REGS, uapi.kvm_regs)
     with _step(times, "sregs"):
@@ -692,10 +672,10 @@ def save_vcpu_state(
         if xsave2 > 0:
             # KVM_GET_XSAVE2 writes as many bytes as KVM_CAP_XSAVE2 says (never below 4096).
             buf = (ctypes.c_uint8 * max(xsave2, MIN_XSAVE_BYTES))()
-            _vcpu_ioctl(vcpu, "KVM_GET_XSAVE2", uapi.KVM_GET_XSAVE2, buf)
+            vcpu.ioctl("KVM_GET_XSAVE2", uapi.KVM_GET_XSAVE2, buf)
         else:
             buf = (ctypes.c_uint8 * MIN_XSAVE_BYTES)()
-            _vcpu_ioctl(vcpu, "KVM_GET_XSAVE", uapi.KVM_GET_XSAVE, buf)
+            vcpu.ioctl("KVM_GET_XSAVE", uapi.KVM_GET_XSAVE, buf)
         xsave = bytes(buf)
     with _step(times, "xcrs"):
         xcrs = _get_struct(vcpu, "KVM_GET_XCRS", uapi.KVM_GET_XCRS, uapi.kvm_xcrs)
@@ -752,17 +732,17 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
         with times.step("irqchip"):
             for chip_id in IRQCHIP_IDS:
                 chip = uapi.kvm_irqchip(chip_id=chip_id)
-                _vm_ioctl(vm, f"KVM_GET_IRQCHIP({chip_id})", uapi.KVM_GET_IRQCHIP, chip)
+                vm.ioctl(f"KVM_GET_IRQCHIP({chip_id})", uapi.KVM_GET_IRQCHIP, chip)
                 chips.append(bytes(chip))
     pit2 = b""
     if pit:
         with times.step("pit2"):
             pit_state = uapi.kvm_pit_state2()
-            _vm_ioctl(vm, "KVM_GET_PIT2", uapi.KVM_GET_PIT2, pit_state)
+            vm.ioctl("KVM_GET_PIT2", uapi.KVM_GET_PIT2, pit_state)
             pit2 = bytes(pit_state)
     with times.step("clock"):
         clock = uapi.kvm_clock_data()
-        _vm_ioctl(vm, "KVM_GET_CLOCK", uapi.KVM_GET_CLOCK, clock)
+        vm.ioctl("KVM_GET_CLOCK", uapi.KVM_GET_CLOCK, clock)
     times.seconds["total"] = time.perf_counter() - start
     return VmState(
         cpu_vendor=vendor,
@@ -843,7 +823,7 @@ def restore_vcpu_state(
             here = _tsc_khz(vcpu)
             if here != state.tsc_khz:
                 try:
-                    _vcpu_ioctl(vcpu, "KVM_SET_TSC_KHZ", uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
+                    vcpu.ioctl("KVM_SET_TSC_KHZ", uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
                 except KvmIoctlError as err:
                     raise IncompatibleStateError(
                         f"vCPU {vcpu.index}: the guest's TSC runs at {state.tsc_khz} kHz, this "
@@ -860,21 +840,21 @@ def restore_vcpu_state(
                 "(Linux 5.16+); restore into vCPUs that never ran"
             ) from err
     with _step(times, "mp_state"):
-        set_mp_state(vcpu, state.mp_state)
+        vcpu.set_mp_state(state.mp_state)
     with _step(times, "regs"):
-        _vcpu_ioctl(vcpu, "KVM_SET_REGS", uapi.KVM_SET_REGS, _buffer(state.regs))
+        vcpu.ioctl("KVM_SET_REGS", uapi.KVM_SET_REGS, _buffer(state.regs))
     with _step(times, "sregs"):
-        _vcpu_ioctl(vcpu, "KVM_SET_SREGS", uapi.KVM_SET_SREGS, _buffer(state.sregs))
+        vcpu.ioctl("KVM_SET_SREGS", uapi.KVM_SET_SREGS, _buffer(state.sregs))
     with _step(times, "xsave"):
         buf = _buffer(state.xsave, xsave2_bytes)
-        _vcpu_ioctl(vcpu, "KVM_SET_XSAVE", uapi.KVM_SET_XSAVE, buf)
+        vcpu.ioctl("KVM_SET_XSAVE", uapi.KVM_SET_XSAVE, buf)
     with _step(times, "xcrs"):
-        _vcpu_ioctl(vcpu, "KVM_SET_XCRS", uapi.KVM_SET_XCRS, _buffer(state.xcrs))
+        vcpu.ioctl("KVM_SET_XCRS", uapi.KVM_SET_XCRS, _buffer(state.xcrs))
     with _step(times, "debugregs"):
-        _vcpu_ioctl(vcpu, "KVM_SET_DEBUGREGS", uapi.KVM_SET_DEBUGREGS, _buffer(state.debugregs))
+        vcpu.ioctl("KVM_SET_DEBUGREGS", uapi.KVM_SET_DEBUGREGS, _buffer(state.debugregs))
     if state.lapic:
         with _step(times, "lapic"):
-            _vcpu_ioctl(vcpu, "KVM_SET_LAPIC", uapi.KVM_SET_LAPIC, _buffer(state.lapic))
+            vcpu.ioctl("KVM_SET_LAPIC", uapi.KVM_SET_LAPIC, _buffer(state.lapic))
     with _step(times, "msrs"):
         kept = set_msrs(vcpu, restore_msr_order(state.msrs))
     with _step(times, "events"):
@@ -882,7 +862,7 @@ def restore_vcpu_state(
         # KVM_GET_VCPU_EVENTS reports VALID_SHADOW / SMM / PAYLOAD / TRIPLE_FAULT for the fields
         # it filled; nmi.pending and sipi_vector are written only when asked for (api.rst 4.32).
         events.flags |= _EVENTS_SET_FLAGS
-        _vcpu_ioctl(vcpu, "KVM_SET_VCPU_EVENTS", uapi.KVM_SET_VCPU_EVENTS, events)
+        vcpu.ioctl("KVM_SET_VCPU_EVENTS", uapi.KVM_SET_VCPU_EVENTS, events)
     return kept
 
 
@@ -934,10 +914,10 @@ def restore_vm_state(
     if state.irqchip:
         with times.step("irqchip"):
             for chip_id, chip in zip(IRQCHIP_IDS, state.irqchip):
-                _vm_ioctl(vm, f"KVM_SET_IRQCHIP({chip_id})", uapi.KVM_SET_IRQCHIP, _buffer(chip))
+                vm.ioctl(f"KVM_SET_IRQCHIP({chip_id})", uapi.KVM_SET_IRQCHIP, _buffer(chip))
     if state.pit2:
         with times.step("pit2"):
-            _vm_ioctl(vm, "KVM_SET_PIT2", uapi.KVM_SET_PIT2, _buffer(state.pit2))
+            vm.ioctl("KVM_SET_PIT2", uapi.KVM_SET_PIT2, _buffer(state.pit2))
     with times.step("clock"):
         clock = state.clock_struct()
         flags = 0
@@ -948,6 +928,6 @@ def restore_vm_state(
         ):
             flags = uapi.KVM_CLOCK_REALTIME
         clock.flags = flags
-        _vm_ioctl(vm, "KVM_SET_CLOCK", uapi.KVM_SET_CLOCK, clock)
+        vm.ioctl("KVM_SET_CLOCK", uapi.KVM_SET_CLOCK, clock)
     times.seconds["total"] = time.perf_counter() - start
     return RestoreReport(timings=dict(times.seconds), clock_advanced=bool(flags), msrs_kept=tuple(kept))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import trio
 
@@ -36,12 +36,11 @@ from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
+from .host import MigrationHost
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
 from .stats import MigrationStats
 
-if TYPE_CHECKING:
-    from ..daemon import Daemon
 
 # How long a loaded copy waits, after its link broke, for the source to ask what happened
 # before it discards itself for good.
@@ -53,7 +52,7 @@ class Refused(Exception):
 
 
 class Target:
-    def __init__(self, daemon: Daemon, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(self, daemon: MigrationHost, stream: trio.SocketStream, peer: str) -> None:
         self.daemon = daemon
         self.peer = peer
         self._raw = stream
@@ -269,7 +268,7 @@ class Target:
         if self.loaded:
             # Never resume without COMMIT; wait for the source to ask, then abort for good.
             self.log.warning("loaded_copy_waiting_for_query", reason=reason)
-            self.daemon.nursery_start(self._expire_loaded)
+            self.daemon.start_task(self._expire_loaded)
             return
         await self._discard(reason)
 

@@ -18,6 +18,7 @@ from migrated.guests.aarch64_boot import Arm64VcpuStatus, Arm64WorkloadGuest, It
 from migrated.guests.workload import VcpuState, WorkloadParams
 from migrated.kvm import aarch64 as arm
 from migrated.kvm.system import Kvm
+from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.arm64
@@ -55,7 +56,7 @@ def running_guest(
     request: pytest.FixtureRequest,
 ) -> Iterator[tuple[Vm, Arm64WorkloadGuest]]:
     vcpus: int = request.param
-    with Kvm.open() as kvm, Vm.create(kvm, VmConfig(memory_bytes=MEMORY, vcpus=vcpus)) as vm:
+    with Kvm.open() as kvm, create_vm(kvm, VmConfig(memory_bytes=MEMORY, vcpus=vcpus)) as vm:
         assert vm.dirty_tracking == "ring" and vm.with_bitmap
         guest = ab.load_workload_aarch64(
             vm,
@@ -187,7 +188,7 @@ def test_guest_moves_to_a_fresh_vm_with_its_pending_lpis(vcpus: int) -> None:
     (travelling in the LPI pending table and the ITS tables in RAM) arrive on the target."""
     config = VmConfig(memory_bytes=MEMORY, vcpus=vcpus)
     params = WorkloadParams(vcpus=vcpus, working_set_bytes=WORKING_SET, dirty_rate_mib_s=16)
-    with Kvm.open() as kvm, Vm.create(kvm, config) as source, Vm.create(kvm, config) as target:
+    with Kvm.open() as kvm, create_vm(kvm, config) as source, create_vm(kvm, config) as target:
         guest = ab.load_workload_aarch64(source, params, ItsSettings(lpi_rate_hz=200))
         source.start()
         wait_for(guest, source, "LPIs flowing", lambda st: st[0].lpis_received >= 3)

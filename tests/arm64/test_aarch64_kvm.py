@@ -29,6 +29,7 @@ from migrated.kvm import vm as vm_module
 from migrated.kvm.errors import DirtyTrackingOrderError, KvmIoctlError
 from migrated.kvm.memory import PAGE_SHIFT, GuestMemory
 from migrated.kvm.system import Kvm
+from migrated.kvm import arch
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.arm64
@@ -77,7 +78,7 @@ def made() -> Iterator[list[Vm]]:
 
 
 def create_vm(kvm: Kvm, made: list[Vm], vcpus: int = 1) -> Vm:
-    vm = Vm.create(
+    vm = arch.create_vm(
         kvm,
         VmConfig(memory_bytes=MEMORY, vcpus=vcpus, dirty_tracking="ring", ring_bytes=RING_BYTES),
     )
@@ -96,7 +97,7 @@ def load_loop(vm: Vm, vcpu: int = 0) -> None:
 def power_on(vm: Vm, vcpu: int) -> None:
     """What PSCI CPU_ON would do for a secondary that KVM_ARM_VCPU_INIT left powered off."""
     mp = uapi.kvm_mp_state(mp_state=uapi.KVM_MP_STATE_RUNNABLE)
-    aarch64._vcpu_ioctl(vm.vcpus[vcpu], "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, mp)
+    vm.vcpus[vcpu].ioctl("KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, mp)
 
 
 def counter(vm: Vm, vcpu: int = 0) -> int:
@@ -273,7 +274,7 @@ def test_create_orders_ring_bitmap_memslot_vcpus_init_and_gic(kvm: Kvm, made: li
 
 
 def test_with_bitmap_after_memslot_is_refused_before_the_kernel_sees_it(kvm: Kvm, recorder: Recorder) -> None:
-    vm = Vm(kvm, kvm.caps())
+    vm = Vm(kvm, kvm.caps(), arch.host_arch())
     try:
         vm.enable_dirty_ring(RING_BYTES)
         vm.add_memory(aarch64.guest_memory(2 * MIB))
@@ -315,7 +316,7 @@ def test_vcpu_init_psci_and_secondaries_powered_off(kvm: Kvm, made: list[Vm]) ->
     states = []
     for vcpu in vm.vcpus:
         mp = uapi.kvm_mp_state()
-        aarch64._vcpu_ioctl(vcpu, "KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
+        vcpu.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
         states.append(mp.mp_state)
     assert states == [uapi.KVM_MP_STATE_RUNNABLE, uapi.KVM_MP_STATE_STOPPED]
     # PSCI 0.2 or later (a "future revision backward compatible with v0.2"): major >= 0, 0.2+.
@@ -390,7 +391,7 @@ def test_vgic_and_its_are_created_where_the_layout_says(kvm: Kvm, made: list[Vm]
 def test_closing_the_vm_closes_the_device_fds(kvm: Kvm) -> None:
     import os
 
-    vm = Vm.create(kvm, VmConfig(memory_bytes=MEMORY, vcpus=1))
+    vm = arch.create_vm(kvm, VmConfig(memory_bytes=MEMORY, vcpus=1))
     assert vm.arm is not None and vm.arm.vgic is not None and vm.arm.its is not None
     fds = (vm.arm.vgic.fd, vm.arm.its.fd)
     vm.close()
@@ -536,7 +537,7 @@ def test_restore_follows_the_its_restore_sequence(kvm: Kvm, made: list[Vm], monk
     GITS_CTLR. The target's ITS is created without its base address, which the restore
     provides at step c)."""
     source, state, _ = saved_source(kvm, made)
-    target = Vm(kvm, kvm.caps(), "target")
+    target = Vm(kvm, kvm.caps(), arch.host_arch(), "target")
     made.append(target)
     target.enable_dirty_ring(RING_BYTES)
     target.enable_ring_with_bitmap()

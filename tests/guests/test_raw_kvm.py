@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from migrated.devices import PcPorts, complete_pending_io, pc_ports
+from migrated.devices import PcPorts, pc_ports
 from migrated.guests import bootsector
 from migrated.guests.bootsector import BootSectorParams, check_region, passes_done
 from migrated.guests.bootsector import build as bsbuild
@@ -45,6 +45,7 @@ from migrated.kvm.errors import DirtyRingLivelockError
 from migrated.kvm.memory import PAGE_SIZE
 from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import Vcpu
+from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import Vm, VmConfig
 
 MIB = 1 << 20
@@ -92,7 +93,7 @@ class Machine:
     def pause(self) -> None:
         self.vm.pause()
         for vcpu in self.vm.vcpus:
-            complete_pending_io(vcpu)  # api.rst: finish an I/O exit before saving state
+            vcpu.complete_pending_io()  # api.rst: finish an I/O exit before saving state
         self.assert_healthy()
 
 
@@ -119,7 +120,7 @@ _names = itertools.count()
 
 def new_machine(kvm: Kvm, config: VmConfig) -> Machine:
     # A name of its own: a hop has two VMs, and the harvester thread is found by name.
-    vm = Vm.create(kvm, dataclasses.replace(config, name=f"raw{next(_names)}"))
+    vm = create_vm(kvm, dataclasses.replace(config, name=f"raw{next(_names)}"))
     ports = pc_ports()
     ports.bus.attach(vm.vcpus[0])
     return Machine(vm, ports)
@@ -301,7 +302,7 @@ def test_io_exit_is_completed_before_the_state_is_saved(kvm: Kvm, sector: bytes)
     has re-entered the kernel with KVM_RUN"). Saved like that, the target would execute it again
     (harmless for LSR, a lost byte for RBR; on hardware KVM's fast path the same holds for `out`,
     which would print a byte twice; PVM's emulator retires an `out` before it exits).
-    `complete_pending_io` finishes it without running anything else; a vCPU loop that does so
+    `Vcpu.complete_pending_io` finishes it without running anything else; a vCPU loop that does so
     itself before it parks leaves nothing for it to do."""
     image = bsbuild.configure(sector, BootSectorParams(bytes=4096))
     config = VmConfig(memory_bytes=MEMORY, vcpus=1)

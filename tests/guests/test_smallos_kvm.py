@@ -22,6 +22,7 @@ from migrated.kvm import x86_state
 from migrated.kvm.memory import GuestMemory
 from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import ensure_kick_handler
+from migrated.kvm.arch import host_arch
 from migrated.kvm.vm import Vm
 
 MIB = 1 << 20
@@ -43,7 +44,7 @@ def test_abi_header_matches_python() -> None:
 def build_vm(kvm: Kvm, vcpus: int, name: str) -> Vm:
     """The VM the brief prescribes: ring, flat RAM, in-kernel irqchip and PIT, then vCPUs."""
     ensure_kick_handler()
-    vm = Vm(kvm, kvm.caps(), name)
+    vm = Vm(kvm, kvm.caps(), host_arch(), name)
     try:
         vm.enable_dirty_ring(1 << 20)
         vm.add_memory(GuestMemory.flat(MEMORY, name=f"{name}-ram"))

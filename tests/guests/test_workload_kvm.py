@@ -21,6 +21,7 @@ from migrated.guests.workload import (
     plan_layout,
 )
 from migrated.kvm.system import Kvm
+from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
@@ -33,7 +34,7 @@ WORKING_SET = 16 * MIB
 @contextmanager
 def booted(params: WorkloadParams, *, start: bool = True) -> Iterator[tuple[Vm, WorkloadGuest]]:
     layout = plan_layout(MEMORY, params.vcpus, params.working_set_bytes)
-    with Kvm.open() as kvm, Vm.create(kvm, VmConfig(memory_bytes=MEMORY, vcpus=params.vcpus)) as vm:
+    with Kvm.open() as kvm, create_vm(kvm, VmConfig(memory_bytes=MEMORY, vcpus=params.vcpus)) as vm:
         states = install(vm.write_guest, layout, params, vm.tsc_khz())
         for vcpu, (regs, sregs) in zip(vm.vcpus, states):
             vcpu.set_sregs(sregs)

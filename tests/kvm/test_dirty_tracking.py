@@ -23,6 +23,7 @@ from migrated.kvm.dirty import RingTracker
 from migrated.kvm.errors import DirtyRingLivelockError
 from migrated.kvm.memory import PAGE_SIZE
 from migrated.kvm.system import Kvm
+from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
@@ -47,7 +48,7 @@ def workload_vm(
         dirty_tracking=tracking,  # type: ignore[arg-type]
         ring_bytes=ring_bytes,
     )
-    with Kvm.open() as kvm, Vm.create(kvm, config) as vm:
+    with Kvm.open() as kvm, create_vm(kvm, config) as vm:
         guest = load_workload(vm, params)
         yield vm, guest
         vm.pause()

@@ -23,6 +23,7 @@ from migrated.kvm._libc import ioctl
 from migrated.kvm.memory import GuestMemory
 from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import ensure_kick_handler
+from migrated.kvm.arch import create_vm, host_arch
 from migrated.kvm.vm import DEFAULT_RING_BYTES, Vm, VmConfig
 from migrated.kvm.x86_state import (
     MAX_CPUID_ENTRIES,
@@ -44,7 +45,6 @@ from migrated.kvm.x86_state import (
     restore_vm_state,
     save_vcpu_state,
     save_vm_state,
-    set_mp_state,
     set_msrs,
 )
 
@@ -64,10 +64,10 @@ def kvm() -> Iterator[Kvm]:
 def build_vm(kvm: Kvm, vcpus: int, devices: bool) -> Vm:
     """A VM like `Vm.create` makes; with `devices`, an in-kernel irqchip and PIT before vCPUs."""
     if not devices:
-        return Vm.create(kvm, VmConfig(memory_bytes=MEMORY, vcpus=vcpus))
+        return create_vm(kvm, VmConfig(memory_bytes=MEMORY, vcpus=vcpus))
     caps = kvm.caps()
     ensure_kick_handler()
-    vm = Vm(kvm, caps)
+    vm = Vm(kvm, caps, host_arch())
     try:
         if caps.dirty_ring_max_bytes:
             vm.enable_dirty_ring(min(DEFAULT_RING_BYTES, caps.dirty_ring_max_bytes))
@@ -88,7 +88,7 @@ def start_workload(vm: Vm, vcpus: int, devices: bool) -> WorkloadGuest:
     if devices:
         # With the in-kernel irqchip the APs wait for INIT/SIPI; this guest starts them directly.
         for vcpu in vm.vcpus[1:]:
-            set_mp_state(vcpu, uapi.KVM_MP_STATE_RUNNABLE)
+            vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
     vm.start()
     return guest
 
@@ -222,7 +222,7 @@ def test_devices_are_detected_and_flags_checked(kvm: Kvm) -> None:
 
 
 def test_irqchip_after_a_vcpu_is_refused_before_the_kernel_sees_it(kvm: Kvm) -> None:
-    with Vm(kvm, kvm.caps()) as vm:
+    with Vm(kvm, kvm.caps(), host_arch()) as vm:
         vm.create_vcpu(0)
         with pytest.raises(StateError, match="KVM_CREATE_IRQCHIP must come before any vCPU"):
             create_irqchip(vm)
