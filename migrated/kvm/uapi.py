@@ -1,6 +1,7 @@
 """The KVM userspace API as this project uses it: numbers, capability ids and struct layouts.
 
-Defined here once, and nowhere else. `tests/kvm/test_uapi_headers.py` compiles a C program against
+Defined here once, and nowhere else (the dirty ring's flags come from `ringreader`, the lowest
+layer, which its C header mirrors). `tests/kvm/test_uapi_headers.py` compiles a C program against
 `<linux/kvm.h>` (Debian's and a newer one) and checks every constant, struct size and field offset
 below, so a wrong number cannot hide. Constants newer than Debian 12's 6.1 headers are listed in
 `NEWER_THAN_HOST_HEADERS` and checked against the newer headers only.
@@ -9,6 +10,8 @@ below, so a wrong number cannot hide. Constants newer than Debian 12's 6.1 heade
 from __future__ import annotations
 
 import ctypes
+
+import ringreader
 
 # --------------------------------------------------------------------------------------------
 # ioctl encoding (asm-generic/ioctl.h; x86 and arm64 both use the generic layout)
@@ -479,9 +482,11 @@ KVM_MEM_READONLY = 1 << 1
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1  # never used: R4b
 
-KVM_DIRTY_GFN_F_DIRTY = 1 << 0
-KVM_DIRTY_GFN_F_RESET = 1 << 1
-KVM_DIRTY_GFN_F_MASK = 0x3
+# Defined once, in the ring harvester's package (the C shim's header mirrors them); the header
+# check and tests/ringreader/test_rr_flags.py hold all three to <linux/kvm.h>.
+KVM_DIRTY_GFN_F_DIRTY = ringreader.DIRTY_GFN_F_DIRTY
+KVM_DIRTY_GFN_F_RESET = ringreader.DIRTY_GFN_F_RESET
+KVM_DIRTY_GFN_F_MASK = ringreader.DIRTY_GFN_F_MASK
 # Page offset of the dirty ring in the vCPU fd's mmap. x86's asm/kvm.h has it; arm64 headers
 # before 6.2 lack it (and `#ifdef` code then silently uses 0), so the value is ours to define.
 KVM_DIRTY_LOG_PAGE_OFFSET = 64

@@ -7,11 +7,12 @@ Runs only in the arm64 lane (`make test-arm64`). The guest image is cross-built 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+
+from helpers import wait_for_status
 
 from migrated.guests import aarch64_boot as ab
 from migrated.guests.aarch64_boot import Arm64VcpuStatus, Arm64WorkloadGuest, ItsSettings
@@ -35,15 +36,7 @@ def wait_for(
     what: str,
     done: Callable[[list[Arm64VcpuStatus]], bool],
 ) -> list[Arm64VcpuStatus]:
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        status = guest.status(vm.ram)
-        if done(status):
-            return status
-        for vcpu in vm.vcpus:
-            assert vcpu.error is None, f"vCPU {vcpu.index} ended: {vcpu.error}; guest: {status}"
-        assert time.monotonic() < deadline, f"{what}: not within {WAIT_S} s; guest: {status}"
-        time.sleep(0.05)
+    return wait_for_status(lambda: guest.status(vm.ram), vm.vcpus, done, WAIT_S, what)
 
 
 def no_fault(status: list[Arm64VcpuStatus]) -> None:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import errno
 import struct
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
 import pytest
+
+from helpers import wait_for
 
 from migrated.kvm import _libc, aarch64, uapi
 from migrated.kvm import vm as vm_module
@@ -105,19 +106,11 @@ def counter(vm: Vm, vcpu: int = 0) -> int:
     return int.from_bytes(bytes(vm.memory.read(COUNTER + 8 * vcpu, 8)), "little")
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def run_a_while(vm: Vm, iterations: int = 1000) -> int:
     """Start the vCPU threads, let the loop count past `iterations`, park them; the count."""
     start = counter(vm)
     vm.start()
-    wait_for("the guest loop to count", lambda: counter(vm) >= start + iterations)
+    wait_for(lambda: counter(vm) >= start + iterations, 60.0, "the guest loop to count", interval=0.01)
     vm.pause()
     return counter(vm)
 
@@ -422,7 +415,7 @@ def test_table_saves_answer_ebusy_while_a_vcpu_runs_and_succeed_when_parked(kvm:
     load_loop(vm)
     vm.start()
     try:
-        wait_for("the guest loop to count", lambda: counter(vm) > 1000)
+        wait_for(lambda: counter(vm) > 1000, 60.0, "the guest loop to count", interval=0.01)
         with pytest.raises(KvmIoctlError, match="VGIC_SAVE_PENDING_TABLES") as info:
             aarch64.save_its_tables(vm)
         assert info.value.errno == errno.EBUSY
@@ -523,9 +516,9 @@ def test_state_round_trip_into_a_fresh_vm(kvm: Kvm, made: list[Vm], second_runs:
     # The guest carries on from where it stopped, on both vCPUs if both ran.
     second = counter(source, 1)
     target.start()
-    wait_for("the restored guest to count on", lambda: counter(target) > count + 1000)
+    wait_for(lambda: counter(target) > count + 1000, 60.0, "the restored guest to count on", interval=0.01)
     if second_runs:
-        wait_for("vCPU 1 to count on", lambda: counter(target, 1) > second + 1000)
+        wait_for(lambda: counter(target, 1) > second + 1000, 60.0, "vCPU 1 to count on", interval=0.01)
     target.pause()
     if not second_runs:
         assert counter(target, 1) == 0  # still powered off
@@ -599,7 +592,7 @@ def test_save_refuses_running_vcpus(kvm: Kvm, made: list[Vm]) -> None:
     load_loop(vm)
     vm.start()
     try:
-        wait_for("the guest loop to count", lambda: counter(vm) > 100)
+        wait_for(lambda: counter(vm) > 100, 60.0, "the guest loop to count", interval=0.01)
         with pytest.raises(aarch64.StateError, match="pause the VM"):
             aarch64.save_vm_state(vm)
     finally:

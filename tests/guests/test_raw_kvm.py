@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import wait_for
+
 from migrated.devices import PcPorts, pc_ports
 from migrated.guests import bootsector
 from migrated.guests.bootsector import BootSectorParams, check_region, passes_done
@@ -82,13 +84,12 @@ class Machine:
         assert self.vm.harvester_error is None, self.vm.harvester_error
 
     def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            self.assert_healthy()  # a triple fault would otherwise look like a timeout
-            assert time.monotonic() < deadline, (
-                f"timed out waiting for {what}; passes {self.passes()}, UART {self.output[-200:]!r}"
-            )
-            time.sleep(0.01)
+        """`helpers.wait_for`, failing at once on a dead vCPU (a triple fault would otherwise look
+        like a timeout) and naming the guest's progress and output on a timeout."""
+        try:
+            wait_for(predicate, timeout, what, interval=0.01, healthy=self.assert_healthy)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; passes {self.passes()}, UART {self.output[-200:]!r}") from None
 
     def pause(self) -> None:
         self.vm.pause()

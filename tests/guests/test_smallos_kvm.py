@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from helpers import wait_for_status
 
 from migrated.guests import abi
 from migrated.guests.boot import load_workload, pulse_irq
@@ -86,20 +88,6 @@ def so(status: list[X86VcpuStatus]) -> list[SmallOsStatus]:
     return out  # type: ignore[return-value]
 
 
-def wait_for(
-    vm: Vm, guest: WorkloadGuest, predicate: Callable[[list[SmallOsStatus]], bool], timeout: float
-) -> list[SmallOsStatus]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = so(guest.status(vm.ram))
-        if predicate(status):
-            return status
-        errors = [v.error for v in vm.vcpus if v.error is not None]
-        assert not errors, errors
-        assert time.monotonic() < deadline, f"timed out; guest status: {status}"
-        time.sleep(0.005)
-
-
 def assert_clean(vm: Vm, guest: WorkloadGuest) -> None:
     status = guest.status(vm.ram)
     for s in status:
@@ -130,7 +118,7 @@ def check_moving(vm: Vm, guest: WorkloadGuest, vcpus: int) -> None:
         pulse_irq(vm, 4)
         time.sleep(0.05)
     elapsed = time.monotonic() - t0
-    b = wait_for(vm, guest, lambda s: s[0].irqs >= a[0].irqs + 10, 1.0)
+    b = wait_for_status(lambda: so(guest.status(vm.ram)), vm.vcpus, lambda s: s[0].irqs >= a[0].irqs + 10, 1.0)
     assert b[0].irqs == a[0].irqs + 10
     for x, y in zip(a, b):
         ticks = y.ticks - x.ticks
@@ -148,7 +136,12 @@ def check_moving(vm: Vm, guest: WorkloadGuest, vcpus: int) -> None:
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_small_os_runs_and_stays_clean(vcpus: int) -> None:
     with booted(vcpus) as (_, vm, guest):
-        status = wait_for(vm, guest, lambda s: all(x.kstate == abi.WLX_K_USER and x.reg_checks > 5 for x in s), 3.0)
+        status = wait_for_status(
+            lambda: so(guest.status(vm.ram)),
+            vm.vcpus,
+            lambda s: all(x.kstate == abi.WLX_K_USER and x.reg_checks > 5 for x in s),
+            3.0,
+        )
         assert all(s.features & abi.WLX_FEAT_KVMCLOCK for s in status)
         check_moving(vm, guest, vcpus)
         vm.pause()
@@ -180,13 +173,13 @@ def migrate_into_new_vm(kvm: Kvm, vm: Vm, vcpus: int, drop: str | None = None) -
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_small_os_survives_a_full_state_round_trip(vcpus: int) -> None:
     with booted(vcpus) as (kvm, vm, guest):
-        wait_for(vm, guest, lambda s: all(x.reg_checks > 20 for x in s), 3.0)
+        wait_for_status(lambda: so(guest.status(vm.ram)), vm.vcpus, lambda s: all(x.reg_checks > 20 for x in s), 3.0)
         before = so(guest.status(vm.ram))
         with migrate_into_new_vm(kvm, vm, vcpus) as target:
             target.start()
-            after = wait_for(
-                target,
-                guest,
+            after = wait_for_status(
+                lambda: so(guest.status(target.ram)),
+                target.vcpus,
                 lambda s: all(b.reg_checks > a.reg_checks + 20 and b.ticks > a.ticks + 5 for a, b in zip(before, s)),
                 3.0,
             )
@@ -204,15 +197,15 @@ def test_small_os_survives_a_full_state_round_trip(vcpus: int) -> None:
 def test_small_os_catches_a_restore_that_leaves_state_out(drop: str) -> None:
     vcpus = 2
     with booted(vcpus) as (kvm, vm, guest):
-        wait_for(vm, guest, lambda s: all(x.reg_checks > 20 for x in s), 3.0)
+        wait_for_status(lambda: so(guest.status(vm.ram)), vm.vcpus, lambda s: all(x.reg_checks > 20 for x in s), 3.0)
         before = so(guest.status(vm.ram))
         assert all(x.reg_mismatches == 0 for x in before)
         with migrate_into_new_vm(kvm, vm, vcpus, drop=drop) as target:
             target.start()
             # The CPL3 checks go on either way (heartbeat-driven): wait for 50 more of each.
-            after = wait_for(
-                target,
-                guest,
+            after = wait_for_status(
+                lambda: so(guest.status(target.ram)),
+                target.vcpus,
                 lambda s: all(b.reg_checks > a.reg_checks + 50 for a, b in zip(before, s)),
                 3.0,
             )

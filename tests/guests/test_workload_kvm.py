@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
+
+from helpers import wait_for_status
 
 from migrated.guests import abi
 from migrated.guests.workload import (
@@ -47,20 +49,6 @@ def booted(params: WorkloadParams, *, start: bool = True) -> Iterator[tuple[Vm, 
         assert vm.harvester_error is None
 
 
-def wait_for(
-    vm: Vm, guest: WorkloadGuest, predicate: Callable[[list[VcpuStatus]], bool], timeout: float
-) -> list[VcpuStatus]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = guest.status(vm.ram)
-        if predicate(status):
-            return status
-        errors = [v.error for v in vm.vcpus if v.error is not None]
-        assert not errors, errors  # a triple fault, say, would otherwise look like a timeout
-        assert time.monotonic() < deadline, f"timed out; guest status: {status}"
-        time.sleep(0.005)
-
-
 def heartbeats(status: list[VcpuStatus]) -> list[int]:
     return [s.heartbeat for s in status]
 
@@ -68,10 +56,15 @@ def heartbeats(status: list[VcpuStatus]) -> list[int]:
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_guest_runs_dirties_and_verifies(vcpus: int) -> None:
     with booted(WorkloadParams(vcpus=vcpus, working_set_bytes=WORKING_SET)) as (vm, guest):
-        first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
-        wait_for(vm, guest, lambda s: all(b.heartbeat > a.heartbeat for a, b in zip(first, s)), 1.0)
+        first = wait_for_status(lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
+        wait_for_status(
+            lambda: guest.status(vm.ram),
+            vm.vcpus,
+            lambda s: all(b.heartbeat > a.heartbeat for a, b in zip(first, s)),
+            1.0,
+        )
         # Three sweeps each, so every page was re-verified at least twice by the guest.
-        status = wait_for(vm, guest, lambda s: all(x.sweep > 3 for x in s), 10.0)
+        status = wait_for_status(lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.sweep > 3 for x in s), 10.0)
         assert all(s.state is VcpuState.WRITING and s.started for s in status)
         vm.pause()
         status = guest.status(vm.ram)
@@ -86,28 +79,40 @@ def test_guest_runs_dirties_and_verifies(vcpus: int) -> None:
 def test_guest_stays_correct_across_pause_and_resume() -> None:
     with booted(WorkloadParams(vcpus=2, working_set_bytes=WORKING_SET)) as (vm, guest):
         for _ in range(5):
-            wait_for(vm, guest, lambda s: all(x.pages_written > 0 for x in s), 1.0)
+            wait_for_status(lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.pages_written > 0 for x in s), 1.0)
             time.sleep(0.05)
             vm.pause()
             report = guest.verify(vm.ram)
             assert report.ok, report
             written = [s.pages_written for s in guest.status(vm.ram)]
             vm.resume()
-            wait_for(vm, guest, lambda s, written=written: all(x.pages_written > w for x, w in zip(s, written)), 1.0)
+            wait_for_status(
+                lambda: guest.status(vm.ram),
+                vm.vcpus,
+                lambda s, written=written: all(x.pages_written > w for x, w in zip(s, written)),
+                1.0,
+            )
         assert [s.verify_errors for s in guest.status(vm.ram)] == [0, 0]
 
 
 def test_rate_zero_idles_with_heartbeats_and_rates_change_live() -> None:
     params = WorkloadParams(vcpus=2, working_set_bytes=WORKING_SET, dirty_rate_mib_s=0)
     with booted(params) as (vm, guest):
-        first = wait_for(vm, guest, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
-        status = wait_for(vm, guest, lambda s: all(b.heartbeat > a.heartbeat + 50 for a, b in zip(first, s)), 2.0)
+        first = wait_for_status(lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.heartbeat > 0 for x in s), 1.0)
+        status = wait_for_status(
+            lambda: guest.status(vm.ram),
+            vm.vcpus,
+            lambda s: all(b.heartbeat > a.heartbeat + 50 for a, b in zip(first, s)),
+            2.0,
+        )
         assert [s.pages_written for s in status] == [0, 0]
         assert all(s.state is VcpuState.IDLE for s in status)
 
         guest.set_rate(vm.write_guest, 4)  # 1024 pages/s in all, 512 per vCPU
         t0 = time.monotonic()
-        start = wait_for(vm, guest, lambda s: all(x.rate_seen == 512 for x in s), 1.0)
+        start = wait_for_status(
+            lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.rate_seen == 512 for x in s), 1.0
+        )
         time.sleep(0.3)
         end = guest.status(vm.ram)
         elapsed = time.monotonic() - t0
@@ -116,9 +121,13 @@ def test_rate_zero_idles_with_heartbeats_and_rates_change_live() -> None:
             assert b.state in (VcpuState.THROTTLED, VcpuState.WRITING)
 
         guest.set_rate(vm.write_guest, math.inf)
-        wait_for(vm, guest, lambda s: all(x.pages_written > 4 * 4096 for x in s), 5.0)
+        wait_for_status(
+            lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.pages_written > 4 * 4096 for x in s), 5.0
+        )
         guest.set_rate(vm.write_guest, 0)
-        status = wait_for(vm, guest, lambda s: all(x.state is VcpuState.IDLE for x in s), 1.0)
+        status = wait_for_status(
+            lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.state is VcpuState.IDLE for x in s), 1.0
+        )
         time.sleep(0.05)
         assert [s.pages_written for s in guest.status(vm.ram)] == [s.pages_written for s in status]
         vm.pause()
@@ -131,12 +140,18 @@ def test_passes_mode_writes_exactly_one_pass_per_request(vcpus: int) -> None:
     with booted(params) as (vm, guest):
         layout = guest.layout
         shares = [layout.share(v)[1] for v in range(vcpus)]
-        status = wait_for(vm, guest, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0)
+        status = wait_for_status(
+            lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0
+        )
         assert [s.pages_written for s in status] == [0] * vcpus
         for n in (1, 2, 3):
             assert guest.request_pass(vm.write_guest, vm.ram) == n
-            wait_for(vm, guest, lambda s, n=n: all(x.passes_done == n for x in s), 5.0)
-            wait_for(vm, guest, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0)
+            wait_for_status(
+                lambda: guest.status(vm.ram), vm.vcpus, lambda s, n=n: all(x.passes_done == n for x in s), 5.0
+            )
+            wait_for_status(
+                lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0
+            )
             time.sleep(0.05)  # time enough to write more, if the guest wrongly would
             status = guest.status(vm.ram)
             assert guest.passes_done(vm.ram) == [n] * vcpus
@@ -168,5 +183,5 @@ def test_guest_reports_bad_parameters_instead_of_running() -> None:
         word = guest.layout.params + 8 * abi.WL_P_VERSION
         vm.write_guest(word, (abi.WL_VERSION + 1).to_bytes(8, "little"))
         vm.start()
-        status = wait_for(vm, guest, lambda s: s[0].heartbeat > 10, 1.0)
+        status = wait_for_status(lambda: guest.status(vm.ram), vm.vcpus, lambda s: s[0].heartbeat > 10, 1.0)
         assert status[0].state is VcpuState.BAD_PARAMS and status[0].pages_written == 0

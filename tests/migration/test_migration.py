@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from conftest import MakeDaemon
-from daemons import DaemonProcess, wait_for, wait_migration
+from daemons import MakeDaemon
+from daemons import DaemonProcess, heartbeat, wait_for, wait_migration
 
 pytestmark = pytest.mark.kvm
 
@@ -37,10 +37,6 @@ def create(
     )
     wait_for(lambda: heartbeat(daemon, name) > 0, what="the guest's first heartbeat")
     return info
-
-
-def heartbeat(daemon: DaemonProcess, name: str) -> int:
-    return int(daemon.call("vm.show", name=name)["guest"]["heartbeat_generation"])
 
 
 def assert_runs_here(daemon: DaemonProcess, name: str) -> dict[str, Any]:
