@@ -35,7 +35,7 @@ __all__ = [
     "GuestImageMissingError",
     "Mode",
     "SmallOsStatus",
-    "VcpuState",
+    "GuestPhase",
     "VcpuStatus",
     "X86VcpuStatus",
     "VerifyReport",
@@ -192,7 +192,7 @@ def install(
     ]
 
 
-class VcpuState(enum.Enum):
+class GuestPhase(enum.Enum):
     BOOTING = abi.WL_STATE_BOOTING
     WRITING = abi.WL_STATE_WRITING
     THROTTLED = abi.WL_STATE_THROTTLED
@@ -276,7 +276,7 @@ def _smallos_status(w: list[int]) -> SmallOsStatus:
 class VcpuStatus:
     vcpu: int
     started: bool  # the guest wrote its status page's magic
-    state: VcpuState
+    state: GuestPhase
     heartbeat: int
     pages_written: int
     passes_done: int
@@ -297,9 +297,9 @@ class X86VcpuStatus(VcpuStatus):
 def shared_status(vcpu: int, w: Sequence[int], ws_base: int) -> dict[str, Any]:
     """The VcpuStatus fields every workload guest reports in the same status words (abi.h)."""
     try:
-        state = VcpuState(w[abi.WL_S_STATE])
+        state = GuestPhase(w[abi.WL_S_STATE])
     except ValueError:
-        state = VcpuState.UNKNOWN
+        state = GuestPhase.UNKNOWN
     busy = w[abi.WL_S_BUSY_PAGE]
     return {
         "vcpu": vcpu,

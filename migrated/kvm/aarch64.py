@@ -30,18 +30,24 @@ import ctypes
 import errno
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import uapi
 from ._libc import ioctl
-from .wire import StateFormatError, WireReader
-from .errors import KvmCapabilityError, KvmError, KvmIoctlError, VmConfigError
+from .saved_state import (
+    IncompatibleStateError,
+    RestoreReport,
+    StateError,
+    StateFormatError,
+    StepTimes,
+    WireReader,
+)
+from .errors import KvmCapabilityError, KvmIoctlError, VmConfigError
 from .memory import GuestMemory, MemoryRegion
 from .vcpu import Vcpu
-from .vcpu import VcpuState as VcpuThreadState
+from .vcpu import VcpuRunState
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -66,7 +72,6 @@ MIN_NR_IRQS = 64
 MAX_NR_IRQS = 1024
 VGIC_ADDR_UNDEF = (1 << 64) - 1  # what GRP_ADDR reads back before an address was set
 
-STATE_VERSION = 1
 # Bounds on what a peer may send (DESIGN section 6).
 MAX_VCPUS = 512  # KVM_MAX_VCPUS on arm64
 MAX_REGS = 4096  # KVM_GET_REG_LIST gives a few hundred
@@ -84,20 +89,12 @@ _error, _mapping, _int_value, _int = _W.error, _W.mapping, _W.int_value, _W.int_
 _bytes_value, _bytes, _list = _W.bytes_value, _W.bytes_field, _W.list_field
 
 
-class StateError(KvmError):
-    """Saving or restoring arm64 state could not be done; the message names the step."""
-
-
-class IncompatibleStateError(StateError):
-    """The state cannot run in this VM or on this host."""
-
-
 # --------------------------------------------------------------------------------------------
 # vCPU checks
 # --------------------------------------------------------------------------------------------
 def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
     for vcpu in vcpus:
-        if vcpu.state is VcpuThreadState.RUNNING:
+        if vcpu.state is VcpuRunState.RUNNING:
             raise StateError(f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state")
 
 
@@ -729,7 +726,7 @@ Pairs = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
-class VcpuState:
+class Arm64VcpuState:
     """One vCPU: its registers (raw ONE_REG values), power state, pending SError, and its
     redistributor and CPU interface."""
 
@@ -764,7 +761,7 @@ class VcpuState:
         }
 
     @classmethod
-    def from_wire(cls, d: object, where: str) -> VcpuState:
+    def from_wire(cls, d: object, where: str) -> Arm64VcpuState:
         m = _mapping(d, where, _VCPU_KEYS)
         mp_state = _int(m, "mp_state", where, 0, (1 << 32) - 1)
         if mp_state not in ARM64_MP_STATES:
@@ -812,7 +809,7 @@ class VcpuState:
 
 
 @dataclass(frozen=True)
-class VmState:
+class Arm64MachineState:
     """The whole arm64 machine: vCPUs, vGIC v3 (distributor, line levels) and ITS registers.
 
     The tables the vGIC keeps in guest RAM (LPI pending tables; ITS device, collection and
@@ -825,7 +822,7 @@ class VmState:
     gicd_base: int
     gicr_base: int
     its_base: int  # 0: the VM has no ITS
-    vcpus: tuple[VcpuState, ...]
+    vcpus: tuple[Arm64VcpuState, ...]
     dist: Pairs  # (GICD offset, u32)
     line_levels: Pairs  # (vINTID, a multiple of 32 from 32; u32 bitmap) for the SPIs
     its: Pairs  # (GITS offset, u64); () without an ITS
@@ -837,7 +834,7 @@ class VmState:
 
     def to_wire(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION,
+            **_W.header(),
             "arch": "aarch64",
             "target": self.target,
             "features": self.features,
@@ -852,20 +849,8 @@ class VmState:
         }
 
     @classmethod
-    def from_wire(cls, d: object) -> VmState:
-        if not isinstance(d, Mapping):
-            raise StateFormatError(f"arm64 state: expected a map, got {type(d).__name__}")
-        # The version first: a newer state may have other keys, and must say so.
-        if "version" not in d:
-            raise StateFormatError("arm64 state: missing key 'version'")
-        version = _int_value(d["version"], "version", 0, (1 << 32) - 1)
-        if version > STATE_VERSION:
-            raise StateFormatError(
-                f"arm64 state: version {version} is newer than this migrated understands "
-                f"(up to {STATE_VERSION}); upgrade migrated on this host"
-            )
-        if version < 1:
-            raise StateFormatError(f"arm64 state: version {version} is invalid (versions start at 1)")
+    def from_wire(cls, d: object) -> Arm64MachineState:
+        _W.read_header(d)
         m = _mapping(d, "", _VM_KEYS)
         if m["arch"] != "aarch64":
             raise _error("", "arch", f"{m['arch']!r}: this is the arm64 state reader")
@@ -875,7 +860,7 @@ class VmState:
         vcpu_list = _list(m, "vcpus", "", MAX_VCPUS)
         if not vcpu_list:
             raise _error("", "vcpus", "no vCPUs")
-        vcpus = tuple(VcpuState.from_wire(v, f"vcpus[{i}]") for i, v in enumerate(vcpu_list))
+        vcpus = tuple(Arm64VcpuState.from_wire(v, f"vcpus[{i}]") for i, v in enumerate(vcpu_list))
         for i, v in enumerate(vcpus):
             if v.index != i:
                 raise StateFormatError(f"arm64 state: vcpus[{i}].index: {v.index}, expected {i}")
@@ -939,22 +924,6 @@ def _pairs(m: Mapping[str, Any], key: str, where: str, allowed: frozenset[int], 
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-class _Times:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-@dataclass(frozen=True)
-class RestoreReport:
-    timings: dict[str, float]  # seconds per step, and "total"
 
 
 # --------------------------------------------------------------------------------------------
@@ -975,7 +944,7 @@ def _redist_name(offset: int) -> str:
     return f"GICR+{offset:#x}"
 
 
-def save_vcpu_state(vm: Vm, vcpu: Vcpu) -> VcpuState:
+def save_vcpu_state(vm: Vm, vcpu: Vcpu) -> Arm64VcpuState:
     """One vCPU: registers, MP_STATE, VCPU_EVENTS, its redistributor and CPU interface."""
     _require_parked([vcpu], "saving")
     vgic = _vgic(vm)
@@ -1007,7 +976,7 @@ def save_vcpu_state(vm: Vm, vcpu: Vcpu) -> VcpuState:
 
     ctlr = icc(ICC_CTLR_EL1)
     icc_regs = tuple((reg, ctlr if reg == ICC_CTLR_EL1 else icc(reg)) for reg in icc_restore_order(ctlr))
-    return VcpuState(
+    return Arm64VcpuState(
         index=vcpu.index,
         mp_state=_get_mp_state(vcpu),
         events=bytes(events),
@@ -1017,13 +986,13 @@ def save_vcpu_state(vm: Vm, vcpu: Vcpu) -> VcpuState:
     )
 
 
-def save_vm_state(vm: Vm) -> VmState:
+def save_vm_state(vm: Vm) -> Arm64MachineState:
     """The whole machine, registers only; every vCPU parked (`vm.pause()`) or not started.
 
     This writes no guest RAM. The tables the vGIC keeps in guest RAM are written by
     `save_its_tables`, which the migration calls at R6.3 (before KVM_GET_DIRTY_LOG).
     """
-    times = _Times()
+    times = StepTimes()
     start = time.perf_counter()
     _require_parked(vm.vcpus, "saving")
     arm = machine(vm)
@@ -1075,7 +1044,7 @@ def save_vm_state(vm: Vm) -> VmState:
                 for reg in (*ITS_REGS_BEFORE_TABLES, GITS_CTLR)
             )
     times.seconds["total"] = time.perf_counter() - start
-    return VmState(
+    return Arm64MachineState(
         target=arm.target,
         features=arm.features,
         nr_irqs=arm.nr_irqs,
@@ -1102,7 +1071,7 @@ def _level_attr(mpidr_el1: int, intid: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Compatibility
 # --------------------------------------------------------------------------------------------
-def check_compatible(vm: Vm, state: VmState) -> None:
+def check_compatible(vm: Vm, state: Arm64MachineState) -> None:
     """Refuse, with the reason, a state that cannot be restored into `vm`."""
     arm = machine(vm)
     if len(vm.vcpus) != len(state.vcpus):
@@ -1142,7 +1111,7 @@ def check_compatible(vm: Vm, state: VmState) -> None:
 # --------------------------------------------------------------------------------------------
 # Restore (DESIGN R9; arm-vgic-its.rst "ITS Restore Sequence")
 # --------------------------------------------------------------------------------------------
-def restore_vcpu_registers(vcpu: Vcpu, state: VcpuState) -> None:
+def restore_vcpu_registers(vcpu: Vcpu, state: Arm64VcpuState) -> None:
     """ONE_REG values in KVM_GET_REG_LIST order, then MP_STATE and VCPU_EVENTS."""
     for reg_id, value in state.regs:
         set_one_reg(vcpu, reg_id, value)
@@ -1155,7 +1124,7 @@ def restore_vcpu_registers(vcpu: Vcpu, state: VcpuState) -> None:
     vcpu.ioctl("KVM_SET_VCPU_EVENTS", uapi.KVM_SET_VCPU_EVENTS, events)
 
 
-def _restore_dist(vgic: Device, state: VmState) -> None:
+def _restore_dist(vgic: Device, state: Arm64MachineState) -> None:
     values = dict(state.dist)
     grp = uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS
     levels_after = _spi_words(GICD_ICFGR, state.nr_irqs, 2)[-1]
@@ -1178,7 +1147,7 @@ def _restore_dist(vgic: Device, state: VmState) -> None:
                 )
 
 
-def _restore_redist(vgic: Device, state: VcpuState) -> None:
+def _restore_redist(vgic: Device, state: Arm64VcpuState) -> None:
     values = dict(state.redist)
     grp = uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS
     for offset in redist_restore_order():
@@ -1196,7 +1165,7 @@ def _restore_redist(vgic: Device, state: VcpuState) -> None:
         vgic.set(f"{where} {_redist_name(offset)}", grp, _cpu_attr(state.mpidr, offset), value, bits=32)
 
 
-def _restore_icc(vgic: Device, state: VcpuState) -> None:
+def _restore_icc(vgic: Device, state: Arm64VcpuState) -> None:
     values = dict(state.icc)
     for reg in icc_restore_order(values[ICC_CTLR_EL1]):
         vgic.set(
@@ -1207,7 +1176,7 @@ def _restore_icc(vgic: Device, state: VcpuState) -> None:
         )
 
 
-def restore_vm_state(vm: Vm, state: VmState, *, check: bool = True) -> RestoreReport:
+def restore_vm_state(vm: Vm, state: Arm64MachineState, *, check: bool = True) -> RestoreReport:
     """Write the whole machine's state into `vm`, built like the source and never run.
 
     Guest RAM must be in place first (R9): enabling LPIs reads the pending tables and
@@ -1235,7 +1204,7 @@ def restore_vm_state(vm: Vm, state: VmState, *, check: bool = True) -> RestoreRe
       7. KVM_DEV_ARM_ITS_RESTORE_TABLES;
       8. GITS_CTLR.
     """
-    times = _Times()
+    times = StepTimes()
     start = time.perf_counter()
     _require_parked(vm.vcpus, "restoring")
     machine(vm)

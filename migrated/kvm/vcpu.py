@@ -44,7 +44,7 @@ def ensure_kick_handler() -> None:
     signal.siginterrupt(KICK_SIGNAL, True)
 
 
-class VcpuState(enum.Enum):
+class VcpuRunState(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
     PAUSED = "paused"
@@ -85,8 +85,8 @@ class Vcpu:
         # Handlers by exit reason, set by the VM (dirty ring full, port I/O, MMIO).
         self.handlers: dict[int, ExitHandler] = {}
         self._cond = threading.Condition()
-        self._want = VcpuState.PAUSED
-        self._state = VcpuState.CREATED
+        self._want = VcpuRunState.PAUSED
+        self._state = VcpuRunState.CREATED
         self._thread: threading.Thread | None = None
         self.on_finished: Callable[[Vcpu], None] | None = None
 
@@ -135,14 +135,14 @@ class Vcpu:
     # ---- the thread ----------------------------------------------------------------------
 
     @property
-    def state(self) -> VcpuState:
+    def state(self) -> VcpuRunState:
         with self._cond:
             return self._state
 
     def start(self, running: bool = True) -> None:
         if self._thread is not None:
             raise KvmError(f"vCPU {self.index} already started")
-        self._want = VcpuState.RUNNING if running else VcpuState.PAUSED
+        self._want = VcpuRunState.RUNNING if running else VcpuRunState.PAUSED
         self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self._thread.start()
         if not running:
@@ -151,9 +151,9 @@ class Vcpu:
     def request_pause(self) -> None:
         """Ask the thread to leave KVM_RUN and park; `wait_parked()` waits for it."""
         with self._cond:
-            if self._state is VcpuState.FINISHED or self._thread is None:
+            if self._state is VcpuRunState.FINISHED or self._thread is None:
                 return
-            self._want = VcpuState.PAUSED
+            self._want = VcpuRunState.PAUSED
             self.run.immediate_exit = 1
             ident = self._thread.ident
         if ident is not None:
@@ -166,8 +166,8 @@ class Vcpu:
         deadline = time.monotonic() + (self.PAUSE_TIMEOUT_S if timeout is None else timeout)
         with self._cond:
             while self._thread is not None and self._state not in (
-                VcpuState.PAUSED,
-                VcpuState.FINISHED,
+                VcpuRunState.PAUSED,
+                VcpuRunState.FINISHED,
             ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -176,16 +176,16 @@ class Vcpu:
 
     def resume(self) -> None:
         with self._cond:
-            if self._state is VcpuState.FINISHED:
+            if self._state is VcpuRunState.FINISHED:
                 raise VcpuError(f"vCPU {self.index} has finished and cannot resume: {self.error}")
             self.run.immediate_exit = 0
-            self._want = VcpuState.RUNNING
+            self._want = VcpuRunState.RUNNING
             self._cond.notify_all()
 
     def stop(self) -> None:
         """End the thread (from any state) and wait for it."""
         with self._cond:
-            self._want = VcpuState.FINISHED
+            self._want = VcpuRunState.FINISHED
             self.run.immediate_exit = 1
             self._cond.notify_all()
             thread = self._thread
@@ -220,7 +220,7 @@ class Vcpu:
         `in` exit and the next KVM_RUN leaves rip on the `in` with AL not loaded (re-reading LSR is
         harmless, re-reading RBR loses a byte). With nothing pending, KVM_RUN returns EINTR at once.
         """
-        if self.state is VcpuState.RUNNING:
+        if self.state is VcpuRunState.RUNNING:
             raise VcpuError(f"vCPU {self.index} is running: park it first")
         saved = self.run.immediate_exit
         self.run.immediate_exit = 1
@@ -250,7 +250,7 @@ class Vcpu:
             self.error = err
         finally:
             with self._cond:
-                self._state = VcpuState.FINISHED
+                self._state = VcpuRunState.FINISHED
                 self._cond.notify_all()
             if self.on_finished is not None:
                 self.on_finished(self)
@@ -266,17 +266,17 @@ class Vcpu:
         incomplete = False
         while True:
             with self._cond:
-                if incomplete and self._want is not VcpuState.RUNNING:
+                if incomplete and self._want is not VcpuRunState.RUNNING:
                     self.run.immediate_exit = 1
                 else:
-                    while self._want is VcpuState.PAUSED:
-                        if self._state is not VcpuState.PAUSED:
-                            self._state = VcpuState.PAUSED
+                    while self._want is VcpuRunState.PAUSED:
+                        if self._state is not VcpuRunState.PAUSED:
+                            self._state = VcpuRunState.PAUSED
                             self._cond.notify_all()
                         self._cond.wait()
-                    if self._want is VcpuState.FINISHED:
+                    if self._want is VcpuRunState.FINISHED:
                         return
-                    self._state = VcpuState.RUNNING
+                    self._state = VcpuRunState.RUNNING
             try:
                 ioctl(self.fd, uapi.KVM_RUN, 0)
             except OSError as err:

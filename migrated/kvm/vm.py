@@ -29,7 +29,7 @@ from .errors import (
 )
 from .memory import PAGE_SIZE, GuestMemory
 from .system import HostCaps, Kvm
-from .vcpu import Vcpu, VcpuState, ensure_kick_handler
+from .vcpu import Vcpu, VcpuRunState, ensure_kick_handler
 
 DirtyTrackingMode = Literal["auto", "ring", "bitmap"]
 DIRTY_TRACKING_MODES: tuple[str, ...] = ("auto", "ring", "bitmap")
@@ -439,7 +439,7 @@ class Vm:
 
     @property
     def running(self) -> bool:
-        return any(v.state is VcpuState.RUNNING for v in self.vcpus)
+        return any(v.state is VcpuRunState.RUNNING for v in self.vcpus)
 
     def close(self) -> None:
         """Stop threads, unmap and close everything; safe to call twice."""

@@ -23,12 +23,12 @@ Threads: every call here needs the vCPUs parked (`Vm.pause()`) or not started. K
 serialize the ioctls with KVM_RUN, but a state read while the guest runs is torn, and a write
 races with it; the functions refuse a vCPU whose thread is RUNNING.
 
-Serialization: `VmState.to_wire()` gives a msgpack-able dict (str keys; bytes, int and list
-values; the raw struct bytes as KVM returned them); `VmState.from_wire()` checks every key, type,
+Serialization: `X86MachineState.to_wire()` gives a msgpack-able dict (str keys; bytes, int and list
+values; the raw struct bytes as KVM returned them); `X86MachineState.from_wire()` checks every key, type,
 size and count before anything is built from it, and raises `StateFormatError` naming the field.
 
-Two classes here share names with others in the package: `VcpuState` (the saved state of one
-vCPU) is not `vcpu.VcpuState` (a vCPU thread's run state, imported here as `VcpuThreadState`).
+Two classes here share names with others in the package: `X86VcpuState` (the saved state of one
+vCPU) is not `vcpu.X86VcpuState` (a vCPU thread's run state, imported here as `VcpuRunState`).
 """
 
 from __future__ import annotations
@@ -44,14 +44,20 @@ from typing import Any
 
 from . import uapi
 from ._libc import ioctl
-from .wire import StateFormatError, WireReader
-from .errors import KvmError, KvmIoctlError
+from .saved_state import (
+    IncompatibleStateError,
+    RestoreReport,
+    StateError,
+    StateFormatError,
+    StepTimes,
+    WireReader,
+)
+from .errors import KvmIoctlError
 from .system import Kvm, cpuid_buffer
 from .vcpu import Vcpu
-from .vcpu import VcpuState as VcpuThreadState
+from .vcpu import VcpuRunState
 from .vm import Vm
 
-STATE_VERSION = 1
 
 # Bounds on what a peer may send (DESIGN section 6). KVM's own limits are smaller or equal.
 MAX_VCPUS = 4096  # KVM_MAX_VCPUS on x86 with CONFIG_MAXSMP
@@ -145,14 +151,6 @@ _error, _mapping, _int_value, _int = _W.error, _W.mapping, _W.int_value, _W.int_
 _bytes_value, _bytes, _list = _W.bytes_value, _W.bytes_field, _W.list_field
 
 
-class StateError(KvmError):
-    """Saving or restoring state could not be done; the message names the step."""
-
-
-class IncompatibleStateError(StateError):
-    """The state cannot run on this host (another CPU model, an MSR or device it lacks)."""
-
-
 def msr_name(index: int) -> str:
     name = MSR_NAMES.get(index)
     return f"MSR {index:#x} ({name})" if name else f"MSR {index:#x}"
@@ -199,7 +197,7 @@ _VM_KEYS = frozenset("version cpu_vendor cpu_signature vcpus irqchip pit2 clock"
 
 
 @dataclass(frozen=True)
-class VcpuState:
+class X86VcpuState:
     """One vCPU's state: raw struct bytes as KVM returned them, and ints."""
 
     index: int
@@ -250,7 +248,7 @@ class VcpuState:
         }
 
     @classmethod
-    def from_wire(cls, d: object, where: str = "vcpu") -> VcpuState:
+    def from_wire(cls, d: object, where: str = "vcpu") -> X86VcpuState:
         m = _mapping(d, where, _VCPU_KEYS)
         cpuid = _list(m, "cpuid", where, MAX_CPUID_ENTRIES)
         if not cpuid:
@@ -306,12 +304,12 @@ class VcpuState:
 
 
 @dataclass(frozen=True)
-class VmState:
+class X86MachineState:
     """The whole machine: every vCPU, the in-kernel devices (if any) and kvmclock."""
 
     cpu_vendor: bytes  # CPUID leaf 0 (EBX, EDX, ECX) of the supported CPUID: "AuthenticAMD"
     cpu_signature: int  # CPUID leaf 1 EAX: family, model, stepping
-    vcpus: tuple[VcpuState, ...]
+    vcpus: tuple[X86VcpuState, ...]
     irqchip: tuple[bytes, ...]  # struct kvm_irqchip for PIC master, PIC slave, IOAPIC; or ()
     pit2: bytes  # struct kvm_pit_state2; b"" without an in-kernel PIT
     clock: bytes  # struct kvm_clock_data
@@ -335,7 +333,7 @@ class VmState:
 
     def to_wire(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION,
+            **_W.header(),
             "cpu_vendor": self.cpu_vendor,
             "cpu_signature": self.cpu_signature,
             "vcpus": [v.to_wire() for v in self.vcpus],
@@ -345,20 +343,8 @@ class VmState:
         }
 
     @classmethod
-    def from_wire(cls, d: object) -> VmState:
-        if not isinstance(d, Mapping):
-            raise StateFormatError(f"x86 state: expected a map, got {type(d).__name__}")
-        # The version first: a newer state may have other keys, and must say so, not "unknown".
-        if "version" not in d:
-            raise StateFormatError("x86 state: missing key 'version'")
-        version = _int_value(d["version"], "version", 0, (1 << 32) - 1)
-        if version > STATE_VERSION:
-            raise StateFormatError(
-                f"x86 state: version {version} is newer than this migrated understands "
-                f"(up to {STATE_VERSION}); upgrade migrated on this host"
-            )
-        if version < 1:
-            raise StateFormatError(f"x86 state: version {version} is invalid (versions start at 1)")
+    def from_wire(cls, d: object) -> X86MachineState:
+        _W.read_header(d)
         m = _mapping(d, "", _VM_KEYS)
         vendor = _bytes(m, "cpu_vendor", "")
         if len(vendor) != 12:
@@ -366,7 +352,7 @@ class VmState:
         vcpu_list = _list(m, "vcpus", "", MAX_VCPUS)
         if not vcpu_list:
             raise _error("", "vcpus", "no vCPUs")
-        vcpus = tuple(VcpuState.from_wire(v, f"vcpus[{i}]") for i, v in enumerate(vcpu_list))
+        vcpus = tuple(X86VcpuState.from_wire(v, f"vcpus[{i}]") for i, v in enumerate(vcpu_list))
         for i, v in enumerate(vcpus):
             if v.index != i:
                 raise StateFormatError(f"x86 state: vcpus[{i}].index: {v.index}, expected {i}")
@@ -423,19 +409,6 @@ def _struct_bytes(m: Mapping[str, Any], key: str, where: str) -> bytes:
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-class StepTimes:
-    """Seconds spent per step, summed over vCPUs (`perf_counter`; ~100 ns per step)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @contextmanager
@@ -445,14 +418,6 @@ def _step(times: StepTimes | None, name: str) -> Iterator[None]:
     else:
         with times.step(name):
             yield
-
-
-@dataclass(frozen=True)
-class RestoreReport:
-    timings: dict[str, float]  # seconds per step, and "total"
-    clock_advanced: bool  # kvmclock was moved on by the host real time since the save
-    # (vCPU, MSR) pairs KVM refused to write although they already held the saved value.
-    msrs_kept: tuple[tuple[int, int], ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +438,7 @@ def _buffer(data: bytes, size: int | None = None) -> ctypes.Array[ctypes.c_uint8
 
 def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
     for vcpu in vcpus:
-        if vcpu.state is VcpuThreadState.RUNNING:
+        if vcpu.state is VcpuRunState.RUNNING:
             raise StateError(f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state")
 
 
@@ -645,7 +610,7 @@ def save_vcpu_state(
     xsave2_bytes: int | None = None,
     msr_indices: Sequence[int] | None = None,
     times: StepTimes | None = None,
-) -> VcpuState:
+) -> X86VcpuState:
     """Read one vCPU's state. Its thread must be parked or not started.
 
     `lapic`: the VM has an in-kernel irqchip (KVM_GET_LAPIC fails without one).
@@ -689,7 +654,7 @@ def save_vcpu_state(
         msrs = tuple(get_msrs(vcpu, indices))
     with _step(times, "events"):
         events = _get_struct(vcpu, "KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, uapi.kvm_vcpu_events)
-    return VcpuState(
+    return X86VcpuState(
         index=vcpu.index,
         tsc_khz=tsc_khz,
         cpuid=cpuid,
@@ -705,7 +670,7 @@ def save_vcpu_state(
     )
 
 
-def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
+def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> X86MachineState:
     """Read the whole machine's state. Every vCPU must be parked (`vm.pause()`) or not started.
 
     `irqchip` / `pit`: whether the VM was built with `create_irqchip` / `create_pit2`. They are
@@ -744,7 +709,7 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
         clock = uapi.kvm_clock_data()
         vm.ioctl("KVM_GET_CLOCK", uapi.KVM_GET_CLOCK, clock)
     times.seconds["total"] = time.perf_counter() - start
-    return VmState(
+    return X86MachineState(
         cpu_vendor=vendor,
         cpu_signature=signature,
         vcpus=vcpus,
@@ -758,7 +723,7 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
 # --------------------------------------------------------------------------------------------
 # Compatibility
 # --------------------------------------------------------------------------------------------
-def check_compatible(state: VmState, kvm: Kvm) -> None:
+def check_compatible(state: X86MachineState, kvm: Kvm) -> None:
     """Refuse, with the reason, a state this host cannot run.
 
     The CPU must be the same vendor, family and model (the stepping may differ): the guest keeps
@@ -802,7 +767,7 @@ _EVENTS_SET_FLAGS = uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | uapi.KVM_VCPUEVENT_VA
 
 def restore_vcpu_state(
     vcpu: Vcpu,
-    state: VcpuState,
+    state: X86VcpuState,
     *,
     xsave2_bytes: int = 0,
     times: StepTimes | None = None,
@@ -868,7 +833,7 @@ def restore_vcpu_state(
 
 def restore_vm_state(
     vm: Vm,
-    state: VmState,
+    state: X86MachineState,
     *,
     irqchip: bool,
     pit: bool,

@@ -14,6 +14,7 @@ import msgpack
 from .. import faults
 from ..hosted import HostedVm
 from ..kvm import aarch64, x86_state
+from ..kvm.saved_state import STATE_VERSION
 from ..kvm.system import Kvm
 
 X86_MACHINE = "x86-machine"
@@ -32,14 +33,14 @@ def cpu_features(kvm: Kvm) -> dict[str, Any]:
     if kvm.caps().arch == "aarch64":
         # KVM_ARM_PREFERRED_TARGET is the generic target on every current host; what differs
         # between hosts is checked register by register when the state is restored.
-        return {"cpu_arch": "aarch64", "state_version": aarch64.STATE_VERSION}
+        return {"cpu_arch": "aarch64", "state_version": STATE_VERSION}
     vendor, signature = x86_state.cpu_identity(kvm.supported_cpuid())
     model = x86_state.CpuModel.from_cpuid(vendor, signature)
     return {
         "cpu_vendor": model.vendor,
         "cpu_family": model.family,
         "cpu_model": model.model,
-        "state_version": x86_state.STATE_VERSION,
+        "state_version": STATE_VERSION,
     }
 
 
@@ -102,9 +103,9 @@ def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> None:
         hosted.ports.bus.load_wire(_unpack(blobs[1][1], "port device state"))
     if expected[0] == ARM64_MACHINE:
         # R9: memory is in place; restore_vm_state follows arm-vgic-its.rst's order.
-        aarch64.restore_vm_state(vm, aarch64.VmState.from_wire(wire))
+        aarch64.restore_vm_state(vm, aarch64.Arm64MachineState.from_wire(wire))
         return
-    state = x86_state.VmState.from_wire(wire)
+    state = x86_state.X86MachineState.from_wire(wire)
     # The target built the same devices from the same spec (hosted.vm_config); checked again
     # against the state by restore_vm_state.
     irqchip, pit = x86_state.detect_devices(vm)

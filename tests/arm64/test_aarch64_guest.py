@@ -16,7 +16,7 @@ from helpers import wait_for_status
 
 from migrated.guests import aarch64_boot as ab
 from migrated.guests.aarch64_boot import Arm64VcpuStatus, Arm64WorkloadGuest, ItsSettings
-from migrated.guests.workload import VcpuState, WorkloadParams
+from migrated.guests.workload import GuestPhase, WorkloadParams
 from migrated.kvm import aarch64 as arm
 from migrated.kvm.system import Kvm
 from migrated.kvm.arch import create_vm
@@ -104,7 +104,7 @@ def test_guest_runs_verifies_pages_and_receives_every_lpi(
     final = guest.status(vm.ram)
     no_fault(final)
     assert all(s.verify_errors == 0 for s in final), final
-    assert all(s.state in (VcpuState.WRITING, VcpuState.THROTTLED) for s in final)
+    assert all(s.state in (GuestPhase.WRITING, GuestPhase.THROTTLED) for s in final)
     report = guest.verify(vm.ram)
     assert report.ok, report
     assert report.pages_written > 0

@@ -30,7 +30,7 @@ from migrated.kvm import vm as vm_module
 from migrated.kvm.errors import DirtyTrackingOrderError, KvmIoctlError
 from migrated.kvm.memory import PAGE_SHIFT, GuestMemory
 from migrated.kvm.system import Kvm
-from migrated.kvm import arch
+from migrated.kvm import arch, saved_state
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.arm64
@@ -458,7 +458,7 @@ def test_table_saves_write_guest_ram_seen_only_by_the_backup_bitmap(kvm: Kvm, ma
 SPI = 40  # an SPI whose input line the source's "device" holds high
 
 
-def saved_source(kvm: Kvm, made: list[Vm], second_runs: bool = False) -> tuple[Vm, aarch64.VmState, int]:
+def saved_source(kvm: Kvm, made: list[Vm], second_runs: bool = False) -> tuple[Vm, aarch64.Arm64MachineState, int]:
     """A two-vCPU VM that ran, with the ITS in use and an SPI line high, paused and saved as the
     downtime does (R6). vCPU 1 stays powered off, or runs the loop too (`second_runs`)."""
     vm = create_vm(kvm, made, vcpus=2)
@@ -480,7 +480,7 @@ def saved_source(kvm: Kvm, made: list[Vm], second_runs: bool = False) -> tuple[V
     aarch64.save_its_tables(vm)  # R6.3
     state = aarch64.save_vm_state(vm)
     wire = msgpack.packb(state.to_wire(), use_bin_type=True)
-    return vm, aarch64.VmState.from_wire(msgpack.unpackb(wire, raw=False)), count
+    return vm, aarch64.Arm64MachineState.from_wire(msgpack.unpackb(wire, raw=False)), count
 
 
 def copy_memory(source: Vm, target: Vm) -> None:
@@ -488,7 +488,7 @@ def copy_memory(source: Vm, target: Vm) -> None:
     target.memory.bytes[:] = source.memory.bytes
 
 
-def comparable(state: aarch64.VmState) -> dict[str, Any]:
+def comparable(state: aarch64.Arm64MachineState) -> dict[str, Any]:
     wire = state.to_wire()
     for vcpu in wire["vcpus"]:
         vcpu["regs"] = [[i, v] for i, v in vcpu["regs"] if i not in aarch64.COUNTER_REGS]
@@ -583,7 +583,7 @@ def test_restore_follows_the_its_restore_sequence(kvm: Kvm, made: list[Vm], monk
 def test_restore_refuses_a_different_machine(kvm: Kvm, made: list[Vm]) -> None:
     source, state, _ = saved_source(kvm, made)
     single = create_vm(kvm, made, vcpus=1)
-    with pytest.raises(aarch64.IncompatibleStateError, match="2 vCPU"):
+    with pytest.raises(saved_state.IncompatibleStateError, match="2 vCPU"):
         aarch64.restore_vm_state(single, state)
 
 
@@ -593,7 +593,7 @@ def test_save_refuses_running_vcpus(kvm: Kvm, made: list[Vm]) -> None:
     vm.start()
     try:
         wait_for(lambda: counter(vm) > 100, 60.0, "the guest loop to count", interval=0.01)
-        with pytest.raises(aarch64.StateError, match="pause the VM"):
+        with pytest.raises(saved_state.StateError, match="pause the VM"):
             aarch64.save_vm_state(vm)
     finally:
         vm.pause()
@@ -635,13 +635,13 @@ def wire(kvm: Kvm, made: list[Vm]) -> dict[str, Any]:
 def test_malformed_state_is_refused_naming_the_field(
     wire: dict[str, Any], mutate: Callable[[dict[str, Any]], Any], message: str
 ) -> None:
-    aarch64.VmState.from_wire(wire)  # the unmodified one is fine
+    aarch64.Arm64MachineState.from_wire(wire)  # the unmodified one is fine
     mutate(wire)
-    with pytest.raises(aarch64.StateFormatError, match=message):
-        aarch64.VmState.from_wire(wire)
+    with pytest.raises(saved_state.StateFormatError, match=message):
+        aarch64.Arm64MachineState.from_wire(wire)
 
 
 def test_state_survives_the_wire_unchanged(wire: dict[str, Any]) -> None:
-    state = aarch64.VmState.from_wire(wire)
+    state = aarch64.Arm64MachineState.from_wire(wire)
     assert state.to_wire() == wire
     assert state.vcpus[1].mpidr & 0xFF == 1

@@ -33,7 +33,7 @@ from migrated.guests.aarch64_boot import (
     plan_layout_aarch64,
 )
 from migrated.guests.pages import render_pages
-from migrated.guests.workload import VcpuState, WorkloadParams
+from migrated.guests.workload import GuestPhase, WorkloadParams
 from migrated.kvm import aarch64 as arm
 
 SOURCES = build.AARCH64_SOURCE_DIR
@@ -344,11 +344,11 @@ def test_status_view_decodes_arm64_words() -> None:
     s1[ab.WLA_S_ITS_STATE] = ab.WLA_ITS_FAILED
     s1[ab.WLA_S_ITS_ERROR] = ab.WLA_ERR_CMD_TIMEOUT
     first, second = Arm64WorkloadGuest(lay).status(fake.ram)
-    assert first.started and first.state is VcpuState.WRITING and first.heartbeat == 12
+    assert first.started and first.state is GuestPhase.WRITING and first.heartbeat == 12
     assert (first.its_state, first.its_error, first.fault) == ("ready", None, None)
     assert (first.lpis_expected, first.lpis_received, first.lpi_outstanding) == (40, 39, 8)
     assert first.counter_hz == 62_500_000
-    assert second.state is VcpuState.UNKNOWN and second.fault is not None
+    assert second.state is GuestPhase.UNKNOWN and second.fault is not None
     assert second.fault.exception_class == 0x25 and second.fault.elr == 0x40001234
     assert second.its_state == "failed" and second.its_error is not None
     assert "CREADR" in second.its_error

@@ -15,7 +15,7 @@ from helpers import wait_for_status
 
 from migrated.guests import abi
 from migrated.guests.workload import (
-    VcpuState,
+    GuestPhase,
     VcpuStatus,
     WorkloadGuest,
     WorkloadParams,
@@ -65,7 +65,7 @@ def test_guest_runs_dirties_and_verifies(vcpus: int) -> None:
         )
         # Three sweeps each, so every page was re-verified at least twice by the guest.
         status = wait_for_status(lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.sweep > 3 for x in s), 10.0)
-        assert all(s.state is VcpuState.WRITING and s.started for s in status)
+        assert all(s.state is GuestPhase.WRITING and s.started for s in status)
         vm.pause()
         status = guest.status(vm.ram)
         assert [s.verify_errors for s in status] == [0] * vcpus
@@ -106,7 +106,7 @@ def test_rate_zero_idles_with_heartbeats_and_rates_change_live() -> None:
             2.0,
         )
         assert [s.pages_written for s in status] == [0, 0]
-        assert all(s.state is VcpuState.IDLE for s in status)
+        assert all(s.state is GuestPhase.IDLE for s in status)
 
         guest.set_rate(vm.write_guest, 4)  # 1024 pages/s in all, 512 per vCPU
         t0 = time.monotonic()
@@ -118,7 +118,7 @@ def test_rate_zero_idles_with_heartbeats_and_rates_change_live() -> None:
         elapsed = time.monotonic() - t0
         for a, b in zip(start, end):
             assert 0 < b.pages_written - a.pages_written <= 512 * elapsed + 512 // 100 + 2
-            assert b.state in (VcpuState.THROTTLED, VcpuState.WRITING)
+            assert b.state in (GuestPhase.THROTTLED, GuestPhase.WRITING)
 
         guest.set_rate(vm.write_guest, math.inf)
         wait_for_status(
@@ -126,7 +126,7 @@ def test_rate_zero_idles_with_heartbeats_and_rates_change_live() -> None:
         )
         guest.set_rate(vm.write_guest, 0)
         status = wait_for_status(
-            lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.state is VcpuState.IDLE for x in s), 1.0
+            lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.state is GuestPhase.IDLE for x in s), 1.0
         )
         time.sleep(0.05)
         assert [s.pages_written for s in guest.status(vm.ram)] == [s.pages_written for s in status]
@@ -141,7 +141,7 @@ def test_passes_mode_writes_exactly_one_pass_per_request(vcpus: int) -> None:
         layout = guest.layout
         shares = [layout.share(v)[1] for v in range(vcpus)]
         status = wait_for_status(
-            lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0
+            lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.state is GuestPhase.PASS_WAIT for x in s), 1.0
         )
         assert [s.pages_written for s in status] == [0] * vcpus
         for n in (1, 2, 3):
@@ -150,7 +150,7 @@ def test_passes_mode_writes_exactly_one_pass_per_request(vcpus: int) -> None:
                 lambda: guest.status(vm.ram), vm.vcpus, lambda s, n=n: all(x.passes_done == n for x in s), 5.0
             )
             wait_for_status(
-                lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.state is VcpuState.PASS_WAIT for x in s), 1.0
+                lambda: guest.status(vm.ram), vm.vcpus, lambda s: all(x.state is GuestPhase.PASS_WAIT for x in s), 1.0
             )
             time.sleep(0.05)  # time enough to write more, if the guest wrongly would
             status = guest.status(vm.ram)
@@ -184,4 +184,4 @@ def test_guest_reports_bad_parameters_instead_of_running() -> None:
         vm.write_guest(word, (abi.WL_VERSION + 1).to_bytes(8, "little"))
         vm.start()
         status = wait_for_status(lambda: guest.status(vm.ram), vm.vcpus, lambda s: s[0].heartbeat > 10, 1.0)
-        assert status[0].state is VcpuState.BAD_PARAMS and status[0].pages_written == 0
+        assert status[0].state is GuestPhase.BAD_PARAMS and status[0].pages_written == 0
