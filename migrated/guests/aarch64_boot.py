@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import numpy.typing as npt
 
-from migrated.kvm import aarch64 as arm
+from migrated.kvm.arch import aarch64 as arm
 from migrated.kvm import uapi
 
 from . import abi

@@ -30,7 +30,7 @@ from transport import (
 
 from .. import faults, tls
 from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_config
-from ..kvm import aarch64
+from ..kvm.arch import host_arch
 from ..kvm.errors import KvmError
 from ..logs import get_logger
 from ..pagehash import memory_digest
@@ -136,7 +136,7 @@ class Target:
         if description.vcpus != spec.vcpus or description.vcpus > caps.max_vcpus:
             raise Refused(f"{description.vcpus} vCPUs: this host allows 1 to {caps.max_vcpus}")
         layout = [(r.slot, r.guest_phys_addr, r.size) for r in description.memory]
-        ram_base = aarch64.RAM_BASE if caps.arch == "aarch64" else 0
+        ram_base = host_arch(caps.arch).ram_base
         if layout != [(0, ram_base, spec.memory_bytes)]:
             raise Refused(f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the spec's size")
         if spec.name in self.daemon.vms:

@@ -25,8 +25,12 @@ import pytest
 
 from helpers import wait_for
 
-from migrated.kvm import _libc, aarch64, uapi
+from migrated.kvm import _libc, uapi
+from migrated.kvm import vcpu as vcpu_module
 from migrated.kvm import vm as vm_module
+from migrated.kvm.arch import aarch64
+from migrated.kvm.arch.aarch64 import devices as aarch64_devices
+from migrated.kvm.arch.aarch64 import registers as aarch64_registers
 from migrated.kvm.errors import DirtyTrackingOrderError, KvmIoctlError
 from migrated.kvm.memory import PAGE_SHIFT, GuestMemory
 from migrated.kvm.system import Kvm
@@ -151,9 +155,14 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    monkeypatch.setattr(vm_module, "ioctl", rec.wrap(_libc.ioctl))
-    monkeypatch.setattr(aarch64, "ioctl", rec.wrap(_libc.ioctl))
+    record_ioctls(monkeypatch, rec)
     return rec
+
+
+def record_ioctls(monkeypatch: pytest.MonkeyPatch, rec: Recorder) -> None:
+    """Every ioctl the VM layer sends: on VM fds, vCPU fds and device fds."""
+    for module in (vm_module, vcpu_module, aarch64_devices, aarch64_registers):
+        monkeypatch.setattr(module, "ioctl", rec.wrap(_libc.ioctl))
 
 
 def redist_set(vm: Vm, vcpu: int, offset: int, value: int, bits: int = 32) -> None:
@@ -544,7 +553,7 @@ def test_restore_follows_the_its_restore_sequence(kvm: Kvm, made: list[Vm], monk
     target.finish_setup()
     copy_memory(source, target)
     rec = Recorder()
-    monkeypatch.setattr(aarch64, "ioctl", rec.wrap(_libc.ioctl))
+    record_ioctls(monkeypatch, rec)
     aarch64.restore_vm_state(target, state)
 
     def first(group: int, attr: int | None = None, last: bool = False) -> int:

@@ -34,7 +34,7 @@ from migrated.guests.aarch64_boot import (
 )
 from migrated.guests.pages import render_pages
 from migrated.guests.workload import GuestPhase, WorkloadParams
-from migrated.kvm import aarch64 as arm
+from migrated.kvm.arch import aarch64 as arm
 
 SOURCES = build.AARCH64_SOURCE_DIR
 MIB = 1 << 20

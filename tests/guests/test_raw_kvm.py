@@ -41,7 +41,8 @@ from migrated.guests.raw import (
     long_mode_tables_end,
     read_raw_image,
 )
-from migrated.kvm import uapi, x86_state
+from migrated.kvm import uapi
+from migrated.kvm.arch import x86_64
 from migrated.kvm.dirty import RingTracker
 from migrated.kvm.errors import DirtyRingLivelockError
 from migrated.kvm.memory import PAGE_SIZE
@@ -245,12 +246,12 @@ def test_long_mode_entry(kvm: Kvm) -> None:
 def hop(kvm: Kvm, source: Machine, config: VmConfig) -> Machine:
     """Pause, save CPU and device state, copy RAM, restore into a fresh VM, start it there."""
     source.pause()
-    state = x86_state.save_vm_state(source.vm, irqchip=False, pit=False)
+    state = x86_64.save_vm_state(source.vm, irqchip=False, pit=False)
     devices = source.ports.bus.to_wire()
     target = new_machine(kvm, config)
     try:
         target.vm.ram[:] = source.vm.ram
-        x86_state.restore_vm_state(target.vm, state, irqchip=False, pit=False)
+        x86_64.restore_vm_state(target.vm, state, irqchip=False, pit=False)
         target.ports.bus.load_wire(devices)
         start(target)
     except BaseException:

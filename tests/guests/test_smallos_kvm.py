@@ -20,7 +20,7 @@ from helpers import wait_for_status
 from migrated.guests import abi
 from migrated.guests.boot import load_workload, pulse_irq
 from migrated.guests.workload import SmallOsStatus, WorkloadGuest, WorkloadParams, X86VcpuStatus
-from migrated.kvm import x86_state
+from migrated.kvm.arch import x86_64
 from migrated.kvm.memory import GuestMemory
 from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import ensure_kick_handler
@@ -50,8 +50,8 @@ def build_vm(kvm: Kvm, vcpus: int, name: str) -> Vm:
     try:
         vm.enable_dirty_ring(1 << 20)
         vm.add_memory(GuestMemory.flat(MEMORY, name=f"{name}-ram"))
-        x86_state.create_irqchip(vm)
-        x86_state.create_pit2(vm)
+        x86_64.create_irqchip(vm)
+        x86_64.create_pit2(vm)
         for i in range(vcpus):
             vm.create_vcpu(i)
         vm.finish_setup()
@@ -154,7 +154,7 @@ def migrate_into_new_vm(kvm: Kvm, vm: Vm, vcpus: int, drop: str | None = None) -
     """Pause, save the complete state, copy RAM, restore into a VM built the same way.
     `drop`: leave one piece out ("xsave": zeroed; "lapic": not restored)."""
     vm.pause()
-    state = x86_state.save_vm_state(vm, irqchip=True, pit=True)
+    state = x86_64.save_vm_state(vm, irqchip=True, pit=True)
     if drop == "xsave":
         state = replace(state, vcpus=tuple(replace(v, xsave=bytes(len(v.xsave))) for v in state.vcpus))
     elif drop == "lapic":
@@ -162,7 +162,7 @@ def migrate_into_new_vm(kvm: Kvm, vm: Vm, vcpus: int, drop: str | None = None) -
     target = build_vm(kvm, vcpus, "dst")
     try:
         target.ram[:] = vm.ram
-        x86_state.restore_vm_state(target, state, irqchip=True, pit=True)
+        x86_64.restore_vm_state(target, state, irqchip=True, pit=True)
     except BaseException:
         target.close()
         raise

@@ -184,7 +184,7 @@ def arm64_probes() -> list[Probe]:
 
 def core_register_probes() -> list[Probe]:
     """Core register ids as asm/kvm.h builds them (KVM_REG_ARM_CORE_REG) against ours."""
-    from migrated.kvm import aarch64
+    from migrated.kvm.arch import aarch64
 
     probes = []
     for name, ours in sorted(aarch64.CORE_REGS.items()):

@@ -26,7 +26,7 @@ from migrated.kvm.vcpu import ensure_kick_handler
 from migrated.kvm.arch import create_vm, host_arch
 from migrated.kvm.vm import DEFAULT_RING_BYTES, Vm, VmConfig
 from migrated.kvm.saved_state import STATE_VERSION, IncompatibleStateError, StateError, StateFormatError
-from migrated.kvm.x86_state import (
+from migrated.kvm.arch.x86_64 import (
     MAX_CPUID_ENTRIES,
     MAX_MSRS,
     MSR_IA32_TSC,

@@ -27,8 +27,7 @@ Serialization: `X86MachineState.to_wire()` gives a msgpack-able dict (str keys; 
 values; the raw struct bytes as KVM returned them); `X86MachineState.from_wire()` checks every key, type,
 size and count before anything is built from it, and raises `StateFormatError` naming the field.
 
-Two classes here share names with others in the package: `X86VcpuState` (the saved state of one
-vCPU) is not `vcpu.X86VcpuState` (a vCPU thread's run state, imported here as `VcpuRunState`).
+The MSR and CPUID accessors are in `cpu.py`, the in-kernel devices in `devices.py`.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import uapi
-from ._libc import ioctl
-from .saved_state import (
+from ... import uapi
+from ...saved_state import (
     IncompatibleStateError,
     RestoreReport,
     StateError,
@@ -52,53 +50,32 @@ from .saved_state import (
     StepTimes,
     WireReader,
 )
-from .errors import KvmIoctlError
-from .system import Kvm, cpuid_buffer
-from .vcpu import Vcpu
-from .vcpu import VcpuRunState
-from .vm import Vm
+from ...errors import KvmIoctlError
+from ...system import Kvm, cpuid_buffer
+from ...vcpu import Vcpu
+from ...vcpu import VcpuRunState
+from ...vm import Vm
+from .cpu import (
+    MAX_CPUID_ENTRIES,
+    CpuModel,
+    cpu_identity,
+    get_cpuid,
+    get_msrs,
+    msr_name,
+    restore_msr_order,
+    set_msrs,
+    read_tsc_khz,
+    xsave2_size,
+)
+from .devices import check_devices
 
 
 # Bounds on what a peer may send (DESIGN section 6). KVM's own limits are smaller or equal.
 MAX_VCPUS = 4096  # KVM_MAX_VCPUS on x86 with CONFIG_MAXSMP
 MAX_MSRS = 1024  # KVM_GET_MSR_INDEX_LIST gives 40 here, a few hundred at most elsewhere
-MAX_CPUID_ENTRIES = 256  # KVM_MAX_CPUID_ENTRIES
 MIN_XSAVE_BYTES = ctypes.sizeof(uapi.kvm_xsave)  # 4096: "always at least 4096" (api.rst)
 MAX_XSAVE_BYTES = 64 << 10  # AMX needs ~11 KiB; the largest XSAVE layouts stay far below
 
-MSR_IA32_TSC = 0x10
-MSR_IA32_TSC_DEADLINE = 0x6E0
-
-# Names for messages; any other MSR is shown by number alone.
-MSR_NAMES: dict[int, str] = {
-    0x10: "IA32_TSC",
-    0x1B: "IA32_APIC_BASE",
-    0x3B: "IA32_TSC_ADJUST",
-    0x10A: "IA32_ARCH_CAPABILITIES",
-    0x174: "IA32_SYSENTER_CS",
-    0x175: "IA32_SYSENTER_ESP",
-    0x176: "IA32_SYSENTER_EIP",
-    0x1A0: "IA32_MISC_ENABLE",
-    0x277: "IA32_PAT",
-    0x6E0: "IA32_TSC_DEADLINE",
-    0xC0000080: "EFER",
-    0xC0000081: "STAR",
-    0xC0000082: "LSTAR",
-    0xC0000083: "CSTAR",
-    0xC0000084: "SFMASK",
-    0xC0000100: "FS_BASE",
-    0xC0000101: "GS_BASE",
-    0xC0000102: "KERNEL_GS_BASE",
-    0xC0000103: "TSC_AUX",
-    0x4B564D00: "KVM_WALL_CLOCK_NEW",
-    0x4B564D01: "KVM_SYSTEM_TIME_NEW",
-    0x4B564D02: "KVM_ASYNC_PF_EN",
-    0x4B564D03: "KVM_STEAL_TIME",
-    0x4B564D04: "KVM_PV_EOI_EN",
-    0x4B564D05: "KVM_POLL_CONTROL",
-    0x4B564D06: "KVM_ASYNC_PF_INT",
-    0x4B564D07: "KVM_ASYNC_PF_ACK",
-}
 
 # x86 multiprocessing states KVM_GET_MP_STATE can report (api.rst 4.38).
 X86_MP_STATES = frozenset(
@@ -140,53 +117,10 @@ IRQCHIP_IDS = (uapi.KVM_IRQCHIP_PIC_MASTER, uapi.KVM_IRQCHIP_PIC_SLAVE, uapi.KVM
 _IRQCHIP_NAMES = ("PIC master", "PIC slave", "IOAPIC")
 
 
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-
 # Wire checks shared with the other architecture's state (migrated/kvm/wire.py).
 _W = WireReader("x86 state")
 _error, _mapping, _int_value, _int = _W.error, _W.mapping, _W.int_value, _W.int_field
 _bytes_value, _bytes, _list = _W.bytes_value, _W.bytes_field, _W.list_field
-
-
-def msr_name(index: int) -> str:
-    name = MSR_NAMES.get(index)
-    return f"MSR {index:#x} ({name})" if name else f"MSR {index:#x}"
-
-
-# --------------------------------------------------------------------------------------------
-# The CPU the state was saved on
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CpuModel:
-    """Vendor and family/model/stepping, from CPUID leaf 0 and leaf 1 EAX."""
-
-    vendor: str
-    family: int
-    model: int
-    stepping: int
-
-    @classmethod
-    def from_cpuid(cls, vendor: bytes, signature: int) -> CpuModel:
-        base_family = signature >> 8 & 0xF
-        base_model = signature >> 4 & 0xF
-        family = base_family + (signature >> 20 & 0xFF) if base_family == 0xF else base_family
-        model = base_model | (signature >> 16 & 0xF) << 4 if base_family in (0x6, 0xF) else base_model
-        return cls(vendor.decode("ascii", "replace"), family, model, signature & 0xF)
-
-    def __str__(self) -> str:
-        return f"{self.vendor} family {self.family:#x} model {self.model:#x} stepping {self.stepping}"
-
-
-def cpu_identity(entries: Sequence[uapi.kvm_cpuid_entry2]) -> tuple[bytes, int]:
-    """(vendor string, leaf 1 EAX signature) from CPUID entries."""
-    leaves = {(e.function, e.index): e for e in entries}
-    leaf0, leaf1 = leaves.get((0, 0)), leaves.get((1, 0))
-    if leaf0 is None or leaf1 is None:
-        raise StateError("the CPUID lacks leaf 0 or leaf 1: cannot tell the CPU vendor and model")
-    return struct.pack("<III", leaf0.ebx, leaf0.edx, leaf0.ecx), int(leaf1.eax)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,163 +376,6 @@ def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
             raise StateError(f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state")
 
 
-def xsave2_size(fd: int) -> int:
-    """KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2): the bytes KVM_GET_XSAVE2 and KVM_SET_XSAVE use, asked
-    of a VM fd as api.rst says (or of /dev/kvm); 0 where KVM has no KVM_GET_XSAVE2."""
-    try:
-        return ioctl(fd, uapi.KVM_CHECK_EXTENSION, uapi.KVM_CAP_XSAVE2)
-    except OSError as err:
-        raise KvmIoctlError("KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)", err) from err
-
-
-def _msr_buffer(
-    entries: Sequence[tuple[int, int]],
-) -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[uapi.kvm_msr_entry]]:
-    header_size = ctypes.sizeof(uapi.kvm_msrs)
-    count = len(entries)
-    buf = (ctypes.c_uint8 * (header_size + ctypes.sizeof(uapi.kvm_msr_entry) * count))()
-    uapi.kvm_msrs.from_buffer(buf).nmsrs = count
-    slots = (uapi.kvm_msr_entry * count).from_buffer(buf, header_size)
-    for slot, (index, value) in zip(slots, entries):
-        slot.index = index
-        slot.data = value
-    return buf, slots
-
-
-def get_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[tuple[int, int]]:
-    """KVM_GET_MSRS: (index, value) of each MSR, in order. Names the first one KVM refused."""
-    buf, slots = _msr_buffer([(index, 0) for index in indices])
-    done = vcpu.ioctl("KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf)
-    if done != len(indices):
-        raise StateError(
-            f"vCPU {vcpu.index}: KVM_GET_MSRS read {done} of {len(indices)} MSRs: "
-            f"{msr_name(indices[done])} could not be read"
-        )
-    return [(int(s.index), int(s.data)) for s in slots]
-
-
-def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
-    """KVM_SET_MSRS, in the order given; returns the MSRs KVM refused although they already hold
-    the value asked for.
-
-    KVM stops at the first MSR it refuses and returns how many it set. A refused MSR that reads
-    back with exactly the value asked for is already in the wanted state, and the rest is written
-    on: KVM can refuse even a register's reset value (MSR_KVM_ASYNC_PF_INT = 0 without an
-    in-kernel LAPIC, though KVM_GET_MSRS reads it). Any other refusal raises, naming the MSR.
-    """
-    kept: list[int] = []
-    pending = list(entries)
-    total = len(pending)
-    while pending:
-        buf, _ = _msr_buffer(pending)
-        done = vcpu.ioctl("KVM_SET_MSRS", uapi.KVM_SET_MSRS, buf)
-        if done == len(pending):
-            break
-        index, value = pending[done]
-        current = _read_msr(vcpu, index)
-        if current != value:
-            now = "unreadable" if current is None else f"{current:#x}"
-            raise StateError(
-                f"vCPU {vcpu.index}: KVM_SET_MSRS set {total - len(pending) + done} of {total} "
-                f"MSRs: {msr_name(index)} = {value:#x} was refused (it holds {now})"
-            )
-        kept.append(index)
-        pending = pending[done + 1 :]
-    return kept
-
-
-def _read_msr(vcpu: Vcpu, index: int) -> int | None:
-    buf, slots = _msr_buffer([(index, 0)])
-    if vcpu.ioctl("KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf) != 1:
-        return None
-    return int(slots[0].data)
-
-
-def restore_msr_order(msrs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """IA32_TSC first, IA32_TSC_DEADLINE last (it is relative to the TSC), the rest as saved."""
-    rank = {MSR_IA32_TSC: 0, MSR_IA32_TSC_DEADLINE: 2}
-    return sorted(msrs, key=lambda pair: rank.get(pair[0], 1))  # sorted() is stable
-
-
-def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
-    """KVM_GET_CPUID2: the vCPU's own CPUID table (what was set, plus KVM's runtime updates)."""
-    buf = cpuid_buffer([uapi.kvm_cpuid_entry2()] * MAX_CPUID_ENTRIES)
-    try:
-        vcpu.ioctl("KVM_GET_CPUID2", uapi.KVM_GET_CPUID2, buf)
-    except KvmIoctlError as err:
-        if err.errno == errno.E2BIG:
-            raise StateError(f"vCPU {vcpu.index}: its CPUID has more than {MAX_CPUID_ENTRIES} entries") from err
-        raise
-    count = uapi.kvm_cpuid2.from_buffer(buf).nent
-    entries = (uapi.kvm_cpuid_entry2 * count).from_buffer(buf, ctypes.sizeof(uapi.kvm_cpuid2))
-    return [uapi.kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
-
-
-def _tsc_khz(vcpu: Vcpu) -> int:
-    try:
-        return ioctl(vcpu.fd, uapi.KVM_GET_TSC_KHZ, 0)
-    except OSError as err:
-        if err.errno == errno.EIO:  # api.rst: "If the host has unstable tsc ... -EIO"
-            return 0
-        raise KvmIoctlError(f"vCPU {vcpu.index}: KVM_GET_TSC_KHZ", err) from err
-
-
-# --------------------------------------------------------------------------------------------
-# In-kernel devices
-# --------------------------------------------------------------------------------------------
-def create_irqchip(vm: Vm) -> None:
-    """KVM_CREATE_IRQCHIP: PIC pair, IOAPIC, and a LAPIC for every vCPU created afterwards.
-
-    Must come before the first vCPU (KVM refuses it after, with EINVAL: the vCPUs created
-    earlier would have no LAPIC); refused here before the kernel sees it. Memslots may exist.
-    With it, vCPUs other than 0 start UNINITIALIZED: see `Vcpu.set_mp_state`.
-    """
-    if vm.vcpus:
-        raise StateError(
-            "KVM_CREATE_IRQCHIP must come before any vCPU is created (each vCPU gets its LAPIC "
-            f"at creation); this VM has {len(vm.vcpus)} vCPU(s)"
-        )
-    vm.ioctl("KVM_CREATE_IRQCHIP", uapi.KVM_CREATE_IRQCHIP)
-
-
-def create_pit2(vm: Vm, flags: int = uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
-    """KVM_CREATE_PIT2: the i8254 PIT in the kernel, after `create_irqchip` (api.rst: "only valid
-    after enabling in-kernel irqchip support"). KVM_PIT_SPEAKER_DUMMY (the default) lets the
-    kernel answer port 0x61 too, which this VMM does not emulate."""
-    vm.ioctl("KVM_CREATE_PIT2", uapi.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags))
-
-
-def _probe(vm: Vm, step: str, request: int, arg: ctypes.Structure) -> bool:
-    """True when the VM has the device: KVM answers ENXIO to GET_IRQCHIP / GET_PIT2 without it."""
-    try:
-        ioctl(vm.fd, request, arg)
-    except OSError as err:
-        if err.errno == errno.ENXIO:
-            return False
-        raise KvmIoctlError(step, err) from err
-    return True
-
-
-def detect_devices(vm: Vm) -> tuple[bool, bool]:
-    """(has in-kernel irqchip, has in-kernel PIT), asked of KVM."""
-    chip = uapi.kvm_irqchip(chip_id=uapi.KVM_IRQCHIP_PIC_MASTER)
-    irqchip = _probe(vm, "KVM_GET_IRQCHIP", uapi.KVM_GET_IRQCHIP, chip)
-    pit = _probe(vm, "KVM_GET_PIT2", uapi.KVM_GET_PIT2, uapi.kvm_pit_state2())
-    return irqchip, pit
-
-
-def _check_devices(vm: Vm, irqchip: bool, pit: bool, side: str) -> None:
-    has_irqchip, has_pit = detect_devices(vm)
-    for name, said, has in (("irqchip", irqchip, has_irqchip), ("PIT", pit, has_pit)):
-        if said != has:
-            raise StateError(
-                f"{side}: told {name}={said}, but the VM "
-                + ("has an" if has else "has no")
-                + f" in-kernel {name}"
-                + ("" if has else " (create it before the vCPUs: create_irqchip / create_pit2)")
-            )
-
-
 # --------------------------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------------------------
@@ -623,7 +400,7 @@ def save_vcpu_state(
     if len(indices) > MAX_MSRS:
         raise StateError(f"{len(indices)} MSRs to save: more than the {MAX_MSRS} a state carries")
     with _step(times, "tsc_khz"):
-        tsc_khz = _tsc_khz(vcpu)
+        tsc_khz = read_tsc_khz(vcpu)
     with _step(times, "cpuid"):
         cpuid = tuple(bytes(e) for e in get_cpuid(vcpu))
     with _step(times, "mp_state"):
@@ -683,7 +460,7 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> X86MachineState:
     if not vm.vcpus:
         raise StateError("the VM has no vCPUs to save")
     with times.step("devices"):
-        _check_devices(vm, irqchip, pit, "save_vm_state")
+        check_devices(vm, irqchip, pit, "save_vm_state")
     with times.step("setup"):
         vendor, signature = cpu_identity(vm.kvm.supported_cpuid())
         xsave2 = xsave2_size(vm.fd)
@@ -785,7 +562,7 @@ def restore_vcpu_state(
     _require_parked([vcpu], "restoring")
     if state.tsc_khz:
         with _step(times, "tsc_khz"):
-            here = _tsc_khz(vcpu)
+            here = read_tsc_khz(vcpu)
             if here != state.tsc_khz:
                 try:
                     vcpu.ioctl("KVM_SET_TSC_KHZ", uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
@@ -866,7 +643,7 @@ def restore_vm_state(
             )
     _require_parked(vm.vcpus, "restoring")
     with times.step("devices"):
-        _check_devices(vm, irqchip, pit, "restore_vm_state")
+        check_devices(vm, irqchip, pit, "restore_vm_state")
     if check:
         with times.step("check"):
             check_compatible(state, vm.kvm)
