@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harvest_shim import measure_entries_per_s  # noqa: E402
 
-from migrated.guests.boot import load_workload  # noqa: E402
+from migrated.guests.x86_64.boot import load_workload  # noqa: E402
 from migrated.guests.workload import WorkloadGuest, WorkloadParams  # noqa: E402
 from migrated.kvm.system import Kvm  # noqa: E402
 from migrated.kvm.arch import create_vm

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from migrated.guests.boot import load_workload  # noqa: E402
+from migrated.guests.x86_64.boot import load_workload  # noqa: E402
 from migrated.guests.workload import WorkloadParams  # noqa: E402
 from migrated.kvm.arch import x86_64  # noqa: E402
 from migrated.kvm.memory import GuestMemory  # noqa: E402

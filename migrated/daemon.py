@@ -21,7 +21,7 @@ from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
 from .devices import console_log_path
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
-from .guests.boot import pulse_irq
+from .guests.x86_64.boot import pulse_irq
 from .kvm.errors import KvmError
 from .kvm.memory import GuestMemory
 from .kvm.system import Kvm

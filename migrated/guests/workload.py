@@ -15,7 +15,6 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -26,13 +25,15 @@ import numpy.typing as npt
 from migrated.kvm.uapi import kvm_regs, kvm_sregs
 
 from . import abi
-from .build import IMAGE_NAME
+from .image import X86_64_WORKLOAD, GuestImage, GuestImageMissingError
 from .layout import WorkloadLayout, plan_layout
-from .longmode import Write, kernel_sregs, user_regs, user_sregs, write_long_mode
+from .guest_ram import Write
+from .x86_64.longmode import kernel_sregs, user_regs, user_sregs, write_long_mode
 from .pages import VerifyReport, verify_pages
 
 __all__ = [
     "GuestImageMissingError",
+    "IMAGE",
     "Mode",
     "SmallOsStatus",
     "GuestPhase",
@@ -42,9 +43,7 @@ __all__ = [
     "WorkloadGuest",
     "WorkloadLayout",
     "WorkloadParams",
-    "image_path",
     "install",
-    "load_image",
     "plan_layout",
     "rate_pages_per_vcpu",
     "verify_pages",
@@ -54,10 +53,6 @@ __all__ = [
 Mode = Literal["continuous", "passes"]
 _MODES: dict[str, int] = {"continuous": abi.WL_MODE_CONTINUOUS, "passes": abi.WL_MODE_PASSES}
 MIB = 1 << 20
-
-
-class GuestImageMissingError(FileNotFoundError):
-    """The workload image was not built (it is made by the package build, not at import)."""
 
 
 @dataclass(frozen=True)
@@ -103,19 +98,7 @@ def rate_pages_per_vcpu(mib_s: float, vcpus: int) -> int:
     return min(abi.WL_RATE_UNLIMITED - 1, max(1, round(pages)))
 
 
-def image_path() -> Path:
-    return Path(__file__).resolve().parent / IMAGE_NAME
-
-
-def load_image() -> bytes:
-    path = image_path()
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise GuestImageMissingError(
-            f"workload guest image {path} is missing: run `make build` (or "
-            "`python -m migrated.guests.build`) to compile it from migrated/guests/x86_64/"
-        ) from None
+IMAGE: GuestImage = X86_64_WORKLOAD  # a test points it at the image it built
 
 
 def params_page(layout: WorkloadLayout, params: WorkloadParams, tsc_khz: int) -> bytes:
@@ -162,7 +145,7 @@ def install(
         raise ValueError(f"TSC frequency {tsc_khz} kHz: must be positive (KVM_GET_TSC_KHZ)")
     if params.smallos != bool(layout.longmode.mmio_pd):
         raise ValueError("params and layout disagree on smallos: plan_layout(..., smallos=...)")
-    image = load_image()
+    image = IMAGE.load()
     if len(image) > layout.code_max:
         raise ValueError(f"workload image is {len(image)} bytes; its region holds {layout.code_max}")
     write_long_mode(write, layout.longmode)

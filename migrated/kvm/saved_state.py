@@ -1,4 +1,4 @@
-"""The saved machine state's format, shared by both architectures (x86_state, aarch64): its one
+"""The saved machine state's format, shared by both architectures (arch/x86_64, arch/aarch64): its one
 versioned header, its one error hierarchy, the checks every field read from the wire passes, and
 the timing of save and restore steps.
 

@@ -95,7 +95,7 @@ def _unpack(blob: bytes, what: str) -> Any:
 
 
 def estimate_ms(vcpus: int) -> float:
-    """Save plus restore per vCPU (measured: 0.4-0.6 ms per vCPU each way, x86_state tests);
+    """Save plus restore per vCPU (measured: 0.4-0.6 ms per vCPU each way, tests/kvm/test_x86_state.py);
     the rest of the fixed downtime cost is learned by the daemon's DowntimeModel."""
     return 1.0 * vcpus
 

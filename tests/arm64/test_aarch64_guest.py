@@ -14,8 +14,8 @@ import pytest
 
 from helpers import wait_for_status
 
-from migrated.guests import aarch64_boot as ab
-from migrated.guests.aarch64_boot import Arm64VcpuStatus, Arm64WorkloadGuest, ItsSettings
+from migrated.guests.aarch64 import boot as ab
+from migrated.guests.aarch64.boot import Arm64VcpuStatus, Arm64WorkloadGuest, ItsSettings
 from migrated.guests.workload import GuestPhase, WorkloadParams
 from migrated.kvm.arch import aarch64 as arm
 from migrated.kvm.system import Kvm

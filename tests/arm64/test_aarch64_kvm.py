@@ -1,4 +1,4 @@
-"""The arm64 KVM layer (migrated/kvm/aarch64.py and Vm's arm64 hooks) on a real arm64 KVM.
+"""The arm64 KVM layer (migrated/kvm/arch/aarch64/ and the Vm hooks it implements) on a real arm64 KVM.
 
 Runs only in the arm64 lane (`make test-arm64`). The guest is a few instruction words written
 into RAM by the test (MMU off, as KVM_ARM_VCPU_INIT leaves the vCPU; PC set with ONE_REG), e.g.
@@ -26,6 +26,7 @@ import pytest
 from helpers import wait_for
 
 from migrated.kvm import _libc, uapi
+from migrated.kvm.arch.aarch64 import uapi as arm_uapi
 from migrated.kvm import vcpu as vcpu_module
 from migrated.kvm import vm as vm_module
 from migrated.kvm.arch import aarch64
@@ -173,7 +174,7 @@ def redist_set(vm: Vm, vcpu: int, offset: int, value: int, bits: int = 32) -> No
         attr = aarch64.vgic_mpidr(mpidr) << 32 | offset + 4 * half
         vm.arm.vgic.set(
             "test",
-            uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS,
+            arm_uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS,
             attr,
             value >> (32 * half) & 0xFFFF_FFFF,
             bits=32,
@@ -182,12 +183,12 @@ def redist_set(vm: Vm, vcpu: int, offset: int, value: int, bits: int = 32) -> No
 
 def its_set(vm: Vm, offset: int, value: int) -> None:
     assert vm.arm is not None and vm.arm.its is not None
-    vm.arm.its.set("test", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, offset, value)
+    vm.arm.its.set("test", arm_uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, offset, value)
 
 
 def its_get(vm: Vm, offset: int) -> int:
     assert vm.arm is not None and vm.arm.its is not None
-    return vm.arm.its.get("test", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, offset)
+    return vm.arm.its.get("test", arm_uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, offset)
 
 
 def its_command(dw0: int, dw1: int = 0, dw2: int = 0, dw3: int = 0) -> bytes:
@@ -255,11 +256,11 @@ def test_create_orders_ring_bitmap_memslot_vcpus_init_and_gic(kvm: Kvm, made: li
     memslot = recorder.index(uapi.KVM_SET_USER_MEMORY_REGION)
     first_vcpu = recorder.index(uapi.KVM_CREATE_VCPU)
     last_vcpu = recorder.index(uapi.KVM_CREATE_VCPU, last=True)
-    first_init = recorder.index(uapi.KVM_ARM_VCPU_INIT)
-    last_init = recorder.index(uapi.KVM_ARM_VCPU_INIT, last=True)
+    first_init = recorder.index(arm_uapi.KVM_ARM_VCPU_INIT)
+    last_init = recorder.index(arm_uapi.KVM_ARM_VCPU_INIT, last=True)
     vgic = recorder.index(uapi.KVM_CREATE_DEVICE, uapi.KVM_DEV_TYPE_ARM_VGIC_V3)
     vgic_init = recorder.index(
-        uapi.KVM_SET_DEVICE_ATTR, (uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, uapi.KVM_DEV_ARM_VGIC_CTRL_INIT)
+        uapi.KVM_SET_DEVICE_ATTR, (arm_uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, arm_uapi.KVM_DEV_ARM_VGIC_CTRL_INIT)
     )
     its = recorder.index(uapi.KVM_CREATE_DEVICE, uapi.KVM_DEV_TYPE_ARM_VGIC_ITS)
     # R1, R2: ring, WITH_BITMAP, memslot; api.rst: every vCPU before KVM_ARM_VCPU_INIT;
@@ -271,7 +272,7 @@ def test_create_orders_ring_bitmap_memslot_vcpus_init_and_gic(kvm: Kvm, made: li
         uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
     ]
     assert recorder.calls[memslot][1] == aarch64.RAM_BASE
-    assert [r for r, _ in recorder.calls].count(uapi.KVM_ARM_VCPU_INIT) == 2
+    assert [r for r, _ in recorder.calls].count(arm_uapi.KVM_ARM_VCPU_INIT) == 2
     assert vm.memory is not None and vm.memory.regions[0].guest_phys_addr == aarch64.RAM_BASE
 
 
@@ -313,8 +314,8 @@ def test_vcpu_init_psci_and_secondaries_powered_off(kvm: Kvm, made: list[Vm]) ->
     assert vm.arm is not None
     preferred = aarch64.preferred_target(vm)
     assert vm.arm.target == preferred.target
-    assert vm.arm.features & 1 << uapi.KVM_ARM_VCPU_PSCI_0_2
-    assert not vm.arm.features & 1 << uapi.KVM_ARM_VCPU_POWER_OFF
+    assert vm.arm.features & 1 << arm_uapi.KVM_ARM_VCPU_PSCI_0_2
+    assert not vm.arm.features & 1 << arm_uapi.KVM_ARM_VCPU_POWER_OFF
     states = []
     for vcpu in vm.vcpus:
         mp = uapi.kvm_mp_state()
@@ -322,7 +323,7 @@ def test_vcpu_init_psci_and_secondaries_powered_off(kvm: Kvm, made: list[Vm]) ->
         states.append(mp.mp_state)
     assert states == [uapi.KVM_MP_STATE_RUNNABLE, uapi.KVM_MP_STATE_STOPPED]
     # PSCI 0.2 or later (a "future revision backward compatible with v0.2"): major >= 0, 0.2+.
-    assert aarch64.get_reg(vm.vcpus[0], uapi.KVM_REG_ARM_PSCI_VERSION) >= 2
+    assert aarch64.get_reg(vm.vcpus[0], arm_uapi.KVM_REG_ARM_PSCI_VERSION) >= 2
     # The reset state: EL1h with DAIF masked (PSTATE 0x3c5), MMU off (SCTLR_EL1.M clear).
     assert aarch64.get_reg(vm.vcpus[0], "PSTATE") == 0x3C5
     assert aarch64.get_reg(vm.vcpus[0], aarch64.SCTLR_EL1) & 1 == 0
@@ -357,7 +358,7 @@ def test_reg_list_names_core_timer_and_system_registers(kvm: Kvm, made: list[Vm]
     ids = aarch64.reg_list(vm.vcpus[0])
     assert len(ids) == len(set(ids)) > 100
     assert set(aarch64.CORE_REGS.values()) <= set(ids)
-    timer = {uapi.KVM_REG_ARM_TIMER_CTL, uapi.KVM_REG_ARM_TIMER_CVAL, uapi.KVM_REG_ARM_TIMER_CNT}
+    timer = {arm_uapi.KVM_REG_ARM_TIMER_CTL, arm_uapi.KVM_REG_ARM_TIMER_CVAL, arm_uapi.KVM_REG_ARM_TIMER_CNT}
     assert timer <= set(ids)
     assert {aarch64.MPIDR_EL1, aarch64.SCTLR_EL1} <= set(ids)
     assert all(i & uapi.KVM_REG_ARCH_MASK == uapi.KVM_REG_ARM64 for i in ids)
@@ -370,23 +371,23 @@ def test_vgic_and_its_are_created_where_the_layout_says(kvm: Kvm, made: list[Vm]
     vm = create_vm(kvm, made, vcpus=2)
     assert vm.arm is not None and vm.arm.vgic is not None and vm.arm.its is not None
     vgic = vm.arm.vgic
-    addr = uapi.KVM_DEV_ARM_VGIC_GRP_ADDR
-    assert vgic.get("t", addr, uapi.KVM_VGIC_V3_ADDR_TYPE_DIST) == aarch64.GICD_BASE
-    assert vgic.get("t", addr, uapi.KVM_VGIC_V3_ADDR_TYPE_REDIST) == aarch64.GICR_BASE
+    addr = arm_uapi.KVM_DEV_ARM_VGIC_GRP_ADDR
+    assert vgic.get("t", addr, arm_uapi.KVM_VGIC_V3_ADDR_TYPE_DIST) == aarch64.GICD_BASE
+    assert vgic.get("t", addr, arm_uapi.KVM_VGIC_V3_ADDR_TYPE_REDIST) == aarch64.GICR_BASE
     assert aarch64.its_address(vm) == aarch64.ITS_BASE
-    assert vgic.get("t", uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, bits=32) == aarch64.NR_IRQS
+    assert vgic.get("t", arm_uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, bits=32) == aarch64.NR_IRQS
     # GICD_TYPER: ITLinesNumber = NR_IRQS / 32 - 1, LPIS set because the VM has an ITS.
-    typer = vgic.get("t", uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0x4, bits=32)
+    typer = vgic.get("t", arm_uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0x4, bits=32)
     assert typer & 0x1F == aarch64.NR_IRQS // 32 - 1
     assert typer & 1 << 17
-    assert vgic.has(uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, uapi.KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES)
-    assert vm.arm.its.has(uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)
+    assert vgic.has(arm_uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, arm_uapi.KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES)
+    assert vm.arm.its.has(arm_uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, arm_uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)
     # GITS_IIDR: implementer ARM (0x43b), product KVM; the ITS is off until a driver enables it.
     assert its_get(vm, aarch64.GITS_IIDR) & 0xFFF == 0x43B
     assert its_get(vm, aarch64.GITS_CTLR) & 1 == 0
     # The vGIC is initialized: a second NR_IRQS is refused ("-EBUSY Value has already be set").
     with pytest.raises(KvmIoctlError) as info:
-        vgic.set("t", uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, 128, bits=32)
+        vgic.set("t", arm_uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, 128, bits=32)
     assert info.value.errno == errno.EBUSY
 
 
@@ -430,7 +431,7 @@ def test_table_saves_answer_ebusy_while_a_vcpu_runs_and_succeed_when_parked(kvm:
         assert info.value.errno == errno.EBUSY
         assert vm.arm is not None and vm.arm.its is not None
         with pytest.raises(KvmIoctlError) as its_info:
-            vm.arm.its.ctrl("ITS_SAVE_TABLES", uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)
+            vm.arm.its.ctrl("ITS_SAVE_TABLES", arm_uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)
         assert its_info.value.errno == errno.EBUSY
     finally:
         vm.pause()
@@ -475,7 +476,7 @@ def saved_source(kvm: Kvm, made: list[Vm], second_runs: bool = False) -> tuple[V
     # SPIs start edge-triggered; KVM keeps an input level only for level-triggered ones
     # (GICD_ICFGR: two bits per interrupt, the upper one set for edge, clear for level).
     assert vm.arm is not None and vm.arm.vgic is not None
-    dist, icfgr = uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, aarch64.GICD_ICFGR + 4 * (SPI // 16)
+    dist, icfgr = arm_uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, aarch64.GICD_ICFGR + 4 * (SPI // 16)
     config = vm.arm.vgic.get("test", dist, icfgr, bits=32) & ~(0b10 << 2 * (SPI % 16))
     vm.arm.vgic.set("test", dist, icfgr, config, bits=32)
     aarch64.set_spi_level(vm, SPI, True)

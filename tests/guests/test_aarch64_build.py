@@ -23,9 +23,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from migrated.guests import aarch64_boot as ab
+from migrated.guests.aarch64 import boot as ab
 from migrated.guests import abi, build
-from migrated.guests.aarch64_boot import (
+from migrated.guests.aarch64.boot import (
     Arm64Layout,
     Arm64WorkloadGuest,
     ItsSettings,
@@ -51,7 +51,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture
 def built_image(built: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> Path:
     """Makes the loader use the image built by this test run, not an in-place one."""
-    monkeypatch.setattr(ab, "image_path", lambda: built[0])
+    monkeypatch.setattr(ab, "IMAGE", ab.IMAGE.at(built[0].parent))
     return built[0]
 
 
@@ -65,7 +65,7 @@ def symbols(elf: Path) -> dict[str, int]:
 
 def test_image_builds_and_fits_its_region(built: tuple[Path, Path]) -> None:
     image, elf = built
-    assert image.name == ab.IMAGE_NAME
+    assert image.name == ab.IMAGE.name
     assert 0 < image.stat().st_size <= ab.CODE_MAX
     header = elf.read_bytes()[:64]
     assert header[:4] == b"\x7fELF" and header[4] == 2  # ELF64

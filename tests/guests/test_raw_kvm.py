@@ -32,7 +32,7 @@ from migrated.devices import PcPorts, pc_ports
 from migrated.guests import bootsector
 from migrated.guests.bootsector import BootSectorParams, check_region, passes_done
 from migrated.guests.bootsector import build as bsbuild
-from migrated.guests.raw import (
+from migrated.guests.x86_64.raw import (
     BOOT_DRIVE,
     BOOT_STACK,
     RawImageError,

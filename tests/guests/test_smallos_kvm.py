@@ -18,7 +18,7 @@ import pytest
 from helpers import wait_for_status
 
 from migrated.guests import abi
-from migrated.guests.boot import load_workload, pulse_irq
+from migrated.guests.x86_64.boot import load_workload, pulse_irq
 from migrated.guests.workload import SmallOsStatus, WorkloadGuest, WorkloadParams, X86VcpuStatus
 from migrated.kvm.arch import x86_64
 from migrated.kvm.memory import GuestMemory

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from migrated.guests.boot import load_workload
+from migrated.guests.x86_64.boot import load_workload
 from migrated.guests.workload import WorkloadGuest, WorkloadParams
 from migrated.kvm.dirty import RingTracker
 from migrated.kvm.errors import DirtyRingLivelockError

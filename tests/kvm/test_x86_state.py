@@ -16,7 +16,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
-from migrated.guests.boot import load_workload
+from migrated.guests.x86_64.boot import load_workload
 from migrated.guests.workload import VcpuStatus, WorkloadGuest, WorkloadParams
 from migrated.kvm import uapi
 from migrated.kvm._libc import ioctl

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ... import uapi
+from . import uapi as arm_uapi
 from ..._libc import ioctl
 from ...errors import KvmCapabilityError, KvmIoctlError, VmConfigError
 from ...memory import GuestMemory, MemoryRegion
@@ -99,7 +100,7 @@ class Device:
         return True
 
     def ctrl(self, step: str, attr: int) -> None:
-        self.set(step, uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, attr)
+        self.set(step, arm_uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, attr)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -169,23 +170,23 @@ def setup_machine(vm: Vm, *, its: bool = True, secondaries_off: bool = True) -> 
     return arm
 
 
-def preferred_target(vm: Vm) -> uapi.kvm_vcpu_init:
+def preferred_target(vm: Vm) -> arm_uapi.kvm_vcpu_init:
     """KVM_ARM_PREFERRED_TARGET (api.rst 4.83): "This queries KVM for preferred CPU target type
     which can be emulated by KVM on underlying host. ... The kvm_vcpu_init->features bitmap
     returned will have feature bits set if the preferred target recommends setting these
     features, but this is not mandatory." """
-    init = uapi.kvm_vcpu_init()
-    vm.ioctl("KVM_ARM_PREFERRED_TARGET", uapi.KVM_ARM_PREFERRED_TARGET, init)
+    init = arm_uapi.kvm_vcpu_init()
+    vm.ioctl("KVM_ARM_PREFERRED_TARGET", arm_uapi.KVM_ARM_PREFERRED_TARGET, init)
     return init
 
 
-def vcpu_init_struct(target: int, features: int, index: int, secondaries_off: bool) -> uapi.kvm_vcpu_init:
-    init = uapi.kvm_vcpu_init(target=target)
+def vcpu_init_struct(target: int, features: int, index: int, secondaries_off: bool) -> arm_uapi.kvm_vcpu_init:
+    init = arm_uapi.kvm_vcpu_init(target=target)
     init.features[0] = features
     if secondaries_off and index > 0:
         # api.rst: "KVM_ARM_VCPU_POWER_OFF: Starts the CPU in a power-off state. Depends on
         # KVM_CAP_ARM_PSCI." The guest starts it with PSCI CPU_ON, as firmware would.
-        init.features[0] |= 1 << uapi.KVM_ARM_VCPU_POWER_OFF
+        init.features[0] |= 1 << arm_uapi.KVM_ARM_VCPU_POWER_OFF
     return init
 
 
@@ -210,12 +211,12 @@ def init_vcpus(vm: Vm, *, secondaries_off: bool = True) -> None:
             raise KvmCapabilityError(f"this arm64 KVM lacks {cap_name}, which {feature} needs")
     preferred = preferred_target(vm)
     # "Emulate PSCI v0.2 (or a future revision backward compatible with v0.2) for the CPU."
-    features = int(preferred.features[0]) | 1 << uapi.KVM_ARM_VCPU_PSCI_0_2
-    features &= ~(1 << uapi.KVM_ARM_VCPU_POWER_OFF)
+    features = int(preferred.features[0]) | 1 << arm_uapi.KVM_ARM_VCPU_PSCI_0_2
+    features &= ~(1 << arm_uapi.KVM_ARM_VCPU_POWER_OFF)
     arm.target, arm.features, arm.secondaries_off = int(preferred.target), features, secondaries_off
     for vcpu in vm.vcpus[arm.initialized_vcpus :]:
         init = vcpu_init_struct(arm.target, features, vcpu.index, secondaries_off)
-        vcpu.ioctl("KVM_ARM_VCPU_INIT", uapi.KVM_ARM_VCPU_INIT, init)
+        vcpu.ioctl("KVM_ARM_VCPU_INIT", arm_uapi.KVM_ARM_VCPU_INIT, init)
         arm.initialized_vcpus += 1
 
 
@@ -245,13 +246,13 @@ def create_vgic(vm: Vm, nr_irqs: int = NR_IRQS) -> Device:
     vgic = create_device(vm, uapi.KVM_DEV_TYPE_ARM_VGIC_V3, "vgic-v3")
     arm.vgic = vgic  # owned by the VM from here on: Vm.close() closes it
     arm.nr_irqs = nr_irqs
-    addr = uapi.KVM_DEV_ARM_VGIC_GRP_ADDR
-    vgic.set("distributor address", addr, uapi.KVM_VGIC_V3_ADDR_TYPE_DIST, GICD_BASE)
-    vgic.set("redistributor address", addr, uapi.KVM_VGIC_V3_ADDR_TYPE_REDIST, GICR_BASE)
+    addr = arm_uapi.KVM_DEV_ARM_VGIC_GRP_ADDR
+    vgic.set("distributor address", addr, arm_uapi.KVM_VGIC_V3_ADDR_TYPE_DIST, GICD_BASE)
+    vgic.set("redistributor address", addr, arm_uapi.KVM_VGIC_V3_ADDR_TYPE_REDIST, GICR_BASE)
     # "A value describing the number of interrupts (SGI, PPI and SPI) for this GIC instance,
     # ranging from 64 to 1024, in increments of 32. kvm_device_attr.addr points to a __u32."
-    vgic.set("NR_IRQS", uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, nr_irqs, bits=32)
-    vgic.ctrl("CTRL_INIT", uapi.KVM_DEV_ARM_VGIC_CTRL_INIT)
+    vgic.set("NR_IRQS", arm_uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, nr_irqs, bits=32)
+    vgic.ctrl("CTRL_INIT", arm_uapi.KVM_DEV_ARM_VGIC_CTRL_INIT)
     return vgic
 
 
@@ -274,18 +275,18 @@ def create_its(vm: Vm, address: int | None = ITS_BASE) -> Device:
         set_its_address(vm, address)
     # "KVM_DEV_ARM_VGIC_CTRL_INIT request the initialization of the ITS, no additional
     # parameter in kvm_device_attr.addr."
-    its.ctrl("CTRL_INIT", uapi.KVM_DEV_ARM_VGIC_CTRL_INIT)
+    its.ctrl("CTRL_INIT", arm_uapi.KVM_DEV_ARM_VGIC_CTRL_INIT)
     return its
 
 
 def set_its_address(vm: Vm, address: int = ITS_BASE) -> None:
     its = its_device(vm)
-    its.set("ITS address", uapi.KVM_DEV_ARM_VGIC_GRP_ADDR, uapi.KVM_VGIC_ITS_ADDR_TYPE, address)
+    its.set("ITS address", arm_uapi.KVM_DEV_ARM_VGIC_GRP_ADDR, arm_uapi.KVM_VGIC_ITS_ADDR_TYPE, address)
 
 
 def its_address(vm: Vm) -> int | None:
     """The ITS base address KVM holds, or None before one was set."""
-    value = its_device(vm).get("ITS address", uapi.KVM_DEV_ARM_VGIC_GRP_ADDR, uapi.KVM_VGIC_ITS_ADDR_TYPE)
+    value = its_device(vm).get("ITS address", arm_uapi.KVM_DEV_ARM_VGIC_GRP_ADDR, arm_uapi.KVM_VGIC_ITS_ADDR_TYPE)
     return None if value == VGIC_ADDR_UNDEF else value
 
 
@@ -309,7 +310,7 @@ def set_spi_level(vm: Vm, intid: int, level: bool) -> None:
     arm = machine(vm)
     if not 32 <= intid < arm.nr_irqs:
         raise ValueError(f"SPI {intid}: this vGIC has SPIs 32 to {arm.nr_irqs - 1}")
-    irq = uapi.KVM_ARM_IRQ_TYPE_SPI << uapi.KVM_ARM_IRQ_TYPE_SHIFT | intid
+    irq = arm_uapi.KVM_ARM_IRQ_TYPE_SPI << arm_uapi.KVM_ARM_IRQ_TYPE_SHIFT | intid
     vm.ioctl(
         f"KVM_IRQ_LINE(SPI {intid})",
         uapi.KVM_IRQ_LINE,
@@ -333,6 +334,6 @@ def save_its_tables(vm: Vm) -> None:
     the KvmIoctlError then carries errno EBUSY.
     """
     arm = machine(vm)
-    vgic_device(vm).ctrl("VGIC_SAVE_PENDING_TABLES", uapi.KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES)
+    vgic_device(vm).ctrl("VGIC_SAVE_PENDING_TABLES", arm_uapi.KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES)
     if arm.its is not None:
-        arm.its.ctrl("ITS_SAVE_TABLES", uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)
+        arm.its.ctrl("ITS_SAVE_TABLES", arm_uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)

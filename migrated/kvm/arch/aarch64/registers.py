@@ -7,6 +7,7 @@ import ctypes
 import errno
 
 from ... import uapi
+from . import uapi as arm_uapi
 from ..._libc import ioctl
 from ...errors import KvmIoctlError
 from ...saved_state import (
@@ -29,19 +30,19 @@ def reg_size(reg_id: int) -> int:
 def _core_id(offset: int, size: int) -> int:
     # asm/kvm.h: KVM_REG_ARM_CORE_REG(name) is offsetof(struct kvm_regs, name) / sizeof(__u32);
     # api.rst: "The index is a 32bit value in the kvm_regs structure seen as a 32bit array".
-    return uapi.KVM_REG_ARM64 | size | uapi.KVM_REG_ARM_CORE | offset // 4
+    return uapi.KVM_REG_ARM64 | size | arm_uapi.KVM_REG_ARM_CORE | offset // 4
 
 
 def _core_registers() -> tuple[dict[str, int], dict[str, str]]:
-    regs = uapi.kvm_regs_arm64
+    regs = arm_uapi.kvm_regs_arm64
     pt = regs.regs.offset
     ids: dict[str, int] = {}
     members: dict[str, str] = {}
     for n in range(31):
-        ids[f"X{n}"] = _core_id(pt + uapi.user_pt_regs.regs.offset + 8 * n, uapi.KVM_REG_SIZE_U64)
+        ids[f"X{n}"] = _core_id(pt + arm_uapi.user_pt_regs.regs.offset + 8 * n, uapi.KVM_REG_SIZE_U64)
         members[f"X{n}"] = f"regs.regs[{n}]"
     for name, member in (("SP", "sp"), ("PC", "pc"), ("PSTATE", "pstate")):
-        ids[name] = _core_id(pt + getattr(uapi.user_pt_regs, member).offset, uapi.KVM_REG_SIZE_U64)
+        ids[name] = _core_id(pt + getattr(arm_uapi.user_pt_regs, member).offset, uapi.KVM_REG_SIZE_U64)
         members[name] = f"regs.{member}"
     for name, member in (("SP_EL1", "sp_el1"), ("ELR_EL1", "elr_el1")):
         ids[name] = _core_id(getattr(regs, member).offset, uapi.KVM_REG_SIZE_U64)
@@ -51,11 +52,11 @@ def _core_registers() -> tuple[dict[str, int], dict[str, str]]:
         members[name] = f"spsr[{n}]"
     fp = regs.fp_regs.offset
     for n in range(32):
-        offset = fp + uapi.user_fpsimd_state.vregs.offset + 16 * n
+        offset = fp + arm_uapi.user_fpsimd_state.vregs.offset + 16 * n
         ids[f"V{n}"] = _core_id(offset, uapi.KVM_REG_SIZE_U128)
         members[f"V{n}"] = f"fp_regs.vregs[{n}]"
     for name, member in (("FPSR", "fpsr"), ("FPCR", "fpcr")):
-        offset = fp + getattr(uapi.user_fpsimd_state, member).offset
+        offset = fp + getattr(arm_uapi.user_fpsimd_state, member).offset
         ids[name] = _core_id(offset, uapi.KVM_REG_SIZE_U32)
         members[name] = f"fp_regs.{member}"
     return ids, members
@@ -69,27 +70,27 @@ CORE_REGS, CORE_REG_MEMBERS = _core_registers()
 _CORE_NAMES = {reg_id: name for name, reg_id in CORE_REGS.items()}
 
 
-MPIDR_EL1 = uapi.arm64_sys_reg(3, 0, 0, 0, 5)
+MPIDR_EL1 = arm_uapi.arm64_sys_reg(3, 0, 0, 0, 5)
 
 
-SCTLR_EL1 = uapi.arm64_sys_reg(3, 0, 1, 0, 0)
+SCTLR_EL1 = arm_uapi.arm64_sys_reg(3, 0, 1, 0, 0)
 
 
 _SYSREG_NAMES = {
     MPIDR_EL1: "MPIDR_EL1",
     SCTLR_EL1: "SCTLR_EL1",
-    uapi.KVM_REG_ARM_TIMER_CTL: "TIMER_CTL",
-    uapi.KVM_REG_ARM_TIMER_CVAL: "TIMER_CVAL",
-    uapi.KVM_REG_ARM_TIMER_CNT: "TIMER_CNT",
-    uapi.KVM_REG_ARM_PTIMER_CTL: "PTIMER_CTL",
-    uapi.KVM_REG_ARM_PTIMER_CVAL: "PTIMER_CVAL",
-    uapi.KVM_REG_ARM_PTIMER_CNT: "PTIMER_CNT",
-    uapi.KVM_REG_ARM_PSCI_VERSION: "PSCI_VERSION",
+    arm_uapi.KVM_REG_ARM_TIMER_CTL: "TIMER_CTL",
+    arm_uapi.KVM_REG_ARM_TIMER_CVAL: "TIMER_CVAL",
+    arm_uapi.KVM_REG_ARM_TIMER_CNT: "TIMER_CNT",
+    arm_uapi.KVM_REG_ARM_PTIMER_CTL: "PTIMER_CTL",
+    arm_uapi.KVM_REG_ARM_PTIMER_CVAL: "PTIMER_CVAL",
+    arm_uapi.KVM_REG_ARM_PTIMER_CNT: "PTIMER_CNT",
+    arm_uapi.KVM_REG_ARM_PSCI_VERSION: "PSCI_VERSION",
 }
 
 
 # Counters: they move between a save and the next read; a round trip compares all but these.
-COUNTER_REGS = frozenset({uapi.KVM_REG_ARM_TIMER_CNT, uapi.KVM_REG_ARM_PTIMER_CNT})
+COUNTER_REGS = frozenset({arm_uapi.KVM_REG_ARM_TIMER_CNT, arm_uapi.KVM_REG_ARM_PTIMER_CNT})
 
 
 def reg_name(reg_id: int) -> str:
@@ -98,22 +99,22 @@ def reg_name(reg_id: int) -> str:
         return _CORE_NAMES[reg_id]
     if reg_id in _SYSREG_NAMES:
         return _SYSREG_NAMES[reg_id]
-    group = reg_id & uapi.KVM_REG_ARM_COPROC_MASK
-    if group == uapi.KVM_REG_ARM64_SYSREG:
+    group = reg_id & arm_uapi.KVM_REG_ARM_COPROC_MASK
+    if group == arm_uapi.KVM_REG_ARM64_SYSREG:
         fields = [
             (reg_id & mask) >> shift
             for mask, shift in (
-                (uapi.KVM_REG_ARM64_SYSREG_OP0_MASK, uapi.KVM_REG_ARM64_SYSREG_OP0_SHIFT),
-                (uapi.KVM_REG_ARM64_SYSREG_OP1_MASK, uapi.KVM_REG_ARM64_SYSREG_OP1_SHIFT),
-                (uapi.KVM_REG_ARM64_SYSREG_CRN_MASK, uapi.KVM_REG_ARM64_SYSREG_CRN_SHIFT),
-                (uapi.KVM_REG_ARM64_SYSREG_CRM_MASK, uapi.KVM_REG_ARM64_SYSREG_CRM_SHIFT),
-                (uapi.KVM_REG_ARM64_SYSREG_OP2_MASK, uapi.KVM_REG_ARM64_SYSREG_OP2_SHIFT),
+                (arm_uapi.KVM_REG_ARM64_SYSREG_OP0_MASK, arm_uapi.KVM_REG_ARM64_SYSREG_OP0_SHIFT),
+                (arm_uapi.KVM_REG_ARM64_SYSREG_OP1_MASK, arm_uapi.KVM_REG_ARM64_SYSREG_OP1_SHIFT),
+                (arm_uapi.KVM_REG_ARM64_SYSREG_CRN_MASK, arm_uapi.KVM_REG_ARM64_SYSREG_CRN_SHIFT),
+                (arm_uapi.KVM_REG_ARM64_SYSREG_CRM_MASK, arm_uapi.KVM_REG_ARM64_SYSREG_CRM_SHIFT),
+                (arm_uapi.KVM_REG_ARM64_SYSREG_OP2_MASK, arm_uapi.KVM_REG_ARM64_SYSREG_OP2_SHIFT),
             )
         ]
         return "S{}_{}_C{}_C{}_{}".format(*fields)
-    if group == uapi.KVM_REG_ARM_FW:
+    if group == arm_uapi.KVM_REG_ARM_FW:
         return f"FW{reg_id & 0xFFFF}"
-    if group == uapi.KVM_REG_ARM_FW_FEAT_BMAP:
+    if group == arm_uapi.KVM_REG_ARM_FW_FEAT_BMAP:
         return f"FW_FEAT_BMAP{reg_id & 0xFFFF}"
     return f"register {reg_id:#x}"
 
@@ -186,4 +187,4 @@ def vgic_mpidr(mpidr_el1: int) -> int:
 
 
 def cpu_attr(mpidr_el1: int, low: int) -> int:
-    return vgic_mpidr(mpidr_el1) << uapi.KVM_DEV_ARM_VGIC_V3_MPIDR_SHIFT | low
+    return vgic_mpidr(mpidr_el1) << arm_uapi.KVM_DEV_ARM_VGIC_V3_MPIDR_SHIFT | low

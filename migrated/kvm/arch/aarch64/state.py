@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ... import uapi
+from . import uapi as arm_uapi
 from ...saved_state import (
     IncompatibleStateError,
     RestoreReport,
@@ -266,7 +267,7 @@ class Arm64MachineState:
 
 
 ARM64_MP_STATES = frozenset({uapi.KVM_MP_STATE_RUNNABLE, uapi.KVM_MP_STATE_STOPPED, uapi.KVM_MP_STATE_SUSPENDED})
-EVENTS_BYTES = ctypes.sizeof(uapi.kvm_vcpu_events_arm64)
+EVENTS_BYTES = ctypes.sizeof(arm_uapi.kvm_vcpu_events_arm64)
 _VCPU_KEYS = frozenset("index mp_state events regs redist icc".split())
 _VM_KEYS = frozenset(
     "version arch target features nr_irqs gicd_base gicr_base its_base vcpus dist line_levels its".split()
@@ -329,14 +330,14 @@ def save_vcpu_state(vm: Vm, vcpu: Vcpu) -> Arm64VcpuState:
     if MPIDR_EL1 not in dict(regs):
         raise StateError(f"vCPU {vcpu.index}: KVM_GET_REG_LIST does not list MPIDR_EL1")
     mpidr_el1 = int.from_bytes(dict(regs)[MPIDR_EL1], "little")
-    events = uapi.kvm_vcpu_events_arm64()
+    events = arm_uapi.kvm_vcpu_events_arm64()
     vcpu.ioctl("KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, events)
     redist = tuple(
         (
             offset,
             vgic.get(
                 f"GRP_REDIST_REGS vCPU {vcpu.index} {_redist_name(offset)}",
-                uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS,
+                arm_uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS,
                 cpu_attr(mpidr_el1, offset),
                 bits=32,
             ),
@@ -347,7 +348,7 @@ def save_vcpu_state(vm: Vm, vcpu: Vcpu) -> Arm64VcpuState:
     def icc(reg: int) -> int:
         return vgic.get(
             f"GRP_CPU_SYSREGS vCPU {vcpu.index} {ICC_NAMES[reg]}",
-            uapi.KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
+            arm_uapi.KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
             cpu_attr(mpidr_el1, reg),
         )
 
@@ -386,7 +387,7 @@ def save_vm_state(vm: Vm) -> Arm64MachineState:
                 offset,
                 vgic.get(
                     f"GRP_DIST_REGS GICD+{offset:#x}",
-                    uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
+                    arm_uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
                     offset,
                     bits=32,
                 ),
@@ -398,7 +399,7 @@ def save_vm_state(vm: Vm) -> Arm64MachineState:
                 intid,
                 vgic.get(
                     f"GRP_LEVEL_INFO {intid}",
-                    uapi.KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO,
+                    arm_uapi.KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO,
                     _level_attr(vcpus[0].mpidr, intid),
                     bits=32,
                 ),
@@ -416,7 +417,7 @@ def save_vm_state(vm: Vm) -> Arm64MachineState:
             its = tuple(
                 (
                     reg,
-                    arm.its.get(f"GRP_ITS_REGS {ITS_NAMES[reg]}", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, reg),
+                    arm.its.get(f"GRP_ITS_REGS {ITS_NAMES[reg]}", arm_uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, reg),
                 )
                 for reg in (*ITS_REGS_BEFORE_TABLES, GITS_CTLR)
             )
@@ -441,7 +442,7 @@ def _level_attr(mpidr_el1: int, intid: int) -> int:
     # VGIC_LEVEL_INFO_LINE_LEVEL: "Get/Set the input level of the IRQ line for a set of 32
     # contiguously numbered interrupts. vINTID must be a multiple of 32." SPIs are "reported
     # with the same value regardless of the mpidr specified" (one that names a vCPU).
-    info = uapi.VGIC_LEVEL_INFO_LINE_LEVEL << uapi.KVM_DEV_ARM_VGIC_LINE_LEVEL_INFO_SHIFT
+    info = arm_uapi.VGIC_LEVEL_INFO_LINE_LEVEL << arm_uapi.KVM_DEV_ARM_VGIC_LINE_LEVEL_INFO_SHIFT
     return cpu_attr(mpidr_el1, info | intid)
 
 
@@ -497,13 +498,13 @@ def restore_vcpu_registers(vcpu: Vcpu, state: Arm64VcpuState) -> None:
     # or not." (A powered-off secondary is STOPPED; PSCI CPU_ON makes it RUNNABLE.)
     mp = uapi.kvm_mp_state(mp_state=state.mp_state)
     vcpu.ioctl("KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, mp)
-    events = uapi.kvm_vcpu_events_arm64.from_buffer_copy(state.events)
+    events = arm_uapi.kvm_vcpu_events_arm64.from_buffer_copy(state.events)
     vcpu.ioctl("KVM_SET_VCPU_EVENTS", uapi.KVM_SET_VCPU_EVENTS, events)
 
 
 def _restore_dist(vgic: Device, state: Arm64MachineState) -> None:
     values = dict(state.dist)
-    grp = uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS
+    grp = arm_uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS
     levels_after = spi_words(GICD_ICFGR, state.nr_irqs, 2)[-1]
     for offset in dist_restore_order(state.nr_irqs):
         value = values[offset]
@@ -517,7 +518,7 @@ def _restore_dist(vgic: Device, state: Arm64MachineState) -> None:
             for intid, level in state.line_levels:
                 vgic.set(
                     f"GRP_LEVEL_INFO {intid}",
-                    uapi.KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO,
+                    arm_uapi.KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO,
                     _level_attr(state.vcpus[0].mpidr, intid),
                     level,
                     bits=32,
@@ -526,7 +527,7 @@ def _restore_dist(vgic: Device, state: Arm64MachineState) -> None:
 
 def _restore_redist(vgic: Device, state: Arm64VcpuState) -> None:
     values = dict(state.redist)
-    grp = uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS
+    grp = arm_uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS
     for offset in redist_restore_order():
         value = values[offset]
         clear = CLEAR_TWIN.get(offset)
@@ -547,7 +548,7 @@ def _restore_icc(vgic: Device, state: Arm64VcpuState) -> None:
     for reg in icc_restore_order(values[ICC_CTLR_EL1]):
         vgic.set(
             f"GRP_CPU_SYSREGS vCPU {state.index} {ICC_NAMES[reg]}",
-            uapi.KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
+            arm_uapi.KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
             cpu_attr(state.mpidr, reg),
             values[reg],
         )
@@ -611,13 +612,13 @@ def restore_vm_state(vm: Vm, state: Arm64MachineState, *, check: bool = True) ->
                     f"the ITS sits at {state.its_base:#x} in the state, at {here:#x} in the target"
                 )
             values = dict(state.its)
-            grp = uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS
+            grp = arm_uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS
             for reg in ITS_REGS_BEFORE_TABLES:
                 its.set(f"GRP_ITS_REGS {ITS_NAMES[reg]}", grp, reg, values[reg])
             # "KVM_DEV_ARM_ITS_RESTORE_TABLES restore the ITS tables from guest RAM to ITS
             # internal structures. The GICV3 must be restored before the ITS and all ITS
             # registers but the GITS_CTLR must be restored before restoring the ITS tables."
-            its.ctrl("ITS_RESTORE_TABLES", uapi.KVM_DEV_ARM_ITS_RESTORE_TABLES)
+            its.ctrl("ITS_RESTORE_TABLES", arm_uapi.KVM_DEV_ARM_ITS_RESTORE_TABLES)
             its.set("GRP_ITS_REGS GITS_CTLR", grp, GITS_CTLR, values[GITS_CTLR])
     times.seconds["total"] = time.perf_counter() - start
     return RestoreReport(timings=dict(times.seconds))

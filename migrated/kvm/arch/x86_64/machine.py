@@ -19,7 +19,7 @@ class X86_64:
     name = "x86_64"
     ram_base = 0
     state_kind = "x86-machine"  # the DeviceState kind its machine state travels as
-    boots_raw_images = True  # BIOS-style boot sectors and flat binaries (guests/raw.py)
+    boots_raw_images = True  # BIOS-style boot sectors and flat binaries (guests/x86_64/raw.py)
 
     def check_config(self, config: VmConfig, caps: HostCaps, tracking: str) -> None:
         return None  # WITH_BITMAP is optional here (R7)

@@ -7,8 +7,8 @@ from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import Vcpu
 from migrated.kvm.vm import Vm
 
-from .layout import MAX_MEMORY
-from .workload import WorkloadGuest, WorkloadParams, install, plan_layout
+from ..layout import MAX_MEMORY
+from ..workload import WorkloadGuest, WorkloadParams, install, plan_layout
 
 
 def load_workload(vm: Vm, params: WorkloadParams) -> WorkloadGuest:

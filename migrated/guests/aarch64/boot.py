@@ -47,13 +47,13 @@ import numpy.typing as npt
 from migrated.kvm.arch import aarch64 as arm
 from migrated.kvm import uapi
 
-from . import abi
-from .layout import WorkingSetGeometry, WorkloadLayout
-from .longmode import Write
-from .pages import VerifyReport, verify_pages
-from .workload import (
+from .. import abi
+from ..image import AARCH64_WORKLOAD, GuestImage
+from ..layout import WorkingSetGeometry, WorkloadLayout
+from ..guest_ram import Write
+from ..pages import VerifyReport, verify_pages
+from ..workload import (
     MIB,
-    GuestImageMissingError,
     VcpuStatus,
     GuestView,
     WorkloadParams,
@@ -65,7 +65,6 @@ if TYPE_CHECKING:
     from migrated.kvm.vcpu import Vcpu
     from migrated.kvm.vm import Vm
 
-IMAGE_NAME = "workload-aarch64.bin"
 SOURCE_DIR = Path(__file__).resolve().parent / "aarch64"
 
 # ---- the contract, arm64 part: mirrors aarch64/abi_aarch64.h (tested) ----------------------
@@ -182,7 +181,7 @@ GIB = 1 << 30
 KIB64 = 0x10000
 HUGE_PAGE = 2 * MIB
 
-# The fixed guest-physical map of the vGIC and RAM, where migrated/kvm/aarch64.py puts them.
+# The fixed guest-physical map of the vGIC and RAM, where migrated/kvm/arch/aarch64/devices.py puts them.
 RAM_BASE = arm.RAM_BASE
 GICD_BASE = arm.GICD_BASE
 GICR_BASE = arm.GICR_BASE
@@ -351,19 +350,7 @@ def plan_layout_aarch64(memory_bytes: int, vcpus: int, working_set_bytes: int, r
 # ---- the image and the parameter page ---------------------------------------------------------
 
 
-def image_path() -> Path:
-    return Path(__file__).resolve().parent / IMAGE_NAME
-
-
-def load_image() -> bytes:
-    path = image_path()
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise GuestImageMissingError(
-            f"arm64 workload guest image {path} is missing: run `python -m migrated.guests.build` "
-            "(needs aarch64-linux-gnu-gcc) to compile it from migrated/guests/aarch64/"
-        ) from None
+IMAGE: GuestImage = AARCH64_WORKLOAD  # a test points it at the image it built
 
 
 @dataclass(frozen=True)
@@ -455,7 +442,7 @@ def install(
         raise ValueError(f"params for a {params.working_set_bytes}-byte working set, layout for {layout.ws_bytes}")
     if counter_hz < 0:
         raise ValueError(f"counter frequency {counter_hz} Hz: must be >= 0 (0: CNTFRQ_EL0)")
-    image = load_image()
+    image = IMAGE.load()
     if len(image) > layout.code_max:
         raise ValueError(f"workload image is {len(image)} bytes; its region holds {layout.code_max}")
     write(layout.code, image)
@@ -468,7 +455,7 @@ def install(
 
 def load_workload_aarch64(vm: Vm, params: WorkloadParams, its: ItsSettings = ItsSettings()) -> Arm64WorkloadGuest:
     """Install the guest into `vm` (fresh, zeroed RAM at RAM_BASE; vCPUs created and initialised
-    by migrated/kvm/aarch64.py, not started) and point every vCPU at it through ONE_REG."""
+    by migrated/kvm/arch/aarch64/, not started) and point every vCPU at it through ONE_REG."""
     assert vm.memory is not None
     if params.vcpus != len(vm.vcpus):
         raise ValueError(f"workload for {params.vcpus} vCPUs on a VM with {len(vm.vcpus)}")
