@@ -101,20 +101,42 @@ def rate_pages_per_vcpu(mib_s: float, vcpus: int) -> int:
 IMAGE: GuestImage = X86_64_WORKLOAD  # a test points it at the image it built
 
 
-def params_page(layout: WorkloadLayout, params: WorkloadParams, tsc_khz: int) -> bytes:
+class ParamsLayout(Protocol):
+    """What the parameter page says of a layout, on either architecture."""
+
+    @property
+    def vcpus(self) -> int: ...
+    @property
+    def ws_base(self) -> int: ...
+    @property
+    def ws_pages(self) -> int: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def gen(self) -> int: ...
+
+
+def common_params_words(layout: ParamsLayout, params: WorkloadParams, counter_hz: int) -> npt.NDArray[np.uint64]:
+    """The parameter page's words that both architectures' guests read (abi.h); each arch's
+    loader adds its own. `counter_hz`: the guest's time base (0: the guest measures it)."""
     words = np.zeros(abi.WL_PAGE_WORDS, np.uint64)
     words[abi.WL_P_MAGIC] = abi.WL_PARAMS_MAGIC
     words[abi.WL_P_VERSION] = abi.WL_VERSION
     words[abi.WL_P_NVCPUS] = layout.vcpus
     words[abi.WL_P_WS_BASE] = layout.ws_base
     words[abi.WL_P_WS_PAGES] = layout.ws_pages
-    words[abi.WL_P_TSC_HZ] = tsc_khz * 1000
+    words[abi.WL_P_TSC_HZ] = counter_hz
     words[abi.WL_P_STATUS_BASE] = layout.status
     words[abi.WL_P_GEN_BASE] = layout.gen
     words[abi.WL_P_SEED] = params.seed
     words[abi.WL_P_MODE] = _MODES[params.mode]
     words[abi.WL_P_RATE] = rate_pages_per_vcpu(params.dirty_rate_mib_s, layout.vcpus)
     words[abi.WL_P_PASS_REQ] = 0
+    return words
+
+
+def params_page(layout: WorkloadLayout, params: WorkloadParams, tsc_khz: int) -> bytes:
+    words = common_params_words(layout, params, tsc_khz * 1000)
     if params.smallos:
         words[abi.WLX_P_FLAGS] = abi.WLX_F_SMALLOS
         words[abi.WLX_P_TICK_HZ] = params.tick_hz

@@ -9,10 +9,10 @@ reader per state kind prefixes its messages ("x86 state: vcpus[1].regs: ...").
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from .errors import KvmError
 
@@ -54,6 +54,14 @@ class StepTimes:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class _Indexed(Protocol):
+    @property
+    def index(self) -> int: ...
+
+
+V = TypeVar("V", bound=_Indexed)
 
 
 class WireReader:
@@ -130,3 +138,15 @@ class WireReader:
         if len(value) > limit:
             raise self.fail(path, f"{len(value)} entries, at most {limit} allowed")
         return list(value)
+
+    def vcpus(self, m: Mapping[str, Any], limit: int, parse: Callable[[object, str], V]) -> tuple[V, ...]:
+        """The state's `vcpus` list: at least one, at most `limit`, each parsed by `parse` and
+        standing at its own index."""
+        vcpu_list = self.list_field(m, "vcpus", "", limit)
+        if not vcpu_list:
+            raise self.error("", "vcpus", "no vCPUs")
+        vcpus = tuple(parse(v, f"vcpus[{i}]") for i, v in enumerate(vcpu_list))
+        for i, v in enumerate(vcpus):
+            if v.index != i:
+                raise self.fail(f"vcpus[{i}].index", f"{v.index}, expected {i}")
+        return vcpus

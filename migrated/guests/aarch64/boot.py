@@ -53,12 +53,12 @@ from ..layout import WorkingSetGeometry, WorkloadLayout
 from ..guest_ram import Write
 from ..pages import VerifyReport, verify_pages
 from ..workload import (
+    common_params_words,
     MIB,
     VcpuStatus,
     GuestView,
     WorkloadParams,
     shared_status,
-    rate_pages_per_vcpu,
 )
 
 if TYPE_CHECKING:
@@ -382,19 +382,7 @@ def lpi_rate_word(per_s: float) -> int:
 
 def params_page(layout: Arm64Layout, params: WorkloadParams, its: ItsSettings, counter_hz: int = 0) -> bytes:
     """The parameter page. `counter_hz` 0 lets the guest read CNTFRQ_EL0 itself."""
-    words = np.zeros(abi.WL_PAGE_WORDS, np.uint64)
-    words[abi.WL_P_MAGIC] = abi.WL_PARAMS_MAGIC
-    words[abi.WL_P_VERSION] = abi.WL_VERSION
-    words[abi.WL_P_NVCPUS] = layout.vcpus
-    words[abi.WL_P_WS_BASE] = layout.ws_base
-    words[abi.WL_P_WS_PAGES] = layout.ws_pages
-    words[abi.WL_P_TSC_HZ] = counter_hz
-    words[abi.WL_P_STATUS_BASE] = layout.status
-    words[abi.WL_P_GEN_BASE] = layout.gen
-    words[abi.WL_P_SEED] = params.seed
-    words[abi.WL_P_MODE] = abi.WL_MODE_PASSES if params.mode == "passes" else abi.WL_MODE_CONTINUOUS
-    words[abi.WL_P_RATE] = rate_pages_per_vcpu(params.dirty_rate_mib_s, layout.vcpus)
-    words[abi.WL_P_PASS_REQ] = 0
+    words = common_params_words(layout, params, counter_hz)
     words[WLA_P_VERSION] = WLA_VERSION
     words[WLA_P_FEATURES] = WLA_F_ITS if its.enabled else 0
     words[WLA_P_STACK_BASE] = layout.stacks

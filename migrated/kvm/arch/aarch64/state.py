@@ -240,13 +240,7 @@ class Arm64MachineState:
         nr_irqs = _int(m, "nr_irqs", "", MIN_NR_IRQS, MAX_NR_IRQS)
         if nr_irqs % 32:
             raise _error("", "nr_irqs", f"{nr_irqs} is not a multiple of 32")
-        vcpu_list = _list(m, "vcpus", "", MAX_VCPUS)
-        if not vcpu_list:
-            raise _error("", "vcpus", "no vCPUs")
-        vcpus = tuple(Arm64VcpuState.from_wire(v, f"vcpus[{i}]") for i, v in enumerate(vcpu_list))
-        for i, v in enumerate(vcpus):
-            if v.index != i:
-                raise StateFormatError(f"arm64 state: vcpus[{i}].index: {v.index}, expected {i}")
+        vcpus = _W.vcpus(m, MAX_VCPUS, Arm64VcpuState.from_wire)
         its_base = _int(m, "its_base", "", 0, (1 << 52) - 1)
         its = _pairs(m, "its", "", ITS_SAVED, 64, exact=bool(its_base))
         if bool(its) != bool(its_base):

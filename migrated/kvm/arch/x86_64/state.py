@@ -283,13 +283,7 @@ class X86MachineState:
         vendor = _bytes(m, "cpu_vendor", "")
         if len(vendor) != 12:
             raise _error("", "cpu_vendor", f"{len(vendor)} bytes, expected 12 (CPUID leaf 0)")
-        vcpu_list = _list(m, "vcpus", "", MAX_VCPUS)
-        if not vcpu_list:
-            raise _error("", "vcpus", "no vCPUs")
-        vcpus = tuple(X86VcpuState.from_wire(v, f"vcpus[{i}]") for i, v in enumerate(vcpu_list))
-        for i, v in enumerate(vcpus):
-            if v.index != i:
-                raise StateFormatError(f"x86 state: vcpus[{i}].index: {v.index}, expected {i}")
+        vcpus = _W.vcpus(m, MAX_VCPUS, X86VcpuState.from_wire)
         chips = _list(m, "irqchip", "", len(IRQCHIP_IDS))
         if len(chips) not in (0, len(IRQCHIP_IDS)):
             raise _error("", "irqchip", f"{len(chips)} entries: expected 0 or 3 (PIC master, slave, IOAPIC)")
