@@ -566,7 +566,7 @@ def test_restore_follows_the_its_restore_sequence(kvm: Kvm, made: list[Vm], monk
         assert hits, f"no KVM_SET_DEVICE_ATTR for group {group} attr {attr}"
         return hits[-1] if last else hits[0]
 
-    G = uapi  # noqa: N806 - short alias for the group names
+    G = arm_uapi  # noqa: N806 - short alias for the group names
     last_one_reg = rec.index(uapi.KVM_SET_ONE_REG, last=True)
     dist, dist_end = first(G.KVM_DEV_ARM_VGIC_GRP_DIST_REGS), first(G.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, last=True)
     redist, redist_end = first(G.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS), first(G.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, last=True)
