@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader.h ringreader/_build.py \
 	$(wildcard migrated/pagehash/*.[ch]) migrated/pagehash/_build.py \
-	$(wildcard migrated/guests/x86_64/*) $(wildcard migrated/guests/aarch64/*) migrated/guests/build.py
+	$(wildcard migrated/guests/x86_64/*.[chS] migrated/guests/x86_64/*.ld) \
+	$(wildcard migrated/guests/aarch64/*.[chS] migrated/guests/aarch64/*.ld) migrated/guests/build.py
 
 .PHONY: venv build test typecheck lint format demo caps bench clean system-packages FORCE
 

@@ -28,6 +28,7 @@ from migrated.guests.workload import (  # noqa: E402
     plan_layout,
 )
 from migrated.kvm.system import Kvm  # noqa: E402
+from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import DirtyTrackingMode, Vm, VmConfig  # noqa: E402
 
 MIB = 1 << 20
@@ -47,7 +48,7 @@ def run(kvm: Kvm, vcpus: int, tracking: DirtyTrackingMode, seconds: float, ws_mi
     layout = plan_layout(memory, vcpus, ws)
     params = WorkloadParams(vcpus=vcpus, working_set_bytes=ws, dirty_rate_mib_s=math.inf)
     config = VmConfig(memory_bytes=memory, vcpus=vcpus, dirty_tracking=tracking)
-    with Vm.create(kvm, config) as vm:
+    with create_vm(kvm, config) as vm:
         for vcpu, (regs, sregs) in zip(vm.vcpus, install(vm.write_guest, layout, params, vm.tsc_khz())):
             vcpu.set_sregs(sregs)
             vcpu.set_regs(regs)

@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harvest_shim import measure_entries_per_s  # noqa: E402
 
-from migrated.guests.boot import load_workload  # noqa: E402
+from migrated.guests.x86_64.boot import load_workload  # noqa: E402
 from migrated.guests.workload import WorkloadGuest, WorkloadParams  # noqa: E402
 from migrated.kvm.system import Kvm  # noqa: E402
+from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import DirtyTrackingMode, Vm, VmConfig  # noqa: E402
 
 GIB = 1 << 30
@@ -51,7 +52,7 @@ def measure_collect_ms(kvm: Kvm, size_gib: int, mode: DirtyTrackingMode, repeat:
         harvest_interval_s=3600.0,
     )
     params = WorkloadParams(vcpus=1, working_set_bytes=DIRTIED, mode="passes")
-    with Vm.create(kvm, config) as vm:
+    with create_vm(kvm, config) as vm:
         assert vm.tracker is not None
         guest = load_workload(vm, params)
         vm.start()

@@ -6,7 +6,7 @@ small-OS workload guest, 1 and 2 vCPUs, in-kernel irqchip and PIT on. Prints JSO
 Then the same guest migrates between two daemons on loopback (verify = full), and the share of
 the measured downtime that state save (source) plus restore (target) took is reported.
 
-Each repetition: run the guest briefly, pause, `x86_state.save_vm_state`, copy RAM into a VM
+Each repetition: run the guest briefly, pause, `x86_64.save_vm_state`, copy RAM into a VM
 built the same way, `restore_vm_state`, start it and check the guest's counters keep moving and
 stay clean (so every timed restore is one that works). Medians, with min and max, in ms.
 """
@@ -23,12 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from migrated.guests.boot import load_workload  # noqa: E402
+from migrated.guests.x86_64.boot import load_workload  # noqa: E402
 from migrated.guests.workload import WorkloadParams  # noqa: E402
-from migrated.kvm import x86_state  # noqa: E402
+from migrated.kvm.arch import x86_64  # noqa: E402
 from migrated.kvm.memory import GuestMemory  # noqa: E402
 from migrated.kvm.system import Kvm  # noqa: E402
 from migrated.kvm.vcpu import ensure_kick_handler  # noqa: E402
+from migrated.kvm.arch import host_arch
 from migrated.kvm.vm import Vm  # noqa: E402
 
 MIB = 1 << 20
@@ -36,12 +37,12 @@ MEMORY = 64 * MIB
 
 
 def build_vm(kvm: Kvm, vcpus: int, name: str) -> Vm:
-    vm = Vm(kvm, kvm.caps(), name)
+    vm = Vm(kvm, kvm.caps(), host_arch(), name)
     try:
         vm.enable_dirty_ring(1 << 20)
         vm.add_memory(GuestMemory.flat(MEMORY, name=f"{name}-ram"))
-        x86_state.create_irqchip(vm)
-        x86_state.create_pit2(vm)
+        x86_64.create_irqchip(vm)
+        x86_64.create_pit2(vm)
         for i in range(vcpus):
             vm.create_vcpu(i)
         vm.finish_setup()
@@ -64,13 +65,13 @@ def one(kvm: Kvm, vcpus: int) -> tuple[float, float, dict[str, float], dict[str,
         time.sleep(0.1)
         vm.pause()
         t0 = time.perf_counter()
-        state = x86_state.save_vm_state(vm, irqchip=True, pit=True)
+        state = x86_64.save_vm_state(vm, irqchip=True, pit=True)
         save = time.perf_counter() - t0
         before = [s.smallos for s in guest.status(vm.ram)]
         with build_vm(kvm, vcpus, "dst") as target:
             target.ram[:] = vm.ram
             t0 = time.perf_counter()
-            report = x86_state.restore_vm_state(target, state, irqchip=True, pit=True)
+            report = x86_64.restore_vm_state(target, state, irqchip=True, pit=True)
             restore = time.perf_counter() - t0
             target.start()
             time.sleep(0.05)

@@ -9,7 +9,10 @@ import math
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import numpy.typing as npt
 
 import trio
 
@@ -18,16 +21,21 @@ from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
 from .devices import console_log_path
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
-from .guests.boot import pulse_irq
+from .guests.x86_64.boot import pulse_irq
 from .kvm.errors import KvmError
+from .kvm.memory import GuestMemory
 from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
+from .migration.host import Command, CommandArgs, CommandReply, IncomingOutcome, Migration
 from .migration.policy import DowntimeModel
+from .migration.service import start_migration_service
 from .sdnotify import Notifier
 
 
 class Daemon:
+    """The daemon's state and control commands; it is the `MigrationHost` of its migrations."""
+
     def __init__(self, config: Config, kvm: Kvm, notifier: Notifier) -> None:
         self.config = config
         self.kvm = kvm
@@ -36,11 +44,11 @@ class Daemon:
         self.log = get_logger(component="daemon")
         self.nursery: trio.Nursery | None = None
         # Filled by the migration package; keeps the daemon ignorant of its internals.
-        self.migrations: dict[str, Any] = {}  # VM name -> its latest Source or Target
-        self.outcomes: dict[str, Any] = {}  # migration id -> Target, for in-doubt queries
+        self.migrations: dict[str, Migration] = {}  # VM name -> its latest Source or Target
+        self.outcomes: dict[str, IncomingOutcome] = {}  # migration id -> Target, for in-doubt queries
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
         self.downtime_model = DowntimeModel()
-        self.commands: dict[str, Any] = {
+        self.commands: dict[str, Command] = {
             "vm.create": self.cmd_vm_create,
             "vm.list": self.cmd_vm_list,
             "vm.show": self.cmd_vm_show,
@@ -55,13 +63,13 @@ class Daemon:
 
     # ---- control commands ----------------------------------------------------------------
 
-    async def handle(self, cmd: str, args: dict[str, Any]) -> Any:
+    async def handle(self, cmd: str, args: CommandArgs) -> CommandReply:
         handler = self.commands.get(cmd)
         if handler is None:
             raise RequestError(f"unknown command {cmd!r}; known: {', '.join(sorted(self.commands))}")
         return await handler(args)
 
-    def hosted(self, args: dict[str, Any]) -> HostedVm:
+    def hosted(self, args: CommandArgs) -> HostedVm:
         name = args.get("name")
         if not isinstance(name, str):
             raise RequestError('"name" (a string) is required')
@@ -70,7 +78,7 @@ class Daemon:
             raise RequestError(f"no VM named {name!r} on this daemon")
         return vm
 
-    async def cmd_vm_create(self, args: dict[str, Any]) -> Any:
+    async def cmd_vm_create(self, args: CommandArgs) -> CommandReply:
         args = dict(args)
         tracking = args.pop("dirty_tracking", None) or self.config.vm.dirty_tracking
         if args.get("dirty_rate_mib_s") in ("max", "inf"):
@@ -99,7 +107,7 @@ class Daemon:
         self.update_status()
         return hosted.show()
 
-    async def cmd_vm_list(self, args: dict[str, Any]) -> Any:
+    async def cmd_vm_list(self, args: CommandArgs) -> CommandReply:
         return [
             {
                 "name": h.name,
@@ -111,17 +119,17 @@ class Daemon:
             for h in self.vms.values()
         ]
 
-    async def cmd_vm_show(self, args: dict[str, Any]) -> Any:
+    async def cmd_vm_show(self, args: CommandArgs) -> CommandReply:
         return self.hosted(args).show()
 
-    async def cmd_vm_stop(self, args: dict[str, Any]) -> Any:
+    async def cmd_vm_stop(self, args: CommandArgs) -> CommandReply:
         hosted = self.hosted(args)
         if hosted.state in (VmState.MIGRATING, VmState.IN_DOUBT, VmState.INCOMING):
             raise RequestError(f"VM {hosted.name} is {hosted.state.value}: cancel or resolve its migration first")
         await self.remove_vm(hosted, "stopped by operator")
         return {"name": hosted.name, "state": "stopped"}
 
-    async def cmd_vm_set(self, args: dict[str, Any]) -> Any:
+    async def cmd_vm_set(self, args: CommandArgs) -> CommandReply:
         """Change a running workload guest's dirty rate (MiB/s, or "max"), live."""
         hosted = self.hosted(args)
         rate = args.get("dirty_rate_mib_s")
@@ -134,7 +142,7 @@ class Daemon:
         hosted.guest.set_rate(hosted.vm.write_guest, float(rate))
         return hosted.show()
 
-    async def cmd_vm_pause(self, args: dict[str, Any]) -> Any:
+    async def cmd_vm_pause(self, args: CommandArgs) -> CommandReply:
         hosted = self.hosted(args)
         if hosted.state is not VmState.RUNNING or hosted.vm is None:
             raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a running VM pauses")
@@ -143,7 +151,7 @@ class Daemon:
         self.log.info("vm_paused", vm=hosted.name)
         return hosted.show()
 
-    async def cmd_vm_resume(self, args: dict[str, Any]) -> Any:
+    async def cmd_vm_resume(self, args: CommandArgs) -> CommandReply:
         hosted = self.hosted(args)
         if hosted.state is not VmState.PAUSED or hosted.vm is None:
             raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a VM paused by the operator resumes")
@@ -152,7 +160,7 @@ class Daemon:
         self.log.info("vm_resumed", vm=hosted.name)
         return hosted.show()
 
-    async def cmd_vm_dump(self, args: dict[str, Any]) -> Any:
+    async def cmd_vm_dump(self, args: CommandArgs) -> CommandReply:
         """Guest-physical memory to a file (like QEMU's pmemsave), from a paused VM only, so the
         file is one consistent moment of the guest."""
         hosted = self.hosted(args)
@@ -192,7 +200,7 @@ class Daemon:
             return None
         return console_log_path(self.config.daemon.state_dir, spec.name)
 
-    async def cmd_vm_console(self, args: dict[str, Any]) -> Any:
+    async def cmd_vm_console(self, args: CommandArgs) -> CommandReply:
         """A raw guest's UART output: what the buffer (its last 64 KiB) holds after byte `since`
         (0: all of it), and the position to ask from next time (`migratectl vm console -f`)."""
         hosted = self.hosted(args)
@@ -211,7 +219,7 @@ class Daemon:
             "log": str(hosted.console_log.path) if hosted.console_log is not None else None,
         }
 
-    async def cmd_daemon_status(self, args: dict[str, Any]) -> Any:
+    async def cmd_daemon_status(self, args: CommandArgs) -> CommandReply:
         return {
             "vms": len(self.vms),
             "listen": str(self.config.peer.listen),
@@ -226,13 +234,10 @@ class Daemon:
         self.log.info("vm_removed", vm=hosted.name, reason=reason)
         self.update_status()
 
-    def nursery_start(self, fn: Any, *args: Any) -> None:
+    def start_task(self, task: Callable[[], Awaitable[object]]) -> None:
         """Run a background task (a migration, a resolver) in the daemon's root nursery."""
         assert self.nursery is not None
-        self.nursery.start_soon(fn, *args)
-
-    def nursery_start_resolver(self, source: Any) -> None:
-        self.nursery_start(source.resolve)
+        self.nursery.start_soon(task)
 
     async def release_migrated(self, hosted: HostedVm) -> None:
         """The target runs the VM: free this copy (its record stays in `migrations`)."""
@@ -242,12 +247,12 @@ class Daemon:
         self.log.info("vm_released", vm=hosted.name)
         self.update_status()
 
-    def register_incoming(self, hosted: HostedVm, target: Any) -> None:
+    def register_incoming(self, hosted: HostedVm, migration: Migration) -> None:
         self.vms[hosted.name] = hosted
-        self.migrations[hosted.name] = target
+        self.migrations[hosted.name] = migration
 
-    def record_outcome(self, migration_id: str, target: Any, state: str) -> None:
-        self.outcomes[migration_id] = target
+    def record_outcome(self, migration_id: str, outcome: IncomingOutcome, state: str) -> None:
+        self.outcomes[migration_id] = outcome
         self.log.info("incoming_outcome", migration_id=migration_id, state=state)
 
     def update_status(self) -> None:
@@ -282,7 +287,7 @@ class Daemon:
                 self.notifier.watchdog()
             await trio.sleep(interval)
 
-    def reload(self, config_path: Path | None, overrides: dict[str, Any]) -> None:
+    def reload(self, config_path: Path | None, overrides: dict[str, object]) -> None:
         try:
             new = load_config(config_path, overrides)
         except ConfigError as err:
@@ -302,7 +307,7 @@ class Daemon:
             await self.remove_vm(hosted, "daemon stopping")
 
 
-def _in_ram(memory: Any, gpa: int, length: int = 1) -> bool:
+def _in_ram(memory: GuestMemory, gpa: int, length: int = 1) -> bool:
     try:
         memory.region_of(gpa, length)
     except ValueError:
@@ -310,15 +315,15 @@ def _in_ram(memory: Any, gpa: int, length: int = 1) -> bool:
     return True
 
 
-def _write_file(path: Path, data: Any) -> None:
+def _write_file(path: Path, data: npt.NDArray[np.uint8]) -> None:
     with open(path, "wb") as file:
-        file.write(memoryview(data))
+        file.write(data.data)  # the mapping itself, no copy
 
 
 async def run_daemon(
     config: Config,
     config_path: Path | None,
-    overrides: dict[str, Any],
+    overrides: dict[str, object],
     *,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -342,8 +347,6 @@ async def run_daemon(
             async with trio.open_nursery() as nursery:
                 daemon.nursery = nursery
                 await nursery.start(serve_control, config.daemon.control_socket, daemon.handle)
-                from .migration.service import start_migration_service
-
                 await start_migration_service(daemon, nursery)
                 nursery.start_soon(daemon.watchdog)
                 nursery.start_soon(daemon.inject_irqs)

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from .guests.aarch64_boot import MAX_MEMORY as ARM64_MAX_MEMORY
-from .guests.aarch64_boot import Arm64WorkloadGuest, load_workload_aarch64, plan_layout_aarch64
 from .devices import ConsoleLog, PcPorts, pc_ports
-from .guests.boot import load_workload
-from .guests.raw import DEFAULT_LOAD_ADDR, check_raw_image, describe_entry, load_raw, read_raw_image
-from .guests.layout import MAX_MEMORY
-from .guests.workload import WorkloadGuest, WorkloadParams, plan_layout
+from .guests.x86_64.raw import DEFAULT_LOAD_ADDR, check_raw_image, describe_entry, load_raw, read_raw_image
+from .guests.workload import WorkloadParams
+from .guests.workload_kinds import workload_kind
 from .kvm.system import Kvm
 from .kvm.vcpu import Vcpu
+from .kvm.arch import create_vm, host_arch
 from .kvm.vm import DIRTY_TRACKING_MODES, DirtyTrackingMode, Vm, VmConfig
 
 MIB = 1 << 20
@@ -35,7 +32,7 @@ GUEST_KINDS = ("workload", "smallos", "raw", "none")
 WORKLOADS = ("workload", "smallos")
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB: sparse memfd RAM makes large guests cheap until touched
 MAX_VCPUS = 64
-HOST_ARCH = os.uname().machine
+HOST_WORKLOAD = workload_kind(host_arch().name)  # the workload guest this host runs
 
 
 class SpecError(ValueError):
@@ -54,7 +51,7 @@ class VmSpec:
     working_set_mib: int = 16
     seed: int = 0
     # guest "raw": the image file on the host that created the VM (a target never reads it: the
-    # image arrives in RAM), where it is loaded and how it starts (migrated.guests.raw).
+    # image arrives in RAM), where it is loaded and how it starts (migrated.guests.x86_64.raw).
     image: str = ""
     load_addr: int = DEFAULT_LOAD_ADDR
     entry: str = "real"
@@ -87,7 +84,7 @@ class VmSpec:
                 raise SpecError(f"VM {self.name}: {err}") from None
         elif self.image:
             raise SpecError(f"VM {self.name}: an image is for guest 'raw' only")
-        if self.guest == "smallos" and HOST_ARCH != "x86_64":
+        if self.guest == "smallos" and not HOST_WORKLOAD.runs_smallos:
             raise SpecError(f"VM {self.name}: guest 'smallos' runs on x86_64 hosts only")
         if self.guest in WORKLOADS:
             try:
@@ -100,21 +97,13 @@ class VmSpec:
     def memory_bytes(self) -> int:
         return self.memory_mib * MIB
 
-    @property
-    def layout_bytes(self) -> int:
-        return min(self.memory_bytes, MAX_MEMORY)
-
     def plan_layout(self) -> Any:
         """Where the workload guest puts everything, for this host's architecture."""
-        if HOST_ARCH == "aarch64":
-            return plan_layout_aarch64(min(self.memory_bytes, ARM64_MAX_MEMORY), self.vcpus, self.working_set_mib * MIB)
-        return plan_layout(self.layout_bytes, self.vcpus, self.working_set_mib * MIB, smallos=self.guest == "smallos")
+        return HOST_WORKLOAD.plan(self.memory_bytes, self.vcpus, self.working_set_mib * MIB, self.guest == "smallos")
 
     def view(self) -> Any:
         """The VMM's view of the workload guest (status pages, checks), from its layout."""
-        if HOST_ARCH == "aarch64":
-            return Arm64WorkloadGuest(self.plan_layout())
-        return WorkloadGuest(self.plan_layout())
+        return HOST_WORKLOAD.view(self.plan_layout())
 
     def workload_params(self) -> WorkloadParams:
         return WorkloadParams(
@@ -235,9 +224,9 @@ class HostedVm:
                     "atomic_violations": sum(k.atomic_violations for k in kernels),
                     "errors": errors,
                 }
-            if vm.caps.arch == "aarch64":
-                info["guest"]["lpis_expected"] = sum(getattr(s, "lpis_expected", 0) for s in status)
-                info["guest"]["lpis_received"] = sum(getattr(s, "lpis_received", 0) for s in status)
+            if status and hasattr(status[0], "lpis_expected"):  # the arm64 guest counts its LPIs
+                info["guest"]["lpis_expected"] = sum(s.lpis_expected for s in status)
+                info["guest"]["lpis_received"] = sum(s.lpis_received for s in status)
         if self.ports is not None:
             bus = self.ports.bus.stats()
             info["raw"] = {
@@ -288,7 +277,7 @@ def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | N
     """A new VM with its guest loaded and running (blocking: call it off the event loop).
     `console_log`: the file a raw guest's UART output is appended to."""
     image = read_raw_image(spec.image, spec.memory_bytes) if spec.guest == "raw" else b""
-    vm = Vm.create(kvm, config)
+    vm = create_vm(kvm, config)
     ports: PcPorts | None = None
     log: ConsoleLog | None = None
     warnings: list[str] = []
@@ -298,10 +287,7 @@ def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | N
             ports, log = raw_ports(vm, console_log)
             warnings = load_raw(vm, image, spec.load_addr, spec.entry)
         if spec.guest in WORKLOADS:
-            if vm.caps.arch == "aarch64":
-                guest = load_workload_aarch64(vm, spec.workload_params())
-            else:
-                guest = load_workload(vm, spec.workload_params())
+            guest = workload_kind(vm.arch.name).load(vm, spec.workload_params())
         vm.start()
     except BaseException:
         vm.close()
@@ -316,7 +302,7 @@ def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | N
 def create_incoming(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None) -> HostedVm:
     """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running.
     A raw guest gets the same devices, empty: their state comes with the vCPUs' (vmstate)."""
-    vm = Vm.create(kvm, config)
+    vm = create_vm(kvm, config)
     ports: PcPorts | None = None
     log: ConsoleLog | None = None
     try:

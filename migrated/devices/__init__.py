@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .bus import PortBus, PortBusError, PortDevice, PortRange, complete_pending_io
+from .bus import PortBus, PortBusError, PortDevice, PortRange
 from .console import ConsoleLog, console_log_path
 from .legacy import A20_PORT, A20Gate, DeviceStateError, OpenBus, port_name
 from .uart8250 import Sink, Uart8250, UartStateError
@@ -34,7 +34,6 @@ __all__ = [
     "Sink",
     "Uart8250",
     "UartStateError",
-    "complete_pending_io",
     "console_log_path",
     "PcPorts",
     "pc_ports",

@@ -19,7 +19,6 @@ time even with several vCPUs.
 from __future__ import annotations
 
 import ctypes
-import errno
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -27,8 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from migrated.kvm import uapi
-from migrated.kvm._libc import ioctl
-from migrated.kvm.vcpu import Vcpu, VcpuState
+from migrated.kvm.vcpu import Vcpu
 
 from .legacy import DeviceStateError, OpenBus
 
@@ -182,44 +180,3 @@ class PortBus:
             devices["unclaimed"] = default_stats()
         with self._lock:
             return {"exits": dict(self.exits), "devices": devices}
-
-
-def complete_pending_io(vcpu: Vcpu) -> None:
-    """Finish an I/O instruction the vCPU exited for, without running any further instruction.
-
-    api.rst (struct kvm_run): "For KVM_EXIT_IO, KVM_EXIT_MMIO, ... the corresponding operations
-    are complete (and guest state is consistent) only after userspace has re-entered the kernel
-    with KVM_RUN. ... userspace should ensure that the operation is completed before performing a
-    live migration. Userspace can re-enter the guest ... with the immediate_exit field set to
-    complete pending operations without allowing any further instructions to be executed."
-
-    Call it on a parked vCPU, before saving its state: otherwise the target executes the
-    instruction again. Measured on PVM: a pause between an `in` exit and the next KVM_RUN leaves
-    rip on the `in` with AL not loaded (re-reading LSR is harmless, re-reading RBR loses a byte);
-    PVM's emulator retires an `out` before exiting, but hardware KVM's fast PIO path does not
-    (the byte would be printed twice). With nothing pending, KVM_RUN returns EINTR at once.
-    Better still, the vCPU thread does the same itself before it parks.
-    """
-    if vcpu.state is VcpuState.RUNNING:
-        raise PortBusError(f"vCPU {vcpu.index} is running: park it first")
-    run = vcpu.run
-    saved = run.immediate_exit
-    run.immediate_exit = 1
-    try:
-        # A string instruction may need more than one exit to finish (`rep outsb` of more
-        # than a page): each one is served here like the vCPU thread would.
-        for _ in range(COMPLETION_EXITS):
-            try:
-                ioctl(vcpu.fd, uapi.KVM_RUN, 0)
-            except OSError as err:
-                if err.errno in (errno.EINTR, errno.EAGAIN):
-                    return
-                raise PortBusError(f"vCPU {vcpu.index}: completing I/O with KVM_RUN: {err}") from err
-            reason = int(run.exit_reason)
-            handler = vcpu.handlers.get(reason)
-            if reason not in (uapi.KVM_EXIT_IO, uapi.KVM_EXIT_MMIO) or handler is None:
-                raise PortBusError(f"vCPU {vcpu.index}: completing I/O, KVM_RUN exited with reason {reason}")
-            handler(vcpu)
-        raise PortBusError(f"vCPU {vcpu.index}: I/O still incomplete after {COMPLETION_EXITS} exits")
-    finally:
-        run.immediate_exit = saved

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .abi import WL_PAGE_SIZE as PAGE_SIZE
-from .longmode import GIB, HUGE_PAGE, LongModeSpec
+from .x86_64.longmode import GIB, HUGE_PAGE, LongModeSpec
 
 MAX_VCPUS = 64
 MAX_MEMORY = 64 * GIB  # 64 page directories

@@ -15,7 +15,6 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -26,25 +25,25 @@ import numpy.typing as npt
 from migrated.kvm.uapi import kvm_regs, kvm_sregs
 
 from . import abi
-from .build import IMAGE_NAME
+from .image import X86_64_WORKLOAD, GuestImage, GuestImageMissingError
 from .layout import WorkloadLayout, plan_layout
-from .longmode import Write, kernel_sregs, user_regs, user_sregs, write_long_mode
+from .guest_ram import Write
+from .x86_64.longmode import kernel_sregs, user_regs, user_sregs, write_long_mode
 from .pages import VerifyReport, verify_pages
 
 __all__ = [
     "GuestImageMissingError",
+    "IMAGE",
     "Mode",
     "SmallOsStatus",
-    "VcpuState",
+    "GuestPhase",
     "VcpuStatus",
     "X86VcpuStatus",
     "VerifyReport",
     "WorkloadGuest",
     "WorkloadLayout",
     "WorkloadParams",
-    "image_path",
     "install",
-    "load_image",
     "plan_layout",
     "rate_pages_per_vcpu",
     "verify_pages",
@@ -54,10 +53,6 @@ __all__ = [
 Mode = Literal["continuous", "passes"]
 _MODES: dict[str, int] = {"continuous": abi.WL_MODE_CONTINUOUS, "passes": abi.WL_MODE_PASSES}
 MIB = 1 << 20
-
-
-class GuestImageMissingError(FileNotFoundError):
-    """The workload image was not built (it is made by the package build, not at import)."""
 
 
 @dataclass(frozen=True)
@@ -103,35 +98,45 @@ def rate_pages_per_vcpu(mib_s: float, vcpus: int) -> int:
     return min(abi.WL_RATE_UNLIMITED - 1, max(1, round(pages)))
 
 
-def image_path() -> Path:
-    return Path(__file__).resolve().parent / IMAGE_NAME
+IMAGE: GuestImage = X86_64_WORKLOAD  # a test points it at the image it built
 
 
-def load_image() -> bytes:
-    path = image_path()
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise GuestImageMissingError(
-            f"workload guest image {path} is missing: run `make build` (or "
-            "`python -m migrated.guests.build`) to compile it from migrated/guests/x86_64/"
-        ) from None
+class ParamsLayout(Protocol):
+    """What the parameter page says of a layout, on either architecture."""
+
+    @property
+    def vcpus(self) -> int: ...
+    @property
+    def ws_base(self) -> int: ...
+    @property
+    def ws_pages(self) -> int: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def gen(self) -> int: ...
 
 
-def params_page(layout: WorkloadLayout, params: WorkloadParams, tsc_khz: int) -> bytes:
+def common_params_words(layout: ParamsLayout, params: WorkloadParams, counter_hz: int) -> npt.NDArray[np.uint64]:
+    """The parameter page's words that both architectures' guests read (abi.h); each arch's
+    loader adds its own. `counter_hz`: the guest's time base (0: the guest measures it)."""
     words = np.zeros(abi.WL_PAGE_WORDS, np.uint64)
     words[abi.WL_P_MAGIC] = abi.WL_PARAMS_MAGIC
     words[abi.WL_P_VERSION] = abi.WL_VERSION
     words[abi.WL_P_NVCPUS] = layout.vcpus
     words[abi.WL_P_WS_BASE] = layout.ws_base
     words[abi.WL_P_WS_PAGES] = layout.ws_pages
-    words[abi.WL_P_TSC_HZ] = tsc_khz * 1000
+    words[abi.WL_P_TSC_HZ] = counter_hz
     words[abi.WL_P_STATUS_BASE] = layout.status
     words[abi.WL_P_GEN_BASE] = layout.gen
     words[abi.WL_P_SEED] = params.seed
     words[abi.WL_P_MODE] = _MODES[params.mode]
     words[abi.WL_P_RATE] = rate_pages_per_vcpu(params.dirty_rate_mib_s, layout.vcpus)
     words[abi.WL_P_PASS_REQ] = 0
+    return words
+
+
+def params_page(layout: WorkloadLayout, params: WorkloadParams, tsc_khz: int) -> bytes:
+    words = common_params_words(layout, params, tsc_khz * 1000)
     if params.smallos:
         words[abi.WLX_P_FLAGS] = abi.WLX_F_SMALLOS
         words[abi.WLX_P_TICK_HZ] = params.tick_hz
@@ -162,7 +167,7 @@ def install(
         raise ValueError(f"TSC frequency {tsc_khz} kHz: must be positive (KVM_GET_TSC_KHZ)")
     if params.smallos != bool(layout.longmode.mmio_pd):
         raise ValueError("params and layout disagree on smallos: plan_layout(..., smallos=...)")
-    image = load_image()
+    image = IMAGE.load()
     if len(image) > layout.code_max:
         raise ValueError(f"workload image is {len(image)} bytes; its region holds {layout.code_max}")
     write_long_mode(write, layout.longmode)
@@ -192,7 +197,7 @@ def install(
     ]
 
 
-class VcpuState(enum.Enum):
+class GuestPhase(enum.Enum):
     BOOTING = abi.WL_STATE_BOOTING
     WRITING = abi.WL_STATE_WRITING
     THROTTLED = abi.WL_STATE_THROTTLED
@@ -276,7 +281,7 @@ def _smallos_status(w: list[int]) -> SmallOsStatus:
 class VcpuStatus:
     vcpu: int
     started: bool  # the guest wrote its status page's magic
-    state: VcpuState
+    state: GuestPhase
     heartbeat: int
     pages_written: int
     passes_done: int
@@ -297,9 +302,9 @@ class X86VcpuStatus(VcpuStatus):
 def shared_status(vcpu: int, w: Sequence[int], ws_base: int) -> dict[str, Any]:
     """The VcpuStatus fields every workload guest reports in the same status words (abi.h)."""
     try:
-        state = VcpuState(w[abi.WL_S_STATE])
+        state = GuestPhase(w[abi.WL_S_STATE])
     except ValueError:
-        state = VcpuState.UNKNOWN
+        state = GuestPhase.UNKNOWN
     busy = w[abi.WL_S_BUSY_PAGE]
     return {
         "vcpu": vcpu,

@@ -61,6 +61,12 @@ def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     return int(address)
 
 
+def madvise(address: int, length: int, advice: int) -> None:
+    if _libc.madvise(address, length, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def munmap(address: int, length: int) -> None:
     if _libc.munmap(address, length) != 0:
         err = ctypes.get_errno()

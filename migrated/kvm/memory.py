@@ -24,6 +24,15 @@ PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
 
+MADV_POPULATE_WRITE = 23  # Linux 5.14
+
+
+def populate_write(address: int, length: int) -> None:
+    """Allocate (and zero) the pages of a mapped range now, as a write would, without writing
+    (madvise MADV_POPULATE_WRITE); OSError on failure."""
+    _libc.madvise(address, length, MADV_POPULATE_WRITE)
+
+
 @dataclass(frozen=True)
 class MemoryRegion:
     """One contiguous range of guest-physical RAM, backed by one memslot."""

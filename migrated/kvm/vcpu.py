@@ -44,7 +44,7 @@ def ensure_kick_handler() -> None:
     signal.siginterrupt(KICK_SIGNAL, True)
 
 
-class VcpuState(enum.Enum):
+class VcpuRunState(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
     PAUSED = "paused"
@@ -72,6 +72,7 @@ class Vcpu:
     """A vCPU of a `Vm`. Created by `Vm`; its thread starts with `start()`."""
 
     PAUSE_TIMEOUT_S = 5.0
+    COMPLETION_EXITS = 64  # bounds complete_pending_io: a string I/O of this many exits at most
 
     def __init__(self, index: int, fd: int, run_address: int, ring_address: int | None) -> None:
         self.index = index
@@ -84,14 +85,15 @@ class Vcpu:
         # Handlers by exit reason, set by the VM (dirty ring full, port I/O, MMIO).
         self.handlers: dict[int, ExitHandler] = {}
         self._cond = threading.Condition()
-        self._want = VcpuState.PAUSED
-        self._state = VcpuState.CREATED
+        self._want = VcpuRunState.PAUSED
+        self._state = VcpuRunState.CREATED
         self._thread: threading.Thread | None = None
         self.on_finished: Callable[[Vcpu], None] | None = None
 
     # ---- register access (only while the thread is parked or not started) ----------------
 
-    def _ioctl(self, step: str, request: int, arg: Any = 0) -> int:
+    def ioctl(self, step: str, request: int, arg: Any = 0) -> int:
+        """A vCPU ioctl; a failure raises KvmIoctlError naming this vCPU and `step`."""
         try:
             return ioctl(self.fd, request, arg)
         except OSError as err:
@@ -99,37 +101,48 @@ class Vcpu:
 
     def get_regs(self) -> uapi.kvm_regs:
         regs = uapi.kvm_regs()
-        self._ioctl("KVM_GET_REGS", uapi.KVM_GET_REGS, regs)
+        self.ioctl("KVM_GET_REGS", uapi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
-        self._ioctl("KVM_SET_REGS", uapi.KVM_SET_REGS, regs)
+        self.ioctl("KVM_SET_REGS", uapi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> uapi.kvm_sregs:
         sregs = uapi.kvm_sregs()
-        self._ioctl("KVM_GET_SREGS", uapi.KVM_GET_SREGS, sregs)
+        self.ioctl("KVM_GET_SREGS", uapi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
-        self._ioctl("KVM_SET_SREGS", uapi.KVM_SET_SREGS, sregs)
+        self.ioctl("KVM_SET_SREGS", uapi.KVM_SET_SREGS, sregs)
+
+    def get_mp_state(self) -> int:
+        mp = uapi.kvm_mp_state()
+        self.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
+        return int(mp.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE. x86: with the in-kernel irqchip every vCPU but 0 starts UNINITIALIZED
+        (waiting for INIT/SIPI), so a VMM that starts them directly makes them RUNNABLE (HOST-NOTES);
+        arm64: RUNNABLE keeps the registers the VMM set, where a PSCI CPU_ON would reset them."""
+        self.ioctl("KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state=mp_state))
 
     def set_cpuid(self, cpuid_buffer: ctypes.Array[ctypes.c_uint8]) -> None:
-        self._ioctl("KVM_SET_CPUID2", uapi.KVM_SET_CPUID2, cpuid_buffer)
+        self.ioctl("KVM_SET_CPUID2", uapi.KVM_SET_CPUID2, cpuid_buffer)
 
     def tsc_khz(self) -> int:
-        return self._ioctl("KVM_GET_TSC_KHZ", uapi.KVM_GET_TSC_KHZ)
+        return self.ioctl("KVM_GET_TSC_KHZ", uapi.KVM_GET_TSC_KHZ)
 
     # ---- the thread ----------------------------------------------------------------------
 
     @property
-    def state(self) -> VcpuState:
+    def state(self) -> VcpuRunState:
         with self._cond:
             return self._state
 
     def start(self, running: bool = True) -> None:
         if self._thread is not None:
             raise KvmError(f"vCPU {self.index} already started")
-        self._want = VcpuState.RUNNING if running else VcpuState.PAUSED
+        self._want = VcpuRunState.RUNNING if running else VcpuRunState.PAUSED
         self._thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self._thread.start()
         if not running:
@@ -138,9 +151,9 @@ class Vcpu:
     def request_pause(self) -> None:
         """Ask the thread to leave KVM_RUN and park; `wait_parked()` waits for it."""
         with self._cond:
-            if self._state is VcpuState.FINISHED or self._thread is None:
+            if self._state is VcpuRunState.FINISHED or self._thread is None:
                 return
-            self._want = VcpuState.PAUSED
+            self._want = VcpuRunState.PAUSED
             self.run.immediate_exit = 1
             ident = self._thread.ident
         if ident is not None:
@@ -153,8 +166,8 @@ class Vcpu:
         deadline = time.monotonic() + (self.PAUSE_TIMEOUT_S if timeout is None else timeout)
         with self._cond:
             while self._thread is not None and self._state not in (
-                VcpuState.PAUSED,
-                VcpuState.FINISHED,
+                VcpuRunState.PAUSED,
+                VcpuRunState.FINISHED,
             ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -163,16 +176,16 @@ class Vcpu:
 
     def resume(self) -> None:
         with self._cond:
-            if self._state is VcpuState.FINISHED:
+            if self._state is VcpuRunState.FINISHED:
                 raise VcpuError(f"vCPU {self.index} has finished and cannot resume: {self.error}")
             self.run.immediate_exit = 0
-            self._want = VcpuState.RUNNING
+            self._want = VcpuRunState.RUNNING
             self._cond.notify_all()
 
     def stop(self) -> None:
         """End the thread (from any state) and wait for it."""
         with self._cond:
-            self._want = VcpuState.FINISHED
+            self._want = VcpuRunState.FINISHED
             self.run.immediate_exit = 1
             self._cond.notify_all()
             thread = self._thread
@@ -193,6 +206,43 @@ class Vcpu:
             error=None if self.error is None else str(self.error),
         )
 
+    def complete_pending_io(self) -> None:
+        """Finish an I/O instruction this parked vCPU exited for, without running any further one.
+
+        api.rst (struct kvm_run): "For KVM_EXIT_IO, KVM_EXIT_MMIO, ... the corresponding operations
+        are complete (and guest state is consistent) only after userspace has re-entered the kernel
+        with KVM_RUN. ... userspace should ensure that the operation is completed before performing a
+        live migration. Userspace can re-enter the guest ... with the immediate_exit field set to
+        complete pending operations without allowing any further instructions to be executed."
+
+        The vCPU thread does this itself before it parks (`_loop`); this is the same step for a
+        vCPU whose thread was stopped inside an exit handler. Measured on PVM: a pause between an
+        `in` exit and the next KVM_RUN leaves rip on the `in` with AL not loaded (re-reading LSR is
+        harmless, re-reading RBR loses a byte). With nothing pending, KVM_RUN returns EINTR at once.
+        """
+        if self.state is VcpuRunState.RUNNING:
+            raise VcpuError(f"vCPU {self.index} is running: park it first")
+        saved = self.run.immediate_exit
+        self.run.immediate_exit = 1
+        try:
+            # A string instruction may need more than one exit to finish (`rep outsb` of more
+            # than a page): each one is served here like the vCPU thread would.
+            for _ in range(self.COMPLETION_EXITS):
+                try:
+                    ioctl(self.fd, uapi.KVM_RUN, 0)
+                except OSError as err:
+                    if err.errno in (errno.EINTR, errno.EAGAIN):
+                        return
+                    raise KvmIoctlError(f"vCPU {self.index}: KVM_RUN (completing I/O)", err) from err
+                reason = int(self.run.exit_reason)
+                handler = self.handlers.get(reason)
+                if reason not in (uapi.KVM_EXIT_IO, uapi.KVM_EXIT_MMIO) or handler is None:
+                    raise VcpuError(f"vCPU {self.index}: completing I/O, KVM_RUN exited with reason {reason}")
+                handler(self)
+            raise VcpuError(f"vCPU {self.index}: I/O still incomplete after {self.COMPLETION_EXITS} exits")
+        finally:
+            self.run.immediate_exit = saved
+
     def _thread_main(self) -> None:
         try:
             self._loop()
@@ -200,7 +250,7 @@ class Vcpu:
             self.error = err
         finally:
             with self._cond:
-                self._state = VcpuState.FINISHED
+                self._state = VcpuRunState.FINISHED
                 self._cond.notify_all()
             if self.on_finished is not None:
                 self.on_finished(self)
@@ -216,17 +266,17 @@ class Vcpu:
         incomplete = False
         while True:
             with self._cond:
-                if incomplete and self._want is not VcpuState.RUNNING:
+                if incomplete and self._want is not VcpuRunState.RUNNING:
                     self.run.immediate_exit = 1
                 else:
-                    while self._want is VcpuState.PAUSED:
-                        if self._state is not VcpuState.PAUSED:
-                            self._state = VcpuState.PAUSED
+                    while self._want is VcpuRunState.PAUSED:
+                        if self._state is not VcpuRunState.PAUSED:
+                            self._state = VcpuRunState.PAUSED
                             self._cond.notify_all()
                         self._cond.wait()
-                    if self._want is VcpuState.FINISHED:
+                    if self._want is VcpuRunState.FINISHED:
                         return
-                    self._state = VcpuState.RUNNING
+                    self._state = VcpuRunState.RUNNING
             try:
                 ioctl(self.fd, uapi.KVM_RUN, 0)
             except OSError as err:

@@ -3,9 +3,10 @@
 `Vm.create()` builds a VM in the one order the kernel's rules allow (DESIGN R1, R2): the dirty
 ring right after KVM_CREATE_VM, WITH_BITMAP (where offered) next, then memslots, then vCPUs. The
 single steps are public so that the order can be tested, and each one refuses, before the kernel
-sees the request, to run out of order. On arm64 (`caps.arch == "aarch64"`) guest RAM starts at
-`aarch64.RAM_BASE`, and once every vCPU exists `aarch64.setup_machine` initializes them
-(KVM_ARM_VCPU_INIT) and creates the vGIC v3 and its ITS. This module knows nothing about migration.
+sees the request, to run out of order. What differs by architecture (where RAM starts, devices
+created before the vCPUs, per-vCPU setup, the interrupt controller once every vCPU exists) comes
+from a `VmArch` object (`migrated/kvm/arch/`), which this module never imports. It knows nothing
+about migration.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from . import aarch64, uapi
+from . import uapi
 from ._libc import MAP_SHARED, PROT_READ, PROT_WRITE, ioctl, mmap, munmap
 from .dirty import BitmapTracker, DirtyTracker, RingTracker
 from .errors import (
@@ -27,8 +28,8 @@ from .errors import (
     VmConfigError,
 )
 from .memory import PAGE_SIZE, GuestMemory
-from .system import HostCaps, Kvm, cpuid_buffer
-from .vcpu import Vcpu, VcpuState, ensure_kick_handler
+from .system import HostCaps, Kvm
+from .vcpu import Vcpu, VcpuRunState, ensure_kick_handler
 
 DirtyTrackingMode = Literal["auto", "ring", "bitmap"]
 DIRTY_TRACKING_MODES: tuple[str, ...] = ("auto", "ring", "bitmap")
@@ -51,7 +52,34 @@ class VmConfig:
     pit: bool = False
 
 
-def validate_config(config: VmConfig, caps: HostCaps) -> str:
+class VmArch(Protocol):
+    """The steps of building a VM that differ by architecture (implemented in kvm/arch/)."""
+
+    name: str  # as uname -m says it: "x86_64", "aarch64"
+    ram_base: int  # guest-physical address where RAM starts
+
+    def check_config(self, config: VmConfig, caps: HostCaps, tracking: str) -> None: ...
+
+    def guest_memory(self, size: int, name: str) -> GuestMemory: ...
+
+    def before_vcpus(self, vm: Vm, config: VmConfig) -> None:
+        """In-kernel devices that must exist before the first vCPU."""
+        ...
+
+    def setup_vcpu(self, vm: Vm, vcpu: Vcpu) -> None: ...
+
+    def after_vcpus(self, vm: Vm) -> None:
+        """What needs every vCPU to exist first."""
+        ...
+
+
+class ArchDevices(Protocol):
+    """The in-kernel devices an architecture adds to a VM (device fds), closed with it."""
+
+    def close(self) -> None: ...
+
+
+def validate_config(config: VmConfig, caps: HostCaps, arch: VmArch) -> str:
     """Check `config` against this host; returns the tracking mode to use ("ring" or "bitmap")."""
     if config.memory_bytes <= 0 or config.memory_bytes % (2 << 20):
         raise VmConfigError(f"memory {config.memory_bytes} bytes: must be a positive multiple of 2 MiB")
@@ -72,12 +100,7 @@ def validate_config(config: VmConfig, caps: HostCaps) -> str:
                 "(KVM_CAP_DIRTY_LOG_RING_ACQ_REL and KVM_CAP_DIRTY_LOG_RING are 0); use 'bitmap'"
             )
         validate_ring_bytes(config.ring_bytes, caps)
-        if caps.arch == "aarch64" and not caps.dirty_ring_with_bitmap:
-            raise KvmCapabilityError(
-                "dirty tracking 'ring' on arm64 needs KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, which "
-                "this kernel does not offer: the vGIC ITS writes guest RAM with no vCPU running "
-                "and only the backup bitmap sees it; use 'bitmap'"
-            )
+    arch.check_config(config, caps, mode)
     return mode
 
 
@@ -97,8 +120,9 @@ def validate_ring_bytes(ring_bytes: int, caps: HostCaps) -> None:
 class Vm:
     """A VM and everything it owns. Close it with `close()` (or `with`)."""
 
-    def __init__(self, kvm: Kvm, caps: HostCaps, name: str = "vm") -> None:
+    def __init__(self, kvm: Kvm, caps: HostCaps, arch: VmArch, name: str = "vm") -> None:
         self.kvm = kvm
+        self.arch = arch
         self.caps = caps
         self.name = name
         self.fd = kvm.create_vm_fd()
@@ -121,16 +145,17 @@ class Vm:
         self.harvester_realtime: bool | None = None  # SCHED_FIFO granted (None: not started)
         self.on_vcpu_finished: Callable[[Vcpu], None] | None = None
         # arm64 only: the vCPU init and the vGIC/ITS device fds (aarch64.setup_machine).
-        self.arm: aarch64.ArmMachine | None = None
+        self.arm: ArchDevices | None = None
 
     # ---- the one order (R1, R2), composed -----------------------------------------------
 
     @classmethod
-    def create(cls, kvm: Kvm, config: VmConfig) -> Vm:
+    def create(cls, kvm: Kvm, config: VmConfig, arch: VmArch) -> Vm:
+        """The whole build; `migrated.kvm.arch.create_vm` passes this host's architecture."""
         caps = kvm.caps()
-        mode = validate_config(config, caps)
+        mode = validate_config(config, caps, arch)
         ensure_kick_handler()
-        vm = cls(kvm, caps, config.name)
+        vm = cls(kvm, caps, arch, config.name)
         try:
             vm._harvest_interval_s = config.harvest_interval_s
             if mode == "ring":
@@ -139,24 +164,11 @@ class Vm:
                     vm.enable_ring_with_bitmap()  # R2
             elif caps.manual_dirty_log_protect:
                 vm.enable_manual_dirty_log_protect()
-            if caps.arch == "aarch64":
-                # arm64 guests have RAM at aarch64.RAM_BASE, above the GIC's MMIO frames.
-                memory = aarch64.guest_memory(config.memory_bytes, name=f"{config.name}-ram")
-            else:
-                memory = GuestMemory.flat(config.memory_bytes, name=f"{config.name}-ram")
-            vm.add_memory(memory)
-            if config.irqchip or config.pit:
-                from . import x86_state  # it imports this module
-
-                if config.irqchip:
-                    x86_state.create_irqchip(vm)
-                if config.pit:
-                    x86_state.create_pit2(vm)
+            vm.add_memory(arch.guest_memory(config.memory_bytes, name=f"{config.name}-ram"))
+            arch.before_vcpus(vm, config)
             for index in range(config.vcpus):
                 vm.create_vcpu(index)
-            if caps.arch == "aarch64":
-                # KVM_ARM_VCPU_INIT once every vCPU exists, then the vGIC v3 and its ITS.
-                aarch64.setup_machine(vm)
+            arch.after_vcpus(vm)
             vm.finish_setup()
         except BaseException:
             vm.close()
@@ -165,17 +177,24 @@ class Vm:
 
     # ---- single steps -------------------------------------------------------------------
 
-    def _ioctl(self, step: str, request: int, arg: Any = 0) -> int:
+    def ioctl(self, step: str, request: int, arg: Any = 0) -> int:
+        """A VM ioctl; a failure raises KvmIoctlError naming `step`."""
         try:
             return ioctl(self.fd, request, arg)
         except OSError as err:
             raise KvmIoctlError(step, err) from err
 
+    def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: set a GSI of the in-kernel irqchip to `level`."""
+        self.ioctl(
+            f"KVM_IRQ_LINE (irq {irq}, level {level})", uapi.KVM_IRQ_LINE, uapi.kvm_irq_level(irq=irq, level=level)
+        )
+
     def _enable_cap(self, step: str, cap: int, *args: int) -> None:
         request = uapi.kvm_enable_cap(cap=cap)
         for i, value in enumerate(args):
             request.args[i] = value
-        self._ioctl(step, uapi.KVM_ENABLE_CAP, request)
+        self.ioctl(step, uapi.KVM_ENABLE_CAP, request)
 
     def _existing(self) -> str:
         return f"this VM has {len(self.vcpus)} vCPU(s) and {len(self.memslots)} memslot(s)"
@@ -246,13 +265,13 @@ class Vm:
                 memory_size=region.size,
                 userspace_addr=memory.host_address(region),
             )
-            self._ioctl(f"KVM_SET_USER_MEMORY_REGION (slot {region.slot})", uapi.KVM_SET_USER_MEMORY_REGION, slot)
+            self.ioctl(f"KVM_SET_USER_MEMORY_REGION (slot {region.slot})", uapi.KVM_SET_USER_MEMORY_REGION, slot)
             self.memslots.append(slot)
 
     def create_vcpu(self, index: int) -> Vcpu:
         if index != len(self.vcpus):
             raise VmConfigError(f"vCPU {index} created out of order; next is {len(self.vcpus)}")
-        fd = self._ioctl(f"KVM_CREATE_VCPU {index}", uapi.KVM_CREATE_VCPU, index)
+        fd = self.ioctl(f"KVM_CREATE_VCPU {index}", uapi.KVM_CREATE_VCPU, index)
         maps: list[tuple[int, int]] = []
         try:
             run_size = self.caps.vcpu_mmap_bytes
@@ -278,8 +297,7 @@ class Vm:
         vcpu = Vcpu(index, fd, run_address, ring_address)
         self.vcpus.append(vcpu)
         self._vcpu_maps.extend(maps)
-        if os.uname().machine == "x86_64":
-            vcpu.set_cpuid(cpuid_buffer(self.kvm.supported_cpuid()))
+        self.arch.setup_vcpu(self, vcpu)
         return vcpu
 
     def finish_setup(self) -> None:
@@ -421,7 +439,7 @@ class Vm:
 
     @property
     def running(self) -> bool:
-        return any(v.state is VcpuState.RUNNING for v in self.vcpus)
+        return any(v.state is VcpuRunState.RUNNING for v in self.vcpus)
 
     def close(self) -> None:
         """Stop threads, unmap and close everything; safe to call twice."""

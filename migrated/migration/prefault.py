@@ -11,12 +11,10 @@ position means a hole was skipped; populating restarts at the new position, and 
 
 from __future__ import annotations
 
-import ctypes
 import threading
 
-from ..kvm import _libc
+from ..kvm.memory import populate_write
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14
 LOOKAHEAD_BYTES = 128 << 20
 CHUNK_BYTES = 8 << 20
 MAX_JUMPS = 8
@@ -64,7 +62,9 @@ class Prefaulter:
                 start = self._populated
                 end = min(self._size, start + CHUNK_BYTES)
                 self._populated = end
-            if _libc._libc.madvise(self._address + start, end - start, MADV_POPULATE_WRITE) != 0:
-                self.error = f"MADV_POPULATE_WRITE failed: errno {ctypes.get_errno()}"
+            try:
+                populate_write(self._address + start, end - start)
+            except OSError as err:
+                self.error = f"MADV_POPULATE_WRITE failed: {err.strerror} (errno {err.errno})"
                 return
             self.populated_bytes += end - start

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import trio
 
 from ..control import RequestError
 from ..hosted import VmState
 from ..logs import get_logger
+from .host import CommandArgs, CommandReply, MigrationHost, Migration
 from .source import Source, SourceOptions, new_migration_id
 from .target import Target
 
-if TYPE_CHECKING:
-    from ..daemon import Daemon
 
-
-async def serve_peers(daemon: Daemon, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_peers(daemon: MigrationHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     log = get_logger(component="peer_listener")
     listen = daemon.config.peer.listen
 
@@ -37,7 +33,7 @@ async def serve_peers(daemon: Daemon, *, task_status: trio.TaskStatus[None] = tr
     await trio.serve_listeners(handle, listeners)
 
 
-def _number(args: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+def _number(args: CommandArgs, key: str, default: float, low: float, high: float) -> float:
     value = args.get(key)
     if value is None:
         return default
@@ -46,7 +42,7 @@ def _number(args: dict[str, Any], key: str, default: float, low: float, high: fl
     return float(value)
 
 
-def _parse_to(value: Any) -> tuple[str, int]:
+def _parse_to(value: object) -> tuple[str, int]:
     if not isinstance(value, str) or ":" not in value:
         raise RequestError(f"--to {value!r}: HOST:PORT, e.g. 127.0.0.1:7890 or [::1]:7890")
     host, _, port_text = value.rpartition(":")
@@ -57,10 +53,10 @@ def _parse_to(value: Any) -> tuple[str, int]:
 
 
 class MigrationService:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: MigrationHost) -> None:
         self.daemon = daemon
 
-    async def cmd_migrate(self, args: dict[str, Any]) -> Any:
+    async def cmd_migrate(self, args: CommandArgs) -> CommandReply:
         daemon = self.daemon
         hosted = daemon.hosted(args)
         if hosted.state not in (VmState.RUNNING, VmState.PAUSED):
@@ -95,10 +91,10 @@ class MigrationService:
             options = SourceOptions(**{**options.__dict__, "verify": verify})
         source = Source(daemon, hosted, options, new_migration_id())
         daemon.migrations[hosted.name] = source
-        daemon.nursery_start(source.run)
+        daemon.start_task(source.run)
         return source.stats.as_dict()
 
-    def _migration(self, args: dict[str, Any]) -> Any:
+    def _migration(self, args: CommandArgs) -> Migration:
         name = args.get("name")
         if not isinstance(name, str):
             raise RequestError('"name" (a string) is required')
@@ -107,12 +103,12 @@ class MigrationService:
             raise RequestError(f"no migration of a VM named {name!r} on this daemon")
         return migration
 
-    async def cmd_status(self, args: dict[str, Any]) -> Any:
+    async def cmd_status(self, args: CommandArgs) -> CommandReply:
         migration = self._migration(args)
         stats = migration.stats
         return None if stats is None else stats.as_dict()
 
-    async def cmd_cancel(self, args: dict[str, Any]) -> Any:
+    async def cmd_cancel(self, args: CommandArgs) -> CommandReply:
         migration = self._migration(args)
         if not isinstance(migration, Source):
             raise RequestError("an incoming migration is cancelled from its source")
@@ -126,7 +122,7 @@ class MigrationService:
         migration.cancel("cancelled by the operator", by_operator=True)
         return {"name": migration.hosted.name, "cancelling": True}
 
-    async def cmd_resolve(self, args: dict[str, Any]) -> Any:
+    async def cmd_resolve(self, args: CommandArgs) -> CommandReply:
         migration = self._migration(args)
         if not isinstance(migration, Source) or migration.stats.state != "in-doubt":
             raise RequestError("only an in-doubt migration (source side) is resolved")
@@ -140,7 +136,7 @@ class MigrationService:
         return {"state": migration.stats.state}
 
 
-async def start_migration_service(daemon: Daemon, nursery: trio.Nursery) -> None:
+async def start_migration_service(daemon: MigrationHost, nursery: trio.Nursery) -> None:
     service = MigrationService(daemon)
     daemon.commands.update(
         {

@@ -15,7 +15,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import trio
 
@@ -41,12 +41,11 @@ from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
+from .host import MigrationHost
 from .pagestream import PAGE_SIZE, StreamCounters, send_pages, send_range
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats
 
-if TYPE_CHECKING:
-    from ..daemon import Daemon
 
 MIB = 1 << 20
 
@@ -69,7 +68,7 @@ class SourceOptions:
 
 
 class Source:
-    def __init__(self, daemon: Daemon, hosted: HostedVm, options: SourceOptions, migration_id: str) -> None:
+    def __init__(self, daemon: MigrationHost, hosted: HostedVm, options: SourceOptions, migration_id: str) -> None:
         self.daemon = daemon
         self.hosted = hosted
         self.options = options
@@ -135,7 +134,7 @@ class Source:
             self.stats.state = "in-doubt"
             self.hosted.state = VmState.IN_DOUBT
             self.log.error("migration_in_doubt", error=message)
-            self.daemon.nursery_start_resolver(self)
+            self.daemon.start_task(self.resolve)
             return
         if self._channel is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import trio
 
@@ -30,18 +30,17 @@ from transport import (
 
 from .. import faults, tls
 from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_config
-from ..kvm import aarch64
+from ..kvm.arch import host_arch
 from ..kvm.errors import KvmError
 from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
+from .host import MigrationHost
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
 from .stats import MigrationStats
 
-if TYPE_CHECKING:
-    from ..daemon import Daemon
 
 # How long a loaded copy waits, after its link broke, for the source to ask what happened
 # before it discards itself for good.
@@ -53,7 +52,7 @@ class Refused(Exception):
 
 
 class Target:
-    def __init__(self, daemon: Daemon, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(self, daemon: MigrationHost, stream: trio.SocketStream, peer: str) -> None:
         self.daemon = daemon
         self.peer = peer
         self._raw = stream
@@ -137,7 +136,7 @@ class Target:
         if description.vcpus != spec.vcpus or description.vcpus > caps.max_vcpus:
             raise Refused(f"{description.vcpus} vCPUs: this host allows 1 to {caps.max_vcpus}")
         layout = [(r.slot, r.guest_phys_addr, r.size) for r in description.memory]
-        ram_base = aarch64.RAM_BASE if caps.arch == "aarch64" else 0
+        ram_base = host_arch(caps.arch).ram_base
         if layout != [(0, ram_base, spec.memory_bytes)]:
             raise Refused(f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the spec's size")
         if spec.name in self.daemon.vms:
@@ -269,7 +268,7 @@ class Target:
         if self.loaded:
             # Never resume without COMMIT; wait for the source to ask, then abort for good.
             self.log.warning("loaded_copy_waiting_for_query", reason=reason)
-            self.daemon.nursery_start(self._expire_loaded)
+            self.daemon.start_task(self._expire_loaded)
             return
         await self._discard(reason)
 

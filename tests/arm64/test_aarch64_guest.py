@@ -7,17 +7,19 @@ Runs only in the arm64 lane (`make test-arm64`). The guest image is cross-built 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
-from migrated.guests import aarch64_boot as ab
-from migrated.guests.aarch64_boot import Arm64VcpuStatus, Arm64WorkloadGuest, ItsSettings
-from migrated.guests.workload import VcpuState, WorkloadParams
-from migrated.kvm import aarch64 as arm
+from helpers import wait_for_status
+
+from migrated.guests.aarch64 import boot as ab
+from migrated.guests.aarch64.boot import Arm64VcpuStatus, Arm64WorkloadGuest, ItsSettings
+from migrated.guests.workload import GuestPhase, WorkloadParams
+from migrated.kvm.arch import aarch64 as arm
 from migrated.kvm.system import Kvm
+from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.arm64
@@ -34,15 +36,7 @@ def wait_for(
     what: str,
     done: Callable[[list[Arm64VcpuStatus]], bool],
 ) -> list[Arm64VcpuStatus]:
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        status = guest.status(vm.ram)
-        if done(status):
-            return status
-        for vcpu in vm.vcpus:
-            assert vcpu.error is None, f"vCPU {vcpu.index} ended: {vcpu.error}; guest: {status}"
-        assert time.monotonic() < deadline, f"{what}: not within {WAIT_S} s; guest: {status}"
-        time.sleep(0.05)
+    return wait_for_status(lambda: guest.status(vm.ram), vm.vcpus, done, WAIT_S, what)
 
 
 def no_fault(status: list[Arm64VcpuStatus]) -> None:
@@ -55,7 +49,7 @@ def running_guest(
     request: pytest.FixtureRequest,
 ) -> Iterator[tuple[Vm, Arm64WorkloadGuest]]:
     vcpus: int = request.param
-    with Kvm.open() as kvm, Vm.create(kvm, VmConfig(memory_bytes=MEMORY, vcpus=vcpus)) as vm:
+    with Kvm.open() as kvm, create_vm(kvm, VmConfig(memory_bytes=MEMORY, vcpus=vcpus)) as vm:
         assert vm.dirty_tracking == "ring" and vm.with_bitmap
         guest = ab.load_workload_aarch64(
             vm,
@@ -110,7 +104,7 @@ def test_guest_runs_verifies_pages_and_receives_every_lpi(
     final = guest.status(vm.ram)
     no_fault(final)
     assert all(s.verify_errors == 0 for s in final), final
-    assert all(s.state in (VcpuState.WRITING, VcpuState.THROTTLED) for s in final)
+    assert all(s.state in (GuestPhase.WRITING, GuestPhase.THROTTLED) for s in final)
     report = guest.verify(vm.ram)
     assert report.ok, report
     assert report.pages_written > 0
@@ -187,7 +181,7 @@ def test_guest_moves_to_a_fresh_vm_with_its_pending_lpis(vcpus: int) -> None:
     (travelling in the LPI pending table and the ITS tables in RAM) arrive on the target."""
     config = VmConfig(memory_bytes=MEMORY, vcpus=vcpus)
     params = WorkloadParams(vcpus=vcpus, working_set_bytes=WORKING_SET, dirty_rate_mib_s=16)
-    with Kvm.open() as kvm, Vm.create(kvm, config) as source, Vm.create(kvm, config) as target:
+    with Kvm.open() as kvm, create_vm(kvm, config) as source, create_vm(kvm, config) as target:
         guest = ab.load_workload_aarch64(source, params, ItsSettings(lpi_rate_hz=200))
         source.start()
         wait_for(guest, source, "LPIs flowing", lambda st: st[0].lpis_received >= 3)

@@ -1,4 +1,4 @@
-"""The arm64 KVM layer (migrated/kvm/aarch64.py and Vm's arm64 hooks) on a real arm64 KVM.
+"""The arm64 KVM layer (migrated/kvm/arch/aarch64/ and the Vm hooks it implements) on a real arm64 KVM.
 
 Runs only in the arm64 lane (`make test-arm64`). The guest is a few instruction words written
 into RAM by the test (MMU off, as KVM_ARM_VCPU_INIT leaves the vCPU; PC set with ONE_REG), e.g.
@@ -17,18 +17,25 @@ from __future__ import annotations
 
 import errno
 import struct
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
 import pytest
 
-from migrated.kvm import _libc, aarch64, uapi
+from helpers import wait_for
+
+from migrated.kvm import _libc, uapi
+from migrated.kvm.arch.aarch64 import uapi as arm_uapi
+from migrated.kvm import vcpu as vcpu_module
 from migrated.kvm import vm as vm_module
+from migrated.kvm.arch import aarch64
+from migrated.kvm.arch.aarch64 import devices as aarch64_devices
+from migrated.kvm.arch.aarch64 import registers as aarch64_registers
 from migrated.kvm.errors import DirtyTrackingOrderError, KvmIoctlError
 from migrated.kvm.memory import PAGE_SHIFT, GuestMemory
 from migrated.kvm.system import Kvm
+from migrated.kvm import arch, saved_state
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.arm64
@@ -77,7 +84,7 @@ def made() -> Iterator[list[Vm]]:
 
 
 def create_vm(kvm: Kvm, made: list[Vm], vcpus: int = 1) -> Vm:
-    vm = Vm.create(
+    vm = arch.create_vm(
         kvm,
         VmConfig(memory_bytes=MEMORY, vcpus=vcpus, dirty_tracking="ring", ring_bytes=RING_BYTES),
     )
@@ -96,7 +103,7 @@ def load_loop(vm: Vm, vcpu: int = 0) -> None:
 def power_on(vm: Vm, vcpu: int) -> None:
     """What PSCI CPU_ON would do for a secondary that KVM_ARM_VCPU_INIT left powered off."""
     mp = uapi.kvm_mp_state(mp_state=uapi.KVM_MP_STATE_RUNNABLE)
-    aarch64._vcpu_ioctl(vm.vcpus[vcpu], "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, mp)
+    vm.vcpus[vcpu].ioctl("KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, mp)
 
 
 def counter(vm: Vm, vcpu: int = 0) -> int:
@@ -104,19 +111,11 @@ def counter(vm: Vm, vcpu: int = 0) -> int:
     return int.from_bytes(bytes(vm.memory.read(COUNTER + 8 * vcpu, 8)), "little")
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def run_a_while(vm: Vm, iterations: int = 1000) -> int:
     """Start the vCPU threads, let the loop count past `iterations`, park them; the count."""
     start = counter(vm)
     vm.start()
-    wait_for("the guest loop to count", lambda: counter(vm) >= start + iterations)
+    wait_for(lambda: counter(vm) >= start + iterations, 60.0, "the guest loop to count", interval=0.01)
     vm.pause()
     return counter(vm)
 
@@ -157,9 +156,14 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
-    monkeypatch.setattr(vm_module, "ioctl", rec.wrap(_libc.ioctl))
-    monkeypatch.setattr(aarch64, "ioctl", rec.wrap(_libc.ioctl))
+    record_ioctls(monkeypatch, rec)
     return rec
+
+
+def record_ioctls(monkeypatch: pytest.MonkeyPatch, rec: Recorder) -> None:
+    """Every ioctl the VM layer sends: on VM fds, vCPU fds and device fds."""
+    for module in (vm_module, vcpu_module, aarch64_devices, aarch64_registers):
+        monkeypatch.setattr(module, "ioctl", rec.wrap(_libc.ioctl))
 
 
 def redist_set(vm: Vm, vcpu: int, offset: int, value: int, bits: int = 32) -> None:
@@ -170,7 +174,7 @@ def redist_set(vm: Vm, vcpu: int, offset: int, value: int, bits: int = 32) -> No
         attr = aarch64.vgic_mpidr(mpidr) << 32 | offset + 4 * half
         vm.arm.vgic.set(
             "test",
-            uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS,
+            arm_uapi.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS,
             attr,
             value >> (32 * half) & 0xFFFF_FFFF,
             bits=32,
@@ -179,12 +183,12 @@ def redist_set(vm: Vm, vcpu: int, offset: int, value: int, bits: int = 32) -> No
 
 def its_set(vm: Vm, offset: int, value: int) -> None:
     assert vm.arm is not None and vm.arm.its is not None
-    vm.arm.its.set("test", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, offset, value)
+    vm.arm.its.set("test", arm_uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, offset, value)
 
 
 def its_get(vm: Vm, offset: int) -> int:
     assert vm.arm is not None and vm.arm.its is not None
-    return vm.arm.its.get("test", uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, offset)
+    return vm.arm.its.get("test", arm_uapi.KVM_DEV_ARM_VGIC_GRP_ITS_REGS, offset)
 
 
 def its_command(dw0: int, dw1: int = 0, dw2: int = 0, dw3: int = 0) -> bytes:
@@ -252,11 +256,11 @@ def test_create_orders_ring_bitmap_memslot_vcpus_init_and_gic(kvm: Kvm, made: li
     memslot = recorder.index(uapi.KVM_SET_USER_MEMORY_REGION)
     first_vcpu = recorder.index(uapi.KVM_CREATE_VCPU)
     last_vcpu = recorder.index(uapi.KVM_CREATE_VCPU, last=True)
-    first_init = recorder.index(uapi.KVM_ARM_VCPU_INIT)
-    last_init = recorder.index(uapi.KVM_ARM_VCPU_INIT, last=True)
+    first_init = recorder.index(arm_uapi.KVM_ARM_VCPU_INIT)
+    last_init = recorder.index(arm_uapi.KVM_ARM_VCPU_INIT, last=True)
     vgic = recorder.index(uapi.KVM_CREATE_DEVICE, uapi.KVM_DEV_TYPE_ARM_VGIC_V3)
     vgic_init = recorder.index(
-        uapi.KVM_SET_DEVICE_ATTR, (uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, uapi.KVM_DEV_ARM_VGIC_CTRL_INIT)
+        uapi.KVM_SET_DEVICE_ATTR, (arm_uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, arm_uapi.KVM_DEV_ARM_VGIC_CTRL_INIT)
     )
     its = recorder.index(uapi.KVM_CREATE_DEVICE, uapi.KVM_DEV_TYPE_ARM_VGIC_ITS)
     # R1, R2: ring, WITH_BITMAP, memslot; api.rst: every vCPU before KVM_ARM_VCPU_INIT;
@@ -268,12 +272,12 @@ def test_create_orders_ring_bitmap_memslot_vcpus_init_and_gic(kvm: Kvm, made: li
         uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
     ]
     assert recorder.calls[memslot][1] == aarch64.RAM_BASE
-    assert [r for r, _ in recorder.calls].count(uapi.KVM_ARM_VCPU_INIT) == 2
+    assert [r for r, _ in recorder.calls].count(arm_uapi.KVM_ARM_VCPU_INIT) == 2
     assert vm.memory is not None and vm.memory.regions[0].guest_phys_addr == aarch64.RAM_BASE
 
 
 def test_with_bitmap_after_memslot_is_refused_before_the_kernel_sees_it(kvm: Kvm, recorder: Recorder) -> None:
-    vm = Vm(kvm, kvm.caps())
+    vm = Vm(kvm, kvm.caps(), arch.host_arch())
     try:
         vm.enable_dirty_ring(RING_BYTES)
         vm.add_memory(aarch64.guest_memory(2 * MIB))
@@ -310,16 +314,16 @@ def test_vcpu_init_psci_and_secondaries_powered_off(kvm: Kvm, made: list[Vm]) ->
     assert vm.arm is not None
     preferred = aarch64.preferred_target(vm)
     assert vm.arm.target == preferred.target
-    assert vm.arm.features & 1 << uapi.KVM_ARM_VCPU_PSCI_0_2
-    assert not vm.arm.features & 1 << uapi.KVM_ARM_VCPU_POWER_OFF
+    assert vm.arm.features & 1 << arm_uapi.KVM_ARM_VCPU_PSCI_0_2
+    assert not vm.arm.features & 1 << arm_uapi.KVM_ARM_VCPU_POWER_OFF
     states = []
     for vcpu in vm.vcpus:
         mp = uapi.kvm_mp_state()
-        aarch64._vcpu_ioctl(vcpu, "KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
+        vcpu.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
         states.append(mp.mp_state)
     assert states == [uapi.KVM_MP_STATE_RUNNABLE, uapi.KVM_MP_STATE_STOPPED]
     # PSCI 0.2 or later (a "future revision backward compatible with v0.2"): major >= 0, 0.2+.
-    assert aarch64.get_reg(vm.vcpus[0], uapi.KVM_REG_ARM_PSCI_VERSION) >= 2
+    assert aarch64.get_reg(vm.vcpus[0], arm_uapi.KVM_REG_ARM_PSCI_VERSION) >= 2
     # The reset state: EL1h with DAIF masked (PSTATE 0x3c5), MMU off (SCTLR_EL1.M clear).
     assert aarch64.get_reg(vm.vcpus[0], "PSTATE") == 0x3C5
     assert aarch64.get_reg(vm.vcpus[0], aarch64.SCTLR_EL1) & 1 == 0
@@ -354,7 +358,7 @@ def test_reg_list_names_core_timer_and_system_registers(kvm: Kvm, made: list[Vm]
     ids = aarch64.reg_list(vm.vcpus[0])
     assert len(ids) == len(set(ids)) > 100
     assert set(aarch64.CORE_REGS.values()) <= set(ids)
-    timer = {uapi.KVM_REG_ARM_TIMER_CTL, uapi.KVM_REG_ARM_TIMER_CVAL, uapi.KVM_REG_ARM_TIMER_CNT}
+    timer = {arm_uapi.KVM_REG_ARM_TIMER_CTL, arm_uapi.KVM_REG_ARM_TIMER_CVAL, arm_uapi.KVM_REG_ARM_TIMER_CNT}
     assert timer <= set(ids)
     assert {aarch64.MPIDR_EL1, aarch64.SCTLR_EL1} <= set(ids)
     assert all(i & uapi.KVM_REG_ARCH_MASK == uapi.KVM_REG_ARM64 for i in ids)
@@ -367,30 +371,30 @@ def test_vgic_and_its_are_created_where_the_layout_says(kvm: Kvm, made: list[Vm]
     vm = create_vm(kvm, made, vcpus=2)
     assert vm.arm is not None and vm.arm.vgic is not None and vm.arm.its is not None
     vgic = vm.arm.vgic
-    addr = uapi.KVM_DEV_ARM_VGIC_GRP_ADDR
-    assert vgic.get("t", addr, uapi.KVM_VGIC_V3_ADDR_TYPE_DIST) == aarch64.GICD_BASE
-    assert vgic.get("t", addr, uapi.KVM_VGIC_V3_ADDR_TYPE_REDIST) == aarch64.GICR_BASE
+    addr = arm_uapi.KVM_DEV_ARM_VGIC_GRP_ADDR
+    assert vgic.get("t", addr, arm_uapi.KVM_VGIC_V3_ADDR_TYPE_DIST) == aarch64.GICD_BASE
+    assert vgic.get("t", addr, arm_uapi.KVM_VGIC_V3_ADDR_TYPE_REDIST) == aarch64.GICR_BASE
     assert aarch64.its_address(vm) == aarch64.ITS_BASE
-    assert vgic.get("t", uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, bits=32) == aarch64.NR_IRQS
+    assert vgic.get("t", arm_uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, bits=32) == aarch64.NR_IRQS
     # GICD_TYPER: ITLinesNumber = NR_IRQS / 32 - 1, LPIS set because the VM has an ITS.
-    typer = vgic.get("t", uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0x4, bits=32)
+    typer = vgic.get("t", arm_uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0x4, bits=32)
     assert typer & 0x1F == aarch64.NR_IRQS // 32 - 1
     assert typer & 1 << 17
-    assert vgic.has(uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, uapi.KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES)
-    assert vm.arm.its.has(uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)
+    assert vgic.has(arm_uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, arm_uapi.KVM_DEV_ARM_VGIC_SAVE_PENDING_TABLES)
+    assert vm.arm.its.has(arm_uapi.KVM_DEV_ARM_VGIC_GRP_CTRL, arm_uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)
     # GITS_IIDR: implementer ARM (0x43b), product KVM; the ITS is off until a driver enables it.
     assert its_get(vm, aarch64.GITS_IIDR) & 0xFFF == 0x43B
     assert its_get(vm, aarch64.GITS_CTLR) & 1 == 0
     # The vGIC is initialized: a second NR_IRQS is refused ("-EBUSY Value has already be set").
     with pytest.raises(KvmIoctlError) as info:
-        vgic.set("t", uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, 128, bits=32)
+        vgic.set("t", arm_uapi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, 128, bits=32)
     assert info.value.errno == errno.EBUSY
 
 
 def test_closing_the_vm_closes_the_device_fds(kvm: Kvm) -> None:
     import os
 
-    vm = Vm.create(kvm, VmConfig(memory_bytes=MEMORY, vcpus=1))
+    vm = arch.create_vm(kvm, VmConfig(memory_bytes=MEMORY, vcpus=1))
     assert vm.arm is not None and vm.arm.vgic is not None and vm.arm.its is not None
     fds = (vm.arm.vgic.fd, vm.arm.its.fd)
     vm.close()
@@ -421,13 +425,13 @@ def test_table_saves_answer_ebusy_while_a_vcpu_runs_and_succeed_when_parked(kvm:
     load_loop(vm)
     vm.start()
     try:
-        wait_for("the guest loop to count", lambda: counter(vm) > 1000)
+        wait_for(lambda: counter(vm) > 1000, 60.0, "the guest loop to count", interval=0.01)
         with pytest.raises(KvmIoctlError, match="VGIC_SAVE_PENDING_TABLES") as info:
             aarch64.save_its_tables(vm)
         assert info.value.errno == errno.EBUSY
         assert vm.arm is not None and vm.arm.its is not None
         with pytest.raises(KvmIoctlError) as its_info:
-            vm.arm.its.ctrl("ITS_SAVE_TABLES", uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)
+            vm.arm.its.ctrl("ITS_SAVE_TABLES", arm_uapi.KVM_DEV_ARM_ITS_SAVE_TABLES)
         assert its_info.value.errno == errno.EBUSY
     finally:
         vm.pause()
@@ -464,7 +468,7 @@ def test_table_saves_write_guest_ram_seen_only_by_the_backup_bitmap(kvm: Kvm, ma
 SPI = 40  # an SPI whose input line the source's "device" holds high
 
 
-def saved_source(kvm: Kvm, made: list[Vm], second_runs: bool = False) -> tuple[Vm, aarch64.VmState, int]:
+def saved_source(kvm: Kvm, made: list[Vm], second_runs: bool = False) -> tuple[Vm, aarch64.Arm64MachineState, int]:
     """A two-vCPU VM that ran, with the ITS in use and an SPI line high, paused and saved as the
     downtime does (R6). vCPU 1 stays powered off, or runs the loop too (`second_runs`)."""
     vm = create_vm(kvm, made, vcpus=2)
@@ -472,7 +476,7 @@ def saved_source(kvm: Kvm, made: list[Vm], second_runs: bool = False) -> tuple[V
     # SPIs start edge-triggered; KVM keeps an input level only for level-triggered ones
     # (GICD_ICFGR: two bits per interrupt, the upper one set for edge, clear for level).
     assert vm.arm is not None and vm.arm.vgic is not None
-    dist, icfgr = uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, aarch64.GICD_ICFGR + 4 * (SPI // 16)
+    dist, icfgr = arm_uapi.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, aarch64.GICD_ICFGR + 4 * (SPI // 16)
     config = vm.arm.vgic.get("test", dist, icfgr, bits=32) & ~(0b10 << 2 * (SPI % 16))
     vm.arm.vgic.set("test", dist, icfgr, config, bits=32)
     aarch64.set_spi_level(vm, SPI, True)
@@ -486,7 +490,7 @@ def saved_source(kvm: Kvm, made: list[Vm], second_runs: bool = False) -> tuple[V
     aarch64.save_its_tables(vm)  # R6.3
     state = aarch64.save_vm_state(vm)
     wire = msgpack.packb(state.to_wire(), use_bin_type=True)
-    return vm, aarch64.VmState.from_wire(msgpack.unpackb(wire, raw=False)), count
+    return vm, aarch64.Arm64MachineState.from_wire(msgpack.unpackb(wire, raw=False)), count
 
 
 def copy_memory(source: Vm, target: Vm) -> None:
@@ -494,7 +498,7 @@ def copy_memory(source: Vm, target: Vm) -> None:
     target.memory.bytes[:] = source.memory.bytes
 
 
-def comparable(state: aarch64.VmState) -> dict[str, Any]:
+def comparable(state: aarch64.Arm64MachineState) -> dict[str, Any]:
     wire = state.to_wire()
     for vcpu in wire["vcpus"]:
         vcpu["regs"] = [[i, v] for i, v in vcpu["regs"] if i not in aarch64.COUNTER_REGS]
@@ -522,9 +526,9 @@ def test_state_round_trip_into_a_fresh_vm(kvm: Kvm, made: list[Vm], second_runs:
     # The guest carries on from where it stopped, on both vCPUs if both ran.
     second = counter(source, 1)
     target.start()
-    wait_for("the restored guest to count on", lambda: counter(target) > count + 1000)
+    wait_for(lambda: counter(target) > count + 1000, 60.0, "the restored guest to count on", interval=0.01)
     if second_runs:
-        wait_for("vCPU 1 to count on", lambda: counter(target, 1) > second + 1000)
+        wait_for(lambda: counter(target, 1) > second + 1000, 60.0, "vCPU 1 to count on", interval=0.01)
     target.pause()
     if not second_runs:
         assert counter(target, 1) == 0  # still powered off
@@ -536,7 +540,7 @@ def test_restore_follows_the_its_restore_sequence(kvm: Kvm, made: list[Vm], monk
     GITS_CTLR. The target's ITS is created without its base address, which the restore
     provides at step c)."""
     source, state, _ = saved_source(kvm, made)
-    target = Vm(kvm, kvm.caps(), "target")
+    target = Vm(kvm, kvm.caps(), arch.host_arch(), "target")
     made.append(target)
     target.enable_dirty_ring(RING_BYTES)
     target.enable_ring_with_bitmap()
@@ -550,7 +554,7 @@ def test_restore_follows_the_its_restore_sequence(kvm: Kvm, made: list[Vm], monk
     target.finish_setup()
     copy_memory(source, target)
     rec = Recorder()
-    monkeypatch.setattr(aarch64, "ioctl", rec.wrap(_libc.ioctl))
+    record_ioctls(monkeypatch, rec)
     aarch64.restore_vm_state(target, state)
 
     def first(group: int, attr: int | None = None, last: bool = False) -> int:
@@ -562,7 +566,7 @@ def test_restore_follows_the_its_restore_sequence(kvm: Kvm, made: list[Vm], monk
         assert hits, f"no KVM_SET_DEVICE_ATTR for group {group} attr {attr}"
         return hits[-1] if last else hits[0]
 
-    G = uapi  # noqa: N806 - short alias for the group names
+    G = arm_uapi  # noqa: N806 - short alias for the group names
     last_one_reg = rec.index(uapi.KVM_SET_ONE_REG, last=True)
     dist, dist_end = first(G.KVM_DEV_ARM_VGIC_GRP_DIST_REGS), first(G.KVM_DEV_ARM_VGIC_GRP_DIST_REGS, last=True)
     redist, redist_end = first(G.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS), first(G.KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, last=True)
@@ -589,7 +593,7 @@ def test_restore_follows_the_its_restore_sequence(kvm: Kvm, made: list[Vm], monk
 def test_restore_refuses_a_different_machine(kvm: Kvm, made: list[Vm]) -> None:
     source, state, _ = saved_source(kvm, made)
     single = create_vm(kvm, made, vcpus=1)
-    with pytest.raises(aarch64.IncompatibleStateError, match="2 vCPU"):
+    with pytest.raises(saved_state.IncompatibleStateError, match="2 vCPU"):
         aarch64.restore_vm_state(single, state)
 
 
@@ -598,8 +602,8 @@ def test_save_refuses_running_vcpus(kvm: Kvm, made: list[Vm]) -> None:
     load_loop(vm)
     vm.start()
     try:
-        wait_for("the guest loop to count", lambda: counter(vm) > 100)
-        with pytest.raises(aarch64.StateError, match="pause the VM"):
+        wait_for(lambda: counter(vm) > 100, 60.0, "the guest loop to count", interval=0.01)
+        with pytest.raises(saved_state.StateError, match="pause the VM"):
             aarch64.save_vm_state(vm)
     finally:
         vm.pause()
@@ -641,13 +645,13 @@ def wire(kvm: Kvm, made: list[Vm]) -> dict[str, Any]:
 def test_malformed_state_is_refused_naming_the_field(
     wire: dict[str, Any], mutate: Callable[[dict[str, Any]], Any], message: str
 ) -> None:
-    aarch64.VmState.from_wire(wire)  # the unmodified one is fine
+    aarch64.Arm64MachineState.from_wire(wire)  # the unmodified one is fine
     mutate(wire)
-    with pytest.raises(aarch64.StateFormatError, match=message):
-        aarch64.VmState.from_wire(wire)
+    with pytest.raises(saved_state.StateFormatError, match=message):
+        aarch64.Arm64MachineState.from_wire(wire)
 
 
 def test_state_survives_the_wire_unchanged(wire: dict[str, Any]) -> None:
-    state = aarch64.VmState.from_wire(wire)
+    state = aarch64.Arm64MachineState.from_wire(wire)
     assert state.to_wire() == wire
     assert state.vcpus[1].mpidr & 0xFF == 1

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import write_key
 
 from migrated.config import (
     Config,
@@ -49,12 +50,6 @@ MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgUUNkNRzb0yHpia5a
 XJXXt1oND85jzQe/14O1Mf0GKOqFsYxs7+g2RK5OZ5HbSd5UBElieFaB
 -----END PRIVATE KEY-----
 """
-
-
-def write_key(path: Path, data: bytes | None = None, mode: int = 0o600) -> Path:
-    path.write_bytes(os.urandom(32) if data is None else data)
-    path.chmod(mode)
-    return path
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from migrated.guests import aarch64_boot as ab
+from migrated.guests.aarch64 import boot as ab
 from migrated.guests import abi, build
-from migrated.guests.aarch64_boot import (
+from migrated.guests.aarch64.boot import (
     Arm64Layout,
     Arm64WorkloadGuest,
     ItsSettings,
@@ -33,8 +33,8 @@ from migrated.guests.aarch64_boot import (
     plan_layout_aarch64,
 )
 from migrated.guests.pages import render_pages
-from migrated.guests.workload import VcpuState, WorkloadParams
-from migrated.kvm import aarch64 as arm
+from migrated.guests.workload import GuestPhase, WorkloadParams
+from migrated.kvm.arch import aarch64 as arm
 
 SOURCES = build.AARCH64_SOURCE_DIR
 MIB = 1 << 20
@@ -51,7 +51,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture
 def built_image(built: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> Path:
     """Makes the loader use the image built by this test run, not an in-place one."""
-    monkeypatch.setattr(ab, "image_path", lambda: built[0])
+    monkeypatch.setattr(ab, "IMAGE", ab.IMAGE.at(built[0].parent))
     return built[0]
 
 
@@ -65,7 +65,7 @@ def symbols(elf: Path) -> dict[str, int]:
 
 def test_image_builds_and_fits_its_region(built: tuple[Path, Path]) -> None:
     image, elf = built
-    assert image.name == ab.IMAGE_NAME
+    assert image.name == ab.IMAGE.name
     assert 0 < image.stat().st_size <= ab.CODE_MAX
     header = elf.read_bytes()[:64]
     assert header[:4] == b"\x7fELF" and header[4] == 2  # ELF64
@@ -344,11 +344,11 @@ def test_status_view_decodes_arm64_words() -> None:
     s1[ab.WLA_S_ITS_STATE] = ab.WLA_ITS_FAILED
     s1[ab.WLA_S_ITS_ERROR] = ab.WLA_ERR_CMD_TIMEOUT
     first, second = Arm64WorkloadGuest(lay).status(fake.ram)
-    assert first.started and first.state is VcpuState.WRITING and first.heartbeat == 12
+    assert first.started and first.state is GuestPhase.WRITING and first.heartbeat == 12
     assert (first.its_state, first.its_error, first.fault) == ("ready", None, None)
     assert (first.lpis_expected, first.lpis_received, first.lpi_outstanding) == (40, 39, 8)
     assert first.counter_hz == 62_500_000
-    assert second.state is VcpuState.UNKNOWN and second.fault is not None
+    assert second.state is GuestPhase.UNKNOWN and second.fault is not None
     assert second.fault.exception_class == 0x25 and second.fault.elr == 0x40001234
     assert second.its_state == "failed" and second.its_error is not None
     assert "CREADR" in second.its_error

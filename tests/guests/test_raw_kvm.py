@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from migrated.devices import PcPorts, complete_pending_io, pc_ports
+from helpers import wait_for
+
+from migrated.devices import PcPorts, pc_ports
 from migrated.guests import bootsector
 from migrated.guests.bootsector import BootSectorParams, check_region, passes_done
 from migrated.guests.bootsector import build as bsbuild
-from migrated.guests.raw import (
+from migrated.guests.x86_64.raw import (
     BOOT_DRIVE,
     BOOT_STACK,
     RawImageError,
@@ -39,12 +41,14 @@ from migrated.guests.raw import (
     long_mode_tables_end,
     read_raw_image,
 )
-from migrated.kvm import uapi, x86_state
+from migrated.kvm import uapi
+from migrated.kvm.arch import x86_64
 from migrated.kvm.dirty import RingTracker
 from migrated.kvm.errors import DirtyRingLivelockError
 from migrated.kvm.memory import PAGE_SIZE
 from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import Vcpu
+from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import Vm, VmConfig
 
 MIB = 1 << 20
@@ -81,18 +85,17 @@ class Machine:
         assert self.vm.harvester_error is None, self.vm.harvester_error
 
     def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            self.assert_healthy()  # a triple fault would otherwise look like a timeout
-            assert time.monotonic() < deadline, (
-                f"timed out waiting for {what}; passes {self.passes()}, UART {self.output[-200:]!r}"
-            )
-            time.sleep(0.01)
+        """`helpers.wait_for`, failing at once on a dead vCPU (a triple fault would otherwise look
+        like a timeout) and naming the guest's progress and output on a timeout."""
+        try:
+            wait_for(predicate, timeout, what, interval=0.01, healthy=self.assert_healthy)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; passes {self.passes()}, UART {self.output[-200:]!r}") from None
 
     def pause(self) -> None:
         self.vm.pause()
         for vcpu in self.vm.vcpus:
-            complete_pending_io(vcpu)  # api.rst: finish an I/O exit before saving state
+            vcpu.complete_pending_io()  # api.rst: finish an I/O exit before saving state
         self.assert_healthy()
 
 
@@ -119,7 +122,7 @@ _names = itertools.count()
 
 def new_machine(kvm: Kvm, config: VmConfig) -> Machine:
     # A name of its own: a hop has two VMs, and the harvester thread is found by name.
-    vm = Vm.create(kvm, dataclasses.replace(config, name=f"raw{next(_names)}"))
+    vm = create_vm(kvm, dataclasses.replace(config, name=f"raw{next(_names)}"))
     ports = pc_ports()
     ports.bus.attach(vm.vcpus[0])
     return Machine(vm, ports)
@@ -243,12 +246,12 @@ def test_long_mode_entry(kvm: Kvm) -> None:
 def hop(kvm: Kvm, source: Machine, config: VmConfig) -> Machine:
     """Pause, save CPU and device state, copy RAM, restore into a fresh VM, start it there."""
     source.pause()
-    state = x86_state.save_vm_state(source.vm, irqchip=False, pit=False)
+    state = x86_64.save_vm_state(source.vm, irqchip=False, pit=False)
     devices = source.ports.bus.to_wire()
     target = new_machine(kvm, config)
     try:
         target.vm.ram[:] = source.vm.ram
-        x86_state.restore_vm_state(target.vm, state, irqchip=False, pit=False)
+        x86_64.restore_vm_state(target.vm, state, irqchip=False, pit=False)
         target.ports.bus.load_wire(devices)
         start(target)
     except BaseException:
@@ -301,7 +304,7 @@ def test_io_exit_is_completed_before_the_state_is_saved(kvm: Kvm, sector: bytes)
     has re-entered the kernel with KVM_RUN"). Saved like that, the target would execute it again
     (harmless for LSR, a lost byte for RBR; on hardware KVM's fast path the same holds for `out`,
     which would print a byte twice; PVM's emulator retires an `out` before it exits).
-    `complete_pending_io` finishes it without running anything else; a vCPU loop that does so
+    `Vcpu.complete_pending_io` finishes it without running anything else; a vCPU loop that does so
     itself before it parks leaves nothing for it to do."""
     image = bsbuild.configure(sector, BootSectorParams(bytes=4096))
     config = VmConfig(memory_bytes=MEMORY, vcpus=1)

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from helpers import wait_for_status
+
 from migrated.guests import abi
-from migrated.guests.boot import load_workload, pulse_irq
+from migrated.guests.x86_64.boot import load_workload, pulse_irq
 from migrated.guests.workload import SmallOsStatus, WorkloadGuest, WorkloadParams, X86VcpuStatus
-from migrated.kvm import x86_state
+from migrated.kvm.arch import x86_64
 from migrated.kvm.memory import GuestMemory
 from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import ensure_kick_handler
+from migrated.kvm.arch import host_arch
 from migrated.kvm.vm import Vm
 
 MIB = 1 << 20
@@ -43,12 +46,12 @@ def test_abi_header_matches_python() -> None:
 def build_vm(kvm: Kvm, vcpus: int, name: str) -> Vm:
     """The VM the brief prescribes: ring, flat RAM, in-kernel irqchip and PIT, then vCPUs."""
     ensure_kick_handler()
-    vm = Vm(kvm, kvm.caps(), name)
+    vm = Vm(kvm, kvm.caps(), host_arch(), name)
     try:
         vm.enable_dirty_ring(1 << 20)
         vm.add_memory(GuestMemory.flat(MEMORY, name=f"{name}-ram"))
-        x86_state.create_irqchip(vm)
-        x86_state.create_pit2(vm)
+        x86_64.create_irqchip(vm)
+        x86_64.create_pit2(vm)
         for i in range(vcpus):
             vm.create_vcpu(i)
         vm.finish_setup()
@@ -85,20 +88,6 @@ def so(status: list[X86VcpuStatus]) -> list[SmallOsStatus]:
     return out  # type: ignore[return-value]
 
 
-def wait_for(
-    vm: Vm, guest: WorkloadGuest, predicate: Callable[[list[SmallOsStatus]], bool], timeout: float
-) -> list[SmallOsStatus]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = so(guest.status(vm.ram))
-        if predicate(status):
-            return status
-        errors = [v.error for v in vm.vcpus if v.error is not None]
-        assert not errors, errors
-        assert time.monotonic() < deadline, f"timed out; guest status: {status}"
-        time.sleep(0.005)
-
-
 def assert_clean(vm: Vm, guest: WorkloadGuest) -> None:
     status = guest.status(vm.ram)
     for s in status:
@@ -119,10 +108,10 @@ def check_moving(vm: Vm, guest: WorkloadGuest, vcpus: int) -> None:
     # would merge into one (an edge), which says nothing about the guest.
     for n in range(1, 11):
         pulse_irq(vm, 4)
-        wait_for(vm, guest, lambda s, n=n: s[0].irqs >= a[0].irqs + n, 10.0)
-    b = wait_for(
-        vm,
-        guest,
+        wait_for_status(lambda: so(guest.status(vm.ram)), vm.vcpus, lambda s, n=n: s[0].irqs >= a[0].irqs + n, 10.0)
+    b = wait_for_status(
+        lambda: so(guest.status(vm.ram)),
+        vm.vcpus,
         lambda s: (
             all(
                 y.ticks >= x.ticks + 10
@@ -155,7 +144,12 @@ def check_moving(vm: Vm, guest: WorkloadGuest, vcpus: int) -> None:
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_small_os_runs_and_stays_clean(vcpus: int) -> None:
     with booted(vcpus) as (_, vm, guest):
-        status = wait_for(vm, guest, lambda s: all(x.kstate == abi.WLX_K_USER and x.reg_checks > 5 for x in s), 10.0)
+        status = wait_for_status(
+            lambda: so(guest.status(vm.ram)),
+            vm.vcpus,
+            lambda s: all(x.kstate == abi.WLX_K_USER and x.reg_checks > 5 for x in s),
+            10.0,
+        )
         assert all(s.features & abi.WLX_FEAT_KVMCLOCK for s in status)
         check_moving(vm, guest, vcpus)
         vm.pause()
@@ -168,7 +162,7 @@ def migrate_into_new_vm(kvm: Kvm, vm: Vm, vcpus: int, drop: str | None = None) -
     """Pause, save the complete state, copy RAM, restore into a VM built the same way.
     `drop`: leave one piece out ("xsave": zeroed; "lapic": not restored)."""
     vm.pause()
-    state = x86_state.save_vm_state(vm, irqchip=True, pit=True)
+    state = x86_64.save_vm_state(vm, irqchip=True, pit=True)
     if drop == "xsave":
         state = replace(state, vcpus=tuple(replace(v, xsave=bytes(len(v.xsave))) for v in state.vcpus))
     elif drop == "lapic":
@@ -176,7 +170,7 @@ def migrate_into_new_vm(kvm: Kvm, vm: Vm, vcpus: int, drop: str | None = None) -
     target = build_vm(kvm, vcpus, "dst")
     try:
         target.ram[:] = vm.ram
-        x86_state.restore_vm_state(target, state, irqchip=True, pit=True)
+        x86_64.restore_vm_state(target, state, irqchip=True, pit=True)
     except BaseException:
         target.close()
         raise
@@ -187,15 +181,15 @@ def migrate_into_new_vm(kvm: Kvm, vm: Vm, vcpus: int, drop: str | None = None) -
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_small_os_survives_a_full_state_round_trip(vcpus: int) -> None:
     with booted(vcpus) as (kvm, vm, guest):
-        wait_for(vm, guest, lambda s: all(x.reg_checks > 20 for x in s), 10.0)
+        wait_for_status(lambda: so(guest.status(vm.ram)), vm.vcpus, lambda s: all(x.reg_checks > 20 for x in s), 10.0)
         before = so(guest.status(vm.ram))
         with migrate_into_new_vm(kvm, vm, vcpus) as target:
             target.start()
-            after = wait_for(
-                target,
-                guest,
+            after = wait_for_status(
+                lambda: so(guest.status(target.ram)),
+                target.vcpus,
                 lambda s: all(b.reg_checks > a.reg_checks + 20 and b.ticks > a.ticks + 5 for a, b in zip(before, s)),
-                3.0,
+                10.0,
             )
             assert all(b.clock_ns >= a.clock_ns for a, b in zip(before, after))
             check_moving(target, guest, vcpus)
@@ -211,17 +205,17 @@ def test_small_os_survives_a_full_state_round_trip(vcpus: int) -> None:
 def test_small_os_catches_a_restore_that_leaves_state_out(drop: str) -> None:
     vcpus = 2
     with booted(vcpus) as (kvm, vm, guest):
-        wait_for(vm, guest, lambda s: all(x.reg_checks > 20 for x in s), 10.0)
+        wait_for_status(lambda: so(guest.status(vm.ram)), vm.vcpus, lambda s: all(x.reg_checks > 20 for x in s), 10.0)
         before = so(guest.status(vm.ram))
         assert all(x.reg_mismatches == 0 for x in before)
         with migrate_into_new_vm(kvm, vm, vcpus, drop=drop) as target:
             target.start()
             # The CPL3 checks go on either way (heartbeat-driven): wait for 50 more of each.
-            after = wait_for(
-                target,
-                guest,
+            after = wait_for_status(
+                lambda: so(guest.status(target.ram)),
+                target.vcpus,
                 lambda s: all(b.reg_checks > a.reg_checks + 50 for a, b in zip(before, s)),
-                3.0,
+                10.0,
             )
             if drop == "xsave":
                 # Every vCPU's first check after the restore finds its registers gone.
@@ -230,8 +224,11 @@ def test_small_os_catches_a_restore_that_leaves_state_out(drop: str) -> None:
             else:
                 # No LAPIC state: timers, ticks and IPIs stop (and the guest can tell). The witness
                 # that the guest had time to take ticks: its CPL3 checks went on meanwhile.
-                later = wait_for(
-                    target, guest, lambda s: all(y.reg_checks > x.reg_checks + 200 for x, y in zip(after, s)), 10.0
+                later = wait_for_status(
+                    lambda: so(guest.status(target.ram)),
+                    target.vcpus,
+                    lambda s: all(y.reg_checks > x.reg_checks + 200 for x, y in zip(after, s)),
+                    10.0,
                 )
                 assert [x.ticks for x in later] == [x.ticks for x in after], (after, later)
                 assert later[1].ipis == after[1].ipis

@@ -13,7 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from migrated.guests import abi, build, layout, longmode, pages, workload
+from migrated.guests import abi, build, layout, pages, workload
+from migrated.guests.x86_64 import longmode
 from migrated.guests.layout import plan_layout
 from migrated.guests.pages import render_pages, verify_pages
 from migrated.guests.workload import WorkloadGuest, WorkloadParams, install
@@ -30,7 +31,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def built_image(image: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Makes the loader use the image built by this test run, not an in-place one."""
-    monkeypatch.setattr(workload, "image_path", lambda: image)
+    monkeypatch.setattr(workload, "IMAGE", workload.IMAGE.at(image.parent))
     return image
 
 
@@ -51,9 +52,9 @@ def test_missing_gcc_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_missing_image_tells_how_to_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(workload, "image_path", lambda: tmp_path / "workload-x86_64.bin")
+    missing = workload.IMAGE.at(tmp_path)
     with pytest.raises(workload.GuestImageMissingError, match="make build"):
-        workload.load_image()
+        missing.load()
 
 
 def test_abi_header_and_python_agree() -> None:

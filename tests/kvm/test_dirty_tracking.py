@@ -18,12 +18,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from migrated.guests.boot import load_workload
+from helpers import wait_for
+from migrated.guests.x86_64.boot import load_workload
 from migrated.guests.workload import WorkloadGuest, WorkloadParams
 from migrated.kvm.dirty import RingTracker
 from migrated.kvm.errors import DirtyRingLivelockError
 from migrated.kvm.memory import PAGE_SIZE
 from migrated.kvm.system import Kvm
+from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
@@ -51,19 +53,12 @@ def workload_vm(
     )
     if harvest_interval_s is not None:
         config = dataclasses.replace(config, harvest_interval_s=harvest_interval_s)
-    with Kvm.open() as kvm, Vm.create(kvm, config) as vm:
+    with Kvm.open() as kvm, create_vm(kvm, config) as vm:
         guest = load_workload(vm, params)
         yield vm, guest
         vm.pause()
         assert [v.error for v in vm.vcpus] == [None] * vcpus
         assert vm.harvester_error is None
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
-        time.sleep(0.001)
 
 
 def _headers(vm: Vm, guest: WorkloadGuest) -> npt.NDArray[np.uint64]:
@@ -102,7 +97,12 @@ def _run_and_check(vm: Vm, guest: WorkloadGuest, harvests: int, until_ring_full:
     vm.start()
     if until_ring_full:
         # The precondition, forced rather than hoped for: nothing harvests until a ring fills.
-        wait_until(lambda: vm.tracker is not None and vm.tracker.stats.ring_full_exits > 0, 30.0, "a ring-full exit")
+        wait_for(
+            lambda: vm.tracker is not None and vm.tracker.stats.ring_full_exits > 0,
+            30.0,
+            "a ring-full exit",
+            interval=0.001,
+        )
     snapshot = _headers(vm, guest)
     previous = np.empty(0, np.uint64)
     written_total = 0

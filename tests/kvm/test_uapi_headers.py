@@ -1,10 +1,10 @@
-"""Every number in migrated/kvm/uapi.py, checked against what the C compiler makes of the headers.
+"""Every number in migrated/kvm/uapi.py and migrated/kvm/arch/aarch64/uapi.py, checked against what the C compiler makes of the headers.
 
 A generated C program prints each constant, struct size, field offset and field size; it is built
 against the host's <linux/kvm.h> (Debian 12: Linux 6.1) and against newer headers from
-`.ci/fetch-headers`. The arm64 names (`uapi.ARM64_ONLY`, `uapi.ARM64_STRUCTS`) are checked against
+`.ci/fetch-headers`. The arm64 names (`arm_uapi.ARM64_ONLY`, `arm_uapi.ARM64_STRUCTS`) are checked against
 the aarch64 <asm/kvm.h> of the newer headers instead, together with the generic names the arm64
-code uses (`uapi.ARM64_SHARED`): the host gcc builds that program with the aarch64 include
+code uses (`arm_uapi.ARM64_SHARED`): the host gcc builds that program with the aarch64 include
 directory ahead of its own, and fixed-width types give the same layout on both.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from migrated.kvm import uapi
+from migrated.kvm.arch.aarch64 import uapi as arm_uapi
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_KVM_H = "/usr/include/linux/kvm.h"
@@ -38,11 +39,18 @@ class Probe:
     macro: str | None = None  # reported absent, not a compile error, when this is undefined
 
 
+def all_constants() -> dict[str, int]:
+    """Every constant of the common table and the arm64 one, which define no name twice."""
+    common, arm64 = uapi.constants(), arm_uapi.constants()
+    assert common.keys().isdisjoint(arm64.keys()), sorted(common.keys() & arm64.keys())
+    return {**common, **arm64}
+
+
 def constant_probes(exclude: frozenset[str] = frozenset(), only: frozenset[str] | None = None) -> list[Probe]:
     # Every constant, ioctl numbers included, is a macro in the headers, so #ifdef finds them all.
     return [
         Probe(name, name, value, macro=name)
-        for name, value in sorted(uapi.constants().items())
+        for name, value in sorted(all_constants().items())
         if name not in exclude and (only is None or name in only)
     ]
 
@@ -162,21 +170,21 @@ def newer_headers() -> Path:
 
 
 def test_host_headers_match(tmp_path: Path) -> None:
-    probes = constant_probes(exclude=uapi.NEWER_THAN_HOST_HEADERS | uapi.ARM64_ONLY) + struct_probes()
+    probes = constant_probes(exclude=uapi.NEWER_THAN_HOST_HEADERS | arm_uapi.ARM64_ONLY) + struct_probes()
     check(probes, tmp_path, [], HOST_KVM_H)
 
 
 def test_newer_headers_match(tmp_path: Path, newer_headers: Path) -> None:
     include = newer_headers / "usr" / "include"
-    probes = constant_probes(exclude=uapi.ARM64_ONLY) + struct_probes()
+    probes = constant_probes(exclude=arm_uapi.ARM64_ONLY) + struct_probes()
     check(probes, tmp_path, [include, include / MULTIARCH], str(include / "linux" / "kvm.h"))
 
 
 def arm64_probes() -> list[Probe]:
-    shared_structs = {name: cls for name, cls in uapi.STRUCTS.items() if name in uapi.ARM64_SHARED}
+    shared_structs = {name: cls for name, cls in uapi.STRUCTS.items() if name in arm_uapi.ARM64_SHARED}
     return (
-        constant_probes(only=uapi.ARM64_ONLY | uapi.ARM64_SHARED)
-        + struct_probes(uapi.ARM64_STRUCTS, uapi.ARM64_UNCHECKED_FIELDS)
+        constant_probes(only=arm_uapi.ARM64_ONLY | arm_uapi.ARM64_SHARED)
+        + struct_probes(arm_uapi.ARM64_STRUCTS, arm_uapi.ARM64_UNCHECKED_FIELDS)
         + struct_probes(shared_structs)
         + core_register_probes()
     )
@@ -184,7 +192,7 @@ def arm64_probes() -> list[Probe]:
 
 def core_register_probes() -> list[Probe]:
     """Core register ids as asm/kvm.h builds them (KVM_REG_ARM_CORE_REG) against ours."""
-    from migrated.kvm import aarch64
+    from migrated.kvm.arch import aarch64
 
     probes = []
     for name, ours in sorted(aarch64.CORE_REGS.items()):
@@ -204,14 +212,15 @@ def test_aarch64_headers_match(tmp_path: Path, newer_headers: Path) -> None:
 
 def test_arm64_names_are_defined_and_disjoint() -> None:
     names = uapi.constants().keys() | uapi.STRUCTS.keys()
-    assert sorted(uapi.ARM64_SHARED - names) == []
-    assert sorted(uapi.ARM64_ONLY - uapi.constants().keys()) == []
+    assert sorted(arm_uapi.ARM64_SHARED - names) == []
+    assert sorted(arm_uapi.ARM64_ONLY - arm_uapi.constants().keys()) == []
+    assert arm_uapi.ARM64_ONLY.isdisjoint(uapi.constants().keys())
     # ARM64_ONLY is left out of the x86 checks: no name may be both arm64-only and checked there.
-    assert uapi.ARM64_ONLY.isdisjoint(uapi.ARM64_SHARED)
-    assert uapi.ARM64_ONLY.isdisjoint(uapi.NEWER_THAN_HOST_HEADERS)
+    assert arm_uapi.ARM64_ONLY.isdisjoint(arm_uapi.ARM64_SHARED)
+    assert arm_uapi.ARM64_ONLY.isdisjoint(uapi.NEWER_THAN_HOST_HEADERS)
     # Two structs share their C name with x86's and differ in layout; every other arm64 struct
     # must stay out of STRUCTS, which the x86 headers check.
-    assert uapi.ARM64_STRUCTS.keys() & uapi.STRUCTS.keys() == {"kvm_regs", "kvm_vcpu_events"}
+    assert arm_uapi.ARM64_STRUCTS.keys() & uapi.STRUCTS.keys() == {"kvm_regs", "kvm_vcpu_events"}
 
 
 def test_newer_than_host_headers_are_absent_from_host(tmp_path: Path) -> None:

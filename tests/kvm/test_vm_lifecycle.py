@@ -19,6 +19,7 @@ from migrated.kvm.errors import (
 )
 from migrated.kvm.memory import GuestMemory
 from migrated.kvm.system import Kvm
+from migrated.kvm.arch import create_vm, host_arch
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
@@ -45,7 +46,7 @@ def vm_ioctls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_ring_after_vcpu_is_refused_before_the_kernel_sees_it(kvm: Kvm, vm_ioctls: list[int]) -> None:
-    vm = Vm(kvm, kvm.caps())
+    vm = Vm(kvm, kvm.caps(), host_arch())
     try:
         vm.create_vcpu(0)
         with pytest.raises(DirtyTrackingOrderError, match="R1.*1 vCPU"):
@@ -56,7 +57,7 @@ def test_ring_after_vcpu_is_refused_before_the_kernel_sees_it(kvm: Kvm, vm_ioctl
 
 
 def test_ring_after_memslot_is_refused_before_the_kernel_sees_it(kvm: Kvm, vm_ioctls: list[int]) -> None:
-    vm = Vm(kvm, kvm.caps())
+    vm = Vm(kvm, kvm.caps(), host_arch())
     try:
         vm.add_memory(GuestMemory.flat(2 << 20))
         with pytest.raises(DirtyTrackingOrderError, match="R1.*1 memslot"):
@@ -67,7 +68,7 @@ def test_ring_after_memslot_is_refused_before_the_kernel_sees_it(kvm: Kvm, vm_io
 
 
 def test_with_bitmap_after_memslot_is_refused_before_the_kernel_sees_it(kvm: Kvm, vm_ioctls: list[int]) -> None:
-    vm = Vm(kvm, kvm.caps())
+    vm = Vm(kvm, kvm.caps(), host_arch())
     try:
         vm.enable_dirty_ring(1 << 16)
         assert vm_ioctls.count(uapi.KVM_ENABLE_CAP) == 1
@@ -80,7 +81,7 @@ def test_with_bitmap_after_memslot_is_refused_before_the_kernel_sees_it(kvm: Kvm
 
 
 def test_with_bitmap_before_ring_is_refused(kvm: Kvm, vm_ioctls: list[int]) -> None:
-    vm = Vm(kvm, kvm.caps())
+    vm = Vm(kvm, kvm.caps(), host_arch())
     try:
         with pytest.raises(DirtyTrackingOrderError, match="R2.*after the dirty ring"):
             vm.enable_ring_with_bitmap()
@@ -90,7 +91,7 @@ def test_with_bitmap_before_ring_is_refused(kvm: Kvm, vm_ioctls: list[int]) -> N
 
 
 def test_manual_protect_is_never_combined_with_the_ring(kvm: Kvm, vm_ioctls: list[int]) -> None:
-    vm = Vm(kvm, kvm.caps())
+    vm = Vm(kvm, kvm.caps(), host_arch())
     try:
         vm.enable_dirty_ring(1 << 16)
         with pytest.raises(DirtyTrackingOrderError, match="R4b"):
@@ -118,7 +119,7 @@ def test_kernel_itself_refuses_the_ring_after_a_vcpu(kvm: Kvm) -> None:
 
 
 def test_create_orders_steps_ring_memslot_vcpu(kvm: Kvm, vm_ioctls: list[int]) -> None:
-    with Vm.create(kvm, VmConfig(memory_bytes=4 << 20, vcpus=2)) as vm:
+    with create_vm(kvm, VmConfig(memory_bytes=4 << 20, vcpus=2)) as vm:
         assert vm.dirty_tracking == "ring"
     enable = vm_ioctls.index(uapi.KVM_ENABLE_CAP)
     memslot = vm_ioctls.index(uapi.KVM_SET_USER_MEMORY_REGION)
@@ -137,18 +138,18 @@ def test_create_orders_steps_ring_memslot_vcpu(kvm: Kvm, vm_ioctls: list[int]) -
 )
 def test_bad_ring_size_names_what_is_allowed(kvm: Kvm, ring_bytes: int, message: str) -> None:
     with pytest.raises(VmConfigError, match=message):
-        Vm.create(kvm, VmConfig(memory_bytes=4 << 20, dirty_tracking="ring", ring_bytes=ring_bytes))
+        create_vm(kvm, VmConfig(memory_bytes=4 << 20, dirty_tracking="ring", ring_bytes=ring_bytes))
 
 
 def test_too_many_vcpus_names_the_limit(kvm: Kvm) -> None:
     limit = kvm.caps().max_vcpus
     with pytest.raises(VmConfigError, match=f"{limit + 1} vCPUs requested: this host allows 1 to {limit}"):
-        Vm.create(kvm, VmConfig(memory_bytes=4 << 20, vcpus=limit + 1))
+        create_vm(kvm, VmConfig(memory_bytes=4 << 20, vcpus=limit + 1))
 
 
 def test_unknown_tracking_mode_names_the_choices(kvm: Kvm) -> None:
     with pytest.raises(VmConfigError, match="allowed are auto, ring, bitmap"):
-        Vm.create(kvm, VmConfig(memory_bytes=4 << 20, dirty_tracking="rings"))  # type: ignore[arg-type]
+        create_vm(kvm, VmConfig(memory_bytes=4 << 20, dirty_tracking="rings"))  # type: ignore[arg-type]
 
 
 def test_missing_device_is_a_clear_error(tmp_path: Any) -> None:
@@ -195,11 +196,11 @@ def _rss_kib() -> int:
 @pytest.mark.parametrize("mode", ["ring", "bitmap"])
 def test_200_vms_leave_fds_and_rss_where_they_started(kvm: Kvm, mode: str) -> None:
     config = VmConfig(memory_bytes=16 << 20, vcpus=2, dirty_tracking=mode)  # type: ignore[arg-type]
-    with Vm.create(kvm, config) as warmup:
+    with create_vm(kvm, config) as warmup:
         warmup.ram[::4096] = 1
     fds, rss = _fds(), _rss_kib()
     for _ in range(200):
-        with Vm.create(kvm, config) as vm:
+        with create_vm(kvm, config) as vm:
             vm.ram[::4096] = 1  # touch every page: RAM that was not freed would show in RSS
             vm.start(running=False)
     assert _fds() == fds

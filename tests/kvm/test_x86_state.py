@@ -3,7 +3,7 @@
 The round trips copy RAM and state from one VM into a second one built the same way, then show
 the guest carries on from where it was (heartbeats and pages written keep rising, no verification
 errors, the working set checks out) and that the clocks did not go back. The wire tests check
-that `VmState.from_wire` refuses every malformed input with a message naming the field.
+that `X86MachineState.from_wire` refuses every malformed input with a message naming the field.
 """
 
 from __future__ import annotations
@@ -16,24 +16,22 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
-from migrated.guests.boot import load_workload
+from migrated.guests.x86_64.boot import load_workload
 from migrated.guests.workload import VcpuStatus, WorkloadGuest, WorkloadParams
 from migrated.kvm import uapi
 from migrated.kvm._libc import ioctl
 from migrated.kvm.memory import GuestMemory
 from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import ensure_kick_handler
+from migrated.kvm.arch import create_vm, host_arch
 from migrated.kvm.vm import DEFAULT_RING_BYTES, Vm, VmConfig
-from migrated.kvm.x86_state import (
+from migrated.kvm.saved_state import STATE_VERSION, IncompatibleStateError, StateError, StateFormatError
+from migrated.kvm.arch.x86_64 import (
     MAX_CPUID_ENTRIES,
     MAX_MSRS,
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
-    STATE_VERSION,
-    IncompatibleStateError,
-    StateError,
-    StateFormatError,
-    VmState,
+    X86MachineState,
     check_compatible,
     create_irqchip,
     create_pit2,
@@ -44,7 +42,6 @@ from migrated.kvm.x86_state import (
     restore_vm_state,
     save_vcpu_state,
     save_vm_state,
-    set_mp_state,
     set_msrs,
 )
 
@@ -64,10 +61,10 @@ def kvm() -> Iterator[Kvm]:
 def build_vm(kvm: Kvm, vcpus: int, devices: bool) -> Vm:
     """A VM like `Vm.create` makes; with `devices`, an in-kernel irqchip and PIT before vCPUs."""
     if not devices:
-        return Vm.create(kvm, VmConfig(memory_bytes=MEMORY, vcpus=vcpus))
+        return create_vm(kvm, VmConfig(memory_bytes=MEMORY, vcpus=vcpus))
     caps = kvm.caps()
     ensure_kick_handler()
-    vm = Vm(kvm, caps)
+    vm = Vm(kvm, caps, host_arch())
     try:
         if caps.dirty_ring_max_bytes:
             vm.enable_dirty_ring(min(DEFAULT_RING_BYTES, caps.dirty_ring_max_bytes))
@@ -88,7 +85,7 @@ def start_workload(vm: Vm, vcpus: int, devices: bool) -> WorkloadGuest:
     if devices:
         # With the in-kernel irqchip the APs wait for INIT/SIPI; this guest starts them directly.
         for vcpu in vm.vcpus[1:]:
-            set_mp_state(vcpu, uapi.KVM_MP_STATE_RUNNABLE)
+            vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
     vm.start()
     return guest
 
@@ -162,7 +159,7 @@ def migrate_in_process(vcpus: int, devices: bool, kvm: Kvm) -> None:
         assert report_verify.ok, report_verify
 
 
-def assert_same_state(saved: VmState, again: VmState) -> None:
+def assert_same_state(saved: X86MachineState, again: X86MachineState) -> None:
     assert (again.cpu_vendor, again.cpu_signature) == (saved.cpu_vendor, saved.cpu_signature)
     for a, b in zip(saved.vcpus, again.vcpus):
         where = f"vCPU {a.index}"
@@ -236,7 +233,7 @@ def test_devices_are_detected_and_flags_checked(kvm: Kvm) -> None:
 
 
 def test_irqchip_after_a_vcpu_is_refused_before_the_kernel_sees_it(kvm: Kvm) -> None:
-    with Vm(kvm, kvm.caps()) as vm:
+    with Vm(kvm, kvm.caps(), host_arch()) as vm:
         vm.create_vcpu(0)
         with pytest.raises(StateError, match="KVM_CREATE_IRQCHIP must come before any vCPU"):
             create_irqchip(vm)
@@ -291,7 +288,7 @@ def test_msr_failures_name_the_first_refused_msr(kvm: Kvm) -> None:
             set_msrs(vcpu, [(0x12345678, 1)])
 
 
-def test_clock_is_frozen_by_default_and_advanced_by_realtime_on_request(kvm: Kvm, saved_state: VmState) -> None:
+def test_clock_is_frozen_by_default_and_advanced_by_realtime_on_request(kvm: Kvm, saved_state: X86MachineState) -> None:
     """KVM_SET_CLOCK gets KVM_CLOCK_REALTIME only when asked for and the saved clock has it."""
     clock = saved_state.clock_struct()
     clock.flags |= uapi.KVM_CLOCK_REALTIME | uapi.KVM_CLOCK_HOST_TSC
@@ -325,7 +322,7 @@ def test_msr_restore_order_puts_tsc_first_and_deadline_last() -> None:
 
 
 @pytest.fixture(scope="module")
-def saved_state() -> VmState:
+def saved_state() -> X86MachineState:
     """A real state of a 2-vCPU VM with irqchip and PIT that ran the workload briefly."""
     with Kvm.open() as kvm, build_vm(kvm, 2, devices=True) as vm:
         start_workload(vm, 2, devices=True)
@@ -334,11 +331,11 @@ def saved_state() -> VmState:
         return save_vm_state(vm, irqchip=True, pit=True)
 
 
-def test_same_host_is_compatible(kvm: Kvm, saved_state: VmState) -> None:
+def test_same_host_is_compatible(kvm: Kvm, saved_state: X86MachineState) -> None:
     check_compatible(saved_state, kvm)
 
 
-def test_another_cpu_model_is_refused(kvm: Kvm, saved_state: VmState) -> None:
+def test_another_cpu_model_is_refused(kvm: Kvm, saved_state: X86MachineState) -> None:
     other_vendor = b"GenuineIntel" if saved_state.cpu_vendor != b"GenuineIntel" else b"AuthenticAMD"
     with pytest.raises(IncompatibleStateError, match=f"saved on {other_vendor.decode()}.*same CPU"):
         check_compatible(dataclasses.replace(saved_state, cpu_vendor=other_vendor), kvm)
@@ -350,7 +347,7 @@ def test_another_cpu_model_is_refused(kvm: Kvm, saved_state: VmState) -> None:
     check_compatible(dataclasses.replace(saved_state, cpu_signature=other_stepping), kvm)
 
 
-def test_unknown_msr_is_refused(kvm: Kvm, saved_state: VmState) -> None:
+def test_unknown_msr_is_refused(kvm: Kvm, saved_state: X86MachineState) -> None:
     vcpu = saved_state.vcpus[0]
     odd = dataclasses.replace(vcpu, msrs=(*vcpu.msrs, (0x12345678, 0)))
     state = dataclasses.replace(saved_state, vcpus=(odd, *saved_state.vcpus[1:]))
@@ -361,17 +358,17 @@ def test_unknown_msr_is_refused(kvm: Kvm, saved_state: VmState) -> None:
 # ---- wire format ---------------------------------------------------------------------------
 
 
-def wire(state: VmState) -> dict[str, Any]:
+def wire(state: X86MachineState) -> dict[str, Any]:
     """The state as a peer would receive it: through msgpack."""
     packed = msgpack.packb(state.to_wire(), use_bin_type=True)
     result: dict[str, Any] = msgpack.unpackb(packed, raw=False)
     return result
 
 
-def test_wire_round_trip_through_msgpack(saved_state: VmState) -> None:
+def test_wire_round_trip_through_msgpack(saved_state: X86MachineState) -> None:
     d = wire(saved_state)
     assert d["version"] == STATE_VERSION
-    assert VmState.from_wire(d) == saved_state
+    assert X86MachineState.from_wire(d) == saved_state
     v0 = saved_state.vcpus[0]
     assert len(v0.xsave) >= 4096 and len(v0.lapic) == 1024 and len(saved_state.irqchip) == 3
     assert v0.msr(MSR_IA32_TSC)
@@ -479,18 +476,20 @@ BAD_WIRE: list[tuple[str, Mutation, str]] = [
 
 
 @pytest.mark.parametrize(("mutate", "message"), [(m, msg) for _, m, msg in BAD_WIRE], ids=[n for n, _, _ in BAD_WIRE])
-def test_malformed_wire_state_is_refused_naming_the_field(saved_state: VmState, mutate: Mutation, message: str) -> None:
+def test_malformed_wire_state_is_refused_naming_the_field(
+    saved_state: X86MachineState, mutate: Mutation, message: str
+) -> None:
     d = wire(saved_state)
     mutate(d)
     with pytest.raises(StateFormatError, match=message):
-        VmState.from_wire(d)
+        X86MachineState.from_wire(d)
 
 
 def test_wire_top_level_must_be_a_map() -> None:
     with pytest.raises(StateFormatError, match="expected a map, got list"):
-        VmState.from_wire([])
+        X86MachineState.from_wire([])
     with pytest.raises(StateFormatError, match="keys must be strings"):
-        VmState.from_wire({"version": 1, b"vcpus": []})
+        X86MachineState.from_wire({"version": 1, b"vcpus": []})
 
 
 def test_state_format_error_is_a_value_error() -> None:

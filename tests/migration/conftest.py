@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from daemons import DaemonProcess
-
-
-def write_key(path: Path, key: bytes | None = None) -> Path:
-    path.write_bytes(key if key is not None else os.urandom(32))
-    path.chmod(0o600)
-    return path
-
-
-def write_config(path: Path, **migration: object) -> Path:
-    """A daemon config: short peer timeouts (tests cut links) and the given [migration] keys."""
-    lines = ["[peer]", "connect_timeout_s = 3", "[migration]"]
-    lines += [f"{key} = {value!r}".replace("'", '"') for key, value in migration.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-MakeDaemon = Callable[..., DaemonProcess]
+from daemons import DaemonProcess, MakeDaemon, write_config
+from helpers import write_key
 
 
 @pytest.fixture

@@ -8,9 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from helpers import wait_for as wait_for
 
 from migrated.control import RequestError, request
 
@@ -120,12 +123,18 @@ def wait_migration(
         time.sleep(0.05)
 
 
-def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def heartbeat(daemon: DaemonProcess, name: str) -> int:
+    """The workload guest's heartbeat generation on `daemon` (rises while the guest runs)."""
+    return int(daemon.call("vm.show", name=name)["guest"]["heartbeat_generation"])
+
+
+def write_config(path: Path, **migration: object) -> Path:
+    """A daemon config: short peer timeouts (tests cut links) and the given [migration] keys."""
+    lines = ["[peer]", "connect_timeout_s = 3", "[migration]"]
+    lines += [f"{key} = {value!r}".replace("'", '"') for key, value in migration.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+MakeDaemon = Callable[..., DaemonProcess]
+"""The `make_daemon` fixture (conftest.py): make_daemon(name, key=..., faults=..., **migration)."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from daemons import REPO, DaemonProcess, free_port, wait_for
+from daemons import DaemonProcess, REPO, free_port, heartbeat, wait_for
 from migrated.control import MAX_REQUEST_BYTES, RequestError, request
 
 pytestmark = pytest.mark.kvm
@@ -45,10 +45,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
         yield process
     finally:
         process.stop()
-
-
-def heartbeat(daemon: DaemonProcess, name: str) -> int:
-    return int(daemon.call("vm.show", name=name)["guest"]["heartbeat_generation"])
 
 
 def assert_keeps_serving(daemon: DaemonProcess) -> None:

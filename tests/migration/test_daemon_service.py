@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MakeDaemon, write_config, write_key
+from daemons import MakeDaemon, write_config
+from helpers import write_key
 from daemons import REPO, DaemonProcess, wait_for
 from test_migration import assert_runs_here
 

@@ -27,7 +27,8 @@ import msgpack  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 
-from daemons import DaemonProcess, wait_for, wait_migration
+from daemons import DaemonProcess, heartbeat, wait_for, wait_migration
+from helpers import write_key
 from migrated.hosted import VmSpec
 from migrated.kvm.system import Kvm
 from migrated.migration import vmstate
@@ -64,12 +65,6 @@ B_TIMEOUT_S = 2
 # ---- the target daemon and its bystander --------------------------------------------------
 
 
-def write_key(path: Path, key: bytes) -> Path:
-    path.write_bytes(key)
-    path.chmod(0o600)
-    return path
-
-
 @dataclass
 class TargetHost:
     daemon: DaemonProcess
@@ -96,10 +91,6 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TargetHost]:
         yield TargetHost(daemon, key, cpu)
     finally:
         daemon.stop()
-
-
-def heartbeat(daemon: DaemonProcess, name: str) -> int:
-    return int(daemon.call("vm.show", name=name)["guest"]["heartbeat_generation"])
 
 
 def vm_names(daemon: DaemonProcess) -> list[str]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MakeDaemon
-from daemons import wait_for, wait_migration
+from daemons import MakeDaemon, wait_migration
+from helpers import wait_for
 from migrated.guests.workload import plan_layout, verify_pages
 from test_migration import assert_runs_here, create, heartbeat
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import MakeDaemon
+from daemons import MakeDaemon
 from daemons import wait_for, wait_migration
 from test_migration import assert_runs_here, create
 

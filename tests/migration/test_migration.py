@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from conftest import MakeDaemon
-from daemons import DaemonProcess, wait_for, wait_migration
+from daemons import MakeDaemon
+from daemons import DaemonProcess, heartbeat, wait_for, wait_migration
 
 pytestmark = pytest.mark.kvm
 
@@ -45,10 +45,6 @@ def guest_write_rate_mib_s(daemon: DaemonProcess, name: str, window_s: float = 1
     time.sleep(window_s)  # a measuring window, not a wait for something to happen
     last, ended = daemon.call("vm.show", name=name)["guest"]["pages_written"], time.monotonic()
     return (last - first) * 4096 / (1 << 20) / (ended - started)
-
-
-def heartbeat(daemon: DaemonProcess, name: str) -> int:
-    return int(daemon.call("vm.show", name=name)["guest"]["heartbeat_generation"])
 
 
 def assert_runs_here(daemon: DaemonProcess, name: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MakeDaemon
+from daemons import MakeDaemon
 from daemons import REPO, DaemonProcess, wait_for, wait_migration
 from migrated.guests.bootsector import BootSectorParams, check_region
 from migrated.guests.bootsector.build import build_boot_sector, write_image

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MakeDaemon
+from daemons import MakeDaemon
 from daemons import DaemonProcess, wait_for, wait_migration
 from test_migration import assert_absent
 

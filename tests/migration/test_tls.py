@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemons import DaemonProcess, wait_migration
-from conftest import write_key
+from helpers import write_key
 from test_migration import assert_absent, assert_runs_here, create
 
 pytestmark = pytest.mark.kvm

@@ -3,6 +3,8 @@ peer bytes. What the table forbids is refused with a message naming the event an
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 from tr_helpers import S, T, drive, encoded, feed, sample_events, side
 
@@ -18,6 +20,8 @@ from transport import (
 )
 from transport.events import MESSAGE_EVENTS
 from transport.states import TRANSITIONS, in_flight_after_abort
+
+import transport
 
 REACHABLE = [state for state in State if state is not State.ERROR]
 FORBIDDEN = [
@@ -106,3 +110,16 @@ def test_in_flight_sets_follow_the_table() -> None:
     }
     assert in_flight_after_abort([State.LOADED], T) == set()
     assert Close not in in_flight_after_abort(list(State), S)
+
+
+def test_one_module_owns_the_state() -> None:
+    """Only states.py names the transition table; only connection.py assigns `state`."""
+    package = pathlib.Path(transport.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert len(modules) >= 7
+    for path in modules:
+        text = path.read_text()
+        if path.name != "states.py":
+            assert "TRANSITIONS: " not in text, path.name
+        if path.name != "connection.py":
+            assert "self.state =" not in text, path.name

@@ -44,30 +44,27 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import numpy.typing as npt
 
-from migrated.kvm import aarch64 as arm
+from migrated.kvm.arch import aarch64 as arm
 from migrated.kvm import uapi
-from migrated.kvm._libc import ioctl
-from migrated.kvm.errors import KvmIoctlError
 
-from . import abi
-from .layout import WorkingSetGeometry, WorkloadLayout
-from .longmode import Write
-from .pages import VerifyReport, verify_pages
-from .workload import (
+from .. import abi
+from ..image import AARCH64_WORKLOAD, GuestImage
+from ..layout import WorkingSetGeometry, WorkloadLayout
+from ..guest_ram import Write
+from ..pages import VerifyReport, verify_pages
+from ..workload import (
+    common_params_words,
     MIB,
-    GuestImageMissingError,
     VcpuStatus,
     GuestView,
     WorkloadParams,
     shared_status,
-    rate_pages_per_vcpu,
 )
 
 if TYPE_CHECKING:
     from migrated.kvm.vcpu import Vcpu
     from migrated.kvm.vm import Vm
 
-IMAGE_NAME = "workload-aarch64.bin"
 SOURCE_DIR = Path(__file__).resolve().parent / "aarch64"
 
 # ---- the contract, arm64 part: mirrors aarch64/abi_aarch64.h (tested) ----------------------
@@ -184,7 +181,7 @@ GIB = 1 << 30
 KIB64 = 0x10000
 HUGE_PAGE = 2 * MIB
 
-# The fixed guest-physical map of the vGIC and RAM, where migrated/kvm/aarch64.py puts them.
+# The fixed guest-physical map of the vGIC and RAM, where migrated/kvm/arch/aarch64/devices.py puts them.
 RAM_BASE = arm.RAM_BASE
 GICD_BASE = arm.GICD_BASE
 GICR_BASE = arm.GICR_BASE
@@ -353,19 +350,7 @@ def plan_layout_aarch64(memory_bytes: int, vcpus: int, working_set_bytes: int, r
 # ---- the image and the parameter page ---------------------------------------------------------
 
 
-def image_path() -> Path:
-    return Path(__file__).resolve().parent / IMAGE_NAME
-
-
-def load_image() -> bytes:
-    path = image_path()
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise GuestImageMissingError(
-            f"arm64 workload guest image {path} is missing: run `python -m migrated.guests.build` "
-            "(needs aarch64-linux-gnu-gcc) to compile it from migrated/guests/aarch64/"
-        ) from None
+IMAGE: GuestImage = AARCH64_WORKLOAD  # a test points it at the image it built
 
 
 @dataclass(frozen=True)
@@ -397,19 +382,7 @@ def lpi_rate_word(per_s: float) -> int:
 
 def params_page(layout: Arm64Layout, params: WorkloadParams, its: ItsSettings, counter_hz: int = 0) -> bytes:
     """The parameter page. `counter_hz` 0 lets the guest read CNTFRQ_EL0 itself."""
-    words = np.zeros(abi.WL_PAGE_WORDS, np.uint64)
-    words[abi.WL_P_MAGIC] = abi.WL_PARAMS_MAGIC
-    words[abi.WL_P_VERSION] = abi.WL_VERSION
-    words[abi.WL_P_NVCPUS] = layout.vcpus
-    words[abi.WL_P_WS_BASE] = layout.ws_base
-    words[abi.WL_P_WS_PAGES] = layout.ws_pages
-    words[abi.WL_P_TSC_HZ] = counter_hz
-    words[abi.WL_P_STATUS_BASE] = layout.status
-    words[abi.WL_P_GEN_BASE] = layout.gen
-    words[abi.WL_P_SEED] = params.seed
-    words[abi.WL_P_MODE] = abi.WL_MODE_PASSES if params.mode == "passes" else abi.WL_MODE_CONTINUOUS
-    words[abi.WL_P_RATE] = rate_pages_per_vcpu(params.dirty_rate_mib_s, layout.vcpus)
-    words[abi.WL_P_PASS_REQ] = 0
+    words = common_params_words(layout, params, counter_hz)
     words[WLA_P_VERSION] = WLA_VERSION
     words[WLA_P_FEATURES] = WLA_F_ITS if its.enabled else 0
     words[WLA_P_STACK_BASE] = layout.stacks
@@ -457,7 +430,7 @@ def install(
         raise ValueError(f"params for a {params.working_set_bytes}-byte working set, layout for {layout.ws_bytes}")
     if counter_hz < 0:
         raise ValueError(f"counter frequency {counter_hz} Hz: must be >= 0 (0: CNTFRQ_EL0)")
-    image = load_image()
+    image = IMAGE.load()
     if len(image) > layout.code_max:
         raise ValueError(f"workload image is {len(image)} bytes; its region holds {layout.code_max}")
     write(layout.code, image)
@@ -470,7 +443,7 @@ def install(
 
 def load_workload_aarch64(vm: Vm, params: WorkloadParams, its: ItsSettings = ItsSettings()) -> Arm64WorkloadGuest:
     """Install the guest into `vm` (fresh, zeroed RAM at RAM_BASE; vCPUs created and initialised
-    by migrated/kvm/aarch64.py, not started) and point every vCPU at it through ONE_REG."""
+    by migrated/kvm/arch/aarch64/, not started) and point every vCPU at it through ONE_REG."""
     assert vm.memory is not None
     if params.vcpus != len(vm.vcpus):
         raise ValueError(f"workload for {params.vcpus} vCPUs on a VM with {len(vm.vcpus)}")
@@ -502,11 +475,7 @@ def start_vcpu_at(vcpu: Vcpu, entry: VcpuEntry) -> None:
     arm.set_reg(vcpu, "X0", entry.x0)
     arm.set_reg(vcpu, "X1", entry.x1)
     arm.set_reg(vcpu, "PSTATE", entry.pstate)
-    state = uapi.kvm_mp_state(mp_state=uapi.KVM_MP_STATE_RUNNABLE)
-    try:
-        ioctl(vcpu.fd, uapi.KVM_SET_MP_STATE, state)
-    except OSError as err:
-        raise KvmIoctlError(f"vCPU {vcpu.index}: KVM_SET_MP_STATE(RUNNABLE)", err) from err
+    vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
 
 
 # ---- the view -------------------------------------------------------------------------------

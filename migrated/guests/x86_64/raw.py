@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from migrated.kvm.uapi import kvm_regs, kvm_segment, kvm_sregs
+from migrated.kvm.arch import arch_of
 from migrated.kvm.vm import Vm
 
 from . import longmode
@@ -133,8 +134,8 @@ def load_raw(vm: Vm, image: bytes, load_addr: int = DEFAULT_LOAD_ADDR, entry: st
     """Write `image` at `load_addr` and set vCPU 0 to start it. The VM is fresh (zeroed RAM,
     vCPUs not started). Returns warnings (see `check_raw_image`) for the caller to log."""
     assert vm.memory is not None
-    if vm.caps.arch != "x86_64":
-        raise RawImageError(f"raw images are x86 boot sectors and binaries; this host is {vm.caps.arch}")
+    if not arch_of(vm).boots_raw_images:
+        raise RawImageError(f"raw images are x86 boot sectors and binaries; this host is {vm.arch.name}")
     memory_bytes = vm.memory.size
     warnings = check_raw_image(image, memory_bytes, load_addr, entry, vcpus=len(vm.vcpus))
     vcpu = vm.vcpus[0]

@@ -10,7 +10,6 @@ GDT: 0x00 null, 0x08 kernel code, 0x10 kernel data, 0x18 user data, 0x20 user co
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,7 @@ import numpy.typing as npt
 from migrated.kvm.uapi import kvm_regs, kvm_segment, kvm_sregs
 
 # The VMM's way into guest RAM: `write(gpa, data)` stores and marks the pages dirty (R5).
-Write = Callable[[int, "bytes | npt.NDArray[np.generic]"], None]
+from ..guest_ram import Write
 
 PAGE_SIZE = 4096
 HUGE_PAGE = 2 << 20

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from migrated.kvm import uapi
-from migrated.kvm._libc import ioctl
-from migrated.kvm.errors import KvmIoctlError
 from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import Vcpu
 from migrated.kvm.vm import Vm
 
-from .layout import MAX_MEMORY
-from .workload import WorkloadGuest, WorkloadParams, install, plan_layout
+from ..layout import MAX_MEMORY
+from ..workload import WorkloadGuest, WorkloadParams, install, plan_layout
 
 
 def load_workload(vm: Vm, params: WorkloadParams) -> WorkloadGuest:
@@ -34,9 +32,7 @@ def load_workload(vm: Vm, params: WorkloadParams) -> WorkloadGuest:
             # XCR0 before CR4.OSXSAVE is relied on; the guest cannot `xsetbv` at CPL0 on PVM.
             set_xcr0(vcpu, smallos_xcr0(vm.kvm))
             if vcpu.index:  # with the in-kernel irqchip, APs start UNINITIALIZED
-                _vcpu_ioctl(
-                    vcpu, "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
-                )
+                vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs)
     return WorkloadGuest(layout)
@@ -45,13 +41,6 @@ def load_workload(vm: Vm, params: WorkloadParams) -> WorkloadGuest:
 # ---- the small OS's VMM side (abi_smallos.h) -------------------------------------------
 
 XCR0_X87, XCR0_SSE, XCR0_AVX, XCR0_AVX512 = 0x1, 0x2, 0x4, 0xE0
-
-
-def _vcpu_ioctl(vcpu: Vcpu, step: str, request: int, arg: object) -> None:
-    try:
-        ioctl(vcpu.fd, request, arg)
-    except OSError as err:
-        raise KvmIoctlError(f"vCPU {vcpu.index}: {step}", err) from err
 
 
 def smallos_xcr0(kvm: Kvm) -> int:
@@ -73,15 +62,12 @@ def set_xcr0(vcpu: Vcpu, value: int) -> None:
     xcrs = uapi.kvm_xcrs(nr_xcrs=1)
     xcrs.xcrs[0].xcr = 0
     xcrs.xcrs[0].value = value
-    _vcpu_ioctl(vcpu, f"KVM_SET_XCRS (XCR0 = {value:#x})", uapi.KVM_SET_XCRS, xcrs)
+    vcpu.ioctl(f"KVM_SET_XCRS (XCR0 = {value:#x})", uapi.KVM_SET_XCRS, xcrs)
 
 
 def irq_line(vm: Vm, irq: int, level: int) -> None:
     """KVM_IRQ_LINE: set a GSI of the in-kernel irqchip (PIC and IOAPIC pin `irq`) to `level`."""
-    try:
-        ioctl(vm.fd, uapi.KVM_IRQ_LINE, uapi.kvm_irq_level(irq=irq, level=level))
-    except OSError as err:
-        raise KvmIoctlError(f"KVM_IRQ_LINE (irq {irq}, level {level})", err) from err
+    vm.irq_line(irq, level)
 
 
 def pulse_irq(vm: Vm, irq: int = 4) -> None:

@@ -23,12 +23,11 @@ Threads: every call here needs the vCPUs parked (`Vm.pause()`) or not started. K
 serialize the ioctls with KVM_RUN, but a state read while the guest runs is torn, and a write
 races with it; the functions refuse a vCPU whose thread is RUNNING.
 
-Serialization: `VmState.to_wire()` gives a msgpack-able dict (str keys; bytes, int and list
-values; the raw struct bytes as KVM returned them); `VmState.from_wire()` checks every key, type,
+Serialization: `X86MachineState.to_wire()` gives a msgpack-able dict (str keys; bytes, int and list
+values; the raw struct bytes as KVM returned them); `X86MachineState.from_wire()` checks every key, type,
 size and count before anything is built from it, and raises `StateFormatError` naming the field.
 
-Two classes here share names with others in the package: `VcpuState` (the saved state of one
-vCPU) is not `vcpu.VcpuState` (a vCPU thread's run state, imported here as `VcpuThreadState`).
+The MSR and CPUID accessors are in `cpu.py`, the in-kernel devices in `devices.py`.
 """
 
 from __future__ import annotations
@@ -42,57 +41,41 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import uapi
-from ._libc import ioctl
-from .wire import StateFormatError, WireReader
-from .errors import KvmError, KvmIoctlError
-from .system import Kvm, cpuid_buffer
-from .vcpu import Vcpu
-from .vcpu import VcpuState as VcpuThreadState
-from .vm import Vm
+from ... import uapi
+from ...saved_state import (
+    IncompatibleStateError,
+    RestoreReport,
+    StateError,
+    StateFormatError,
+    StepTimes,
+    WireReader,
+)
+from ...errors import KvmIoctlError
+from ...system import Kvm, cpuid_buffer
+from ...vcpu import Vcpu
+from ...vcpu import VcpuRunState
+from ...vm import Vm
+from .cpu import (
+    MAX_CPUID_ENTRIES,
+    CpuModel,
+    cpu_identity,
+    get_cpuid,
+    get_msrs,
+    msr_name,
+    restore_msr_order,
+    set_msrs,
+    read_tsc_khz,
+    xsave2_size,
+)
+from .devices import check_devices
 
-STATE_VERSION = 1
 
 # Bounds on what a peer may send (DESIGN section 6). KVM's own limits are smaller or equal.
 MAX_VCPUS = 4096  # KVM_MAX_VCPUS on x86 with CONFIG_MAXSMP
 MAX_MSRS = 1024  # KVM_GET_MSR_INDEX_LIST gives 40 here, a few hundred at most elsewhere
-MAX_CPUID_ENTRIES = 256  # KVM_MAX_CPUID_ENTRIES
 MIN_XSAVE_BYTES = ctypes.sizeof(uapi.kvm_xsave)  # 4096: "always at least 4096" (api.rst)
 MAX_XSAVE_BYTES = 64 << 10  # AMX needs ~11 KiB; the largest XSAVE layouts stay far below
 
-MSR_IA32_TSC = 0x10
-MSR_IA32_TSC_DEADLINE = 0x6E0
-
-# Names for messages; any other MSR is shown by number alone.
-MSR_NAMES: dict[int, str] = {
-    0x10: "IA32_TSC",
-    0x1B: "IA32_APIC_BASE",
-    0x3B: "IA32_TSC_ADJUST",
-    0x10A: "IA32_ARCH_CAPABILITIES",
-    0x174: "IA32_SYSENTER_CS",
-    0x175: "IA32_SYSENTER_ESP",
-    0x176: "IA32_SYSENTER_EIP",
-    0x1A0: "IA32_MISC_ENABLE",
-    0x277: "IA32_PAT",
-    0x6E0: "IA32_TSC_DEADLINE",
-    0xC0000080: "EFER",
-    0xC0000081: "STAR",
-    0xC0000082: "LSTAR",
-    0xC0000083: "CSTAR",
-    0xC0000084: "SFMASK",
-    0xC0000100: "FS_BASE",
-    0xC0000101: "GS_BASE",
-    0xC0000102: "KERNEL_GS_BASE",
-    0xC0000103: "TSC_AUX",
-    0x4B564D00: "KVM_WALL_CLOCK_NEW",
-    0x4B564D01: "KVM_SYSTEM_TIME_NEW",
-    0x4B564D02: "KVM_ASYNC_PF_EN",
-    0x4B564D03: "KVM_STEAL_TIME",
-    0x4B564D04: "KVM_PV_EOI_EN",
-    0x4B564D05: "KVM_POLL_CONTROL",
-    0x4B564D06: "KVM_ASYNC_PF_INT",
-    0x4B564D07: "KVM_ASYNC_PF_ACK",
-}
 
 # x86 multiprocessing states KVM_GET_MP_STATE can report (api.rst 4.38).
 X86_MP_STATES = frozenset(
@@ -134,61 +117,10 @@ IRQCHIP_IDS = (uapi.KVM_IRQCHIP_PIC_MASTER, uapi.KVM_IRQCHIP_PIC_SLAVE, uapi.KVM
 _IRQCHIP_NAMES = ("PIC master", "PIC slave", "IOAPIC")
 
 
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-
 # Wire checks shared with the other architecture's state (migrated/kvm/wire.py).
 _W = WireReader("x86 state")
 _error, _mapping, _int_value, _int = _W.error, _W.mapping, _W.int_value, _W.int_field
 _bytes_value, _bytes, _list = _W.bytes_value, _W.bytes_field, _W.list_field
-
-
-class StateError(KvmError):
-    """Saving or restoring state could not be done; the message names the step."""
-
-
-class IncompatibleStateError(StateError):
-    """The state cannot run on this host (another CPU model, an MSR or device it lacks)."""
-
-
-def msr_name(index: int) -> str:
-    name = MSR_NAMES.get(index)
-    return f"MSR {index:#x} ({name})" if name else f"MSR {index:#x}"
-
-
-# --------------------------------------------------------------------------------------------
-# The CPU the state was saved on
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CpuModel:
-    """Vendor and family/model/stepping, from CPUID leaf 0 and leaf 1 EAX."""
-
-    vendor: str
-    family: int
-    model: int
-    stepping: int
-
-    @classmethod
-    def from_cpuid(cls, vendor: bytes, signature: int) -> CpuModel:
-        base_family = signature >> 8 & 0xF
-        base_model = signature >> 4 & 0xF
-        family = base_family + (signature >> 20 & 0xFF) if base_family == 0xF else base_family
-        model = base_model | (signature >> 16 & 0xF) << 4 if base_family in (0x6, 0xF) else base_model
-        return cls(vendor.decode("ascii", "replace"), family, model, signature & 0xF)
-
-    def __str__(self) -> str:
-        return f"{self.vendor} family {self.family:#x} model {self.model:#x} stepping {self.stepping}"
-
-
-def cpu_identity(entries: Sequence[uapi.kvm_cpuid_entry2]) -> tuple[bytes, int]:
-    """(vendor string, leaf 1 EAX signature) from CPUID entries."""
-    leaves = {(e.function, e.index): e for e in entries}
-    leaf0, leaf1 = leaves.get((0, 0)), leaves.get((1, 0))
-    if leaf0 is None or leaf1 is None:
-        raise StateError("the CPUID lacks leaf 0 or leaf 1: cannot tell the CPU vendor and model")
-    return struct.pack("<III", leaf0.ebx, leaf0.edx, leaf0.ecx), int(leaf1.eax)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +131,7 @@ _VM_KEYS = frozenset("version cpu_vendor cpu_signature vcpus irqchip pit2 clock"
 
 
 @dataclass(frozen=True)
-class VcpuState:
+class X86VcpuState:
     """One vCPU's state: raw struct bytes as KVM returned them, and ints."""
 
     index: int
@@ -250,7 +182,7 @@ class VcpuState:
         }
 
     @classmethod
-    def from_wire(cls, d: object, where: str = "vcpu") -> VcpuState:
+    def from_wire(cls, d: object, where: str = "vcpu") -> X86VcpuState:
         m = _mapping(d, where, _VCPU_KEYS)
         cpuid = _list(m, "cpuid", where, MAX_CPUID_ENTRIES)
         if not cpuid:
@@ -306,12 +238,12 @@ class VcpuState:
 
 
 @dataclass(frozen=True)
-class VmState:
+class X86MachineState:
     """The whole machine: every vCPU, the in-kernel devices (if any) and kvmclock."""
 
     cpu_vendor: bytes  # CPUID leaf 0 (EBX, EDX, ECX) of the supported CPUID: "AuthenticAMD"
     cpu_signature: int  # CPUID leaf 1 EAX: family, model, stepping
-    vcpus: tuple[VcpuState, ...]
+    vcpus: tuple[X86VcpuState, ...]
     irqchip: tuple[bytes, ...]  # struct kvm_irqchip for PIC master, PIC slave, IOAPIC; or ()
     pit2: bytes  # struct kvm_pit_state2; b"" without an in-kernel PIT
     clock: bytes  # struct kvm_clock_data
@@ -335,7 +267,7 @@ class VmState:
 
     def to_wire(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION,
+            **_W.header(),
             "cpu_vendor": self.cpu_vendor,
             "cpu_signature": self.cpu_signature,
             "vcpus": [v.to_wire() for v in self.vcpus],
@@ -345,31 +277,13 @@ class VmState:
         }
 
     @classmethod
-    def from_wire(cls, d: object) -> VmState:
-        if not isinstance(d, Mapping):
-            raise StateFormatError(f"x86 state: expected a map, got {type(d).__name__}")
-        # The version first: a newer state may have other keys, and must say so, not "unknown".
-        if "version" not in d:
-            raise StateFormatError("x86 state: missing key 'version'")
-        version = _int_value(d["version"], "version", 0, (1 << 32) - 1)
-        if version > STATE_VERSION:
-            raise StateFormatError(
-                f"x86 state: version {version} is newer than this migrated understands "
-                f"(up to {STATE_VERSION}); upgrade migrated on this host"
-            )
-        if version < 1:
-            raise StateFormatError(f"x86 state: version {version} is invalid (versions start at 1)")
+    def from_wire(cls, d: object) -> X86MachineState:
+        _W.read_header(d)
         m = _mapping(d, "", _VM_KEYS)
         vendor = _bytes(m, "cpu_vendor", "")
         if len(vendor) != 12:
             raise _error("", "cpu_vendor", f"{len(vendor)} bytes, expected 12 (CPUID leaf 0)")
-        vcpu_list = _list(m, "vcpus", "", MAX_VCPUS)
-        if not vcpu_list:
-            raise _error("", "vcpus", "no vCPUs")
-        vcpus = tuple(VcpuState.from_wire(v, f"vcpus[{i}]") for i, v in enumerate(vcpu_list))
-        for i, v in enumerate(vcpus):
-            if v.index != i:
-                raise StateFormatError(f"x86 state: vcpus[{i}].index: {v.index}, expected {i}")
+        vcpus = _W.vcpus(m, MAX_VCPUS, X86VcpuState.from_wire)
         chips = _list(m, "irqchip", "", len(IRQCHIP_IDS))
         if len(chips) not in (0, len(IRQCHIP_IDS)):
             raise _error("", "irqchip", f"{len(chips)} entries: expected 0 or 3 (PIC master, slave, IOAPIC)")
@@ -423,19 +337,6 @@ def _struct_bytes(m: Mapping[str, Any], key: str, where: str) -> bytes:
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-class StepTimes:
-    """Seconds spent per step, summed over vCPUs (`perf_counter`; ~100 ns per step)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @contextmanager
@@ -447,34 +348,12 @@ def _step(times: StepTimes | None, name: str) -> Iterator[None]:
             yield
 
 
-@dataclass(frozen=True)
-class RestoreReport:
-    timings: dict[str, float]  # seconds per step, and "total"
-    clock_advanced: bool  # kvmclock was moved on by the host real time since the save
-    # (vCPU, MSR) pairs KVM refused to write although they already held the saved value.
-    msrs_kept: tuple[tuple[int, int], ...] = ()
-
-
 # --------------------------------------------------------------------------------------------
 # ioctl plumbing
 # --------------------------------------------------------------------------------------------
-def _vcpu_ioctl(vcpu: Vcpu, step: str, request: int, arg: Any = 0) -> int:
-    try:
-        return ioctl(vcpu.fd, request, arg)
-    except OSError as err:
-        raise KvmIoctlError(f"vCPU {vcpu.index}: {step}", err) from err
-
-
-def _vm_ioctl(vm: Vm, step: str, request: int, arg: Any = 0) -> int:
-    try:
-        return ioctl(vm.fd, request, arg)
-    except OSError as err:
-        raise KvmIoctlError(step, err) from err
-
-
 def _get_struct(vcpu: Vcpu, step: str, request: int, cls: type[ctypes.Structure]) -> bytes:
     obj = cls()
-    _vcpu_ioctl(vcpu, step, request, obj)
+    vcpu.ioctl(step, request, obj)
     return bytes(obj)
 
 
@@ -487,171 +366,8 @@ def _buffer(data: bytes, size: int | None = None) -> ctypes.Array[ctypes.c_uint8
 
 def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
     for vcpu in vcpus:
-        if vcpu.state is VcpuThreadState.RUNNING:
+        if vcpu.state is VcpuRunState.RUNNING:
             raise StateError(f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state")
-
-
-def xsave2_size(fd: int) -> int:
-    """KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2): the bytes KVM_GET_XSAVE2 and KVM_SET_XSAVE use, asked
-    of a VM fd as api.rst says (or of /dev/kvm); 0 where KVM has no KVM_GET_XSAVE2."""
-    try:
-        return ioctl(fd, uapi.KVM_CHECK_EXTENSION, uapi.KVM_CAP_XSAVE2)
-    except OSError as err:
-        raise KvmIoctlError("KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)", err) from err
-
-
-def _msr_buffer(
-    entries: Sequence[tuple[int, int]],
-) -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[uapi.kvm_msr_entry]]:
-    header_size = ctypes.sizeof(uapi.kvm_msrs)
-    count = len(entries)
-    buf = (ctypes.c_uint8 * (header_size + ctypes.sizeof(uapi.kvm_msr_entry) * count))()
-    uapi.kvm_msrs.from_buffer(buf).nmsrs = count
-    slots = (uapi.kvm_msr_entry * count).from_buffer(buf, header_size)
-    for slot, (index, value) in zip(slots, entries):
-        slot.index = index
-        slot.data = value
-    return buf, slots
-
-
-def get_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[tuple[int, int]]:
-    """KVM_GET_MSRS: (index, value) of each MSR, in order. Names the first one KVM refused."""
-    buf, slots = _msr_buffer([(index, 0) for index in indices])
-    done = _vcpu_ioctl(vcpu, "KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf)
-    if done != len(indices):
-        raise StateError(
-            f"vCPU {vcpu.index}: KVM_GET_MSRS read {done} of {len(indices)} MSRs: "
-            f"{msr_name(indices[done])} could not be read"
-        )
-    return [(int(s.index), int(s.data)) for s in slots]
-
-
-def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
-    """KVM_SET_MSRS, in the order given; returns the MSRs KVM refused although they already hold
-    the value asked for.
-
-    KVM stops at the first MSR it refuses and returns how many it set. A refused MSR that reads
-    back with exactly the value asked for is already in the wanted state, and the rest is written
-    on: KVM can refuse even a register's reset value (MSR_KVM_ASYNC_PF_INT = 0 without an
-    in-kernel LAPIC, though KVM_GET_MSRS reads it). Any other refusal raises, naming the MSR.
-    """
-    kept: list[int] = []
-    pending = list(entries)
-    total = len(pending)
-    while pending:
-        buf, _ = _msr_buffer(pending)
-        done = _vcpu_ioctl(vcpu, "KVM_SET_MSRS", uapi.KVM_SET_MSRS, buf)
-        if done == len(pending):
-            break
-        index, value = pending[done]
-        current = _read_msr(vcpu, index)
-        if current != value:
-            now = "unreadable" if current is None else f"{current:#x}"
-            raise StateError(
-                f"vCPU {vcpu.index}: KVM_SET_MSRS set {total - len(pending) + done} of {total} "
-                f"MSRs: {msr_name(index)} = {value:#x} was refused (it holds {now})"
-            )
-        kept.append(index)
-        pending = pending[done + 1 :]
-    return kept
-
-
-def _read_msr(vcpu: Vcpu, index: int) -> int | None:
-    buf, slots = _msr_buffer([(index, 0)])
-    if _vcpu_ioctl(vcpu, "KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf) != 1:
-        return None
-    return int(slots[0].data)
-
-
-def restore_msr_order(msrs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """IA32_TSC first, IA32_TSC_DEADLINE last (it is relative to the TSC), the rest as saved."""
-    rank = {MSR_IA32_TSC: 0, MSR_IA32_TSC_DEADLINE: 2}
-    return sorted(msrs, key=lambda pair: rank.get(pair[0], 1))  # sorted() is stable
-
-
-def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
-    """KVM_GET_CPUID2: the vCPU's own CPUID table (what was set, plus KVM's runtime updates)."""
-    buf = cpuid_buffer([uapi.kvm_cpuid_entry2()] * MAX_CPUID_ENTRIES)
-    try:
-        _vcpu_ioctl(vcpu, "KVM_GET_CPUID2", uapi.KVM_GET_CPUID2, buf)
-    except KvmIoctlError as err:
-        if err.errno == errno.E2BIG:
-            raise StateError(f"vCPU {vcpu.index}: its CPUID has more than {MAX_CPUID_ENTRIES} entries") from err
-        raise
-    count = uapi.kvm_cpuid2.from_buffer(buf).nent
-    entries = (uapi.kvm_cpuid_entry2 * count).from_buffer(buf, ctypes.sizeof(uapi.kvm_cpuid2))
-    return [uapi.kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
-
-
-def set_mp_state(vcpu: Vcpu, mp_state: int) -> None:
-    """KVM_SET_MP_STATE. With the in-kernel irqchip every vCPU but 0 starts UNINITIALIZED
-    (waiting for INIT/SIPI); a VMM that starts them directly makes them RUNNABLE (HOST-NOTES)."""
-    _vcpu_ioctl(vcpu, "KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state))
-
-
-def _tsc_khz(vcpu: Vcpu) -> int:
-    try:
-        return ioctl(vcpu.fd, uapi.KVM_GET_TSC_KHZ, 0)
-    except OSError as err:
-        if err.errno == errno.EIO:  # api.rst: "If the host has unstable tsc ... -EIO"
-            return 0
-        raise KvmIoctlError(f"vCPU {vcpu.index}: KVM_GET_TSC_KHZ", err) from err
-
-
-# --------------------------------------------------------------------------------------------
-# In-kernel devices
-# --------------------------------------------------------------------------------------------
-def create_irqchip(vm: Vm) -> None:
-    """KVM_CREATE_IRQCHIP: PIC pair, IOAPIC, and a LAPIC for every vCPU created afterwards.
-
-    Must come before the first vCPU (KVM refuses it after, with EINVAL: the vCPUs created
-    earlier would have no LAPIC); refused here before the kernel sees it. Memslots may exist.
-    With it, vCPUs other than 0 start UNINITIALIZED: see `set_mp_state`.
-    """
-    if vm.vcpus:
-        raise StateError(
-            "KVM_CREATE_IRQCHIP must come before any vCPU is created (each vCPU gets its LAPIC "
-            f"at creation); this VM has {len(vm.vcpus)} vCPU(s)"
-        )
-    _vm_ioctl(vm, "KVM_CREATE_IRQCHIP", uapi.KVM_CREATE_IRQCHIP)
-
-
-def create_pit2(vm: Vm, flags: int = uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
-    """KVM_CREATE_PIT2: the i8254 PIT in the kernel, after `create_irqchip` (api.rst: "only valid
-    after enabling in-kernel irqchip support"). KVM_PIT_SPEAKER_DUMMY (the default) lets the
-    kernel answer port 0x61 too, which this VMM does not emulate."""
-    _vm_ioctl(vm, "KVM_CREATE_PIT2", uapi.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags))
-
-
-def _probe(vm: Vm, step: str, request: int, arg: ctypes.Structure) -> bool:
-    """True when the VM has the device: KVM answers ENXIO to GET_IRQCHIP / GET_PIT2 without it."""
-    try:
-        ioctl(vm.fd, request, arg)
-    except OSError as err:
-        if err.errno == errno.ENXIO:
-            return False
-        raise KvmIoctlError(step, err) from err
-    return True
-
-
-def detect_devices(vm: Vm) -> tuple[bool, bool]:
-    """(has in-kernel irqchip, has in-kernel PIT), asked of KVM."""
-    chip = uapi.kvm_irqchip(chip_id=uapi.KVM_IRQCHIP_PIC_MASTER)
-    irqchip = _probe(vm, "KVM_GET_IRQCHIP", uapi.KVM_GET_IRQCHIP, chip)
-    pit = _probe(vm, "KVM_GET_PIT2", uapi.KVM_GET_PIT2, uapi.kvm_pit_state2())
-    return irqchip, pit
-
-
-def _check_devices(vm: Vm, irqchip: bool, pit: bool, side: str) -> None:
-    has_irqchip, has_pit = detect_devices(vm)
-    for name, said, has in (("irqchip", irqchip, has_irqchip), ("PIT", pit, has_pit)):
-        if said != has:
-            raise StateError(
-                f"{side}: told {name}={said}, but the VM "
-                + ("has an" if has else "has no")
-                + f" in-kernel {name}"
-                + ("" if has else " (create it before the vCPUs: create_irqchip / create_pit2)")
-            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,7 +381,7 @@ def save_vcpu_state(
     xsave2_bytes: int | None = None,
     msr_indices: Sequence[int] | None = None,
     times: StepTimes | None = None,
-) -> VcpuState:
+) -> X86VcpuState:
     """Read one vCPU's state. Its thread must be parked or not started.
 
     `lapic`: the VM has an in-kernel irqchip (KVM_GET_LAPIC fails without one).
@@ -678,12 +394,12 @@ def save_vcpu_state(
     if len(indices) > MAX_MSRS:
         raise StateError(f"{len(indices)} MSRs to save: more than the {MAX_MSRS} a state carries")
     with _step(times, "tsc_khz"):
-        tsc_khz = _tsc_khz(vcpu)
+        tsc_khz = read_tsc_khz(vcpu)
     with _step(times, "cpuid"):
         cpuid = tuple(bytes(e) for e in get_cpuid(vcpu))
     with _step(times, "mp_state"):
         mp = uapi.kvm_mp_state()
-        _vcpu_ioctl(vcpu, "KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
+        vcpu.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
     with _step(times, "regs"):
         regs = _get_struct(vcpu, "KVM_GET_REGS", uapi.KVM_GET_REGS, uapi.kvm_regs)
     with _step(times, "sregs"):
@@ -692,10 +408,10 @@ def save_vcpu_state(
         if xsave2 > 0:
             # KVM_GET_XSAVE2 writes as many bytes as KVM_CAP_XSAVE2 says (never below 4096).
             buf = (ctypes.c_uint8 * max(xsave2, MIN_XSAVE_BYTES))()
-            _vcpu_ioctl(vcpu, "KVM_GET_XSAVE2", uapi.KVM_GET_XSAVE2, buf)
+            vcpu.ioctl("KVM_GET_XSAVE2", uapi.KVM_GET_XSAVE2, buf)
         else:
             buf = (ctypes.c_uint8 * MIN_XSAVE_BYTES)()
-            _vcpu_ioctl(vcpu, "KVM_GET_XSAVE", uapi.KVM_GET_XSAVE, buf)
+            vcpu.ioctl("KVM_GET_XSAVE", uapi.KVM_GET_XSAVE, buf)
         xsave = bytes(buf)
     with _step(times, "xcrs"):
         xcrs = _get_struct(vcpu, "KVM_GET_XCRS", uapi.KVM_GET_XCRS, uapi.kvm_xcrs)
@@ -709,7 +425,7 @@ def save_vcpu_state(
         msrs = tuple(get_msrs(vcpu, indices))
     with _step(times, "events"):
         events = _get_struct(vcpu, "KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, uapi.kvm_vcpu_events)
-    return VcpuState(
+    return X86VcpuState(
         index=vcpu.index,
         tsc_khz=tsc_khz,
         cpuid=cpuid,
@@ -725,7 +441,7 @@ def save_vcpu_state(
     )
 
 
-def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
+def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> X86MachineState:
     """Read the whole machine's state. Every vCPU must be parked (`vm.pause()`) or not started.
 
     `irqchip` / `pit`: whether the VM was built with `create_irqchip` / `create_pit2`. They are
@@ -738,7 +454,7 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
     if not vm.vcpus:
         raise StateError("the VM has no vCPUs to save")
     with times.step("devices"):
-        _check_devices(vm, irqchip, pit, "save_vm_state")
+        check_devices(vm, irqchip, pit, "save_vm_state")
     with times.step("setup"):
         vendor, signature = cpu_identity(vm.kvm.supported_cpuid())
         xsave2 = xsave2_size(vm.fd)
@@ -752,19 +468,19 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
         with times.step("irqchip"):
             for chip_id in IRQCHIP_IDS:
                 chip = uapi.kvm_irqchip(chip_id=chip_id)
-                _vm_ioctl(vm, f"KVM_GET_IRQCHIP({chip_id})", uapi.KVM_GET_IRQCHIP, chip)
+                vm.ioctl(f"KVM_GET_IRQCHIP({chip_id})", uapi.KVM_GET_IRQCHIP, chip)
                 chips.append(bytes(chip))
     pit2 = b""
     if pit:
         with times.step("pit2"):
             pit_state = uapi.kvm_pit_state2()
-            _vm_ioctl(vm, "KVM_GET_PIT2", uapi.KVM_GET_PIT2, pit_state)
+            vm.ioctl("KVM_GET_PIT2", uapi.KVM_GET_PIT2, pit_state)
             pit2 = bytes(pit_state)
     with times.step("clock"):
         clock = uapi.kvm_clock_data()
-        _vm_ioctl(vm, "KVM_GET_CLOCK", uapi.KVM_GET_CLOCK, clock)
+        vm.ioctl("KVM_GET_CLOCK", uapi.KVM_GET_CLOCK, clock)
     times.seconds["total"] = time.perf_counter() - start
-    return VmState(
+    return X86MachineState(
         cpu_vendor=vendor,
         cpu_signature=signature,
         vcpus=vcpus,
@@ -778,7 +494,7 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> VmState:
 # --------------------------------------------------------------------------------------------
 # Compatibility
 # --------------------------------------------------------------------------------------------
-def check_compatible(state: VmState, kvm: Kvm) -> None:
+def check_compatible(state: X86MachineState, kvm: Kvm) -> None:
     """Refuse, with the reason, a state this host cannot run.
 
     The CPU must be the same vendor, family and model (the stepping may differ): the guest keeps
@@ -822,7 +538,7 @@ _EVENTS_SET_FLAGS = uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | uapi.KVM_VCPUEVENT_VA
 
 def restore_vcpu_state(
     vcpu: Vcpu,
-    state: VcpuState,
+    state: X86VcpuState,
     *,
     xsave2_bytes: int = 0,
     times: StepTimes | None = None,
@@ -840,10 +556,10 @@ def restore_vcpu_state(
     _require_parked([vcpu], "restoring")
     if state.tsc_khz:
         with _step(times, "tsc_khz"):
-            here = _tsc_khz(vcpu)
+            here = read_tsc_khz(vcpu)
             if here != state.tsc_khz:
                 try:
-                    _vcpu_ioctl(vcpu, "KVM_SET_TSC_KHZ", uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
+                    vcpu.ioctl("KVM_SET_TSC_KHZ", uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
                 except KvmIoctlError as err:
                     raise IncompatibleStateError(
                         f"vCPU {vcpu.index}: the guest's TSC runs at {state.tsc_khz} kHz, this "
@@ -860,21 +576,21 @@ def restore_vcpu_state(
                 "(Linux 5.16+); restore into vCPUs that never ran"
             ) from err
     with _step(times, "mp_state"):
-        set_mp_state(vcpu, state.mp_state)
+        vcpu.set_mp_state(state.mp_state)
     with _step(times, "regs"):
-        _vcpu_ioctl(vcpu, "KVM_SET_REGS", uapi.KVM_SET_REGS, _buffer(state.regs))
+        vcpu.ioctl("KVM_SET_REGS", uapi.KVM_SET_REGS, _buffer(state.regs))
     with _step(times, "sregs"):
-        _vcpu_ioctl(vcpu, "KVM_SET_SREGS", uapi.KVM_SET_SREGS, _buffer(state.sregs))
+        vcpu.ioctl("KVM_SET_SREGS", uapi.KVM_SET_SREGS, _buffer(state.sregs))
     with _step(times, "xsave"):
         buf = _buffer(state.xsave, xsave2_bytes)
-        _vcpu_ioctl(vcpu, "KVM_SET_XSAVE", uapi.KVM_SET_XSAVE, buf)
+        vcpu.ioctl("KVM_SET_XSAVE", uapi.KVM_SET_XSAVE, buf)
     with _step(times, "xcrs"):
-        _vcpu_ioctl(vcpu, "KVM_SET_XCRS", uapi.KVM_SET_XCRS, _buffer(state.xcrs))
+        vcpu.ioctl("KVM_SET_XCRS", uapi.KVM_SET_XCRS, _buffer(state.xcrs))
     with _step(times, "debugregs"):
-        _vcpu_ioctl(vcpu, "KVM_SET_DEBUGREGS", uapi.KVM_SET_DEBUGREGS, _buffer(state.debugregs))
+        vcpu.ioctl("KVM_SET_DEBUGREGS", uapi.KVM_SET_DEBUGREGS, _buffer(state.debugregs))
     if state.lapic:
         with _step(times, "lapic"):
-            _vcpu_ioctl(vcpu, "KVM_SET_LAPIC", uapi.KVM_SET_LAPIC, _buffer(state.lapic))
+            vcpu.ioctl("KVM_SET_LAPIC", uapi.KVM_SET_LAPIC, _buffer(state.lapic))
     with _step(times, "msrs"):
         kept = set_msrs(vcpu, restore_msr_order(state.msrs))
     with _step(times, "events"):
@@ -882,13 +598,13 @@ def restore_vcpu_state(
         # KVM_GET_VCPU_EVENTS reports VALID_SHADOW / SMM / PAYLOAD / TRIPLE_FAULT for the fields
         # it filled; nmi.pending and sipi_vector are written only when asked for (api.rst 4.32).
         events.flags |= _EVENTS_SET_FLAGS
-        _vcpu_ioctl(vcpu, "KVM_SET_VCPU_EVENTS", uapi.KVM_SET_VCPU_EVENTS, events)
+        vcpu.ioctl("KVM_SET_VCPU_EVENTS", uapi.KVM_SET_VCPU_EVENTS, events)
     return kept
 
 
 def restore_vm_state(
     vm: Vm,
-    state: VmState,
+    state: X86MachineState,
     *,
     irqchip: bool,
     pit: bool,
@@ -921,7 +637,7 @@ def restore_vm_state(
             )
     _require_parked(vm.vcpus, "restoring")
     with times.step("devices"):
-        _check_devices(vm, irqchip, pit, "restore_vm_state")
+        check_devices(vm, irqchip, pit, "restore_vm_state")
     if check:
         with times.step("check"):
             check_compatible(state, vm.kvm)
@@ -934,10 +650,10 @@ def restore_vm_state(
     if state.irqchip:
         with times.step("irqchip"):
             for chip_id, chip in zip(IRQCHIP_IDS, state.irqchip):
-                _vm_ioctl(vm, f"KVM_SET_IRQCHIP({chip_id})", uapi.KVM_SET_IRQCHIP, _buffer(chip))
+                vm.ioctl(f"KVM_SET_IRQCHIP({chip_id})", uapi.KVM_SET_IRQCHIP, _buffer(chip))
     if state.pit2:
         with times.step("pit2"):
-            _vm_ioctl(vm, "KVM_SET_PIT2", uapi.KVM_SET_PIT2, _buffer(state.pit2))
+            vm.ioctl("KVM_SET_PIT2", uapi.KVM_SET_PIT2, _buffer(state.pit2))
     with times.step("clock"):
         clock = state.clock_struct()
         flags = 0
@@ -948,6 +664,6 @@ def restore_vm_state(
         ):
             flags = uapi.KVM_CLOCK_REALTIME
         clock.flags = flags
-        _vm_ioctl(vm, "KVM_SET_CLOCK", uapi.KVM_SET_CLOCK, clock)
+        vm.ioctl("KVM_SET_CLOCK", uapi.KVM_SET_CLOCK, clock)
     times.seconds["total"] = time.perf_counter() - start
     return RestoreReport(timings=dict(times.seconds), clock_advanced=bool(flags), msrs_kept=tuple(kept))

@@ -1,0 +1,56 @@
+"""The architecture seam: everything that differs between x86_64 and arm64 is reached through the
+object `host_arch()` returns; the rest of the daemon never compares architecture names.
+
+`create_vm` is `Vm.create` with this host's architecture.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+from ..errors import KvmUnavailableError
+from ..system import Kvm
+from ..vm import Vm, VmArch, VmConfig
+from .aarch64 import Aarch64
+from .x86_64 import X86_64
+
+
+class Arch(VmArch, Protocol):
+    """An architecture as the daemon sees it: how its VMs are built (VmArch) and how their
+    machine state leaves and enters a VM (DESIGN R6.3, R9)."""
+
+    state_kind: str  # the DeviceState kind the machine state travels as
+    boots_raw_images: bool  # BIOS-style boot sectors and flat binaries (x86 only)
+
+    def cpu_features(self, kvm: Kvm) -> dict[str, object]:
+        """What a target compares with its own before it accepts a VM."""
+        ...
+
+    def prepare_state_save(self, vm: Vm) -> None:
+        """State the kernel writes into guest RAM, with every vCPU parked, before the registers."""
+        ...
+
+    def save_state(self, vm: Vm) -> dict[str, Any]: ...
+
+    def restore_state(self, vm: Vm, wire: object) -> None: ...
+
+
+ARCHES: dict[str, Arch] = {"x86_64": X86_64(), "aarch64": Aarch64()}
+
+
+def host_arch(machine: str | None = None) -> Arch:
+    """The architecture object for `machine` (default: this host's, from uname)."""
+    name = machine or os.uname().machine
+    arch = ARCHES.get(name)
+    if arch is None:
+        raise KvmUnavailableError(f"architecture {name!r}: this VMM supports {', '.join(sorted(ARCHES))}")
+    return arch
+
+
+def create_vm(kvm: Kvm, config: VmConfig) -> Vm:
+    return Vm.create(kvm, config, host_arch(kvm.caps().arch))
+
+
+def arch_of(vm: Vm) -> Arch:
+    return host_arch(vm.arch.name)

@@ -1,0 +1,194 @@
+"""x86 vCPU registers KVM keeps outside kvm_regs/kvm_sregs: MSRs, the CPUID table, XSAVE's size,
+the TSC frequency; and the CPU model a saved state came from."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ... import uapi
+from ..._libc import ioctl
+from ...errors import KvmIoctlError
+from ...saved_state import StateError
+from ...system import cpuid_buffer
+from ...vcpu import Vcpu
+
+
+MAX_CPUID_ENTRIES = 256  # KVM_MAX_CPUID_ENTRIES
+
+
+MSR_IA32_TSC = 0x10
+
+
+MSR_IA32_TSC_DEADLINE = 0x6E0
+
+
+# Names for messages; any other MSR is shown by number alone.
+MSR_NAMES: dict[int, str] = {
+    0x10: "IA32_TSC",
+    0x1B: "IA32_APIC_BASE",
+    0x3B: "IA32_TSC_ADJUST",
+    0x10A: "IA32_ARCH_CAPABILITIES",
+    0x174: "IA32_SYSENTER_CS",
+    0x175: "IA32_SYSENTER_ESP",
+    0x176: "IA32_SYSENTER_EIP",
+    0x1A0: "IA32_MISC_ENABLE",
+    0x277: "IA32_PAT",
+    0x6E0: "IA32_TSC_DEADLINE",
+    0xC0000080: "EFER",
+    0xC0000081: "STAR",
+    0xC0000082: "LSTAR",
+    0xC0000083: "CSTAR",
+    0xC0000084: "SFMASK",
+    0xC0000100: "FS_BASE",
+    0xC0000101: "GS_BASE",
+    0xC0000102: "KERNEL_GS_BASE",
+    0xC0000103: "TSC_AUX",
+    0x4B564D00: "KVM_WALL_CLOCK_NEW",
+    0x4B564D01: "KVM_SYSTEM_TIME_NEW",
+    0x4B564D02: "KVM_ASYNC_PF_EN",
+    0x4B564D03: "KVM_STEAL_TIME",
+    0x4B564D04: "KVM_PV_EOI_EN",
+    0x4B564D05: "KVM_POLL_CONTROL",
+    0x4B564D06: "KVM_ASYNC_PF_INT",
+    0x4B564D07: "KVM_ASYNC_PF_ACK",
+}
+
+
+def msr_name(index: int) -> str:
+    name = MSR_NAMES.get(index)
+    return f"MSR {index:#x} ({name})" if name else f"MSR {index:#x}"
+
+
+@dataclass(frozen=True)
+class CpuModel:
+    """Vendor and family/model/stepping, from CPUID leaf 0 and leaf 1 EAX."""
+
+    vendor: str
+    family: int
+    model: int
+    stepping: int
+
+    @classmethod
+    def from_cpuid(cls, vendor: bytes, signature: int) -> CpuModel:
+        base_family = signature >> 8 & 0xF
+        base_model = signature >> 4 & 0xF
+        family = base_family + (signature >> 20 & 0xFF) if base_family == 0xF else base_family
+        model = base_model | (signature >> 16 & 0xF) << 4 if base_family in (0x6, 0xF) else base_model
+        return cls(vendor.decode("ascii", "replace"), family, model, signature & 0xF)
+
+    def __str__(self) -> str:
+        return f"{self.vendor} family {self.family:#x} model {self.model:#x} stepping {self.stepping}"
+
+
+def cpu_identity(entries: Sequence[uapi.kvm_cpuid_entry2]) -> tuple[bytes, int]:
+    """(vendor string, leaf 1 EAX signature) from CPUID entries."""
+    leaves = {(e.function, e.index): e for e in entries}
+    leaf0, leaf1 = leaves.get((0, 0)), leaves.get((1, 0))
+    if leaf0 is None or leaf1 is None:
+        raise StateError("the CPUID lacks leaf 0 or leaf 1: cannot tell the CPU vendor and model")
+    return struct.pack("<III", leaf0.ebx, leaf0.edx, leaf0.ecx), int(leaf1.eax)
+
+
+def xsave2_size(fd: int) -> int:
+    """KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2): the bytes KVM_GET_XSAVE2 and KVM_SET_XSAVE use, asked
+    of a VM fd as api.rst says (or of /dev/kvm); 0 where KVM has no KVM_GET_XSAVE2."""
+    try:
+        return ioctl(fd, uapi.KVM_CHECK_EXTENSION, uapi.KVM_CAP_XSAVE2)
+    except OSError as err:
+        raise KvmIoctlError("KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)", err) from err
+
+
+def _msr_buffer(
+    entries: Sequence[tuple[int, int]],
+) -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[uapi.kvm_msr_entry]]:
+    header_size = ctypes.sizeof(uapi.kvm_msrs)
+    count = len(entries)
+    buf = (ctypes.c_uint8 * (header_size + ctypes.sizeof(uapi.kvm_msr_entry) * count))()
+    uapi.kvm_msrs.from_buffer(buf).nmsrs = count
+    slots = (uapi.kvm_msr_entry * count).from_buffer(buf, header_size)
+    for slot, (index, value) in zip(slots, entries):
+        slot.index = index
+        slot.data = value
+    return buf, slots
+
+
+def get_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[tuple[int, int]]:
+    """KVM_GET_MSRS: (index, value) of each MSR, in order. Names the first one KVM refused."""
+    buf, slots = _msr_buffer([(index, 0) for index in indices])
+    done = vcpu.ioctl("KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf)
+    if done != len(indices):
+        raise StateError(
+            f"vCPU {vcpu.index}: KVM_GET_MSRS read {done} of {len(indices)} MSRs: "
+            f"{msr_name(indices[done])} could not be read"
+        )
+    return [(int(s.index), int(s.data)) for s in slots]
+
+
+def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
+    """KVM_SET_MSRS, in the order given; returns the MSRs KVM refused although they already hold
+    the value asked for.
+
+    KVM stops at the first MSR it refuses and returns how many it set. A refused MSR that reads
+    back with exactly the value asked for is already in the wanted state, and the rest is written
+    on: KVM can refuse even a register's reset value (MSR_KVM_ASYNC_PF_INT = 0 without an
+    in-kernel LAPIC, though KVM_GET_MSRS reads it). Any other refusal raises, naming the MSR.
+    """
+    kept: list[int] = []
+    pending = list(entries)
+    total = len(pending)
+    while pending:
+        buf, _ = _msr_buffer(pending)
+        done = vcpu.ioctl("KVM_SET_MSRS", uapi.KVM_SET_MSRS, buf)
+        if done == len(pending):
+            break
+        index, value = pending[done]
+        current = _read_msr(vcpu, index)
+        if current != value:
+            now = "unreadable" if current is None else f"{current:#x}"
+            raise StateError(
+                f"vCPU {vcpu.index}: KVM_SET_MSRS set {total - len(pending) + done} of {total} "
+                f"MSRs: {msr_name(index)} = {value:#x} was refused (it holds {now})"
+            )
+        kept.append(index)
+        pending = pending[done + 1 :]
+    return kept
+
+
+def _read_msr(vcpu: Vcpu, index: int) -> int | None:
+    buf, slots = _msr_buffer([(index, 0)])
+    if vcpu.ioctl("KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf) != 1:
+        return None
+    return int(slots[0].data)
+
+
+def restore_msr_order(msrs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """IA32_TSC first, IA32_TSC_DEADLINE last (it is relative to the TSC), the rest as saved."""
+    rank = {MSR_IA32_TSC: 0, MSR_IA32_TSC_DEADLINE: 2}
+    return sorted(msrs, key=lambda pair: rank.get(pair[0], 1))  # sorted() is stable
+
+
+def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
+    """KVM_GET_CPUID2: the vCPU's own CPUID table (what was set, plus KVM's runtime updates)."""
+    buf = cpuid_buffer([uapi.kvm_cpuid_entry2()] * MAX_CPUID_ENTRIES)
+    try:
+        vcpu.ioctl("KVM_GET_CPUID2", uapi.KVM_GET_CPUID2, buf)
+    except KvmIoctlError as err:
+        if err.errno == errno.E2BIG:
+            raise StateError(f"vCPU {vcpu.index}: its CPUID has more than {MAX_CPUID_ENTRIES} entries") from err
+        raise
+    count = uapi.kvm_cpuid2.from_buffer(buf).nent
+    entries = (uapi.kvm_cpuid_entry2 * count).from_buffer(buf, ctypes.sizeof(uapi.kvm_cpuid2))
+    return [uapi.kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
+
+
+def read_tsc_khz(vcpu: Vcpu) -> int:
+    try:
+        return ioctl(vcpu.fd, uapi.KVM_GET_TSC_KHZ, 0)
+    except OSError as err:
+        if err.errno == errno.EIO:  # api.rst: "If the host has unstable tsc ... -EIO"
+            return 0
+        raise KvmIoctlError(f"vCPU {vcpu.index}: KVM_GET_TSC_KHZ", err) from err

@@ -1,0 +1,66 @@
+"""The x86 in-kernel devices: PIC pair and IOAPIC (KVM_CREATE_IRQCHIP, which also gives every
+vCPU created afterwards a LAPIC) and the i8254 PIT (KVM_CREATE_PIT2)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+from ... import uapi
+from ..._libc import ioctl
+from ...errors import KvmIoctlError
+from ...saved_state import StateError
+from ...vm import Vm
+
+
+def create_irqchip(vm: Vm) -> None:
+    """KVM_CREATE_IRQCHIP: PIC pair, IOAPIC, and a LAPIC for every vCPU created afterwards.
+
+    Must come before the first vCPU (KVM refuses it after, with EINVAL: the vCPUs created
+    earlier would have no LAPIC); refused here before the kernel sees it. Memslots may exist.
+    With it, vCPUs other than 0 start UNINITIALIZED: see `Vcpu.set_mp_state`.
+    """
+    if vm.vcpus:
+        raise StateError(
+            "KVM_CREATE_IRQCHIP must come before any vCPU is created (each vCPU gets its LAPIC "
+            f"at creation); this VM has {len(vm.vcpus)} vCPU(s)"
+        )
+    vm.ioctl("KVM_CREATE_IRQCHIP", uapi.KVM_CREATE_IRQCHIP)
+
+
+def create_pit2(vm: Vm, flags: int = uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
+    """KVM_CREATE_PIT2: the i8254 PIT in the kernel, after `create_irqchip` (api.rst: "only valid
+    after enabling in-kernel irqchip support"). KVM_PIT_SPEAKER_DUMMY (the default) lets the
+    kernel answer port 0x61 too, which this VMM does not emulate."""
+    vm.ioctl("KVM_CREATE_PIT2", uapi.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags))
+
+
+def _probe(vm: Vm, step: str, request: int, arg: ctypes.Structure) -> bool:
+    """True when the VM has the device: KVM answers ENXIO to GET_IRQCHIP / GET_PIT2 without it."""
+    try:
+        ioctl(vm.fd, request, arg)
+    except OSError as err:
+        if err.errno == errno.ENXIO:
+            return False
+        raise KvmIoctlError(step, err) from err
+    return True
+
+
+def detect_devices(vm: Vm) -> tuple[bool, bool]:
+    """(has in-kernel irqchip, has in-kernel PIT), asked of KVM."""
+    chip = uapi.kvm_irqchip(chip_id=uapi.KVM_IRQCHIP_PIC_MASTER)
+    irqchip = _probe(vm, "KVM_GET_IRQCHIP", uapi.KVM_GET_IRQCHIP, chip)
+    pit = _probe(vm, "KVM_GET_PIT2", uapi.KVM_GET_PIT2, uapi.kvm_pit_state2())
+    return irqchip, pit
+
+
+def check_devices(vm: Vm, irqchip: bool, pit: bool, side: str) -> None:
+    has_irqchip, has_pit = detect_devices(vm)
+    for name, said, has in (("irqchip", irqchip, has_irqchip), ("PIT", pit, has_pit)):
+        if said != has:
+            raise StateError(
+                f"{side}: told {name}={said}, but the VM "
+                + ("has an" if has else "has no")
+                + f" in-kernel {name}"
+                + ("" if has else " (create it before the vCPUs: create_irqchip / create_pit2)")
+            )

@@ -1,0 +1,70 @@
+"""What the migration code needs from the daemon that hosts it, and nothing more.
+
+The daemon implements `MigrationHost`; sources, targets and the migration commands see only this
+protocol, so the migration package never imports the daemon and the daemon imports it in one
+direction (no cycle, no `Any` standing in for a type that cannot be imported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..config import Config
+from ..hosted import HostedVm, VmSpec
+from ..kvm.system import Kvm
+from .policy import DowntimeModel
+from .stats import MigrationStats
+
+# A control command: its arguments as the client sent them (decoded JSON), its answer as JSON.
+CommandArgs = dict[str, Any]
+CommandReply = dict[str, object] | list[dict[str, object]] | None
+Command = Callable[[CommandArgs], Awaitable[CommandReply]]
+
+
+class Migration(Protocol):
+    """A migration of one VM, either side, as `migration status` reports it."""
+
+    @property
+    def stats(self) -> MigrationStats | None: ...
+
+
+class IncomingOutcome(Protocol):
+    """What became of an incoming migration, kept for a source that asks after a lost link."""
+
+    @property
+    def state(self) -> str: ...  # "running", "loaded" or "aborted"
+
+    async def abort_for_good(self, reason: str) -> None: ...
+
+
+class MigrationHost(Protocol):
+    config: Config
+    kvm: Kvm
+    node: str  # this daemon's name in the peer handshake
+    downtime_model: DowntimeModel  # costs learned from this host's past migrations
+    vms: dict[str, HostedVm]
+    migrations: dict[str, Migration]  # VM name -> its latest migration
+    outcomes: dict[str, IncomingOutcome]  # migration id -> incoming outcome
+    commands: dict[str, Command]
+
+    def hosted(self, args: CommandArgs) -> HostedVm:
+        """The VM that `args["name"]` names, or a RequestError."""
+        ...
+
+    def console_log(self, spec: VmSpec) -> Path | None: ...
+
+    def register_incoming(self, hosted: HostedVm, migration: Migration) -> None: ...
+
+    async def release_migrated(self, hosted: HostedVm) -> None:
+        """The target runs the VM now: free this copy."""
+        ...
+
+    async def remove_vm(self, hosted: HostedVm, reason: str) -> None: ...
+
+    def record_outcome(self, migration_id: str, outcome: IncomingOutcome, state: str) -> None: ...
+
+    def start_task(self, task: Callable[[], Awaitable[object]]) -> None:
+        """Run `task` in the daemon's root nursery (it outlives the request that started it)."""
+        ...
