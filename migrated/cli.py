@@ -219,6 +219,7 @@ def _format_final(s: dict[str, Any]) -> str:
         "total_ms",
         "setup_ms",
         "downtime_ms",
+        "predicted_downtime_ms",
         "verify_ms",
         "bytes_sent",
         "pages_sent",
@@ -230,7 +231,12 @@ def _format_final(s: dict[str, Any]) -> str:
         "backup_bitmap",
         "error",
     ]
-    return "\n".join(f"{k}: {s.get(k)}" for k in keys if s.get(k) is not None)
+    lines = [f"{k}: {s.get(k)}" for k in keys if s.get(k) is not None]
+    if s.get("downtime_limit_exceeded"):
+        lines.append(
+            f"warning: the downtime {s.get('downtime_ms', 0):.1f} ms exceeded the limit {s.get('downtime_limit_ms')} ms"
+        )
+    return "\n".join(lines)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

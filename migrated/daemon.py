@@ -23,7 +23,7 @@ from .kvm.errors import KvmError
 from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
-from .migration.policy import DowntimeModel
+from .migration.policy import DowntimeModels
 from .sdnotify import Notifier
 
 
@@ -39,7 +39,7 @@ class Daemon:
         self.migrations: dict[str, Any] = {}  # VM name -> its latest Source or Target
         self.outcomes: dict[str, Any] = {}  # migration id -> Target, for in-doubt queries
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
-        self.downtime_model = DowntimeModel()
+        self.downtime_models = DowntimeModels()
         self.commands: dict[str, Any] = {
             "vm.create": self.cmd_vm_create,
             "vm.list": self.cmd_vm_list,

@@ -66,6 +66,7 @@ class SourceOptions:
     on_no_convergence: str
     verify: Literal["full", "off"]
     max_batch_bytes: int
+    downtime_guard_ms: float = 1000.0
 
 
 class Source:
@@ -95,6 +96,8 @@ class Source:
         self._last_collect = time.perf_counter()
         self._data_pages = 0  # pages in the memfd's data extents: what a digest must read
         self._throttle_step = -1  # index into THROTTLE_STEPS; -1: the guest runs at full speed
+        # Costs learned from migrations to this peer only: another path's say nothing about it.
+        self._model = daemon.downtime_models.for_peer(self.stats.peer)
 
     # ---- entry --------------------------------------------------------------------------
 
@@ -153,6 +156,8 @@ class Source:
         if vm is not None and self._paused_at is not None and not self.was_paused:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(vm.resume)
+            # What the guest went through although the migration failed: the operator sees it.
+            self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1e3
             self._paused_at = None
         if self.hosted.error is not None:
             self.hosted.state = VmState.FAILED
@@ -287,16 +292,17 @@ class Source:
     def _costs(self, state_bytes_guess: int) -> Costs:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
-        model = self.daemon.downtime_model
+        model = self._model
         digest_ms = 0.0
         if self.options.verify == "full":
             digest_ms = model.digest_ms(self._data_pages * PAGE_SIZE)
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
-            fixed_ms=model.fixed_ms + vmstate.estimate_ms(len(vm.vcpus)),
+            fixed_ms=model.fixed_ms,
             state_bytes=state_bytes_guess,
             digest_ms=digest_ms,
             rtt_ms=self._channel.rtt_ms if self._channel else 0.0,
+            state_ms=vmstate.estimate_ms(len(vm.vcpus)),
         )
 
     async def _rounds(self) -> DirtyPages:
@@ -324,6 +330,7 @@ class Source:
                 self._costs(vmstate.estimate_bytes(len(vm.vcpus))),
             )
             self.stats.predicted_downtime_ms = estimate.total_ms
+            self.stats.predicted_downtime_terms_ms = estimate.terms_ms()
             decision = policy.decide(estimate, self.stats.round, time.monotonic() - self._started, self._throttle_step)
             if decision is Decision.STOP_AND_COPY:
                 self.log.info(
@@ -358,7 +365,8 @@ class Source:
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
 
     async def _downtime(self, pending: DirtyPages) -> None:
-        """R6, in order and nothing else in between, then the cutover of DESIGN section 5."""
+        """The downtime (R6, in `_downtime_until_loaded`) under the downtime guard, then the
+        cutover of DESIGN section 5."""
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None and vm.memory is not None
@@ -368,6 +376,60 @@ class Source:
         steps = self.stats.downtime_breakdown_ms
         clock = _StepClock(steps)
         self._paused_at = time.monotonic()
+        # The downtime guard: from the pause to COMMIT at most the limit plus the named margin. A
+        # target or link that stalls here costs the guest that long, not seconds: the source
+        # aborts (the target is told, or finds the link closed) and resumes the VM here.
+        guard_ms = self.options.downtime_limit_ms + self.options.downtime_guard_ms
+        self.stats.downtime_guard_ms = guard_ms
+        with trio.move_on_after(guard_ms / 1e3) as guard:
+            await self._downtime_until_loaded(pending, clock)
+        if guard.cancelled_caught:
+            waiting_for = next((s for s in _DOWNTIME_STEPS if s not in steps), "commit")
+            self.log.warning("downtime_guard_expired", guard_ms=guard_ms, step=waiting_for)
+            raise MigrationFailed(
+                f"downtime guard: no COMMIT within {guard_ms:.0f} ms of the pause (limit "
+                f"{self.options.downtime_limit_ms:.0f} ms + guard {self.options.downtime_guard_ms:.0f} ms), "
+                f"stalled in step {waiting_for!r}; aborted, the VM resumes here"
+            )
+        channel = self._channel
+        assert channel is not None
+        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
+        self._record("committed")
+        self.committed = True
+        if faults.active("source-lose-commit"):
+            await channel.aclose()
+            raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
+        await channel.send(Commit())
+        await channel.expect(Running)
+        clock.step("commit_to_running")
+        self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
+        predicted_ms = self.stats.predicted_downtime_ms or 0.0
+        learned = self._model.learn(
+            downtime_ms, steps.get("send", 0.0), steps.get("digest", 0.0), self._data_pages * PAGE_SIZE, predicted_ms
+        )
+        self.stats.downtime_outlier = not learned
+        if not learned:
+            self.log.warning(
+                "downtime_outlier_not_learned", downtime_ms=round(downtime_ms, 1), predicted_ms=round(predicted_ms, 1)
+            )
+        if downtime_ms > self.options.downtime_limit_ms:
+            self.stats.downtime_limit_exceeded = True
+            self.log.warning(
+                "downtime_limit_exceeded",
+                downtime_ms=round(downtime_ms, 1),
+                limit_ms=self.options.downtime_limit_ms,
+                predicted_ms=round(predicted_ms, 1),
+                breakdown_ms=dict(steps),
+            )
+        await self._release("completed")
+
+    async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock) -> None:
+        """R6, in order and nothing else in between, up to LOADED with the digests compared."""
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.tracker is not None and vm.memory is not None
+        channel = self._channel
+        assert channel is not None
         await trio.to_thread.run_sync(vm.set_throttle, 0.0)
         await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
         clock.step("pause")
@@ -404,23 +466,6 @@ class Source:
             raise MigrationFailed(
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
-        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
-        self._record("committed")
-        self.committed = True
-        if faults.active("source-lose-commit"):
-            await channel.aclose()
-            raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
-        await channel.send(Commit())
-        await channel.expect(Running)
-        clock.step("commit_to_running")
-        self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1e3
-        self.daemon.downtime_model.learn(
-            self.stats.downtime_ms,
-            steps.get("send", 0.0),
-            steps.get("digest", 0.0),
-            self._data_pages * PAGE_SIZE,
-        )
-        await self._release("completed")
 
     async def _release(self, how: str) -> None:
         self._record("released")
@@ -504,6 +549,19 @@ class Source:
             await self._resume_here()
         else:
             raise ValueError(f"action {action!r}: allowed are release, resume")
+
+
+# The downtime's steps in order, as _StepClock names them: the guard's error names the first one
+# that had not finished.
+_DOWNTIME_STEPS = (
+    "pause",
+    "final_harvest",
+    "state_save",
+    "backup_bitmap",
+    "send",
+    "digest",
+    "target_load",
+)
 
 
 class _StepClock:
