@@ -27,6 +27,13 @@ from .migration.policy import DowntimeModels
 from .sdnotify import Notifier
 
 
+# How long `vm create` waits for a new guest's first sign of life before it answers: a workload
+# guest's first heartbeat comes within milliseconds, even on a loaded host within seconds; a raw
+# guest in a tight loop may never exit, so for it the wait only catches an immediate failure.
+FIRST_HEARTBEAT_S = 10.0
+FIRST_EXIT_S = 0.5
+
+
 class Daemon:
     def __init__(self, config: Config, kvm: Kvm, notifier: Notifier) -> None:
         self.config = config
@@ -97,6 +104,15 @@ class Daemon:
             dirty_tracking=config.dirty_tracking,
         )
         self.update_status()
+        # "created" means the guest ran: wait for its first sign of life, or for its failure.
+        deadline = trio.current_time() + (FIRST_HEARTBEAT_S if hosted.guest is not None else FIRST_EXIT_S)
+        while hosted.state is VmState.RUNNING and not hosted.has_run() and trio.current_time() < deadline:
+            await trio.sleep(0.005)
+        if hosted.state is VmState.FAILED:
+            raise RequestError(
+                f"VM {spec.name} failed as it started: {hosted.error} (kept for inspection: "
+                f"`migratectl vm show {spec.name}`; `migratectl vm stop {spec.name}` removes it)"
+            )
         return hosted.show()
 
     async def cmd_vm_list(self, args: dict[str, Any]) -> Any:
