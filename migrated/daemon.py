@@ -17,6 +17,7 @@ from . import faults
 from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
 from .devices import console_log_path
+from .vmrecords import VmRecords
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
 from .guests.boot import pulse_irq
 from .kvm.errors import KvmError
@@ -47,6 +48,7 @@ class Daemon:
         self.outcomes: dict[str, Any] = {}  # migration id -> Target, for in-doubt queries
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
         self.downtime_models = DowntimeModels()
+        self.records = VmRecords(Path(config.daemon.state_dir))
         self.commands: dict[str, Any] = {
             "vm.create": self.cmd_vm_create,
             "vm.list": self.cmd_vm_list,
@@ -57,6 +59,7 @@ class Daemon:
             "vm.dump": self.cmd_vm_dump,
             "vm.console": self.cmd_vm_console,
             "vm.resume": self.cmd_vm_resume,
+            "vm.forget": self.cmd_vm_forget,
             "daemon.status": self.cmd_daemon_status,
         }
 
@@ -94,6 +97,7 @@ class Daemon:
         except (KvmError, ValueError) as err:
             raise RequestError(f"cannot create VM {spec.name}: {err}") from None
         self.vms[spec.name] = hosted
+        self.record_vm(hosted)
         for warning in hosted.warnings:
             self.log.warning("raw_image_warning", vm=spec.name, image=spec.image, warning=warning)
         self.log.info(
@@ -116,6 +120,8 @@ class Daemon:
         return hosted.show()
 
     async def cmd_vm_list(self, args: dict[str, Any]) -> Any:
+        if args.get("lost"):
+            return [lost.as_dict() for lost in self.records.lost()]
         return [
             {
                 "name": h.name,
@@ -126,6 +132,14 @@ class Daemon:
             }
             for h in self.vms.values()
         ]
+
+    async def cmd_vm_forget(self, args: dict[str, Any]) -> Any:
+        """Drop the record of a VM lost with a previous daemon process, once the operator dealt with it."""
+        name = args.get("name")
+        if not isinstance(name, str) or not self.records.forget(name):
+            raise RequestError(f"no lost VM named {name!r} (see `migratectl vm list --lost`)")
+        self.log.info("lost_vm_forgotten", vm=name)
+        return {"name": name, "state": "forgotten"}
 
     async def cmd_vm_show(self, args: dict[str, Any]) -> Any:
         return self.hosted(args).show()
@@ -156,6 +170,7 @@ class Daemon:
             raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a running VM pauses")
         await trio.to_thread.run_sync(hosted.vm.pause)
         hosted.state = VmState.PAUSED
+        self.record_vm(hosted)
         self.log.info("vm_paused", vm=hosted.name)
         return hosted.show()
 
@@ -165,6 +180,7 @@ class Daemon:
             raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a VM paused by the operator resumes")
         await trio.to_thread.run_sync(hosted.vm.resume)
         hosted.state = VmState.RUNNING
+        self.record_vm(hosted)
         self.log.info("vm_resumed", vm=hosted.name)
         return hosted.show()
 
@@ -230,12 +246,15 @@ class Daemon:
     async def cmd_daemon_status(self, args: dict[str, Any]) -> Any:
         return {
             "vms": len(self.vms),
+            "lost_vms": len(self.records.lost()),
             "listen": str(self.config.peer.listen),
             "control_socket": str(self.config.daemon.control_socket),
             "pvm": self.kvm.caps().pvm,
         }
 
     async def remove_vm(self, hosted: HostedVm, reason: str) -> None:
+        if self.vms.get(hosted.name) is hosted:
+            self.records.remove(hosted.name)
         self.vms.pop(hosted.name, None)
         await trio.to_thread.run_sync(hosted.close)
         hosted.state = VmState.STOPPED
@@ -252,6 +271,7 @@ class Daemon:
 
     async def release_migrated(self, hosted: HostedVm) -> None:
         """The target runs the VM: free this copy (its record stays in `migrations`)."""
+        self.records.remove(hosted.name)
         self.vms.pop(hosted.name, None)
         await trio.to_thread.run_sync(hosted.close)
         hosted.state = VmState.MIGRATED
@@ -261,6 +281,11 @@ class Daemon:
     def register_incoming(self, hosted: HostedVm, target: Any) -> None:
         self.vms[hosted.name] = hosted
         self.migrations[hosted.name] = target
+        self.record_vm(hosted)
+
+    def record_vm(self, hosted: HostedVm) -> None:
+        """Keep the on-disk record of a hosted VM's state (what a successor reports if we die)."""
+        self.records.write(hosted.name, hosted.state.value, guest=hosted.spec.guest, memory_mib=hosted.spec.memory_mib)
 
     def record_outcome(self, migration_id: str, target: Any, state: str) -> None:
         self.outcomes[migration_id] = target
@@ -346,6 +371,16 @@ async def run_daemon(
     caps = kvm.caps()
     if faults.ACTIVE:
         log.warning("test_faults_active", faults=sorted(faults.ACTIVE))
+    # The VMs a predecessor hosted died with it: say so, each one, before serving anything.
+    for lost in daemon.records.recover():
+        log.error(
+            "vm_lost_at_restart",
+            vm=lost.name,
+            state=lost.state,
+            previous_pid=lost.pid,
+            since=lost.since,
+            detail=lost.detail,
+        )
     log.info(
         "daemon_starting",
         pvm=caps.pvm,

@@ -110,6 +110,7 @@ class Source:
         # A VM the operator paused migrates paused and stays paused on the target.
         self.was_paused = hosted.state is VmState.PAUSED
         hosted.state = VmState.MIGRATING
+        self.daemon.record_vm(hosted)
         try:
             # The time limit covers everything before the downtime; _downtime lifts it.
             self.cancel_scope.deadline = trio.current_time() + self.options.timeout_s
@@ -137,6 +138,7 @@ class Source:
             # DESIGN 5: COMMIT went out and RUNNING never came; the target may be running the VM.
             self.stats.state = "in-doubt"
             self.hosted.state = VmState.IN_DOUBT
+            self.daemon.record_vm(self.hosted)
             self.log.error("migration_in_doubt", error=message)
             self.daemon.nursery_start_resolver(self)
             return
@@ -163,6 +165,7 @@ class Source:
             self.hosted.state = VmState.FAILED
         else:
             self.hosted.state = VmState.PAUSED if self.was_paused else VmState.RUNNING
+        self.daemon.record_vm(self.hosted)
 
     # ---- phases -------------------------------------------------------------------------
 

@@ -259,6 +259,7 @@ class Target:
             hosted.state = VmState.RUNNING
         else:
             hosted.state = VmState.PAUSED
+        self.daemon.record_vm(hosted)
         stats.state = stats.phase = "completed"
         self.log.info("incoming_vm_running")
         if faults.active("target-vanish-after-commit"):
