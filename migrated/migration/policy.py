@@ -54,15 +54,22 @@ class Costs:
     digest_ms: float  # 0 when verify = "off"
     rtt_ms: float
     state_ms: float = 0.0  # state save and restore, estimated from the vCPU count
+    pause_ms: float = 0.0  # stopping every vCPU: DowntimeModel learns it
+    downtime_bandwidth_bytes_s: float = 0.0  # the downtime's send rate, learned (0: not yet)
 
 
 def predict_downtime(
     pending_pages: int, dirty_pages_per_s: float, bandwidth_bytes_s: float, costs: Costs
 ) -> DowntimeEstimate:
     """Downtime if the vCPUs stopped now, with `pending_pages` collected and not yet sent."""
+    # The downtime's own send rate, where one was learned, is what the final send gets (the
+    # target applies and digests while it receives); the rounds' rate otherwise.
     bandwidth = max(bandwidth_bytes_s, 1.0)
-    # Between the last collection and the pause the guest keeps writing for about one harvest.
-    extra = dirty_pages_per_s * costs.harvest_ms / 1e3
+    if costs.downtime_bandwidth_bytes_s > 0:
+        bandwidth = min(bandwidth, costs.downtime_bandwidth_bytes_s)
+    # Between the last collection and the moment every vCPU has parked the guest keeps writing:
+    # one harvest, and the pause itself.
+    extra = dirty_pages_per_s * (costs.harvest_ms + costs.pause_ms) / 1e3
     pages = pending_pages + int(extra)
     transfer_ms = (pages * PAGE_SIZE + costs.state_bytes) / bandwidth * 1e3
     return DowntimeEstimate(
@@ -72,7 +79,7 @@ def predict_downtime(
         state_ms=costs.state_ms,
         verify_ms=costs.digest_ms,
         round_trips_ms=2 * costs.rtt_ms,
-        learned_fixed_ms=costs.fixed_ms,
+        learned_fixed_ms=costs.fixed_ms + costs.pause_ms,
     )
 
 
@@ -141,14 +148,16 @@ OUTLIER_SLACK_MS = 100.0
 
 
 class DowntimeModel:
-    """What a downtime to one peer costs besides moving pages, learned from completed migrations.
+    """What a downtime to one peer costs, learned from the completed migrations to that peer.
 
-    The fixed part (pause, state save and restore, resume, the target's load, the thread hops)
-    and the digest rate are learned from each completed migration to that peer, so the next
-    prediction counts what the path really costs instead of a constant. Three rules keep one bad
-    migration from poisoning every later one: a sample is never taken from a failed migration or
-    from an outlier (`is_outlier`); the learned fixed cost is bounded (MAX_FIXED_MS); and it fades
-    back to the default with a half-life, so a host that was slow an hour ago is not slow for ever.
+    Learned from each completed migration's measured steps: the pause (every vCPU parked), the
+    rate of the final send (slower than the rounds': the target applies and digests meanwhile),
+    the digest rate, and the fixed rest (state, the target's load and restore, resume, thread
+    hops), so the next prediction counts what the path really costs instead of constants. Three
+    rules keep one bad migration from poisoning every later one: a sample is never taken from a
+    failed migration or from an outlier (`is_outlier`); learned costs are bounded (MAX_FIXED_MS);
+    and they fade back to the defaults with a half-life, so a host that was slow an hour ago is
+    not taken to be slow for ever.
     """
 
     MAX_FIXED_MS = 1000.0
@@ -156,43 +165,75 @@ class DowntimeModel:
     # A digest of a mostly empty guest is all fixed cost (holes, SHA-256 of the hash vector): a
     # rate per GiB is learned only from digests that read at least this much data.
     LEARN_DIGEST_FROM_BYTES = 64 << 20
+    # A send rate is learned only from final sends big enough to be more than their latency.
+    LEARN_SEND_FROM_BYTES = 4 << 20
 
     def __init__(
-        self, fixed_ms: float = 10.0, digest_ms_per_gib: float = 70.0, clock: Callable[[], float] = time.monotonic
+        self,
+        fixed_ms: float = 30.0,
+        digest_ms_per_gib: float = 70.0,
+        pause_ms: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.default_fixed_ms = fixed_ms
+        self._defaults = {"fixed": fixed_ms, "pause": pause_ms}
         self.fixed = RateMeter()
         self.fixed.rate = fixed_ms
+        self.pause = RateMeter()
+        self.pause.rate = pause_ms
         self.digest = RateMeter()
         self.digest.rate = digest_ms_per_gib
+        self.send = RateMeter()  # bytes/s of the downtime's send; 0 until learned
         self.learned = 0
         self.outliers = 0
         self._clock = clock
         self._learned_at: float | None = None
 
-    @property
-    def fixed_ms(self) -> float:
-        learned = min(self.fixed.rate, self.MAX_FIXED_MS)
+    def _faded(self, name: str, meter: RateMeter) -> float:
+        learned = min(meter.rate, self.MAX_FIXED_MS)
         if self._learned_at is None:
             return learned
         fade: float = 0.5 ** ((self._clock() - self._learned_at) / self.HALF_LIFE_S)
-        return self.default_fixed_ms + (learned - self.default_fixed_ms) * fade
+        default = self._defaults[name]
+        return default + (learned - default) * fade
+
+    @property
+    def fixed_ms(self) -> float:
+        return self._faded("fixed", self.fixed)
+
+    @property
+    def pause_ms(self) -> float:
+        return self._faded("pause", self.pause)
+
+    @property
+    def downtime_bandwidth_bytes_s(self) -> float:
+        # An old rate is dropped rather than faded: no rate means "use the rounds' rate".
+        if self._learned_at is None or self._clock() - self._learned_at > 2 * self.HALF_LIFE_S:
+            return 0.0
+        return self.send.rate
 
     def digest_ms(self, data_bytes: int) -> float:
         """Both sides' digests, one after the other (the target's starts on DONE)."""
         return 2 * self.digest.rate * data_bytes / GIB
 
-    def learn(self, downtime_ms: float, send_ms: float, digest_ms: float, data_bytes: int, predicted_ms: float) -> bool:
-        """Learns from a completed migration; False (and nothing learned) for an outlier."""
+    def learn(
+        self, downtime_ms: float, steps_ms: dict[str, float], sent_bytes: int, data_bytes: int, predicted_ms: float
+    ) -> bool:
+        """Learns from a completed migration's measured downtime and its steps (`pause`, `send`,
+        `digest`, as the source times them); False (and nothing learned) for an outlier."""
         if is_outlier(downtime_ms, predicted_ms):
             self.outliers += 1
             return False
+        pause_ms, send_ms, digest_ms = (steps_ms.get(k, 0.0) for k in ("pause", "send", "digest"))
         if digest_ms > 0 and data_bytes >= self.LEARN_DIGEST_FROM_BYTES:
             self.digest.add(digest_ms, data_bytes / GIB)
+        if send_ms > 0 and sent_bytes >= self.LEARN_SEND_FROM_BYTES:
+            self.send.add(sent_bytes, send_ms / 1e3)
+        # What has faded so far is the base a new sample moves.
+        self.fixed.rate, self.pause.rate = self.fixed_ms, self.pause_ms
+        self.pause.add(min(pause_ms, self.MAX_FIXED_MS), 1.0)
         # The target's digest is taken to cost what the source's did.
-        sample = min(max(0.0, downtime_ms - send_ms - 2 * digest_ms), self.MAX_FIXED_MS)
-        self.fixed.rate = self.fixed_ms  # what has faded so far is the base the new sample moves
-        self.fixed.add(sample, 1.0)
+        rest = downtime_ms - pause_ms - send_ms - 2 * digest_ms
+        self.fixed.add(min(max(0.0, rest), self.MAX_FIXED_MS), 1.0)
         self._learned_at = self._clock()
         self.learned += 1
         return True
@@ -200,6 +241,8 @@ class DowntimeModel:
     def as_dict(self) -> dict[str, float | int]:
         return {
             "fixed_ms": round(self.fixed_ms, 2),
+            "pause_ms": round(self.pause_ms, 2),
+            "downtime_send_mib_s": round(self.downtime_bandwidth_bytes_s / (1 << 20), 1),
             "digest_ms_per_gib": round(self.digest.rate, 2),
             "learned": self.learned,
             "outliers": self.outliers,

@@ -96,6 +96,7 @@ class Source:
         self._last_collect = time.perf_counter()
         self._data_pages = 0  # pages in the memfd's data extents: what a digest must read
         self._throttle_step = -1  # index into THROTTLE_STEPS; -1: the guest runs at full speed
+        self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
 
@@ -230,6 +231,9 @@ class Source:
             self.operator_cancelled = by_operator
         self.cancel_scope.cancel()
 
+    def _channel_bytes(self) -> int:
+        return self._channel.bytes_sent if self._channel is not None else 0
+
     async def _send_batch(self, batch: PageBatch) -> None:
         assert self._channel is not None
         before = self._channel.bytes_sent
@@ -298,7 +302,8 @@ class Source:
         model = self._model
         digest_ms = 0.0
         if self.options.verify == "full":
-            digest_ms = model.digest_ms(self._data_pages * PAGE_SIZE)
+            # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
+            digest_ms = model.digest_ms(vm.memory.allocated_bytes())
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
             fixed_ms=model.fixed_ms,
@@ -306,6 +311,8 @@ class Source:
             digest_ms=digest_ms,
             rtt_ms=self._channel.rtt_ms if self._channel else 0.0,
             state_ms=vmstate.estimate_ms(len(vm.vcpus)),
+            pause_ms=model.pause_ms,
+            downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
         )
 
     async def _rounds(self) -> DirtyPages:
@@ -407,9 +414,7 @@ class Source:
         clock.step("commit_to_running")
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
-        learned = self._model.learn(
-            downtime_ms, steps.get("send", 0.0), steps.get("digest", 0.0), self._data_pages * PAGE_SIZE, predicted_ms
-        )
+        learned = self._model.learn(downtime_ms, steps, self._downtime_bytes, vm.memory.allocated_bytes(), predicted_ms)
         self.stats.downtime_outlier = not learned
         if not learned:
             self.log.warning(
@@ -451,11 +456,13 @@ class Source:
             dirty = union
         self.stats.final_pages = dirty.count
         self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
+        sent_before = self.stats.bytes_sent
         await self._send_dirty(dirty, self.stats.round + 1)  # R6.5: the union, then state
         for kind, blob in blobs:
             await channel.send(DeviceState(kind=kind, blob=blob))
             self.stats.state_bytes += len(blob)
         clock.step("send")
+        self._downtime_bytes = self._channel_bytes() - sent_before
         digest = None
         if self.options.verify == "full":
             digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
