@@ -371,7 +371,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "on_no_convergence": _Key("abort", _one_of("abort", "force-downtime", "throttle"), True),
         "verify": _Key("full", _one_of("full", "off"), True),
         "max_batch_bytes": _Key(8 * MIB, _integer(1 * MIB, 64 * MIB, sizes=True), True),
-        "downtime_guard_ms": _Key(1000, _integer(0, 600_000), True),
+        "downtime_guard_ms": _Key(2000, _integer(0, 600_000), True),
     },
 }
 

@@ -66,7 +66,7 @@ class SourceOptions:
     on_no_convergence: str
     verify: Literal["full", "off"]
     max_batch_bytes: int
-    downtime_guard_ms: float = 1000.0
+    downtime_guard_ms: float = 2000.0
 
 
 class Source:
