@@ -103,6 +103,12 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
+    if getattr(args, "lost", False):
+        lost = _call(args, "vm.list", {"lost": True})
+        rows = [f"{'NAME':<20} {'WAS':<10} {'DIED WITH PID':>13}  WHAT IT MEANS"]
+        rows += [f"{v['name']:<20} {v['state']:<10} {v['pid']:>13}  {v['detail']}" for v in lost]
+        _print(args, lost, "\n".join(rows) if lost else "no VM was lost with a previous daemon process")
+        return 0
     result = _call(args, "vm.list")
     lines = [f"{'NAME':<20} {'STATE':<10} {'MEMORY':>8} {'VCPUS':>5}  GUEST"]
     lines += [f"{v['name']:<20} {v['state']:<10} {v['memory_mib']:>6}Mi {v['vcpus']:>5}  {v['guest']}" for v in result]
@@ -169,6 +175,12 @@ def cmd_vm_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vm_forget(args: argparse.Namespace) -> int:
+    result = _call(args, "vm.forget", {"name": args.name})
+    _print(args, result, f"{result['name']}: {result['state']}")
+    return 0
+
+
 def cmd_vm_set(args: argparse.Namespace) -> int:
     result = _call(args, "vm.set", {"name": args.name, "dirty_rate_mib_s": args.dirty_rate})
     _print(args, result, _format_show(result))
@@ -219,6 +231,7 @@ def _format_final(s: dict[str, Any]) -> str:
         "total_ms",
         "setup_ms",
         "downtime_ms",
+        "predicted_downtime_ms",
         "verify_ms",
         "bytes_sent",
         "pages_sent",
@@ -230,7 +243,12 @@ def _format_final(s: dict[str, Any]) -> str:
         "backup_bitmap",
         "error",
     ]
-    return "\n".join(f"{k}: {s.get(k)}" for k in keys if s.get(k) is not None)
+    lines = [f"{k}: {s.get(k)}" for k in keys if s.get(k) is not None]
+    if s.get("downtime_limit_exceeded"):
+        lines.append(
+            f"warning: the downtime {s.get('downtime_ms', 0):.1f} ms exceeded the limit {s.get('downtime_limit_ms')} ms"
+        )
+    return "\n".join(lines)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -316,10 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("list", cmd_vm_list, "list VMs"),
         ("show", cmd_vm_show, "one VM"),
         ("stop", cmd_vm_stop, "stop and destroy a VM"),
+        ("forget", cmd_vm_forget, "drop the record of a VM lost with a previous daemon process"),
     ):
         command = vm.add_parser(name, help=text)
         if name != "list":
             command.add_argument("name")
+        else:
+            command.add_argument("--lost", action="store_true", help="the VMs that died with a previous daemon process")
         command.set_defaults(func=func)
 
     set_rate = vm.add_parser("set", help="change a running workload guest's dirty rate")

@@ -134,6 +134,7 @@ class MigrationConfig:
     on_no_convergence: NoConvergence
     verify: Verify
     max_batch_bytes: int
+    downtime_guard_ms: int  # beyond downtime_limit_ms: how long the source may stay paused before COMMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +371,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "on_no_convergence": _Key("abort", _one_of("abort", "force-downtime", "throttle"), True),
         "verify": _Key("full", _one_of("full", "off"), True),
         "max_batch_bytes": _Key(8 * MIB, _integer(1 * MIB, 64 * MIB, sizes=True), True),
+        "downtime_guard_ms": _Key(2000, _integer(0, 600_000), True),
     },
 }
 

@@ -20,6 +20,7 @@ from . import faults
 from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
 from .devices import console_log_path
+from .vmrecords import VmRecords
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
 from .guests.x86_64.boot import pulse_irq
 from .kvm.errors import KvmError
@@ -28,9 +29,16 @@ from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
 from .migration.host import Command, CommandArgs, CommandReply, IncomingOutcome, Migration
-from .migration.policy import DowntimeModel
+from .migration.policy import DowntimeModels
 from .migration.service import start_migration_service
 from .sdnotify import Notifier
+
+
+# How long `vm create` waits for a new guest's first sign of life before it answers: a workload
+# guest's first heartbeat comes within milliseconds, even on a loaded host within seconds; a raw
+# guest in a tight loop may never exit, so for it the wait only catches an immediate failure.
+FIRST_HEARTBEAT_S = 10.0
+FIRST_EXIT_S = 0.5
 
 
 class Daemon:
@@ -47,7 +55,8 @@ class Daemon:
         self.migrations: dict[str, Migration] = {}  # VM name -> its latest Source or Target
         self.outcomes: dict[str, IncomingOutcome] = {}  # migration id -> Target, for in-doubt queries
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
-        self.downtime_model = DowntimeModel()
+        self.downtime_models = DowntimeModels()
+        self.records = VmRecords(Path(config.daemon.state_dir))
         self.commands: dict[str, Command] = {
             "vm.create": self.cmd_vm_create,
             "vm.list": self.cmd_vm_list,
@@ -58,6 +67,7 @@ class Daemon:
             "vm.dump": self.cmd_vm_dump,
             "vm.console": self.cmd_vm_console,
             "vm.resume": self.cmd_vm_resume,
+            "vm.forget": self.cmd_vm_forget,
             "daemon.status": self.cmd_daemon_status,
         }
 
@@ -95,6 +105,7 @@ class Daemon:
         except (KvmError, ValueError) as err:
             raise RequestError(f"cannot create VM {spec.name}: {err}") from None
         self.vms[spec.name] = hosted
+        self.record_vm(hosted)
         for warning in hosted.warnings:
             self.log.warning("raw_image_warning", vm=spec.name, image=spec.image, warning=warning)
         self.log.info(
@@ -105,9 +116,20 @@ class Daemon:
             dirty_tracking=config.dirty_tracking,
         )
         self.update_status()
+        # "created" means the guest ran: wait for its first sign of life, or for its failure.
+        deadline = trio.current_time() + (FIRST_HEARTBEAT_S if hosted.guest is not None else FIRST_EXIT_S)
+        while hosted.state is VmState.RUNNING and not hosted.has_run() and trio.current_time() < deadline:
+            await trio.sleep(0.005)
+        if hosted.state is VmState.FAILED:
+            raise RequestError(
+                f"VM {spec.name} failed as it started: {hosted.error} (kept for inspection: "
+                f"`migratectl vm show {spec.name}`; `migratectl vm stop {spec.name}` removes it)"
+            )
         return hosted.show()
 
     async def cmd_vm_list(self, args: CommandArgs) -> CommandReply:
+        if args.get("lost"):
+            return [lost.as_dict() for lost in self.records.lost()]
         return [
             {
                 "name": h.name,
@@ -118,6 +140,14 @@ class Daemon:
             }
             for h in self.vms.values()
         ]
+
+    async def cmd_vm_forget(self, args: CommandArgs) -> CommandReply:
+        """Drop the record of a VM lost with a previous daemon process, once the operator dealt with it."""
+        name = args.get("name")
+        if not isinstance(name, str) or not self.records.forget(name):
+            raise RequestError(f"no lost VM named {name!r} (see `migratectl vm list --lost`)")
+        self.log.info("lost_vm_forgotten", vm=name)
+        return {"name": name, "state": "forgotten"}
 
     async def cmd_vm_show(self, args: CommandArgs) -> CommandReply:
         return self.hosted(args).show()
@@ -148,6 +178,7 @@ class Daemon:
             raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a running VM pauses")
         await trio.to_thread.run_sync(hosted.vm.pause)
         hosted.state = VmState.PAUSED
+        self.record_vm(hosted)
         self.log.info("vm_paused", vm=hosted.name)
         return hosted.show()
 
@@ -157,6 +188,7 @@ class Daemon:
             raise RequestError(f"VM {hosted.name} is {hosted.state.value}: only a VM paused by the operator resumes")
         await trio.to_thread.run_sync(hosted.vm.resume)
         hosted.state = VmState.RUNNING
+        self.record_vm(hosted)
         self.log.info("vm_resumed", vm=hosted.name)
         return hosted.show()
 
@@ -222,12 +254,15 @@ class Daemon:
     async def cmd_daemon_status(self, args: CommandArgs) -> CommandReply:
         return {
             "vms": len(self.vms),
+            "lost_vms": len(self.records.lost()),
             "listen": str(self.config.peer.listen),
             "control_socket": str(self.config.daemon.control_socket),
             "pvm": self.kvm.caps().pvm,
         }
 
     async def remove_vm(self, hosted: HostedVm, reason: str) -> None:
+        if self.vms.get(hosted.name) is hosted:
+            self.records.remove(hosted.name)
         self.vms.pop(hosted.name, None)
         await trio.to_thread.run_sync(hosted.close)
         hosted.state = VmState.STOPPED
@@ -241,6 +276,7 @@ class Daemon:
 
     async def release_migrated(self, hosted: HostedVm) -> None:
         """The target runs the VM: free this copy (its record stays in `migrations`)."""
+        self.records.remove(hosted.name)
         self.vms.pop(hosted.name, None)
         await trio.to_thread.run_sync(hosted.close)
         hosted.state = VmState.MIGRATED
@@ -250,6 +286,11 @@ class Daemon:
     def register_incoming(self, hosted: HostedVm, migration: Migration) -> None:
         self.vms[hosted.name] = hosted
         self.migrations[hosted.name] = migration
+        self.record_vm(hosted)
+
+    def record_vm(self, hosted: HostedVm) -> None:
+        """Keep the on-disk record of a hosted VM's state (what a successor reports if we die)."""
+        self.records.write(hosted.name, hosted.state.value, guest=hosted.spec.guest, memory_mib=hosted.spec.memory_mib)
 
     def record_outcome(self, migration_id: str, outcome: IncomingOutcome, state: str) -> None:
         self.outcomes[migration_id] = outcome
@@ -335,6 +376,16 @@ async def run_daemon(
     caps = kvm.caps()
     if faults.ACTIVE:
         log.warning("test_faults_active", faults=sorted(faults.ACTIVE))
+    # The VMs a predecessor hosted died with it: say so, each one, before serving anything.
+    for lost in daemon.records.recover():
+        log.error(
+            "vm_lost_at_restart",
+            vm=lost.name,
+            state=lost.state,
+            previous_pid=lost.pid,
+            since=lost.since,
+            detail=lost.detail,
+        )
     log.info(
         "daemon_starting",
         pvm=caps.pvm,

@@ -9,6 +9,8 @@ needs a failure that the real world produces only by bad luck:
 - source-lose-commit: the source records the commit, then drops the link instead of sending it.
 - source-stall-rounds: the source sleeps 0.2 s before each dirty round (a slow link, made
   deterministic, so that a test can act during the rounds).
+- target-stop-on-done: the target process stops itself (SIGSTOP) when the first DONE arrives, as
+  a target host that freezes in the downtime; the test sends SIGCONT. Later migrations run clean.
 - source-zero-xsave: x86, the source sends every vCPU's XSAVE area zeroed (the negative test of
   the complete state: the guest's register checks must catch it).
 - source-skip-its-save: arm64, the source leaves out ITS_SAVE_TABLES and SAVE_PENDING_TABLES
@@ -27,6 +29,7 @@ KNOWN = frozenset(
         "source-stall-rounds",
         "source-skip-its-save",
         "source-zero-xsave",
+        "target-stop-on-done",
     }
 )
 
@@ -45,3 +48,14 @@ ACTIVE = _load()
 def active(name: str) -> bool:
     assert name in KNOWN, name
     return name in ACTIVE
+
+
+_fired: set[str] = set()
+
+
+def active_once(name: str) -> bool:
+    """True the first time only: a fault that strikes one migration and leaves the next alone."""
+    if not active(name) or name in _fired:
+        return False
+    _fired.add(name)
+    return True

@@ -23,6 +23,9 @@ from .kvm.system import Kvm
 from .kvm.vcpu import Vcpu
 from .kvm.arch import create_vm, host_arch
 from .kvm.vm import DIRTY_TRACKING_MODES, DirtyTrackingMode, Vm, VmConfig
+from .logs import get_logger
+
+log = get_logger(component="vm")
 
 MIB = 1 << 20
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -164,17 +167,35 @@ class HostedVm:
         self.error: str | None = None
         self.created_at = time.time()
         self.last_migration: dict[str, Any] | None = None
+        self.stopped_at: float | None = None  # when it stopped unexpectedly
         vm.on_vcpu_finished = self._vcpu_finished
+        # A vCPU that failed before the callback was in place (at its first KVM_RUN) still counts.
+        for vcpu in vm.vcpus:
+            if vcpu.error is not None:
+                self._vcpu_finished(vcpu)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def _vcpu_finished(self, vcpu: Vcpu) -> None:
-        # Called on the vCPU's thread: record only; the daemon's loop reads it.
+        # Called on the vCPU's thread. A vCPU thread ends on request (pause, stop) without an
+        # error; any other end is the VM stopping unexpectedly: one event, and `vm show` says why.
         if vcpu.error is not None and self.error is None:
-            self.error = str(vcpu.error)
+            self.error = f"vCPU {vcpu.index}: {vcpu.error}"
+            self.stopped_at = time.time()
             self.state = VmState.FAILED
+            log.error("vm_stopped_unexpectedly", vm=self.name, vcpu=vcpu.index, reason=str(vcpu.error))
+
+    def has_run(self) -> bool:
+        """The guest got going: a workload guest's first heartbeat; any other guest's first exit
+        (a raw guest in a tight loop may make none: the caller bounds the wait)."""
+        vm = self.vm
+        if vm is None:
+            return False
+        if self.guest is not None and vm.memory is not None:
+            return any(s.heartbeat > 0 for s in self.guest.status(vm.ram))
+        return any(sum(v.exits.values()) > 0 for v in vm.vcpus)
 
     def show(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -182,6 +203,7 @@ class HostedVm:
             "state": self.state.value,
             "spec": self.spec.to_wire(),
             "error": self.error,
+            "stopped_at": self.stopped_at,
         }
         vm = self.vm
         if vm is not None and vm.tracker is not None:

@@ -132,6 +132,10 @@ class GuestMemory:
                 ranges.clear()
         return taken
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the RAM file backed by memory (st_blocks): what a digest of it must read."""
+        return os.fstat(self._fd).st_blocks * 512
+
     def data_extents(self, region: MemoryRegion) -> list[tuple[int, int]]:
         """Page ranges [first, end) of `region` that hold allocated RAM; the rest reads as zero.
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from ..config import Config
 from ..hosted import HostedVm, VmSpec
 from ..kvm.system import Kvm
-from .policy import DowntimeModel
+from .policy import DowntimeModels
 from .stats import MigrationStats
 
 # A control command: its arguments as the client sent them (decoded JSON), its answer as JSON.
@@ -43,7 +43,7 @@ class MigrationHost(Protocol):
     config: Config
     kvm: Kvm
     node: str  # this daemon's name in the peer handshake
-    downtime_model: DowntimeModel  # costs learned from this host's past migrations
+    downtime_models: DowntimeModels  # costs learned from this host's past migrations, per peer
     vms: dict[str, HostedVm]
     migrations: dict[str, Migration]  # VM name -> its latest migration
     outcomes: dict[str, IncomingOutcome]  # migration id -> incoming outcome
@@ -56,6 +56,10 @@ class MigrationHost(Protocol):
     def console_log(self, spec: VmSpec) -> Path | None: ...
 
     def register_incoming(self, hosted: HostedVm, migration: Migration) -> None: ...
+
+    def record_vm(self, hosted: HostedVm) -> None:
+        """Keep the on-disk record of a hosted VM's state (what a successor reports if we die)."""
+        ...
 
     async def release_migrated(self, hosted: HostedVm) -> None:
         """The target runs the VM now: free this copy."""

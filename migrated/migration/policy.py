@@ -9,7 +9,10 @@ LOADED, COMMIT -> RUNNING). QEMU and Cloud Hypervisor count only the pages and o
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 PAGE_SIZE = 4096
 
@@ -19,13 +22,26 @@ class DowntimeEstimate:
     pages: int
     transfer_ms: float
     harvest_ms: float
-    state_ms: float
+    state_ms: float  # saving and restoring the vCPU and device state, estimated from its size
     verify_ms: float
     round_trips_ms: float
+    learned_fixed_ms: float = 0.0  # the rest of the path, learned from past migrations to this peer
 
     @property
     def total_ms(self) -> float:
-        return self.transfer_ms + self.harvest_ms + self.state_ms + self.verify_ms + self.round_trips_ms
+        return (
+            self.transfer_ms
+            + self.harvest_ms
+            + self.state_ms
+            + self.verify_ms
+            + self.round_trips_ms
+            + self.learned_fixed_ms
+        )
+
+    def terms_ms(self) -> dict[str, float]:
+        """The prediction term by term, as `migration status` shows it."""
+        terms = {k: round(v, 2) for k, v in asdict(self).items() if k != "pages"}
+        return {**terms, "total_ms": round(self.total_ms, 2)}
 
 
 @dataclass(frozen=True)
@@ -33,28 +49,37 @@ class Costs:
     """What the downtime costs besides the pages, measured or estimated by the caller."""
 
     harvest_ms: float  # one final collection (the tracker's last)
-    fixed_ms: float  # pause, state save and restore, resume, thread hops: DowntimeModel learns it
+    fixed_ms: float  # pause, resume, the target's load, thread hops: DowntimeModel learns it
     state_bytes: int
     digest_ms: float  # 0 when verify = "off"
     rtt_ms: float
+    state_ms: float = 0.0  # state save and restore, estimated from the vCPU count
+    pause_ms: float = 0.0  # stopping every vCPU: DowntimeModel learns it
+    downtime_bandwidth_bytes_s: float = 0.0  # the downtime's send rate, learned (0: not yet)
 
 
 def predict_downtime(
     pending_pages: int, dirty_pages_per_s: float, bandwidth_bytes_s: float, costs: Costs
 ) -> DowntimeEstimate:
     """Downtime if the vCPUs stopped now, with `pending_pages` collected and not yet sent."""
+    # The downtime's own send rate, where one was learned, is what the final send gets (the
+    # target applies and digests while it receives); the rounds' rate otherwise.
     bandwidth = max(bandwidth_bytes_s, 1.0)
-    # Between the last collection and the pause the guest keeps writing for about one harvest.
-    extra = dirty_pages_per_s * costs.harvest_ms / 1e3
+    if costs.downtime_bandwidth_bytes_s > 0:
+        bandwidth = min(bandwidth, costs.downtime_bandwidth_bytes_s)
+    # Between the last collection and the moment every vCPU has parked the guest keeps writing:
+    # one harvest, and the pause itself.
+    extra = dirty_pages_per_s * (costs.harvest_ms + costs.pause_ms) / 1e3
     pages = pending_pages + int(extra)
     transfer_ms = (pages * PAGE_SIZE + costs.state_bytes) / bandwidth * 1e3
     return DowntimeEstimate(
         pages=pages,
         transfer_ms=transfer_ms,
         harvest_ms=costs.harvest_ms,
-        state_ms=costs.fixed_ms,
+        state_ms=costs.state_ms,
         verify_ms=costs.digest_ms,
         round_trips_ms=2 * costs.rtt_ms,
+        learned_fixed_ms=costs.fixed_ms + costs.pause_ms,
     )
 
 
@@ -111,36 +136,137 @@ class RateMeter:
 GIB = 1 << 30
 
 
-class DowntimeModel:
-    """What a downtime costs on this daemon besides moving pages, learned from each migration.
+def is_outlier(measured_ms: float, predicted_ms: float) -> bool:
+    """A downtime far beyond its prediction was stalled (a peer stopped, a link that froze, a host
+    swapping), not a cost of this path: it is reported, never learned. The slack keeps a fast
+    path's small absolute misses (a 20 ms prediction measured at 70) learnable."""
+    return measured_ms > OUTLIER_FACTOR * predicted_ms + OUTLIER_SLACK_MS
 
-    The fixed part (pause, state save and restore, resume, the thread hops between them) and the
-    digest rate are measured by every completed migration and averaged, so the next prediction
-    counts what this host really spends instead of a constant.
+
+OUTLIER_FACTOR = 3.0
+OUTLIER_SLACK_MS = 100.0
+
+
+class DowntimeModel:
+    """What a downtime to one peer costs, learned from the completed migrations to that peer.
+
+    Learned from each completed migration's measured steps: the pause (every vCPU parked), the
+    rate of the final send (slower than the rounds': the target applies and digests meanwhile),
+    the digest rate, and the fixed rest (state, the target's load and restore, resume, thread
+    hops), so the next prediction counts what the path really costs instead of constants. Three
+    rules keep one bad migration from poisoning every later one: a sample is never taken from a
+    failed migration or from an outlier (`is_outlier`); learned costs are bounded (MAX_FIXED_MS);
+    and they fade back to the defaults with a half-life, so a host that was slow an hour ago is
+    not taken to be slow for ever.
     """
 
-    def __init__(self, fixed_ms: float = 10.0, digest_ms_per_gib: float = 70.0) -> None:
+    MAX_FIXED_MS = 1000.0
+    HALF_LIFE_S = 1800.0
+    # A digest of a mostly empty guest is all fixed cost (holes, SHA-256 of the hash vector): a
+    # rate per GiB is learned only from digests that read at least this much data.
+    LEARN_DIGEST_FROM_BYTES = 64 << 20
+    # A send rate is learned only from final sends big enough to be more than their latency.
+    LEARN_SEND_FROM_BYTES = 4 << 20
+
+    def __init__(
+        self,
+        fixed_ms: float = 30.0,
+        digest_ms_per_gib: float = 70.0,
+        pause_ms: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._defaults = {"fixed": fixed_ms, "pause": pause_ms}
         self.fixed = RateMeter()
         self.fixed.rate = fixed_ms
+        self.pause = RateMeter()
+        self.pause.rate = pause_ms
         self.digest = RateMeter()
         self.digest.rate = digest_ms_per_gib
+        self.send = RateMeter()  # bytes/s of the downtime's send; 0 until learned
         self.learned = 0
+        self.outliers = 0
+        self._clock = clock
+        self._learned_at: float | None = None
+
+    def _faded(self, name: str, meter: RateMeter) -> float:
+        learned = min(meter.rate, self.MAX_FIXED_MS)
+        if self._learned_at is None:
+            return learned
+        fade: float = 0.5 ** ((self._clock() - self._learned_at) / self.HALF_LIFE_S)
+        default = self._defaults[name]
+        return default + (learned - default) * fade
 
     @property
     def fixed_ms(self) -> float:
-        return self.fixed.rate
+        return self._faded("fixed", self.fixed)
+
+    @property
+    def pause_ms(self) -> float:
+        return self._faded("pause", self.pause)
+
+    @property
+    def downtime_bandwidth_bytes_s(self) -> float:
+        # An old rate is dropped rather than faded: no rate means "use the rounds' rate".
+        if self._learned_at is None or self._clock() - self._learned_at > 2 * self.HALF_LIFE_S:
+            return 0.0
+        return self.send.rate
 
     def digest_ms(self, data_bytes: int) -> float:
         """Both sides' digests, one after the other (the target's starts on DONE)."""
         return 2 * self.digest.rate * data_bytes / GIB
 
-    # A digest of a mostly empty guest is all fixed cost (holes, SHA-256 of the hash vector): a
-    # rate per GiB is learned only from digests that read at least this much data.
-    LEARN_DIGEST_FROM_BYTES = 64 << 20
-
-    def learn(self, downtime_ms: float, send_ms: float, digest_ms: float, data_bytes: int) -> None:
+    def learn(
+        self, downtime_ms: float, steps_ms: dict[str, float], sent_bytes: int, data_bytes: int, predicted_ms: float
+    ) -> bool:
+        """Learns from a completed migration's measured downtime and its steps (`pause`, `send`,
+        `digest`, as the source times them); False (and nothing learned) for an outlier."""
+        if is_outlier(downtime_ms, predicted_ms):
+            self.outliers += 1
+            return False
+        pause_ms, send_ms, digest_ms = (steps_ms.get(k, 0.0) for k in ("pause", "send", "digest"))
         if digest_ms > 0 and data_bytes >= self.LEARN_DIGEST_FROM_BYTES:
             self.digest.add(digest_ms, data_bytes / GIB)
+        if send_ms > 0 and sent_bytes >= self.LEARN_SEND_FROM_BYTES:
+            self.send.add(sent_bytes, send_ms / 1e3)
+        # What has faded so far is the base a new sample moves.
+        self.fixed.rate, self.pause.rate = self.fixed_ms, self.pause_ms
+        self.pause.add(min(pause_ms, self.MAX_FIXED_MS), 1.0)
         # The target's digest is taken to cost what the source's did.
-        self.fixed.add(max(0.0, downtime_ms - send_ms - 2 * digest_ms), 1.0)
+        rest = downtime_ms - pause_ms - send_ms - 2 * digest_ms
+        self.fixed.add(min(max(0.0, rest), self.MAX_FIXED_MS), 1.0)
+        self._learned_at = self._clock()
         self.learned += 1
+        return True
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "fixed_ms": round(self.fixed_ms, 2),
+            "pause_ms": round(self.pause_ms, 2),
+            "downtime_send_mib_s": round(self.downtime_bandwidth_bytes_s / (1 << 20), 1),
+            "digest_ms_per_gib": round(self.digest.rate, 2),
+            "learned": self.learned,
+            "outliers": self.outliers,
+        }
+
+
+class DowntimeModels:
+    """One DowntimeModel per peer (the costs of one path say nothing about another), bounded:
+    the least recently used peer's model is dropped past MAX_PEERS."""
+
+    MAX_PEERS = 64
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._models: OrderedDict[str, DowntimeModel] = OrderedDict()
+
+    def for_peer(self, peer: str) -> DowntimeModel:
+        model = self._models.get(peer)
+        if model is None:
+            model = self._models[peer] = DowntimeModel(clock=self._clock)
+            while len(self._models) > self.MAX_PEERS:
+                self._models.popitem(last=False)
+        self._models.move_to_end(peer)
+        return model
+
+    def __len__(self) -> int:
+        return len(self._models)

@@ -83,6 +83,7 @@ class MigrationService:
             on_no_convergence=defaults.on_no_convergence,
             verify=defaults.verify,
             max_batch_bytes=defaults.max_batch_bytes,
+            downtime_guard_ms=_number(args, "downtime_guard_ms", defaults.downtime_guard_ms, 0, 600_000),
         )
         verify = args.get("verify")
         if verify is not None:

@@ -65,6 +65,7 @@ class SourceOptions:
     on_no_convergence: str
     verify: Literal["full", "off"]
     max_batch_bytes: int
+    downtime_guard_ms: float = 2000.0
 
 
 class Source:
@@ -94,6 +95,9 @@ class Source:
         self._last_collect = time.perf_counter()
         self._data_pages = 0  # pages in the memfd's data extents: what a digest must read
         self._throttle_step = -1  # index into THROTTLE_STEPS; -1: the guest runs at full speed
+        self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
+        # Costs learned from migrations to this peer only: another path's say nothing about it.
+        self._model = daemon.downtime_models.for_peer(self.stats.peer)
 
     # ---- entry --------------------------------------------------------------------------
 
@@ -106,6 +110,7 @@ class Source:
         # A VM the operator paused migrates paused and stays paused on the target.
         self.was_paused = hosted.state is VmState.PAUSED
         hosted.state = VmState.MIGRATING
+        self.daemon.record_vm(hosted)
         try:
             # The time limit covers everything before the downtime; _downtime lifts it.
             self.cancel_scope.deadline = trio.current_time() + self.options.timeout_s
@@ -133,6 +138,7 @@ class Source:
             # DESIGN 5: COMMIT went out and RUNNING never came; the target may be running the VM.
             self.stats.state = "in-doubt"
             self.hosted.state = VmState.IN_DOUBT
+            self.daemon.record_vm(self.hosted)
             self.log.error("migration_in_doubt", error=message)
             self.daemon.start_task(self.resolve)
             return
@@ -152,11 +158,14 @@ class Source:
         if vm is not None and self._paused_at is not None and not self.was_paused:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(vm.resume)
+            # What the guest went through although the migration failed: the operator sees it.
+            self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1e3
             self._paused_at = None
         if self.hosted.error is not None:
             self.hosted.state = VmState.FAILED
         else:
             self.hosted.state = VmState.PAUSED if self.was_paused else VmState.RUNNING
+        self.daemon.record_vm(self.hosted)
 
     # ---- phases -------------------------------------------------------------------------
 
@@ -220,6 +229,9 @@ class Source:
             self._cancel_reason = reason
             self.operator_cancelled = by_operator
         self.cancel_scope.cancel()
+
+    def _channel_bytes(self) -> int:
+        return self._channel.bytes_sent if self._channel is not None else 0
 
     async def _send_batch(self, batch: PageBatch) -> None:
         assert self._channel is not None
@@ -286,16 +298,20 @@ class Source:
     def _costs(self, state_bytes_guess: int) -> Costs:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
-        model = self.daemon.downtime_model
+        model = self._model
         digest_ms = 0.0
         if self.options.verify == "full":
-            digest_ms = model.digest_ms(self._data_pages * PAGE_SIZE)
+            # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
+            digest_ms = model.digest_ms(vm.memory.allocated_bytes())
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
-            fixed_ms=model.fixed_ms + vmstate.estimate_ms(len(vm.vcpus)),
+            fixed_ms=model.fixed_ms,
             state_bytes=state_bytes_guess,
             digest_ms=digest_ms,
             rtt_ms=self._channel.rtt_ms if self._channel else 0.0,
+            state_ms=vmstate.estimate_ms(len(vm.vcpus)),
+            pause_ms=model.pause_ms,
+            downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
         )
 
     async def _rounds(self) -> DirtyPages:
@@ -323,6 +339,7 @@ class Source:
                 self._costs(vmstate.estimate_bytes(len(vm.vcpus))),
             )
             self.stats.predicted_downtime_ms = estimate.total_ms
+            self.stats.predicted_downtime_terms_ms = estimate.terms_ms()
             decision = policy.decide(estimate, self.stats.round, time.monotonic() - self._started, self._throttle_step)
             if decision is Decision.STOP_AND_COPY:
                 self.log.info(
@@ -357,7 +374,8 @@ class Source:
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
 
     async def _downtime(self, pending: DirtyPages) -> None:
-        """R6, in order and nothing else in between, then the cutover of DESIGN section 5."""
+        """The downtime (R6, in `_downtime_until_loaded`) under the downtime guard, then the
+        cutover of DESIGN section 5."""
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None and vm.memory is not None
@@ -367,6 +385,58 @@ class Source:
         steps = self.stats.downtime_breakdown_ms
         clock = _StepClock(steps)
         self._paused_at = time.monotonic()
+        # The downtime guard: from the pause to COMMIT at most the limit plus the named margin. A
+        # target or link that stalls here costs the guest that long, not seconds: the source
+        # aborts (the target is told, or finds the link closed) and resumes the VM here.
+        guard_ms = self.options.downtime_limit_ms + self.options.downtime_guard_ms
+        self.stats.downtime_guard_ms = guard_ms
+        with trio.move_on_after(guard_ms / 1e3) as guard:
+            await self._downtime_until_loaded(pending, clock)
+        if guard.cancelled_caught:
+            waiting_for = next((s for s in _DOWNTIME_STEPS if s not in steps), "commit")
+            self.log.warning("downtime_guard_expired", guard_ms=guard_ms, step=waiting_for)
+            raise MigrationFailed(
+                f"downtime guard: no COMMIT within {guard_ms:.0f} ms of the pause (limit "
+                f"{self.options.downtime_limit_ms:.0f} ms + guard {self.options.downtime_guard_ms:.0f} ms), "
+                f"stalled in step {waiting_for!r}; aborted, the VM resumes here"
+            )
+        channel = self._channel
+        assert channel is not None
+        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
+        self._record("committed")
+        self.committed = True
+        if faults.active("source-lose-commit"):
+            await channel.aclose()
+            raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
+        await channel.send(Commit())
+        await channel.expect(Running)
+        clock.step("commit_to_running")
+        self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
+        predicted_ms = self.stats.predicted_downtime_ms or 0.0
+        learned = self._model.learn(downtime_ms, steps, self._downtime_bytes, vm.memory.allocated_bytes(), predicted_ms)
+        self.stats.downtime_outlier = not learned
+        if not learned:
+            self.log.warning(
+                "downtime_outlier_not_learned", downtime_ms=round(downtime_ms, 1), predicted_ms=round(predicted_ms, 1)
+            )
+        if downtime_ms > self.options.downtime_limit_ms:
+            self.stats.downtime_limit_exceeded = True
+            self.log.warning(
+                "downtime_limit_exceeded",
+                downtime_ms=round(downtime_ms, 1),
+                limit_ms=self.options.downtime_limit_ms,
+                predicted_ms=round(predicted_ms, 1),
+                breakdown_ms=dict(steps),
+            )
+        await self._release("completed")
+
+    async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock) -> None:
+        """R6, in order and nothing else in between, up to LOADED with the digests compared."""
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.tracker is not None and vm.memory is not None
+        channel = self._channel
+        assert channel is not None
         await trio.to_thread.run_sync(vm.set_throttle, 0.0)
         await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
         clock.step("pause")
@@ -385,11 +455,13 @@ class Source:
             dirty = union
         self.stats.final_pages = dirty.count
         self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
+        sent_before = self.stats.bytes_sent
         await self._send_dirty(dirty, self.stats.round + 1)  # R6.5: the union, then state
         for kind, blob in blobs:
             await channel.send(DeviceState(kind=kind, blob=blob))
             self.stats.state_bytes += len(blob)
         clock.step("send")
+        self._downtime_bytes = self._channel_bytes() - sent_before
         digest = None
         if self.options.verify == "full":
             digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
@@ -403,23 +475,6 @@ class Source:
             raise MigrationFailed(
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
-        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
-        self._record("committed")
-        self.committed = True
-        if faults.active("source-lose-commit"):
-            await channel.aclose()
-            raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
-        await channel.send(Commit())
-        await channel.expect(Running)
-        clock.step("commit_to_running")
-        self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1e3
-        self.daemon.downtime_model.learn(
-            self.stats.downtime_ms,
-            steps.get("send", 0.0),
-            steps.get("digest", 0.0),
-            self._data_pages * PAGE_SIZE,
-        )
-        await self._release("completed")
 
     async def _release(self, how: str) -> None:
         self._record("released")
@@ -503,6 +558,19 @@ class Source:
             await self._resume_here()
         else:
             raise ValueError(f"action {action!r}: allowed are release, resume")
+
+
+# The downtime's steps in order, as _StepClock names them: the guard's error names the first one
+# that had not finished.
+_DOWNTIME_STEPS = (
+    "pause",
+    "final_harvest",
+    "state_save",
+    "backup_bitmap",
+    "send",
+    "digest",
+    "target_load",
+)
 
 
 class _StepClock:

@@ -25,6 +25,9 @@ class MigrationStats:
     dirty_rate_mib_s: float = 0.0
     bandwidth_mib_s: float = 0.0
     predicted_downtime_ms: float | None = None
+    # The prediction term by term (pages and state over the link, harvest, state, digest, round
+    # trips, the learned fixed cost of this path): what the decision to stop was made of.
+    predicted_downtime_terms_ms: dict[str, float] = field(default_factory=dict)
     total_ms: float | None = None
     setup_ms: float | None = None
     bulk_ms: float | None = None
@@ -42,6 +45,9 @@ class MigrationStats:
     backup_bitmap_added: int = 0  # pages only the backup bitmap reported
     ring_full_exits: int = 0
     downtime_limit_ms: float = 0.0
+    downtime_limit_exceeded: bool = False  # a completed migration whose measured downtime broke the limit
+    downtime_guard_ms: float = 0.0  # the source aborts and resumes if COMMIT is not out this long after the pause
+    downtime_outlier: bool = False  # measured far beyond the prediction: reported, not learned
     throttle_percent: int = 0  # share of the time the vCPUs were held paused (policy "throttle")
     error: str | None = None
     digest: str | None = None

@@ -8,6 +8,8 @@ paused: asked again, this side aborts for good (it never got COMMIT) and says so
 
 from __future__ import annotations
 
+import os
+import signal
 import ssl
 import time
 from typing import Any, Literal
@@ -205,6 +207,8 @@ class Target:
                     )
                 blobs.append((event.kind, event.blob))
             elif isinstance(event, Done):
+                if faults.active_once("target-stop-on-done"):
+                    os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
                 await self._load(event, blobs)
                 return
             else:
@@ -254,6 +258,7 @@ class Target:
             hosted.state = VmState.RUNNING
         else:
             hosted.state = VmState.PAUSED
+        self.daemon.record_vm(hosted)
         stats.state = stats.phase = "completed"
         self.log.info("incoming_vm_running")
         if faults.active("target-vanish-after-commit"):

@@ -129,7 +129,11 @@ def heartbeat(daemon: DaemonProcess, name: str) -> int:
 
 
 def write_config(path: Path, **migration: object) -> Path:
-    """A daemon config: short peer timeouts (tests cut links) and the given [migration] keys."""
+    """A daemon config: short peer timeouts (tests cut links) and the given [migration] keys.
+
+    The downtime guard is set wide unless a test sets it: it is tested on its own (test_downtime_guard),
+    and elsewhere a loaded test host must not turn a slow cutover into a guard abort."""
+    migration.setdefault("downtime_guard_ms", 60_000)
     lines = ["[peer]", "connect_timeout_s = 3", "[migration]"]
     lines += [f"{key} = {value!r}".replace("'", '"') for key, value in migration.items()]
     path.write_text("\n".join(lines) + "\n")

@@ -6,8 +6,10 @@ from migrated.migration.policy import (
     Costs,
     Decision,
     DowntimeModel,
+    DowntimeModels,
     Policy,
     RateMeter,
+    is_outlier,
     predict_downtime,
 )
 
@@ -41,9 +43,11 @@ def test_policy_decisions() -> None:
 
 def test_model_learns_only_from_digests_of_real_data() -> None:
     model = DowntimeModel(fixed_ms=10.0, digest_ms_per_gib=70.0)
-    model.learn(downtime_ms=25.0, send_ms=1.0, digest_ms=5.0, data_bytes=64 << 10)  # a tiny guest
+    model.learn(
+        25.0, {"send": 1.0, "digest": 5.0}, sent_bytes=0, data_bytes=64 << 10, predicted_ms=30.0
+    )  # a tiny guest
     assert model.digest_ms(1 << 30) == 140.0  # unchanged: 5 ms for 64 KiB says nothing per GiB
-    model.learn(downtime_ms=100.0, send_ms=10.0, digest_ms=20.0, data_bytes=512 << 20)
+    model.learn(100.0, {"send": 10.0, "digest": 20.0}, sent_bytes=0, data_bytes=512 << 20, predicted_ms=90.0)
     assert model.digest_ms(1 << 30) == 2 * 40.0  # the first measurement replaces the guess
     assert model.fixed_ms > 0
 
@@ -65,3 +69,90 @@ def test_throttle_steps_up_then_gives_up() -> None:
         assert policy.decide(big, rounds=3 + step + 1, elapsed_s=1, throttle_step=step) is Decision.THROTTLE_MORE
     assert policy.decide(big, rounds=9, elapsed_s=1, throttle_step=len(THROTTLE_STEPS) - 1) is Decision.GIVE_UP
     assert policy.decide(big, rounds=3, elapsed_s=61, throttle_step=0) is Decision.GIVE_UP
+
+
+class FakeClock:
+    """A clock the test moves by hand: the model's decay is a function of time, not of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_prediction_is_shown_term_by_term_and_adds_up() -> None:
+    estimate = predict_downtime(1000, 50_000.0, 1 << 30, COSTS)
+    terms = estimate.terms_ms()
+    parts = ("transfer_ms", "harvest_ms", "state_ms", "verify_ms", "round_trips_ms", "learned_fixed_ms")
+    assert set(parts) | {"total_ms"} == set(terms)
+    assert abs(sum(terms[k] for k in parts) - terms["total_ms"]) < 0.05
+    assert terms["learned_fixed_ms"] == COSTS.fixed_ms + COSTS.pause_ms
+
+
+def test_a_stalled_migration_is_an_outlier_and_is_not_learned() -> None:
+    """The 8 s stall that once made every later migration impossible: reported, not learned."""
+    model = DowntimeModel(fixed_ms=10.0, clock=FakeClock())
+    assert is_outlier(8075.0, predicted_ms=40.0)
+    assert not model.learn(8075.0, {"send": 5.0, "digest": 0.0}, sent_bytes=0, data_bytes=0, predicted_ms=40.0)
+    assert model.fixed_ms == 10.0 and model.outliers == 1 and model.learned == 0
+    # A small absolute miss on a fast path is no outlier: it is what the path costs.
+    assert model.learn(70.0, {"send": 5.0, "digest": 0.0}, sent_bytes=0, data_bytes=0, predicted_ms=20.0)
+    assert model.fixed_ms == 65.0
+
+
+def test_the_learned_cost_is_bounded() -> None:
+    model = DowntimeModel(fixed_ms=10.0, clock=FakeClock())
+    for _ in range(20):  # a slow path, predicted about right every time: learned, but bounded
+        model.learn(5000.0, {"send": 0.0, "digest": 0.0}, sent_bytes=0, data_bytes=0, predicted_ms=4000.0)
+    assert model.fixed_ms == DowntimeModel.MAX_FIXED_MS
+
+
+def test_the_learned_cost_fades_back_to_the_default() -> None:
+    clock = FakeClock()
+    model = DowntimeModel(fixed_ms=10.0, clock=clock)
+    model.learn(210.0, {"send": 0.0, "digest": 0.0}, sent_bytes=0, data_bytes=0, predicted_ms=150.0)
+    assert model.fixed_ms == 210.0
+    clock.now += DowntimeModel.HALF_LIFE_S
+    assert abs(model.fixed_ms - 110.0) < 1e-9  # half way back after one half-life
+    clock.now += 20 * DowntimeModel.HALF_LIFE_S
+    assert abs(model.fixed_ms - 10.0) < 0.001
+    # A new sample moves what is left, not the stale value.
+    model.learn(30.0, {"send": 0.0, "digest": 0.0}, sent_bytes=0, data_bytes=0, predicted_ms=20.0)
+    assert 10.0 < model.fixed_ms <= 30.0
+
+
+def test_models_are_per_peer_and_bounded() -> None:
+    models = DowntimeModels()
+    slow = models.for_peer("10.0.0.2:7890")
+    slow.learn(400.0, {"send": 0.0, "digest": 0.0}, sent_bytes=0, data_bytes=0, predicted_ms=300.0)
+    assert models.for_peer("10.0.0.2:7890") is slow
+    assert models.for_peer("10.0.0.3:7890").fixed_ms == DowntimeModel().fixed_ms  # another path learns its own
+    for n in range(DowntimeModels.MAX_PEERS + 10):
+        models.for_peer(f"10.1.{n // 256}.{n % 256}:7890")
+    assert len(models) == DowntimeModels.MAX_PEERS
+
+
+def test_the_pause_and_the_downtime_send_rate_are_learned_and_used() -> None:
+    model = DowntimeModel(clock=FakeClock())
+    assert model.downtime_bandwidth_bytes_s == 0.0, "nothing learned: the rounds' rate is used"
+    steps = {"pause": 18.0, "send": 150.0, "digest": 20.0}
+    assert model.learn(313.0, steps, sent_bytes=30 << 20, data_bytes=256 << 20, predicted_ms=120.0)
+    assert model.pause_ms == 18.0
+    assert abs(model.downtime_bandwidth_bytes_s - (30 << 20) / 0.150) < 1.0
+    assert model.fixed_ms == 313.0 - 18.0 - 150.0 - 2 * 20.0
+    costs = Costs(
+        harvest_ms=1.0,
+        fixed_ms=model.fixed_ms,
+        state_bytes=0,
+        digest_ms=0.0,
+        rtt_ms=0.0,
+        pause_ms=model.pause_ms,
+        downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
+    )
+    # The rounds saw 1 GiB/s, the downtime's send 200 MiB/s: the slower one is what counts.
+    estimate = predict_downtime(7680, dirty_pages_per_s=0.0, bandwidth_bytes_s=1 << 30, costs=costs)
+    assert abs(estimate.transfer_ms - 150.0) < 0.1
+    # Pages dirtied while the vCPUs are being stopped count too.
+    busy = predict_downtime(0, dirty_pages_per_s=10_000.0, bandwidth_bytes_s=1 << 30, costs=costs)
+    assert busy.pages == int(10_000 * (1.0 + 18.0) / 1e3)
