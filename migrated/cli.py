@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_CONTROL_SOCKET
-from .control import RequestError, request
+from .control import RequestError, request, stream_events
 from .kvm.errors import KvmError
 from .kvm.system import DEFAULT_DEVICE, HostCaps, Kvm
 
@@ -296,6 +296,22 @@ def cmd_migration_resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_event(event: dict[str, Any]) -> str:
+    stamp = str(event.get("timestamp", ""))[11:23]
+    fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("timestamp", "level", "event"))
+    return f"{stamp} {str(event.get('level', '')):<7} {event.get('event')} {fields}".rstrip()
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    try:
+        for event in stream_events(Path(args.socket), {"vm": args.vm} if args.vm else {}):
+            print(json.dumps(event, default=str) if args.json else _format_event(event), flush=True)
+    except KeyboardInterrupt:
+        return 0  # the operator stopped watching: nothing went wrong
+    print(f"the daemon at {args.socket} closed the event stream", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migratectl", description=__doc__)
     parser.add_argument(
@@ -306,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--device", default=DEFAULT_DEVICE, help="KVM device (default %(default)s)")
     caps.add_argument("--json", action="store_true", help="print JSON")
     caps.set_defaults(func=cmd_caps)
+
+    events = sub.add_parser("events", help="the daemon's events as they happen (Ctrl-C ends it)")
+    events.add_argument("--vm", metavar="NAME", help="only this VM's events")
+    events.add_argument("--json", action="store_true", help="one JSON object per event, as the log has it")
+    events.set_defaults(func=cmd_events)
 
     vm = sub.add_parser("vm", help="create, list, show, stop VMs").add_subparsers(
         dest="vm_command", required=True, metavar="VM_COMMAND"

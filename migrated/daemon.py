@@ -17,6 +17,7 @@ from . import faults
 from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
 from .devices import console_log_path
+from .events import BUS, EventStream
 from .vmrecords import VmRecords
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
 from .guests.boot import pulse_irq
@@ -61,6 +62,7 @@ class Daemon:
             "vm.resume": self.cmd_vm_resume,
             "vm.forget": self.cmd_vm_forget,
             "daemon.status": self.cmd_daemon_status,
+            "events": self.cmd_events,
         }
 
     # ---- control commands ----------------------------------------------------------------
@@ -243,10 +245,18 @@ class Daemon:
             "log": str(hosted.console_log.path) if hosted.console_log is not None else None,
         }
 
+    async def cmd_events(self, args: dict[str, Any]) -> Any:
+        """The live event stream (`migratectl events`): every log event, optionally one VM's."""
+        vm = args.get("vm")
+        if vm is not None and not isinstance(vm, str):
+            raise RequestError('"vm" must be a string (a VM name)')
+        return EventStream(BUS.subscribe(vm))
+
     async def cmd_daemon_status(self, args: dict[str, Any]) -> Any:
         return {
             "vms": len(self.vms),
             "lost_vms": len(self.records.lost()),
+            "event_subscribers": len(BUS),
             "listen": str(self.config.peer.listen),
             "control_socket": str(self.config.daemon.control_socket),
             "pvm": self.kvm.caps().pvm,
