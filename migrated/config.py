@@ -94,6 +94,7 @@ class DaemonConfig:
     state_dir: Path
     log_format: LogFormat
     log_level: LogLevel
+    metrics_listen: HostPort | None  # None: no metrics endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +347,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "state_dir": _Key("/var/lib/migrated", _path(), False),
         "log_format": _Key("auto", _one_of("auto", "json", "console"), True),
         "log_level": _Key("info", _one_of("debug", "info", "warning", "error", "critical"), True),
+        "metrics_listen": _Key(None, _listen, False),
     },
     "peer": {
         "listen": _Key("0.0.0.0:7890", _listen, False),
@@ -380,6 +382,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "control_socket": ("daemon", "control_socket"),
     "state_dir": ("daemon", "state_dir"),
     "listen": ("peer", "listen"),
+    "metrics_listen": ("daemon", "metrics_listen"),
     "peer_key_file": ("peer", "key_file"),
 }
 _PATH_OVERRIDES = {"control_socket", "state_dir", "peer_key_file"}

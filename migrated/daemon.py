@@ -18,6 +18,7 @@ from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
 from .devices import console_log_path
 from .events import BUS, EventStream
+from .metrics import DaemonMetrics
 from .vmrecords import VmRecords
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
 from .guests.boot import pulse_irq
@@ -256,7 +257,7 @@ class Daemon:
         return {
             "vms": len(self.vms),
             "lost_vms": len(self.records.lost()),
-            "event_subscribers": len(BUS),
+            "event_subscribers": BUS.subscriptions(),
             "listen": str(self.config.peer.listen),
             "control_socket": str(self.config.daemon.control_socket),
             "pvm": self.kvm.caps().pvm,
@@ -398,10 +399,17 @@ async def run_daemon(
         with_bitmap=caps.dirty_ring_with_bitmap,
         arch=caps.arch,
     )
+    metrics: DaemonMetrics | None = None
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 daemon.nursery = nursery
+                # Before the control socket: a daemon that cannot serve what it was told to never
+                # looks ready.
+                if config.daemon.metrics_listen is not None:
+                    metrics = DaemonMetrics(daemon)
+                    metrics.serve(config.daemon.metrics_listen)
+                    log.info("metrics_listening", listen=str(config.daemon.metrics_listen))
                 await nursery.start(serve_control, config.daemon.control_socket, daemon.handle)
                 from .migration.service import start_migration_service
 
@@ -425,6 +433,8 @@ async def run_daemon(
                     nursery.cancel_scope.cancel()
                     break
     finally:
+        if metrics is not None:
+            metrics.close()
         kvm.close()
         notifier.close()
         log.info("daemon_stopped")

@@ -9,7 +9,7 @@ rather than making the daemon buffer without bound or a vCPU thread wait.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -69,6 +69,18 @@ class EventBus:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """`listener(event)` is called for every event, on the thread that logged it: it must be
+        quick and thread-safe (the metrics' counters are)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[Event], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
 
     def subscribe(self, vm: str | None = None) -> Subscription:
         """On the trio thread: a new subscription (close it when done)."""
@@ -80,6 +92,12 @@ class EventBus:
     def publish(self, event: Event) -> None:
         with self._lock:
             subscribers = list(self._subscribers)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: S110 - a listener's bug must not break logging (nor log again)
+                pass
         for subscription in subscribers:
             subscription.offer(event)
 
@@ -89,6 +107,11 @@ class EventBus:
                 self._subscribers.remove(subscription)
 
     def __len__(self) -> int:
+        """Subscriptions and listeners: 0 means nobody is told, so nothing need be published."""
+        with self._lock:
+            return len(self._subscribers) + len(self._listeners)
+
+    def subscriptions(self) -> int:
         with self._lock:
             return len(self._subscribers)
 
