@@ -258,6 +258,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         ("max_bandwidth_mib_s", args.max_bandwidth),
         ("timeout_s", args.timeout),
         ("verify", args.verify),
+        ("on_no_convergence", args.on_no_convergence),
+        ("max_rounds", args.max_rounds),
+        ("completion_timeout_per_gib_s", args.completion_timeout_per_gib),
+        ("progress_timeout_s", args.progress_timeout),
     ):
         if value is not None:
             payload[key] = value
@@ -281,6 +285,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_migration_status(args: argparse.Namespace) -> int:
     stats = _call(args, "migration.status", {"name": args.name})
     _print(args, stats, _format_final(stats) if stats["state"] in FINAL_STATES else _progress_line(stats))
+    return 0
+
+
+def cmd_migration_set(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"name": args.name}
+    if args.downtime_limit is not None:
+        payload["downtime_limit_ms"] = args.downtime_limit
+    if args.max_bandwidth is not None:
+        payload["max_bandwidth_mib_s"] = args.max_bandwidth
+    stats = _call(args, "migration.set", payload)
+    _print(args, stats, f"{args.name}: downtime limit {stats['downtime_limit_ms']:g} ms, in {stats['phase']}")
     return 0
 
 
@@ -395,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--timeout", type=float, help="s")
     migrate.add_argument("--verify", choices=["full", "off"])
     migrate.add_argument(
+        "--on-no-convergence",
+        choices=["abort", "force-downtime", "throttle"],
+        help="when max rounds pass over the limit (default: the daemon's migration.on_no_convergence)",
+    )
+    migrate.add_argument("--max-rounds", type=int, help="dirty rounds before that (default: migration.max_rounds)")
+    migrate.add_argument(
+        "--completion-timeout-per-gib",
+        type=float,
+        metavar="S",
+        help="at most S seconds per GiB of RAM for the whole migration (0 = off)",
+    )
+    migrate.add_argument(
+        "--progress-timeout", type=float, metavar="S", help="cancel when no byte reached the target for S seconds"
+    )
+    migrate.add_argument(
         "--wait", action="store_true", help="follow progress; exit 0 only if the VM runs on the target"
     )
     migrate.set_defaults(func=cmd_migrate)
@@ -408,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = migration.add_parser("cancel", help="stop a migration before COMMIT; the VM runs here")
     cancel.add_argument("name")
     cancel.set_defaults(func=cmd_migration_cancel)
+    adjust = migration.add_parser("set", help="change a running migration's downtime limit or bandwidth cap")
+    adjust.add_argument("name")
+    adjust.add_argument("--downtime-limit", type=float, metavar="MS", help="the new downtime limit, ms")
+    adjust.add_argument("--max-bandwidth", type=float, metavar="MIB_S", help="the new cap, MiB/s (0 = unlimited)")
+    adjust.add_argument("--json", action="store_true", help="print JSON")
+    adjust.set_defaults(func=cmd_migration_set)
     resolve = migration.add_parser("resolve", help="settle an in-doubt migration")
     resolve.add_argument("name")
     resolve.add_argument(
