@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", help="override peer.listen (HOST:PORT)")
     parser.add_argument("--state-dir", help="override daemon.state_dir")
     parser.add_argument("--peer-key-file", help="override peer.key_file (the pre-shared key)")
+    parser.add_argument(
+        "--metrics-listen", help="override daemon.metrics_listen: serve Prometheus metrics on HOST:PORT"
+    )
     return parser
 
 
@@ -32,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "listen": args.listen,
         "state_dir": args.state_dir,
         "peer_key_file": args.peer_key_file,
+        "metrics_listen": args.metrics_listen,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
@@ -41,12 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(config.daemon.log_format, config.daemon.log_level)
     from .daemon import run_daemon
+    from .metrics import MetricsError
 
     try:
         trio.run(run_daemon, config, args.config, overrides)
     except BaseException as err:  # start-up failures arrive wrapped in exception groups
         fatal = _first_leaf(err)
-        if isinstance(fatal, (KvmError, ControlSocketInUseError, OSError)):
+        if isinstance(fatal, (KvmError, ControlSocketInUseError, OSError, MetricsError)):
             print(f"migrated: {fatal}", file=sys.stderr)
             return 1
         raise

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_CONTROL_SOCKET
-from .control import RequestError, request
+from .control import RequestError, request, stream_events
 from .kvm.errors import KvmError
 from .kvm.system import DEFAULT_DEVICE, HostCaps, Kvm
 
@@ -258,6 +258,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         ("max_bandwidth_mib_s", args.max_bandwidth),
         ("timeout_s", args.timeout),
         ("verify", args.verify),
+        ("on_no_convergence", args.on_no_convergence),
+        ("max_rounds", args.max_rounds),
+        ("completion_timeout_per_gib_s", args.completion_timeout_per_gib),
+        ("progress_timeout_s", args.progress_timeout),
     ):
         if value is not None:
             payload[key] = value
@@ -284,6 +288,17 @@ def cmd_migration_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migration_set(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"name": args.name}
+    if args.downtime_limit is not None:
+        payload["downtime_limit_ms"] = args.downtime_limit
+    if args.max_bandwidth is not None:
+        payload["max_bandwidth_mib_s"] = args.max_bandwidth
+    stats = _call(args, "migration.set", payload)
+    _print(args, stats, f"{args.name}: downtime limit {stats['downtime_limit_ms']:g} ms, in {stats['phase']}")
+    return 0
+
+
 def cmd_migration_cancel(args: argparse.Namespace) -> int:
     result = _call(args, "migration.cancel", {"name": args.name})
     _print(args, result, f"{args.name}: cancelling")
@@ -296,6 +311,22 @@ def cmd_migration_resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_event(event: dict[str, Any]) -> str:
+    stamp = str(event.get("timestamp", ""))[11:23]
+    fields = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("timestamp", "level", "event"))
+    return f"{stamp} {str(event.get('level', '')):<7} {event.get('event')} {fields}".rstrip()
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    try:
+        for event in stream_events(Path(args.socket), {"vm": args.vm} if args.vm else {}):
+            print(json.dumps(event, default=str) if args.json else _format_event(event), flush=True)
+    except KeyboardInterrupt:
+        return 0  # the operator stopped watching: nothing went wrong
+    print(f"the daemon at {args.socket} closed the event stream", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migratectl", description=__doc__)
     parser.add_argument(
@@ -306,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--device", default=DEFAULT_DEVICE, help="KVM device (default %(default)s)")
     caps.add_argument("--json", action="store_true", help="print JSON")
     caps.set_defaults(func=cmd_caps)
+
+    events = sub.add_parser("events", help="the daemon's events as they happen (Ctrl-C ends it)")
+    events.add_argument("--vm", metavar="NAME", help="only this VM's events")
+    events.add_argument("--json", action="store_true", help="one JSON object per event, as the log has it")
+    events.set_defaults(func=cmd_events)
 
     vm = sub.add_parser("vm", help="create, list, show, stop VMs").add_subparsers(
         dest="vm_command", required=True, metavar="VM_COMMAND"
@@ -374,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--timeout", type=float, help="s")
     migrate.add_argument("--verify", choices=["full", "off"])
     migrate.add_argument(
+        "--on-no-convergence",
+        choices=["abort", "force-downtime", "throttle"],
+        help="when max rounds pass over the limit (default: the daemon's migration.on_no_convergence)",
+    )
+    migrate.add_argument("--max-rounds", type=int, help="dirty rounds before that (default: migration.max_rounds)")
+    migrate.add_argument(
+        "--completion-timeout-per-gib",
+        type=float,
+        metavar="S",
+        help="at most S seconds per GiB of RAM for the whole migration (0 = off)",
+    )
+    migrate.add_argument(
+        "--progress-timeout", type=float, metavar="S", help="cancel when no byte reached the target for S seconds"
+    )
+    migrate.add_argument(
         "--wait", action="store_true", help="follow progress; exit 0 only if the VM runs on the target"
     )
     migrate.set_defaults(func=cmd_migrate)
@@ -387,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = migration.add_parser("cancel", help="stop a migration before COMMIT; the VM runs here")
     cancel.add_argument("name")
     cancel.set_defaults(func=cmd_migration_cancel)
+    adjust = migration.add_parser("set", help="change a running migration's downtime limit or bandwidth cap")
+    adjust.add_argument("name")
+    adjust.add_argument("--downtime-limit", type=float, metavar="MS", help="the new downtime limit, ms")
+    adjust.add_argument("--max-bandwidth", type=float, metavar="MIB_S", help="the new cap, MiB/s (0 = unlimited)")
+    adjust.add_argument("--json", action="store_true", help="print JSON")
+    adjust.set_defaults(func=cmd_migration_set)
     resolve = migration.add_parser("resolve", help="settle an in-doubt migration")
     resolve.add_argument("name")
     resolve.add_argument(

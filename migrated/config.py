@@ -94,6 +94,7 @@ class DaemonConfig:
     state_dir: Path
     log_format: LogFormat
     log_level: LogLevel
+    metrics_listen: HostPort | None  # None: no metrics endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,8 @@ class MigrationConfig:
     verify: Verify
     max_batch_bytes: int
     downtime_guard_ms: int  # beyond downtime_limit_ms: how long the source may stay paused before COMMIT
+    completion_timeout_per_gib_s: float  # 0: off; else the whole migration may take this per GiB of RAM
+    progress_timeout_s: float  # 0: off; else no byte moved for this long cancels the migration
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +349,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "state_dir": _Key("/var/lib/migrated", _path(), False),
         "log_format": _Key("auto", _one_of("auto", "json", "console"), True),
         "log_level": _Key("info", _one_of("debug", "info", "warning", "error", "critical"), True),
+        "metrics_listen": _Key(None, _listen, False),
     },
     "peer": {
         "listen": _Key("0.0.0.0:7890", _listen, False),
@@ -372,6 +376,8 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "verify": _Key("full", _one_of("full", "off"), True),
         "max_batch_bytes": _Key(8 * MIB, _integer(1 * MIB, 64 * MIB, sizes=True), True),
         "downtime_guard_ms": _Key(2000, _integer(0, 600_000), True),
+        "completion_timeout_per_gib_s": _Key(0, _number(0, 86_400), True),
+        "progress_timeout_s": _Key(150, _number(0, 86_400), True),
     },
 }
 
@@ -380,6 +386,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "control_socket": ("daemon", "control_socket"),
     "state_dir": ("daemon", "state_dir"),
     "listen": ("peer", "listen"),
+    "metrics_listen": ("daemon", "metrics_listen"),
     "peer_key_file": ("peer", "key_file"),
 }
 _PATH_OVERRIDES = {"control_socket", "state_dir", "peer_key_file"}

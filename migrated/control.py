@@ -12,12 +12,13 @@ import errno
 import json
 import os
 import socket as stdlib_socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from .events import EventStream
 from .logs import get_logger
 
 # A request is a command name and a few arguments: 1 MiB is far more than any needs, and it
@@ -99,7 +100,12 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                     return
                 line = bytes(buffer[:newline])
                 del buffer[: newline + 1]
-                await _send(stream, await _answer(line, handler, log))
+                answer = await _answer(line, handler, log)
+                result = answer.get("result")
+                if isinstance(result, EventStream):
+                    await _stream_events(stream, result)
+                    return
+                await _send(stream, answer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
@@ -123,6 +129,29 @@ async def _answer(line: bytes, handler: Handler, log: Any) -> dict[str, Any]:
     except Exception as err:  # one failed request must not take the daemon down
         log.exception("control_request_failed", cmd=cmd)
         return {"ok": False, "error": f"{cmd} failed: {type(err).__name__}: {err}"}
+
+
+async def _stream_events(stream: trio.SocketStream, events: EventStream) -> None:
+    """One answer line, then an event per line until the client goes away."""
+    subscription = events.subscription
+    try:
+        await _send(stream, {"ok": True, "result": "streaming"})
+        async with trio.open_nursery() as nursery:
+            # The client sends nothing more: its EOF (Ctrl-C on migratectl events) ends the stream.
+            nursery.start_soon(_cancel_on_eof, stream, nursery.cancel_scope)
+            async for event in subscription:
+                await _send(stream, {"event": event})
+    finally:
+        subscription.close()
+
+
+async def _cancel_on_eof(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    try:
+        while await stream.receive_some(4096):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
 
 
 async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
@@ -157,3 +186,29 @@ def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: f
     if not answer.get("ok"):
         raise RequestError(answer.get("error", "unknown error"))
     return answer.get("result")
+
+
+def stream_events(path: Path, args: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Blocking client (for `migratectl events`): the daemon's events, one dict each, until the
+    daemon goes away (or the caller stops iterating, which closes the connection)."""
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise RequestError(f"no daemon at {path}: the control socket does not exist") from None
+        except ConnectionRefusedError:
+            raise RequestError(f"no daemon at {path}: connection refused") from None
+        except PermissionError:
+            raise RequestError(f"no permission to use {path}: run as root") from None
+        sock.sendall(json.dumps({"cmd": "events", "args": args or {}}).encode() + b"\n")
+        reader = sock.makefile("rb")
+        first = json.loads(reader.readline() or b"{}")
+        if not first.get("ok"):
+            raise RequestError(first.get("error", f"daemon at {path} closed the connection without an answer"))
+        for line in reader:
+            message = json.loads(line)
+            if isinstance(message, dict) and isinstance(message.get("event"), dict):
+                yield message["event"]
+    finally:
+        sock.close()

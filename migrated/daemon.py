@@ -20,6 +20,8 @@ from . import faults
 from .config import Config, ConfigError, load_config
 from .control import RequestError, serve_control
 from .devices import console_log_path
+from .events import BUS, EventStream
+from .metrics import DaemonMetrics
 from .vmrecords import VmRecords
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
 from .guests.x86_64.boot import pulse_irq
@@ -69,6 +71,7 @@ class Daemon:
             "vm.resume": self.cmd_vm_resume,
             "vm.forget": self.cmd_vm_forget,
             "daemon.status": self.cmd_daemon_status,
+            "events": self.cmd_events,
         }
 
     # ---- control commands ----------------------------------------------------------------
@@ -251,10 +254,18 @@ class Daemon:
             "log": str(hosted.console_log.path) if hosted.console_log is not None else None,
         }
 
+    async def cmd_events(self, args: CommandArgs) -> CommandReply:
+        """The live event stream (`migratectl events`): every log event, optionally one VM's."""
+        vm = args.get("vm")
+        if vm is not None and not isinstance(vm, str):
+            raise RequestError('"vm" must be a string (a VM name)')
+        return EventStream(BUS.subscribe(vm))
+
     async def cmd_daemon_status(self, args: CommandArgs) -> CommandReply:
         return {
             "vms": len(self.vms),
             "lost_vms": len(self.records.lost()),
+            "event_subscribers": BUS.subscriptions(),
             "listen": str(self.config.peer.listen),
             "control_socket": str(self.config.daemon.control_socket),
             "pvm": self.kvm.caps().pvm,
@@ -393,10 +404,17 @@ async def run_daemon(
         with_bitmap=caps.dirty_ring_with_bitmap,
         arch=caps.arch,
     )
+    metrics: DaemonMetrics | None = None
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 daemon.nursery = nursery
+                # Before the control socket: a daemon that cannot serve what it was told to never
+                # looks ready.
+                if config.daemon.metrics_listen is not None:
+                    metrics = DaemonMetrics(daemon)
+                    metrics.serve(config.daemon.metrics_listen)
+                    log.info("metrics_listening", listen=str(config.daemon.metrics_listen))
                 await nursery.start(serve_control, config.daemon.control_socket, daemon.handle)
                 await start_migration_service(daemon, nursery)
                 nursery.start_soon(daemon.watchdog)
@@ -418,6 +436,8 @@ async def run_daemon(
                     nursery.cancel_scope.cancel()
                     break
     finally:
+        if metrics is not None:
+            metrics.close()
         kvm.close()
         notifier.close()
         log.info("daemon_stopped")

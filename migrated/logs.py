@@ -21,6 +21,8 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
+from .events import BUS
+
 __all__ = ["configure_logging", "get_logger"]
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -46,6 +48,13 @@ _console = {colors: structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False
 def _drop_below_level(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
     if LEVELS.get(event.get("level", "info"), 20) < _state.level:
         raise structlog.DropEvent
+    return event
+
+
+def _publish(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """The same records that go to the log, to the event stream's subscribers (if any)."""
+    if len(BUS):
+        BUS.publish({k: v for k, v in event.items() if k not in ("exc_info", "stack_info")})
     return event
 
 
@@ -99,6 +108,7 @@ def _install() -> None:
             structlog.processors.add_log_level,
             _drop_below_level,
             _timestamp,
+            _publish,
             structlog.processors.StackInfoRenderer(),
             _render,
         ],

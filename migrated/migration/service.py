@@ -42,6 +42,18 @@ def _number(args: CommandArgs, key: str, default: float, low: float, high: float
     return float(value)
 
 
+NO_CONVERGENCE = ("abort", "force-downtime", "throttle")
+
+
+def _choice(args: CommandArgs, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = args.get(key)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise RequestError(f"{key} {value!r}: allowed are {', '.join(allowed)}")
+    return str(value)
+
+
 def _parse_to(value: object) -> tuple[str, int]:
     if not isinstance(value, str) or ":" not in value:
         raise RequestError(f"--to {value!r}: HOST:PORT, e.g. 127.0.0.1:7890 or [::1]:7890")
@@ -80,10 +92,14 @@ class MigrationService:
             max_bandwidth_mib_s=_number(args, "max_bandwidth_mib_s", defaults.max_bandwidth_mib_s, 0, 1 << 20),
             timeout_s=_number(args, "timeout_s", defaults.timeout_s, 1, 86400),
             max_rounds=int(_number(args, "max_rounds", defaults.max_rounds, 1, 10000)),
-            on_no_convergence=defaults.on_no_convergence,
+            on_no_convergence=_choice(args, "on_no_convergence", defaults.on_no_convergence, NO_CONVERGENCE),
             verify=defaults.verify,
             max_batch_bytes=defaults.max_batch_bytes,
             downtime_guard_ms=_number(args, "downtime_guard_ms", defaults.downtime_guard_ms, 0, 600_000),
+            completion_timeout_per_gib_s=_number(
+                args, "completion_timeout_per_gib_s", defaults.completion_timeout_per_gib_s, 0, 86400
+            ),
+            progress_timeout_s=_number(args, "progress_timeout_s", defaults.progress_timeout_s, 0, 86400),
         )
         verify = args.get("verify")
         if verify is not None:
@@ -123,6 +139,23 @@ class MigrationService:
         migration.cancel("cancelled by the operator", by_operator=True)
         return {"name": migration.hosted.name, "cancelling": True}
 
+    async def cmd_set(self, args: CommandArgs) -> CommandReply:
+        """migrate-set-parameters: change a running migration's downtime limit or bandwidth cap."""
+        migration = self._migration(args)
+        if not isinstance(migration, Source):
+            raise RequestError("an incoming migration's parameters are set on its source")
+        if migration.stats.state not in ("setup", "bulk", "rounds"):
+            raise RequestError(f"migration is {migration.stats.state}: its parameters can no longer change")
+        changes: dict[str, float] = {}
+        if args.get("downtime_limit_ms") is not None:
+            changes["downtime_limit_ms"] = _number(args, "downtime_limit_ms", 0, 1, 60000)
+        if args.get("max_bandwidth_mib_s") is not None:
+            changes["max_bandwidth_mib_s"] = _number(args, "max_bandwidth_mib_s", 0, 0, 1 << 20)
+        if not changes:
+            raise RequestError("nothing to set: give downtime_limit_ms and/or max_bandwidth_mib_s")
+        migration.set_parameters(**changes)
+        return migration.stats.as_dict()
+
     async def cmd_resolve(self, args: CommandArgs) -> CommandReply:
         migration = self._migration(args)
         if not isinstance(migration, Source) or migration.stats.state != "in-doubt":
@@ -145,6 +178,7 @@ async def start_migration_service(daemon: MigrationHost, nursery: trio.Nursery) 
             "migration.status": service.cmd_status,
             "migration.cancel": service.cmd_cancel,
             "migration.resolve": service.cmd_resolve,
+            "migration.set": service.cmd_set,
         }
     )
     await nursery.start(serve_peers, daemon)

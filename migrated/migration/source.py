@@ -13,7 +13,7 @@ import math
 import os
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +66,8 @@ class SourceOptions:
     verify: Literal["full", "off"]
     max_batch_bytes: int
     downtime_guard_ms: float = 2000.0
+    completion_timeout_per_gib_s: float = 0.0  # 0: off (KubeVirt's completionTimeoutPerGiB)
+    progress_timeout_s: float = 0.0  # 0: off; no byte moved for this long cancels (before the downtime)
 
 
 class Source:
@@ -82,6 +84,7 @@ class Source:
         )
         self.log = get_logger(component="source", vm=hosted.name, migration_id=migration_id, peer=self.stats.peer)
         self.cancel_scope = trio.CancelScope()
+        self._progress_scope = trio.CancelScope()  # its deadline moves with every batch sent
         self._cancel_reason: str | None = None
         self.operator_cancelled = False
         self.committed = False
@@ -113,12 +116,18 @@ class Source:
         self.daemon.record_vm(hosted)
         try:
             # The time limit covers everything before the downtime; _downtime lifts it.
-            self.cancel_scope.deadline = trio.current_time() + self.options.timeout_s
-            with self.cancel_scope:
+            self.cancel_scope.deadline = trio.current_time() + self._time_limit_s()
+            self._note_progress()
+            with self.cancel_scope, self._progress_scope:
                 await self._migrate()
+            if self._progress_scope.cancelled_caught and not self.committed:
+                raise MigrationFailed(
+                    f"no progress for {self.options.progress_timeout_s:g} s (nothing reached the target); "
+                    "cancelled, the VM keeps running here"
+                )
             if self.cancel_scope.cancelled_caught and not self.committed:
                 raise MigrationFailed(
-                    self._cancel_reason or f"timed out after {self.options.timeout_s} s; the VM keeps running here"
+                    self._cancel_reason or f"timed out after {self._time_limit_s():g} s; the VM keeps running here"
                 )
         except (MigrationFailed, PeerError, OSError, trio.TooSlowError) as err:
             await self._fail(err)
@@ -221,7 +230,30 @@ class Source:
         await self._bulk_copy()
         pending = await self._rounds()
         self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
+        self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
         await self._downtime(pending)
+
+    def _time_limit_s(self) -> float:
+        """timeout_s, or the completion timeout per GiB of RAM if that ends first."""
+        limit = self.options.timeout_s
+        per_gib = self.options.completion_timeout_per_gib_s
+        if per_gib > 0:
+            limit = min(limit, per_gib * max(self.hosted.spec.memory_bytes / (1 << 30), 1 / 1024))
+        return limit
+
+    def _note_progress(self) -> None:
+        """Bytes reached the target: the progress timeout starts again."""
+        timeout = self.options.progress_timeout_s
+        if timeout > 0 and not self._progress_scope.cancel_called:
+            self._progress_scope.deadline = trio.current_time() + timeout
+
+    def set_parameters(self, **changes: float) -> None:
+        """migrate-set-parameters: the next batch and the next round's decision use them."""
+        old = {k: getattr(self.options, k) for k in changes}
+        self.options = replace(self.options, **changes)  # type: ignore[arg-type]
+        if "downtime_limit_ms" in changes:
+            self.stats.downtime_limit_ms = self.options.downtime_limit_ms
+        self.log.info("migration_parameters_changed", old=old, new=changes)
 
     def cancel(self, reason: str, by_operator: bool = False) -> None:
         """Stop the migration before COMMIT; the VM resumes (or keeps running) here."""
@@ -238,6 +270,7 @@ class Source:
         before = self._channel.bytes_sent
         started = time.perf_counter()
         await self._channel.send(batch)
+        self._note_progress()
         sent = self._channel.bytes_sent - before
         self.stats.bytes_sent = self._channel.bytes_sent
         limit = self.options.max_bandwidth_mib_s * MIB
@@ -319,13 +352,14 @@ class Source:
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
         self.stats.state = self.stats.phase = "rounds"
-        policy = Policy(
-            self.options.downtime_limit_ms,
-            self.options.max_rounds,
-            self.options.timeout_s,
-            self.options.on_no_convergence,
-        )
         while True:
+            # Built each round: `migration set` may have changed the limit since the last one.
+            policy = Policy(
+                self.options.downtime_limit_ms,
+                self.options.max_rounds,
+                self._time_limit_s(),
+                self.options.on_no_convergence,
+            )
             pending = await trio.to_thread.run_sync(vm.tracker.collect)
             now = time.perf_counter()
             self._dirty_rate.add(pending.count, now - self._last_collect)

@@ -516,7 +516,7 @@ def test_invalid_override_names_the_flag(key: Path) -> None:
 def test_unknown_override(key: Path) -> None:
     err = error_of(None, key, log_level="debug")
     assert err.key == "log_level"
-    assert "control_socket, state_dir, listen, peer_key_file" in str(err)
+    assert "control_socket, state_dir, listen, metrics_listen, peer_key_file" in str(err)
 
 
 # --- reload ------------------------------------------------------------------------------------

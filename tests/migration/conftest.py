@@ -24,6 +24,7 @@ def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
         faults: str = "",
         netns: str | None = None,
         host: str = "127.0.0.1",
+        metrics: str | None = None,
         **migration: object,
     ) -> DaemonProcess:
         config = write_config(tmp_path / f"{name}.toml", **migration)
@@ -33,7 +34,7 @@ def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
             key or shared_key,
             host=host,
             netns=netns,
-            extra_args=("--config", str(config)),
+            extra_args=("--config", str(config), *(("--metrics-listen", metrics) if metrics else ())),
             faults=faults,
         )
         started.append(daemon)
