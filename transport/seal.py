@@ -45,7 +45,7 @@ LENGTH: Final = struct.Struct(">I")
 _NONCE: Final = struct.Struct(">4xQ")
 _SEQUENCE_LIMIT: Final = 1 << 64
 
-Buffer = bytes | bytearray | memoryview
+Buffer = bytes | memoryview
 
 
 def derive_key(psk: bytes, source_nonce: bytes, target_nonce: bytes, sender: Role) -> bytes:
@@ -120,7 +120,7 @@ class Opener:
 
     @property
     def _length(self) -> int:
-        return LENGTH.unpack(self._prefix)[0]
+        return int(LENGTH.unpack(self._prefix)[0])
 
     def feed(self, data: memoryview) -> None:
         """Bytes as received. The caller bounds how much it feeds before draining next_frame."""
@@ -183,7 +183,8 @@ class Opener:
             self._record_buffer = bytearray(length)
         self._prefix, self._record = prefix, self._record_buffer
         take = min(length, len(self._head) - LENGTH.size)
-        self._record[:take] = self._head[LENGTH.size : LENGTH.size + take]
+        with memoryview(self._head) as head:  # one copy, not a slice and then a copy
+            self._record[:take] = head[LENGTH.size : LENGTH.size + take]
         del self._head[: LENGTH.size + take]
         self._filled = take
 

@@ -412,6 +412,26 @@ def test_short_data_mismatch() -> None:
     )
 
 
+@pytest.mark.parametrize("mode", [{}, {"tls": True}], ids=["sealed", "clear"])
+@pytest.mark.parametrize(
+    ("n_pages", "n_zero", "match"),
+    [
+        (1, -1, r"PageBatch n_zero -1 is outside 0\.\.8388608"),
+        (-1, 0, r"PageBatch n_pages -1 is outside 0\.\.8388608"),
+        (-1, 2, r"PageBatch n_pages -1 is outside"),
+        (1 << 40, 0, r"PageBatch n_pages 1099511627776 is outside"),
+        (0, 0, r"PageBatch n_pages and n_zero are both 0"),
+    ],
+)
+def test_negative_or_inconsistent_counts_are_the_peers_protocol_error(
+    mode: dict[str, bool], n_pages: int, n_zero: int, match: str
+) -> None:
+    """Issue 10: n_zero=-1 was accepted and n_pages=-1 raised a ValueError out of the transport."""
+    header = {"t": "page_batch", "slot": 0, "round": 0, "n_pages": n_pages, "n_zero": n_zero}
+    payload = np.array([1], "<u8").tobytes() + bytes(PAGE)
+    refused(big_vm_target(**mode), raw_frame(header, payload), match)
+
+
 def test_empty_batch() -> None:
     refused(big_vm_target(), page_frame(0, []), r"PageBatch n_pages and n_zero are both 0")
 
