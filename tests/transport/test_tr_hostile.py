@@ -43,7 +43,7 @@ from transport import (
     Role,
     State,
 )
-from transport import limits
+from transport import framing, limits
 
 NONCE = b"n" * 32
 
@@ -417,8 +417,8 @@ def test_short_data_mismatch() -> None:
     ("n_pages", "n_zero", "match"),
     [
         (1, -1, r"PageBatch n_zero -1 is outside 0\.\.8388608"),
-        (-1, 0, r"PageBatch n_pages -1 is outside 0\.\.8388608"),
-        (-1, 2, r"PageBatch n_pages -1 is outside"),
+        (-1, 513, r"PageBatch n_pages -1 is outside 0\.\.8388608"),
+        (3, -2, r"PageBatch n_zero -2 is outside"),
         (1 << 40, 0, r"PageBatch n_pages 1099511627776 is outside"),
         (0, 0, r"PageBatch n_pages and n_zero are both 0"),
     ],
@@ -426,9 +426,11 @@ def test_short_data_mismatch() -> None:
 def test_negative_or_inconsistent_counts_are_the_peers_protocol_error(
     mode: dict[str, bool], n_pages: int, n_zero: int, match: str
 ) -> None:
-    """Issue 10: n_zero=-1 was accepted and n_pages=-1 raised a ValueError out of the transport."""
+    """Issue 10: n_zero=-1 was accepted and n_pages=-1 raised a ValueError out of the transport.
+    The payload has the length the counts call for, so no length check catches them first."""
     header = {"t": "page_batch", "slot": 0, "round": 0, "n_pages": n_pages, "n_zero": n_zero}
-    payload = np.array([1], "<u8").tobytes() + bytes(PAGE)
+    length = max(0, min(framing.page_payload_len(n_pages, n_zero, PAGE), 1 << 20))
+    payload = (np.array([1, 2, 3], "<u8").tobytes() + bytes(length))[:length]
     refused(big_vm_target(**mode), raw_frame(header, payload), match)
 
 
