@@ -206,15 +206,16 @@ def drive(state: State, *, aborter: Role = S, **both: Any) -> tuple[Connection, 
     pair = make_pair(**both)
     if state is State.START:
         return pair
-    path = list(HAPPY)
-    if pair[0].sealer is None and {"tls", "allow_unauthenticated"} & both.keys():
+    opening = list(HAPPY[:4])
+    if "psk" not in both and {"tls", "allow_unauthenticated"} & both.keys():
         # Without a psk both Hellos lead straight to READY (states.SKIP_WITHOUT_PSK).
-        path = [HAPPY[0], (State.READY, T, HAPPY[1][2]), *HAPPY[4:]]
+        opening = [HAPPY[0], (State.READY, T, HAPPY[1][2])]
+    path = opening + list(HAPPY[4:])
     ending: list[tuple[Role, Event]] = []
     if state in (State.QUERIED, State.ANSWERED):
-        path = list(HAPPY[:4]) + list(QUERY)
+        path = opening + list(QUERY)
     elif state in (State.ABORTED, State.SOURCE_CLOSED, State.TARGET_CLOSED, State.CLOSED):
-        path = list(HAPPY[:4])
+        path = opening
         ending = [(aborter, Abort("operator cancelled"))]
         if state in (State.SOURCE_CLOSED, State.CLOSED):
             ending.append((S, Close()))
