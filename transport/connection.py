@@ -208,9 +208,12 @@ class Connection:
     def send_buffers(self, event: Event) -> list[bytes | memoryview]:
         """`send` without joining: [prefix + header, payload buffers...] for sendmsg.
 
-        A PageBatch's `data` is returned as a view of the buffer it came in, not a copy: the edge
-        must not change it until written. Raises LocalProtocolError, with nothing sent and the
-        state unchanged, when the event is not allowed now.
+        In the clear, a PageBatch's `data` is returned as a view of the buffer it came in, not a
+        copy: the edge must not change it until written. Sealed (psk, after this side's Auth),
+        the buffers are the record: its length, the ciphertext and the tag, the ciphertext in a
+        buffer reused by the next send, so write them before sending again. Raises
+        LocalProtocolError, with nothing sent and the state unchanged, when the event is not
+        allowed now.
         """
         if self.state is State.ERROR:
             raise LocalProtocolError(f"connection is in ERROR ({self._error}): close it")
