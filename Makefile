@@ -7,7 +7,7 @@ SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader
 	$(wildcard migrated/guests/x86_64/*.[chS] migrated/guests/x86_64/*.ld) \
 	$(wildcard migrated/guests/aarch64/*.[chS] migrated/guests/aarch64/*.ld) migrated/guests/build.py
 
-.PHONY: venv build test typecheck lint format demo caps bench clean system-packages FORCE
+.PHONY: venv build test typecheck lint format demo caps bench clean system-packages fuzz FORCE
 
 venv: $(VENV)/.installed
 
@@ -26,7 +26,7 @@ $(VENV)/.toolchain: system-packages FORCE
 $(VENV)/.installed: $(SOURCES) $(VENV)/.toolchain
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,fuzz]'
 	$(PY) -c "import ringreader, migrated.guests.workload"
 	touch $@
 
@@ -56,6 +56,18 @@ caps: venv
 
 bench: venv
 	$(PY) bench/harvest.py
+
+# Every fuzz/fuzz_*.py is a libFuzzer script (atheris): each runs to FUZZ_RUNS inputs; crashing
+# inputs land in fuzz/crashes/. FUZZ_ARGS adds libFuzzer flags (-jobs=N, -max_len=N, corpus dirs).
+FUZZ_RUNS ?= 1000000
+FUZZ_ARGS ?=
+fuzz: venv
+	mkdir -p fuzz/crashes
+	@for harness in fuzz/fuzz_*.py; do \
+		echo "== $$harness: $(FUZZ_RUNS) inputs"; \
+		$(PY) $$harness -runs=$(FUZZ_RUNS) -print_final_stats=1 -artifact_prefix=fuzz/crashes/ $(FUZZ_ARGS) \
+			|| exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info ringreader/*.so migrated/pagehash/*.so migrated/guests/*.bin

@@ -6,7 +6,12 @@ bulk copy moved (page data plus framing) divided by its duration. `iperf3_mib_s`
 stream on loopback, measured just before. Both daemons, the guest and iperf3 share this machine's
 cores.
 
-    python bench/stream.py [--memory-mib 2048] [--vcpus 1] [--seconds 5]
+The AEAD's cost (transport/seal.py): every migration and the in-process pipeline run twice per
+repetition, alternating, with the AEAD on (peer.auth = "psk", the default: every frame sealed)
+and off (peer.auth = "none" with the test-only allow_unauthenticated: frames in the clear).
+`aead_cost_percent` compares the medians.
+
+    python bench/stream.py [--memory-mib 2048] [--vcpus 1] [--seconds 5] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +69,7 @@ def warm_host_memory(gib: int) -> float:
     return time.perf_counter() - started
 
 
-def pipeline_warm_mib_s(size: int = 1 << 30) -> float:
+def pipeline_warm_mib_s(size: int = 1 << 30, aead: bool = True) -> float:
     """The same page path (framing, transport, PeerChannel over loopback TCP, send_range, apply)
     in one process into target memory that is already allocated: what the code moves when the
     target's page allocation is taken out (on this host that allocation is the bottleneck)."""
@@ -74,7 +80,7 @@ def pipeline_warm_mib_s(size: int = 1 << 30) -> float:
     from migrated.peer import PeerChannel
     from transport import Accept, Connection, PageBatch, Role, VmDescription
 
-    key = os.urandom(32)
+    auth: dict[str, Any] = {"psk": os.urandom(32)} if aead else {"allow_unauthenticated": True}
     source_ram = np.random.default_rng(0).integers(1, 255, size, dtype=np.uint8)
     target_ram = np.ones(size, np.uint8)  # touched: allocated before the clock starts
     elapsed = [0.0]
@@ -85,7 +91,7 @@ def pipeline_warm_mib_s(size: int = 1 << 30) -> float:
         done = trio.Event()
 
         async def target(stream: trio.SocketStream) -> None:
-            channel = PeerChannel(stream, Connection(Role.TARGET, node="t", psk=key, reuse_page_buffer=True))
+            channel = PeerChannel(stream, Connection(Role.TARGET, node="t", reuse_page_buffer=True, **auth))
             await channel.handshake()
             await channel.receive()
             await channel.send(Accept())
@@ -100,7 +106,7 @@ def pipeline_warm_mib_s(size: int = 1 << 30) -> float:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, target, listeners)
             stream = await trio.open_tcp_stream("127.0.0.1", port)
-            channel = PeerChannel(stream, Connection(Role.SOURCE, node="s", psk=key))
+            channel = PeerChannel(stream, Connection(Role.SOURCE, node="s", **auth))
             await channel.handshake()
             await channel.send(
                 VmDescription(
@@ -126,13 +132,16 @@ def pipeline_warm_mib_s(size: int = 1 << 30) -> float:
     return size / MIB / elapsed[0]
 
 
-def migrate_once(memory_mib: int, vcpus: int, pause_guest: bool) -> dict[str, Any]:
+def migrate_once(memory_mib: int, vcpus: int, pause_guest: bool, aead: bool = True) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="migrated-bench-"))
     key = work / "peer.key"
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
-    a = DaemonProcess("a", work, key).start()
-    b = DaemonProcess("b", work, key).start()
+    config = work / "peer.toml"
+    config.write_text("" if aead else '[peer]\nauth = "none"\nallow_unauthenticated = true\n')
+    extra = ("--config", str(config))
+    a = DaemonProcess("a", work, key, extra_args=extra).start()
+    b = DaemonProcess("b", work, key, extra_args=extra).start()
     try:
         working_set = memory_mib - 8  # all but the guest's own metadata
         a.call(
@@ -162,40 +171,58 @@ def migrate_once(memory_mib: int, vcpus: int, pause_guest: bool) -> dict[str, An
         b.stop()
 
 
+def bulk_mib_s(stats: dict[str, Any]) -> float:
+    return float(stats["bulk_bytes"]) / MIB / (float(stats["bulk_ms"]) / 1e3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-mib", type=int, default=2048)
     parser.add_argument("--vcpus", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 duration")
     parser.add_argument("--warm-gib", type=int, default=8, help="host memory to touch first")
+    parser.add_argument("--repeat", type=int, default=2, help="migrations per AEAD setting, alternating")
     parser.add_argument(
         "--pause-guest", action="store_true", help="pause the guest during the copy (its idle loop spins a core)"
     )
     args = parser.parse_args()
     warm_s = warm_host_memory(args.warm_gib)
     iperf = iperf3_mib_s(args.seconds)
-    stats = migrate_once(args.memory_mib, args.vcpus, args.pause_guest)
-    pipeline = pipeline_warm_mib_s()
-    bulk_bytes = stats["bulk_bytes"]
-    bulk_mib_s = bulk_bytes / MIB / (stats["bulk_ms"] / 1e3)
+    runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    pipelines: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(args.repeat):
+        for aead in (False, True):
+            runs[aead].append(migrate_once(args.memory_mib, args.vcpus, args.pause_guest, aead))
+            pipelines[aead].append(pipeline_warm_mib_s(aead=aead))
+    bulk = {aead: [bulk_mib_s(stats) for stats in runs[aead]] for aead in (True, False)}
+    on, off = statistics.median(bulk[True]), statistics.median(bulk[False])
+    pipe_on, pipe_off = statistics.median(pipelines[True]), statistics.median(pipelines[False])
+    last = runs[True][-1]
     print(
         json.dumps(
             {
-                "bulk_mib_s": bulk_mib_s,
+                "bulk_mib_s": on,
+                "bulk_mib_s_aead_off": off,
+                "aead_cost_percent": 100 * (off - on) / off,
+                "bulk_mib_s_runs": {"aead_on": bulk[True], "aead_off": bulk[False]},
                 "iperf3_mib_s": iperf,
-                "pipeline_warm_target_mib_s": pipeline,
-                "ratio": bulk_mib_s / iperf,
-                "target_at_least_70_percent": bulk_mib_s >= 0.7 * iperf,
-                "bulk_bytes": bulk_bytes,
-                "bulk_ms": stats["bulk_ms"],
+                "pipeline_warm_target_mib_s": pipe_on,
+                "pipeline_warm_target_mib_s_aead_off": pipe_off,
+                "pipeline_aead_cost_percent": 100 * (pipe_off - pipe_on) / pipe_off,
+                "pipeline_runs": {"aead_on": pipelines[True], "aead_off": pipelines[False]},
+                "ratio": on / iperf,
+                "target_at_least_70_percent": on >= 0.7 * iperf,
+                "bulk_bytes": last["bulk_bytes"],
+                "bulk_ms": last["bulk_ms"],
                 "guest_memory_mib": args.memory_mib,
                 "guest_vcpus": args.vcpus,
                 "guest_paused_during_copy": args.pause_guest,
                 "warmed_host_gib": args.warm_gib,
                 "warm_s": warm_s,
-                "zero_pages": stats["zero_pages"],
-                "downtime_ms": stats["downtime_ms"],
-                "total_ms": stats["total_ms"],
+                "zero_pages": last["zero_pages"],
+                "downtime_ms": last["downtime_ms"],
+                "total_ms": last["total_ms"],
+                "repeat": args.repeat,
             },
             indent=2,
         )

@@ -5,6 +5,10 @@ No sockets here. The edge feeds what it reads to `receive_data` (b"" for EOF) an
 State changes come only from states.py; this module adds the checks that need the conversation's
 memory: the handshake (versions, auth, MACs), the VM's memory layout for every PageBatch, the
 page count in Done, the digest in Loaded, the migration id in QueryResult.
+
+With a pre-shared key, each side seals every frame it sends after its own Auth and opens every
+frame it receives after the peer's Auth (seal.py): from READY on, no byte of either direction is
+taken unauthenticated, so Done's verify and digest and the cutover messages are the peer's own.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from . import auth, framing, limits
+from . import auth, framing, limits, seal
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
     Abort,
@@ -167,6 +171,9 @@ class Connection:
         # batch instead of a fresh allocation (and its page faults) per batch.
         self._reuse_page_buffer = reuse_page_buffer
         self._page_buffer: bytearray | None = None
+        # psk: the records this side seals (after its own Auth) and opens (after the peer's).
+        self._sealer: seal.Sealer | None = None
+        self._opener: seal.Opener | None = None
 
     # --- public: handshake helpers --------------------------------------------------------------
 
@@ -180,6 +187,18 @@ class Connection:
             raise LocalProtocolError("make_auth needs a psk and both Hellos exchanged")
         return Auth(auth.compute_mac(self._psk, self._transcript(), self.role))
 
+    @property
+    def sealer(self) -> seal.Sealer | None:
+        """What seals this side's frames once its Auth is out (psk only), else None. Its
+        sequence is the connection's own: a frame sealed through it takes the next slot in the
+        stream (tests use it to send frames built by hand that `send` would refuse)."""
+        return self._sealer
+
+    @property
+    def sealed(self) -> bool:
+        """True once frames in both directions travel sealed."""
+        return self._sealer is not None and self._opener is not None
+
     # --- public: sending ------------------------------------------------------------------------
 
     def send(self, event: Event) -> bytes:
@@ -189,9 +208,12 @@ class Connection:
     def send_buffers(self, event: Event) -> list[bytes | memoryview]:
         """`send` without joining: [prefix + header, payload buffers...] for sendmsg.
 
-        A PageBatch's `data` is returned as a view of the buffer it came in, not a copy: the edge
-        must not change it until written. Raises LocalProtocolError, with nothing sent and the
-        state unchanged, when the event is not allowed now.
+        In the clear, a PageBatch's `data` is returned as a view of the buffer it came in, not a
+        copy: the edge must not change it until written. Sealed (psk, after this side's Auth),
+        the buffers are the record: its length, the ciphertext and the tag, the ciphertext in a
+        buffer reused by the next send, so write them before sending again. Raises
+        LocalProtocolError, with nothing sent and the state unchanged, when the event is not
+        allowed now.
         """
         if self.state is State.ERROR:
             raise LocalProtocolError(f"connection is in ERROR ({self._error}): close it")
@@ -203,6 +225,9 @@ class Connection:
             raise LocalProtocolError(explain(self.state, self.role, type(event)))
         self._check(event, self.role)
         header, buffers = framing.encode(event)
+        sealer = self._sealer  # the sealer that our own Auth creates seals what follows it
+        if sealer is not None:
+            buffers = sealer.seal(buffers)
         self._apply(event, self.role, header)
         return buffers
 
@@ -220,6 +245,10 @@ class Connection:
         if not view.nbytes:
             self._eof = True
             return
+        if self._opener is not None:
+            self._check_buffered(self._opener.buffered + view.nbytes)
+            self._opener.feed(view)
+            return
         frame = self._frame
         if frame is not None and frame.missing and frame.payload is not None:
             take = min(view.nbytes, frame.missing)
@@ -227,15 +256,18 @@ class Connection:
             frame.filled += take
             view = view[take:]
         if view.nbytes:
-            buffered = len(self._buf) - self._pos + view.nbytes
-            if buffered > limits.RECEIVE_BUFFER_LIMIT:
-                raise LocalProtocolError(
-                    f"receive buffer would hold {buffered} bytes, more than "
-                    f"{limits.RECEIVE_BUFFER_LIMIT}: drain next_event() until NEED_DATA "
-                    "before feeding more"
-                )
+            self._check_buffered(len(self._buf) - self._pos + view.nbytes)
             self._compact()
             self._buf += view
+
+    @staticmethod
+    def _check_buffered(buffered: int) -> None:
+        if buffered > limits.RECEIVE_BUFFER_LIMIT:
+            raise LocalProtocolError(
+                f"receive buffer would hold {buffered} bytes, more than "
+                f"{limits.RECEIVE_BUFFER_LIMIT}: drain next_event() until NEED_DATA "
+                "before feeding more"
+            )
 
     def get_receive_buffer(self, size_hint: int = limits.SCRATCH_BYTES) -> memoryview:
         """Where the edge may read the next bytes to (sock.recv_into), then call
@@ -243,6 +275,9 @@ class Connection:
         goes from the socket into the event's buffer with no copy in between."""
         if self._eof:
             raise LocalProtocolError("get_receive_buffer after EOF")
+        if self._opener is not None and self._opener.missing:
+            self._lent = "record"
+            return self._opener.receive_buffer()
         frame = self._frame
         if frame is not None and frame.missing and frame.payload is not None:
             self._lent = "payload"
@@ -258,6 +293,8 @@ class Connection:
             raise LocalProtocolError("receive_buffer_updated without get_receive_buffer")
         if nbytes == 0:
             self._eof = True
+        elif lent == "record" and self._opener is not None:
+            self._opener.received(nbytes)
         elif lent == "payload" and self._frame is not None:
             if not 0 < nbytes <= self._frame.missing:
                 raise LocalProtocolError(f"nbytes {nbytes} exceeds the buffer handed out")
@@ -289,6 +326,8 @@ class Connection:
 
     def _receive_one(self) -> Event | NeedData | None:
         """One step: an event, NEED_DATA, or None when a frame was dropped (rule 6)."""
+        if self._opener is not None:
+            return self._receive_sealed(self._opener)
         if self._frame is None:
             available = len(self._buf) - self._pos
             if available < framing.PREFIX.size:
@@ -315,6 +354,22 @@ class Connection:
         if frame.missing:
             return self._need_data()
         self._frame = None
+        return self._deliver(frame)
+
+    def _receive_sealed(self, opener: seal.Opener) -> Event | NeedData | None:
+        """One record, opened and authenticated, holding exactly one frame (seal.py)."""
+        plain = opener.next_frame()
+        if plain is None:
+            return self._need_data()
+        header, payload = framing.split_frame(plain)
+        wire, fields = framing.decode_header(header)
+        self._disposition(wire.event)
+        self._check_payload_len(wire, fields, payload.nbytes)
+        body = payload if payload.nbytes else None
+        return self._deliver(_Frame(wire, fields, header, body, filled=payload.nbytes))
+
+    def _deliver(self, frame: _Frame) -> Event | None:
+        """The event of a complete frame, checked and applied; None when dropped (rule 6)."""
         event = framing.build_event(frame.wire, frame.fields, frame.payload)
         disposition = self._disposition(type(event))  # again: we may have sent Abort meanwhile
         self._check(event, self.peer)
@@ -331,6 +386,10 @@ class Connection:
     def _need_data(self) -> NeedData | ConnectionClosed:
         if not self._eof:
             return NEED_DATA
+        if self._opener is not None and self._opener.buffered:
+            raise LocalProtocolError(
+                f"connection closed mid-record ({self._opener.buffered} bytes of an unfinished sealed record)"
+            )
         pending = len(self._buf) - self._pos
         if self._frame is not None or pending:
             frame = self._frame
@@ -379,8 +438,9 @@ class Connection:
         if wire.payload == "blob" and length > limits.MAX_DEVICE_STATE_BYTES:
             raise LocalProtocolError(f"DeviceState payload length {length} exceeds {limits.MAX_DEVICE_STATE_BYTES}")
         if wire.payload == "pages":
-            page_size = self._slot_pages(fields["slot"])[1]
             n_pages, n_zero = fields["n_pages"], fields["n_zero"]
+            framing.check_page_counts(n_pages, n_zero)
+            page_size = self._slot_pages(fields["slot"])[1]
             want = framing.page_payload_len(n_pages, n_zero, page_size)
             if length != want:
                 raise LocalProtocolError(
@@ -466,7 +526,8 @@ class Connection:
         if low > high:
             raise LocalProtocolError(
                 f"no common protocol version: peer speaks {theirs.version_min}.."
-                f"{theirs.version_max}, this side {ours.version_min}..{ours.version_max}"
+                f"{theirs.version_max}, this side {ours.version_min}..{ours.version_max} (version 2 "
+                "seals every frame after a psk handshake; run the same release on both hosts)"
             )
         if theirs.auth != ours.auth:
             raise LocalProtocolError(
@@ -514,9 +575,31 @@ class Connection:
             self.pages_transferred += int(event.pages.size + event.zero_pages.size)
         elif isinstance(event, Done):
             self._done = event
+        elif isinstance(event, Auth):
+            self._start_sealing(sender)
         elif isinstance(event, Query):
             self._query = event
         elif isinstance(event, Abort):
             self.aborted, self.aborted_by = event, sender
             if sender is self.role:
                 self._in_flight = in_flight_after_abort(self._since_peer, self.peer)
+
+    def _start_sealing(self, sender: Role) -> None:
+        """Frames `sender` sends after this Auth are sealed under the key for its direction."""
+        assert self._psk is not None and self.negotiated is not None, "Auth exists only with a psk"
+        transcript = self._transcript()
+        key = seal.derive_key(self._psk, transcript.source_nonce, transcript.target_nonce, sender)
+        if sender is self.role:
+            self._sealer = seal.Sealer(key)
+            return
+        # The largest frame the peer may send from now on: a header and a full batch or state blob.
+        largest = max(self.negotiated.max_batch_bytes, limits.MAX_DEVICE_STATE_BYTES)
+        self._opener = seal.Opener(
+            key, framing.PREFIX.size + limits.MAX_HEADER_BYTES + largest, reuse=self._reuse_page_buffer
+        )
+        # Whatever arrived behind the peer's Auth is already its first records.
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        if rest:
+            self._opener.feed(memoryview(rest))

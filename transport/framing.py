@@ -146,6 +146,32 @@ def page_payload_len(n_pages: int, n_zero: int, page_size: int) -> int:
     return INDEX_BYTES * (n_pages + n_zero) + n_pages * page_size
 
 
+def check_page_counts(n_pages: int, n_zero: int) -> None:
+    """A PageBatch header's counts, before they size or index anything: never negative, not both
+    zero, and each within what the largest payload could hold (one index per entry)."""
+    bound = limits.HARD_MAX_PAYLOAD_BYTES // INDEX_BYTES
+    for name, count in (("n_pages", n_pages), ("n_zero", n_zero)):
+        if not 0 <= count <= bound:
+            raise LocalProtocolError(f"PageBatch {name} {count} is outside 0..{bound}")
+    if n_pages + n_zero == 0:
+        raise LocalProtocolError("PageBatch n_pages and n_zero are both 0: a batch carries pages")
+
+
+def split_frame(plain: memoryview) -> tuple[bytes, memoryview]:
+    """(header, payload) of the one frame an opened record holds; the lengths must fill it exactly."""
+    if plain.nbytes < PREFIX.size:
+        raise LocalProtocolError(f"sealed record holds {plain.nbytes} bytes, less than a frame prefix")
+    header_len, payload_len = PREFIX.unpack_from(plain)
+    check_prefix(header_len, payload_len)
+    if PREFIX.size + header_len + payload_len != plain.nbytes:
+        raise LocalProtocolError(
+            f"sealed record holds {plain.nbytes} bytes but its frame is "
+            f"{PREFIX.size + header_len + payload_len}: a record carries exactly one frame"
+        )
+    header = bytes(plain[PREFIX.size : PREFIX.size + header_len])
+    return header, plain[PREFIX.size + header_len :]
+
+
 # --- encoding -----------------------------------------------------------------------------------
 
 
@@ -284,13 +310,16 @@ def build_event(wire: Wire, fields: dict[str, Any], payload: bytearray | memoryv
     body = payload if payload is not None else bytearray()
     if wire.payload == "pages":
         n_pages, n_zero = fields["n_pages"], fields["n_zero"]
-        index_end = INDEX_BYTES * (n_pages + n_zero)
+        check_page_counts(n_pages, n_zero)
+        index_bytes = INDEX_BYTES * (n_pages + n_zero)
+        if len(body) < index_bytes:
+            raise LocalProtocolError(f"PageBatch payload of {len(body)} bytes cannot hold {n_pages + n_zero} indices")
         return PageBatch(
             slot=fields["slot"],
             round=fields["round"],
             pages=_indices(body, n_pages, 0),
             zero_pages=_indices(body, n_zero, INDEX_BYTES * n_pages),
-            data=memoryview(body)[index_end:].toreadonly(),
+            data=memoryview(body)[index_bytes:].toreadonly(),
         )
     if wire.payload == "blob":
         return DeviceState(kind=fields["kind"], blob=bytes(body))

@@ -12,9 +12,11 @@ MiB: Final = 1024 * KiB
 
 # --- versions -----------------------------------------------------------------------------------
 
-PROTOCOL_VERSION_MIN: Final = 1
-PROTOCOL_VERSION_MAX: Final = 1
-"""What this implementation speaks. HELLO carries a range; the highest common version wins."""
+PROTOCOL_VERSION_MIN: Final = 2
+PROTOCOL_VERSION_MAX: Final = 2
+"""What this implementation speaks. HELLO carries a range; the highest common version wins.
+Version 2 seals every frame after a psk handshake (seal.py); a version 1 peer sends them in the
+clear, so it is refused at HELLO rather than met half way."""
 
 VERSION_LIMIT: Final = 0xFFFF
 """Versions are small integers; anything above u16 is noise or hostile."""

@@ -202,6 +202,18 @@ class Peer:
     def send(self, event: Event) -> None:
         self.send_raw(self.conn.send(event))
 
+    def sealed(self, data: bytes) -> bytes:
+        """A frame built by hand as this peer puts it on the wire: as it is until the peer's own
+        Auth, then sealed as its next record (transport/seal.py)."""
+        sealer = self._conn.sealer if self._conn is not None else None
+        if sealer is None:
+            return data
+        return b"".join(bytes(part) for part in sealer.seal([data]))
+
+    def send_frame(self, data: bytes) -> None:
+        """What a peer that knows the key but breaks the rules sends: a hand-built frame, sealed."""
+        self.send_raw(self.sealed(data))
+
     def receive(self) -> Event:
         while True:
             event = self.conn.next_event()
@@ -292,8 +304,8 @@ def page_batch(pages: list[int]) -> PageBatch:
 def hello_header(**changes: Any) -> dict[str, Any]:
     header: dict[str, Any] = {
         "t": "hello",
-        "version_min": 1,
-        "version_max": 1,
+        "version_min": 2,
+        "version_max": 2,
         "node": "hostile-peer",
         "nonce": os.urandom(limits.NONCE_BYTES),
         "auth": "psk",
@@ -598,6 +610,19 @@ def test_hello_with_no_common_version_is_refused(target: TargetHost) -> None:
     assert_unharmed(target)
 
 
+def test_a_peer_of_protocol_version_1_is_refused_clearly(target: TargetHost) -> None:
+    """Version 1 sent every frame after the handshake in the clear: B refuses it at HELLO, and
+    says why, rather than meeting it half way."""
+    log = LogWatch(target.daemon)
+    with Peer(target) as peer:
+        peer.send_raw(frame(hello_header(version_min=1, version_max=1)))
+        assert peer.closed_by_target() == b""
+    assert_refused_connection(
+        log, peer, "no common protocol version", "peer speaks 1..1", "version 2 seals every frame"
+    )
+    assert_unharmed(target)
+
+
 # ---- 5. a source that knows the key, then lies in its page batches ------------------------
 
 
@@ -624,12 +649,12 @@ BAD_BATCHES = {
     ),
     "count of 2**32 pages": (
         page_batch_frame(0, [1], n_pages=1 << 32),
-        ["PageBatch payload length 4104 does not match 4294967296 pages"],
+        ["PageBatch n_pages 4294967296 is outside 0..8388608"],
     ),
     "unknown slot": (page_batch_frame(7, [0]), ["unknown slot 7 (the VM has slots [0])"]),
     "slot 2**32-1": (page_batch_frame((1 << 32) - 1, [0]), [f"unknown slot {(1 << 32) - 1}"]),
     "more than the negotiated batch": (
-        page_batch_frame(0, list(range(4096)), header_only=True),
+        page_batch_frame(0, list(range(4096))),
         ["PageBatch payload length 16809984 exceeds the negotiated max batch 8388608"],
     ),
     "a negative round": (
@@ -647,8 +672,8 @@ def test_page_batch_outside_guest_ram_discards_the_incoming_vm(target: TargetHos
     with accepted_peer(target, name) as peer:
         log.wait("incoming_vm_accepted", vm=name)
         # One valid batch first: B takes real pages, then meets the bad one.
-        peer.send_raw(page_batch_frame(0, [0, 1]))
-        peer.send_raw(data)
+        peer.send_frame(page_batch_frame(0, [0, 1]))
+        peer.send_frame(data)
         assert peer.closed_by_target() == b"", "B answered a broken batch instead of closing"
     assert_refused_connection(log, peer, "peer broke the protocol", *words)
     discarded = log.wait("incoming_vm_discarded", vm=name)
@@ -662,11 +687,11 @@ def test_truncated_page_batch_then_eof_discards_the_incoming_vm(target: TargetHo
     name = new_name()
     log = LogWatch(target.daemon)
     with accepted_peer(target, name) as peer:
-        batch = page_batch_frame(0, [3, 4, 5])
-        peer.send_raw(batch[: len(batch) - PAGE - 100])
+        record = peer.sealed(page_batch_frame(0, [3, 4, 5]))
+        peer.send_raw(record[: len(record) - PAGE - 100])
         peer.end_of_input()
         assert peer.closed_by_target() == b""
-    assert_refused_connection(log, peer, "connection closed mid-frame")
+    assert_refused_connection(log, peer, "connection closed mid-record")
     log.wait("incoming_vm_discarded", vm=name)
     assert_unharmed(target)
 
@@ -675,7 +700,7 @@ def test_source_vanishing_after_accept_discards_the_incoming_vm(target: TargetHo
     name = new_name()
     log = LogWatch(target.daemon)
     with accepted_peer(target, name) as peer:
-        peer.send_raw(page_batch_frame(0, [0]))
+        peer.send_frame(page_batch_frame(0, [0]))
     assert_refused_connection(log, peer, "closed the connection")
     log.wait("incoming_vm_discarded", vm=name)
     assert_unharmed(target)
@@ -729,8 +754,8 @@ def test_done_with_a_wrong_page_count_closes_the_connection(target: TargetHost) 
     name = new_name()
     log = LogWatch(target.daemon)
     with accepted_peer(target, name) as peer:
-        peer.send_raw(page_batch_frame(0, [0, 1]))
-        peer.send_raw(frame({"t": "done", "pages_total": 5, "digest": None, "verify": "off"}))
+        peer.send_frame(page_batch_frame(0, [0, 1]))
+        peer.send_frame(frame({"t": "done", "pages_total": 5, "digest": None, "verify": "off"}))
         assert peer.closed_by_target() == b""
     assert_refused_connection(log, peer, "Done.pages_total 5", "carried 2 page entries")
     log.wait("incoming_vm_discarded", vm=name)
@@ -877,7 +902,7 @@ def test_malformed_description_closes_the_connection(target: TargetHost, label: 
     log = LogWatch(target.daemon)
     with Peer(target, key=target.key) as peer:
         peer.handshake()
-        peer.send_raw(frame(description_header(target, new_name(), **changes)))
+        peer.send_frame(frame(description_header(target, new_name(), **changes)))
         assert peer.closed_by_target() == b""
     assert_refused_connection(log, peer, "peer broke the protocol", *words)
     assert "incoming_vm_accepted" not in log.names()
@@ -898,9 +923,9 @@ def test_many_hostile_peers_at_once(target: TargetHost) -> None:
         for number, peer in enumerate(peers):
             peer.send_raw(framing.PREFIX.pack(1 << 31, number))
         for holder, _ in holders:
-            holder.send_raw(page_batch_frame(0, [SLOT_PAGES * 2]))
+            holder.send_frame(page_batch_frame(0, [SLOT_PAGES * 2]))
         for peer in authenticated:
-            peer.send_raw(frame(description_header(target, new_name(), vcpus=0)))
+            peer.send_frame(frame(description_header(target, new_name(), vcpus=0)))
         for peer in [*peers, *(h for h, _ in holders), *authenticated]:
             peer.closed_by_target()
     finally:

@@ -1,5 +1,9 @@
 """Mutated streams, seeded: whatever the peer sends, the only failure is RemoteProtocolError, and
-a batch that gets through lies inside guest memory."""
+a batch that gets through lies inside guest memory.
+
+Frames after the handshake are mutated in the clear (tls mode: the edge's TLS protects them), so
+the mutations reach the frame decoder; with a psk the same frames travel sealed, and there every
+mutation must fail (test_every_mutation_of_a_sealed_stream_is_caught)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from tr_helpers import (
     drive,
     encoded,
     raw_frame,
+    sealed_by,
 )
 
 from transport import (
@@ -39,8 +44,8 @@ def streams() -> dict[str, tuple[State, int, bytes]]:
     hello = raw_frame(
         {
             "t": "hello",
-            "version_min": 1,
-            "version_max": 1,
+            "version_min": 2,
+            "version_max": 2,
             "node": "x",
             "nonce": b"n" * 32,
             "auth": "psk",
@@ -108,10 +113,23 @@ def test_mutated_streams_fail_only_as_protocol_errors(name: str) -> None:
     rng = random.Random(name)
     errors = 0
     for _ in range(300):
-        conn = drive(state)[index]
+        conn = drive(state)[index] if state is State.START else drive(state, tls=True)[index]
         try:
             feed_chunks(rng, conn, mutate(rng, data))
         except RemoteProtocolError as exc:
             errors += 1
             assert conn.state is State.ERROR and str(exc)
     assert errors > 150  # most mutations must be caught, not silently accepted
+
+
+@pytest.mark.parametrize("name", sorted(set(streams()) - {"hello"}))
+def test_every_mutation_of_a_sealed_stream_is_caught(name: str) -> None:
+    state, index, data = streams()[name]
+    rng = random.Random(name)
+    for _ in range(100):
+        pair = drive(state)
+        conn = pair[index]
+        wire = sealed_by(pair[1 - index], data)
+        with pytest.raises(RemoteProtocolError):
+            feed_chunks(rng, conn, mutate(rng, wire))
+        assert conn.state is State.ERROR

@@ -187,7 +187,7 @@ def test_full_migration_with_psk(carrier: Carrier) -> None:
     assert kinds[-5:] == ["DeviceState", "DeviceState", "Done", "Commit", "Close"]
     assert [type(e).__name__ for e in at_source][-3:] == ["Loaded", "Running", "Close"]
     assert source.negotiated == Negotiated(
-        version=1, auth="psk", capabilities=frozenset(), max_batch_bytes=8 << 20, peer_node="host-b"
+        version=2, auth="psk", capabilities=frozenset(), max_batch_bytes=8 << 20, peer_node="host-b"
     )
     assert target.negotiated is not None and target.negotiated.peer_node == "host-a"
     pages = sum(e.pages.size + e.zero_pages.size for e in at_target if isinstance(e, PageBatch))
@@ -223,7 +223,7 @@ def test_negotiation_takes_highest_version_common_caps_and_smallest_batch() -> N
     target = Connection(Role.TARGET, node="b", psk=KEY, capabilities={"digest", "compress"})
     handshake(source, target)
     assert source.negotiated == Negotiated(
-        version=1, auth="psk", capabilities=frozenset({"digest"}), max_batch_bytes=4 << 20, peer_node="b"
+        version=2, auth="psk", capabilities=frozenset({"digest"}), max_batch_bytes=4 << 20, peer_node="b"
     )
     assert target.negotiated is not None
     assert target.negotiated.max_batch_bytes == 4 << 20
@@ -231,7 +231,8 @@ def test_negotiation_takes_highest_version_common_caps_and_smallest_batch() -> N
 
 
 def test_send_buffers_hand_out_the_page_data_itself() -> None:
-    source, target = make_pair()
+    """Unsealed (tls: the edge's TLS encrypts), the page data goes out as it lies in RAM."""
+    source, target = make_pair(tls=True)
     handshake(source, target)
     transfer(source, target, description())
     transfer(target, source, Accept())
@@ -245,8 +246,9 @@ def test_send_buffers_hand_out_the_page_data_itself() -> None:
 
 
 def test_received_page_data_is_the_buffer_the_edge_read_into() -> None:
-    """recv_into the payload: the event's data is that very buffer, no copy in between."""
-    source, target = make_pair()
+    """recv_into the payload: the event's data is that very buffer, no copy in between (unsealed:
+    with tls the edge's TLS decrypts; sealed records have their own test)."""
+    source, target = make_pair(tls=True)
     handshake(source, target)
     transfer(source, target, description())
     transfer(target, source, Accept())

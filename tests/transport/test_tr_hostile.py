@@ -17,10 +17,12 @@ from tr_helpers import (
     drain,
     drive,
     encoded,
+    Frames,
     feed,
     handshake,
     make_pair,
     raw_frame,
+    sealed_by,
     transfer,
     u64,
 )
@@ -41,7 +43,7 @@ from transport import (
     Role,
     State,
 )
-from transport import limits
+from transport import framing, limits
 
 NONCE = b"n" * 32
 
@@ -49,8 +51,8 @@ NONCE = b"n" * 32
 def hello_fields(**changes: object) -> dict[str, object]:
     fields: dict[str, object] = {
         "t": "hello",
-        "version_min": 1,
-        "version_max": 1,
+        "version_min": 2,
+        "version_max": 2,
         "node": "evil",
         "nonce": NONCE,
         "auth": "psk",
@@ -101,7 +103,7 @@ def test_zero_header_length() -> None:
 def test_oversized_payload_length_refused_on_the_prefix_alone() -> None:
     refused(
         target_at(State.PAGES),
-        struct.pack(">II", 10, (64 << 20) + 1),
+        Frames(struct.pack(">II", 10, (64 << 20) + 1)),
         r"frame payload length 67108865 exceeds 67108864",
     )
 
@@ -115,7 +117,7 @@ def test_payload_on_a_message_without_one() -> None:
 
 @pytest.mark.parametrize("cut", [3, 8, 30, 60, 100, 8000])
 def test_truncated_frame_then_eof(cut: int) -> None:
-    source, target = drive(State.PAGES)
+    source, target = drive(State.PAGES, tls=True)
     data = source.send(batch(0, [1, 2]))
     assert len(data) == 8 + 44 + 16 + 2 * PAGE  # cuts: prefix, header, indices, data
     target.receive_data(data[:cut])
@@ -139,7 +141,7 @@ def test_header_trailing_bytes() -> None:
 
 def test_msgpack_ext_types_refused() -> None:
     body = msgpack.packb({"t": "abort", "reason": msgpack.ExtType(5, b"xx")})
-    refused(target_at(State.READY), struct.pack(">II", len(body), 0) + body, r"not a valid msgpack map")
+    refused(target_at(State.READY), Frames(struct.pack(">II", len(body), 0) + body), r"not a valid msgpack map")
 
 
 def test_unknown_type() -> None:
@@ -179,8 +181,16 @@ def test_unknown_field_refused_except_in_hello() -> None:
 def test_wrong_version() -> None:
     refused(
         target_at(State.START),
-        raw_frame(hello_fields(version_min=2, version_max=5)),
-        r"no common protocol version: peer speaks 2..5, this side 1..1",
+        raw_frame(hello_fields(version_min=3, version_max=5)),
+        r"no common protocol version: peer speaks 3..5, this side 2..2",
+    )
+
+
+def test_a_version_1_peer_that_sends_frames_in_the_clear_is_refused_at_hello() -> None:
+    refused(
+        target_at(State.START),
+        raw_frame(hello_fields(version_min=1, version_max=1)),
+        r"peer speaks 1..1, this side 2..2 \(version 2 seals every frame after a psk handshake",
     )
 
 
@@ -364,8 +374,8 @@ def page_frame(
     return raw_frame(header, payload)
 
 
-def big_vm_target() -> Connection:
-    source, target = make_pair()
+def big_vm_target(**both: object) -> Connection:
+    source, target = make_pair(**both)
     handshake(source, target)
     transfer(source, target, description(memory=[(0, 0, 65536 * PAGE), (3, 1 << 40, PAGE)]))
     transfer(target, source, Accept())
@@ -402,8 +412,30 @@ def test_short_data_mismatch() -> None:
     )
 
 
+@pytest.mark.parametrize("mode", [{}, {"tls": True}], ids=["sealed", "clear"])
+@pytest.mark.parametrize(
+    ("n_pages", "n_zero", "match"),
+    [
+        (1, -1, r"PageBatch n_zero -1 is outside 0\.\.8388608"),
+        (-1, 513, r"PageBatch n_pages -1 is outside 0\.\.8388608"),
+        (3, -2, r"PageBatch n_zero -2 is outside"),
+        (1 << 40, 0, r"PageBatch n_pages 1099511627776 is outside"),
+        (0, 0, r"PageBatch n_pages and n_zero are both 0"),
+    ],
+)
+def test_negative_or_inconsistent_counts_are_the_peers_protocol_error(
+    mode: dict[str, bool], n_pages: int, n_zero: int, match: str
+) -> None:
+    """Issue 10: n_zero=-1 was accepted and n_pages=-1 raised a ValueError out of the transport.
+    The payload has the length the counts call for, so no length check catches them first."""
+    header = {"t": "page_batch", "slot": 0, "round": 0, "n_pages": n_pages, "n_zero": n_zero}
+    length = max(0, min(framing.page_payload_len(n_pages, n_zero, PAGE), 1 << 20))
+    payload = (np.array([1, 2, 3], "<u8").tobytes() + bytes(length))[:length]
+    refused(big_vm_target(**mode), raw_frame(header, payload), match)
+
+
 def test_empty_batch() -> None:
-    refused(big_vm_target(), page_frame(0, []), r"PageBatch.pages and zero_pages are both empty")
+    refused(big_vm_target(), page_frame(0, []), r"PageBatch n_pages and n_zero are both 0")
 
 
 def test_page_data_before_accept() -> None:
@@ -415,10 +447,11 @@ def test_page_data_before_accept() -> None:
 
 
 def test_refused_from_the_header_before_the_payload_arrives() -> None:
-    """A batch for an unknown slot fails on its header; its payload is never waited for."""
+    """A batch for an unknown slot fails on its header; its payload is never waited for. (Frames
+    in the clear, as with tls; a sealed record is bounded by its length bytes instead.)"""
     data = page_frame(7, list(range(100)))
     header_len = 8 + struct.unpack(">I", data[:4])[0]
-    refused(big_vm_target(), data[:header_len], r"unknown slot 7")
+    refused(big_vm_target(tls=True), data[:header_len], r"unknown slot 7")
 
 
 def test_batch_over_the_negotiated_max() -> None:
@@ -433,7 +466,11 @@ def test_batch_over_the_negotiated_max() -> None:
     with pytest.raises(LocalProtocolError, match=r"1050624 exceeds the negotiated max batch 1048576"):
         source.send(big)
     pages = list(range(64)) * 4
-    refused(target, page_frame(0, pages), r"PageBatch payload length 1050624 exceeds the negotiated max batch 1048576")
+    refused(
+        target,
+        sealed_by(source, page_frame(0, pages)),
+        r"PageBatch payload length 1050624 exceeds the negotiated max batch 1048576",
+    )
 
 
 def test_local_batches_are_checked_against_the_layout_too() -> None:
@@ -452,9 +489,15 @@ def test_local_batches_are_checked_against_the_layout_too() -> None:
 
 
 def test_device_state_too_large() -> None:
+    """In the clear (tls) it is refused on the header; sealed, once its record opened."""
+    refused(
+        drive(State.PAGES, tls=True)[1],
+        raw_frame({"t": "device_state", "kind": "vcpu0"}, payload_len=(16 << 20) + 1),
+        r"DeviceState payload length 16777217 exceeds 16777216",
+    )
     refused(
         target_at(State.PAGES),
-        raw_frame({"t": "device_state", "kind": "vcpu0"}, payload_len=(16 << 20) + 1),
+        raw_frame({"t": "device_state", "kind": "vcpu0"}, bytes((16 << 20) + 1)),
         r"DeviceState payload length 16777217 exceeds 16777216",
     )
 
