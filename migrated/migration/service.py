@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..accepting import accept_forever
 from ..control import RequestError
 from ..hosted import VmState
 from ..logs import get_logger
@@ -34,7 +35,10 @@ async def serve_peers(daemon: Daemon, *, task_status: trio.TaskStatus[None] = tr
     listeners = await trio.open_tcp_listeners(listen.port, host=listen.host or None)
     log.info("peer_listening", listen=str(listen))
     task_status.started()
-    await trio.serve_listeners(handle, listeners)
+    # Not trio.serve_listeners: it logs every retry of an EMFILE episode; ours logs it once.
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_forever, listener.accept, handle, nursery, f"peer {listen}")
 
 
 def _number(args: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
