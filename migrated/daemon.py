@@ -33,6 +33,9 @@ class Daemon:
         self.kvm = kvm
         self.notifier = notifier
         self.vms: dict[str, HostedVm] = {}
+        # Names claimed by a VM being built (vm create, an incoming migration): not in `vms` yet,
+        # but taken, so that two builders of one name can never both win (DESIGN 6).
+        self.reserved_names: set[str] = set()
         self.log = get_logger(component="daemon")
         self.nursery: trio.Nursery | None = None
         # Filled by the migration package; keeps the daemon ignorant of its internals.
@@ -61,6 +64,19 @@ class Daemon:
             raise RequestError(f"unknown command {cmd!r}; known: {', '.join(sorted(self.commands))}")
         return await handler(args)
 
+    def reserve_name(self, name: str) -> bool:
+        """Claim `name` for a VM about to be built; False if a VM or another builder has it.
+
+        No await between the check and the claim: in trio that makes the pair atomic."""
+        if name in self.vms or name in self.reserved_names:
+            return False
+        self.reserved_names.add(name)
+        return True
+
+    def release_name(self, name: str) -> None:
+        """The builder is done: the VM is in `vms` now, or nothing of it exists."""
+        self.reserved_names.discard(name)
+
     def hosted(self, args: dict[str, Any]) -> HostedVm:
         name = args.get("name")
         if not isinstance(name, str):
@@ -80,13 +96,16 @@ class Daemon:
             config = vm_config(spec, tracking, self.config.vm.ring_bytes, self.config.vm.harvest_interval_ms)
         except SpecError as err:
             raise RequestError(str(err)) from None
-        if spec.name in self.vms:
+        if not self.reserve_name(spec.name):
             raise RequestError(f"a VM named {spec.name!r} already exists on this daemon")
         try:
             hosted = await trio.to_thread.run_sync(create_local, self.kvm, spec, config, self.console_log(spec))
         except (KvmError, ValueError) as err:
             raise RequestError(f"cannot create VM {spec.name}: {err}") from None
-        self.vms[spec.name] = hosted
+        else:
+            self.vms[spec.name] = hosted
+        finally:
+            self.release_name(spec.name)
         for warning in hosted.warnings:
             self.log.warning("raw_image_warning", vm=spec.name, image=spec.image, warning=warning)
         self.log.info(
@@ -244,6 +263,7 @@ class Daemon:
 
     def register_incoming(self, hosted: HostedVm, target: Any) -> None:
         self.vms[hosted.name] = hosted
+        self.release_name(hosted.name)
         self.migrations[hosted.name] = target
 
     def record_outcome(self, migration_id: str, target: Any, state: str) -> None:

@@ -68,6 +68,7 @@ class Target:
         self.loaded = False
         self.committed = False
         self.run_state = "running"
+        self.reserved_name: str | None = None
 
     async def run(self) -> None:
         try:
@@ -101,6 +102,8 @@ class Target:
             await self.channel.abort(f"target error: {err}")
             await self._on_failure(f"target error: {err}")
         finally:
+            if self.reserved_name is not None:
+                self.daemon.release_name(self.reserved_name)
             await self.channel.aclose()
 
     async def _answer_query(self, query: Query) -> None:
@@ -140,8 +143,6 @@ class Target:
         ram_base = aarch64.RAM_BASE if caps.arch == "aarch64" else 0
         if layout != [(0, ram_base, spec.memory_bytes)]:
             raise Refused(f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the spec's size")
-        if spec.name in self.daemon.vms:
-            raise Refused(f"a VM named {spec.name!r} already exists on this daemon")
         problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
         if problem:
             raise Refused(problem)
@@ -149,6 +150,12 @@ class Target:
         if run_state not in ("running", "paused"):
             raise Refused(f"run_state {run_state!r}: allowed are running, paused")
         self.run_state = run_state
+        # Last, and with no await since the check: the name is ours until the VM exists or
+        # this connection ends (`run`'s finally), and a second source of the same name is
+        # refused before anything of its VM is allocated.
+        if not self.daemon.reserve_name(spec.name):
+            raise Refused(f"a VM named {spec.name!r} already exists on this daemon")
+        self.reserved_name = spec.name
         return spec
 
     async def _receive_vm(self, description: VmDescription) -> None:
@@ -167,6 +174,7 @@ class Target:
         except (KvmError, SpecError, ValueError) as err:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
         self.daemon.register_incoming(self.hosted, self)
+        self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
         stats.dirty_tracking = config.dirty_tracking
         await self.channel.send(Accept())
         stats.setup_ms = (time.monotonic() - started) * 1e3
