@@ -106,6 +106,7 @@ class PeerConfig:
     tls_ca: Path | None
     allow_unauthenticated: bool
     connect_timeout_s: float
+    message_timeout_s: float
     # The key file's exact bytes, read once at load (no second read that could see another file).
     psk: bytes | None = field(default=None, repr=False)
 
@@ -134,6 +135,14 @@ class MigrationConfig:
     on_no_convergence: NoConvergence
     verify: Verify
     max_batch_bytes: int
+    max_incoming: int
+    max_incoming_memory_mib: int  # 0 = this host's physical memory
+
+    @property
+    def max_incoming_memory_bytes(self) -> int:
+        if self.max_incoming_memory_mib:
+            return self.max_incoming_memory_mib * MIB
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +364,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "tls_ca": _Key(None, _path(), False),
         "allow_unauthenticated": _Key(False, _boolean, False),
         "connect_timeout_s": _Key(10, _number(0.1, 3600), True),
+        "message_timeout_s": _Key(60, _number(0.1, 3600), True),
     },
     "vm": {
         "dirty_tracking": _Key("auto", _one_of("auto", "ring", "bitmap"), True),
@@ -370,6 +380,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "on_no_convergence": _Key("abort", _one_of("abort", "force-downtime", "throttle"), True),
         "verify": _Key("full", _one_of("full", "off"), True),
         "max_batch_bytes": _Key(8 * MIB, _integer(1 * MIB, 64 * MIB, sizes=True), True),
+        "max_incoming": _Key(4, _integer(1, 1024), True),
+        # 2**30 MiB: 1 EiB, far beyond any host; 0 means "this host's physical memory".
+        "max_incoming_memory_mib": _Key(0, _integer(0, 1 << 30), True),
     },
 }
 

@@ -23,8 +23,15 @@ from .kvm.errors import KvmError
 from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
+from .migration.incoming import Incoming
 from .migration.policy import DowntimeModel
+from .migration.stats import FinishedMigration
 from .sdnotify import Notifier
+from .statedir import check_state_dir
+
+
+# `migration status` of finished incoming migrations is kept for this many VM names.
+FINISHED_KEPT = 256
 
 
 class Daemon:
@@ -39,8 +46,8 @@ class Daemon:
         self.log = get_logger(component="daemon")
         self.nursery: trio.Nursery | None = None
         # Filled by the migration package; keeps the daemon ignorant of its internals.
-        self.migrations: dict[str, Any] = {}  # VM name -> its latest Source or Target
-        self.outcomes: dict[str, Any] = {}  # migration id -> Target, for in-doubt queries
+        self.migrations: dict[str, Any] = {}  # VM name -> its Source, Target, or FinishedMigration
+        self.incoming = Incoming()  # incoming migrations in progress, and how recent ones ended
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
         self.downtime_model = DowntimeModel()
         self.commands: dict[str, Any] = {
@@ -233,6 +240,7 @@ class Daemon:
     async def cmd_daemon_status(self, args: dict[str, Any]) -> Any:
         return {
             "vms": len(self.vms),
+            "incoming_migrations": len(self.incoming),
             "listen": str(self.config.peer.listen),
             "control_socket": str(self.config.daemon.control_socket),
             "pvm": self.kvm.caps().pvm,
@@ -266,9 +274,15 @@ class Daemon:
         self.release_name(hosted.name)
         self.migrations[hosted.name] = target
 
-    def record_outcome(self, migration_id: str, target: Any, state: str) -> None:
-        self.outcomes[migration_id] = target
-        self.log.info("incoming_outcome", migration_id=migration_id, state=state)
+    def finish_incoming(self, target: Any) -> None:
+        """An incoming migration's connection ended: keep its stats, not its VM copy's buffers."""
+        stats = target.stats
+        if stats is not None and self.migrations.get(stats.vm) is target:
+            self.migrations[stats.vm] = FinishedMigration(stats)
+            self.log.info("incoming_outcome", migration_id=stats.migration_id, state=stats.state)
+        finished = [name for name, m in self.migrations.items() if isinstance(m, FinishedMigration)]
+        for name in finished[: max(0, len(finished) - FINISHED_KEPT)]:
+            del self.migrations[name]  # oldest first: dicts keep insertion order
 
     def update_status(self) -> None:
         running = sum(1 for h in self.vms.values() if h.state is VmState.RUNNING)
@@ -345,6 +359,7 @@ async def run_daemon(
     ensure_kick_handler()
     log = get_logger(component="daemon")
     notifier = Notifier.from_environ(on_error=lambda err: log.warning("sd_notify_failed", error=str(err)))
+    check_state_dir(config.daemon.state_dir)
     kvm = Kvm.open()
     daemon = Daemon(config, kvm, notifier)
     caps = kvm.caps()

@@ -8,7 +8,6 @@ and in doubt until the target is asked again (or the operator decides).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import ssl
@@ -39,6 +38,7 @@ from ..hosted import HostedVm, VmState
 from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
 from ..pagehash import memory_digest
+from ..statedir import StateDirError, write_record
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
 from .pagestream import PAGE_SIZE, StreamCounters, send_pages, send_range
@@ -399,13 +399,22 @@ class Source:
         await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest, verify=self.options.verify))
         self.stats.state = self.stats.phase = "cutover"
         loaded = await channel.expect(Loaded)
+        if faults.active("source-abort-after-loaded"):
+            raise MigrationFailed("aborting after LOADED (test fault source-abort-after-loaded)")
+        if faults.active("source-vanish-after-loaded"):
+            await channel.aclose()
+            raise PeerError("dropped the link after LOADED (test fault source-vanish-after-loaded)")
         clock.step("target_load")
         if digest is not None and loaded.digest != digest:
             raise MigrationFailed(
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
-        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
-        self._record("committed")
+        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves. If
+        # that cannot be written, COMMIT must not leave: the migration fails, the VM resumes here.
+        try:
+            self._record("committed")
+        except StateDirError as err:
+            raise MigrationFailed(f"{err}; the VM keeps running here") from None
         self.committed = True
         if faults.active("source-lose-commit"):
             await channel.aclose()
@@ -423,7 +432,7 @@ class Source:
         await self._release("completed")
 
     async def _release(self, how: str) -> None:
-        self._record("released")
+        self._record_after("released")
         self.stats.total_ms = (time.monotonic() - self._started) * 1e3
         self.stats.state = self.stats.phase = how
         self.hosted.state = VmState.MIGRATED
@@ -437,10 +446,9 @@ class Source:
         await self.daemon.release_migrated(self.hosted)
 
     def _record(self, state: str) -> None:
-        """Persist the VM's ownership (state_dir), fsync'd: survives a crash of this daemon."""
-        directory = Path(self.daemon.config.daemon.state_dir) / "migrations"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{self.stats.migration_id}.json"
+        """Persist the VM's ownership (state_dir), fsync'd: survives a crash of this daemon.
+
+        Raises StateDirError (naming the path) and leaves no file when the disk is full."""
         record = {
             "vm": self.hosted.name,
             "migration_id": self.stats.migration_id,
@@ -448,12 +456,16 @@ class Source:
             "state": state,
             "at": time.time(),
         }
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as file:
-            json.dump(record, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
+        write_record(Path(self.daemon.config.daemon.state_dir) / "migrations", self.stats.migration_id, record)
+
+    def _record_after(self, state: str) -> None:
+        """A record written after the VM's fate is settled: a failure to write it changes
+        nothing of that fate (the "committed" record before it says who owns the VM), so it
+        is logged, not raised."""
+        try:
+            self._record(state)
+        except StateDirError as err:
+            self.log.error("migration_record_failed", state=state, error=str(err))
 
     # ---- in doubt -------------------------------------------------------------------------
 
@@ -480,7 +492,7 @@ class Source:
                 await self._release("completed")
             else:
                 self.committed = False
-                self._record(f"resumed-after-{answer}")
+                self._record_after(f"resumed-after-{answer}")
                 self.stats.state = self.stats.phase = "aborted"
                 await self._resume_here()
             return answer
@@ -499,7 +511,7 @@ class Source:
             await self._release("completed-by-operator")
         elif action == "resume":
             self.committed = False
-            self._record("resumed-by-operator")
+            self._record_after("resumed-by-operator")
             self.stats.state = self.stats.phase = "aborted"
             await self._resume_here()
         else:
