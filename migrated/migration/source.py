@@ -14,7 +14,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import trio
 
@@ -23,6 +23,7 @@ from transport import (
     Commit,
     DeviceState,
     Done,
+    Event,
     Loaded,
     MemoryRegion,
     PageBatch,
@@ -44,6 +45,8 @@ from . import vmstate
 from .pagestream import PAGE_SIZE, StreamCounters, send_pages, send_range
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats
+
+E = TypeVar("E", bound=Event)
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -214,6 +217,19 @@ class Source:
         pending = await self._rounds()
         self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
         await self._downtime(pending)
+
+    async def _expect(self, kind: type[E]) -> E:
+        """The target's answer within peer.message_timeout_s: the link's own timeout restarts
+        with every byte, so a peer trickling its answer would otherwise hold the VM paused."""
+        assert self._channel is not None
+        timeout = self.daemon.config.peer.message_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                return await self._channel.expect(kind)
+        except trio.TooSlowError:
+            raise PeerError(
+                f"no {kind.__name__} from the target within {timeout:g} s (peer.message_timeout_s)"
+            ) from None
 
     def cancel(self, reason: str, by_operator: bool = False) -> None:
         """Stop the migration before COMMIT; the VM resumes (or keeps running) here."""
@@ -398,7 +414,7 @@ class Source:
             self.stats.digest = digest.hex()
         await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest, verify=self.options.verify))
         self.stats.state = self.stats.phase = "cutover"
-        loaded = await channel.expect(Loaded)
+        loaded = await self._expect(Loaded)
         if faults.active("source-abort-after-loaded"):
             raise MigrationFailed("aborting after LOADED (test fault source-abort-after-loaded)")
         if faults.active("source-vanish-after-loaded"):
@@ -420,7 +436,7 @@ class Source:
             await channel.aclose()
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
         await channel.send(Commit())
-        await channel.expect(Running)
+        await self._expect(Running)
         clock.step("commit_to_running")
         self.stats.downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         self.daemon.downtime_model.learn(
@@ -501,7 +517,8 @@ class Source:
         channel = await self._connect()
         try:
             await channel.send(Query(self.stats.migration_id))
-            result = await channel.expect(QueryResult)
+            with trio.fail_after(self.daemon.config.peer.message_timeout_s):
+                result = await channel.expect(QueryResult)
             return result.state
         finally:
             await channel.aclose()

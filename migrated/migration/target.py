@@ -107,7 +107,7 @@ class Target:
                 raise PeerError(f"expected VmDescription or Query, got {type(first).__name__}")
         except trio.TooSlowError:
             message = (
-                f"authentication and the first message did not arrive within {peer_config.connect_timeout_s} s "
+                f"the handshake and the first message did not arrive within {peer_config.connect_timeout_s:g} s "
                 "(peer.connect_timeout_s)"
             )
             self.log.warning("incoming_connection_failed", error=message)

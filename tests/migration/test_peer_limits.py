@@ -240,6 +240,7 @@ def test_finished_incoming_migrations_leave_no_buffers_behind(make_daemon: MakeD
     for _ in range(rounds):
         round_trip()
     grown_kib = rss_anon_kib(b) - before
+    print(f"B's anonymous memory over {rounds} incoming migrations: {grown_kib:+d} KiB")
     # 6 kept page buffers would be 48 MiB; a quarter of one is allocator noise.
     assert grown_kib < 2 * 1024 * rounds // 3, f"B's anonymous memory grew {grown_kib} KiB over {rounds} migrations"
     assert_runs_here(a, "vm1")
