@@ -13,6 +13,7 @@ from .config import ConfigError, load_config
 from .control import ControlSocketInUseError
 from .kvm.errors import KvmError
 from .logs import configure_logging
+from .statedir import StateDirError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run_daemon, config, args.config, overrides)
     except BaseException as err:  # start-up failures arrive wrapped in exception groups
         fatal = _first_leaf(err)
-        if isinstance(fatal, (KvmError, ControlSocketInUseError, OSError, MetricsError)):
+        if isinstance(fatal, (KvmError, ControlSocketInUseError, StateDirError, OSError, MetricsError)):
             print(f"migrated: {fatal}", file=sys.stderr)
             return 1
         raise

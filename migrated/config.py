@@ -107,6 +107,7 @@ class PeerConfig:
     tls_ca: Path | None
     allow_unauthenticated: bool
     connect_timeout_s: float
+    message_timeout_s: float
     # The key file's exact bytes, read once at load (no second read that could see another file).
     psk: bytes | None = field(default=None, repr=False)
 
@@ -138,6 +139,14 @@ class MigrationConfig:
     downtime_guard_ms: int  # beyond downtime_limit_ms: how long the source may stay paused before COMMIT
     completion_timeout_per_gib_s: float  # 0: off; else the whole migration may take this per GiB of RAM
     progress_timeout_s: float  # 0: off; else no byte moved for this long cancels the migration
+    max_incoming: int
+    max_incoming_memory_mib: int  # 0 = this host's physical memory
+
+    @property
+    def max_incoming_memory_bytes(self) -> int:
+        if self.max_incoming_memory_mib:
+            return self.max_incoming_memory_mib * MIB
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +369,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "tls_ca": _Key(None, _path(), False),
         "allow_unauthenticated": _Key(False, _boolean, False),
         "connect_timeout_s": _Key(10, _number(0.1, 3600), True),
+        "message_timeout_s": _Key(60, _number(0.1, 3600), True),
     },
     "vm": {
         "dirty_tracking": _Key("auto", _one_of("auto", "ring", "bitmap"), True),
@@ -378,6 +388,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "downtime_guard_ms": _Key(2000, _integer(0, 600_000), True),
         "completion_timeout_per_gib_s": _Key(0, _number(0, 86_400), True),
         "progress_timeout_s": _Key(150, _number(0, 86_400), True),
+        "max_incoming": _Key(4, _integer(1, 1024), True),
+        # 2**30 MiB: 1 EiB, far beyond any host; 0 means "this host's physical memory".
+        "max_incoming_memory_mib": _Key(0, _integer(0, 1 << 30), True),
     },
 }
 

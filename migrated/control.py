@@ -18,12 +18,12 @@ from typing import Any
 
 import trio
 
+from .accepting import accept_forever
+from .control_request import MAX_REQUEST_BYTES, RequestRefused, parse_request
 from .events import EventStream
 from .logs import get_logger
 
-# A request is a command name and a few arguments: 1 MiB is far more than any needs, and it
-# bounds what a confused client can make the daemon buffer.
-MAX_REQUEST_BYTES = 1 << 20
+__all__ = ["MAX_REQUEST_BYTES", "ControlSocketInUseError", "RequestError", "request", "serve_control"]
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -69,11 +69,17 @@ async def serve_control(
     listener.listen(128)
     log.info("control_listening")
     task_status.started()
+
+    async def accept() -> trio.SocketStream:
+        conn, _ = await listener.accept()
+        return trio.SocketStream(conn)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await _serve_connection(stream, handler)
+
     try:
         async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_serve_connection, trio.SocketStream(conn), handler)
+            await accept_forever(accept, serve, nursery, "control")
     finally:
         listener.close()
         path.unlink(missing_ok=True)
@@ -108,27 +114,25 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                 await _send(stream, answer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+        except Exception:  # one connection must never take the server (or the daemon) down
+            log.exception("control_connection_failed")
 
 
 async def _answer(line: bytes, handler: Handler, log: Any) -> dict[str, Any]:
     try:
-        request = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        return {"ok": False, "error": f"request is not JSON: {err}"}
-    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-        return {"ok": False, "error": 'request must be a JSON object with a string "cmd"'}
-    args = request.get("args", {})
-    if not isinstance(args, dict):
-        return {"ok": False, "error": '"args" must be a JSON object'}
-    cmd = request["cmd"]
+        parsed = parse_request(line)
+    except RequestRefused as err:
+        log.info("control_request_malformed", error=str(err), length=len(line))
+        return {"ok": False, "error": str(err)}
+    cmd = parsed.cmd
     try:
-        return {"ok": True, "result": await handler(cmd, args)}
+        return {"ok": True, "result": await handler(cmd, parsed.args)}
     except RequestError as err:
         log.info("control_request_refused", cmd=cmd, error=str(err))
         return {"ok": False, "error": str(err)}
     except Exception as err:  # one failed request must not take the daemon down
         log.exception("control_request_failed", cmd=cmd)
-        return {"ok": False, "error": f"{cmd} failed: {type(err).__name__}: {err}"}
+        return {"ok": False, "error": f"{cmd} failed: internal error: {type(err).__name__}: {err}"}
 
 
 async def _stream_events(stream: trio.SocketStream, events: EventStream) -> None:

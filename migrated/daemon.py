@@ -30,10 +30,17 @@ from .kvm.memory import GuestMemory
 from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
-from .migration.host import Command, CommandArgs, CommandReply, IncomingOutcome, Migration
+from .migration.host import Command, CommandArgs, CommandReply, Migration
+from .migration.incoming import Incoming
 from .migration.policy import DowntimeModels
 from .migration.service import start_migration_service
+from .migration.stats import FinishedMigration
 from .sdnotify import Notifier
+from .statedir import check_state_dir
+
+
+# `migration status` of finished incoming migrations is kept for this many VM names.
+FINISHED_KEPT = 256
 
 
 # How long `vm create` waits for a new guest's first sign of life before it answers: a workload
@@ -51,11 +58,14 @@ class Daemon:
         self.kvm = kvm
         self.notifier = notifier
         self.vms: dict[str, HostedVm] = {}
+        # Names claimed by a VM being built (vm create, an incoming migration): not in `vms` yet,
+        # but taken, so that two builders of one name can never both win (DESIGN 6).
+        self.reserved_names: set[str] = set()
         self.log = get_logger(component="daemon")
         self.nursery: trio.Nursery | None = None
         # Filled by the migration package; keeps the daemon ignorant of its internals.
-        self.migrations: dict[str, Migration] = {}  # VM name -> its latest Source or Target
-        self.outcomes: dict[str, IncomingOutcome] = {}  # migration id -> Target, for in-doubt queries
+        self.migrations: dict[str, Migration] = {}  # VM name -> its Source, Target, or FinishedMigration
+        self.incoming = Incoming()  # incoming migrations in progress, and how recent ones ended
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
         self.downtime_models = DowntimeModels()
         self.records = VmRecords(Path(config.daemon.state_dir))
@@ -82,6 +92,19 @@ class Daemon:
             raise RequestError(f"unknown command {cmd!r}; known: {', '.join(sorted(self.commands))}")
         return await handler(args)
 
+    def reserve_name(self, name: str) -> bool:
+        """Claim `name` for a VM about to be built; False if a VM or another builder has it.
+
+        No await between the check and the claim: in trio that makes the pair atomic."""
+        if name in self.vms or name in self.reserved_names:
+            return False
+        self.reserved_names.add(name)
+        return True
+
+    def release_name(self, name: str) -> None:
+        """The builder is done: the VM is in `vms` now, or nothing of it exists."""
+        self.reserved_names.discard(name)
+
     def hosted(self, args: CommandArgs) -> HostedVm:
         name = args.get("name")
         if not isinstance(name, str):
@@ -101,14 +124,17 @@ class Daemon:
             config = vm_config(spec, tracking, self.config.vm.ring_bytes, self.config.vm.harvest_interval_ms)
         except SpecError as err:
             raise RequestError(str(err)) from None
-        if spec.name in self.vms:
+        if not self.reserve_name(spec.name):
             raise RequestError(f"a VM named {spec.name!r} already exists on this daemon")
         try:
             hosted = await trio.to_thread.run_sync(create_local, self.kvm, spec, config, self.console_log(spec))
         except (KvmError, ValueError) as err:
             raise RequestError(f"cannot create VM {spec.name}: {err}") from None
-        self.vms[spec.name] = hosted
-        self.record_vm(hosted)
+        else:
+            self.vms[spec.name] = hosted
+            self.record_vm(hosted)
+        finally:
+            self.release_name(spec.name)
         for warning in hosted.warnings:
             self.log.warning("raw_image_warning", vm=spec.name, image=spec.image, warning=warning)
         self.log.info(
@@ -266,6 +292,7 @@ class Daemon:
             "vms": len(self.vms),
             "lost_vms": len(self.records.lost()),
             "event_subscribers": BUS.subscriptions(),
+            "incoming_migrations": len(self.incoming),
             "listen": str(self.config.peer.listen),
             "control_socket": str(self.config.daemon.control_socket),
             "pvm": self.kvm.caps().pvm,
@@ -296,6 +323,7 @@ class Daemon:
 
     def register_incoming(self, hosted: HostedVm, migration: Migration) -> None:
         self.vms[hosted.name] = hosted
+        self.release_name(hosted.name)
         self.migrations[hosted.name] = migration
         self.record_vm(hosted)
 
@@ -303,9 +331,15 @@ class Daemon:
         """Keep the on-disk record of a hosted VM's state (what a successor reports if we die)."""
         self.records.write(hosted.name, hosted.state.value, guest=hosted.spec.guest, memory_mib=hosted.spec.memory_mib)
 
-    def record_outcome(self, migration_id: str, outcome: IncomingOutcome, state: str) -> None:
-        self.outcomes[migration_id] = outcome
-        self.log.info("incoming_outcome", migration_id=migration_id, state=state)
+    def finish_incoming(self, target: Migration) -> None:
+        """An incoming migration's connection ended: keep its stats, not its VM copy's buffers."""
+        stats = target.stats
+        if stats is not None and self.migrations.get(stats.vm) is target:
+            self.migrations[stats.vm] = FinishedMigration(stats)
+            self.log.info("incoming_outcome", migration_id=stats.migration_id, state=stats.state)
+        finished = [name for name, m in self.migrations.items() if isinstance(m, FinishedMigration)]
+        for name in finished[: max(0, len(finished) - FINISHED_KEPT)]:
+            del self.migrations[name]  # oldest first: dicts keep insertion order
 
     def update_status(self) -> None:
         running = sum(1 for h in self.vms.values() if h.state is VmState.RUNNING)
@@ -382,6 +416,7 @@ async def run_daemon(
     ensure_kick_handler()
     log = get_logger(component="daemon")
     notifier = Notifier.from_environ(on_error=lambda err: log.warning("sd_notify_failed", error=str(err)))
+    check_state_dir(config.daemon.state_dir)
     kvm = Kvm.open()
     daemon = Daemon(config, kvm, notifier)
     caps = kvm.caps()

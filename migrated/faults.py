@@ -7,6 +7,10 @@ needs a failure that the real world produces only by bad luck:
 - target-refuse-loaded: the target aborts instead of answering LOADED.
 - target-vanish-after-commit: the target resumes on COMMIT, then drops the link before RUNNING.
 - source-lose-commit: the source records the commit, then drops the link instead of sending it.
+- source-abort-after-loaded: the source sends ABORT right after LOADED (the target must free
+  its loaded copy at once).
+- source-vanish-after-loaded: the source drops the link right after LOADED, as a source that
+  died would.
 - source-stall-rounds: the source sleeps 0.2 s before each dirty round (a slow link, made
   deterministic, so that a test can act during the rounds).
 - target-stop-on-done: the target process stops itself (SIGSTOP) when the first DONE arrives, as
@@ -26,6 +30,8 @@ KNOWN = frozenset(
         "target-refuse-loaded",
         "target-vanish-after-commit",
         "source-lose-commit",
+        "source-abort-after-loaded",
+        "source-vanish-after-loaded",
         "source-stall-rounds",
         "source-skip-its-save",
         "source-zero-xsave",

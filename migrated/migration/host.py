@@ -15,6 +15,7 @@ from ..config import Config
 from ..events import EventStream
 from ..hosted import HostedVm, VmSpec
 from ..kvm.system import Kvm
+from .incoming import Incoming
 from .policy import DowntimeModels
 from .stats import MigrationStats
 
@@ -47,7 +48,7 @@ class MigrationHost(Protocol):
     downtime_models: DowntimeModels  # costs learned from this host's past migrations, per peer
     vms: dict[str, HostedVm]
     migrations: dict[str, Migration]  # VM name -> its latest migration
-    outcomes: dict[str, IncomingOutcome]  # migration id -> incoming outcome
+    incoming: Incoming  # incoming migrations in progress, and how recent ones ended
     commands: dict[str, Command]
 
     def hosted(self, args: CommandArgs) -> HostedVm:
@@ -68,7 +69,15 @@ class MigrationHost(Protocol):
 
     async def remove_vm(self, hosted: HostedVm, reason: str) -> None: ...
 
-    def record_outcome(self, migration_id: str, outcome: IncomingOutcome, state: str) -> None: ...
+    def reserve_name(self, name: str) -> bool:
+        """Claim `name` for a VM about to be built; False if a VM or another builder has it."""
+        ...
+
+    def release_name(self, name: str) -> None: ...
+
+    def finish_incoming(self, target: Migration) -> None:
+        """An incoming migration's connection ended: keep its stats, not its VM copy."""
+        ...
 
     def start_task(self, task: Callable[[], Awaitable[object]]) -> None:
         """Run `task` in the daemon's root nursery (it outlives the request that started it)."""

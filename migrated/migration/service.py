@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from ..accepting import accept_forever
 from ..control import RequestError
 from ..hosted import VmState
 from ..logs import get_logger
@@ -30,7 +31,10 @@ async def serve_peers(daemon: MigrationHost, *, task_status: trio.TaskStatus[Non
     listeners = await trio.open_tcp_listeners(listen.port, host=listen.host or None)
     log.info("peer_listening", listen=str(listen))
     task_status.started()
-    await trio.serve_listeners(handle, listeners)
+    # Not trio.serve_listeners: it logs every retry of an EMFILE episode; ours logs it once.
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_forever, listener.accept, handle, nursery, f"peer {listen}")
 
 
 def _number(args: CommandArgs, key: str, default: float, low: float, high: float) -> float:

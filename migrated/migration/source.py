@@ -8,14 +8,13 @@ and in doubt until the target is asked again (or the operator decides).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import ssl
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import trio
 
@@ -24,6 +23,7 @@ from transport import (
     Commit,
     DeviceState,
     Done,
+    Event,
     Loaded,
     MemoryRegion,
     PageBatch,
@@ -39,6 +39,7 @@ from ..hosted import HostedVm, VmState
 from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
 from ..pagehash import memory_digest
+from ..statedir import StateDirError, write_record
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
@@ -46,6 +47,7 @@ from .pagestream import PAGE_SIZE, StreamCounters, send_pages, send_range
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats
 
+E = TypeVar("E", bound=Event)
 
 MIB = 1 << 20
 
@@ -255,6 +257,19 @@ class Source:
             self.stats.downtime_limit_ms = self.options.downtime_limit_ms
         self.log.info("migration_parameters_changed", old=old, new=changes)
 
+    async def _expect(self, kind: type[E]) -> E:
+        """The target's answer within peer.message_timeout_s: the link's own timeout restarts
+        with every byte, so a peer trickling its answer would otherwise hold the VM paused."""
+        assert self._channel is not None
+        timeout = self.daemon.config.peer.message_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                return await self._channel.expect(kind)
+        except trio.TooSlowError:
+            raise PeerError(
+                f"no {kind.__name__} from the target within {timeout:g} s (peer.message_timeout_s)"
+            ) from None
+
     def cancel(self, reason: str, by_operator: bool = False) -> None:
         """Stop the migration before COMMIT; the VM resumes (or keeps running) here."""
         if self._cancel_reason is None:
@@ -436,14 +451,18 @@ class Source:
             )
         channel = self._channel
         assert channel is not None
-        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
-        self._record("committed")
+        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves. If
+        # that cannot be written, COMMIT must not leave: the migration fails, the VM resumes here.
+        try:
+            self._record("committed")
+        except StateDirError as err:
+            raise MigrationFailed(f"{err}; the VM keeps running here") from None
         self.committed = True
         if faults.active("source-lose-commit"):
             await channel.aclose()
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
         await channel.send(Commit())
-        await channel.expect(Running)
+        await self._expect(Running)
         clock.step("commit_to_running")
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
@@ -503,7 +522,12 @@ class Source:
             self.stats.digest = digest.hex()
         await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest, verify=self.options.verify))
         self.stats.state = self.stats.phase = "cutover"
-        loaded = await channel.expect(Loaded)
+        loaded = await self._expect(Loaded)
+        if faults.active("source-abort-after-loaded"):
+            raise MigrationFailed("aborting after LOADED (test fault source-abort-after-loaded)")
+        if faults.active("source-vanish-after-loaded"):
+            await channel.aclose()
+            raise PeerError("dropped the link after LOADED (test fault source-vanish-after-loaded)")
         clock.step("target_load")
         if digest is not None and loaded.digest != digest:
             raise MigrationFailed(
@@ -511,7 +535,7 @@ class Source:
             )
 
     async def _release(self, how: str) -> None:
-        self._record("released")
+        self._record_after("released")
         self.stats.total_ms = (time.monotonic() - self._started) * 1e3
         self.stats.state = self.stats.phase = how
         self.hosted.state = VmState.MIGRATED
@@ -525,10 +549,9 @@ class Source:
         await self.daemon.release_migrated(self.hosted)
 
     def _record(self, state: str) -> None:
-        """Persist the VM's ownership (state_dir), fsync'd: survives a crash of this daemon."""
-        directory = Path(self.daemon.config.daemon.state_dir) / "migrations"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{self.stats.migration_id}.json"
+        """Persist the VM's ownership (state_dir), fsync'd: survives a crash of this daemon.
+
+        Raises StateDirError (naming the path) and leaves no file when the disk is full."""
         record = {
             "vm": self.hosted.name,
             "migration_id": self.stats.migration_id,
@@ -536,12 +559,16 @@ class Source:
             "state": state,
             "at": time.time(),
         }
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as file:
-            json.dump(record, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
+        write_record(Path(self.daemon.config.daemon.state_dir) / "migrations", self.stats.migration_id, record)
+
+    def _record_after(self, state: str) -> None:
+        """A record written after the VM's fate is settled: a failure to write it changes
+        nothing of that fate (the "committed" record before it says who owns the VM), so it
+        is logged, not raised."""
+        try:
+            self._record(state)
+        except StateDirError as err:
+            self.log.error("migration_record_failed", state=state, error=str(err))
 
     # ---- in doubt -------------------------------------------------------------------------
 
@@ -568,7 +595,7 @@ class Source:
                 await self._release("completed")
             else:
                 self.committed = False
-                self._record(f"resumed-after-{answer}")
+                self._record_after(f"resumed-after-{answer}")
                 self.stats.state = self.stats.phase = "aborted"
                 await self._resume_here()
             return answer
@@ -577,7 +604,8 @@ class Source:
         channel = await self._connect()
         try:
             await channel.send(Query(self.stats.migration_id))
-            result = await channel.expect(QueryResult)
+            with trio.fail_after(self.daemon.config.peer.message_timeout_s):
+                result = await channel.expect(QueryResult)
             return result.state
         finally:
             await channel.aclose()
@@ -587,7 +615,7 @@ class Source:
             await self._release("completed-by-operator")
         elif action == "resume":
             self.committed = False
-            self._record("resumed-by-operator")
+            self._record_after("resumed-by-operator")
             self.stats.state = self.stats.phase = "aborted"
             await self._resume_here()
         else:

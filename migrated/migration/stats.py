@@ -56,3 +56,10 @@ class MigrationStats:
         # `round` is the round in progress; `rounds` is how many dirty rounds ran (the same
         # number, under the name operators read in the final report).
         return {**asdict(self), "rounds": self.round}
+
+
+@dataclass(frozen=True)
+class FinishedMigration:
+    """What stays of an incoming migration once its connection ended: the numbers only."""
+
+    stats: MigrationStats

@@ -44,11 +44,6 @@ from .prefault import Prefaulter
 from .stats import MigrationStats
 
 
-# How long a loaded copy waits, after its link broke, for the source to ask what happened
-# before it discards itself for good.
-LOADED_WAIT_S = 300.0
-
-
 class Refused(Exception):
     """This daemon cannot host the described VM; the reason goes back to the source."""
 
@@ -69,17 +64,41 @@ class Target:
         self.loaded = False
         self.committed = False
         self.run_state = "running"
+        self.reserved_name: str | None = None
+        self.admitted_id: str | None = None  # counted in daemon.incoming until the connection ends
+        self.scope = trio.CancelScope()  # cancelled when a query aborts this copy for good
+        self.abort_reason = ""
+        self.finished = trio.Event()  # set once this connection's outcome is recorded
 
     async def run(self) -> None:
         try:
-            with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
-                if self.daemon.config.peer.auth == "tls":
+            with self.scope:
+                await self._run()
+            if self.scope.cancelled_caught:
+                self.log.warning("incoming_aborted_for_good", reason=self.abort_reason)
+                await self._on_failure(self.abort_reason)
+        finally:
+            if self.reserved_name is not None:
+                self.daemon.release_name(self.reserved_name)
+            if self.admitted_id is not None:
+                self.daemon.incoming.leave(self.admitted_id)
+            self.daemon.finish_incoming(self)
+            await self.channel.aclose()
+            self.finished.set()
+
+    async def _run(self) -> None:
+        peer_config = self.daemon.config.peer
+        try:
+            # Phase "setup": authentication and the first message, under one deadline, so a
+            # peer that trickles its handshake gets no more time than one that stalls.
+            with trio.fail_after(peer_config.connect_timeout_s):
+                if peer_config.auth == "tls":
                     try:
-                        self.channel.stream = await tls.wrap_server(self._raw, self.daemon.config.peer)
+                        self.channel.stream = await tls.wrap_server(self._raw, peer_config)
                     except (ssl.SSLError, trio.BrokenResourceError) as err:
                         raise PeerError(f"TLS handshake failed: {err}") from err
                 await self.channel.handshake()
-            first = await self.channel.receive()
+                first = await self.channel.receive()
             if isinstance(first, Query):
                 await self._answer_query(first)
             elif isinstance(first, VmDescription):
@@ -87,7 +106,10 @@ class Target:
             else:
                 raise PeerError(f"expected VmDescription or Query, got {type(first).__name__}")
         except trio.TooSlowError:
-            message = f"the handshake did not finish within {self.daemon.config.peer.connect_timeout_s} s"
+            message = (
+                f"the handshake and the first message did not arrive within {peer_config.connect_timeout_s:g} s "
+                "(peer.connect_timeout_s)"
+            )
             self.log.warning("incoming_connection_failed", error=message)
             await self._on_failure(message)
         except (PeerError, OSError) as err:
@@ -101,20 +123,37 @@ class Target:
             self.log.exception("incoming_migration_crashed")
             await self.channel.abort(f"target error: {err}")
             await self._on_failure(f"target error: {err}")
-        finally:
-            await self.channel.aclose()
+
+    async def _next(self) -> Any:
+        """The peer's next event within peer.message_timeout_s: the deadline of every phase
+        after setup. The link's own timeout restarts with each byte; this one does not, so a
+        peer that trickles a byte every few seconds is cut off too."""
+        timeout = self.daemon.config.peer.message_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                return await self.channel.receive()
+        except trio.TooSlowError:
+            raise PeerError(
+                f"no complete message from the peer within {timeout:g} s (peer.message_timeout_s)"
+            ) from None
 
     async def _answer_query(self, query: Query) -> None:
-        outcome = self.daemon.outcomes.get(query.migration_id)
+        live = self.daemon.incoming.live.get(query.migration_id)
+        if live is not None:
+            # Still on its first connection: unless COMMIT came, it aborts for good now, and
+            # the answer waits for its recorded outcome (DESIGN 5: only then may the source resume).
+            live.abort_for_good("the source asked after a lost link; no COMMIT came")
+            with trio.move_on_after(self.daemon.config.peer.message_timeout_s):
+                await live.finished.wait()
+            if not live.finished.is_set():
+                raise PeerError(f"migration {query.migration_id} is still being discarded; ask again")
+        outcome = self.daemon.incoming.outcome(query.migration_id)
         answer: Literal["running", "aborted", "unknown"]
         if outcome is None:
             answer = "unknown"
-        elif outcome.state == "running":
+        elif outcome == "running":
             answer = "running"
         else:
-            # Loaded and waiting, or already discarded: it never got COMMIT, so it aborts for
-            # good now, and only then may the source resume (DESIGN 5).
-            await outcome.abort_for_good("the source asked after a lost link; no COMMIT came")
             answer = "aborted"
         self.log.info("query_answered", migration_id=query.migration_id, answer=answer)
         await self.channel.send(QueryResult(migration_id=query.migration_id, state=answer))
@@ -141,8 +180,6 @@ class Target:
         ram_base = host_arch(caps.arch).ram_base
         if layout != [(0, ram_base, spec.memory_bytes)]:
             raise Refused(f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the spec's size")
-        if spec.name in self.daemon.vms:
-            raise Refused(f"a VM named {spec.name!r} already exists on this daemon")
         problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
         if problem:
             raise Refused(problem)
@@ -150,6 +187,20 @@ class Target:
         if run_state not in ("running", "paused"):
             raise Refused(f"run_state {run_state!r}: allowed are running, paused")
         self.run_state = run_state
+        limits = self.daemon.config.migration
+        try:
+            self.daemon.incoming.admit(
+                description.migration_id, self, spec.memory_bytes, limits.max_incoming, limits.max_incoming_memory_bytes
+            )
+        except ValueError as err:
+            raise Refused(str(err)) from None
+        self.admitted_id = description.migration_id
+        # Last, and with no await since the check: the name is ours until the VM exists or
+        # this connection ends (`run`'s finally), and a second source of the same name is
+        # refused before anything of its VM is allocated.
+        if not self.daemon.reserve_name(spec.name):
+            raise Refused(f"a VM named {spec.name!r} already exists on this daemon")
+        self.reserved_name = spec.name
         return spec
 
     async def _receive_vm(self, description: VmDescription) -> None:
@@ -168,6 +219,7 @@ class Target:
         except (KvmError, SpecError, ValueError) as err:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
         self.daemon.register_incoming(self.hosted, self)
+        self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
         stats.dirty_tracking = config.dirty_tracking
         await self.channel.send(Accept())
         stats.setup_ms = (time.monotonic() - started) * 1e3
@@ -176,8 +228,12 @@ class Target:
         assert vm is not None and vm.memory is not None
         views = {r.slot: vm.memory.view(r).reshape(-1, PAGE_SIZE) for r in vm.memory.regions}
         prefault = {r.slot: Prefaulter(vm.memory.host_address(r), r.size) for r in vm.memory.regions}
+        timeout = self.daemon.config.migration.timeout_s
         try:
-            await self._receive(stats, views, prefault)
+            with trio.fail_after(timeout):
+                await self._receive(stats, views, prefault)
+        except trio.TooSlowError:
+            raise PeerError(f"the VM did not arrive within {timeout:g} s (migration.timeout_s)") from None
         finally:
             for prefaulter in prefault.values():
                 prefaulter.stop()
@@ -187,7 +243,7 @@ class Target:
         blobs: list[tuple[str, bytes]] = []
         stats.state = stats.phase = "receiving"
         while True:
-            event = await self.channel.receive()
+            event = await self._next()
             if isinstance(event, PageBatch):
                 applied = time.perf_counter()
                 apply_batch(views[event.slot], event, ram_is_fresh=event.round == 0)
@@ -244,21 +300,25 @@ class Target:
             raise Refused("refusing at LOADED (test fault target-refuse-loaded)")
         await self.channel.send(Loaded(digest=digest))
         self.loaded = True
-        self.daemon.record_outcome(stats.migration_id, self, "loaded")
+        self.daemon.incoming.record(stats.migration_id, "loaded")
         stats.state = stats.phase = "loaded"
 
     async def _await_commit(self) -> None:
-        await self.channel.expect(Commit)
+        event = await self._next()
+        if not isinstance(event, Commit):
+            raise PeerError(f"expected Commit from the peer, got {type(event).__name__}")
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and stats is not None
-        self.committed = True
-        self.daemon.record_outcome(stats.migration_id, self, "running")
-        if self.run_state == "running":
-            await trio.to_thread.run_sync(hosted.vm.resume)
-            hosted.state = VmState.RUNNING
-        else:
-            hosted.state = VmState.PAUSED
-        self.daemon.record_vm(hosted)
+        # Shielded: a query aborting this copy must find it either before COMMIT or running.
+        with trio.CancelScope(shield=True):
+            self.committed = True
+            self.daemon.incoming.record(stats.migration_id, "running")
+            if self.run_state == "running":
+                await trio.to_thread.run_sync(hosted.vm.resume)
+                hosted.state = VmState.RUNNING
+            else:
+                hosted.state = VmState.PAUSED
+            self.daemon.record_vm(hosted)
         stats.state = stats.phase = "completed"
         self.log.info("incoming_vm_running")
         if faults.active("target-vanish-after-commit"):
@@ -270,33 +330,22 @@ class Target:
     async def _on_failure(self, reason: str) -> None:
         if self.committed:
             return  # the VM runs here; only the RUNNING answer was lost
-        if self.loaded:
-            # Never resume without COMMIT; wait for the source to ask, then abort for good.
-            self.log.warning("loaded_copy_waiting_for_query", reason=reason)
-            self.daemon.start_task(self._expire_loaded)
-            return
-        await self._discard(reason)
-
-    async def _expire_loaded(self) -> None:
-        await trio.sleep(LOADED_WAIT_S)
-        await self.abort_for_good("no COMMIT and no query from the source in time")
-
-    async def abort_for_good(self, reason: str) -> None:
-        if self.committed:
-            return
         self.loaded = False
         await self._discard(reason)
 
-    @property
-    def state(self) -> str:
-        return "running" if self.committed else "loaded" if self.loaded else "aborted"
+    def abort_for_good(self, reason: str) -> None:
+        """From another task: end this migration unless COMMIT came; `finished` tells when."""
+        if self.committed:
+            return
+        self.abort_reason = reason
+        self.scope.cancel()
 
     async def _discard(self, reason: str) -> None:
         hosted = self.hosted
         if self.stats is not None:
             self.stats.state = self.stats.phase = "aborted"
             self.stats.error = reason
-            self.daemon.record_outcome(self.stats.migration_id, self, "aborted")
+            self.daemon.incoming.record(self.stats.migration_id, "aborted")
         if hosted is not None and hosted.state is VmState.INCOMING:
             self.log.info("incoming_vm_discarded", reason=reason)
             await self.daemon.remove_vm(hosted, f"incoming migration aborted: {reason}")

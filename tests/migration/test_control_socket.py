@@ -171,6 +171,19 @@ MALFORMED = {
     "args that are a list": (request_line("vm.show", ["keeper"]), ['"args" must be a JSON object']),
     "args that are a string": (request_line("vm.show", "keeper"), ['"args" must be a JSON object']),
     "an empty line": (b"\n", ["request is not JSON"]),
+    # Each of these three once ended the daemon and its VMs (issue 10): ValueError from int(),
+    # RecursionError from the decoder.
+    "a JSON integer of 5,000 digits": (b"1" * 5000 + b"\n", ["a number of more than 32 digits"]),
+    "an argument of 5,000 digits": (
+        b'{"cmd": "vm.show", "args": {"name": ' + b"7" * 5000 + b"}}\n",
+        ["a number of more than 32 digits"],
+    ),
+    "100,000 nested [": (b"[" * 100_000 + b"\n", ["nested 100000 levels deep"]),
+    "100,000 nested { in args": (
+        b'{"cmd": "vm.show", "args": ' + b'{"a": ' * 100_000 + b"\n",
+        ["levels deep, more than 32"],
+    ),
+    "an unknown top-level key": (b'{"cmd": "vm.list", "as": "root"}\n', ["unknown keys ['as']"]),
     "an unknown command": (
         request_line("vm.explode", {"name": "keeper"}),
         ["unknown command 'vm.explode'", "known:", "vm.create", "migrate"],
