@@ -2,8 +2,8 @@
 milliseconds, without sleeping. Real parts: a real Daemon object (the MigrationHost), real KVM
 VMs, real sockets and the real peer handshake; only time is virtual.
 
-- A target that loaded a VM and then lost its source discards the copy after LOADED_WAIT_S
-  (300 s) when nobody asks what happened, and not a virtual second before.
+- A target whose source falls silent cuts it off after peer.message_timeout_s, not a virtual
+  second before, and discards the copy it was loading.
 - A source whose migration is in doubt keeps asking the target, every `interval_s`, while the
   target cannot be reached, never resuming on its own; once the target answers, it acts on it.
 """
@@ -27,7 +27,8 @@ from migrated.kvm.system import Kvm
 from migrated.migration.service import serve_peers
 from migrated.migration.source import Source, SourceOptions, new_migration_id
 from migrated.migration.stats import MigrationStats
-from migrated.migration.target import LOADED_WAIT_S, Target
+from migrated.migration.target import Target
+from migrated.peer import PeerError
 from migrated.sdnotify import Notifier
 
 pytestmark = pytest.mark.kvm
@@ -60,8 +61,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_target_discards_an_abandoned_loaded_copy_after_the_wait(tmp_path: Path) -> None:
+def test_target_drops_a_silent_source_after_the_message_timeout(tmp_path: Path) -> None:
+    """A source that falls silent mid-migration: the target cuts it off when the link has been
+    silent for peer.connect_timeout_s (10 s; a peer that trickles bytes meets the per-message
+    deadline, peer.message_timeout_s, instead), not a virtual second before; the copy it was
+    loading is discarded at once (it never runs without COMMIT) and "aborted" is its outcome."""
     daemon = _daemon(tmp_path, "target", write_key(tmp_path / "peer.key"), _free_port())
+    timeout = min(daemon.config.peer.connect_timeout_s, daemon.config.peer.message_timeout_s)
     spec = _spec("incoming")
     config = vm_config(spec, "auto", daemon.config.vm.ring_bytes, daemon.config.vm.harvest_interval_ms)
     hosted = create_incoming(daemon.kvm, spec, config)
@@ -74,26 +80,22 @@ def test_target_discards_an_abandoned_loaded_copy_after_the_wait(tmp_path: Path)
             target = Target(daemon, trio.SocketStream(trio.socket.from_stdlib_socket(ours)), "test-peer")
             target.hosted = hosted
             target.stats = MigrationStats(migration_id="m-test", vm=spec.name, role="target", peer="test-peer")
+            assert daemon.reserve_name(spec.name)
             daemon.register_incoming(hosted, target)
             target.loaded = True
-            daemon.record_outcome("m-test", target, "loaded")
             start = trio.current_time()
-            await target._on_failure("the link broke after LOADED")  # as run() does on a lost link
-
-            await trio.sleep(LOADED_WAIT_S - 1)
-            assert hosted.state is VmState.INCOMING, "discarded before LOADED_WAIT_S"
-            assert daemon.outcomes["m-test"].state == "loaded"
-            assert spec.name in daemon.vms
-
-            # The clock jumps while closing the VM runs in a thread: the bound is generous in
-            # virtual seconds, a few real ones.
+            with trio.move_on_after(timeout - 1):
+                await target._next()
+            assert trio.current_time() - start == timeout - 1, "cut off before the deadline"
+            with pytest.raises(PeerError):
+                await target._next()
+            assert trio.current_time() - start >= 2 * timeout - 1
+            await target._on_failure("no complete message from the peer")  # as run() does
             with trio.fail_after(VIRTUAL_BOUND_S):
                 while hosted.state is not VmState.STOPPED:  # closed and removed
                     await trio.sleep(0.5)
-            assert trio.current_time() - start >= LOADED_WAIT_S
             assert spec.name not in daemon.vms
-            assert daemon.outcomes["m-test"].state == "aborted"
-            assert target.stats.state == "aborted"
+            assert daemon.incoming.outcome("m-test") == "aborted"
 
     try:
         trio.run(main, clock=clock)
