@@ -351,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="what runs inside: workload (a page writer that checks its pages), smallos (x86: the "
         "workload under a small kernel with interrupts and timers), raw (your --image), none (empty RAM)",
     )
-    create.add_argument("--image", metavar="FILE", help="raw: a boot sector or flat binary (read by the daemon)")
+    create.add_argument(
+        "--image",
+        metavar="FILE",
+        help="raw: a boot sector or flat binary, read by the daemon (required with --guest raw)",
+    )
     create.add_argument(
         "--load-addr", type=_address, default=0x7C00, metavar="ADDR", help="raw: guest-physical load address"
     )
