@@ -19,7 +19,7 @@ def has_shown_default(action: argparse.Action) -> bool:
         return False  # a flag: its default is "not given"
     if any(action.default is silent for silent in _SILENT_DEFAULTS):
         return False
-    return action.default != ""
+    return bool(action.default != "")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
