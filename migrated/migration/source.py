@@ -164,7 +164,10 @@ class Source:
     async def _connect(self) -> PeerChannel:
         peer = self.daemon.config.peer
         with trio.fail_after(peer.connect_timeout_s):
-            raw = await trio.open_tcp_stream(self.options.host, self.options.port)
+            try:
+                raw = await trio.open_tcp_stream(self.options.host, self.options.port)
+            except OSError as err:
+                raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
             stream: trio.abc.Stream = raw
             if peer.auth == "tls":
                 try:
@@ -519,6 +522,23 @@ class _StepClock:
         self._steps[name] = round(elapsed, 3)
         self._last = now
         return elapsed
+
+
+def connect_failure(err: OSError) -> str:
+    """The cause of a failed connect, without the errno noise: "Name or service not known" for
+    a host name that does not resolve; for refused or unreachable addresses (which trio reports
+    as "all attempts to connect to ... failed"), the first attempt's reason."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+            continue
+        if isinstance(cause, OSError) and cause.strerror:
+            # trio's own message repeats the address; the errno's text is the reason alone.
+            positive = isinstance(cause.errno, int) and cause.errno > 0
+            return os.strerror(cause.errno) if positive else str(cause.strerror)
+        cause = cause.__cause__
+    return str(err) or type(err).__name__
 
 
 def batch_pages_for(max_batch_bytes: int) -> int:
