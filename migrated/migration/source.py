@@ -535,8 +535,8 @@ def connect_failure(err: OSError) -> str:
             continue
         if isinstance(cause, OSError) and cause.strerror:
             # trio's own message repeats the address; the errno's text is the reason alone.
-            positive = isinstance(cause.errno, int) and cause.errno > 0
-            return os.strerror(cause.errno) if positive else str(cause.strerror)
+            code = cause.errno
+            return os.strerror(code) if isinstance(code, int) and code > 0 else str(cause.strerror)
         cause = cause.__cause__
     return str(err) or type(err).__name__
 
