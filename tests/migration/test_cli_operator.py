@@ -1,0 +1,177 @@
+"""migratectl and migrated as an operator meets them: real daemons, real processes, no traceback.
+
+Each test runs the programs as subprocesses, the way a shell would, and reads what the operator
+reads: the exit status, stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MakeDaemon, write_key
+from daemons import REPO, DaemonProcess, wait_for, wait_migration
+
+pytestmark = pytest.mark.kvm
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def migratectl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "migrated.cli", "--socket", str(daemon.socket), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+        timeout=120,
+    )
+
+
+def assert_one_line_error(stderr: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{stderr}"
+
+
+def test_daemon_status(make_daemon: MakeDaemon) -> None:
+    a = make_daemon("a")
+    result = migratectl(a, "daemon", "status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["listen"] == a.address
+    assert status["control_socket"] == str(a.socket)
+    assert status["vms"] == 0
+    human = migratectl(a, "daemon", "status")
+    assert human.returncode == 0 and f"listen: {a.address}" in human.stdout, human
+
+
+def test_ctrl_c_on_wait_stops_watching_and_the_migration_goes_on(make_daemon: MakeDaemon) -> None:
+    """SIGINT to a `migrate --wait` that is printing progress: it says the migration goes on and
+    how to cancel it, exits 130, and the migration really is still going (then cancelled here)."""
+    a, b = make_daemon("a"), make_daemon("b")
+    created = migratectl(a, "vm", "create", "web", "--memory", "256", "--dirty-rate", "8", "--working-set", "128")
+    assert created.returncode == 0, created.stderr
+    # Let the guest touch its working set, so the bulk copy has pages to send.
+    wait_for(lambda: a.call("vm.show", name="web")["guest"]["pages_written"] > 0, what="guest writing")
+    # 4 MiB/s keeps the copy of >100 MiB going for far longer than the test needs it.
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "migrated.cli", "--socket", str(a.socket), "migrate", "web"]
+        + ["--to", b.address, "--max-bandwidth", "4", "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+    )
+    try:
+        assert watcher.stderr is not None
+        first = watcher.stderr.readline()  # a progress line: it is inside the watch loop
+        assert first.split()[0] in ("setup", "bulk", "rounds"), first
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=60)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 130, (watcher.returncode, out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "stopped watching" in err and "goes on" in err, err
+    assert "migratectl migration cancel web" in err, err
+    status = a.call("migration.status", name="web")
+    assert status["state"] in ("setup", "bulk", "rounds"), status
+    cancelled = migratectl(a, "migration", "cancel", "web")
+    assert cancelled.returncode == 0, cancelled.stderr
+    final = wait_migration(a, "web")
+    assert final["state"] == "cancelled", final
+    assert a.call("vm.show", name="web")["state"] == "running"
+
+
+def test_closed_pipe_is_quiet(make_daemon: MakeDaemon) -> None:
+    """`migratectl vm show web | head -0`: the reader is gone before anything is written."""
+    a = make_daemon("a")
+    assert migratectl(a, "vm", "create", "web", "--memory", "64").returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "migrated.cli", "--socket", str(a.socket), "vm", "show", "web"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=ENV,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == "", result.stderr
+    assert result.returncode != 0
+
+
+def test_address_in_use_names_the_address(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    a = make_daemon("a")
+    key = write_key(tmp_path / "second.key")
+    result = subprocess.run(
+        [sys.executable, "-m", "migrated", "--control-socket", str(tmp_path / "second.sock")]
+        + ["--listen", a.address, "--state-dir", str(tmp_path / "second-state"), "--peer-key-file", str(key)]
+        + ["--log-level", "error"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+        timeout=60,
+    )
+    assert result.returncode == 1, result
+    assert_one_line_error(result.stderr)
+    assert f"cannot listen for peers on {a.address} (peer.listen)" in result.stderr, result.stderr
+    assert "Address already in use" in result.stderr, result.stderr
+    assert a.alive(), "the first daemon keeps serving"
+
+
+@pytest.mark.parametrize(
+    "to,cause",
+    [("no-such-host.invalid:7890", "Name or service not known"), ("127.0.0.1:1", "Connection refused")],
+)
+def test_failed_connect_names_the_peer_and_the_cause(make_daemon: MakeDaemon, to: str, cause: str) -> None:
+    a = make_daemon("a")
+    assert migratectl(a, "vm", "create", "web", "--memory", "64").returncode == 0
+    result = migratectl(a, "migrate", "web", "--to", to, "--wait")
+    assert result.returncode == 1, result
+    assert f"error: cannot connect to the peer {to}: {cause}" in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr
+    assert a.call("vm.show", name="web")["state"] == "running"
+
+
+def test_no_daemon_is_one_line(tmp_path: Path) -> None:
+    socket = tmp_path / "absent.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "migrated.cli", "--socket", str(socket), "vm", "list"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr)
+    assert str(socket) in result.stderr
+
+
+def test_log_level_on_the_command_line(tmp_path: Path) -> None:
+    """--log-level warning: a whole start and clean stop writes no info event; with debug the
+    same run writes them (the log is read after the process ended, so it is complete)."""
+    key = write_key(tmp_path / "peer.key")
+    quiet = DaemonProcess("quiet", tmp_path, key, extra_args=("--log-level", "warning")).start()
+    assert quiet.call("daemon.status")["vms"] == 0
+    assert quiet.stop() == 0
+    assert '"level": "info"' not in quiet.log(), quiet.log()
+    loud = DaemonProcess("loud", tmp_path, key, extra_args=("--log-level", "debug")).start()
+    assert loud.stop() == 0
+    assert '"event": "daemon_ready"' in loud.log() and '"event": "daemon_stopped"' in loud.log(), loud.log()
