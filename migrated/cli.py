@@ -109,6 +109,8 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
         # The daemon reads the file: give it a path that does not depend on our directory.
         payload.update(image=str(Path(args.image).resolve()), load_addr=args.load_addr, entry=args.entry)
     result = _call(args, "vm.create", payload)
+    for warning in result.get("warnings", []):
+        print(f"migratectl: warning: {warning}", file=sys.stderr)
     _print(args, result, f"created {result['name']}: {result['state']}, dirty tracking {result.get('dirty_tracking')}")
     return 0
 

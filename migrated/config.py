@@ -122,6 +122,8 @@ class VmDefaults:
     dirty_tracking: DirtyTracking
     ring_bytes: int
     harvest_interval_ms: float
+    max_memory_overcommit: float  # times the host's RAM, all of this daemon's VMs together
+    max_vcpu_overcommit: float  # times the host's CPUs
 
     @property
     def harvest_interval_s(self) -> float:
@@ -371,6 +373,8 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         # 4 KiB: the kernel's minimum (a page); 1 MiB: KVM_DIRTY_RING_MAX_ENTRIES (65536) * 16.
         "ring_bytes": _Key(1 * MIB, _power_of_two(4 * KIB, 1 * MIB), True),
         "harvest_interval_ms": _Key(1.0, _number(0.1, 100), True),
+        "max_memory_overcommit": _Key(1.5, _number(0.1, 100), True),
+        "max_vcpu_overcommit": _Key(8, _number(0.1, 1000), True),
     },
     "migration": {
         "downtime_limit_ms": _Key(300, _integer(1, 60_000), True),

@@ -24,6 +24,7 @@ from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
 from .migration.policy import DowntimeModel
+from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
 from .sdnotify import Notifier
 
 
@@ -83,6 +84,10 @@ class Daemon:
         if spec.name in self.vms:
             raise RequestError(f"a VM named {spec.name!r} already exists on this daemon")
         try:
+            warnings = self.check_overcommit(spec)
+        except OvercommitRefused as err:
+            raise RequestError(str(err)) from None
+        try:
             hosted = await trio.to_thread.run_sync(create_local, self.kvm, spec, config, self.console_log(spec))
         except (KvmError, ValueError) as err:
             raise RequestError(f"cannot create VM {spec.name}: {err}") from None
@@ -97,7 +102,23 @@ class Daemon:
             dirty_tracking=config.dirty_tracking,
         )
         self.update_status()
-        return hosted.show()
+        return {**hosted.show(), "warnings": warnings}
+
+    def check_overcommit(self, spec: VmSpec) -> list[str]:
+        """Warnings (also logged) for a VM that overcommits the host; OvercommitRefused past the
+        configured factors."""
+        present = [Demand(h.spec.memory_mib, h.spec.vcpus) for h in self.vms.values()]
+        warnings = check_overcommit(
+            spec.name,
+            Demand(spec.memory_mib, spec.vcpus),
+            present,
+            host_size(),
+            self.config.vm.max_memory_overcommit,
+            self.config.vm.max_vcpu_overcommit,
+        )
+        for warning in warnings:
+            self.log.warning("overcommit", vm=spec.name, warning=warning)
+        return warnings
 
     async def cmd_vm_list(self, args: dict[str, Any]) -> Any:
         return [

@@ -33,6 +33,7 @@ from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_c
 from ..kvm import aarch64
 from ..kvm.errors import KvmError
 from ..logs import get_logger
+from ..overcommit import OvercommitRefused
 from ..pagehash import memory_digest
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
@@ -142,6 +143,10 @@ class Target:
             raise Refused(f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the spec's size")
         if spec.name in self.daemon.vms:
             raise Refused(f"a VM named {spec.name!r} already exists on this daemon")
+        try:
+            self.daemon.check_overcommit(spec)
+        except OvercommitRefused as err:
+            raise Refused(str(err)) from None
         problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
         if problem:
             raise Refused(problem)

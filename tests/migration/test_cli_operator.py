@@ -175,3 +175,54 @@ def test_log_level_on_the_command_line(tmp_path: Path) -> None:
     loud = DaemonProcess("loud", tmp_path, key, extra_args=("--log-level", "debug")).start()
     assert loud.stop() == 0
     assert '"event": "daemon_ready"' in loud.log() and '"event": "daemon_stopped"' in loud.log(), loud.log()
+
+
+def _daemon_with(tmp_path: Path, name: str, key: Path, vm_keys: str) -> DaemonProcess:
+    config = tmp_path / f"{name}.toml"
+    config.write_text(f"[peer]\nconnect_timeout_s = 3\n[vm]\n{vm_keys}\n")
+    return DaemonProcess(name, tmp_path, key, extra_args=("--config", str(config))).start()
+
+
+def test_overcommit_warns_then_refuses(tmp_path: Path) -> None:
+    """Factors set low so that small VMs cross them on any host: vCPUs past the host's CPUs warn,
+    past the factor are refused; memory past its factor is refused. The daemon serves on."""
+    cpus = len(os.sched_getaffinity(0))
+    key = write_key(tmp_path / "peer.key")
+    a = _daemon_with(tmp_path, "a", key, "max_vcpu_overcommit = 2\nmax_memory_overcommit = 0.1")
+    try:
+        warned = migratectl(a, "vm", "create", "one", "--memory", "64", "--vcpus", str(cpus + 1), "--guest", "none")
+        assert warned.returncode == 0, warned.stderr
+        assert "migratectl: warning: VM one: this daemon's VMs would have" in warned.stderr, warned.stderr
+        assert f"times the host's {cpus} CPUs" in warned.stderr, warned.stderr
+        refused = migratectl(a, "vm", "create", "two", "--memory", "64", "--vcpus", str(cpus), "--guest", "none")
+        assert refused.returncode == 1
+        assert_one_line_error(refused.stderr)
+        assert "VM two:" in refused.stderr and "vm.max_vcpu_overcommit allows 2 times: refused" in refused.stderr
+        host_mib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) // 1024
+        big = str(((host_mib // 5) // 2) * 2)  # 0.2 times the host's RAM, past the factor 0.1
+        too_big = migratectl(a, "vm", "create", "big", "--memory", big, "--guest", "none")
+        assert too_big.returncode == 1
+        assert "vm.max_memory_overcommit allows 0.1 times: refused" in too_big.stderr, too_big.stderr
+        names = [vm["name"] for vm in json.loads(migratectl(a, "vm", "list", "--json").stdout)]
+        assert names == ["one"]
+        assert '"event": "overcommit"' in a.log()
+    finally:
+        a.stop()
+
+
+def test_target_refuses_an_incoming_vm_past_its_factor(tmp_path: Path) -> None:
+    key = write_key(tmp_path / "peer.key")
+    a = _daemon_with(tmp_path, "a", key, "")
+    b = _daemon_with(tmp_path, "b", key, "max_vcpu_overcommit = 0.4")  # under one vCPU per 2 CPUs
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        vcpus = str(max(1, int(cpus * 0.4) + 1))
+        assert migratectl(a, "vm", "create", "web", "--memory", "64", "--vcpus", vcpus).returncode == 0
+        moved = migratectl(a, "migrate", "web", "--to", b.address, "--wait")
+        assert moved.returncode == 1, moved
+        assert "VM web:" in moved.stdout and "vm.max_vcpu_overcommit allows 0.4 times: refused" in moved.stdout
+        assert a.call("vm.show", name="web")["state"] == "running"
+        assert b.call("vm.list") == []
+    finally:
+        a.stop()
+        b.stop()
