@@ -22,6 +22,7 @@ from .control import RequestError, request
 from .helpformat import parser_options
 from .kvm.errors import KvmError
 from .kvm.system import DEFAULT_DEVICE, HostCaps, Kvm
+from .progress import FINAL_STATES, ProgressPrinter, format_summary, progress_parts
 
 _CAPS_LABELS = {
     "device": "device",
@@ -213,39 +214,6 @@ def cmd_vm_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_line(s: dict[str, Any]) -> str:
-    predicted = s.get("predicted_downtime_ms")
-    return (
-        f"{s['state']:<9} round {s['round']:>3}  sent {s['bytes_sent'] / 2**20:9.1f} MiB  "
-        f"remaining {s['pages_remaining']:>8} pages  dirty {s['dirty_rate_mib_s']:7.1f} MiB/s  "
-        f"bw {s['bandwidth_mib_s']:7.1f} MiB/s  predicted downtime "
-        f"{'-' if predicted is None else f'{predicted:.1f} ms'}"
-    )
-
-
-FINAL_STATES = ("completed", "completed-by-operator", "failed", "aborted", "cancelled", "in-doubt")
-
-
-def _format_final(s: dict[str, Any]) -> str:
-    keys = [
-        "state",
-        "total_ms",
-        "setup_ms",
-        "downtime_ms",
-        "verify_ms",
-        "bytes_sent",
-        "pages_sent",
-        "zero_pages",
-        "rounds",
-        "bandwidth_mib_s",
-        "dirty_rate_mib_s",
-        "dirty_tracking",
-        "backup_bitmap",
-        "error",
-    ]
-    return "\n".join(f"{k}: {s.get(k)}" for k in keys if s.get(k) is not None)
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"name": args.name, "to": args.to}
     for key, value in (
@@ -256,36 +224,58 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             payload[key] = value
+    memory_bytes = _memory_bytes(args) if args.wait else None
     result = _call(args, "migrate", payload)
     if not args.wait:
         _print(args, result, f"migration {result['migration_id']} of {args.name} started")
         return 0
     tty = sys.stderr.isatty()
+    progress = ProgressPrinter(sys.stderr, tty, _terminal_width() if tty else 0)
     try:
         while True:
             stats = _call(args, "migration.status", {"name": args.name})
             if stats["state"] in FINAL_STATES:
                 break
-            print(_progress_line(stats), end="\r" if tty else "\n", file=sys.stderr, flush=True)
+            progress.show(stats, memory_bytes)
             time.sleep(0.2)
     except KeyboardInterrupt:
+        progress.end()
         # Only the watching stops: the daemon migrates on its own, and says so where asked.
         print(
-            f"{chr(10) if tty else ''}migratectl: stopped watching; migration {result['migration_id']} of "
+            f"migratectl: stopped watching; migration {result['migration_id']} of "
             f"{args.name} goes on. Follow it with `migratectl migration status {args.name}`, "
             f"stop it with `migratectl migration cancel {args.name}`",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    if tty:
-        print(file=sys.stderr)
-    _print(args, stats, _format_final(stats))
+    progress.end()
+    _print(args, stats, format_summary(stats))
     return 0 if stats["state"] in ("completed", "completed-by-operator") else 1
+
+
+def _memory_bytes(args: argparse.Namespace) -> int | None:
+    """The VM's RAM, for the progress line's total and percentage (None: not known)."""
+    try:
+        return int(_call(args, "vm.show", {"name": args.name})["spec"]["memory_mib"]) << 20
+    except (RequestError, KeyError, TypeError, ValueError):
+        return None  # the migrate request that follows reports a missing VM properly
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return 0
 
 
 def cmd_migration_status(args: argparse.Namespace) -> int:
     stats = _call(args, "migration.status", {"name": args.name})
-    _print(args, stats, _format_final(stats) if stats["state"] in FINAL_STATES else _progress_line(stats))
+    if stats["state"] in FINAL_STATES:
+        text = format_summary(stats)
+    else:
+        moving, clock = progress_parts(stats, None)
+        text = f"{moving}  {clock}" if clock else moving
+    _print(args, stats, text)
     return 0
 
 

@@ -226,3 +226,25 @@ def test_target_refuses_an_incoming_vm_past_its_factor(tmp_path: Path) -> None:
     finally:
         a.stop()
         b.stop()
+
+
+def test_wait_without_a_terminal_prints_changes_then_a_rounded_summary(make_daemon: MakeDaemon) -> None:
+    a, b = make_daemon("a"), make_daemon("b")
+    assert migratectl(a, "vm", "create", "web", "--memory", "128", "--dirty-rate", "16").returncode == 0
+    moved = migratectl(a, "migrate", "web", "--to", b.address, "--wait")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    progress = [line for line in moved.stderr.splitlines() if line.strip()]
+    assert progress, "no progress line at all"
+    moving = [line.split("  elapsed")[0] for line in progress]
+    repeats = [x for x, y in zip(moving, moving[1:]) if x == y]
+    assert not repeats, f"lines repeated although nothing moved:\n{moved.stderr}"
+    assert all("/128.0 MiB" in line for line in progress), moved.stderr
+    summary = dict(line.split(": ", 1) for line in moved.stdout.splitlines())
+    assert summary["state"] == "completed" and summary["role"] == f"source (to {b.address})"
+    for key in ("total_ms", "setup_ms", "bandwidth_mib_s", "dirty_rate_mib_s"):
+        whole, _, decimals = summary[key].partition(".")
+        assert whole.isdigit() and len(decimals) == 1, (key, summary[key])
+    assert summary["downtime_ms"].split(" ")[1:3] == ["(limit", "300)"], summary["downtime_ms"]
+    assert summary["backup_bitmap"].endswith("docs/design.md)"), summary["backup_bitmap"]
+    on_target = migratectl(b, "migration", "status", "web")
+    assert on_target.returncode == 0 and "role: target (from 127.0.0.1:" in on_target.stdout, on_target.stdout
