@@ -129,6 +129,9 @@ class Source:
 
     async def _fail(self, err: BaseException) -> None:
         message = str(err) or type(err).__name__
+        if isinstance(err, (PeerError, OSError)) and self.stats.peer not in message:
+            # "sending PageBatch failed: socket connection broken" alone does not say which link.
+            message = f"link to {self.stats.peer}: {message}"
         self.stats.error = message
         if self.committed:
             # DESIGN 5: COMMIT went out and RUNNING never came; the target may be running the VM.
