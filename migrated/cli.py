@@ -118,8 +118,16 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
     result = _call(args, "vm.list")
-    lines = [f"{'NAME':<20} {'STATE':<10} {'MEMORY':>8} {'VCPUS':>5}  GUEST"]
-    lines += [f"{v['name']:<20} {v['state']:<10} {v['memory_mib']:>6}Mi {v['vcpus']:>5}  {v['guest']}" for v in result]
+    # Columns as wide as their longest entry: names go up to 64 characters.
+    name_width = max([len("NAME"), *(len(v["name"]) for v in result)])
+    state_width = max([len("STATE"), *(len(v["state"]) for v in result)])
+    memory = [f"{v['memory_mib']} MiB" for v in result]
+    memory_width = max([len("MEMORY"), *(len(m) for m in memory)])
+    lines = [f"{'NAME':<{name_width}}  {'STATE':<{state_width}}  {'MEMORY':>{memory_width}}  {'VCPUS':>5}  GUEST"]
+    lines += [
+        f"{v['name']:<{name_width}}  {v['state']:<{state_width}}  {m:>{memory_width}}  {v['vcpus']:>5}  {v['guest']}"
+        for v, m in zip(result, memory)
+    ]
     _print(args, result, "\n".join(lines))
     return 0
 

@@ -248,3 +248,22 @@ def test_wait_without_a_terminal_prints_changes_then_a_rounded_summary(make_daem
     assert summary["backup_bitmap"].endswith("docs/design.md)"), summary["backup_bitmap"]
     on_target = migratectl(b, "migration", "status", "web")
     assert on_target.returncode == 0 and "role: target (from 127.0.0.1:" in on_target.stdout, on_target.stdout
+
+
+def test_vm_list_columns_fit_long_names_and_show_mib(make_daemon: MakeDaemon) -> None:
+    a = make_daemon("a")
+    long_name = "a-name-well-over-twenty-characters"
+    assert migratectl(a, "vm", "create", long_name, "--memory", "64").returncode == 0
+    assert migratectl(a, "vm", "create", "web", "--memory", "128").returncode == 0
+    listed = migratectl(a, "vm", "list")
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert len(rows) == 2
+    state_at = header.index("STATE")
+    for row in rows:
+        name = row.split()[0]
+        assert row[state_at - 2 : state_at] == "  " and row[state_at] != " ", f"misaligned:\n{listed.stdout}"
+        assert name in (long_name, "web")
+    assert " 64 MiB " in listed.stdout and "128 MiB" in listed.stdout, listed.stdout
+    shown = migratectl(a, "vm", "show", "web")
+    assert "memory: 128 MiB" in shown.stdout, shown.stdout
