@@ -92,10 +92,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as err:  # start-up failures arrive wrapped in exception groups
         fatal = _first_leaf(err)
         if isinstance(fatal, (KvmError, ControlSocketInUseError, OSError)):
-            print(f"migrated: {fatal}", file=sys.stderr)
+            print(f"migrated: {_describe(fatal)}", file=sys.stderr)
             return 1
         raise
     return 0
+
+
+def _describe(err: BaseException) -> str:
+    """One line naming the object: "[Errno 13] Permission denied: '/run/x.sock'" becomes
+    "/run/x.sock: Permission denied"."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err) or type(err).__name__
 
 
 def _first_leaf(err: BaseException) -> BaseException:

@@ -267,3 +267,22 @@ def test_vm_list_columns_fit_long_names_and_show_mib(make_daemon: MakeDaemon) ->
     assert " 64 MiB " in listed.stdout and "128 MiB" in listed.stdout, listed.stdout
     shown = migratectl(a, "vm", "show", "web")
     assert "memory: 128 MiB" in shown.stdout, shown.stdout
+
+
+def test_daemon_start_failure_on_a_path_is_one_line_naming_it(tmp_path: Path) -> None:
+    key = write_key(tmp_path / "peer.key")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "migrated", "--control-socket", str(blocker / "control.sock")]
+        + ["--state-dir", str(tmp_path / "state"), "--peer-key-file", str(key), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=ENV,
+        timeout=60,
+    )
+    assert result.returncode == 1, result
+    assert_one_line_error(result.stderr)
+    assert result.stderr.startswith(f"migrated: {blocker}: "), result.stderr
+    assert "[Errno" not in result.stderr, result.stderr
