@@ -28,6 +28,7 @@ from migrated import __version__  # noqa: E402
 from migrated import __main__ as daemon_main  # noqa: E402
 from migrated import cli  # noqa: E402
 from migrated.config import KeyReference, schema_reference  # noqa: E402
+from migrated.helpformat import HelpFormatter  # noqa: E402
 
 ANNOTATED_CONFIG = REPO / "config" / "migrated.toml"
 CONFIG_REFERENCE = REPO / "docs" / "configuration.md"
@@ -217,7 +218,8 @@ def _roff(text: str) -> str:
 
 
 def _formatter(parser: argparse.ArgumentParser) -> argparse.HelpFormatter:
-    return parser.formatter_class(prog=parser.prog, width=WIDTH)
+    # The formatter `--help` uses, at a fixed width.
+    return HelpFormatter(prog=parser.prog, width=WIDTH)
 
 
 def _usage(parser: argparse.ArgumentParser) -> str:

@@ -20,7 +20,7 @@ import pytest
 from migrated import __main__ as daemon_main
 from migrated import __version__, cli
 from migrated.config import schema_reference
-from migrated.helpformat import has_shown_default
+from migrated.helpformat import HelpFormatter, has_shown_default
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,6 +99,9 @@ def test_every_option_has_help_and_says_its_default(build: object) -> None:
     top = build()
     checked = 0
     for parser in _parsers(top):
+        # The man pages render through HelpFormatter: a parser with another would show the
+        # operator a different text in --help than in man.
+        assert parser.formatter_class is HelpFormatter, parser.prog
         formatter = parser.formatter_class(prog=parser.prog)
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
