@@ -164,19 +164,19 @@ def cmd_vm_console(args: argparse.Namespace) -> int:
     """Print a raw guest's console output; with --follow, keep printing what comes."""
     out = sys.stdout.buffer
     position = 0
-    while True:
-        result = _call(args, "vm.console", {"name": args.name, "since": position})
-        if result["dropped"] and position:
-            out.write(f"\n[migratectl: {result['dropped']} bytes dropped]\n".encode())
-        out.write(result["output"].encode("latin-1"))
-        out.flush()
-        position = result["next"]
-        if not args.follow:
-            return 0
-        try:
+    try:
+        while True:
+            result = _call(args, "vm.console", {"name": args.name, "since": position})
+            if result["dropped"] and position:
+                out.write(f"\n[migratectl: {result['dropped']} bytes dropped]\n".encode())
+            out.write(result["output"].encode("latin-1"))
+            out.flush()
+            position = result["next"]
+            if not args.follow:
+                return 0
             time.sleep(0.2)
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:
+        return 0  # --follow ends with Ctrl-C: that is how it is stopped, not a failure
 
 
 def cmd_vm_show(args: argparse.Namespace) -> int:
