@@ -41,15 +41,20 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "HostPort",
+    "KeyReference",
+    "LOG_LEVELS",
     "MigrationConfig",
     "OVERRIDES",
     "PeerConfig",
     "VmDefaults",
+    "builtin_default",
     "load_config",
+    "schema_reference",
 ]
 
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error", "critical")
 PeerAuth = Literal["psk", "tls", "none"]
 DirtyTracking = Literal["auto", "ring", "bitmap"]
 NoConvergence = Literal["abort", "force-downtime", "throttle"]
@@ -119,6 +124,8 @@ class VmDefaults:
     dirty_tracking: DirtyTracking
     ring_bytes: int
     harvest_interval_ms: float
+    max_memory_overcommit: float  # times the host's RAM, all of this daemon's VMs together
+    max_vcpu_overcommit: float  # times the host's CPUs
 
     @property
     def harvest_interval_s(self) -> float:
@@ -232,6 +239,11 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _plain(number: float) -> str:
+    """1048576, not 1.04858e+06: a bound the operator can copy."""
+    return str(int(number)) if float(number).is_integer() else repr(float(number))
+
+
 def _one_of(*choices: str) -> Check:
     allowed = " | ".join(f'"{c}"' for c in choices)
 
@@ -259,7 +271,7 @@ def _integer(low: int, high: int, *, sizes: bool = False) -> Check:
 
 
 def _number(low: float, high: float) -> Check:
-    allowed = f"a number from {low:g} to {high:g}"
+    allowed = f"a number from {_plain(low)} to {_plain(high)}"
 
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -357,7 +369,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "control_socket": _Key(str(DEFAULT_CONTROL_SOCKET), _path(socket=True), False),
         "state_dir": _Key("/var/lib/migrated", _path(), False),
         "log_format": _Key("auto", _one_of("auto", "json", "console"), True),
-        "log_level": _Key("info", _one_of("debug", "info", "warning", "error", "critical"), True),
+        "log_level": _Key("info", _one_of(*LOG_LEVELS), True),
         "metrics_listen": _Key(None, _listen, False),
     },
     "peer": {
@@ -376,6 +388,8 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         # 4 KiB: the kernel's minimum (a page); 1 MiB: KVM_DIRTY_RING_MAX_ENTRIES (65536) * 16.
         "ring_bytes": _Key(1 * MIB, _power_of_two(4 * KIB, 1 * MIB), True),
         "harvest_interval_ms": _Key(1.0, _number(0.1, 100), True),
+        "max_memory_overcommit": _Key(1.5, _number(0.1, 100), True),
+        "max_vcpu_overcommit": _Key(8, _number(0.1, 1000), True),
     },
     "migration": {
         "downtime_limit_ms": _Key(300, _integer(1, 60_000), True),
@@ -394,17 +408,62 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
 }
 
-# Command-line overrides: what differs between two daemons on one machine.
+# Command-line overrides: what differs between two daemons on one machine, and the log level.
 OVERRIDES: dict[str, tuple[str, str]] = {
     "control_socket": ("daemon", "control_socket"),
     "state_dir": ("daemon", "state_dir"),
     "listen": ("peer", "listen"),
     "metrics_listen": ("daemon", "metrics_listen"),
     "peer_key_file": ("peer", "key_file"),
+    "log_level": ("daemon", "log_level"),
 }
 _PATH_OVERRIDES = {"control_socket", "state_dir", "peer_key_file"}
 
 _DEFAULT_SOURCE = "built-in default"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReference:
+    """One key as the configuration reference (docs/configuration.md) and `--help` show it."""
+
+    section: str
+    key: str
+    default: Any  # raw, as written in TOML; None: no built-in default
+    allowed: str
+    reloadable: bool
+    override: str | None  # the command-line option that overrides it, if any
+
+
+def schema_reference() -> list[KeyReference]:
+    """Every key of the schema, in schema order."""
+    flags = {f"{section}.{key}": f"--{name.replace('_', '-')}" for name, (section, key) in OVERRIDES.items()}
+    found = []
+    for section, keys in _SCHEMA.items():
+        for key, spec in keys.items():
+            found.append(
+                KeyReference(
+                    section, key, spec.default, _allowed(spec.check), spec.reloadable, flags.get(f"{section}.{key}")
+                )
+            )
+    return found
+
+
+def builtin_default(dotted: str) -> Any:
+    """The built-in default of "section.key", raw as in TOML (None: there is none)."""
+    section, _, key = dotted.partition(".")
+    return _SCHEMA[section][key].default
+
+
+class _Unacceptable:
+    """A value of no TOML type: every check refuses it, and refusing names what it allows."""
+
+
+def _allowed(check: Check) -> str:
+    try:
+        check(_Unacceptable())
+    except _Invalid as err:
+        return err.allowed
+    raise AssertionError(f"{check} accepted a value of no TOML type")
 
 
 # ---------------------------------------------------------------------------------------------

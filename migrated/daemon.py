@@ -35,6 +35,7 @@ from .migration.incoming import Incoming
 from .migration.policy import DowntimeModels
 from .migration.service import start_migration_service
 from .migration.stats import FinishedMigration
+from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
 from .sdnotify import Notifier
 from .statedir import check_state_dir
 
@@ -127,6 +128,10 @@ class Daemon:
         if not self.reserve_name(spec.name):
             raise RequestError(f"a VM named {spec.name!r} already exists on this daemon")
         try:
+            warnings = self.check_overcommit(spec)
+        except OvercommitRefused as err:
+            raise RequestError(str(err)) from None
+        try:
             hosted = await trio.to_thread.run_sync(create_local, self.kvm, spec, config, self.console_log(spec))
         except (KvmError, ValueError) as err:
             raise RequestError(f"cannot create VM {spec.name}: {err}") from None
@@ -154,7 +159,23 @@ class Daemon:
                 f"VM {spec.name} failed as it started: {hosted.error} (kept for inspection: "
                 f"`migratectl vm show {spec.name}`; `migratectl vm stop {spec.name}` removes it)"
             )
-        return hosted.show()
+        return {**hosted.show(), "warnings": warnings}
+
+    def check_overcommit(self, spec: VmSpec) -> list[str]:
+        """Warnings (also logged) for a VM that overcommits the host; OvercommitRefused past the
+        configured factors."""
+        present = [Demand(h.spec.memory_mib, h.spec.vcpus) for h in self.vms.values()]
+        warnings = check_overcommit(
+            spec.name,
+            Demand(spec.memory_mib, spec.vcpus),
+            present,
+            host_size(),
+            self.config.vm.max_memory_overcommit,
+            self.config.vm.max_vcpu_overcommit,
+        )
+        for warning in warnings:
+            self.log.warning("overcommit", vm=spec.name, warning=warning)
+        return warnings
 
     async def cmd_vm_list(self, args: CommandArgs) -> CommandReply:
         if args.get("lost"):

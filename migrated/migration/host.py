@@ -69,6 +69,10 @@ class MigrationHost(Protocol):
 
     async def remove_vm(self, hosted: HostedVm, reason: str) -> None: ...
 
+    def check_overcommit(self, spec: VmSpec) -> list[str]:
+        """Warnings for a VM that overcommits the host; OvercommitRefused past the configured factors."""
+        ...
+
     def reserve_name(self, name: str) -> bool:
         """Claim `name` for a VM about to be built; False if a VM or another builder has it."""
         ...

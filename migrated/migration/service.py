@@ -13,6 +13,13 @@ from .source import Source, SourceOptions, new_migration_id
 from .target import Target
 
 
+class PeerListenError(OSError):
+    """peer.listen cannot be bound or resolved; the message names the address."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 async def serve_peers(daemon: MigrationHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     log = get_logger(component="peer_listener")
     listen = daemon.config.peer.listen
@@ -28,7 +35,13 @@ async def serve_peers(daemon: MigrationHost, *, task_status: trio.TaskStatus[Non
         except Exception:  # one peer must never take the listener (or the daemon) down
             log.exception("peer_connection_crashed", peer=peer)
 
-    listeners = await trio.open_tcp_listeners(listen.port, host=listen.host or None)
+    try:
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host or None)
+    except OSError as err:
+        # "[Errno 98] Address already in use" alone does not say which address, nor that it
+        # came from peer.listen.
+        cause = err.strerror or str(err)
+        raise PeerListenError(err.errno or 0, f"cannot listen for peers on {listen} (peer.listen): {cause}") from err
     log.info("peer_listening", listen=str(listen))
     task_status.started()
     # Not trio.serve_listeners: it logs every retry of an EMFILE episode; ours logs it once.

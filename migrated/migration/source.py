@@ -144,6 +144,9 @@ class Source:
 
     async def _fail(self, err: BaseException) -> None:
         message = str(err) or type(err).__name__
+        if isinstance(err, (PeerError, OSError)) and self.stats.peer not in message:
+            # "sending PageBatch failed: socket connection broken" alone does not say which link.
+            message = f"link to {self.stats.peer}: {message}"
         self.stats.error = message
         if self.committed:
             # DESIGN 5: COMMIT went out and RUNNING never came; the target may be running the VM.
@@ -183,7 +186,10 @@ class Source:
     async def _connect(self) -> PeerChannel:
         peer = self.daemon.config.peer
         with trio.fail_after(peer.connect_timeout_s):
-            raw = await trio.open_tcp_stream(self.options.host, self.options.port)
+            try:
+                raw = await trio.open_tcp_stream(self.options.host, self.options.port)
+            except OSError as err:
+                raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
             stream: trio.abc.Stream = raw
             if peer.auth == "tls":
                 try:
@@ -648,6 +654,23 @@ class _StepClock:
         self._steps[name] = round(elapsed, 3)
         self._last = now
         return elapsed
+
+
+def connect_failure(err: OSError) -> str:
+    """The cause of a failed connect, without the errno noise: "Name or service not known" for
+    a host name that does not resolve; for refused or unreachable addresses (which trio reports
+    as "all attempts to connect to ... failed"), the first attempt's reason."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+            continue
+        if isinstance(cause, OSError) and cause.strerror:
+            # trio's own message repeats the address; the errno's text is the reason alone.
+            code = cause.errno
+            return os.strerror(code) if isinstance(code, int) and code > 0 else str(cause.strerror)
+        cause = cause.__cause__
+    return str(err) or type(err).__name__
 
 
 def batch_pages_for(max_batch_bytes: int) -> int:

@@ -35,6 +35,7 @@ from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_c
 from ..kvm.arch import host_arch
 from ..kvm.errors import KvmError
 from ..logs import get_logger
+from ..overcommit import OvercommitRefused
 from ..pagehash import memory_digest
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
@@ -180,6 +181,10 @@ class Target:
         ram_base = host_arch(caps.arch).ram_base
         if layout != [(0, ram_base, spec.memory_bytes)]:
             raise Refused(f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the spec's size")
+        try:
+            self.daemon.check_overcommit(spec)
+        except OvercommitRefused as err:
+            raise Refused(str(err)) from None
         problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
         if problem:
             raise Refused(problem)

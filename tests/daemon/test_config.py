@@ -520,9 +520,16 @@ def test_invalid_override_names_the_flag(key: Path) -> None:
 
 
 def test_unknown_override(key: Path) -> None:
-    err = error_of(None, key, log_level="debug")
-    assert err.key == "log_level"
-    assert "control_socket, state_dir, listen, metrics_listen, peer_key_file" in str(err)
+    err = error_of(None, key, log_format="json")
+    assert err.key == "log_format"
+    assert "control_socket, state_dir, listen, metrics_listen, peer_key_file, log_level" in str(err)
+
+
+def test_log_level_override_wins_and_is_checked(write: Write, key: Path) -> None:
+    config = load(write('[daemon]\nlog_level = "warning"\n'), key, log_level="debug")
+    assert config.daemon.log_level == "debug"
+    err = error_of(None, key, log_level="loud")
+    assert err.source == "command line --log-level" and err.key == "daemon.log_level", err
 
 
 # --- reload ------------------------------------------------------------------------------------
