@@ -190,17 +190,17 @@ def test_overcommit_warns_then_refuses(tmp_path: Path) -> None:
     key = write_key(tmp_path / "peer.key")
     a = _daemon_with(tmp_path, "a", key, "max_vcpu_overcommit = 2\nmax_memory_overcommit = 0.1")
     try:
-        warned = migratectl(a, "vm", "create", "one", "--memory", "64", "--vcpus", str(cpus + 1), "--guest", "none")
+        warned = migratectl(a, "vm", "create", "one", "--memory", "64", "--vcpus", str(cpus + 1), "--working-set", "8")
         assert warned.returncode == 0, warned.stderr
         assert "migratectl: warning: VM one: this daemon's VMs would have" in warned.stderr, warned.stderr
         assert f"times the host's {cpus} CPUs" in warned.stderr, warned.stderr
-        refused = migratectl(a, "vm", "create", "two", "--memory", "64", "--vcpus", str(cpus), "--guest", "none")
+        refused = migratectl(a, "vm", "create", "two", "--memory", "64", "--vcpus", str(cpus), "--working-set", "8")
         assert refused.returncode == 1
         assert_one_line_error(refused.stderr)
         assert "VM two:" in refused.stderr and "vm.max_vcpu_overcommit allows 2 times: refused" in refused.stderr
         host_mib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) // 1024
         big = str(((host_mib // 5) // 2) * 2)  # 0.2 times the host's RAM, past the factor 0.1
-        too_big = migratectl(a, "vm", "create", "big", "--memory", big, "--guest", "none")
+        too_big = migratectl(a, "vm", "create", "big", "--memory", big, "--working-set", "8")
         assert too_big.returncode == 1
         assert "vm.max_memory_overcommit allows 0.1 times: refused" in too_big.stderr, too_big.stderr
         names = [vm["name"] for vm in json.loads(migratectl(a, "vm", "list", "--json").stdout)]

@@ -197,13 +197,14 @@ def test_full_speed_guest_converges_when_throttled(make_daemon: MakeDaemon) -> N
     # resends the 32 MiB working set takes 0.5 s, in which the unthrottled guest (over 1 GiB/s on
     # a quiet host, hundreds of MiB/s beside a CPU hog) rewrites all of it: only throttling
     # converges. Held at 90-99% it dirties 25-40 MiB/s (measured): about 15 MiB a round, ~250 ms
-    # to send, under the 400 ms limit. A host too busy to run the guest faster than twice the
-    # cap cannot show this, and the test says so instead of passing for the wrong reason.
+    # to send, under the 400 ms limit. A host too busy to run the guest at 1.5 times the cap (the
+    # working set rewritten within each round) cannot show this, and the test says so instead of
+    # passing for the wrong reason.
     a = make_daemon("a", max_rounds=3, downtime_limit_ms=400, on_no_convergence="throttle", max_bandwidth_mib_s=64)
     b = make_daemon("b")
     create(a, rate="max", memory_mib=256, working_set_mib=32)
     rate_mib_s = guest_write_rate_mib_s(a, "vm1")
-    assert rate_mib_s > 128, f"precondition: the guest writes only {rate_mib_s:.0f} MiB/s, under twice the cap"
+    assert rate_mib_s > 96, f"precondition: the guest writes only {rate_mib_s:.0f} MiB/s, under 1.5 times the cap"
     stats = migrate(a, b)
     assert stats["state"] == "completed", stats["error"]
     assert stats["throttle_percent"] >= 30, {

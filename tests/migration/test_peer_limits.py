@@ -300,7 +300,8 @@ def test_state_dir_without_free_space_stops_the_start(tmp_path: Path, tiny_fs: P
 
 
 def fill(path: Path) -> None:
-    with open(path, "wb") as file:
+    # Unbuffered: a buffered file would fail again on close, flushing what did not fit.
+    with open(path, "wb", buffering=0) as file:
         try:
             while True:
                 file.write(b"\0" * 65536)
