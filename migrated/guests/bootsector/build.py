@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from ..build import find_tool, run_tool
 from . import (
     LOAD_ADDR,
     PARAMS_MAGIC,
@@ -35,20 +34,13 @@ class BootSectorBuildError(RuntimeError):
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise BootSectorBuildError(
-            f"{name} not found on PATH: building the boot sector needs GNU as and ld (Debian: apt-get install binutils)"
-        )
-    return path
+    return find_tool(
+        name, "building the boot sector needs GNU as and ld (Debian: apt-get install binutils)", BootSectorBuildError
+    )
 
 
 def _run(argv: list[str]) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise BootSectorBuildError(
-            f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout}{proc.stderr}"
-        )
+    run_tool(argv, BootSectorBuildError)
 
 
 def assemble(source: Path = SOURCE) -> bytes:
