@@ -1,6 +1,6 @@
 """Builds migrated's own boot sector from `boot.S` with GNU as and ld, and sets its parameters.
 
-    python -m migrated.guests.bootsector.build OUT.bin [--base ADDR] [--bytes N] [--print-every K]
+    python -m migrated.guests.x86_64.bootsector.build OUT.bin [--base ADDR] [--bytes N] [--print-every K]
 
 writes a ready-to-boot image for `migratectl vm create NAME --guest raw --image OUT.bin`.
 Nothing here runs at import time; the daemon never builds, it loads the file it is given.
@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..build import find_tool, run_tool
+from ...build import find_tool, run_tool
 from . import (
     LOAD_ADDR,
     PARAMS_MAGIC,
@@ -125,7 +125,7 @@ def _int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     defaults = BootSectorParams()
     parser = argparse.ArgumentParser(
-        prog="python -m migrated.guests.bootsector.build", description=__doc__.splitlines()[0]
+        prog="python -m migrated.guests.x86_64.bootsector.build", description=__doc__.splitlines()[0]
     )
     parser.add_argument("out", type=Path, help="where to write the 512-byte image")
     parser.add_argument(
