@@ -51,22 +51,23 @@ class GuestBuildError(RuntimeError):
     """The guest image could not be built (missing tool, compiler or linker error)."""
 
 
-def _tool(name: str) -> str:
+def find_tool(name: str, needs: str, error: type[Exception] = GuestBuildError) -> str:
+    """The tool's path, or `error` saying that it is missing and what `needs` it."""
     path = shutil.which(name)
     if path is None:
-        raise GuestBuildError(
-            f"{name} not found on PATH: building the workload guest needs gcc and binutils "
-            "(Debian: apt-get install gcc binutils)"
-        )
+        raise error(f"{name} not found on PATH: {needs}")
     return path
 
 
-def _run(argv: list[str]) -> None:
+def run_tool(argv: list[str], error: type[Exception] = GuestBuildError) -> None:
+    """Run a build step; on failure `error` carries the command and everything it printed."""
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise GuestBuildError(
-            f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout}{proc.stderr}"
-        )
+        raise error(f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
+
+
+def _tool(name: str) -> str:
+    return find_tool(name, "building the workload guest needs gcc and binutils (Debian: apt-get install gcc binutils)")
 
 
 def build_workload(out_dir: Path) -> Path:
@@ -79,13 +80,13 @@ def build_workload(out_dir: Path) -> Path:
     target = out_dir / IMAGE_NAME
     with tempfile.TemporaryDirectory(prefix="migrated-guest-") as tmp:
         elf = Path(tmp) / "workload.elf"
-        _run(
+        run_tool(
             [gcc, *CFLAGS, *LDFLAGS, f"-I{SOURCE_DIR}", "-T", str(SOURCE_DIR / LINKER_SCRIPT)]
             + [str(SOURCE_DIR / s) for s in SOURCES]
             + ["-o", str(elf)]
         )
         raw = Path(tmp) / IMAGE_NAME
-        _run([objcopy, "-O", "binary", str(elf), str(raw)])
+        run_tool([objcopy, "-O", "binary", str(elf), str(raw)])
         staged = out_dir / f".{IMAGE_NAME}.{os.getpid()}"
         shutil.copyfile(raw, staged)
         os.replace(staged, target)
@@ -126,13 +127,11 @@ AARCH64_CFLAGS = (
 
 
 def _cross_tool(name: str) -> str:
-    path = shutil.which(AARCH64_CROSS_PREFIX + name)
-    if path is None:
-        raise GuestBuildError(
-            f"{AARCH64_CROSS_PREFIX}{name} not found on PATH: building the arm64 workload guest "
-            "needs the aarch64 cross compiler (Debian: apt-get install gcc-aarch64-linux-gnu)"
-        )
-    return path
+    return find_tool(
+        AARCH64_CROSS_PREFIX + name,
+        "building the arm64 workload guest needs the aarch64 cross compiler "
+        "(Debian: apt-get install gcc-aarch64-linux-gnu)",
+    )
 
 
 def build_workload_aarch64(out_dir: Path, *, elf_copy: Path | None = None) -> Path:
@@ -144,14 +143,14 @@ def build_workload_aarch64(out_dir: Path, *, elf_copy: Path | None = None) -> Pa
     target = out_dir / AARCH64_IMAGE_NAME
     with tempfile.TemporaryDirectory(prefix="migrated-guest-aarch64-") as tmp:
         elf = Path(tmp) / "workload-aarch64.elf"
-        _run(
+        run_tool(
             [gcc, *AARCH64_CFLAGS, *LDFLAGS, f"-I{AARCH64_SOURCE_DIR}", f"-I{SOURCE_DIR}"]
             + ["-T", str(AARCH64_SOURCE_DIR / LINKER_SCRIPT)]
             + [str(AARCH64_SOURCE_DIR / s) for s in AARCH64_SOURCES]
             + ["-o", str(elf)]
         )
         raw = Path(tmp) / AARCH64_IMAGE_NAME
-        _run([objcopy, "-O", "binary", str(elf), str(raw)])
+        run_tool([objcopy, "-O", "binary", str(elf), str(raw)])
         if elf_copy is not None:
             shutil.copyfile(elf, elf_copy)
         staged = out_dir / f".{AARCH64_IMAGE_NAME}.{os.getpid()}"

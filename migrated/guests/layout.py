@@ -121,6 +121,20 @@ class WorkloadLayout(WorkingSetGeometry):
         }
 
 
+def check_sizes(memory_bytes: int, vcpus: int, working_set_bytes: int) -> int:
+    """The checks every architecture's layout makes first; returns the working set's pages."""
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise ValueError(f"{vcpus} vCPUs: the workload guest supports 1 to {MAX_VCPUS}")
+    if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
+        raise ValueError(f"memory {memory_bytes} bytes: must be a positive multiple of {PAGE_SIZE}")
+    if working_set_bytes <= 0 or working_set_bytes % PAGE_SIZE:
+        raise ValueError(f"working set {working_set_bytes} bytes: must be a positive multiple of {PAGE_SIZE}")
+    ws_pages = working_set_bytes // PAGE_SIZE
+    if ws_pages < vcpus:
+        raise ValueError(f"working set of {ws_pages} pages is smaller than {vcpus} vCPUs: each needs a page")
+    return ws_pages
+
+
 def plan_layout(memory_bytes: int, vcpus: int, working_set_bytes: int, *, smallos: bool = False) -> WorkloadLayout:
     """Places everything; raises ValueError naming what does not fit. `smallos`: the x86 small
     OS (abi_smallos.h), which also maps the IOAPIC and LAPIC frames and needs RAM below 3 GiB."""
@@ -129,20 +143,12 @@ def plan_layout(memory_bytes: int, vcpus: int, working_set_bytes: int, *, smallo
             f"memory {memory_bytes >> 20} MiB: the small-OS guest supports at most "
             f"{SMALLOS_MAX_MEMORY >> 20} MiB (the 4th GiB holds the IOAPIC and LAPIC)"
         )
-    if not 1 <= vcpus <= MAX_VCPUS:
-        raise ValueError(f"{vcpus} vCPUs: the workload guest supports 1 to {MAX_VCPUS}")
-    if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
-        raise ValueError(f"memory {memory_bytes} bytes: must be a positive multiple of {PAGE_SIZE}")
+    ws_pages = check_sizes(memory_bytes, vcpus, working_set_bytes)
     if memory_bytes > MAX_MEMORY:
         raise ValueError(
             f"memory {memory_bytes >> 20} MiB: the workload guest maps at most "
             f"{MAX_MEMORY >> 30} GiB (one page directory per GiB below {KERNEL_RESERVED[0]:#x})"
         )
-    if working_set_bytes <= 0 or working_set_bytes % PAGE_SIZE:
-        raise ValueError(f"working set {working_set_bytes} bytes: must be a positive multiple of {PAGE_SIZE}")
-    ws_pages = working_set_bytes // PAGE_SIZE
-    if ws_pages < vcpus:
-        raise ValueError(f"working set of {ws_pages} pages is smaller than {vcpus} vCPUs: each needs a page")
     stacks = STATUS_GPA + vcpus * PAGE_SIZE
     gen = stacks + vcpus * USER_STACK_SIZE
     gen_bytes = _align_up(ws_pages * 4, PAGE_SIZE)

@@ -29,9 +29,9 @@ import pytest
 from helpers import wait_for
 
 from migrated.devices import PcPorts, pc_ports
-from migrated.guests import bootsector
-from migrated.guests.bootsector import BootSectorParams, check_region, passes_done
-from migrated.guests.bootsector import build as bsbuild
+from migrated.guests.x86_64 import bootsector
+from migrated.guests.x86_64.bootsector import BootSectorParams, check_region, passes_done
+from migrated.guests.x86_64.bootsector import build as bsbuild
 from migrated.guests.x86_64.raw import (
     BOOT_DRIVE,
     BOOT_STACK,

@@ -19,9 +19,8 @@ from migrated.guests.workload import (
     VcpuStatus,
     WorkloadGuest,
     WorkloadParams,
-    install,
-    plan_layout,
 )
+from migrated.guests.x86_64.boot import load_workload
 from migrated.kvm.system import Kvm
 from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import Vm, VmConfig
@@ -35,15 +34,11 @@ WORKING_SET = 16 * MIB
 
 @contextmanager
 def booted(params: WorkloadParams, *, start: bool = True) -> Iterator[tuple[Vm, WorkloadGuest]]:
-    layout = plan_layout(MEMORY, params.vcpus, params.working_set_bytes)
     with Kvm.open() as kvm, create_vm(kvm, VmConfig(memory_bytes=MEMORY, vcpus=params.vcpus)) as vm:
-        states = install(vm.write_guest, layout, params, vm.tsc_khz())
-        for vcpu, (regs, sregs) in zip(vm.vcpus, states):
-            vcpu.set_sregs(sregs)
-            vcpu.set_regs(regs)
+        guest = load_workload(vm, params)  # the daemon's loader
         if start:
             vm.start()
-        yield vm, WorkloadGuest(layout)
+        yield vm, guest
         vm.pause()
         assert [v.error for v in vm.vcpus] == [None] * params.vcpus
         assert vm.harvester_error is None

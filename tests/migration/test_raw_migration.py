@@ -20,8 +20,8 @@ import pytest
 
 from daemons import MakeDaemon
 from daemons import REPO, DaemonProcess, wait_for, wait_migration
-from migrated.guests.bootsector import BootSectorParams, check_region
-from migrated.guests.bootsector.build import build_boot_sector, write_image
+from migrated.guests.x86_64.bootsector import BootSectorParams, check_region
+from migrated.guests.x86_64.bootsector.build import build_boot_sector, write_image
 
 pytestmark = pytest.mark.kvm
 

@@ -167,7 +167,12 @@ def test_source_in_doubt_keeps_asking_until_the_target_answers(tmp_path: Path) -
             assert trio.current_time() - start >= 10 * interval_s
             assert source.stats.state == "aborted"
             assert hosted.state is VmState.RUNNING, hosted.error
-            assert hosted.vm.running  # type: ignore[union-attr]
+            vm = hosted.vm
+            assert vm is not None
+            # resume() returns once the vCPU threads were told; they enter KVM_RUN on their own.
+            with trio.fail_after(VIRTUAL_BOUND_S):
+                while not vm.running:
+                    await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
 
     try:

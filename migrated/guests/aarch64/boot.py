@@ -49,7 +49,7 @@ from migrated.kvm import uapi
 
 from .. import abi
 from ..image import AARCH64_WORKLOAD, GuestImage
-from ..layout import WorkingSetGeometry, WorkloadLayout
+from ..layout import MAX_VCPUS, WorkingSetGeometry, WorkloadLayout, check_sizes
 from ..guest_ram import Write
 from ..pages import VerifyReport, verify_pages
 from ..workload import (
@@ -187,7 +187,6 @@ GICD_BASE = arm.GICD_BASE
 GICR_BASE = arm.GICR_BASE
 ITS_BASE = arm.ITS_BASE
 
-MAX_VCPUS = 64
 # The guest's identity map covers [0, 512 GiB): RAM from 1 GiB up to there.
 MAX_MEMORY = 512 * GIB - RAM_BASE
 
@@ -295,22 +294,14 @@ class Arm64Layout(WorkingSetGeometry):
 
 def plan_layout_aarch64(memory_bytes: int, vcpus: int, working_set_bytes: int, ram_base: int = RAM_BASE) -> Arm64Layout:
     """Places everything; raises ValueError naming what does not fit."""
-    if not 1 <= vcpus <= MAX_VCPUS:
-        raise ValueError(f"{vcpus} vCPUs: the workload guest supports 1 to {MAX_VCPUS}")
     if ram_base != RAM_BASE:
         raise ValueError(f"RAM at {ram_base:#x}: the arm64 workload image is linked at {RAM_BASE:#x}")
-    if memory_bytes <= 0 or memory_bytes % PAGE_SIZE:
-        raise ValueError(f"memory {memory_bytes} bytes: must be a positive multiple of {PAGE_SIZE}")
+    ws_pages = check_sizes(memory_bytes, vcpus, working_set_bytes)
     if memory_bytes > MAX_MEMORY:
         raise ValueError(
             f"memory {memory_bytes >> 20} MiB: the arm64 workload guest maps RAM up to 512 GiB "
             f"(at most {MAX_MEMORY >> 20} MiB from {ram_base:#x})"
         )
-    if working_set_bytes <= 0 or working_set_bytes % PAGE_SIZE:
-        raise ValueError(f"working set {working_set_bytes} bytes: must be a positive multiple of {PAGE_SIZE}")
-    ws_pages = working_set_bytes // PAGE_SIZE
-    if ws_pages < vcpus:
-        raise ValueError(f"working set of {ws_pages} pages is smaller than {vcpus} vCPUs: each needs a page")
     gen = ram_base + GEN_OFFSET
     gen_bytes = _align_up(ws_pages * 4, PAGE_SIZE)
     metadata_end = gen + gen_bytes

@@ -12,7 +12,7 @@
  * At any instant the region holds pass P + 1 below the loop's pointer and pass P above it, where
  * P is the count at PASSES_ADDR (which can lag the words by the one store it takes).
  *
- * The parameter block (PARAMS_OFFSET) is patched by migrated.guests.bootsector.build; keep both
+ * The parameter block (PARAMS_OFFSET) is patched by migrated.guests.x86_64.bootsector.build; keep both
  * in step. Assembled with GNU as (no C preprocessor), linked at 0x7c00 as a flat binary.
  *
  * PVM runs real-mode and 32-bit code in its instruction emulator (HOST-NOTES: ~1-2 M

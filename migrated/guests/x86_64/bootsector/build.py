@@ -1,6 +1,6 @@
 """Builds migrated's own boot sector from `boot.S` with GNU as and ld, and sets its parameters.
 
-    python -m migrated.guests.bootsector.build OUT.bin [--base ADDR] [--bytes N] [--print-every K]
+    python -m migrated.guests.x86_64.bootsector.build OUT.bin [--base ADDR] [--bytes N] [--print-every K]
 
 writes a ready-to-boot image for `migratectl vm create NAME --guest raw --image OUT.bin`.
 Nothing here runs at import time; the daemon never builds, it loads the file it is given.
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from ...build import find_tool, run_tool
 from . import (
     LOAD_ADDR,
     PARAMS_MAGIC,
@@ -35,20 +34,13 @@ class BootSectorBuildError(RuntimeError):
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise BootSectorBuildError(
-            f"{name} not found on PATH: building the boot sector needs GNU as and ld (Debian: apt-get install binutils)"
-        )
-    return path
+    return find_tool(
+        name, "building the boot sector needs GNU as and ld (Debian: apt-get install binutils)", BootSectorBuildError
+    )
 
 
 def _run(argv: list[str]) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise BootSectorBuildError(
-            f"{Path(argv[0]).name} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout}{proc.stderr}"
-        )
+    run_tool(argv, BootSectorBuildError)
 
 
 def assemble(source: Path = SOURCE) -> bytes:
@@ -133,7 +125,7 @@ def _int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     defaults = BootSectorParams()
     parser = argparse.ArgumentParser(
-        prog="python -m migrated.guests.bootsector.build", description=__doc__.splitlines()[0]
+        prog="python -m migrated.guests.x86_64.bootsector.build", description=__doc__.splitlines()[0]
     )
     parser.add_argument("out", type=Path, help="where to write the 512-byte image")
     parser.add_argument(
