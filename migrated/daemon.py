@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import signal
 import socket
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
 from .migration.policy import DowntimeModel
+from .realtime import COST_WITHOUT_REALTIME, FIX, probe_realtime
 from .sdnotify import Notifier
 
 
@@ -40,6 +42,7 @@ class Daemon:
         self.outcomes: dict[str, Any] = {}  # migration id -> Target, for in-doubt queries
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
         self.downtime_model = DowntimeModel()
+        self.realtime_error = probe_realtime()  # None: the harvester can have SCHED_FIFO
         self.commands: dict[str, Any] = {
             "vm.create": self.cmd_vm_create,
             "vm.list": self.cmd_vm_list,
@@ -217,6 +220,8 @@ class Daemon:
             "listen": str(self.config.peer.listen),
             "control_socket": str(self.config.daemon.control_socket),
             "pvm": self.kvm.caps().pvm,
+            "harvester_realtime": self.realtime_error is None,
+            "harvester_realtime_error": self.realtime_error,
         }
 
     async def remove_vm(self, hosted: HostedVm, reason: str) -> None:
@@ -252,7 +257,10 @@ class Daemon:
 
     def update_status(self) -> None:
         running = sum(1 for h in self.vms.values() if h.state is VmState.RUNNING)
-        self.notifier.status(f"{len(self.vms)} VMs, {running} running, {len(self.migrations)} migrations")
+        text = f"{len(self.vms)} VMs, {running} running, {len(self.migrations)} migrations"
+        if self.realtime_error is not None:
+            text += "; WARNING: ring harvester not real-time"
+        self.notifier.status(text)
 
     # ---- lifetime -----------------------------------------------------------------------
 
@@ -288,13 +296,16 @@ class Daemon:
         except ConfigError as err:
             self.log.error("config_reload_refused", error=str(err))
             return
-        for change in self.config.changes(new):
+        changes = self.config.changes(new)
+        for change in changes:
             if change.reloadable:
                 self.log.info("config_changed", key=change.key)
             else:
                 self.log.warning("config_change_needs_restart", key=change.key)
         self.config = self.config.apply_reload(new)
         configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
+        # Also when nothing changed: the operator sees that the reload arrived and was read.
+        self.log.info("config_reloaded", source=str(config_path), changes=len(changes))
 
     async def shutdown(self) -> None:
         self.notifier.stopping()
@@ -337,11 +348,17 @@ async def run_daemon(
         with_bitmap=caps.dirty_ring_with_bitmap,
         arch=caps.arch,
     )
+    if daemon.realtime_error is not None:
+        log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 daemon.nursery = nursery
-                await nursery.start(serve_control, config.daemon.control_socket, daemon.handle)
+                await nursery.start(
+                    partial(serve_control, group=config.daemon.control_socket_group),
+                    config.daemon.control_socket,
+                    daemon.handle,
+                )
                 from .migration.service import start_migration_service
 
                 await start_migration_service(daemon, nursery)
