@@ -27,6 +27,7 @@ from .logs import configure_logging, get_logger
 from .migration.policy import DowntimeModel
 from .realtime import COST_WITHOUT_REALTIME, FIX, probe_realtime
 from .sdnotify import Notifier
+from .socket_access import restrict_control_socket
 
 
 class Daemon:
@@ -304,6 +305,13 @@ class Daemon:
                 self.log.warning("config_change_needs_restart", key=change.key)
         self.config = self.config.apply_reload(new)
         configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
+        # systemd sets up RuntimeDirectory= again (0750, root's group) for every control process,
+        # ExecReload's `kill` included, which shuts the operators' group out of the socket's
+        # directory: give it back (socket_access.py).
+        try:
+            restrict_control_socket(self.config.daemon.control_socket, self.config.daemon.control_socket_group)
+        except OSError as err:
+            self.log.error("control_socket_access_failed", error=str(err))
         # Also when nothing changed: the operator sees that the reload arrived and was read.
         self.log.info("config_reloaded", source=str(config_path), changes=len(changes))
 

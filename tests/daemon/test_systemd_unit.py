@@ -88,7 +88,7 @@ def test_notify_watchdog_reload_and_stop() -> None:
     assert s["Type"] == ["notify"]
     assert s["NotifyAccess"] == ["main"]
     assert s["ExecStart"] == [f"{INSTALLED_EXEC} --config /etc/migrated/migrated.toml"]
-    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["ExecReload"] == ["""/bin/sh -c 'kill -HUP "$MAINPID"'"""]
     assert s["WatchdogSec"] == ["30"]
     assert s["Restart"] == ["on-failure"]
     assert s["KillMode"] == ["mixed"]
