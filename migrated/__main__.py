@@ -13,6 +13,7 @@ from .config import ConfigError, load_config
 from .control import ControlSocketInUseError
 from .kvm.errors import KvmError
 from .logs import configure_logging
+from .socket_access import ControlSocketGroupError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run_daemon, config, args.config, overrides)
     except BaseException as err:  # start-up failures arrive wrapped in exception groups
         fatal = _first_leaf(err)
+        if isinstance(fatal, ControlSocketGroupError):
+            # A configuration that the unit does not match: restarting cannot fix it (exit 2 is
+            # the unit's RestartPreventExitStatus).
+            print(f"migrated: {fatal}", file=sys.stderr)
+            return 2
         if isinstance(fatal, (KvmError, ControlSocketInUseError, OSError)):
             print(f"migrated: {fatal}", file=sys.stderr)
             return 1
