@@ -79,3 +79,11 @@ ARM64_PYTEST_ARGS ?=
 .PHONY: test-arm64
 test-arm64:
 	bash .ci/arm64/lane $(ARM64_PYTEST_ARGS)
+
+# The systemd lane (.ci/systemd/lane): the daemon under a real systemd (PID 1 of a Debian 12
+# container booted with systemd-nspawn), the unit as shipped, two instances, a live migration
+# between them. Caches under ~/.cache/migrated/systemd. SYSTEMD_PYTEST_ARGS replaces "-q".
+SYSTEMD_PYTEST_ARGS ?=
+.PHONY: test-systemd
+test-systemd: venv
+	bash .ci/systemd/lane $(SYSTEMD_PYTEST_ARGS)

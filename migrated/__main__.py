@@ -15,6 +15,7 @@ from .control import ControlSocketInUseError
 from .helpformat import parser_options
 from .kvm.errors import KvmError
 from .logs import configure_logging
+from .socket_access import ControlSocketGroupError
 from .statedir import StateDirError
 
 
@@ -99,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run_daemon, config, args.config, overrides)
     except BaseException as err:  # start-up failures arrive wrapped in exception groups
         fatal = _first_leaf(err)
+        if isinstance(fatal, ControlSocketGroupError):
+            # A configuration that the unit does not match: restarting cannot fix it (exit 2 is
+            # the unit's RestartPreventExitStatus).
+            print(f"migrated: {fatal}", file=sys.stderr)
+            return 2
         if isinstance(fatal, (KvmError, ControlSocketInUseError, StateDirError, OSError, MetricsError)):
             print(f"migrated: {_describe(fatal)}", file=sys.stderr)
             return 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
+import grp
 import ipaddress
 import json
 import math
@@ -100,6 +101,8 @@ class DaemonConfig:
     log_format: LogFormat
     log_level: LogLevel
     metrics_listen: HostPort | None  # None: no metrics endpoint
+    # None: the socket stays 0600, root (the daemon's user) only; a group name: 0660 and that group.
+    control_socket_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +302,18 @@ def _power_of_two(low: int, high: int) -> Check:
     return check
 
 
+def _group(value: Any) -> str:
+    """A group that exists on this host, checked at load so a typo stops the start."""
+    allowed = "the name of a group in the host's group database (getent group NAME)"
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise _Invalid(f"{_show(value)} is not a group name", allowed)
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        raise _Invalid(f"there is no group {_show(value)} on this host", allowed) from None
+    return value
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"{_show(value)} is not a boolean", "true | false")
@@ -371,6 +386,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "log_format": _Key("auto", _one_of("auto", "json", "console"), True),
         "log_level": _Key("info", _one_of(*LOG_LEVELS), True),
         "metrics_listen": _Key(None, _listen, False),
+        "control_socket_group": _Key(None, _group, False),
     },
     "peer": {
         "listen": _Key("0.0.0.0:7890", _listen, False),

@@ -1,4 +1,5 @@
-"""The control socket: a Unix stream socket (mode 0600) carrying one JSON object per line.
+"""The control socket: a Unix stream socket (mode 0600, or 0660 with daemon.control_socket_group)
+carrying one JSON object per line.
 
 Request:  {"cmd": "vm.create", "args": {...}}
 Response: {"ok": true, "result": {...}}  or  {"ok": false, "error": "what is wrong"}
@@ -22,6 +23,7 @@ from .accepting import accept_forever
 from .control_request import MAX_REQUEST_BYTES, RequestRefused, parse_request
 from .events import EventStream
 from .logs import get_logger
+from .socket_access import restrict_control_socket
 
 __all__ = ["MAX_REQUEST_BYTES", "ControlSocketInUseError", "RequestError", "request", "serve_control"]
 
@@ -54,7 +56,11 @@ def _claim_path(path: Path) -> None:
 
 
 async def serve_control(
-    path: Path, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    path: Path,
+    handler: Handler,
+    *,
+    group: str | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     log = get_logger(component="control", socket=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,9 +71,14 @@ async def serve_control(
         await listener.bind(str(path))
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
+    try:
+        restrict_control_socket(path, group)  # 0660 and the operators' group, if configured
+    except BaseException:
+        listener.close()
+        path.unlink(missing_ok=True)
+        raise
     listener.listen(128)
-    log.info("control_listening")
+    log.info("control_listening", group=group)
     task_status.started()
 
     async def accept() -> trio.SocketStream:
@@ -175,7 +186,10 @@ def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: f
         except ConnectionRefusedError:
             raise RequestError(f"no daemon at {path}: connection refused") from None
         except PermissionError:
-            raise RequestError(f"no permission to use {path}: run as root") from None
+            raise RequestError(
+                f"no permission to use {path}: run as root, or as a member of the group the "
+                "daemon's daemon.control_socket_group names"
+            ) from None
         sock.settimeout(timeout)
         sock.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
         data = bytearray()

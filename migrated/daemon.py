@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import signal
 import socket
+from functools import partial
 from pathlib import Path
 from collections.abc import Awaitable, Callable
 
@@ -36,7 +37,9 @@ from .migration.policy import DowntimeModels
 from .migration.service import start_migration_service
 from .migration.stats import FinishedMigration
 from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
+from .realtime import COST_WITHOUT_REALTIME, FIX, probe_realtime
 from .sdnotify import Notifier
+from .socket_access import restrict_control_socket
 from .statedir import check_state_dir
 
 
@@ -70,6 +73,7 @@ class Daemon:
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
         self.downtime_models = DowntimeModels()
         self.records = VmRecords(Path(config.daemon.state_dir))
+        self.realtime_error = probe_realtime()  # None: the harvester can have SCHED_FIFO
         self.commands: dict[str, Command] = {
             "vm.create": self.cmd_vm_create,
             "vm.list": self.cmd_vm_list,
@@ -317,6 +321,8 @@ class Daemon:
             "listen": str(self.config.peer.listen),
             "control_socket": str(self.config.daemon.control_socket),
             "pvm": self.kvm.caps().pvm,
+            "harvester_realtime": self.realtime_error is None,
+            "harvester_realtime_error": self.realtime_error,
         }
 
     async def remove_vm(self, hosted: HostedVm, reason: str) -> None:
@@ -364,7 +370,10 @@ class Daemon:
 
     def update_status(self) -> None:
         running = sum(1 for h in self.vms.values() if h.state is VmState.RUNNING)
-        self.notifier.status(f"{len(self.vms)} VMs, {running} running, {len(self.migrations)} migrations")
+        text = f"{len(self.vms)} VMs, {running} running, {len(self.migrations)} migrations"
+        if self.realtime_error is not None:
+            text += "; WARNING: ring harvester not real-time"
+        self.notifier.status(text)
 
     # ---- lifetime -----------------------------------------------------------------------
 
@@ -400,13 +409,23 @@ class Daemon:
         except ConfigError as err:
             self.log.error("config_reload_refused", error=str(err))
             return
-        for change in self.config.changes(new):
+        changes = self.config.changes(new)
+        for change in changes:
             if change.reloadable:
                 self.log.info("config_changed", key=change.key)
             else:
                 self.log.warning("config_change_needs_restart", key=change.key)
         self.config = self.config.apply_reload(new)
         configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
+        # systemd sets up RuntimeDirectory= again (0750, root's group) for every control process,
+        # ExecReload's `kill` included, which shuts the operators' group out of the socket's
+        # directory: give it back (socket_access.py).
+        try:
+            restrict_control_socket(self.config.daemon.control_socket, self.config.daemon.control_socket_group)
+        except OSError as err:
+            self.log.error("control_socket_access_failed", error=str(err))
+        # Also when nothing changed: the operator sees that the reload arrived and was read.
+        self.log.info("config_reloaded", source=str(config_path), changes=len(changes))
 
     async def shutdown(self) -> None:
         self.notifier.stopping()
@@ -461,6 +480,8 @@ async def run_daemon(
         arch=caps.arch,
     )
     metrics: DaemonMetrics | None = None
+    if daemon.realtime_error is not None:
+        log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -471,7 +492,11 @@ async def run_daemon(
                     metrics = DaemonMetrics(daemon)
                     metrics.serve(config.daemon.metrics_listen)
                     log.info("metrics_listening", listen=str(config.daemon.metrics_listen))
-                await nursery.start(serve_control, config.daemon.control_socket, daemon.handle)
+                await nursery.start(
+                    partial(serve_control, group=config.daemon.control_socket_group),
+                    config.daemon.control_socket,
+                    daemon.handle,
+                )
                 await start_migration_service(daemon, nursery)
                 nursery.start_soon(daemon.watchdog)
                 nursery.start_soon(daemon.inject_irqs)

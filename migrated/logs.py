@@ -4,9 +4,12 @@
     log.info("migration_started", peer="10.0.0.2:7890", migration_id=mid)
 
 JSON lines when stderr is not a terminal (journald, log shippers), a readable console format on
-a terminal. The processor chain is installed once and reads the level, format and stream from
-`_state` on every event, so `configure_logging()` again on SIGHUP changes loggers that modules
-already hold (structlog would otherwise keep the configuration each logger was built with).
+a terminal. When stderr is journald's stream (`JOURNAL_STREAM` names its device and inode, as
+systemd.exec(5) says to check), each line starts with its syslog priority, `<3>` error to `<7>`
+debug (sd-daemon(3)), so journald files it under the right PRIORITY.
+
+The processor chain is installed once and reads the level, format and stream from `_state` on
+every event, so `configure_logging()` again on SIGHUP changes loggers that modules already hold (structlog would otherwise keep the configuration each logger was built with).
 Libraries that log through the standard `logging` module end up in the same stream and format.
 """
 
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import structlog
@@ -23,15 +28,18 @@ from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 from .events import BUS
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging", "get_logger", "is_journal_stream"]
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+# syslog(3) priorities: LOG_CRIT 2, LOG_ERR 3, LOG_WARNING 4, LOG_INFO 6, LOG_DEBUG 7.
+SYSLOG_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
 
 class _State:
     level = LEVELS["info"]
     json = False
     colors = False
+    journal = False  # prefix each line with its syslog priority (stderr is journald's stream)
     stream: TextIO | None = None  # None: whatever sys.stderr is at the time of writing
 
 
@@ -59,11 +67,31 @@ def _publish(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
 
 
 def _render(logger: WrappedLogger, method: str, event: EventDict) -> str:
+    prefix = f"<{SYSLOG_PRIORITIES.get(event.get('level', 'info'), 6)}>" if _state.journal else ""
     if _state.json:
         rendered = _json(logger, method, _format_exc(logger, method, event))
         assert isinstance(rendered, str)  # json.dumps renders str (orjson would give bytes)
-        return rendered
-    return _console[_state.colors](logger, method, event)
+        return prefix + rendered
+    # journald reads each line as its own entry: a multi-line console event (a traceback) keeps
+    # its priority on every line.
+    lines = _console[_state.colors](logger, method, event).split("\n")
+    return "\n".join(prefix + line for line in lines)
+
+
+def is_journal_stream(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """True if `stream` is the journald stream systemd connected (JOURNAL_STREAM is "DEV:INODE").
+
+    A child that inherited JOURNAL_STREAM but writes to a redirected stderr must not prefix.
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, sep, inode = value.partition(":")
+    if not sep or not device.isdigit() or not inode.isdigit():
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # not a real file (tests), or closed
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
 
 
 class _StreamLogger:
@@ -141,6 +169,7 @@ def configure_logging(format: str = "auto", level: str = "info", *, stream: Text
     _state.level = LEVELS[level]
     _state.json = format == "json" or (format == "auto" and not tty)
     _state.colors = tty and format != "json"
+    _state.journal = is_journal_stream(target)
     # Stdlib records below our level would be dropped anyway: skip building them.
     logging.getLogger().setLevel(LEVELS[level])
 

@@ -88,7 +88,7 @@ def test_notify_watchdog_reload_and_stop() -> None:
     assert s["Type"] == ["notify"]
     assert s["NotifyAccess"] == ["main"]
     assert s["ExecStart"] == [f"{INSTALLED_EXEC} --config /etc/migrated/migrated.toml"]
-    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["ExecReload"] == ["""/bin/sh -c 'kill -HUP "$MAINPID"'"""]
     assert s["WatchdogSec"] == ["30"]
     assert s["Restart"] == ["on-failure"]
     assert s["KillMode"] == ["mixed"]
@@ -115,7 +115,8 @@ def test_hardening_keeps_kvm_reachable() -> None:
     assert s["DevicePolicy"] == ["closed"]
     assert s["DeviceAllow"] == ["/dev/kvm rw"]
     assert "PrivateDevices" not in s  # it would hide /dev/kvm
-    assert s["CapabilityBoundingSet"] == [""]
+    # One capability: the ring harvester's SCHED_FIFO (tests/daemon/test_deployment.py).
+    assert s["CapabilityBoundingSet"] == ["CAP_SYS_NICE"]
     for key in (
         "NoNewPrivileges",
         "ProtectHome",
@@ -133,3 +134,11 @@ def test_hardening_keeps_kvm_reachable() -> None:
     assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
     assert s["SystemCallArchitectures"] == ["native"]
     assert s["LimitNOFILE"] == ["65536"]
+
+
+def test_the_ring_harvester_may_run_real_time() -> None:
+    """RestrictRealtime=yes would refuse the harvester's SCHED_FIFO (issue 13)."""
+    s = service_settings()
+    assert s.get("RestrictRealtime", ["no"]) == ["no"]
+    assert int(s["LimitRTPRIO"][0]) >= 1
+    assert "CAP_SYS_NICE" in s["CapabilityBoundingSet"][0].split()

@@ -36,6 +36,8 @@ class DaemonProcess:
     netns: str | None = None
     extra_args: tuple[str, ...] = ()
     faults: str = ""  # MIGRATED_TEST_FAULTS for this daemon (migrated/faults.py)
+    wrapper: tuple[str, ...] = ()  # runs the daemon under e.g. setpriv or prlimit
+    environ: dict[str, str] = field(default_factory=dict)  # added to the daemon's environment
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,9 +67,10 @@ class DaemonProcess:
             str(self.key_file),
             *self.extra_args,
         ]
+        command = [*self.wrapper, *command]
         if self.netns:
             command = ["ip", "netns", "exec", self.netns, *command]
-        env = dict(os.environ, PYTHONPATH=str(REPO), MIGRATED_TEST_FAULTS=self.faults)
+        env = dict(os.environ, PYTHONPATH=str(REPO), MIGRATED_TEST_FAULTS=self.faults, **self.environ)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO, env=env)
         deadline = time.monotonic() + timeout
