@@ -195,6 +195,7 @@ class Source:
         assert vm is not None and vm.memory is not None and vm.tracker is not None
         self.log.info("migration_started", downtime_limit_ms=self.options.downtime_limit_ms)
         self._channel = channel = await self._connect()
+        await faults.hold(self.log, "setup")
         await channel.send(
             VmDescription(
                 name=hosted.name,
@@ -403,9 +404,17 @@ class Source:
             )
         channel = self._channel
         assert channel is not None
-        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves.
-        self._record("committed")
+        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves. A
+        # record that cannot be written (state dir full) stops here: no COMMIT, the VM resumes.
+        try:
+            self._record("committed")
+        except OSError as err:
+            raise MigrationFailed(
+                f"cannot record the commit in the state dir ({err.strerror or err}); no COMMIT sent, "
+                "the VM resumes here"
+            ) from err
         self.committed = True
+        await faults.hold(self.log, "commit")
         if faults.active("source-lose-commit"):
             await channel.aclose()
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
@@ -441,6 +450,7 @@ class Source:
         await trio.to_thread.run_sync(vm.set_throttle, 0.0)
         await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
         clock.step("pause")
+        await faults.hold(self.log, "downtime")
         final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset
         clock.step("final_harvest")
         blobs = await trio.to_thread.run_sync(vmstate.capture, hosted, self.daemon.kvm)  # R6.3
@@ -468,6 +478,7 @@ class Source:
             digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
             self.stats.verify_ms = clock.step("digest")
             self.stats.digest = digest.hex()
+        await faults.hold(self.log, "done")
         await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest, verify=self.options.verify))
         self.stats.state = self.stats.phase = "cutover"
         loaded = await channel.expect(Loaded)
@@ -478,7 +489,7 @@ class Source:
             )
 
     async def _release(self, how: str) -> None:
-        self._record("released")
+        self._record_quietly("released")
         self.stats.total_ms = (time.monotonic() - self._started) * 1e3
         self.stats.state = self.stats.phase = how
         self.hosted.state = VmState.MIGRATED
@@ -490,6 +501,13 @@ class Source:
             bytes_sent=self.stats.bytes_sent,
         )
         await self.daemon.release_migrated(self.hosted)
+
+    def _record_quietly(self, state: str) -> None:
+        """A record after the fact: the VM's fate is decided, a full state dir must not undo it."""
+        try:
+            self._record(state)
+        except OSError as err:
+            self.log.error("migration_record_failed", state=state, error=err.strerror or str(err))
 
     def _record(self, state: str) -> None:
         """Persist the VM's ownership (state_dir), fsync'd: survives a crash of this daemon."""
@@ -535,7 +553,7 @@ class Source:
                 await self._release("completed")
             else:
                 self.committed = False
-                self._record(f"resumed-after-{answer}")
+                self._record_quietly(f"resumed-after-{answer}")
                 self.stats.state = self.stats.phase = "aborted"
                 await self._resume_here()
             return answer
@@ -554,7 +572,7 @@ class Source:
             await self._release("completed-by-operator")
         elif action == "resume":
             self.committed = False
-            self._record("resumed-by-operator")
+            self._record_quietly("resumed-by-operator")
             self.stats.state = self.stats.phase = "aborted"
             await self._resume_here()
         else:
