@@ -6,7 +6,7 @@ SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader
 	$(wildcard migrated/pagehash/*.[ch]) migrated/pagehash/_build.py \
 	$(wildcard migrated/guests/x86_64/*) $(wildcard migrated/guests/aarch64/*) migrated/guests/build.py
 
-.PHONY: venv build test typecheck lint format demo caps bench clean system-packages FORCE
+.PHONY: venv build test typecheck lint format demo caps bench faults soak clean system-packages FORCE
 
 venv: $(VENV)/.installed
 
@@ -55,6 +55,19 @@ caps: venv
 
 bench: venv
 	$(PY) bench/harvest.py
+
+# The fault matrix (issue 11): every fault kind at every migration phase between two daemons in
+# their own network namespaces (root: ip netns, tc, tmpfs mounts); JSON in bench/out/faults.json.
+# FAULTS_ARGS e.g. "--seed 7 --faults 20".
+FAULTS_ARGS ?=
+faults: venv
+	$(PY) bench/faults.py $(FAULTS_ARGS)
+
+# 100 ping-pong migrations with fds, threads and RSS sampled, then 4 VMs at once both ways;
+# bench/out/soak.json and bench/out/soak.svg.
+SOAK_ARGS ?=
+soak: venv
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info ringreader/*.so migrated/pagehash/*.so migrated/guests/*.bin

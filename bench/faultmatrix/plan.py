@@ -1,7 +1,7 @@
 """The seeded choices of a run: which fault, at which phase, how long, how far into the window.
 
-Every (phase, kind) pair of the full matrix appears once, in an order shuffled by the seed; a run
-of N faults takes the first N. The same seed gives the same plan, whatever happens at run time.
+Every (phase, kind) pair of the full matrix appears once in len(PHASES) rounds of one fault per
+kind, in an order shuffled by the seed; a run of N faults takes the first N. The same seed gives the same plan, whatever happens at run time.
 """
 
 from __future__ import annotations
@@ -84,13 +84,20 @@ def window_s(phase: str) -> float:
 
 
 def make_plan(seed: int, count: int) -> list[Fault]:
+    """Rounds of one fault per kind, each kind at a different phase in each round (a Latin
+    square over the seed's order of kinds and phases): the first round already has every kind,
+    a short run spreads over the phases, and len(PHASES) rounds are the whole matrix."""
     rng = random.Random(seed)
-    pairs = [(phase, kind) for phase in PHASES for kind in KINDS]
-    rng.shuffle(pairs)
-    while len(pairs) < count:  # more than the full matrix: go round again, reshuffled
-        extra = [(phase, kind) for phase in PHASES for kind in KINDS]
-        rng.shuffle(extra)
-        pairs += extra
+    kinds, phases = list(KINDS), list(PHASES)
+    rng.shuffle(kinds)
+    rng.shuffle(phases)
+    pairs: list[tuple[str, str]] = []
+    turn = 0
+    while len(pairs) < count:
+        rounds = [(phases[(i + turn) % len(phases)], kind) for i, kind in enumerate(kinds)]
+        rng.shuffle(rounds)
+        pairs += rounds
+        turn += 1
     return [
         Fault(i, phase, kind, round(rng.uniform(0.0, window_s(phase)), 3), duration_for(kind))
         for i, (phase, kind) in enumerate(pairs[:count])
