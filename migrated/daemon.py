@@ -34,6 +34,10 @@ from .sdnotify import Notifier
 FIRST_HEARTBEAT_S = 10.0
 FIRST_EXIT_S = 0.5
 
+# Incoming migrations remembered for in-doubt queries (a source asks within seconds or minutes
+# of losing its link; thousands of migrations later nobody asks).
+MAX_OUTCOMES = 1024
+
 # A source migration in one of these states still decides where the VM ends up: a stopping
 # daemon waits for it.
 HANDING_OVER = ("setup", "bulk", "rounds", "downtime", "cutover")
@@ -308,6 +312,12 @@ class Daemon:
 
     def record_outcome(self, migration_id: str, target: Any, state: str) -> None:
         self.outcomes[migration_id] = target
+        # Bounded: the oldest settled outcomes go first; a loaded copy waiting for its query stays.
+        if len(self.outcomes) > MAX_OUTCOMES:
+            for old_id in [i for i, t in self.outcomes.items() if t.state != "loaded"][
+                : len(self.outcomes) - MAX_OUTCOMES
+            ]:
+                del self.outcomes[old_id]
         self.log.info("incoming_outcome", migration_id=migration_id, state=state)
 
     def update_status(self) -> None:
