@@ -5,9 +5,10 @@ fsync'd), from its creation (or arrival) until it is stopped or released to a ta
 with the daemon process that owns their fds, so a record still there when a daemon starts names a
 VM that died with its predecessor. The new daemon moves each such record to `STATE_DIR/lost/`,
 reports it (an event per VM, `migratectl vm list --lost`), and keeps it until the operator says
-`migratectl vm forget NAME`. A daemon stopped cleanly (SIGTERM) stops its VMs too and leaves their
-records marked `stopped_with_daemon`, so they are reported the same way. The migration records (`STATE_DIR/migrations/`) tell the one case in
-which the VM may live on elsewhere: COMMIT had gone out, so the target may be running it.
+`migratectl vm forget NAME`. A daemon stopped cleanly (SIGTERM) stops its VMs too and leaves
+their records marked `stopped_with_daemon`, so they are reported the same way. The migration
+records (`STATE_DIR/migrations/`) tell the one case in which the VM may live on elsewhere: COMMIT
+had gone out, so the target may be running it.
 """
 
 from __future__ import annotations

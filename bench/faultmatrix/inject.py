@@ -35,11 +35,17 @@ def reach(cluster: Cluster, fault: Fault, vm: str) -> bool:
             time.sleep(0.01)
         return False
     node = cluster.b if phase in TARGET_POINTS else cluster.a
-    seen = node.tail.wait(
-        lambda e: e.get("event") == "test_fault_hold" and e.get("point") == phase and e.get("vm") == vm,
-        REACH_TIMEOUT_S,
-    )
-    return seen is not None
+    deadline = time.monotonic() + REACH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        seen = node.tail.wait(
+            lambda e: e.get("event") == "test_fault_hold" and e.get("point") == phase and e.get("vm") == vm, 0.2
+        )
+        if seen is not None:
+            return True
+        # A migration that ended before the point (it failed on its own) never reaches it.
+        if cluster.a.daemon.call("migration.status", name=vm)["state"] in ("completed", "failed", "aborted"):
+            return False
+    return False
 
 
 def observe(cluster: Cluster, vm: str) -> dict[str, Any]:

@@ -46,7 +46,10 @@ def run_one(cluster: Cluster, fault: Fault) -> dict[str, Any]:
         record["observed"] = observe(cluster, vm)
         record["died"] = died = strike(cluster, fault)
     else:
+        # Why not: the migration's own outcome, e.g. a guard that fired on a loaded host.
         record["observed"] = observe(cluster, vm)
+        stats = cluster.a.daemon.call("migration.status", name=vm)
+        record["unreached_because"] = {"state": stats["state"], "error": stats.get("error")}
         died = []
     try:
         record.update(classify(cluster, vm, died))
