@@ -149,14 +149,30 @@ def ping_pong(a: DaemonProcess, b: DaemonProcess, migrations: int) -> dict[str, 
                     drift.append({"migration": sample["migration"], "daemon": daemon.name, **sample[daemon.name]})
     problem = guest_ok(source, "soak")
     source.call("vm.stop", name="soak")
-    rss = {d: [s[d]["rss_kib"] for s in samples] for d in ("a", "b")}
+    # After an odd migration (1, 3, ...) b hosts the VM, after an even one a does: RSS is flat
+    # when each daemon's hosting and empty samples are flat on their own.
+    rss: dict[str, dict[str, Any]] = {}
+    for daemon in ("a", "b"):
+        for hosting in (True, False):
+            values = [
+                s[daemon]["rss_kib"] / 1024
+                for s in samples
+                if ((s["migration"] % 2 == 1) == (daemon == "b")) == hosting
+            ]
+            if values:
+                rss[f"{daemon}_{'hosting' if hosting else 'empty'}"] = {
+                    "first": round(values[0], 1),
+                    "last": round(values[-1], 1),
+                    "min": round(min(values), 1),
+                    "max": round(max(values), 1),
+                }
     return {
         "migrations": migrations,
         "baselines": {str(p): v for p, v in baselines.items()},
         "drift": drift,
         "failed_attempts": failures,
         "guest_problem": problem,
-        "rss_kib": {d: {"first": v[0], "last": v[-1], "max": max(v), "min": min(v)} for d, v in rss.items() if v},
+        "rss_mib": rss,
         "samples": samples,
     }
 

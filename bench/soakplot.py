@@ -1,5 +1,7 @@
-"""The soak's samples as one SVG (three panels: fds, threads, RSS; a line per daemon), drawn by
-hand: a few polylines need no plotting library."""
+"""The soak's samples as one SVG, drawn by hand (a few polylines need no plotting library): three
+panels (fds, threads, RSS), and in each two lines per daemon: its samples while it hosts the VM
+(solid) and while it does not (dashed). Each daemon alternates between the two after every
+migration, so flat means each of its two lines is flat."""
 
 from __future__ import annotations
 
@@ -11,9 +13,18 @@ COLOURS = {"a": "#1f77b4", "b": "#d62728"}
 PANELS = (("fds", "open fds", 1.0), ("threads", "threads (without idle pool)", 1.0), ("rss_kib", "RSS MiB", 1 / 1024))
 
 
+def hosts(sample: dict[str, Any], daemon: str) -> bool:
+    """After an odd migration b hosts the VM (the first goes a -> b), after an even one a."""
+    return (sample["migration"] % 2 == 1) == (daemon == "b")
+
+
 def _panel(samples: list[dict[str, Any]], key: str, title: str, scale: float, top: int) -> list[str]:
-    values = {d: [s[d][key] * scale for s in samples] for d in COLOURS}
-    everything = [v for series in values.values() for v in series]
+    series = {
+        (daemon, hosting): [(i, s[daemon][key] * scale) for i, s in enumerate(samples) if hosts(s, daemon) == hosting]
+        for daemon in COLOURS
+        for hosting in (True, False)
+    }
+    everything = [v for points in series.values() for _, v in points]
     low, high = min(everything), max(everything)
     if high - low < 1e-9:
         low, high = low - 1, high + 1
@@ -34,9 +45,12 @@ def _panel(samples: list[dict[str, Any]], key: str, title: str, scale: float, to
         f'<text x="{MARGIN - 6}" y="{y(high - pad) + 4:.1f}" font-size="10" text-anchor="end">{high - pad:.0f}</text>',
         f'<text x="{MARGIN - 6}" y="{y(low + pad) + 4:.1f}" font-size="10" text-anchor="end">{low + pad:.0f}</text>',
     ]
-    for daemon, series in values.items():
-        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(series))
-        out.append(f'<polyline points="{points}" fill="none" stroke="{COLOURS[daemon]}" stroke-width="1.5"/>')
+    for (daemon, hosting), points in series.items():
+        if not points:
+            continue
+        line = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in points)
+        dash = "" if hosting else ' stroke-dasharray="5,3"'
+        out.append(f'<polyline points="{line}" fill="none" stroke="{COLOURS[daemon]}" stroke-width="1.5"{dash}/>')
     return out
 
 
@@ -53,7 +67,8 @@ def write_svg(path: Path, samples: list[dict[str, Any]]) -> None:
     legend_y = height - 14
     body.append(
         f'<text x="{MARGIN}" y="{legend_y}" font-size="11">after each of {len(samples)} migrations: '
-        f'<tspan fill="{COLOURS["a"]}">daemon a</tspan>, <tspan fill="{COLOURS["b"]}">daemon b</tspan></text>'
+        f'<tspan fill="{COLOURS["a"]}">daemon a</tspan>, <tspan fill="{COLOURS["b"]}">daemon b</tspan>; '
+        "solid: hosting the VM, dashed: not</text>"
     )
     body.append("</svg>")
     path.write_text("\n".join(body) + "\n")

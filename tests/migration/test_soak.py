@@ -37,4 +37,4 @@ def test_ping_pong_returns_to_the_baseline_and_four_migrate_at_once(tmp_path: Pa
     assert {r["from"] for r in both_ways.values()} == {"a", "b"}, "both directions at once"
     svg = tmp_path / "soak.svg"
     write_svg(svg, pong["samples"])
-    assert svg.read_text().count("<polyline") == 6  # three panels, a line per daemon
+    assert svg.read_text().count("<polyline") == 12  # three panels; per daemon hosting and not
