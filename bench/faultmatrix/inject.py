@@ -7,6 +7,7 @@ Only the fault's own length is slept: that is the fault (a link down for 3 s), n
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Any
@@ -96,8 +97,6 @@ def strike(cluster: Cluster, fault: Fault) -> list[str]:
 
 
 def _stop_for(node: Node, seconds: float) -> None:
-    import os
-
     os.kill(node.pid, signal.SIGSTOP)
     try:
         time.sleep(seconds)
