@@ -7,7 +7,7 @@ SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader
 	$(wildcard migrated/guests/x86_64/*.[chS] migrated/guests/x86_64/*.ld) \
 	$(wildcard migrated/guests/aarch64/*.[chS] migrated/guests/aarch64/*.ld) migrated/guests/build.py
 
-.PHONY: venv build test typecheck lint format demo caps bench clean system-packages fuzz FORCE
+.PHONY: venv build test typecheck lint format demo caps bench faults soak clean system-packages fuzz FORCE
 
 venv: $(VENV)/.installed
 
@@ -68,6 +68,19 @@ fuzz: venv
 		$(PY) $$harness -runs=$(FUZZ_RUNS) -print_final_stats=1 -artifact_prefix=fuzz/crashes/ $(FUZZ_ARGS) \
 			|| exit 1; \
 	done
+
+# The fault matrix (issue 11): every fault kind at every migration phase between two daemons in
+# their own network namespaces (root: ip netns, tc, tmpfs mounts); JSON in bench/out/faults.json.
+# FAULTS_ARGS e.g. "--seed 7 --faults 20".
+FAULTS_ARGS ?=
+faults: venv
+	$(PY) bench/faults.py $(FAULTS_ARGS)
+
+# 100 ping-pong migrations with fds, threads and RSS sampled, then 4 VMs at once both ways;
+# bench/out/soak.json and bench/out/soak.svg.
+SOAK_ARGS ?=
+soak: venv
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info ringreader/*.so migrated/pagehash/*.so migrated/guests/*.bin

@@ -53,6 +53,10 @@ FINISHED_KEPT = 256
 FIRST_HEARTBEAT_S = 10.0
 FIRST_EXIT_S = 0.5
 
+# A source migration in one of these states still decides where the VM ends up: a stopping
+# daemon waits for it.
+HANDING_OVER = ("setup", "bulk", "rounds", "downtime", "cutover")
+
 
 class Daemon:
     """The daemon's state and control commands; it is the `MigrationHost` of its migrations."""
@@ -325,8 +329,8 @@ class Daemon:
             "harvester_realtime_error": self.realtime_error,
         }
 
-    async def remove_vm(self, hosted: HostedVm, reason: str) -> None:
-        if self.vms.get(hosted.name) is hosted:
+    async def remove_vm(self, hosted: HostedVm, reason: str, keep_record: bool = False) -> None:
+        if self.vms.get(hosted.name) is hosted and not keep_record:
             self.records.remove(hosted.name)
         self.vms.pop(hosted.name, None)
         await trio.to_thread.run_sync(hosted.close)
@@ -355,8 +359,23 @@ class Daemon:
         self.record_vm(hosted)
 
     def record_vm(self, hosted: HostedVm) -> None:
-        """Keep the on-disk record of a hosted VM's state (what a successor reports if we die)."""
-        self.records.write(hosted.name, hosted.state.value, guest=hosted.spec.guest, memory_mib=hosted.spec.memory_mib)
+        """Keep the on-disk record of a hosted VM's state (what a successor reports if we die).
+
+        A record that cannot be written (state dir full, read-only) must not take the VM or the
+        daemon down with it: the VM is fine, only what a successor would learn is not. The
+        error event says so now, the one time it can still be said."""
+        try:
+            self.records.write(
+                hosted.name, hosted.state.value, guest=hosted.spec.guest, memory_mib=hosted.spec.memory_mib
+            )
+        except OSError as err:
+            self.log.error(
+                "vm_record_failed",
+                vm=hosted.name,
+                state=hosted.state.value,
+                state_dir=str(self.config.daemon.state_dir),
+                error=err.strerror or str(err),
+            )
 
     def finish_incoming(self, target: Migration) -> None:
         """An incoming migration's connection ended: keep its stats, not its VM copy's buffers."""
@@ -428,9 +447,44 @@ class Daemon:
         self.log.info("config_reloaded", source=str(config_path), changes=len(changes))
 
     async def shutdown(self) -> None:
+        """SIGTERM: outgoing migrations under way finish first (a VM half-way to its target is
+        handed over, or resumed here, rather than cut off mid-flight); then every VM stops with
+        the daemon. Those that were the operator's (not incoming copies, whose source keeps the
+        VM) keep their record, so the next daemon reports them as stopped with this one."""
         self.notifier.stopping()
+        await self._finish_outgoing_migrations()
         for hosted in list(self.vms.values()):
-            await self.remove_vm(hosted, "daemon stopping")
+            if hosted.state in (VmState.RUNNING, VmState.PAUSED, VmState.IN_DOUBT, VmState.FAILED):
+                self._record_stopped_with_daemon(hosted)
+                await self.remove_vm(hosted, "daemon stopping", keep_record=True)
+            else:
+                await self.remove_vm(hosted, "daemon stopping")
+
+    async def _finish_outgoing_migrations(self) -> None:
+        # Bounded by each migration's own timeout_s and downtime guard; systemd's TimeoutStopSec
+        # is set above timeout_s for this. An in-doubt one is not waited for: its record says
+        # where COMMIT went, and the next daemon reports that.
+        outgoing = [m.stats for m in self.migrations.values() if m.stats is not None and m.stats.role == "source"]
+        under_way = [stats for stats in outgoing if stats.state in HANDING_OVER]
+        if not under_way:
+            return
+        self.log.info("finishing_migrations_before_stop", vms=[stats.vm for stats in under_way])
+        while any(stats.state in HANDING_OVER for stats in under_way):
+            await trio.sleep(0.05)
+        for stats in under_way:
+            self.log.info("migration_finished_before_stop", vm=stats.vm, state=stats.state)
+
+    def _record_stopped_with_daemon(self, hosted: HostedVm) -> None:
+        try:
+            self.records.write(
+                hosted.name,
+                hosted.state.value,
+                guest=hosted.spec.guest,
+                memory_mib=hosted.spec.memory_mib,
+                stopped_with_daemon=True,
+            )
+        except OSError as err:
+            self.log.error("vm_record_failed", vm=hosted.name, error=err.strerror or str(err))
 
 
 def _in_ram(memory: GuestMemory, gpa: int, length: int = 1) -> bool:

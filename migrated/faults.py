@@ -17,6 +17,10 @@ needs a failure that the real world produces only by bad luck:
   a target host that freezes in the downtime; the test sends SIGCONT. Later migrations run clean.
 - source-zero-xsave: x86, the source sends every vCPU's XSAVE area zeroed (the negative test of
   the complete state: the guest's register checks must catch it).
+- cutover-holds: each side waits HOLD_S at the named points of a migration (source: setup,
+  downtime, done, commit; target: loaded, running) and logs `test_fault_hold` with the point
+  first, so that a fault matrix sees the point and strikes inside a window it can hit (the real
+  windows are a few milliseconds). The guard must then allow for the holds of the downtime.
 - source-skip-its-save: arm64, the source leaves out ITS_SAVE_TABLES and SAVE_PENDING_TABLES
   (the negative test: the target's ITS must then come out wrong, and the test must notice).
 """
@@ -24,6 +28,9 @@ needs a failure that the real world produces only by bad luck:
 from __future__ import annotations
 
 import os
+
+import trio
+from structlog.typing import FilteringBoundLogger
 
 KNOWN = frozenset(
     {
@@ -36,6 +43,7 @@ KNOWN = frozenset(
         "source-skip-its-save",
         "source-zero-xsave",
         "target-stop-on-done",
+        "cutover-holds",
     }
 )
 
@@ -65,3 +73,15 @@ def active_once(name: str) -> bool:
         return False
     _fired.add(name)
     return True
+
+
+# Long enough for a harness that tails the log to see the point and act inside it, short enough
+# that three holds in the downtime stay well inside a guard of a few seconds.
+HOLD_S = 0.3
+
+
+async def hold(log: FilteringBoundLogger, point: str) -> None:
+    """The cutover-holds fault: announce the point, then wait there (see the module docstring)."""
+    if active("cutover-holds"):
+        log.info("test_fault_hold", point=point, hold_s=HOLD_S)
+        await trio.sleep(HOLD_S)

@@ -169,3 +169,4 @@ class PeerChannel:
     async def aclose(self) -> None:
         with trio.move_on_after(1):
             await self.stream.aclose()
+        self.conn.release_buffers()

@@ -5,8 +5,10 @@ fsync'd), from its creation (or arrival) until it is stopped or released to a ta
 with the daemon process that owns their fds, so a record still there when a daemon starts names a
 VM that died with its predecessor. The new daemon moves each such record to `STATE_DIR/lost/`,
 reports it (an event per VM, `migratectl vm list --lost`), and keeps it until the operator says
-`migratectl vm forget NAME`. The migration records (`STATE_DIR/migrations/`) tell the one case in
-which the VM may live on elsewhere: COMMIT had gone out, so the target may be running it.
+`migratectl vm forget NAME`. A daemon stopped cleanly (SIGTERM) stops its VMs too and leaves
+their records marked `stopped_with_daemon`, so they are reported the same way. The migration
+records (`STATE_DIR/migrations/`) tell the one case in which the VM may live on elsewhere: COMMIT
+had gone out, so the target may be running it.
 """
 
 from __future__ import annotations
@@ -62,7 +64,11 @@ class VmRecords:
                 state=str(record.get("state", "unknown")),
                 since=float(record.get("since", 0.0)),
                 pid=int(record.get("pid", 0)),
-                detail=self._detail(str(record.get("name", path.stem)), str(record.get("state", ""))),
+                detail=self._detail(
+                    str(record.get("name", path.stem)),
+                    str(record.get("state", "")),
+                    bool(record.get("stopped_with_daemon", False)),
+                ),
             )
             _write_atomically(self._lost / path.name, lost.as_dict())
             path.unlink()
@@ -84,7 +90,7 @@ class VmRecords:
         except FileNotFoundError:
             return False
 
-    def _detail(self, name: str, state: str) -> str:
+    def _detail(self, name: str, state: str, stopped_with_daemon: bool = False) -> str:
         committed_to = [
             str(r.get("target"))
             for r in (_read(p) for p in self._migrations.glob("*.json"))
@@ -95,6 +101,8 @@ class VmRecords:
                 f"COMMIT had gone out to {committed_to[-1]}: the VM may be running there; ask that daemon "
                 "(migratectl vm list) before starting it anywhere else"
             )
+        if stopped_with_daemon:
+            return "stopped when its daemon was stopped (SIGTERM); start it again from its image or a backup"
         if state == "incoming":
             return "an incoming migration died here before COMMIT: the source keeps or resumes the VM"
         return "its daemon process died and the VM with it; start it again from its image or a backup"

@@ -269,6 +269,20 @@ class Connection:
                 "before feeding more"
             )
 
+    def release_buffers(self) -> None:
+        """Drop the receive buffers (up to the negotiated batch size) of a connection whose
+        stream is closed; its state stays readable. A finished migration is kept for the
+        in-doubt query, and must not keep megabytes per migration alive with it."""
+        self._buf = bytearray()
+        self._pos = 0
+        self._frame = None
+        self._page_buffer = None
+        self._scratch = bytearray(1)
+        if self._sealer is not None:
+            self._sealer.release()
+        if self._opener is not None:
+            self._opener.release()
+
     def get_receive_buffer(self, size_hint: int = limits.SCRATCH_BYTES) -> memoryview:
         """Where the edge may read the next bytes to (sock.recv_into), then call
         receive_buffer_updated(n). Inside a payload, this is the payload's own buffer: page data

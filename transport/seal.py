@@ -71,6 +71,10 @@ class Sealer:
         """The sequence number of the next record."""
         self._out = bytearray()  # reused: a fresh 8 MiB per batch costs page faults, not just bytes
 
+    def release(self) -> None:
+        """Drop the reused buffer (the stream is closed; it grows again if sealing resumes)."""
+        self._out = bytearray()
+
     def seal(self, frame: Sequence[Buffer]) -> list[Buffer]:
         """The record for one frame given as buffers: [length, ciphertext, tag].
 
@@ -177,6 +181,12 @@ class Opener:
         self.sequence += 1
         self._record, self._filled = None, 0
         return out.toreadonly()
+
+    def release(self) -> None:
+        """Drop every buffer held (the stream is closed): a record half received is dropped too."""
+        self._head = bytearray()
+        self._record = self._record_buffer = self._plain = None
+        self._filled = 0
 
     def _start_record(self) -> None:
         prefix = bytes(self._head[: LENGTH.size])

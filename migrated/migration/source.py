@@ -211,6 +211,7 @@ class Source:
         assert vm is not None and vm.memory is not None and vm.tracker is not None
         self.log.info("migration_started", downtime_limit_ms=self.options.downtime_limit_ms)
         self._channel = channel = await self._connect()
+        await faults.hold(self.log, "setup")
         await channel.send(
             VmDescription(
                 name=hosted.name,
@@ -464,6 +465,7 @@ class Source:
         except StateDirError as err:
             raise MigrationFailed(f"{err}; the VM keeps running here") from None
         self.committed = True
+        await faults.hold(self.log, "commit")
         if faults.active("source-lose-commit"):
             await channel.aclose()
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
@@ -499,6 +501,7 @@ class Source:
         await trio.to_thread.run_sync(vm.set_throttle, 0.0)
         await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
         clock.step("pause")
+        await faults.hold(self.log, "downtime")
         final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset
         clock.step("final_harvest")
         blobs = await trio.to_thread.run_sync(vmstate.capture, hosted, self.daemon.kvm)  # R6.3
@@ -526,6 +529,7 @@ class Source:
             digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
             self.stats.verify_ms = clock.step("digest")
             self.stats.digest = digest.hex()
+        await faults.hold(self.log, "done")
         await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest, verify=self.options.verify))
         self.stats.state = self.stats.phase = "cutover"
         loaded = await self._expect(Loaded)

@@ -37,7 +37,7 @@ from ..kvm.errors import KvmError
 from ..logs import get_logger
 from ..overcommit import OvercommitRefused
 from ..pagehash import memory_digest
-from ..peer import PeerChannel, PeerError, make_connection
+from ..peer import PeerAborted, PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
 from .pagestream import PAGE_SIZE, apply_batch
@@ -113,6 +113,11 @@ class Target:
             )
             self.log.warning("incoming_connection_failed", error=message)
             await self._on_failure(message)
+        except PeerAborted as err:
+            # The source said so, over the authenticated stream (DESIGN 6): it never sends COMMIT
+            # now and runs the VM itself, so even a loaded copy has nothing left to wait for.
+            self.log.warning("incoming_migration_aborted_by_source", error=str(err))
+            await self._on_failure(f"the source aborted: {err}")
         except (PeerError, OSError) as err:
             self.log.warning("incoming_connection_failed", error=str(err) or type(err).__name__)
             await self._on_failure(str(err) or type(err).__name__)
@@ -307,6 +312,7 @@ class Target:
         self.loaded = True
         self.daemon.incoming.record(stats.migration_id, "loaded")
         stats.state = stats.phase = "loaded"
+        await faults.hold(self.log, "loaded")
 
     async def _await_commit(self) -> None:
         event = await self._next()
@@ -326,6 +332,7 @@ class Target:
             self.daemon.record_vm(hosted)
         stats.state = stats.phase = "completed"
         self.log.info("incoming_vm_running")
+        await faults.hold(self.log, "running")
         if faults.active("target-vanish-after-commit"):
             await self.channel.aclose()
             raise PeerError("dropped the link before RUNNING (test fault target-vanish-after-commit)")

@@ -14,7 +14,7 @@ from conftest import MakeDaemon
 from daemons import wait_for, wait_migration
 from migrated.vmrecords import VmRecords
 from test_daemon_service import migratectl
-from test_migration import create
+from test_migration import assert_runs_here, create
 
 pytestmark = pytest.mark.kvm
 
@@ -79,3 +79,32 @@ def test_a_vm_committed_to_a_target_is_reported_as_possibly_running_there(tmp_pa
     assert lost.name == "web" and "10.0.0.2:7890" in lost.detail and "may be running there" in lost.detail
     assert records.recover() == [], "reported once"
     assert [v.name for v in records.lost()] == ["web"]
+
+
+def test_sigterm_in_the_middle_of_a_migration_hands_the_vm_over(make_daemon: MakeDaemon) -> None:
+    """A clean stop lets an outgoing migration finish: the VM ends on the target, not cut off."""
+    a = make_daemon(
+        "a", max_rounds=4, downtime_limit_ms=1, on_no_convergence="force-downtime", faults="source-stall-rounds"
+    )
+    b = make_daemon("b")
+    create(a, rate=8.0, memory_mib=64, working_set_mib=16)
+    a.call("migrate", name="vm1", to=b.address)
+    wait_for(lambda: a.call("migration.status", name="vm1")["round"] >= 1, what="the dirty rounds")
+    assert a.stop() == 0
+    log = a.log()
+    assert '"event": "finishing_migrations_before_stop"' in log, log
+    assert '"state": "completed", "event": "migration_finished_before_stop"' in log, log
+    assert_runs_here(b, "vm1")
+    a.start()
+    assert a.call("vm.list", lost=True) == [], "handed over, not lost"
+
+
+def test_vms_stopped_with_their_daemon_are_reported_at_the_next_start(make_daemon: MakeDaemon) -> None:
+    a = make_daemon("a")
+    create(a, name="web", memory_mib=32, working_set_mib=8)
+    assert a.stop() == 0
+    a.start()
+    (lost,) = a.call("vm.list", lost=True)
+    assert lost["name"] == "web" and lost["state"] == "running", lost
+    assert "stopped when its daemon was stopped" in lost["detail"], lost
+    assert a.log().count('"event": "vm_lost_at_restart"') == 1

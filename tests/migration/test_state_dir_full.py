@@ -1,0 +1,64 @@
+"""A full state dir (a small tmpfs, filled for real) costs no VM and no daemon: the commit that
+cannot be recorded is not sent (the VM resumes here), the VM records that cannot be written are
+reported as events, and once space is back the same VM migrates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import MakeDaemon
+from daemons import wait_for
+from test_migration import assert_runs_here, create, migrate
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture
+def small_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """a's state dir (make_daemon uses TMP/a-state) as a 1 MiB tmpfs."""
+    path = tmp_path / "a-state"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1048576", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\xff" * 4096)
+    except OSError as err:
+        assert err.errno == 28, err  # ENOSPC, and nothing else
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_state_dir_aborts_before_commit_and_the_vm_runs_on(
+    make_daemon: MakeDaemon, small_state_dir: Path
+) -> None:
+    a, b = make_daemon("a"), make_daemon("b")
+    create(a, rate=8.0, memory_mib=64, working_set_mib=16)
+    filler = fill(small_state_dir)
+    stats = migrate(a, b)
+    assert stats["state"] == "failed", stats
+    assert "cannot record the commit" in stats["error"] and "No space left" in stats["error"], stats["error"]
+    assert_runs_here(a, "vm1")
+    # The target was told (an authenticated abort): it discards its loaded copy at once.
+    wait_for(lambda: "vm1" not in [v["name"] for v in b.call("vm.list")], what="b to discard its copy")
+    assert '"event": "incoming_migration_aborted_by_source"' in b.log()
+    assert '"event": "vm_record_failed"' in a.log()
+    assert a.alive() and a.call("daemon.status")["vms"] == 1
+    filler.unlink()
+    again = migrate(a, b)
+    assert again["state"] == "completed", again
+    assert_runs_here(b, "vm1")
