@@ -101,6 +101,7 @@ class Source:
         self._data_pages = 0  # pages in the memfd's data extents: what a digest must read
         self._throttle_step = -1  # index into THROTTLE_STEPS; -1: the guest runs at full speed
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
+        self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
 
@@ -301,6 +302,8 @@ class Source:
             await trio.sleep(max(0.0, sent / limit - (time.perf_counter() - started)))
         self.stats.pages_sent = self._counters.pages
         self.stats.zero_pages = self._counters.zero_pages
+        if self._bulk_pages is not None:
+            self.stats.pages_remaining = max(0, self._bulk_pages - self._counters.pages - self._counters.zero_pages)
 
     async def _send_dirty(self, dirty: DirtyPages, round_: int) -> float:
         """Send a dirty set; returns seconds taken."""
@@ -325,14 +328,17 @@ class Source:
         batch_pages = batch_pages_for(self.options.max_batch_bytes)
         memory = vm.memory
         total_pages = sum(r.pages for r in memory.regions)
-        in_extents = 0
+        # All extents first, so that `pages_remaining` counts down from the whole copy, batch by
+        # batch (`_send_batch`), instead of standing still within each extent.
+        extents = {region.slot: memory.data_extents(region) for region in memory.regions}
+        in_extents = sum(end - first for ranges in extents.values() for first, end in ranges)
+        self._bulk_pages = in_extents
+        self.stats.pages_remaining = in_extents
         for region in memory.regions:
-            extents = memory.data_extents(region)
-            in_extents += sum(end - first for first, end in extents)
             ram_pages = memory.view(region).reshape(-1, PAGE_SIZE)
-            for first, end in extents:
-                self.stats.pages_remaining = max(0, in_extents - self._counters.pages - self._counters.zero_pages)
+            for first, end in extents[region.slot]:
                 await send_range(self._send_batch, ram_pages, region.slot, 0, first, end, batch_pages, self._counters)
+        self._bulk_pages = None
         self._data_pages = in_extents
         # Holes in the memfd were never touched: zero on both sides, not sent at all.
         self._counters.zero_pages += total_pages - in_extents

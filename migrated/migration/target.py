@@ -70,6 +70,7 @@ class Target:
         self.scope = trio.CancelScope()  # cancelled when a query aborts this copy for good
         self.abort_reason = ""
         self.finished = trio.Event()  # set once this connection's outcome is recorded
+        self._started = time.monotonic()
 
     async def run(self) -> None:
         try:
@@ -230,7 +231,8 @@ class Target:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
         self.daemon.register_incoming(self.hosted, self)
         self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
-        stats.dirty_tracking = config.dirty_tracking
+        # What this copy tracks with, resolved ("ring", not "auto"), as the source reports its own.
+        stats.dirty_tracking = self.hosted.vm.dirty_tracking if self.hosted.vm is not None else config.dirty_tracking
         await self.channel.send(Accept())
         stats.setup_ms = (time.monotonic() - started) * 1e3
         self.log.info("incoming_vm_accepted", memory_mib=spec.memory_mib, vcpus=spec.vcpus)
@@ -331,6 +333,9 @@ class Target:
                 hosted.state = VmState.PAUSED
             self.daemon.record_vm(hosted)
         stats.state = stats.phase = "completed"
+        stats.total_ms = (time.monotonic() - self._started) * 1e3
+        if stats.total_ms > 0:
+            stats.bandwidth_mib_s = stats.bytes_sent / (1 << 20) / (stats.total_ms / 1e3)
         self.log.info("incoming_vm_running")
         await faults.hold(self.log, "running")
         if faults.active("target-vanish-after-commit"):

@@ -108,3 +108,30 @@ def test_a_stalled_target_trips_the_progress_timeout(make_daemon: MakeDaemon) ->
     assert stats["state"] == "failed", stats
     assert "no progress for 1 s" in stats["error"], stats["error"]
     assert_runs_here(a, "vm1")
+
+
+def test_remaining_counts_down_during_the_bulk_copy_and_the_target_reports_its_own_stats(
+    make_daemon: MakeDaemon,
+) -> None:
+    a, b = make_daemon("a"), make_daemon("b")
+    create(a, memory_mib=256, working_set_mib=128, rate=16)
+    wait_for(lambda: a.call("vm.show", name="vm1")["guest"]["pages_written"] > 128 * 256, what="the data")
+    a.call("migrate", name="vm1", to=b.address, max_bandwidth_mib_s=32)
+    first = wait_migration(a, "vm1", until=("bulk",))
+    assert first["pages_remaining"] > 128 * 256 // 2, first
+    wait_for(
+        lambda: (
+            (s := a.call("migration.status", name="vm1"))["phase"] != "bulk"
+            or s["pages_remaining"] < first["pages_remaining"]
+        ),
+        what="pages_remaining to move during the bulk copy",
+    )
+    assert a.call("migration.status", name="vm1")["pages_remaining"] < first["pages_remaining"]
+    a.call("migration.set", name="vm1", max_bandwidth_mib_s=0)
+    stats = wait_migration(a, "vm1")
+    assert stats["state"] == "completed", stats
+    target = b.call("migration.status", name="vm1")
+    assert target["role"] == "target" and target["state"] == "completed", target
+    assert target["dirty_tracking"] == stats["dirty_tracking"] != "auto", (target, stats)
+    assert target["total_ms"] is not None and target["total_ms"] > 0
+    assert target["bandwidth_mib_s"] > 0
