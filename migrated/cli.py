@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__
 from .config import DEFAULT_CONTROL_SOCKET
-from .control import RequestError, request, stream_events
+from .control import RequestError, request, request_bytes, stream_events
 from .helpformat import parser_options
 from .kvm.errors import KvmError
 from .kvm.system import DEFAULT_DEVICE, HostCaps, Kvm
@@ -226,10 +226,21 @@ def _address(value: str) -> int:
 
 
 def cmd_vm_dump(args: argparse.Namespace) -> int:
-    payload: dict[str, Any] = {"name": args.name, "file": str(Path(args.file).resolve()), "start": args.start}
+    """The daemon streams the bytes; this process writes the file, where the operator is (a
+    daemon under systemd's ProtectSystem/PrivateTmp sees another file system)."""
+    payload: dict[str, Any] = {"name": args.name, "stream": True, "start": args.start}
     if args.length is not None:
         payload["length"] = args.length
-    result = _call(args, "vm.dump", payload)
+    target = Path(args.file)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with open(partial, "wb") as out:
+            result = request_bytes(Path(args.socket), "vm.dump", payload, out)
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    result = {**result, "file": str(target)}
     _print(args, result, f"wrote {result['length']} bytes from {result['start']:#x} to {result['file']}")
     return 0
 
@@ -455,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     console.set_defaults(func=cmd_vm_console)
     dump = _command(vm, "dump", "guest-physical memory of a paused VM to a file")
     _vm_name(dump)
-    dump.add_argument("file", help="where to write (the daemon writes it, so a path the daemon can reach)")
+    dump.add_argument("file", help="where to write it (migratectl writes it, from the bytes the daemon sends)")
     dump.add_argument("--start", type=_address, default=0, metavar="ADDR", help="guest-physical address")
     dump.add_argument(
         "--length",

@@ -15,7 +15,7 @@ import os
 import socket as stdlib_socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import trio
 
@@ -122,6 +122,9 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                 if isinstance(result, EventStream):
                     await _stream_events(stream, result)
                     return
+                if isinstance(result, ByteStream):
+                    await _stream_bytes(stream, result)
+                    return
                 await _send(stream, answer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -144,6 +147,27 @@ async def _answer(line: bytes, handler: Handler, log: Any) -> dict[str, Any]:
     except Exception as err:  # one failed request must not take the daemon down
         log.exception("control_request_failed", cmd=cmd)
         return {"ok": False, "error": f"{cmd} failed: internal error: {type(err).__name__}: {err}"}
+
+
+class ByteStream:
+    """A control-command answer that is bytes: one JSON line (`header`, with the length), then
+    exactly `length` raw bytes, read by `read(offset, size)` a chunk at a time."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, header: dict[str, Any], length: int, read: Callable[[int, int], bytes]) -> None:
+        self.header = header
+        self.length = length
+        self.read = read
+
+
+async def _stream_bytes(stream: trio.SocketStream, answer: ByteStream) -> None:
+    await _send(stream, {"ok": True, "result": answer.header})
+    offset = 0
+    while offset < answer.length:
+        chunk = answer.read(offset, min(ByteStream.CHUNK, answer.length - offset))
+        await stream.send_all(chunk)
+        offset += len(chunk)
 
 
 async def _stream_events(stream: trio.SocketStream, events: EventStream) -> None:
@@ -228,5 +252,37 @@ def stream_events(path: Path, args: dict[str, Any] | None = None) -> Iterator[di
             message = json.loads(line)
             if isinstance(message, dict) and isinstance(message.get("event"), dict):
                 yield message["event"]
+    finally:
+        sock.close()
+
+
+def request_bytes(path: Path, cmd: str, args: dict[str, Any], out: BinaryIO, timeout: float = 30.0) -> Any:
+    """Blocking client call whose answer is bytes (`ByteStream`): writes them to `out`, returns
+    the answer's header."""
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise RequestError(f"no daemon at {path}: the control socket does not exist") from None
+        except ConnectionRefusedError:
+            raise RequestError(f"no daemon at {path}: connection refused") from None
+        except PermissionError:
+            raise RequestError(f"no permission to use {path}: run as root") from None
+        sock.settimeout(timeout)
+        sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+        reader = sock.makefile("rb")
+        answer = json.loads(reader.readline() or b"{}")
+        if not answer.get("ok"):
+            raise RequestError(answer.get("error", f"daemon at {path} closed the connection without an answer"))
+        header = answer.get("result")
+        remaining = int(header["length"])
+        while remaining:
+            chunk = reader.read(min(remaining, ByteStream.CHUNK))
+            if not chunk:
+                raise RequestError(f"daemon at {path} closed the connection {remaining} bytes short")
+            out.write(chunk)
+            remaining -= len(chunk)
+        return header
     finally:
         sock.close()

@@ -19,7 +19,7 @@ import trio
 
 from . import faults
 from .config import Config, ConfigError, load_config
-from .control import RequestError, serve_control
+from .control import ByteStream, RequestError, serve_control
 from .devices import console_log_path
 from .events import BUS, EventStream
 from .metrics import DaemonMetrics
@@ -261,8 +261,9 @@ class Daemon:
                 "dump is one consistent moment"
             )
         path = args.get("file")
-        if not isinstance(path, str) or not path:
-            raise RequestError('"file" (a path) is required')
+        to_client = args.get("stream") is True
+        if not to_client and (not isinstance(path, str) or not path):
+            raise RequestError('"file" (a path the daemon writes) or "stream": true is required')
         start = args.get("start", 0)
         length = args.get("length")
         if length is None and isinstance(start, int):
@@ -277,6 +278,13 @@ class Daemon:
         ):
             ranges = ", ".join(f"[{r.guest_phys_addr:#x}, {r.guest_phys_addr + r.size:#x})" for r in vm.memory.regions)
             raise RequestError(f"range start={start!r} length={length!r}: must lie inside guest RAM ({ranges})")
+        if to_client:
+            # The bytes go to the client, which writes the file where the operator is: a daemon
+            # under ProtectSystem=strict and PrivateTmp could not write there.
+            memory = vm.memory
+            header = {"name": hosted.name, "start": start, "length": length}
+            return ByteStream(header, length, lambda offset, size: memory.read(start + offset, size).tobytes())
+        assert isinstance(path, str)
         data = vm.memory.read(start, length)
         try:
             await trio.to_thread.run_sync(_write_file, Path(path), data)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import Config
+from ..control import ByteStream
 from ..events import EventStream
 from ..hosted import HostedVm, VmSpec
 from ..kvm.system import Kvm
@@ -21,7 +22,7 @@ from .stats import MigrationStats
 
 # A control command: its arguments as the client sent them (decoded JSON), its answer as JSON.
 CommandArgs = dict[str, Any]
-CommandReply = dict[str, object] | list[dict[str, object]] | EventStream | None
+CommandReply = dict[str, object] | list[dict[str, object]] | EventStream | ByteStream | None
 Command = Callable[[CommandArgs], Awaitable[CommandReply]]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,34 @@ def test_a_paused_vm_migrates_paused_with_identical_memory(make_daemon: MakeDaem
     assert differing.size == 0, f"pages differ after migration: {differing[:10]}"
     b.call("vm.resume", name="vm1")
     assert_runs_here(b, "vm1")
+
+
+def test_migratectl_vm_dump_streams_the_bytes_and_writes_the_file_itself(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """The daemon streams the range over the control socket and migratectl writes it (a daemon
+    under ProtectSystem/PrivateTmp could not write where the operator is); the same bytes as the
+    daemon-side dump, and nothing left behind when the range is refused."""
+    from test_daemon_service import migratectl
+
+    a = make_daemon("a")
+    create(a, memory_mib=64, vcpus=1, rate=16, working_set_mib=16)
+    a.call("vm.pause", name="vm1")
+    a.call("vm.dump", name="vm1", file=str(tmp_path / "daemon.bin"))
+    done = migratectl(a, "vm", "dump", "vm1", str(tmp_path / "client.bin"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["length"] == 64 * MIB
+    assert (tmp_path / "client.bin").read_bytes() == (tmp_path / "daemon.bin").read_bytes()
+    part = migratectl(a, "vm", "dump", "vm1", str(tmp_path / "part.bin"), "--start", "0x200000", "--length", "8192")
+    assert part.returncode == 0, part.stderr
+    assert (tmp_path / "part.bin").read_bytes() == (tmp_path / "daemon.bin").read_bytes()[0x200000 : 0x200000 + 8192]
+    refused = migratectl(
+        a, "vm", "dump", "vm1", str(tmp_path / "no.bin"), "--start", str(63 * MIB), "--length", str(2 * MIB)
+    )
+    assert refused.returncode != 0 and "must lie inside guest RAM" in refused.stderr, refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".bin") or "partial" in p.name) == [
+        "client.bin",
+        "daemon.bin",
+        "part.bin",
+    ]
+    a.call("vm.resume", name="vm1")
