@@ -51,7 +51,8 @@ def test_a_full_state_dir_aborts_before_commit_and_the_vm_runs_on(
     filler = fill(small_state_dir)
     stats = migrate(a, b)
     assert stats["state"] == "failed", stats
-    assert "cannot record the commit" in stats["error"] and "No space left" in stats["error"], stats["error"]
+    error = stats["error"]
+    assert "cannot write the record" in error and "No space left" in error and "keeps running here" in error, error
     assert_runs_here(a, "vm1")
     # The target was told (an authenticated abort): it discards its loaded copy at once.
     wait_for(lambda: "vm1" not in [v["name"] for v in b.call("vm.list")], what="b to discard its copy")
