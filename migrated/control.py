@@ -197,57 +197,58 @@ async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
     await stream.send_all(json.dumps(message, default=str).encode() + b"\n")
 
 
-def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-    """Blocking client call (for migratectl): returns the result or raises RequestError."""
+def _connect(path: Path) -> stdlib_socket.socket:
+    """A blocking connection to the daemon's control socket, or RequestError naming the socket."""
     sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
-        try:
-            # Blocking connect: with a timeout set, a full listen backlog fails at once (EAGAIN)
-            # instead of waiting for the daemon to accept.
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise RequestError(f"no daemon at {path}: the control socket does not exist") from None
-        except ConnectionRefusedError:
-            raise RequestError(f"no daemon at {path}: connection refused") from None
-        except PermissionError:
-            raise RequestError(
-                f"no permission to use {path}: run as root, or as a member of the group the "
-                "daemon's daemon.control_socket_group names"
-            ) from None
-        sock.settimeout(timeout)
-        sock.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
-        data = bytearray()
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise RequestError(f"daemon at {path} closed the connection without an answer")
-            data += chunk
-    finally:
+        # Blocking connect: with a timeout set, a full listen backlog fails at once (EAGAIN)
+        # instead of waiting for the daemon to accept.
+        sock.connect(str(path))
+    except FileNotFoundError:
         sock.close()
-    answer = json.loads(data)
+        raise RequestError(f"no daemon at {path}: the control socket does not exist") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise RequestError(f"no daemon at {path}: connection refused") from None
+    except PermissionError:
+        sock.close()
+        raise RequestError(
+            f"no permission to use {path}: run as root, or as a member of the group the "
+            "daemon's daemon.control_socket_group names"
+        ) from None
+    return sock
+
+
+def _first_answer(path: Path, sock: stdlib_socket.socket, cmd: str, args: dict[str, Any]) -> tuple[Any, BinaryIO]:
+    """Send one request; the answer's result (or RequestError) and the reader for what follows."""
+    sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+    reader = sock.makefile("rb")
+    line = reader.readline()
+    if not line:
+        raise RequestError(f"daemon at {path} closed the connection without an answer")
+    answer = json.loads(line)
     if not answer.get("ok"):
         raise RequestError(answer.get("error", "unknown error"))
-    return answer.get("result")
+    return answer.get("result"), reader
+
+
+def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    """Blocking client call (for migratectl): returns the result or raises RequestError."""
+    sock = _connect(path)
+    try:
+        sock.settimeout(timeout)
+        result, _ = _first_answer(path, sock, cmd, args or {})
+        return result
+    finally:
+        sock.close()
 
 
 def stream_events(path: Path, args: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Blocking client (for `migratectl events`): the daemon's events, one dict each, until the
     daemon goes away (or the caller stops iterating, which closes the connection)."""
-    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    sock = _connect(path)
     try:
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise RequestError(f"no daemon at {path}: the control socket does not exist") from None
-        except ConnectionRefusedError:
-            raise RequestError(f"no daemon at {path}: connection refused") from None
-        except PermissionError:
-            raise RequestError(f"no permission to use {path}: run as root") from None
-        sock.sendall(json.dumps({"cmd": "events", "args": args or {}}).encode() + b"\n")
-        reader = sock.makefile("rb")
-        first = json.loads(reader.readline() or b"{}")
-        if not first.get("ok"):
-            raise RequestError(first.get("error", f"daemon at {path} closed the connection without an answer"))
+        _, reader = _first_answer(path, sock, "events", args or {})
         for line in reader:
             message = json.loads(line)
             if isinstance(message, dict) and isinstance(message.get("event"), dict):
@@ -259,23 +260,10 @@ def stream_events(path: Path, args: dict[str, Any] | None = None) -> Iterator[di
 def request_bytes(path: Path, cmd: str, args: dict[str, Any], out: BinaryIO, timeout: float = 30.0) -> Any:
     """Blocking client call whose answer is bytes (`ByteStream`): writes them to `out`, returns
     the answer's header."""
-    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    sock = _connect(path)
     try:
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise RequestError(f"no daemon at {path}: the control socket does not exist") from None
-        except ConnectionRefusedError:
-            raise RequestError(f"no daemon at {path}: connection refused") from None
-        except PermissionError:
-            raise RequestError(f"no permission to use {path}: run as root") from None
         sock.settimeout(timeout)
-        sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-        reader = sock.makefile("rb")
-        answer = json.loads(reader.readline() or b"{}")
-        if not answer.get("ok"):
-            raise RequestError(answer.get("error", f"daemon at {path} closed the connection without an answer"))
-        header = answer.get("result")
+        header, reader = _first_answer(path, sock, cmd, args)
         remaining = int(header["length"])
         while remaining:
             chunk = reader.read(min(remaining, ByteStream.CHUNK))
