@@ -89,6 +89,7 @@ def downtime_share(vcpus: int) -> dict[str, float]:
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "migration"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.py
     from daemons import DaemonProcess, wait_for, wait_migration
 
     work = Path(tempfile.mkdtemp(prefix="migrated-bench-state-"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "migration"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # helpers.py
 
 from daemons import DaemonProcess, free_port  # noqa: E402
 
