@@ -20,6 +20,7 @@ from .cpu import set_msrs as set_msrs
 from .cpu import restore_msr_order as restore_msr_order
 from .cpu import get_cpuid as get_cpuid
 from .cpu import read_tsc_khz as read_tsc_khz
+from .cpu import set_xcr0 as set_xcr0
 from .devices import create_irqchip as create_irqchip
 from .devices import create_pit2 as create_pit2
 from .devices import detect_devices as detect_devices
