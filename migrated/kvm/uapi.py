@@ -58,10 +58,12 @@ KVMIO = 0xAE
 KVM_API_VERSION = 12
 
 # --------------------------------------------------------------------------------------------
-# Structs (linux/kvm.h). x86's registers, segments and CPUID/MSR-list headers are here too, not
-# in arch/x86_64/uapi.py: `Vcpu.get_regs`/`get_sregs`/`set_cpuid` and `Kvm.supported_cpuid`/
-# `msr_index_list` are the generic handles the x86 arch code and the x86 guest loaders use, and
-# `Vcpu`/`Kvm` sit below the arch seam, so they cannot import from it.
+# Structs (linux/kvm.h). x86's registers, segments and CPUID/MSR-list headers, and the ioctls
+# that carry them (KVM_GET/SET_REGS, _SREGS, KVM_SET_CPUID2, KVM_GET_SUPPORTED_CPUID,
+# KVM_GET_MSR_INDEX_LIST, KVM_GET_TSC_KHZ), are here too, not in arch/x86_64/uapi.py: `Vcpu` and
+# `Kvm` issue them (get_regs, set_cpuid, supported_cpuid, msr_index_list, tsc_khz) and the
+# arch-neutral guest layout (migrated/guests/workload.py) hands kvm_regs/kvm_sregs out; `Vcpu`
+# and `Kvm` sit below the arch seam and cannot import from it without an import cycle.
 # --------------------------------------------------------------------------------------------
 u8 = ctypes.c_uint8
 u16 = ctypes.c_uint16
