@@ -4,6 +4,7 @@
 - `cpu.py`: MSRs, CPUID, XSAVE size, TSC frequency, the CPU model of a saved state.
 - `devices.py`: the in-kernel PIC, IOAPIC and PIT.
 - `state.py`: the complete machine state, saved and restored in the order KVM accepts (R9).
+- `uapi.py`: the x86-only KVM numbers and structs (the common ones are in `migrated/kvm/uapi.py`).
 """
 
 from .machine import X86_64 as X86_64
