@@ -1,8 +1,10 @@
-"""Every number in migrated/kvm/uapi.py and migrated/kvm/arch/aarch64/uapi.py, checked against what the C compiler makes of the headers.
+"""Every number in migrated/kvm/uapi.py and the per-arch tables (migrated/kvm/arch/x86_64/uapi.py,
+migrated/kvm/arch/aarch64/uapi.py), checked against what the C compiler makes of the headers.
 
 A generated C program prints each constant, struct size, field offset and field size; it is built
 against the host's <linux/kvm.h> (Debian 12: Linux 6.1) and against newer headers from
-`.ci/fetch-headers`. The arm64 names (`arm_uapi.ARM64_ONLY`, `arm_uapi.ARM64_STRUCTS`) are checked against
+`.ci/fetch-headers`. The common table and the x86 one (`x86_uapi.X86_STRUCTS` and its constants)
+are checked against the x86_64 headers. The arm64 names (`arm_uapi.ARM64_ONLY`, `arm_uapi.ARM64_STRUCTS`) are checked against
 the aarch64 <asm/kvm.h> of the newer headers instead, together with the generic names the arm64
 code uses (`arm_uapi.ARM64_SHARED`): the host gcc builds that program with the aarch64 include
 directory ahead of its own, and fixed-width types give the same layout on both.
@@ -16,16 +18,18 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from migrated.kvm import uapi
 from migrated.kvm.arch.aarch64 import uapi as arm_uapi
+from migrated.kvm.arch.x86_64 import uapi as x86_uapi
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_KVM_H = "/usr/include/linux/kvm.h"
-MULTIARCH = "x86_64-linux-gnu"  # uapi.py describes the x86_64 layout
-ARM64_MULTIARCH = "aarch64-linux-gnu"  # ... and, in its arm64 section, the aarch64 one
+MULTIARCH = "x86_64-linux-gnu"  # the common and x86 tables describe the x86_64 layout
+ARM64_MULTIARCH = "aarch64-linux-gnu"  # ... and the arm64 table the aarch64 one
 ABSENT = "ABSENT"
 
 
@@ -40,10 +44,21 @@ class Probe:
 
 
 def all_constants() -> dict[str, int]:
-    """Every constant of the common table and the arm64 one, which define no name twice."""
-    common, arm64 = uapi.constants(), arm_uapi.constants()
-    assert common.keys().isdisjoint(arm64.keys()), sorted(common.keys() & arm64.keys())
-    return {**common, **arm64}
+    """Every constant of the common table and the per-arch ones, which define no name twice."""
+    tables = {"common": uapi.constants(), "x86_64": x86_uapi.constants(), "aarch64": arm_uapi.constants()}
+    merged: dict[str, int] = {}
+    for table, names in tables.items():
+        twice = sorted(merged.keys() & names.keys())
+        assert not twice, f"defined in {table} and another table: {twice}"
+        merged.update(names)
+    return merged
+
+
+def x86_structs() -> dict[str, type[ctypes.Structure]]:
+    """The structs checked against the x86_64 headers: the common table's and the x86 one's."""
+    twice = sorted(uapi.STRUCTS.keys() & x86_uapi.X86_STRUCTS.keys())
+    assert not twice, f"structs in both the common and the x86 table: {twice}"
+    return {**uapi.STRUCTS, **x86_uapi.X86_STRUCTS}
 
 
 def constant_probes(exclude: frozenset[str] = frozenset(), only: frozenset[str] | None = None) -> list[Probe]:
@@ -84,7 +99,7 @@ def struct_probes(
     unchecked: dict[str, frozenset[str]] | None = None,
 ) -> list[Probe]:
     probes = []
-    for c_struct, cls in (uapi.STRUCTS if structs is None else structs).items():
+    for c_struct, cls in (x86_structs() if structs is None else structs).items():
         size = f"sizeof(struct {c_struct})"
         probes.append(Probe(size, size, ctypes.sizeof(cls)))
         renames = uapi.C_FIELD_NAMES.get(c_struct, {})
@@ -214,13 +229,46 @@ def test_arm64_names_are_defined_and_disjoint() -> None:
     names = uapi.constants().keys() | uapi.STRUCTS.keys()
     assert sorted(arm_uapi.ARM64_SHARED - names) == []
     assert sorted(arm_uapi.ARM64_ONLY - arm_uapi.constants().keys()) == []
-    assert arm_uapi.ARM64_ONLY.isdisjoint(uapi.constants().keys())
+    assert arm_uapi.ARM64_ONLY.isdisjoint(uapi.constants().keys() | x86_uapi.constants().keys())
     # ARM64_ONLY is left out of the x86 checks: no name may be both arm64-only and checked there.
     assert arm_uapi.ARM64_ONLY.isdisjoint(arm_uapi.ARM64_SHARED)
     assert arm_uapi.ARM64_ONLY.isdisjoint(uapi.NEWER_THAN_HOST_HEADERS)
     # Two structs share their C name with x86's and differ in layout; every other arm64 struct
     # must stay out of STRUCTS, which the x86 headers check.
-    assert arm_uapi.ARM64_STRUCTS.keys() & uapi.STRUCTS.keys() == {"kvm_regs", "kvm_vcpu_events"}
+    assert arm_uapi.ARM64_STRUCTS.keys() & x86_structs().keys() == {"kvm_regs", "kvm_vcpu_events"}
+
+
+def test_vcpu_events_ioctls_fit_both_layouts() -> None:
+    # KVM_GET/SET_VCPU_EVENTS are common and encode a size; each arch's struct must have it.
+    for cls in (x86_uapi.kvm_vcpu_events, arm_uapi.kvm_vcpu_events_arm64):
+        assert ctypes.sizeof(cls) == uapi._VCPU_EVENTS_SIZE, cls
+
+
+def _nested(cls: type[ctypes.Structure | ctypes.Union]) -> Iterator[type]:
+    for _, ctype, *_ in cls._fields_:
+        while issubclass(ctype, ctypes.Array):
+            ctype = ctype._type_
+        if issubclass(ctype, (ctypes.Structure, ctypes.Union)):
+            yield ctype
+            yield from _nested(ctype)
+
+
+@pytest.mark.parametrize(
+    ("module", "table"),
+    [(uapi, uapi.STRUCTS), (x86_uapi, x86_uapi.X86_STRUCTS), (arm_uapi, arm_uapi.ARM64_STRUCTS)],
+    ids=["common", "x86_64", "aarch64"],
+)
+def test_every_struct_is_checked(module: ModuleType, table: dict[str, type[ctypes.Structure]]) -> None:
+    """A struct defined in a table's module is in its table or nested in one that is."""
+    checked = set(table.values()) | {nested for cls in table.values() for nested in _nested(cls)}
+    defined = {
+        cls
+        for cls in vars(module).values()
+        if isinstance(cls, type)
+        and issubclass(cls, (ctypes.Structure, ctypes.Union))
+        and cls.__module__ == module.__name__
+    }
+    assert sorted(cls.__name__ for cls in defined - checked) == []
 
 
 def test_newer_than_host_headers_are_absent_from_host(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from migrated.kvm.vcpu import ensure_kick_handler
 from migrated.kvm.arch import create_vm, host_arch
 from migrated.kvm.vm import DEFAULT_RING_BYTES, Vm, VmConfig
 from migrated.kvm.saved_state import STATE_VERSION, IncompatibleStateError, StateError, StateFormatError
+from migrated.kvm.arch.x86_64 import uapi as x86_uapi
 from migrated.kvm.arch.x86_64 import (
     MAX_CPUID_ENTRIES,
     MAX_MSRS,
@@ -96,15 +97,15 @@ def assert_vcpus_healthy(vm: Vm) -> None:
 
 
 def get_clock(vm: Vm) -> int:
-    clock = uapi.kvm_clock_data()
-    ioctl(vm.fd, uapi.KVM_GET_CLOCK, clock)
+    clock = x86_uapi.kvm_clock_data()
+    ioctl(vm.fd, x86_uapi.KVM_GET_CLOCK, clock)
     return int(clock.clock)
 
 
 def pit_without_load_times(pit2: bytes) -> list[tuple[Any, ...]]:
     """The PIT's channels, minus `count_load_time`: KVM_SET_PIT2 reloads each channel's count
     at the host's current ktime, so that field is the restore's instant, not the saved one."""
-    state = uapi.kvm_pit_state2.from_buffer_copy(pit2)
+    state = x86_uapi.kvm_pit_state2.from_buffer_copy(pit2)
     channels = [tuple(getattr(c, name) for name, *_ in c._fields_ if name != "count_load_time") for c in state.channels]
     return [*channels, (state.flags,)]
 
@@ -291,14 +292,14 @@ def test_msr_failures_name_the_first_refused_msr(kvm: Kvm) -> None:
 def test_clock_is_frozen_by_default_and_advanced_by_realtime_on_request(kvm: Kvm, saved_state: X86MachineState) -> None:
     """KVM_SET_CLOCK gets KVM_CLOCK_REALTIME only when asked for and the saved clock has it."""
     clock = saved_state.clock_struct()
-    clock.flags |= uapi.KVM_CLOCK_REALTIME | uapi.KVM_CLOCK_HOST_TSC
+    clock.flags |= x86_uapi.KVM_CLOCK_REALTIME | x86_uapi.KVM_CLOCK_HOST_TSC
     clock.realtime = time.time_ns() - 2 * 10**9  # "saved two seconds ago"
     state = dataclasses.replace(saved_state, clock=bytes(clock))
     for advance in (False, True):
         with build_vm(kvm, 2, devices=True) as target:
             report = restore_vm_state(target, state, irqchip=True, pit=True, advance_clock=advance)
             now = get_clock(target)
-            offered = kvm.check_extension(uapi.KVM_CAP_ADJUST_CLOCK) & uapi.KVM_CLOCK_REALTIME
+            offered = kvm.check_extension(x86_uapi.KVM_CAP_ADJUST_CLOCK) & x86_uapi.KVM_CLOCK_REALTIME
             if advance and offered:
                 assert report.clock_advanced
                 assert now >= clock.clock + 2 * 10**9

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from migrated.kvm import uapi
+from migrated.kvm.arch.x86_64 import set_xcr0
 from migrated.kvm.system import Kvm
-from migrated.kvm.vcpu import Vcpu
 from migrated.kvm.vm import Vm
 
 from ..layout import MAX_MEMORY
@@ -56,13 +56,6 @@ def smallos_xcr0(kvm: Kvm) -> int:
         if supported & XCR0_AVX512 == XCR0_AVX512:
             xcr0 |= XCR0_AVX512
     return xcr0
-
-
-def set_xcr0(vcpu: Vcpu, value: int) -> None:
-    xcrs = uapi.kvm_xcrs(nr_xcrs=1)
-    xcrs.xcrs[0].xcr = 0
-    xcrs.xcrs[0].value = value
-    vcpu.ioctl(f"KVM_SET_XCRS (XCR0 = {value:#x})", uapi.KVM_SET_XCRS, xcrs)
 
 
 def irq_line(vm: Vm, irq: int, level: int) -> None:

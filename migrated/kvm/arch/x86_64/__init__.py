@@ -4,6 +4,7 @@
 - `cpu.py`: MSRs, CPUID, XSAVE size, TSC frequency, the CPU model of a saved state.
 - `devices.py`: the in-kernel PIC, IOAPIC and PIT.
 - `state.py`: the complete machine state, saved and restored in the order KVM accepts (R9).
+- `uapi.py`: the x86-only KVM numbers and structs (the common ones are in `migrated/kvm/uapi.py`).
 """
 
 from .machine import X86_64 as X86_64
@@ -20,6 +21,7 @@ from .cpu import set_msrs as set_msrs
 from .cpu import restore_msr_order as restore_msr_order
 from .cpu import get_cpuid as get_cpuid
 from .cpu import read_tsc_khz as read_tsc_khz
+from .cpu import set_xcr0 as set_xcr0
 from .devices import create_irqchip as create_irqchip
 from .devices import create_pit2 as create_pit2
 from .devices import detect_devices as detect_devices

@@ -15,6 +15,7 @@ from ...errors import KvmIoctlError
 from ...saved_state import StateError
 from ...system import cpuid_buffer
 from ...vcpu import Vcpu
+from . import uapi as x86_uapi
 
 
 MAX_CPUID_ENTRIES = 256  # KVM_MAX_CPUID_ENTRIES
@@ -104,12 +105,12 @@ def xsave2_size(fd: int) -> int:
 
 def _msr_buffer(
     entries: Sequence[tuple[int, int]],
-) -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[uapi.kvm_msr_entry]]:
-    header_size = ctypes.sizeof(uapi.kvm_msrs)
+) -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[x86_uapi.kvm_msr_entry]]:
+    header_size = ctypes.sizeof(x86_uapi.kvm_msrs)
     count = len(entries)
-    buf = (ctypes.c_uint8 * (header_size + ctypes.sizeof(uapi.kvm_msr_entry) * count))()
-    uapi.kvm_msrs.from_buffer(buf).nmsrs = count
-    slots = (uapi.kvm_msr_entry * count).from_buffer(buf, header_size)
+    buf = (ctypes.c_uint8 * (header_size + ctypes.sizeof(x86_uapi.kvm_msr_entry) * count))()
+    x86_uapi.kvm_msrs.from_buffer(buf).nmsrs = count
+    slots = (x86_uapi.kvm_msr_entry * count).from_buffer(buf, header_size)
     for slot, (index, value) in zip(slots, entries):
         slot.index = index
         slot.data = value
@@ -119,7 +120,7 @@ def _msr_buffer(
 def get_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[tuple[int, int]]:
     """KVM_GET_MSRS: (index, value) of each MSR, in order. Names the first one KVM refused."""
     buf, slots = _msr_buffer([(index, 0) for index in indices])
-    done = vcpu.ioctl("KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf)
+    done = vcpu.ioctl("KVM_GET_MSRS", x86_uapi.KVM_GET_MSRS, buf)
     if done != len(indices):
         raise StateError(
             f"vCPU {vcpu.index}: KVM_GET_MSRS read {done} of {len(indices)} MSRs: "
@@ -142,7 +143,7 @@ def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
     total = len(pending)
     while pending:
         buf, _ = _msr_buffer(pending)
-        done = vcpu.ioctl("KVM_SET_MSRS", uapi.KVM_SET_MSRS, buf)
+        done = vcpu.ioctl("KVM_SET_MSRS", x86_uapi.KVM_SET_MSRS, buf)
         if done == len(pending):
             break
         index, value = pending[done]
@@ -160,7 +161,7 @@ def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
 
 def _read_msr(vcpu: Vcpu, index: int) -> int | None:
     buf, slots = _msr_buffer([(index, 0)])
-    if vcpu.ioctl("KVM_GET_MSRS", uapi.KVM_GET_MSRS, buf) != 1:
+    if vcpu.ioctl("KVM_GET_MSRS", x86_uapi.KVM_GET_MSRS, buf) != 1:
         return None
     return int(slots[0].data)
 
@@ -175,7 +176,7 @@ def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
     """KVM_GET_CPUID2: the vCPU's own CPUID table (what was set, plus KVM's runtime updates)."""
     buf = cpuid_buffer([uapi.kvm_cpuid_entry2()] * MAX_CPUID_ENTRIES)
     try:
-        vcpu.ioctl("KVM_GET_CPUID2", uapi.KVM_GET_CPUID2, buf)
+        vcpu.ioctl("KVM_GET_CPUID2", x86_uapi.KVM_GET_CPUID2, buf)
     except KvmIoctlError as err:
         if err.errno == errno.E2BIG:
             raise StateError(f"vCPU {vcpu.index}: its CPUID has more than {MAX_CPUID_ENTRIES} entries") from err
@@ -192,3 +193,11 @@ def read_tsc_khz(vcpu: Vcpu) -> int:
         if err.errno == errno.EIO:  # api.rst: "If the host has unstable tsc ... -EIO"
             return 0
         raise KvmIoctlError(f"vCPU {vcpu.index}: KVM_GET_TSC_KHZ", err) from err
+
+
+def set_xcr0(vcpu: Vcpu, value: int) -> None:
+    """KVM_SET_XCRS with XCR0 alone (a loader sets it for a guest that cannot `xsetbv` itself)."""
+    xcrs = x86_uapi.kvm_xcrs(nr_xcrs=1)
+    xcrs.xcrs[0].xcr = 0
+    xcrs.xcrs[0].value = value
+    vcpu.ioctl(f"KVM_SET_XCRS (XCR0 = {value:#x})", x86_uapi.KVM_SET_XCRS, xcrs)

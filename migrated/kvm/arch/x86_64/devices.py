@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import errno
 
-from ... import uapi
+from . import uapi as x86_uapi
 from ..._libc import ioctl
 from ...errors import KvmIoctlError
 from ...saved_state import StateError
@@ -25,14 +25,14 @@ def create_irqchip(vm: Vm) -> None:
             "KVM_CREATE_IRQCHIP must come before any vCPU is created (each vCPU gets its LAPIC "
             f"at creation); this VM has {len(vm.vcpus)} vCPU(s)"
         )
-    vm.ioctl("KVM_CREATE_IRQCHIP", uapi.KVM_CREATE_IRQCHIP)
+    vm.ioctl("KVM_CREATE_IRQCHIP", x86_uapi.KVM_CREATE_IRQCHIP)
 
 
-def create_pit2(vm: Vm, flags: int = uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
+def create_pit2(vm: Vm, flags: int = x86_uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
     """KVM_CREATE_PIT2: the i8254 PIT in the kernel, after `create_irqchip` (api.rst: "only valid
     after enabling in-kernel irqchip support"). KVM_PIT_SPEAKER_DUMMY (the default) lets the
     kernel answer port 0x61 too, which this VMM does not emulate."""
-    vm.ioctl("KVM_CREATE_PIT2", uapi.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags))
+    vm.ioctl("KVM_CREATE_PIT2", x86_uapi.KVM_CREATE_PIT2, x86_uapi.kvm_pit_config(flags=flags))
 
 
 def _probe(vm: Vm, step: str, request: int, arg: ctypes.Structure) -> bool:
@@ -48,9 +48,9 @@ def _probe(vm: Vm, step: str, request: int, arg: ctypes.Structure) -> bool:
 
 def detect_devices(vm: Vm) -> tuple[bool, bool]:
     """(has in-kernel irqchip, has in-kernel PIT), asked of KVM."""
-    chip = uapi.kvm_irqchip(chip_id=uapi.KVM_IRQCHIP_PIC_MASTER)
-    irqchip = _probe(vm, "KVM_GET_IRQCHIP", uapi.KVM_GET_IRQCHIP, chip)
-    pit = _probe(vm, "KVM_GET_PIT2", uapi.KVM_GET_PIT2, uapi.kvm_pit_state2())
+    chip = x86_uapi.kvm_irqchip(chip_id=x86_uapi.KVM_IRQCHIP_PIC_MASTER)
+    irqchip = _probe(vm, "KVM_GET_IRQCHIP", x86_uapi.KVM_GET_IRQCHIP, chip)
+    pit = _probe(vm, "KVM_GET_PIT2", x86_uapi.KVM_GET_PIT2, x86_uapi.kvm_pit_state2())
     return irqchip, pit
 
 

@@ -68,12 +68,13 @@ from .cpu import (
     xsave2_size,
 )
 from .devices import check_devices
+from . import uapi as x86_uapi
 
 
 # Bounds on what a peer may send (DESIGN section 6). KVM's own limits are smaller or equal.
 MAX_VCPUS = 4096  # KVM_MAX_VCPUS on x86 with CONFIG_MAXSMP
 MAX_MSRS = 1024  # KVM_GET_MSR_INDEX_LIST gives 40 here, a few hundred at most elsewhere
-MIN_XSAVE_BYTES = ctypes.sizeof(uapi.kvm_xsave)  # 4096: "always at least 4096" (api.rst)
+MIN_XSAVE_BYTES = ctypes.sizeof(x86_uapi.kvm_xsave)  # 4096: "always at least 4096" (api.rst)
 MAX_XSAVE_BYTES = 64 << 10  # AMX needs ~11 KiB; the largest XSAVE layouts stay far below
 
 
@@ -81,11 +82,11 @@ MAX_XSAVE_BYTES = 64 << 10  # AMX needs ~11 KiB; the largest XSAVE layouts stay 
 X86_MP_STATES = frozenset(
     {
         uapi.KVM_MP_STATE_RUNNABLE,
-        uapi.KVM_MP_STATE_UNINITIALIZED,
-        uapi.KVM_MP_STATE_INIT_RECEIVED,
-        uapi.KVM_MP_STATE_HALTED,
-        uapi.KVM_MP_STATE_SIPI_RECEIVED,
-        uapi.KVM_MP_STATE_AP_RESET_HOLD,
+        x86_uapi.KVM_MP_STATE_UNINITIALIZED,
+        x86_uapi.KVM_MP_STATE_INIT_RECEIVED,
+        x86_uapi.KVM_MP_STATE_HALTED,
+        x86_uapi.KVM_MP_STATE_SIPI_RECEIVED,
+        x86_uapi.KVM_MP_STATE_AP_RESET_HOLD,
     }
 )
 
@@ -93,13 +94,13 @@ _SIZE = {
     "cpuid": ctypes.sizeof(uapi.kvm_cpuid_entry2),
     "regs": ctypes.sizeof(uapi.kvm_regs),
     "sregs": ctypes.sizeof(uapi.kvm_sregs),
-    "xcrs": ctypes.sizeof(uapi.kvm_xcrs),
-    "debugregs": ctypes.sizeof(uapi.kvm_debugregs),
-    "lapic": ctypes.sizeof(uapi.kvm_lapic_state),
-    "events": ctypes.sizeof(uapi.kvm_vcpu_events),
-    "irqchip": ctypes.sizeof(uapi.kvm_irqchip),
-    "pit2": ctypes.sizeof(uapi.kvm_pit_state2),
-    "clock": ctypes.sizeof(uapi.kvm_clock_data),
+    "xcrs": ctypes.sizeof(x86_uapi.kvm_xcrs),
+    "debugregs": ctypes.sizeof(x86_uapi.kvm_debugregs),
+    "lapic": ctypes.sizeof(x86_uapi.kvm_lapic_state),
+    "events": ctypes.sizeof(x86_uapi.kvm_vcpu_events),
+    "irqchip": ctypes.sizeof(x86_uapi.kvm_irqchip),
+    "pit2": ctypes.sizeof(x86_uapi.kvm_pit_state2),
+    "clock": ctypes.sizeof(x86_uapi.kvm_clock_data),
 }
 _STRUCT_NAME = {
     "cpuid": "struct kvm_cpuid_entry2",
@@ -113,7 +114,7 @@ _STRUCT_NAME = {
     "pit2": "struct kvm_pit_state2",
     "clock": "struct kvm_clock_data",
 }
-IRQCHIP_IDS = (uapi.KVM_IRQCHIP_PIC_MASTER, uapi.KVM_IRQCHIP_PIC_SLAVE, uapi.KVM_IRQCHIP_IOAPIC)
+IRQCHIP_IDS = (x86_uapi.KVM_IRQCHIP_PIC_MASTER, x86_uapi.KVM_IRQCHIP_PIC_SLAVE, x86_uapi.KVM_IRQCHIP_IOAPIC)
 _IRQCHIP_NAMES = ("PIC master", "PIC slave", "IOAPIC")
 
 
@@ -159,8 +160,8 @@ class X86VcpuState:
     def sregs_struct(self) -> uapi.kvm_sregs:
         return uapi.kvm_sregs.from_buffer_copy(self.sregs)
 
-    def events_struct(self) -> uapi.kvm_vcpu_events:
-        return uapi.kvm_vcpu_events.from_buffer_copy(self.events)
+    def events_struct(self) -> x86_uapi.kvm_vcpu_events:
+        return x86_uapi.kvm_vcpu_events.from_buffer_copy(self.events)
 
     def cpuid_entries(self) -> list[uapi.kvm_cpuid_entry2]:
         return [uapi.kvm_cpuid_entry2.from_buffer_copy(e) for e in self.cpuid]
@@ -262,8 +263,8 @@ class X86MachineState:
     def cpu_model(self) -> CpuModel:
         return CpuModel.from_cpuid(self.cpu_vendor, self.cpu_signature)
 
-    def clock_struct(self) -> uapi.kvm_clock_data:
-        return uapi.kvm_clock_data.from_buffer_copy(self.clock)
+    def clock_struct(self) -> x86_uapi.kvm_clock_data:
+        return x86_uapi.kvm_clock_data.from_buffer_copy(self.clock)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -408,23 +409,23 @@ def save_vcpu_state(
         if xsave2 > 0:
             # KVM_GET_XSAVE2 writes as many bytes as KVM_CAP_XSAVE2 says (never below 4096).
             buf = (ctypes.c_uint8 * max(xsave2, MIN_XSAVE_BYTES))()
-            vcpu.ioctl("KVM_GET_XSAVE2", uapi.KVM_GET_XSAVE2, buf)
+            vcpu.ioctl("KVM_GET_XSAVE2", x86_uapi.KVM_GET_XSAVE2, buf)
         else:
             buf = (ctypes.c_uint8 * MIN_XSAVE_BYTES)()
-            vcpu.ioctl("KVM_GET_XSAVE", uapi.KVM_GET_XSAVE, buf)
+            vcpu.ioctl("KVM_GET_XSAVE", x86_uapi.KVM_GET_XSAVE, buf)
         xsave = bytes(buf)
     with _step(times, "xcrs"):
-        xcrs = _get_struct(vcpu, "KVM_GET_XCRS", uapi.KVM_GET_XCRS, uapi.kvm_xcrs)
+        xcrs = _get_struct(vcpu, "KVM_GET_XCRS", x86_uapi.KVM_GET_XCRS, x86_uapi.kvm_xcrs)
     with _step(times, "debugregs"):
-        debugregs = _get_struct(vcpu, "KVM_GET_DEBUGREGS", uapi.KVM_GET_DEBUGREGS, uapi.kvm_debugregs)
+        debugregs = _get_struct(vcpu, "KVM_GET_DEBUGREGS", x86_uapi.KVM_GET_DEBUGREGS, x86_uapi.kvm_debugregs)
     lapic_bytes = b""
     if lapic:
         with _step(times, "lapic"):
-            lapic_bytes = _get_struct(vcpu, "KVM_GET_LAPIC", uapi.KVM_GET_LAPIC, uapi.kvm_lapic_state)
+            lapic_bytes = _get_struct(vcpu, "KVM_GET_LAPIC", x86_uapi.KVM_GET_LAPIC, x86_uapi.kvm_lapic_state)
     with _step(times, "msrs"):
         msrs = tuple(get_msrs(vcpu, indices))
     with _step(times, "events"):
-        events = _get_struct(vcpu, "KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, uapi.kvm_vcpu_events)
+        events = _get_struct(vcpu, "KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, x86_uapi.kvm_vcpu_events)
     return X86VcpuState(
         index=vcpu.index,
         tsc_khz=tsc_khz,
@@ -467,18 +468,18 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> X86MachineState:
     if irqchip:
         with times.step("irqchip"):
             for chip_id in IRQCHIP_IDS:
-                chip = uapi.kvm_irqchip(chip_id=chip_id)
-                vm.ioctl(f"KVM_GET_IRQCHIP({chip_id})", uapi.KVM_GET_IRQCHIP, chip)
+                chip = x86_uapi.kvm_irqchip(chip_id=chip_id)
+                vm.ioctl(f"KVM_GET_IRQCHIP({chip_id})", x86_uapi.KVM_GET_IRQCHIP, chip)
                 chips.append(bytes(chip))
     pit2 = b""
     if pit:
         with times.step("pit2"):
-            pit_state = uapi.kvm_pit_state2()
-            vm.ioctl("KVM_GET_PIT2", uapi.KVM_GET_PIT2, pit_state)
+            pit_state = x86_uapi.kvm_pit_state2()
+            vm.ioctl("KVM_GET_PIT2", x86_uapi.KVM_GET_PIT2, pit_state)
             pit2 = bytes(pit_state)
     with times.step("clock"):
-        clock = uapi.kvm_clock_data()
-        vm.ioctl("KVM_GET_CLOCK", uapi.KVM_GET_CLOCK, clock)
+        clock = x86_uapi.kvm_clock_data()
+        vm.ioctl("KVM_GET_CLOCK", x86_uapi.KVM_GET_CLOCK, clock)
     times.seconds["total"] = time.perf_counter() - start
     return X86MachineState(
         cpu_vendor=vendor,
@@ -524,16 +525,16 @@ def check_compatible(state: X86MachineState, kvm: Kvm) -> None:
             f"the VM's XSAVE area is {largest} bytes; this host's KVM offers {size} "
             "(KVM_CAP_XSAVE2): a state component is missing here"
         )
-    if state.has_irqchip and kvm.check_extension(uapi.KVM_CAP_IRQCHIP) <= 0:
+    if state.has_irqchip and kvm.check_extension(x86_uapi.KVM_CAP_IRQCHIP) <= 0:
         raise IncompatibleStateError("the VM has an in-kernel irqchip; this host's KVM has none")
-    if state.has_pit and kvm.check_extension(uapi.KVM_CAP_PIT_STATE2) <= 0:
+    if state.has_pit and kvm.check_extension(x86_uapi.KVM_CAP_PIT_STATE2) <= 0:
         raise IncompatibleStateError("the VM has an in-kernel PIT; this host's KVM lacks KVM_CAP_PIT_STATE2")
 
 
 # --------------------------------------------------------------------------------------------
 # Restore
 # --------------------------------------------------------------------------------------------
-_EVENTS_SET_FLAGS = uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+_EVENTS_SET_FLAGS = x86_uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | x86_uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR
 
 
 def restore_vcpu_state(
@@ -559,7 +560,7 @@ def restore_vcpu_state(
             here = read_tsc_khz(vcpu)
             if here != state.tsc_khz:
                 try:
-                    vcpu.ioctl("KVM_SET_TSC_KHZ", uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
+                    vcpu.ioctl("KVM_SET_TSC_KHZ", x86_uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
                 except KvmIoctlError as err:
                     raise IncompatibleStateError(
                         f"vCPU {vcpu.index}: the guest's TSC runs at {state.tsc_khz} kHz, this "
@@ -583,14 +584,14 @@ def restore_vcpu_state(
         vcpu.ioctl("KVM_SET_SREGS", uapi.KVM_SET_SREGS, _buffer(state.sregs))
     with _step(times, "xsave"):
         buf = _buffer(state.xsave, xsave2_bytes)
-        vcpu.ioctl("KVM_SET_XSAVE", uapi.KVM_SET_XSAVE, buf)
+        vcpu.ioctl("KVM_SET_XSAVE", x86_uapi.KVM_SET_XSAVE, buf)
     with _step(times, "xcrs"):
-        vcpu.ioctl("KVM_SET_XCRS", uapi.KVM_SET_XCRS, _buffer(state.xcrs))
+        vcpu.ioctl("KVM_SET_XCRS", x86_uapi.KVM_SET_XCRS, _buffer(state.xcrs))
     with _step(times, "debugregs"):
-        vcpu.ioctl("KVM_SET_DEBUGREGS", uapi.KVM_SET_DEBUGREGS, _buffer(state.debugregs))
+        vcpu.ioctl("KVM_SET_DEBUGREGS", x86_uapi.KVM_SET_DEBUGREGS, _buffer(state.debugregs))
     if state.lapic:
         with _step(times, "lapic"):
-            vcpu.ioctl("KVM_SET_LAPIC", uapi.KVM_SET_LAPIC, _buffer(state.lapic))
+            vcpu.ioctl("KVM_SET_LAPIC", x86_uapi.KVM_SET_LAPIC, _buffer(state.lapic))
     with _step(times, "msrs"):
         kept = set_msrs(vcpu, restore_msr_order(state.msrs))
     with _step(times, "events"):
@@ -650,20 +651,20 @@ def restore_vm_state(
     if state.irqchip:
         with times.step("irqchip"):
             for chip_id, chip in zip(IRQCHIP_IDS, state.irqchip):
-                vm.ioctl(f"KVM_SET_IRQCHIP({chip_id})", uapi.KVM_SET_IRQCHIP, _buffer(chip))
+                vm.ioctl(f"KVM_SET_IRQCHIP({chip_id})", x86_uapi.KVM_SET_IRQCHIP, _buffer(chip))
     if state.pit2:
         with times.step("pit2"):
-            vm.ioctl("KVM_SET_PIT2", uapi.KVM_SET_PIT2, _buffer(state.pit2))
+            vm.ioctl("KVM_SET_PIT2", x86_uapi.KVM_SET_PIT2, _buffer(state.pit2))
     with times.step("clock"):
         clock = state.clock_struct()
         flags = 0
         if (
             advance_clock
-            and clock.flags & uapi.KVM_CLOCK_REALTIME
-            and vm.kvm.check_extension(uapi.KVM_CAP_ADJUST_CLOCK) & uapi.KVM_CLOCK_REALTIME
+            and clock.flags & x86_uapi.KVM_CLOCK_REALTIME
+            and vm.kvm.check_extension(x86_uapi.KVM_CAP_ADJUST_CLOCK) & x86_uapi.KVM_CLOCK_REALTIME
         ):
-            flags = uapi.KVM_CLOCK_REALTIME
+            flags = x86_uapi.KVM_CLOCK_REALTIME
         clock.flags = flags
-        vm.ioctl("KVM_SET_CLOCK", uapi.KVM_SET_CLOCK, clock)
+        vm.ioctl("KVM_SET_CLOCK", x86_uapi.KVM_SET_CLOCK, clock)
     times.seconds["total"] = time.perf_counter() - start
     return RestoreReport(timings=dict(times.seconds), clock_advanced=bool(flags), msrs_kept=tuple(kept))
