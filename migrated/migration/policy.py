@@ -211,12 +211,21 @@ class DowntimeModel:
             return 0.0
         return self.send.rate
 
-    def digest_ms(self, data_bytes: int) -> float:
-        """Both sides' digests, one after the other (the target's starts on DONE)."""
-        return 2 * self.digest.rate * data_bytes / GIB
+    def digest_ms(self, data_bytes: int, target_bytes: int | None = None) -> float:
+        """Both sides' digests, one after the other (the target's starts on DONE). The target's
+        RAM file may hold more than the source's (its prefault populates whole ranges, holes
+        included): `target_bytes`, when given, is what its digest reads (at most the RAM size)."""
+        target = data_bytes if target_bytes is None else max(data_bytes, target_bytes)
+        return self.digest.rate * (data_bytes + target) / GIB
 
     def learn(
-        self, downtime_ms: float, steps_ms: dict[str, float], sent_bytes: int, data_bytes: int, predicted_ms: float
+        self,
+        downtime_ms: float,
+        steps_ms: dict[str, float],
+        sent_bytes: int,
+        data_bytes: int,
+        predicted_ms: float,
+        target_bytes: int | None = None,
     ) -> bool:
         """Learns from a completed migration's measured downtime and its steps (`pause`, `send`,
         `digest`, as the source times them); False (and nothing learned) for an outlier."""
@@ -231,8 +240,10 @@ class DowntimeModel:
         # What has faded so far is the base a new sample moves.
         self.fixed.rate, self.pause.rate = self.fixed_ms, self.pause_ms
         self.pause.add(min(pause_ms, self.MAX_FIXED_MS), 1.0)
-        # The target's digest is taken to cost what the source's did.
-        rest = downtime_ms - pause_ms - send_ms - 2 * digest_ms
+        # The target's digest is taken to cost what the source's did per byte, over its bytes.
+        target = data_bytes if target_bytes is None else max(data_bytes, target_bytes)
+        target_digest_ms = digest_ms * target / data_bytes if data_bytes else digest_ms
+        rest = downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms
         self.fixed.add(min(max(0.0, rest), self.MAX_FIXED_MS), 1.0)
         self._learned_at = self._clock()
         self.learned += 1

@@ -363,7 +363,8 @@ class Source:
         digest_ms = 0.0
         if self.options.verify == "full":
             # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
-            digest_ms = model.digest_ms(vm.memory.allocated_bytes())
+            # The target's side is bounded by the RAM size: its prefault may populate all of it.
+            digest_ms = model.digest_ms(vm.memory.allocated_bytes(), vm.memory.size)
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
             fixed_ms=model.fixed_ms,
@@ -480,7 +481,9 @@ class Source:
         clock.step("commit_to_running")
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
-        learned = self._model.learn(downtime_ms, steps, self._downtime_bytes, vm.memory.allocated_bytes(), predicted_ms)
+        learned = self._model.learn(
+            downtime_ms, steps, self._downtime_bytes, vm.memory.allocated_bytes(), predicted_ms, vm.memory.size
+        )
         self.stats.downtime_outlier = not learned
         if not learned:
             self.log.warning(

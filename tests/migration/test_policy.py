@@ -156,3 +156,15 @@ def test_the_pause_and_the_downtime_send_rate_are_learned_and_used() -> None:
     # Pages dirtied while the vCPUs are being stopped count too.
     busy = predict_downtime(0, dirty_pages_per_s=10_000.0, bandwidth_bytes_s=1 << 30, costs=costs)
     assert busy.pages == int(10_000 * (1.0 + 18.0) / 1e3)
+
+
+def test_the_targets_digest_is_counted_over_what_its_ram_file_holds() -> None:
+    """The target's prefault populates whole ranges (holes too): its digest may read the whole
+    RAM while the source's reads only its data."""
+    model = DowntimeModel(digest_ms_per_gib=80.0, clock=FakeClock())
+    assert model.digest_ms(256 << 20) == 2 * 20.0
+    assert model.digest_ms(256 << 20, 1 << 30) == 20.0 + 80.0
+    # What is left after both digests is what is learned as the fixed rest.
+    steps = {"pause": 0.0, "send": 0.0, "digest": 20.0}
+    assert model.learn(130.0, steps, sent_bytes=0, data_bytes=256 << 20, predicted_ms=120.0, target_bytes=1 << 30)
+    assert model.fixed_ms == 130.0 - 20.0 - 80.0
