@@ -4,8 +4,10 @@ sys.path for its conftest.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -80,3 +82,27 @@ def wait_for_status(
     except AssertionError as err:
         raise AssertionError(f"{err}; guest status: {last[0] if last else None}") from None
     return last[0]
+
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's syntax, e.g. "2m") mounted at `path`: a disk a test can fill."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(filler: Path) -> Path:
+    """Write `filler` until its file system is full (ENOSPC, and nothing else); returns it."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\xff" * 65536)
+    except OSError as err:
+        assert err.errno == 28, err  # ENOSPC
+    finally:
+        os.close(fd)
+    return filler

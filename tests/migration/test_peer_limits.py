@@ -22,6 +22,7 @@ import pytest
 
 from conftest import MakeDaemon, write_key
 from daemons import REPO, DaemonProcess, free_port, wait_for, wait_migration
+from helpers import fill_disk, tmpfs
 from migrated.kvm.system import Kvm
 from migrated.migration import vmstate
 from test_hostile_peers import (
@@ -283,31 +284,15 @@ def test_state_dir_that_is_a_file_stops_the_start_naming_it(tmp_path: Path) -> N
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs: a disk that a test can fill."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "tiny", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_state_dir_without_free_space_stops_the_start(tmp_path: Path, tiny_fs: Path) -> None:
-    fill(tiny_fs / "filler")
+    fill_disk(tiny_fs / "filler")
     done = start_failing(tmp_path, tiny_fs / "state")
     assert done.returncode != 0, done
     assert f"state dir {tiny_fs / 'state'}".encode() in done.stderr, done.stderr
-
-
-def fill(path: Path) -> None:
-    # Unbuffered: a buffered file would fail again on close, flushing what did not fit.
-    with open(path, "wb", buffering=0) as file:
-        try:
-            while True:
-                file.write(b"\0" * 65536)
-                file.flush()
-        except OSError:
-            pass
 
 
 def test_full_disk_at_the_end_of_a_migration_fails_it_cleanly(tmp_path: Path, tiny_fs: Path) -> None:
@@ -321,7 +306,7 @@ def test_full_disk_at_the_end_of_a_migration_fails_it_cleanly(tmp_path: Path, ti
     try:
         a.start()
         create(a)
-        fill(tiny_fs / "filler")
+        fill_disk(tiny_fs / "filler")
         a.call("migrate", name="vm1", to=b.address, downtime_limit_ms=10000)
         stats = wait_migration(a, "vm1")
         assert stats["state"] == "failed", stats

@@ -4,8 +4,6 @@ reported as events, and once space is back the same VM migrates."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 
 from conftest import MakeDaemon
 from daemons import wait_for
+from helpers import fill_disk, tmpfs
 from test_migration import assert_runs_here, create, migrate
 
 pytestmark = pytest.mark.kvm
@@ -21,26 +20,8 @@ pytestmark = pytest.mark.kvm
 @pytest.fixture
 def small_state_dir(tmp_path: Path) -> Iterator[Path]:
     """a's state dir (make_daemon uses TMP/a-state) as a 1 MiB tmpfs."""
-    path = tmp_path / "a-state"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1048576", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs(tmp_path / "a-state", "1m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\xff" * 4096)
-    except OSError as err:
-        assert err.errno == 28, err  # ENOSPC, and nothing else
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_a_full_state_dir_aborts_before_commit_and_the_vm_runs_on(
@@ -48,7 +29,7 @@ def test_a_full_state_dir_aborts_before_commit_and_the_vm_runs_on(
 ) -> None:
     a, b = make_daemon("a"), make_daemon("b")
     create(a, rate=8.0, memory_mib=64, working_set_mib=16)
-    filler = fill(small_state_dir)
+    filler = fill_disk(small_state_dir / "filler")
     stats = migrate(a, b)
     assert stats["state"] == "failed", stats
     error = stats["error"]
