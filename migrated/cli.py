@@ -103,6 +103,8 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
     }
     if args.dirty_tracking:
         payload["dirty_tracking"] = args.dirty_tracking
+    if args.memory_backing:
+        payload["memory_backing"] = args.memory_backing
     if args.image is not None or args.guest == "raw":
         if args.guest != "raw" or args.image is None:
             print("migratectl: --image goes with --guest raw, and --guest raw needs --image", file=sys.stderr)
@@ -112,7 +114,12 @@ def cmd_vm_create(args: argparse.Namespace) -> int:
     result = _call(args, "vm.create", payload)
     for warning in result.get("warnings", []):
         print(f"migratectl: warning: {warning}", file=sys.stderr)
-    _print(args, result, f"created {result['name']}: {result['state']}, dirty tracking {result.get('dirty_tracking')}")
+    _print(
+        args,
+        result,
+        f"created {result['name']}: {result['state']}, dirty tracking {result.get('dirty_tracking')}, "
+        f"memory backing {result.get('memory_backing')}",
+    )
     return 0
 
 
@@ -146,6 +153,8 @@ def _format_show(info: dict[str, Any]) -> str:
     lines.append(f"memory: {spec['memory_mib']} MiB, vCPUs: {spec['vcpus']}, guest: {spec['guest']}")
     if "dirty_tracking" in info:
         lines.append(f"dirty tracking: {info['dirty_tracking']} (ring-full exits {info['tracker']['ring_full_exits']})")
+    if "memory_backing" in info:
+        lines.append(f"memory backing: {info['memory_backing']} ({info['memory_allocated_bytes'] >> 20} MiB allocated)")
     raw = info.get("raw")
     if raw:
         where = raw.get("cs:ip") or raw.get("rip")
@@ -256,6 +265,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         ("max_rounds", args.max_rounds),
         ("completion_timeout_per_gib_s", args.completion_timeout_per_gib),
         ("progress_timeout_s", args.progress_timeout),
+        ("target_memory_backing", args.target_memory_backing),
     ):
         if value is not None:
             payload[key] = value
@@ -435,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how guest writes are tracked: KVM's per-vCPU dirty rings, the dirty bitmap, or auto "
         "(the ring where offered) (default: the daemon's vm.dirty_tracking)",
     )
+    create.add_argument(
+        "--memory-backing",
+        choices=["memfd", "shmem-huge", "hugetlbfs"],
+        help="what holds guest RAM: a memfd (4 KiB pages), a file on a huge-page tmpfs, or reserved "
+        "hugetlbfs pages (default: the daemon's vm.memory_backing)",
+    )
     create.set_defaults(func=cmd_vm_create)
     for name, func, text in (
         ("list", cmd_vm_list, "list the VMs on this daemon"),
@@ -533,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="cancel when no byte reached the target for this long, 0 = off "
         "(default: the daemon's migration.progress_timeout_s)",
+    )
+    migrate.add_argument(
+        "--target-memory-backing",
+        choices=["memfd", "shmem-huge", "hugetlbfs"],
+        help="what holds the VM's RAM on the target (default: the target daemon's vm.memory_backing)",
     )
     migrate.add_argument(
         "--wait",

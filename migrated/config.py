@@ -58,6 +58,7 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error", "critical")
 PeerAuth = Literal["psk", "tls", "none"]
 DirtyTracking = Literal["auto", "ring", "bitmap"]
+MemoryBacking = Literal["memfd", "shmem-huge", "hugetlbfs"]
 NoConvergence = Literal["abort", "force-downtime", "throttle"]
 Verify = Literal["full", "off"]
 
@@ -129,6 +130,9 @@ class VmDefaults:
     harvest_interval_ms: float
     max_memory_overcommit: float  # times the host's RAM, all of this daemon's VMs together
     max_vcpu_overcommit: float  # times the host's CPUs
+    memory_backing: MemoryBacking = "memfd"
+    # "shmem-huge" RAM files; None: <state_dir>/ram, a tmpfs the daemon mounts (rammount.py)
+    memory_backing_dir: Path | None = None
 
     @property
     def harvest_interval_s(self) -> float:
@@ -406,6 +410,8 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "harvest_interval_ms": _Key(1.0, _number(0.1, 100), True),
         "max_memory_overcommit": _Key(1.5, _number(0.1, 100), True),
         "max_vcpu_overcommit": _Key(8, _number(0.1, 1000), True),
+        "memory_backing": _Key("memfd", _one_of("memfd", "shmem-huge", "hugetlbfs"), True),
+        "memory_backing_dir": _Key(None, _path(), False),
     },
     "migration": {
         "downtime_limit_ms": _Key(300, _integer(1, 60_000), True),

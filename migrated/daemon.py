@@ -27,6 +27,7 @@ from .vmrecords import VmRecords
 from .hosted import HostedVm, SpecError, VmSpec, VmState, create_local, vm_config
 from .guests.x86_64.boot import pulse_irq
 from .kvm.errors import KvmError
+from .kvm.backing import MEMORY_BACKINGS, MemoryBackingError, RamBacking
 from .kvm.memory import GuestMemory
 from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
@@ -37,6 +38,7 @@ from .migration.policy import DowntimeModels
 from .migration.service import start_migration_service
 from .migration.stats import FinishedMigration
 from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
+from .rammount import RamDirectory
 from .realtime import COST_WITHOUT_REALTIME, FIX, probe_realtime
 from .sdnotify import Notifier
 from .socket_access import restrict_control_socket
@@ -78,6 +80,7 @@ class Daemon:
         self.downtime_models = DowntimeModels()
         self.records = VmRecords(Path(config.daemon.state_dir))
         self.realtime_error = probe_realtime()  # None: the harvester can have SCHED_FIFO
+        self.ram_directory = RamDirectory(config.vm.memory_backing_dir, Path(config.daemon.state_dir))
         self.commands: dict[str, Command] = {
             "vm.create": self.cmd_vm_create,
             "vm.list": self.cmd_vm_list,
@@ -126,12 +129,19 @@ class Daemon:
     async def cmd_vm_create(self, args: CommandArgs) -> CommandReply:
         args = dict(args)
         tracking = args.pop("dirty_tracking", None) or self.config.vm.dirty_tracking
+        backing = args.pop("memory_backing", None) or self.config.vm.memory_backing
         if args.get("dirty_rate_mib_s") in ("max", "inf"):
             args["dirty_rate_mib_s"] = math.inf
         try:
             spec = VmSpec.from_wire(args)
-            config = vm_config(spec, tracking, self.config.vm.ring_bytes, self.config.vm.harvest_interval_ms)
-        except SpecError as err:
+            config = vm_config(
+                spec,
+                tracking,
+                self.config.vm.ring_bytes,
+                self.config.vm.harvest_interval_ms,
+                self.memory_backing(backing),
+            )
+        except (SpecError, MemoryBackingError) as err:
             raise RequestError(str(err)) from None
         if not self.reserve_name(spec.name):
             raise RequestError(f"a VM named {spec.name!r} already exists on this daemon")
@@ -156,6 +166,7 @@ class Daemon:
             memory_mib=spec.memory_mib,
             vcpus=spec.vcpus,
             dirty_tracking=config.dirty_tracking,
+            memory_backing=config.memory_backing.kind,
         )
         self.update_status()
         # "created" means the guest ran: wait for its first sign of life, or for its failure.
@@ -168,6 +179,13 @@ class Daemon:
                 f"`migratectl vm show {spec.name}`; `migratectl vm stop {spec.name}` removes it)"
             )
         return {**hosted.show(), "warnings": warnings}
+
+    def memory_backing(self, kind: object) -> RamBacking:
+        """The RAM backing `kind` names ("memfd", "shmem-huge", "hugetlbfs"), ready for a new VM
+        (the huge-page tmpfs mounted if the daemon provides it); MemoryBackingError otherwise."""
+        if not isinstance(kind, str) or kind not in MEMORY_BACKINGS:
+            raise MemoryBackingError(f"memory backing {kind!r}: allowed are {', '.join(MEMORY_BACKINGS)}")
+        return self.ram_directory.backing(kind)
 
     def check_overcommit(self, spec: VmSpec) -> list[str]:
         """Warnings (also logged) for a VM that overcommits the host; OvercommitRefused past the
@@ -541,6 +559,11 @@ async def run_daemon(
         with_bitmap=caps.dirty_ring_with_bitmap,
         arch=caps.arch,
     )
+    if config.vm.memory_backing == "shmem-huge":
+        # Its default backing must be usable before the daemon looks ready (MemoryBackingError
+        # stops the start with the reason).
+        daemon.memory_backing(config.vm.memory_backing)
+        log.info("memory_backing_ready", directory=str(daemon.ram_directory.path), mounted=daemon.ram_directory.mounted)
     metrics: DaemonMetrics | None = None
     if daemon.realtime_error is not None:
         log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)
@@ -581,6 +604,7 @@ async def run_daemon(
     finally:
         if metrics is not None:
             metrics.close()
+        daemon.ram_directory.unmount()
         kvm.close()
         notifier.close()
         log.info("daemon_stopped")

@@ -19,6 +19,7 @@ from .devices import ConsoleLog, PcPorts, pc_ports
 from .guests.x86_64.raw import DEFAULT_LOAD_ADDR, check_raw_image, describe_entry, load_raw, read_raw_image
 from .guests.workload import WorkloadParams
 from .guests.workload_kinds import workload_kind
+from .kvm.backing import RamBacking
 from .kvm.system import Kvm
 from .kvm.vcpu import Vcpu
 from .kvm.arch import create_vm, host_arch
@@ -206,6 +207,10 @@ class HostedVm:
             "stopped_at": self.stopped_at,
         }
         vm = self.vm
+        if vm is not None and vm.memory is not None:
+            info["memory_backing"] = vm.memory.backing.kind
+            # What the RAM file holds now: for hugetlbfs all of it, from the start.
+            info["memory_allocated_bytes"] = vm.memory.allocated_bytes()
         if vm is not None and vm.tracker is not None:
             stats = vm.tracker.stats
             info["dirty_tracking"] = vm.dirty_tracking
@@ -272,7 +277,13 @@ class HostedVm:
             self.console_log = None
 
 
-def vm_config(spec: VmSpec, dirty_tracking: str, ring_bytes: int, harvest_interval_ms: float) -> VmConfig:
+def vm_config(
+    spec: VmSpec,
+    dirty_tracking: str,
+    ring_bytes: int,
+    harvest_interval_ms: float,
+    memory_backing: RamBacking | None = None,
+) -> VmConfig:
     if dirty_tracking not in DIRTY_TRACKING_MODES:
         raise SpecError(f"dirty tracking {dirty_tracking!r}: allowed are {DIRTY_TRACKING_MODES}")
     return VmConfig(
@@ -284,6 +295,7 @@ def vm_config(spec: VmSpec, dirty_tracking: str, ring_bytes: int, harvest_interv
         name=spec.name,
         irqchip=spec.guest == "smallos",
         pit=spec.guest == "smallos",
+        memory_backing=memory_backing if memory_backing is not None else RamBacking(),
     )
 
 

@@ -106,3 +106,38 @@ def fill_disk(filler: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+@contextmanager
+def huge_tmpfs(path: Path, huge: str = "within_size") -> Iterator[Path]:
+    """A tmpfs mounted at `path` with `huge=` (2 MiB pages for "shmem-huge" guest RAM)."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"huge={huge},mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def hugetlb_free() -> int:
+    """Free huge pages of the default pool not promised to a mapping (HugePages_Free - Rsvd)."""
+    values = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(values["HugePages_Free"].split()[0]) - int(values["HugePages_Rsvd"].split()[0])
+
+
+@contextmanager
+def hugetlb_pool(free: int) -> Iterator[int]:
+    """Grow the hugetlb pool until at least `free` pages are free; restore nr_hugepages after.
+    Yields how many are free; the caller decides what too few means (the kernel may find less
+    contiguous memory than asked for)."""
+    before = int(NR_HUGEPAGES.read_text())
+    try:
+        missing = free - hugetlb_free()
+        if missing > 0:
+            NR_HUGEPAGES.write_text(str(before + missing))
+        yield hugetlb_free()
+    finally:
+        NR_HUGEPAGES.write_text(str(before))

@@ -1,7 +1,9 @@
-"""Guest RAM: a memfd mapped MAP_SHARED into the daemon, and the daemon's own dirty bitmap.
+"""Guest RAM: a file mapped MAP_SHARED into the daemon, and the daemon's own dirty bitmap.
 
-RAM is sparse: tmpfs allocates a page only when it is first touched, so a 256 GiB guest that
-writes 16 MiB costs 16 MiB. Numpy views of it are free. Every write the daemon itself makes into
+The file is a memfd, a file on a huge-page tmpfs or a hugetlbfs memfd, as the operator chose
+(`backing.py`). RAM is sparse except on hugetlbfs: tmpfs allocates a page only when it is first
+touched, so a 256 GiB guest that writes 16 MiB costs 16 MiB (2 MiB pages: up to 2 MiB per
+touched 2 MiB range). Numpy views of it are free. Every write the daemon itself makes into
 guest RAM goes through `write()`, which marks the pages in `daemon_dirty` (DESIGN R5: KVM sees
 only guest writes).
 """
@@ -18,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _libc
+from .backing import RamBacking, open_ram_file
 from .errors import VmConfigError
 
 PAGE_SIZE = 4096
@@ -25,6 +28,7 @@ PAGE_SHIFT = 12
 
 
 MADV_POPULATE_WRITE = 23  # Linux 5.14
+MADV_HUGEPAGE = 14
 
 
 def populate_write(address: int, length: int) -> None:
@@ -40,7 +44,7 @@ class MemoryRegion:
     slot: int
     guest_phys_addr: int
     size: int
-    offset: int  # into the memfd
+    offset: int  # into the RAM file
 
     @property
     def pages(self) -> int:
@@ -50,7 +54,7 @@ class MemoryRegion:
 class GuestMemory:
     """All guest RAM of one VM. `close()` unmaps it; views taken before are invalid afterwards."""
 
-    def __init__(self, regions: list[MemoryRegion], name: str = "guest-ram") -> None:
+    def __init__(self, regions: list[MemoryRegion], name: str = "guest-ram", backing: RamBacking | None = None) -> None:
         if not regions:
             raise VmConfigError("guest memory needs at least one region")
         for region in regions:
@@ -60,22 +64,25 @@ class GuestMemory:
                 )
         self.regions = tuple(regions)
         self.size = sum(r.size for r in regions)
-        self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.backing = backing if backing is not None else RamBacking()
+        self._fd = open_ram_file(self.backing, name, self.size)
         self.address = 0
         try:
-            os.ftruncate(self._fd, self.size)
-            self.address = _libc.mmap(
-                self.size,
-                _libc.PROT_READ | _libc.PROT_WRITE,
-                _libc.MAP_SHARED | _libc.MAP_NORESERVE,
-                self._fd,
-                0,
-            )
+            # hugetlbfs pages were all taken at open (fallocate): a reserving mapping of them
+            # costs nothing more, while MAP_NORESERVE there would allow a SIGBUS later.
+            flags = _libc.MAP_SHARED | (_libc.MAP_NORESERVE if self.backing.sparse else 0)
+            self.address = _libc.mmap(self.size, _libc.PROT_READ | _libc.PROT_WRITE, flags, self._fd, 0)
+            if self.backing.kind == "shmem-huge":
+                # A tmpfs mounted huge=advise gives huge pages only where asked; the others ignore it.
+                try:
+                    _libc.madvise(self.address, self.size, MADV_HUGEPAGE)
+                except OSError:
+                    pass  # a kernel without THP: huge=advise then gives 4 KiB pages, still correct
         except BaseException:
             os.close(self._fd)
             raise
         self._buffer = (ctypes.c_uint8 * self.size).from_address(self.address)
-        # The memfd's bytes, all regions back to back, in memfd order.
+        # The RAM file's bytes, all regions back to back, in file order.
         self.bytes: npt.NDArray[np.uint8] = np.ctypeslib.as_array(self._buffer)
         self._daemon_lock = threading.Lock()
         # Page ranges the daemon wrote, per slot, as (first, last) pairs. Daemon writes are few
@@ -84,12 +91,28 @@ class GuestMemory:
         self._daemon_dirty: dict[int, list[tuple[int, int]]] = {r.slot: [] for r in regions}
 
     @classmethod
-    def flat(cls, size: int, name: str = "guest-ram") -> GuestMemory:
+    def flat(cls, size: int, name: str = "guest-ram", backing: RamBacking | None = None) -> GuestMemory:
         """One region at guest-physical 0: the layout of every guest migrated runs today."""
-        return cls([MemoryRegion(slot=0, guest_phys_addr=0, size=size, offset=0)], name)
+        return cls([MemoryRegion(slot=0, guest_phys_addr=0, size=size, offset=0)], name, backing)
 
     def host_address(self, region: MemoryRegion) -> int:
         return self.address + region.offset
+
+    def fd_for(self, region: MemoryRegion) -> int:
+        """The RAM file that holds `region` (valid until `close()`), for pread/pwritev/sendfile.
+
+        Writes through it do not mark the daemon's dirty bitmap: use them for a target's
+        incoming pages, never for the daemon's own writes into a running guest (R5). On
+        hugetlbfs, write(2) fails with EINVAL: check `backing.writable_by_fd`."""
+        if region not in self.regions:
+            raise ValueError(f"memory region {region} is not one of this VM's")
+        return self._fd
+
+    def file_offset(self, region: MemoryRegion) -> int:
+        """Where `region` starts in `fd_for(region)`."""
+        if region not in self.regions:
+            raise ValueError(f"memory region {region} is not one of this VM's")
+        return region.offset
 
     def region_of(self, gpa: int, length: int = 1) -> MemoryRegion:
         for region in self.regions:
@@ -140,8 +163,12 @@ class GuestMemory:
         """Page ranges [first, end) of `region` that hold allocated RAM; the rest reads as zero.
 
         tmpfs answers SEEK_DATA/SEEK_HOLE, so a sparse 256 GiB guest is walked by its extents
-        instead of reading 256 GiB of holes (and allocating them on the way).
+        instead of reading 256 GiB of holes (and allocating them on the way); with huge pages
+        the extents are whole 2 MiB pages. hugetlbfs RAM is allocated whole at creation and has
+        no holes to find: the whole region is one extent.
         """
+        if not self.backing.sparse:
+            return [(0, region.pages)]
         extents: list[tuple[int, int]] = []
         position, end = region.offset, region.offset + region.size
         while position < end:

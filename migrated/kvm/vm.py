@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 from . import uapi
 from ._libc import MAP_SHARED, PROT_READ, PROT_WRITE, ioctl, mmap, munmap
+from .backing import RamBacking
 from .dirty import BitmapTracker, DirtyTracker, RingTracker
 from .errors import (
     DirtyTrackingOrderError,
@@ -50,6 +51,7 @@ class VmConfig:
     # vCPUs, which KVM requires for KVM_CREATE_IRQCHIP.
     irqchip: bool = False
     pit: bool = False
+    memory_backing: RamBacking = RamBacking()
 
 
 class VmArch(Protocol):
@@ -60,7 +62,7 @@ class VmArch(Protocol):
 
     def check_config(self, config: VmConfig, caps: HostCaps, tracking: str) -> None: ...
 
-    def guest_memory(self, size: int, name: str) -> GuestMemory: ...
+    def guest_memory(self, size: int, name: str, backing: RamBacking | None = None) -> GuestMemory: ...
 
     def before_vcpus(self, vm: Vm, config: VmConfig) -> None:
         """In-kernel devices that must exist before the first vCPU."""
@@ -164,7 +166,7 @@ class Vm:
                     vm.enable_ring_with_bitmap()  # R2
             elif caps.manual_dirty_log_protect:
                 vm.enable_manual_dirty_log_protect()
-            vm.add_memory(arch.guest_memory(config.memory_bytes, name=f"{config.name}-ram"))
+            vm.add_memory(arch.guest_memory(config.memory_bytes, f"{config.name}-ram", config.memory_backing))
             arch.before_vcpus(vm, config)
             for index in range(config.vcpus):
                 vm.create_vcpu(index)

@@ -15,6 +15,7 @@ from ..config import Config
 from ..control import ByteStream
 from ..events import EventStream
 from ..hosted import HostedVm, VmSpec
+from ..kvm.backing import RamBacking
 from ..kvm.system import Kvm
 from .incoming import Incoming
 from .policy import DowntimeModels
@@ -69,6 +70,10 @@ class MigrationHost(Protocol):
         ...
 
     async def remove_vm(self, hosted: HostedVm, reason: str) -> None: ...
+
+    def memory_backing(self, kind: object) -> RamBacking:
+        """The RAM backing `kind` names, ready for a new VM; MemoryBackingError otherwise."""
+        ...
 
     def check_overcommit(self, spec: VmSpec) -> list[str]:
         """Warnings for a VM that overcommits the host; OvercommitRefused past the configured factors."""

@@ -7,6 +7,7 @@ import trio
 from ..accepting import accept_forever
 from ..control import RequestError
 from ..hosted import VmState
+from ..kvm.backing import MEMORY_BACKINGS
 from ..logs import get_logger
 from .host import CommandArgs, CommandReply, MigrationHost, Migration
 from .source import Source, SourceOptions, new_migration_id
@@ -117,6 +118,7 @@ class MigrationService:
                 args, "completion_timeout_per_gib_s", defaults.completion_timeout_per_gib_s, 0, 86400
             ),
             progress_timeout_s=_number(args, "progress_timeout_s", defaults.progress_timeout_s, 0, 86400),
+            target_memory_backing=_choice(args, "target_memory_backing", "", MEMORY_BACKINGS) or None,
         )
         verify = args.get("verify")
         if verify is not None:

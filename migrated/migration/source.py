@@ -70,6 +70,7 @@ class SourceOptions:
     downtime_guard_ms: float = 2000.0
     completion_timeout_per_gib_s: float = 0.0  # 0: off (KubeVirt's completionTimeoutPerGiB)
     progress_timeout_s: float = 0.0  # 0: off; no byte moved for this long cancels (before the downtime)
+    target_memory_backing: str | None = None  # None: the target daemon's vm.memory_backing
 
 
 class Source:
@@ -112,6 +113,8 @@ class Source:
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None
         self.stats.dirty_tracking = vm.dirty_tracking
+        if vm.memory is not None:
+            self.stats.memory_backing = vm.memory.backing.kind
         self.stats.backup_bitmap = vm.tracker.stats.backup_bitmap
         # A VM the operator paused migrates paused and stays paused on the target.
         self.was_paused = hosted.state is VmState.PAUSED
@@ -223,6 +226,11 @@ class Source:
                 cpu_features={
                     "spec": hosted.spec.to_wire(),
                     "run_state": "paused" if self.was_paused else "running",
+                    **(
+                        {"memory_backing": self.options.target_memory_backing}
+                        if self.options.target_memory_backing
+                        else {}
+                    ),
                     **vmstate.cpu_features(self.daemon.kvm),
                 },
                 dirty_tracking=vm.dirty_tracking,

@@ -40,6 +40,7 @@ class MigrationStats:
     state_bytes: int = 0
     final_pages: int = 0
     dirty_tracking: str = ""
+    memory_backing: str = ""  # what holds this side's guest RAM: memfd, shmem-huge, hugetlbfs
     backup_bitmap: str = ""
     backup_bitmap_pages: int = 0
     backup_bitmap_added: int = 0  # pages only the backup bitmap reported

@@ -33,6 +33,7 @@ from transport import (
 from .. import faults, tls
 from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_config
 from ..kvm.arch import host_arch
+from ..kvm.backing import MEMORY_BACKINGS
 from ..kvm.errors import KvmError
 from ..logs import get_logger
 from ..overcommit import OvercommitRefused
@@ -65,6 +66,7 @@ class Target:
         self.loaded = False
         self.committed = False
         self.run_state = "running"
+        self.memory_backing: str | None = None  # the source's operator's choice for this copy, if any
         self.reserved_name: str | None = None
         self.admitted_id: str | None = None  # counted in daemon.incoming until the connection ends
         self.scope = trio.CancelScope()  # cancelled when a query aborts this copy for good
@@ -194,6 +196,10 @@ class Target:
         problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
         if problem:
             raise Refused(problem)
+        backing = features.get("memory_backing")
+        if backing is not None and backing not in MEMORY_BACKINGS:
+            raise Refused(f"memory_backing {backing!r}: allowed are {', '.join(MEMORY_BACKINGS)}")
+        self.memory_backing = backing
         run_state = features.get("run_state", "running")
         if run_state not in ("running", "paused"):
             raise Refused(f"run_state {run_state!r}: allowed are running, paused")
@@ -223,7 +229,12 @@ class Target:
         self.log = self.log.bind(vm=spec.name, migration_id=description.migration_id)
         defaults = self.daemon.config.vm
         try:
-            config = vm_config(spec, defaults.dirty_tracking, defaults.ring_bytes, defaults.harvest_interval_ms)
+            # This daemon's backing unless the source's operator named one (`migrate
+            # --target-memory-backing`): where RAM lives is the host's business, not the VM's.
+            backing = self.daemon.memory_backing(self.memory_backing or defaults.memory_backing)
+            config = vm_config(
+                spec, defaults.dirty_tracking, defaults.ring_bytes, defaults.harvest_interval_ms, backing
+            )
             self.hosted = await trio.to_thread.run_sync(
                 create_incoming, self.daemon.kvm, spec, config, self.daemon.console_log(spec)
             )
@@ -233,9 +244,15 @@ class Target:
         self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
         # What this copy tracks with, resolved ("ring", not "auto"), as the source reports its own.
         stats.dirty_tracking = self.hosted.vm.dirty_tracking if self.hosted.vm is not None else config.dirty_tracking
+        stats.memory_backing = config.memory_backing.kind
         await self.channel.send(Accept())
         stats.setup_ms = (time.monotonic() - started) * 1e3
-        self.log.info("incoming_vm_accepted", memory_mib=spec.memory_mib, vcpus=spec.vcpus)
+        self.log.info(
+            "incoming_vm_accepted",
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            memory_backing=config.memory_backing.kind,
+        )
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
         views = {r.slot: vm.memory.view(r).reshape(-1, PAGE_SIZE) for r in vm.memory.regions}

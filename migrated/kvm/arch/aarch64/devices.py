@@ -14,6 +14,7 @@ from typing import Any
 from ... import uapi
 from . import uapi as arm_uapi
 from ..._libc import ioctl
+from ...backing import RamBacking
 from ...errors import KvmCapabilityError, KvmIoctlError, VmConfigError
 from ...memory import GuestMemory, MemoryRegion
 from ...saved_state import (
@@ -148,7 +149,7 @@ def machine(vm: Vm) -> ArmMachine:
     return arm
 
 
-def guest_memory(size: int, name: str = "guest-ram") -> GuestMemory:
+def guest_memory(size: int, name: str = "guest-ram", backing: RamBacking | None = None) -> GuestMemory:
     """Guest RAM for an arm64 guest: one region at RAM_BASE (memslot 0)."""
     limit = (1 << DEFAULT_IPA_BITS) - RAM_BASE
     if size > limit:
@@ -156,7 +157,7 @@ def guest_memory(size: int, name: str = "guest-ram") -> GuestMemory:
             f"memory {size} bytes: an arm64 guest here has RAM from {RAM_BASE:#x} to the end of "
             f"the {DEFAULT_IPA_BITS}-bit IPA space, at most {limit} bytes"
         )
-    return GuestMemory([MemoryRegion(slot=0, guest_phys_addr=RAM_BASE, size=size, offset=0)], name)
+    return GuestMemory([MemoryRegion(slot=0, guest_phys_addr=RAM_BASE, size=size, offset=0)], name, backing)
 
 
 def setup_machine(vm: Vm, *, its: bool = True, secondaries_off: bool = True) -> ArmMachine:

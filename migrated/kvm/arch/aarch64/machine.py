@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...backing import RamBacking
 from ...errors import KvmCapabilityError
 from ...memory import GuestMemory
 from ...system import HostCaps, Kvm
@@ -28,8 +29,8 @@ class Aarch64:
                 "and only the backup bitmap sees it; use 'bitmap'"
             )
 
-    def guest_memory(self, size: int, name: str) -> GuestMemory:
-        return guest_memory(size, name=name)
+    def guest_memory(self, size: int, name: str, backing: RamBacking | None = None) -> GuestMemory:
+        return guest_memory(size, name, backing)
 
     def before_vcpus(self, vm: Vm, config: VmConfig) -> None:
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...backing import RamBacking
 from ...memory import GuestMemory
 from ...system import HostCaps, Kvm, cpuid_buffer
 from ...vcpu import Vcpu
@@ -24,8 +25,8 @@ class X86_64:
     def check_config(self, config: VmConfig, caps: HostCaps, tracking: str) -> None:
         return None  # WITH_BITMAP is optional here (R7)
 
-    def guest_memory(self, size: int, name: str) -> GuestMemory:
-        return GuestMemory.flat(size, name=name)
+    def guest_memory(self, size: int, name: str, backing: RamBacking | None = None) -> GuestMemory:
+        return GuestMemory.flat(size, name, backing)
 
     def before_vcpus(self, vm: Vm, config: VmConfig) -> None:
         if config.irqchip:
