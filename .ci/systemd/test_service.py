@@ -264,6 +264,22 @@ def test_live_migration_between_the_two_services() -> None:
         assert show(unit)["NRestarts"] == "0"
 
 
+def test_huge_page_ram_from_the_units_tmpfs_migrates_between_the_services() -> None:
+    """vm.memory_backing "shmem-huge" on the tmpfs the unit mounts (TemporaryFileSystem=; the
+    daemon may not mount), on both sides of a live migration."""
+    ctl(A, "vm", "create", "huge", "--memory", "64", "--working-set", "8", "--dirty-rate", "10",
+        "--memory-backing", "shmem-huge", user="ops")  # fmt: skip
+    assert ctl_json(A, "vm", "show", "huge")["memory_backing"] == "shmem-huge"
+    result = ctl(A, "migrate", "huge", "--to", B_PEER, "--target-memory-backing", "shmem-huge", "--wait", user="ops")
+    assert result.returncode == 0
+    on_b = wait_for(
+        "huge to run on migrated-b",
+        lambda: v if (v := ctl_json(B, "vm", "show", "huge"))["state"] == "running" else None,
+    )
+    assert on_b["memory_backing"] == "shmem-huge" and on_b["guest"]["verification_errors"] == 0, on_b
+    ctl(B, "vm", "stop", "huge", user="ops")
+
+
 def vm_list(unit: str) -> list[dict[str, Any]]:
     listed = ctl_json(unit, "vm", "list")
     return list(listed["vms"] if isinstance(listed, dict) else listed)

@@ -61,9 +61,9 @@ def _mounted(path: Path) -> bool:
     return any(line.split()[4] == str(path) for line in Path("/proc/self/mountinfo").read_text().splitlines())
 
 
-def create(daemon: DaemonProcess, name: str, **extra: Any) -> dict[str, Any]:
+def create(daemon: DaemonProcess, name: str, memory_mib: int = MEMORY_MIB, **extra: Any) -> dict[str, Any]:
     info: dict[str, Any] = daemon.call(
-        "vm.create", name=name, memory_mib=MEMORY_MIB, vcpus=1, dirty_rate_mib_s=32.0, working_set_mib=32, **extra
+        "vm.create", name=name, memory_mib=memory_mib, vcpus=1, dirty_rate_mib_s=32.0, working_set_mib=32, **extra
     )
     wait_for(lambda: heartbeat(daemon, name) > 0, what=f"{name}'s first heartbeat")
     return info
@@ -131,3 +131,15 @@ def test_live_migration_between_backings(
     assert_runs_on(target, "vm1", target_backing)
     assert target.call("migration.status", name="vm1")["memory_backing"] == target_backing
     assert "vm1" not in [vm["name"] for vm in source.call("vm.list")]
+
+
+def test_a_target_without_the_backing_refuses_and_the_vm_runs_on(start_daemon: Any) -> None:
+    source, target = start_daemon("src"), start_daemon("dst")
+    pages = max(MEMORY_MIB // 2, hugetlb_free() + 1)  # more than the pool has (memfd: sparse, cheap)
+    create(source, "vm1", memory_mib=2 * pages)
+    source.call("migrate", name="vm1", to=target.address, target_memory_backing="hugetlbfs")
+    stats = wait_migration(source, "vm1")
+    assert stats["state"] in ("failed", "aborted"), stats
+    assert f"needs {pages} huge pages of 2048 KiB" in stats["error"], stats
+    assert_runs_on(source, "vm1", "memfd")
+    assert "vm1" not in [vm["name"] for vm in target.call("vm.list")]
