@@ -91,6 +91,12 @@ def test_daemon_default_and_per_vm_override(start_daemon: Any, tmp_path: Path) -
     assert shown["memory_allocated_bytes"] % (2 << 20) == 0
     assert assert_runs_on(daemon, "small", "memfd")["memory_allocated_bytes"] > 0
     assert os.listdir(ram_dir) == []  # unnamed files only
+    daemon.call("vm.pause", name="huge")
+    dump = tmp_path / "huge.bin"
+    daemon.call("vm.dump", name="huge", file=str(dump))
+    data = dump.read_bytes()
+    assert len(data) == MEMORY_MIB << 20 and data.count(0) < len(data)  # all of RAM, the guest's writes in it
+    daemon.call("vm.resume", name="huge")
     assert daemon.stop() == 0
     assert not _mounted(ram_dir)  # the daemon unmounts what it mounted
 
