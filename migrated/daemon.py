@@ -559,15 +559,17 @@ async def run_daemon(
         with_bitmap=caps.dirty_ring_with_bitmap,
         arch=caps.arch,
     )
-    if config.vm.memory_backing == "shmem-huge":
-        # Its default backing must be usable before the daemon looks ready (MemoryBackingError
-        # stops the start with the reason).
-        daemon.memory_backing(config.vm.memory_backing)
-        log.info("memory_backing_ready", directory=str(daemon.ram_directory.path), mounted=daemon.ram_directory.mounted)
     metrics: DaemonMetrics | None = None
     if daemon.realtime_error is not None:
         log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)
     try:
+        if config.vm.memory_backing == "shmem-huge":
+            # Its default backing must be usable before the daemon looks ready (MemoryBackingError
+            # stops the start with the reason; the finally unmounts what was mounted).
+            daemon.memory_backing(config.vm.memory_backing)
+            log.info(
+                "memory_backing_ready", directory=str(daemon.ram_directory.path), mounted=daemon.ram_directory.mounted
+            )
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 daemon.nursery = nursery

@@ -149,3 +149,16 @@ def test_a_target_without_the_backing_refuses_and_the_vm_runs_on(start_daemon: A
     assert f"needs {pages} huge pages of 2048 KiB" in stats["error"], stats
     assert_runs_on(source, "vm1", "memfd")
     assert "vm1" not in [vm["name"] for vm in target.call("vm.list")]
+
+
+def test_a_default_backing_the_daemon_cannot_have_stops_its_start(tmp_path: Path) -> None:
+    plain = tmp_path / "not-huge"
+    plain.mkdir()
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[vm]\nmemory_backing = "shmem-huge"\nmemory_backing_dir = "{plain}"\n')
+    daemon = DaemonProcess("bad", tmp_path, write_key(tmp_path / "peer.key"), extra_args=("--config", str(config)))
+    with pytest.raises(RuntimeError, match="did not start"):
+        daemon.start(timeout=60)
+    assert daemon.process is not None and daemon.process.wait(timeout=30) == 1
+    assert f"vm.memory_backing_dir: {plain} is on a" in daemon.log(), daemon.log()
+    assert not daemon.socket.exists()
