@@ -62,6 +62,9 @@ class TrackerStats:
 class DirtyTracker(Protocol):
     mode: str
     stats: TrackerStats
+    # Ring entries each vCPU pushed between the last two collect() calls, by vCPU index: what
+    # a per-vCPU dirty limit measures (empty in bitmap mode, which cannot tell vCPUs apart).
+    entries_by_vcpu: dict[int, int]
 
     def collect(self) -> DirtyPages: ...
 
@@ -124,6 +127,8 @@ class RingTracker:
         self._pending_entries = 0
         self._compacted_entries = 0
         self._empty_full_exits: dict[int, int] = {}
+        self._vcpu_entries: dict[int, int] = {}  # since the last collect(), by vCPU
+        self.entries_by_vcpu: dict[int, int] = {}
         self.stats = TrackerStats(mode="ring", backup_bitmap=with_bitmap_reason)
         self._backup_bitmaps = (
             {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions} if with_bitmap else {}
@@ -153,6 +158,8 @@ class RingTracker:
                 if count < self._entries:
                     break
             counts[index] = harvested
+            # The shim's counts, one addition per ring per harvest: no per-entry work here.
+            self._vcpu_entries[index] = self._vcpu_entries.get(index, 0) + harvested
             total += harvested
         self._pending_entries += total
         if self._pending_entries - self._compacted_entries > self.COMPACT_ENTRIES:
@@ -204,6 +211,7 @@ class RingTracker:
             offsets = self._pending_offset
             self._pending_slot, self._pending_offset = [], []
             self._pending_entries = self._compacted_entries = 0
+            self.entries_by_vcpu, self._vcpu_entries = self._vcpu_entries, {}
             for slot, pages in daemon.items():
                 if pages.size:
                     slots.append(np.full(pages.size, slot, np.uint32))
@@ -251,6 +259,7 @@ class BitmapTracker:
         self._manual_protect = manual_protect
         self._lock = threading.Lock()
         self._bitmaps = {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions}
+        self.entries_by_vcpu: dict[int, int] = {}
         self.stats = TrackerStats(mode="bitmap", backup_bitmap="not applicable: bitmap mode tracks all in the bitmap")
 
     def poll(self) -> None:
