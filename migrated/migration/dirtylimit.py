@@ -5,8 +5,8 @@ throttle slows every vCPU alike, this slows only the vCPUs that dirty more than 
 vCPU that dirties little keeps running at full speed while the one that rewrites memory fastest
 is held back.
 
-Each round the caller passes what each vCPU pushed into its dirty ring since the last round and
-the shares in force. From them:
+Each round the caller passes the distinct pages each vCPU's dirty ring reported since the last
+round and the shares in force. From them:
 1. each vCPU's demand: the rate it would dirty at running free, its measured rate over the share
    of the time it ran (a vCPU held out of KVM_RUN for `share` of the time dirties only then);
 2. the budget: the total dirty rate the link can absorb while the rounds still shrink toward the
@@ -69,14 +69,12 @@ class DirtyLimitPlan:
         return [v for v in self.vcpus if v.limited]
 
 
-def rates_bytes_s(entries_by_vcpu: Mapping[int, int], vcpus: int, seconds: float) -> list[float]:
-    """Each vCPU's dirty rate from its ring entries over `seconds` (a vCPU with none: 0).
-
-    A ring entry is one page the vCPU dirtied after the page's protection was re-armed, so the
-    entries count the pages the link must carry again, per vCPU."""
+def rates_bytes_s(pages_by_vcpu: Mapping[int, int], vcpus: int, seconds: float) -> list[float]:
+    """Each vCPU's dirty rate from the distinct pages its ring reported over `seconds` (a vCPU
+    with none: 0): the pages the link must carry again because of that vCPU."""
     if seconds <= 0:
         raise ValueError(f"a round of {seconds} s: the rates need a positive interval")
-    return [entries_by_vcpu.get(i, 0) * PAGE_SIZE / seconds for i in range(vcpus)]
+    return [pages_by_vcpu.get(i, 0) * PAGE_SIZE / seconds for i in range(vcpus)]
 
 
 def dirty_budget_bytes_s(

@@ -458,7 +458,7 @@ class Source:
             )
         vcpus = len(vm.vcpus)
         shares = self._dirty_shares or [0.0] * vcpus
-        rates = dirtylimit.rates_bytes_s(vm.tracker.entries_by_vcpu, vcpus, round_s)
+        rates = dirtylimit.rates_bytes_s(vm.tracker.pages_by_vcpu, vcpus, round_s)
         budget = dirtylimit.dirty_budget_bytes_s(
             self._bandwidth.rate, self.options.downtime_limit_ms, other_costs_ms, round_s, vcpus
         )

@@ -12,8 +12,8 @@ from migrated.migration.policy import Decision, DowntimeEstimate, Policy
 MIB = 1 << 20
 
 
-def test_rates_come_from_each_rings_entries() -> None:
-    # 25,600 entries of 4 KiB in 0.5 s: 200 MiB/s; a vCPU without entries dirtied nothing.
+def test_rates_come_from_each_rings_pages() -> None:
+    # 25,600 pages of 4 KiB in 0.5 s: 200 MiB/s; a vCPU without pages dirtied nothing.
     assert dirtylimit.rates_bytes_s({0: 25_600}, 2, 0.5) == [200 * MIB, 0.0]
     with pytest.raises(ValueError, match="positive interval"):
         dirtylimit.rates_bytes_s({0: 1}, 1, 0.0)
