@@ -33,14 +33,15 @@ from daemons import DaemonProcess, wait_for, wait_migration  # noqa: E402
 
 MIB = 1 << 20
 POLICIES = ("throttle", "dirty-limit")
+Counters = tuple[float, list[int], list[int]]  # time, pages written and heartbeats by vCPU
 
 
-def guest_counters(daemon: DaemonProcess) -> tuple[float, list[int], list[int]]:
+def guest_counters(daemon: DaemonProcess) -> Counters:
     guest = daemon.call("vm.show", name="vm1")["guest"]
     return time.monotonic(), list(guest["pages_written_per_vcpu"]), list(guest["heartbeat"])
 
 
-def pace(before: tuple[float, list[int], list[int]], after: tuple[float, list[int], list[int]]) -> dict[str, Any]:
+def pace(before: Counters, after: Counters) -> dict[str, Any]:
     seconds = after[0] - before[0]
     return {
         "mib_s": [round((b - a) * 4096 / MIB / seconds, 2) for a, b in zip(before[1], after[1], strict=True)],
@@ -48,18 +49,31 @@ def pace(before: tuple[float, list[int], list[int]], after: tuple[float, list[in
     }
 
 
-def wait_policy(source: DaemonProcess, max_rounds: int) -> tuple[float, list[int], list[int]] | None:
-    """The guest's counters once the policy acts (the round after max_rounds), or None if the
-    migration ended first."""
+def watch_rounds(source: DaemonProcess, max_rounds: int) -> tuple[Counters | None, Counters | None]:
+    """The guest's counters once the policy acts (the round after max_rounds) and once the VM
+    paused for the downtime (taken at the last poll that still saw the rounds: the guest's
+    counters stand still from the pause on). None where the migration passed that point before
+    a poll saw it."""
+    engaged: Counters | None = None
+    last: Counters | None = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         stats = source.call("migration.status", name="vm1")
         if stats["state"] not in ("setup", "bulk", "rounds"):
-            return None
+            if engaged is None or last is None:
+                return engaged, None
+            try:
+                frozen = guest_counters(source)
+            except Exception:  # released already: the VM is the target's
+                return engaged, None
+            # The counters of the pause, at the time of the last poll that saw the VM running.
+            return engaged, (last[0], frozen[1], frozen[2])
         if stats["round"] > max_rounds:
-            return guest_counters(source)
-        time.sleep(0.02)  # polling a condition; the wait ends on it
-    raise AssertionError("the migration did not reach its rounds within 300 s")
+            last = guest_counters(source)
+            if engaged is None:
+                engaged = last
+        time.sleep(0.01)  # polling a condition; the wait ends on it
+    raise AssertionError("the migration did not reach its downtime within 300 s")
 
 
 def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
@@ -98,7 +112,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                 downtime_limit_ms=args.limit_ms,
                 max_bandwidth_mib_s=args.cap_mib_s,
             )
-            engaged = wait_policy(source, args.max_rounds)
+            engaged, paused = watch_rounds(source, args.max_rounds)
             stats = wait_migration(source, "vm1", timeout=300)
             moved = stats["state"] == "completed"
             after = guest_counters(target if moved else source)
@@ -116,8 +130,8 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                     "dirty_limited_vcpus": stats.get("dirty_limited_vcpus"),
                     "before": pace(first, before),
                     "during": pace(before, after),
-                    # From the first round the policy acted in to the end (downtime included).
-                    "while_policy_acts": None if engaged is None else pace(engaged, after),
+                    # From the first round the policy acted in to the pause.
+                    "while_policy_acts": None if engaged is None or paused is None else pace(engaged, paused),
                 }
             )
             if moved:
