@@ -64,8 +64,9 @@ class DirtyTracker(Protocol):
     stats: TrackerStats
     # Distinct pages each vCPU's ring reported between the last two collect() calls, by vCPU
     # index: what a per-vCPU dirty limit measures (empty in bitmap mode, which cannot tell vCPUs
-    # apart).
+    # apart, and while `count_pages_by_vcpu` is off: the count costs a second dedup).
     pages_by_vcpu: dict[int, int]
+    count_pages_by_vcpu: bool
 
     def collect(self) -> DirtyPages: ...
 
@@ -131,6 +132,7 @@ class RingTracker:
         self._empty_full_exits: dict[int, int] = {}
         self._vcpu_pages: dict[int, int] = {}  # since the last collect(), by vCPU
         self.pages_by_vcpu: dict[int, int] = {}
+        self.count_pages_by_vcpu = False
         self.stats = TrackerStats(mode="ring", backup_bitmap=with_bitmap_reason)
         self._backup_bitmaps = (
             {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions} if with_bitmap else {}
@@ -181,6 +183,8 @@ class RingTracker:
 
         Distinct, not entries: a page the guest rewrites all the time (its stack, a counter) is
         pushed again after every harvest's reset, hundreds of times a second, but sent once."""
+        if not self.count_pages_by_vcpu:
+            return
         chunks: dict[int, list[int]] = {}
         for position, vcpu in enumerate(self._pending_vcpu):
             if vcpu >= 0:
@@ -281,6 +285,7 @@ class BitmapTracker:
         self._lock = threading.Lock()
         self._bitmaps = {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions}
         self.pages_by_vcpu: dict[int, int] = {}
+        self.count_pages_by_vcpu = False  # nothing to count: the bitmap cannot tell vCPUs apart
         self.stats = TrackerStats(mode="bitmap", backup_bitmap="not applicable: bitmap mode tracks all in the bitmap")
 
     def poll(self) -> None:

@@ -382,6 +382,9 @@ class Source:
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
         self.stats.state = self.stats.phase = "rounds"
+        # The dirty limit's measure, counted from the first round on: when the policy acts after
+        # max_rounds, the last round's per-vCPU rates are there already.
+        vm.tracker.count_pages_by_vcpu = self.options.on_no_convergence == "dirty-limit"
         while True:
             # Built each round: `migration set` may have changed the limit since the last one.
             policy = Policy(
@@ -484,6 +487,8 @@ class Source:
     async def _lift_limits(self, reason: str) -> None:
         """End the throttle or the dirty limit in force: never left on after the migration."""
         vm = self.hosted.vm
+        if vm is not None and vm.tracker is not None:
+            vm.tracker.count_pages_by_vcpu = False
         if vm is None or not vm.throttle_share:
             return
         await trio.to_thread.run_sync(vm.set_throttle, 0.0)
