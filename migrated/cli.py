@@ -213,7 +213,10 @@ def cmd_vm_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_set(args: argparse.Namespace) -> int:
-    result = _call(args, "vm.set", {"name": args.name, "dirty_rate_mib_s": args.dirty_rate})
+    payload: dict[str, Any] = {"name": args.name, "dirty_rate_mib_s": args.dirty_rate}
+    if args.vcpu is not None:
+        payload["vcpu"] = args.vcpu
+    result = _call(args, "vm.set", payload)
     _print(args, result, _format_show(result))
     return 0
 
@@ -470,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     set_rate = _command(vm, "set", "change a running workload guest's dirty rate")
     _vm_name(set_rate)
     set_rate.add_argument("--dirty-rate", type=_rate, required=True, metavar="MiB/s", help="MiB/s, or 'max'")
+    set_rate.add_argument(
+        "--vcpu",
+        type=int,
+        default=None,
+        metavar="N",
+        help="set vCPU N's own rate instead of the whole VM's (0 MiB/s: it follows the VM's rate again); "
+        "default: the whole VM",
+    )
     set_rate.set_defaults(func=cmd_vm_set)
 
     for name, text in (("pause", "stop the vCPUs (the VM stays here)"), ("resume", "run a paused VM again")):
@@ -527,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument(
         "--on-no-convergence",
-        choices=["abort", "force-downtime", "throttle"],
+        choices=["abort", "force-downtime", "throttle", "dirty-limit"],
         help="what happens when --max-rounds pass over the limit (default: the daemon's migration.on_no_convergence)",
     )
     migrate.add_argument(

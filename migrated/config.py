@@ -59,7 +59,7 @@ LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error", "critic
 PeerAuth = Literal["psk", "tls", "none"]
 DirtyTracking = Literal["auto", "ring", "bitmap"]
 MemoryBacking = Literal["memfd", "shmem-huge", "hugetlbfs"]
-NoConvergence = Literal["abort", "force-downtime", "throttle"]
+NoConvergence = Literal["abort", "force-downtime", "throttle", "dirty-limit"]
 Verify = Literal["full", "off"]
 
 KIB = 1024
@@ -418,7 +418,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_bandwidth_mib_s": _Key(0, _number(0, 1024 * 1024), True),
         "max_rounds": _Key(30, _integer(1, 10_000), True),
         "timeout_s": _Key(600, _number(1, 86_400), True),
-        "on_no_convergence": _Key("abort", _one_of("abort", "force-downtime", "throttle"), True),
+        "on_no_convergence": _Key("abort", _one_of("abort", "force-downtime", "throttle", "dirty-limit"), True),
         "verify": _Key("full", _one_of("full", "off"), True),
         "max_batch_bytes": _Key(8 * MIB, _integer(1 * MIB, 64 * MIB, sizes=True), True),
         "downtime_guard_ms": _Key(2000, _integer(0, 600_000), True),

@@ -236,7 +236,8 @@ class Daemon:
         return {"name": hosted.name, "state": "stopped"}
 
     async def cmd_vm_set(self, args: CommandArgs) -> CommandReply:
-        """Change a running workload guest's dirty rate (MiB/s, or "max"), live."""
+        """Change a running workload guest's dirty rate (MiB/s, or "max"), live: the whole VM's,
+        or with `vcpu` that one vCPU's own."""
         hosted = self.hosted(args)
         rate = args.get("dirty_rate_mib_s")
         if rate in ("max", "inf"):
@@ -245,7 +246,16 @@ class Daemon:
             raise RequestError(f"dirty_rate_mib_s {rate!r}: a number >= 0, or 'max'")
         if hosted.guest is None or hosted.vm is None:
             raise RequestError(f"VM {hosted.name} has no workload guest to set a rate on")
-        hosted.guest.set_rate(hosted.vm.write_guest, float(rate))
+        vcpu = args.get("vcpu")
+        if vcpu is None:
+            hosted.guest.set_rate(hosted.vm.write_guest, float(rate))
+            return hosted.show()
+        if isinstance(vcpu, bool) or not isinstance(vcpu, int):
+            raise RequestError(f"vcpu {vcpu!r}: a vCPU index (an integer)")
+        try:
+            hosted.guest.set_vcpu_rate(hosted.vm.write_guest, vcpu, float(rate))
+        except ValueError as err:
+            raise RequestError(f"VM {hosted.name}: {err}") from None
         return hosted.show()
 
     async def cmd_vm_pause(self, args: CommandArgs) -> CommandReply:

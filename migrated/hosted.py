@@ -224,12 +224,15 @@ class HostedVm:
                 "harvester_realtime": vm.harvester_realtime,
             }
             info["vcpus"] = [asdict(v.stats()) for v in vm.vcpus]
+            # The share of each throttle period each vCPU is held out of KVM_RUN (0: runs free).
+            info["vcpu_throttle_percent"] = [round(share * 100, 1) for share in vm.vcpu_throttle_shares]
         if vm is not None and self.guest is not None and vm.memory is not None:
             status = self.guest.status(vm.ram)
             info["guest"] = {
                 "heartbeat": [s.heartbeat for s in status],
                 "heartbeat_generation": sum(s.heartbeat for s in status),
                 "pages_written": sum(s.pages_written for s in status),
+                "pages_written_per_vcpu": [s.pages_written for s in status],
                 "verification_errors": sum(s.verify_errors for s in status),
                 "passes_done": [s.passes_done for s in status],
             }

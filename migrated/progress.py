@@ -138,6 +138,18 @@ def format_summary(stats: dict[str, Any]) -> str:
         add("dirty_rate_mib_s", f"{float(stats.get('dirty_rate_mib_s', 0.0)):.1f}")
     if stats.get("throttle_percent"):
         add("throttle_percent", str(stats["throttle_percent"]))
+    limits = stats.get("dirty_limits") or []
+    if limits:
+        held = ", ".join(
+            f"vCPU {limit['vcpu']} at {float(limit['limit_mib_s']):.1f} MiB/s ({float(limit['throttle_percent']):g}% held)"
+            for limit in limits
+        )
+        add("dirty_limits", held)
+    elif stats.get("dirty_limited_vcpus"):
+        add(
+            "dirty_limits",
+            f"none in force at the end (limited: vCPU {', '.join(map(str, stats['dirty_limited_vcpus']))})",
+        )
     add("dirty_tracking", stats.get("dirty_tracking") or None)
     backup = str(stats.get("backup_bitmap") or "")
     if backup:

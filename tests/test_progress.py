@@ -100,3 +100,13 @@ def test_summary_on_the_target() -> None:
     summary = format_summary(stats(state="completed", role="target", peer="10.0.0.1:50000"))
     assert "role: target (from 10.0.0.1:50000)" in summary and "bytes_received: 64.0 MiB" in summary
     assert "bandwidth_mib_s" not in summary and "total_ms" not in summary
+
+
+def test_summary_names_the_limited_vcpus_and_what_they_were_held_to() -> None:
+    limits = [{"vcpu": 0, "limit_mib_s": 8.44, "dirty_rate_mib_s": 21.7, "throttle_percent": 62.7}]
+    summary = format_summary(stats(state="completed", dirty_limits=limits, dirty_limited_vcpus=[0]))
+    assert "dirty_limits: vCPU 0 at 8.4 MiB/s (62.7% held)" in summary
+    # Limited earlier, free by the end: still named.
+    summary = format_summary(stats(state="completed", dirty_limits=[], dirty_limited_vcpus=[0, 2]))
+    assert "dirty_limits: none in force at the end (limited: vCPU 0, 2)" in summary
+    assert "dirty_limits" not in format_summary(stats(state="completed"))

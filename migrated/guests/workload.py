@@ -357,6 +357,14 @@ class GuestView(ABC, Generic[L]):
         """Whole-VM dirty rate in MiB/s (0 idle, math.inf unlimited); the guest applies it live."""
         self._set_param(write, abi.WL_P_RATE, rate_pages_per_vcpu(mib_s, self.layout.vcpus))
 
+    def set_vcpu_rate(self, write: Write, vcpu: int, mib_s: float) -> None:
+        """One vCPU's own dirty rate in MiB/s (math.inf unlimited), live; 0: it follows the
+        VM-wide rate again. So one vCPU can dirty fast and another slowly."""
+        if not 0 <= vcpu < min(self.layout.vcpus, abi.WL_VCPU_RATES):
+            raise ValueError(f"vCPU {vcpu}: this guest has vCPUs 0 to {min(self.layout.vcpus, abi.WL_VCPU_RATES) - 1}")
+        pages = 0 if mib_s == 0 else rate_pages_per_vcpu(mib_s, 1)
+        self._set_param(write, abi.WL_P_VCPU_RATE + vcpu, pages)
+
     def set_mode(self, write: Write, mode: Mode) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode {mode!r}: allowed are {', '.join(_MODES)}")

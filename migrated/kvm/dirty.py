@@ -62,6 +62,11 @@ class TrackerStats:
 class DirtyTracker(Protocol):
     mode: str
     stats: TrackerStats
+    # Distinct pages each vCPU's ring reported between the last two collect() calls, by vCPU
+    # index: what a per-vCPU dirty limit measures (empty in bitmap mode, which cannot tell vCPUs
+    # apart, and while `count_pages_by_vcpu` is off: the count costs a second dedup).
+    pages_by_vcpu: dict[int, int]
+    count_pages_by_vcpu: bool
 
     def collect(self) -> DirtyPages: ...
 
@@ -121,9 +126,13 @@ class RingTracker:
         self._out_offset = np.empty(ring_entries, np.uint64)
         self._pending_slot: list[npt.NDArray[np.uint32]] = []
         self._pending_offset: list[PageArray] = []
+        self._pending_vcpu: list[int] = []  # the vCPU of each pending chunk; -1: mixed or none
         self._pending_entries = 0
         self._compacted_entries = 0
         self._empty_full_exits: dict[int, int] = {}
+        self._vcpu_pages: dict[int, int] = {}  # since the last collect(), by vCPU
+        self.pages_by_vcpu: dict[int, int] = {}
+        self.count_pages_by_vcpu = False
         self.stats = TrackerStats(mode="ring", backup_bitmap=with_bitmap_reason)
         self._backup_bitmaps = (
             {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions} if with_bitmap else {}
@@ -149,6 +158,7 @@ class RingTracker:
                 if count:
                     self._pending_slot.append(self._out_slot[:count].copy())
                     self._pending_offset.append(self._out_offset[:count].copy())
+                    self._pending_vcpu.append(index)
                     harvested += count
                 if count < self._entries:
                     break
@@ -168,9 +178,30 @@ class RingTracker:
             self.stats.entries_harvested += total
         return counts
 
+    def _count_by_vcpu_locked(self) -> None:
+        """Adds each vCPU's distinct pending pages to its count: one dedup (in the shim) per vCPU.
+
+        Distinct, not entries: a page the guest rewrites all the time (its stack, a counter) is
+        pushed again after every harvest's reset, hundreds of times a second, but sent once."""
+        if not self.count_pages_by_vcpu:
+            return
+        chunks: dict[int, list[int]] = {}
+        for position, vcpu in enumerate(self._pending_vcpu):
+            if vcpu >= 0:
+                chunks.setdefault(vcpu, []).append(position)
+        for vcpu, positions in chunks.items():
+            slots, _ = self._dedup.unique(
+                np.concatenate([self._pending_slot[p] for p in positions]),
+                np.concatenate([self._pending_offset[p] for p in positions]),
+            )
+            self._vcpu_pages[vcpu] = self._vcpu_pages.get(vcpu, 0) + int(slots.size)
+
     def _compact_locked(self) -> None:
+        # The compacted chunk mixes vCPUs: their counts are taken first (a page dirtied on both
+        # sides of a compaction counts twice, which overstates a rate, never hides one).
+        self._count_by_vcpu_locked()
         slots, offsets = self._dedup.unique(np.concatenate(self._pending_slot), np.concatenate(self._pending_offset))
-        self._pending_slot, self._pending_offset = [slots], [offsets]
+        self._pending_slot, self._pending_offset, self._pending_vcpu = [slots], [offsets], [-1]
         self._pending_entries = self._compacted_entries = int(slots.size)
 
     def poll(self) -> None:
@@ -199,10 +230,12 @@ class RingTracker:
         started = time.perf_counter()
         with self._lock:
             self._harvest_locked()
+            self._count_by_vcpu_locked()
+            self.pages_by_vcpu, self._vcpu_pages = self._vcpu_pages, {}
             daemon = self._memory.take_daemon_dirty()
             slots = self._pending_slot
             offsets = self._pending_offset
-            self._pending_slot, self._pending_offset = [], []
+            self._pending_slot, self._pending_offset, self._pending_vcpu = [], [], []
             self._pending_entries = self._compacted_entries = 0
             for slot, pages in daemon.items():
                 if pages.size:
@@ -251,6 +284,8 @@ class BitmapTracker:
         self._manual_protect = manual_protect
         self._lock = threading.Lock()
         self._bitmaps = {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions}
+        self.pages_by_vcpu: dict[int, int] = {}
+        self.count_pages_by_vcpu = False  # nothing to count: the bitmap cannot tell vCPUs apart
         self.stats = TrackerStats(mode="bitmap", backup_bitmap="not applicable: bitmap mode tracks all in the bitmap")
 
     def poll(self) -> None:

@@ -5,6 +5,10 @@ on a condition variable, outside KVM_RUN (so KVM has flushed the CPU's dirty log
 FINISHED: the thread has ended, for a stop request or for an error it could not continue from.
 Pausing follows DESIGN section 2: set `immediate_exit`, then signal the thread so a KVM_RUN in
 progress returns EINTR; the vCPU counts as paused only once its thread reports it has parked.
+
+A throttle holds a vCPU out of KVM_RUN with the same machinery (`hold`/`release`), but apart from
+the pause the VMM asked for: a held vCPU is parked, so `pause()` finds it parked at once, and a
+release never runs a vCPU that was paused meanwhile.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class Vcpu:
         self.handlers: dict[int, ExitHandler] = {}
         self._cond = threading.Condition()
         self._want = VcpuRunState.PAUSED
+        self._held = False  # held out of KVM_RUN by a throttle, whatever `_want` says
         self._state = VcpuRunState.CREATED
         self._thread: threading.Thread | None = None
         self.on_finished: Callable[[Vcpu], None] | None = None
@@ -162,6 +167,28 @@ class Vcpu:
             except ProcessLookupError:
                 pass  # the thread has just ended; wait_parked sees FINISHED
 
+    def hold(self) -> None:
+        """Keep the thread out of KVM_RUN (it parks) until `release()`; does not wait."""
+        with self._cond:
+            if self._state is VcpuRunState.FINISHED or self._thread is None or self._held:
+                return
+            self._held = True
+            self.run.immediate_exit = 1
+            ident = self._thread.ident
+        if ident is not None:
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def release(self) -> None:
+        """End a hold: the thread runs again if (and only if) it is wanted running."""
+        with self._cond:
+            if not self._held:
+                return
+            self._held = False
+            self._cond.notify_all()
+
     def wait_parked(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (self.PAUSE_TIMEOUT_S if timeout is None else timeout)
         with self._cond:
@@ -178,7 +205,6 @@ class Vcpu:
         with self._cond:
             if self._state is VcpuRunState.FINISHED:
                 raise VcpuError(f"vCPU {self.index} has finished and cannot resume: {self.error}")
-            self.run.immediate_exit = 0
             self._want = VcpuRunState.RUNNING
             self._cond.notify_all()
 
@@ -266,16 +292,20 @@ class Vcpu:
         incomplete = False
         while True:
             with self._cond:
-                if incomplete and self._want is not VcpuRunState.RUNNING:
+                if incomplete and (self._want is not VcpuRunState.RUNNING or self._held):
                     self.run.immediate_exit = 1
                 else:
-                    while self._want is VcpuRunState.PAUSED:
+                    while self._want is VcpuRunState.PAUSED or (self._held and self._want is VcpuRunState.RUNNING):
                         if self._state is not VcpuRunState.PAUSED:
                             self._state = VcpuRunState.PAUSED
                             self._cond.notify_all()
                         self._cond.wait()
                     if self._want is VcpuRunState.FINISHED:
                         return
+                    # Cleared here, under the lock, rather than by resume() or release(): the
+                    # thread enters KVM_RUN only when neither a pause nor a hold wants it out,
+                    # and a request after this point sets it again before it kicks.
+                    self.run.immediate_exit = 0
                     self._state = VcpuRunState.RUNNING
             try:
                 ioctl(self.fd, uapi.KVM_RUN, 0)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -143,7 +144,7 @@ class Vm:
         self.harvester_error: BaseException | None = None
         self._throttle_thread: threading.Thread | None = None
         self._throttle_stop = threading.Event()
-        self._throttle_share = 0.0
+        self._throttle_shares: tuple[float, ...] = ()
         self.harvester_realtime: bool | None = None  # SCHED_FIFO granted (None: not started)
         self.on_vcpu_finished: Callable[[Vcpu], None] | None = None
         # arm64 only: the vCPU init and the vGIC/ITS device fds (aarch64.setup_machine).
@@ -392,22 +393,34 @@ class Vm:
     THROTTLE_PERIOD_S = 0.01
 
     def set_throttle(self, share: float) -> None:
-        """Keep the vCPUs paused for `share` of every 10 ms (0 = off; returns with them running).
+        """Hold every vCPU out of KVM_RUN for `share` of every 10 ms (0 = off): the whole-VM
+        throttle, the same share for each vCPU (`set_vcpu_throttle`)."""
+        self.set_vcpu_throttle([share] * len(self.vcpus))
 
-        For a guest that dirties memory faster than it can be sent: a pause costs ~0.1 ms here
-        (HOST-NOTES), so a 10 ms period throttles finely. Call with 0 before pause() or resume().
-        """
-        if not 0.0 <= share < 1.0:
-            raise VmConfigError(f"throttle share {share}: from 0 (off) up to, not including, 1")
+    def set_vcpu_throttle(self, shares: Sequence[float]) -> None:
+        """Hold vCPU i out of KVM_RUN for `shares[i]` of every 10 ms (0: it runs free; all 0:
+        the throttle thread ends and every hold is released).
+
+        For a guest that dirties memory faster than it can be sent: a hold costs one KVM_RUN exit
+        (~8 us here, HOST-NOTES), so a 10 ms period throttles finely. A hold is not a pause: a
+        held vCPU answers `pause()` at once (it is parked already) and lifting the throttle never
+        runs a vCPU that `pause()` stopped."""
+        if len(shares) != len(self.vcpus):
+            raise VmConfigError(f"{len(shares)} throttle shares for {len(self.vcpus)} vCPUs")
+        for index, share in enumerate(shares):
+            if not 0.0 <= share < 1.0:
+                raise VmConfigError(f"vCPU {index}: throttle share {share}: from 0 (off) up to, not including, 1")
         thread = self._throttle_thread
-        if share == 0.0:
+        if not any(shares):
             if thread is not None:
                 self._throttle_stop.set()
                 thread.join()
                 self._throttle_thread = None
-                self.resume()
+            self._throttle_shares = ()
+            for vcpu in self.vcpus:
+                vcpu.release()
             return
-        self._throttle_share = share
+        self._throttle_shares = tuple(shares)  # read whole by the loop at each period
         if thread is None:
             self._throttle_stop.clear()
             self._throttle_thread = threading.Thread(
@@ -417,16 +430,30 @@ class Vm:
 
     @property
     def throttle_share(self) -> float:
-        return self._throttle_share if self._throttle_thread is not None else 0.0
+        """The largest share in force (0: no throttle)."""
+        return max(self.vcpu_throttle_shares, default=0.0)
+
+    @property
+    def vcpu_throttle_shares(self) -> tuple[float, ...]:
+        """Each vCPU's share in force (all 0 without a throttle)."""
+        if self._throttle_thread is None or not self._throttle_shares:
+            return (0.0,) * len(self.vcpus)
+        return self._throttle_shares
 
     def _throttle_loop(self) -> None:
+        # Each period: hold every throttled vCPU, release each when its share has passed, then
+        # let all run to the period's end.
         while not self._throttle_stop.is_set():
-            share = self._throttle_share
-            self.pause()
-            if self._throttle_stop.wait(share * self.THROTTLE_PERIOD_S):
-                return
-            self.resume()
-            self._throttle_stop.wait((1.0 - share) * self.THROTTLE_PERIOD_S)
+            shares = self._throttle_shares
+            started = time.monotonic()
+            held = sorted((share, index) for index, share in enumerate(shares) if share > 0)
+            for _, index in held:
+                self.vcpus[index].hold()
+            for share, index in held:
+                if self._throttle_stop.wait(max(0.0, started + share * self.THROTTLE_PERIOD_S - time.monotonic())):
+                    return  # set_vcpu_throttle releases the holds
+                self.vcpus[index].release()
+            self._throttle_stop.wait(max(0.0, started + self.THROTTLE_PERIOD_S - time.monotonic()))
 
     def pause(self) -> None:
         """Stop every vCPU; returns once every vCPU thread has left KVM_RUN and parked."""
@@ -449,6 +476,7 @@ class Vm:
             self._throttle_stop.set()
             self._throttle_thread.join()
             self._throttle_thread = None
+            self._throttle_shares = ()
         self._harvest_stop.set()
         for vcpu in self.vcpus:
             vcpu.stop()

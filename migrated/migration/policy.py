@@ -88,6 +88,7 @@ class Decision(enum.Enum):
     STOP_AND_COPY = "stop-and-copy"
     THROTTLE_MORE = "throttle-more"  # another round, with the guest's vCPUs slowed further
     GIVE_UP = "give-up"  # abort, the VM keeps running on the source
+    LIMIT_DIRTY = "limit-dirty"  # another round, with the fastest-dirtying vCPUs held to quotas (dirtylimit.py)
 
 
 # The share of each throttle period the vCPUs are kept paused, one step per round.
@@ -99,10 +100,18 @@ class Policy:
     downtime_limit_ms: float
     max_rounds: int
     timeout_s: float
-    on_no_convergence: str  # "abort" | "force-downtime" | "throttle"
+    on_no_convergence: str  # "abort" | "force-downtime" | "throttle" | "dirty-limit"
 
-    def decide(self, estimate: DowntimeEstimate, rounds: int, elapsed_s: float, throttle_step: int = -1) -> Decision:
-        """`throttle_step`: index into THROTTLE_STEPS in force now (-1: not throttling)."""
+    def decide(
+        self,
+        estimate: DowntimeEstimate,
+        rounds: int,
+        elapsed_s: float,
+        throttle_step: int = -1,
+        dirty_limit_exhausted: bool = False,
+    ) -> Decision:
+        """`throttle_step`: index into THROTTLE_STEPS in force now (-1: not throttling).
+        `dirty_limit_exhausted`: the dirty limit holds every vCPU over its quota at its maximum."""
         if estimate.total_ms <= self.downtime_limit_ms:
             return Decision.STOP_AND_COPY
         if elapsed_s >= self.timeout_s:
@@ -112,6 +121,8 @@ class Policy:
                 return Decision.STOP_AND_COPY
             if self.on_no_convergence == "throttle" and throttle_step + 1 < len(THROTTLE_STEPS):
                 return Decision.THROTTLE_MORE
+            if self.on_no_convergence == "dirty-limit" and not dirty_limit_exhausted:
+                return Decision.LIMIT_DIRTY
             return Decision.GIVE_UP
         return Decision.ANOTHER_ROUND
 

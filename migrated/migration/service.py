@@ -60,7 +60,7 @@ def _number(args: CommandArgs, key: str, default: float, low: float, high: float
     return float(value)
 
 
-NO_CONVERGENCE = ("abort", "force-downtime", "throttle")
+NO_CONVERGENCE = ("abort", "force-downtime", "throttle", "dirty-limit")
 
 
 def _choice(args: CommandArgs, key: str, default: str, allowed: tuple[str, ...]) -> str:

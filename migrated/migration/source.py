@@ -41,7 +41,7 @@ from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
 from ..peer import PeerChannel, PeerError, make_connection
-from . import vmstate
+from . import dirtylimit, vmstate
 from .host import MigrationHost
 from .pagestream import PAGE_SIZE, StreamCounters, send_pages, send_range
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
@@ -101,6 +101,8 @@ class Source:
         self._last_collect = time.perf_counter()
         self._data_pages = 0  # pages in the memfd's data extents: what a digest must read
         self._throttle_step = -1  # index into THROTTLE_STEPS; -1: the guest runs at full speed
+        self._dirty_shares: list[float] = []  # per vCPU, policy "dirty-limit"; empty: not limiting
+        self._dirty_limit_exhausted = False
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
         # Costs learned from migrations to this peer only: another path's say nothing about it.
@@ -170,9 +172,8 @@ class Source:
 
     async def _resume_here(self) -> None:
         vm = self.hosted.vm
-        if vm is not None and vm.throttle_share:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(vm.set_throttle, 0.0)
+        with trio.CancelScope(shield=True):
+            await self._lift_limits("migration ended without cutover")
         if vm is not None and self._paused_at is not None and not self.was_paused:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(vm.resume)
@@ -389,6 +390,9 @@ class Source:
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
         self.stats.state = self.stats.phase = "rounds"
+        # The dirty limit's measure, counted from the first round on: when the policy acts after
+        # max_rounds, the last round's per-vCPU rates are there already.
+        vm.tracker.count_pages_by_vcpu = self.options.on_no_convergence == "dirty-limit"
         while True:
             # Built each round: `migration set` may have changed the limit since the last one.
             policy = Policy(
@@ -399,7 +403,8 @@ class Source:
             )
             pending = await trio.to_thread.run_sync(vm.tracker.collect)
             now = time.perf_counter()
-            self._dirty_rate.add(pending.count, now - self._last_collect)
+            round_s = now - self._last_collect
+            self._dirty_rate.add(pending.count, round_s)
             self._last_collect = now
             self.stats.dirty_rate_mib_s = self._dirty_rate.rate * PAGE_SIZE / MIB
             self.stats.pages_remaining = pending.count
@@ -411,7 +416,13 @@ class Source:
             )
             self.stats.predicted_downtime_ms = estimate.total_ms
             self.stats.predicted_downtime_terms_ms = estimate.terms_ms()
-            decision = policy.decide(estimate, self.stats.round, time.monotonic() - self._started, self._throttle_step)
+            decision = policy.decide(
+                estimate,
+                self.stats.round,
+                time.monotonic() - self._started,
+                self._throttle_step,
+                self._dirty_limit_exhausted,
+            )
             if decision is Decision.STOP_AND_COPY:
                 self.log.info(
                     "converged",
@@ -435,6 +446,8 @@ class Source:
                 self.log.info(
                     "throttling", percent=self.stats.throttle_percent, predicted_downtime_ms=round(estimate.total_ms, 1)
                 )
+            if decision is Decision.LIMIT_DIRTY:
+                await self._limit_dirty(estimate.total_ms - estimate.transfer_ms, round_s)
             self.stats.round += 1
             if faults.active("source-stall-rounds"):
                 await trio.sleep(0.2)
@@ -443,6 +456,54 @@ class Source:
             if seconds > 0 and pending.count:
                 self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
+
+    async def _limit_dirty(self, other_costs_ms: float, round_s: float) -> None:
+        """Policy "dirty-limit": each vCPU's quota and held share for the next round, from what
+        each one's ring took in over the last round (dirtylimit.py)."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.tracker is not None
+        if vm.dirty_tracking != "ring":
+            raise MigrationFailed(
+                "on_no_convergence = dirty-limit needs the dirty rings' per-vCPU counts, and this VM "
+                "tracks dirty pages with the bitmap; use throttle; the VM keeps running here"
+            )
+        vcpus = len(vm.vcpus)
+        shares = self._dirty_shares or [0.0] * vcpus
+        rates = dirtylimit.rates_bytes_s(vm.tracker.pages_by_vcpu, vcpus, round_s)
+        budget = dirtylimit.dirty_budget_bytes_s(
+            self._bandwidth.rate, self.options.downtime_limit_ms, other_costs_ms, round_s, vcpus
+        )
+        plan = dirtylimit.plan(rates, shares, budget)
+        await trio.to_thread.run_sync(vm.set_vcpu_throttle, plan.shares)
+        for old, limit in zip(shares, plan.vcpus, strict=True):
+            if old == limit.share:
+                continue
+            event = "dirty_limit_set" if not old else "dirty_limit_changed" if limit.share else "dirty_limit_lifted"
+            self.log.info(
+                event,
+                round=self.stats.round,
+                demand_mib_s=round(limit.demand_bytes_s / MIB, 1),
+                budget_mib_s=round(budget / MIB, 1),
+                **dirtylimit.describe(limit),
+            )
+        self._dirty_shares = plan.shares
+        self._dirty_limit_exhausted = plan.exhausted
+        self.stats.dirty_limits = [dirtylimit.describe(v) for v in plan.limited]
+        self.stats.dirty_limited_vcpus = sorted(set(self.stats.dirty_limited_vcpus) | {v.vcpu for v in plan.limited})
+        self.stats.dirty_limit_budget_mib_s = round(budget / MIB, 1)
+
+    async def _lift_limits(self, reason: str) -> None:
+        """End the throttle or the dirty limit in force: never left on after the migration."""
+        vm = self.hosted.vm
+        if vm is not None and vm.tracker is not None:
+            vm.tracker.count_pages_by_vcpu = False
+        if vm is None or not vm.throttle_share:
+            return
+        await trio.to_thread.run_sync(vm.set_throttle, 0.0)
+        if any(self._dirty_shares):
+            limited = [i for i, share in enumerate(self._dirty_shares) if share]
+            self.log.info("dirty_limits_lifted", reason=reason, vcpus=limited)
+        self._dirty_shares = []
 
     async def _downtime(self, pending: DirtyPages) -> None:
         """The downtime (R6, in `_downtime_until_loaded`) under the downtime guard, then the
@@ -515,8 +576,10 @@ class Source:
         assert vm is not None and vm.tracker is not None and vm.memory is not None
         channel = self._channel
         assert channel is not None
-        await trio.to_thread.run_sync(vm.set_throttle, 0.0)
         await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
+        # Lifted once every vCPU parked: a held vCPU stays parked (a hold is not a pause), where
+        # lifting first would let the held vCPUs dirty at full speed until the pause.
+        await self._lift_limits("downtime")
         clock.step("pause")
         await faults.hold(self.log, "downtime")
         final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset

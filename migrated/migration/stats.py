@@ -50,6 +50,11 @@ class MigrationStats:
     downtime_guard_ms: float = 0.0  # the source aborts and resumes if COMMIT is not out this long after the pause
     downtime_outlier: bool = False  # measured far beyond the prediction: reported, not learned
     throttle_percent: int = 0  # share of the time the vCPUs were held paused (policy "throttle")
+    # Policy "dirty-limit": the vCPUs held to a dirty-rate quota in the last round (vcpu,
+    # limit_mib_s, dirty_rate_mib_s, throttle_percent), and every vCPU limited at some point.
+    dirty_limits: list[dict[str, float | int]] = field(default_factory=list)
+    dirty_limited_vcpus: list[int] = field(default_factory=list)
+    dirty_limit_budget_mib_s: float = 0.0  # the total dirty rate the quotas shared
     error: str | None = None
     digest: str | None = None
 

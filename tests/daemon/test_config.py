@@ -231,7 +231,7 @@ INVALID = [
         "migration",
         'on_no_convergence = "slow"',
         "migration.on_no_convergence",
-        '"abort" | "force-downtime" | "throttle"',
+        '"abort" | "force-downtime" | "throttle" | "dirty-limit"',
     ),
     ("migration", 'verify = "partial"', "migration.verify", '"full" | "off"'),
     (

@@ -219,6 +219,14 @@ def test_install_writes_only_through_write_and_returns_registers(built_image: Pa
     guest = WorkloadGuest(lay)
     guest.set_rate(fake.write, math.inf)
     assert int(p[abi.WL_P_RATE]) == abi.WL_RATE_UNLIMITED
+    rates = fake.u64(lay.params + 8 * abi.WL_P_VCPU_RATE, 2)
+    assert rates.tolist() == [0, 0]  # both vCPUs follow the VM-wide rate
+    guest.set_vcpu_rate(fake.write, 1, 2.0)  # 2 MiB/s = 512 pages/s, vCPU 1 alone
+    assert rates.tolist() == [0, 512] and int(p[abi.WL_P_RATE]) == abi.WL_RATE_UNLIMITED
+    guest.set_vcpu_rate(fake.write, 1, 0.0)
+    assert rates.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="vCPU 2: this guest has vCPUs 0 to 1"):
+        guest.set_vcpu_rate(fake.write, 2, 1.0)
     assert guest.request_pass(fake.write, fake.ram) == 1 == int(p[abi.WL_P_PASS_REQ])
     assert guest.request_pass(fake.write, fake.ram) == 2
     assert [s.started for s in guest.status(fake.ram)] == [False, False]

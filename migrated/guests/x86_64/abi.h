@@ -25,6 +25,11 @@
 #define WL_P_MODE 9         /* re-read live */
 #define WL_P_RATE 10        /* pages/s per vCPU, re-read live; 0 idle, ~0 unlimited */
 #define WL_P_PASS_REQ 11    /* passes mode: passes requested so far, re-read live */
+/* vCPU i's own rate (i < WL_VCPU_RATES) in word WL_P_VCPU_RATE + i, pages/s, re-read live; 0: the
+ * VM-wide WL_P_RATE applies. Lets one vCPU dirty fast and another slowly (per-vCPU dirty limit).
+ * Words 16-31: the shared words end below 32, where the architectures' own begin. */
+#define WL_P_VCPU_RATE 16
+#define WL_VCPU_RATES 16
 
 #define WL_MODE_CONTINUOUS 0ULL
 #define WL_MODE_PASSES 1ULL

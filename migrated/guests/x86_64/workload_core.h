@@ -54,6 +54,13 @@ static inline u64 reported(const struct vcpu *v, int word)
 	return __atomic_load_n(&v->status[word], __ATOMIC_RELAXED);
 }
 
+/* This vCPU's own rate where the VMM set one, the VM-wide rate otherwise. */
+static inline u64 wanted_rate(const struct vcpu *v)
+{
+	u64 own = v->index < WL_VCPU_RATES ? param(v, WL_P_VCPU_RATE + (int)v->index) : 0;
+	return own ? own : param(v, WL_P_RATE);
+}
+
 /* Returns 1 when a heartbeat was due (and given). */
 static int heartbeat(struct vcpu *v, u64 now)
 {
@@ -73,7 +80,7 @@ static int throttle(struct vcpu *v, u64 mode)
 	for (;;) {
 		if (mode == WL_MODE_CONTINUOUS && param(v, WL_P_MODE) != mode)
 			return 0;
-		u64 rate = param(v, WL_P_RATE);
+		u64 rate = wanted_rate(v);
 		u64 now = arch_tick(v);
 		if (rate != v->rate) {
 			v->rate = rate;
@@ -160,7 +167,7 @@ static void start_share(struct vcpu *v, u64 now)
 	v->count = (v->index + 1) * pages / n - v->first;
 	v->hb_ticks = v->hz / 1000;
 	v->last_hb = now;
-	v->rate = param(v, WL_P_RATE);
+	v->rate = wanted_rate(v);
 	v->t0 = now;
 	report(v, WL_S_FIRST_PAGE, v->first);
 	report(v, WL_S_PAGE_COUNT, v->count);
