@@ -46,7 +46,8 @@ def qemu_version(binary: str) -> str:
 
 
 class Qmp:
-    """One QMP connection: `execute(command, **arguments)` returns the reply's "return"."""
+    """One QMP connection: `execute(command, **arguments)` returns the reply's "return"; the
+    events that arrive meanwhile are kept in `events` (each with QEMU's timestamp)."""
 
     def __init__(self, path: Path, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -67,6 +68,7 @@ class Qmp:
         sock.settimeout(timeout)
         self._sock = sock
         self._reader = sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
         greeting = self._read()
         if "QMP" not in greeting:
             raise QmpError(f"not a QMP greeting: {greeting}")
@@ -87,6 +89,7 @@ class Qmp:
         while True:
             reply = self._read()
             if "event" in reply:
+                self.events.append(reply)
                 continue
             if "error" in reply:
                 raise QmpError(f"{command}: {reply['error'].get('class')}: {reply['error'].get('desc')}")
@@ -202,7 +205,36 @@ def ram_backend(memory_mib: int) -> str:
 
 def listen_incoming(target: QemuProcess, port: int) -> None:
     """A target started with `-incoming defer` listens once this returns."""
+    enable_events(target)
     target.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+
+
+def event_time(process: QemuProcess, name: str, **data: Any) -> float | None:
+    """QEMU's timestamp (seconds, host real-time clock) of the last event `name` whose data
+    holds `data`; None if none arrived (yet)."""
+    assert process.qmp is not None
+    for event in reversed(process.qmp.events):
+        if event["event"] == name and all(event.get("data", {}).get(k) == v for k, v in data.items()):
+            stamp = event["timestamp"]
+            return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
+    return None
+
+
+def wait_event_time(process: QemuProcess, name: str, timeout: float = 10.0, **data: Any) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        stamp = event_time(process, name, **data)
+        if stamp is not None:
+            return stamp
+        if time.monotonic() > deadline:
+            raise QmpError(f"{process.name}: no {name} {data} event within {timeout} s")
+        process.execute("query-status")  # events are read while waiting for a reply
+        time.sleep(0.005)
+
+
+def enable_events(process: QemuProcess) -> None:
+    """MIGRATION events (status changes, timestamped): the benchmark's own clock on QEMU."""
+    process.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
 
 
 def migrate(source: QemuProcess, port: int, downtime_limit_ms: int, timeout: float) -> dict[str, Any]:
@@ -210,7 +242,11 @@ def migrate(source: QemuProcess, port: int, downtime_limit_ms: int, timeout: flo
 
     Past `timeout` seconds the migration is cancelled (a guest that never converges under the
     limit); the source runs on, as QEMU leaves it after a cancel. Returns the last query-migrate
-    reply (status, total-time, downtime, setup-time, ram)."""
+    reply (status, total-time, downtime, setup-time, ram), with the source's event times under
+    "events_s": setup, stop (the VM paused for the last pass) and completed."""
+    assert source.qmp is not None
+    enable_events(source)
+    source.qmp.events.clear()
     source.execute(
         "migrate-set-parameters", **{"downtime-limit": downtime_limit_ms, "max-bandwidth": UNTHROTTLED_BYTES_S}
     )
@@ -221,6 +257,13 @@ def migrate(source: QemuProcess, port: int, downtime_limit_ms: int, timeout: flo
         info: dict[str, Any] = source.execute("query-migrate")
         if info.get("status") in FINISHED:
             info["cancelled_after_s"] = timeout if cancelled else None
+            if info["status"] == "completed":
+                completed = wait_event_time(source, "MIGRATION", status="completed")  # reads all before it
+                info["events_s"] = {
+                    "setup": event_time(source, "MIGRATION", status="setup"),
+                    "stop": event_time(source, "STOP"),
+                    "completed": completed,
+                }
             return info
         if not cancelled and time.monotonic() > deadline:
             source.execute("migrate_cancel")
