@@ -258,6 +258,10 @@ def migrate(source: QemuProcess, port: int, downtime_limit_ms: int, timeout: flo
         if info.get("status") in FINISHED:
             info["cancelled_after_s"] = timeout if cancelled else None
             if info["status"] == "completed":
+                # "completed" shows before QEMU has computed total-time and downtime (they read 0
+                # then); the source enters "postmigrate" after it has.
+                wait_run_state(source, "postmigrate")
+                info = {**source.execute("query-migrate"), "cancelled_after_s": info["cancelled_after_s"]}
                 completed = wait_event_time(source, "MIGRATION", status="completed")  # reads all before it
                 info["events_s"] = {
                     "setup": event_time(source, "MIGRATION", status="setup"),
@@ -269,6 +273,14 @@ def migrate(source: QemuProcess, port: int, downtime_limit_ms: int, timeout: flo
             source.execute("migrate_cancel")
             cancelled = True
         time.sleep(0.01)
+
+
+def wait_run_state(process: QemuProcess, state: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (status := process.execute("query-status")["status"]) != state:
+        if time.monotonic() > deadline:
+            raise QmpError(f"{process.name} still {status!r}, not {state!r}, after {timeout} s")
+        time.sleep(0.005)
 
 
 def wait_incoming_done(target: QemuProcess, timeout: float = 60.0) -> str:

@@ -165,6 +165,7 @@ class QemuLine:
         vm.execute("stop")
 
     def migrate_once(self, settle_s: float) -> None:
+        started = time.monotonic()
         source = self.current
         assert source is not None
         # Started before the source's guest runs again, so its start-up does not eat the guest's time.
@@ -205,6 +206,7 @@ class QemuLine:
         else:
             self._retire(target)
             source.execute("stop")
+        run["step_s"] = round(time.monotonic() - started, 2)  # the whole step, checks included
         self.runs.append(run)
 
     def _retire(self, process: qemu_vm.QemuProcess) -> None:
@@ -295,6 +297,7 @@ class MigratedLine:
         a.call("vm.pause", name=VM)
 
     def migrate_once(self, settle_s: float) -> None:
+        started = time.monotonic()
         assert self.daemons is not None
         source, target = self.daemons
         source.call("vm.resume", name=VM)
@@ -332,6 +335,7 @@ class MigratedLine:
             self.daemons = (target, source)
         else:
             source.call("vm.pause", name=VM)
+        run["step_s"] = round(time.monotonic() - started, 2)  # the whole step, checks included
         self.runs.append(run)
 
     def close(self) -> None:
@@ -454,7 +458,8 @@ def qemu_bulk_once(binary: str, work: Path, source_ram: Path, size_mib: int, ser
         target.quit()
     ram = info["ram"]
     return {
-        "mib_s": round(ram["transferred"] / MIB / (info["total-time"] / 1e3), 1),
+        "mib_s": round(ram["transferred"] / MIB / (info["total-time"] / 1e3), 1) if info.get("total-time") else None,
+        "total_ms_events": _ms(info["events_s"]["completed"], info["events_s"]["setup"]),
         "qemu_mbps_as_mib_s": round(ram["mbps"] * 1e6 / 8 / MIB, 1),
         "total_ms": info["total-time"],
         "downtime_ms": info.get("downtime"),
@@ -664,7 +669,9 @@ def main() -> int:
         if not args.skip_bulk:
             steps.append(("bulk", lambda: bulk(args, binary, work, ram_dir, config)))
         for name, step in steps:
+            section_started = time.monotonic()
             results[name] = step()
+            results[name]["wall_s"] = round(time.monotonic() - section_started, 1)
     results["targets"] = evaluate(results, args.limits)
     results["wall_s"] = round(time.monotonic() - started, 1)
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
