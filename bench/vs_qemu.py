@@ -26,7 +26,8 @@ Extra daemon configuration (keys other engineers add) passes through without cod
 `--daemon-config migration.streams=4 --daemon-config vm.memory_backing='"shmem-huge"'`
 (SECTION.KEY=VALUE, VALUE in TOML; a bare word is taken as a string).
 
-    python bench/vs_qemu.py [--quick] [--migrations 5] [--no-qemu-ring] [--daemon-config K=V ...]
+    python bench/vs_qemu.py [--quick] [--migrations 5] [--no-qemu-ring] [--daemon-config K=V ...] > RUN.json
+    python bench/vs_qemu.py --table RUN.json     # the Markdown tables of bench/RESULTS.md
 
 Needs qemu-system-x86_64 (Debian: apt-get install -y qemu-system-x86) and iperf3.
 """
@@ -585,6 +586,55 @@ def _verdict(passed: bool, **numbers: Any) -> dict[str, Any]:
     return {"pass": passed, **numbers}
 
 
+# ---------------------------------------------------------------------------- tables
+
+
+def _cell(figure: dict[str, Any] | None) -> str:
+    if not figure or figure.get("median") is None:
+        return "-"
+    low, high = figure["range"]
+    return f"{figure['median']:g} ({low:g}-{high:g})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of bench/RESULTS.md from one run's JSON: median (min-max)."""
+    out: list[str] = []
+    if "boot_sector" in results:
+        out += [
+            "| line | engine | mode | limit ms | completed | memory exact | total ms | downtime ms "
+            "(engine's own) | downtime to target loaded ms |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, line in results["boot_sector"]["lines"].items():
+            mode = line.get("dirty_tracking") or f"verify {line.get('verify')}"
+            s = line["summary"]
+            out.append(
+                f"| {label} | {line['engine']} | {mode} | {line['limit_ms']} | {s['completed']} | "
+                f"{s['memory_exact']} | {_cell(s['total_ms'])} | {_cell(s['downtime_ms'])} | "
+                f"{_cell(s['downtime_to_target_loaded_ms'])} |"
+            )
+        out.append("")
+    if "bulk" in results:
+        b = results["bulk"]
+        runs = {e: ", ".join(str(r["mib_s"]) for r in b[e]["runs"]) for e in ("qemu", "migrated")}
+        out += [
+            f"| bulk copy, {b['guest_mib']} MiB | MiB/s median (range) | runs |",
+            "|---|---|---|",
+            f"| QEMU | {_cell(b['qemu']['mib_s'])} | {runs['qemu']} |",
+            f"| migrated | {_cell(b['migrated']['mib_s'])} | {runs['migrated']} |",
+            f"| migrated, bulk phase only | {_cell(b['migrated']['bulk_phase_mib_s'])} | |",
+            f"| iperf3, one stream (before, after) | {_cell(b['iperf3_one_stream_mib_s'])} | "
+            f"{', '.join(str(x) for x in b['iperf3_one_stream_mib_s']['runs'])} |",
+            "",
+        ]
+    if results.get("targets"):
+        out += ["| issue 12 target | pass | figures |", "|---|---|---|"]
+        for name, verdict in results["targets"].items():
+            figures = ", ".join(f"{k} {v}" for k, v in verdict.items() if k != "pass")
+            out.append(f"| {name} | {'yes' if verdict['pass'] else 'NO'} | {figures} |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -638,6 +688,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECTION.KEY=VALUE",
         help="a migrated config setting for every daemon (repeatable; VALUE in TOML); default: none",
     )
+    parser.add_argument(
+        "--table", type=Path, metavar="JSON", help="print the Markdown tables of a saved run's JSON, run nothing"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.migrations, args.bulk_runs, args.bulk_mib, args.iperf_seconds = 2, 1, 1024, 1.0
@@ -646,6 +699,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.table is not None:
+        print(markdown(json.loads(args.table.read_text())))
+        return 0
     binary = qemu_vm.qemu_binary()
     if binary is None:
         print(f"vs_qemu: {qemu_vm.MISSING}", file=sys.stderr)
