@@ -15,8 +15,9 @@ this nested host (its memory backing swings a lot, HOST-NOTES.md) hits both alik
   is also compared page by page with the paused source's. QEMU's figures come from
   `query-migrate` and from its timestamped MIGRATION/STOP events: its own downtime ends when the
   source has sent everything; "downtime to target loaded" ends when the target has loaded it
-  (for migrated: its downtime without the COMMIT/RUNNING round trip), the like-for-like figure. QEMU's dirty-ring mode
-  (`-accel kvm,dirty-ring-size=65536`) runs as its own line unless `--no-qemu-ring`.
+  (for migrated: its downtime without the COMMIT/RUNNING round trip), the like-for-like figure.
+  QEMU's dirty-ring mode (`-accel kvm,dirty-ring-size=65536`) runs as its own line unless
+  `--no-qemu-ring`.
 * bulk copy: a paused guest of `--bulk-mib`, every page non-zero, into a fresh target. QEMU's
   source RAM is a pre-filled shared file (started with -S, so no code runs), its target a fresh
   memory-backend-ram; migrated's guest is the workload guest, which writes its whole working set
@@ -26,7 +27,7 @@ this nested host (its memory backing swings a lot, HOST-NOTES.md) hits both alik
 
 Figures are medians with [min, max] ranges; `targets` evaluates issue 12's goals on them.
 Extra daemon configuration (keys other engineers add) passes through without code changes:
-`--daemon-config migration.streams=4 --daemon-config vm.memory_backing='"shmem-huge"'`
+`--daemon-config migration.streams=4 --daemon-config vm.memory_backing=shmem-huge`
 (SECTION.KEY=VALUE, VALUE in TOML; a bare word is taken as a string).
 
     python bench/vs_qemu.py [--quick] [--migrations 5] [--no-qemu-ring] [--daemon-config K=V ...] > RUN.json
