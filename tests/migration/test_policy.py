@@ -42,7 +42,7 @@ def test_policy_decisions() -> None:
 
 
 def test_model_learns_only_from_digests_of_real_data() -> None:
-    model = DowntimeModel(fixed_ms=10.0, digest_ms_per_gib=70.0)
+    model = DowntimeModel(fixed_ms=10.0, digest_ms_per_gib=70.0, clock=FakeClock())
     model.learn(
         25.0, {"send": 1.0, "digest": 5.0}, sent_bytes=0, data_bytes=64 << 10, predicted_ms=30.0
     )  # a tiny guest
