@@ -67,7 +67,10 @@ def test_an_older_peer_gets_frames_without_them() -> None:
 @pytest.mark.parametrize(
     ("header", "match"),
     [
-        ({"t": "done", "pages_total": 0, "digest": None, "verify": "off", "rounds": "3"}, "'rounds' must be int, got str"),
+        (
+            {"t": "done", "pages_total": 0, "digest": None, "verify": "off", "rounds": "3"},
+            "'rounds' must be int, got str",
+        ),
         ({"t": "done", "pages_total": 0, "digest": None, "verify": "off", "rounds": -1}, "Done.rounds"),
         ({"t": "loaded", "digest": None, "load_us": 1.5}, "'load_us' must be int, got float"),
         ({"t": "loaded", "digest": None, "digest_us": 1 << 40}, "Loaded.digest_us"),
