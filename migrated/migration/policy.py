@@ -279,10 +279,15 @@ class DowntimeModel:
         predicted_ms: float,
         target_bytes: int | None = None,
         target_digest_ms: float | None = None,
+        measured_now_ms: float = 0.0,
     ) -> bool:
         """Learns from a completed migration's measured downtime and its steps (`pause`, `send`,
         `digest`, as the source times them), and the target's digest as it reported it (None:
-        an older target that does not); False (and nothing learned) for an outlier."""
+        an older target that does not); False (and nothing learned) for an outlier.
+
+        `measured_now_ms`: what the prediction counted from this migration's own measurements
+        (the harvest, the state estimate, the round trips), which the learned fixed rest must
+        not count a second time."""
         if is_outlier(downtime_ms, predicted_ms):
             self.outliers += 1
             return False
@@ -298,7 +303,7 @@ class DowntimeModel:
         if target_digest_ms is None:
             # The target's digest is taken to cost what the source's did per byte, over its bytes.
             target_digest_ms = digest_ms * target / data_bytes if data_bytes else digest_ms
-        self.fixed.add(downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms)
+        self.fixed.add(downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms - measured_now_ms)
         self.learned += 1
         return True
 

@@ -500,6 +500,7 @@ class Source:
             predicted_ms,
             vm.memory.size,
             target_digest_ms=self._target_digest_ms,
+            measured_now_ms=sum(self.stats.predicted_downtime_terms_ms.get(k, 0.0) for k in _MEASURED_NOW),
         )
         self.stats.downtime_outlier = not learned
         if not learned:
@@ -686,6 +687,10 @@ class Source:
         else:
             raise ValueError(f"action {action!r}: allowed are release, resume")
 
+
+# Terms of the prediction that this migration measures itself (not learned): the harvest, the
+# state estimate, the round trips.
+_MEASURED_NOW = ("harvest_ms", "state_ms", "round_trips_ms")
 
 # The downtime's steps in order, as _StepClock names them: the guard's error names the first one
 # that had not finished.
