@@ -244,6 +244,9 @@ class DowntimeModel:
         self.target_digest = term(digest_ms_per_gib, self.MAX_DIGEST_MS_PER_GIB)
         # The downtime's send as ms per GiB (a cost, so that its upper quartile is the slow rate).
         self.send = term(0.0, math.inf)
+        # One cutover round trip (COMMIT -> RUNNING, the target's resume included): a single
+        # handshake's round trip on a busy host can be off by hundreds of milliseconds.
+        self.round_trip = term(0.0, self.MAX_FIXED_MS)
         self.learned = 0
         self.outliers = 0
 
@@ -261,6 +264,10 @@ class DowntimeModel:
         if not self.send.learned or self.send.age_s() > 2 * self.HALF_LIFE_S:
             return 0.0
         return GIB / (max(self.send.value(), 1e-3) / 1e3)
+
+    def round_trip_ms(self, handshake_rtt_ms: float) -> float:
+        """One round trip of the cutover: learned, or this connection's handshake until then."""
+        return self.round_trip.value() if self.round_trip.learned else handshake_rtt_ms
 
     def digest_ms(self, data_bytes: int, target_bytes: int | None = None) -> float:
         """Both sides' digests, one after the other (the target's starts on DONE). The target's
@@ -286,8 +293,8 @@ class DowntimeModel:
         an older target that does not); False (and nothing learned) for an outlier.
 
         `measured_now_ms`: what the prediction counted from this migration's own measurements
-        (the harvest, the state estimate, the round trips), which the learned fixed rest must
-        not count a second time."""
+        (the harvest, the state estimate), which the learned fixed rest must not count a second
+        time. The round trips are learned from `commit_to_running` (one of them)."""
         if is_outlier(downtime_ms, predicted_ms):
             self.outliers += 1
             return False
@@ -300,10 +307,14 @@ class DowntimeModel:
         if send_ms > 0 and sent_bytes >= self.LEARN_SEND_FROM_BYTES:
             self.send.add(send_ms / (sent_bytes / GIB))
         self.pause.add(pause_ms)
+        round_trip_ms = steps_ms.get("commit_to_running", 0.0)
+        if round_trip_ms > 0:
+            self.round_trip.add(round_trip_ms)
         if target_digest_ms is None:
             # The target's digest is taken to cost what the source's did per byte, over its bytes.
             target_digest_ms = digest_ms * target / data_bytes if data_bytes else digest_ms
-        self.fixed.add(downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms - measured_now_ms)
+        rest = downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms - measured_now_ms
+        self.fixed.add(rest - 2 * round_trip_ms)
         self.learned += 1
         return True
 
@@ -314,6 +325,7 @@ class DowntimeModel:
             "downtime_send_mib_s": round(self.downtime_bandwidth_bytes_s / (1 << 20), 1),
             "digest_ms_per_gib": round(self.digest.value(), 2),
             "target_digest_ms_per_gib": round(self.target_digest.value(), 2),
+            "round_trip_ms": round(self.round_trip.value(), 2),
             "learned": self.learned,
             "outliers": self.outliers,
         }

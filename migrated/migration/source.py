@@ -376,7 +376,7 @@ class Source:
             fixed_ms=model.fixed_ms,
             state_bytes=state_bytes_guess,
             digest_ms=digest_ms,
-            rtt_ms=self._channel.rtt_ms if self._channel else 0.0,
+            rtt_ms=model.round_trip_ms(self._channel.rtt_ms if self._channel else 0.0),
             state_ms=vmstate.estimate_ms(len(vm.vcpus)),
             pause_ms=model.pause_ms,
             downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
@@ -688,9 +688,9 @@ class Source:
             raise ValueError(f"action {action!r}: allowed are release, resume")
 
 
-# Terms of the prediction that this migration measures itself (not learned): the harvest, the
-# state estimate, the round trips.
-_MEASURED_NOW = ("harvest_ms", "state_ms", "round_trips_ms")
+# Terms of the prediction that this migration measures itself (not learned): the harvest and the
+# state estimate.
+_MEASURED_NOW = ("harvest_ms", "state_ms")
 
 # The downtime's steps in order, as _StepClock names them: the guard's error names the first one
 # that had not finished.

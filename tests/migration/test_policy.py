@@ -274,3 +274,13 @@ def test_what_this_migration_measured_itself_is_not_learned_twice() -> None:
     steps = {"pause": 5.0, "send": 10.0, "digest": 0.0}
     assert model.learn(60.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=60.0, measured_now_ms=12.0)
     assert model.fixed_ms == 60.0 - 5.0 - 10.0 - 12.0
+
+
+def test_the_cutover_round_trip_is_learned_instead_of_the_handshakes() -> None:
+    """A handshake on a busy host measured 480 ms once: the cutover's own round trip counts."""
+    model = DowntimeModel(clock=FakeClock())
+    assert model.round_trip_ms(handshake_rtt_ms=480.0) == 480.0, "nothing learned yet"
+    steps = {"pause": 5.0, "send": 10.0, "digest": 0.0, "commit_to_running": 4.0}
+    assert model.learn(60.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=60.0)
+    assert model.round_trip_ms(handshake_rtt_ms=480.0) == 4.0
+    assert model.fixed_ms == 60.0 - 5.0 - 10.0 - 2 * 4.0
