@@ -165,7 +165,8 @@ class Daemon:
             vm=spec.name,
             memory_mib=spec.memory_mib,
             vcpus=spec.vcpus,
-            dirty_tracking=config.dirty_tracking,
+            # What it resolved to ("ring" or "bitmap"), not what was asked for ("auto").
+            dirty_tracking=hosted.vm.dirty_tracking if hosted.vm is not None else config.dirty_tracking,
             memory_backing=config.memory_backing.kind,
         )
         self.update_status()

@@ -129,7 +129,7 @@ class Connection:
             node=node,
             nonce=_PLACEHOLDER_NONCE,
             auth=mode,
-            capabilities=frozenset(capabilities),
+            capabilities=frozenset(capabilities) | {framing.OPTIONAL_FIELDS},
             max_batch_bytes=max_batch_bytes,
         )
 
@@ -142,6 +142,9 @@ class Connection:
         self.layout: Mapping[int, int] | None = None
         """slot -> pages, fixed by the Accept of `description`; every PageBatch is checked."""
         self.pages_transferred = 0
+        self.bytes_received = 0
+        """Bytes the peer sent, as they arrived (sealed records included): with the sender's
+        count of bytes written, both sides' statistics describe the same bytes."""
         """Page entries (data and zero) of every PageBatch so far: what Done.pages_total says."""
         self.aborted: Abort | None = None
         self.aborted_by: Role | None = None
@@ -224,7 +227,8 @@ class Connection:
         if self._next(self.role, type(event)) is None:
             raise LocalProtocolError(explain(self.state, self.role, type(event)))
         self._check(event, self.role)
-        header, buffers = framing.encode(event)
+        optional = self.negotiated is not None and framing.OPTIONAL_FIELDS in self.negotiated.capabilities
+        header, buffers = framing.encode(event, optional_fields=optional)
         sealer = self._sealer  # the sealer that our own Auth creates seals what follows it
         if sealer is not None:
             buffers = sealer.seal(buffers)
@@ -245,6 +249,7 @@ class Connection:
         if not view.nbytes:
             self._eof = True
             return
+        self.bytes_received += view.nbytes
         if self._opener is not None:
             self._check_buffered(self._opener.buffered + view.nbytes)
             self._opener.feed(view)
@@ -309,10 +314,12 @@ class Connection:
             self._eof = True
         elif lent == "record" and self._opener is not None:
             self._opener.received(nbytes)
+            self.bytes_received += nbytes
         elif lent == "payload" and self._frame is not None:
             if not 0 < nbytes <= self._frame.missing:
                 raise LocalProtocolError(f"nbytes {nbytes} exceeds the buffer handed out")
             self._frame.filled += nbytes
+            self.bytes_received += nbytes
         else:
             if not 0 < nbytes <= len(self._scratch):
                 raise LocalProtocolError(f"nbytes {nbytes} exceeds the buffer handed out")

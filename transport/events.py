@@ -369,15 +369,20 @@ class Done(Event):
 
     pages_total is the number of page entries (data and zero) this connection's PageBatches
     carried (`Connection.pages_sent`); both sides check it. With verify="full", digest is the
-    source's digest of guest memory and the target must match it before Loaded.
+    source's digest of guest memory and the target must match it before Loaded. `rounds`, when
+    the source sends it (optional: older sources do not), is how many dirty rounds it ran before
+    the downtime, so that both sides report the same count (the downtime's final pass is no round).
     """
 
     pages_total: int
     digest: bytes | None
     verify: Literal["full", "off"]
+    rounds: int | None = None
 
     def __post_init__(self) -> None:
         _int_field(self, "pages_total", 0, limits.U64_MAX)
+        if self.rounds is not None:
+            _int_field(self, "rounds", 0, limits.U32_MAX)
         _set(self, "digest", _digest(self, "digest", self.digest))
         _choice(self, "verify", self.verify, VERIFY_MODES)
         if self.verify == "full" and self.digest is None:
@@ -389,12 +394,22 @@ class Done(Event):
 
 @dataclass(frozen=True, slots=True)
 class Loaded(Event):
-    """Target -> source: everything is loaded and verified; the target waits for Commit."""
+    """Target -> source: everything is loaded and verified; the target waits for Commit.
+
+    Optional (older targets do not send them): what loading cost the target, in microseconds,
+    `digest_us` its digest of guest memory and `load_us` all of it from Done to Loaded; the
+    source learns the downtime's costs from them instead of guessing the target's share.
+    """
 
     digest: bytes | None
+    digest_us: int | None = None
+    load_us: int | None = None
 
     def __post_init__(self) -> None:
         _set(self, "digest", _digest(self, "digest", self.digest))
+        for name in ("digest_us", "load_us"):
+            if getattr(self, name) is not None:
+                _int_field(self, name, 0, limits.U32_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +454,20 @@ class QueryResult(Event):
 
 @dataclass(frozen=True, slots=True)
 class Close(Event):
-    """Either side, once the conversation is over: this side sends nothing more."""
+    """Either side, once the conversation is over: this side sends nothing more.
+
+    After Running, the source's Close may carry how the migration went as the source measured
+    it (optional, in microseconds): `downtime_us` from the pause to RUNNING and `total_us` from
+    its start, which only the source can time, so that the target reports the same numbers.
+    """
+
+    downtime_us: int | None = None
+    total_us: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("downtime_us", "total_us"):
+            if getattr(self, name) is not None:
+                _int_field(self, name, 0, limits.U64_MAX)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import msgpack
@@ -76,6 +76,9 @@ class Wire:
     event: type[Event]
     fields: Mapping[str, tuple[type, ...]]
     payload: Payload = "none"
+    # Fields a frame may lack (older peers neither send nor accept them): sent only to a peer that
+    # negotiated OPTIONAL_FIELDS, and only when not None; absent, the event's default holds.
+    optional: Mapping[str, tuple[type, ...]] = field(default_factory=dict)
 
 
 WIRES: Final[tuple[Wire, ...]] = (
@@ -113,16 +116,20 @@ WIRES: Final[tuple[Wire, ...]] = (
     Wire("page_batch", PageBatch, {"slot": _INT, "round": _INT, "n_pages": _INT, "n_zero": _INT}, "pages"),
     Wire("progress", Progress, {"bytes_received": _INT, "pages_received": _INT, "round": _INT}),
     Wire("device_state", DeviceState, {"kind": _STR}, "blob"),
-    Wire("done", Done, {"pages_total": _INT, "digest": _OPT_BIN, "verify": _STR}),
-    Wire("loaded", Loaded, {"digest": _OPT_BIN}),
+    Wire("done", Done, {"pages_total": _INT, "digest": _OPT_BIN, "verify": _STR}, optional={"rounds": _INT}),
+    Wire("loaded", Loaded, {"digest": _OPT_BIN}, optional={"digest_us": _INT, "load_us": _INT}),
     Wire("commit", Commit, {}),
     Wire("running", Running, {}),
     Wire("query", Query, {"migration_id": _STR}),
     Wire("query_result", QueryResult, {"migration_id": _STR, "state": _STR}),
-    Wire("close", Close, {}),
+    Wire("close", Close, {}, optional={"downtime_us": _INT, "total_us": _INT}),
 )
 BY_NAME: Final[Mapping[str, Wire]] = {wire.name: wire for wire in WIRES}
 BY_EVENT: Final[Mapping[type[Event], Wire]] = {wire.event: wire for wire in WIRES}
+
+OPTIONAL_FIELDS: Final = "optional-fields"
+"""The capability of a peer that accepts the `optional` fields of a Wire; every Connection
+offers it, and a peer that does not (an older release) gets frames without them."""
 
 TOLERATES_UNKNOWN_FIELDS: Final = frozenset({"hello"})
 """Hello is read before versions are agreed: a newer peer may add fields, ignored here (and
@@ -175,7 +182,7 @@ def split_frame(plain: memoryview) -> tuple[bytes, memoryview]:
 # --- encoding -----------------------------------------------------------------------------------
 
 
-def _header_fields(event: Event) -> dict[str, Any]:
+def _header_fields(event: Event, optional_fields: bool) -> dict[str, Any]:
     if isinstance(event, Hello):
         return {
             "version_min": event.version_min,
@@ -208,7 +215,10 @@ def _header_fields(event: Event) -> dict[str, Any]:
     if isinstance(event, DeviceState):
         return {"kind": event.kind}
     wire = BY_EVENT[type(event)]
-    return {name: getattr(event, name) for name in wire.fields}
+    fields = {name: getattr(event, name) for name in wire.fields}
+    if optional_fields:
+        fields.update((name, value) for name in wire.optional if (value := getattr(event, name)) is not None)
+    return fields
 
 
 def _as_bytes_view(buffer: object) -> memoryview:
@@ -233,10 +243,12 @@ def payload_buffers(event: Event) -> list[SendBuffer]:
     return []
 
 
-def encode(event: Event) -> tuple[bytes, list[SendBuffer]]:
-    """(header bytes, [prefix + header, *payload buffers]) for one message event."""
+def encode(event: Event, optional_fields: bool = True) -> tuple[bytes, list[SendBuffer]]:
+    """(header bytes, [prefix + header, *payload buffers]) for one message event; without
+    `optional_fields` (a peer that did not negotiate OPTIONAL_FIELDS), the Wire's optional
+    fields are left out."""
     wire = BY_EVENT[type(event)]
-    header = msgpack.packb({"t": wire.name, **_header_fields(event)}, use_bin_type=True)
+    header = msgpack.packb({"t": wire.name, **_header_fields(event, optional_fields)}, use_bin_type=True)
     if len(header) > limits.MAX_HEADER_BYTES:
         raise LocalProtocolError(
             f"{type(event).__name__} header is {len(header)} bytes, more than {limits.MAX_HEADER_BYTES}"
@@ -290,6 +302,13 @@ def decode_header(raw: bytes) -> tuple[Wire, dict[str, Any]]:
             want = " or ".join(_MSGPACK_NAMES[t] for t in types)
             raise LocalProtocolError(f"{name!r} field {key!r} must be {want}, got {_type_name(value)}")
         fields[key] = value
+    for key, types in wire.optional.items():
+        if key in header:
+            value = header.pop(key)
+            if type(value) not in types:
+                want = " or ".join(_MSGPACK_NAMES[t] for t in types)
+                raise LocalProtocolError(f"{name!r} field {key!r} must be {want}, got {_type_name(value)}")
+            fields[key] = value
     if header and name not in TOLERATES_UNKNOWN_FIELDS:
         raise LocalProtocolError(f"{name!r} message has unknown field {sorted(header)[0]!r}")
     return wire, fields

@@ -9,8 +9,9 @@ LOADED, COMMIT -> RUNNING). QEMU and Cloud Hypervisor count only the pages and o
 from __future__ import annotations
 
 import enum
+import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -158,20 +159,77 @@ OUTLIER_FACTOR = 3.0
 OUTLIER_SLACK_MS = 100.0
 
 
+class RobustCost:
+    """One cost term learned from the last WINDOW accepted samples, robust both ways.
+
+    The estimate is the upper quartile of the window (samples weighted by age), or the smaller of
+    the last two samples if that is higher. One slow sample alone moves neither: it is noise, and
+    the migrations after it are not made cautious by it. Two slow samples in a row are a host that
+    became slower, seen at once. The whole estimate fades back to the default with the age of the
+    newest sample, so a host that was slow an hour ago is not taken to be slow for ever.
+    """
+
+    WINDOW = 8
+    QUANTILE = 0.75
+
+    def __init__(self, default: float, half_life_s: float, clock: Callable[[], float], bound: float) -> None:
+        self.default = default
+        self._half_life_s = half_life_s
+        self._clock = clock
+        self._bound = bound
+        self._samples: deque[tuple[float, float]] = deque(maxlen=self.WINDOW)
+
+    def add(self, value: float) -> None:
+        self._samples.append((self._clock(), min(max(0.0, value), self._bound)))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    @property
+    def learned(self) -> bool:
+        return bool(self._samples)
+
+    def _weight(self, at: float) -> float:
+        return float(0.5 ** (max(0.0, self._clock() - at) / self._half_life_s))
+
+    def _upper_quartile(self) -> float:
+        ranked = sorted((value, self._weight(at)) for at, value in self._samples)
+        total = sum(weight for _, weight in ranked)
+        reached = 0.0
+        for value, weight in ranked:
+            reached += weight
+            if reached >= self.QUANTILE * total:
+                return value
+        return ranked[-1][0]
+
+    def value(self) -> float:
+        if not self._samples:
+            return self.default
+        recent = min(value for _, value in list(self._samples)[-2:])
+        learned = max(self._upper_quartile(), recent)
+        newest_at = self._samples[-1][0]
+        return self.default + (learned - self.default) * self._weight(newest_at)
+
+    def age_s(self) -> float:
+        return math.inf if not self._samples else self._clock() - self._samples[-1][0]
+
+
 class DowntimeModel:
     """What a downtime to one peer costs, learned from the completed migrations to that peer.
 
-    Learned from each completed migration's measured steps: the pause (every vCPU parked), the
-    rate of the final send (slower than the rounds': the target applies and digests meanwhile),
-    the digest rate, and the fixed rest (state, the target's load and restore, resume, thread
-    hops), so the next prediction counts what the path really costs instead of constants. Three
-    rules keep one bad migration from poisoning every later one: a sample is never taken from a
-    failed migration or from an outlier (`is_outlier`); learned costs are bounded (MAX_FIXED_MS);
-    and they fade back to the defaults with a half-life, so a host that was slow an hour ago is
-    not taken to be slow for ever.
+    Learned from each completed migration's measured steps, each term on its own (RobustCost):
+    the pause (every vCPU parked), the rate of the final send (slower than the rounds': the
+    target applies and digests meanwhile), the source's digest rate, the target's digest rate and
+    load (as the target reports them in LOADED; estimated from the source's digest rate when an
+    older target does not), and the fixed rest (state, resume, thread hops, the link's lag).
+    Rules that keep one bad migration from poisoning every later one: a sample is never taken
+    from a failed migration or from an outlier (`is_outlier`); each term is bounded
+    (MAX_FIXED_MS); one slow sample does not move an estimate; and estimates fade back to the
+    defaults with a half-life.
     """
 
     MAX_FIXED_MS = 1000.0
+    MAX_DIGEST_MS_PER_GIB = 10_000.0
     HALF_LIFE_S = 1800.0
     # A digest of a mostly empty guest is all fixed cost (holes, SHA-256 of the hash vector): a
     # rate per GiB is learned only from digests that read at least this much data.
@@ -186,48 +244,49 @@ class DowntimeModel:
         pause_ms: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._defaults = {"fixed": fixed_ms, "pause": pause_ms}
-        self.fixed = RateMeter()
-        self.fixed.rate = fixed_ms
-        self.pause = RateMeter()
-        self.pause.rate = pause_ms
-        self.digest = RateMeter()
-        self.digest.rate = digest_ms_per_gib
-        self.send = RateMeter()  # bytes/s of the downtime's send; 0 until learned
+        def term(default: float, bound: float) -> RobustCost:
+            return RobustCost(default, self.HALF_LIFE_S, clock, bound)
+
+        self.fixed = term(fixed_ms, self.MAX_FIXED_MS)
+        self.pause = term(pause_ms, self.MAX_FIXED_MS)
+        self.digest = term(digest_ms_per_gib, self.MAX_DIGEST_MS_PER_GIB)  # the source's, per GiB
+        # The target's digest per GiB of its RAM, and the rest of its load (restore), as it reports
+        # them; until it has, its digest is taken to cost what the source's does per byte.
+        self.target_digest = term(digest_ms_per_gib, self.MAX_DIGEST_MS_PER_GIB)
+        # The downtime's send as ms per GiB (a cost, so that its upper quartile is the slow rate).
+        self.send = term(0.0, math.inf)
+        # One cutover round trip (COMMIT -> RUNNING, the target's resume included): a single
+        # handshake's round trip on a busy host can be off by hundreds of milliseconds.
+        self.round_trip = term(0.0, self.MAX_FIXED_MS)
         self.learned = 0
         self.outliers = 0
-        self._clock = clock
-        self._learned_at: float | None = None
-
-    def _faded(self, name: str, meter: RateMeter) -> float:
-        learned = min(meter.rate, self.MAX_FIXED_MS)
-        if self._learned_at is None:
-            return learned
-        fade: float = 0.5 ** ((self._clock() - self._learned_at) / self.HALF_LIFE_S)
-        default = self._defaults[name]
-        return default + (learned - default) * fade
 
     @property
     def fixed_ms(self) -> float:
-        return self._faded("fixed", self.fixed)
+        return self.fixed.value()
 
     @property
     def pause_ms(self) -> float:
-        return self._faded("pause", self.pause)
+        return self.pause.value()
 
     @property
     def downtime_bandwidth_bytes_s(self) -> float:
         # An old rate is dropped rather than faded: no rate means "use the rounds' rate".
-        if self._learned_at is None or self._clock() - self._learned_at > 2 * self.HALF_LIFE_S:
+        if not self.send.learned or self.send.age_s() > 2 * self.HALF_LIFE_S:
             return 0.0
-        return self.send.rate
+        return GIB / (max(self.send.value(), 1e-3) / 1e3)
+
+    def round_trip_ms(self, handshake_rtt_ms: float) -> float:
+        """One round trip of the cutover: learned, or this connection's handshake until then."""
+        return self.round_trip.value() if self.round_trip.learned else handshake_rtt_ms
 
     def digest_ms(self, data_bytes: int, target_bytes: int | None = None) -> float:
         """Both sides' digests, one after the other (the target's starts on DONE). The target's
         RAM file may hold more than the source's (its prefault populates whole ranges, holes
         included): `target_bytes`, when given, is what its digest reads (at most the RAM size)."""
         target = data_bytes if target_bytes is None else max(data_bytes, target_bytes)
-        return self.digest.rate * (data_bytes + target) / GIB
+        target_rate = self.target_digest.value() if self.target_digest.learned else self.digest.value()
+        return (self.digest.value() * data_bytes + target_rate * target) / GIB
 
     def learn(
         self,
@@ -237,26 +296,36 @@ class DowntimeModel:
         data_bytes: int,
         predicted_ms: float,
         target_bytes: int | None = None,
+        target_digest_ms: float | None = None,
+        measured_now_ms: float = 0.0,
     ) -> bool:
         """Learns from a completed migration's measured downtime and its steps (`pause`, `send`,
-        `digest`, as the source times them); False (and nothing learned) for an outlier."""
+        `digest`, as the source times them), and the target's digest as it reported it (None:
+        an older target that does not); False (and nothing learned) for an outlier.
+
+        `measured_now_ms`: what the prediction counted from this migration's own measurements
+        (the harvest, the state estimate), which the learned fixed rest must not count a second
+        time. The round trips are learned from `commit_to_running` (one of them)."""
         if is_outlier(downtime_ms, predicted_ms):
             self.outliers += 1
             return False
         pause_ms, send_ms, digest_ms = (steps_ms.get(k, 0.0) for k in ("pause", "send", "digest"))
-        if digest_ms > 0 and data_bytes >= self.LEARN_DIGEST_FROM_BYTES:
-            self.digest.add(digest_ms, data_bytes / GIB)
-        if send_ms > 0 and sent_bytes >= self.LEARN_SEND_FROM_BYTES:
-            self.send.add(sent_bytes, send_ms / 1e3)
-        # What has faded so far is the base a new sample moves.
-        self.fixed.rate, self.pause.rate = self.fixed_ms, self.pause_ms
-        self.pause.add(min(pause_ms, self.MAX_FIXED_MS), 1.0)
-        # The target's digest is taken to cost what the source's did per byte, over its bytes.
         target = data_bytes if target_bytes is None else max(data_bytes, target_bytes)
-        target_digest_ms = digest_ms * target / data_bytes if data_bytes else digest_ms
-        rest = downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms
-        self.fixed.add(min(max(0.0, rest), self.MAX_FIXED_MS), 1.0)
-        self._learned_at = self._clock()
+        if digest_ms > 0 and data_bytes >= self.LEARN_DIGEST_FROM_BYTES:
+            self.digest.add(digest_ms / (data_bytes / GIB))
+        if target_digest_ms is not None and target_digest_ms > 0 and target >= self.LEARN_DIGEST_FROM_BYTES:
+            self.target_digest.add(target_digest_ms / (target / GIB))
+        if send_ms > 0 and sent_bytes >= self.LEARN_SEND_FROM_BYTES:
+            self.send.add(send_ms / (sent_bytes / GIB))
+        self.pause.add(pause_ms)
+        round_trip_ms = steps_ms.get("commit_to_running", 0.0)
+        if round_trip_ms > 0:
+            self.round_trip.add(round_trip_ms)
+        if target_digest_ms is None:
+            # The target's digest is taken to cost what the source's did per byte, over its bytes.
+            target_digest_ms = digest_ms * target / data_bytes if data_bytes else digest_ms
+        rest = downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms - measured_now_ms
+        self.fixed.add(rest - 2 * round_trip_ms)
         self.learned += 1
         return True
 
@@ -265,7 +334,9 @@ class DowntimeModel:
             "fixed_ms": round(self.fixed_ms, 2),
             "pause_ms": round(self.pause_ms, 2),
             "downtime_send_mib_s": round(self.downtime_bandwidth_bytes_s / (1 << 20), 1),
-            "digest_ms_per_gib": round(self.digest.rate, 2),
+            "digest_ms_per_gib": round(self.digest.value(), 2),
+            "target_digest_ms_per_gib": round(self.target_digest.value(), 2),
+            "round_trip_ms": round(self.round_trip.value(), 2),
             "learned": self.learned,
             "outliers": self.outliers,
         }

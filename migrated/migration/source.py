@@ -20,6 +20,7 @@ import trio
 
 from transport import (
     Accept,
+    Close,
     Commit,
     DeviceState,
     Done,
@@ -27,6 +28,7 @@ from transport import (
     Loaded,
     MemoryRegion,
     PageBatch,
+    ProtocolError,
     Query,
     QueryResult,
     Role,
@@ -105,6 +107,7 @@ class Source:
         self._dirty_limit_exhausted = False
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
+        self._target_digest_ms: float | None = None  # as the target reported it in LOADED
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
 
@@ -143,7 +146,8 @@ class Source:
             self.log.exception("migration_crashed")
             await self._fail(err)
         finally:
-            self.stats.total_ms = (time.monotonic() - self._started) * 1e3
+            if self.stats.total_ms is None:  # a completed migration's was taken once, at its end
+                self.stats.total_ms = (time.monotonic() - self._started) * 1e3
             if self._channel is not None:
                 await self._channel.aclose()
             hosted.last_migration = self.stats.as_dict()
@@ -349,8 +353,9 @@ class Source:
                 await send_range(self._send_batch, ram_pages, region.slot, 0, first, end, batch_pages, self._counters)
         self._bulk_pages = None
         self._data_pages = in_extents
-        # Holes in the memfd were never touched: zero on both sides, not sent at all.
-        self._counters.zero_pages += total_pages - in_extents
+        # Holes in the memfd were never touched: zero on both sides and not sent at all, so not
+        # counted as zero pages (those went as indices, and the target counts them too).
+        self.stats.untouched_pages = total_pages - in_extents
         self.stats.zero_pages = self._counters.zero_pages
         elapsed = time.perf_counter() - started
         self._bandwidth.add(self.stats.bytes_sent - bytes_before, elapsed)
@@ -361,6 +366,7 @@ class Source:
             "bulk_copy_done",
             pages=self._counters.pages,
             zero_pages=self._counters.zero_pages,
+            untouched_pages=self.stats.untouched_pages,
             ms=round(elapsed * 1e3, 1),
             bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1),
         )
@@ -379,7 +385,7 @@ class Source:
             fixed_ms=model.fixed_ms,
             state_bytes=state_bytes_guess,
             digest_ms=digest_ms,
-            rtt_ms=self._channel.rtt_ms if self._channel else 0.0,
+            rtt_ms=model.round_trip_ms(self._channel.rtt_ms if self._channel else 0.0),
             state_ms=vmstate.estimate_ms(len(vm.vcpus)),
             pause_ms=model.pause_ms,
             downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
@@ -546,12 +552,24 @@ class Source:
             await channel.aclose()
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
         await channel.send(Commit())
+        # Everything the target receives from this connection has been written: both sides
+        # report these bytes (the target counts them as they arrived) and pages (the counters
+        # move after each batch went, so the last batch is in them only now).
+        self.stats.bytes_sent = channel.bytes_sent
+        self.stats.pages_sent, self.stats.zero_pages = self._counters.pages, self._counters.zero_pages
         await self._expect(Running)
         clock.step("commit_to_running")
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
         learned = self._model.learn(
-            downtime_ms, steps, self._downtime_bytes, vm.memory.allocated_bytes(), predicted_ms, vm.memory.size
+            downtime_ms,
+            steps,
+            self._downtime_bytes,
+            vm.memory.allocated_bytes(),
+            predicted_ms,
+            vm.memory.size,
+            target_digest_ms=self._target_digest_ms,
+            measured_now_ms=sum(self.stats.predicted_downtime_terms_ms.get(k, 0.0) for k in _MEASURED_NOW),
         )
         self.stats.downtime_outlier = not learned
         if not learned:
@@ -567,7 +585,24 @@ class Source:
                 predicted_ms=round(predicted_ms, 1),
                 breakdown_ms=dict(steps),
             )
-        await self._release("completed")
+        self.stats.total_ms = (time.monotonic() - self._started) * 1e3
+        await self._send_outcome(channel)
+        await self._release("completed", timed=True)
+
+    async def _send_outcome(self, channel: PeerChannel) -> None:
+        """Close, with the downtime and total time as measured here: only the source can time
+        them (it paused and it started), and the target reports the same numbers. Best effort:
+        the VM is the target's already."""
+        downtime_ms, total_ms = self.stats.downtime_ms, self.stats.total_ms
+        close = Close(
+            downtime_us=None if downtime_ms is None else round(downtime_ms * 1e3),
+            total_us=None if total_ms is None else round(total_ms * 1e3),
+        )
+        with trio.move_on_after(1):
+            try:
+                await channel.send(close)
+            except (PeerError, ProtocolError) as err:
+                self.log.info("migration_outcome_not_sent", error=str(err))
 
     async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock) -> None:
         """R6, in order and nothing else in between, up to LOADED with the digests compared."""
@@ -610,9 +645,18 @@ class Source:
             self.stats.verify_ms = clock.step("digest")
             self.stats.digest = digest.hex()
         await faults.hold(self.log, "done")
-        await channel.send(Done(pages_total=channel.conn.pages_transferred, digest=digest, verify=self.options.verify))
+        await channel.send(
+            Done(
+                pages_total=channel.conn.pages_transferred,
+                digest=digest,
+                verify=self.options.verify,
+                rounds=self.stats.round,
+            )
+        )
         self.stats.state = self.stats.phase = "cutover"
         loaded = await self._expect(Loaded)
+        # What the target's digest cost, as it measured it (an older target does not say).
+        self._target_digest_ms = None if loaded.digest_us is None else loaded.digest_us / 1e3
         if faults.active("source-abort-after-loaded"):
             raise MigrationFailed("aborting after LOADED (test fault source-abort-after-loaded)")
         if faults.active("source-vanish-after-loaded"):
@@ -624,15 +668,18 @@ class Source:
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
 
-    async def _release(self, how: str) -> None:
+    async def _release(self, how: str, timed: bool = False) -> None:
+        """`timed`: total_ms was taken already (and sent to the target); otherwise (resolved
+        later, in doubt or by the operator) the migration ends now."""
         self._record_after("released")
-        self.stats.total_ms = (time.monotonic() - self._started) * 1e3
+        if not timed:
+            self.stats.total_ms = (time.monotonic() - self._started) * 1e3
         self.stats.state = self.stats.phase = how
         self.hosted.state = VmState.MIGRATED
         self.log.info(
             "migration_completed",
             downtime_ms=self.stats.downtime_ms,
-            total_ms=(time.monotonic() - self._started) * 1e3,
+            total_ms=self.stats.total_ms,
             rounds=self.stats.round,
             bytes_sent=self.stats.bytes_sent,
         )
@@ -711,6 +758,10 @@ class Source:
         else:
             raise ValueError(f"action {action!r}: allowed are release, resume")
 
+
+# Terms of the prediction that this migration measures itself (not learned): the harvest and the
+# state estimate.
+_MEASURED_NOW = ("harvest_ms", "state_ms")
 
 # The downtime's steps in order, as _StepClock names them: the guard's error names the first one
 # that had not finished.

@@ -20,7 +20,8 @@ class MigrationStats:
     round: int = 0
     bytes_sent: int = 0
     pages_sent: int = 0
-    zero_pages: int = 0
+    zero_pages: int = 0  # all-zero pages sent as indices only (both sides count the same)
+    untouched_pages: int = 0  # never written on the source (holes in its RAM file): not sent at all
     pages_remaining: int = 0
     dirty_rate_mib_s: float = 0.0
     bandwidth_mib_s: float = 0.0

@@ -18,6 +18,7 @@ import trio
 
 from transport import (
     Accept,
+    Close,
     Commit,
     DeviceState,
     Done,
@@ -44,6 +45,11 @@ from .host import MigrationHost
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
 from .stats import MigrationStats
+
+
+# How long the target waits, after RUNNING, for the source's Close with its timing: the source
+# sends it right after RUNNING arrives; an older one only closes the link.
+SOURCE_CLOSE_WAIT_S = 2.0
 
 
 class Refused(Exception):
@@ -270,6 +276,8 @@ class Target:
 
     async def _receive(self, stats: MigrationStats, views: dict[int, Any], prefault: dict[int, Prefaulter]) -> None:
         blobs: list[tuple[str, bytes]] = []
+        bulk_entries = 0  # pages the bulk copy carried (data and zero); the rest it never touched
+        round_entries = 0  # pages (data and zero) of the latest round: the last is the downtime's
         stats.state = stats.phase = "receiving"
         while True:
             event = await self._next()
@@ -282,7 +290,12 @@ class Target:
                 stats.pages_sent += int(event.pages.size)
                 stats.zero_pages += int(event.zero_pages.size)
                 stats.bytes_sent += event.data_bytes
+                if event.round != stats.round:
+                    round_entries = 0
+                round_entries += int(event.pages.size) + int(event.zero_pages.size)
                 stats.round = event.round
+                if event.round == 0:
+                    bulk_entries += int(event.pages.size) + int(event.zero_pages.size)
             elif isinstance(event, DeviceState):
                 # Bounded before it is kept (DESIGN 6): each expected kind once, nothing else.
                 if event.kind not in vmstate.KINDS or event.kind in (kind for kind, _ in blobs):
@@ -292,14 +305,21 @@ class Target:
                     )
                 blobs.append((event.kind, event.blob))
             elif isinstance(event, Done):
+                done_at = time.perf_counter()
+                if event.rounds is not None:
+                    # The source's count: the downtime's final pass (round `rounds` + 1) is no
+                    # dirty round.
+                    stats.final_pages = round_entries if stats.round == event.rounds + 1 else 0
+                    stats.round = event.rounds
+                stats.untouched_pages = sum(views[slot].shape[0] for slot in views) - bulk_entries
                 if faults.active_once("target-stop-on-done"):
                     os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
-                await self._load(event, blobs)
+                await self._load(event, blobs, done_at)
                 return
             else:
                 raise PeerError(f"unexpected {type(event).__name__} while receiving the VM")
 
-    async def _load(self, done: Done, blobs: list[tuple[str, bytes]]) -> None:
+    async def _load(self, done: Done, blobs: list[tuple[str, bytes]], done_at: float) -> None:
         """R9: all memory is in place; the digest of it, then the state, then LOADED.
 
         The digest comes first: it checks the memory as sent, and restoring device state may
@@ -312,10 +332,12 @@ class Target:
         assert vm.memory is not None
         stats.state = stats.phase = "loading"
         digest = None
+        digest_us = None
         if done.verify == "full":
             verify_started = time.perf_counter()
             digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
             stats.verify_ms = (time.perf_counter() - verify_started) * 1e3
+            digest_us = round(stats.verify_ms * 1e3)
             stats.digest = digest.hex()
             if digest != done.digest:
                 raise Refused("memory digest mismatch after loading: discarding this copy")
@@ -327,7 +349,9 @@ class Target:
         stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
         if faults.active("target-refuse-loaded"):
             raise Refused("refusing at LOADED (test fault target-refuse-loaded)")
-        await self.channel.send(Loaded(digest=digest))
+        # What loading cost here: the source learns the downtime's costs from it.
+        load_us = round((time.perf_counter() - done_at) * 1e6)
+        await self.channel.send(Loaded(digest=digest, digest_us=digest_us, load_us=load_us))
         self.loaded = True
         self.daemon.incoming.record(stats.migration_id, "loaded")
         stats.state = stats.phase = "loaded"
@@ -339,6 +363,8 @@ class Target:
             raise PeerError(f"expected Commit from the peer, got {type(event).__name__}")
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and stats is not None
+        # Every byte the source sent on this connection has arrived: the same count it reports.
+        stats.bytes_sent = self.channel.conn.bytes_received
         # Shielded: a query aborting this copy must find it either before COMMIT or running.
         with trio.CancelScope(shield=True):
             self.committed = True
@@ -359,7 +385,23 @@ class Target:
             await self.channel.aclose()
             raise PeerError("dropped the link before RUNNING (test fault target-vanish-after-commit)")
         await self.channel.send(Running())
+        await self._take_source_timing(stats)
         hosted.last_migration = stats.as_dict()
+
+    async def _take_source_timing(self, stats: MigrationStats) -> None:
+        """The downtime and total time as the source measured them, from its Close: only it can
+        time them, and both sides then report the same numbers. A source that closes without
+        them (an older release) or not at all leaves this side's own total time."""
+        with trio.move_on_after(SOURCE_CLOSE_WAIT_S):
+            try:
+                event = await self.channel.receive()
+            except PeerError:
+                return
+            if isinstance(event, Close):
+                if event.downtime_us is not None:
+                    stats.downtime_ms = event.downtime_us / 1e3
+                if event.total_us is not None:
+                    stats.total_ms = event.total_us / 1e3
 
     async def _on_failure(self, reason: str) -> None:
         if self.committed:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from migrated.migration.policy import (
     Costs,
     Decision,
@@ -9,6 +11,7 @@ from migrated.migration.policy import (
     DowntimeModels,
     Policy,
     RateMeter,
+    RobustCost,
     is_outlier,
     predict_downtime,
 )
@@ -42,7 +45,7 @@ def test_policy_decisions() -> None:
 
 
 def test_model_learns_only_from_digests_of_real_data() -> None:
-    model = DowntimeModel(fixed_ms=10.0, digest_ms_per_gib=70.0)
+    model = DowntimeModel(fixed_ms=10.0, digest_ms_per_gib=70.0, clock=FakeClock())
     model.learn(
         25.0, {"send": 1.0, "digest": 5.0}, sent_bytes=0, data_bytes=64 << 10, predicted_ms=30.0
     )  # a tiny guest
@@ -168,3 +171,116 @@ def test_the_targets_digest_is_counted_over_what_its_ram_file_holds() -> None:
     steps = {"pause": 0.0, "send": 0.0, "digest": 20.0}
     assert model.learn(130.0, steps, sent_bytes=0, data_bytes=256 << 20, predicted_ms=120.0, target_bytes=1 << 30)
     assert model.fixed_ms == 130.0 - 20.0 - 80.0
+
+
+# ---- the robust estimator: one term, then the model (fake clock, no timing) ----------------------
+
+
+def test_one_slow_sample_does_not_make_the_next_migrations_cautious() -> None:
+    clock = FakeClock()
+    cost = RobustCost(default=30.0, half_life_s=1800.0, clock=clock, bound=1000.0)
+    for _ in range(RobustCost.WINDOW):
+        cost.add(40.0)
+        clock.now += 60
+    cost.add(400.0)  # one stall the outlier rule did not catch
+    assert cost.value() == pytest.approx(40.0, abs=1.0)
+    for _ in range(10):  # the next ten migrations see the usual cost, and learn it again
+        clock.now += 60
+        assert cost.value() == pytest.approx(40.0, abs=1.0)
+        cost.add(41.0)
+    assert cost.value() == pytest.approx(41.0, abs=1.0)
+
+
+def test_a_host_that_became_slower_is_seen_at_the_second_sample() -> None:
+    clock = FakeClock()
+    cost = RobustCost(default=30.0, half_life_s=1800.0, clock=clock, bound=1000.0)
+    for _ in range(RobustCost.WINDOW):
+        cost.add(40.0)
+    cost.add(120.0)
+    assert cost.value() == 40.0, "one sample alone is noise"
+    cost.add(125.0)
+    assert cost.value() == 120.0, "two in a row are the host now"
+
+
+def test_a_host_that_became_faster_is_seen_within_the_window() -> None:
+    clock = FakeClock()
+    cost = RobustCost(default=30.0, half_life_s=1800.0, clock=clock, bound=1000.0)
+    for _ in range(RobustCost.WINDOW):
+        cost.add(120.0)
+    seen_after = next(n for n in range(1, RobustCost.WINDOW + 1) if (cost.add(40.0), cost.value())[1] == 40.0)
+    assert seen_after < RobustCost.WINDOW
+
+
+def test_old_samples_decay_in_weight_and_the_estimate_fades_to_the_default() -> None:
+    clock = FakeClock()
+    cost = RobustCost(default=30.0, half_life_s=100.0, clock=clock, bound=1000.0)
+    for _ in range(6):
+        cost.add(200.0)
+    clock.now += 1000.0  # ten half-lives: those six weigh almost nothing now
+    cost.add(50.0)
+    cost.add(50.0)
+    assert cost.value() == 50.0
+    clock.now += 100.0
+    assert abs(cost.value() - (30.0 + (50.0 - 30.0) * 0.5)) < 1e-9
+    clock.now += 100.0 * 40
+    assert abs(cost.value() - 30.0) < 1e-6
+
+
+def test_costs_are_bounded_and_never_negative() -> None:
+    cost = RobustCost(default=30.0, half_life_s=100.0, clock=FakeClock(), bound=1000.0)
+    cost.add(-5.0)
+    assert cost.value() == 0.0
+    for _ in range(3):
+        cost.add(1e9)
+    assert cost.value() == 1000.0
+
+
+def test_the_model_recovers_after_an_outlier_and_sees_a_slower_host() -> None:
+    """Whole model: a stall far beyond its prediction is not learned at all; a slower host
+    (a CPU hog started since the last migration) moves the fixed cost after two migrations."""
+    clock = FakeClock()
+    model = DowntimeModel(fixed_ms=30.0, clock=clock)
+    steps = {"pause": 5.0, "send": 10.0, "digest": 0.0}
+    for _ in range(5):
+        assert model.learn(55.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=60.0)
+    assert model.fixed_ms == 40.0
+    assert not model.learn(5000.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=60.0)
+    assert model.fixed_ms == 40.0 and model.outliers == 1
+    # Slower: 150 ms downtime where 60 were predicted, twice.
+    assert model.learn(150.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=60.0)
+    assert model.fixed_ms == 40.0
+    assert model.learn(150.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=60.0)
+    assert model.fixed_ms == 135.0
+
+
+def test_the_targets_reported_digest_is_learned_as_its_own_rate() -> None:
+    model = DowntimeModel(digest_ms_per_gib=70.0, clock=FakeClock())
+    steps = {"pause": 0.0, "send": 0.0, "digest": 20.0}  # the source: 20 ms for 256 MiB
+    assert model.learn(
+        100.0,
+        steps,
+        sent_bytes=0,
+        data_bytes=256 << 20,
+        predicted_ms=100.0,
+        target_bytes=1 << 30,
+        target_digest_ms=30.0,
+    )
+    assert model.digest_ms(256 << 20, 1 << 30) == 20.0 + 30.0
+    assert model.fixed_ms == 100.0 - 20.0 - 30.0
+
+
+def test_what_this_migration_measured_itself_is_not_learned_twice() -> None:
+    model = DowntimeModel(clock=FakeClock())
+    steps = {"pause": 5.0, "send": 10.0, "digest": 0.0}
+    assert model.learn(60.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=60.0, measured_now_ms=12.0)
+    assert model.fixed_ms == 60.0 - 5.0 - 10.0 - 12.0
+
+
+def test_the_cutover_round_trip_is_learned_instead_of_the_handshakes() -> None:
+    """A handshake on a busy host measured 480 ms once: the cutover's own round trip counts."""
+    model = DowntimeModel(clock=FakeClock())
+    assert model.round_trip_ms(handshake_rtt_ms=480.0) == 480.0, "nothing learned yet"
+    steps = {"pause": 5.0, "send": 10.0, "digest": 0.0, "commit_to_running": 4.0}
+    assert model.learn(60.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=60.0)
+    assert model.round_trip_ms(handshake_rtt_ms=480.0) == 4.0
+    assert model.fixed_ms == 60.0 - 5.0 - 10.0 - 2 * 4.0

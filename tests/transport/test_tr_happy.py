@@ -22,6 +22,7 @@ from tr_helpers import (
     u64,
 )
 
+from transport.framing import OPTIONAL_FIELDS
 from transport import (
     NEED_DATA,
     Accept,
@@ -178,16 +179,33 @@ class Buffers(Carrier):
         return events
 
 
+def _count_bytes_sent(conn: Connection) -> list[int]:
+    """A running total of the bytes `conn` hands out to be written."""
+    total = [0]
+    send_buffers = conn.send_buffers
+
+    def counting(event: Event) -> list[bytes | memoryview]:
+        buffers = send_buffers(event)
+        total[0] += sum(memoryview(part).nbytes for part in buffers)
+        return buffers
+
+    conn.send_buffers = counting  # type: ignore[method-assign]
+    return total
+
+
 @pytest.mark.parametrize("carrier", [Whole(), ByteAtATime(), Buffers()], ids=lambda carrier: type(carrier).__name__)
 def test_full_migration_with_psk(carrier: Carrier) -> None:
     source, target = make_pair()
+    sent = _count_bytes_sent(source), _count_bytes_sent(target)
     at_source, at_target = run_migration(source, target, carrier)
+    # Each side's count of what arrived is the other's count of what it wrote, however it was read.
+    assert target.bytes_received == sent[0][0] > 0 and source.bytes_received == sent[1][0] > 0
     kinds = [type(event).__name__ for event in at_target]
     assert kinds[:3] == ["Hello", "Auth", "VmDescription"]
     assert kinds[-5:] == ["DeviceState", "DeviceState", "Done", "Commit", "Close"]
     assert [type(e).__name__ for e in at_source][-3:] == ["Loaded", "Running", "Close"]
     assert source.negotiated == Negotiated(
-        version=2, auth="psk", capabilities=frozenset(), max_batch_bytes=8 << 20, peer_node="host-b"
+        version=2, auth="psk", capabilities=frozenset({OPTIONAL_FIELDS}), max_batch_bytes=8 << 20, peer_node="host-b"
     )
     assert target.negotiated is not None and target.negotiated.peer_node == "host-a"
     pages = sum(e.pages.size + e.zero_pages.size for e in at_target if isinstance(e, PageBatch))
@@ -223,11 +241,15 @@ def test_negotiation_takes_highest_version_common_caps_and_smallest_batch() -> N
     target = Connection(Role.TARGET, node="b", psk=KEY, capabilities={"digest", "compress"})
     handshake(source, target)
     assert source.negotiated == Negotiated(
-        version=2, auth="psk", capabilities=frozenset({"digest"}), max_batch_bytes=4 << 20, peer_node="b"
+        version=2,
+        auth="psk",
+        capabilities=frozenset({"digest", OPTIONAL_FIELDS}),
+        max_batch_bytes=4 << 20,
+        peer_node="b",
     )
     assert target.negotiated is not None
     assert target.negotiated.max_batch_bytes == 4 << 20
-    assert target.negotiated.capabilities == frozenset({"digest"})
+    assert target.negotiated.capabilities == frozenset({"digest", OPTIONAL_FIELDS})
 
 
 def test_send_buffers_hand_out_the_page_data_itself() -> None:
