@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,6 @@ class QemuProcess:
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
     qmp: Qmp | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def qmp_path(self) -> Path:
