@@ -73,6 +73,14 @@ def streams() -> dict[str, tuple[State, int, bytes]]:
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
+    """`data` changed in 1-4 places; never returned unchanged (a byte set to the value it
+    already held is no mutation, and a sealed stream must only reject real changes)."""
+    while (out := _mutate_once(rng, data)) == data:
+        pass
+    return out
+
+
+def _mutate_once(rng: random.Random, data: bytes) -> bytes:
     out = bytearray(data)
     for _ in range(rng.randint(1, 4)):
         kind = rng.randrange(5)
