@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
+from transport.datastream import Layout
 from transport import (
     Accept,
     Commit,
@@ -26,7 +27,6 @@ from transport import (
     Event,
     Loaded,
     MemoryRegion,
-    PageBatch,
     Query,
     QueryResult,
     Role,
@@ -43,13 +43,15 @@ from ..statedir import StateDirError, write_record
 from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
-from .pagestream import PAGE_SIZE, StreamCounters, send_pages, send_range
+from .pagestream import PAGE_SIZE
+from .sendstreams import SendStreams
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats
 
 E = TypeVar("E", bound=Event)
 
 MIB = 1 << 20
+PROGRESS_INTERVAL_S = 0.25  # how often the stats read the data threads' counters
 
 
 class MigrationFailed(Exception):
@@ -70,6 +72,7 @@ class SourceOptions:
     downtime_guard_ms: float = 2000.0
     completion_timeout_per_gib_s: float = 0.0  # 0: off (KubeVirt's completionTimeoutPerGiB)
     progress_timeout_s: float = 0.0  # 0: off; no byte moved for this long cancels (before the downtime)
+    streams: int = 2  # data connections carrying the pages (sendstreams.py)
 
 
 class Source:
@@ -95,13 +98,14 @@ class Source:
         self._paused_at: float | None = None
         self._bandwidth = RateMeter()
         self._dirty_rate = RateMeter()
-        self._counters = StreamCounters()
+        self._plane: SendStreams | None = None
         self._channel: PeerChannel | None = None
         self._last_collect = time.perf_counter()
         self._data_pages = 0  # pages in the memfd's data extents: what a digest must read
         self._throttle_step = -1  # index into THROTTLE_STEPS; -1: the guest runs at full speed
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
+        self._hole_pages = 0  # pages in the memfd's holes: zero, never sent
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
 
@@ -139,6 +143,8 @@ class Source:
             await self._fail(err)
         finally:
             self.stats.total_ms = (time.monotonic() - self._started) * 1e3
+            if self._plane is not None:
+                await self._plane.aclose()
             if self._channel is not None:
                 await self._channel.aclose()
             hosted.last_migration = self.stats.as_dict()
@@ -157,6 +163,8 @@ class Source:
             self.log.error("migration_in_doubt", error=message)
             self.daemon.start_task(self.resolve)
             return
+        if self._plane is not None:
+            await self._plane.aclose()  # no thread reads guest RAM once the VM runs here again
         if self._channel is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self._channel.abort(message)
@@ -223,6 +231,7 @@ class Source:
                 cpu_features={
                     "spec": hosted.spec.to_wire(),
                     "run_state": "paused" if self.was_paused else "running",
+                    "data_streams": self.options.streams,
                     **vmstate.cpu_features(self.daemon.kvm),
                 },
                 dirty_tracking=vm.dirty_tracking,
@@ -231,17 +240,69 @@ class Source:
         )
         with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
             await channel.expect(Accept)
+        self._plane = await self._open_streams(channel)
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
 
         # R3: the first collection re-arms tracking before the bulk copy reads any page, so
         # every write from here on is in a later collection.
         await trio.to_thread.run_sync(vm.tracker.collect)
         self._last_collect = time.perf_counter()
-        await self._bulk_copy()
-        pending = await self._rounds()
-        self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
-        self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
-        await self._downtime(pending)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_progress)
+                await self._bulk_copy()
+                pending = await self._rounds()
+                self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
+                self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
+                await self._downtime(pending)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The watcher never fails: what failed is the migration itself, as run() expects it.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _open_streams(self, channel: PeerChannel) -> SendStreams:
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None
+        conn = channel.conn
+        negotiated = conn.negotiated
+        assert negotiated is not None
+        peer = self.daemon.config.peer
+        layout = Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
+        with trio.fail_after(peer.connect_timeout_s * 2):
+            try:
+                return await SendStreams.open(
+                    host=self.options.host,
+                    port=self.options.port,
+                    peer=peer,
+                    secret=conn.data_stream_secret(),
+                    sealed=negotiated.auth == "psk",
+                    migration_id=self.stats.migration_id,
+                    count=self.options.streams,
+                    memory=vm.memory,
+                    layout=layout,
+                    batch_pages=batch_pages_for(negotiated.max_batch_bytes),
+                    bandwidth_bytes_s=self.options.max_bandwidth_mib_s * MIB,
+                )
+            except (OSError, ssl.SSLError) as err:
+                raise PeerError(f"cannot open the data streams to {self.stats.peer}: {connect_failure(err)}") from err
+
+    async def _watch_progress(self) -> None:
+        """The data threads count; this reads their counters into the stats while they run, so
+        bytes, pages remaining and the bandwidth move during a pass, not only after it."""
+        meter = RateMeter(weight=0.3)
+        last_bytes, last_at = self._sent_bytes(), time.perf_counter()
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL_S)
+            self._update_counters()
+            now, sent = time.perf_counter(), self.stats.bytes_sent
+            if sent > last_bytes and self.stats.phase in ("bulk", "rounds"):
+                # Only intervals that moved bytes: the pauses between rounds (a harvest, the
+                # decision) are not the link's speed.
+                self._note_progress()
+                self.stats.bandwidth_mib_s = meter.add(sent - last_bytes, now - last_at) / MIB
+            last_bytes, last_at = sent, now
 
     def _time_limit_s(self) -> float:
         """timeout_s, or the completion timeout per GiB of RAM if that ends first."""
@@ -261,6 +322,8 @@ class Source:
         """migrate-set-parameters: the next batch and the next round's decision use them."""
         old = {k: getattr(self.options, k) for k in changes}
         self.options = replace(self.options, **changes)  # type: ignore[arg-type]
+        if "max_bandwidth_mib_s" in changes and self._plane is not None:
+            self._plane.limiter.set_rate(self.options.max_bandwidth_mib_s * MIB)
         if "downtime_limit_ms" in changes:
             self.stats.downtime_limit_ms = self.options.downtime_limit_ms
         self.log.info("migration_parameters_changed", old=old, new=changes)
@@ -285,64 +348,53 @@ class Source:
             self.operator_cancelled = by_operator
         self.cancel_scope.cancel()
 
-    def _channel_bytes(self) -> int:
-        return self._channel.bytes_sent if self._channel is not None else 0
+    def _sent_bytes(self) -> int:
+        control = self._channel.bytes_sent if self._channel is not None else 0
+        return control + (self._plane.totals().bytes if self._plane is not None else 0)
 
-    async def _send_batch(self, batch: PageBatch) -> None:
-        assert self._channel is not None
-        before = self._channel.bytes_sent
-        started = time.perf_counter()
-        await self._channel.send(batch)
-        self._note_progress()
-        sent = self._channel.bytes_sent - before
-        self.stats.bytes_sent = self._channel.bytes_sent
-        limit = self.options.max_bandwidth_mib_s * MIB
-        if limit > 0:
-            # Hold the average at the limit: wait out what this batch took less than its share.
-            await trio.sleep(max(0.0, sent / limit - (time.perf_counter() - started)))
-        self.stats.pages_sent = self._counters.pages
-        self.stats.zero_pages = self._counters.zero_pages
+    def _update_counters(self) -> None:
+        """The stats from the data threads' counters."""
+        self.stats.bytes_sent = self._sent_bytes()
+        if self._plane is None:
+            return
+        totals = self._plane.totals()
+        self.stats.pages_sent = totals.pages
+        self.stats.zero_pages = totals.zero_pages + self._hole_pages
         if self._bulk_pages is not None:
-            self.stats.pages_remaining = max(0, self._bulk_pages - self._counters.pages - self._counters.zero_pages)
+            self.stats.pages_remaining = max(0, self._bulk_pages - totals.pages - totals.zero_pages)
 
     async def _send_dirty(self, dirty: DirtyPages, round_: int) -> float:
-        """Send a dirty set; returns seconds taken."""
-        vm = self.hosted.vm
-        assert vm is not None and vm.memory is not None
+        """Send a dirty set over every stream; returns seconds taken."""
+        assert self._plane is not None
         started = time.perf_counter()
-        batch_pages = batch_pages_for(self.options.max_batch_bytes)
-        for region in vm.memory.regions:
-            pages = dirty.by_slot.get(region.slot)
-            if pages is None or not pages.size:
-                continue
-            ram_pages = vm.memory.view(region).reshape(-1, PAGE_SIZE)
-            await send_pages(self._send_batch, ram_pages, region.slot, round_, pages, batch_pages, self._counters)
+        await self._plane.send_pages(dirty, round_)
+        self._update_counters()
+        self._note_progress()
         return time.perf_counter() - started
 
     async def _bulk_copy(self) -> None:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
         self.stats.state = self.stats.phase = "bulk"
+        assert self._plane is not None
         started = time.perf_counter()
         bytes_before = self.stats.bytes_sent
-        batch_pages = batch_pages_for(self.options.max_batch_bytes)
         memory = vm.memory
         total_pages = sum(r.pages for r in memory.regions)
         # All extents first, so that `pages_remaining` counts down from the whole copy, batch by
-        # batch (`_send_batch`), instead of standing still within each extent.
+        # batch (`_update_counters`), instead of standing still within each extent.
         extents = {region.slot: memory.data_extents(region) for region in memory.regions}
         in_extents = sum(end - first for ranges in extents.values() for first, end in ranges)
         self._bulk_pages = in_extents
         self.stats.pages_remaining = in_extents
-        for region in memory.regions:
-            ram_pages = memory.view(region).reshape(-1, PAGE_SIZE)
-            for first, end in extents[region.slot]:
-                await send_range(self._send_batch, ram_pages, region.slot, 0, first, end, batch_pages, self._counters)
+        await self._plane.send_extents(extents, 0)
+        self._update_counters()
+        self._note_progress()
         self._bulk_pages = None
         self._data_pages = in_extents
         # Holes in the memfd were never touched: zero on both sides, not sent at all.
-        self._counters.zero_pages += total_pages - in_extents
-        self.stats.zero_pages = self._counters.zero_pages
+        self._hole_pages = total_pages - in_extents
+        self._update_counters()
         elapsed = time.perf_counter() - started
         self._bandwidth.add(self.stats.bytes_sent - bytes_before, elapsed)
         self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
@@ -350,8 +402,9 @@ class Source:
         self.stats.bulk_bytes = self.stats.bytes_sent - bytes_before
         self.log.info(
             "bulk_copy_done",
-            pages=self._counters.pages,
-            zero_pages=self._counters.zero_pages,
+            pages=self.stats.pages_sent,
+            zero_pages=self.stats.zero_pages,
+            streams=self._plane.count,
             ms=round(elapsed * 1e3, 1),
             bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1),
         )
@@ -526,13 +579,15 @@ class Source:
             dirty = union
         self.stats.final_pages = dirty.count
         self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
-        sent_before = self.stats.bytes_sent
+        sent_before = self._sent_bytes()
+        assert self._plane is not None
         await self._send_dirty(dirty, self.stats.round + 1)  # R6.5: the union, then state
+        await self._plane.end()  # every stream's end marker: the target loads after all of them
         for kind, blob in blobs:
             await channel.send(DeviceState(kind=kind, blob=blob))
             self.stats.state_bytes += len(blob)
         clock.step("send")
-        self._downtime_bytes = self._channel_bytes() - sent_before
+        self._downtime_bytes = self._sent_bytes() - sent_before
         digest = None
         if self.options.verify == "full":
             digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
