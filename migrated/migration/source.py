@@ -51,7 +51,7 @@ from .stats import MigrationStats
 E = TypeVar("E", bound=Event)
 
 MIB = 1 << 20
-PROGRESS_INTERVAL_S = 0.25  # how often the stats read the data threads' counters
+PROGRESS_INTERVAL_S = 0.1  # how often the stats read the data threads' counters
 
 
 class MigrationFailed(Exception):
@@ -241,6 +241,7 @@ class Source:
         with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
             await channel.expect(Accept)
         self._plane = await self._open_streams(channel)
+        self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
 
         # R3: the first collection re-arms tracking before the bulk copy reads any page, so

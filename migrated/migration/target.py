@@ -8,10 +8,12 @@ paused: asked again, this side aborts for good (it never got COMMIT) and says so
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import trio
@@ -305,10 +307,61 @@ class Target:
         self._streams.attach(hello, sock)
 
     async def _receive(self, stats: MigrationStats, views: dict[int, Any], prefault: dict[int, Prefaulter]) -> None:
+        if self._streams is None:
+            await self._receive_events(stats, views, prefault, self._next)
+            return
+        # The pages come on the data streams: the control connection may rightly stay silent
+        # for the whole bulk copy. The link counts as alive while any of them moves bytes.
+        streams = self._streams
+        silence_s = self.daemon.config.peer.connect_timeout_s
+        self.channel.io_timeout_s = math.inf
+        heard = [trio.current_time()]
+        watch_scope = trio.CancelScope()
+
+        async def next_event() -> Any:
+            event = await self.channel.receive()
+            heard[0] = trio.current_time()
+            if isinstance(event, Done):
+                # From here every wait has its own deadline (the streams' end, the load, COMMIT).
+                watch_scope.cancel()
+                self.channel.io_timeout_s = silence_s
+            return event
+
+        async def watch() -> None:
+            moved = streams.totals()[2]
+            with watch_scope:
+                await watch_loop(moved)
+
+        async def watch_loop(moved: int) -> None:
+            while True:
+                await trio.sleep(min(1.0, silence_s / 4))
+                now, total = trio.current_time(), streams.totals()[2]
+                if total != moved:
+                    moved, heard[0] = total, now
+                if now - heard[0] >= silence_s:
+                    raise PeerError(f"nothing received from the peer for {silence_s:g} s (control and data streams)")
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                await self._receive_events(stats, views, prefault, next_event)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _receive_events(
+        self,
+        stats: MigrationStats,
+        views: dict[int, Any],
+        prefault: dict[int, Prefaulter],
+        next_event: Callable[[], Awaitable[Any]],
+    ) -> None:
         blobs: list[tuple[str, bytes]] = []
         stats.state = stats.phase = "receiving"
         while True:
-            event = await self._next()
+            event = await next_event()
             if isinstance(event, PageBatch):
                 if self._streams is not None:
                     # A page on two paths could overtake its newer version on the other.
