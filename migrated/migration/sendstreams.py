@@ -120,6 +120,13 @@ class _StreamThread:
             error: BaseException | None = None
             try:
                 self._do(job)
+            except TimeoutError:
+                # Nothing taken by the peer for the socket's timeout: a cut link sends no RST.
+                error = OSError(
+                    f"data stream {self.sender.index} made no progress for {self.sock.gettimeout():g} s "
+                    "(nothing received by the peer)"
+                )
+                self._stop.set()
             except Exception as err:  # reported to trio, which fails the migration
                 error = err
                 self._stop.set()
@@ -200,6 +207,39 @@ def _connect_one(
         raise
 
 
+class Pass:
+    """Jobs handed to the stream threads; `wait()` returns when all are done (or raises the
+    first failure). Created in trio's thread: the threads report through its token."""
+
+    def __init__(self, jobs: int) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._done = trio.Event()
+        self._remaining = jobs
+        self._errors: list[BaseException] = []
+        if not jobs:
+            self._done.set()
+
+    def report(self, error: BaseException | None) -> None:  # in a stream's thread
+        try:
+            self._token.run_sync_soon(self._finished, error)
+        except trio.RunFinishedError:
+            pass
+
+    def _finished(self, error: BaseException | None) -> None:  # in trio's thread
+        self._remaining -= 1
+        if error is not None:
+            self._errors.append(error)
+        if self._remaining == 0 or error is not None:
+            self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+        if self._errors:
+            err = self._errors[0]
+            text = str(err) or type(err).__name__
+            raise OSError(text if text.startswith("data stream") else f"data stream failed: {text}") from err
+
+
 class SendStreams:
     """N data streams of one migration, from guest RAM to the target."""
 
@@ -276,6 +316,11 @@ class SendStreams:
 
     async def send_pages(self, dirty: DirtyPages, round_: int) -> None:
         """A dirty set, every page on its own stream, sorted within it."""
+        await self.start_pages(dirty, round_).wait()
+
+    def start_pages(self, dirty: DirtyPages, round_: int) -> Pass:
+        """`send_pages` begun now: its jobs are queued behind every earlier one of each stream
+        (so a page sent again later reaches the target later), and `wait()` ends it."""
         count = self.count
         jobs: list[tuple[int, _Job]] = []
         for slot, pages in dirty.by_slot.items():
@@ -287,44 +332,28 @@ class SendStreams:
                 mine = ordered[streams == index]
                 if mine.size:
                     jobs.append((index, _Job("pages", slot=slot, round=round_, pages=mine)))
-        await self._run(jobs)
+        return self._submit(jobs)
 
     async def end(self) -> None:
         """Every stream's end marker: the target loads once all of them arrived."""
-        await self._run([(index, _Job("end")) for index in range(self.count)])
+        await self.start_end().wait()
+
+    def start_end(self) -> Pass:
+        return self._submit([(index, _Job("end")) for index in range(self.count)])
 
     @property
     def _batch_pages(self) -> int:
         return self._threads[0]._batch_pages if self._threads else 1
 
     async def _run(self, jobs: list[tuple[int, _Job]]) -> None:
-        if not jobs:
-            return
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        remaining = [len(jobs)]
-        errors: list[BaseException] = []
+        await self._submit(jobs).wait()
 
-        def finished(error: BaseException | None) -> None:  # in trio's thread
-            remaining[0] -= 1
-            if error is not None:
-                errors.append(error)
-            if remaining[0] == 0 or error is not None:
-                done.set()
-
-        def report(error: BaseException | None) -> None:  # in a stream's thread
-            try:
-                token.run_sync_soon(finished, error)
-            except trio.RunFinishedError:
-                pass
-
+    def _submit(self, jobs: list[tuple[int, _Job]]) -> Pass:
+        pass_ = Pass(len(jobs))
         for index, job in jobs:
-            job.report = report
+            job.report = pass_.report
             self._threads[index].submit(job)
-        await done.wait()
-        if errors:
-            err = errors[0]
-            raise OSError(f"data stream failed: {err}") from err
+        return pass_
 
     async def aclose(self) -> None:
         """Stop every stream now (a blocked send ends with the socket) and join the threads."""

@@ -555,43 +555,74 @@ class Source:
         await self._release("completed")
 
     async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock) -> None:
-        """R6, in order and nothing else in between, up to LOADED with the digests compared."""
+        """R6, in order, up to LOADED with the digests compared.
+
+        What R6 lets overlap, overlaps: the pages of R6.2 stream out (in the data threads) while
+        the state is saved and the backup bitmap read, which only read guest RAM on x86 and
+        write it only in pages the backup bitmap then holds on arm64 (R6.3): those go out after
+        it, behind the first copy on their stream, so the newer copy lands last. The state goes
+        on the control connection meanwhile; the digest (verify full) reads the final RAM while
+        the pages are still on their way. The steps in `downtime_breakdown_ms` are consecutive
+        (they add up to the pause): `state_save` and `backup_bitmap` include the page streaming
+        they overlapped, `send` is what remained of it afterwards, `digest` what remained of
+        the digest after that."""
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None and vm.memory is not None
         channel = self._channel
-        assert channel is not None
+        plane = self._plane
+        assert channel is not None and plane is not None
         await trio.to_thread.run_sync(vm.set_throttle, 0.0)
         await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
         clock.step("pause")
         await faults.hold(self.log, "downtime")
         final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset
         clock.step("final_harvest")
+        round_ = self.stats.round + 1
+        sent_before = self._sent_bytes()
+        dirty = pending.union(final)
+        ring_pages = plane.start_pages(dirty, round_)  # R6.5's pages, out from now on
         blobs = await trio.to_thread.run_sync(vmstate.capture, hosted, self.daemon.kvm)  # R6.3
         self.stats.state_save_ms = clock.step("state_save")
         backup = await trio.to_thread.run_sync(vm.tracker.collect_backup_bitmap)  # R6.4 (R7)
         clock.step("backup_bitmap")
-        dirty = pending.union(final)
+        passes = [ring_pages]
+        final_pages = dirty.count
         if backup is not None:
             self.stats.backup_bitmap_pages = backup.count
-            union = dirty.union(backup)
             # What only the bitmap saw: on arm64 the ITS save's writes (R6.3).
-            self.stats.backup_bitmap_added = union.count - dirty.count
-            dirty = union
-        self.stats.final_pages = dirty.count
+            self.stats.backup_bitmap_added = dirty.union(backup).count - dirty.count
+            final_pages += self.stats.backup_bitmap_added
+            # All of it again: a page the ITS wrote may have gone out before it did.
+            passes.append(plane.start_pages(backup, round_))
+        passes.append(plane.start_end())  # every stream's end marker, behind its pages
+        self.stats.final_pages = final_pages
         self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
-        sent_before = self._sent_bytes()
-        assert self._plane is not None
-        await self._send_dirty(dirty, self.stats.round + 1)  # R6.5: the union, then state
-        await self._plane.end()  # every stream's end marker: the target loads after all of them
-        for kind, blob in blobs:
-            await channel.send(DeviceState(kind=kind, blob=blob))
-            self.stats.state_bytes += len(blob)
-        clock.step("send")
-        self._downtime_bytes = self._sent_bytes() - sent_before
+        digest_result: list[bytes] = []
+
+        async def digest_ram() -> None:
+            assert vm.memory is not None
+            digest_result.append((await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.options.verify == "full":
+                    nursery.start_soon(digest_ram)  # RAM is final: nothing writes it after R6.4
+                for kind, blob in blobs:
+                    await channel.send(DeviceState(kind=kind, blob=blob))
+                    self.stats.state_bytes += len(blob)
+                for pass_ in passes:
+                    await pass_.wait()
+                clock.step("send")
+                self._downtime_bytes = self._sent_bytes() - sent_before
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        self._update_counters()
         digest = None
         if self.options.verify == "full":
-            digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
+            digest = digest_result[0]
             self.stats.verify_ms = clock.step("digest")
             self.stats.digest = digest.hex()
         await faults.hold(self.log, "done")
@@ -698,7 +729,8 @@ class Source:
 
 
 # The downtime's steps in order, as _StepClock names them: the guard's error names the first one
-# that had not finished.
+# that had not finished. Page streaming overlaps state_save and backup_bitmap (see
+# `_downtime_until_loaded`); `send` is what remained of it after them.
 _DOWNTIME_STEPS = (
     "pause",
     "final_harvest",
