@@ -38,6 +38,9 @@ from .ratelimit import TokenBucket
 CHUNK_SHIFT = 9
 """2 MiB of 4 KiB pages travel on one stream: long runs for the sender, and every stream busy."""
 
+# A dirty set whose runs average at least this many pages is sent run by run, from guest RAM.
+MIN_RUN_PAGES = 16
+
 Pages = npt.NDArray[np.uint64]
 Report = Callable[[BaseException | None], None]
 
@@ -146,13 +149,25 @@ class _StreamThread:
             return
         pages = job.pages
         assert pages is not None
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        if breaks.size * MIN_RUN_PAGES < pages.size:
+            # Mostly long runs (a guest rewriting whole ranges): each run straight from guest
+            # RAM, no gather copy; a loop per run, and runs are few.
+            bounds = [0, *breaks.tolist(), int(pages.size)]
+            for first, end in zip(bounds[:-1], bounds[1:]):
+                page = int(pages[first])
+                for start in range(first, end, self._batch_pages):
+                    stop = min(end, start + self._batch_pages)
+                    base = page + start - first
+                    self._block(job.slot, job.round, pages[start:stop], ram[base : base + stop - start])
+            return
         for start in range(0, pages.size, self._batch_pages):
             chunk = pages[start : start + self._batch_pages]
             first, last = int(chunk[0]), int(chunk[-1])
             if last - first + 1 == chunk.size:
                 block = ram[first : last + 1]  # a run: straight from guest RAM
             else:
-                block = ram[chunk.astype(np.intp)]
+                block = ram[chunk.astype(np.intp)]  # scattered: one gather per batch
             self._block(job.slot, job.round, chunk, block)
 
     def _block(self, slot: int, round_: int, pages: Pages, block: npt.NDArray[np.uint8]) -> None:

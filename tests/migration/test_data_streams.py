@@ -100,8 +100,10 @@ def test_pages_sent_in_several_rounds_end_with_their_newest_content(sealed: bool
             async with trio.open_nursery() as nursery:
                 send, receive, failures = await _plane(src, dst, 4, sealed, nursery)
                 await send.send_extents({0: [(0, pages)]}, 0)
-                for round_ in (1, 2, 3):
-                    dirty = np.unique(rng.integers(0, pages, 3000).astype(np.uint64))
+                runs = np.concatenate((np.arange(100, 2000), np.arange(5000, 5600), [7000])).astype(np.uint64)
+                for round_ in (1, 2, 3, 4):
+                    # Scattered pages (one gather per batch), then long runs (sent run by run).
+                    dirty = np.unique(rng.integers(0, pages, 3000).astype(np.uint64)) if round_ < 4 else runs
                     # Rewrite them (some to zero: the target must write zeros over old data).
                     ram[dirty.astype(np.intp)] = round_ * 17
                     ram[dirty[::5].astype(np.intp)] = 0
