@@ -14,6 +14,7 @@ and the Target loads only after every stream's end marker arrived (`wait_ended`)
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import ssl
@@ -113,7 +114,9 @@ class _Applier:
             return
         try:
             self._pwrite(batch, *runs)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise  # the RAM file is full or broken: the mapping would only SIGBUS
             # A backing that refuses write(2) (hugetlbfs): the mapping takes it instead.
             self.use_pwrite = False
             apply_batch(self._views[batch.slot], batch, ram_is_fresh=fresh)
