@@ -269,6 +269,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         ("completion_timeout_per_gib_s", args.completion_timeout_per_gib),
         ("progress_timeout_s", args.progress_timeout),
         ("target_memory_backing", args.target_memory_backing),
+        ("streams", args.streams),
     ):
         if value is not None:
             payload[key] = value
@@ -522,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MiB/s",
         help="cap on the migration stream in MiB/s, 0 = unlimited "
         "(default: the daemon's migration.max_bandwidth_mib_s)",
+    )
+    migrate.add_argument(
+        "--streams",
+        type=int,
+        metavar="N",
+        help="data connections that carry the pages, each in its own thread, 1 to 16 "
+        "(default: the daemon's migration.streams)",
     )
     migrate.add_argument(
         "--timeout",

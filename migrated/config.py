@@ -150,6 +150,7 @@ class MigrationConfig:
     on_no_convergence: NoConvergence
     verify: Verify
     max_batch_bytes: int
+    streams: int  # data connections (each in its own thread) that carry the pages
     downtime_guard_ms: int  # beyond downtime_limit_ms: how long the source may stay paused before COMMIT
     completion_timeout_per_gib_s: float  # 0: off; else the whole migration may take this per GiB of RAM
     progress_timeout_s: float  # 0: off; else no byte moved for this long cancels the migration
@@ -421,6 +422,8 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "on_no_convergence": _Key("abort", _one_of("abort", "force-downtime", "throttle", "dirty-limit"), True),
         "verify": _Key("full", _one_of("full", "off"), True),
         "max_batch_bytes": _Key(8 * MIB, _integer(1 * MIB, 64 * MIB, sizes=True), True),
+        # 16: transport.datastream.MAX_STREAMS, the most a target accepts.
+        "streams": _Key(2, _integer(1, 16), True),
         "downtime_guard_ms": _Key(2000, _integer(0, 600_000), True),
         "completion_timeout_per_gib_s": _Key(0, _number(0, 86_400), True),
         "progress_timeout_s": _Key(150, _number(0, 86_400), True),

@@ -24,6 +24,15 @@ def _context(peer: PeerConfig, purpose: ssl.Purpose) -> ssl.SSLContext:
     return context
 
 
+def client_context(peer: PeerConfig) -> ssl.SSLContext:
+    """For a blocking socket in a data stream's thread (the control link uses wrap_client)."""
+    return _context(peer, ssl.Purpose.SERVER_AUTH)
+
+
+def server_context(peer: PeerConfig) -> ssl.SSLContext:
+    return _context(peer, ssl.Purpose.CLIENT_AUTH)
+
+
 async def wrap_client(stream: trio.SocketStream, peer: PeerConfig, host: str) -> trio.SSLStream[trio.SocketStream]:
     tls = trio.SSLStream(stream, _context(peer, ssl.Purpose.SERVER_AUTH), server_hostname=host)
     await tls.do_handshake()

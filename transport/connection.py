@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from . import auth, framing, limits, seal
+from . import auth, datastream, framing, limits, seal
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
     Abort,
@@ -196,6 +196,14 @@ class Connection:
         sequence is the connection's own: a frame sealed through it takes the next slot in the
         stream (tests use it to send frames built by hand that `send` would refuse)."""
         return self._sealer
+
+    def data_stream_secret(self) -> bytes:
+        """The secret this session's data streams derive their tokens and keys from
+        (datastream.py): only the two ends of this authenticated session can compute it."""
+        if self.state is State.ERROR or not self.authenticated or len(self._hellos) != 2:
+            raise LocalProtocolError("data streams need an authenticated session (both Hellos, READY)")
+        transcript = self._transcript()
+        return datastream.stream_secret(self._psk, transcript.source_nonce, transcript.target_nonce)
 
     @property
     def sealed(self) -> bool:

@@ -269,8 +269,10 @@ def _type_name(value: object) -> str:
     return _MSGPACK_NAMES.get(type(value), type(value).__name__)
 
 
-def decode_header(raw: bytes) -> tuple[Wire, dict[str, Any]]:
-    """The message type and its header fields, each of the msgpack type its message expects."""
+def decode_header(raw: bytes, wires: Mapping[str, Wire] = BY_NAME) -> tuple[Wire, dict[str, Any]]:
+    """The message type and its header fields, each of the msgpack type its message expects.
+
+    `wires` are the message types this stream allows (a data stream allows fewer)."""
     try:
         header = msgpack.unpackb(
             raw,
@@ -290,7 +292,7 @@ def decode_header(raw: bytes) -> tuple[Wire, dict[str, Any]]:
     name = header.pop("t", None)
     if not isinstance(name, str):
         raise LocalProtocolError(f"frame header has no message type 't' (got {name!r})")
-    wire = BY_NAME.get(name)
+    wire = wires.get(name)
     if wire is None:
         raise LocalProtocolError(f"unknown message type {name[:64]!r}")
     fields: dict[str, Any] = {}

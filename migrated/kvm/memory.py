@@ -95,6 +95,11 @@ class GuestMemory:
         """One region at guest-physical 0: the layout of every guest migrated runs today."""
         return cls([MemoryRegion(slot=0, guest_phys_addr=0, size=size, offset=0)], name, backing)
 
+    @property
+    def fd(self) -> int:
+        """The RAM file (each region at its `offset`): pwrite fills a fresh page without a fault."""
+        return self._fd
+
     def host_address(self, region: MemoryRegion) -> int:
         return self.address + region.offset
 

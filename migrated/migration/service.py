@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
+from typing import Any
+
 import trio
+
+from transport import RemoteProtocolError
+from transport.datastream import MAX_STREAMS
 
 from ..accepting import accept_forever
 from ..control import RequestError
@@ -11,7 +18,58 @@ from ..kvm.backing import MEMORY_BACKINGS
 from ..logs import get_logger
 from .host import CommandArgs, CommandReply, MigrationHost, Migration
 from .source import Source, SourceOptions, new_migration_id
+from .recvstreams import accept_hello, is_data_stream
 from .target import Target
+
+# Data connections in their handshake at once: each may hold a TLS thread until its deadline.
+MAX_DATA_HANDSHAKES = 8
+
+
+async def _first_byte_is_data(stream: trio.SocketStream, deadline: float) -> bool:
+    """A data connection starts with datastream.MAGIC; a control one with a frame or TLS. The
+    byte is peeked, not read: a control connection's Target reads it again."""
+    with trio.move_on_at(deadline):
+        try:
+            return is_data_stream(await stream.socket.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
+    return False
+
+
+async def accept_data_stream(
+    daemon: MigrationHost,
+    stream: trio.SocketStream,
+    peer: str,
+    log: Any,
+    handshakes: trio.CapacityLimiter,
+    deadline: float,
+) -> None:
+    """A data stream: its hello, then its migration's Target gives it a thread, or it is closed."""
+    try:
+        handshakes.acquire_nowait()
+    except trio.WouldBlock:
+        log.warning("data_stream_refused", peer=peer, error="too many data stream handshakes at once")
+        await stream.aclose()
+        return
+    sock = None
+    try:
+        with trio.fail_at(deadline):
+            hello, sock = await accept_hello(stream, daemon.config.peer)
+        target = daemon.incoming.live.get(hello.migration_id)
+        if target is None:
+            raise RemoteProtocolError(
+                f"data stream for migration {hello.migration_id!r}, which is not in progress here"
+            )
+        target.attach_data_stream(hello, sock)
+        sock = None  # its thread owns it now
+        log.info("data_stream_attached", peer=peer, migration_id=hello.migration_id, index=hello.index)
+    except (RemoteProtocolError, OSError, ssl.SSLError, trio.TooSlowError) as err:
+        log.warning("data_stream_refused", peer=peer, error=str(err) or type(err).__name__)
+    finally:
+        handshakes.release()
+        if sock is not None:
+            sock.close()
+        await stream.aclose()
 
 
 class PeerListenError(OSError):
@@ -24,6 +82,7 @@ class PeerListenError(OSError):
 async def serve_peers(daemon: MigrationHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     log = get_logger(component="peer_listener")
     listen = daemon.config.peer.listen
+    handshakes = trio.CapacityLimiter(MAX_DATA_HANDSHAKES)
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -32,7 +91,12 @@ async def serve_peers(daemon: MigrationHost, *, task_status: trio.TaskStatus[Non
         except OSError:
             peer = "unknown"
         try:
-            await Target(daemon, stream, peer).run()
+            # One setup deadline for the connection, whichever kind it turns out to be.
+            deadline = trio.current_time() + daemon.config.peer.connect_timeout_s
+            if await _first_byte_is_data(stream, deadline):
+                await accept_data_stream(daemon, stream, peer, log, handshakes, deadline)
+            else:
+                await Target(daemon, stream, peer, setup_deadline=deadline).run()
         except Exception:  # one peer must never take the listener (or the daemon) down
             log.exception("peer_connection_crashed", peer=peer)
 
@@ -119,6 +183,7 @@ class MigrationService:
             ),
             progress_timeout_s=_number(args, "progress_timeout_s", defaults.progress_timeout_s, 0, 86400),
             target_memory_backing=_choice(args, "target_memory_backing", "", MEMORY_BACKINGS) or None,
+            streams=int(_number(args, "streams", defaults.streams, 1, MAX_STREAMS)),
         )
         verify = args.get("verify")
         if verify is not None:

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
+from transport.datastream import Layout
 from transport import (
     Accept,
     Close,
@@ -27,7 +28,6 @@ from transport import (
     Event,
     Loaded,
     MemoryRegion,
-    PageBatch,
     ProtocolError,
     Query,
     QueryResult,
@@ -45,13 +45,15 @@ from ..statedir import StateDirError, write_record
 from ..peer import PeerChannel, PeerError, make_connection
 from . import dirtylimit, vmstate
 from .host import MigrationHost
-from .pagestream import PAGE_SIZE, StreamCounters, send_pages, send_range
+from .pagestream import PAGE_SIZE
+from .sendstreams import SendStreams
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats
 
 E = TypeVar("E", bound=Event)
 
 MIB = 1 << 20
+PROGRESS_INTERVAL_S = 0.1  # how often the stats read the data threads' counters
 
 
 class MigrationFailed(Exception):
@@ -73,6 +75,7 @@ class SourceOptions:
     completion_timeout_per_gib_s: float = 0.0  # 0: off (KubeVirt's completionTimeoutPerGiB)
     progress_timeout_s: float = 0.0  # 0: off; no byte moved for this long cancels (before the downtime)
     target_memory_backing: str | None = None  # None: the target daemon's vm.memory_backing
+    streams: int = 2  # data connections carrying the pages (sendstreams.py)
 
 
 class Source:
@@ -98,7 +101,7 @@ class Source:
         self._paused_at: float | None = None
         self._bandwidth = RateMeter()
         self._dirty_rate = RateMeter()
-        self._counters = StreamCounters()
+        self._plane: SendStreams | None = None
         self._channel: PeerChannel | None = None
         self._last_collect = time.perf_counter()
         self._data_pages = 0  # pages in the memfd's data extents: what a digest must read
@@ -148,6 +151,8 @@ class Source:
         finally:
             if self.stats.total_ms is None:  # a completed migration's was taken once, at its end
                 self.stats.total_ms = (time.monotonic() - self._started) * 1e3
+            if self._plane is not None:
+                await self._plane.aclose()
             if self._channel is not None:
                 await self._channel.aclose()
             hosted.last_migration = self.stats.as_dict()
@@ -166,6 +171,8 @@ class Source:
             self.log.error("migration_in_doubt", error=message)
             self.daemon.start_task(self.resolve)
             return
+        if self._plane is not None:
+            await self._plane.aclose()  # no thread reads guest RAM once the VM runs here again
         if self._channel is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self._channel.abort(message)
@@ -236,6 +243,7 @@ class Source:
                         if self.options.target_memory_backing
                         else {}
                     ),
+                    "data_streams": self.options.streams,
                     **vmstate.cpu_features(self.daemon.kvm),
                 },
                 dirty_tracking=vm.dirty_tracking,
@@ -244,17 +252,70 @@ class Source:
         )
         with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
             await channel.expect(Accept)
+        self._plane = await self._open_streams(channel)
+        self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
 
         # R3: the first collection re-arms tracking before the bulk copy reads any page, so
         # every write from here on is in a later collection.
         await trio.to_thread.run_sync(vm.tracker.collect)
         self._last_collect = time.perf_counter()
-        await self._bulk_copy()
-        pending = await self._rounds()
-        self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
-        self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
-        await self._downtime(pending)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_progress)
+                await self._bulk_copy()
+                pending = await self._rounds()
+                self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
+                self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
+                await self._downtime(pending)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The watcher never fails: what failed is the migration itself, as run() expects it.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _open_streams(self, channel: PeerChannel) -> SendStreams:
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None
+        conn = channel.conn
+        negotiated = conn.negotiated
+        assert negotiated is not None
+        peer = self.daemon.config.peer
+        layout = Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
+        with trio.fail_after(peer.connect_timeout_s * 2):
+            try:
+                return await SendStreams.open(
+                    host=self.options.host,
+                    port=self.options.port,
+                    peer=peer,
+                    secret=conn.data_stream_secret(),
+                    sealed=negotiated.auth == "psk",
+                    migration_id=self.stats.migration_id,
+                    count=self.options.streams,
+                    memory=vm.memory,
+                    layout=layout,
+                    batch_pages=batch_pages_for(negotiated.max_batch_bytes),
+                    bandwidth_bytes_s=self.options.max_bandwidth_mib_s * MIB,
+                )
+            except (OSError, ssl.SSLError) as err:
+                raise PeerError(f"cannot open the data streams to {self.stats.peer}: {connect_failure(err)}") from err
+
+    async def _watch_progress(self) -> None:
+        """The data threads count; this reads their counters into the stats while they run, so
+        bytes, pages remaining and the bandwidth move during a pass, not only after it."""
+        meter = RateMeter(weight=0.3)
+        last_bytes, last_at = self._sent_bytes(), time.perf_counter()
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL_S)
+            self._update_counters()
+            now, sent = time.perf_counter(), self.stats.bytes_sent
+            if sent > last_bytes and self.stats.phase in ("bulk", "rounds"):
+                # Only intervals that moved bytes: the pauses between rounds (a harvest, the
+                # decision) are not the link's speed.
+                self._note_progress()
+                self.stats.bandwidth_mib_s = meter.add(sent - last_bytes, now - last_at) / MIB
+            last_bytes, last_at = sent, now
 
     def _time_limit_s(self) -> float:
         """timeout_s, or the completion timeout per GiB of RAM if that ends first."""
@@ -274,6 +335,8 @@ class Source:
         """migrate-set-parameters: the next batch and the next round's decision use them."""
         old = {k: getattr(self.options, k) for k in changes}
         self.options = replace(self.options, **changes)  # type: ignore[arg-type]
+        if "max_bandwidth_mib_s" in changes and self._plane is not None:
+            self._plane.limiter.set_rate(self.options.max_bandwidth_mib_s * MIB)
         if "downtime_limit_ms" in changes:
             self.stats.downtime_limit_ms = self.options.downtime_limit_ms
         self.log.info("migration_parameters_changed", old=old, new=changes)
@@ -298,65 +361,54 @@ class Source:
             self.operator_cancelled = by_operator
         self.cancel_scope.cancel()
 
-    def _channel_bytes(self) -> int:
-        return self._channel.bytes_sent if self._channel is not None else 0
+    def _sent_bytes(self) -> int:
+        control = self._channel.bytes_sent if self._channel is not None else 0
+        return control + (self._plane.totals().bytes if self._plane is not None else 0)
 
-    async def _send_batch(self, batch: PageBatch) -> None:
-        assert self._channel is not None
-        before = self._channel.bytes_sent
-        started = time.perf_counter()
-        await self._channel.send(batch)
-        self._note_progress()
-        sent = self._channel.bytes_sent - before
-        self.stats.bytes_sent = self._channel.bytes_sent
-        limit = self.options.max_bandwidth_mib_s * MIB
-        if limit > 0:
-            # Hold the average at the limit: wait out what this batch took less than its share.
-            await trio.sleep(max(0.0, sent / limit - (time.perf_counter() - started)))
-        self.stats.pages_sent = self._counters.pages
-        self.stats.zero_pages = self._counters.zero_pages
+    def _update_counters(self) -> None:
+        """The stats from the data threads' counters."""
+        self.stats.bytes_sent = self._sent_bytes()
+        if self._plane is None:
+            return
+        totals = self._plane.totals()
+        self.stats.pages_sent = totals.pages
+        self.stats.zero_pages = totals.zero_pages
         if self._bulk_pages is not None:
-            self.stats.pages_remaining = max(0, self._bulk_pages - self._counters.pages - self._counters.zero_pages)
+            self.stats.pages_remaining = max(0, self._bulk_pages - totals.pages - totals.zero_pages)
 
     async def _send_dirty(self, dirty: DirtyPages, round_: int) -> float:
-        """Send a dirty set; returns seconds taken."""
-        vm = self.hosted.vm
-        assert vm is not None and vm.memory is not None
+        """Send a dirty set over every stream; returns seconds taken."""
+        assert self._plane is not None
         started = time.perf_counter()
-        batch_pages = batch_pages_for(self.options.max_batch_bytes)
-        for region in vm.memory.regions:
-            pages = dirty.by_slot.get(region.slot)
-            if pages is None or not pages.size:
-                continue
-            ram_pages = vm.memory.view(region).reshape(-1, PAGE_SIZE)
-            await send_pages(self._send_batch, ram_pages, region.slot, round_, pages, batch_pages, self._counters)
+        await self._plane.send_pages(dirty, round_)
+        self._update_counters()
+        self._note_progress()
         return time.perf_counter() - started
 
     async def _bulk_copy(self) -> None:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
         self.stats.state = self.stats.phase = "bulk"
+        assert self._plane is not None
         started = time.perf_counter()
         bytes_before = self.stats.bytes_sent
-        batch_pages = batch_pages_for(self.options.max_batch_bytes)
         memory = vm.memory
         total_pages = sum(r.pages for r in memory.regions)
         # All extents first, so that `pages_remaining` counts down from the whole copy, batch by
-        # batch (`_send_batch`), instead of standing still within each extent.
+        # batch (`_update_counters`), instead of standing still within each extent.
         extents = {region.slot: memory.data_extents(region) for region in memory.regions}
         in_extents = sum(end - first for ranges in extents.values() for first, end in ranges)
         self._bulk_pages = in_extents
         self.stats.pages_remaining = in_extents
-        for region in memory.regions:
-            ram_pages = memory.view(region).reshape(-1, PAGE_SIZE)
-            for first, end in extents[region.slot]:
-                await send_range(self._send_batch, ram_pages, region.slot, 0, first, end, batch_pages, self._counters)
+        await self._plane.send_extents(extents, 0)
+        self._update_counters()
+        self._note_progress()
         self._bulk_pages = None
         self._data_pages = in_extents
         # Holes in the memfd were never touched: zero on both sides and not sent at all, so not
         # counted as zero pages (those went as indices, and the target counts them too).
         self.stats.untouched_pages = total_pages - in_extents
-        self.stats.zero_pages = self._counters.zero_pages
+        self._update_counters()
         elapsed = time.perf_counter() - started
         self._bandwidth.add(self.stats.bytes_sent - bytes_before, elapsed)
         self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
@@ -364,9 +416,10 @@ class Source:
         self.stats.bulk_bytes = self.stats.bytes_sent - bytes_before
         self.log.info(
             "bulk_copy_done",
-            pages=self._counters.pages,
-            zero_pages=self._counters.zero_pages,
+            pages=self.stats.pages_sent,
+            zero_pages=self.stats.zero_pages,
             untouched_pages=self.stats.untouched_pages,
+            streams=self._plane.count,
             ms=round(elapsed * 1e3, 1),
             bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1),
         )
@@ -555,8 +608,7 @@ class Source:
         # Everything the target receives from this connection has been written: both sides
         # report these bytes (the target counts them as they arrived) and pages (the counters
         # move after each batch went, so the last batch is in them only now).
-        self.stats.bytes_sent = channel.bytes_sent
-        self.stats.pages_sent, self.stats.zero_pages = self._counters.pages, self._counters.zero_pages
+        self._update_counters()
         await self._expect(Running)
         clock.step("commit_to_running")
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
@@ -605,12 +657,23 @@ class Source:
                 self.log.info("migration_outcome_not_sent", error=str(err))
 
     async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock) -> None:
-        """R6, in order and nothing else in between, up to LOADED with the digests compared."""
+        """R6, in order, up to LOADED with the digests compared.
+
+        What R6 lets overlap, overlaps: the pages of R6.2 stream out (in the data threads) while
+        the state is saved and the backup bitmap read, which only read guest RAM on x86 and
+        write it only in pages the backup bitmap then holds on arm64 (R6.3): those go out after
+        it, behind the first copy on their stream, so the newer copy lands last. The state goes
+        on the control connection meanwhile; the digest (verify full) reads the final RAM while
+        the pages are still on their way. The steps in `downtime_breakdown_ms` are consecutive
+        (they add up to the pause): `state_save` and `backup_bitmap` include the page streaming
+        they overlapped, `send` is what remained of it afterwards, `digest` what remained of
+        the digest after that."""
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None and vm.memory is not None
         channel = self._channel
-        assert channel is not None
+        plane = self._plane
+        assert channel is not None and plane is not None
         await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
         # Lifted once every vCPU parked: a held vCPU stays parked (a hold is not a pause), where
         # lifting first would let the held vCPUs dirty at full speed until the pause.
@@ -619,29 +682,51 @@ class Source:
         await faults.hold(self.log, "downtime")
         final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset
         clock.step("final_harvest")
+        round_ = self.stats.round + 1
+        sent_before = self._sent_bytes()
+        dirty = pending.union(final)
+        ring_pages = plane.start_pages(dirty, round_)  # R6.5's pages, out from now on
         blobs = await trio.to_thread.run_sync(vmstate.capture, hosted, self.daemon.kvm)  # R6.3
         self.stats.state_save_ms = clock.step("state_save")
         backup = await trio.to_thread.run_sync(vm.tracker.collect_backup_bitmap)  # R6.4 (R7)
         clock.step("backup_bitmap")
-        dirty = pending.union(final)
+        passes = [ring_pages]
+        final_pages = dirty.count
         if backup is not None:
             self.stats.backup_bitmap_pages = backup.count
-            union = dirty.union(backup)
             # What only the bitmap saw: on arm64 the ITS save's writes (R6.3).
-            self.stats.backup_bitmap_added = union.count - dirty.count
-            dirty = union
-        self.stats.final_pages = dirty.count
+            self.stats.backup_bitmap_added = dirty.union(backup).count - dirty.count
+            final_pages += self.stats.backup_bitmap_added
+            # All of it again: a page the ITS wrote may have gone out before it did.
+            passes.append(plane.start_pages(backup, round_))
+        passes.append(plane.start_end())  # every stream's end marker, behind its pages
+        self.stats.final_pages = final_pages
         self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
-        sent_before = self.stats.bytes_sent
-        await self._send_dirty(dirty, self.stats.round + 1)  # R6.5: the union, then state
-        for kind, blob in blobs:
-            await channel.send(DeviceState(kind=kind, blob=blob))
-            self.stats.state_bytes += len(blob)
-        clock.step("send")
-        self._downtime_bytes = self._channel_bytes() - sent_before
+        digest_result: list[bytes] = []
+
+        async def digest_ram() -> None:
+            assert vm.memory is not None
+            digest_result.append((await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.options.verify == "full":
+                    nursery.start_soon(digest_ram)  # RAM is final: nothing writes it after R6.4
+                for kind, blob in blobs:
+                    await channel.send(DeviceState(kind=kind, blob=blob))
+                    self.stats.state_bytes += len(blob)
+                for pass_ in passes:
+                    await pass_.wait()
+                clock.step("send")
+                self._downtime_bytes = self._sent_bytes() - sent_before
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        self._update_counters()
         digest = None
         if self.options.verify == "full":
-            digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
+            digest = digest_result[0]
             self.stats.verify_ms = clock.step("digest")
             self.stats.digest = digest.hex()
         await faults.hold(self.log, "done")
@@ -764,7 +849,8 @@ class Source:
 _MEASURED_NOW = ("harvest_ms", "state_ms")
 
 # The downtime's steps in order, as _StepClock names them: the guard's error names the first one
-# that had not finished.
+# that had not finished. Page streaming overlaps state_save and backup_bitmap (see
+# `_downtime_until_loaded`); `send` is what remained of it after them.
 _DOWNTIME_STEPS = (
     "pause",
     "final_harvest",

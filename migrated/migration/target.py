@@ -8,14 +8,17 @@ paused: asked again, this side aborts for good (it never got COMMIT) and says so
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import trio
 
+from transport.datastream import MAX_STREAMS, DataHello, Layout
 from transport import (
     Accept,
     Close,
@@ -26,6 +29,7 @@ from transport import (
     PageBatch,
     Query,
     QueryResult,
+    RemoteProtocolError,
     Role,
     Running,
     VmDescription,
@@ -44,6 +48,7 @@ from . import vmstate
 from .host import MigrationHost
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
+from .recvstreams import ReceiveStreams
 from .stats import MigrationStats
 
 
@@ -57,8 +62,11 @@ class Refused(Exception):
 
 
 class Target:
-    def __init__(self, daemon: MigrationHost, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(
+        self, daemon: MigrationHost, stream: trio.SocketStream, peer: str, setup_deadline: float | None = None
+    ) -> None:
         self.daemon = daemon
+        self._setup_deadline = setup_deadline
         self.peer = peer
         self._raw = stream
         self.channel = PeerChannel(
@@ -78,6 +86,10 @@ class Target:
         self.scope = trio.CancelScope()  # cancelled when a query aborts this copy for good
         self.abort_reason = ""
         self.finished = trio.Event()  # set once this connection's outcome is recorded
+        self.data_streams = 0  # data connections the source announced (0: pages on this one)
+        self._streams: ReceiveStreams | None = None
+        self._stream_bytes = 0  # what the data streams carried, once they all ended
+        self._receive_scope = trio.CancelScope()  # cancelled when a data stream fails
         self._started = time.monotonic()
 
     async def run(self) -> None:
@@ -93,6 +105,7 @@ class Target:
             if self.admitted_id is not None:
                 self.daemon.incoming.leave(self.admitted_id)
             self.daemon.finish_incoming(self)
+            await self._close_streams()
             await self.channel.aclose()
             self.finished.set()
 
@@ -101,7 +114,10 @@ class Target:
         try:
             # Phase "setup": authentication and the first message, under one deadline, so a
             # peer that trickles its handshake gets no more time than one that stalls.
-            with trio.fail_after(peer_config.connect_timeout_s):
+            deadline = self._setup_deadline
+            if deadline is None:
+                deadline = trio.current_time() + peer_config.connect_timeout_s
+            with trio.fail_at(deadline):
                 if peer_config.auth == "tls":
                     try:
                         self.channel.stream = await tls.wrap_server(self._raw, peer_config)
@@ -210,6 +226,10 @@ class Target:
         if run_state not in ("running", "paused"):
             raise Refused(f"run_state {run_state!r}: allowed are running, paused")
         self.run_state = run_state
+        data_streams = features.get("data_streams", 0)
+        if isinstance(data_streams, bool) or not isinstance(data_streams, int) or not 0 <= data_streams <= MAX_STREAMS:
+            raise Refused(f"data_streams {data_streams!r}: allowed are 0 to {MAX_STREAMS}")
+        self.data_streams = data_streams
         limits = self.daemon.config.migration
         try:
             self.daemon.incoming.admit(
@@ -251,6 +271,8 @@ class Target:
         # What this copy tracks with, resolved ("ring", not "auto"), as the source reports its own.
         stats.dirty_tracking = self.hosted.vm.dirty_tracking if self.hosted.vm is not None else config.dirty_tracking
         stats.memory_backing = config.memory_backing.kind
+        if self.data_streams:
+            self._open_streams()
         await self.channel.send(Accept())
         stats.setup_ms = (time.monotonic() - started) * 1e3
         self.log.info(
@@ -262,26 +284,114 @@ class Target:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
         views = {r.slot: vm.memory.view(r).reshape(-1, PAGE_SIZE) for r in vm.memory.regions}
-        prefault = {r.slot: Prefaulter(vm.memory.host_address(r), r.size) for r in vm.memory.regions}
+        # With data streams the bulk copy is written with pwrite, which takes no fault: nothing
+        # to populate ahead, and no thread competing for the cores.
+        prefault = (
+            {}
+            if self.data_streams
+            else {r.slot: Prefaulter(vm.memory.host_address(r), r.size) for r in vm.memory.regions}
+        )
         timeout = self.daemon.config.migration.timeout_s
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(timeout), self._receive_scope:
                 await self._receive(stats, views, prefault)
         except trio.TooSlowError:
             raise PeerError(f"the VM did not arrive within {timeout:g} s (migration.timeout_s)") from None
         finally:
             for prefaulter in prefault.values():
                 prefaulter.stop()
+        if self._receive_scope.cancelled_caught:
+            assert self._streams is not None
+            raise PeerError(self._streams.error or "a data stream failed")
         await self._await_commit()
 
+    def _open_streams(self) -> None:
+        conn = self.channel.conn
+        negotiated = conn.negotiated
+        hosted = self.hosted
+        assert negotiated is not None and hosted is not None and hosted.vm is not None
+        memory = hosted.vm.memory
+        assert memory is not None
+        layout = Layout({r.slot: r.pages for r in memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
+        self._streams = ReceiveStreams(
+            self.data_streams,
+            conn.data_stream_secret(),
+            layout,
+            sealed=negotiated.auth == "psk",
+            memory=memory,
+            io_timeout_s=self.daemon.config.peer.connect_timeout_s,
+        )
+        self._streams.on_failure = lambda message: self._receive_scope.cancel()
+
+    def attach_data_stream(self, hello: DataHello, sock: Any) -> None:
+        """A data connection for this migration (service.py): RemoteProtocolError if it is not
+        one this migration expects, or does not prove it came from this migration's source."""
+        if self._streams is None:
+            raise RemoteProtocolError(f"migration {hello.migration_id!r} takes no data streams now")
+        self._streams.attach(hello, sock)
+
     async def _receive(self, stats: MigrationStats, views: dict[int, Any], prefault: dict[int, Prefaulter]) -> None:
+        if self._streams is None:
+            await self._receive_events(stats, views, prefault, self._next)
+            return
+        # The pages come on the data streams: the control connection may rightly stay silent
+        # for the whole bulk copy. The link counts as alive while any of them moves bytes.
+        streams = self._streams
+        silence_s = self.daemon.config.peer.connect_timeout_s
+        self.channel.io_timeout_s = math.inf
+        heard = [trio.current_time()]
+        watch_scope = trio.CancelScope()
+
+        async def next_event() -> Any:
+            event = await self.channel.receive()
+            heard[0] = trio.current_time()
+            if isinstance(event, Done):
+                # From here every wait has its own deadline (the streams' end, the load, COMMIT).
+                watch_scope.cancel()
+                self.channel.io_timeout_s = silence_s
+            return event
+
+        async def watch() -> None:
+            moved = streams.totals()[2]
+            with watch_scope:
+                await watch_loop(moved)
+
+        async def watch_loop(moved: int) -> None:
+            while True:
+                await trio.sleep(min(1.0, silence_s / 4))
+                now, total = trio.current_time(), streams.totals()[2]
+                if total != moved:
+                    moved, heard[0] = total, now
+                if now - heard[0] >= silence_s:
+                    raise PeerError(f"nothing received from the peer for {silence_s:g} s (control and data streams)")
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                await self._receive_events(stats, views, prefault, next_event)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _receive_events(
+        self,
+        stats: MigrationStats,
+        views: dict[int, Any],
+        prefault: dict[int, Prefaulter],
+        next_event: Callable[[], Awaitable[Any]],
+    ) -> None:
         blobs: list[tuple[str, bytes]] = []
         bulk_entries = 0  # pages the bulk copy carried (data and zero); the rest it never touched
         round_entries = 0  # pages (data and zero) of the latest round: the last is the downtime's
         stats.state = stats.phase = "receiving"
         while True:
-            event = await self._next()
+            event = await next_event()
             if isinstance(event, PageBatch):
+                if self._streams is not None:
+                    # A page on two paths could overtake its newer version on the other.
+                    raise PeerError("PageBatch on the control connection of a migration with data streams")
                 applied = time.perf_counter()
                 apply_batch(views[event.slot], event, ram_is_fresh=event.round == 0)
                 stats.apply_ms += (time.perf_counter() - applied) * 1e3
@@ -314,10 +424,33 @@ class Target:
                 stats.untouched_pages = sum(views[slot].shape[0] for slot in views) - bulk_entries
                 if faults.active_once("target-stop-on-done"):
                     os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
+                if self._streams is not None:
+                    await self._streams_ended(stats)
+                    await self._close_streams()
                 await self._load(event, blobs, done_at)
                 return
             else:
                 raise PeerError(f"unexpected {type(event).__name__} while receiving the VM")
+
+    async def _streams_ended(self, stats: MigrationStats) -> None:
+        """Every data stream's end marker arrived and all before it is in RAM (datastream.py
+        rule 4), within peer.message_timeout_s of Done."""
+        streams = self._streams
+        assert streams is not None
+        timeout = self.daemon.config.peer.message_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                await streams.wait_ended()
+        except trio.TooSlowError:
+            raise PeerError(f"not every data stream ended within {timeout:g} s of Done") from None
+        except RemoteProtocolError as err:
+            raise PeerError(str(err)) from None
+        pages, zero_pages, nbytes, apply_s = streams.totals()
+        stats.pages_sent += pages
+        stats.zero_pages += zero_pages
+        self._stream_bytes = nbytes  # added to the control connection's at COMMIT
+        stats.bytes_sent += nbytes
+        stats.apply_ms += apply_s * 1e3
 
     async def _load(self, done: Done, blobs: list[tuple[str, bytes]], done_at: float) -> None:
         """R9: all memory is in place; the digest of it, then the state, then LOADED.
@@ -364,7 +497,7 @@ class Target:
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and stats is not None
         # Every byte the source sent on this connection has arrived: the same count it reports.
-        stats.bytes_sent = self.channel.conn.bytes_received
+        stats.bytes_sent = self.channel.conn.bytes_received + self._stream_bytes
         # Shielded: a query aborting this copy must find it either before COMMIT or running.
         with trio.CancelScope(shield=True):
             self.committed = True
@@ -416,7 +549,13 @@ class Target:
         self.abort_reason = reason
         self.scope.cancel()
 
+    async def _close_streams(self) -> None:
+        """Stop and join the data stream threads: none may write into RAM that is unmapped."""
+        if self._streams is not None:
+            await self._streams.aclose()
+
     async def _discard(self, reason: str) -> None:
+        await self._close_streams()
         hosted = self.hosted
         if self.stats is not None:
             self.stats.state = self.stats.phase = "aborted"

@@ -25,6 +25,8 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from transport.datastream import MAGIC as DATA_MAGIC
+
 PREFIX = struct.Struct(">II")
 RECORD_LENGTH = struct.Struct(">I")
 TAG_BYTES = 16
@@ -82,6 +84,10 @@ class Link:
     opened: dict[str, int] = field(default_factory=lambda: {S2T: 0, T2S: 0})
     notes: dict[str, Any] = field(default_factory=dict)  # the attack's own memory
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # A data stream (transport/datastream.py) of the migration on `control`: it shares that
+    # link's notes (one attack, whichever connection its target travels on).
+    control: Link | None = None
+    data_index: int | None = None
 
     def version(self) -> int:
         return min(int(hello["version_max"]) for hello in self.hellos.values())
@@ -92,7 +98,14 @@ class Link:
         from transport import Role, seal
 
         sender = Role.SOURCE if direction == S2T else Role.TARGET
-        key = seal.derive_key(self.psk, self.hellos[S2T]["nonce"], self.hellos[T2S]["nonce"], sender)
+        if self.control is not None:
+            from transport.datastream import stream_key, stream_secret
+
+            hellos = self.control.hellos
+            secret = stream_secret(self.psk, hellos[S2T]["nonce"], hellos[T2S]["nonce"])
+            key = stream_key(secret, self.data_index or 0)
+        else:
+            key = seal.derive_key(self.psk, self.hellos[S2T]["nonce"], self.hellos[T2S]["nonce"], sender)
         sequence = self.opened[direction]
         self.opened[direction] += 1
         try:
@@ -131,6 +144,7 @@ class Proxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.links: list[Link] = []
+        self.data_links: list[Link] = []
         self.errors: list[str] = []
         self._sockets: list[socket.socket] = [self.listener]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -151,7 +165,13 @@ class Proxy:
             server = socket.create_connection(self.upstream)
             self._sockets += [client, server]
             link = Link(self.psk)
-            self.links.append(link)
+            if client.recv(1, socket.MSG_PEEK) == DATA_MAGIC[:1]:
+                # A data stream opens after its control connection's handshake.
+                link.control = next(c for c in self.links if len(c.hellos) == 2)
+                link.notes = link.control.notes
+                self.data_links.append(link)
+            else:
+                self.links.append(link)
             for args in ((client, server, S2T, link), (server, client, T2S, link)):
                 threading.Thread(target=self._pump, args=args, daemon=True).start()
 
@@ -171,6 +191,19 @@ class Proxy:
                 pass
 
     def _read_unit(self, sock: socket.socket, direction: str, link: Link) -> Unit | None:
+        if link.control is not None and direction == S2T and link.data_index is None:
+            # Magic and hello, in the clear (psk), passed on as one unit.
+            head = _read_exact(sock, len(DATA_MAGIC) + 2)
+            if head is None:
+                return None
+            (id_len,) = struct.unpack_from(">H", head, len(DATA_MAGIC))
+            rest = _read_exact(sock, id_len + 4 + 32)
+            if rest is None:
+                return None
+            with link.lock:
+                link.data_index = struct.unpack_from(">H", rest, id_len)[0]
+                link.sealed[S2T] = link.control.sealed[S2T]
+            return Unit(direction, head + rest, b"", False, "data_hello", {})
         if link.sealed[direction]:
             prefix = _read_exact(sock, RECORD_LENGTH.size)
             if prefix is None:

@@ -53,6 +53,7 @@ from migrated.kvm.system import Kvm
 from migrated.migration import vmstate
 from transport import (
     Abort,
+    Accept,
     DeviceState,
     Done,
     Hello,
@@ -60,6 +61,8 @@ from transport import (
     VmDescription,
 )
 from transport import framing, limits
+from transport.datastream import MAGIC as DATA_MAGIC
+from transport.datastream import DataHello, DataSender, Layout
 
 pytestmark = pytest.mark.kvm
 
@@ -629,4 +632,58 @@ def test_many_hostile_peers_at_once(target: TargetHost) -> None:
         log.wait("incoming_vm_discarded", vm=name)
     for peer in authenticated:
         assert_refused_connection(log, peer, "VmDescription.vcpus")
+    assert_unharmed(target)
+
+
+# ---- data streams: only the session's own source may add one ------------------------------
+
+
+def _data_stream(target: TargetHost, hello: DataHello, magic: bytes = DATA_MAGIC) -> Peer:
+    peer = Peer(target)
+    peer.send_raw(magic + hello.encode())
+    return peer
+
+
+def test_a_data_stream_for_no_migration_in_progress_is_refused(target: TargetHost) -> None:
+    log = LogWatch(target.daemon)
+    with _data_stream(target, DataHello.make(os.urandom(32), "m-nobody-here", 0, 1)) as peer:
+        assert peer.closed_by_target() == b""
+    event = log.wait("data_stream_refused", peer=peer.address)
+    assert "not in progress" in event["error"], event
+    assert_unharmed(target)
+
+
+def test_bytes_after_the_data_magic_that_are_no_hello_are_refused(target: TargetHost) -> None:
+    log = LogWatch(target.daemon)
+    with Peer(target) as peer:
+        peer.send_raw(b"MGET / HTTP/1.1\r\n\r\n" + bytes(64))
+        assert peer.closed_by_target() == b""
+    assert "bad magic" in log.wait("data_stream_refused", peer=peer.address)["error"]
+    assert_unharmed(target)
+
+
+def test_a_forged_data_stream_is_refused_and_a_bad_batch_on_a_real_one_discards_the_vm(target: TargetHost) -> None:
+    """A stranger who knows the migration id (it is no secret) but not the session cannot add a
+    stream: its token fails. The session's own stream is taken, and a page outside guest RAM on
+    it ends the migration like one on the control connection would."""
+    name = new_name()
+    log = LogWatch(target.daemon)
+    with Peer(target, key=target.key) as source:
+        source.handshake()
+        offer = description(target, name, features={"data_streams": 1})
+        assert isinstance(source.offer(offer), Accept)
+        secret = source.conn.data_stream_secret()
+        forged = DataHello.make(os.urandom(32), offer.migration_id, 0, 1)
+        with _data_stream(target, forged) as stranger:
+            assert stranger.closed_by_target() == b""
+        assert "failed authentication" in log.wait("data_stream_refused", peer=stranger.address)["error"]
+        assert name in vm_names(target.daemon), "a refused stranger must not end the real migration"
+        with _data_stream(target, DataHello.make(secret, offer.migration_id, 0, 1)) as stream:
+            log.wait("data_stream_attached", peer=stream.address)
+            layout = Layout({0: SLOT_PAGES + 1}, PAGE, 8 * MIB)  # a sender that believes in more RAM
+            sender = DataSender(secret, 0, layout, sealed=True)
+            stream.send_raw(b"".join(bytes(b) for b in sender.batch(page_batch([SLOT_PAGES]))))
+            failure = log.wait("incoming_connection_failed", peer=source.address)
+            assert f"page index {SLOT_PAGES} outside slot 0" in failure["error"], failure
+    log.wait("incoming_vm_discarded", vm=name)
     assert_unharmed(target)

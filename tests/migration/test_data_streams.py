@@ -1,0 +1,168 @@
+"""The data plane alone: SendStreams and ReceiveStreams over real loopback TCP, real threads,
+real guest-RAM files (no VM: the pages are what matters here), and the daemon's own accept path.
+
+The ordering rule (transport/datastream.py rule 4) is shown where it could break: the same pages
+sent in several rounds across four streams, some becoming zero, end with their newest content."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from migrated.kvm.dirty import DirtyPages
+from migrated.kvm.memory import GuestMemory
+from migrated.migration.recvstreams import ReceiveStreams, accept_hello
+from migrated.migration.sendstreams import CHUNK_SHIFT, SendStreams, chunk_runs, stream_of
+from transport.datastream import Layout, stream_secret
+
+PAGE = 4096
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Peer:
+    """The two PeerConfig fields the data plane reads; psk or none (TLS has its own tests)."""
+
+    auth: str
+    connect_timeout_s: float = 10.0
+
+
+def _fill(memory: GuestMemory, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    memory.bytes[:] = rng.integers(1, 255, memory.size, dtype=np.uint8)
+
+
+async def _plane(
+    src: GuestMemory, dst: GuestMemory, count: int, sealed: bool, nursery: trio.Nursery
+) -> tuple[SendStreams, ReceiveStreams, list[str]]:
+    secret = stream_secret(os.urandom(32) if sealed else None, os.urandom(32), os.urandom(32))
+    layout = Layout({0: src.size // PAGE}, PAGE, 1 * MIB)
+    peer: Any = _Peer("psk" if sealed else "none")
+    failures: list[str] = []
+    receive = ReceiveStreams(count, secret, layout, sealed=sealed, memory=dst, io_timeout_s=10)
+    receive.on_failure = failures.append
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        hello, sock = await accept_hello(stream, peer)
+        receive.attach(hello, sock)
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    send = await SendStreams.open(
+        host="127.0.0.1",
+        port=port,
+        peer=peer,
+        secret=secret,
+        sealed=sealed,
+        migration_id="m-test-1",
+        count=count,
+        memory=src,
+        layout=layout,
+        batch_pages=200,
+        bandwidth_bytes_s=0,
+    )
+    with trio.fail_after(30):
+        while len(receive._threads) < count:
+            await trio.sleep(0.01)
+    return send, receive, failures
+
+
+def test_chunks_map_each_page_to_one_stream() -> None:
+    extents = [(3, 1500), (2000, 2100)]
+    covered = []
+    for index in range(3):
+        for first, end in chunk_runs(extents, index, 3, 200):
+            assert end - first <= 200
+            pages = np.arange(first, end, dtype=np.uint64)
+            assert (stream_of(pages, 3) == index).all()
+            covered.extend(range(first, end))
+    assert sorted(covered) == [*range(3, 1500), *range(2000, 2100)]
+    assert int(stream_of(np.array([(5 << CHUNK_SHIFT) + 1], np.uint64), 4)[0]) == 1
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "clear"])
+def test_pages_sent_in_several_rounds_end_with_their_newest_content(sealed: bool) -> None:
+    src, dst = GuestMemory.flat(32 * MIB, "src"), GuestMemory.flat(32 * MIB, "dst")
+    try:
+        _fill(src, 1)
+        ram = src.bytes.reshape(-1, PAGE)
+        pages = ram.shape[0]
+        rng = np.random.default_rng(2)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                send, receive, failures = await _plane(src, dst, 4, sealed, nursery)
+                await send.send_extents({0: [(0, pages)]}, 0)
+                runs = np.concatenate((np.arange(100, 2000), np.arange(5000, 5600), [7000])).astype(np.uint64)
+                for round_ in (1, 2, 3, 4):
+                    # Scattered pages (one gather per batch), then long runs (sent run by run).
+                    dirty = np.unique(rng.integers(0, pages, 3000).astype(np.uint64)) if round_ < 4 else runs
+                    # Rewrite them (some to zero: the target must write zeros over old data).
+                    ram[dirty.astype(np.intp)] = round_ * 17
+                    ram[dirty[::5].astype(np.intp)] = 0
+                    await send.send_pages(DirtyPages({0: dirty}), round_)
+                await send.end()
+                with trio.fail_after(60):
+                    await receive.wait_ended()
+                assert failures == []
+                total = send.totals()
+                assert total.batches > 4 and total.zero_pages > 0
+                await send.aclose()
+                await receive.aclose()
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        differ = np.flatnonzero((src.bytes.reshape(-1, PAGE) != dst.bytes.reshape(-1, PAGE)).any(axis=1))
+        assert differ.size == 0, f"{differ.size} pages differ, first {differ[:5]}"
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_broken_stream_is_reported_and_closing_stops_every_thread() -> None:
+    """A stream cut mid-pass: the receiver reports it, the sender's pass fails with it, and both
+    planes close with every thread joined (a bandwidth limit keeps the pass going meanwhile)."""
+    src, dst = GuestMemory.flat(16 * MIB, "src"), GuestMemory.flat(16 * MIB, "dst")
+    threads_before = threading.active_count()
+    try:
+        _fill(src, 3)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                send, receive, failures = await _plane(src, dst, 2, True, nursery)
+                send.limiter.set_rate(4 * MIB)  # the pass takes seconds: time to cut it
+                async with trio.open_nursery() as inner:
+                    outcome: list[BaseException] = []
+
+                    async def pass_() -> None:
+                        try:
+                            await send.send_extents({0: [(0, src.size // PAGE)]}, 0)
+                        except OSError as err:
+                            outcome.append(err)
+
+                    inner.start_soon(pass_)
+                    with trio.fail_after(30):
+                        while send.totals().batches < 2:
+                            await trio.sleep(0.01)
+                    # Cut one stream under the sender's feet, as a broken link would.
+                    receive._threads[1].sock.shutdown(2)
+                    with trio.fail_after(30):
+                        while not failures:
+                            await trio.sleep(0.01)
+                    await send.aclose()
+                assert outcome, "the pass ended without an error although a stream was cut"
+                await receive.aclose()
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        assert threading.active_count() <= threads_before, "a data stream thread outlived its plane"
+    finally:
+        src.close()
+        dst.close()
