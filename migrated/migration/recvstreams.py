@@ -163,6 +163,8 @@ class _ReceiveThread:
         self.zero_pages = 0
         self.bytes = 0
         self.apply_s = 0.0
+        # Pages (data and zero) per round: the bulk copy's and the final pass's are in the stats.
+        self.entries_by_round: dict[int, int] = {}
         sock.settimeout(io_timeout_s)
         self.thread = threading.Thread(target=self._run, name=f"data-recv-{receiver.index}", daemon=True)
         self.thread.start()
@@ -193,6 +195,8 @@ class _ReceiveThread:
                     self.apply_s += time.perf_counter() - started
                     self.pages += int(event.pages.size)
                     self.zero_pages += int(event.zero_pages.size)
+                    entries = int(event.pages.size) + int(event.zero_pages.size)
+                    self.entries_by_round[event.round] = self.entries_by_round.get(event.round, 0) + entries
                     continue
                 self._on_end(receiver.index)
                 return
@@ -242,6 +246,10 @@ class ReceiveStreams:
             sum(t.bytes for t in threads),
             sum(t.apply_s for t in threads),
         )
+
+    def entries_in_round(self, round_: int) -> int:
+        """Pages (data and zero) of one round over every stream so far."""
+        return sum(t.entries_by_round.get(round_, 0) for t in list(self._threads.values()))
 
     @property
     def all_ended(self) -> bool:

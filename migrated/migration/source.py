@@ -308,6 +308,10 @@ class Source:
         last_bytes, last_at = self._sent_bytes(), time.perf_counter()
         while True:
             await trio.sleep(PROGRESS_INTERVAL_S)
+            if self.committed:
+                # The counts stand as of COMMIT, as the target counts them; later bytes (Close)
+                # are no part of the migration's.
+                return
             self._update_counters()
             now, sent = time.perf_counter(), self.stats.bytes_sent
             if sent > last_bytes and self.stats.phase in ("bulk", "rounds"):

@@ -416,17 +416,22 @@ class Target:
                 blobs.append((event.kind, event.blob))
             elif isinstance(event, Done):
                 done_at = time.perf_counter()
+                if faults.active_once("target-stop-on-done"):
+                    os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
+                streams = self._streams
+                if streams is not None:
+                    await self._streams_ended(stats)
+                    bulk_entries = streams.entries_in_round(0)
+                    if event.rounds is not None:
+                        round_entries = streams.entries_in_round(event.rounds + 1)
+                        stats.round = event.rounds + 1 if round_entries else event.rounds
+                    await self._close_streams()
                 if event.rounds is not None:
                     # The source's count: the downtime's final pass (round `rounds` + 1) is no
                     # dirty round.
                     stats.final_pages = round_entries if stats.round == event.rounds + 1 else 0
                     stats.round = event.rounds
                 stats.untouched_pages = sum(views[slot].shape[0] for slot in views) - bulk_entries
-                if faults.active_once("target-stop-on-done"):
-                    os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
-                if self._streams is not None:
-                    await self._streams_ended(stats)
-                    await self._close_streams()
                 await self._load(event, blobs, done_at)
                 return
             else:
