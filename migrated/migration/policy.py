@@ -171,6 +171,9 @@ class RobustCost:
 
     WINDOW = 8
     QUANTILE = 0.75
+    # The upper quartile of two or three samples is their maximum, so one slow sample would
+    # decide: below this many samples the (lower) median is taken instead.
+    QUARTILE_FROM_SAMPLES = 4
 
     def __init__(self, default: float, half_life_s: float, clock: Callable[[], float], bound: float) -> None:
         self.default = default
@@ -195,10 +198,11 @@ class RobustCost:
     def _upper_quartile(self) -> float:
         ranked = sorted((value, self._weight(at)) for at, value in self._samples)
         total = sum(weight for _, weight in ranked)
+        quantile = self.QUANTILE if len(ranked) >= self.QUARTILE_FROM_SAMPLES else 0.5
         reached = 0.0
         for value, weight in ranked:
             reached += weight
-            if reached >= self.QUANTILE * total:
+            if reached >= quantile * total:
                 return value
         return ranked[-1][0]
 
@@ -277,7 +281,12 @@ class DowntimeModel:
         return GIB / (max(self.send.value(), 1e-3) / 1e3)
 
     def round_trip_ms(self, handshake_rtt_ms: float) -> float:
-        """One round trip of the cutover: learned, or this connection's handshake until then."""
+        """One round trip of the cutover: learned, or this connection's handshake until then.
+        One learned sample alone is no more than this connection's handshake: a single slow
+        cutover would otherwise keep every later migration from converging, and a migration
+        that does not converge teaches nothing."""
+        if len(self.round_trip) == 1:
+            return min(self.round_trip.value(), handshake_rtt_ms)
         return self.round_trip.value() if self.round_trip.learned else handshake_rtt_ms
 
     def digest_ms(self, data_bytes: int, target_bytes: int | None = None) -> float:

@@ -284,3 +284,26 @@ def test_the_cutover_round_trip_is_learned_instead_of_the_handshakes() -> None:
     assert model.learn(60.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=60.0)
     assert model.round_trip_ms(handshake_rtt_ms=480.0) == 4.0
     assert model.fixed_ms == 60.0 - 5.0 - 10.0 - 2 * 4.0
+
+
+def test_with_few_samples_one_slow_sample_does_not_decide() -> None:
+    cost = RobustCost(default=0.0, half_life_s=1800.0, clock=FakeClock(), bound=1000.0)
+    cost.add(166.0)
+    assert cost.value() == 166.0, "one sample is all there is"
+    cost.add(22.0)
+    assert cost.value() == 22.0, "of two, the slow one does not decide"
+    cost.add(24.0)
+    assert cost.value() == 24.0
+
+
+def test_one_slow_cutover_round_trip_does_not_stop_every_later_migration() -> None:
+    """Beside a CPU hog one COMMIT -> RUNNING took 166 ms: twice that is over a 300 ms limit by
+    itself, and a migration that does not converge teaches nothing. Until a second sample, the
+    handshake's round trip of this connection bounds it."""
+    model = DowntimeModel(clock=FakeClock())
+    steps = {"pause": 10.0, "send": 90.0, "digest": 0.0, "commit_to_running": 166.0}
+    assert model.learn(325.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=288.0)
+    assert model.round_trip_ms(handshake_rtt_ms=7.0) == 7.0
+    steps["commit_to_running"] = 20.0
+    assert model.learn(150.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=140.0)
+    assert model.round_trip_ms(handshake_rtt_ms=7.0) == 20.0
