@@ -235,7 +235,7 @@ class Source:
 
         # R3: the first collection re-arms tracking before the bulk copy reads any page, so
         # every write from here on is in a later collection.
-        await trio.to_thread.run_sync(vm.tracker.collect)
+        await trio.to_thread.run_sync(vm.tracker.rearm)
         self._last_collect = time.perf_counter()
         await self._bulk_copy()
         pending = await self._rounds()
@@ -507,16 +507,11 @@ class Source:
         assert vm is not None and vm.tracker is not None and vm.memory is not None
         channel = self._channel
         assert channel is not None
-        await trio.to_thread.run_sync(vm.set_throttle, 0.0)
-        await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
-        clock.step("pause")
+        # One worker-thread trip for R6.1 and one for R6.2-4, not one per step: on a loaded host
+        # every trip waits for the scheduler twice (the worker, then the event loop).
+        await trio.to_thread.run_sync(self._stop_vcpus, clock)
         await faults.hold(self.log, "downtime")
-        final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset
-        clock.step("final_harvest")
-        blobs = await trio.to_thread.run_sync(vmstate.capture, hosted, self.daemon.kvm)  # R6.3
-        self.stats.state_save_ms = clock.step("state_save")
-        backup = await trio.to_thread.run_sync(vm.tracker.collect_backup_bitmap)  # R6.4 (R7)
-        clock.step("backup_bitmap")
+        final, blobs, backup = await trio.to_thread.run_sync(self._harvest_and_save, clock)
         dirty = pending.union(final)
         if backup is not None:
             self.stats.backup_bitmap_pages = backup.count
@@ -552,6 +547,26 @@ class Source:
             raise MigrationFailed(
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
+
+    def _stop_vcpus(self, clock: _StepClock) -> None:
+        """R6.1, in a worker thread: every vCPU left KVM_RUN and parked."""
+        vm = self.hosted.vm
+        assert vm is not None
+        vm.set_throttle(0.0)
+        vm.pause()
+        clock.step("pause")
+
+    def _harvest_and_save(self, clock: _StepClock) -> tuple[DirtyPages, list[tuple[str, bytes]], DirtyPages | None]:
+        """R6.2-4 in order, in a worker thread, the vCPUs parked."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.tracker is not None
+        final = vm.tracker.collect()  # R6.2: harvest and reset
+        clock.step("final_harvest")
+        blobs = vmstate.capture(self.hosted, self.daemon.kvm)  # R6.3
+        self.stats.state_save_ms = clock.step("state_save")
+        backup = vm.tracker.collect_backup_bitmap()  # R6.4 (R7)
+        clock.step("backup_bitmap")
+        return final, blobs, backup
 
     async def _release(self, how: str) -> None:
         self._record_after("released")

@@ -71,6 +71,7 @@ class Target:
         self.abort_reason = ""
         self.finished = trio.Event()  # set once this connection's outcome is recorded
         self._started = time.monotonic()
+        self._prefault: list[Prefaulter] = []
 
     async def run(self) -> None:
         try:
@@ -240,16 +241,20 @@ class Target:
         assert vm is not None and vm.memory is not None
         views = {r.slot: vm.memory.view(r).reshape(-1, PAGE_SIZE) for r in vm.memory.regions}
         prefault = {r.slot: Prefaulter(vm.memory.host_address(r), r.size) for r in vm.memory.regions}
+        self._prefault = list(prefault.values())
         timeout = self.daemon.config.migration.timeout_s
         try:
-            with trio.fail_after(timeout):
-                await self._receive(stats, views, prefault)
-        except trio.TooSlowError:
-            raise PeerError(f"the VM did not arrive within {timeout:g} s (migration.timeout_s)") from None
+            try:
+                with trio.fail_after(timeout):
+                    await self._receive(stats, views, prefault)
+            except trio.TooSlowError:
+                raise PeerError(f"the VM did not arrive within {timeout:g} s (migration.timeout_s)") from None
+            await self._await_commit()
         finally:
+            # Joined only now, off the downtime (`_load` told them to stop), and before a
+            # discard unmaps the memory they populate.
             for prefaulter in prefault.values():
                 prefaulter.stop()
-        await self._await_commit()
 
     async def _receive(self, stats: MigrationStats, views: dict[int, Any], prefault: dict[int, Prefaulter]) -> None:
         blobs: list[tuple[str, bytes]] = []
@@ -261,7 +266,7 @@ class Target:
                 apply_batch(views[event.slot], event, ram_is_fresh=event.round == 0)
                 stats.apply_ms += (time.perf_counter() - applied) * 1e3
                 if event.round == 0 and event.pages.size:
-                    prefault[event.slot].advance((int(event.pages[-1]) + 1) * PAGE_SIZE)
+                    prefault[event.slot].advance((int(event.pages[-1]) + 1) * PAGE_SIZE, event.data_bytes)
                 stats.pages_sent += int(event.pages.size)
                 stats.zero_pages += int(event.zero_pages.size)
                 stats.bytes_sent += event.data_bytes
@@ -293,6 +298,9 @@ class Target:
         assert hosted is not None and hosted.vm is not None and stats is not None
         vm = hosted.vm
         assert vm.memory is not None
+        # All memory is here: populating ahead of it would only take a core from the restore.
+        for prefaulter in self._prefault:
+            prefaulter.cancel()
         stats.state = stats.phase = "loading"
         digest = None
         if done.verify == "full":
@@ -327,7 +335,8 @@ class Target:
             self.committed = True
             self.daemon.incoming.record(stats.migration_id, "running")
             if self.run_state == "running":
-                await trio.to_thread.run_sync(hosted.vm.resume)
+                # No worker thread: resuming only wakes the parked vCPU threads (Vcpu.resume).
+                hosted.vm.resume()
                 hosted.state = VmState.RUNNING
             else:
                 hosted.state = VmState.PAUSED
