@@ -138,7 +138,10 @@ class Source:
             self.log.exception("migration_crashed")
             await self._fail(err)
         finally:
-            self.stats.total_ms = (time.monotonic() - self._started) * 1e3
+            if self.stats.total_ms is None:
+                # A completed migration's was taken when it completed (`_release`): freeing the
+                # source's copy afterwards (threads joined, RAM unmapped) is not migration time.
+                self.stats.total_ms = (time.monotonic() - self._started) * 1e3
             if self._channel is not None:
                 await self._channel.aclose()
             hosted.last_migration = self.stats.as_dict()
@@ -507,11 +510,9 @@ class Source:
         assert vm is not None and vm.tracker is not None and vm.memory is not None
         channel = self._channel
         assert channel is not None
-        # One worker-thread trip for R6.1 and one for R6.2-4, not one per step: on a loaded host
-        # every trip waits for the scheduler twice (the worker, then the event loop).
-        await trio.to_thread.run_sync(self._stop_vcpus, clock)
-        await faults.hold(self.log, "downtime")
-        final, blobs, backup = await trio.to_thread.run_sync(self._harvest_and_save, clock)
+        # One worker-thread trip for R6.1-4, not one per step: on a loaded host every trip waits
+        # for the scheduler twice (the worker, then the event loop).
+        final, blobs, backup = await trio.to_thread.run_sync(self._stop_and_save, clock)
         dirty = pending.union(final)
         if backup is not None:
             self.stats.backup_bitmap_pages = backup.count
@@ -548,18 +549,15 @@ class Source:
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
 
-    def _stop_vcpus(self, clock: _StepClock) -> None:
-        """R6.1, in a worker thread: every vCPU left KVM_RUN and parked."""
-        vm = self.hosted.vm
-        assert vm is not None
-        vm.set_throttle(0.0)
-        vm.pause()
-        clock.step("pause")
-
-    def _harvest_and_save(self, clock: _StepClock) -> tuple[DirtyPages, list[tuple[str, bytes]], DirtyPages | None]:
-        """R6.2-4 in order, in a worker thread, the vCPUs parked."""
+    def _stop_and_save(self, clock: _StepClock) -> tuple[DirtyPages, list[tuple[str, bytes]], DirtyPages | None]:
+        """R6.1-4 in order, in a worker thread."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
+        vm.set_throttle(0.0)
+        vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
+        clock.step("pause")
+        if faults.active("cutover-holds"):
+            trio.from_thread.run(faults.hold, self.log, "downtime")
         final = vm.tracker.collect()  # R6.2: harvest and reset
         clock.step("final_harvest")
         blobs = vmstate.capture(self.hosted, self.daemon.kvm)  # R6.3

@@ -296,26 +296,20 @@ class Target:
         """
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and stats is not None
-        vm = hosted.vm
-        assert vm.memory is not None
         # All memory is here: populating ahead of it would only take a core from the restore.
         for prefaulter in self._prefault:
             prefaulter.cancel()
         stats.state = stats.phase = "loading"
-        digest = None
-        if done.verify == "full":
-            verify_started = time.perf_counter()
-            digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
-            stats.verify_ms = (time.perf_counter() - verify_started) * 1e3
+        # One worker-thread trip for the digest and the restore (on a loaded host each trip
+        # waits for the scheduler twice); the restore runs only on a digest that matched.
+        try:
+            digest = await trio.to_thread.run_sync(self._digest_and_restore, done, blobs)
+        except (KvmError, ValueError) as err:
+            raise Refused(f"state restore failed: {err}") from None
+        if digest is not None:
             stats.digest = digest.hex()
             if digest != done.digest:
                 raise Refused("memory digest mismatch after loading: discarding this copy")
-        restore_started = time.perf_counter()
-        try:
-            await trio.to_thread.run_sync(vmstate.restore, hosted, self.daemon.kvm, blobs)
-        except (KvmError, ValueError) as err:
-            raise Refused(f"state restore failed: {err}") from None
-        stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
         if faults.active("target-refuse-loaded"):
             raise Refused("refusing at LOADED (test fault target-refuse-loaded)")
         await self.channel.send(Loaded(digest=digest))
@@ -323,6 +317,22 @@ class Target:
         self.daemon.incoming.record(stats.migration_id, "loaded")
         stats.state = stats.phase = "loaded"
         await faults.hold(self.log, "loaded")
+
+    def _digest_and_restore(self, done: Done, blobs: list[tuple[str, bytes]]) -> bytes | None:
+        """In a worker thread: the digest (with verify = full), then, if it matches, the state."""
+        hosted, stats = self.hosted, self.stats
+        assert hosted is not None and hosted.vm is not None and hosted.vm.memory is not None and stats is not None
+        digest = None
+        if done.verify == "full":
+            verify_started = time.perf_counter()
+            digest = memory_digest(hosted.vm.memory).sha256
+            stats.verify_ms = (time.perf_counter() - verify_started) * 1e3
+            if digest != done.digest:
+                return digest
+        restore_started = time.perf_counter()
+        vmstate.restore(hosted, self.daemon.kvm, blobs)
+        stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
+        return digest
 
     async def _await_commit(self) -> None:
         event = await self._next()
