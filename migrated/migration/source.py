@@ -366,8 +366,8 @@ class Source:
         digest_ms = 0.0
         if self.options.verify == "full":
             # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
-            # The target's side is bounded by the RAM size: its prefault may populate all of it.
-            digest_ms = model.digest_ms(vm.memory.allocated_bytes(), vm.memory.size)
+            allocated = vm.memory.allocated_bytes()
+            digest_ms = model.digest_ms(allocated, _target_ram_bytes(allocated, vm.memory.size))
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
             fixed_ms=model.fixed_ms,
@@ -484,8 +484,14 @@ class Source:
         clock.step("commit_to_running")
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
+        allocated = vm.memory.allocated_bytes()
         learned = self._model.learn(
-            downtime_ms, steps, self._downtime_bytes, vm.memory.allocated_bytes(), predicted_ms, vm.memory.size
+            downtime_ms,
+            steps,
+            self._downtime_bytes,
+            allocated,
+            predicted_ms,
+            _target_ram_bytes(allocated, vm.memory.size),
         )
         self.stats.downtime_outlier = not learned
         if not learned:
@@ -703,6 +709,12 @@ def connect_failure(err: OSError) -> str:
 # 20-90 pages made 6 MiB/s of a loopback link; at that rate every later prediction priced
 # those pages at 10+ ms): only rounds at least this big update the bandwidth.
 BANDWIDTH_SAMPLE_MIN_BYTES = 1 << 20
+
+
+def _target_ram_bytes(source_allocated: int, ram_bytes: int) -> int:
+    """What the target's RAM file may hold, for its digest: the data it received plus its
+    prefault's lookahead, which is never more than the data received (prefault.py)."""
+    return min(ram_bytes, 2 * source_allocated)
 
 
 def batch_pages_for(max_batch_bytes: int) -> int:
