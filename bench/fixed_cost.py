@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helper
 
 from daemons import DaemonProcess, wait_for, wait_migration  # noqa: E402
 
+from migrated.control import RequestError  # noqa: E402
 from migrated.guests.x86_64.bootsector import BootSectorParams  # noqa: E402
 from migrated.guests.x86_64.bootsector.build import build_boot_sector, write_image  # noqa: E402
 
@@ -67,7 +68,12 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
         source, target = a, b
         for _ in range(args.migrations):
             time.sleep(args.settle_s)  # the guest runs at its own pace before each migration
-            source.call("migrate", name=VM, to=target.address, downtime_limit_ms=limit_ms, verify=verify)
+            try:
+                source.call("migrate", name=VM, to=target.address, downtime_limit_ms=limit_ms, verify=verify)
+            except RequestError as err:  # the guest itself failed (its error says why): the line ends
+                shown = source.call("vm.show", name=VM)
+                runs.append({"state": "not-started", "error": f"{err}: {shown.get('error')}", "breakdown_ms": {}})
+                break
             stats = wait_migration(source, VM, timeout=300)
             runs.append(
                 {
