@@ -3,10 +3,12 @@ two real daemons, at each downtime limit and verify mode; JSON out with medians 
 total time, setup, downtime and every downtime step.
 
 The guest dirties little between migrations, so what is measured is what every migration pays
-whatever its size. To compare two versions, run this script from both checkouts alternately in
-one sitting (it names its checkout's commit) and compare the medians side by side.
+whatever its size. To compare two versions in one run, give `--reference` a checkout of the
+other (with this script copied into its bench/): its daemons run the same lines, interleaved
+round by round with this checkout's.
 
     python bench/fixed_cost.py [--migrations 5] [--limits 300,30] [--verify off,full]
+                               [--reference DIR --rounds 3]
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"n": len(values), "median": round(statistics.median(values), 2), "min": min(values), "max": max(values)}
 
 
-def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verify: str) -> dict[str, Any]:
+def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verify: str) -> list[dict[str, Any]]:
     label = f"l{limit_ms}{verify}"
     key = work / f"{label}.key"
     key.write_bytes(os.urandom(32))
@@ -93,6 +95,10 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
     finally:
         a.stop()
         b.stop()
+    return runs
+
+
+def summarize(limit_ms: int, verify: str, runs: list[dict[str, Any]], keep_runs: bool) -> dict[str, Any]:
     done = [r for r in runs if r["state"] == "completed"]
     steps = sorted({s for r in done for s in r["breakdown_ms"]})
     return {
@@ -107,8 +113,43 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
         "predicted_downtime_ms": spread([r["predicted_downtime_ms"] for r in done if r["predicted_downtime_ms"]]),
         "rounds": spread([r["rounds"] for r in done]),
         "steps_ms": {s: spread([r["breakdown_ms"][s] for r in done if s in r["breakdown_ms"]]) for s in steps},
-        "runs": runs if args.runs else None,
+        "runs": runs if keep_runs else None,
     }
+
+
+def measure(args: argparse.Namespace) -> dict[tuple[int, str], list[dict[str, Any]]]:
+    """Every line of this checkout once: (limit, verify) -> its migrations."""
+    params = BootSectorParams(bytes=args.region_mib * MIB, print_every=1)
+    params.check_fits(args.memory_mib * MIB)
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="fixed-cost-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        image = work / "boot.bin"
+        write_image(image, build_boot_sector(params))
+        for limit in [int(x) for x in args.limits.split(",")]:
+            for verify in args.verify.split(","):
+                runs[(limit, verify)] = line(args, work, image, limit, verify)
+    return runs
+
+
+def measure_reference(args: argparse.Namespace) -> dict[tuple[int, str], list[dict[str, Any]]]:
+    """The same lines with the daemons of the reference checkout: its own copy of this script
+    runs them (the daemons run from the checkout the script is in)."""
+    script = args.reference / "bench" / "fixed_cost.py"
+    if not script.is_file():
+        raise SystemExit(f"--reference {args.reference}: no {script}; copy bench/fixed_cost.py there first")
+    command = [sys.executable, str(script), "--runs", "--rounds", "1"]
+    for name in ("migrations", "limits", "verify", "memory_mib", "region_mib", "settle_s"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out)["this"]
+    return {(entry["limit_ms"], entry["verify"]): entry["runs"] for entry in result["lines"]}
+
+
+def _commit(repo: Path) -> str:
+    answer = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return answer.stdout.strip()
 
 
 def main() -> int:
@@ -123,21 +164,27 @@ def main() -> int:
     parser.add_argument("--settle-s", type=float, default=0.5, help="guest run time before each migration")
     parser.add_argument("--runs", action="store_true", help="every migration's figures, not only the summary")
     parser.add_argument("--workdir", type=Path, help="keep the daemons' logs and state here (default: a temporary dir)")
+    parser.add_argument(
+        "--reference", type=Path, help="a checkout to compare with: its daemons run the same lines, interleaved"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds (this checkout, then the reference, each round)")
     args = parser.parse_args()
-    params = BootSectorParams(bytes=args.region_mib * MIB, print_every=1)
-    params.check_fits(args.memory_mib * MIB)
     repo = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    lines = []
-    with tempfile.TemporaryDirectory(prefix="fixed-cost-") as tmp:
-        work = args.workdir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        image = work / "boot.bin"
-        write_image(image, build_boot_sector(params))
-        for limit in [int(x) for x in args.limits.split(",")]:
-            for verify in args.verify.split(","):
-                lines.append(line(args, work, image, limit, verify))
-    print(json.dumps({"commit": commit.stdout.strip(), "load": os.getloadavg(), "lines": lines}, indent=1))
+    sides: dict[str, dict[tuple[int, str], list[dict[str, Any]]]] = {"this": {}}
+    if args.reference is not None:
+        sides["reference"] = {}
+    for _ in range(args.rounds):
+        for side, collected in sides.items():
+            measured = measure(args) if side == "this" else measure_reference(args)
+            for key, runs in measured.items():
+                collected.setdefault(key, []).extend(runs)
+    report: dict[str, Any] = {"load": os.getloadavg()}
+    for side, collected in sides.items():
+        report[side] = {
+            "commit": _commit(repo if side == "this" else args.reference),
+            "lines": [summarize(limit, verify, runs, args.runs) for (limit, verify), runs in collected.items()],
+        }
+    print(json.dumps(report, indent=1))
     return 0
 
 
