@@ -518,7 +518,9 @@ class Source:
         assert channel is not None
         # One worker-thread trip for R6.1-4, not one per step: on a loaded host every trip waits
         # for the scheduler twice (the worker, then the event loop).
-        final, blobs, backup = await trio.to_thread.run_sync(self._stop_and_save, clock)
+        worker_clock = clock.fork()
+        final, blobs, backup = await trio.to_thread.run_sync(self._stop_and_save, worker_clock)
+        clock.merge(worker_clock)
         dirty = pending.union(final)
         if backup is not None:
             self.stats.backup_bitmap_pages = backup.count
@@ -686,6 +688,19 @@ class _StepClock:
         self._steps[name] = round(elapsed, 3)
         self._last = now
         return elapsed
+
+    def fork(self) -> _StepClock:
+        """A clock for a worker thread, going on from this one's last step into a dict of its
+        own: `steps` is the stats' dict, which the event loop reads (`migration status`)."""
+        other = _StepClock({})
+        other._last = self._last
+        return other
+
+    def merge(self, other: _StepClock) -> None:
+        """Back on the event loop: the worker's steps join these, and the next step starts
+        where the worker's last ended."""
+        self._steps.update(other._steps)
+        self._last = other._last
 
 
 def connect_failure(err: OSError) -> str:
