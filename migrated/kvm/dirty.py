@@ -70,6 +70,8 @@ class DirtyTracker(Protocol):
 
     def collect(self) -> DirtyPages: ...
 
+    def rearm(self) -> None: ...
+
     def poll(self) -> None: ...
 
     def collect_backup_bitmap(self) -> DirtyPages | None: ...
@@ -226,6 +228,26 @@ class RingTracker:
                 "livelock); dirty tracking can no longer be trusted"
             )
 
+    def rearm(self) -> None:
+        """Harvest and reset every ring (R3) and forget what was dirty: for a consumer about
+        to read all of memory anyway (the bulk copy), to whom only later writes matter.
+
+        Unlike `collect`, nothing is deduplicated: what the harvester kept since the last
+        collection (up to COMPACT_ENTRIES entries) is dropped, not sorted for nobody.
+        """
+        started = time.perf_counter()
+        with self._lock:
+            self._drop_pending_locked()  # first, so that the harvest cannot compact what is dropped
+            self._harvest_locked()
+            self._drop_pending_locked()
+            self._memory.take_daemon_dirty()
+            self.stats.collections += 1
+        self.stats.last_collect_ms = (time.perf_counter() - started) * 1e3
+
+    def _drop_pending_locked(self) -> None:
+        self._pending_slot, self._pending_offset = [], []
+        self._pending_entries = self._compacted_entries = 0
+
     def collect(self) -> DirtyPages:
         started = time.perf_counter()
         with self._lock:
@@ -290,6 +312,10 @@ class BitmapTracker:
 
     def poll(self) -> None:
         self.stats.polls += 1
+
+    def rearm(self) -> None:
+        """Re-protect every page and forget what was dirty (the bitmap has no cheaper way)."""
+        self.collect()
 
     def collect(self) -> DirtyPages:
         started = time.perf_counter()

@@ -149,7 +149,9 @@ class Source:
             self.log.exception("migration_crashed")
             await self._fail(err)
         finally:
-            if self.stats.total_ms is None:  # a completed migration's was taken once, at its end
+            if self.stats.total_ms is None:
+                # A completed migration's was taken when it completed (`_release`): freeing the
+                # source's copy afterwards (threads joined, RAM unmapped) is not migration time.
                 self.stats.total_ms = (time.monotonic() - self._started) * 1e3
             if self._plane is not None:
                 await self._plane.aclose()
@@ -258,7 +260,7 @@ class Source:
 
         # R3: the first collection re-arms tracking before the bulk copy reads any page, so
         # every write from here on is in a later collection.
-        await trio.to_thread.run_sync(vm.tracker.collect)
+        await trio.to_thread.run_sync(vm.tracker.rearm)
         self._last_collect = time.perf_counter()
         try:
             async with trio.open_nursery() as nursery:
@@ -435,8 +437,8 @@ class Source:
         digest_ms = 0.0
         if self.options.verify == "full":
             # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
-            # The target's side is bounded by the RAM size: its prefault may populate all of it.
-            digest_ms = model.digest_ms(vm.memory.allocated_bytes(), vm.memory.size)
+            allocated = vm.memory.allocated_bytes()
+            digest_ms = model.digest_ms(allocated, _target_ram_bytes(allocated, vm.memory.size))
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
             fixed_ms=model.fixed_ms,
@@ -516,7 +518,7 @@ class Source:
                 await trio.sleep(0.2)
             bytes_before = self.stats.bytes_sent
             seconds = await self._send_dirty(pending, self.stats.round)
-            if seconds > 0 and pending.count:
+            if seconds > 0 and self.stats.bytes_sent - bytes_before >= BANDWIDTH_SAMPLE_MIN_BYTES:
                 self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
 
@@ -617,13 +619,14 @@ class Source:
         clock.step("commit_to_running")
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
+        allocated = vm.memory.allocated_bytes()
         learned = self._model.learn(
             downtime_ms,
             steps,
             self._downtime_bytes,
-            vm.memory.allocated_bytes(),
+            allocated,
             predicted_ms,
-            vm.memory.size,
+            _target_ram_bytes(allocated, vm.memory.size),
             target_digest_ms=self._target_digest_ms,
             measured_now_ms=sum(self.stats.predicted_downtime_terms_ms.get(k, 0.0) for k in _MEASURED_NOW),
         )
@@ -678,22 +681,21 @@ class Source:
         channel = self._channel
         plane = self._plane
         assert channel is not None and plane is not None
-        await trio.to_thread.run_sync(vm.pause)  # R6.1: every vCPU left KVM_RUN and parked
-        # Lifted once every vCPU parked: a held vCPU stays parked (a hold is not a pause), where
-        # lifting first would let the held vCPUs dirty at full speed until the pause.
+        # Two worker-thread trips for R6.1-4, not one per step (on a loaded host every trip waits
+        # for the scheduler twice): the pages of R6.2 start streaming between them.
+        worker_clock = clock.fork()
+        final = await trio.to_thread.run_sync(self._stop_and_harvest, worker_clock)
+        clock.merge(worker_clock)
+        # After the pause: a held vCPU stays parked (a hold is not a pause), where lifting first
+        # would let the held vCPUs dirty at full speed until the pause.
         await self._lift_limits("downtime")
-        clock.step("pause")
-        await faults.hold(self.log, "downtime")
-        final = await trio.to_thread.run_sync(vm.tracker.collect)  # R6.2: harvest and reset
-        clock.step("final_harvest")
         round_ = self.stats.round + 1
         sent_before = self._sent_bytes()
         dirty = pending.union(final)
         ring_pages = plane.start_pages(dirty, round_)  # R6.5's pages, out from now on
-        blobs = await trio.to_thread.run_sync(vmstate.capture, hosted, self.daemon.kvm)  # R6.3
-        self.stats.state_save_ms = clock.step("state_save")
-        backup = await trio.to_thread.run_sync(vm.tracker.collect_backup_bitmap)  # R6.4 (R7)
-        clock.step("backup_bitmap")
+        worker_clock = clock.fork()
+        blobs, backup = await trio.to_thread.run_sync(self._save_state, worker_clock)
+        clock.merge(worker_clock)
         passes = [ring_pages]
         final_pages = dirty.count
         if backup is not None:
@@ -756,6 +758,29 @@ class Source:
             raise MigrationFailed(
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
+
+    def _stop_and_harvest(self, clock: _StepClock) -> DirtyPages:
+        """R6.1-2 in order, in a worker thread."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.tracker is not None
+        vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
+        vm.tracker.count_pages_by_vcpu = False  # the dirty limit's measure ends with the rounds
+        clock.step("pause")
+        if faults.active("cutover-holds"):
+            trio.from_thread.run(faults.hold, self.log, "downtime")
+        final = vm.tracker.collect()  # R6.2: harvest and reset
+        clock.step("final_harvest")
+        return final
+
+    def _save_state(self, clock: _StepClock) -> tuple[list[tuple[str, bytes]], DirtyPages | None]:
+        """R6.3-4 in order, in a worker thread (R6.2's pages stream out meanwhile)."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.tracker is not None
+        blobs = vmstate.capture(self.hosted, self.daemon.kvm)  # R6.3
+        self.stats.state_save_ms = clock.step("state_save")
+        backup = vm.tracker.collect_backup_bitmap()  # R6.4 (R7)
+        clock.step("backup_bitmap")
+        return blobs, backup
 
     async def _release(self, how: str, timed: bool = False) -> None:
         """`timed`: total_ms was taken already (and sent to the target); otherwise (resolved
@@ -880,6 +905,19 @@ class _StepClock:
         self._last = now
         return elapsed
 
+    def fork(self) -> _StepClock:
+        """A clock for a worker thread, going on from this one's last step into a dict of its
+        own: `steps` is the stats' dict, which the event loop reads (`migration status`)."""
+        other = _StepClock({})
+        other._last = self._last
+        return other
+
+    def merge(self, other: _StepClock) -> None:
+        """Back on the event loop: the worker's steps join these, and the next step starts
+        where the worker's last ended."""
+        self._steps.update(other._steps)
+        self._last = other._last
+
 
 def connect_failure(err: OSError) -> str:
     """The cause of a failed connect, without the errno noise: "Name or service not known" for
@@ -896,6 +934,18 @@ def connect_failure(err: OSError) -> str:
             return os.strerror(code) if isinstance(code, int) and code > 0 else str(cause.strerror)
         cause = cause.__cause__
     return str(err) or type(err).__name__
+
+
+# A round that sends a few pages times the link's latency, not its rate (measured: rounds of
+# 20-90 pages made 6 MiB/s of a loopback link; at that rate every later prediction priced
+# those pages at 10+ ms): only rounds at least this big update the bandwidth.
+BANDWIDTH_SAMPLE_MIN_BYTES = 1 << 20
+
+
+def _target_ram_bytes(source_allocated: int, ram_bytes: int) -> int:
+    """What the target's RAM file may hold, for its digest: the data it received plus its
+    prefault's lookahead, which is never more than the data received (prefault.py)."""
+    return min(ram_bytes, 2 * source_allocated)
 
 
 def batch_pages_for(max_batch_bytes: int) -> int:

@@ -91,6 +91,7 @@ class Target:
         self._stream_bytes = 0  # what the data streams carried, once they all ended
         self._receive_scope = trio.CancelScope()  # cancelled when a data stream fails
         self._started = time.monotonic()
+        self._prefault: list[Prefaulter] = []
 
     async def run(self) -> None:
         try:
@@ -291,19 +292,23 @@ class Target:
             if self.data_streams
             else {r.slot: Prefaulter(vm.memory.host_address(r), r.size) for r in vm.memory.regions}
         )
+        self._prefault = list(prefault.values())
         timeout = self.daemon.config.migration.timeout_s
         try:
-            with trio.fail_after(timeout), self._receive_scope:
-                await self._receive(stats, views, prefault)
-        except trio.TooSlowError:
-            raise PeerError(f"the VM did not arrive within {timeout:g} s (migration.timeout_s)") from None
+            try:
+                with trio.fail_after(timeout), self._receive_scope:
+                    await self._receive(stats, views, prefault)
+            except trio.TooSlowError:
+                raise PeerError(f"the VM did not arrive within {timeout:g} s (migration.timeout_s)") from None
+            if self._receive_scope.cancelled_caught:
+                assert self._streams is not None
+                raise PeerError(self._streams.error or "a data stream failed")
+            await self._await_commit()
         finally:
+            # Joined only now, off the downtime (`_load` told them to stop), and before a
+            # discard unmaps the memory they populate.
             for prefaulter in prefault.values():
                 prefaulter.stop()
-        if self._receive_scope.cancelled_caught:
-            assert self._streams is not None
-            raise PeerError(self._streams.error or "a data stream failed")
-        await self._await_commit()
 
     def _open_streams(self) -> None:
         conn = self.channel.conn
@@ -396,7 +401,7 @@ class Target:
                 apply_batch(views[event.slot], event, ram_is_fresh=event.round == 0)
                 stats.apply_ms += (time.perf_counter() - applied) * 1e3
                 if event.round == 0 and event.pages.size:
-                    prefault[event.slot].advance((int(event.pages[-1]) + 1) * PAGE_SIZE)
+                    prefault[event.slot].advance((int(event.pages[-1]) + 1) * PAGE_SIZE, event.data_bytes)
                 stats.pages_sent += int(event.pages.size)
                 stats.zero_pages += int(event.zero_pages.size)
                 stats.bytes_sent += event.data_bytes
@@ -466,25 +471,21 @@ class Target:
         """
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and stats is not None
-        vm = hosted.vm
-        assert vm.memory is not None
+        # All memory is here: populating ahead of it would only take a core from the restore.
+        for prefaulter in self._prefault:
+            prefaulter.cancel()
         stats.state = stats.phase = "loading"
-        digest = None
-        digest_us = None
-        if done.verify == "full":
-            verify_started = time.perf_counter()
-            digest = (await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256
-            stats.verify_ms = (time.perf_counter() - verify_started) * 1e3
-            digest_us = round(stats.verify_ms * 1e3)
+        # One worker-thread trip for the digest and the restore (on a loaded host each trip
+        # waits for the scheduler twice); the restore runs only on a digest that matched.
+        try:
+            digest = await trio.to_thread.run_sync(self._digest_and_restore, done, blobs)
+        except (KvmError, ValueError) as err:
+            raise Refused(f"state restore failed: {err}") from None
+        digest_us = None if digest is None else round((stats.verify_ms or 0.0) * 1e3)
+        if digest is not None:
             stats.digest = digest.hex()
             if digest != done.digest:
                 raise Refused("memory digest mismatch after loading: discarding this copy")
-        restore_started = time.perf_counter()
-        try:
-            await trio.to_thread.run_sync(vmstate.restore, hosted, self.daemon.kvm, blobs)
-        except (KvmError, ValueError) as err:
-            raise Refused(f"state restore failed: {err}") from None
-        stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
         if faults.active("target-refuse-loaded"):
             raise Refused("refusing at LOADED (test fault target-refuse-loaded)")
         # What loading cost here: the source learns the downtime's costs from it.
@@ -494,6 +495,22 @@ class Target:
         self.daemon.incoming.record(stats.migration_id, "loaded")
         stats.state = stats.phase = "loaded"
         await faults.hold(self.log, "loaded")
+
+    def _digest_and_restore(self, done: Done, blobs: list[tuple[str, bytes]]) -> bytes | None:
+        """In a worker thread: the digest (with verify = full), then, if it matches, the state."""
+        hosted, stats = self.hosted, self.stats
+        assert hosted is not None and hosted.vm is not None and hosted.vm.memory is not None and stats is not None
+        digest = None
+        if done.verify == "full":
+            verify_started = time.perf_counter()
+            digest = memory_digest(hosted.vm.memory).sha256
+            stats.verify_ms = (time.perf_counter() - verify_started) * 1e3
+            if digest != done.digest:
+                return digest
+        restore_started = time.perf_counter()
+        vmstate.restore(hosted, self.daemon.kvm, blobs)
+        stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
+        return digest
 
     async def _await_commit(self) -> None:
         event = await self._next()
@@ -508,7 +525,8 @@ class Target:
             self.committed = True
             self.daemon.incoming.record(stats.migration_id, "running")
             if self.run_state == "running":
-                await trio.to_thread.run_sync(hosted.vm.resume)
+                # No worker thread: resuming only wakes the parked vCPU threads (Vcpu.resume).
+                hosted.vm.resume()
                 hosted.state = VmState.RUNNING
             else:
                 hosted.state = VmState.PAUSED

@@ -207,3 +207,32 @@ def test_ring_full_livelock_fails_loudly() -> None:
             tracker.on_ring_full(0)
         with pytest.raises(DirtyRingLivelockError, match="livelock"):
             tracker.on_ring_full(0)
+
+
+def _one_pass(vm: Vm, guest: WorkloadGuest) -> None:
+    target = guest.request_pass(vm.write_guest, vm.ram)
+    wait_for(lambda: min(guest.passes_done(vm.ram)) >= target, timeout=10, what=f"pass {target}")
+
+
+@pytest.mark.parametrize("mode", ["ring", "bitmap"])
+def test_rearm_forgets_what_was_dirty_and_tracks_what_follows(mode: str) -> None:
+    """The source's first collection before the bulk copy only re-arms tracking: what was dirty
+    before it is dropped (the bulk copy reads all memory), every write after it is reported."""
+    with workload_vm(1, mode, working_set=8 * MIB, mode="passes") as (vm, guest):
+        assert vm.tracker is not None
+        ws = (guest.layout.ws_base // PAGE_SIZE, guest.layout.ws_end // PAGE_SIZE)
+        expected = np.arange(ws[0], ws[1], dtype=np.uint64)
+
+        def in_ws(pages: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+            pages = np.sort(pages)
+            return pages[(pages >= ws[0]) & (pages < ws[1])]
+
+        vm.tracker.collect()
+        vm.start()
+        _one_pass(vm, guest)
+        vm.tracker.poll()  # ring: what the harvester takes is kept for the next collection
+        vm.write_guest(guest.layout.ws_base, b"x")  # R5: the daemon's own marks as well
+        vm.tracker.rearm()
+        assert in_ws(vm.tracker.collect().by_slot[0]).size == 0
+        _one_pass(vm, guest)
+        np.testing.assert_array_equal(in_ws(vm.tracker.collect().by_slot[0]), expected)
