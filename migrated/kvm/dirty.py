@@ -245,7 +245,9 @@ class RingTracker:
         self.stats.last_collect_ms = (time.perf_counter() - started) * 1e3
 
     def _drop_pending_locked(self) -> None:
-        self._pending_slot, self._pending_offset = [], []
+        # The three lists run in step: a vCPU index left behind would point past the others.
+        self._pending_slot, self._pending_offset, self._pending_vcpu = [], [], []
+        self._vcpu_pages = {}
         self._pending_entries = self._compacted_entries = 0
 
     def collect(self) -> DirtyPages:

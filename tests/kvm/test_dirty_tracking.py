@@ -236,3 +236,23 @@ def test_rearm_forgets_what_was_dirty_and_tracks_what_follows(mode: str) -> None
         assert in_ws(vm.tracker.collect().by_slot[0]).size == 0
         _one_pass(vm, guest)
         np.testing.assert_array_equal(in_ws(vm.tracker.collect().by_slot[0]), expected)
+
+
+def test_rearm_with_per_vcpu_counting_then_collect() -> None:
+    """The dirty limit counts pages per vCPU from the rounds on, and the bulk copy's re-arm drops
+    what was pending: the per-vCPU bookkeeping must be dropped with it (an index left behind
+    failed the next collection with an IndexError), and the counts start again from the re-arm."""
+    with workload_vm(1, "ring", working_set=8 * MIB, mode="passes") as (vm, guest):
+        tracker = vm.tracker
+        assert isinstance(tracker, RingTracker)
+        tracker.count_pages_by_vcpu = True
+        vm.start()
+        _one_pass(vm, guest)
+        tracker.poll()  # pending entries of vCPU 0, to be dropped by the re-arm
+        tracker.rearm()
+        tracker.collect()
+        assert tracker.pages_by_vcpu.get(0, 0) < (8 * MIB) // PAGE_SIZE
+        _one_pass(vm, guest)
+        tracker.poll()
+        tracker.collect()
+        assert tracker.pages_by_vcpu.get(0, 0) >= (8 * MIB) // PAGE_SIZE
