@@ -161,11 +161,7 @@ class Vcpu:
             self._want = VcpuRunState.PAUSED
             self.run.immediate_exit = 1
             ident = self._thread.ident
-        if ident is not None:
-            try:
-                signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass  # the thread has just ended; wait_parked sees FINISHED
+        _kick(ident)
 
     def hold(self) -> None:
         """Keep the thread out of KVM_RUN (it parks) until `release()`; does not wait."""
@@ -175,11 +171,7 @@ class Vcpu:
             self._held = True
             self.run.immediate_exit = 1
             ident = self._thread.ident
-        if ident is not None:
-            try:
-                signal.pthread_kill(ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+        _kick(ident)
 
     def release(self) -> None:
         """End a hold: the thread runs again if (and only if) it is wanted running."""
@@ -346,3 +338,13 @@ class Vcpu:
         except KvmError:
             rip = ""
         return f"vCPU {self.index} stopped: KVM_EXIT_{name.upper()}{detail}{rip}"
+
+
+def _kick(ident: int | None) -> None:
+    """Signal a vCPU thread out of KVM_RUN (immediate_exit is set: the ioctl returns EINTR)."""
+    if ident is None:
+        return
+    try:
+        signal.pthread_kill(ident, KICK_SIGNAL)
+    except ProcessLookupError:
+        pass  # the thread has just ended; wait_parked sees FINISHED
