@@ -85,14 +85,20 @@ def wait_for_status(
 
 
 @contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` (mount's syntax, e.g. "2m") mounted at `path`: a disk a test can fill."""
+def _mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
     path.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},mode=0700", "tmpfs", str(path)], check=True)
     try:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's syntax, e.g. "2m") mounted at `path`: a disk a test can fill."""
+    with _mounted_tmpfs(path, f"size={size}") as mounted:
+        yield mounted
 
 
 def fill_disk(filler: Path) -> Path:
@@ -111,12 +117,8 @@ def fill_disk(filler: Path) -> Path:
 @contextmanager
 def huge_tmpfs(path: Path, huge: str = "within_size") -> Iterator[Path]:
     """A tmpfs mounted at `path` with `huge=` (2 MiB pages for "shmem-huge" guest RAM)."""
-    path.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"huge={huge},mode=0700", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+    with _mounted_tmpfs(path, f"huge={huge}") as mounted:
+        yield mounted
 
 
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
