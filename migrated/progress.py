@@ -49,9 +49,14 @@ def progress_parts(stats: dict[str, Any], memory_bytes: int | None) -> tuple[str
     total_pages = memory_bytes // PAGE_SIZE if memory_bytes else 0
     if total_pages:
         done = int(stats.get("pages_sent", 0)) + int(stats.get("zero_pages", 0))
+        to_move = total_pages
         if stats["state"] == "rounds":
             done = total_pages - remaining
-        words.append(f"{min(100, 100 * done // total_pages):3d}%")
+        elif role == "source" and done + remaining:
+            # The bulk copy moves only the pages the guest ever wrote: holes in its RAM file are
+            # never sent, so a sparse guest would otherwise end its bulk copy at, say, 54%.
+            to_move = done + remaining
+        words.append(f"{min(100, 100 * done // to_move):3d}%")
     words.append(f"round {stats.get('round', 0)}")
     total = f"/{_mib(memory_bytes)}" if memory_bytes else ""
     words.append(f"{moved} {_mib(sent)}{total}")

@@ -31,11 +31,19 @@ def stats(**changes: Any) -> dict[str, Any]:
 
 
 def test_progress_line_has_percent_total_rates_elapsed_and_eta() -> None:
-    moving, clock = progress_parts(stats(), 256 * MIB)
+    moving, clock = progress_parts(stats(pages_remaining=49152), 256 * MIB)
     assert moving.startswith("bulk") and " 25%" in moving, moving
-    assert "sent 64.0 MiB/256.0 MiB" in moving and "remaining 16384 pages" in moving, moving
+    assert "sent 64.0 MiB/256.0 MiB" in moving and "remaining 49152 pages" in moving, moving
     assert "bw 104.3 MiB/s" in moving and "predicted downtime -" in moving, moving
-    assert clock.startswith("elapsed 2.") and "ETA 0.6 s" in clock, clock  # 64 MiB at 104.3 MiB/s
+    assert clock.startswith("elapsed 2.") and "ETA 1.8 s" in clock, clock  # 192 MiB at 104.3 MiB/s
+
+
+def test_bulk_percent_counts_only_the_pages_it_will_send() -> None:
+    """A sparse guest: 256 MiB of RAM of which 64 MiB was ever written; half of that is sent."""
+    moving, _ = progress_parts(stats(pages_sent=4096, zero_pages=4096, pages_remaining=8192), 256 * MIB)
+    assert " 50%" in moving, moving
+    moving, _ = progress_parts(stats(pages_sent=16384, zero_pages=0, pages_remaining=0), 256 * MIB)
+    assert "100%" in moving, moving
 
 
 def test_rounds_percent_counts_what_is_left_dirty() -> None:
