@@ -6,8 +6,10 @@ the unit mounts it (TemporaryFileSystem=..., the daemon there holds no CAP_SYS_A
 daemon elsewhere mounts a tmpfs there itself on first use (huge=within_size, mode 0700, no size
 limit beyond the host's memory, as a memfd has none) and unmounts it when it exits. A private
 mount namespace would be neater, but unshare(CLONE_NEWNS) is refused to a threaded process.
-A mount left by a predecessor that died is a huge-page tmpfs already: it is used, and the RAM
-files in it died with that process (they never had names).
+A mount left by a predecessor that died (SIGKILL gives no chance to unmount) is a huge-page
+tmpfs already: it is used, the RAM files in it died with that process (they never had names), and
+it is adopted, so this daemon unmounts it when it exits. It is recognised by its source name,
+MOUNT_SOURCE, so an operator's or systemd's tmpfs at the same place is never taken for ours.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .kvm.backing import MemoryBackingError, RamBacking, huge_tmpfs_problem
 
 MNT_DETACH = 2
 MOUNT_OPTIONS = "huge=within_size,mode=0700,size=0"  # size=0: no limit of its own
+MOUNT_SOURCE = "migrated-ram"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -49,11 +52,13 @@ class RamDirectory:
     def _ensure(self) -> None:
         problem = huge_tmpfs_problem(str(self.path)) if self.path.is_dir() else f"{self.path} does not exist"
         if problem is None:
+            if self.ours and not self.mounted and mount_source(self.path) == MOUNT_SOURCE:
+                self.mounted = True  # a dead predecessor's: ours to unmount now
             return
         if not self.ours:
             raise MemoryBackingError(f"vm.memory_backing_dir: {problem}")
         self.path.mkdir(mode=0o700, exist_ok=True)
-        if _libc.mount(b"migrated-ram", bytes(self.path), b"tmpfs", 0, MOUNT_OPTIONS.encode()) != 0:
+        if _libc.mount(MOUNT_SOURCE.encode(), bytes(self.path), b"tmpfs", 0, MOUNT_OPTIONS.encode()) != 0:
             err = ctypes.get_errno()
             raise MemoryBackingError(
                 f"cannot mount a huge-page tmpfs at {self.path} ({problem}): mount: {os.strerror(err)}; "
@@ -71,3 +76,18 @@ class RamDirectory:
         if self.mounted:
             _libc.umount2(bytes(self.path), MNT_DETACH)
             self.mounted = False
+
+
+def mount_source(path: Path) -> str | None:
+    """The source field of the mount at `path` (the last one, if several are stacked), or None."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+        for line in mounts:
+            # "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTIONS";
+            # the kernel writes a space in a path as \040.
+            fields, _, tail = line.partition(" - ")
+            parts = fields.split()
+            if len(parts) >= 5 and parts[4].replace("\\040", " ") == str(path):
+                rest = tail.split()
+                found = rest[1] if len(rest) >= 2 else None
+    return found

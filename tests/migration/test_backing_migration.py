@@ -101,6 +101,19 @@ def test_daemon_default_and_per_vm_override(start_daemon: Any, tmp_path: Path) -
     assert not _mounted(ram_dir)  # the daemon unmounts what it mounted
 
 
+def test_a_killed_daemons_tmpfs_is_adopted_and_unmounted_by_its_successor(start_daemon: Any, tmp_path: Path) -> None:
+    first = start_daemon("a", "shmem-huge")
+    ram_dir = tmp_path / "a-state" / "ram"
+    assert _mounted(ram_dir)
+    first.kill()  # SIGKILL: no chance to unmount
+    assert _mounted(ram_dir)
+    second = start_daemon("a", "shmem-huge")
+    create(second, "huge")
+    assert_runs_on(second, "huge", "shmem-huge")
+    assert second.stop() == 0
+    assert not _mounted(ram_dir)  # the successor took the leftover mount for its own
+
+
 def test_bad_backing_requests_are_refused_and_the_daemon_serves_on(start_daemon: Any) -> None:
     daemon = start_daemon("a")
     create(daemon, "keeps-running")
