@@ -35,6 +35,7 @@ from .logs import configure_logging, get_logger
 from .migration.host import Command, CommandArgs, CommandReply, Migration
 from .migration.incoming import Incoming
 from .migration.policy import DowntimeModels
+from .migration.window import freeze_startup_objects
 from .migration.service import start_migration_service
 from .migration.stats import FinishedMigration
 from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
@@ -598,10 +599,16 @@ async def run_daemon(
                 await start_migration_service(daemon, nursery)
                 nursery.start_soon(daemon.watchdog)
                 nursery.start_soon(daemon.inject_irqs)
+                # What exists now lives as long as the daemon: no collection walks it again, so one
+                # that runs (outside a downtime window) walks only the objects made since.
+                frozen = freeze_startup_objects()
                 notifier.ready()
                 daemon.update_status()
                 log.info(
-                    "daemon_ready", control_socket=str(config.daemon.control_socket), listen=str(config.peer.listen)
+                    "daemon_ready",
+                    control_socket=str(config.daemon.control_socket),
+                    listen=str(config.peer.listen),
+                    gc_frozen_objects=frozen,
                 )
                 task_status.started(daemon)
                 async for signum in signals:

@@ -27,6 +27,10 @@ class DowntimeEstimate:
     verify_ms: float
     round_trips_ms: float
     learned_fixed_ms: float = 0.0  # the rest of the path, learned from past migrations to this peer
+    # The learned and estimated terms again times (slowdown - 1): the host is slower now than
+    # when they were learned (HostSpeed).
+    slower_host_ms: float = 0.0
+    headroom_ms: float = 0.0  # what the learned costs vary by (DowntimeModel.headroom_ms)
 
     @property
     def total_ms(self) -> float:
@@ -37,6 +41,8 @@ class DowntimeEstimate:
             + self.verify_ms
             + self.round_trips_ms
             + self.learned_fixed_ms
+            + self.slower_host_ms
+            + self.headroom_ms
         )
 
     def terms_ms(self) -> dict[str, float]:
@@ -57,6 +63,8 @@ class Costs:
     state_ms: float = 0.0  # state save and restore, estimated from the vCPU count
     pause_ms: float = 0.0  # stopping every vCPU: DowntimeModel learns it
     downtime_bandwidth_bytes_s: float = 0.0  # the downtime's send rate, learned (0: not yet)
+    slowdown: float = 1.0  # how much slower the host is now than when the costs were learned
+    headroom_ms: float = 0.0  # the spread of the learned costs, at the speed they were learned
 
 
 def predict_downtime(
@@ -73,6 +81,10 @@ def predict_downtime(
     extra = dirty_pages_per_s * (costs.harvest_ms + costs.pause_ms) / 1e3
     pages = pending_pages + int(extra)
     transfer_ms = (pages * PAGE_SIZE + costs.state_bytes) / bandwidth * 1e3
+    # The pages' send and the harvest were measured in this migration, at the host's speed now;
+    # every other term was learned or estimated at another time, and scales with the host.
+    learned = costs.state_ms + costs.digest_ms + 2 * costs.rtt_ms + costs.fixed_ms + costs.pause_ms
+    slowdown = max(1.0, costs.slowdown)
     return DowntimeEstimate(
         pages=pages,
         transfer_ms=transfer_ms,
@@ -81,6 +93,8 @@ def predict_downtime(
         verify_ms=costs.digest_ms,
         round_trips_ms=2 * costs.rtt_ms,
         learned_fixed_ms=costs.fixed_ms + costs.pause_ms,
+        slower_host_ms=(slowdown - 1.0) * learned,
+        headroom_ms=slowdown * max(0.0, costs.headroom_ms),
     )
 
 
@@ -166,6 +180,13 @@ OUTLIER_SLACK_MS = 100.0
 FIRST_FIXED_MS = 15.0
 FIRST_PAUSE_MS = 2.0
 
+# The host speed probe (hostspeed.py) takes ~0.5 ms on a quiet host: below this its ratio is
+# timer noise. A host more than this many times slower than when the costs were learned is
+# taken to be this much slower: the learned costs would no longer say anything, and no limit a
+# migration could keep would be left.
+PROBE_FLOOR_MS = 0.2
+MAX_SLOWDOWN = 8.0
+
 
 class RobustCost:
     """One cost term learned from the last WINDOW accepted samples, robust both ways.
@@ -203,16 +224,22 @@ class RobustCost:
     def _weight(self, at: float) -> float:
         return float(0.5 ** (max(0.0, self._clock() - at) / self._half_life_s))
 
-    def _upper_quartile(self) -> float:
+    def _quantile(self, quantile: float) -> float:
         ranked = sorted((value, self._weight(at)) for at, value in self._samples)
         total = sum(weight for _, weight in ranked)
-        quantile = self.QUANTILE if len(ranked) >= self.QUARTILE_FROM_SAMPLES else 0.5
         reached = 0.0
         for value, weight in ranked:
             reached += weight
             if reached >= quantile * total:
                 return value
         return ranked[-1][0]
+
+    def _upper_quartile(self) -> float:
+        return self._quantile(self.QUANTILE if len(self._samples) >= self.QUARTILE_FROM_SAMPLES else 0.5)
+
+    def median(self) -> float:
+        """The typical sample (age-weighted), unfaded; the default before any sample."""
+        return self._quantile(0.5) if self._samples else self.default
 
     def value(self) -> float:
         if not self._samples:
@@ -270,12 +297,31 @@ class DowntimeModel:
         # One cutover round trip (COMMIT -> RUNNING, the target's resume included): a single
         # handshake's round trip on a busy host can be off by hundreds of milliseconds.
         self.round_trip = term(0.0, self.MAX_FIXED_MS)
+        # How far measured downtimes went beyond their prediction (headroom excluded): the
+        # headroom the next predictions add. It grows with the spread of what was measured
+        # around what was predicted, and is 0 for a path that never went beyond.
+        self.miss = term(0.0, self.MAX_FIXED_MS)
+        # The host speed probe (HostSpeed) as the migrations these costs came from measured it.
+        self.probe = term(0.0, self.MAX_FIXED_MS)
         self.learned = 0
         self.outliers = 0
 
     @property
     def fixed_ms(self) -> float:
         return self.fixed.value()
+
+    @property
+    def headroom_ms(self) -> float:
+        return self.miss.value()
+
+    def slowdown(self, probe_now_ms: float) -> float:
+        """How much slower the host is now than when the costs were learned: the probe now
+        against the probe then (their typical value), at least 1 (a faster host keeps the
+        learned costs: they are what was measured), at most MAX_SLOWDOWN."""
+        if not self.probe.learned or probe_now_ms <= 0:
+            return 1.0
+        then = max(self.probe.median(), PROBE_FLOOR_MS)
+        return min(max(probe_now_ms / then, 1.0), MAX_SLOWDOWN)
 
     @property
     def pause_ms(self) -> float:
@@ -315,6 +361,8 @@ class DowntimeModel:
         target_bytes: int | None = None,
         target_digest_ms: float | None = None,
         measured_now_ms: float = 0.0,
+        headroom_ms: float = 0.0,
+        probe_ms: float = 0.0,
     ) -> bool:
         """Learns from a completed migration's measured downtime and its steps (`pause`, `send`,
         `digest`, as the source times them), and the target's digest as it reported it (None:
@@ -322,7 +370,9 @@ class DowntimeModel:
 
         `measured_now_ms`: what the prediction counted from this migration's own measurements
         (the harvest, the state estimate), which the learned fixed rest must not count a second
-        time. The round trips are learned from `commit_to_running` (one of them)."""
+        time. The round trips are learned from `commit_to_running` (one of them).
+        `headroom_ms`: what the prediction added as headroom (the miss is measured without it).
+        `probe_ms`: the host speed probe during this migration (0: none taken)."""
         if is_outlier(downtime_ms, predicted_ms):
             self.outliers += 1
             return False
@@ -343,6 +393,9 @@ class DowntimeModel:
             target_digest_ms = digest_ms * target / data_bytes if data_bytes else digest_ms
         rest = downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms - measured_now_ms
         self.fixed.add(rest - 2 * round_trip_ms)
+        self.miss.add(downtime_ms - (predicted_ms - headroom_ms))
+        if probe_ms > 0:
+            self.probe.add(probe_ms)
         self.learned += 1
         return True
 
@@ -354,6 +407,8 @@ class DowntimeModel:
             "digest_ms_per_gib": round(self.digest.value(), 2),
             "target_digest_ms_per_gib": round(self.target_digest.value(), 2),
             "round_trip_ms": round(self.round_trip.value(), 2),
+            "headroom_ms": round(self.headroom_ms, 2),
+            "probe_ms": round(self.probe.median(), 3),
             "learned": self.learned,
             "outliers": self.outliers,
         }

@@ -45,10 +45,12 @@ from ..statedir import StateDirError, write_record
 from ..peer import PeerChannel, PeerError, make_connection
 from . import dirtylimit, vmstate
 from .host import MigrationHost
+from .hostspeed import HostSpeed, then_probe
 from .pagestream import PAGE_SIZE
 from .sendstreams import SendStreams
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats
+from .window import DowntimeWindow
 
 E = TypeVar("E", bound=Event)
 
@@ -111,6 +113,9 @@ class Source:
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
         self._target_digest_ms: float | None = None  # as the target reported it in LOADED
+        self._host_speed = HostSpeed()  # probed each round: is the host slower than when costs were learned?
+        # From the pause to RUNNING: the collector off, the threads at SCHED_FIFO (window.py).
+        self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
 
@@ -269,7 +274,8 @@ class Source:
                 pending = await self._rounds()
                 self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
                 self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
-                await self._downtime(pending)
+                with self._window:
+                    await self._downtime(pending)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The watcher never fails: what failed is the migration itself, as run() expects it.
@@ -448,6 +454,8 @@ class Source:
             state_ms=vmstate.estimate_ms(len(vm.vcpus)),
             pause_ms=model.pause_ms,
             downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
+            slowdown=model.slowdown(self._host_speed.now_ms),
+            headroom_ms=model.headroom_ms,
         )
 
     async def _rounds(self) -> DirtyPages:
@@ -466,8 +474,10 @@ class Source:
                 self._time_limit_s(),
                 self.options.on_no_convergence,
             )
-            pending = await trio.to_thread.run_sync(vm.tracker.collect)
+            trip_started = time.perf_counter()
+            pending, collect_s = await trio.to_thread.run_sync(then_probe, vm.tracker.collect)
             now = time.perf_counter()
+            self._host_speed.add((now - trip_started - collect_s) * 1e3)
             round_s = now - self._last_collect
             self._dirty_rate.add(pending.count, round_s)
             self._last_collect = now
@@ -481,6 +491,7 @@ class Source:
             )
             self.stats.predicted_downtime_ms = estimate.total_ms
             self.stats.predicted_downtime_terms_ms = estimate.terms_ms()
+            self.stats.host_probe_ms = round(self._host_speed.now_ms, 3)
             decision = policy.decide(
                 estimate,
                 self.stats.round,
@@ -617,6 +628,8 @@ class Source:
         self._update_counters()
         await self._expect(Running)
         clock.step("commit_to_running")
+        self.stats.downtime_gc_ms = round(self._window.gc_ms_so_far(), 3)
+        self.stats.downtime_realtime_threads = self._window.raised_threads
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
         allocated = vm.memory.allocated_bytes()
@@ -629,6 +642,8 @@ class Source:
             _target_ram_bytes(allocated, vm.memory.size),
             target_digest_ms=self._target_digest_ms,
             measured_now_ms=sum(self.stats.predicted_downtime_terms_ms.get(k, 0.0) for k in _MEASURED_NOW),
+            headroom_ms=self.stats.predicted_downtime_terms_ms.get("headroom_ms", 0.0),
+            probe_ms=self._host_speed.now_ms,
         )
         self.stats.downtime_outlier = not learned
         if not learned:

@@ -87,7 +87,16 @@ class FakeClock:
 def test_the_prediction_is_shown_term_by_term_and_adds_up() -> None:
     estimate = predict_downtime(1000, 50_000.0, 1 << 30, COSTS)
     terms = estimate.terms_ms()
-    parts = ("transfer_ms", "harvest_ms", "state_ms", "verify_ms", "round_trips_ms", "learned_fixed_ms")
+    parts = (
+        "transfer_ms",
+        "harvest_ms",
+        "state_ms",
+        "verify_ms",
+        "round_trips_ms",
+        "learned_fixed_ms",
+        "slower_host_ms",
+        "headroom_ms",
+    )
     assert set(parts) | {"total_ms"} == set(terms)
     assert abs(sum(terms[k] for k in parts) - terms["total_ms"]) < 0.05
     assert terms["learned_fixed_ms"] == COSTS.fixed_ms + COSTS.pause_ms
