@@ -69,7 +69,7 @@ def ping_pong(args: argparse.Namespace, work: Path, label: str) -> dict[str, Any
                     "over_limit": stats.get("downtime_limit_exceeded"),
                     "outlier": stats.get("downtime_outlier"),
                     "gc_ms": stats.get("downtime_gc_ms"),
-                    "host_probe_ms": stats.get("host_probe_ms"),
+                    "send_ms_per_gib": stats.get("send_ms_per_gib"),
                     "realtime_threads": stats.get("downtime_realtime_threads"),
                     "predicted_terms_ms": stats.get("predicted_downtime_terms_ms"),
                     "measured_breakdown_ms": stats.get("downtime_breakdown_ms"),

@@ -180,11 +180,16 @@ OUTLIER_SLACK_MS = 100.0
 FIRST_FIXED_MS = 15.0
 FIRST_PAUSE_MS = 2.0
 
-# The host speed probe (hostspeed.py) takes ~0.5 ms on a quiet host: below this its ratio is
-# timer noise. A host more than this many times slower than when the costs were learned is
-# taken to be this much slower: the learned costs would no longer say anything, and no limit a
-# migration could keep would be left.
-PROBE_FLOOR_MS = 0.2
+# Until a path has been measured, its predictions are taken to fall short by this much: first
+# migrations between two fresh daemons here (bench/downtime.py, 512 MiB, 50 and 100 ms limits)
+# measured 4-12 ms over their prediction on a quiet host, up to 37 ms beside a CPU hog.
+FIRST_MISS_MS = 10.0
+
+# The sends' pace (hostspeed.py) is taken to be no faster than 20 GiB/s, above any link here: a
+# pace learned from a send that timed almost nothing would make every later one look slow. A
+# host more than MAX_SLOWDOWN times slower than when the costs were learned is taken to be that
+# much slower: the learned costs would no longer say anything.
+PACE_FLOOR_MS_PER_GIB = 50.0
 MAX_SLOWDOWN = 8.0
 
 
@@ -252,6 +257,32 @@ class RobustCost:
     def age_s(self) -> float:
         return math.inf if not self._samples else self._clock() - self._samples[-1][0]
 
+    def to_record(self) -> list[list[float]]:
+        """The samples as [age in seconds, value], oldest first: ages survive a restart, the
+        clock's readings (monotonic) do not."""
+        now = self._clock()
+        return [[round(max(0.0, now - at), 3), value] for at, value in self._samples]
+
+    def load_record(self, samples: object, more_age_s: float, what: str) -> None:
+        """Samples from `to_record`, each `more_age_s` older (the time the daemon was down).
+        ValueError naming `what` if they are not what `to_record` writes."""
+        if not isinstance(samples, list) or len(samples) > self.WINDOW:
+            raise ValueError(f"{what}: a list of at most {self.WINDOW} samples expected")
+        now = self._clock()
+        loaded: list[tuple[float, float]] = []
+        for sample in samples:
+            if (
+                not isinstance(sample, list)
+                or len(sample) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in sample)
+                or not all(math.isfinite(x) for x in sample)
+                or sample[0] < 0
+            ):
+                raise ValueError(f"{what}: each sample is [age_s >= 0, value], finite numbers; got {sample!r}")
+            loaded.append((now - sample[0] - more_age_s, min(max(0.0, float(sample[1])), self._bound)))
+        self._samples.clear()
+        self._samples.extend(loaded)
+
 
 class DowntimeModel:
     """What a downtime to one peer costs, learned from the completed migrations to that peer.
@@ -300,9 +331,9 @@ class DowntimeModel:
         # How far measured downtimes went beyond their prediction (headroom excluded): the
         # headroom the next predictions add. It grows with the spread of what was measured
         # around what was predicted, and is 0 for a path that never went beyond.
-        self.miss = term(0.0, self.MAX_FIXED_MS)
-        # The host speed probe (HostSpeed) as the migrations these costs came from measured it.
-        self.probe = term(0.0, self.MAX_FIXED_MS)
+        self.miss = term(FIRST_MISS_MS, self.MAX_FIXED_MS)
+        # The sends' pace in ms per GiB (HostSpeed) in the migrations these costs came from.
+        self.send_pace = term(0.0, math.inf)
         self.learned = 0
         self.outliers = 0
 
@@ -314,14 +345,14 @@ class DowntimeModel:
     def headroom_ms(self) -> float:
         return self.miss.value()
 
-    def slowdown(self, probe_now_ms: float) -> float:
-        """How much slower the host is now than when the costs were learned: the probe now
-        against the probe then (their typical value), at least 1 (a faster host keeps the
+    def slowdown(self, send_ms_per_gib_now: float) -> float:
+        """How much slower the host is now than when the costs were learned: the sends' pace
+        now against their pace then (its typical value), at least 1 (a faster host keeps the
         learned costs: they are what was measured), at most MAX_SLOWDOWN."""
-        if not self.probe.learned or probe_now_ms <= 0:
+        if not self.send_pace.learned or send_ms_per_gib_now <= 0:
             return 1.0
-        then = max(self.probe.median(), PROBE_FLOOR_MS)
-        return min(max(probe_now_ms / then, 1.0), MAX_SLOWDOWN)
+        then = max(self.send_pace.median(), PACE_FLOOR_MS_PER_GIB)
+        return min(max(send_ms_per_gib_now / then, 1.0), MAX_SLOWDOWN)
 
     @property
     def pause_ms(self) -> float:
@@ -362,7 +393,7 @@ class DowntimeModel:
         target_digest_ms: float | None = None,
         measured_now_ms: float = 0.0,
         headroom_ms: float = 0.0,
-        probe_ms: float = 0.0,
+        send_ms_per_gib: float = 0.0,
     ) -> bool:
         """Learns from a completed migration's measured downtime and its steps (`pause`, `send`,
         `digest`, as the source times them), and the target's digest as it reported it (None:
@@ -372,7 +403,7 @@ class DowntimeModel:
         (the harvest, the state estimate), which the learned fixed rest must not count a second
         time. The round trips are learned from `commit_to_running` (one of them).
         `headroom_ms`: what the prediction added as headroom (the miss is measured without it).
-        `probe_ms`: the host speed probe during this migration (0: none taken)."""
+        `send_ms_per_gib`: this migration's sends' pace (HostSpeed; 0: none measured)."""
         if is_outlier(downtime_ms, predicted_ms):
             self.outliers += 1
             return False
@@ -394,10 +425,46 @@ class DowntimeModel:
         rest = downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms - measured_now_ms
         self.fixed.add(rest - 2 * round_trip_ms)
         self.miss.add(downtime_ms - (predicted_ms - headroom_ms))
-        if probe_ms > 0:
-            self.probe.add(probe_ms)
+        if send_ms_per_gib > 0:
+            self.send_pace.add(send_ms_per_gib)
         self.learned += 1
         return True
+
+    def _terms(self) -> dict[str, RobustCost]:
+        return {
+            "fixed": self.fixed,
+            "pause": self.pause,
+            "digest": self.digest,
+            "target_digest": self.target_digest,
+            "send": self.send,
+            "round_trip": self.round_trip,
+            "miss": self.miss,
+            "send_pace": self.send_pace,
+        }
+
+    def to_record(self) -> dict[str, object]:
+        return {
+            "terms": {name: term.to_record() for name, term in self._terms().items()},
+            "learned": self.learned,
+            "outliers": self.outliers,
+        }
+
+    def load_record(self, record: object, more_age_s: float, what: str) -> None:
+        """ValueError naming `what` and the problem if `record` is not what `to_record` writes.
+        A term the record lacks (written by an older release) keeps its default."""
+        if not isinstance(record, dict) or not isinstance(record.get("terms"), dict):
+            raise ValueError(f"{what}: an object with 'terms' expected")
+        terms = self._terms()
+        unknown = set(record["terms"]) - set(terms)
+        if unknown:
+            raise ValueError(f"{what}: unknown terms {sorted(unknown)}")
+        for name, samples in record["terms"].items():
+            terms[name].load_record(samples, more_age_s, f"{what}.{name}")
+        for count in ("learned", "outliers"):
+            value = record.get(count, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{what}.{count}: a count (integer >= 0) expected, got {value!r}")
+            setattr(self, count, value)
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -408,7 +475,7 @@ class DowntimeModel:
             "target_digest_ms_per_gib": round(self.target_digest.value(), 2),
             "round_trip_ms": round(self.round_trip.value(), 2),
             "headroom_ms": round(self.headroom_ms, 2),
-            "probe_ms": round(self.probe.median(), 3),
+            "send_pace_ms_per_gib": round(self.send_pace.median(), 1),
             "learned": self.learned,
             "outliers": self.outliers,
         }
@@ -435,3 +502,38 @@ class DowntimeModels:
 
     def __len__(self) -> int:
         return len(self._models)
+
+    def peers(self) -> list[str]:
+        return list(self._models)
+
+    RECORD_VERSION = 1
+
+    def to_record(self, wall_now: float) -> dict[str, object]:
+        """Every peer's model, least recently used first, stamped with the wall clock (`time.time()`)."""
+        return {
+            "version": self.RECORD_VERSION,
+            "written_at": wall_now,
+            "peers": {peer: model.to_record() for peer, model in self._models.items()},
+        }
+
+    @classmethod
+    def from_record(
+        cls, record: object, wall_now: float, clock: Callable[[], float] = time.monotonic
+    ) -> DowntimeModels:
+        """The models of `to_record`, aged by the time since it was written; ValueError naming
+        the problem for anything else (another version, a bad value, too many peers)."""
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        if record.get("version") != cls.RECORD_VERSION:
+            raise ValueError(f"version {record.get('version')!r}; this daemon reads version {cls.RECORD_VERSION}")
+        written_at, peers = record.get("written_at"), record.get("peers")
+        if not isinstance(written_at, (int, float)) or isinstance(written_at, bool) or not math.isfinite(written_at):
+            raise ValueError("'written_at' is not a time")
+        if not isinstance(peers, dict) or len(peers) > cls.MAX_PEERS:
+            raise ValueError(f"'peers': an object of at most {cls.MAX_PEERS} peers expected")
+        # A clock set back since (written_at in the future) ages nothing rather than rejuvenating.
+        down_s = max(0.0, wall_now - written_at)
+        models = cls(clock)
+        for peer, model_record in peers.items():
+            models.for_peer(peer).load_record(model_record, down_s, f"peers[{peer!r}]")
+        return models

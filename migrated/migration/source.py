@@ -44,8 +44,9 @@ from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
 from ..peer import PeerChannel, PeerError, make_connection
 from . import dirtylimit, vmstate
+from .downtime_models_file import save_models
 from .host import MigrationHost
-from .hostspeed import HostSpeed, then_probe
+from .hostspeed import HostSpeed
 from .pagestream import PAGE_SIZE
 from .sendstreams import SendStreams
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
@@ -113,7 +114,7 @@ class Source:
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
         self._target_digest_ms: float | None = None  # as the target reported it in LOADED
-        self._host_speed = HostSpeed()  # probed each round: is the host slower than when costs were learned?
+        self._host_speed = HostSpeed()  # the sends' pace: is the host slower than when costs were learned?
         # From the pause to RUNNING: the collector off, the threads at SCHED_FIFO (window.py).
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
         # Costs learned from migrations to this peer only: another path's say nothing about it.
@@ -276,12 +277,22 @@ class Source:
                 self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
                 with self._window:
                     await self._downtime(pending)
+                await self._save_models()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The watcher never fails: what failed is the migration itself, as run() expects it.
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
+
+    async def _save_models(self) -> None:
+        """What this migration taught, kept for a restarted daemon (downtime_models_file.py).
+        The VM is the target's already: a state dir that cannot take it is logged, no more."""
+        record = self.daemon.downtime_models.to_record(time.time())  # on the loop, where they change
+        try:
+            await trio.to_thread.run_sync(save_models, Path(self.daemon.config.daemon.state_dir), record)
+        except StateDirError as err:
+            self.log.warning("downtime_models_not_saved", error=str(err))
 
     async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         vm = self.hosted.vm
@@ -423,6 +434,7 @@ class Source:
         self._update_counters()
         elapsed = time.perf_counter() - started
         self._bandwidth.add(self.stats.bytes_sent - bytes_before, elapsed)
+        self._host_speed.add(self.stats.bytes_sent - bytes_before, elapsed)
         self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
         self.stats.bulk_ms = elapsed * 1e3
         self.stats.bulk_bytes = self.stats.bytes_sent - bytes_before
@@ -454,7 +466,7 @@ class Source:
             state_ms=vmstate.estimate_ms(len(vm.vcpus)),
             pause_ms=model.pause_ms,
             downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
-            slowdown=model.slowdown(self._host_speed.now_ms),
+            slowdown=model.slowdown(self._host_speed.now_ms_per_gib),
             headroom_ms=model.headroom_ms,
         )
 
@@ -474,10 +486,8 @@ class Source:
                 self._time_limit_s(),
                 self.options.on_no_convergence,
             )
-            trip_started = time.perf_counter()
-            pending, collect_s = await trio.to_thread.run_sync(then_probe, vm.tracker.collect)
+            pending = await trio.to_thread.run_sync(vm.tracker.collect)
             now = time.perf_counter()
-            self._host_speed.add((now - trip_started - collect_s) * 1e3)
             round_s = now - self._last_collect
             self._dirty_rate.add(pending.count, round_s)
             self._last_collect = now
@@ -491,7 +501,7 @@ class Source:
             )
             self.stats.predicted_downtime_ms = estimate.total_ms
             self.stats.predicted_downtime_terms_ms = estimate.terms_ms()
-            self.stats.host_probe_ms = round(self._host_speed.now_ms, 3)
+            self.stats.send_ms_per_gib = round(self._host_speed.now_ms_per_gib, 1)
             decision = policy.decide(
                 estimate,
                 self.stats.round,
@@ -531,6 +541,7 @@ class Source:
             seconds = await self._send_dirty(pending, self.stats.round)
             if seconds > 0 and self.stats.bytes_sent - bytes_before >= BANDWIDTH_SAMPLE_MIN_BYTES:
                 self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
+                self._host_speed.add(self.stats.bytes_sent - bytes_before, seconds)
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
 
     async def _limit_dirty(self, other_costs_ms: float, round_s: float) -> None:
@@ -643,7 +654,7 @@ class Source:
             target_digest_ms=self._target_digest_ms,
             measured_now_ms=sum(self.stats.predicted_downtime_terms_ms.get(k, 0.0) for k in _MEASURED_NOW),
             headroom_ms=self.stats.predicted_downtime_terms_ms.get("headroom_ms", 0.0),
-            probe_ms=self._host_speed.now_ms,
+            send_ms_per_gib=self._host_speed.now_ms_per_gib,
         )
         self.stats.downtime_outlier = not learned
         if not learned:

@@ -29,9 +29,9 @@ class MigrationStats:
     # The prediction term by term (pages and state over the link, harvest, state, digest, round
     # trips, the learned fixed cost of this path): what the decision to stop was made of.
     predicted_downtime_terms_ms: dict[str, float] = field(default_factory=dict)
-    # The host speed probe of the last rounds (hostspeed.py): against the one the learned costs
-    # came with, it is the slowdown the prediction's `slower_host_ms` term counts.
-    host_probe_ms: float = 0.0
+    # The last sends' pace (hostspeed.py): against the pace the learned costs came with, the
+    # slowdown the prediction's `slower_host_ms` term counts.
+    send_ms_per_gib: float = 0.0
     total_ms: float | None = None
     setup_ms: float | None = None
     bulk_ms: float | None = None
