@@ -184,6 +184,11 @@ FIRST_PAUSE_MS = 2.0
 # migrations between two fresh daemons here (bench/downtime.py, 512 MiB, 50 and 100 ms limits)
 # measured 4-12 ms over their prediction on a quiet host, up to 37 ms beside a CPU hog.
 FIRST_MISS_MS = 10.0
+# A digest costs more than its data per GiB: the first digests of a 512 MiB guest holding ~20 MiB
+# of data took 12-19 ms on each side here (quiet; bench/downtime.py), for ~1.5 ms of data at the
+# default rate. Counted per side, per GiB of guest RAM, until the path has been measured (then
+# the learned fixed rest and the miss hold it).
+FIRST_DIGEST_MS_PER_GIB_RAM = 30.0
 
 # The sends' pace (hostspeed.py) is taken to be no faster than 20 GiB/s, above any link here: a
 # pace learned from a send that timed almost nothing would make every later one look slow. A
@@ -374,13 +379,16 @@ class DowntimeModel:
             return min(self.round_trip.value(), handshake_rtt_ms)
         return self.round_trip.value() if self.round_trip.learned else handshake_rtt_ms
 
-    def digest_ms(self, data_bytes: int, target_bytes: int | None = None) -> float:
+    def digest_ms(self, data_bytes: int, target_bytes: int | None = None, ram_bytes: int = 0) -> float:
         """Both sides' digests, one after the other (the target's starts on DONE). The target's
         RAM file may hold more than the source's (its prefault populates whole ranges, holes
-        included): `target_bytes`, when given, is what its digest reads (at most the RAM size)."""
+        included): `target_bytes`, when given, is what its digest reads (at most the RAM size).
+        `ram_bytes`: the guest's RAM, for the part of a digest that follows its size whatever the
+        data (FIRST_DIGEST_MS_PER_GIB_RAM), counted until the path has been measured."""
         target = data_bytes if target_bytes is None else max(data_bytes, target_bytes)
         target_rate = self.target_digest.value() if self.target_digest.learned else self.digest.value()
-        return (self.digest.value() * data_bytes + target_rate * target) / GIB
+        unmeasured = 0.0 if self.learned else 2 * FIRST_DIGEST_MS_PER_GIB_RAM * ram_bytes
+        return (self.digest.value() * data_bytes + target_rate * target + unmeasured) / GIB
 
     def learn(
         self,

@@ -456,7 +456,7 @@ class Source:
         if self.options.verify == "full":
             # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
             allocated = vm.memory.allocated_bytes()
-            digest_ms = model.digest_ms(allocated, _target_ram_bytes(allocated, vm.memory.size))
+            digest_ms = model.digest_ms(allocated, _target_ram_bytes(allocated, vm.memory.size), vm.memory.size)
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
             fixed_ms=model.fixed_ms,

@@ -418,3 +418,12 @@ def test_a_learned_value_from_a_record_is_bounded_like_a_measured_one() -> None:
     record = {"version": 1, "written_at": 0, "peers": {"p": {"terms": {"fixed": [[0, 1e12], [0, 1e12]]}}}}
     model = DowntimeModels.from_record(record, wall_now=0.0, clock=FakeClock()).for_peer("p")
     assert model.fixed_ms == DowntimeModel.MAX_FIXED_MS
+
+
+def test_until_a_path_is_measured_a_digest_counts_the_guests_size_not_only_its_data() -> None:
+    model = DowntimeModel(digest_ms_per_gib=70.0, clock=FakeClock())
+    data_only = model.digest_ms(16 << 20, 16 << 20)
+    assert model.digest_ms(16 << 20, 16 << 20, ram_bytes=512 << 20) == pytest.approx(data_only + 30.0)
+    steps = {"pause": 1.0, "send": 2.0, "digest": 15.0}
+    assert model.learn(60.0, steps, sent_bytes=0, data_bytes=16 << 20, predicted_ms=60.0, target_digest_ms=15.0)
+    assert model.digest_ms(16 << 20, 16 << 20, ram_bytes=512 << 20) == data_only, "measured: what it learned"
