@@ -93,7 +93,8 @@ class Target:
         self._receive_scope = trio.CancelScope()  # cancelled when a data stream fails
         self._started = time.monotonic()
         self._prefault: list[Prefaulter] = []
-        # The collector off from the first device state (the source paused) to RUNNING (window.py).
+        # From the first device state (the source paused) to RUNNING: the collector off, the
+        # threads at SCHED_FIFO (window.py).
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
 
     async def run(self) -> None:
@@ -548,6 +549,7 @@ class Target:
             await self.channel.aclose()
             raise PeerError("dropped the link before RUNNING (test fault target-vanish-after-commit)")
         await self.channel.send(Running())
+        self._window.close()
         await self._take_source_timing(stats)
         hosted.last_migration = stats.as_dict()
 

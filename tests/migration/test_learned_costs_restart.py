@@ -98,6 +98,12 @@ def test_a_restarted_daemon_predicts_from_what_it_learned(make_daemon: MakeDaemo
     predicted_fixed = forth["predicted_downtime_terms_ms"]["learned_fixed_ms"]
     assert predicted_fixed == pytest.approx(learned.fixed_ms + learned.pause_ms, abs=0.05), forth
     assert predicted_fixed != DEFAULT_FIXED_MS
+    # `migration status` shows the prediction term by term, the headroom and the slower host too.
+    terms = forth["predicted_downtime_terms_ms"]
+    parts = [v for k, v in terms.items() if k != "total_ms"]
+    assert {"headroom_ms", "slower_host_ms", "learned_fixed_ms", "verify_ms"} <= set(terms), terms
+    assert abs(sum(parts) - terms["total_ms"]) < 0.1, terms
+    assert terms["headroom_ms"] == pytest.approx(learned.headroom_ms, abs=0.05), terms
     assert_runs_here(b, "vm1")
 
 
