@@ -2,7 +2,7 @@
 
 Python's cyclic garbage collector stops every thread of the process while it runs (it holds the
 GIL), and a collection of the oldest generation walks every tracked object of the daemon: tens
-of milliseconds, measured inside downtime steps (`gc_ms` in the stats). So, for a window bounded
+of milliseconds, measured inside downtime steps (`downtime_gc_ms` in the stats). So, for a window bounded
 by the downtime guard, automatic collections are off (`gc.disable`, counted, since windows of
 several migrations overlap), and the objects that exist once the daemon is up are moved out of
 the collector's reach (`freeze_startup_objects`, the standard `gc.freeze` after start-up), so
