@@ -8,6 +8,7 @@ and measured downtime, the prediction term by term, the measured breakdown, whet
 limit and whether it was an outlier; the summary counts converged migrations within the limit.
 
     python bench/downtime.py [--migrations 10] [--limit-ms 100] [--memory-mib 512] [--no-hog]
+                             [--verify full|off] [--realtime on|off] [--only-hog]
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def ping_pong(args: argparse.Namespace, work: Path, label: str) -> dict[str, Any
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
     config = work / f"{label}.toml"
-    config.write_text(f'[migration]\ndowntime_limit_ms = {args.limit_ms}\nverify = "{args.verify}"\n')
+    config.write_text(
+        f'[migration]\ndowntime_limit_ms = {args.limit_ms}\nverify = "{args.verify}"\n'
+        f"downtime_realtime = {'true' if args.realtime == 'on' else 'false'}\n"
+    )
     a = DaemonProcess(f"{label}-a", work, key, extra_args=("--config", str(config))).start()
     b = DaemonProcess(f"{label}-b", work, key, extra_args=("--config", str(config))).start()
     runs = []
@@ -64,6 +68,9 @@ def ping_pong(args: argparse.Namespace, work: Path, label: str) -> dict[str, Any
                     "measured_ms": _round(stats.get("downtime_ms")),
                     "over_limit": stats.get("downtime_limit_exceeded"),
                     "outlier": stats.get("downtime_outlier"),
+                    "gc_ms": stats.get("downtime_gc_ms"),
+                    "send_ms_per_gib": stats.get("send_ms_per_gib"),
+                    "realtime_threads": stats.get("downtime_realtime_threads"),
                     "predicted_terms_ms": stats.get("predicted_downtime_terms_ms"),
                     "measured_breakdown_ms": stats.get("downtime_breakdown_ms"),
                 }
@@ -81,6 +88,7 @@ def ping_pong(args: argparse.Namespace, work: Path, label: str) -> dict[str, Any
         "completed": len(completed),
         "not_converged": sum(1 for r in runs if r["state"] == "failed" and "did not converge" in (r["error"] or "")),
         "within_limit": sum(1 for r in completed if not r["over_limit"]),
+        "over_limit": sum(1 for r in completed if r["over_limit"]),
         "measured_ms": sorted(r["measured_ms"] for r in completed),
         "predicted_ms": sorted(r["predicted_ms"] for r in completed),
     }
@@ -99,12 +107,15 @@ def main() -> None:
     parser.add_argument("--dirty-rate", type=float, default=128.0)
     parser.add_argument("--working-set-mib", type=int, default=256)
     parser.add_argument("--verify", choices=["full", "off"], default="full")
+    parser.add_argument("--realtime", choices=["on", "off"], default="on", help="migration.downtime_realtime")
     parser.add_argument("--no-hog", dest="hog", action="store_false", help="skip the run beside a CPU hog")
+    parser.add_argument("--only-hog", action="store_true", help="skip the run on the quiet host")
     args = parser.parse_args()
-    results = {"limit_ms": args.limit_ms, "runs": []}
+    results = {"limit_ms": args.limit_ms, "verify": args.verify, "realtime": args.realtime, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-downtime-") as tmp:
         work = Path(tmp)
-        results["runs"].append(ping_pong(args, work, "quiet"))
+        if not args.only_hog:
+            results["runs"].append(ping_pong(args, work, "quiet"))
         if args.hog:
             hogs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(os.cpu_count() or 1)]
             try:

@@ -152,6 +152,7 @@ class MigrationConfig:
     max_batch_bytes: int
     streams: int  # data connections (each in its own thread) that carry the pages
     downtime_guard_ms: int  # beyond downtime_limit_ms: how long the source may stay paused before COMMIT
+    downtime_realtime: bool  # the downtime's threads at SCHED_FIFO for the window (realtime.py)
     completion_timeout_per_gib_s: float  # 0: off; else the whole migration may take this per GiB of RAM
     progress_timeout_s: float  # 0: off; else no byte moved for this long cancels the migration
     max_incoming: int
@@ -425,6 +426,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         # 16: transport.datastream.MAX_STREAMS, the most a target accepts.
         "streams": _Key(2, _integer(1, 16), True),
         "downtime_guard_ms": _Key(2000, _integer(0, 600_000), True),
+        "downtime_realtime": _Key(True, _boolean, True),
         "completion_timeout_per_gib_s": _Key(0, _number(0, 86_400), True),
         "progress_timeout_s": _Key(150, _number(0, 86_400), True),
         "max_incoming": _Key(4, _integer(1, 1024), True),

@@ -34,7 +34,8 @@ from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
 from .migration.host import Command, CommandArgs, CommandReply, Migration
 from .migration.incoming import Incoming
-from .migration.policy import DowntimeModels
+from .migration.downtime_models_file import load_models
+from .migration.window import freeze_startup_objects
 from .migration.service import start_migration_service
 from .migration.stats import FinishedMigration
 from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
@@ -77,7 +78,8 @@ class Daemon:
         self.migrations: dict[str, Migration] = {}  # VM name -> its Source, Target, or FinishedMigration
         self.incoming = Incoming()  # incoming migrations in progress, and how recent ones ended
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
-        self.downtime_models = DowntimeModels()
+        # What the last run learned of each peer's downtime costs (None: read, or there was none).
+        self.downtime_models, self.downtime_models_error = load_models(Path(config.daemon.state_dir))
         self.records = VmRecords(Path(config.daemon.state_dir))
         self.realtime_error = probe_realtime()  # None: the harvester can have SCHED_FIFO
         self.ram_directory = RamDirectory(config.vm.memory_backing_dir, Path(config.daemon.state_dir))
@@ -563,6 +565,14 @@ async def run_daemon(
             since=lost.since,
             detail=lost.detail,
         )
+    if daemon.downtime_models_error is not None:
+        log.warning(
+            "downtime_models_ignored",
+            error=daemon.downtime_models_error,
+            effect="the downtime of each peer is predicted from the defaults until learned again",
+        )
+    elif len(daemon.downtime_models):
+        log.info("downtime_models_loaded", peers=daemon.downtime_models.peers())
     log.info(
         "daemon_starting",
         pvm=caps.pvm,
@@ -598,10 +608,16 @@ async def run_daemon(
                 await start_migration_service(daemon, nursery)
                 nursery.start_soon(daemon.watchdog)
                 nursery.start_soon(daemon.inject_irqs)
+                # What exists now lives as long as the daemon: no collection walks it again, so one
+                # that runs (outside a downtime window) walks only the objects made since.
+                frozen = freeze_startup_objects()
                 notifier.ready()
                 daemon.update_status()
                 log.info(
-                    "daemon_ready", control_socket=str(config.daemon.control_socket), listen=str(config.peer.listen)
+                    "daemon_ready",
+                    control_socket=str(config.daemon.control_socket),
+                    listen=str(config.peer.listen),
+                    gc_frozen_objects=frozen,
                 )
                 task_status.started(daemon)
                 async for signum in signals:

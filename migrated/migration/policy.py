@@ -27,6 +27,10 @@ class DowntimeEstimate:
     verify_ms: float
     round_trips_ms: float
     learned_fixed_ms: float = 0.0  # the rest of the path, learned from past migrations to this peer
+    # The learned and estimated terms again times (slowdown - 1): the host is slower now than
+    # when they were learned (HostSpeed).
+    slower_host_ms: float = 0.0
+    headroom_ms: float = 0.0  # what the learned costs vary by (DowntimeModel.headroom_ms)
 
     @property
     def total_ms(self) -> float:
@@ -37,6 +41,8 @@ class DowntimeEstimate:
             + self.verify_ms
             + self.round_trips_ms
             + self.learned_fixed_ms
+            + self.slower_host_ms
+            + self.headroom_ms
         )
 
     def terms_ms(self) -> dict[str, float]:
@@ -57,6 +63,8 @@ class Costs:
     state_ms: float = 0.0  # state save and restore, estimated from the vCPU count
     pause_ms: float = 0.0  # stopping every vCPU: DowntimeModel learns it
     downtime_bandwidth_bytes_s: float = 0.0  # the downtime's send rate, learned (0: not yet)
+    slowdown: float = 1.0  # how much slower the host is now than when the costs were learned
+    headroom_ms: float = 0.0  # the spread of the learned costs, at the speed they were learned
 
 
 def predict_downtime(
@@ -73,6 +81,10 @@ def predict_downtime(
     extra = dirty_pages_per_s * (costs.harvest_ms + costs.pause_ms) / 1e3
     pages = pending_pages + int(extra)
     transfer_ms = (pages * PAGE_SIZE + costs.state_bytes) / bandwidth * 1e3
+    # The pages' send and the harvest were measured in this migration, at the host's speed now;
+    # every other term was learned or estimated at another time, and scales with the host.
+    learned = costs.state_ms + costs.digest_ms + 2 * costs.rtt_ms + costs.fixed_ms + costs.pause_ms
+    slowdown = max(1.0, costs.slowdown)
     return DowntimeEstimate(
         pages=pages,
         transfer_ms=transfer_ms,
@@ -81,6 +93,8 @@ def predict_downtime(
         verify_ms=costs.digest_ms,
         round_trips_ms=2 * costs.rtt_ms,
         learned_fixed_ms=costs.fixed_ms + costs.pause_ms,
+        slower_host_ms=(slowdown - 1.0) * learned,
+        headroom_ms=slowdown * max(0.0, costs.headroom_ms),
     )
 
 
@@ -166,6 +180,23 @@ OUTLIER_SLACK_MS = 100.0
 FIRST_FIXED_MS = 15.0
 FIRST_PAUSE_MS = 2.0
 
+# Until a path has been measured, its predictions are taken to fall short by this much: first
+# migrations between two fresh daemons here (bench/downtime.py, 512 MiB, 50 and 100 ms limits)
+# measured 4-12 ms over their prediction on a quiet host, up to 37 ms beside a CPU hog.
+FIRST_MISS_MS = 10.0
+# A digest costs more than its data per GiB: the first digests of a 512 MiB guest holding ~20 MiB
+# of data took 12-19 ms on each side here (quiet; bench/downtime.py), for ~1.5 ms of data at the
+# default rate. Counted per side, per GiB of guest RAM, until the path has been measured (then
+# the learned fixed rest and the miss hold it).
+FIRST_DIGEST_MS_PER_GIB_RAM = 30.0
+
+# The sends' pace (hostspeed.py) is taken to be no faster than 20 GiB/s, above any link here: a
+# pace learned from a send that timed almost nothing would make every later one look slow. A
+# host more than MAX_SLOWDOWN times slower than when the costs were learned is taken to be that
+# much slower: the learned costs would no longer say anything.
+PACE_FLOOR_MS_PER_GIB = 50.0
+MAX_SLOWDOWN = 8.0
+
 
 class RobustCost:
     """One cost term learned from the last WINDOW accepted samples, robust both ways.
@@ -203,16 +234,22 @@ class RobustCost:
     def _weight(self, at: float) -> float:
         return float(0.5 ** (max(0.0, self._clock() - at) / self._half_life_s))
 
-    def _upper_quartile(self) -> float:
+    def _quantile(self, quantile: float) -> float:
         ranked = sorted((value, self._weight(at)) for at, value in self._samples)
         total = sum(weight for _, weight in ranked)
-        quantile = self.QUANTILE if len(ranked) >= self.QUARTILE_FROM_SAMPLES else 0.5
         reached = 0.0
         for value, weight in ranked:
             reached += weight
             if reached >= quantile * total:
                 return value
         return ranked[-1][0]
+
+    def _upper_quartile(self) -> float:
+        return self._quantile(self.QUANTILE if len(self._samples) >= self.QUARTILE_FROM_SAMPLES else 0.5)
+
+    def median(self) -> float:
+        """The typical sample (age-weighted), unfaded; the default before any sample."""
+        return self._quantile(0.5) if self._samples else self.default
 
     def value(self) -> float:
         if not self._samples:
@@ -224,6 +261,32 @@ class RobustCost:
 
     def age_s(self) -> float:
         return math.inf if not self._samples else self._clock() - self._samples[-1][0]
+
+    def to_record(self) -> list[list[float]]:
+        """The samples as [age in seconds, value], oldest first: ages survive a restart, the
+        clock's readings (monotonic) do not."""
+        now = self._clock()
+        return [[round(max(0.0, now - at), 3), value] for at, value in self._samples]
+
+    def load_record(self, samples: object, more_age_s: float, what: str) -> None:
+        """Samples from `to_record`, each `more_age_s` older (the time the daemon was down).
+        ValueError naming `what` if they are not what `to_record` writes."""
+        if not isinstance(samples, list) or len(samples) > self.WINDOW:
+            raise ValueError(f"{what}: a list of at most {self.WINDOW} samples expected")
+        now = self._clock()
+        loaded: list[tuple[float, float]] = []
+        for sample in samples:
+            if (
+                not isinstance(sample, list)
+                or len(sample) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in sample)
+                or not all(math.isfinite(x) for x in sample)
+                or sample[0] < 0
+            ):
+                raise ValueError(f"{what}: each sample is [age_s >= 0, value], finite numbers; got {sample!r}")
+            loaded.append((now - sample[0] - more_age_s, min(max(0.0, float(sample[1])), self._bound)))
+        self._samples.clear()
+        self._samples.extend(loaded)
 
 
 class DowntimeModel:
@@ -270,12 +333,31 @@ class DowntimeModel:
         # One cutover round trip (COMMIT -> RUNNING, the target's resume included): a single
         # handshake's round trip on a busy host can be off by hundreds of milliseconds.
         self.round_trip = term(0.0, self.MAX_FIXED_MS)
+        # How far measured downtimes went beyond their prediction (headroom excluded): the
+        # headroom the next predictions add. It grows with the spread of what was measured
+        # around what was predicted, and is 0 for a path that never went beyond.
+        self.miss = term(FIRST_MISS_MS, self.MAX_FIXED_MS)
+        # The sends' pace in ms per GiB (HostSpeed) in the migrations these costs came from.
+        self.send_pace = term(0.0, math.inf)
         self.learned = 0
         self.outliers = 0
 
     @property
     def fixed_ms(self) -> float:
         return self.fixed.value()
+
+    @property
+    def headroom_ms(self) -> float:
+        return self.miss.value()
+
+    def slowdown(self, send_ms_per_gib_now: float) -> float:
+        """How much slower the host is now than when the costs were learned: the sends' pace
+        now against their pace then (its typical value), at least 1 (a faster host keeps the
+        learned costs: they are what was measured), at most MAX_SLOWDOWN."""
+        if not self.send_pace.learned or send_ms_per_gib_now <= 0:
+            return 1.0
+        then = max(self.send_pace.median(), PACE_FLOOR_MS_PER_GIB)
+        return min(max(send_ms_per_gib_now / then, 1.0), MAX_SLOWDOWN)
 
     @property
     def pause_ms(self) -> float:
@@ -297,13 +379,16 @@ class DowntimeModel:
             return min(self.round_trip.value(), handshake_rtt_ms)
         return self.round_trip.value() if self.round_trip.learned else handshake_rtt_ms
 
-    def digest_ms(self, data_bytes: int, target_bytes: int | None = None) -> float:
+    def digest_ms(self, data_bytes: int, target_bytes: int | None = None, ram_bytes: int = 0) -> float:
         """Both sides' digests, one after the other (the target's starts on DONE). The target's
         RAM file may hold more than the source's (its prefault populates whole ranges, holes
-        included): `target_bytes`, when given, is what its digest reads (at most the RAM size)."""
+        included): `target_bytes`, when given, is what its digest reads (at most the RAM size).
+        `ram_bytes`: the guest's RAM, for the part of a digest that follows its size whatever the
+        data (FIRST_DIGEST_MS_PER_GIB_RAM), counted until the path has been measured."""
         target = data_bytes if target_bytes is None else max(data_bytes, target_bytes)
         target_rate = self.target_digest.value() if self.target_digest.learned else self.digest.value()
-        return (self.digest.value() * data_bytes + target_rate * target) / GIB
+        unmeasured = 0.0 if self.learned else 2 * FIRST_DIGEST_MS_PER_GIB_RAM * ram_bytes
+        return (self.digest.value() * data_bytes + target_rate * target + unmeasured) / GIB
 
     def learn(
         self,
@@ -315,6 +400,8 @@ class DowntimeModel:
         target_bytes: int | None = None,
         target_digest_ms: float | None = None,
         measured_now_ms: float = 0.0,
+        headroom_ms: float = 0.0,
+        send_ms_per_gib: float = 0.0,
     ) -> bool:
         """Learns from a completed migration's measured downtime and its steps (`pause`, `send`,
         `digest`, as the source times them), and the target's digest as it reported it (None:
@@ -322,7 +409,9 @@ class DowntimeModel:
 
         `measured_now_ms`: what the prediction counted from this migration's own measurements
         (the harvest, the state estimate), which the learned fixed rest must not count a second
-        time. The round trips are learned from `commit_to_running` (one of them)."""
+        time. The round trips are learned from `commit_to_running` (one of them).
+        `headroom_ms`: what the prediction added as headroom (the miss is measured without it).
+        `send_ms_per_gib`: this migration's sends' pace (HostSpeed; 0: none measured)."""
         if is_outlier(downtime_ms, predicted_ms):
             self.outliers += 1
             return False
@@ -343,8 +432,47 @@ class DowntimeModel:
             target_digest_ms = digest_ms * target / data_bytes if data_bytes else digest_ms
         rest = downtime_ms - pause_ms - send_ms - digest_ms - target_digest_ms - measured_now_ms
         self.fixed.add(rest - 2 * round_trip_ms)
+        self.miss.add(downtime_ms - (predicted_ms - headroom_ms))
+        if send_ms_per_gib > 0:
+            self.send_pace.add(send_ms_per_gib)
         self.learned += 1
         return True
+
+    def _terms(self) -> dict[str, RobustCost]:
+        return {
+            "fixed": self.fixed,
+            "pause": self.pause,
+            "digest": self.digest,
+            "target_digest": self.target_digest,
+            "send": self.send,
+            "round_trip": self.round_trip,
+            "miss": self.miss,
+            "send_pace": self.send_pace,
+        }
+
+    def to_record(self) -> dict[str, object]:
+        return {
+            "terms": {name: term.to_record() for name, term in self._terms().items()},
+            "learned": self.learned,
+            "outliers": self.outliers,
+        }
+
+    def load_record(self, record: object, more_age_s: float, what: str) -> None:
+        """ValueError naming `what` and the problem if `record` is not what `to_record` writes.
+        A term the record lacks (written by an older release) keeps its default."""
+        if not isinstance(record, dict) or not isinstance(record.get("terms"), dict):
+            raise ValueError(f"{what}: an object with 'terms' expected")
+        terms = self._terms()
+        unknown = set(record["terms"]) - set(terms)
+        if unknown:
+            raise ValueError(f"{what}: unknown terms {sorted(unknown)}")
+        for name, samples in record["terms"].items():
+            terms[name].load_record(samples, more_age_s, f"{what}.{name}")
+        for count in ("learned", "outliers"):
+            value = record.get(count, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{what}.{count}: a count (integer >= 0) expected, got {value!r}")
+            setattr(self, count, value)
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -354,6 +482,8 @@ class DowntimeModel:
             "digest_ms_per_gib": round(self.digest.value(), 2),
             "target_digest_ms_per_gib": round(self.target_digest.value(), 2),
             "round_trip_ms": round(self.round_trip.value(), 2),
+            "headroom_ms": round(self.headroom_ms, 2),
+            "send_pace_ms_per_gib": round(self.send_pace.median(), 1),
             "learned": self.learned,
             "outliers": self.outliers,
         }
@@ -380,3 +510,38 @@ class DowntimeModels:
 
     def __len__(self) -> int:
         return len(self._models)
+
+    def peers(self) -> list[str]:
+        return list(self._models)
+
+    RECORD_VERSION = 1
+
+    def to_record(self, wall_now: float) -> dict[str, object]:
+        """Every peer's model, least recently used first, stamped with the wall clock (`time.time()`)."""
+        return {
+            "version": self.RECORD_VERSION,
+            "written_at": wall_now,
+            "peers": {peer: model.to_record() for peer, model in self._models.items()},
+        }
+
+    @classmethod
+    def from_record(
+        cls, record: object, wall_now: float, clock: Callable[[], float] = time.monotonic
+    ) -> DowntimeModels:
+        """The models of `to_record`, aged by the time since it was written; ValueError naming
+        the problem for anything else (another version, a bad value, too many peers)."""
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        if record.get("version") != cls.RECORD_VERSION:
+            raise ValueError(f"version {record.get('version')!r}; this daemon reads version {cls.RECORD_VERSION}")
+        written_at, peers = record.get("written_at"), record.get("peers")
+        if not isinstance(written_at, (int, float)) or isinstance(written_at, bool) or not math.isfinite(written_at):
+            raise ValueError("'written_at' is not a time")
+        if not isinstance(peers, dict) or len(peers) > cls.MAX_PEERS:
+            raise ValueError(f"'peers': an object of at most {cls.MAX_PEERS} peers expected")
+        # A clock set back since (written_at in the future) ages nothing rather than rejuvenating.
+        down_s = max(0.0, wall_now - written_at)
+        models = cls(clock)
+        for peer, model_record in peers.items():
+            models.for_peer(peer).load_record(model_record, down_s, f"peers[{peer!r}]")
+        return models

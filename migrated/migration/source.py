@@ -44,11 +44,14 @@ from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
 from ..peer import PeerChannel, PeerError, make_connection
 from . import dirtylimit, vmstate
+from .downtime_models_file import save_models
 from .host import MigrationHost
+from .hostspeed import HostSpeed
 from .pagestream import PAGE_SIZE
 from .sendstreams import SendStreams
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats
+from .window import DowntimeWindow
 
 E = TypeVar("E", bound=Event)
 
@@ -111,6 +114,9 @@ class Source:
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
         self._target_digest_ms: float | None = None  # as the target reported it in LOADED
+        self._host_speed = HostSpeed()  # the sends' pace: is the host slower than when costs were learned?
+        # From the pause to RUNNING: the collector off, the threads at SCHED_FIFO (window.py).
+        self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
 
@@ -269,13 +275,24 @@ class Source:
                 pending = await self._rounds()
                 self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
                 self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
-                await self._downtime(pending)
+                with self._window:
+                    await self._downtime(pending)
+                await self._save_models()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The watcher never fails: what failed is the migration itself, as run() expects it.
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
+
+    async def _save_models(self) -> None:
+        """What this migration taught, kept for a restarted daemon (downtime_models_file.py).
+        The VM is the target's already: a state dir that cannot take it is logged, no more."""
+        record = self.daemon.downtime_models.to_record(time.time())  # on the loop, where they change
+        try:
+            await trio.to_thread.run_sync(save_models, Path(self.daemon.config.daemon.state_dir), record)
+        except StateDirError as err:
+            self.log.warning("downtime_models_not_saved", error=str(err))
 
     async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         vm = self.hosted.vm
@@ -417,6 +434,7 @@ class Source:
         self._update_counters()
         elapsed = time.perf_counter() - started
         self._bandwidth.add(self.stats.bytes_sent - bytes_before, elapsed)
+        self._host_speed.add(self.stats.bytes_sent - bytes_before, elapsed)
         self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
         self.stats.bulk_ms = elapsed * 1e3
         self.stats.bulk_bytes = self.stats.bytes_sent - bytes_before
@@ -438,7 +456,7 @@ class Source:
         if self.options.verify == "full":
             # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
             allocated = vm.memory.allocated_bytes()
-            digest_ms = model.digest_ms(allocated, _target_ram_bytes(allocated, vm.memory.size))
+            digest_ms = model.digest_ms(allocated, _target_ram_bytes(allocated, vm.memory.size), vm.memory.size)
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
             fixed_ms=model.fixed_ms,
@@ -448,6 +466,8 @@ class Source:
             state_ms=vmstate.estimate_ms(len(vm.vcpus)),
             pause_ms=model.pause_ms,
             downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
+            slowdown=model.slowdown(self._host_speed.now_ms_per_gib),
+            headroom_ms=model.headroom_ms,
         )
 
     async def _rounds(self) -> DirtyPages:
@@ -481,6 +501,7 @@ class Source:
             )
             self.stats.predicted_downtime_ms = estimate.total_ms
             self.stats.predicted_downtime_terms_ms = estimate.terms_ms()
+            self.stats.send_ms_per_gib = round(self._host_speed.now_ms_per_gib, 1)
             decision = policy.decide(
                 estimate,
                 self.stats.round,
@@ -520,6 +541,7 @@ class Source:
             seconds = await self._send_dirty(pending, self.stats.round)
             if seconds > 0 and self.stats.bytes_sent - bytes_before >= BANDWIDTH_SAMPLE_MIN_BYTES:
                 self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
+                self._host_speed.add(self.stats.bytes_sent - bytes_before, seconds)
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
 
     async def _limit_dirty(self, other_costs_ms: float, round_s: float) -> None:
@@ -617,6 +639,8 @@ class Source:
         self._update_counters()
         await self._expect(Running)
         clock.step("commit_to_running")
+        self.stats.downtime_gc_ms = round(self._window.gc_ms_so_far(), 3)
+        self.stats.downtime_realtime_threads = self._window.raised_threads
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
         allocated = vm.memory.allocated_bytes()
@@ -629,6 +653,8 @@ class Source:
             _target_ram_bytes(allocated, vm.memory.size),
             target_digest_ms=self._target_digest_ms,
             measured_now_ms=sum(self.stats.predicted_downtime_terms_ms.get(k, 0.0) for k in _MEASURED_NOW),
+            headroom_ms=self.stats.predicted_downtime_terms_ms.get("headroom_ms", 0.0),
+            send_ms_per_gib=self._host_speed.now_ms_per_gib,
         )
         self.stats.downtime_outlier = not learned
         if not learned:

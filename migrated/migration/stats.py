@@ -29,6 +29,9 @@ class MigrationStats:
     # The prediction term by term (pages and state over the link, harvest, state, digest, round
     # trips, the learned fixed cost of this path): what the decision to stop was made of.
     predicted_downtime_terms_ms: dict[str, float] = field(default_factory=dict)
+    # The last sends' pace (hostspeed.py): against the pace the learned costs came with, the
+    # slowdown the prediction's `slower_host_ms` term counts.
+    send_ms_per_gib: float = 0.0
     total_ms: float | None = None
     setup_ms: float | None = None
     bulk_ms: float | None = None
@@ -49,6 +52,8 @@ class MigrationStats:
     downtime_limit_ms: float = 0.0
     downtime_limit_exceeded: bool = False  # a completed migration whose measured downtime broke the limit
     downtime_guard_ms: float = 0.0  # the source aborts and resumes if COMMIT is not out this long after the pause
+    downtime_gc_ms: float = 0.0  # the garbage collector's pauses inside the downtime (window.py)
+    downtime_realtime_threads: int = 0  # threads at SCHED_FIFO for the downtime (0: none, or not allowed)
     downtime_outlier: bool = False  # measured far beyond the prediction: reported, not learned
     throttle_percent: int = 0  # share of the time the vCPUs were held paused (policy "throttle")
     # Policy "dirty-limit": the vCPUs held to a dirty-rate quota in the last round (vcpu,

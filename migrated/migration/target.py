@@ -50,6 +50,7 @@ from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
 from .recvstreams import ReceiveStreams
 from .stats import MigrationStats
+from .window import DowntimeWindow
 
 
 # How long the target waits, after RUNNING, for the source's Close with its timing: the source
@@ -92,6 +93,9 @@ class Target:
         self._receive_scope = trio.CancelScope()  # cancelled when a data stream fails
         self._started = time.monotonic()
         self._prefault: list[Prefaulter] = []
+        # From the first device state (the source paused) to RUNNING: the collector off, the
+        # threads at SCHED_FIFO (window.py).
+        self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
 
     async def run(self) -> None:
         try:
@@ -305,6 +309,7 @@ class Target:
                 raise PeerError(self._streams.error or "a data stream failed")
             await self._await_commit()
         finally:
+            self._window.close()
             # Joined only now, off the downtime (`_load` told them to stop), and before a
             # discard unmaps the memory they populate.
             for prefaulter in prefault.values():
@@ -419,6 +424,7 @@ class Target:
                         f"{', '.join(sorted(vmstate.KINDS))})"
                     )
                 blobs.append((event.kind, event.blob))
+                self._window.open()
             elif isinstance(event, Done):
                 done_at = time.perf_counter()
                 if faults.active_once("target-stop-on-done"):
@@ -531,6 +537,8 @@ class Target:
             else:
                 hosted.state = VmState.PAUSED
             self.daemon.record_vm(hosted)
+        stats.downtime_gc_ms = round(self._window.gc_ms_so_far(), 3)
+        stats.downtime_realtime_threads = self._window.raised_threads
         stats.state = stats.phase = "completed"
         stats.total_ms = (time.monotonic() - self._started) * 1e3
         if stats.total_ms > 0:
@@ -541,6 +549,7 @@ class Target:
             await self.channel.aclose()
             raise PeerError("dropped the link before RUNNING (test fault target-vanish-after-commit)")
         await self.channel.send(Running())
+        self._window.close()
         await self._take_source_timing(stats)
         hosted.last_migration = stats.as_dict()
 

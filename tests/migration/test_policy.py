@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import replace
+
 import pytest
 
 from migrated.migration.policy import (
+    MAX_SLOWDOWN,
     Costs,
     Decision,
     DowntimeModel,
@@ -87,7 +92,16 @@ class FakeClock:
 def test_the_prediction_is_shown_term_by_term_and_adds_up() -> None:
     estimate = predict_downtime(1000, 50_000.0, 1 << 30, COSTS)
     terms = estimate.terms_ms()
-    parts = ("transfer_ms", "harvest_ms", "state_ms", "verify_ms", "round_trips_ms", "learned_fixed_ms")
+    parts = (
+        "transfer_ms",
+        "harvest_ms",
+        "state_ms",
+        "verify_ms",
+        "round_trips_ms",
+        "learned_fixed_ms",
+        "slower_host_ms",
+        "headroom_ms",
+    )
     assert set(parts) | {"total_ms"} == set(terms)
     assert abs(sum(terms[k] for k in parts) - terms["total_ms"]) < 0.05
     assert terms["learned_fixed_ms"] == COSTS.fixed_ms + COSTS.pause_ms
@@ -307,3 +321,109 @@ def test_one_slow_cutover_round_trip_does_not_stop_every_later_migration() -> No
     steps["commit_to_running"] = 20.0
     assert model.learn(150.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=140.0)
     assert model.round_trip_ms(handshake_rtt_ms=7.0) == 20.0
+
+
+# ---- headroom and a slower host (issue 11: the limit is a promise) -------------------------------
+
+
+def test_the_headroom_is_what_the_measured_downtimes_went_beyond_their_predictions() -> None:
+    model = DowntimeModel(clock=FakeClock())
+    assert model.headroom_ms == pytest.approx(10.0), "nothing measured yet: the first-migration margin"
+    steps = {"pause": 1.0, "send": 2.0, "digest": 0.0}
+    for _ in range(RobustCost.WINDOW):  # predicted 30 (10 of them headroom), measured 20: no miss
+        assert model.learn(20.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=30.0, headroom_ms=10.0)
+    assert model.headroom_ms == 0.0, "a path that never went beyond its prediction needs no headroom"
+    # A path whose downtime jumps around: the headroom grows with how far it went beyond.
+    for measured in (45.0, 22.0, 50.0, 21.0, 48.0, 23.0, 46.0, 20.0):
+        model.learn(measured, steps, sent_bytes=0, data_bytes=0, predicted_ms=30.0, headroom_ms=0.0)
+    assert 15.0 <= model.headroom_ms <= 20.0
+    estimate = predict_downtime(0, 0.0, 1 << 30, replace(COSTS, headroom_ms=model.headroom_ms))
+    assert estimate.headroom_ms == model.headroom_ms
+    assert estimate.total_ms == pytest.approx(predict_downtime(0, 0.0, 1 << 30, COSTS).total_ms + model.headroom_ms)
+
+
+def test_a_host_slower_than_when_the_costs_were_learned_scales_them_up() -> None:
+    model = DowntimeModel(clock=FakeClock())
+    assert model.slowdown(500.0) == 1.0, "nothing learned: nothing to compare with"
+    steps = {"pause": 1.0, "send": 2.0, "digest": 0.0}
+    for _ in range(3):  # learned on a quiet host: sends at 250 ms per GiB (4 GiB/s)
+        model.learn(20.0, steps, sent_bytes=0, data_bytes=0, predicted_ms=20.0, send_ms_per_gib=250.0)
+    assert model.slowdown(250.0) == 1.0
+    assert model.slowdown(100.0) == 1.0, "a faster host keeps the costs it measured"
+    assert model.slowdown(750.0) == pytest.approx(3.0)
+    assert model.slowdown(1e9) == MAX_SLOWDOWN
+    quiet = predict_downtime(100, 0.0, 1 << 30, COSTS)
+    slow = predict_downtime(100, 0.0, 1 << 30, replace(COSTS, slowdown=3.0))
+    learned = COSTS.state_ms + COSTS.digest_ms + 2 * COSTS.rtt_ms + COSTS.fixed_ms + COSTS.pause_ms
+    assert slow.slower_host_ms == pytest.approx(2 * learned)
+    # The pages and the harvest were measured now, at the host's speed now: not scaled again.
+    assert slow.transfer_ms == quiet.transfer_ms and slow.harvest_ms == quiet.harvest_ms
+    assert slow.total_ms == pytest.approx(quiet.total_ms + 2 * learned)
+
+
+def test_a_policy_sees_the_slower_host_and_iterates_instead_of_overshooting() -> None:
+    policy = Policy(downtime_limit_ms=50, max_rounds=30, timeout_s=60, on_no_convergence="abort")
+    costs = Costs(harvest_ms=0.5, fixed_ms=15.0, state_bytes=0, digest_ms=10.0, rtt_ms=2.0, pause_ms=2.0)
+    assert policy.decide(predict_downtime(100, 0.0, 1 << 30, costs), rounds=1, elapsed_s=1) is Decision.STOP_AND_COPY
+    slow = predict_downtime(100, 0.0, 1 << 30, replace(costs, slowdown=2.0))
+    assert policy.decide(slow, rounds=1, elapsed_s=1) is Decision.ANOTHER_ROUND
+    assert policy.decide(slow, rounds=30, elapsed_s=1) is Decision.GIVE_UP
+
+
+# ---- persisted across a restart ---------------------------------------------------------------
+
+
+def test_the_models_survive_a_round_trip_through_their_record_and_keep_ageing() -> None:
+    clock = FakeClock()
+    models = DowntimeModels(clock)
+    fast, slow = models.for_peer("10.0.0.2:7890"), models.for_peer("10.0.0.3:7890")
+    steps = {"pause": 3.0, "send": 40.0, "digest": 20.0, "commit_to_running": 4.0}
+    for _ in range(3):
+        fast.learn(90.0, steps, sent_bytes=8 << 20, data_bytes=256 << 20, predicted_ms=95.0, send_ms_per_gib=300.0)
+        slow.learn(400.0, steps, sent_bytes=8 << 20, data_bytes=256 << 20, predicted_ms=350.0, headroom_ms=10.0)
+    record = json.loads(json.dumps(models.to_record(wall_now=5000.0)))
+    later = FakeClock()
+    later.now = 77.0  # another process: its monotonic clock has nothing to do with the first's
+    restored = DowntimeModels.from_record(record, wall_now=5000.0, clock=later)
+    assert restored.peers() == models.peers(), "peers and their least-recently-used order kept"
+    for peer in models.peers():
+        assert restored.for_peer(peer).as_dict() == models.for_peer(peer).as_dict()
+    # The time the daemon was down counts as age: the learned costs fade as they would have.
+    aged = DowntimeModels.from_record(record, wall_now=5000.0 + DowntimeModel.HALF_LIFE_S, clock=later)
+    default = DowntimeModel().fixed_ms
+    now_fixed, aged_fixed = slow.fixed_ms, aged.for_peer("10.0.0.3:7890").fixed_ms
+    assert aged_fixed == pytest.approx(default + (now_fixed - default) / 2)
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ([], "not a JSON object"),
+        ({"version": 99, "written_at": 0, "peers": {}}, "version 99"),
+        ({"version": 1, "written_at": "noon", "peers": {}}, "'written_at' is not a time"),
+        ({"version": 1, "written_at": 0, "peers": {f"p{n}": {} for n in range(65)}}, "at most 64 peers"),
+        ({"version": 1, "written_at": 0, "peers": {"p": {"terms": {"fixed": [[0, "x"]]}}}}, "peers['p'].fixed"),
+        ({"version": 1, "written_at": 0, "peers": {"p": {"terms": {"fixed": [[-1, 5]]}}}}, "age_s >= 0"),
+        ({"version": 1, "written_at": 0, "peers": {"p": {"terms": {"fixed": [[0, 1]] * 9}}}}, "at most 8 samples"),
+        ({"version": 1, "written_at": 0, "peers": {"p": {"terms": {"speed": []}}}}, "unknown terms ['speed']"),
+        ({"version": 1, "written_at": 0, "peers": {"p": {"terms": {}, "learned": -1}}}, "peers['p'].learned"),
+    ],
+)
+def test_a_bad_record_is_refused_with_the_problem_named(record: object, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        DowntimeModels.from_record(record, wall_now=0.0, clock=FakeClock())
+
+
+def test_a_learned_value_from_a_record_is_bounded_like_a_measured_one() -> None:
+    record = {"version": 1, "written_at": 0, "peers": {"p": {"terms": {"fixed": [[0, 1e12], [0, 1e12]]}}}}
+    model = DowntimeModels.from_record(record, wall_now=0.0, clock=FakeClock()).for_peer("p")
+    assert model.fixed_ms == DowntimeModel.MAX_FIXED_MS
+
+
+def test_until_a_path_is_measured_a_digest_counts_the_guests_size_not_only_its_data() -> None:
+    model = DowntimeModel(digest_ms_per_gib=70.0, clock=FakeClock())
+    data_only = model.digest_ms(16 << 20, 16 << 20)
+    assert model.digest_ms(16 << 20, 16 << 20, ram_bytes=512 << 20) == pytest.approx(data_only + 30.0)
+    steps = {"pause": 1.0, "send": 2.0, "digest": 15.0}
+    assert model.learn(60.0, steps, sent_bytes=0, data_bytes=16 << 20, predicted_ms=60.0, target_digest_ms=15.0)
+    assert model.digest_ms(16 << 20, 16 << 20, ram_bytes=512 << 20) == data_only, "measured: what it learned"

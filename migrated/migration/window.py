@@ -1,0 +1,124 @@
+"""The downtime window: what this process does differently while a VM is paused for its cutover.
+
+Python's cyclic garbage collector stops every thread of the process while it runs (it holds the
+GIL), and a collection of the oldest generation walks every tracked object of the daemon: tens
+of milliseconds, measured inside downtime steps (`downtime_gc_ms` in the stats). So, for a window bounded
+by the downtime guard, automatic collections are off (`gc.disable`, counted, since windows of
+several migrations overlap), and the objects that exist once the daemon is up are moved out of
+the collector's reach (`freeze_startup_objects`, the standard `gc.freeze` after start-up), so
+that the collections that do run outside the window walk only what came since.
+
+With `realtime`, the threads that do the downtime's work also run at SCHED_FIFO for the window
+(realtime.py), and go back to their own policy when it closes.
+
+`GcMonitor` times every collection (`gc.callbacks`), so a window reports what the collector
+cost inside it: the evidence, and the check that the window keeps it at zero.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from typing import Any
+
+from ..realtime import RAISED, window_thread_ids
+
+
+class GcMonitor:
+    """Process-wide: total milliseconds spent in collections, and their count, so far."""
+
+    def __init__(self) -> None:
+        self.total_ms = 0.0
+        self.collections = 0
+        self._started: float | None = None
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        # Called by the collector itself, with the GIL held, in whichever thread triggered it.
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.total_ms += (time.perf_counter() - self._started) * 1e3
+            self.collections += 1
+            self._started = None
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+
+MONITOR = GcMonitor()
+
+_lock = threading.Lock()
+_open_windows = 0
+_was_enabled = True
+
+
+def freeze_startup_objects() -> int:
+    """After start-up: every object alive now (modules, classes, the config) is never walked by
+    a collection again. Returns how many were frozen."""
+    MONITOR.install()
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+class DowntimeWindow:
+    """`with DowntimeWindow() as window:` around a downtime; `window.gc_ms` and
+    `window.gc_collections` are what the collector cost inside it (0 unless someone called
+    `gc.collect()` explicitly)."""
+
+    def __init__(self, realtime: bool = False) -> None:
+        self.realtime = realtime
+        self.realtime_error: str | None = None  # why the threads could not be raised
+        self.raised_threads = 0
+        self._raised: set[int] = set()
+        self.gc_ms = 0.0
+        self.gc_collections = 0
+        self._gc_ms_before = 0.0
+        self._collections_before = 0
+        self._open = False
+
+    def __enter__(self) -> DowntimeWindow:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def gc_ms_so_far(self) -> float:
+        return MONITOR.total_ms - self._gc_ms_before if self._open else self.gc_ms
+
+    def open(self) -> None:
+        """Idempotent: a window opens once."""
+        global _open_windows, _was_enabled
+        if self._open:
+            return
+        self._open = True
+        MONITOR.install()
+        with _lock:
+            if _open_windows == 0:
+                _was_enabled = gc.isenabled()
+                gc.disable()
+            _open_windows += 1
+        self._gc_ms_before = MONITOR.total_ms
+        self._collections_before = MONITOR.collections
+        if self.realtime:
+            # From the event loop's thread: it is the first of the threads raised.
+            self._raised, self.realtime_error = RAISED.raise_threads(window_thread_ids())
+            self.raised_threads = len(self._raised)
+
+    def close(self) -> None:
+        """Idempotent; a window never opened closes as a no-op."""
+        global _open_windows
+        if not self._open:
+            return
+        self._open = False
+        self.gc_ms = MONITOR.total_ms - self._gc_ms_before
+        self.gc_collections = MONITOR.collections - self._collections_before
+        RAISED.lower(self._raised)
+        self._raised = set()
+        with _lock:
+            _open_windows -= 1
+            if _open_windows == 0 and _was_enabled:
+                gc.enable()

@@ -1,0 +1,94 @@
+"""The downtime window (window.py, realtime.py): no garbage collection inside it, its threads at
+SCHED_FIFO for it only and as before afterwards, and a clean fallback without the right to."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import MakeDaemon
+from migrated.migration.window import MONITOR, DowntimeWindow
+from migrated.realtime import RAISED, window_thread_ids
+from test_migration import assert_runs_here, create, migrate
+from test_learned_costs_restart import events
+
+NO_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
+
+
+def policy_of(tid: int) -> int:
+    return os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK
+
+
+@pytest.fixture
+def parked_thread() -> Iterator[threading.Thread]:
+    """A thread named like one of trio's idle workers, parked until the test ends."""
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, name="Trio thread test")
+    thread.start()
+    yield thread
+    release.set()
+    thread.join()
+
+
+def test_no_collection_runs_inside_the_window_and_the_collector_is_back_after() -> None:
+    assert gc.isenabled()
+    with DowntimeWindow() as outer:
+        assert not gc.isenabled()
+        with DowntimeWindow():
+            assert not gc.isenabled()
+        assert not gc.isenabled(), "an overlapping window that closed first leaves the collector off"
+        gc.collect()  # an explicit one still runs, and is counted
+    assert gc.isenabled()
+    assert outer.gc_collections >= 1 and outer.gc_ms > 0
+    assert MONITOR.collections >= 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising threads to SCHED_FIFO needs CAP_SYS_NICE here")
+def test_the_windows_threads_run_at_fifo_for_the_window_only(parked_thread: threading.Thread) -> None:
+    thread = parked_thread
+    assert thread.native_id is not None
+    me = threading.get_native_id()
+    assert policy_of(thread.native_id) == os.SCHED_OTHER and policy_of(me) == os.SCHED_OTHER
+    assert {me, thread.native_id} <= window_thread_ids()
+    started_inside: list[int] = []
+    with DowntimeWindow(realtime=True) as window:
+        assert window.realtime_error is None
+        assert window.raised_threads >= 2
+        assert policy_of(thread.native_id) == os.SCHED_FIFO and policy_of(me) == os.SCHED_FIFO
+        # A thread a raised thread starts is a normal one (SCHED_RESET_ON_FORK): a vCPU or a
+        # worker started in the window never keeps the window's policy.
+        child = threading.Thread(target=lambda: started_inside.append(policy_of(threading.get_native_id())))
+        child.start()
+        child.join()
+        with DowntimeWindow(realtime=True):
+            pass
+        assert policy_of(me) == os.SCHED_FIFO, "an overlapping window that closed first lowers nothing"
+    assert started_inside == [os.SCHED_OTHER]
+    assert policy_of(thread.native_id) == os.SCHED_OTHER and policy_of(me) == os.SCHED_OTHER
+    assert len(RAISED) == 0
+
+
+@pytest.mark.kvm
+def test_without_the_right_to_fifo_the_downtime_runs_as_before_and_startup_says_so(make_daemon: MakeDaemon) -> None:
+    a = make_daemon("a", downtime_limit_ms=300)
+    b = make_daemon("b", downtime_limit_ms=300)
+    # `a` again, without any capability (and the default RLIMIT_RTPRIO of 0).
+    a.stop()
+    a.wrapper = ("prlimit", "--rtprio=0", *NO_CAPABILITIES)
+    a.start()
+    (warning,) = events(a, "harvester_realtime_unavailable")
+    assert "migration.downtime_realtime" in str(warning["cost"]), warning
+    create(a, rate=0.0, memory_mib=128, working_set_mib=16)
+    done = migrate(a, b)
+    assert done["state"] == "completed", done
+    assert done["downtime_realtime_threads"] == 0, "not allowed: nothing raised, and no failure"
+    assert done["downtime_gc_ms"] == 0.0
+    assert_runs_here(b, "vm1")
+    back = migrate(b, a)
+    assert back["state"] == "completed", back
+    assert back["downtime_realtime_threads"] > 0, "b may: its threads ran at FIFO in the downtime"
+    assert_runs_here(a, "vm1")
