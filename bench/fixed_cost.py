@@ -77,6 +77,7 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
                 runs.append({"state": "not-started", "error": f"{err}: {shown.get('error')}", "breakdown_ms": {}})
                 break
             stats = wait_migration(source, VM, timeout=300)
+            incoming = _incoming_stats(target, stats.get("migration_id"))
             runs.append(
                 {
                     "state": stats["state"],
@@ -88,6 +89,8 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
                     "rounds": stats.get("rounds"),
                     "final_pages": stats.get("final_pages"),
                     "breakdown_ms": stats.get("downtime_breakdown_ms") or {},
+                    "timeline_ms": stats.get("timeline_ms") or {},
+                    "target_timeline_ms": incoming.get("timeline_ms") or {},
                 }
             )
             if stats["state"] == "completed":
@@ -96,6 +99,22 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
         a.stop()
         b.stop()
     return runs
+
+
+def _incoming_stats(target: DaemonProcess, migration_id: str | None) -> dict[str, Any]:
+    """The target's own figures of this migration (its step times), once it recorded them."""
+    try:
+        stats = target.call("migration.status", name=VM) or {}
+    except RequestError:
+        return {}
+    return stats if stats.get("migration_id") == migration_id else {}
+
+
+def _steps(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Median and range of every step named in the runs' `key` dicts (a step missing from a
+    run, such as a dirty round's when there was none, counts only where it ran)."""
+    names = list(dict.fromkeys(s for r in runs for s in r.get(key, {})))
+    return {s: spread([r[key][s] for r in runs if s in r.get(key, {})]) for s in names}
 
 
 def summarize(limit_ms: int, verify: str, runs: list[dict[str, Any]], keep_runs: bool) -> dict[str, Any]:
@@ -113,6 +132,8 @@ def summarize(limit_ms: int, verify: str, runs: list[dict[str, Any]], keep_runs:
         "predicted_downtime_ms": spread([r["predicted_downtime_ms"] for r in done if r["predicted_downtime_ms"]]),
         "rounds": spread([r["rounds"] for r in done]),
         "steps_ms": {s: spread([r["breakdown_ms"][s] for r in done if s in r["breakdown_ms"]]) for s in steps},
+        "source_timeline_ms": _steps(done, "timeline_ms"),
+        "target_timeline_ms": _steps(done, "target_timeline_ms"),
         "runs": runs if keep_runs else None,
     }
 

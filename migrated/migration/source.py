@@ -48,7 +48,7 @@ from .host import MigrationHost
 from .pagestream import PAGE_SIZE
 from .sendstreams import SendStreams
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
-from .stats import MigrationStats
+from .stats import MigrationStats, Timeline
 
 E = TypeVar("E", bound=Event)
 
@@ -98,6 +98,7 @@ class Source:
         self.committed = False
         self.was_paused = False
         self._started = time.monotonic()
+        self._timeline = Timeline(self.stats.timeline_ms)
         self._paused_at: float | None = None
         self._bandwidth = RateMeter()
         self._dirty_rate = RateMeter()
@@ -120,6 +121,7 @@ class Source:
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None
+        self._timeline.step("task_start")
         self.stats.dirty_tracking = vm.dirty_tracking
         if vm.memory is not None:
             self.stats.memory_backing = vm.memory.backing.kind
@@ -127,7 +129,6 @@ class Source:
         # A VM the operator paused migrates paused and stays paused on the target.
         self.was_paused = hosted.state is VmState.PAUSED
         hosted.state = VmState.MIGRATING
-        self.daemon.record_vm(hosted)
         try:
             # The time limit covers everything before the downtime; _downtime lifts it.
             self.cancel_scope.deadline = trio.current_time() + self._time_limit_s()
@@ -208,6 +209,7 @@ class Source:
                 raw = await trio.open_tcp_stream(self.options.host, self.options.port)
             except OSError as err:
                 raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
+            self._timeline.step("connect")
             stream: trio.abc.Stream = raw
             if peer.auth == "tls":
                 try:
@@ -221,6 +223,7 @@ class Source:
         )
         with trio.fail_after(peer.connect_timeout_s):
             await channel.handshake()
+        self._timeline.step("handshake")
         return channel
 
     async def _migrate(self) -> None:
@@ -252,23 +255,38 @@ class Source:
                 arch=vm.caps.arch,
             )
         )
-        with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
-            await channel.expect(Accept)
-        self._plane = await self._open_streams(channel)
+        self._timeline.step("describe")
+        # While the target builds the VM: the record (fsync'd) that this VM is migrating, the
+        # data streams' connections (the target holds them until its VM exists), and the
+        # re-arm and extents of the bulk copy. If the target refuses, the streams close and the
+        # re-arm cost nothing: every migration re-arms before its bulk copy.
+        self.daemon.record_vm(hosted)
+        extents: dict[int, list[tuple[int, int]]] = {}
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._open_streams_into, channel)
+                nursery.start_soon(self._prepare_bulk, extents)
+                with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
+                    await channel.expect(Accept)
+                self._timeline.step("accept")
+        except BaseExceptionGroup as group:
+            # The failure is the migration's (a refusal, a stream that did not connect), not
+            # the cancellation it caused in the other tasks.
+            errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+            if errors:
+                raise errors[0] from None
+            raise
+        self._timeline.step("streams_and_rearm")
         self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
-
-        # R3: the first collection re-arms tracking before the bulk copy reads any page, so
-        # every write from here on is in a later collection.
-        await trio.to_thread.run_sync(vm.tracker.rearm)
-        self._last_collect = time.perf_counter()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_progress)
-                await self._bulk_copy()
+                await self._bulk_copy(extents)
                 pending = await self._rounds()
                 self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
                 self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
+                self._timeline.step("to_downtime")
                 await self._downtime(pending)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -276,6 +294,25 @@ class Source:
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
+
+    async def _open_streams_into(self, channel: PeerChannel) -> None:
+        self._plane = await self._open_streams(channel)
+
+    async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
+        """R3: the first collection re-arms tracking before the bulk copy reads any page, so
+        every write from here on is in a later collection; the RAM file's extents are taken
+        after it (a page first written in between is in that collection). One worker trip."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None and vm.tracker is not None
+        memory, tracker = vm.memory, vm.tracker
+
+        def rearm_and_find_extents() -> None:
+            tracker.rearm()
+            extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
+
+        await trio.to_thread.run_sync(rearm_and_find_extents)
+        self._last_collect = time.perf_counter()
+        self._timeline.step("rearm_and_extents")
 
     async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         vm = self.hosted.vm
@@ -391,7 +428,7 @@ class Source:
         self._note_progress()
         return time.perf_counter() - started
 
-    async def _bulk_copy(self) -> None:
+    async def _bulk_copy(self, extents: dict[int, list[tuple[int, int]]]) -> None:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
         self.stats.state = self.stats.phase = "bulk"
@@ -400,13 +437,13 @@ class Source:
         bytes_before = self.stats.bytes_sent
         memory = vm.memory
         total_pages = sum(r.pages for r in memory.regions)
-        # All extents first, so that `pages_remaining` counts down from the whole copy, batch by
-        # batch (`_update_counters`), instead of standing still within each extent.
-        extents = {region.slot: memory.data_extents(region) for region in memory.regions}
+        # All extents first (`_prepare_bulk`), so that `pages_remaining` counts down from the
+        # whole copy, batch by batch (`_update_counters`), instead of standing still within each.
         in_extents = sum(end - first for ranges in extents.values() for first, end in ranges)
         self._bulk_pages = in_extents
         self.stats.pages_remaining = in_extents
         await self._plane.send_extents(extents, 0)
+        self._timeline.step("bulk_send")
         self._update_counters()
         self._note_progress()
         self._bulk_pages = None
@@ -425,6 +462,7 @@ class Source:
             pages=self.stats.pages_sent,
             zero_pages=self.stats.zero_pages,
             untouched_pages=self.stats.untouched_pages,
+            extents=sum(len(ranges) for ranges in extents.values()),
             streams=self._plane.count,
             ms=round(elapsed * 1e3, 1),
             bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1),
@@ -467,6 +505,7 @@ class Source:
                 self.options.on_no_convergence,
             )
             pending = await trio.to_thread.run_sync(vm.tracker.collect)
+            self._timeline.step("collect")
             now = time.perf_counter()
             round_s = now - self._last_collect
             self._dirty_rate.add(pending.count, round_s)
@@ -488,6 +527,7 @@ class Source:
                 self._throttle_step,
                 self._dirty_limit_exhausted,
             )
+            self._timeline.step("decide")
             if decision is Decision.STOP_AND_COPY:
                 self.log.info(
                     "converged",
@@ -518,6 +558,7 @@ class Source:
                 await trio.sleep(0.2)
             bytes_before = self.stats.bytes_sent
             seconds = await self._send_dirty(pending, self.stats.round)
+            self._timeline.step("round_send")
             if seconds > 0 and self.stats.bytes_sent - bytes_before >= BANDWIDTH_SAMPLE_MIN_BYTES:
                 self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
@@ -617,6 +658,7 @@ class Source:
         self._update_counters()
         await self._expect(Running)
         clock.step("commit_to_running")
+        self._timeline.step("downtime")
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
         allocated = vm.memory.allocated_bytes()
@@ -644,6 +686,7 @@ class Source:
                 predicted_ms=round(predicted_ms, 1),
                 breakdown_ms=dict(steps),
             )
+        self._timeline.step("after_running")
         self.stats.total_ms = (time.monotonic() - self._started) * 1e3
         await self._send_outcome(channel)
         await self._release("completed", timed=True)

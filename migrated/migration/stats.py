@@ -34,6 +34,9 @@ class MigrationStats:
     bulk_ms: float | None = None
     bulk_bytes: int = 0
     downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
+    # The steps outside the downtime, consecutive, in ms: from the `migrate` request (source) or
+    # the accepted connection (target) to the pause, and from RUNNING to the end of total_ms.
+    timeline_ms: dict[str, float] = field(default_factory=dict)
     apply_ms: float = 0.0  # target: writing received pages into guest RAM
     downtime_ms: float | None = None
     verify_ms: float | None = None
@@ -70,3 +73,17 @@ class FinishedMigration:
     """What stays of an incoming migration once its connection ended: the numbers only."""
 
     stats: MigrationStats
+
+
+class Timeline:
+    """Times consecutive steps into a stats dict (name -> ms); a step that comes again (a
+    round's) adds to its earlier time."""
+
+    def __init__(self, steps: dict[str, float]) -> None:
+        self.steps = steps
+        self._last = time.perf_counter()
+
+    def step(self, name: str) -> None:
+        now = time.perf_counter()
+        self.steps[name] = round(self.steps.get(name, 0.0) + (now - self._last) * 1e3, 3)
+        self._last = now
