@@ -359,6 +359,9 @@ class Target:
             if negotiated is None or not self.data_streams:
                 raise RemoteProtocolError(f"migration {hello.migration_id!r} takes no data streams now")
             hello.check_token(self.channel.conn.data_stream_secret())
+            if self._streams_waiting >= self.data_streams:
+                # Each waiting stream holds an fd until the VM exists: no more than announced.
+                raise RemoteProtocolError(f"more data streams than the {self.data_streams} announced")
             self._streams_waiting += 1
             if self._streams_waiting >= self.data_streams:
                 self._all_streams_waiting.set()
