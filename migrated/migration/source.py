@@ -202,14 +202,16 @@ class Source:
 
     # ---- phases -------------------------------------------------------------------------
 
-    async def _connect(self) -> PeerChannel:
+    async def _connect(self, timed: bool = False) -> PeerChannel:
+        """`timed`: the setup's connection, whose steps go into the timeline."""
         peer = self.daemon.config.peer
         with trio.fail_after(peer.connect_timeout_s):
             try:
                 raw = await trio.open_tcp_stream(self.options.host, self.options.port)
             except OSError as err:
                 raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
-            self._timeline.step("connect")
+            if timed:
+                self._timeline.step("connect")
             stream: trio.abc.Stream = raw
             if peer.auth == "tls":
                 try:
@@ -223,7 +225,8 @@ class Source:
         )
         with trio.fail_after(peer.connect_timeout_s):
             await channel.handshake()
-        self._timeline.step("handshake")
+        if timed:
+            self._timeline.step("handshake")
         return channel
 
     async def _migrate(self) -> None:
@@ -231,41 +234,21 @@ class Source:
         vm = hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
         self.log.info("migration_started", downtime_limit_ms=self.options.downtime_limit_ms)
-        self._channel = channel = await self._connect()
-        await faults.hold(self.log, "setup")
-        await channel.send(
-            VmDescription(
-                name=hosted.name,
-                migration_id=self.stats.migration_id,
-                memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
-                vcpus=len(vm.vcpus),
-                guest_kind=hosted.spec.guest,
-                cpu_features={
-                    "spec": hosted.spec.to_wire(),
-                    "run_state": "paused" if self.was_paused else "running",
-                    **(
-                        {"memory_backing": self.options.target_memory_backing}
-                        if self.options.target_memory_backing
-                        else {}
-                    ),
-                    "data_streams": self.options.streams,
-                    **vmstate.cpu_features(self.daemon.kvm),
-                },
-                dirty_tracking=vm.dirty_tracking,
-                arch=vm.caps.arch,
-            )
-        )
-        self._timeline.step("describe")
-        # While the target builds the VM: the record (fsync'd) that this VM is migrating, the
-        # data streams' connections (the target holds them until its VM exists), and the
-        # re-arm and extents of the bulk copy. If the target refuses, the streams close and the
-        # re-arm cost nothing: every migration re-arms before its bulk copy.
-        self.daemon.record_vm(hosted)
         extents: dict[int, list[tuple[int, int]]] = {}
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._open_streams_into, channel)
+                # Beside the setup, in a worker: the bulk copy's re-arm and extents.
                 nursery.start_soon(self._prepare_bulk, extents)
+                self._channel = channel = await self._connect(timed=True)
+                await faults.hold(self.log, "setup")
+                # The data streams connect while the target builds the VM (it holds them).
+                nursery.start_soon(self._open_streams_into, channel)
+                await channel.send(self._description())
+                self._timeline.step("describe")
+                # Fsync'd, while the target builds the VM; on the event loop, as every write of
+                # this VM's record (a worker's could cross one made for a state change).
+                self.daemon.record_vm(hosted)
+                self._timeline.step("record_vm")
                 with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
                     await channel.expect(Accept)
                 self._timeline.step("accept")
@@ -276,7 +259,7 @@ class Source:
             if errors:
                 raise errors[0] from None
             raise
-        self._timeline.step("streams_and_rearm")
+        self._timeline.step("wait_overlapped")
         self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
         try:
@@ -295,13 +278,39 @@ class Source:
                 raise group.exceptions[0] from None
             raise
 
+    def _description(self) -> VmDescription:
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.memory is not None
+        return VmDescription(
+            name=hosted.name,
+            migration_id=self.stats.migration_id,
+            memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
+            vcpus=len(vm.vcpus),
+            guest_kind=hosted.spec.guest,
+            cpu_features={
+                "spec": hosted.spec.to_wire(),
+                "run_state": "paused" if self.was_paused else "running",
+                **(
+                    {"memory_backing": self.options.target_memory_backing} if self.options.target_memory_backing else {}
+                ),
+                "data_streams": self.options.streams,
+                **vmstate.cpu_features(self.daemon.kvm),
+            },
+            dirty_tracking=vm.dirty_tracking,
+            arch=vm.caps.arch,
+        )
+
     async def _open_streams_into(self, channel: PeerChannel) -> None:
+        started = time.perf_counter()
         self._plane = await self._open_streams(channel)
+        self._timeline.add("overlapped.open_streams", started)
 
     async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
-        """R3: the first collection re-arms tracking before the bulk copy reads any page, so
+        """In one worker trip, beside the setup. R3: the first collection re-arms tracking before the bulk copy reads any page, so
         every write from here on is in a later collection; the RAM file's extents are taken
-        after it (a page first written in between is in that collection). One worker trip."""
+        after it (a page first written in between is in that collection). A migration that
+        fails before its bulk copy lost nothing by the re-arm: every one re-arms first."""
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
         memory, tracker = vm.memory, vm.tracker
@@ -310,9 +319,10 @@ class Source:
             tracker.rearm()
             extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
 
+        started = time.perf_counter()
         await trio.to_thread.run_sync(rearm_and_find_extents)
         self._last_collect = time.perf_counter()
-        self._timeline.step("rearm_and_extents")
+        self._timeline.add("overlapped.rearm_extents", started)
 
     async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         vm = self.hosted.vm

@@ -77,7 +77,8 @@ class FinishedMigration:
 
 class Timeline:
     """Times consecutive steps into a stats dict (name -> ms); a step that comes again (a
-    round's) adds to its earlier time."""
+    round's) adds to its earlier time. Work that ran beside the steps is `add`ed under its own
+    name ("overlapped.*"): it is no part of the consecutive sum."""
 
     def __init__(self, steps: dict[str, float]) -> None:
         self.steps = steps
@@ -87,3 +88,7 @@ class Timeline:
         now = time.perf_counter()
         self.steps[name] = round(self.steps.get(name, 0.0) + (now - self._last) * 1e3, 3)
         self._last = now
+
+    def add(self, name: str, started: float) -> None:
+        """Work that ran beside the steps, from `started` (perf_counter) until now."""
+        self.steps[name] = round((time.perf_counter() - started) * 1e3, 3)
