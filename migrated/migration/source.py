@@ -237,7 +237,8 @@ class Source:
         extents: dict[int, list[tuple[int, int]]] = {}
         try:
             async with trio.open_nursery() as nursery:
-                # Beside the setup, in a worker: the bulk copy's re-arm and extents.
+                # Beside the setup, in a worker: this VM's record, the bulk copy's re-arm and
+                # its extents.
                 nursery.start_soon(self._prepare_bulk, extents)
                 self._channel = channel = await self._connect(timed=True)
                 await faults.hold(self.log, "setup")
@@ -245,10 +246,6 @@ class Source:
                 nursery.start_soon(self._open_streams_into, channel)
                 await channel.send(self._description())
                 self._timeline.step("describe")
-                # Fsync'd, while the target builds the VM; on the event loop, as every write of
-                # this VM's record (a worker's could cross one made for a state change).
-                self.daemon.record_vm(hosted)
-                self._timeline.step("record_vm")
                 with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
                     await channel.expect(Accept)
                 self._timeline.step("accept")
@@ -307,22 +304,27 @@ class Source:
         self._timeline.add("overlapped.open_streams", started)
 
     async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
-        """In one worker trip, beside the setup. R3: the first collection re-arms tracking before the bulk copy reads any page, so
+        """In one worker trip, beside the setup: the record (fsync'd, milliseconds on a busy
+        disk) that this VM is migrating; nothing else writes it meanwhile (pause and resume
+        refuse a migrating VM, and a failure resumes it only after this trip ended). Then R3:
+        the first collection re-arms tracking before the bulk copy reads any page, so
         every write from here on is in a later collection; the RAM file's extents are taken
         after it (a page first written in between is in that collection). A migration that
         fails before its bulk copy lost nothing by the re-arm: every one re-arms first."""
-        vm = self.hosted.vm
+        hosted = self.hosted
+        vm = hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
-        memory, tracker = vm.memory, vm.tracker
+        memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
 
-        def rearm_and_find_extents() -> None:
+        def record_rearm_and_find_extents() -> None:
+            record(hosted)
             tracker.rearm()
             extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
 
         started = time.perf_counter()
-        await trio.to_thread.run_sync(rearm_and_find_extents)
+        await trio.to_thread.run_sync(record_rearm_and_find_extents)
         self._last_collect = time.perf_counter()
-        self._timeline.add("overlapped.rearm_extents", started)
+        self._timeline.add("overlapped.record_rearm_extents", started)
 
     async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         vm = self.hosted.vm
