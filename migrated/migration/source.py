@@ -48,7 +48,7 @@ from .host import MigrationHost
 from .pagestream import PAGE_SIZE
 from .sendstreams import SendStreams
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
-from .stats import MigrationStats, Timeline
+from .stats import MigrationStats, StepTimes
 
 E = TypeVar("E", bound=Event)
 
@@ -98,7 +98,7 @@ class Source:
         self.committed = False
         self.was_paused = False
         self._started = time.monotonic()
-        self._timeline = Timeline(self.stats.timeline_ms)
+        self._phase_steps = StepTimes(self.stats.phase_steps_ms)
         self._paused_at: float | None = None
         self._bandwidth = RateMeter()
         self._dirty_rate = RateMeter()
@@ -121,7 +121,7 @@ class Source:
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None
-        self._timeline.step("task_start")
+        self._phase_steps.step("task_start")
         self.stats.dirty_tracking = vm.dirty_tracking
         if vm.memory is not None:
             self.stats.memory_backing = vm.memory.backing.kind
@@ -211,7 +211,7 @@ class Source:
             except OSError as err:
                 raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
             if timed:
-                self._timeline.step("connect")
+                self._phase_steps.step("connect")
             stream: trio.abc.Stream = raw
             if peer.auth == "tls":
                 try:
@@ -226,7 +226,7 @@ class Source:
         with trio.fail_after(peer.connect_timeout_s):
             await channel.handshake()
         if timed:
-            self._timeline.step("handshake")
+            self._phase_steps.step("handshake")
         return channel
 
     async def _migrate(self) -> None:
@@ -245,10 +245,10 @@ class Source:
                 # The data streams connect while the target builds the VM (it holds them).
                 nursery.start_soon(self._open_streams_into, channel)
                 await channel.send(self._description())
-                self._timeline.step("describe")
+                self._phase_steps.step("describe")
                 with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
                     await channel.expect(Accept)
-                self._timeline.step("accept")
+                self._phase_steps.step("accept")
         except BaseExceptionGroup as group:
             # The failure is the migration's (a refusal, a stream that did not connect), not
             # the cancellation it caused in the other tasks.
@@ -256,7 +256,7 @@ class Source:
             if errors:
                 raise errors[0] from None
             raise
-        self._timeline.step("wait_overlapped")
+        self._phase_steps.step("wait_overlapped")
         self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
         try:
@@ -266,7 +266,7 @@ class Source:
                 pending = await self._rounds()
                 self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
                 self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
-                self._timeline.step("to_downtime")
+                self._phase_steps.step("to_downtime")
                 await self._downtime(pending)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -301,7 +301,7 @@ class Source:
     async def _open_streams_into(self, channel: PeerChannel) -> None:
         started = time.perf_counter()
         self._plane = await self._open_streams(channel)
-        self._timeline.add("overlapped.open_streams", started)
+        self._phase_steps.add("overlapped.open_streams", started)
 
     async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
         """In one worker trip, beside the setup: the record (fsync'd, milliseconds on a busy
@@ -324,7 +324,7 @@ class Source:
         started = time.perf_counter()
         await trio.to_thread.run_sync(record_rearm_and_find_extents)
         self._last_collect = time.perf_counter()
-        self._timeline.add("overlapped.record_rearm_extents", started)
+        self._phase_steps.add("overlapped.record_rearm_extents", started)
 
     async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         vm = self.hosted.vm
@@ -455,7 +455,7 @@ class Source:
         self._bulk_pages = in_extents
         self.stats.pages_remaining = in_extents
         await self._plane.send_extents(extents, 0)
-        self._timeline.step("bulk_send")
+        self._phase_steps.step("bulk_send")
         self._update_counters()
         self._note_progress()
         self._bulk_pages = None
@@ -517,7 +517,7 @@ class Source:
                 self.options.on_no_convergence,
             )
             pending = await trio.to_thread.run_sync(vm.tracker.collect)
-            self._timeline.step("collect")
+            self._phase_steps.step("collect")
             now = time.perf_counter()
             round_s = now - self._last_collect
             self._dirty_rate.add(pending.count, round_s)
@@ -539,7 +539,7 @@ class Source:
                 self._throttle_step,
                 self._dirty_limit_exhausted,
             )
-            self._timeline.step("decide")
+            self._phase_steps.step("decide")
             if decision is Decision.STOP_AND_COPY:
                 self.log.info(
                     "converged",
@@ -570,7 +570,7 @@ class Source:
                 await trio.sleep(0.2)
             bytes_before = self.stats.bytes_sent
             seconds = await self._send_dirty(pending, self.stats.round)
-            self._timeline.step("round_send")
+            self._phase_steps.step("round_send")
             if seconds > 0 and self.stats.bytes_sent - bytes_before >= BANDWIDTH_SAMPLE_MIN_BYTES:
                 self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
@@ -670,7 +670,6 @@ class Source:
         self._update_counters()
         await self._expect(Running)
         clock.step("commit_to_running")
-        self._timeline.step("downtime")
         self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
         allocated = vm.memory.allocated_bytes()
@@ -698,7 +697,6 @@ class Source:
                 predicted_ms=round(predicted_ms, 1),
                 breakdown_ms=dict(steps),
             )
-        self._timeline.step("after_running")
         self.stats.total_ms = (time.monotonic() - self._started) * 1e3
         await self._send_outcome(channel)
         await self._release("completed", timed=True)

@@ -34,9 +34,10 @@ class MigrationStats:
     bulk_ms: float | None = None
     bulk_bytes: int = 0
     downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
-    # The steps outside the downtime, consecutive, in ms: from the `migrate` request (source) or
-    # the accepted connection (target) to the pause, and from RUNNING to the end of total_ms.
-    timeline_ms: dict[str, float] = field(default_factory=dict)
+    # The steps outside the downtime, consecutive, in ms: source, from the `migrate` request to
+    # the downtime ("to_downtime"); target, from the accepted connection to LOADED. Work that
+    # ran beside them is named "overlapped.*" (StepTimes).
+    phase_steps_ms: dict[str, float] = field(default_factory=dict)
     apply_ms: float = 0.0  # target: writing received pages into guest RAM
     downtime_ms: float | None = None
     verify_ms: float | None = None
@@ -75,7 +76,7 @@ class FinishedMigration:
     stats: MigrationStats
 
 
-class Timeline:
+class StepTimes:
     """Times consecutive steps into a stats dict (name -> ms); a step that comes again (a
     round's) adds to its earlier time. Work that ran beside the steps is `add`ed under its own
     name ("overlapped.*"): it is no part of the consecutive sum."""

@@ -49,7 +49,7 @@ from .host import MigrationHost
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
 from .recvstreams import ReceiveStreams
-from .stats import MigrationStats, Timeline
+from .stats import MigrationStats, StepTimes
 
 
 # How long the target waits, after RUNNING, for the source's Close with its timing: the source
@@ -96,7 +96,7 @@ class Target:
         self._stream_bytes = 0  # what the data streams carried, once they all ended
         self._receive_scope = trio.CancelScope()  # cancelled when a data stream fails
         self._started = time.monotonic()
-        self._timeline = Timeline({})
+        self._phase_steps = StepTimes({})
         self._prefault: list[Prefaulter] = []
 
     async def run(self) -> None:
@@ -132,9 +132,9 @@ class Target:
                     except (ssl.SSLError, trio.BrokenResourceError) as err:
                         raise PeerError(f"TLS handshake failed: {err}") from err
                 await self.channel.handshake()
-                self._timeline.step("handshake")
+                self._phase_steps.step("handshake")
                 first = await self.channel.receive()
-                self._timeline.step("describe")
+                self._phase_steps.step("describe")
             if isinstance(first, Query):
                 await self._answer_query(first)
             elif isinstance(first, VmDescription):
@@ -262,8 +262,8 @@ class Target:
         self.stats = stats = MigrationStats(
             migration_id=description.migration_id, vm=spec.name, role="target", peer=self.peer
         )
-        stats.timeline_ms = self._timeline.steps
-        self._timeline.step("check")
+        stats.phase_steps_ms = self._phase_steps.steps
+        self._phase_steps.step("check")
         self.log = self.log.bind(vm=spec.name, migration_id=description.migration_id)
         defaults = self.daemon.config.vm
         if self.data_streams and faults.active("target-build-after-streams"):
@@ -279,7 +279,7 @@ class Target:
             self.hosted = await trio.to_thread.run_sync(
                 create_incoming, self.daemon.kvm, spec, config, self.daemon.console_log(spec)
             )
-            self._timeline.step("create_vm")
+            self._phase_steps.step("create_vm")
         except (KvmError, SpecError, ValueError) as err:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
         # What this copy tracks with, resolved ("ring", not "auto"), as the source reports its own.
@@ -292,9 +292,9 @@ class Target:
         # meanwhile. Until registered, a failure discards the copy all the same (`_discard`),
         # and the reserved name keeps another VM from taking it.
         await self.channel.send(Accept())
-        self._timeline.step("accept")
+        self._phase_steps.step("accept")
         self.daemon.register_incoming(self.hosted, self)
-        self._timeline.step("register")
+        self._phase_steps.step("register")
         self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
         stats.setup_ms = (time.monotonic() - started) * 1e3
         self.log.info(
@@ -319,6 +319,7 @@ class Target:
             try:
                 with trio.fail_after(timeout), self._receive_scope:
                     await self._receive(stats, views, prefault)
+                self._phase_steps.step("receive_to_loaded")
             except trio.TooSlowError:
                 raise PeerError(f"the VM did not arrive within {timeout:g} s (migration.timeout_s)") from None
             if self._receive_scope.cancelled_caught:
@@ -455,7 +456,6 @@ class Target:
                     )
                 blobs.append((event.kind, event.blob))
             elif isinstance(event, Done):
-                self._timeline.step("receive")
                 done_at = time.perf_counter()
                 if faults.active_once("target-stop-on-done"):
                     os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
@@ -567,7 +567,6 @@ class Target:
             else:
                 hosted.state = VmState.PAUSED
             self.daemon.record_vm(hosted)
-        self._timeline.step("load_commit_resume")
         stats.state = stats.phase = "completed"
         stats.total_ms = (time.monotonic() - self._started) * 1e3
         if stats.total_ms > 0:
