@@ -24,6 +24,8 @@ needs a failure that the real world produces only by bad luck:
 - target-build-after-streams: the target builds the VM only once every data stream the source
   announced has connected and waits for it (bounded by the setup deadline), so that a test sees
   streams that connected while the VM was being built, every time, not by luck of timing.
+- source-streams-refused: the source connects its data streams to a port where nothing listens
+  (the kernel refuses them), while the target builds the VM: a stream that cannot connect.
 - source-skip-its-save: arm64, the source leaves out ITS_SAVE_TABLES and SAVE_PENDING_TABLES
   (the negative test: the target's ITS must then come out wrong, and the test must notice).
 """
@@ -48,6 +50,7 @@ KNOWN = frozenset(
         "target-stop-on-done",
         "cutover-holds",
         "target-build-after-streams",
+        "source-streams-refused",
     }
 )
 

@@ -8,8 +8,10 @@ and in doubt until the target is asked again (or the operator decides).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import socket
 import ssl
 import time
 from dataclasses import dataclass, replace
@@ -334,11 +336,17 @@ class Source:
         assert negotiated is not None
         peer = self.daemon.config.peer
         layout = Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
-        with trio.fail_after(peer.connect_timeout_s * 2):
+        with trio.fail_after(peer.connect_timeout_s * 2), contextlib.ExitStack() as fault:
+            port = self.options.port
+            if faults.active("source-streams-refused"):
+                # A port of this host that is bound and not listening: the kernel refuses it.
+                closed = fault.enter_context(socket.socket())
+                closed.bind((self.options.host, 0))
+                port = closed.getsockname()[1]
             try:
                 return await SendStreams.open(
                     host=self.options.host,
-                    port=self.options.port,
+                    port=port,
                     peer=peer,
                     secret=conn.data_stream_secret(),
                     sealed=negotiated.auth == "psk",

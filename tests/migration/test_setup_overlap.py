@@ -90,3 +90,33 @@ def test_a_target_that_cannot_build_refuses_its_waiting_streams_and_the_vm_runs_
     again = wait_migration(source, "vm1")
     assert again["state"] == "completed", again
     _assert_runs_on(target)
+
+
+def test_a_stream_that_cannot_connect_while_the_target_builds_leaves_the_vm_running_here(tmp_path: Path) -> None:
+    """The kernel refuses the source's data streams (fault source-streams-refused), which
+    connect during the setup, beside the target's VM build: the migration fails naming the
+    streams, the VM runs on at the source, and the target discards whatever it built."""
+    key = write_key(tmp_path / "peer.key")
+    source = _daemon(tmp_path, "src", key, faults="source-streams-refused")
+    target = _daemon(tmp_path, "dst", key)
+    try:
+        _create(source)
+        source.call("migrate", name="vm1", to=target.address)
+        stats = wait_migration(source, "vm1")
+        assert stats["state"] == "failed", stats
+        assert "cannot open the data streams" in stats["error"] and "refused" in stats["error"], stats
+        _assert_runs_on(source)
+        wait_for(
+            lambda: "vm1" not in [vm["name"] for vm in target.call("vm.list")],
+            what="the target to discard its copy",
+        )
+        # Both daemons serve on: the other way round (the fault is the source daemon's own
+        # outgoing streams), a VM arrives there whole.
+        target.call("vm.create", name="vm2", memory_mib=MEMORY_MIB, vcpus=1, dirty_rate_mib_s=16.0, working_set_mib=32)
+        wait_for(lambda: heartbeat(target, "vm2") > 0, what="vm2's first heartbeat")
+        target.call("migrate", name="vm2", to=source.address)
+        back = wait_migration(target, "vm2")
+        assert back["state"] == "completed", back
+    finally:
+        source.stop()
+        target.stop()
