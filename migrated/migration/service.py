@@ -23,6 +23,9 @@ from .target import Target
 
 # Data connections in their handshake at once: each may hold a TLS thread until its deadline.
 MAX_DATA_HANDSHAKES = 8
+# How long a data stream waits for its migration to be admitted: the description is in this
+# daemon's socket before the stream connects, so only the event loop's order is in between.
+ADMISSION_GRACE_S = 1.0
 
 
 async def _first_byte_is_data(stream: trio.SocketStream, deadline: float) -> bool:
@@ -60,7 +63,7 @@ async def accept_data_stream(
             # migration's, `attach_data_stream`) holds no handshake slot meanwhile.
             handshakes.release()
             in_handshake = False
-            target = daemon.incoming.live.get(hello.migration_id)
+            target = await daemon.incoming.wait_live(hello.migration_id, ADMISSION_GRACE_S)
             if target is None:
                 raise RemoteProtocolError(
                     f"data stream for migration {hello.migration_id!r}, which is not in progress here"

@@ -244,10 +244,11 @@ class Source:
                 nursery.start_soon(self._prepare_bulk, extents)
                 self._channel = channel = await self._connect(timed=True)
                 await faults.hold(self.log, "setup")
-                # The data streams connect while the target builds the VM (it holds them).
-                nursery.start_soon(self._open_streams_into, channel)
                 await channel.send(self._description())
                 self._phase_steps.step("describe")
+                # The data streams connect while the target builds the VM (it holds them); after
+                # the description, so that the target knows the migration they name.
+                nursery.start_soon(self._open_streams_into, channel)
                 with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
                     await channel.expect(Accept)
                 self._phase_steps.step("accept")
