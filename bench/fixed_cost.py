@@ -1,6 +1,8 @@
 """The fixed cost of one migration: the boot-sector guest (150 MiB, 1 vCPU) ping-pong between
 two real daemons, at each downtime limit and verify mode; JSON out with medians and ranges of the
-total time, setup, downtime and every downtime step.
+total time, setup, downtime and every downtime step, and of every step outside the downtime on
+each side (`source_phase_steps_ms`, `target_phase_steps_ms`: the stats' `phase_steps_ms`; a
+checkout that has none leaves them empty). Steps named `overlapped.*` ran beside the others.
 
 The guest dirties little between migrations, so what is measured is what every migration pays
 whatever its size. To compare two versions in one run, give `--reference` a checkout of the
@@ -77,6 +79,7 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
                 runs.append({"state": "not-started", "error": f"{err}: {shown.get('error')}", "breakdown_ms": {}})
                 break
             stats = wait_migration(source, VM, timeout=300)
+            incoming = _incoming_stats(target, stats.get("migration_id"))
             runs.append(
                 {
                     "state": stats["state"],
@@ -88,6 +91,8 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
                     "rounds": stats.get("rounds"),
                     "final_pages": stats.get("final_pages"),
                     "breakdown_ms": stats.get("downtime_breakdown_ms") or {},
+                    "phase_steps_ms": _with_downtime(stats),
+                    "target_phase_steps_ms": incoming.get("phase_steps_ms") or {},
                 }
             )
             if stats["state"] == "completed":
@@ -96,6 +101,34 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
         a.stop()
         b.stop()
     return runs
+
+
+def _incoming_stats(target: DaemonProcess, migration_id: str | None) -> dict[str, Any]:
+    """The target's own figures of this migration (its step times), once it recorded them."""
+    try:
+        stats = target.call("migration.status", name=VM) or {}
+    except RequestError:
+        return {}
+    return stats if stats.get("migration_id") == migration_id else {}
+
+
+def _with_downtime(stats: dict[str, Any]) -> dict[str, float]:
+    """The source's steps, then its downtime, then what remains of total_ms (up to the pause,
+    from RUNNING on): together they add up to total_ms."""
+    steps = dict(stats.get("phase_steps_ms") or {})
+    total, downtime = stats.get("total_ms"), stats.get("downtime_ms")
+    if steps and total is not None and downtime is not None:
+        consecutive = sum(ms for name, ms in steps.items() if not name.startswith("overlapped."))
+        steps["downtime"] = downtime
+        steps["around_downtime"] = total - consecutive - downtime
+    return steps
+
+
+def _steps(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Median and range of every step named in the runs' `key` dicts (a step missing from a
+    run, such as a dirty round's when there was none, counts only where it ran)."""
+    names = list(dict.fromkeys(s for r in runs for s in r.get(key, {})))
+    return {s: spread([r[key][s] for r in runs if s in r.get(key, {})]) for s in names}
 
 
 def summarize(limit_ms: int, verify: str, runs: list[dict[str, Any]], keep_runs: bool) -> dict[str, Any]:
@@ -113,6 +146,8 @@ def summarize(limit_ms: int, verify: str, runs: list[dict[str, Any]], keep_runs:
         "predicted_downtime_ms": spread([r["predicted_downtime_ms"] for r in done if r["predicted_downtime_ms"]]),
         "rounds": spread([r["rounds"] for r in done]),
         "steps_ms": {s: spread([r["breakdown_ms"][s] for r in done if s in r["breakdown_ms"]]) for s in steps},
+        "source_phase_steps_ms": _steps(done, "phase_steps_ms"),
+        "target_phase_steps_ms": _steps(done, "target_phase_steps_ms"),
         "runs": runs if keep_runs else None,
     }
 

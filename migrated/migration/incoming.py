@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Literal
 
+import trio
+
 Outcome = Literal["loaded", "running", "aborted"]
 
 # A source in doubt asks within seconds to minutes of losing its link; 1,024 ids of a few dozen
@@ -23,6 +25,7 @@ class Incoming:
         self.live: dict[str, Any] = {}  # migration id -> its Target, until the connection ends
         self._memory: dict[str, int] = {}  # migration id -> guest RAM bytes it was admitted with
         self._history: OrderedDict[str, Outcome] = OrderedDict()
+        self._admitted = trio.Event()  # set (and replaced) at every admission
 
     def admit(self, migration_id: str, target: Any, memory_bytes: int, max_count: int, max_memory_bytes: int) -> None:
         """Count `target` in, or raise ValueError naming the limit it would break (and the key)."""
@@ -42,6 +45,17 @@ class Incoming:
             )
         self.live[migration_id] = target
         self._memory[migration_id] = memory_bytes
+        self._admitted.set()
+        self._admitted = trio.Event()
+
+    async def wait_live(self, migration_id: str, timeout_s: float) -> Any:
+        """The migration's Target once admitted, waiting up to `timeout_s` for that (None if
+        it is not): its source sends the description before it connects its data streams, but
+        this daemon's event loop may take up a stream before it reads that description."""
+        with trio.move_on_after(timeout_s):
+            while migration_id not in self.live and migration_id not in self._history:
+                await self._admitted.wait()
+        return self.live.get(migration_id)
 
     def leave(self, migration_id: str) -> None:
         """The connection of this migration ended: its admission is free for another."""

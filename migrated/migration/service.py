@@ -23,6 +23,9 @@ from .target import Target
 
 # Data connections in their handshake at once: each may hold a TLS thread until its deadline.
 MAX_DATA_HANDSHAKES = 8
+# How long a data stream waits for its migration to be admitted: the description is in this
+# daemon's socket before the stream connects, so only the event loop's order is in between.
+ADMISSION_GRACE_S = 1.0
 
 
 async def _first_byte_is_data(stream: trio.SocketStream, deadline: float) -> bool:
@@ -52,21 +55,27 @@ async def accept_data_stream(
         await stream.aclose()
         return
     sock = None
+    in_handshake = True
     try:
         with trio.fail_at(deadline):
             hello, sock = await accept_hello(stream, daemon.config.peer)
-        target = daemon.incoming.live.get(hello.migration_id)
-        if target is None:
-            raise RemoteProtocolError(
-                f"data stream for migration {hello.migration_id!r}, which is not in progress here"
-            )
-        target.attach_data_stream(hello, sock)
+            # The hello is in: a stream that waits for its migration's VM (and proves it is that
+            # migration's, `attach_data_stream`) holds no handshake slot meanwhile.
+            handshakes.release()
+            in_handshake = False
+            target = await daemon.incoming.wait_live(hello.migration_id, ADMISSION_GRACE_S)
+            if target is None:
+                raise RemoteProtocolError(
+                    f"data stream for migration {hello.migration_id!r}, which is not in progress here"
+                )
+            await target.attach_data_stream(hello, sock)
         sock = None  # its thread owns it now
         log.info("data_stream_attached", peer=peer, migration_id=hello.migration_id, index=hello.index)
     except (RemoteProtocolError, OSError, ssl.SSLError, trio.TooSlowError) as err:
         log.warning("data_stream_refused", peer=peer, error=str(err) or type(err).__name__)
     finally:
-        handshakes.release()
+        if in_handshake:
+            handshakes.release()
         if sock is not None:
             sock.close()
         await stream.aclose()

@@ -8,8 +8,10 @@ and in doubt until the target is asked again (or the operator decides).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import socket
 import ssl
 import time
 from dataclasses import dataclass, replace
@@ -50,7 +52,7 @@ from .hostspeed import HostSpeed
 from .pagestream import PAGE_SIZE
 from .sendstreams import SendStreams
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
-from .stats import MigrationStats
+from .stats import MigrationStats, StepTimes
 from .window import DowntimeWindow
 
 E = TypeVar("E", bound=Event)
@@ -101,6 +103,7 @@ class Source:
         self.committed = False
         self.was_paused = False
         self._started = time.monotonic()
+        self._phase_steps = StepTimes(self.stats.phase_steps_ms)
         self._paused_at: float | None = None
         self._bandwidth = RateMeter()
         self._dirty_rate = RateMeter()
@@ -126,6 +129,7 @@ class Source:
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None
+        self._phase_steps.step("task_start")
         self.stats.dirty_tracking = vm.dirty_tracking
         if vm.memory is not None:
             self.stats.memory_backing = vm.memory.backing.kind
@@ -133,7 +137,6 @@ class Source:
         # A VM the operator paused migrates paused and stays paused on the target.
         self.was_paused = hosted.state is VmState.PAUSED
         hosted.state = VmState.MIGRATING
-        self.daemon.record_vm(hosted)
         try:
             # The time limit covers everything before the downtime; _downtime lifts it.
             self.cancel_scope.deadline = trio.current_time() + self._time_limit_s()
@@ -207,13 +210,16 @@ class Source:
 
     # ---- phases -------------------------------------------------------------------------
 
-    async def _connect(self) -> PeerChannel:
+    async def _connect(self, timed: bool = False) -> PeerChannel:
+        """`timed`: the setup's connection, whose steps go into the timeline."""
         peer = self.daemon.config.peer
         with trio.fail_after(peer.connect_timeout_s):
             try:
                 raw = await trio.open_tcp_stream(self.options.host, self.options.port)
             except OSError as err:
                 raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
+            if timed:
+                self._phase_steps.step("connect")
             stream: trio.abc.Stream = raw
             if peer.auth == "tls":
                 try:
@@ -227,6 +233,8 @@ class Source:
         )
         with trio.fail_after(peer.connect_timeout_s):
             await channel.handshake()
+        if timed:
+            self._phase_steps.step("handshake")
         return channel
 
     async def _migrate(self) -> None:
@@ -234,47 +242,40 @@ class Source:
         vm = hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
         self.log.info("migration_started", downtime_limit_ms=self.options.downtime_limit_ms)
-        self._channel = channel = await self._connect()
-        await faults.hold(self.log, "setup")
-        await channel.send(
-            VmDescription(
-                name=hosted.name,
-                migration_id=self.stats.migration_id,
-                memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
-                vcpus=len(vm.vcpus),
-                guest_kind=hosted.spec.guest,
-                cpu_features={
-                    "spec": hosted.spec.to_wire(),
-                    "run_state": "paused" if self.was_paused else "running",
-                    **(
-                        {"memory_backing": self.options.target_memory_backing}
-                        if self.options.target_memory_backing
-                        else {}
-                    ),
-                    "data_streams": self.options.streams,
-                    **vmstate.cpu_features(self.daemon.kvm),
-                },
-                dirty_tracking=vm.dirty_tracking,
-                arch=vm.caps.arch,
-            )
-        )
-        with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
-            await channel.expect(Accept)
-        self._plane = await self._open_streams(channel)
+        extents: dict[int, list[tuple[int, int]]] = {}
+        try:
+            async with trio.open_nursery() as nursery:
+                # Beside the setup, in a worker: this VM's record, the bulk copy's re-arm and
+                # its extents.
+                nursery.start_soon(self._prepare_bulk, extents)
+                self._channel = channel = await self._connect(timed=True)
+                await faults.hold(self.log, "setup")
+                await channel.send(self._description())
+                self._phase_steps.step("describe")
+                # The data streams connect while the target builds the VM (it holds them); after
+                # the description, so that the target knows the migration they name.
+                nursery.start_soon(self._open_streams_into, channel)
+                with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
+                    await channel.expect(Accept)
+                self._phase_steps.step("accept")
+        except BaseExceptionGroup as group:
+            # The failure is the migration's (a refusal, a stream that did not connect), not
+            # the cancellation it caused in the other tasks.
+            errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+            if errors:
+                raise errors[0] from None
+            raise
+        self._phase_steps.step("wait_overlapped")
         self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
-
-        # R3: the first collection re-arms tracking before the bulk copy reads any page, so
-        # every write from here on is in a later collection.
-        await trio.to_thread.run_sync(vm.tracker.rearm)
-        self._last_collect = time.perf_counter()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_progress)
-                await self._bulk_copy()
+                await self._bulk_copy(extents)
                 pending = await self._rounds()
                 self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
                 self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
+                self._phase_steps.step("to_downtime")
                 with self._window:
                     await self._downtime(pending)
                 await self._save_models()
@@ -294,6 +295,57 @@ class Source:
         except StateDirError as err:
             self.log.warning("downtime_models_not_saved", error=str(err))
 
+    def _description(self) -> VmDescription:
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.memory is not None
+        return VmDescription(
+            name=hosted.name,
+            migration_id=self.stats.migration_id,
+            memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
+            vcpus=len(vm.vcpus),
+            guest_kind=hosted.spec.guest,
+            cpu_features={
+                "spec": hosted.spec.to_wire(),
+                "run_state": "paused" if self.was_paused else "running",
+                **(
+                    {"memory_backing": self.options.target_memory_backing} if self.options.target_memory_backing else {}
+                ),
+                "data_streams": self.options.streams,
+                **vmstate.cpu_features(self.daemon.kvm),
+            },
+            dirty_tracking=vm.dirty_tracking,
+            arch=vm.caps.arch,
+        )
+
+    async def _open_streams_into(self, channel: PeerChannel) -> None:
+        started = time.perf_counter()
+        self._plane = await self._open_streams(channel)
+        self._phase_steps.add("overlapped.open_streams", started)
+
+    async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
+        """In one worker trip, beside the setup: the record (fsync'd, milliseconds on a busy
+        disk) that this VM is migrating; nothing else writes it meanwhile (pause and resume
+        refuse a migrating VM, and a failure resumes it only after this trip ended). Then R3:
+        the first collection re-arms tracking before the bulk copy reads any page, so
+        every write from here on is in a later collection; the RAM file's extents are taken
+        after it (a page first written in between is in that collection). A migration that
+        fails before its bulk copy lost nothing by the re-arm: every one re-arms first."""
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.memory is not None and vm.tracker is not None
+        memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
+
+        def record_rearm_and_find_extents() -> None:
+            record(hosted)
+            tracker.rearm()
+            extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
+
+        started = time.perf_counter()
+        await trio.to_thread.run_sync(record_rearm_and_find_extents)
+        self._last_collect = time.perf_counter()
+        self._phase_steps.add("overlapped.record_rearm_extents", started)
+
     async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
@@ -302,11 +354,17 @@ class Source:
         assert negotiated is not None
         peer = self.daemon.config.peer
         layout = Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
-        with trio.fail_after(peer.connect_timeout_s * 2):
+        with trio.fail_after(peer.connect_timeout_s * 2), contextlib.ExitStack() as fault:
+            port = self.options.port
+            if faults.active("source-streams-refused"):
+                # A port of this host that is bound and not listening: the kernel refuses it.
+                closed = fault.enter_context(socket.socket())
+                closed.bind((self.options.host, 0))
+                port = closed.getsockname()[1]
             try:
                 return await SendStreams.open(
                     host=self.options.host,
-                    port=self.options.port,
+                    port=port,
                     peer=peer,
                     secret=conn.data_stream_secret(),
                     sealed=negotiated.auth == "psk",
@@ -408,7 +466,7 @@ class Source:
         self._note_progress()
         return time.perf_counter() - started
 
-    async def _bulk_copy(self) -> None:
+    async def _bulk_copy(self, extents: dict[int, list[tuple[int, int]]]) -> None:
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
         self.stats.state = self.stats.phase = "bulk"
@@ -417,13 +475,13 @@ class Source:
         bytes_before = self.stats.bytes_sent
         memory = vm.memory
         total_pages = sum(r.pages for r in memory.regions)
-        # All extents first, so that `pages_remaining` counts down from the whole copy, batch by
-        # batch (`_update_counters`), instead of standing still within each extent.
-        extents = {region.slot: memory.data_extents(region) for region in memory.regions}
+        # All extents first (`_prepare_bulk`), so that `pages_remaining` counts down from the
+        # whole copy, batch by batch (`_update_counters`), instead of standing still within each.
         in_extents = sum(end - first for ranges in extents.values() for first, end in ranges)
         self._bulk_pages = in_extents
         self.stats.pages_remaining = in_extents
         await self._plane.send_extents(extents, 0)
+        self._phase_steps.step("bulk_send")
         self._update_counters()
         self._note_progress()
         self._bulk_pages = None
@@ -443,6 +501,7 @@ class Source:
             pages=self.stats.pages_sent,
             zero_pages=self.stats.zero_pages,
             untouched_pages=self.stats.untouched_pages,
+            extents=sum(len(ranges) for ranges in extents.values()),
             streams=self._plane.count,
             ms=round(elapsed * 1e3, 1),
             bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1),
@@ -487,6 +546,7 @@ class Source:
                 self.options.on_no_convergence,
             )
             pending = await trio.to_thread.run_sync(vm.tracker.collect)
+            self._phase_steps.step("collect")
             now = time.perf_counter()
             round_s = now - self._last_collect
             self._dirty_rate.add(pending.count, round_s)
@@ -509,6 +569,7 @@ class Source:
                 self._throttle_step,
                 self._dirty_limit_exhausted,
             )
+            self._phase_steps.step("decide")
             if decision is Decision.STOP_AND_COPY:
                 self.log.info(
                     "converged",
@@ -539,6 +600,7 @@ class Source:
                 await trio.sleep(0.2)
             bytes_before = self.stats.bytes_sent
             seconds = await self._send_dirty(pending, self.stats.round)
+            self._phase_steps.step("round_send")
             if seconds > 0 and self.stats.bytes_sent - bytes_before >= BANDWIDTH_SAMPLE_MIN_BYTES:
                 self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
                 self._host_speed.add(self.stats.bytes_sent - bytes_before, seconds)

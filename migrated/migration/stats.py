@@ -37,6 +37,10 @@ class MigrationStats:
     bulk_ms: float | None = None
     bulk_bytes: int = 0
     downtime_breakdown_ms: dict[str, float] = field(default_factory=dict)
+    # The steps outside the downtime, consecutive, in ms: source, from the `migrate` request to
+    # the downtime ("to_downtime"); target, from the accepted connection to LOADED. Work that
+    # ran beside them is named "overlapped.*" (StepTimes).
+    phase_steps_ms: dict[str, float] = field(default_factory=dict)
     apply_ms: float = 0.0  # target: writing received pages into guest RAM
     downtime_ms: float | None = None
     verify_ms: float | None = None
@@ -75,3 +79,22 @@ class FinishedMigration:
     """What stays of an incoming migration once its connection ended: the numbers only."""
 
     stats: MigrationStats
+
+
+class StepTimes:
+    """Times consecutive steps into a stats dict (name -> ms); a step that comes again (a
+    round's) adds to its earlier time. Work that ran beside the steps is `add`ed under its own
+    name ("overlapped.*"): it is no part of the consecutive sum."""
+
+    def __init__(self, steps: dict[str, float]) -> None:
+        self.steps = steps
+        self._last = time.perf_counter()
+
+    def step(self, name: str) -> None:
+        now = time.perf_counter()
+        self.steps[name] = round(self.steps.get(name, 0.0) + (now - self._last) * 1e3, 3)
+        self._last = now
+
+    def add(self, name: str, started: float) -> None:
+        """Work that ran beside the steps, from `started` (perf_counter) until now."""
+        self.steps[name] = round((time.perf_counter() - started) * 1e3, 3)

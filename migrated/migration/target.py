@@ -49,7 +49,7 @@ from .host import MigrationHost
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
 from .recvstreams import ReceiveStreams
-from .stats import MigrationStats
+from .stats import MigrationStats, StepTimes
 from .window import DowntimeWindow
 
 
@@ -89,9 +89,15 @@ class Target:
         self.finished = trio.Event()  # set once this connection's outcome is recorded
         self.data_streams = 0  # data connections the source announced (0: pages on this one)
         self._streams: ReceiveStreams | None = None
+        # Set once the VM exists and its streams can take connections, or the migration ended:
+        # the source connects its data streams while this side builds the VM.
+        self._streams_ready = trio.Event()
+        self._streams_waiting = 0
+        self._all_streams_waiting = trio.Event()  # fault target-build-after-streams
         self._stream_bytes = 0  # what the data streams carried, once they all ended
         self._receive_scope = trio.CancelScope()  # cancelled when a data stream fails
         self._started = time.monotonic()
+        self._phase_steps = StepTimes({})
         self._prefault: list[Prefaulter] = []
         # From the first device state (the source paused) to RUNNING: the collector off, the
         # threads at SCHED_FIFO (window.py).
@@ -110,6 +116,7 @@ class Target:
             if self.admitted_id is not None:
                 self.daemon.incoming.leave(self.admitted_id)
             self.daemon.finish_incoming(self)
+            self._streams_ready.set()  # a data stream still waiting is refused now
             await self._close_streams()
             await self.channel.aclose()
             self.finished.set()
@@ -129,7 +136,9 @@ class Target:
                     except (ssl.SSLError, trio.BrokenResourceError) as err:
                         raise PeerError(f"TLS handshake failed: {err}") from err
                 await self.channel.handshake()
+                self._phase_steps.step("handshake")
                 first = await self.channel.receive()
+                self._phase_steps.step("describe")
             if isinstance(first, Query):
                 await self._answer_query(first)
             elif isinstance(first, VmDescription):
@@ -257,8 +266,13 @@ class Target:
         self.stats = stats = MigrationStats(
             migration_id=description.migration_id, vm=spec.name, role="target", peer=self.peer
         )
+        stats.phase_steps_ms = self._phase_steps.steps
+        self._phase_steps.step("check")
         self.log = self.log.bind(vm=spec.name, migration_id=description.migration_id)
         defaults = self.daemon.config.vm
+        if self.data_streams and faults.active("target-build-after-streams"):
+            with trio.move_on_after(self.daemon.config.peer.connect_timeout_s):
+                await self._all_streams_waiting.wait()
         try:
             # This daemon's backing unless the source's operator named one (`migrate
             # --target-memory-backing`): where RAM lives is the host's business, not the VM's.
@@ -269,16 +283,23 @@ class Target:
             self.hosted = await trio.to_thread.run_sync(
                 create_incoming, self.daemon.kvm, spec, config, self.daemon.console_log(spec)
             )
+            self._phase_steps.step("create_vm")
         except (KvmError, SpecError, ValueError) as err:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
-        self.daemon.register_incoming(self.hosted, self)
-        self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
         # What this copy tracks with, resolved ("ring", not "auto"), as the source reports its own.
         stats.dirty_tracking = self.hosted.vm.dirty_tracking if self.hosted.vm is not None else config.dirty_tracking
         stats.memory_backing = config.memory_backing.kind
         if self.data_streams:
             self._open_streams()
+        self._streams_ready.set()
+        # Accept before the VM's record (fsync'd) is written: the source starts its bulk copy
+        # meanwhile. Until registered, a failure discards the copy all the same (`_discard`),
+        # and the reserved name keeps another VM from taking it.
         await self.channel.send(Accept())
+        self._phase_steps.step("accept")
+        self.daemon.register_incoming(self.hosted, self)
+        self._phase_steps.step("register")
+        self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
         stats.setup_ms = (time.monotonic() - started) * 1e3
         self.log.info(
             "incoming_vm_accepted",
@@ -302,6 +323,7 @@ class Target:
             try:
                 with trio.fail_after(timeout), self._receive_scope:
                     await self._receive(stats, views, prefault)
+                self._phase_steps.step("receive_to_loaded")
             except trio.TooSlowError:
                 raise PeerError(f"the VM did not arrive within {timeout:g} s (migration.timeout_s)") from None
             if self._receive_scope.cancelled_caught:
@@ -333,9 +355,23 @@ class Target:
         )
         self._streams.on_failure = lambda message: self._receive_scope.cancel()
 
-    def attach_data_stream(self, hello: DataHello, sock: Any) -> None:
+    async def attach_data_stream(self, hello: DataHello, sock: Any) -> None:
         """A data connection for this migration (service.py): RemoteProtocolError if it is not
-        one this migration expects, or does not prove it came from this migration's source."""
+        one this migration expects, or does not prove it came from this migration's source.
+        One that comes while the VM is being built waits for it (under the caller's deadline),
+        once its token proved it is this migration's."""
+        if not self._streams_ready.is_set():
+            negotiated = self.channel.conn.negotiated
+            if negotiated is None or not self.data_streams:
+                raise RemoteProtocolError(f"migration {hello.migration_id!r} takes no data streams now")
+            hello.check_token(self.channel.conn.data_stream_secret())
+            if self._streams_waiting >= self.data_streams:
+                # Each waiting stream holds an fd until the VM exists: no more than announced.
+                raise RemoteProtocolError(f"more data streams than the {self.data_streams} announced")
+            self._streams_waiting += 1
+            if self._streams_waiting >= self.data_streams:
+                self._all_streams_waiting.set()
+            await self._streams_ready.wait()
         if self._streams is None:
             raise RemoteProtocolError(f"migration {hello.migration_id!r} takes no data streams now")
         self._streams.attach(hello, sock)

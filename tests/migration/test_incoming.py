@@ -4,6 +4,8 @@ both limits, freed on leave, and a history bounded in entries."""
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
 from migrated.migration.incoming import HISTORY_ENTRIES, Incoming
 
@@ -56,3 +58,33 @@ def test_history_keeps_the_latest_outcomes_only() -> None:
     assert book.outcome("m20") == "running"
     assert book.outcome(f"m{HISTORY_ENTRIES + 9}") == "aborted"
     assert len(book._history) == HISTORY_ENTRIES
+
+
+def test_a_data_stream_waits_for_its_migration_to_be_admitted_and_no_longer() -> None:
+    """wait_live: a stream taken up before its migration's description was read finds the
+    migration once admitted; one for a migration that never comes (or already ended) gets
+    None at its timeout, counted on trio's clock (MockClock: no real waiting)."""
+    book = Incoming()
+    target = object()
+    found: list[object] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def stream() -> None:
+                found.append(await book.wait_live("m1", timeout_s=30))
+
+            nursery.start_soon(stream)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not found  # precondition: the stream is waiting
+            book.admit("m1", target, 64 * MIB, max_count=8, max_memory_bytes=1024 * MIB)
+        started = trio.current_time()
+        assert await book.wait_live("m-never", timeout_s=30) is None
+        assert trio.current_time() - started == pytest.approx(30)
+        book.leave("m1")
+        book.record("m1", "running")
+        assert await book.wait_live("m1", timeout_s=30) is None  # ended: no wait at all
+        assert trio.current_time() - started == pytest.approx(30)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert found == [target]
