@@ -50,6 +50,7 @@ from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
 from .recvstreams import ReceiveStreams
 from .stats import MigrationStats
+from .timeline import Timeline
 
 
 # How long the target waits, after RUNNING, for the source's Close with its timing: the source
@@ -92,6 +93,7 @@ class Target:
         self._receive_scope = trio.CancelScope()  # cancelled when a data stream fails
         self._started = time.monotonic()
         self._prefault: list[Prefaulter] = []
+        self._timeline = Timeline()  # restarted at Done: the cutover's fine marks
 
     async def run(self) -> None:
         try:
@@ -421,16 +423,17 @@ class Target:
                 blobs.append((event.kind, event.blob))
             elif isinstance(event, Done):
                 done_at = time.perf_counter()
+                self._timeline = Timeline()
                 if faults.active_once("target-stop-on-done"):
                     os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
                 streams = self._streams
                 if streams is not None:
                     await self._streams_ended(stats)
+                    self._timeline.mark("streams_ended")
                     bulk_entries = streams.entries_in_round(0)
                     if event.rounds is not None:
                         round_entries = streams.entries_in_round(event.rounds + 1)
                         stats.round = event.rounds + 1 if round_entries else event.rounds
-                    await self._close_streams()
                 if event.rounds is not None:
                     # The source's count: the downtime's final pass (round `rounds` + 1) is no
                     # dirty round.
@@ -481,6 +484,7 @@ class Target:
             digest = await trio.to_thread.run_sync(self._digest_and_restore, done, blobs)
         except (KvmError, ValueError) as err:
             raise Refused(f"state restore failed: {err}") from None
+        self._timeline.mark("restore_returned")
         digest_us = None if digest is None else round((stats.verify_ms or 0.0) * 1e3)
         if digest is not None:
             stats.digest = digest.hex()
@@ -491,6 +495,7 @@ class Target:
         # What loading cost here: the source learns the downtime's costs from it.
         load_us = round((time.perf_counter() - done_at) * 1e6)
         await self.channel.send(Loaded(digest=digest, digest_us=digest_us, load_us=load_us))
+        self._timeline.mark("loaded_sent")
         self.loaded = True
         self.daemon.incoming.record(stats.migration_id, "loaded")
         stats.state = stats.phase = "loaded"
@@ -500,6 +505,7 @@ class Target:
         """In a worker thread: the digest (with verify = full), then, if it matches, the state."""
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and hosted.vm.memory is not None and stats is not None
+        self._timeline.mark("worker_entered")
         digest = None
         if done.verify == "full":
             verify_started = time.perf_counter()
@@ -508,14 +514,18 @@ class Target:
             if digest != done.digest:
                 return digest
         restore_started = time.perf_counter()
+        self._timeline.mark("digested")
         vmstate.restore(hosted, self.daemon.kvm, blobs)
         stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
+        self._timeline.mark("restored")
         return digest
 
     async def _await_commit(self) -> None:
         event = await self._next()
         if not isinstance(event, Commit):
             raise PeerError(f"expected Commit from the peer, got {type(event).__name__}")
+        timeline = self._timeline
+        timeline.mark("commit_received")
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and stats is not None
         # Every byte the source sent on this connection has arrived: the same count it reports.
@@ -527,20 +537,31 @@ class Target:
             if self.run_state == "running":
                 # No worker thread: resuming only wakes the parked vCPU threads (Vcpu.resume).
                 hosted.vm.resume()
+                timeline.mark("resumed")
                 hosted.state = VmState.RUNNING
             else:
                 hosted.state = VmState.PAUSED
-            self.daemon.record_vm(hosted)
         stats.state = stats.phase = "completed"
         stats.total_ms = (time.monotonic() - self._started) * 1e3
         if stats.total_ms > 0:
             stats.bandwidth_mib_s = stats.bytes_sent / (1 << 20) / (stats.total_ms / 1e3)
+        try:
+            await faults.hold(self.log, "running")
+            if faults.active("target-vanish-after-commit"):
+                await self.channel.aclose()
+                raise PeerError("dropped the link before RUNNING (test fault target-vanish-after-commit)")
+            await self.channel.send(Running())
+            timeline.mark("running_sent")
+        finally:
+            # After RUNNING, not before: the source's pause lasts until RUNNING arrives, and
+            # neither the VM record (what a successor daemon reports, fsync'd) nor joining the
+            # data threads (they ended at their end markers) is part of DESIGN 5's invariant.
+            # Written whether or not RUNNING went out: the VM runs here.
+            with trio.CancelScope(shield=True):
+                self.daemon.record_vm(hosted)
+                await self._close_streams()
         self.log.info("incoming_vm_running")
-        await faults.hold(self.log, "running")
-        if faults.active("target-vanish-after-commit"):
-            await self.channel.aclose()
-            raise PeerError("dropped the link before RUNNING (test fault target-vanish-after-commit)")
-        await self.channel.send(Running())
+        self.log.info("cutover_timeline", origin=timeline.origin, marks_ms=timeline.as_ms())
         await self._take_source_timing(stats)
         hosted.last_migration = stats.as_dict()
 
