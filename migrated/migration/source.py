@@ -626,15 +626,20 @@ class Source:
             await channel.aclose()
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
         await channel.send(Commit())
+        commit_sent_at = time.monotonic()
         timeline.mark("commit_sent")
         # Everything the target receives from this connection has been written: both sides
         # report these bytes (the target counts them as they arrived) and pages (the counters
         # move after each batch went, so the last batch is in them only now).
         self._update_counters()
-        await self._expect(Running)
+        running = await self._expect(Running)
         clock.step("commit_to_running")
         timeline.mark("running_received")
-        self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
+        running_at = time.monotonic()
+        self.stats.downtime_ms = downtime_ms = (running_at - self._paused_at) * 1e3
+        self.stats.guest_downtime_ms = guest_downtime_ms(
+            self._paused_at, commit_sent_at, running_at, running.resume_us, running.reply_us
+        )
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
         allocated = vm.memory.allocated_bytes()
         learned = self._model.learn(
@@ -670,10 +675,11 @@ class Source:
         """Close, with the downtime and total time as measured here: only the source can time
         them (it paused and it started), and the target reports the same numbers. Best effort:
         the VM is the target's already."""
-        downtime_ms, total_ms = self.stats.downtime_ms, self.stats.total_ms
+        downtime_ms, total_ms, guest_ms = self.stats.downtime_ms, self.stats.total_ms, self.stats.guest_downtime_ms
         close = Close(
             downtime_us=None if downtime_ms is None else round(downtime_ms * 1e3),
             total_us=None if total_ms is None else round(total_ms * 1e3),
+            guest_downtime_us=None if guest_ms is None else round(guest_ms * 1e3),
         )
         with trio.move_on_after(1):
             try:
@@ -973,6 +979,19 @@ class _StepClock:
         where the worker's last ended."""
         self._steps.update(other._steps)
         self._last = other._last
+
+
+def guest_downtime_ms(
+    paused_at: float, commit_sent_at: float, running_at: float, resume_us: int | None, reply_us: int | None
+) -> float | None:
+    """From the pause to the target's resume, on this side's clock (seconds in, ms out): COMMIT's
+    way there is taken as half the round trip left once the target's own time (`reply_us`, from
+    COMMIT's arrival to RUNNING leaving) is taken out, then `resume_us` (COMMIT's arrival to the
+    resume). None from a target that did not say (an older release)."""
+    if resume_us is None or reply_us is None:
+        return None
+    one_way_s = max(0.0, (running_at - commit_sent_at) - reply_us / 1e6) / 2
+    return (commit_sent_at - paused_at + one_way_s + resume_us / 1e6) * 1e3
 
 
 def connect_failure(err: OSError) -> str:

@@ -524,6 +524,8 @@ class Target:
         event = await self._next()
         if not isinstance(event, Commit):
             raise PeerError(f"expected Commit from the peer, got {type(event).__name__}")
+        commit_at = time.perf_counter()
+        resumed_at = commit_at
         timeline = self._timeline
         timeline.mark("commit_received")
         hosted, stats = self.hosted, self.stats
@@ -537,6 +539,7 @@ class Target:
             if self.run_state == "running":
                 # No worker thread: resuming only wakes the parked vCPU threads (Vcpu.resume).
                 hosted.vm.resume()
+                resumed_at = time.perf_counter()
                 timeline.mark("resumed")
                 hosted.state = VmState.RUNNING
             else:
@@ -550,7 +553,13 @@ class Target:
             if faults.active("target-vanish-after-commit"):
                 await self.channel.aclose()
                 raise PeerError("dropped the link before RUNNING (test fault target-vanish-after-commit)")
-            await self.channel.send(Running())
+            # A VM that stays paused (it was paused on the source) never resumes: resume_us 0.
+            await self.channel.send(
+                Running(
+                    resume_us=round((resumed_at - commit_at) * 1e6),
+                    reply_us=round((time.perf_counter() - commit_at) * 1e6),
+                )
+            )
             timeline.mark("running_sent")
         finally:
             # After RUNNING, not before: the source's pause lasts until RUNNING arrives, and
@@ -579,6 +588,8 @@ class Target:
                     stats.downtime_ms = event.downtime_us / 1e3
                 if event.total_us is not None:
                     stats.total_ms = event.total_us / 1e3
+                if event.guest_downtime_us is not None:
+                    stats.guest_downtime_ms = event.guest_downtime_us / 1e3
 
     async def _on_failure(self, reason: str) -> None:
         if self.committed:
