@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import ssl
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +38,6 @@ from transport import (
 
 from .. import faults, tls
 from ..hosted import HostedVm, VmState
-from ..kvm.arch import arch_of
 from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
 from ..pagehash import memory_digest
@@ -713,50 +711,40 @@ class Source:
         timeline = self._timeline
         sent_before = self._sent_bytes()
         early_end = not vm.tracker.uses_backup_bitmap
-        verify = self.options.verify == "full"
-        # The digest reads RAM once nothing writes it any more: after R6.4, or already after
-        # R6.2 where no backup bitmap is read and the state save writes no guest RAM (x86); it
-        # then runs beside R6.3. Set in every case once the trip is over, so it never waits on.
-        ram_final = threading.Event()
-        early_digest = verify and early_end and not arch_of(vm).state_save_writes_ram
+        worker_clock = clock.fork()
+        dirty, passes, blobs, backup = await trio.to_thread.run_sync(
+            self._stop_and_save, pending, early_end, worker_clock
+        )
+        clock.merge(worker_clock)
+        timeline.mark("save_returned")
+        # After the pause: a held vCPU stays parked (a hold is not a pause), where lifting first
+        # would let the held vCPUs dirty at full speed until the pause.
+        await self._lift_limits("downtime")
+        final_pages = dirty.count
+        if backup is not None:
+            self.stats.backup_bitmap_pages = backup.count
+            # What only the bitmap saw: on arm64 the ITS save's writes (R6.3).
+            self.stats.backup_bitmap_added = dirty.union(backup).count - dirty.count
+            final_pages += self.stats.backup_bitmap_added
+            # All of it again: a page the ITS wrote may have gone out before it did.
+            passes.append(plane.start_pages(backup, self.stats.round + 1))
+        if not early_end:
+            passes.append(plane.start_end())  # every stream's end marker, behind its pages
+        self.stats.final_pages = final_pages
+        self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
         digest_result: list[bytes] = []
 
-        def digest_final_ram() -> None:
+        async def digest_ram() -> None:
             assert vm.memory is not None
-            ram_final.wait()
-            digest_result.append(memory_digest(vm.memory).sha256)
+            digest_result.append((await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256)
 
+        verify = self.options.verify == "full"
+        state = [DeviceState(kind=kind, blob=blob) for kind, blob in blobs]
+        self.stats.state_bytes += sum(len(blob) for _, blob in blobs)
         try:
             async with trio.open_nursery() as nursery:
                 if verify:
-                    nursery.start_soon(trio.to_thread.run_sync, digest_final_ram)
-                worker_clock = clock.fork()
-                try:
-                    dirty, passes, blobs, backup = await trio.to_thread.run_sync(
-                        self._stop_and_save, pending, early_end, ram_final if early_digest else None, worker_clock
-                    )
-                finally:
-                    ram_final.set()
-                clock.merge(worker_clock)
-                timeline.mark("save_returned")
-                # After the pause: a held vCPU stays parked (a hold is not a pause), where lifting
-                # first would let the held vCPUs dirty at full speed until the pause.
-                await self._lift_limits("downtime")
-                final_pages = dirty.count
-                if backup is not None:
-                    self.stats.backup_bitmap_pages = backup.count
-                    # What only the bitmap saw: on arm64 the ITS save's writes (R6.3).
-                    self.stats.backup_bitmap_added = dirty.union(backup).count - dirty.count
-                    final_pages += self.stats.backup_bitmap_added
-                    # All of it again: a page the ITS wrote may have gone out before it did.
-                    passes.append(plane.start_pages(backup, self.stats.round + 1))
-                if not early_end:
-                    passes.append(plane.start_end())  # every stream's end marker, behind its pages
-                self.stats.final_pages = final_pages
-                self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
-                state = [DeviceState(kind=kind, blob=blob) for kind, blob in blobs]
-                self.stats.state_bytes += sum(len(blob) for _, blob in blobs)
-                if verify:
+                    nursery.start_soon(digest_ram)  # RAM is final: nothing writes it after R6.4
                     await channel.send_many(state)
                     timeline.mark("state_sent")
                 else:
@@ -812,16 +800,13 @@ class Source:
         )
 
     def _stop_and_save(
-        self, pending: DirtyPages, early_end: bool, ram_final: threading.Event | None, clock: _StepClock
+        self, pending: DirtyPages, early_end: bool, clock: _StepClock
     ) -> tuple[DirtyPages, list[Pass], list[tuple[str, bytes]], DirtyPages | None]:
         """R6.1-4 in order, in a worker thread; R6.2's pages (R6.5) stream out from between R6.2
-        and R6.3 on. `early_end`: their end markers follow them at once. `ram_final`: set after
-        R6.2 (nothing writes guest RAM after it: the digest may start)."""
+        and R6.3 on. `early_end`: their end markers follow them at once."""
         plane = self._plane
         assert plane is not None
         final = self._stop_and_harvest(clock)
-        if ram_final is not None:
-            ram_final.set()
         dirty = pending.union(final)
         passes = [plane.start_pages(dirty, self.stats.round + 1)]  # R6.5's pages, out from now on
         if early_end:

@@ -471,8 +471,7 @@ class Target:
         The digest comes first: it checks the memory as sent, and restoring device state may
         itself write guest RAM (on arm64, restoring the ITS consumes pending bits from the LPI
         pending table and clears them in memory). On x86 too: a digest run beside the restore
-        mismatched for the small-OS guest (tests/migration/test_smallos_migration.py), so the
-        restore writes guest RAM there as well.
+        mismatched for the small-OS guest (tests/migration/test_smallos_migration.py).
         """
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and stats is not None

@@ -21,8 +21,6 @@ class Arch(VmArch, Protocol):
     machine state leaves and enters a VM (DESIGN R6.3, R9)."""
 
     state_kind: str  # the DeviceState kind the machine state travels as
-    # R6.3 writes guest RAM (arm64: the ITS and LPI pending tables): RAM is final only after it.
-    state_save_writes_ram: bool
     boots_raw_images: bool  # BIOS-style boot sectors and flat binaries (x86 only)
 
     def cpu_features(self, kvm: Kvm) -> dict[str, object]:

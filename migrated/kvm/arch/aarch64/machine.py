@@ -19,7 +19,6 @@ class Aarch64:
     name = "aarch64"
     ram_base = RAM_BASE
     state_kind = "arm64-machine"
-    state_save_writes_ram = True  # the ITS and LPI pending tables (prepare_state_save)
     boots_raw_images = False
 
     def check_config(self, config: VmConfig, caps: HostCaps, tracking: str) -> None:

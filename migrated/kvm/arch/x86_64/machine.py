@@ -20,7 +20,6 @@ class X86_64:
     name = "x86_64"
     ram_base = 0
     state_kind = "x86-machine"  # the DeviceState kind its machine state travels as
-    state_save_writes_ram = False  # nothing of the x86 machine lives in guest RAM
     boots_raw_images = True  # BIOS-style boot sectors and flat binaries (guests/x86_64/raw.py)
 
     def check_config(self, config: VmConfig, caps: HostCaps, tracking: str) -> None:
