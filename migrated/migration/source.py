@@ -47,7 +47,7 @@ from . import dirtylimit, vmstate
 from .host import MigrationHost
 from .pagestream import PAGE_SIZE
 from .sendstreams import Pass, SendStreams
-from .timeline import Timeline
+from .timeline import Timeline, guest_downtime_ms
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats
 
@@ -979,19 +979,6 @@ class _StepClock:
         where the worker's last ended."""
         self._steps.update(other._steps)
         self._last = other._last
-
-
-def guest_downtime_ms(
-    paused_at: float, commit_sent_at: float, running_at: float, resume_us: int | None, reply_us: int | None
-) -> float | None:
-    """From the pause to the target's resume, on this side's clock (seconds in, ms out): COMMIT's
-    way there is taken as half the round trip left once the target's own time (`reply_us`, from
-    COMMIT's arrival to RUNNING leaving) is taken out, then `resume_us` (COMMIT's arrival to the
-    resume). None from a target that did not say (an older release)."""
-    if resume_us is None or reply_us is None:
-        return None
-    one_way_s = max(0.0, (running_at - commit_sent_at) - reply_us / 1e6) / 2
-    return (commit_sent_at - paused_at + one_way_s + resume_us / 1e6) * 1e3
 
 
 def connect_failure(err: OSError) -> str:

@@ -15,7 +15,7 @@ import pytest
 from daemons import DaemonProcess, MakeDaemon, wait_for, wait_migration
 from test_migration import assert_runs_here, create, migrate
 
-from migrated.migration.source import guest_downtime_ms
+from migrated.migration.timeline import guest_downtime_ms
 from migrated.vmrecords import VmRecords
 
 pytestmark = pytest.mark.kvm
