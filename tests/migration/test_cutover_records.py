@@ -115,3 +115,28 @@ def test_guest_downtime_arithmetic() -> None:
     assert guest_downtime_ms(10.0, 10.010, 10.014, resume_us=None, reply_us=None) is None
     # A target slower than the round trip measured (clock noise): no negative way there.
     assert guest_downtime_ms(10.0, 10.010, 10.011, resume_us=200, reply_us=5000) == pytest.approx(10.2)
+
+
+def _timeline(daemon: DaemonProcess, event: str) -> dict[str, float]:
+    lines = [json.loads(line) for line in daemon.log().splitlines() if f'"event": "{event}"' in line]
+    assert len(lines) == 1, lines
+    marks: dict[str, float] = lines[0]["marks_ms"]
+    return marks
+
+
+def test_the_downtime_keeps_r6_order_and_the_target_loads_after_every_end_marker(make_daemon: MakeDaemon) -> None:
+    """The fine marks of both sides (downtime_timeline, cutover_timeline) in the order R6 and R9
+    ask: parked, harvested, the final pages and their end markers handed to the streams, the
+    state read, then the state and DONE in one write (verify off); the target restores only
+    once every stream ended, and answers RUNNING after it resumed."""
+    a, b = make_daemon("a", verify="off"), make_daemon("b")
+    create(a, rate=16)
+    stats = migrate(a, b)
+    assert stats["state"] == "completed", stats
+    source = _timeline(a, "downtime_timeline")
+    order = ["parked", "harvested", "pages_started", "state_read", "state_packed", "state_and_done_sent"]
+    assert [source[m] for m in order] == sorted(source[m] for m in order), source
+    assert source["loaded_received"] < source["commit_sent"] < source["running_received"], source
+    target = _timeline(b, "cutover_timeline")
+    assert target["streams_ended"] <= target["restored"] <= target["loaded_sent"], target
+    assert target["commit_received"] <= target["resumed"] <= target["running_sent"], target
