@@ -93,6 +93,7 @@ def summarize_line(line: dict[str, Any]) -> dict[str, Any]:
         "total_ms": spread(r["total_ms"] for r in done),
         "downtime_ms": spread(r["downtime_ms"] for r in done),
         "downtime_to_target_loaded_ms": spread(r.get("downtime_to_target_loaded_ms") for r in done),
+        "guest_downtime_ms": spread(r.get("guest_downtime_ms") for r in done),
         "total_ms_events": spread(r.get("total_ms_events") for r in done),
         "over_limit": sum(1 for r in done if r["downtime_ms"] is not None and r["downtime_ms"] > line["limit_ms"]),
     }
@@ -319,6 +320,7 @@ class MigratedLine:
             "error": stats.get("error"),
             "total_ms": _round(stats.get("total_ms")),
             "downtime_ms": _round(stats.get("downtime_ms")),
+            "guest_downtime_ms": _round(stats.get("guest_downtime_ms")),
             "setup_ms": _round(stats.get("setup_ms")),
             "predicted_downtime_ms": _round(stats.get("predicted_downtime_ms")),
             "downtime_breakdown_ms": stats.get("downtime_breakdown_ms"),

@@ -6,7 +6,8 @@ needs a failure that the real world produces only by bad luck:
 
 - target-refuse-loaded: the target aborts instead of answering LOADED.
 - target-vanish-after-commit: the target resumes on COMMIT, then drops the link before RUNNING.
-- source-lose-commit: the source records the commit, then drops the link instead of sending it.
+- source-lose-commit: the source drops the link instead of sending COMMIT (its record that
+  COMMIT may go out was written before the pause).
 - source-abort-after-loaded: the source sends ABORT right after LOADED (the target must free
   its loaded copy at once).
 - source-vanish-after-loaded: the source drops the link right after LOADED, as a source that

@@ -130,6 +130,7 @@ def format_summary(stats: dict[str, Any]) -> str:
         over = " (over the limit)" if float(stats["downtime_ms"]) > float(limit) else ""
         downtime = f"{downtime} (limit {float(limit):g}){over}"
     add("downtime_ms", downtime)
+    add("guest_downtime_ms", ms("guest_downtime_ms"))
     add("verify_ms", ms("verify_ms"))
     moved = _MOVING.get(str(stats.get("role")), "sent")
     add(

@@ -8,7 +8,7 @@ reports it (an event per VM, `migratectl vm list --lost`), and keeps it until th
 `migratectl vm forget NAME`. A daemon stopped cleanly (SIGTERM) stops its VMs too and leaves
 their records marked `stopped_with_daemon`, so they are reported the same way. The migration
 records (`STATE_DIR/migrations/`) tell the one case in which the VM may live on elsewhere: COMMIT
-had gone out, so the target may be running it.
+may have gone out, so the target may be running it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from typing import Any
 
 # Record files are small; anything bigger is not ours (and is not read into memory).
 MAX_RECORD_BYTES = 64 * 1024
+
+# A migration record in one of these states: the source may have sent COMMIT, so the target may
+# run the VM. "committing" is written before the pause (source.py `_downtime`), "committed" by
+# older releases just before COMMIT.
+COMMIT_MAY_HAVE_GONE_OUT = frozenset({"committing", "committed"})
 
 
 @dataclass(frozen=True)
@@ -94,11 +99,11 @@ class VmRecords:
         committed_to = [
             str(r.get("target"))
             for r in (_read(p) for p in self._migrations.glob("*.json"))
-            if r is not None and r.get("vm") == name and r.get("state") == "committed"
+            if r is not None and r.get("vm") == name and r.get("state") in COMMIT_MAY_HAVE_GONE_OUT
         ]
         if committed_to:
             return (
-                f"COMMIT had gone out to {committed_to[-1]}: the VM may be running there; ask that daemon "
+                f"COMMIT may have gone out to {committed_to[-1]}: the VM may be running there; ask that daemon "
                 "(migratectl vm list) before starting it anywhere else"
             )
         if stopped_with_daemon:

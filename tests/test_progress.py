@@ -89,6 +89,7 @@ def test_summary_rounds_and_names_units() -> None:
             total_ms=4520.512345,
             setup_ms=12.3456,
             downtime_ms=312.77,
+            guest_downtime_ms=311.04,
             downtime_limit_ms=300.0,
             rounds=2,
             backup_bitmap="not in use: this kernel does not advertise WITH_BITMAP ... (R7)",
@@ -98,6 +99,7 @@ def test_summary_rounds_and_names_units() -> None:
     assert "state: completed" in summary
     assert "total_ms: 4520.5" in summary and "setup_ms: 12.3" in summary
     assert "downtime_ms: 312.8 (limit 300) (over the limit)" in summary
+    assert "guest_downtime_ms: 311.0\n" in summary
     assert "bandwidth_mib_s: 104.3\n" in summary and "104.34" not in summary
     assert "bytes_sent: 64.0 MiB (16384 pages with data, 0 zero pages)" in summary
     assert "backup_bitmap: not in use (R7, docs/design.md)" in summary

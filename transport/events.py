@@ -419,7 +419,21 @@ class Commit(Event):
 
 @dataclass(frozen=True, slots=True)
 class Running(Event):
-    """Target -> source: the target resumed the VM; the source may release its copy."""
+    """Target -> source: the target resumed the VM; the source may release its copy.
+
+    Optional (older targets do not send them), in microseconds from COMMIT's arrival: `resume_us`
+    until the vCPUs were resumed, `reply_us` until this message left. With them the source
+    places the resume on its own clock (half the round trip that remains is the way there) and
+    reports the downtime the guest saw, beside its own pause-to-RUNNING.
+    """
+
+    resume_us: int | None = None
+    reply_us: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("resume_us", "reply_us"):
+            if getattr(self, name) is not None:
+                _int_field(self, name, 0, limits.U32_MAX)
 
 
 # --- in-doubt resolution ------------------------------------------------------------------------
@@ -457,15 +471,17 @@ class Close(Event):
     """Either side, once the conversation is over: this side sends nothing more.
 
     After Running, the source's Close may carry how the migration went as the source measured
-    it (optional, in microseconds): `downtime_us` from the pause to RUNNING and `total_us` from
-    its start, which only the source can time, so that the target reports the same numbers.
+    it (optional, in microseconds): `downtime_us` from the pause to RUNNING, `guest_downtime_us`
+    from the pause to the target's resume (see Running) and `total_us` from its start, which
+    only the source can time, so that the target reports the same numbers.
     """
 
     downtime_us: int | None = None
     total_us: int | None = None
+    guest_downtime_us: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("downtime_us", "total_us"):
+        for name in ("downtime_us", "total_us", "guest_downtime_us"):
             if getattr(self, name) is not None:
                 _int_field(self, name, 0, limits.U64_MAX)
 

@@ -119,10 +119,10 @@ WIRES: Final[tuple[Wire, ...]] = (
     Wire("done", Done, {"pages_total": _INT, "digest": _OPT_BIN, "verify": _STR}, optional={"rounds": _INT}),
     Wire("loaded", Loaded, {"digest": _OPT_BIN}, optional={"digest_us": _INT, "load_us": _INT}),
     Wire("commit", Commit, {}),
-    Wire("running", Running, {}),
+    Wire("running", Running, {}, optional={"resume_us": _INT, "reply_us": _INT}),
     Wire("query", Query, {"migration_id": _STR}),
     Wire("query_result", QueryResult, {"migration_id": _STR, "state": _STR}),
-    Wire("close", Close, {}, optional={"downtime_us": _INT, "total_us": _INT}),
+    Wire("close", Close, {}, optional={"downtime_us": _INT, "total_us": _INT, "guest_downtime_us": _INT}),
 )
 BY_NAME: Final[Mapping[str, Wire]] = {wire.name: wire for wire in WIRES}
 BY_EVENT: Final[Mapping[type[Event], Wire]] = {wire.event: wire for wire in WIRES}

@@ -67,6 +67,8 @@ class DirtyTracker(Protocol):
     # apart, and while `count_pages_by_vcpu` is off: the count costs a second dedup).
     pages_by_vcpu: dict[int, int]
     count_pages_by_vcpu: bool
+    # R6.4 reads a backup bitmap (WITH_BITMAP): without one, R6.2's pages are all there is.
+    uses_backup_bitmap: bool
 
     def collect(self) -> DirtyPages: ...
 
@@ -136,6 +138,7 @@ class RingTracker:
         self.pages_by_vcpu: dict[int, int] = {}
         self.count_pages_by_vcpu = False
         self.stats = TrackerStats(mode="ring", backup_bitmap=with_bitmap_reason)
+        self.uses_backup_bitmap = with_bitmap
         self._backup_bitmaps = (
             {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions} if with_bitmap else {}
         )
@@ -310,6 +313,7 @@ class BitmapTracker:
         self._bitmaps = {r.slot: np.zeros(_bitmap_words(r), np.uint64) for r in memory.regions}
         self.pages_by_vcpu: dict[int, int] = {}
         self.count_pages_by_vcpu = False  # nothing to count: the bitmap cannot tell vCPUs apart
+        self.uses_backup_bitmap = False
         self.stats = TrackerStats(mode="bitmap", backup_bitmap="not applicable: bitmap mode tracks all in the bitmap")
 
     def poll(self) -> None:

@@ -224,10 +224,11 @@ def _connect_one(
 
 class Pass:
     """Jobs handed to the stream threads; `wait()` returns when all are done (or raises the
-    first failure). Created in trio's thread: the threads report through its token."""
+    first failure). The threads report through the token of trio's thread, where `wait()` runs;
+    it may be created in a worker thread of that run."""
 
-    def __init__(self, jobs: int) -> None:
-        self._token = trio.lowlevel.current_trio_token()
+    def __init__(self, jobs: int, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
         self._done = trio.Event()
         self._remaining = jobs
         self._errors: list[BaseException] = []
@@ -263,6 +264,9 @@ class SendStreams:
         self._stop = stop
         self.limiter = limiter
         self._closed = False
+        # Passes report here; start_pages and start_end may run in a worker thread (the
+        # downtime starts the final pages from the thread that paused the VM).
+        self._token = trio.lowlevel.current_trio_token()
 
     @classmethod
     async def open(
@@ -364,7 +368,7 @@ class SendStreams:
         await self._submit(jobs).wait()
 
     def _submit(self, jobs: list[tuple[int, _Job]]) -> Pass:
-        pass_ = Pass(len(jobs))
+        pass_ = Pass(len(jobs), self._token)
         for index, job in jobs:
             job.report = pass_.report
             self._threads[index].submit(job)

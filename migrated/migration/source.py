@@ -50,7 +50,8 @@ from .downtime_models_file import save_models
 from .host import MigrationHost
 from .hostspeed import HostSpeed
 from .pagestream import PAGE_SIZE
-from .sendstreams import SendStreams
+from .sendstreams import Pass, SendStreams
+from .timeline import Timeline, guest_downtime_ms
 from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
 from .stats import MigrationStats, StepTimes
 from .window import DowntimeWindow
@@ -120,6 +121,8 @@ class Source:
         self._host_speed = HostSpeed()  # the sends' pace: is the host slower than when costs were learned?
         # From the pause to RUNNING: the collector off, the threads at SCHED_FIFO (window.py).
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
+        self._timeline = Timeline()  # restarted at the pause: the downtime's fine marks
+        self._commit_recorded = False  # the "committing" record is on disk (`_downtime`)
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
 
@@ -182,6 +185,9 @@ class Source:
             self.log.error("migration_in_doubt", error=message)
             self.daemon.start_task(self.resolve)
             return
+        if self._commit_recorded:
+            # COMMIT never left: the record written before the pause no longer holds.
+            self._record_after("resumed-before-commit")
         if self._plane is not None:
             await self._plane.aclose()  # no thread reads guest RAM once the VM runs here again
         if self._channel is not None:
@@ -662,9 +668,22 @@ class Source:
         assert vm is not None and vm.tracker is not None and vm.memory is not None
         channel = self._channel
         assert channel is not None
+        # DESIGN 5 step 3, written before the pause rather than between LOADED and COMMIT, so that
+        # no fsync sits in the downtime. It is conservative: it says "COMMIT may go out, so if
+        # this daemon dies, ask the target", which is true from here on, and the target resumes
+        # only on a COMMIT that leaves after it. A migration that ends before COMMIT overwrites
+        # it (`_fail`); a record left saying "committing" only sends an operator to ask the
+        # target, who knows (DESIGN 5). If it cannot be written, nothing was paused yet: the
+        # migration fails and the VM runs on.
+        try:
+            await trio.to_thread.run_sync(self._record, "committing")
+        except StateDirError as err:
+            raise MigrationFailed(f"{err}; the VM keeps running here") from None
+        self._commit_recorded = True
         self.stats.state = self.stats.phase = "downtime"
         steps = self.stats.downtime_breakdown_ms
         clock = _StepClock(steps)
+        self._timeline = timeline = Timeline()
         self._paused_at = time.monotonic()
         # The downtime guard: from the pause to COMMIT at most the limit plus the named margin. A
         # target or link that stalls here costs the guest that long, not seconds: the source
@@ -683,27 +702,30 @@ class Source:
             )
         channel = self._channel
         assert channel is not None
-        # DESIGN 5 step 3: record that the VM belongs to the target before COMMIT leaves. If
-        # that cannot be written, COMMIT must not leave: the migration fails, the VM resumes here.
-        try:
-            self._record("committed")
-        except StateDirError as err:
-            raise MigrationFailed(f"{err}; the VM keeps running here") from None
+        # DESIGN 5 step 3: the record that the VM belongs to the target was written before the
+        # pause (above): COMMIT leaves at once.
         self.committed = True
         await faults.hold(self.log, "commit")
         if faults.active("source-lose-commit"):
             await channel.aclose()
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
         await channel.send(Commit())
+        commit_sent_at = time.monotonic()
+        timeline.mark("commit_sent")
         # Everything the target receives from this connection has been written: both sides
         # report these bytes (the target counts them as they arrived) and pages (the counters
         # move after each batch went, so the last batch is in them only now).
         self._update_counters()
-        await self._expect(Running)
+        running = await self._expect(Running)
         clock.step("commit_to_running")
         self.stats.downtime_gc_ms = round(self._window.gc_ms_so_far(), 3)
         self.stats.downtime_realtime_threads = self._window.raised_threads
-        self.stats.downtime_ms = downtime_ms = (time.monotonic() - self._paused_at) * 1e3
+        timeline.mark("running_received")
+        running_at = time.monotonic()
+        self.stats.downtime_ms = downtime_ms = (running_at - self._paused_at) * 1e3
+        self.stats.guest_downtime_ms = guest_downtime_ms(
+            self._paused_at, commit_sent_at, running_at, running.resume_us, running.reply_us
+        )
         predicted_ms = self.stats.predicted_downtime_ms or 0.0
         allocated = vm.memory.allocated_bytes()
         learned = self._model.learn(
@@ -733,6 +755,7 @@ class Source:
                 breakdown_ms=dict(steps),
             )
         self.stats.total_ms = (time.monotonic() - self._started) * 1e3
+        self.log.info("downtime_timeline", origin=timeline.origin, marks_ms=timeline.as_ms())
         await self._send_outcome(channel)
         await self._release("completed", timed=True)
 
@@ -740,10 +763,11 @@ class Source:
         """Close, with the downtime and total time as measured here: only the source can time
         them (it paused and it started), and the target reports the same numbers. Best effort:
         the VM is the target's already."""
-        downtime_ms, total_ms = self.stats.downtime_ms, self.stats.total_ms
+        downtime_ms, total_ms, guest_ms = self.stats.downtime_ms, self.stats.total_ms, self.stats.guest_downtime_ms
         close = Close(
             downtime_us=None if downtime_ms is None else round(downtime_ms * 1e3),
             total_us=None if total_ms is None else round(total_ms * 1e3),
+            guest_downtime_us=None if guest_ms is None else round(guest_ms * 1e3),
         )
         with trio.move_on_after(1):
             try:
@@ -769,22 +793,21 @@ class Source:
         channel = self._channel
         plane = self._plane
         assert channel is not None and plane is not None
-        # Two worker-thread trips for R6.1-4, not one per step (on a loaded host every trip waits
-        # for the scheduler twice): the pages of R6.2 start streaming between them.
+        # One worker-thread trip for R6.1-4, not one per step (every trip waits for the
+        # scheduler twice, and on a busy host for long): the pages of R6.2 start streaming from
+        # that thread, between R6.2 and R6.3 (the stream threads take jobs from any thread).
+        timeline = self._timeline
+        sent_before = self._sent_bytes()
+        early_end = not vm.tracker.uses_backup_bitmap
         worker_clock = clock.fork()
-        final = await trio.to_thread.run_sync(self._stop_and_harvest, worker_clock)
+        dirty, passes, blobs, backup = await trio.to_thread.run_sync(
+            self._stop_and_save, pending, early_end, worker_clock
+        )
         clock.merge(worker_clock)
+        timeline.mark("save_returned")
         # After the pause: a held vCPU stays parked (a hold is not a pause), where lifting first
         # would let the held vCPUs dirty at full speed until the pause.
         await self._lift_limits("downtime")
-        round_ = self.stats.round + 1
-        sent_before = self._sent_bytes()
-        dirty = pending.union(final)
-        ring_pages = plane.start_pages(dirty, round_)  # R6.5's pages, out from now on
-        worker_clock = clock.fork()
-        blobs, backup = await trio.to_thread.run_sync(self._save_state, worker_clock)
-        clock.merge(worker_clock)
-        passes = [ring_pages]
         final_pages = dirty.count
         if backup is not None:
             self.stats.backup_bitmap_pages = backup.count
@@ -792,8 +815,9 @@ class Source:
             self.stats.backup_bitmap_added = dirty.union(backup).count - dirty.count
             final_pages += self.stats.backup_bitmap_added
             # All of it again: a page the ITS wrote may have gone out before it did.
-            passes.append(plane.start_pages(backup, round_))
-        passes.append(plane.start_end())  # every stream's end marker, behind its pages
+            passes.append(plane.start_pages(backup, self.stats.round + 1))
+        if not early_end:
+            passes.append(plane.start_end())  # every stream's end marker, behind its pages
         self.stats.final_pages = final_pages
         self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
         digest_result: list[bytes] = []
@@ -802,15 +826,25 @@ class Source:
             assert vm.memory is not None
             digest_result.append((await trio.to_thread.run_sync(memory_digest, vm.memory)).sha256)
 
+        verify = self.options.verify == "full"
+        state = [DeviceState(kind=kind, blob=blob) for kind, blob in blobs]
+        self.stats.state_bytes += sum(len(blob) for _, blob in blobs)
         try:
             async with trio.open_nursery() as nursery:
-                if self.options.verify == "full":
+                if verify:
                     nursery.start_soon(digest_ram)  # RAM is final: nothing writes it after R6.4
-                for kind, blob in blobs:
-                    await channel.send(DeviceState(kind=kind, blob=blob))
-                    self.stats.state_bytes += len(blob)
+                    await channel.send_many(state)
+                    timeline.mark("state_sent")
+                else:
+                    # Without a digest nothing is left to wait for: DONE goes in the state's
+                    # write, and the target waits for the streams' end markers itself (behind
+                    # the last pages, datastream.py rule 4) while these are still on their way.
+                    await faults.hold(self.log, "done")
+                    await channel.send_many([*state, self._done(None)])
+                    timeline.mark("state_and_done_sent")
                 for pass_ in passes:
                     await pass_.wait()
+                    timeline.mark("pass_sent")
                 clock.step("send")
                 self._downtime_bytes = self._sent_bytes() - sent_before
         except BaseExceptionGroup as group:
@@ -819,21 +853,17 @@ class Source:
             raise
         self._update_counters()
         digest = None
-        if self.options.verify == "full":
+        if verify:
             digest = digest_result[0]
             self.stats.verify_ms = clock.step("digest")
             self.stats.digest = digest.hex()
-        await faults.hold(self.log, "done")
-        await channel.send(
-            Done(
-                pages_total=channel.conn.pages_transferred,
-                digest=digest,
-                verify=self.options.verify,
-                rounds=self.stats.round,
-            )
-        )
+            timeline.mark("digest_done")
+            await faults.hold(self.log, "done")
+            await channel.send(self._done(digest))
+            timeline.mark("done_sent")
         self.stats.state = self.stats.phase = "cutover"
         loaded = await self._expect(Loaded)
+        timeline.mark("loaded_received")
         # What the target's digest cost, as it measured it (an older target does not say).
         self._target_digest_ms = None if loaded.digest_us is None else loaded.digest_us / 1e3
         if faults.active("source-abort-after-loaded"):
@@ -847,24 +877,56 @@ class Source:
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
 
+    def _done(self, digest: bytes | None) -> Done:
+        channel = self._channel
+        assert channel is not None
+        return Done(
+            pages_total=channel.conn.pages_transferred,
+            digest=digest,
+            verify=self.options.verify,
+            rounds=self.stats.round,
+        )
+
+    def _stop_and_save(
+        self, pending: DirtyPages, early_end: bool, clock: _StepClock
+    ) -> tuple[DirtyPages, list[Pass], list[tuple[str, bytes]], DirtyPages | None]:
+        """R6.1-4 in order, in a worker thread; R6.2's pages (R6.5) stream out from between R6.2
+        and R6.3 on. `early_end`: their end markers follow them at once."""
+        plane = self._plane
+        assert plane is not None
+        final = self._stop_and_harvest(clock)
+        dirty = pending.union(final)
+        passes = [plane.start_pages(dirty, self.stats.round + 1)]  # R6.5's pages, out from now on
+        if early_end:
+            # No backup bitmap (R7): R6.2 found every page there is to send (nothing but the
+            # vCPUs writes guest RAM, and they are parked), so the end markers follow them now.
+            # The target then has its pages in place while the state is still being saved.
+            passes.append(plane.start_end())
+        self._timeline.mark("pages_started")
+        blobs, backup = self._save_state(clock)
+        return dirty, passes, blobs, backup
+
     def _stop_and_harvest(self, clock: _StepClock) -> DirtyPages:
         """R6.1-2 in order, in a worker thread."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
+        self._timeline.mark("worker_entered")
         vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
         vm.tracker.count_pages_by_vcpu = False  # the dirty limit's measure ends with the rounds
         clock.step("pause")
+        self._timeline.mark("parked")
         if faults.active("cutover-holds"):
             trio.from_thread.run(faults.hold, self.log, "downtime")
         final = vm.tracker.collect()  # R6.2: harvest and reset
         clock.step("final_harvest")
+        self._timeline.mark("harvested")
         return final
 
     def _save_state(self, clock: _StepClock) -> tuple[list[tuple[str, bytes]], DirtyPages | None]:
-        """R6.3-4 in order, in a worker thread (R6.2's pages stream out meanwhile)."""
+        """R6.3-4 in order, in the worker thread (R6.2's pages stream out meanwhile)."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
-        blobs = vmstate.capture(self.hosted, self.daemon.kvm)  # R6.3
+        blobs = vmstate.capture(self.hosted, self.daemon.kvm, self._timeline)  # R6.3
         self.stats.state_save_ms = clock.step("state_save")
         backup = vm.tracker.collect_backup_bitmap()  # R6.4 (R7)
         clock.step("backup_bitmap")

@@ -42,7 +42,10 @@ class MigrationStats:
     # ran beside them is named "overlapped.*" (StepTimes).
     phase_steps_ms: dict[str, float] = field(default_factory=dict)
     apply_ms: float = 0.0  # target: writing received pages into guest RAM
-    downtime_ms: float | None = None
+    downtime_ms: float | None = None  # source: from the pause until RUNNING arrived
+    # From the pause until the target resumed the vCPUs, as the source places that on its clock
+    # (Running's resume_us and half the remaining round trip): what the guest saw.
+    guest_downtime_ms: float | None = None
     verify_ms: float | None = None
     state_save_ms: float | None = None
     state_bytes: int = 0

@@ -15,6 +15,7 @@ from ..hosted import HostedVm
 from ..kvm.arch import ARCHES, arch_of, host_arch
 from ..kvm.saved_state import STATE_VERSION
 from ..kvm.system import Kvm
+from .timeline import Timeline
 
 # A raw guest's port devices (COM1 registers, its receive FIFO and its last 64 KiB of output;
 # port 0x92): migrated.devices.PortBus.to_wire(). Well under 100 KiB.
@@ -49,7 +50,7 @@ def incompatibility(features: dict[str, Any], kvm: Kvm) -> str | None:
     return None
 
 
-def capture(hosted: HostedVm, kvm: Kvm) -> list[tuple[str, bytes]]:
+def capture(hosted: HostedVm, kvm: Kvm, timeline: Timeline | None = None) -> list[tuple[str, bytes]]:
     """R6.3: every vCPU's and the VM's state; the vCPUs are parked."""
     vm = hosted.vm
     assert vm is not None
@@ -57,6 +58,8 @@ def capture(hosted: HostedVm, kvm: Kvm) -> list[tuple[str, bytes]]:
     if not faults.active("source-skip-its-save"):
         arch.prepare_state_save(vm)
     wire = arch.save_state(vm)
+    if timeline is not None:
+        timeline.mark("state_read")
     if faults.active("source-zero-xsave"):
         for vcpu in wire["vcpus"]:
             vcpu["xsave"] = bytes(len(vcpu["xsave"]))
@@ -65,6 +68,8 @@ def capture(hosted: HostedVm, kvm: Kvm) -> list[tuple[str, bytes]]:
         # The vCPUs are parked, and (vcpu.py) finished their last I/O instruction before they
         # parked, so no device access is half done.
         blobs.append((X86_PORTS, msgpack.packb(hosted.ports.bus.to_wire(), use_bin_type=True)))
+    if timeline is not None:
+        timeline.mark("state_packed")
     return blobs
 
 

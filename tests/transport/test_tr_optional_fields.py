@@ -10,7 +10,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 from tr_helpers import drive, feed, raw_frame, split_frames, transfer
 
-from transport import Close, Done, Loaded, RemoteProtocolError, State, framing
+from transport import Close, Commit, Done, Loaded, RemoteProtocolError, Running, State, framing
 
 
 def test_rounds_and_the_targets_costs_reach_the_peer() -> None:
@@ -27,6 +27,23 @@ def test_the_sources_close_carries_its_timing() -> None:
     assert isinstance(close, Close) and (close.downtime_us, close.total_us) == (48_000, 2_500_000)
     [close] = transfer(target, source, Close())
     assert isinstance(close, Close) and close.downtime_us is None and source.state is State.CLOSED
+
+
+def test_running_carries_the_targets_resume_timing_and_close_the_guest_downtime() -> None:
+    source, target = drive(State.LOADED)
+    transfer(source, target, Commit())
+    [running] = transfer(target, source, Running(resume_us=40, reply_us=310))
+    assert isinstance(running, Running) and (running.resume_us, running.reply_us) == (40, 310)
+    [close] = transfer(source, target, Close(downtime_us=9_000, guest_downtime_us=8_700))
+    assert isinstance(close, Close) and close.guest_downtime_us == 8_700
+
+
+def test_a_running_without_timing_still_decodes() -> None:
+    """A bare RUNNING as an older target writes it."""
+    source, target = drive(State.LOADED)
+    transfer(source, target, Commit())
+    [running] = feed(source, raw_frame({"t": "running"}))
+    assert isinstance(running, Running) and running.resume_us is None and running.reply_us is None
 
 
 def test_a_done_without_rounds_still_decodes() -> None:
@@ -74,6 +91,8 @@ def test_an_older_peer_gets_frames_without_them() -> None:
         ({"t": "done", "pages_total": 0, "digest": None, "verify": "off", "rounds": -1}, "Done.rounds"),
         ({"t": "loaded", "digest": None, "load_us": 1.5}, "'load_us' must be int, got float"),
         ({"t": "loaded", "digest": None, "digest_us": 1 << 40}, "Loaded.digest_us"),
+        ({"t": "running", "resume_us": -1}, "Running.resume_us"),
+        ({"t": "running", "reply_us": 2.5}, "'reply_us' must be int, got float"),
     ],
 )
 def test_optional_fields_are_checked(header: dict[str, object], match: str) -> None:

@@ -1,0 +1,142 @@
+"""The cutover's records and their order (DESIGN 5), as the downtime work placed them: the
+source's "committing" record is on disk before the pause (no fsync between LOADED and COMMIT),
+is overwritten when the migration ends before COMMIT, and the target writes its VM record after
+RUNNING, also when RUNNING is lost. Real daemons, real KVM, the files they really write."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemons import DaemonProcess, MakeDaemon, wait_for, wait_migration
+from test_migration import assert_runs_here, create, migrate
+
+from migrated.migration.timeline import guest_downtime_ms
+from migrated.vmrecords import VmRecords
+
+pytestmark = pytest.mark.kvm
+
+
+def migration_records(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    directory = daemon.workdir / f"{daemon.name}-state" / "migrations"
+    return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))] if directory.is_dir() else []
+
+
+def vm_record(daemon: DaemonProcess, name: str) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads((daemon.workdir / f"{daemon.name}-state" / "vms" / f"{name}.json").read_text())
+    return record
+
+
+def test_the_commit_record_is_on_disk_while_the_vm_is_paused_and_released_after(make_daemon: MakeDaemon) -> None:
+    """cutover-holds keeps the source 0.3 s at each point after the pause (downtime, done,
+    commit): at the first, before any LOADED, the record already says "committing"."""
+    a, b = make_daemon("a", faults="cutover-holds"), make_daemon("b")
+    create(a, rate=16)
+    assert migration_records(a) == [], "no record before the migration"
+    a.call("migrate", name="vm1", to=b.address)
+    wait_for(lambda: '"point": "downtime"' in a.log(), what="the source to pause and hold")
+    records = migration_records(a)
+    assert [r["state"] for r in records] == ["committing"], records
+    assert a.call("migration.status", name="vm1")["state"] in ("downtime", "cutover"), "still before COMMIT"
+    stats = wait_migration(a, "vm1")
+    assert stats["state"] == "completed", stats
+    assert [r["state"] for r in migration_records(a)] == ["released"]
+    assert_runs_here(b, "vm1")
+    assert vm_record(b, "vm1")["state"] == "running"
+
+
+def test_a_migration_that_ends_before_commit_overwrites_the_commit_record(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    a, b = make_daemon("a"), make_daemon("b", faults="target-refuse-loaded")
+    create(a, rate=16)
+    stats = migrate(a, b)
+    assert stats["state"] == "failed" and "refusing at LOADED" in stats["error"], stats
+    assert stats["downtime_ms"] is not None, "the precondition: the VM was paused (the record was written)"
+    assert [r["state"] for r in migration_records(a)] == ["resumed-before-commit"]
+    assert_runs_here(a, "vm1")
+    # What a successor daemon would tell the operator, had this one died now: not the target.
+    records = VmRecords(a.workdir / "a-state")
+    (lost,) = _recover_as_successor(records, a.workdir / "a-state", "vm1")
+    assert "COMMIT" not in lost.detail and b.address not in lost.detail, lost.detail
+
+
+def _recover_as_successor(records: VmRecords, state_dir: Path, name: str) -> list[Any]:
+    """The live record as a dead predecessor would have left it (another pid), recovered."""
+    path = state_dir / "vms" / f"{name}.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "pid": os.getpid() + 1_000_000}))
+    return [lost for lost in records.recover() if lost.name == name]
+
+
+def test_a_committing_record_sends_the_operator_to_the_target(tmp_path: Path) -> None:
+    records = VmRecords(tmp_path)
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "m1.json").write_text(
+        json.dumps({"vm": "web", "target": "10.0.0.2:7890", "state": "committing"})
+    )
+    (tmp_path / "vms").mkdir()
+    (tmp_path / "vms" / "web.json").write_text(
+        json.dumps({"name": "web", "state": "migrating", "since": 1.0, "pid": os.getpid() + 1})
+    )
+    (lost,) = records.recover()
+    assert "10.0.0.2:7890" in lost.detail and "may be running there" in lost.detail, lost.detail
+
+
+def test_the_target_records_its_running_vm_after_running_even_when_running_is_lost(make_daemon: MakeDaemon) -> None:
+    a, b = make_daemon("a"), make_daemon("b", faults="target-vanish-after-commit")
+    create(a, rate=16)
+    a.call("migrate", name="vm1", to=b.address)
+    stats = wait_migration(a, "vm1", until=("completed", "failed", "aborted"))
+    assert stats["state"] == "completed", stats
+    assert '"event": "migration_in_doubt"' in a.log(), "the precondition: RUNNING was lost"
+    assert_runs_here(b, "vm1")
+    assert vm_record(b, "vm1")["state"] == "running"
+
+
+def test_the_guest_downtime_is_reported_beside_the_downtime(make_daemon: MakeDaemon) -> None:
+    a, b = make_daemon("a"), make_daemon("b")
+    create(a, rate=16)
+    stats = migrate(a, b)
+    assert stats["state"] == "completed", stats
+    assert isinstance(stats["guest_downtime_ms"], float), stats
+    # The target resumed before RUNNING left, and RUNNING took time to arrive.
+    assert 0 < stats["guest_downtime_ms"] < stats["downtime_ms"], stats
+
+
+def test_guest_downtime_arithmetic() -> None:
+    # Paused at 10.000 s, COMMIT out at 10.010, RUNNING in at 10.014; the target took 1 ms from
+    # COMMIT to RUNNING, resuming 0.2 ms after COMMIT: 3 ms of wire, 1.5 ms each way.
+    assert guest_downtime_ms(10.0, 10.010, 10.014, resume_us=200, reply_us=1000) == pytest.approx(11.7)
+    assert guest_downtime_ms(10.0, 10.010, 10.014, resume_us=None, reply_us=None) is None
+    # A target slower than the round trip measured (clock noise): no negative way there.
+    assert guest_downtime_ms(10.0, 10.010, 10.011, resume_us=200, reply_us=5000) == pytest.approx(10.2)
+
+
+def _timeline(daemon: DaemonProcess, event: str) -> dict[str, float]:
+    lines = [json.loads(line) for line in daemon.log().splitlines() if f'"event": "{event}"' in line]
+    assert len(lines) == 1, lines
+    marks: dict[str, float] = lines[0]["marks_ms"]
+    return marks
+
+
+def test_the_downtime_keeps_r6_order_and_the_target_loads_after_every_end_marker(make_daemon: MakeDaemon) -> None:
+    """The fine marks of both sides (downtime_timeline, cutover_timeline) in the order R6 and R9
+    ask: parked, harvested, the final pages and their end markers handed to the streams, the
+    state read, then the state and DONE in one write (verify off); the target restores only
+    once every stream ended, and answers RUNNING after it resumed."""
+    a, b = make_daemon("a", verify="off"), make_daemon("b")
+    create(a, rate=16)
+    stats = migrate(a, b)
+    assert stats["state"] == "completed", stats
+    source = _timeline(a, "downtime_timeline")
+    order = ["parked", "harvested", "pages_started", "state_read", "state_packed", "state_and_done_sent"]
+    assert [source[m] for m in order] == sorted(source[m] for m in order), source
+    assert source["loaded_received"] < source["commit_sent"] < source["running_received"], source
+    target = _timeline(b, "cutover_timeline")
+    assert target["streams_ended"] <= target["restored"] <= target["loaded_sent"], target
+    assert target["commit_received"] <= target["resumed"] <= target["running_sent"], target
