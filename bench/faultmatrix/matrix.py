@@ -32,9 +32,24 @@ def heal(cluster: Cluster) -> list[str]:
     return crashed
 
 
+# The bulk copy sends only what the guest ever wrote: a guest just started has written ~1 MiB,
+# gone in a few milliseconds, too short a window for a fault "in the bulk copy" to be seen.
+# With this much written it lasts about half a second at the cluster's bandwidth cap.
+BULK_DATA_BYTES = 16 << 20
+
+
+def wait_for_data(cluster: Cluster, vm: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while cluster.a.daemon.call("vm.show", name=vm)["memory_allocated_bytes"] < BULK_DATA_BYTES:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{vm} did not write {BULK_DATA_BYTES >> 20} MiB within {timeout_s} s")
+        time.sleep(0.05)
+
+
 def run_one(cluster: Cluster, fault: Fault) -> dict[str, Any]:
     vm = f"f{fault.index:03d}"
     cluster.a.daemon.call("vm.create", name=vm, **VM)
+    wait_for_data(cluster, vm)
     for node in (cluster.a, cluster.b):
         node.tail.mark()
     started = time.monotonic()
