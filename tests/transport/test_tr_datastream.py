@@ -257,3 +257,22 @@ def test_tampered_records_end_the_stream(attack: str) -> None:
     # What arrived before the bad record was delivered; nothing after it.
     with pytest.raises(RemoteProtocolError, match="failed earlier"):
         receiver.next_event()
+
+
+def test_records_of_changing_sizes_open_in_place_one_after_another() -> None:
+    """Each record is opened where it was received (one buffer, grown for the largest): a large
+    record, a small one and a large one again each give exactly their own pages, and a record that
+    fails its tag after them still ends the stream with nothing of it handed out."""
+    sender, receiver = pair(True)
+    sent = [batch(0, list(range(40, 80))), batch(3, [2], fill=0x11), batch(0, list(range(100, 164)), fill=0x77)]
+    good = wire(sender, *sent)
+    bad = bytearray(wire(sender, batch(0, [7], fill=0x22))[0])
+    bad[-1] ^= 1  # the tag
+    events = pump(receiver, b"".join(good))
+    assert [(slot, pages, data) for slot, pages, _, data in events] == [
+        (b.slot, b.pages.tolist(), bytes(b.data)) for b in sent
+    ]
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        pump(receiver, bytes(bad))
+    with pytest.raises(RemoteProtocolError, match="failed earlier"):
+        receiver.next_event()
