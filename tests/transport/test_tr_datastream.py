@@ -276,3 +276,44 @@ def test_records_of_changing_sizes_open_in_place_one_after_another() -> None:
         pump(receiver, bytes(bad))
     with pytest.raises(RemoteProtocolError, match="failed earlier"):
         receiver.next_event()
+
+
+def test_a_batch_with_its_data_in_parts_is_the_same_frame_and_record(sealed: bool) -> None:
+    """Runs of pages given as separate buffers (straight from guest RAM) make exactly the bytes
+    of the same batch with its data in one buffer: same frame, same record."""
+    whole = batch(0, [3, 4, 10, 11, 12])
+    data = bytes(whole.data)
+    parts = [data[: 2 * PAGE], b"", data[2 * PAGE :]]
+    split = PageBatch(slot=0, round=1, pages=whole.pages, zero_pages=whole.zero_pages, data=b"")
+    one, _ = pair(sealed)
+    many, receiver = pair(sealed)
+    joined = b"".join(bytes(memoryview(b).cast("B")) for b in one.batch(whole))
+    assert b"".join(bytes(memoryview(b).cast("B")) for b in many.batch(split, parts)) == joined
+    assert pump(receiver, joined) == [(0, [3, 4, 10, 11, 12], [], data)]
+
+
+def test_data_in_parts_must_match_the_pages_and_not_come_twice() -> None:
+    sender, _ = pair(True)
+    pages = np.array([1, 2], np.uint64)
+    empty = np.empty(0, np.uint64)
+    with pytest.raises(LocalProtocolError, match=r"PageBatch.data is 4096 bytes; 2 pages"):
+        sender.batch(PageBatch(slot=0, round=1, pages=pages, zero_pages=empty, data=b""), [bytes(PAGE)])
+    with pytest.raises(LocalProtocolError, match="given twice"):
+        sender.batch(PageBatch(slot=0, round=1, pages=pages, zero_pages=empty, data=bytes(2 * PAGE)), [b"x"])
+    assert sender.batches == 0  # nothing was counted (or sealed) for a refused batch
+
+
+@pytest.mark.parametrize("attack", ["changed", "truncated", "replayed"])
+def test_a_record_of_a_batch_in_parts_is_checked_like_any_other(attack: str) -> None:
+    sender, receiver = pair(True)
+    parts = [bytes([1]) * PAGE, bytes([2]) * PAGE]
+    split = PageBatch(slot=0, round=1, pages=np.array([8, 20], np.uint64), zero_pages=np.empty(0, np.uint64), data=b"")
+    record = b"".join(bytes(memoryview(b).cast("B")) for b in sender.batch(split, parts))
+    if attack == "changed":
+        stream, eof = record[:-PAGE] + bytes([record[-PAGE] ^ 4]) + record[-PAGE + 1 :], False
+    elif attack == "truncated":
+        stream, eof = record[:-1], True
+    else:
+        stream, eof = record + record, False
+    with pytest.raises(RemoteProtocolError):  # a replay: the first copy opens, the second must not
+        pump(receiver, stream, eof=eof)
