@@ -14,7 +14,13 @@ machine. `by_streams` holds each setting's median and runs; `aead_cost_percent` 
 medians at the best stream count. `--pipeline` adds the old single-connection page path in one
 process (PeerChannel, into warm memory) as it was measured before the data streams.
 
+`cpu_s_per_gib` is each daemon's CPU time (all its threads) over the migration per GiB moved:
+unlike MiB/s it barely moves when other work shares the cores. `--reference-repo DIR` migrates
+with another checkout's daemons (DIR/.venv) too, interleaved setting by setting, and reports them
+under `reference_by_streams` and `speedup_vs_reference`: before and after in the same run.
+
     python bench/stream.py [--memory-mib 2048] [--vcpus 1] [--seconds 5] [--repeat 2] [--streams 1,2,4]
+                           [--reference-repo /work/main]
 """
 
 from __future__ import annotations
@@ -174,7 +180,29 @@ def aead_core_mib_s(batch: int = 8 * MIB, count: int = 32) -> dict[str, float]:
     return {"seal_mib_s": sealed, "open_mib_s": opened, "memcpy_mib_s": copied}
 
 
-def migrate_once(memory_mib: int, vcpus: int, pause_guest: bool, aead: bool = True, streams: int = 2) -> dict[str, Any]:
+def reference_wrapper(repo: Path | None) -> tuple[str, ...]:
+    """Runs a daemon from another checkout (its own venv, its code first on the path) in place of
+    this one's: `sh` drops the interpreter path DaemonProcess puts first and execs the other."""
+    if repo is None:
+        return ()
+    script = 'shift; cd "$0" && export PYTHONPATH="$0" && exec "$0/.venv/bin/python" "$@"'
+    return ("sh", "-c", script, str(repo))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a whole process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def migrate_once(
+    memory_mib: int,
+    vcpus: int,
+    pause_guest: bool,
+    aead: bool = True,
+    streams: int = 2,
+    repo: Path | None = None,
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="migrated-bench-"))
     key = work / "peer.key"
     key.write_bytes(os.urandom(32))
@@ -182,8 +210,9 @@ def migrate_once(memory_mib: int, vcpus: int, pause_guest: bool, aead: bool = Tr
     config = work / "peer.toml"
     config.write_text("" if aead else '[peer]\nauth = "none"\nallow_unauthenticated = true\n')
     extra = ("--config", str(config))
-    a = DaemonProcess("a", work, key, extra_args=extra).start()
-    b = DaemonProcess("b", work, key, extra_args=extra).start()
+    wrapper = reference_wrapper(repo)
+    a = DaemonProcess("a", work, key, extra_args=extra, wrapper=wrapper).start()
+    b = DaemonProcess("b", work, key, extra_args=extra, wrapper=wrapper).start()
     try:
         working_set = memory_mib - 8  # all but the guest's own metadata
         a.call(
@@ -203,10 +232,17 @@ def migrate_once(memory_mib: int, vcpus: int, pause_guest: bool, aead: bool = Tr
         a.call("vm.set", name="bench", dirty_rate_mib_s=0)
         if pause_guest:
             a.call("vm.pause", name="bench")
+        assert a.process is not None and b.process is not None
+        pids = {"source": a.process.pid, "target": b.process.pid}
+        before = {side: cpu_seconds(pid) for side, pid in pids.items()}
         a.call("migrate", name="bench", to=b.address, verify="off", streams=streams)
         stats = wait_migration(a, "bench", timeout=300)
         if stats["state"] != "completed":
             raise RuntimeError(f"migration did not complete: {stats}")
+        # CPU per GiB moved, whole daemon (every thread; the guest is paused): what a copy costs
+        # does not depend on what else shares the cores, unlike its MiB/s.
+        gib = float(stats["bulk_bytes"]) / (1 << 30)
+        stats["cpu_s_per_gib"] = {side: (cpu_seconds(pid) - before[side]) / gib for side, pid in pids.items()}
         return stats
     finally:
         a.stop()
@@ -215,6 +251,28 @@ def migrate_once(memory_mib: int, vcpus: int, pause_guest: bool, aead: bool = Tr
 
 def bulk_mib_s(stats: dict[str, Any]) -> float:
     return float(stats["bulk_bytes"]) / MIB / (float(stats["bulk_ms"]) / 1e3)
+
+
+def summarize(runs: dict[tuple[str, int, bool], list[dict[str, Any]]], name: str, counts: list[int]) -> dict[str, Any]:
+    """One variant's medians and runs per stream count, AEAD on and off."""
+    out: dict[str, Any] = {}
+    for n in counts:
+        bulk = {aead: [bulk_mib_s(stats) for stats in runs[(name, n, aead)]] for aead in (True, False)}
+        cpu = {
+            aead: {
+                side: statistics.median(stats["cpu_s_per_gib"][side] for stats in runs[(name, n, aead)])
+                for side in ("source", "target")
+            }
+            for aead in (True, False)
+        }
+        out[str(n)] = {
+            "aead_on_mib_s": statistics.median(bulk[True]),
+            "aead_off_mib_s": statistics.median(bulk[False]),
+            "runs": {"aead_on": bulk[True], "aead_off": bulk[False]},
+            "downtime_ms": [stats["downtime_ms"] for stats in runs[(name, n, True)]],
+            "cpu_s_per_gib": {"aead_on": cpu[True], "aead_off": cpu[False]},
+        }
+    return out
 
 
 def main() -> None:
@@ -229,35 +287,46 @@ def main() -> None:
     )
     parser.add_argument("--streams", default="1,2,4", help="data stream counts to compare, comma-separated")
     parser.add_argument("--pipeline", action="store_true", help="also the old one-connection path in one process")
+    parser.add_argument(
+        "--reference-repo",
+        type=Path,
+        default=None,
+        help="another checkout (with its .venv) whose daemons migrate interleaved with ours, as the "
+        "reference of the same run (default: none)",
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
     warm_s = warm_host_memory(args.warm_gib)
     iperf = [iperf3_mib_s(args.seconds)]
     aead_core = aead_core_mib_s()
-    runs: dict[tuple[int, bool], list[dict[str, Any]]] = {(n, aead): [] for n in counts for aead in (True, False)}
+    repos: dict[str, Path | None] = {"ours": None}
+    if args.reference_repo is not None:
+        repos["reference"] = args.reference_repo.resolve()
+    runs: dict[tuple[str, int, bool], list[dict[str, Any]]] = {
+        (name, n, aead): [] for name in repos for n in counts for aead in (True, False)
+    }
     pipelines: dict[bool, list[float]] = {True: [], False: []}
+    turn = 0
     for _ in range(args.repeat):
         for n in counts:
             for aead in (False, True):
-                runs[(n, aead)].append(migrate_once(args.memory_mib, args.vcpus, args.pause_guest, aead, n))
+                # Interleaved, and who goes first alternates: both meet the same machine, and
+                # neither always gets the memory the other just freed.
+                order = list(repos.items())
+                turn += 1
+                for name, repo in order[turn % len(order) :] + order[: turn % len(order)]:
+                    stats = migrate_once(args.memory_mib, args.vcpus, args.pause_guest, aead, n, repo)
+                    runs[(name, n, aead)].append(stats)
             if args.pipeline:
                 for aead in (False, True):
                     pipelines[aead].append(pipeline_warm_mib_s(aead=aead))
         iperf.append(iperf3_mib_s(args.seconds))  # between repetitions: the reference moves too
-    bulk = {key: [bulk_mib_s(stats) for stats in value] for key, value in runs.items()}
-    by_streams = {
-        str(n): {
-            "aead_on_mib_s": statistics.median(bulk[(n, True)]),
-            "aead_off_mib_s": statistics.median(bulk[(n, False)]),
-            "runs": {"aead_on": bulk[(n, True)], "aead_off": bulk[(n, False)]},
-            "downtime_ms": [stats["downtime_ms"] for stats in runs[(n, True)]],
-        }
-        for n in counts
-    }
+    by_variant = {name: summarize(runs, name, counts) for name in repos}
+    by_streams = by_variant["ours"]
     best = max(counts, key=lambda n: by_streams[str(n)]["aead_on_mib_s"])
     on, off = by_streams[str(best)]["aead_on_mib_s"], by_streams[str(best)]["aead_off_mib_s"]
     iperf_median = statistics.median(iperf)
-    last = runs[(best, True)][-1]
+    last = runs[("ours", best, True)][-1]
     result: dict[str, Any] = {
         "bulk_mib_s": on,
         "bulk_mib_s_aead_off": off,
@@ -280,6 +349,17 @@ def main() -> None:
         "total_ms": last["total_ms"],
         "repeat": args.repeat,
     }
+    if "reference" in by_variant:
+        reference = by_variant["reference"]
+        result["reference_repo"] = str(repos["reference"])
+        result["reference_by_streams"] = reference
+        result["speedup_vs_reference"] = {
+            n: {
+                setting: by_streams[n][f"{setting}_mib_s"] / reference[n][f"{setting}_mib_s"]
+                for setting in ("aead_on", "aead_off")
+            }
+            for n in by_streams
+        }
     if args.pipeline:
         pipe_on, pipe_off = statistics.median(pipelines[True]), statistics.median(pipelines[False])
         result["pipeline_warm_target_mib_s"] = pipe_on

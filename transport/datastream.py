@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -168,13 +168,15 @@ class Layout:
     page_size: int
     max_batch_bytes: int
 
-    def check(self, batch: PageBatch) -> None:
+    def check(self, batch: PageBatch, data_bytes: int | None = None) -> None:
+        """`data_bytes`: the page data's size where it travels apart from `batch.data`."""
         pages = self.slot_pages.get(batch.slot)
         if pages is None:
             raise LocalProtocolError(f"unknown slot {batch.slot} (the VM has slots {sorted(self.slot_pages)})")
-        if batch.data_bytes != batch.pages.size * self.page_size:
+        data_bytes = batch.data_bytes if data_bytes is None else data_bytes
+        if data_bytes != batch.pages.size * self.page_size:
             raise LocalProtocolError(
-                f"PageBatch.data is {batch.data_bytes} bytes; {batch.pages.size} pages of "
+                f"PageBatch.data is {data_bytes} bytes; {batch.pages.size} pages of "
                 f"{self.page_size} bytes need {batch.pages.size * self.page_size}"
             )
         for name, indices in (("page", batch.pages), ("zero page", batch.zero_pages)):
@@ -198,13 +200,20 @@ class DataSender:
         self.pages = 0
         self.ended = False
 
-    def batch(self, batch: PageBatch) -> list[framing.SendBuffer]:
+    def batch(self, batch: PageBatch, data: Sequence[framing.SendBuffer] = ()) -> list[framing.SendBuffer]:
         """The buffers of one batch (page data as views, or the record's ciphertext reused by
-        the next call: write them before the next)."""
+        the next call: write them before the next).
+
+        `data`, if given, is the page data in several buffers, in the order of `batch.pages`
+        (runs straight from guest RAM: no gather copy), and `batch.data` is empty. On the wire
+        it is one PageBatch like any other: one frame, one record."""
         if self.ended:
             raise LocalProtocolError("PageBatch after StreamEnd")
-        self._layout.check(batch)
-        buffers = self._encode(batch)
+        if data and batch.data_bytes:
+            raise LocalProtocolError("PageBatch data given twice (in the batch and apart)")
+        parts = [view for view in (memoryview(part).cast("B") for part in data) if view.nbytes]
+        self._layout.check(batch, sum(view.nbytes for view in parts) if data else None)
+        buffers = self._encode(batch, parts)
         self.batches += 1
         self.pages += int(batch.pages.size + batch.zero_pages.size)
         return buffers
@@ -219,14 +228,20 @@ class DataSender:
         if self._sealer is not None:
             self._sealer.release()
 
-    def _encode(self, event: Event) -> list[framing.SendBuffer]:
+    def _encode(self, event: Event, data: Sequence[memoryview] = ()) -> list[framing.SendBuffer]:
         if isinstance(event, StreamEnd):
             header = msgpack.packb(
                 {"t": "stream_end", "batches": event.batches, "pages": event.pages}, use_bin_type=True
             )
             buffers: list[framing.SendBuffer] = [framing.PREFIX.pack(len(header), 0) + header]
         else:
-            _, buffers = framing.encode(event)
+            header, buffers = framing.encode(event)
+            if data:
+                # The same frame as with the data in the batch: only the prefix's payload length
+                # counts the parts that follow the index arrays.
+                payload = [*buffers[1:], *data]
+                length = sum(memoryview(part).nbytes for part in payload)
+                buffers = [framing.PREFIX.pack(len(header), length) + header, *payload]
         if self._sealer is not None:
             return self._sealer.seal(buffers)
         return buffers

@@ -105,7 +105,8 @@ class Opener:
     """The peer's records, in order: bytes in, one authenticated frame out per record.
 
     `max_frame` bounds a record before any of it is buffered. With `reuse`, every frame is
-    decrypted into one buffer, so a frame is valid only until the next call to `next_frame`."""
+    decrypted in place, in the one buffer records are received into, so a frame is valid only
+    until the next call to `next_frame`."""
 
     def __init__(self, key: bytes, max_frame: int, *, reuse: bool = False) -> None:
         self._aead = AESGCM(key)
@@ -118,7 +119,6 @@ class Opener:
         self._record: bytearray | None = None  # ciphertext and tag of the record arriving
         self._record_buffer: bytearray | None = None  # reused: decrypt_into consumes what it holds
         self._filled = 0
-        self._plain: bytearray | None = None  # reused frame buffer (with `reuse`)
 
     @property
     def missing(self) -> int:
@@ -170,7 +170,11 @@ class Opener:
             return None
         assert self._record is not None
         record = memoryview(self._record)[: self._length]
-        out = self._frame_buffer(self._length - TAG_BYTES)
+        # Reused buffers: the frame is decrypted where its ciphertext lies (GCM allows in == out),
+        # so the bytes the caller writes on are the ones still in cache, and no second buffer
+        # of the largest frame is kept.
+        size = self._length - TAG_BYTES
+        out = record[:size] if self._reuse else memoryview(bytearray(size))
         try:
             self._aead.decrypt_into(_nonce(self.sequence), record, self._prefix, out)
         except InvalidTag:
@@ -185,7 +189,7 @@ class Opener:
     def release(self) -> None:
         """Drop every buffer held (the stream is closed): a record half received is dropped too."""
         self._head = bytearray()
-        self._record = self._record_buffer = self._plain = None
+        self._record = self._record_buffer = None
         self._filled = 0
 
     def _start_record(self) -> None:
@@ -206,10 +210,3 @@ class Opener:
             self._record[:take] = head[LENGTH.size : LENGTH.size + take]
         del self._head[: LENGTH.size + take]
         self._filled = take
-
-    def _frame_buffer(self, size: int) -> memoryview:
-        if not self._reuse:
-            return memoryview(bytearray(size))
-        if self._plain is None or len(self._plain) < size:
-            self._plain = bytearray(size)
-        return memoryview(self._plain)[:size]

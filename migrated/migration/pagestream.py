@@ -32,8 +32,19 @@ class StreamCounters:
 
 
 def _split_zero(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
-    """True for each page (row) of `block` that holds a non-zero byte."""
-    return np.asarray(block.view(np.uint64).reshape(-1, WORDS).any(axis=1))
+    """True for each page (row) of `block` that holds a non-zero byte.
+
+    A page whose first word is non-zero is decided by that word alone (one cache line read per
+    page: a guest's data pages nearly all qualify); only the rest are scanned whole, with `max`
+    (a SIMD reduction, ~5x faster here than `any`, which casts every word to bool first)."""
+    words = block.view(np.uint64).reshape(-1, WORDS)
+    nonzero: npt.NDArray[np.bool_] = words[:, 0] != 0
+    if nonzero.all():
+        return nonzero
+    doubtful = np.flatnonzero(~nonzero)
+    rows = words if doubtful.size == nonzero.size else words[doubtful]
+    nonzero[doubtful] = rows.max(axis=1) != 0
+    return nonzero
 
 
 async def _send_block(

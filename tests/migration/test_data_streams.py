@@ -18,7 +18,7 @@ import trio
 from migrated.kvm.dirty import DirtyPages
 from migrated.kvm.memory import GuestMemory
 from migrated.migration.recvstreams import ReceiveStreams, accept_hello
-from migrated.migration.sendstreams import CHUNK_SHIFT, SendStreams, chunk_runs, stream_of
+from migrated.migration.sendstreams import CHUNK_SHIFT, SendStreams, chunk_runs, group_runs, stream_of
 from transport.datastream import Layout, stream_secret
 
 PAGE = 4096
@@ -39,7 +39,7 @@ def _fill(memory: GuestMemory, seed: int) -> None:
 
 
 async def _plane(
-    src: GuestMemory, dst: GuestMemory, count: int, sealed: bool, nursery: trio.Nursery
+    src: GuestMemory, dst: GuestMemory, count: int, sealed: bool, nursery: trio.Nursery, batch_pages: int = 200
 ) -> tuple[SendStreams, ReceiveStreams, list[str]]:
     secret = stream_secret(os.urandom(32) if sealed else None, os.urandom(32), os.urandom(32))
     layout = Layout({0: src.size // PAGE}, PAGE, 1 * MIB)
@@ -65,7 +65,7 @@ async def _plane(
         count=count,
         memory=src,
         layout=layout,
-        batch_pages=200,
+        batch_pages=batch_pages,
         bandwidth_bytes_s=0,
     )
     with trio.fail_after(30):
@@ -85,6 +85,53 @@ def test_chunks_map_each_page_to_one_stream() -> None:
             covered.extend(range(first, end))
     assert sorted(covered) == [*range(3, 1500), *range(2000, 2100)]
     assert int(stream_of(np.array([(5 << CHUNK_SHIFT) + 1], np.uint64), 4)[0]) == 1
+
+
+def test_runs_are_grouped_in_order_up_to_the_batch_size() -> None:
+    runs = [(0, 50), (512, 562), (1024, 1224), (1536, 1546), (2048, 2248)]
+    assert group_runs(runs, 250) == [[(0, 50), (512, 562)], [(1024, 1224), (1536, 1546)], [(2048, 2248)]]
+    assert group_runs(runs[2:3], 200) == [[(1024, 1224)]]
+    assert group_runs([], 200) == []
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "clear"])
+def test_a_bulk_copy_of_scattered_extents_sends_several_runs_per_batch(sealed: bool) -> None:
+    """A sparse guest's extents over three streams: a stream's runs share a batch (one record),
+    each run's data straight from guest RAM, its zero pages taken out; every page lands."""
+    src, dst = GuestMemory.flat(16 * MIB, "src"), GuestMemory.flat(16 * MIB, "dst")
+    try:
+        _fill(src, 4)
+        ram = src.bytes.reshape(-1, PAGE)
+        extents = [(first, first + 50) for first in range(0, ram.shape[0] - 50, 300)]
+        ram[[first + 7 for first, _ in extents[::3]]] = 0  # zero pages inside runs
+        ram[extents[1][0] : extents[1][1]] = 0  # a whole run of zero pages
+        runs = sum(len(chunk_runs(extents, index, 3, 240)) for index in range(3))
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                send, receive, failures = await _plane(src, dst, 3, sealed, nursery, batch_pages=240)
+                await send.send_extents({0: extents}, 0)
+                await send.end()
+                with trio.fail_after(60):
+                    await receive.wait_ended()
+                assert failures == []
+                total = send.totals()
+                assert total.batches < runs / 2, (total.batches, runs)  # grouped, not one per run
+                assert total.zero_pages == len(extents[::3]) + 50  # extents[1] is not among extents[::3]
+                await send.aclose()
+                await receive.aclose()
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        sent = np.zeros(ram.shape[0], bool)
+        for first, end in extents:
+            sent[first:end] = True
+        got = dst.bytes.reshape(-1, PAGE)
+        assert np.array_equal(got[sent], ram[sent])
+        assert not got[~sent].any()  # nothing outside the extents was written
+    finally:
+        src.close()
+        dst.close()
 
 
 @pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "clear"])

@@ -257,3 +257,63 @@ def test_tampered_records_end_the_stream(attack: str) -> None:
     # What arrived before the bad record was delivered; nothing after it.
     with pytest.raises(RemoteProtocolError, match="failed earlier"):
         receiver.next_event()
+
+
+def test_records_of_changing_sizes_open_in_place_one_after_another() -> None:
+    """Each record is opened where it was received (one buffer, grown for the largest): a large
+    record, a small one and a large one again each give exactly their own pages, and a record that
+    fails its tag after them still ends the stream with nothing of it handed out."""
+    sender, receiver = pair(True)
+    sent = [batch(0, list(range(40, 80))), batch(3, [2], fill=0x11), batch(0, list(range(100, 164)), fill=0x77)]
+    good = wire(sender, *sent)
+    bad = bytearray(wire(sender, batch(0, [7], fill=0x22))[0])
+    bad[-1] ^= 1  # the tag
+    events = pump(receiver, b"".join(good))
+    assert [(slot, pages, data) for slot, pages, _, data in events] == [
+        (b.slot, b.pages.tolist(), bytes(b.data)) for b in sent
+    ]
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        pump(receiver, bytes(bad))
+    with pytest.raises(RemoteProtocolError, match="failed earlier"):
+        receiver.next_event()
+
+
+def test_a_batch_with_its_data_in_parts_is_the_same_frame_and_record(sealed: bool) -> None:
+    """Runs of pages given as separate buffers (straight from guest RAM) make exactly the bytes
+    of the same batch with its data in one buffer: same frame, same record."""
+    whole = batch(0, [3, 4, 10, 11, 12])
+    data = bytes(whole.data)
+    parts = [data[: 2 * PAGE], b"", data[2 * PAGE :]]
+    split = PageBatch(slot=0, round=1, pages=whole.pages, zero_pages=whole.zero_pages, data=b"")
+    one, _ = pair(sealed)
+    many, receiver = pair(sealed)
+    joined = b"".join(bytes(memoryview(b).cast("B")) for b in one.batch(whole))
+    assert b"".join(bytes(memoryview(b).cast("B")) for b in many.batch(split, parts)) == joined
+    assert pump(receiver, joined) == [(0, [3, 4, 10, 11, 12], [], data)]
+
+
+def test_data_in_parts_must_match_the_pages_and_not_come_twice() -> None:
+    sender, _ = pair(True)
+    pages = np.array([1, 2], np.uint64)
+    empty = np.empty(0, np.uint64)
+    with pytest.raises(LocalProtocolError, match=r"PageBatch.data is 4096 bytes; 2 pages"):
+        sender.batch(PageBatch(slot=0, round=1, pages=pages, zero_pages=empty, data=b""), [bytes(PAGE)])
+    with pytest.raises(LocalProtocolError, match="given twice"):
+        sender.batch(PageBatch(slot=0, round=1, pages=pages, zero_pages=empty, data=bytes(2 * PAGE)), [b"x"])
+    assert sender.batches == 0  # nothing was counted (or sealed) for a refused batch
+
+
+@pytest.mark.parametrize("attack", ["changed", "truncated", "replayed"])
+def test_a_record_of_a_batch_in_parts_is_checked_like_any_other(attack: str) -> None:
+    sender, receiver = pair(True)
+    parts = [bytes([1]) * PAGE, bytes([2]) * PAGE]
+    split = PageBatch(slot=0, round=1, pages=np.array([8, 20], np.uint64), zero_pages=np.empty(0, np.uint64), data=b"")
+    record = b"".join(bytes(memoryview(b).cast("B")) for b in sender.batch(split, parts))
+    if attack == "changed":
+        stream, eof = record[:-PAGE] + bytes([record[-PAGE] ^ 4]) + record[-PAGE + 1 :], False
+    elif attack == "truncated":
+        stream, eof = record[:-1], True
+    else:
+        stream, eof = record + record, False
+    with pytest.raises(RemoteProtocolError):  # a replay: the first copy opens, the second must not
+        pump(receiver, stream, eof=eof)
