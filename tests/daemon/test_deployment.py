@@ -13,7 +13,6 @@ and /dev/kvm.
 from __future__ import annotations
 
 import grp
-import json
 import os
 import shutil
 import stat
@@ -79,18 +78,6 @@ def make(
     return daemon
 
 
-def events(daemon: DaemonProcess, name: str) -> list[dict[str, object]]:
-    found = []
-    for line in daemon.log().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("event") == name:
-            found.append(record)
-    return found
-
-
 # --- the harvester's real-time priority ----------------------------------------------------
 
 
@@ -106,7 +93,7 @@ def test_the_units_capability_gives_the_harvester_sched_fifo(tmp_path: Path, dae
         what="the harvester to start",
     )
     assert shown["harvester_realtime"] is True, shown
-    assert events(daemon, "harvester_realtime_unavailable") == []
+    assert daemon.events("harvester_realtime_unavailable") == []
 
 
 def test_without_rtprio_the_daemon_says_loudly_what_it_costs(tmp_path: Path, daemons: list[DaemonProcess]) -> None:
@@ -114,7 +101,7 @@ def test_without_rtprio_the_daemon_says_loudly_what_it_costs(tmp_path: Path, dae
     status = daemon.call("daemon.status")
     assert status["harvester_realtime"] is False, status
     assert "Operation not permitted" in status["harvester_realtime_error"]
-    (warning,) = events(daemon, "harvester_realtime_unavailable")
+    (warning,) = daemon.events("harvester_realtime_unavailable")
     assert warning["level"] == "warning"
     assert "livelocks the vCPU" in str(warning["cost"])
     assert "CAP_SYS_NICE" in str(warning["fix"]) and "RestrictRealtime" in str(warning["fix"])

@@ -10,24 +10,12 @@ from pathlib import Path
 import pytest
 
 from conftest import MakeDaemon
-from daemons import DaemonProcess, wait_for
+from daemons import wait_for
 from migrated.migration.downtime_models_file import MAX_BYTES, load_models, models_path, save_models
 from migrated.migration.policy import DowntimeModel, DowntimeModels
 from test_migration import assert_runs_here, create, migrate
 
 DEFAULT_FIXED_MS = DowntimeModel().fixed_ms + DowntimeModel().pause_ms
-
-
-def events(daemon: DaemonProcess, name: str) -> list[dict[str, object]]:
-    found = []
-    for line in daemon.log().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("event") == name:
-            found.append(record)
-    return found
 
 
 # ---- the file (no KVM) ------------------------------------------------------------------------
@@ -88,7 +76,7 @@ def test_a_restarted_daemon_predicts_from_what_it_learned(make_daemon: MakeDaemo
 
     assert a.stop() == 0
     a.start()
-    (loaded,) = events(a, "downtime_models_loaded")
+    (loaded,) = a.events("downtime_models_loaded")
     assert loaded["peers"] == [b.address], loaded
     back = migrate(b, a)
     assert back["state"] == "completed", back
@@ -115,7 +103,7 @@ def test_a_corrupt_models_file_is_reported_once_and_the_daemon_serves(make_daemo
         '{"version": 1, "written_at": 0, "peers": {"x": {"terms": {"fixed": [[0, "slow"]]}}}}'
     )
     a, b = make_daemon("a", downtime_limit_ms=300), make_daemon("b", downtime_limit_ms=300)
-    (ignored,) = events(a, "downtime_models_ignored")
+    (ignored,) = a.events("downtime_models_ignored")
     assert ignored["level"] == "warning"
     assert str(models_path(state)) in str(ignored["error"]) and "peers['x'].fixed" in str(ignored["error"])
     create(a, rate=0.0, memory_mib=128, working_set_mib=16)
