@@ -89,6 +89,7 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
                     "downtime_ms": stats.get("downtime_ms"),
                     "guest_downtime_ms": stats.get("guest_downtime_ms"),
                     "predicted_downtime_ms": stats.get("predicted_downtime_ms"),
+                    "predicted_terms_ms": stats.get("predicted_downtime_terms_ms") or {},
                     "rounds": stats.get("rounds"),
                     "final_pages": stats.get("final_pages"),
                     "breakdown_ms": stats.get("downtime_breakdown_ms") or {},
