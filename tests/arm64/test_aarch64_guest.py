@@ -161,7 +161,9 @@ def test_its_table_saves_land_in_the_backup_bitmap_not_in_the_rings(
     pending = {i for i in range(8192, 1 << ab.WLA_LPI_ID_BITS) if pend[i // 8] >> (i % 8) & 1}
     outstanding = guest.status(vm.ram)[0].lpi_outstanding
     expected = {ab.WLA_LPI_BASE + e for e in range(ab.WLA_INT_EVENTS) if outstanding >> e & 1}
-    assert expected and expected <= pending
+    # The guest marks an INT outstanding just before it hands the command to the ITS (its.c,
+    # send_int): a pause between the two leaves one outstanding event that the ITS never saw.
+    assert expected & pending and len(expected - pending) <= 1, (expected, pending)
 
     # Released, the guest takes every pending LPI: nothing was lost by the save.
     vm.resume()

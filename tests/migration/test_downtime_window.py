@@ -14,7 +14,6 @@ from conftest import MakeDaemon
 from migrated.migration.window import MONITOR, DowntimeWindow
 from migrated.realtime import RAISED, window_thread_ids
 from test_migration import assert_runs_here, create, migrate
-from test_learned_costs_restart import events
 
 NO_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
 
@@ -80,7 +79,7 @@ def test_without_the_right_to_fifo_the_downtime_runs_as_before_and_startup_says_
     a.stop()
     a.wrapper = ("prlimit", "--rtprio=0", *NO_CAPABILITIES)
     a.start()
-    (warning,) = events(a, "harvester_realtime_unavailable")
+    (warning,) = a.events("harvester_realtime_unavailable")
     assert "migration.downtime_realtime" in str(warning["cost"]), warning
     create(a, rate=0.0, memory_mib=128, working_set_mib=16)
     done = migrate(a, b)
