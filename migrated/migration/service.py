@@ -59,15 +59,18 @@ async def accept_data_stream(
     try:
         with trio.fail_at(deadline):
             hello, sock = await accept_hello(stream, daemon.config.peer)
-            # The hello is in: a stream that waits for its migration's VM (and proves it is that
-            # migration's, `attach_data_stream`) holds no handshake slot meanwhile.
-            handshakes.release()
-            in_handshake = False
+            # Until its migration is admitted the stream has proved nothing (its token is checked
+            # against that migration's secret), so it keeps its handshake slot: a flood of hellos
+            # naming no migration holds at most MAX_DATA_HANDSHAKES fds, each for the grace.
             target = await daemon.incoming.wait_live(hello.migration_id, ADMISSION_GRACE_S)
             if target is None:
                 raise RemoteProtocolError(
                     f"data stream for migration {hello.migration_id!r}, which is not in progress here"
                 )
+            # A stream that waits for its migration's VM (and proves it is that migration's,
+            # `attach_data_stream`, bounded by the streams announced) holds no slot meanwhile.
+            handshakes.release()
+            in_handshake = False
             await target.attach_data_stream(hello, sock)
         sock = None  # its thread owns it now
         log.info("data_stream_attached", peer=peer, migration_id=hello.migration_id, index=hello.index)

@@ -653,6 +653,25 @@ def test_a_data_stream_for_no_migration_in_progress_is_refused(target: TargetHos
     assert_unharmed(target)
 
 
+def test_hellos_for_no_migration_hold_at_most_the_handshake_slots(target: TargetHost) -> None:
+    """A stream naming no admitted migration has proved nothing: while it waits out the grace for
+    its migration to be admitted (1 s), it keeps its handshake slot, so of a burst of such hellos
+    all but MAX_DATA_HANDSHAKES (8) are refused at once instead of each holding an fd."""
+    log = LogWatch(target.daemon)
+    burst = [_data_stream(target, DataHello.make(os.urandom(32), f"m-nobody-{i}", 0, 1)) for i in range(16)]
+    try:
+        for peer in burst:
+            assert peer.closed_by_target() == b""
+        refusals = [log.wait("data_stream_refused", peer=peer.address)["error"] for peer in burst]
+    finally:
+        for peer in burst:
+            peer.sock.close()
+    too_many = [error for error in refusals if "too many data stream handshakes" in error]
+    assert too_many, refusals  # without the bound every one waits its grace out
+    assert all("too many" in error or "not in progress" in error for error in refusals), refusals
+    assert_unharmed(target)
+
+
 def test_bytes_after_the_data_magic_that_are_no_hello_are_refused(target: TargetHost) -> None:
     log = LogWatch(target.daemon)
     with Peer(target) as peer:
