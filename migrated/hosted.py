@@ -196,7 +196,7 @@ class HostedVm:
             return False
         if self.guest is not None and vm.memory is not None:
             return any(s.heartbeat > 0 for s in self.guest.status(vm.ram))
-        return any(sum(v.exits.values()) > 0 for v in vm.vcpus)
+        return any(v.served_exits > 0 for v in vm.vcpus)
 
     def show(self) -> dict[str, Any]:
         info: dict[str, Any] = {

@@ -85,6 +85,7 @@ class Vcpu:
         self.run = uapi.kvm_run.from_address(run_address)
         self.ring_address = ring_address
         self.exits: Counter[str] = Counter()
+        self.served_exits = 0  # exits handled without ending the vCPU (hosted.has_run)
         self.error: BaseException | None = None
         # Handlers by exit reason, set by the VM (dirty ring full, port I/O, MMIO).
         self.handlers: dict[int, ExitHandler] = {}
@@ -317,10 +318,11 @@ class Vcpu:
         handler = self.handlers.get(reason)
         if handler is not None:
             handler(self)
-            return
-        if reason in (uapi.KVM_EXIT_INTR, uapi.KVM_EXIT_HLT):
-            return
-        raise VcpuError(self._describe_fatal_exit(reason))
+        elif reason not in (uapi.KVM_EXIT_INTR, uapi.KVM_EXIT_HLT):
+            raise VcpuError(self._describe_fatal_exit(reason))
+        # Only now: an exit that ends the vCPU is counted in `exits` before the thread records
+        # its error, and a guest whose first exit is fatal must not look as if it ran.
+        self.served_exits += 1
 
     def _describe_fatal_exit(self, reason: int) -> str:
         name = _EXIT_NAMES.get(reason, f"exit reason {reason}")
