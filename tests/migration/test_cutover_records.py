@@ -118,6 +118,9 @@ def test_guest_downtime_arithmetic() -> None:
 
 
 def _timeline(daemon: DaemonProcess, event: str) -> dict[str, float]:
+    # Each side logs its timeline once its part is done, which may be after the other side's
+    # stats already say "completed" (the target writes its record and joins its streams first).
+    wait_for(lambda: f'"event": "{event}"' in daemon.log(), what=f"{daemon.name}'s {event}")
     lines = [json.loads(line) for line in daemon.log().splitlines() if f'"event": "{event}"' in line]
     assert len(lines) == 1, lines
     marks: dict[str, float] = lines[0]["marks_ms"]
