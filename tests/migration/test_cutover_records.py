@@ -27,7 +27,8 @@ def migration_records(daemon: DaemonProcess) -> list[dict[str, Any]]:
 
 
 def vm_record(daemon: DaemonProcess, name: str) -> dict[str, Any]:
-    record: dict[str, Any] = json.loads((daemon.workdir / f"{daemon.name}-state" / "vms" / f"{name}.json").read_text())
+    path = daemon.workdir / f"{daemon.name}-state" / "vms" / f"{name}.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     return record
 
 
@@ -46,7 +47,8 @@ def test_the_commit_record_is_on_disk_while_the_vm_is_paused_and_released_after(
     assert stats["state"] == "completed", stats
     assert [r["state"] for r in migration_records(a)] == ["released"]
     assert_runs_here(b, "vm1")
-    assert vm_record(b, "vm1")["state"] == "running"
+    # The target writes it after RUNNING went out (or failed to): wait for it, do not race it.
+    wait_for(lambda: vm_record(b, "vm1").get("state") == "running", what="b's record of vm1 as running")
 
 
 def test_a_migration_that_ends_before_commit_overwrites_the_commit_record(
@@ -95,7 +97,8 @@ def test_the_target_records_its_running_vm_after_running_even_when_running_is_lo
     assert stats["state"] == "completed", stats
     assert '"event": "migration_in_doubt"' in a.log(), "the precondition: RUNNING was lost"
     assert_runs_here(b, "vm1")
-    assert vm_record(b, "vm1")["state"] == "running"
+    # The target writes it after RUNNING went out (or failed to): wait for it, do not race it.
+    wait_for(lambda: vm_record(b, "vm1").get("state") == "running", what="b's record of vm1 as running")
 
 
 def test_the_guest_downtime_is_reported_beside_the_downtime(make_daemon: MakeDaemon) -> None:
