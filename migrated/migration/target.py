@@ -589,10 +589,25 @@ class Target:
                 hosted.state = VmState.PAUSED
         stats.downtime_gc_ms = round(self._window.gc_ms_so_far(), 3)
         stats.downtime_realtime_threads = self._window.raised_threads
-        stats.state = stats.phase = "completed"
+        # "completed" only once this side's part is done too (below): a status or a scrape read
+        # after the source said completed must not find the target's record, join or timing missing.
+        stats.state = stats.phase = "finishing"
         stats.total_ms = (time.monotonic() - self._started) * 1e3
         if stats.total_ms > 0:
             stats.bandwidth_mib_s = stats.bytes_sent / (1 << 20) / (stats.total_ms / 1e3)
+        try:
+            await self._send_running(commit_at, resumed_at)
+            self.log.info("incoming_vm_running")
+            self.log.info("cutover_timeline", origin=timeline.origin, marks_ms=timeline.as_ms())
+            await self._take_source_timing(stats)
+        finally:
+            stats.state = stats.phase = "completed"
+            hosted.last_migration = stats.as_dict()
+
+    async def _send_running(self, commit_at: float, resumed_at: float) -> None:
+        """RUNNING, then this side's bookkeeping: the VM runs here whether or not RUNNING went out."""
+        hosted, timeline = self.hosted, self._timeline
+        assert hosted is not None
         try:
             await faults.hold(self.log, "running")
             if faults.active("target-vanish-after-commit"):
@@ -615,10 +630,6 @@ class Target:
             with trio.CancelScope(shield=True):
                 self.daemon.record_vm(hosted)
                 await self._close_streams()
-        self.log.info("incoming_vm_running")
-        self.log.info("cutover_timeline", origin=timeline.origin, marks_ms=timeline.as_ms())
-        await self._take_source_timing(stats)
-        hosted.last_migration = stats.as_dict()
 
     async def _take_source_timing(self, stats: MigrationStats) -> None:
         """The downtime and total time as the source measured them, from its Close: only it can

@@ -148,7 +148,7 @@ def test_live_migration_between_backings(
     assert stats["memory_backing"] == source_backing
     assert stats["digest"]  # verify "full": the target's RAM digest matched the source's
     assert_runs_on(target, "vm1", target_backing)
-    assert target.call("migration.status", name="vm1")["memory_backing"] == target_backing
+    assert wait_migration(target, "vm1")["memory_backing"] == target_backing
     assert "vm1" not in [vm["name"] for vm in source.call("vm.list")]
 
 

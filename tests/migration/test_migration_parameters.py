@@ -140,7 +140,7 @@ def test_remaining_counts_down_during_the_bulk_copy_and_the_target_reports_its_o
     a.call("migration.set", name="vm1", max_bandwidth_mib_s=0)
     stats = wait_migration(a, "vm1")
     assert stats["state"] == "completed", stats
-    target = b.call("migration.status", name="vm1")
+    target = wait_migration(b, "vm1")
     assert target["role"] == "target" and target["state"] == "completed", target
     assert target["dirty_tracking"] == stats["dirty_tracking"] != "auto", (target, stats)
     assert target["total_ms"] is not None and target["total_ms"] > 0

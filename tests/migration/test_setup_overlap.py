@@ -64,7 +64,7 @@ def test_streams_that_connect_while_the_target_builds_carry_the_vm(pair: Any) ->
     assert stats["state"] == "completed", stats
     # Precondition of the test, not luck: every stream was waiting before the VM was built.
     assert len(_log_events(target, "data_stream_attached")) == STREAMS, target.log()
-    incoming = target.call("migration.status", name="vm1")
+    incoming = wait_migration(target, "vm1")
     assert list(incoming["phase_steps_ms"])[:5] == ["handshake", "describe", "check", "create_vm", "accept"], incoming
     _assert_runs_on(target)
     assert "vm1" not in [vm["name"] for vm in source.call("vm.list")]

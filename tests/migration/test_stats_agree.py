@@ -40,6 +40,7 @@ def test_source_and_target_status_agree(make_daemon: MakeDaemon) -> None:
     a.call("migrate", name="vm1", to=b.address)
     source = wait_migration(a, "vm1")
     assert source["state"] == "completed", source
+    assert wait_migration(b, "vm1")["state"] == "completed"  # the target's part ends after the source's
     assert_runs_here(b, "vm1")
     source = status(a, "vm1")
     target = status(b, "vm1")
