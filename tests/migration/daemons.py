@@ -90,7 +90,7 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def events(self, name: str) -> list[dict[str, object]]:
+    def events(self, name: str) -> list[dict[str, Any]]:
         """Every structured event called `name` in this daemon's log, oldest first."""
         found = []
         for line in self.log().splitlines():

@@ -4,7 +4,6 @@ once fds are free again the daemon serves and migrates as before."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import socket
@@ -22,18 +21,6 @@ SMALL_VM: dict[str, Any] = {"memory_mib": 64, "vcpus": 1, "working_set_mib": 8, 
 # SMALL_VM (VM, vCPU, memfd, eventfds, the peer socket), far fewer than the flood.
 HEADROOM_FDS = 48
 FLOOD = 200
-
-
-def events(daemon: DaemonProcess, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in daemon.log().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and event.get("event") == name:
-            found.append(event)
-    return found
 
 
 def limit_fds(daemon: DaemonProcess) -> int:
@@ -104,7 +91,7 @@ def test_fd_exhaustion_is_survived_and_the_daemon_migrates_after(make_daemon: Ma
     b.call("migrate", name="mover", to=a.address, downtime_limit_ms=10000)  # and out again, through B's own fds
     assert wait_migration(b, "mover")["state"] == "completed"
     # One warning per episode, not one per retry: every episode ended with one recovery line.
-    warnings, recoveries = events(b, "accept_out_of_resources"), events(b, "accept_recovered")
+    warnings, recoveries = b.events("accept_out_of_resources"), b.events("accept_recovered")
     assert 1 <= len(warnings) <= len(recoveries) + 2, (warnings, recoveries)
     assert sum(r["failed_attempts"] for r in recoveries) >= len(recoveries)
     assert b.alive()
