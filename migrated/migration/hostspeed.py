@@ -15,6 +15,11 @@ import statistics
 from collections import deque
 
 GIB = 1 << 30
+# A send of a few pages times the link's latency and the wake-ups around it, not the host's
+# speed: a 15-page bulk copy took 10.7 ms beside a CPU hog (180 s per GiB), which against an
+# earlier tiny send read as the 8x slowdown cap and priced a 20 ms downtime at 411 ms. The same
+# floor as the bandwidth's samples (source.BANDWIDTH_SAMPLE_MIN_BYTES).
+MIN_SAMPLE_BYTES = 1 << 20
 
 
 class HostSpeed:
@@ -27,7 +32,7 @@ class HostSpeed:
         self._samples: deque[float] = deque(maxlen=self.RECENT)
 
     def add(self, sent_bytes: int, seconds: float) -> None:
-        if sent_bytes > 0 and seconds > 0:
+        if sent_bytes >= MIN_SAMPLE_BYTES and seconds > 0:
             self._samples.append(seconds * 1e3 / (sent_bytes / GIB))
 
     @property
