@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0, help="RAM file size (default: 1)")
     parser.add_argument("--aead", type=int, default=1, help="1: sealed records (psk), 0: clear (default: 1)")
     parser.add_argument("--streams", type=int, default=1, help="data streams (default: 1)")
-    parser.add_argument("--batch-mib", type=int, default=8, help="migration.max_batch_bytes in MiB (default: 8)")
+    parser.add_argument("--batch-mib", type=float, default=8, help="migration.max_batch_bytes in MiB (default: 8)")
     parser.add_argument(
         "--repo", type=Path, default=Path(__file__).resolve().parents[1], help="checkout to profile (default: this)"
     )
@@ -86,7 +86,7 @@ def main() -> None:
     source.bytes[:] = 0x5A
     target = GuestMemory.flat(size, name="bench-target")
     pages = source.regions[0].pages
-    batch_bytes = args.batch_mib << 20
+    batch_bytes = int(args.batch_mib * (1 << 20))
     batch_pages = max(1, batch_bytes // (PAGE + 16))  # as source.batch_pages_for
     layout = Layout({0: pages}, PAGE, batch_bytes)
     secret = os.urandom(32)

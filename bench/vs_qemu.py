@@ -24,6 +24,10 @@ this nested host (its memory backing swings a lot, HOST-NOTES.md) hits both alik
   once and is paused, then migrates ping-pong (each target allocates fresh guest RAM). MiB/s is
   bytes moved over the migration's total time for both (QEMU's own `mbps` and migrated's bulk
   phase rate are reported too). iperf3, one stream on loopback, runs before and after.
+  What share of migrated's gap is the crypto: a third line (unless `--no-bulk-clear`) migrates
+  the same guest between daemons with stream protection off (`peer.auth = "none"` with the
+  test-only `allow_unauthenticated`: frames in the clear), interleaved with the two others. It is
+  NOT a production mode (DESIGN.md 6); it only prices the AEAD (`crypto_share`).
 
 Figures are medians with [min, max] ranges; `targets` evaluates issue 12's goals on them.
 Extra daemon configuration (keys other engineers add) passes through without code changes:
@@ -478,9 +482,15 @@ def qemu_bulk_once(binary: str, work: Path, source_ram: Path, size_mib: int, ser
     }
 
 
-def migrated_bulk_start(work: Path, config: Path, size_mib: int) -> tuple[DaemonProcess, DaemonProcess]:
+CLEAR_SETTINGS = ["peer.auth=none", "peer.allow_unauthenticated=true"]
+"""The bulk copy's clear line: frames unsealed. Test-only (DESIGN.md 6), never a production mode."""
+
+
+def migrated_bulk_start(
+    work: Path, config: Path, size_mib: int, label: str = "bulk"
+) -> tuple[DaemonProcess, DaemonProcess]:
     """A paused workload guest of `size_mib` whose every page the guest has written."""
-    a, b = start_daemons(work, "bulk", config)
+    a, b = start_daemons(work, label, config)
     working_set = size_mib - 8  # all but the guest's own metadata
     a.call("vm.create", name="bulk", memory_mib=size_mib, vcpus=1, dirty_rate_mib_s="max", working_set_mib=working_set)
     pages = working_set * MIB // PAGE
@@ -515,18 +525,27 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
     iperf = [iperf3_mib_s(args.iperf_seconds)]
     qemu_runs: list[dict[str, Any]] = []
     migrated_runs: list[dict[str, Any]] = []
-    a, b = migrated_bulk_start(work, config, args.bulk_mib)
+    clear_runs: list[dict[str, Any]] = []
+    pairs: list[tuple[DaemonProcess, DaemonProcess]] = []
     try:
+        pairs.append(migrated_bulk_start(work, config, args.bulk_mib))
+        if not args.no_bulk_clear:
+            # The operator's settings stay, but for the peer's authentication, which this line sets.
+            kept = [s for s in args.daemon_config if not s.strip().startswith(("peer.auth", "peer.allow_unauth"))]
+            clear_config = write_daemon_config(work / "daemon-clear.toml", [*kept, *CLEAR_SETTINGS])
+            pairs.append(migrated_bulk_start(work, clear_config, args.bulk_mib, label="bulk-clear"))
         for serial in range(args.bulk_runs):
             qemu_runs.append(qemu_bulk_once(binary, work, source_ram, args.bulk_mib, serial))
-            migrated_runs.append(migrated_bulk_once(a, b))
-            a, b = b, a  # ping-pong: every target allocates its guest RAM afresh
+            for index, (a, b) in enumerate(pairs):
+                (migrated_runs if index == 0 else clear_runs).append(migrated_bulk_once(a, b))
+                pairs[index] = (b, a)  # ping-pong: every target allocates its guest RAM afresh
     finally:
-        a.stop()
-        b.stop()
+        for a, b in pairs:
+            a.stop()
+            b.stop()
         qemu_vm.remove(source_ram)
     iperf.append(iperf3_mib_s(args.iperf_seconds))
-    return {
+    result: dict[str, Any] = {
         "guest_mib": args.bulk_mib,
         "iperf3_one_stream_mib_s": {"runs": [round(x, 1) for x in iperf], **spread(iperf)},
         "qemu": {"runs": qemu_runs, "mib_s": spread(r["mib_s"] for r in qemu_runs)},
@@ -535,6 +554,30 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
             "mib_s": spread(r["mib_s"] for r in migrated_runs),
             "bulk_phase_mib_s": spread(r["bulk_phase_mib_s"] for r in migrated_runs),
         },
+    }
+    if clear_runs:
+        result["migrated_clear_not_production"] = {
+            "note": "stream protection off (peer.auth none, test-only allow_unauthenticated): prices the AEAD",
+            "runs": clear_runs,
+            "mib_s": spread(r["mib_s"] for r in clear_runs),
+            "bulk_phase_mib_s": spread(r["bulk_phase_mib_s"] for r in clear_runs),
+        }
+        result["crypto_share"] = crypto_share(result)
+    return result
+
+
+def crypto_share(bulk: dict[str, Any]) -> dict[str, Any]:
+    """What the AEAD costs the bulk copy: the sealed median against the clear one, and the part of
+    the gap to iperf3 that the clear copy closes."""
+    sealed = bulk["migrated"]["mib_s"]["median"]
+    clear = bulk["migrated_clear_not_production"]["mib_s"]["median"]
+    iperf = bulk["iperf3_one_stream_mib_s"]["median"]
+    if sealed is None or clear is None or not clear:
+        return {"slowdown_percent": None, "share_of_gap_to_iperf3_percent": None}
+    gap = iperf - sealed if iperf is not None else None
+    return {
+        "slowdown_percent": round(100 * (clear - sealed) / clear, 1),
+        "share_of_gap_to_iperf3_percent": round(100 * (clear - sealed) / gap, 1) if gap and gap > 0 else None,
     }
 
 
@@ -631,6 +674,17 @@ def markdown(results: dict[str, Any]) -> str:
             f"| QEMU | {_cell(b['qemu']['mib_s'])} | {runs['qemu']} |",
             f"| migrated | {_cell(b['migrated']['mib_s'])} | {runs['migrated']} |",
             f"| migrated, bulk phase only | {_cell(b['migrated']['bulk_phase_mib_s'])} | |",
+            *(
+                [
+                    f"| migrated, stream protection OFF (test-only, not a production mode) | "
+                    f"{_cell(b['migrated_clear_not_production']['mib_s'])} | "
+                    f"{', '.join(str(r['mib_s']) for r in b['migrated_clear_not_production']['runs'])} |",
+                    f"| the crypto's share | slows the copy {b['crypto_share']['slowdown_percent']}% | "
+                    f"{b['crypto_share']['share_of_gap_to_iperf3_percent']}% of the gap to iperf3 |",
+                ]
+                if "migrated_clear_not_production" in b
+                else []
+            ),
             f"| iperf3, one stream (before, after) | {_cell(b['iperf3_one_stream_mib_s'])} | "
             f"{', '.join(str(x) for x in b['iperf3_one_stream_mib_s']['runs'])} |",
             "",
@@ -684,6 +738,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bulk-mib", type=int, default=2048, help="bulk-copy guest RAM")
     parser.add_argument("--bulk-runs", type=int, default=3, help="bulk migrations per engine, interleaved")
     parser.add_argument("--iperf-seconds", type=float, default=3.0, help="each iperf3 run (before and after)")
+    parser.add_argument(
+        "--no-bulk-clear",
+        action="store_true",
+        help="skip the bulk copy with stream protection off (test-only, prices the crypto)",
+    )
     parser.add_argument("--skip-boot-sector", action="store_true", help="only the bulk copy")
     parser.add_argument("--skip-bulk", action="store_true", help="only the boot-sector guest")
     parser.add_argument(
