@@ -12,6 +12,13 @@ With a RAM file larger than the memory this nested host keeps backed (HOST-NOTES
 memory), `apply` shows the outer host's first-touch cost: run it at 1 and at 2+ GiB.
 
     python bench/dataplane_cpu.py [--gib 1] [--aead 1] [--streams 1] [--batch-mib 8] [--repo DIR]
+
+Two facts the data plane's choices rest on, each measured alone (no streams) by its own flag:
+`--aead-sizes` is what seal.py's AES-256-GCM calls move per CPU-second by record size (64 KiB to
+8 MiB: the batch size); `--fresh-writes` is what 1 GiB of received data costs to land in a fresh
+memfd by each way the target could write it: pwrite (what recvstreams.py does), a mapping
+populated with MADV_POPULATE_WRITE just ahead of the copy in the same thread, or the mapping's
+own faults (what receiving straight into guest RAM and decrypting there would cost).
 """
 
 from __future__ import annotations
@@ -41,7 +48,16 @@ def main() -> None:
     parser.add_argument(
         "--repo", type=Path, default=Path(__file__).resolve().parents[1], help="checkout to profile (default: this)"
     )
+    parser.add_argument("--aead-sizes", action="store_true", help="only AES-GCM CPU cost per record size")
+    parser.add_argument("--fresh-writes", action="store_true", help="only the ways to write a fresh memfd")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of those two (default: 3)")
     args = parser.parse_args()
+    if args.aead_sizes:
+        print(json.dumps(aead_sizes(args.rounds), indent=2))
+        return
+    if args.fresh_writes:
+        print(json.dumps(fresh_writes(args.gib, args.rounds), indent=2))
+        return
     sys.path.insert(0, str(args.repo))
 
     import numpy as np
@@ -159,6 +175,86 @@ def main() -> None:
             indent=2,
         )
     )
+
+
+def aead_sizes(rounds: int) -> dict[str, Any]:
+    """GB per CPU-second of one record's seal (streaming update_into into a reused buffer, as
+    seal.Sealer) and open (decrypt_into a reused buffer; seal.Opener decrypts in place), by record size, best of
+    `rounds`; 256 MiB per size and round."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key, total = os.urandom(32), 256 << 20
+    out: dict[str, Any] = {"key_bits": 256, "unit": "GB per CPU-second, best of rounds"}
+    for kib in (64, 256, 1024, 2048, 8192):
+        size = kib << 10
+        plain, sealed = bytearray(os.urandom(size)), bytearray(size + 16)
+        record = bytearray(AESGCM(key).encrypt(bytes(12), bytes(plain), b"len!"))
+        opened = bytearray(size)  # apart, not in place: the record must stay sealed for the next call
+        best = {"seal": 0.0, "open": 0.0}
+        for _ in range(rounds):
+            started = time.thread_time()
+            for sequence in range(total // size):
+                encryptor = Cipher(algorithms.AES(key), modes.GCM(sequence.to_bytes(12, "big"))).encryptor()
+                encryptor.authenticate_additional_data(b"len!")
+                encryptor.update_into(plain, sealed)
+                encryptor.finalize()
+            best["seal"] = max(best["seal"], total / (time.thread_time() - started) / 1e9)
+            aead, started = AESGCM(key), time.thread_time()
+            for _ in range(total // size):
+                aead.decrypt_into(bytes(12), record, b"len!", opened)
+            best["open"] = max(best["open"], total / (time.thread_time() - started) / 1e9)
+        out[f"{kib}_kib"] = {step: round(value, 2) for step, value in best.items()}
+    return out
+
+
+def fresh_writes(gib: float, rounds: int) -> dict[str, Any]:
+    """CPU-seconds per GiB (and GB/s) to write `gib` GiB in 8 MiB blocks into a fresh memfd, by
+    way of writing; the ways take turns, round by round, so each meets the host alike."""
+    import mmap
+
+    import numpy as np
+
+    size, block_bytes = int(gib * GIB) // PAGE * PAGE, 8 << 20
+    block = np.full(block_bytes, 0x5A, np.uint8)
+    populate_write = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+    def once(way: str) -> tuple[float, float]:
+        fd = os.memfd_create("bench-fresh")
+        try:
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size, mmap.MAP_SHARED) as mapping:
+                ram = np.frombuffer(mapping, np.uint8)
+                cpu, wall = time.thread_time(), time.perf_counter()
+                for offset in range(0, size, block_bytes):
+                    n = min(block_bytes, size - offset)
+                    if way == "pwrite":
+                        os.pwrite(fd, block[:n], offset)
+                    else:
+                        if way == "populate_then_copy":
+                            mapping.madvise(populate_write, offset, n)
+                        ram[offset : offset + n] = block[:n]
+                cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+                del ram
+            return cpu, wall
+        finally:
+            os.close(fd)
+
+    ways = ("pwrite", "populate_then_copy", "fault_then_copy")
+    runs: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
+    for _ in range(rounds):
+        for way in ways:
+            runs[way].append(once(way))
+    return {
+        "gib": size / GIB,
+        **{
+            way: {
+                "cpu_s_per_gib": [round(cpu / (size / GIB), 3) for cpu, _ in results],
+                "gb_s": [round(size / wall / 1e9, 2) for _, wall in results],
+            }
+            for way, results in runs.items()
+        },
+    }
 
 
 if __name__ == "__main__":
