@@ -536,7 +536,11 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
             pairs.append(migrated_bulk_start(work, clear_config, args.bulk_mib, label="bulk-clear"))
         for serial in range(args.bulk_runs):
             qemu_runs.append(qemu_bulk_once(binary, work, source_ram, args.bulk_mib, serial))
-            for index, (a, b) in enumerate(pairs):
+            # Sealed and clear take turns going first: neither always gets the memory the other
+            # (or QEMU) just freed.
+            order = range(len(pairs)) if serial % 2 == 0 else reversed(range(len(pairs)))
+            for index in order:
+                a, b = pairs[index]
                 (migrated_runs if index == 0 else clear_runs).append(migrated_bulk_once(a, b))
                 pairs[index] = (b, a)  # ping-pong: every target allocates its guest RAM afresh
     finally:
