@@ -24,6 +24,8 @@ this nested host (its memory backing swings a lot, HOST-NOTES.md) hits both alik
   once and is paused, then migrates ping-pong (each target allocates fresh guest RAM). MiB/s is
   bytes moved over the migration's total time for both (QEMU's own `mbps` and migrated's bulk
   phase rate are reported too). iperf3, one stream on loopback, runs before and after.
+  Unless `--no-bulk-clear`, the same guest also migrates in the clear (`peer.auth = "none"`, test-only
+  `allow_unauthenticated`; NOT a production mode, DESIGN.md 6), interleaved: `crypto_share` prices the AEAD.
 
 Figures are medians with [min, max] ranges; `targets` evaluates issue 12's goals on them.
 Extra daemon configuration (keys other engineers add) passes through without code changes:
@@ -478,9 +480,12 @@ def qemu_bulk_once(binary: str, work: Path, source_ram: Path, size_mib: int, ser
     }
 
 
-def migrated_bulk_start(work: Path, config: Path, size_mib: int) -> tuple[DaemonProcess, DaemonProcess]:
+CLEAR_SETTINGS = ["peer.auth=none", "peer.allow_unauthenticated=true"]  # test-only, never a production mode
+
+
+def migrated_bulk_start(work: Path, config: Path, size_mib: int, label: str) -> tuple[DaemonProcess, DaemonProcess]:
     """A paused workload guest of `size_mib` whose every page the guest has written."""
-    a, b = start_daemons(work, "bulk", config)
+    a, b = start_daemons(work, label, config)
     working_set = size_mib - 8  # all but the guest's own metadata
     a.call("vm.create", name="bulk", memory_mib=size_mib, vcpus=1, dirty_rate_mib_s="max", working_set_mib=working_set)
     pages = working_set * MIB // PAGE
@@ -515,18 +520,30 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
     iperf = [iperf3_mib_s(args.iperf_seconds)]
     qemu_runs: list[dict[str, Any]] = []
     migrated_runs: list[dict[str, Any]] = []
-    a, b = migrated_bulk_start(work, config, args.bulk_mib)
+    clear_runs: list[dict[str, Any]] = []
+    pairs: list[tuple[DaemonProcess, DaemonProcess]] = []
     try:
+        pairs.append(migrated_bulk_start(work, config, args.bulk_mib, "bulk"))
+        if not args.no_bulk_clear:
+            # The operator's settings stay, but for the peer's authentication, which this line sets.
+            kept = [s for s in args.daemon_config if not s.strip().startswith(("peer.auth", "peer.allow_unauth"))]
+            clear_config = write_daemon_config(work / "daemon-clear.toml", [*kept, *CLEAR_SETTINGS])
+            pairs.append(migrated_bulk_start(work, clear_config, args.bulk_mib, "bulk-clear"))
         for serial in range(args.bulk_runs):
             qemu_runs.append(qemu_bulk_once(binary, work, source_ram, args.bulk_mib, serial))
-            migrated_runs.append(migrated_bulk_once(a, b))
-            a, b = b, a  # ping-pong: every target allocates its guest RAM afresh
+            # Sealed and clear take turns going first: neither always gets the memory just freed.
+            order = range(len(pairs)) if serial % 2 == 0 else reversed(range(len(pairs)))
+            for index in order:
+                a, b = pairs[index]
+                (migrated_runs if index == 0 else clear_runs).append(migrated_bulk_once(a, b))
+                pairs[index] = (b, a)  # ping-pong: every target allocates its guest RAM afresh
     finally:
-        a.stop()
-        b.stop()
+        for a, b in pairs:
+            a.stop()
+            b.stop()
         qemu_vm.remove(source_ram)
     iperf.append(iperf3_mib_s(args.iperf_seconds))
-    return {
+    result: dict[str, Any] = {
         "guest_mib": args.bulk_mib,
         "iperf3_one_stream_mib_s": {"runs": [round(x, 1) for x in iperf], **spread(iperf)},
         "qemu": {"runs": qemu_runs, "mib_s": spread(r["mib_s"] for r in qemu_runs)},
@@ -536,6 +553,23 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
             "bulk_phase_mib_s": spread(r["bulk_phase_mib_s"] for r in migrated_runs),
         },
     }
+    if clear_runs:  # stream protection off (peer.auth none, test-only allow_unauthenticated): prices the AEAD
+        mib_s = {k: spread(r[k] for r in clear_runs) for k in ("mib_s", "bulk_phase_mib_s")}
+        result["migrated_clear_not_production"] = {"runs": clear_runs, **mib_s}
+        result["crypto_share"] = crypto_share(result)
+    return result
+
+
+def crypto_share(bulk: dict[str, Any]) -> dict[str, Any]:
+    """What the AEAD costs the bulk copy: the sealed median against the clear one, and the part of
+    the gap to iperf3 that the clear copy closes."""
+    sealed = bulk["migrated"]["mib_s"]["median"]
+    clear = bulk["migrated_clear_not_production"]["mib_s"]["median"]
+    iperf = bulk["iperf3_one_stream_mib_s"]["median"]
+    slowdown = round(100 * (clear - sealed) / clear, 1) if sealed is not None and clear else None
+    gap = iperf - sealed if iperf is not None and sealed is not None and clear is not None else None
+    share = round(100 * (clear - sealed) / gap, 1) if gap and gap > 0 else None
+    return {"slowdown_percent": slowdown, "share_of_gap_to_iperf3_percent": share}
 
 
 # ---------------------------------------------------------------------------- targets
@@ -604,6 +638,16 @@ def _cell(figure: dict[str, Any] | None) -> str:
     return f"{figure['median']:g} ({low:g}-{high:g})"
 
 
+def _clear_rows(b: dict[str, Any]) -> list[str]:
+    clear, share = b["migrated_clear_not_production"], b["crypto_share"]
+    return [
+        f"| migrated, stream protection OFF (test-only, not a production mode) | {_cell(clear['mib_s'])} | "
+        f"{', '.join(str(r['mib_s']) for r in clear['runs'])} |",
+        f"| the crypto's share | slows the copy {share['slowdown_percent']}% | "
+        f"{share['share_of_gap_to_iperf3_percent']}% of the gap to iperf3 |",
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The tables of bench/RESULTS.md from one run's JSON: median (min-max)."""
     out: list[str] = []
@@ -631,6 +675,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| QEMU | {_cell(b['qemu']['mib_s'])} | {runs['qemu']} |",
             f"| migrated | {_cell(b['migrated']['mib_s'])} | {runs['migrated']} |",
             f"| migrated, bulk phase only | {_cell(b['migrated']['bulk_phase_mib_s'])} | |",
+            *(_clear_rows(b) if "migrated_clear_not_production" in b else []),
             f"| iperf3, one stream (before, after) | {_cell(b['iperf3_one_stream_mib_s'])} | "
             f"{', '.join(str(x) for x in b['iperf3_one_stream_mib_s']['runs'])} |",
             "",
@@ -684,6 +729,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bulk-mib", type=int, default=2048, help="bulk-copy guest RAM")
     parser.add_argument("--bulk-runs", type=int, default=3, help="bulk migrations per engine, interleaved")
     parser.add_argument("--iperf-seconds", type=float, default=3.0, help="each iperf3 run (before and after)")
+    parser.add_argument("--no-bulk-clear", action="store_true", help="skip the bulk copy without stream protection")
     parser.add_argument("--skip-boot-sector", action="store_true", help="only the bulk copy")
     parser.add_argument("--skip-bulk", action="store_true", help="only the boot-sector guest")
     parser.add_argument(

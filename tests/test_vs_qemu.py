@@ -81,3 +81,32 @@ def test_a_setting_without_section_key_and_value_is_refused(tmp_path: Path, sett
 def test_spread_is_median_and_range_of_what_exists() -> None:
     assert vs_qemu.spread([30.0, None, 10.0, 20.0]) == {"median": 20.0, "range": [10.0, 30.0], "n": 3}
     assert vs_qemu.spread([None]) == {"median": None, "range": None, "n": 0}
+
+
+def test_the_clear_bulk_line_reaches_the_config_parser_as_unauthenticated(tmp_path: Path) -> None:
+    path = vs_qemu.write_daemon_config(tmp_path / "d.toml", ["migration.streams=4", *vs_qemu.CLEAR_SETTINGS])
+    key = tmp_path / "peer.key"
+    key.write_bytes(bytes(range(32)))
+    key.chmod(0o600)
+    config = load_config(path, {"peer_key_file": str(key)})
+    assert config.peer.auth == "none" and config.peer.allow_unauthenticated
+    assert config.migration.streams == 4
+
+
+def test_the_crypto_share_and_its_table_rows() -> None:
+    def figure(median: float) -> dict[str, object]:
+        return {"median": median, "range": [median, median]}
+
+    bulk = {
+        "guest_mib": 2048,
+        "iperf3_one_stream_mib_s": {"runs": [3000.0], **figure(3000.0)},
+        "qemu": {"runs": [{"mib_s": 500.0}], "mib_s": figure(500.0)},
+        "migrated": {"runs": [{"mib_s": 1200.0}], "mib_s": figure(1200.0), "bulk_phase_mib_s": figure(1250.0)},
+        "migrated_clear_not_production": {"runs": [{"mib_s": 1500.0}], "mib_s": figure(1500.0)},
+    }
+    share = vs_qemu.crypto_share(bulk)
+    assert share == {"slowdown_percent": 20.0, "share_of_gap_to_iperf3_percent": round(100 * 300 / 1800, 1)}
+    bulk["crypto_share"] = share
+    table = vs_qemu.markdown({"bulk": bulk})
+    assert "stream protection OFF (test-only, not a production mode) | 1500 (1500-1500) | 1500.0 |" in table
+    assert "slows the copy 20.0%" in table
