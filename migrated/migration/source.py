@@ -52,7 +52,16 @@ from .hostspeed import HostSpeed
 from .pagestream import PAGE_SIZE
 from .sendstreams import Pass, SendStreams
 from .timeline import Timeline, guest_downtime_ms
-from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
+from .policy import (
+    THROTTLE_STEPS,
+    Costs,
+    Decision,
+    DigestSample,
+    Policy,
+    RateMeter,
+    first_round_trip_ms,
+    predict_downtime,
+)
 from .stats import MigrationStats, StepTimes
 from .window import DowntimeWindow
 
@@ -116,6 +125,7 @@ class Source:
         self._dirty_shares: list[float] = []  # per vCPU, policy "dirty-limit"; empty: not limiting
         self._dirty_limit_exhausted = False
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
+        self._digest_sample: DigestSample | None = None  # `_price_digest`
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
         self._target_digest_ms: float | None = None  # as the target reported it in LOADED
         self._host_speed = HostSpeed()  # the sends' pace: is the host slower than when costs were learned?
@@ -521,13 +531,17 @@ class Source:
         if self.options.verify == "full":
             # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
             allocated = vm.memory.allocated_bytes()
-            digest_ms = model.digest_ms(allocated, _target_ram_bytes(allocated, vm.memory.size), vm.memory.size)
+            digest_ms = model.digest_ms(
+                allocated, _target_ram_bytes(allocated, vm.memory.size), vm.memory.size, self._digest_sample
+            )
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
             fixed_ms=model.fixed_ms,
             state_bytes=state_bytes_guess,
             digest_ms=digest_ms,
-            rtt_ms=model.round_trip_ms(self._channel.rtt_ms if self._channel else 0.0),
+            rtt_ms=model.round_trip_ms(
+                first_round_trip_ms(self._channel.rtt_ms, self._channel.link_rtt_ms()) if self._channel else 0.0
+            ),
             state_ms=vmstate.estimate_ms(len(vm.vcpus)),
             pause_ms=model.pause_ms,
             downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
@@ -543,6 +557,8 @@ class Source:
         # The dirty limit's measure, counted from the first round on: when the policy acts after
         # max_rounds, the last round's per-vCPU rates are there already.
         vm.tracker.count_pages_by_vcpu = self.options.on_no_convergence == "dirty-limit"
+        if self.options.verify == "full" and not self._model.learned:
+            await self._price_digest()
         while True:
             # Built each round: `migration set` may have changed the limit since the last one.
             policy = Policy(
@@ -582,6 +598,8 @@ class Source:
                     round=self.stats.round,
                     pages=pending.count,
                     predicted_downtime_ms=round(estimate.total_ms, 2),
+                    handshake_rtt_ms=round(self._channel.rtt_ms, 3) if self._channel else None,
+                    link_rtt_ms=self._channel.link_rtt_ms() if self._channel else None,
                 )
                 return pending
             if decision is Decision.GIVE_UP:
@@ -611,6 +629,25 @@ class Source:
                 self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
                 self._host_speed.add(self.stats.bytes_sent - bytes_before, seconds)
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
+
+    async def _price_digest(self) -> None:
+        """A path not measured yet, with verify = full: one digest of the RAM, timed now (after
+        the bulk copy, before the first downtime decision), prices both sides' digests. The
+        defaults it replaces priced the boot-sector guest's at 9 ms against 4 measured, so that
+        a first migration under a 30 ms limit never converged and nothing was ever learned."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None
+        memory = vm.memory
+
+        def timed_digest() -> DigestSample:
+            data_bytes = memory.allocated_bytes()
+            started = time.perf_counter()
+            memory_digest(memory)
+            return DigestSample((time.perf_counter() - started) * 1e3, data_bytes)
+
+        self._digest_sample = sample = await trio.to_thread.run_sync(timed_digest)
+        self._phase_steps.step("digest_priced")
+        self.log.info("digest_priced", ms=round(sample.ms, 2), data_mib=round(sample.data_bytes / MIB, 1))
 
     async def _limit_dirty(self, other_costs_ms: float, round_s: float) -> None:
         """Policy "dirty-limit": each vCPU's quota and held share for the next round, from what
@@ -911,7 +948,11 @@ class Source:
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
         self._timeline.mark("worker_entered")
-        vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
+        raised = self._window.raise_for_pause({v.thread_id for v in vm.vcpus if v.thread_id is not None})
+        try:
+            vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
+        finally:
+            self._window.lower(raised)  # parked, or resumed by the failure that follows
         vm.tracker.count_pages_by_vcpu = False  # the dirty limit's measure ends with the rounds
         clock.step("pause")
         self._timeline.mark("parked")

@@ -103,7 +103,7 @@ class Target:
         # From the first device state (the source paused) to RUNNING: the collector off, the
         # threads at SCHED_FIFO (window.py).
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
-        self._timeline = Timeline()  # restarted at Done: the cutover's fine marks
+        self._timeline = Timeline()  # restarted at the first state: the cutover's fine marks
 
     async def run(self) -> None:
         try:
@@ -293,6 +293,10 @@ class Target:
         stats.memory_backing = config.memory_backing.kind
         if self.data_streams:
             self._open_streams()
+            # The event loop only coordinates while the pages come on the data streams: raised
+            # from here on, its wake-up for the state (the downtime's first on this side) does
+            # not wait for a core behind the host's other work (window.py).
+            self._window.raise_event_loop()
         self._streams_ready.set()
         # Accept before the VM's record (fsync'd) is written: the source starts its bulk copy
         # meanwhile. Until registered, a failure discards the copy all the same (`_discard`),
@@ -461,11 +465,15 @@ class Target:
                         f"device state {event.kind!r} unexpected (allowed once each: "
                         f"{', '.join(sorted(vmstate.KINDS))})"
                     )
+                if not blobs:
+                    # The cutover's fine marks start where this side's downtime work does.
+                    self._timeline = Timeline()
+                    self._timeline.mark("state_received")
                 blobs.append((event.kind, event.blob))
                 self._window.open()
             elif isinstance(event, Done):
                 done_at = time.perf_counter()
-                self._timeline = Timeline()
+                self._timeline.mark("done_received")
                 if faults.active_once("target-stop-on-done"):
                     os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
                 streams = self._streams
