@@ -18,6 +18,7 @@ from migrated.migration.policy import (
     Policy,
     RateMeter,
     RobustCost,
+    first_round_trip_ms,
     is_outlier,
     predict_downtime,
 )
@@ -452,8 +453,9 @@ def test_a_digest_timed_in_this_migration_prices_both_sides_until_the_path_is_me
 
 
 def test_a_measured_digest_lets_a_first_migration_under_a_tight_limit_converge() -> None:
-    """The boot-sector guest's first migration at 30 ms with verify full (bench/fixed_cost.py):
-    priced by the defaults it could never stop; priced by its measured digest it can."""
+    """The boot-sector guest's first migration at 30 ms with verify full (bench/fixed_cost.py:
+    ~20 pages left, ~2 MiB of data in 150 MiB, a digest of 3-4 ms on each side): priced by the
+    defaults it could never stop; priced by its measured digest it can."""
     model = DowntimeModel(clock=FakeClock())
     ram, data = 150 << 20, 2 << 20
     policy = Policy(30.0, max_rounds=30, timeout_s=60.0, on_no_convergence="abort")
@@ -464,12 +466,12 @@ def test_a_measured_digest_lets_a_first_migration_under_a_tight_limit_converge()
             fixed_ms=model.fixed_ms,
             state_bytes=16384,
             digest_ms=model.digest_ms(data, 2 * data, ram, measured),
-            rtt_ms=0.3,
+            rtt_ms=first_round_trip_ms(handshake_ms=5.0, link_ms=0.03),
             state_ms=1.0,
             pause_ms=model.pause_ms,
             headroom_ms=model.headroom_ms,
         )
-        return policy.decide(predict_downtime(50, 5_000.0, 100 << 20, costs), rounds=1, elapsed_s=0.1)
+        return policy.decide(predict_downtime(20, 5_000.0, 1 << 30, costs), rounds=1, elapsed_s=0.1)
 
     assert estimate(None) is Decision.ANOTHER_ROUND
     assert estimate(DigestSample(ms=3.0, data_bytes=data)) is Decision.STOP_AND_COPY
