@@ -52,10 +52,17 @@ class LinkLost(PeerError):
     """The connection broke or closed early: the peer's fate is unknown from here."""
 
 
+# A migration with data streams may send its final pages on the control connection after every
+# stream's end marker (migration/source.py `_downtime`); a target that does not offer this refuses
+# a PageBatch on the control connection of such a migration.
+FINAL_PAGES_ON_CONTROL = "final-pages-on-control"
+
+
 def make_connection(role: Role, peer: PeerConfig, node: str, max_batch_bytes: int) -> Connection:
     return Connection(
         role,
         node=node,
+        capabilities=(FINAL_PAGES_ON_CONTROL,),
         psk=peer.psk if peer.auth == "psk" else None,
         tls=peer.auth == "tls",
         allow_unauthenticated=peer.allow_unauthenticated,

@@ -16,6 +16,7 @@ import ssl
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import trio
@@ -30,6 +31,8 @@ from transport import (
     Event,
     Loaded,
     MemoryRegion,
+    PageBatch,
+    Progress,
     ProtocolError,
     Query,
     QueryResult,
@@ -44,12 +47,12 @@ from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
-from ..peer import PeerChannel, PeerError, make_connection
+from ..peer import FINAL_PAGES_ON_CONTROL, PeerChannel, PeerError, make_connection
 from . import dirtylimit, vmstate
 from .downtime_models_file import save_models
 from .host import MigrationHost
 from .hostspeed import HostSpeed
-from .pagestream import PAGE_SIZE
+from .pagestream import PAGE_SIZE, StreamCounters, send_pages
 from .sendstreams import Pass, SendStreams
 from .timeline import Timeline, guest_downtime_ms
 from .policy import (
@@ -126,6 +129,9 @@ class Source:
         self._dirty_limit_exhausted = False
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
         self._digest_sample: DigestSample | None = None  # `_price_digest`
+        self._predicted_final_pages = 0  # the converged prediction's pages (`_final_pages_on_control`)
+        self._control_counters = StreamCounters()  # final pages sent on the control connection
+        self._early_end: Pass | None = None  # the streams' end markers, sent before the pause
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
         self._target_digest_ms: float | None = None  # as the target reported it in LOADED
         self._host_speed = HostSpeed()  # the sends' pace: is the host slower than when costs were learned?
@@ -445,7 +451,15 @@ class Source:
         timeout = self.daemon.config.peer.message_timeout_s
         try:
             with trio.fail_after(timeout):
-                return await self._channel.expect(kind)
+                while True:
+                    event = await self._channel.receive()
+                    # A target offering FINAL_PAGES_ON_CONTROL reports its streams' end with one
+                    # Progress, whenever it comes (`_downtime` waits for it, or not).
+                    if isinstance(event, Progress) and kind is not Progress:
+                        continue
+                    if not isinstance(event, kind):
+                        raise PeerError(f"expected {kind.__name__} from the peer, got {type(event).__name__}")
+                    return event
         except trio.TooSlowError:
             raise PeerError(
                 f"no {kind.__name__} from the target within {timeout:g} s (peer.message_timeout_s)"
@@ -468,8 +482,8 @@ class Source:
         if self._plane is None:
             return
         totals = self._plane.totals()
-        self.stats.pages_sent = totals.pages
-        self.stats.zero_pages = totals.zero_pages
+        self.stats.pages_sent = totals.pages + self._control_counters.pages
+        self.stats.zero_pages = totals.zero_pages + self._control_counters.zero_pages
         if self._bulk_pages is not None:
             self.stats.pages_remaining = max(0, self._bulk_pages - totals.pages - totals.zero_pages)
 
@@ -601,6 +615,7 @@ class Source:
                     handshake_rtt_ms=round(self._channel.rtt_ms, 3) if self._channel else None,
                     link_rtt_ms=self._channel.link_rtt_ms() if self._channel else None,
                 )
+                self._predicted_final_pages = estimate.pages
                 return pending
             if decision is Decision.GIVE_UP:
                 raise MigrationFailed(
@@ -640,10 +655,16 @@ class Source:
         memory = vm.memory
 
         def timed_digest() -> DigestSample:
+            # The least of a few: the guest runs meanwhile, and a sample its vCPU threads (their
+            # exits take the GIL) or the host took a core from is not what a digest costs with
+            # the vCPUs parked (one read 96 ms here where the downtime's took 2-4).
             data_bytes = memory.allocated_bytes()
-            started = time.perf_counter()
-            memory_digest(memory)
-            return DigestSample((time.perf_counter() - started) * 1e3, data_bytes)
+            samples = []
+            for _ in range(DIGEST_PRICE_SAMPLES):
+                started = time.perf_counter()
+                memory_digest(memory)
+                samples.append((time.perf_counter() - started) * 1e3)
+            return DigestSample(min(samples), data_bytes)
 
         self._digest_sample = sample = await trio.to_thread.run_sync(timed_digest)
         self._phase_steps.step("digest_priced")
@@ -705,6 +726,12 @@ class Source:
         assert vm is not None and vm.tracker is not None and vm.memory is not None
         channel = self._channel
         assert channel is not None
+        on_control = self._final_pages_on_control()
+        if on_control:
+            assert self._plane is not None
+            # The streams end now, before the pause (the target reports when it applied all they
+            # carried, below): the final pages go on the control connection with the state.
+            self._early_end = self._plane.start_end()
         # DESIGN 5 step 3, written before the pause rather than between LOADED and COMMIT, so that
         # no fsync sits in the downtime. It is conservative: it says "COMMIT may go out, so if
         # this daemon dies, ask the target", which is true from here on, and the target resumes
@@ -717,6 +744,12 @@ class Source:
         except StateDirError as err:
             raise MigrationFailed(f"{err}; the VM keeps running here") from None
         self._commit_recorded = True
+        if on_control:
+            # What the streams carried is still on its way (a send ends in this host's socket
+            # buffers: megabytes per stream), and the target applies it: 3-7 ms measured here
+            # after the bulk copy, which was inside the downtime while the guest waited.
+            await self._expect(Progress)
+            self._phase_steps.step("streams_drained")
         self.stats.state = self.stats.phase = "downtime"
         steps = self.stats.downtime_breakdown_ms
         clock = _StepClock(steps)
@@ -728,7 +761,7 @@ class Source:
         guard_ms = self.options.downtime_limit_ms + self.options.downtime_guard_ms
         self.stats.downtime_guard_ms = guard_ms
         with trio.move_on_after(guard_ms / 1e3) as guard:
-            await self._downtime_until_loaded(pending, clock)
+            await self._downtime_until_loaded(pending, clock, on_control)
         if guard.cancelled_caught:
             waiting_for = next((s for s in _DOWNTIME_STEPS if s not in steps), "commit")
             self.log.warning("downtime_guard_expired", guard_ms=guard_ms, step=waiting_for)
@@ -812,7 +845,53 @@ class Source:
             except (PeerError, ProtocolError) as err:
                 self.log.info("migration_outcome_not_sent", error=str(err))
 
-    async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock) -> None:
+    def _final_pages_on_control(self) -> bool:
+        """Whether the final pages go on the control connection (after every stream ended)
+        rather than on the data streams: a final set the prediction expects to be small, a
+        target that takes it (FINAL_PAGES_ON_CONTROL), and no backup bitmap (R7: on arm64 the
+        ITS's pages follow R6.4, behind the first copy on their stream)."""
+        vm = self.hosted.vm
+        channel = self._channel
+        negotiated = channel.conn.negotiated if channel is not None else None
+        return (
+            self._plane is not None
+            and negotiated is not None
+            and FINAL_PAGES_ON_CONTROL in negotiated.capabilities
+            and vm is not None
+            and vm.tracker is not None
+            and not vm.tracker.uses_backup_bitmap
+            and self._predicted_final_pages <= CONTROL_FINAL_MAX_PAGES
+        )
+
+    async def _final_batches(self, dirty: DirtyPages) -> list[PageBatch]:
+        """The final pages as PageBatches for the control connection, read from guest RAM now
+        (after R6.2's reset: nothing writes it any more)."""
+        vm = self.hosted.vm
+        channel = self._channel
+        assert vm is not None and vm.memory is not None and channel is not None
+        negotiated = channel.conn.negotiated
+        assert negotiated is not None
+        batches: list[PageBatch] = []
+
+        async def collect(batch: PageBatch) -> None:
+            batches.append(batch)
+
+        regions = {r.slot: r for r in vm.memory.regions}
+        for slot, pages in dirty.by_slot.items():
+            if pages.size:
+                ram = vm.memory.view(regions[slot]).reshape(-1, PAGE_SIZE)
+                await send_pages(
+                    collect,
+                    ram,
+                    slot,
+                    self.stats.round + 1,
+                    pages,
+                    batch_pages_for(negotiated.max_batch_bytes),
+                    self._control_counters,
+                )
+        return batches
+
+    async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock, on_control: bool) -> None:
         """R6, in order, up to LOADED with the digests compared.
 
         What R6 lets overlap, overlaps: the pages of R6.2 stream out (in the data threads) while
@@ -823,7 +902,10 @@ class Source:
         the pages are still on their way. The steps in `downtime_breakdown_ms` are consecutive
         (they add up to the pause): `state_save` and `backup_bitmap` include the page streaming
         they overlapped, `send` is what remained of it afterwards, `digest` what remained of
-        the digest after that."""
+        the digest after that.
+
+        `on_control`: the streams ended before the pause; the final pages go on the control
+        connection, in the state's write."""
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None and vm.memory is not None
@@ -838,10 +920,14 @@ class Source:
         early_end = not vm.tracker.uses_backup_bitmap
         worker_clock = clock.fork()
         dirty, passes, blobs, backup = await trio.to_thread.run_sync(
-            self._stop_and_save, pending, early_end, worker_clock
+            self._stop_and_save, pending, early_end, worker_clock, on_control
         )
         clock.merge(worker_clock)
         timeline.mark("save_returned")
+        final_batches = await self._final_batches(dirty) if on_control else []
+        if on_control:
+            assert self._early_end is not None
+            passes.append(self._early_end)
         # After the pause: a held vCPU stays parked (a hold is not a pause), where lifting first
         # would let the held vCPUs dirty at full speed until the pause.
         await self._lift_limits("downtime")
@@ -853,7 +939,7 @@ class Source:
             final_pages += self.stats.backup_bitmap_added
             # All of it again: a page the ITS wrote may have gone out before it did.
             passes.append(plane.start_pages(backup, self.stats.round + 1))
-        if not early_end:
+        if not early_end and not on_control:
             passes.append(plane.start_end())  # every stream's end marker, behind its pages
         self.stats.final_pages = final_pages
         self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
@@ -870,14 +956,14 @@ class Source:
             async with trio.open_nursery() as nursery:
                 if verify:
                     nursery.start_soon(digest_ram)  # RAM is final: nothing writes it after R6.4
-                    await channel.send_many(state)
+                    await channel.send_many([*final_batches, *state])
                     timeline.mark("state_sent")
                 else:
                     # Without a digest nothing is left to wait for: DONE goes in the state's
                     # write, and the target waits for the streams' end markers itself (behind
                     # the last pages, datastream.py rule 4) while these are still on their way.
                     await faults.hold(self.log, "done")
-                    await channel.send_many([*state, self._done(None)])
+                    await channel.send_many([*final_batches, *state, self._done(None, final_batches)])
                     timeline.mark("state_and_done_sent")
                 for pass_ in passes:
                     await pass_.wait()
@@ -914,25 +1000,30 @@ class Source:
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
 
-    def _done(self, digest: bytes | None) -> Done:
+    def _done(self, digest: bytes | None, unsent: Sequence[PageBatch] = ()) -> Done:
+        """`unsent`: batches that go out in the same write, before it (not counted yet)."""
         channel = self._channel
         assert channel is not None
         return Done(
-            pages_total=channel.conn.pages_transferred,
+            pages_total=channel.conn.pages_transferred + sum(b.pages.size + b.zero_pages.size for b in unsent),
             digest=digest,
             verify=self.options.verify,
             rounds=self.stats.round,
         )
 
     def _stop_and_save(
-        self, pending: DirtyPages, early_end: bool, clock: _StepClock
+        self, pending: DirtyPages, early_end: bool, clock: _StepClock, on_control: bool = False
     ) -> tuple[DirtyPages, list[Pass], list[tuple[str, bytes]], DirtyPages | None]:
         """R6.1-4 in order, in a worker thread; R6.2's pages (R6.5) stream out from between R6.2
-        and R6.3 on. `early_end`: their end markers follow them at once."""
+        and R6.3 on. `early_end`: their end markers follow them at once. `on_control`: the
+        streams have ended; the pages go on the control connection after the save."""
         plane = self._plane
         assert plane is not None
         final = self._stop_and_harvest(clock)
         dirty = pending.union(final)
+        if on_control:
+            blobs, backup = self._save_state(clock)
+            return dirty, [], blobs, backup
         passes = [plane.start_pages(dirty, self.stats.round + 1)]  # R6.5's pages, out from now on
         if early_end:
             # No backup bitmap (R7): R6.2 found every page there is to send (nothing but the
@@ -1063,6 +1154,15 @@ class Source:
         else:
             raise ValueError(f"action {action!r}: allowed are release, resume")
 
+
+# Digests timed by `_price_digest`, the least counting.
+DIGEST_PRICE_SAMPLES = 3
+
+# A final set the prediction expects to be at most this many pages goes on the control connection
+# (`_final_pages_on_control`): 1 MiB, a few hundred microseconds in one write, where the data
+# streams' threads on both sides took 3-5 ms from the first page to the target's last end marker
+# on a busy host (bench/timeline.py), whatever the size.
+CONTROL_FINAL_MAX_PAGES = 256
 
 # Terms of the prediction that this migration measures itself (not learned): the harvest and the
 # state estimate.
