@@ -924,8 +924,10 @@ class Source:
         )
         clock.merge(worker_clock)
         timeline.mark("save_returned")
-        final_batches = await self._final_batches(dirty) if on_control else []
+        final_batches: list[PageBatch] = []
         if on_control:
+            final_batches = await self._final_batches(dirty)
+            timeline.mark("final_pages_read")
             assert self._early_end is not None
             passes.append(self._early_end)
         # After the pause: a held vCPU stays parked (a hold is not a pause), where lifting first

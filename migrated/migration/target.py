@@ -422,10 +422,12 @@ class Target:
 
         async def report_end() -> None:
             # FINAL_PAGES_ON_CONTROL: a source that ended the streams before its pause waits for
-            # this; one that did not skips it. A failed stream fails the migration elsewhere.
+            # this; one that did not skips it. The only waiter on the streams' end while it runs
+            # (`wait_ended` wakes one waiter per change); a failed stream is `_streams_ended`'s.
             try:
                 await streams.wait_ended()
             except RemoteProtocolError:
+                self._end_reported.set()
                 return
             pages, zero_pages, nbytes, _ = streams.totals()
             await self.channel.send(
@@ -473,6 +475,8 @@ class Target:
                         )
                     # The final pass (FINAL_PAGES_ON_CONTROL): applied only once every stream
                     # ended and all it carried is in RAM, so nothing older lands after it.
+                    if not control_final_entries:
+                        self._timeline = Timeline()  # this side's downtime work starts here
                     await self._streams_ended(stats)
                     control_final_entries += int(event.pages.size) + int(event.zero_pages.size)
                 applied = time.perf_counter()
@@ -497,8 +501,9 @@ class Target:
                         f"{', '.join(sorted(vmstate.KINDS))})"
                     )
                 if not blobs:
-                    # The cutover's fine marks start where this side's downtime work does.
-                    self._timeline = Timeline()
+                    if not control_final_entries:
+                        # The cutover's fine marks start where this side's downtime work does.
+                        self._timeline = Timeline()
                     self._timeline.mark("state_received")
                 blobs.append((event.kind, event.blob))
                 self._window.open()
@@ -510,7 +515,6 @@ class Target:
                 streams = self._streams
                 if streams is not None:
                     await self._streams_ended(stats)
-                    self._timeline.mark("streams_ended")
                     bulk_entries = streams.entries_in_round(0)
                     if event.rounds is not None:
                         round_entries = streams.entries_in_round(event.rounds + 1) + control_final_entries
@@ -537,14 +541,16 @@ class Target:
         timeout = self.daemon.config.peer.message_timeout_s
         try:
             with trio.fail_after(timeout):
-                await streams.wait_ended()
-                # Nothing else goes out on the control connection before that report did.
+                # First the report (`report_end` in `_receive`, set at once without one): nothing
+                # else goes out on this connection before it, and it is the streams' one waiter.
                 await self._end_reported.wait()
+                await streams.wait_ended()
         except trio.TooSlowError:
             raise PeerError(f"not every data stream ended within {timeout:g} s of Done") from None
         except RemoteProtocolError as err:
             raise PeerError(str(err)) from None
         self._streams_counted = True
+        self._timeline.mark("streams_ended")
         pages, zero_pages, nbytes, apply_s = streams.totals()
         stats.pages_sent += pages
         stats.zero_pages += zero_pages
