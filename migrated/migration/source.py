@@ -52,7 +52,8 @@ from . import dirtylimit, vmstate
 from .downtime_models_file import save_models
 from .host import MigrationHost
 from .hostspeed import HostSpeed
-from .pagestream import PAGE_SIZE, StreamCounters, send_pages
+from .finalpass import CONTROL_FINAL_MAX_PAGES, final_batches_of
+from .pagestream import PAGE_SIZE, StreamCounters
 from .sendstreams import Pass, SendStreams
 from .timeline import Timeline, guest_downtime_ms
 from .policy import (
@@ -863,34 +864,6 @@ class Source:
             and self._predicted_final_pages <= CONTROL_FINAL_MAX_PAGES
         )
 
-    async def _final_batches(self, dirty: DirtyPages) -> list[PageBatch]:
-        """The final pages as PageBatches for the control connection, read from guest RAM now
-        (after R6.2's reset: nothing writes it any more)."""
-        vm = self.hosted.vm
-        channel = self._channel
-        assert vm is not None and vm.memory is not None and channel is not None
-        negotiated = channel.conn.negotiated
-        assert negotiated is not None
-        batches: list[PageBatch] = []
-
-        async def collect(batch: PageBatch) -> None:
-            batches.append(batch)
-
-        regions = {r.slot: r for r in vm.memory.regions}
-        for slot, pages in dirty.by_slot.items():
-            if pages.size:
-                ram = vm.memory.view(regions[slot]).reshape(-1, PAGE_SIZE)
-                await send_pages(
-                    collect,
-                    ram,
-                    slot,
-                    self.stats.round + 1,
-                    pages,
-                    batch_pages_for(negotiated.max_batch_bytes),
-                    self._control_counters,
-                )
-        return batches
-
     async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock, on_control: bool) -> None:
         """R6, in order, up to LOADED with the digests compared.
 
@@ -926,7 +899,10 @@ class Source:
         timeline.mark("save_returned")
         final_batches: list[PageBatch] = []
         if on_control:
-            final_batches = await self._final_batches(dirty)
+            assert vm.memory is not None and channel.conn.negotiated is not None
+            batch_pages = batch_pages_for(channel.conn.negotiated.max_batch_bytes)
+            round_ = self.stats.round + 1
+            final_batches = await final_batches_of(vm.memory, dirty, round_, batch_pages, self._control_counters)
             timeline.mark("final_pages_read")
             assert self._early_end is not None
             passes.append(self._early_end)
@@ -1159,12 +1135,6 @@ class Source:
 
 # Digests timed by `_price_digest`, the least counting.
 DIGEST_PRICE_SAMPLES = 3
-
-# A final set the prediction expects to be at most this many pages goes on the control connection
-# (`_final_pages_on_control`): 1 MiB, a few hundred microseconds in one write, where the data
-# streams' threads on both sides took 3-5 ms from the first page to the target's last end marker
-# on a busy host (bench/timeline.py), whatever the size.
-CONTROL_FINAL_MAX_PAGES = 256
 
 # Terms of the prediction that this migration measures itself (not learned): the harvest and the
 # state estimate.
