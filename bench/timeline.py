@@ -45,7 +45,8 @@ def merged(pair: dict[str, dict[str, Any]]) -> list[tuple[str, float]]:
     target = pair.get("target")
     if target is not None:
         shift = (target["origin"] - source["origin"]) * 1e3
-        marks.append(("tgt.done_received", shift))
+        if "done_received" not in target["marks_ms"]:
+            marks.append(("tgt.done_received", shift))  # an older target's origin was Done
         marks += [(f"tgt.{name}", shift + ms) for name, ms in target["marks_ms"].items()]
     return sorted(marks, key=lambda m: m[1])
 

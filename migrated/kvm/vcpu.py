@@ -145,6 +145,12 @@ class Vcpu:
         with self._cond:
             return self._state
 
+    @property
+    def thread_id(self) -> int | None:
+        """The thread's kernel id (for its scheduling policy); None before it started."""
+        thread = self._thread
+        return None if thread is None else thread.native_id
+
     def start(self, running: bool = True) -> None:
         if self._thread is not None:
             raise KvmError(f"vCPU {self.index} already started")

@@ -162,6 +162,14 @@ class RateMeter:
 GIB = 1 << 30
 
 
+@dataclass(frozen=True)
+class DigestSample:
+    """A digest of the source's RAM timed in this migration: `ms` for `data_bytes` allocated."""
+
+    ms: float
+    data_bytes: int
+
+
 def is_outlier(measured_ms: float, predicted_ms: float) -> bool:
     """A downtime far beyond its prediction was stalled (a peer stopped, a link that froze, a host
     swapping), not a cost of this path: it is reported, never learned. The slack keeps a fast
@@ -182,6 +190,22 @@ OUTLIER_SLACK_MS = 100.0
 # 7-14 ms measured), and with it the learning of what the path costs.
 FIRST_FIXED_MS = 8.0
 FIRST_PAUSE_MS = 2.0
+
+# A cutover round trip beyond the link's own (the kernel's least RTT sample): the peer's event loop
+# waking for the message and answering, both at the window's priority (window.py). Measured here:
+# commit_to_running 0.5-0.8 ms median at load 3-8 (bench/fixed_cost.py), target resume included.
+CUTOVER_WAKEUPS_MS = 1.0
+
+
+def first_round_trip_ms(handshake_ms: float, link_ms: float | None) -> float:
+    """One cutover round trip before any was learned: the handshake's, or the link's own (the
+    kernel's least sample, peer.py) plus the wake-ups if that is lower. The handshake's round trip ran at the normal priority on a new
+    connection (the target taking it up, busy host: 2-24 ms measured here), the cutover's runs
+    between raised event loops; the link's latency, which the kernel measures, is in both."""
+    if link_ms is None:
+        return handshake_ms
+    return min(handshake_ms, link_ms + CUTOVER_WAKEUPS_MS)
+
 
 # Until a path has been measured, its predictions are taken to fall short by this much: first
 # migrations between two fresh daemons here (bench/downtime.py, 512 MiB, 50 and 100 ms limits)
@@ -382,16 +406,39 @@ class DowntimeModel:
             return min(self.round_trip.value(), handshake_rtt_ms)
         return self.round_trip.value() if self.round_trip.learned else handshake_rtt_ms
 
-    def digest_ms(self, data_bytes: int, target_bytes: int | None = None, ram_bytes: int = 0) -> float:
+    def digest_ms(
+        self,
+        data_bytes: int,
+        target_bytes: int | None = None,
+        ram_bytes: int = 0,
+        measured: DigestSample | None = None,
+    ) -> float:
         """Both sides' digests, one after the other (the target's starts on DONE). The target's
         RAM file may hold more than the source's (its prefault populates whole ranges, holes
         included): `target_bytes`, when given, is what its digest reads (at most the RAM size).
         `ram_bytes`: the guest's RAM, for the part of a digest that follows its size whatever the
-        data (FIRST_DIGEST_MS_PER_GIB_RAM), counted until the path has been measured."""
+        data (FIRST_DIGEST_MS_PER_GIB_RAM), counted until the path has been measured.
+        `measured`: this migration's own digest of the source's RAM, timed before the downtime;
+        until the path has been measured it replaces those defaults (`_measured_digest_ms`)."""
         target = data_bytes if target_bytes is None else max(data_bytes, target_bytes)
         target_rate = self.target_digest.value() if self.target_digest.learned else self.digest.value()
         unmeasured = 0.0 if self.learned else 2 * FIRST_DIGEST_MS_PER_GIB_RAM * ram_bytes
-        return (self.digest.value() * data_bytes + target_rate * target + unmeasured) / GIB
+        priced = (self.digest.value() * data_bytes + target_rate * target + unmeasured) / GIB
+        if not self.learned and measured is not None:
+            # Only ever lower: timed while the guest runs, a digest shares the cores with its
+            # vCPUs, which are parked in the downtime (a 2-vCPU guest writing 128 MiB/s at CPL3
+            # here: 54 ms timed per side, against the 65 ms both sides are priced by default).
+            return min(priced, self._measured_digest_ms(measured, data_bytes, target, target_rate))
+        return priced
+
+    @staticmethod
+    def _measured_digest_ms(measured: DigestSample, data_bytes: int, target: int, target_rate: float) -> float:
+        """Both digests from one measured on the source: the source's grows with its data since
+        (never below what was measured: part of a digest follows the RAM size, not the data);
+        the target's digest walks the same RAM with the same code, so it costs what the source's
+        does, plus what its file holds beyond the source's at the per-GiB rate."""
+        source_ms = measured.ms * max(1.0, data_bytes / max(measured.data_bytes, 1))
+        return 2 * source_ms + target_rate * (target - data_bytes) / GIB
 
     def learn(
         self,

@@ -16,6 +16,7 @@ import ssl
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import trio
@@ -30,6 +31,8 @@ from transport import (
     Event,
     Loaded,
     MemoryRegion,
+    PageBatch,
+    Progress,
     ProtocolError,
     Query,
     QueryResult,
@@ -44,15 +47,25 @@ from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
-from ..peer import PeerChannel, PeerError, make_connection
+from ..peer import FINAL_PAGES_ON_CONTROL, PeerChannel, PeerError, make_connection
 from . import dirtylimit, vmstate
 from .downtime_models_file import save_models
 from .host import MigrationHost
 from .hostspeed import HostSpeed
-from .pagestream import PAGE_SIZE
+from .finalpass import CONTROL_FINAL_MAX_PAGES, final_batches_of
+from .pagestream import PAGE_SIZE, StreamCounters
 from .sendstreams import Pass, SendStreams
 from .timeline import Timeline, guest_downtime_ms
-from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
+from .policy import (
+    THROTTLE_STEPS,
+    Costs,
+    Decision,
+    DigestSample,
+    Policy,
+    RateMeter,
+    first_round_trip_ms,
+    predict_downtime,
+)
 from .stats import MigrationStats, StepTimes
 from .window import DowntimeWindow
 
@@ -116,6 +129,10 @@ class Source:
         self._dirty_shares: list[float] = []  # per vCPU, policy "dirty-limit"; empty: not limiting
         self._dirty_limit_exhausted = False
         self._downtime_bytes = 0  # what the downtime's send moved (pages and state)
+        self._digest_sample: DigestSample | None = None  # `_price_digest`
+        self._predicted_final_pages = 0  # the converged prediction's pages (`_final_pages_on_control`)
+        self._control_counters = StreamCounters()  # final pages sent on the control connection
+        self._early_end: Pass | None = None  # the streams' end markers, sent before the pause
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
         self._target_digest_ms: float | None = None  # as the target reported it in LOADED
         self._host_speed = HostSpeed()  # the sends' pace: is the host slower than when costs were learned?
@@ -435,7 +452,15 @@ class Source:
         timeout = self.daemon.config.peer.message_timeout_s
         try:
             with trio.fail_after(timeout):
-                return await self._channel.expect(kind)
+                while True:
+                    event = await self._channel.receive()
+                    # A target offering FINAL_PAGES_ON_CONTROL reports its streams' end with one
+                    # Progress, whenever it comes (`_downtime` waits for it, or not).
+                    if isinstance(event, Progress) and kind is not Progress:
+                        continue
+                    if not isinstance(event, kind):
+                        raise PeerError(f"expected {kind.__name__} from the peer, got {type(event).__name__}")
+                    return event
         except trio.TooSlowError:
             raise PeerError(
                 f"no {kind.__name__} from the target within {timeout:g} s (peer.message_timeout_s)"
@@ -458,8 +483,8 @@ class Source:
         if self._plane is None:
             return
         totals = self._plane.totals()
-        self.stats.pages_sent = totals.pages
-        self.stats.zero_pages = totals.zero_pages
+        self.stats.pages_sent = totals.pages + self._control_counters.pages
+        self.stats.zero_pages = totals.zero_pages + self._control_counters.zero_pages
         if self._bulk_pages is not None:
             self.stats.pages_remaining = max(0, self._bulk_pages - totals.pages - totals.zero_pages)
 
@@ -521,13 +546,17 @@ class Source:
         if self.options.verify == "full":
             # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
             allocated = vm.memory.allocated_bytes()
-            digest_ms = model.digest_ms(allocated, _target_ram_bytes(allocated, vm.memory.size), vm.memory.size)
+            digest_ms = model.digest_ms(
+                allocated, _target_ram_bytes(allocated, vm.memory.size), vm.memory.size, self._digest_sample
+            )
         return Costs(
             harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
             fixed_ms=model.fixed_ms,
             state_bytes=state_bytes_guess,
             digest_ms=digest_ms,
-            rtt_ms=model.round_trip_ms(self._channel.rtt_ms if self._channel else 0.0),
+            rtt_ms=model.round_trip_ms(
+                first_round_trip_ms(self._channel.rtt_ms, self._channel.link_rtt_ms()) if self._channel else 0.0
+            ),
             state_ms=vmstate.estimate_ms(len(vm.vcpus)),
             pause_ms=model.pause_ms,
             downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
@@ -543,6 +572,8 @@ class Source:
         # The dirty limit's measure, counted from the first round on: when the policy acts after
         # max_rounds, the last round's per-vCPU rates are there already.
         vm.tracker.count_pages_by_vcpu = self.options.on_no_convergence == "dirty-limit"
+        if self.options.verify == "full" and not self._model.learned:
+            await self._price_digest()
         while True:
             # Built each round: `migration set` may have changed the limit since the last one.
             policy = Policy(
@@ -582,7 +613,10 @@ class Source:
                     round=self.stats.round,
                     pages=pending.count,
                     predicted_downtime_ms=round(estimate.total_ms, 2),
+                    handshake_rtt_ms=round(self._channel.rtt_ms, 3) if self._channel else None,
+                    link_rtt_ms=self._channel.link_rtt_ms() if self._channel else None,
                 )
+                self._predicted_final_pages = estimate.pages
                 return pending
             if decision is Decision.GIVE_UP:
                 raise MigrationFailed(
@@ -611,6 +645,31 @@ class Source:
                 self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
                 self._host_speed.add(self.stats.bytes_sent - bytes_before, seconds)
                 self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
+
+    async def _price_digest(self) -> None:
+        """A path not measured yet, with verify = full: one digest of the RAM, timed now (after
+        the bulk copy, before the first downtime decision), prices both sides' digests. The
+        defaults it replaces priced the boot-sector guest's at 9 ms against 4 measured, so that
+        a first migration under a 30 ms limit never converged and nothing was ever learned."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None
+        memory = vm.memory
+
+        def timed_digest() -> DigestSample:
+            # The least of a few: the guest runs meanwhile, and a sample its vCPU threads (their
+            # exits take the GIL) or the host took a core from is not what a digest costs with
+            # the vCPUs parked (one read 96 ms here where the downtime's took 2-4).
+            data_bytes = memory.allocated_bytes()
+            samples = []
+            for _ in range(DIGEST_PRICE_SAMPLES):
+                started = time.perf_counter()
+                memory_digest(memory)
+                samples.append((time.perf_counter() - started) * 1e3)
+            return DigestSample(min(samples), data_bytes)
+
+        self._digest_sample = sample = await trio.to_thread.run_sync(timed_digest)
+        self._phase_steps.step("digest_priced")
+        self.log.info("digest_priced", ms=round(sample.ms, 2), data_mib=round(sample.data_bytes / MIB, 1))
 
     async def _limit_dirty(self, other_costs_ms: float, round_s: float) -> None:
         """Policy "dirty-limit": each vCPU's quota and held share for the next round, from what
@@ -668,6 +727,12 @@ class Source:
         assert vm is not None and vm.tracker is not None and vm.memory is not None
         channel = self._channel
         assert channel is not None
+        on_control = self._final_pages_on_control()
+        if on_control:
+            assert self._plane is not None
+            # The streams end now, before the pause (the target reports when it applied all they
+            # carried, below): the final pages go on the control connection with the state.
+            self._early_end = self._plane.start_end()
         # DESIGN 5 step 3, written before the pause rather than between LOADED and COMMIT, so that
         # no fsync sits in the downtime. It is conservative: it says "COMMIT may go out, so if
         # this daemon dies, ask the target", which is true from here on, and the target resumes
@@ -680,6 +745,12 @@ class Source:
         except StateDirError as err:
             raise MigrationFailed(f"{err}; the VM keeps running here") from None
         self._commit_recorded = True
+        if on_control:
+            # What the streams carried is still on its way (a send ends in this host's socket
+            # buffers: megabytes per stream), and the target applies it: 3-7 ms measured here
+            # after the bulk copy, which was inside the downtime while the guest waited.
+            await self._expect(Progress)
+            self._phase_steps.step("streams_drained")
         self.stats.state = self.stats.phase = "downtime"
         steps = self.stats.downtime_breakdown_ms
         clock = _StepClock(steps)
@@ -691,7 +762,7 @@ class Source:
         guard_ms = self.options.downtime_limit_ms + self.options.downtime_guard_ms
         self.stats.downtime_guard_ms = guard_ms
         with trio.move_on_after(guard_ms / 1e3) as guard:
-            await self._downtime_until_loaded(pending, clock)
+            await self._downtime_until_loaded(pending, clock, on_control)
         if guard.cancelled_caught:
             waiting_for = next((s for s in _DOWNTIME_STEPS if s not in steps), "commit")
             self.log.warning("downtime_guard_expired", guard_ms=guard_ms, step=waiting_for)
@@ -775,7 +846,25 @@ class Source:
             except (PeerError, ProtocolError) as err:
                 self.log.info("migration_outcome_not_sent", error=str(err))
 
-    async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock) -> None:
+    def _final_pages_on_control(self) -> bool:
+        """Whether the final pages go on the control connection (after every stream ended)
+        rather than on the data streams: a final set the prediction expects to be small, a
+        target that takes it (FINAL_PAGES_ON_CONTROL), and no backup bitmap (R7: on arm64 the
+        ITS's pages follow R6.4, behind the first copy on their stream)."""
+        vm = self.hosted.vm
+        channel = self._channel
+        negotiated = channel.conn.negotiated if channel is not None else None
+        return (
+            self._plane is not None
+            and negotiated is not None
+            and FINAL_PAGES_ON_CONTROL in negotiated.capabilities
+            and vm is not None
+            and vm.tracker is not None
+            and not vm.tracker.uses_backup_bitmap
+            and self._predicted_final_pages <= CONTROL_FINAL_MAX_PAGES
+        )
+
+    async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock, on_control: bool) -> None:
         """R6, in order, up to LOADED with the digests compared.
 
         What R6 lets overlap, overlaps: the pages of R6.2 stream out (in the data threads) while
@@ -786,7 +875,10 @@ class Source:
         the pages are still on their way. The steps in `downtime_breakdown_ms` are consecutive
         (they add up to the pause): `state_save` and `backup_bitmap` include the page streaming
         they overlapped, `send` is what remained of it afterwards, `digest` what remained of
-        the digest after that."""
+        the digest after that.
+
+        `on_control`: the streams ended before the pause; the final pages go on the control
+        connection, in the state's write."""
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None and vm.memory is not None
@@ -801,10 +893,19 @@ class Source:
         early_end = not vm.tracker.uses_backup_bitmap
         worker_clock = clock.fork()
         dirty, passes, blobs, backup = await trio.to_thread.run_sync(
-            self._stop_and_save, pending, early_end, worker_clock
+            self._stop_and_save, pending, early_end, worker_clock, on_control
         )
         clock.merge(worker_clock)
         timeline.mark("save_returned")
+        final_batches: list[PageBatch] = []
+        if on_control:
+            assert vm.memory is not None and channel.conn.negotiated is not None
+            batch_pages = batch_pages_for(channel.conn.negotiated.max_batch_bytes)
+            round_ = self.stats.round + 1
+            final_batches = await final_batches_of(vm.memory, dirty, round_, batch_pages, self._control_counters)
+            timeline.mark("final_pages_read")
+            assert self._early_end is not None
+            passes.append(self._early_end)
         # After the pause: a held vCPU stays parked (a hold is not a pause), where lifting first
         # would let the held vCPUs dirty at full speed until the pause.
         await self._lift_limits("downtime")
@@ -816,7 +917,7 @@ class Source:
             final_pages += self.stats.backup_bitmap_added
             # All of it again: a page the ITS wrote may have gone out before it did.
             passes.append(plane.start_pages(backup, self.stats.round + 1))
-        if not early_end:
+        if not early_end and not on_control:
             passes.append(plane.start_end())  # every stream's end marker, behind its pages
         self.stats.final_pages = final_pages
         self.stats.ring_full_exits = vm.tracker.stats.ring_full_exits
@@ -833,14 +934,14 @@ class Source:
             async with trio.open_nursery() as nursery:
                 if verify:
                     nursery.start_soon(digest_ram)  # RAM is final: nothing writes it after R6.4
-                    await channel.send_many(state)
+                    await channel.send_many([*final_batches, *state])
                     timeline.mark("state_sent")
                 else:
                     # Without a digest nothing is left to wait for: DONE goes in the state's
                     # write, and the target waits for the streams' end markers itself (behind
                     # the last pages, datastream.py rule 4) while these are still on their way.
                     await faults.hold(self.log, "done")
-                    await channel.send_many([*state, self._done(None)])
+                    await channel.send_many([*final_batches, *state, self._done(None, final_batches)])
                     timeline.mark("state_and_done_sent")
                 for pass_ in passes:
                     await pass_.wait()
@@ -877,25 +978,30 @@ class Source:
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
 
-    def _done(self, digest: bytes | None) -> Done:
+    def _done(self, digest: bytes | None, unsent: Sequence[PageBatch] = ()) -> Done:
+        """`unsent`: batches that go out in the same write, before it (not counted yet)."""
         channel = self._channel
         assert channel is not None
         return Done(
-            pages_total=channel.conn.pages_transferred,
+            pages_total=channel.conn.pages_transferred + sum(b.pages.size + b.zero_pages.size for b in unsent),
             digest=digest,
             verify=self.options.verify,
             rounds=self.stats.round,
         )
 
     def _stop_and_save(
-        self, pending: DirtyPages, early_end: bool, clock: _StepClock
+        self, pending: DirtyPages, early_end: bool, clock: _StepClock, on_control: bool = False
     ) -> tuple[DirtyPages, list[Pass], list[tuple[str, bytes]], DirtyPages | None]:
         """R6.1-4 in order, in a worker thread; R6.2's pages (R6.5) stream out from between R6.2
-        and R6.3 on. `early_end`: their end markers follow them at once."""
+        and R6.3 on. `early_end`: their end markers follow them at once. `on_control`: the
+        streams have ended; the pages go on the control connection after the save."""
         plane = self._plane
         assert plane is not None
         final = self._stop_and_harvest(clock)
         dirty = pending.union(final)
+        if on_control:
+            blobs, backup = self._save_state(clock)
+            return dirty, [], blobs, backup
         passes = [plane.start_pages(dirty, self.stats.round + 1)]  # R6.5's pages, out from now on
         if early_end:
             # No backup bitmap (R7): R6.2 found every page there is to send (nothing but the
@@ -911,7 +1017,11 @@ class Source:
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
         self._timeline.mark("worker_entered")
-        vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
+        raised = self._window.raise_for_pause({v.thread_id for v in vm.vcpus if v.thread_id is not None})
+        try:
+            vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
+        finally:
+            self._window.lower(raised)  # parked, or resumed by the failure that follows
         vm.tracker.count_pages_by_vcpu = False  # the dirty limit's measure ends with the rounds
         clock.step("pause")
         self._timeline.mark("parked")
@@ -1022,6 +1132,9 @@ class Source:
         else:
             raise ValueError(f"action {action!r}: allowed are release, resume")
 
+
+# Digests timed by `_price_digest`, the least counting.
+DIGEST_PRICE_SAMPLES = 3
 
 # Terms of the prediction that this migration measures itself (not learned): the harvest and the
 # state estimate.

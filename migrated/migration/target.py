@@ -27,6 +27,7 @@ from transport import (
     Done,
     Loaded,
     PageBatch,
+    Progress,
     Query,
     QueryResult,
     RemoteProtocolError,
@@ -43,7 +44,7 @@ from ..kvm.errors import KvmError
 from ..logs import get_logger
 from ..overcommit import OvercommitRefused
 from ..pagehash import memory_digest
-from ..peer import PeerAborted, PeerChannel, PeerError, make_connection
+from ..peer import FINAL_PAGES_ON_CONTROL, PeerAborted, PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
 from .pagestream import PAGE_SIZE, apply_batch
@@ -103,7 +104,9 @@ class Target:
         # From the first device state (the source paused) to RUNNING: the collector off, the
         # threads at SCHED_FIFO (window.py).
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
-        self._timeline = Timeline()  # restarted at Done: the cutover's fine marks
+        self._timeline = Timeline()  # restarted at the first state: the cutover's fine marks
+        self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
+        self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
 
     async def run(self) -> None:
         try:
@@ -293,6 +296,10 @@ class Target:
         stats.memory_backing = config.memory_backing.kind
         if self.data_streams:
             self._open_streams()
+            # The event loop only coordinates while the pages come on the data streams: raised
+            # from here on, its wake-up for the state (the downtime's first on this side) does
+            # not wait for a core behind the host's other work (window.py).
+            self._window.raise_event_loop()
         self._streams_ready.set()
         # Accept before the VM's record (fsync'd) is written: the source starts its bulk copy
         # meanwhile. Until registered, a failure discards the copy all the same (`_discard`),
@@ -413,9 +420,29 @@ class Target:
                 if now - heard[0] >= silence_s:
                     raise PeerError(f"nothing received from the peer for {silence_s:g} s (control and data streams)")
 
+        async def report_end() -> None:
+            # FINAL_PAGES_ON_CONTROL: a source that ended the streams before its pause waits for
+            # this; one that did not skips it. The only waiter on the streams' end while it runs
+            # (`wait_ended` wakes one waiter per change); a failed stream is `_streams_ended`'s.
+            try:
+                await streams.wait_ended()
+            except RemoteProtocolError:
+                self._end_reported.set()
+                return
+            pages, zero_pages, nbytes, _ = streams.totals()
+            await self.channel.send(
+                Progress(bytes_received=nbytes, pages_received=pages + zero_pages, round=stats.round)
+            )
+            self._end_reported.set()
+
+        negotiated = self.channel.conn.negotiated
+        if negotiated is None or FINAL_PAGES_ON_CONTROL not in negotiated.capabilities:
+            self._end_reported.set()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch)
+                if not self._end_reported.is_set():
+                    nursery.start_soon(report_end)
                 await self._receive_events(stats, views, prefault, next_event)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -433,13 +460,25 @@ class Target:
         blobs: list[tuple[str, bytes]] = []
         bulk_entries = 0  # pages the bulk copy carried (data and zero); the rest it never touched
         round_entries = 0  # pages (data and zero) of the latest round: the last is the downtime's
+        control_final_entries = 0  # pages (data and zero) of the final pass on this connection
         stats.state = stats.phase = "receiving"
         while True:
             event = await next_event()
             if isinstance(event, PageBatch):
                 if self._streams is not None:
-                    # A page on two paths could overtake its newer version on the other.
-                    raise PeerError("PageBatch on the control connection of a migration with data streams")
+                    negotiated = self.channel.conn.negotiated
+                    if negotiated is None or FINAL_PAGES_ON_CONTROL not in negotiated.capabilities or event.round == 0:
+                        # A page on two paths could overtake its newer version on the other.
+                        raise PeerError(
+                            "PageBatch on the control connection of a migration with data streams "
+                            "(only the final pass may come there, after every stream's end)"
+                        )
+                    # The final pass (FINAL_PAGES_ON_CONTROL): applied only once every stream
+                    # ended and all it carried is in RAM, so nothing older lands after it.
+                    if not control_final_entries:
+                        self._timeline = Timeline()  # this side's downtime work starts here
+                    await self._streams_ended(stats)
+                    control_final_entries += int(event.pages.size) + int(event.zero_pages.size)
                 applied = time.perf_counter()
                 apply_batch(views[event.slot], event, ram_is_fresh=event.round == 0)
                 stats.apply_ms += (time.perf_counter() - applied) * 1e3
@@ -461,20 +500,24 @@ class Target:
                         f"device state {event.kind!r} unexpected (allowed once each: "
                         f"{', '.join(sorted(vmstate.KINDS))})"
                     )
+                if not blobs:
+                    if not control_final_entries:
+                        # The cutover's fine marks start where this side's downtime work does.
+                        self._timeline = Timeline()
+                    self._timeline.mark("state_received")
                 blobs.append((event.kind, event.blob))
                 self._window.open()
             elif isinstance(event, Done):
                 done_at = time.perf_counter()
-                self._timeline = Timeline()
+                self._timeline.mark("done_received")
                 if faults.active_once("target-stop-on-done"):
                     os.kill(os.getpid(), signal.SIGSTOP)  # resumes when the test sends SIGCONT
                 streams = self._streams
                 if streams is not None:
                     await self._streams_ended(stats)
-                    self._timeline.mark("streams_ended")
                     bulk_entries = streams.entries_in_round(0)
                     if event.rounds is not None:
-                        round_entries = streams.entries_in_round(event.rounds + 1)
+                        round_entries = streams.entries_in_round(event.rounds + 1) + control_final_entries
                         stats.round = event.rounds + 1 if round_entries else event.rounds
                 if event.rounds is not None:
                     # The source's count: the downtime's final pass (round `rounds` + 1) is no
@@ -489,17 +532,25 @@ class Target:
 
     async def _streams_ended(self, stats: MigrationStats) -> None:
         """Every data stream's end marker arrived and all before it is in RAM (datastream.py
-        rule 4), within peer.message_timeout_s of Done."""
+        rule 4), within peer.message_timeout_s of Done (or of the first final page on the
+        control connection). Counted once."""
         streams = self._streams
         assert streams is not None
+        if self._streams_counted:
+            return
         timeout = self.daemon.config.peer.message_timeout_s
         try:
             with trio.fail_after(timeout):
+                # First the report (`report_end` in `_receive`, set at once without one): nothing
+                # else goes out on this connection before it, and it is the streams' one waiter.
+                await self._end_reported.wait()
                 await streams.wait_ended()
         except trio.TooSlowError:
             raise PeerError(f"not every data stream ended within {timeout:g} s of Done") from None
         except RemoteProtocolError as err:
             raise PeerError(str(err)) from None
+        self._streams_counted = True
+        self._timeline.mark("streams_ended")
         pages, zero_pages, nbytes, apply_s = streams.totals()
         stats.pages_sent += pages
         stats.zero_pages += zero_pages

@@ -71,6 +71,30 @@ def test_the_windows_threads_run_at_fifo_for_the_window_only(parked_thread: thre
     assert len(RAISED) == 0
 
 
+def test_the_event_loop_raised_before_the_window_stays_raised_until_it_closes(parked_thread: threading.Thread) -> None:
+    """A target's event loop (`raise_event_loop`): alone at FIFO before the window, the other
+    window threads only once it opens, and everything back when it closes, opened or not."""
+    thread = parked_thread
+    assert thread.native_id is not None
+    me = threading.get_native_id()
+    window = DowntimeWindow(realtime=True)
+    window.raise_event_loop()
+    assert policy_of(me) == os.SCHED_FIFO and policy_of(thread.native_id) == os.SCHED_OTHER
+    window.open()
+    assert policy_of(thread.native_id) == os.SCHED_FIFO
+    window.close()
+    assert policy_of(me) == os.SCHED_OTHER and policy_of(thread.native_id) == os.SCHED_OTHER
+    assert len(RAISED) == 0
+    never_opened = DowntimeWindow(realtime=True)
+    never_opened.raise_event_loop()
+    assert policy_of(me) == os.SCHED_FIFO
+    never_opened.close()
+    assert policy_of(me) == os.SCHED_OTHER and len(RAISED) == 0
+    unraised = DowntimeWindow(realtime=False)
+    unraised.raise_event_loop()
+    assert policy_of(me) == os.SCHED_OTHER, "realtime off: nothing raised"
+
+
 @pytest.mark.kvm
 def test_without_the_right_to_fifo_the_downtime_runs_as_before_and_startup_says_so(make_daemon: MakeDaemon) -> None:
     a = make_daemon("a", downtime_limit_ms=300)

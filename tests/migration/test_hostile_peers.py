@@ -16,6 +16,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,15 @@ from hostile import (
 )
 from migrated.kvm.system import Kvm
 from migrated.migration import vmstate
+from migrated.peer import FINAL_PAGES_ON_CONTROL
 from transport import (
     Abort,
     Accept,
+    Connection,
     DeviceState,
     Done,
     Hello,
+    Role,
     State,
     VmDescription,
 )
@@ -704,5 +708,32 @@ def test_a_forged_data_stream_is_refused_and_a_bad_batch_on_a_real_one_discards_
             stream.send_raw(b"".join(bytes(b) for b in sender.batch(page_batch([SLOT_PAGES]))))
             failure = log.wait("incoming_connection_failed", peer=source.address)
             assert f"page index {SLOT_PAGES} outside slot 0" in failure["error"], failure
+    log.wait("incoming_vm_discarded", vm=name)
+    assert_unharmed(target)
+
+
+@pytest.mark.parametrize("capability", [False, True])
+def test_pages_on_the_control_connection_of_a_migration_with_data_streams_are_refused(
+    target: TargetHost, capability: bool
+) -> None:
+    """A migration with data streams takes pages on its control connection only as its final
+    pass, after every stream ended, and only from a source that negotiated that
+    (final-pages-on-control): a page there could otherwise overtake a newer copy of itself on a
+    stream. Without the capability a dirty round's batch is refused; with it, a bulk batch."""
+    name = new_name()
+    log = LogWatch(target.daemon)
+    with Peer(target, key=target.key) as source:
+        if capability:
+            source._conn = Connection(
+                Role.SOURCE, node="hostile-peer", psk=target.key, capabilities=(FINAL_PAGES_ON_CONTROL,)
+            )
+        source.handshake()
+        negotiated = source.conn.negotiated
+        assert negotiated is not None and (FINAL_PAGES_ON_CONTROL in negotiated.capabilities) is capability
+        assert isinstance(source.offer(description(target, name, features={"data_streams": 1})), Accept)
+        batch = page_batch([0])
+        source.send(batch if capability else replace(batch, round=1))
+        failure = log.wait("incoming_connection_failed", peer=source.address)
+        assert "PageBatch on the control connection" in failure["error"], failure
     log.wait("incoming_vm_discarded", vm=name)
     assert_unharmed(target)

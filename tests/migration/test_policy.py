@@ -12,11 +12,13 @@ from migrated.migration.policy import (
     MAX_SLOWDOWN,
     Costs,
     Decision,
+    DigestSample,
     DowntimeModel,
     DowntimeModels,
     Policy,
     RateMeter,
     RobustCost,
+    first_round_trip_ms,
     is_outlier,
     predict_downtime,
 )
@@ -427,3 +429,52 @@ def test_until_a_path_is_measured_a_digest_counts_the_guests_size_not_only_its_d
     steps = {"pause": 1.0, "send": 2.0, "digest": 15.0}
     assert model.learn(60.0, steps, sent_bytes=0, data_bytes=16 << 20, predicted_ms=60.0, target_digest_ms=15.0)
     assert model.digest_ms(16 << 20, 16 << 20, ram_bytes=512 << 20) == data_only, "measured: what it learned"
+
+
+def test_a_digest_timed_in_this_migration_prices_both_sides_until_the_path_is_measured() -> None:
+    model = DowntimeModel(digest_ms_per_gib=70.0, clock=FakeClock())
+    ram = 1 << 30
+    sample = DigestSample(ms=4.0, data_bytes=2 << 20)
+    defaults = model.digest_ms(2 << 20, 2 << 20, ram_bytes=ram)
+    assert defaults > 60.0, "the defaults price a mostly empty guest's digests by its size"
+    # Timed beside a running guest, a digest can read higher than the defaults: never raised.
+    slow = DigestSample(ms=50.0, data_bytes=2 << 20)
+    assert model.digest_ms(2 << 20, 2 << 20, ram_bytes=ram, measured=slow) == defaults
+    # The target walks the same RAM with the same code: the source's measured cost, twice.
+    assert model.digest_ms(2 << 20, 2 << 20, ram_bytes=ram, measured=sample) == pytest.approx(8.0)
+    # More data since the measurement: the source's share grows with it, never shrinks below it.
+    assert model.digest_ms(4 << 20, 4 << 20, ram_bytes=ram, measured=sample) == pytest.approx(16.0)
+    assert model.digest_ms(1 << 20, 1 << 20, ram_bytes=ram, measured=sample) == pytest.approx(8.0)
+    # What the target's file holds beyond the source's data, at the per-GiB rate.
+    beyond = model.digest_ms(2 << 20, 66 << 20, ram_bytes=ram, measured=sample)
+    assert beyond == pytest.approx(8.0 + 70.0 * (64 / 1024))
+    # Once the path has been measured, the learned costs decide, not this migration's sample.
+    steps = {"pause": 1.0, "send": 2.0, "digest": 4.0}
+    assert model.learn(20.0, steps, sent_bytes=0, data_bytes=2 << 20, predicted_ms=20.0, target_digest_ms=4.0)
+    learned = model.digest_ms(2 << 20, 2 << 20, ram_bytes=ram)
+    assert model.digest_ms(2 << 20, 2 << 20, ram_bytes=ram, measured=sample) == learned
+
+
+def test_a_measured_digest_lets_a_first_migration_under_a_tight_limit_converge() -> None:
+    """The boot-sector guest's first migration at 30 ms with verify full (bench/fixed_cost.py:
+    ~20 pages left, ~2 MiB of data in 150 MiB, a digest of 3-4 ms on each side): priced by the
+    defaults it could never stop; priced by its measured digest it can."""
+    model = DowntimeModel(clock=FakeClock())
+    ram, data = 150 << 20, 2 << 20
+    policy = Policy(30.0, max_rounds=30, timeout_s=60.0, on_no_convergence="abort")
+
+    def estimate(measured: DigestSample | None) -> Decision:
+        costs = Costs(
+            harvest_ms=0.1,
+            fixed_ms=model.fixed_ms,
+            state_bytes=16384,
+            digest_ms=model.digest_ms(data, 2 * data, ram, measured),
+            rtt_ms=first_round_trip_ms(handshake_ms=5.0, link_ms=0.03),
+            state_ms=1.0,
+            pause_ms=model.pause_ms,
+            headroom_ms=model.headroom_ms,
+        )
+        return policy.decide(predict_downtime(20, 5_000.0, 1 << 30, costs), rounds=1, elapsed_s=0.1)
+
+    assert estimate(None) is Decision.ANOTHER_ROUND
+    assert estimate(DigestSample(ms=3.0, data_bytes=data)) is Decision.STOP_AND_COPY
