@@ -8,11 +8,8 @@ and in doubt until the target is asked again (or the operator decides).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import socket
-import ssl
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,39 +17,35 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
-from transport.datastream import Layout
 from transport import (
-    Accept,
     Close,
     Commit,
     DeviceState,
     Done,
     Event,
     Loaded,
-    MemoryRegion,
     ProtocolError,
     Query,
     QueryResult,
-    Role,
     Running,
-    VmDescription,
 )
 
-from .. import faults, tls
+from .. import faults
 from ..hosted import HostedVm, VmState
 from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
-from ..peer import PeerChannel, PeerError, make_connection
-from . import dirtylimit, vmstate
+from ..peer import PeerChannel, PeerError
+from . import vmstate
 from .downtime_models_file import save_models
 from .host import MigrationHost
 from .hostspeed import HostSpeed
-from .pagestream import PAGE_SIZE
+from .outgoing_setup import OutgoingSetup
+from .precopy import MigrationFailed, Precopy, _target_ram_bytes
 from .sendstreams import Pass, SendStreams
 from .timeline import Timeline, guest_downtime_ms
-from .policy import THROTTLE_STEPS, Costs, Decision, Policy, RateMeter, predict_downtime
+from .policy import RateMeter
 from .stats import MigrationStats, StepTimes
 from .window import DowntimeWindow
 
@@ -60,10 +53,6 @@ E = TypeVar("E", bound=Event)
 
 MIB = 1 << 20
 PROGRESS_INTERVAL_S = 0.1  # how often the stats read the data threads' counters
-
-
-class MigrationFailed(Exception):
-    """The migration ended without the target running the VM; the source runs it."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +73,7 @@ class SourceOptions:
     streams: int = 2  # data connections carrying the pages (sendstreams.py)
 
 
-class Source:
+class Source(OutgoingSetup, Precopy):
     def __init__(self, daemon: MigrationHost, hosted: HostedVm, options: SourceOptions, migration_id: str) -> None:
         self.daemon = daemon
         self.hosted = hosted
@@ -216,61 +205,13 @@ class Source:
 
     # ---- phases -------------------------------------------------------------------------
 
-    async def _connect(self, timed: bool = False) -> PeerChannel:
-        """`timed`: the setup's connection, whose steps go into the timeline."""
-        peer = self.daemon.config.peer
-        with trio.fail_after(peer.connect_timeout_s):
-            try:
-                raw = await trio.open_tcp_stream(self.options.host, self.options.port)
-            except OSError as err:
-                raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
-            if timed:
-                self._phase_steps.step("connect")
-            stream: trio.abc.Stream = raw
-            if peer.auth == "tls":
-                try:
-                    stream = await tls.wrap_client(raw, peer, self.options.host)
-                except (ssl.SSLError, trio.BrokenResourceError) as err:
-                    raise PeerError(f"TLS handshake with the peer failed: {err}") from err
-        channel = PeerChannel(
-            stream,
-            make_connection(Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
-            io_timeout_s=peer.connect_timeout_s,
-        )
-        with trio.fail_after(peer.connect_timeout_s):
-            await channel.handshake()
-        if timed:
-            self._phase_steps.step("handshake")
-        return channel
-
     async def _migrate(self) -> None:
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
         self.log.info("migration_started", downtime_limit_ms=self.options.downtime_limit_ms)
         extents: dict[int, list[tuple[int, int]]] = {}
-        try:
-            async with trio.open_nursery() as nursery:
-                # Beside the setup, in a worker: this VM's record, the bulk copy's re-arm and
-                # its extents.
-                nursery.start_soon(self._prepare_bulk, extents)
-                self._channel = channel = await self._connect(timed=True)
-                await faults.hold(self.log, "setup")
-                await channel.send(self._description())
-                self._phase_steps.step("describe")
-                # The data streams connect while the target builds the VM (it holds them); after
-                # the description, so that the target knows the migration they name.
-                nursery.start_soon(self._open_streams_into, channel)
-                with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
-                    await channel.expect(Accept)
-                self._phase_steps.step("accept")
-        except BaseExceptionGroup as group:
-            # The failure is the migration's (a refusal, a stream that did not connect), not
-            # the cancellation it caused in the other tasks.
-            errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-            if errors:
-                raise errors[0] from None
-            raise
+        await self._set_up(extents)
         self._phase_steps.step("wait_overlapped")
         self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
@@ -300,89 +241,6 @@ class Source:
             await trio.to_thread.run_sync(save_models, Path(self.daemon.config.daemon.state_dir), record)
         except StateDirError as err:
             self.log.warning("downtime_models_not_saved", error=str(err))
-
-    def _description(self) -> VmDescription:
-        hosted = self.hosted
-        vm = hosted.vm
-        assert vm is not None and vm.memory is not None
-        return VmDescription(
-            name=hosted.name,
-            migration_id=self.stats.migration_id,
-            memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
-            vcpus=len(vm.vcpus),
-            guest_kind=hosted.spec.guest,
-            cpu_features={
-                "spec": hosted.spec.to_wire(),
-                "run_state": "paused" if self.was_paused else "running",
-                **(
-                    {"memory_backing": self.options.target_memory_backing} if self.options.target_memory_backing else {}
-                ),
-                "data_streams": self.options.streams,
-                **vmstate.cpu_features(self.daemon.kvm),
-            },
-            dirty_tracking=vm.dirty_tracking,
-            arch=vm.caps.arch,
-        )
-
-    async def _open_streams_into(self, channel: PeerChannel) -> None:
-        started = time.perf_counter()
-        self._plane = await self._open_streams(channel)
-        self._phase_steps.add("overlapped.open_streams", started)
-
-    async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
-        """In one worker trip, beside the setup: the record (fsync'd, milliseconds on a busy
-        disk) that this VM is migrating; nothing else writes it meanwhile (pause and resume
-        refuse a migrating VM, and a failure resumes it only after this trip ended). Then R3:
-        the first collection re-arms tracking before the bulk copy reads any page, so
-        every write from here on is in a later collection; the RAM file's extents are taken
-        after it (a page first written in between is in that collection). A migration that
-        fails before its bulk copy lost nothing by the re-arm: every one re-arms first."""
-        hosted = self.hosted
-        vm = hosted.vm
-        assert vm is not None and vm.memory is not None and vm.tracker is not None
-        memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
-
-        def record_rearm_and_find_extents() -> None:
-            record(hosted)
-            tracker.rearm()
-            extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
-
-        started = time.perf_counter()
-        await trio.to_thread.run_sync(record_rearm_and_find_extents)
-        self._last_collect = time.perf_counter()
-        self._phase_steps.add("overlapped.record_rearm_extents", started)
-
-    async def _open_streams(self, channel: PeerChannel) -> SendStreams:
-        vm = self.hosted.vm
-        assert vm is not None and vm.memory is not None
-        conn = channel.conn
-        negotiated = conn.negotiated
-        assert negotiated is not None
-        peer = self.daemon.config.peer
-        layout = Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
-        with trio.fail_after(peer.connect_timeout_s * 2), contextlib.ExitStack() as fault:
-            port = self.options.port
-            if faults.active("source-streams-refused"):
-                # A port of this host that is bound and not listening: the kernel refuses it.
-                closed = fault.enter_context(socket.socket())
-                closed.bind((self.options.host, 0))
-                port = closed.getsockname()[1]
-            try:
-                return await SendStreams.open(
-                    host=self.options.host,
-                    port=port,
-                    peer=peer,
-                    secret=conn.data_stream_secret(),
-                    sealed=negotiated.auth == "psk",
-                    migration_id=self.stats.migration_id,
-                    count=self.options.streams,
-                    memory=vm.memory,
-                    layout=layout,
-                    batch_pages=batch_pages_for(negotiated.max_batch_bytes),
-                    bandwidth_bytes_s=self.options.max_bandwidth_mib_s * MIB,
-                )
-            except (OSError, ssl.SSLError) as err:
-                raise PeerError(f"cannot open the data streams to {self.stats.peer}: {connect_failure(err)}") from err
 
     async def _watch_progress(self) -> None:
         """The data threads count; this reads their counters into the stats while they run, so
@@ -462,190 +320,6 @@ class Source:
         self.stats.zero_pages = totals.zero_pages
         if self._bulk_pages is not None:
             self.stats.pages_remaining = max(0, self._bulk_pages - totals.pages - totals.zero_pages)
-
-    async def _send_dirty(self, dirty: DirtyPages, round_: int) -> float:
-        """Send a dirty set over every stream; returns seconds taken."""
-        assert self._plane is not None
-        started = time.perf_counter()
-        await self._plane.send_pages(dirty, round_)
-        self._update_counters()
-        self._note_progress()
-        return time.perf_counter() - started
-
-    async def _bulk_copy(self, extents: dict[int, list[tuple[int, int]]]) -> None:
-        vm = self.hosted.vm
-        assert vm is not None and vm.memory is not None
-        self.stats.state = self.stats.phase = "bulk"
-        assert self._plane is not None
-        started = time.perf_counter()
-        bytes_before = self.stats.bytes_sent
-        memory = vm.memory
-        total_pages = sum(r.pages for r in memory.regions)
-        # All extents first (`_prepare_bulk`), so that `pages_remaining` counts down from the
-        # whole copy, batch by batch (`_update_counters`), instead of standing still within each.
-        in_extents = sum(end - first for ranges in extents.values() for first, end in ranges)
-        self._bulk_pages = in_extents
-        self.stats.pages_remaining = in_extents
-        await self._plane.send_extents(extents, 0)
-        self._phase_steps.step("bulk_send")
-        self._update_counters()
-        self._note_progress()
-        self._bulk_pages = None
-        self._data_pages = in_extents
-        # Holes in the memfd were never touched: zero on both sides and not sent at all, so not
-        # counted as zero pages (those went as indices, and the target counts them too).
-        self.stats.untouched_pages = total_pages - in_extents
-        self._update_counters()
-        elapsed = time.perf_counter() - started
-        self._bandwidth.add(self.stats.bytes_sent - bytes_before, elapsed)
-        self._host_speed.add(self.stats.bytes_sent - bytes_before, elapsed)
-        self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
-        self.stats.bulk_ms = elapsed * 1e3
-        self.stats.bulk_bytes = self.stats.bytes_sent - bytes_before
-        self.log.info(
-            "bulk_copy_done",
-            pages=self.stats.pages_sent,
-            zero_pages=self.stats.zero_pages,
-            untouched_pages=self.stats.untouched_pages,
-            extents=sum(len(ranges) for ranges in extents.values()),
-            streams=self._plane.count,
-            ms=round(elapsed * 1e3, 1),
-            bandwidth_mib_s=round(self.stats.bandwidth_mib_s, 1),
-        )
-
-    def _costs(self, state_bytes_guess: int) -> Costs:
-        vm = self.hosted.vm
-        assert vm is not None and vm.memory is not None and vm.tracker is not None
-        model = self._model
-        digest_ms = 0.0
-        if self.options.verify == "full":
-            # What the RAM file holds now, not at the bulk copy: the guest may have grown since.
-            allocated = vm.memory.allocated_bytes()
-            digest_ms = model.digest_ms(allocated, _target_ram_bytes(allocated, vm.memory.size), vm.memory.size)
-        return Costs(
-            harvest_ms=max(vm.tracker.stats.last_collect_ms, 0.1),
-            fixed_ms=model.fixed_ms,
-            state_bytes=state_bytes_guess,
-            digest_ms=digest_ms,
-            rtt_ms=model.round_trip_ms(self._channel.rtt_ms if self._channel else 0.0),
-            state_ms=vmstate.estimate_ms(len(vm.vcpus)),
-            pause_ms=model.pause_ms,
-            downtime_bandwidth_bytes_s=model.downtime_bandwidth_bytes_s,
-            slowdown=model.slowdown(self._host_speed.now_ms_per_gib),
-            headroom_ms=model.headroom_ms,
-        )
-
-    async def _rounds(self) -> DirtyPages:
-        """Dirty rounds until the predicted downtime fits (or the policy says stop)."""
-        vm = self.hosted.vm
-        assert vm is not None and vm.tracker is not None
-        self.stats.state = self.stats.phase = "rounds"
-        # The dirty limit's measure, counted from the first round on: when the policy acts after
-        # max_rounds, the last round's per-vCPU rates are there already.
-        vm.tracker.count_pages_by_vcpu = self.options.on_no_convergence == "dirty-limit"
-        while True:
-            # Built each round: `migration set` may have changed the limit since the last one.
-            policy = Policy(
-                self.options.downtime_limit_ms,
-                self.options.max_rounds,
-                self._time_limit_s(),
-                self.options.on_no_convergence,
-            )
-            pending = await trio.to_thread.run_sync(vm.tracker.collect)
-            self._phase_steps.step("collect")
-            now = time.perf_counter()
-            round_s = now - self._last_collect
-            self._dirty_rate.add(pending.count, round_s)
-            self._last_collect = now
-            self.stats.dirty_rate_mib_s = self._dirty_rate.rate * PAGE_SIZE / MIB
-            self.stats.pages_remaining = pending.count
-            estimate = predict_downtime(
-                pending.count,
-                self._dirty_rate.rate,
-                self._bandwidth.rate,
-                self._costs(vmstate.estimate_bytes(len(vm.vcpus))),
-            )
-            self.stats.predicted_downtime_ms = estimate.total_ms
-            self.stats.predicted_downtime_terms_ms = estimate.terms_ms()
-            self.stats.send_ms_per_gib = round(self._host_speed.now_ms_per_gib, 1)
-            decision = policy.decide(
-                estimate,
-                self.stats.round,
-                time.monotonic() - self._started,
-                self._throttle_step,
-                self._dirty_limit_exhausted,
-            )
-            self._phase_steps.step("decide")
-            if decision is Decision.STOP_AND_COPY:
-                self.log.info(
-                    "converged",
-                    round=self.stats.round,
-                    pages=pending.count,
-                    predicted_downtime_ms=round(estimate.total_ms, 2),
-                )
-                return pending
-            if decision is Decision.GIVE_UP:
-                raise MigrationFailed(
-                    f"did not converge after {self.stats.round} rounds: predicted downtime "
-                    f"{estimate.total_ms:.0f} ms over the limit {self.options.downtime_limit_ms:.0f} ms "
-                    f"(dirty rate {self.stats.dirty_rate_mib_s:.0f} MiB/s, bandwidth "
-                    f"{self.stats.bandwidth_mib_s:.0f} MiB/s); the VM keeps running here"
-                )
-            if decision is Decision.THROTTLE_MORE:
-                self._throttle_step += 1
-                share = THROTTLE_STEPS[self._throttle_step]
-                await trio.to_thread.run_sync(vm.set_throttle, share)
-                self.stats.throttle_percent = round(share * 100)
-                self.log.info(
-                    "throttling", percent=self.stats.throttle_percent, predicted_downtime_ms=round(estimate.total_ms, 1)
-                )
-            if decision is Decision.LIMIT_DIRTY:
-                await self._limit_dirty(estimate.total_ms - estimate.transfer_ms, round_s)
-            self.stats.round += 1
-            if faults.active("source-stall-rounds"):
-                await trio.sleep(0.2)
-            bytes_before = self.stats.bytes_sent
-            seconds = await self._send_dirty(pending, self.stats.round)
-            self._phase_steps.step("round_send")
-            if seconds > 0 and self.stats.bytes_sent - bytes_before >= BANDWIDTH_SAMPLE_MIN_BYTES:
-                self._bandwidth.add(self.stats.bytes_sent - bytes_before, seconds)
-                self._host_speed.add(self.stats.bytes_sent - bytes_before, seconds)
-                self.stats.bandwidth_mib_s = self._bandwidth.rate / MIB
-
-    async def _limit_dirty(self, other_costs_ms: float, round_s: float) -> None:
-        """Policy "dirty-limit": each vCPU's quota and held share for the next round, from what
-        each one's ring took in over the last round (dirtylimit.py)."""
-        vm = self.hosted.vm
-        assert vm is not None and vm.tracker is not None
-        if vm.dirty_tracking != "ring":
-            raise MigrationFailed(
-                "on_no_convergence = dirty-limit needs the dirty rings' per-vCPU counts, and this VM "
-                "tracks dirty pages with the bitmap; use throttle; the VM keeps running here"
-            )
-        vcpus = len(vm.vcpus)
-        shares = self._dirty_shares or [0.0] * vcpus
-        rates = dirtylimit.rates_bytes_s(vm.tracker.pages_by_vcpu, vcpus, round_s)
-        budget = dirtylimit.dirty_budget_bytes_s(
-            self._bandwidth.rate, self.options.downtime_limit_ms, other_costs_ms, round_s, vcpus
-        )
-        plan = dirtylimit.plan(rates, shares, budget)
-        await trio.to_thread.run_sync(vm.set_vcpu_throttle, plan.shares)
-        for old, limit in zip(shares, plan.vcpus, strict=True):
-            if old == limit.share:
-                continue
-            event = "dirty_limit_set" if not old else "dirty_limit_changed" if limit.share else "dirty_limit_lifted"
-            self.log.info(
-                event,
-                round=self.stats.round,
-                demand_mib_s=round(limit.demand_bytes_s / MIB, 1),
-                budget_mib_s=round(budget / MIB, 1),
-                **dirtylimit.describe(limit),
-            )
-        self._dirty_shares = plan.shares
-        self._dirty_limit_exhausted = plan.exhausted
-        self.stats.dirty_limits = [dirtylimit.describe(v) for v in plan.limited]
-        self.stats.dirty_limited_vcpus = sorted(set(self.stats.dirty_limited_vcpus) | {v.vcpu for v in plan.limited})
-        self.stats.dirty_limit_budget_mib_s = round(budget / MIB, 1)
 
     async def _lift_limits(self, reason: str) -> None:
         """End the throttle or the dirty limit in force: never left on after the migration."""
@@ -1067,40 +741,6 @@ class _StepClock:
         where the worker's last ended."""
         self._steps.update(other._steps)
         self._last = other._last
-
-
-def connect_failure(err: OSError) -> str:
-    """The cause of a failed connect, without the errno noise: "Name or service not known" for
-    a host name that does not resolve; for refused or unreachable addresses (which trio reports
-    as "all attempts to connect to ... failed"), the first attempt's reason."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            cause = cause.exceptions[0]
-            continue
-        if isinstance(cause, OSError) and cause.strerror:
-            # trio's own message repeats the address; the errno's text is the reason alone.
-            code = cause.errno
-            return os.strerror(code) if isinstance(code, int) and code > 0 else str(cause.strerror)
-        cause = cause.__cause__
-    return str(err) or type(err).__name__
-
-
-# A round that sends a few pages times the link's latency, not its rate (measured: rounds of
-# 20-90 pages made 6 MiB/s of a loopback link; at that rate every later prediction priced
-# those pages at 10+ ms): only rounds at least this big update the bandwidth.
-BANDWIDTH_SAMPLE_MIN_BYTES = 1 << 20
-
-
-def _target_ram_bytes(source_allocated: int, ram_bytes: int) -> int:
-    """What the target's RAM file may hold, for its digest: the data it received plus its
-    prefault's lookahead, which is never more than the data received (prefault.py)."""
-    return min(ram_bytes, 2 * source_allocated)
-
-
-def batch_pages_for(max_batch_bytes: int) -> int:
-    """Pages per batch so that data and both index arrays fit the negotiated payload."""
-    return max(1, max_batch_bytes // (PAGE_SIZE + 16))
 
 
 def new_migration_id() -> str:
