@@ -47,8 +47,10 @@ class OutgoingSetup:
     _channel: PeerChannel | None
     _last_collect: float
 
-    async def _connect(self, timed: bool = False) -> PeerChannel:
-        """`timed`: the setup's connection, whose steps go into the timeline."""
+    async def _connect(self, timed: bool = False, then: VmDescription | None = None) -> PeerChannel:
+        """`timed`: the setup's connection, whose steps go into the timeline. `then`: the VM's
+        description, sent within the handshake, right behind this side's proof of the key
+        (PeerChannel.handshake): one round trip fewer than after it."""
         peer = self.daemon.config.peer
         with trio.fail_after(peer.connect_timeout_s):
             try:
@@ -68,10 +70,12 @@ class OutgoingSetup:
             make_connection(Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
             io_timeout_s=peer.connect_timeout_s,
         )
+        if then is not None:
+            await faults.hold(self.log, "setup")
         with trio.fail_after(peer.connect_timeout_s):
-            await channel.handshake()
+            await channel.handshake(then)
         if timed:
-            self._phase_steps.step("handshake")
+            self._phase_steps.step("handshake_and_describe" if then is not None else "handshake")
         return channel
 
     async def _set_up(self, extents: dict[int, list[tuple[int, int]]]) -> None:
@@ -81,10 +85,7 @@ class OutgoingSetup:
                 # Beside the setup, in a worker: this VM's record, the bulk copy's re-arm and
                 # its extents.
                 nursery.start_soon(self._prepare_bulk, extents)
-                self._channel = channel = await self._connect(timed=True)
-                await faults.hold(self.log, "setup")
-                await channel.send(self._description())
-                self._phase_steps.step("describe")
+                self._channel = channel = await self._connect(timed=True, then=self._description())
                 # The data streams connect while the target builds the VM (it holds them); after
                 # the description, so that the target knows the migration they name.
                 nursery.start_soon(self._open_streams_into, channel)

@@ -151,7 +151,12 @@ class Precopy:
                 self._time_limit_s(),
                 self.options.on_no_convergence,
             )
-            pending = await trio.to_thread.run_sync(vm.tracker.collect)
+            if vm.tracker.collect_is_small():
+                # A few pages (a quiet guest, the last round): a worker's round trip would cost
+                # more than the harvest, twice a thread wake-up on a busy host.
+                pending = vm.tracker.collect()
+            else:
+                pending = await trio.to_thread.run_sync(vm.tracker.collect)
             self._phase_steps.step("collect")
             now = time.perf_counter()
             round_s = now - self._last_collect
