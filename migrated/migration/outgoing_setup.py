@@ -25,10 +25,10 @@ from .pagestream import PAGE_SIZE
 from .sendstreams import SendStreams
 from .stats import MigrationStats, StepTimes
 
+from .source_options import SourceOptions
+
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
-
-    from .source import SourceOptions
 
 MIB = 1 << 20
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -42,6 +42,7 @@ from .downtime_models_file import save_models
 from .host import MigrationHost
 from .hostspeed import HostSpeed
 from .outgoing_setup import OutgoingSetup
+from .source_options import SourceOptions as SourceOptions  # re-exported: service.py, tests
 from .pagestream import PAGE_SIZE
 from .sendstreams import Pass, SendStreams
 from .timeline import Timeline, guest_downtime_ms
@@ -57,24 +58,6 @@ PROGRESS_INTERVAL_S = 0.1  # how often the stats read the data threads' counters
 
 class MigrationFailed(Exception):
     """The migration ended without the target running the VM; the source runs it."""
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    host: str
-    port: int
-    downtime_limit_ms: float
-    max_bandwidth_mib_s: float
-    timeout_s: float
-    max_rounds: int
-    on_no_convergence: str
-    verify: Literal["full", "off"]
-    max_batch_bytes: int
-    downtime_guard_ms: float = 2000.0
-    completion_timeout_per_gib_s: float = 0.0  # 0: off (KubeVirt's completionTimeoutPerGiB)
-    progress_timeout_s: float = 0.0  # 0: off; no byte moved for this long cancels (before the downtime)
-    target_memory_backing: str | None = None  # None: the target daemon's vm.memory_backing
-    streams: int = 2  # data connections carrying the pages (sendstreams.py)
 
 
 class Source(OutgoingSetup):
