@@ -98,7 +98,18 @@ def summarize_line(line: dict[str, Any]) -> dict[str, Any]:
         "guest_downtime_ms": spread(r.get("guest_downtime_ms") for r in done),
         "total_ms_events": spread(r.get("total_ms_events") for r in done),
         "over_limit": sum(1 for r in done if r["downtime_ms"] is not None and r["downtime_ms"] > line["limit_ms"]),
+        **{
+            key: _step_spreads(done, key)
+            for key in ("phase_steps_ms", "target_phase_steps_ms")
+            if line["engine"] == "migrated"
+        },
     }
+
+
+def _step_spreads(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Median and range of every step in the runs' `key` dicts, where it ran."""
+    names = list(dict.fromkeys(step for r in runs for step in r.get(key, {})))
+    return {step: spread(r[key][step] for r in runs if step in r.get(key, {})) for step in names}
 
 
 # ---------------------------------------------------------------------------- memory checks
@@ -330,9 +341,16 @@ class MigratedLine:
             "final_pages": stats.get("final_pages"),
             "bytes_sent_mib": round(stats.get("bytes_sent", 0) / MIB, 1),
             "ring_full_exits": stats.get("ring_full_exits"),
+            # Where the total goes, step by step, on each side (the stats' phase_steps_ms;
+            # "overlapped.*" steps ran beside the others).
+            "phase_steps_ms": stats.get("phase_steps_ms") or {},
+            "target_phase_steps_ms": {},
             "memory": None,
         }
         if completed:
+            incoming = wait_migration(target, VM, timeout=30)
+            if incoming.get("migration_id") == stats.get("migration_id"):
+                run["target_phase_steps_ms"] = incoming.get("phase_steps_ms") or {}
             # Up to the target's LOADED, as QEMU's figure of the same name: without the COMMIT
             # round trip and the resume, which QEMU's -S target (kept paused for the check) skips.
             resume = (stats.get("downtime_breakdown_ms") or {}).get("commit_to_running")

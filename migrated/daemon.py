@@ -391,11 +391,13 @@ class Daemon:
         self.log.info("vm_released", vm=hosted.name)
         self.update_status()
 
-    def register_incoming(self, hosted: HostedVm, migration: Migration) -> None:
+    def register_incoming(self, hosted: HostedVm, migration: Migration, record: bool = True) -> None:
+        """`record=False`: the caller writes the VM's record (`record_vm`) itself, off the loop."""
         self.vms[hosted.name] = hosted
         self.release_name(hosted.name)
         self.migrations[hosted.name] = migration
-        self.record_vm(hosted)
+        if record:
+            self.record_vm(hosted)
 
     def record_vm(self, hosted: HostedVm) -> None:
         """Keep the on-disk record of a hosted VM's state (what a successor reports if we die).

@@ -336,9 +336,13 @@ def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | N
     return hosted
 
 
-def create_incoming(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None) -> HostedVm:
+def create_incoming(
+    kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None, start: bool = True
+) -> HostedVm:
     """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running.
-    A raw guest gets the same devices, empty: their state comes with the vCPUs' (vmstate)."""
+    A raw guest gets the same devices, empty: their state comes with the vCPUs' (vmstate).
+    `start=False`: the vCPU threads (parked) and the harvester are started later by the
+    caller (`hosted.vm.start(running=False)`), before anything loads or resumes the VM."""
     vm = create_vm(kvm, config)
     ports: PcPorts | None = None
     log: ConsoleLog | None = None
@@ -346,7 +350,8 @@ def create_incoming(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path 
         guest = spec.view() if spec.guest in WORKLOADS else None
         if spec.guest == "raw":
             ports, log = raw_ports(vm, console_log)
-        vm.start(running=False)
+        if start:
+            vm.start(running=False)
     except BaseException:
         vm.close()
         if log is not None:

@@ -164,8 +164,12 @@ class PeerChannel:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
             raise LinkLost(f"receiving failed: {err}") from err
 
-    async def handshake(self) -> None:
-        """Hello both ways (source first), then the PSK MACs when negotiated (DESIGN 6)."""
+    async def handshake(self, then: Event | None = None) -> None:
+        """Hello both ways (source first), then the PSK MACs when negotiated (DESIGN 6).
+
+        `then` (the source's VmDescription): sent right behind the source's Auth, in the same
+        write, which saves the setup a round trip (transport/states.py rule 4); it is out
+        when this returns, and the target's Auth checked."""
         started = time.perf_counter()
         if self.conn.role is Role.SOURCE:
             await self.send(self.conn.make_hello())
@@ -177,7 +181,10 @@ class PeerChannel:
         if self.conn.state in (State.AUTH_SOURCE, State.AUTH_TARGET):
             if self.conn.role is Role.SOURCE:
                 auth_started = time.perf_counter()
-                await self.send(self.conn.make_auth())
+                if then is None:
+                    await self.send(self.conn.make_auth())
+                else:
+                    await self.send_many([self.conn.make_auth(), then])
                 try:
                     await self.receive()
                 except LinkLost:
@@ -194,8 +201,11 @@ class PeerChannel:
             else:
                 await self.receive()
                 await self.send(self.conn.make_auth())
-        if self.conn.state is not State.READY or not self.conn.authenticated:
-            raise PeerError(f"handshake ended in state {self.conn.state.name}, not READY")
+        elif then is not None:
+            await self.send(then)  # tls or none: nothing to prove here, the description follows
+        expected = State.READY if then is None else State.DESCRIBED
+        if self.conn.state is not expected or not self.conn.authenticated:
+            raise PeerError(f"handshake ended in state {self.conn.state.name}, not {expected.name}")
 
     def link_rtt_ms(self) -> float | None:
         """The link's own round trip as the kernel measured it: the least of its samples

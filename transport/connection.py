@@ -583,8 +583,8 @@ class Connection:
         following = self._next(sender, type(event))
         assert following is not None, "checked before"
         self.state = following
-        if following is State.READY:
-            self.authenticated = True
+        if following is State.READY or (isinstance(event, Auth) and following is State.DESCRIBED):
+            self.authenticated = True  # both Auths checked (the second may follow the description)
         if sender is self.peer:
             self._since_peer = [following]
         else:

@@ -13,7 +13,11 @@ Rules of this file:
 4. HELLO first, source first. After both HELLOs the PSK step (AUTH_SOURCE, AUTH_TARGET) runs only
    when the negotiated auth is "psk"; with "tls" (the edge already did mutual TLS) or "none"
    (both operators allowed unauthenticated peers) it is skipped: SKIP_WITHOUT_PSK. No VM data
-   event exists before READY (DESIGN section 6).
+   event exists before READY (DESIGN section 6). One exception saves the setup a round trip:
+   the source may send its VmDescription right behind its own Auth (DESCRIBED_EARLY), before
+   the target's Auth. It is sealed under the source's key, so only a holder of the key reads
+   it; the target reads it only after it checked the source's Auth; and the source acts on
+   nothing from the target (its Accept or Abort) before the target's Auth proved the key.
 5. Cutover, DESIGN section 5: either side may abort until the target sent Loaded; then only the
    source may abort, until it sent Commit. After Commit nobody aborts: the target resumes and
    answers Running. A link lost after Commit leaves the source in doubt, resolved on a new
@@ -66,6 +70,7 @@ class State(enum.Enum):
     HELLO = "HELLO"  # the source's Hello is out; the target answers with its own
     AUTH_SOURCE = "AUTH_SOURCE"  # psk: waiting for the source's Auth
     AUTH_TARGET = "AUTH_TARGET"  # psk: the source proved the key; waiting for the target's
+    DESCRIBED_EARLY = "DESCRIBED_EARLY"  # psk: the description followed the source's Auth (rule 4)
     READY = "READY"  # authenticated: VmDescription or Query may come
     DESCRIBED = "DESCRIBED"  # the target decides: Accept or Abort
     PAGES = "PAGES"  # bulk copy and dirty rounds
@@ -99,7 +104,8 @@ TRANSITIONS: Final[Mapping[State, Mapping[Key, State]]] = {
     State.START: {(S, Hello): State.HELLO},
     State.HELLO: {(T, Hello): State.AUTH_SOURCE},  # -> READY unless psk: SKIP_WITHOUT_PSK
     State.AUTH_SOURCE: {(S, Auth): State.AUTH_TARGET},
-    State.AUTH_TARGET: {(T, Auth): State.READY},
+    State.AUTH_TARGET: {(T, Auth): State.READY, (S, VmDescription): State.DESCRIBED_EARLY},
+    State.DESCRIBED_EARLY: {(T, Auth): State.DESCRIBED},
     State.READY: {
         (S, VmDescription): State.DESCRIBED,
         (S, Query): State.QUERIED,
@@ -145,7 +151,9 @@ CLEAN_EOF: Final[frozenset[State]] = frozenset({State.DONE, State.ANSWERED, Stat
 
 PEER_CLOSED: Final[Mapping[Role, State]] = {S: State.SOURCE_CLOSED, T: State.TARGET_CLOSED}
 
-BEFORE_AUTH: Final[frozenset[State]] = frozenset({State.START, State.HELLO, State.AUTH_SOURCE, State.AUTH_TARGET})
+BEFORE_AUTH: Final[frozenset[State]] = frozenset(
+    {State.START, State.HELLO, State.AUTH_SOURCE, State.AUTH_TARGET, State.DESCRIBED_EARLY}
+)
 BEFORE_ACCEPT: Final[frozenset[State]] = frozenset({*BEFORE_AUTH, State.READY, State.DESCRIBED})
 
 

@@ -72,6 +72,11 @@ class DirtyTracker(Protocol):
 
     def collect(self) -> DirtyPages: ...
 
+    def collect_is_small(self) -> bool:
+        """A `collect()` now would take a fraction of a millisecond: a caller on an event loop
+        may run it there rather than pay a worker thread's round trip."""
+        ...
+
     def rearm(self) -> None: ...
 
     def poll(self) -> None: ...
@@ -231,6 +236,14 @@ class RingTracker:
                 "livelock); dirty tracking can no longer be trusted"
             )
 
+    # Entries kept since the last collection below which `collect_is_small`: the rings hold at
+    # most one harvest interval's more, and the shim dedups that many in well under 1 ms.
+    SMALL_COLLECT_ENTRIES = 4096
+
+    def collect_is_small(self) -> bool:
+        # Read without the lock: a stale count only picks the thread or the loop.
+        return self._pending_entries <= self.SMALL_COLLECT_ENTRIES
+
     def rearm(self) -> None:
         """Harvest and reset every ring (R3) and forget what was dirty: for a consumer about
         to read all of memory anyway (the bulk copy), to whom only later writes matter.
@@ -322,6 +335,9 @@ class BitmapTracker:
     def rearm(self) -> None:
         """Re-protect every page and forget what was dirty (the bitmap has no cheaper way)."""
         self.collect()
+
+    def collect_is_small(self) -> bool:
+        return False  # KVM_GET_DIRTY_LOG reads a bitmap as large as guest RAM is
 
     def collect(self) -> DirtyPages:
         started = time.perf_counter()

@@ -8,52 +8,46 @@ and in doubt until the target is asked again (or the operator decides).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import socket
-import ssl
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
-from transport.datastream import Layout
 from transport import (
-    Accept,
     Close,
     Commit,
     DeviceState,
     Done,
     Event,
     Loaded,
-    MemoryRegion,
     PageBatch,
     Progress,
     ProtocolError,
     Query,
     QueryResult,
-    Role,
     Running,
-    VmDescription,
 )
 
-from .. import faults, tls
+from .. import faults
 from ..hosted import HostedVm, VmState
 from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
-from ..peer import FINAL_PAGES_ON_CONTROL, PeerChannel, PeerError, make_connection
+from ..peer import FINAL_PAGES_ON_CONTROL, PeerChannel, PeerError
 from . import dirtylimit, vmstate
 from .downtime_models_file import save_models
 from .host import MigrationHost
 from .hostspeed import HostSpeed
 from .finalpass import CONTROL_FINAL_MAX_PAGES, final_batches_of
 from .pagestream import PAGE_SIZE, StreamCounters
+from .outgoing_setup import OutgoingSetup, batch_pages_for
+from .source_options import SourceOptions as SourceOptions  # re-exported: service.py, tests
 from .sendstreams import Pass, SendStreams
 from .timeline import Timeline, guest_downtime_ms
 from .policy import (
@@ -79,25 +73,7 @@ class MigrationFailed(Exception):
     """The migration ended without the target running the VM; the source runs it."""
 
 
-@dataclass(frozen=True)
-class SourceOptions:
-    host: str
-    port: int
-    downtime_limit_ms: float
-    max_bandwidth_mib_s: float
-    timeout_s: float
-    max_rounds: int
-    on_no_convergence: str
-    verify: Literal["full", "off"]
-    max_batch_bytes: int
-    downtime_guard_ms: float = 2000.0
-    completion_timeout_per_gib_s: float = 0.0  # 0: off (KubeVirt's completionTimeoutPerGiB)
-    progress_timeout_s: float = 0.0  # 0: off; no byte moved for this long cancels (before the downtime)
-    target_memory_backing: str | None = None  # None: the target daemon's vm.memory_backing
-    streams: int = 2  # data connections carrying the pages (sendstreams.py)
-
-
-class Source:
+class Source(OutgoingSetup):
     def __init__(self, daemon: MigrationHost, hosted: HostedVm, options: SourceOptions, migration_id: str) -> None:
         self.daemon = daemon
         self.hosted = hosted
@@ -233,61 +209,13 @@ class Source:
 
     # ---- phases -------------------------------------------------------------------------
 
-    async def _connect(self, timed: bool = False) -> PeerChannel:
-        """`timed`: the setup's connection, whose steps go into the timeline."""
-        peer = self.daemon.config.peer
-        with trio.fail_after(peer.connect_timeout_s):
-            try:
-                raw = await trio.open_tcp_stream(self.options.host, self.options.port)
-            except OSError as err:
-                raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
-            if timed:
-                self._phase_steps.step("connect")
-            stream: trio.abc.Stream = raw
-            if peer.auth == "tls":
-                try:
-                    stream = await tls.wrap_client(raw, peer, self.options.host)
-                except (ssl.SSLError, trio.BrokenResourceError) as err:
-                    raise PeerError(f"TLS handshake with the peer failed: {err}") from err
-        channel = PeerChannel(
-            stream,
-            make_connection(Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
-            io_timeout_s=peer.connect_timeout_s,
-        )
-        with trio.fail_after(peer.connect_timeout_s):
-            await channel.handshake()
-        if timed:
-            self._phase_steps.step("handshake")
-        return channel
-
     async def _migrate(self) -> None:
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
         self.log.info("migration_started", downtime_limit_ms=self.options.downtime_limit_ms)
         extents: dict[int, list[tuple[int, int]]] = {}
-        try:
-            async with trio.open_nursery() as nursery:
-                # Beside the setup, in a worker: this VM's record, the bulk copy's re-arm and
-                # its extents.
-                nursery.start_soon(self._prepare_bulk, extents)
-                self._channel = channel = await self._connect(timed=True)
-                await faults.hold(self.log, "setup")
-                await channel.send(self._description())
-                self._phase_steps.step("describe")
-                # The data streams connect while the target builds the VM (it holds them); after
-                # the description, so that the target knows the migration they name.
-                nursery.start_soon(self._open_streams_into, channel)
-                with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
-                    await channel.expect(Accept)
-                self._phase_steps.step("accept")
-        except BaseExceptionGroup as group:
-            # The failure is the migration's (a refusal, a stream that did not connect), not
-            # the cancellation it caused in the other tasks.
-            errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-            if errors:
-                raise errors[0] from None
-            raise
+        await self._set_up(extents)
         self._phase_steps.step("wait_overlapped")
         self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
@@ -317,89 +245,6 @@ class Source:
             await trio.to_thread.run_sync(save_models, Path(self.daemon.config.daemon.state_dir), record)
         except StateDirError as err:
             self.log.warning("downtime_models_not_saved", error=str(err))
-
-    def _description(self) -> VmDescription:
-        hosted = self.hosted
-        vm = hosted.vm
-        assert vm is not None and vm.memory is not None
-        return VmDescription(
-            name=hosted.name,
-            migration_id=self.stats.migration_id,
-            memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
-            vcpus=len(vm.vcpus),
-            guest_kind=hosted.spec.guest,
-            cpu_features={
-                "spec": hosted.spec.to_wire(),
-                "run_state": "paused" if self.was_paused else "running",
-                **(
-                    {"memory_backing": self.options.target_memory_backing} if self.options.target_memory_backing else {}
-                ),
-                "data_streams": self.options.streams,
-                **vmstate.cpu_features(self.daemon.kvm),
-            },
-            dirty_tracking=vm.dirty_tracking,
-            arch=vm.caps.arch,
-        )
-
-    async def _open_streams_into(self, channel: PeerChannel) -> None:
-        started = time.perf_counter()
-        self._plane = await self._open_streams(channel)
-        self._phase_steps.add("overlapped.open_streams", started)
-
-    async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
-        """In one worker trip, beside the setup: the record (fsync'd, milliseconds on a busy
-        disk) that this VM is migrating; nothing else writes it meanwhile (pause and resume
-        refuse a migrating VM, and a failure resumes it only after this trip ended). Then R3:
-        the first collection re-arms tracking before the bulk copy reads any page, so
-        every write from here on is in a later collection; the RAM file's extents are taken
-        after it (a page first written in between is in that collection). A migration that
-        fails before its bulk copy lost nothing by the re-arm: every one re-arms first."""
-        hosted = self.hosted
-        vm = hosted.vm
-        assert vm is not None and vm.memory is not None and vm.tracker is not None
-        memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
-
-        def record_rearm_and_find_extents() -> None:
-            record(hosted)
-            tracker.rearm()
-            extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
-
-        started = time.perf_counter()
-        await trio.to_thread.run_sync(record_rearm_and_find_extents)
-        self._last_collect = time.perf_counter()
-        self._phase_steps.add("overlapped.record_rearm_extents", started)
-
-    async def _open_streams(self, channel: PeerChannel) -> SendStreams:
-        vm = self.hosted.vm
-        assert vm is not None and vm.memory is not None
-        conn = channel.conn
-        negotiated = conn.negotiated
-        assert negotiated is not None
-        peer = self.daemon.config.peer
-        layout = Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
-        with trio.fail_after(peer.connect_timeout_s * 2), contextlib.ExitStack() as fault:
-            port = self.options.port
-            if faults.active("source-streams-refused"):
-                # A port of this host that is bound and not listening: the kernel refuses it.
-                closed = fault.enter_context(socket.socket())
-                closed.bind((self.options.host, 0))
-                port = closed.getsockname()[1]
-            try:
-                return await SendStreams.open(
-                    host=self.options.host,
-                    port=port,
-                    peer=peer,
-                    secret=conn.data_stream_secret(),
-                    sealed=negotiated.auth == "psk",
-                    migration_id=self.stats.migration_id,
-                    count=self.options.streams,
-                    memory=vm.memory,
-                    layout=layout,
-                    batch_pages=batch_pages_for(negotiated.max_batch_bytes),
-                    bandwidth_bytes_s=self.options.max_bandwidth_mib_s * MIB,
-                )
-            except (OSError, ssl.SSLError) as err:
-                raise PeerError(f"cannot open the data streams to {self.stats.peer}: {connect_failure(err)}") from err
 
     async def _watch_progress(self) -> None:
         """The data threads count; this reads their counters into the stats while they run, so
@@ -582,7 +427,12 @@ class Source:
                 self._time_limit_s(),
                 self.options.on_no_convergence,
             )
-            pending = await trio.to_thread.run_sync(vm.tracker.collect)
+            if vm.tracker.collect_is_small():
+                # A few pages (a quiet guest, the last round): a worker's round trip would cost
+                # more than the harvest, twice a thread wake-up on a busy host.
+                pending = vm.tracker.collect()
+            else:
+                pending = await trio.to_thread.run_sync(vm.tracker.collect)
             self._phase_steps.step("collect")
             now = time.perf_counter()
             round_s = now - self._last_collect
@@ -1182,23 +1032,6 @@ class _StepClock:
         self._last = other._last
 
 
-def connect_failure(err: OSError) -> str:
-    """The cause of a failed connect, without the errno noise: "Name or service not known" for
-    a host name that does not resolve; for refused or unreachable addresses (which trio reports
-    as "all attempts to connect to ... failed"), the first attempt's reason."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            cause = cause.exceptions[0]
-            continue
-        if isinstance(cause, OSError) and cause.strerror:
-            # trio's own message repeats the address; the errno's text is the reason alone.
-            code = cause.errno
-            return os.strerror(code) if isinstance(code, int) and code > 0 else str(cause.strerror)
-        cause = cause.__cause__
-    return str(err) or type(err).__name__
-
-
 # A round that sends a few pages times the link's latency, not its rate (measured: rounds of
 # 20-90 pages made 6 MiB/s of a loopback link; at that rate every later prediction priced
 # those pages at 10+ ms): only rounds at least this big update the bandwidth.
@@ -1209,11 +1042,6 @@ def _target_ram_bytes(source_allocated: int, ram_bytes: int) -> int:
     """What the target's RAM file may hold, for its digest: the data it received plus its
     prefault's lookahead, which is never more than the data received (prefault.py)."""
     return min(ram_bytes, 2 * source_allocated)
-
-
-def batch_pages_for(max_batch_bytes: int) -> int:
-    """Pages per batch so that data and both index arrays fit the negotiated payload."""
-    return max(1, max_batch_bytes // (PAGE_SIZE + 16))
 
 
 def new_migration_id() -> str:

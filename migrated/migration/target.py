@@ -285,8 +285,10 @@ class Target:
             config = vm_config(
                 spec, defaults.dirty_tracking, defaults.ring_bytes, defaults.harvest_interval_ms, backing
             )
+            # The threads start after ACCEPT (`_start_and_register`): under load a new thread
+            # waits for a core, and the source waits for ACCEPT.
             self.hosted = await trio.to_thread.run_sync(
-                create_incoming, self.daemon.kvm, spec, config, self.daemon.console_log(spec)
+                create_incoming, self.daemon.kvm, spec, config, self.daemon.console_log(spec), False
             )
             self._phase_steps.step("create_vm")
         except (KvmError, SpecError, ValueError) as err:
@@ -306,7 +308,7 @@ class Target:
         # and the reserved name keeps another VM from taking it.
         await self.channel.send(Accept())
         self._phase_steps.step("accept")
-        self.daemon.register_incoming(self.hosted, self)
+        await self._start_and_register(self.hosted)
         self._phase_steps.step("register")
         self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
         stats.setup_ms = (time.monotonic() - started) * 1e3
@@ -345,6 +347,17 @@ class Target:
             # discard unmaps the memory they populate.
             for prefaulter in prefault.values():
                 prefaulter.stop()
+
+    async def _start_and_register(self, hosted: HostedVm) -> None:
+        """The VM's threads (vCPUs parked, the harvester) and its record (two fsyncs), each in a
+        worker, side by side, while the loop attaches the data streams: both done before any
+        control event is read, so before anything loads or resumes the VM."""
+        vm = hosted.vm
+        assert vm is not None
+        self.daemon.register_incoming(hosted, self, record=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, self.daemon.record_vm, hosted)
+            nursery.start_soon(trio.to_thread.run_sync, vm.start, False)
 
     def _open_streams(self) -> None:
         conn = self.channel.conn

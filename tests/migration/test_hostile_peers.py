@@ -56,6 +56,7 @@ from migrated.peer import FINAL_PAGES_ON_CONTROL
 from transport import (
     Abort,
     Accept,
+    Auth,
     Connection,
     DeviceState,
     Done,
@@ -257,6 +258,25 @@ def test_silent_peer_is_dropped_after_the_timeout(target: TargetHost) -> None:
 
 
 # ---- the handshake: nothing before authentication -----------------------------------------
+
+
+def test_a_description_right_behind_the_sources_auth_is_hosted(target: TargetHost) -> None:
+    """What the source daemon sends (transport/states.py rule 4): its Auth and the sealed
+    description in one write, before B proved the key. B checks the Auth, proves the key,
+    and only then reads and hosts the description."""
+    log = LogWatch(target.daemon)
+    name = new_name()
+    with Peer(target, key=target.key) as peer:
+        peer.send(peer.conn.make_hello())
+        assert isinstance(peer.receive(), Hello)
+        peer.send_raw(peer.conn.send(peer.conn.make_auth()) + peer.conn.send(description(target, name)))
+        assert peer.conn.state is State.DESCRIBED_EARLY
+        assert isinstance(peer.receive(), Auth) and peer.conn.authenticated
+        assert isinstance(peer.receive(), Accept)
+        log.wait("incoming_vm_accepted", vm=name)
+        peer.send(Abort.from_text("test over"))
+    wait_for(lambda: name not in vm_names(target.daemon), what="B to discard the copy")
+    assert_unharmed(target)
 
 
 def test_vm_description_as_the_first_frame(target: TargetHost) -> None:

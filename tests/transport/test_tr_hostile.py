@@ -30,6 +30,7 @@ from tr_helpers import (
 from transport import (
     Abort,
     Accept,
+    Auth,
     Connection,
     DeviceState,
     Done,
@@ -245,9 +246,11 @@ def test_wrong_key_refused_before_any_vm_data() -> None:
     transfer(source, target, source.make_hello())
     transfer(target, source, target.make_hello())
     auth = source.send(source.make_auth())
+    sealed_description = source.send(description())  # right behind its Auth (states.py rule 4)
+    assert source.state is State.DESCRIBED_EARLY and not source.authenticated
     with pytest.raises(LocalProtocolError, match="before authentication completed"):
-        source.send(description())  # the source itself refuses too
-    after = encoded(description()) + encoded(batch(0, [1]))
+        source.send(batch(0, [1]))  # no page before the target proved the key: the source refuses
+    after = sealed_description + encoded(description()) + encoded(batch(0, [1]))
     target.receive_data(auth + after)
     with pytest.raises(RemoteProtocolError, match=r"^peer failed authentication$"):
         target.next_event()
@@ -268,6 +271,40 @@ def test_target_mac_checked_by_the_source() -> None:
     assert sample_auth.mac
     refused(source, forged[:-1] + flipped, r"^peer failed authentication$")
     assert not source.authenticated
+
+
+def test_description_behind_the_sources_auth_is_read_only_after_it_and_sealed() -> None:
+    """States.py rule 4: Auth and the description in one write; the target checks the Auth
+    before it reads the description, which travelled sealed; the source is authenticated
+    only once the target's Auth came, and only then is the target's Accept taken."""
+    source, target = make_pair()
+    transfer(source, target, source.make_hello())
+    transfer(target, source, target.make_hello())
+    wire = source.send(source.make_auth()) + source.send(description())
+    assert b"vm_description" not in wire and description().migration_id.encode() not in wire
+    target.receive_data(wire)
+    assert isinstance(target.next_event(), Auth) and target.state is State.AUTH_TARGET
+    answer = target.send(target.make_auth())  # the target proves the key before it reads on
+    assert target.authenticated
+    assert target.next_event() == description() and target.state is State.DESCRIBED
+    assert source.state is State.DESCRIBED_EARLY and not source.authenticated
+    source.receive_data(answer + target.send(Accept()))
+    assert isinstance(source.next_event(), Auth)
+    assert source.state is State.DESCRIBED and source.authenticated
+    assert isinstance(source.next_event(), Accept) and source.state is State.PAGES
+
+
+def test_a_forged_target_auth_after_an_early_description_yields_nothing_after_it() -> None:
+    """The source sent its description early; a target that cannot prove the key gets its
+    Accept (or anything else) refused: the source never takes a decision from it."""
+    source, target = make_pair()
+    transfer(source, target, source.make_hello())
+    transfer(target, source, target.make_hello())
+    source.send(source.make_auth())
+    source.send(description())
+    forged = encoded(target.make_auth())
+    refused(source, forged[:-1] + bytes([forged[-1] ^ 1]) + encoded(Accept()), r"^peer failed authentication$")
+    assert not source.authenticated and source.state is State.ERROR
 
 
 def test_replayed_mac_from_an_earlier_handshake_fails() -> None:

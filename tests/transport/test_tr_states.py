@@ -10,13 +10,16 @@ from tr_helpers import S, T, drive, encoded, feed, sample_events, side
 
 from transport import (
     Abort,
+    Auth,
     Close,
     Event,
+    Hello,
     LocalProtocolError,
     PageBatch,
     RemoteProtocolError,
     Role,
     State,
+    VmDescription,
 )
 from transport.events import MESSAGE_EVENTS
 from transport.states import TRANSITIONS, in_flight_after_abort
@@ -56,10 +59,12 @@ def test_design_section_5_in_the_table() -> None:
     assert (T, Abort) not in TRANSITIONS[State.LOADED]
     for state in (State.COMMITTED, State.DONE):
         assert (S, Abort) not in TRANSITIONS[state] and (T, Abort) not in TRANSITIONS[state]
-    for state in (State.START, State.HELLO, State.AUTH_SOURCE, State.AUTH_TARGET):
-        assert {event for _, event in TRANSITIONS[state]} <= {
-            sample for sample in MESSAGE_EVENTS if sample.__name__ in ("Hello", "Auth")
-        }
+    for state in (State.START, State.HELLO, State.AUTH_SOURCE, State.AUTH_TARGET, State.DESCRIBED_EARLY):
+        # Before both Auths: the handshake's own messages, and (rule 4) the source's description
+        # right behind its own Auth, after which only the target's Auth may come.
+        extra = {(S, VmDescription)} if state is State.AUTH_TARGET else set()
+        assert set(TRANSITIONS[state]) - extra <= {(role, event) for role in Role for event in (Hello, Auth)}
+    assert TRANSITIONS[State.DESCRIBED_EARLY] == {(T, Auth): State.DESCRIBED}
 
 
 @pytest.mark.parametrize("case", FORBIDDEN, ids=_id)

@@ -212,7 +212,10 @@ def drive(state: State, *, aborter: Role = S, **both: Any) -> tuple[Connection, 
         opening = [HAPPY[0], (State.READY, T, HAPPY[1][2])]
     path = opening + list(HAPPY[4:])
     ending: list[tuple[Role, Event]] = []
-    if state in (State.QUERIED, State.ANSWERED):
+    if state is State.DESCRIBED_EARLY:
+        # The source's description right behind its own Auth (states.py rule 4).
+        path = [*HAPPY[:3], (State.DESCRIBED_EARLY, S, lambda c: description())]
+    elif state in (State.QUERIED, State.ANSWERED):
         path = opening + list(QUERY)
     elif state in (State.ABORTED, State.SOURCE_CLOSED, State.TARGET_CLOSED, State.CLOSED):
         path = opening

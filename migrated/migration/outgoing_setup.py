@@ -1,0 +1,206 @@
+"""The source's setup, before the bulk copy (DESIGN section 4): the connection and its
+handshake, the VM's description, the data streams, and the bulk copy's preparation (record,
+re-arm, extents) beside them. A part of `Source` (source.py), which inherits it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from transport.datastream import Layout
+from transport import Accept, MemoryRegion, Role, VmDescription
+
+from .. import faults, tls
+from ..hosted import HostedVm
+from ..peer import PeerChannel, PeerError, make_connection
+from . import vmstate
+from .host import MigrationHost
+from .pagestream import PAGE_SIZE
+from .sendstreams import SendStreams
+from .stats import MigrationStats, StepTimes
+
+from .source_options import SourceOptions
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+MIB = 1 << 20
+
+
+class OutgoingSetup:
+    """What `Source` sets up before its bulk copy; the attributes are Source's."""
+
+    daemon: MigrationHost
+    hosted: HostedVm
+    options: SourceOptions
+    stats: MigrationStats
+    log: FilteringBoundLogger
+    was_paused: bool
+    _phase_steps: StepTimes
+    _plane: SendStreams | None
+    _channel: PeerChannel | None
+    _last_collect: float
+
+    async def _connect(self, timed: bool = False, then: VmDescription | None = None) -> PeerChannel:
+        """`timed`: the setup's connection, whose steps go into the timeline. `then`: the VM's
+        description, sent within the handshake, right behind this side's proof of the key
+        (PeerChannel.handshake): one round trip fewer than after it."""
+        peer = self.daemon.config.peer
+        with trio.fail_after(peer.connect_timeout_s):
+            try:
+                raw = await trio.open_tcp_stream(self.options.host, self.options.port)
+            except OSError as err:
+                raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
+            if timed:
+                self._phase_steps.step("connect")
+            stream: trio.abc.Stream = raw
+            if peer.auth == "tls":
+                try:
+                    stream = await tls.wrap_client(raw, peer, self.options.host)
+                except (ssl.SSLError, trio.BrokenResourceError) as err:
+                    raise PeerError(f"TLS handshake with the peer failed: {err}") from err
+        channel = PeerChannel(
+            stream,
+            make_connection(Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
+            io_timeout_s=peer.connect_timeout_s,
+        )
+        if then is not None:
+            await faults.hold(self.log, "setup")
+        with trio.fail_after(peer.connect_timeout_s):
+            await channel.handshake(then)
+        if timed:
+            self._phase_steps.step("handshake_and_describe" if then is not None else "handshake")
+        return channel
+
+    async def _set_up(self, extents: dict[int, list[tuple[int, int]]]) -> None:
+        """Connect, describe the VM and open the data streams, until the target's ACCEPT."""
+        try:
+            async with trio.open_nursery() as nursery:
+                # Beside the setup, in a worker: this VM's record, the bulk copy's re-arm and
+                # its extents.
+                nursery.start_soon(self._prepare_bulk, extents)
+                self._channel = channel = await self._connect(timed=True, then=self._description())
+                # The data streams connect while the target builds the VM (it holds them); after
+                # the description, so that the target knows the migration they name.
+                nursery.start_soon(self._open_streams_into, channel)
+                with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
+                    await channel.expect(Accept)
+                self._phase_steps.step("accept")
+        except BaseExceptionGroup as group:
+            # The failure is the migration's (a refusal, a stream that did not connect), not
+            # the cancellation it caused in the other tasks.
+            errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+            if errors:
+                raise errors[0] from None
+            raise
+
+    def _description(self) -> VmDescription:
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.memory is not None
+        return VmDescription(
+            name=hosted.name,
+            migration_id=self.stats.migration_id,
+            memory=tuple(MemoryRegion(r.slot, r.guest_phys_addr, r.size) for r in vm.memory.regions),
+            vcpus=len(vm.vcpus),
+            guest_kind=hosted.spec.guest,
+            cpu_features={
+                "spec": hosted.spec.to_wire(),
+                "run_state": "paused" if self.was_paused else "running",
+                **(
+                    {"memory_backing": self.options.target_memory_backing} if self.options.target_memory_backing else {}
+                ),
+                "data_streams": self.options.streams,
+                **vmstate.cpu_features(self.daemon.kvm),
+            },
+            dirty_tracking=vm.dirty_tracking,
+            arch=vm.caps.arch,
+        )
+
+    async def _open_streams_into(self, channel: PeerChannel) -> None:
+        started = time.perf_counter()
+        self._plane = await self._open_streams(channel)
+        self._phase_steps.add("overlapped.open_streams", started)
+
+    async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
+        """In one worker trip, beside the setup: the record (fsync'd, milliseconds on a busy
+        disk) that this VM is migrating; nothing else writes it meanwhile (pause and resume
+        refuse a migrating VM, and a failure resumes it only after this trip ended). Then R3:
+        the first collection re-arms tracking before the bulk copy reads any page, so
+        every write from here on is in a later collection; the RAM file's extents are taken
+        after it (a page first written in between is in that collection). A migration that
+        fails before its bulk copy lost nothing by the re-arm: every one re-arms first."""
+        hosted = self.hosted
+        vm = hosted.vm
+        assert vm is not None and vm.memory is not None and vm.tracker is not None
+        memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
+
+        def record_rearm_and_find_extents() -> None:
+            record(hosted)
+            tracker.rearm()
+            extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
+
+        started = time.perf_counter()
+        await trio.to_thread.run_sync(record_rearm_and_find_extents)
+        self._last_collect = time.perf_counter()
+        self._phase_steps.add("overlapped.record_rearm_extents", started)
+
+    async def _open_streams(self, channel: PeerChannel) -> SendStreams:
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None
+        conn = channel.conn
+        negotiated = conn.negotiated
+        assert negotiated is not None
+        peer = self.daemon.config.peer
+        layout = Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
+        with trio.fail_after(peer.connect_timeout_s * 2), contextlib.ExitStack() as fault:
+            port = self.options.port
+            if faults.active("source-streams-refused"):
+                # A port of this host that is bound and not listening: the kernel refuses it.
+                closed = fault.enter_context(socket.socket())
+                closed.bind((self.options.host, 0))
+                port = closed.getsockname()[1]
+            try:
+                return await SendStreams.open(
+                    host=self.options.host,
+                    port=port,
+                    peer=peer,
+                    secret=conn.data_stream_secret(),
+                    sealed=negotiated.auth == "psk",
+                    migration_id=self.stats.migration_id,
+                    count=self.options.streams,
+                    memory=vm.memory,
+                    layout=layout,
+                    batch_pages=batch_pages_for(negotiated.max_batch_bytes),
+                    bandwidth_bytes_s=self.options.max_bandwidth_mib_s * MIB,
+                )
+            except (OSError, ssl.SSLError) as err:
+                raise PeerError(f"cannot open the data streams to {self.stats.peer}: {connect_failure(err)}") from err
+
+
+def connect_failure(err: OSError) -> str:
+    """The cause of a failed connect, without the errno noise: "Name or service not known" for
+    a host name that does not resolve; for refused or unreachable addresses (which trio reports
+    as "all attempts to connect to ... failed"), the first attempt's reason."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+            continue
+        if isinstance(cause, OSError) and cause.strerror:
+            # trio's own message repeats the address; the errno's text is the reason alone.
+            code = cause.errno
+            return os.strerror(code) if isinstance(code, int) and code > 0 else str(cause.strerror)
+        cause = cause.__cause__
+    return str(err) or type(err).__name__
+
+
+def batch_pages_for(max_batch_bytes: int) -> int:
+    """Pages per batch so that data and both index arrays fit the negotiated payload."""
+    return max(1, max_batch_bytes // (PAGE_SIZE + 16))
