@@ -314,11 +314,10 @@ class Daemon:
             # under ProtectSystem=strict and PrivateTmp could not write there.
             memory = vm.memory
             header = {"name": hosted.name, "start": start, "length": length}
-            return ByteStream(header, length, lambda offset, size: memory.read(start + offset, size).tobytes())
+            return ByteStream(header, length, lambda offset, size: memory.read_sparse(start + offset, size).tobytes())
         assert isinstance(path, str)
-        data = vm.memory.read(start, length)
         try:
-            await trio.to_thread.run_sync(_write_file, Path(path), data)
+            await trio.to_thread.run_sync(_write_file, Path(path), vm.memory, start, length)
         except OSError as err:
             raise RequestError(f"cannot write {path}: {err.strerror}") from None
         return {"name": hosted.name, "file": path, "start": start, "length": length}
@@ -536,9 +535,15 @@ def _in_ram(memory: GuestMemory, gpa: int, length: int = 1) -> bool:
     return True
 
 
-def _write_file(path: Path, data: npt.NDArray[np.uint8]) -> None:
+def _write_file(path: Path, memory: GuestMemory, start: int, length: int) -> None:
+    """Guest-physical [start, start + length) into `path`, its holes left as holes: reading them
+    through the mapping would allocate them in the RAM file (`GuestMemory.read_sparse`)."""
+    data = memory.read(start, length)
     with open(path, "wb") as file:
-        file.write(data.data)  # the mapping itself, no copy
+        file.truncate(length)
+        for first, end in memory.data_ranges(start, length):
+            file.seek(first)
+            file.write(data[first:end].data)  # the mapping itself, no copy
 
 
 async def run_daemon(

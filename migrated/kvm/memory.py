@@ -174,8 +174,14 @@ class GuestMemory:
         """
         if not self.backing.sparse:
             return [(0, region.pages)]
-        extents: list[tuple[int, int]] = []
-        position, end = region.offset, region.offset + region.size
+        return [
+            ((data - region.offset) >> PAGE_SHIFT, (hole - region.offset + PAGE_SIZE - 1) >> PAGE_SHIFT)
+            for data, hole in self._allocated(region.offset, region.offset + region.size)
+        ]
+
+    def _allocated(self, position: int, end: int) -> list[tuple[int, int]]:
+        """Byte ranges [data, hole) of the RAM file within [position, end) that hold pages."""
+        ranges: list[tuple[int, int]] = []
         while position < end:
             try:
                 data = os.lseek(self._fd, position, os.SEEK_DATA)
@@ -186,11 +192,29 @@ class GuestMemory:
             if data >= end:
                 break
             hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
-            first = (data - region.offset) >> PAGE_SHIFT
-            last = (hole - region.offset + PAGE_SIZE - 1) >> PAGE_SHIFT
-            extents.append((first, last))
+            ranges.append((data, hole))
             position = hole
-        return extents
+        return ranges
+
+    def data_ranges(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        """Byte ranges [start, end), relative to `gpa`, of guest-physical [gpa, gpa + length)
+        (inside one region) that hold allocated RAM; the rest reads as zero."""
+        region = self.region_of(gpa, length)
+        start = region.offset + gpa - region.guest_phys_addr
+        if not self.backing.sparse:
+            return [(0, length)]
+        return [(data - start, hole - start) for data, hole in self._allocated(start, start + length)]
+
+    def read_sparse(self, gpa: int, length: int) -> npt.NDArray[np.uint8]:
+        """A copy of guest-physical [gpa, gpa + length) that reads holes of the RAM file as the
+        zeros they are, without touching them: `read` reads through the mapping, and a read
+        fault on a shmem hole allocates that page, so one dump of a sparse 256 GiB guest would
+        make the host hold 256 GiB (and every later migration read it all back)."""
+        out = np.zeros(length, np.uint8)  # calloc: untouched zeros cost no memory either
+        base = self.read(gpa, length)
+        for first, end in self.data_ranges(gpa, length):
+            out[first:end] = base[first:end]
+        return out
 
     def close(self) -> None:
         if self.address:

@@ -218,3 +218,29 @@ def test_ring_reports_4k_pages_over_huge_page_ram(kind: str, tmp_path: Path) -> 
             assert kernel_kib == 2048 or pmd_kib >= 2048, (kernel_kib, pmd_kib)
             vm.pause()
             assert guest.verify(vm.ram).ok
+
+
+@pytest.mark.parametrize("kind", BACKINGS)
+def test_a_sparse_read_returns_the_holes_as_zeros_without_allocating_them(kind: str, tmp_path: Path) -> None:
+    """`read_sparse` (what `vm dump` reads) leaves a sparse RAM file as sparse as it was: a read
+    through the mapping would allocate every hole it crossed."""
+    with backing_for(kind, tmp_path) as backing:
+        memory = GuestMemory.flat(SIZE, backing=backing)
+        try:
+            memory.write(5 * MIB + 3 * PAGE_SIZE, b"migrated" * 512)
+            memory.write(SIZE - 10, b"end of ram")
+            allocated = memory.allocated_bytes()
+            whole = memory.read_sparse(0, SIZE)
+            assert bytes(whole[5 * MIB + 3 * PAGE_SIZE : 5 * MIB + 4 * PAGE_SIZE]) == b"migrated" * 512
+            assert bytes(whole[SIZE - 10 :]) == b"end of ram"
+            written = {5 * MIB // PAGE_SIZE + 3, SIZE // PAGE_SIZE - 1}
+            other = np.ones(SIZE // PAGE_SIZE, bool)
+            other[list(written)] = False
+            assert not whole.reshape(-1, PAGE_SIZE)[other].any()
+            part = memory.read_sparse(5 * MIB + 3 * PAGE_SIZE + 100, 200)
+            assert bytes(part) == (b"migrated" * 512)[100:300]
+            assert memory.data_ranges(5 * MIB + 3 * PAGE_SIZE + 100, 200) == [(0, 200)]
+            assert memory.allocated_bytes() == allocated, "a sparse read allocated RAM"
+            np.testing.assert_array_equal(whole, memory.read(0, SIZE))  # through the mapping, last
+        finally:
+            memory.close()

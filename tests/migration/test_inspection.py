@@ -34,8 +34,13 @@ def test_pause_dump_resume(make_daemon: MakeDaemon, tmp_path: Path) -> None:
     assert heartbeat(a, "vm1") == frozen, "a paused guest does not run"
     a.call("vm.stop", name="witness")
     dump = tmp_path / "ram.bin"
+    allocated = a.call("vm.show", name="vm1")["memory_allocated_bytes"]
     result = a.call("vm.dump", name="vm1", file=str(dump))
     assert result["length"] == 64 * MIB
+    # The dump reads the RAM file's holes as zeros, without allocating them on the host (the
+    # next migration would read them all back), and leaves them holes in its file.
+    assert a.call("vm.show", name="vm1")["memory_allocated_bytes"] == allocated
+    assert dump.stat().st_blocks * 512 < 64 * MIB
     ram = np.fromfile(dump, np.uint8)
     report = verify_pages(ram, plan_layout(64 * MIB, 2, 16 * MIB))
     assert report.ok and report.pages_written > 0, report
