@@ -12,8 +12,6 @@ from functools import partial
 from pathlib import Path
 from collections.abc import Awaitable, Callable
 
-import numpy as np
-import numpy.typing as npt
 
 import trio
 
