@@ -42,6 +42,7 @@ from .realtime import COST_WITHOUT_REALTIME, FIX, probe_realtime
 from .sdnotify import Notifier
 from .socket_access import restrict_control_socket
 from .statedir import check_state_dir
+from .warmup import warm_up
 
 
 # `migration status` of finished incoming migrations is kept for this many VM names.
@@ -585,6 +586,8 @@ async def run_daemon(
         with_bitmap=caps.dirty_ring_with_bitmap,
         arch=caps.arch,
     )
+    # Before READY: what the first migration would otherwise pay in its setup (warmup.py).
+    log.info("daemon_warmed", **warm_up(kvm))
     metrics: DaemonMetrics | None = None
     if daemon.realtime_error is not None:
         log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -77,6 +77,10 @@ def make_connection(role: Role, peer: PeerConfig, node: str, max_batch_bytes: in
 # back, and read 1.7-4.6 ms on loopback here (min_rtt: 0.005-0.03 ms).
 _TCPI_MIN_RTT_OFFSET = 148
 _TCP_INFO_BYTES = 256
+
+
+def _no_mark(name: str) -> None:
+    pass
 
 
 class PeerChannel:
@@ -164,20 +168,25 @@ class PeerChannel:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
             raise LinkLost(f"receiving failed: {err}") from err
 
-    async def handshake(self, then: Event | None = None) -> None:
+    async def handshake(self, then: Event | None = None, mark: Callable[[str], None] = _no_mark) -> None:
         """Hello both ways (source first), then the PSK MACs when negotiated (DESIGN 6).
 
         `then` (the source's VmDescription): sent right behind the source's Auth, in the same
         write, which saves the setup a round trip (transport/states.py rule 4); it is out
-        when this returns, and the target's Auth checked."""
+        when this returns, and the target's Auth checked. `mark`: called with each step's name
+        as it ends (the setup's timeline)."""
         started = time.perf_counter()
         if self.conn.role is Role.SOURCE:
             await self.send(self.conn.make_hello())
+            mark("hello_sent")
             await self.expect(Hello)
+            mark("hello_received")
             self.rtt_ms = (time.perf_counter() - started) * 1e3
         else:
             await self.expect(Hello)
+            mark("hello_received")
             await self.send(self.conn.make_hello())
+            mark("hello_sent")
         if self.conn.state in (State.AUTH_SOURCE, State.AUTH_TARGET):
             if self.conn.role is Role.SOURCE:
                 auth_started = time.perf_counter()
@@ -185,6 +194,7 @@ class PeerChannel:
                     await self.send(self.conn.make_auth())
                 else:
                     await self.send_many([self.conn.make_auth(), then])
+                mark("auth_sent")
                 try:
                     await self.receive()
                 except LinkLost:
@@ -198,9 +208,12 @@ class PeerChannel:
                 # up the new connection (2-24 ms measured here on a busy host, against 0.2-1 ms
                 # for a cutover's), and a first migration's prediction prices two of them.
                 self.rtt_ms = min(self.rtt_ms, (time.perf_counter() - auth_started) * 1e3)
+                mark("auth_received")
             else:
                 await self.receive()
+                mark("auth_received")
                 await self.send(self.conn.make_auth())
+                mark("auth_sent")
         elif then is not None:
             await self.send(then)  # tls or none: nothing to prove here, the description follows
         expected = State.READY if then is None else State.DESCRIBED

@@ -24,6 +24,7 @@ from .host import MigrationHost
 from .pagestream import PAGE_SIZE
 from .sendstreams import SendStreams
 from .stats import MigrationStats, StepTimes
+from .timeline import Timeline
 
 from .source_options import SourceOptions
 
@@ -46,6 +47,7 @@ class OutgoingSetup:
     _plane: SendStreams | None
     _channel: PeerChannel | None
     _last_collect: float
+    _setup_timeline: Timeline
 
     async def _connect(self, timed: bool = False, then: VmDescription | None = None) -> PeerChannel:
         """`timed`: the setup's connection, whose steps go into the timeline. `then`: the VM's
@@ -59,6 +61,7 @@ class OutgoingSetup:
                 raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
             if timed:
                 self._phase_steps.step("connect")
+                self._setup_timeline.mark("connected")
             stream: trio.abc.Stream = raw
             if peer.auth == "tls":
                 try:
@@ -73,7 +76,7 @@ class OutgoingSetup:
         if then is not None:
             await faults.hold(self.log, "setup")
         with trio.fail_after(peer.connect_timeout_s):
-            await channel.handshake(then)
+            await channel.handshake(then, self._setup_timeline.mark if timed else _no_mark)
         if timed:
             self._phase_steps.step("handshake_and_describe" if then is not None else "handshake")
         return channel
@@ -92,6 +95,7 @@ class OutgoingSetup:
                 with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
                     await channel.expect(Accept)
                 self._phase_steps.step("accept")
+                self._setup_timeline.mark("accept_received")
         except BaseExceptionGroup as group:
             # The failure is the migration's (a refusal, a stream that did not connect), not
             # the cancellation it caused in the other tasks.
@@ -126,6 +130,7 @@ class OutgoingSetup:
     async def _open_streams_into(self, channel: PeerChannel) -> None:
         started = time.perf_counter()
         self._plane = await self._open_streams(channel)
+        self._setup_timeline.mark("streams_opened")
         self._phase_steps.add("overlapped.open_streams", started)
 
     async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
@@ -140,14 +145,20 @@ class OutgoingSetup:
         vm = hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
         memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
+        mark = self._setup_timeline.mark
 
         def record_rearm_and_find_extents() -> None:
+            mark("worker_entered")
             record(hosted)
+            mark("recorded")
             tracker.rearm()
+            mark("rearmed")
             extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
+            mark("extents_found")
 
         started = time.perf_counter()
         await trio.to_thread.run_sync(record_rearm_and_find_extents)
+        mark("worker_returned")
         self._last_collect = time.perf_counter()
         self._phase_steps.add("overlapped.record_rearm_extents", started)
 
@@ -182,6 +193,10 @@ class OutgoingSetup:
                 )
             except (OSError, ssl.SSLError) as err:
                 raise PeerError(f"cannot open the data streams to {self.stats.peer}: {connect_failure(err)}") from err
+
+
+def _no_mark(name: str) -> None:
+    pass
 
 
 def connect_failure(err: OSError) -> str:

@@ -106,6 +106,7 @@ class Source(OutgoingSetup, Precopy):
         # From the pause to RUNNING: the collector off, the threads at SCHED_FIFO (window.py).
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
         self._timeline = Timeline()  # restarted at the pause: the downtime's fine marks
+        self._setup_timeline = Timeline()  # the setup's fine marks, from the migrate command on
         self._commit_recorded = False  # the "committing" record is on disk (`_downtime`)
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
@@ -117,6 +118,7 @@ class Source(OutgoingSetup, Precopy):
         vm = hosted.vm
         assert vm is not None and vm.tracker is not None
         self._phase_steps.step("task_start")
+        self._setup_timeline.mark("task_started")
         self.stats.dirty_tracking = vm.dirty_tracking
         if vm.memory is not None:
             self.stats.memory_backing = vm.memory.backing.kind
@@ -208,6 +210,7 @@ class Source(OutgoingSetup, Precopy):
         extents: dict[int, list[tuple[int, int]]] = {}
         await self._set_up(extents)
         self._phase_steps.step("wait_overlapped")
+        self.log.info("setup_timeline", origin=self._setup_timeline.origin, marks_ms=self._setup_timeline.as_ms())
         self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
         try:

@@ -105,6 +105,7 @@ class Target:
         # threads at SCHED_FIFO (window.py).
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
         self._timeline = Timeline()  # restarted at the first state: the cutover's fine marks
+        self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
         self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
 
@@ -140,10 +141,11 @@ class Target:
                         self.channel.stream = await tls.wrap_server(self._raw, peer_config)
                     except (ssl.SSLError, trio.BrokenResourceError) as err:
                         raise PeerError(f"TLS handshake failed: {err}") from err
-                await self.channel.handshake()
+                await self.channel.handshake(mark=self._setup_timeline.mark)
                 self._phase_steps.step("handshake")
                 first = await self.channel.receive()
                 self._phase_steps.step("describe")
+                self._setup_timeline.mark("described")
             if isinstance(first, Query):
                 await self._answer_query(first)
             elif isinstance(first, VmDescription):
@@ -273,6 +275,8 @@ class Target:
         )
         stats.phase_steps_ms = self._phase_steps.steps
         self._phase_steps.step("check")
+        mark = self._setup_timeline.mark
+        mark("checked")
         self.log = self.log.bind(vm=spec.name, migration_id=description.migration_id)
         defaults = self.daemon.config.vm
         if self.data_streams and faults.active("target-build-after-streams"):
@@ -287,10 +291,17 @@ class Target:
             )
             # The threads start after ACCEPT (`_start_and_register`): under load a new thread
             # waits for a core, and the source waits for ACCEPT.
-            self.hosted = await trio.to_thread.run_sync(
-                create_incoming, self.daemon.kvm, spec, config, self.daemon.console_log(spec), False
-            )
+            kvm, console_log = self.daemon.kvm, self.daemon.console_log(spec)
+
+            def create() -> HostedVm:
+                mark("worker_entered")
+                hosted = create_incoming(kvm, spec, config, console_log, False)
+                mark("vm_created")
+                return hosted
+
+            self.hosted = await trio.to_thread.run_sync(create)
             self._phase_steps.step("create_vm")
+            mark("create_returned")
         except (KvmError, SpecError, ValueError) as err:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
         # What this copy tracks with, resolved ("ring", not "auto"), as the source reports its own.
@@ -308,8 +319,11 @@ class Target:
         # and the reserved name keeps another VM from taking it.
         await self.channel.send(Accept())
         self._phase_steps.step("accept")
+        mark("accept_sent")
         await self._start_and_register(self.hosted)
         self._phase_steps.step("register")
+        mark("registered")
+        self.log.info("setup_timeline", origin=self._setup_timeline.origin, marks_ms=self._setup_timeline.as_ms())
         self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
         stats.setup_ms = (time.monotonic() - started) * 1e3
         self.log.info(
@@ -355,9 +369,19 @@ class Target:
         vm = hosted.vm
         assert vm is not None
         self.daemon.register_incoming(hosted, self, record=False)
+        record, mark = self.daemon.record_vm, self._setup_timeline.mark
+
+        def record_vm() -> None:
+            record(hosted)
+            mark("recorded")
+
+        def start_threads() -> None:
+            vm.start(False)
+            mark("threads_started")
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, self.daemon.record_vm, hosted)
-            nursery.start_soon(trio.to_thread.run_sync, vm.start, False)
+            nursery.start_soon(trio.to_thread.run_sync, record_vm)
+            nursery.start_soon(trio.to_thread.run_sync, start_threads)
 
     def _open_streams(self) -> None:
         conn = self.channel.conn

@@ -56,6 +56,28 @@ def _log_events(daemon: DaemonProcess, event: str) -> list[str]:
     return [line for line in daemon.log().splitlines() if f'"event": "{event}"' in line]
 
 
+def _assert_setup_timelines(source: DaemonProcess, target: DaemonProcess) -> None:
+    """Each side logs its setup's fine marks once, in the order the steps ran, on one clock."""
+    for daemon, order in (
+        (source, ["task_started", "connected", "hello_sent", "hello_received", "auth_sent", "auth_received"]),
+        (target, ["hello_received", "hello_sent", "auth_received", "auth_sent", "described", "checked"]),
+    ):
+        (timeline,) = daemon.events("setup_timeline")
+        marks = timeline["marks_ms"]
+        assert [mark for mark in marks if mark in order] == order, timeline
+    (incoming,) = target.events("setup_timeline")
+    assert [m for m in incoming["marks_ms"] if m in ("vm_created", "accept_sent", "registered")] == [
+        "vm_created",
+        "accept_sent",
+        "registered",
+    ], incoming
+    for daemon in (source, target):
+        lines = daemon.log().splitlines()
+        warmed = [i for i, line in enumerate(lines) if '"event": "daemon_warmed"' in line]
+        ready = [i for i, line in enumerate(lines) if '"event": "daemon_ready"' in line]
+        assert len(warmed) == len(ready) == 1 and warmed[0] < ready[0], daemon.log()
+
+
 def test_streams_that_connect_while_the_target_builds_carry_the_vm(pair: Any) -> None:
     source, target = pair
     _create(source)
@@ -66,6 +88,7 @@ def test_streams_that_connect_while_the_target_builds_carry_the_vm(pair: Any) ->
     assert len(_log_events(target, "data_stream_attached")) == STREAMS, target.log()
     incoming = wait_migration(target, "vm1")
     assert list(incoming["phase_steps_ms"])[:5] == ["handshake", "describe", "check", "create_vm", "accept"], incoming
+    _assert_setup_timelines(source, target)
     _assert_runs_on(target)
     assert "vm1" not in [vm["name"] for vm in source.call("vm.list")]
 
