@@ -25,6 +25,8 @@ needs a failure that the real world produces only by bad luck:
 - target-build-after-streams: the target builds the VM only once every data stream the source
   announced has connected and waits for it (bounded by the setup deadline), so that a test sees
   streams that connected while the VM was being built, every time, not by luck of timing.
+- target-build-fails: the target's VM build, after ACCEPT and beside the bulk copy, fails as a
+  KVM_CREATE_VM refused for lack of memory would, while the data streams write into its RAM.
 - source-streams-refused: the source connects its data streams to a port where nothing listens
   (the kernel refuses them), while the target builds the VM: a stream that cannot connect.
 - source-skip-its-save: arm64, the source leaves out ITS_SAVE_TABLES and SAVE_PENDING_TABLES
@@ -51,6 +53,7 @@ KNOWN = frozenset(
         "target-stop-on-done",
         "cutover-holds",
         "target-build-after-streams",
+        "target-build-fails",
         "source-streams-refused",
     }
 )

@@ -21,6 +21,7 @@ from .guests.workload import WorkloadParams
 from .guests.workload_kinds import workload_kind
 from .kvm.backing import RamBacking
 from .kvm.system import Kvm
+from .kvm.memory import GuestMemory
 from .kvm.vcpu import Vcpu
 from .kvm.arch import create_vm, host_arch
 from .kvm.vm import DIRTY_TRACKING_MODES, DirtyTrackingMode, Vm, VmConfig
@@ -337,13 +338,20 @@ def create_local(kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | N
 
 
 def create_incoming(
-    kvm: Kvm, spec: VmSpec, config: VmConfig, console_log: Path | None = None, start: bool = True
+    kvm: Kvm,
+    spec: VmSpec,
+    config: VmConfig,
+    console_log: Path | None = None,
+    start: bool = True,
+    memory: GuestMemory | None = None,
 ) -> HostedVm:
     """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running.
     A raw guest gets the same devices, empty: their state comes with the vCPUs' (vmstate).
     `start=False`: the vCPU threads (parked) and the harvester are started later by the
-    caller (`hosted.vm.start(running=False)`), before anything loads or resumes the VM."""
-    vm = create_vm(kvm, config)
+    caller (`hosted.vm.start(running=False)`), before anything loads or resumes the VM.
+    `memory`: its RAM, made beforehand (`kvm.arch.guest_memory`): the VM's once built, the
+    caller's still if this fails."""
+    vm = create_vm(kvm, config, memory)
     ports: PcPorts | None = None
     log: ConsoleLog | None = None
     try:
@@ -353,6 +361,8 @@ def create_incoming(
         if start:
             vm.start(running=False)
     except BaseException:
+        if memory is not None:
+            vm.memory = None  # still the caller's (see Vm.create)
         vm.close()
         if log is not None:
             log.close()

@@ -153,10 +153,16 @@ class Vm:
     # ---- the one order (R1, R2), composed -----------------------------------------------
 
     @classmethod
-    def create(cls, kvm: Kvm, config: VmConfig, arch: VmArch) -> Vm:
-        """The whole build; `migrated.kvm.arch.create_vm` passes this host's architecture."""
+    def create(cls, kvm: Kvm, config: VmConfig, arch: VmArch, memory: GuestMemory | None = None) -> Vm:
+        """The whole build; `migrated.kvm.arch.create_vm` passes this host's architecture.
+
+        `memory`: guest RAM made beforehand by `arch.guest_memory` for this config (a target
+        receives pages into it while the VM is built). The VM owns it once built; a build that
+        fails leaves it to the caller, whose threads may still be writing into it."""
         caps = kvm.caps()
         mode = validate_config(config, caps, arch)
+        if memory is not None and memory.size != config.memory_bytes:
+            raise VmConfigError(f"guest memory of {memory.size} bytes given for a VM of {config.memory_bytes} bytes")
         ensure_kick_handler()
         vm = cls(kvm, caps, arch, config.name)
         try:
@@ -167,13 +173,17 @@ class Vm:
                     vm.enable_ring_with_bitmap()  # R2
             elif caps.manual_dirty_log_protect:
                 vm.enable_manual_dirty_log_protect()
-            vm.add_memory(arch.guest_memory(config.memory_bytes, f"{config.name}-ram", config.memory_backing))
+            if memory is None:
+                memory = arch.guest_memory(config.memory_bytes, f"{config.name}-ram", config.memory_backing)
+            vm.add_memory(memory)
             arch.before_vcpus(vm, config)
             for index in range(config.vcpus):
                 vm.create_vcpu(index)
             arch.after_vcpus(vm)
             vm.finish_setup()
         except BaseException:
+            if memory is not None:
+                vm.memory = None  # the caller's: its memslots die with the VM fd, the RAM stays
             vm.close()
             raise
         return vm

@@ -8,6 +8,7 @@ paused: asked again, this side aborts for good (it never got COMMIT) and says so
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -38,9 +39,11 @@ from transport import (
 
 from .. import faults, tls
 from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_config
-from ..kvm.arch import host_arch
+from ..kvm.arch import guest_memory, host_arch
 from ..kvm.backing import MEMORY_BACKINGS
-from ..kvm.errors import KvmError
+from ..kvm.errors import KvmError, KvmIoctlError
+from ..kvm.memory import GuestMemory
+from ..kvm.vm import VmConfig, validate_config
 from ..logs import get_logger
 from ..overcommit import OvercommitRefused
 from ..pagehash import memory_digest
@@ -101,6 +104,7 @@ class Target:
         self._started = time.monotonic()
         self._phase_steps = StepTimes({})
         self._prefault: list[Prefaulter] = []
+        self._ram: GuestMemory | None = None  # made before ACCEPT, until the VM built around it owns it
         # From the first device state (the source paused) to RUNNING: the collector off, the
         # threads at SCHED_FIFO (window.py).
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
@@ -124,6 +128,7 @@ class Target:
             self.daemon.finish_incoming(self)
             self._streams_ready.set()  # a data stream still waiting is refused now
             await self._close_streams()
+            self._close_ram()
             await self.channel.aclose()
             self.finished.set()
 
@@ -289,40 +294,39 @@ class Target:
             config = vm_config(
                 spec, defaults.dirty_tracking, defaults.ring_bytes, defaults.harvest_interval_ms, backing
             )
-            # The threads start after ACCEPT (`_start_and_register`): under load a new thread
-            # waits for a core, and the source waits for ACCEPT.
-            kvm, console_log = self.daemon.kvm, self.daemon.console_log(spec)
-
-            def create() -> HostedVm:
-                mark("worker_entered")
-                hosted = create_incoming(kvm, spec, config, console_log, False)
-                mark("vm_created")
-                return hosted
-
-            self.hosted = await trio.to_thread.run_sync(create)
-            self._phase_steps.step("create_vm")
-            mark("create_returned")
+            # Everything the build would refuse for this host's KVM, refused before ACCEPT.
+            validate_config(config, self.daemon.kvm.caps(), host_arch(self.daemon.kvm.caps().arch))
+            # Before ACCEPT only the RAM the pages go into (DESIGN 4): the VM itself (KVM_CREATE_VM,
+            # the ring, the memslot, the vCPUs: 1 ms for 150 MiB and 1 vCPU here, 25 ms for
+            # 64 GiB) is built after it, beside the bulk copy (`_build_and_register`). RAM that
+            # takes its pages at creation (hugetlbfs) is made off the loop.
+            if backing.kind == "hugetlbfs":
+                self._ram = await trio.to_thread.run_sync(guest_memory, self.daemon.kvm, config)
+            else:
+                self._ram = guest_memory(self.daemon.kvm, config)
+            self._phase_steps.step("create_ram")
+            mark("ram_created")
         except (KvmError, SpecError, ValueError) as err:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
-        # What this copy tracks with, resolved ("ring", not "auto"), as the source reports its own.
-        stats.dirty_tracking = self.hosted.vm.dirty_tracking if self.hosted.vm is not None else config.dirty_tracking
         stats.memory_backing = config.memory_backing.kind
         if self.data_streams:
-            self._open_streams()
+            self._open_streams(self._ram)
             # The event loop only coordinates while the pages come on the data streams: raised
             # from here on, its wake-up for the state (the downtime's first on this side) does
             # not wait for a core behind the host's other work (window.py).
             self._window.raise_event_loop()
         self._streams_ready.set()
-        # Accept before the VM's record (fsync'd) is written: the source starts its bulk copy
-        # meanwhile. Until registered, a failure discards the copy all the same (`_discard`),
-        # and the reserved name keeps another VM from taking it.
+        # Accept before the VM is built and its record (fsync'd) written: the source starts its
+        # bulk copy meanwhile. Until registered, a failure discards the copy all the same
+        # (`_discard`), and the reserved name keeps another VM from taking it.
         await self.channel.send(Accept())
         self._phase_steps.step("accept")
         mark("accept_sent")
-        await self._start_and_register(self.hosted)
-        self._phase_steps.step("register")
+        self.hosted = await self._build_and_register(spec, config)
+        self._phase_steps.step("build_and_register")
         mark("registered")
+        # What this copy tracks with, resolved ("ring", not "auto"), as the source reports its own.
+        stats.dirty_tracking = self.hosted.vm.dirty_tracking if self.hosted.vm is not None else config.dirty_tracking
         self.log.info("setup_timeline", origin=self._setup_timeline.origin, marks_ms=self._setup_timeline.as_ms())
         self.reserved_name = None  # the name is the VM's now; releasing it later could free another's claim
         stats.setup_ms = (time.monotonic() - started) * 1e3
@@ -362,14 +366,34 @@ class Target:
             for prefaulter in prefault.values():
                 prefaulter.stop()
 
-    async def _start_and_register(self, hosted: HostedVm) -> None:
-        """The VM's threads (vCPUs parked, the harvester) and its record (two fsyncs), each in a
-        worker, side by side, while the loop attaches the data streams: both done before any
-        control event is read, so before anything loads or resumes the VM."""
+    async def _build_and_register(self, spec: VmSpec, config: VmConfig) -> HostedVm:
+        """The VM around the RAM the pages already go into (R1/R2), in a worker; then its
+        threads (vCPUs parked, the harvester) and its record (two fsyncs), each in a worker,
+        side by side, while the loop attaches the data streams: all done before any control
+        event is read, so before anything loads or resumes the VM. A build that fails after
+        ACCEPT is a refusal all the same: the source is told and resumes (DESIGN 5)."""
+        ram, mark = self._ram, self._setup_timeline.mark
+        assert ram is not None
+        kvm, console_log = self.daemon.kvm, self.daemon.console_log(spec)
+
+        def build() -> HostedVm:
+            mark("build_entered")
+            if faults.active("target-build-fails"):
+                raise KvmIoctlError("KVM_CREATE_VM (test fault target-build-fails)", OSError(errno.ENOMEM, "no memory"))
+            hosted = create_incoming(kvm, spec, config, console_log, False, ram)
+            mark("vm_created")
+            return hosted
+
+        try:
+            hosted = await trio.to_thread.run_sync(build)
+        except (KvmError, SpecError, ValueError) as err:
+            # The RAM is still ours (`Vm.create`): `_discard` frees it after the streams stopped.
+            raise Refused(f"cannot create VM {spec.name} here: {err}") from None
+        self.hosted, self._ram = hosted, None  # the VM's now
         vm = hosted.vm
         assert vm is not None
         self.daemon.register_incoming(hosted, self, record=False)
-        record, mark = self.daemon.record_vm, self._setup_timeline.mark
+        record = self.daemon.record_vm
 
         def record_vm() -> None:
             record(hosted)
@@ -382,14 +406,12 @@ class Target:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, record_vm)
             nursery.start_soon(trio.to_thread.run_sync, start_threads)
+        return hosted
 
-    def _open_streams(self) -> None:
+    def _open_streams(self, memory: GuestMemory) -> None:
         conn = self.channel.conn
         negotiated = conn.negotiated
-        hosted = self.hosted
-        assert negotiated is not None and hosted is not None and hosted.vm is not None
-        memory = hosted.vm.memory
-        assert memory is not None
+        assert negotiated is not None
         layout = Layout({r.slot: r.pages for r in memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
         self._streams = ReceiveStreams(
             self.data_streams,
@@ -749,6 +771,12 @@ class Target:
         self.abort_reason = reason
         self.scope.cancel()
 
+    def _close_ram(self) -> None:
+        """RAM made for a VM that was never built around it; after the streams that wrote it."""
+        if self._ram is not None:
+            self._ram.close()
+            self._ram = None
+
     async def _close_streams(self) -> None:
         """Stop and join the data stream threads: none may write into RAM that is unmapped."""
         if self._streams is not None:
@@ -756,6 +784,7 @@ class Target:
 
     async def _discard(self, reason: str) -> None:
         await self._close_streams()
+        self._close_ram()
         hosted = self.hosted
         if self.stats is not None:
             self.stats.state = self.stats.phase = "aborted"

@@ -329,9 +329,11 @@ def accepted_peer(target: TargetHost, name: str) -> Peer:
         peer.handshake()
         answer = peer.offer(description(target, name))
         assert isinstance(answer, Accept), answer
-        assert {"name": name, "state": "incoming"}.items() <= next(
-            vm for vm in target.daemon.call("vm.list") if vm["name"] == name
-        ).items()
+        # B answers ACCEPT once the RAM exists and builds the VM behind it (beside the bulk copy).
+        wait_for(
+            lambda: any(vm["name"] == name and vm["state"] == "incoming" for vm in target.daemon.call("vm.list")),
+            what=f"B's incoming copy of {name}",
+        )
     except BaseException:
         peer.sock.close()
         raise

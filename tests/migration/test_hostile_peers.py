@@ -715,6 +715,8 @@ def test_a_forged_data_stream_is_refused_and_a_bad_batch_on_a_real_one_discards_
         source.handshake()
         offer = description(target, name, features={"data_streams": 1})
         assert isinstance(source.offer(offer), Accept)
+        # The VM is built behind ACCEPT: it exists before the stranger comes, as in a real setup.
+        wait_for(lambda: name in vm_names(target.daemon), what=f"B's incoming copy of {name}")
         secret = source.conn.data_stream_secret()
         forged = DataHello.make(os.urandom(32), offer.migration_id, 0, 1)
         with _data_stream(target, forged) as stranger:

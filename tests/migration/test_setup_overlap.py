@@ -7,6 +7,7 @@ and waits, so each test sees the overlap every time instead of by luck of timing
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,9 @@ def _assert_setup_timelines(source: DaemonProcess, target: DaemonProcess) -> Non
         marks = timeline["marks_ms"]
         assert [mark for mark in marks if mark in order] == order, timeline
     (incoming,) = target.events("setup_timeline")
-    assert [m for m in incoming["marks_ms"] if m in ("vm_created", "accept_sent", "registered")] == [
-        "vm_created",
-        "accept_sent",
-        "registered",
-    ], incoming
+    # Only the RAM before ACCEPT; the VM is built after it, beside the bulk copy.
+    built = ("ram_created", "accept_sent", "vm_created", "registered")
+    assert [m for m in incoming["marks_ms"] if m in built] == list(built), incoming
     for daemon in (source, target):
         lines = daemon.log().splitlines()
         warmed = [i for i, line in enumerate(lines) if '"event": "daemon_warmed"' in line]
@@ -87,7 +86,14 @@ def test_streams_that_connect_while_the_target_builds_carry_the_vm(pair: Any) ->
     # Precondition of the test, not luck: every stream was waiting before the VM was built.
     assert len(_log_events(target, "data_stream_attached")) == STREAMS, target.log()
     incoming = wait_migration(target, "vm1")
-    assert list(incoming["phase_steps_ms"])[:5] == ["handshake", "describe", "check", "create_vm", "accept"], incoming
+    assert list(incoming["phase_steps_ms"])[:6] == [
+        "handshake",
+        "describe",
+        "check",
+        "create_ram",
+        "accept",
+        "build_and_register",
+    ], incoming
     _assert_setup_timelines(source, target)
     _assert_runs_on(target)
     assert "vm1" not in [vm["name"] for vm in source.call("vm.list")]
@@ -142,6 +148,49 @@ def test_a_stream_that_cannot_connect_while_the_target_builds_leaves_the_vm_runn
         target.call("migrate", name="vm2", to=source.address)
         back = wait_migration(target, "vm2")
         assert back["state"] == "completed", back
+    finally:
+        source.stop()
+        target.stop()
+
+
+def _ram_files(daemon: DaemonProcess, name: str) -> list[str]:
+    """The daemon's open fds that are the RAM file of VM `name` (a memfd named after it)."""
+    assert daemon.process is not None
+    fds = Path(f"/proc/{daemon.process.pid}/fd")
+    found = []
+    for fd in fds.iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue  # closed since the listing
+        if f"memfd:{name}-ram" in link:
+            found.append(link)
+    return found
+
+
+def test_a_build_that_fails_after_accept_frees_the_ram_and_the_vm_runs_on_here(tmp_path: Path) -> None:
+    """ACCEPT comes once the RAM exists; the VM is built behind it, beside the bulk copy. That
+    build fails (fault target-build-fails, as KVM_CREATE_VM refused for lack of memory, after
+    every stream attached and writes into the RAM): the source is told and resumes, the target
+    stops its streams before it frees the RAM, and serves the next migration."""
+    key = write_key(tmp_path / "peer.key")
+    source = _daemon(tmp_path, "src", key)
+    target = _daemon(tmp_path, "dst", key, faults="target-build-after-streams,target-build-fails")
+    try:
+        _create(source)
+        source.call("migrate", name="vm1", to=target.address)
+        stats = wait_migration(source, "vm1")
+        assert stats["state"] == "failed", stats
+        assert "KVM_CREATE_VM (test fault target-build-fails) failed" in stats["error"], stats
+        # Precondition: ACCEPT had gone out (the source was past its setup) before the failure.
+        assert "accept" in stats["phase_steps_ms"], stats
+        _assert_runs_on(source)
+        (refused,) = target.events("incoming_vm_refused")
+        assert "target-build-fails" in refused["error"], refused
+        assert not target.events("setup_timeline"), target.log()  # logged for a VM that was built
+        wait_for(lambda: not _ram_files(target, "vm1"), what="the target to free the RAM it made")
+        assert "vm1" not in [vm["name"] for vm in target.call("vm.list")]
+        assert target.alive()
     finally:
         source.stop()
         target.stop()

@@ -1,7 +1,7 @@
 """The architecture seam: everything that differs between x86_64 and arm64 is reached through the
 object `host_arch()` returns; the rest of the daemon never compares architecture names.
 
-`create_vm` is `Vm.create` with this host's architecture.
+`create_vm` is `Vm.create` with this host's architecture; `guest_memory` the RAM it would add.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 from typing import Any, Protocol
 
 from ..errors import KvmUnavailableError
+from ..memory import GuestMemory
 from ..system import Kvm
 from ..vm import Vm, VmArch, VmConfig
 from .aarch64 import Aarch64
@@ -48,8 +49,15 @@ def host_arch(machine: str | None = None) -> Arch:
     return arch
 
 
-def create_vm(kvm: Kvm, config: VmConfig) -> Vm:
-    return Vm.create(kvm, config, host_arch(kvm.caps().arch))
+def create_vm(kvm: Kvm, config: VmConfig, memory: GuestMemory | None = None) -> Vm:
+    """`memory`: RAM made beforehand for this config (`guest_memory`), the VM's once built."""
+    return Vm.create(kvm, config, host_arch(kvm.caps().arch), memory)
+
+
+def guest_memory(kvm: Kvm, config: VmConfig) -> GuestMemory:
+    """The RAM a VM of `config` gets on this host, before the VM exists: a target receives the
+    pages into it while the VM is built (`create_vm(kvm, config, memory)`)."""
+    return host_arch(kvm.caps().arch).guest_memory(config.memory_bytes, f"{config.name}-ram", config.memory_backing)
 
 
 def arch_of(vm: Vm) -> Arch:
