@@ -22,13 +22,13 @@ needs a failure that the real world produces only by bad luck:
   downtime, done, commit; target: loaded, running) and logs `test_fault_hold` with the point
   first, so that a fault matrix sees the point and strikes inside a window it can hit (the real
   windows are a few milliseconds). The guard must then allow for the holds of the downtime.
-- target-build-after-streams: the target builds the VM only once every data stream the source
+- target-build-after-streams: the target makes the VM's RAM only once every data stream the source
   announced has connected and waits for it (bounded by the setup deadline), so that a test sees
-  streams that connected while the VM was being built, every time, not by luck of timing.
+  streams that connected while the RAM was being made, every time, not by luck of timing.
 - target-build-fails: the target's VM build, after ACCEPT and beside the bulk copy, fails as a
   KVM_CREATE_VM refused for lack of memory would, while the data streams write into its RAM.
 - source-streams-refused: the source connects its data streams to a port where nothing listens
-  (the kernel refuses them), while the target builds the VM: a stream that cannot connect.
+  (the kernel refuses them), while the target makes the RAM: a stream that cannot connect.
 - source-skip-its-save: arm64, the source leaves out ITS_SAVE_TABLES and SAVE_PENDING_TABLES
   (the negative test: the target's ITS must then come out wrong, and the test must notice).
 """

@@ -89,7 +89,7 @@ class OutgoingSetup:
                 # its extents.
                 nursery.start_soon(self._prepare_bulk, extents)
                 self._channel = channel = await self._connect(timed=True, then=self._description())
-                # The data streams connect while the target builds the VM (it holds them); after
+                # The data streams connect while the target makes the RAM (it holds them); after
                 # the description, so that the target knows the migration they name.
                 nursery.start_soon(self._open_streams_into, channel)
                 with trio.fail_after(self.daemon.config.peer.connect_timeout_s):

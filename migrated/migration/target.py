@@ -94,8 +94,8 @@ class Target:
         self.finished = trio.Event()  # set once this connection's outcome is recorded
         self.data_streams = 0  # data connections the source announced (0: pages on this one)
         self._streams: ReceiveStreams | None = None
-        # Set once the VM exists and its streams can take connections, or the migration ended:
-        # the source connects its data streams while this side builds the VM.
+        # Set once the VM's RAM exists and its streams can take connections, or the migration
+        # ended: the source connects its data streams while this side makes the RAM.
         self._streams_ready = trio.Event()
         self._streams_waiting = 0
         self._all_streams_waiting = trio.Event()  # fault target-build-after-streams
@@ -426,7 +426,7 @@ class Target:
     async def attach_data_stream(self, hello: DataHello, sock: Any) -> None:
         """A data connection for this migration (service.py): RemoteProtocolError if it is not
         one this migration expects, or does not prove it came from this migration's source.
-        One that comes while the VM is being built waits for it (under the caller's deadline),
+        One that comes while the RAM is being made waits for it (under the caller's deadline),
         once its token proved it is this migration's."""
         if not self._streams_ready.is_set():
             negotiated = self.channel.conn.negotiated
@@ -434,7 +434,7 @@ class Target:
                 raise RemoteProtocolError(f"migration {hello.migration_id!r} takes no data streams now")
             hello.check_token(self.channel.conn.data_stream_secret())
             if self._streams_waiting >= self.data_streams:
-                # Each waiting stream holds an fd until the VM exists: no more than announced.
+                # Each waiting stream holds an fd until the RAM exists: no more than announced.
                 raise RemoteProtocolError(f"more data streams than the {self.data_streams} announced")
             self._streams_waiting += 1
             if self._streams_waiting >= self.data_streams:
