@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 MIB = 1 << 20
+SLOW_RECORD_S = 0.5  # fault source-record-slow
 
 
 class OutgoingSetup:
@@ -48,6 +49,7 @@ class OutgoingSetup:
     _channel: PeerChannel | None
     _last_collect: float
     _setup_timeline: Timeline
+    _vm_record_written: trio.Event | None
 
     async def _connect(self, timed: bool = False, then: VmDescription | None = None) -> PeerChannel:
         """`timed`: the setup's connection, whose steps go into the timeline. `then`: the VM's
@@ -84,9 +86,11 @@ class OutgoingSetup:
     async def _set_up(self, extents: dict[int, list[tuple[int, int]]]) -> None:
         """Connect, describe the VM and open the data streams, until the target's ACCEPT."""
         try:
+            # Beside the setup and the bulk copy, in the daemon's nursery: this VM's record.
+            self._vm_record_written = trio.Event()
+            self.daemon.start_task(self._record_migrating)
             async with trio.open_nursery() as nursery:
-                # Beside the setup, in a worker: this VM's record, the bulk copy's re-arm and
-                # its extents.
+                # Beside the setup, in a worker: the bulk copy's re-arm and its extents.
                 nursery.start_soon(self._prepare_bulk, extents)
                 self._channel = channel = await self._connect(timed=True, then=self._description())
                 # The data streams connect while the target makes the RAM (it holds them); after
@@ -134,33 +138,52 @@ class OutgoingSetup:
         self._phase_steps.add("overlapped.open_streams", started)
 
     async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
-        """In one worker trip, beside the setup: the record (fsync'd, milliseconds on a busy
-        disk) that this VM is migrating; nothing else writes it meanwhile (pause and resume
-        refuse a migrating VM, and a failure resumes it only after this trip ended). Then R3:
-        the first collection re-arms tracking before the bulk copy reads any page, so
-        every write from here on is in a later collection; the RAM file's extents are taken
-        after it (a page first written in between is in that collection). A migration that
-        fails before its bulk copy lost nothing by the re-arm: every one re-arms first."""
+        """In one worker trip, beside the setup, R3: the first collection re-arms tracking
+        before the bulk copy reads any page, so every write from here on is in a later
+        collection; the RAM file's extents are taken after it (a page first written in between
+        is in that collection). A migration that fails before its bulk copy lost nothing by
+        the re-arm: every one re-arms first."""
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
-        memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
+        memory, tracker = vm.memory, vm.tracker
         mark = self._setup_timeline.mark
 
-        def record_rearm_and_find_extents() -> None:
+        def rearm_and_find_extents() -> None:
             mark("worker_entered")
-            record(hosted)
-            mark("recorded")
             tracker.rearm()
             mark("rearmed")
             extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
             mark("extents_found")
 
         started = time.perf_counter()
-        await trio.to_thread.run_sync(record_rearm_and_find_extents)
+        await trio.to_thread.run_sync(rearm_and_find_extents)
         mark("worker_returned")
         self._last_collect = time.perf_counter()
-        self._phase_steps.add("overlapped.record_rearm_extents", started)
+        self._phase_steps.add("overlapped.rearm_extents", started)
+
+    async def _record_migrating(self) -> None:
+        """The VM's record says it is migrating (fsync'd: 1-20 ms on this project's shared
+        disks, which the setup waited for), written beside the setup and the bulk copy, in the
+        daemon's nursery. Every later write of the VM's record waits for it
+        (`_vm_record_written`), so it never overwrites a newer one; until then nothing else
+        writes it (pause and resume refuse a migrating VM)."""
+        hosted, record, written = self.hosted, self.daemon.record_vm, self._vm_record_written
+        assert written is not None
+        slow = faults.active("source-record-slow")
+
+        def write() -> None:
+            if slow:
+                time.sleep(SLOW_RECORD_S)
+            record(hosted)
+
+        started = time.perf_counter()
+        try:
+            await trio.to_thread.run_sync(write)
+        finally:
+            self._setup_timeline.mark("recorded")
+            self._phase_steps.add("overlapped.record", started)
+            written.set()
 
     async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         vm = self.hosted.vm

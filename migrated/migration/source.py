@@ -107,6 +107,8 @@ class Source(OutgoingSetup, Precopy):
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
         self._timeline = Timeline()  # restarted at the pause: the downtime's fine marks
         self._setup_timeline = Timeline()  # the setup's fine marks, from the migrate command on
+        # Once the "migrating" VM record is on its way (`_record_migrating`): set when it is done.
+        self._vm_record_written: trio.Event | None = None
         self._commit_recorded = False  # the "committing" record is on disk (`_downtime`)
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
@@ -186,6 +188,9 @@ class Source(OutgoingSetup, Precopy):
 
     async def _resume_here(self) -> None:
         vm = self.hosted.vm
+        if self._vm_record_written is not None:
+            with trio.CancelScope(shield=True):
+                await self._vm_record_written.wait()  # the "migrating" record goes first
         with trio.CancelScope(shield=True):
             await self._lift_limits("migration ended without cutover")
         if vm is not None and self._paused_at is not None and not self.was_paused:
@@ -218,6 +223,9 @@ class Source(OutgoingSetup, Precopy):
                 nursery.start_soon(self._watch_progress)
                 await self._bulk_copy(extents)
                 pending = await self._rounds()
+                # Before the pause and the records the cutover writes: the one from the setup.
+                assert self._vm_record_written is not None
+                await self._vm_record_written.wait()
                 self.cancel_scope.deadline = math.inf  # a downtime in progress is finished, not cut
                 self._progress_scope.deadline = math.inf  # the downtime guard bounds it instead
                 self._phase_steps.step("to_downtime")

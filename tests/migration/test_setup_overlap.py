@@ -7,6 +7,7 @@ and waits, so each test sees the overlap every time instead of by luck of timing
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def test_a_stream_that_cannot_connect_while_the_target_builds_leaves_the_vm_runn
     connect during the setup, beside the target's VM build: the migration fails naming the
     streams, the VM runs on at the source, and the target discards whatever it built."""
     key = write_key(tmp_path / "peer.key")
-    source = _daemon(tmp_path, "src", key, faults="source-streams-refused")
+    source = _daemon(tmp_path, "src", key, faults="source-streams-refused,source-record-slow")
     target = _daemon(tmp_path, "dst", key)
     try:
         _create(source)
@@ -137,6 +138,14 @@ def test_a_stream_that_cannot_connect_while_the_target_builds_leaves_the_vm_runn
         assert stats["state"] == "failed", stats
         assert "cannot open the data streams" in stats["error"] and "refused" in stats["error"], stats
         _assert_runs_on(source)
+        # The "migrating" record, written beside the setup (0.5 s late: source-record-slow),
+        # came first: the resume's is the last.
+        wait_for(
+            lambda: "overlapped.record" in source.call("migration.status", name="vm1")["phase_steps_ms"],
+            what='the "migrating" record to be written',
+        )
+        record = json.loads((source.workdir / "src-state" / "vms" / "vm1.json").read_text())
+        assert record["state"] == "running", record
         wait_for(
             lambda: "vm1" not in [vm["name"] for vm in target.call("vm.list")],
             what="the target to discard its copy",
@@ -191,6 +200,29 @@ def test_a_build_that_fails_after_accept_frees_the_ram_and_the_vm_runs_on_here(t
         wait_for(lambda: not _ram_files(target, "vm1"), what="the target to free the RAM it made")
         assert "vm1" not in [vm["name"] for vm in target.call("vm.list")]
         assert target.alive()
+    finally:
+        source.stop()
+        target.stop()
+
+
+def test_a_vm_record_written_late_never_outlives_the_vm_released_to_the_target(tmp_path: Path) -> None:
+    """The source writes its "migrating" VM record beside the setup and the bulk copy; here it
+    takes 0.5 s (fault source-record-slow) while the migration itself needs far less. The pause
+    waits for it, so the record is gone with the released VM, not written back after it (which
+    a restarted daemon would report as a VM lost with it)."""
+    key = write_key(tmp_path / "peer.key")
+    source = _daemon(tmp_path, "src", key, faults="source-record-slow")
+    target = _daemon(tmp_path, "dst", key)
+    try:
+        _create(source)
+        records = source.workdir / "src-state" / "vms"
+        assert (records / "vm1.json").exists()  # precondition: a hosted VM has its record
+        source.call("migrate", name="vm1", to=target.address)
+        stats = wait_migration(source, "vm1")
+        assert stats["state"] == "completed", stats
+        assert stats["phase_steps_ms"]["overlapped.record"] >= 500, stats  # the fault was on
+        assert not (records / "vm1.json").exists(), (records / "vm1.json").read_text()
+        _assert_runs_on(target)
     finally:
         source.stop()
         target.stop()
