@@ -5,6 +5,7 @@ re-arm, extents) beside them. A part of `Source` (source.py), which inherits it.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 import os
 import socket
 import ssl
@@ -22,6 +23,7 @@ from ..peer import PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
 from .pagestream import PAGE_SIZE
+from .precopy import MigrationFailed
 from .sendstreams import SendStreams
 from .stats import MigrationStats, StepTimes
 from .timeline import Timeline
@@ -84,14 +86,13 @@ class OutgoingSetup:
         return channel
 
     async def _set_up(self, extents: dict[int, list[tuple[int, int]]]) -> None:
-        """Connect, describe the VM and open the data streams, until the target's ACCEPT."""
+        """Connect, describe the VM and open the data streams, until the target's ACCEPT, and
+        the bulk copy's preparation (`_prepare_bulk`), which runs beside them."""
+        prepared = _Prepared()
+        self._vm_record_written = trio.Event()
+        self.daemon.start_task(partial(self._prepare_bulk, extents, prepared))
         try:
-            # Beside the setup and the bulk copy, in the daemon's nursery: this VM's record.
-            self._vm_record_written = trio.Event()
-            self.daemon.start_task(self._record_migrating)
             async with trio.open_nursery() as nursery:
-                # Beside the setup, in a worker: the bulk copy's re-arm and its extents.
-                nursery.start_soon(self._prepare_bulk, extents)
                 self._channel = channel = await self._connect(timed=True, then=self._description())
                 # The data streams connect while the target makes the RAM (it holds them); after
                 # the description, so that the target knows the migration they name.
@@ -107,6 +108,9 @@ class OutgoingSetup:
             if errors:
                 raise errors[0] from None
             raise
+        await prepared.done.wait()
+        if prepared.error is not None:
+            raise prepared.error
 
     def _description(self) -> VmDescription:
         hosted = self.hosted
@@ -137,53 +141,59 @@ class OutgoingSetup:
         self._setup_timeline.mark("streams_opened")
         self._phase_steps.add("overlapped.open_streams", started)
 
-    async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]]) -> None:
-        """In one worker trip, beside the setup, R3: the first collection re-arms tracking
-        before the bulk copy reads any page, so every write from here on is in a later
-        collection; the RAM file's extents are taken after it (a page first written in between
-        is in that collection). A migration that fails before its bulk copy lost nothing by
-        the re-arm: every one re-arms first."""
+    async def _prepare_bulk(self, extents: dict[int, list[tuple[int, int]]], prepared: _Prepared) -> None:
+        """One worker trip beside the setup, in the daemon's nursery (it may outlive the setup).
+
+        First R3: the first collection re-arms tracking before the bulk copy reads any page,
+        so every write from here on is in a later collection; the RAM file's extents are taken
+        after it (a page first written in between is in that collection); `prepared` tells the
+        setup. A migration that fails before its bulk copy lost nothing by the re-arm: every one
+        re-arms first. Then the VM's record that it is migrating (fsync'd: 1-20 ms on this
+        project's shared disks, which the setup used to wait for), beside the bulk copy. Every
+        later write of the VM's record waits for it (`_vm_record_written`), so it never
+        overwrites a newer one; until then nothing else writes it (pause and resume refuse a
+        migrating VM). One trip, not two: a second worker thread is one more to start (the
+        loop waits for a new thread to run) and to schedule while the setup runs."""
         hosted = self.hosted
         vm = hosted.vm
         assert vm is not None and vm.memory is not None and vm.tracker is not None
-        memory, tracker = vm.memory, vm.tracker
-        mark = self._setup_timeline.mark
-
-        def rearm_and_find_extents() -> None:
-            mark("worker_entered")
-            tracker.rearm()
-            mark("rearmed")
-            extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
-            mark("extents_found")
-
-        started = time.perf_counter()
-        await trio.to_thread.run_sync(rearm_and_find_extents)
-        mark("worker_returned")
-        self._last_collect = time.perf_counter()
-        self._phase_steps.add("overlapped.rearm_extents", started)
-
-    async def _record_migrating(self) -> None:
-        """The VM's record says it is migrating (fsync'd: 1-20 ms on this project's shared
-        disks, which the setup waited for), written beside the setup and the bulk copy, in the
-        daemon's nursery. Every later write of the VM's record waits for it
-        (`_vm_record_written`), so it never overwrites a newer one; until then nothing else
-        writes it (pause and resume refuse a migrating VM)."""
-        hosted, record, written = self.hosted, self.daemon.record_vm, self._vm_record_written
+        memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
+        written = self._vm_record_written
         assert written is not None
-        slow = faults.active("source-record-slow")
+        mark, slow = self._setup_timeline.mark, faults.active("source-record-slow")
 
-        def write() -> None:
+        def on_prepared() -> None:  # in trio's thread
+            mark("extents_found")
+            self._last_collect = time.perf_counter()
+            self._phase_steps.add("overlapped.rearm_extents", started)
+            prepared.done.set()
+
+        def rearm_find_extents_and_record() -> None:
+            mark("worker_entered")
+            try:
+                tracker.rearm()
+                extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
+            except Exception as err:  # the setup raises it; the migration fails and resumes
+                prepared.error = err
+            trio.from_thread.run_sync(on_prepared)
+            if prepared.error is not None:
+                return  # the resume writes the record
             if slow:
                 time.sleep(SLOW_RECORD_S)
-            record(hosted)
+            record(hosted)  # logs, never raises, an OSError: the VM is fine, only its record is not
 
         started = time.perf_counter()
         try:
-            await trio.to_thread.run_sync(write)
+            await trio.to_thread.run_sync(rearm_find_extents_and_record)
+        except Exception:  # a bug here must not end the daemon's nursery
+            self.log.exception("migration_preparation_crashed")
+            if prepared.error is None and not prepared.done.is_set():
+                prepared.error = MigrationFailed("the bulk copy's preparation failed; the VM keeps running here")
         finally:
-            self._setup_timeline.mark("recorded")
-            self._phase_steps.add("overlapped.record", started)
+            prepared.done.set()
             written.set()
+            mark("worker_returned")
+            self._phase_steps.add("overlapped.rearm_extents_record", started)
 
     async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         vm = self.hosted.vm
@@ -220,6 +230,14 @@ class OutgoingSetup:
 
 def _no_mark(name: str) -> None:
     pass
+
+
+class _Prepared:
+    """The bulk copy's preparation, as the setup waits for it: done, and the error if it failed."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: Exception | None = None
 
 
 def connect_failure(err: OSError) -> str:

@@ -107,7 +107,7 @@ class Source(OutgoingSetup, Precopy):
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
         self._timeline = Timeline()  # restarted at the pause: the downtime's fine marks
         self._setup_timeline = Timeline()  # the setup's fine marks, from the migrate command on
-        # Once the "migrating" VM record is on its way (`_record_migrating`): set when it is done.
+        # Once the "migrating" VM record is on its way (`_prepare_bulk`): set when it is done.
         self._vm_record_written: trio.Event | None = None
         self._commit_recorded = False  # the "committing" record is on disk (`_downtime`)
         # Costs learned from migrations to this peer only: another path's say nothing about it.

@@ -141,7 +141,7 @@ def test_a_stream_that_cannot_connect_while_the_target_builds_leaves_the_vm_runn
         # The "migrating" record, written beside the setup (0.5 s late: source-record-slow),
         # came first: the resume's is the last.
         wait_for(
-            lambda: "overlapped.record" in source.call("migration.status", name="vm1")["phase_steps_ms"],
+            lambda: "overlapped.rearm_extents_record" in source.call("migration.status", name="vm1")["phase_steps_ms"],
             what='the "migrating" record to be written',
         )
         record = json.loads((source.workdir / "src-state" / "vms" / "vm1.json").read_text())
@@ -220,7 +220,7 @@ def test_a_vm_record_written_late_never_outlives_the_vm_released_to_the_target(t
         source.call("migrate", name="vm1", to=target.address)
         stats = wait_migration(source, "vm1")
         assert stats["state"] == "completed", stats
-        assert stats["phase_steps_ms"]["overlapped.record"] >= 500, stats  # the fault was on
+        assert stats["phase_steps_ms"]["overlapped.rearm_extents_record"] >= 500, stats  # the fault was on
         assert not (records / "vm1.json").exists(), (records / "vm1.json").read_text()
         _assert_runs_on(target)
     finally:
