@@ -30,6 +30,7 @@ class RecordBuffers:
         self._kept: list[bytearray] = []  # largest first
         self._max_kept = max_kept
         self._max_kept_bytes = max_kept_bytes
+        self.allocated = 0  # buffers made because none kept was large enough
 
     def take(self, size: int) -> bytearray:
         """The largest kept buffer if it holds `size` bytes (a stream's later, larger records
@@ -37,6 +38,7 @@ class RecordBuffers:
         with self._lock:
             if self._kept and len(self._kept[0]) >= size:
                 return self._kept.pop(0)
+            self.allocated += 1
         return bytearray(size)
 
     def give(self, buffer: bytearray) -> None:
