@@ -1,17 +1,17 @@
 """Data-stream sockets that block in the kernel for a whole record, bounded by kernel timeouts.
 
-A socket with a Python timeout is non-blocking underneath: a send of an 8 MiB record, or a
-receive of one, is dozens of system calls, each returning when the socket buffer moved a little,
-and each one gives up the GIL and takes it back. Taking it back waits for whichever thread holds
-it, up to the interpreter's switch interval (5 ms) behind one that runs Python code: a migration
-of a few MiB spent more time waiting for the GIL than moving bytes (bench/small_copy.py
---gil-hog). Blocking in the kernel instead (`sendmsg` until all of it is queued, `recv_into` with
-MSG_WAITALL until the record is in), a record costs one GIL hand-over per side.
+A socket with a Python timeout is non-blocking underneath: each send or receive is a poll and
+then the call, repeated as often as the socket buffer fills or drains within a record, and each
+of these gives up the GIL and takes it back. Taking it back waits for whichever thread holds it
+(up to the interpreter's switch interval, 5 ms, behind one that runs Python code), and a daemon
+has several: vCPU exits, the ring harvester every millisecond, the event loop. Blocking in the
+kernel instead (`sendmsg` until all of it is queued, `recv_into` with MSG_WAITALL until the
+record is in), a record costs one call and one GIL hand-over per side.
 
 The link's deadline stays: SO_SNDTIMEO and SO_RCVTIMEO bound each call. A call that moved some
 bytes before the deadline returns what it moved (the caller goes on with the rest); one that
-moved nothing raises `TimeoutError`, as the Python timeout did. TLS sockets keep their Python
-timeout (the ssl module reads and writes in records of its own).
+moved nothing fails with EAGAIN (`is_timeout`), as the Python timeout raised TimeoutError. TLS
+sockets keep their Python timeout (the ssl module reads and writes in records of its own).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def block_with_deadline(sock: socket.socket, timeout_s: float) -> None:
     sock.settimeout(None)
     if 0 < timeout_s < math.inf:
         seconds = int(timeout_s)
-        micros = max(1, round((timeout_s - seconds) * 1e6)) if not seconds else round((timeout_s - seconds) * 1e6)
+        micros = round((timeout_s - seconds) * 1e6) or (0 if seconds else 1)  # (0, 0) would mean no bound
         timeval = _TIMEVAL.pack(seconds, micros)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
