@@ -91,7 +91,7 @@ def trials(
         DataReceiver.next_event = traced("opened", DataReceiver.next_event)  # type: ignore[method-assign]
         recvstreams._Applier.apply = traced("applied", recvstreams._Applier.apply)  # type: ignore[attr-defined]
 
-    size = RAM_MIB * MIB
+    size = max(RAM_MIB, int(max(sizes)) + 2) * MIB  # the boot-sector guest's, or what the copy needs
     source = GuestMemory.flat(size, name="bench-source")
     batch_pages = max(1, BATCH_BYTES // (PAGE + 16))  # as outgoing_setup.batch_pages_for
     layout = Layout({0: size // PAGE}, PAGE, BATCH_BYTES)
@@ -240,7 +240,11 @@ def main() -> None:
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             for mib, runs in result.items():
                 collected[name].setdefault(mib, []).extend(runs)
-    report: dict[str, Any] = {"load": os.getloadavg(), "streams": args.streams, "ram_mib": RAM_MIB}
+    report: dict[str, Any] = {
+        "load": os.getloadavg(),
+        "streams": args.streams,
+        "ram_mib": max(RAM_MIB, int(max(sizes)) + 2),
+    }
     for name, by_size in collected.items():
         report[name] = {
             mib: {key: spread([r[key] for r in runs]) for key in ("sent_ms", "drained_ms")} | {"n": len(runs)}
