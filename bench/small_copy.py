@@ -3,16 +3,19 @@ of both sides in one process; JSON out.
 
 What a migration of the boot-sector guest pays between its first page sent and its pause
 (`bulk_send` and `streams_drained` in the stats): each trial opens fresh loopback connections, a
-fresh sender and receiver per stream (fresh AEAD keys and buffers, as every migration has) and a
-fresh 150 MiB target RAM file; the source's RAM file (the same size) holds `--mib` MiB of
-non-zero pages in a few extents, as that guest's does. `sent_ms` is from the jobs handed to the
-stream threads until every thread reported them sent (the source's `bulk_send`); `drained_ms`
-until every receive thread applied its stream's end marker (what the source's
+fresh sender and receiver per stream (fresh AEAD keys, record buffers as the daemon gets them)
+and a fresh target RAM file (150 MiB, or what the copy needs); the source's RAM file holds
+`--mib` MiB of non-zero pages in two extents, as that guest's does. `sent_ms` is from the jobs
+handed to the stream threads until every thread reported them sent (the source's `bulk_send`);
+`drained_ms` until every receive thread applied its stream's end marker (what the source's
 `streams_drained` waits for, without the control round trip). The target's pages are checked.
+Between trials the allocator returns freed memory to the kernel (`malloc_trim`), as glibc does
+with large freed buffers, unless `--warm`. `--gil-hog` runs a thread of pure Python beside the
+streams (the worst case of a daemon's other threads: every GIL hand-over waits for it).
 
 `--reference DIR` runs the same trials with another checkout's data plane (DIR/.venv), the two
 alternating round by round, so both meet the same machine; `--trace` prints one trial's events
-(per batch: built and sealed, sent, received, opened, applied) for each size instead.
+(per batch: sealed, sent, opened, applied) for each size instead.
 
     python bench/small_copy.py [--mib 1,3,7] [--streams 2] [--trials 10] [--rounds 3] [--reference DIR]
 """
