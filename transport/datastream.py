@@ -192,10 +192,12 @@ class Layout:
 class DataSender:
     """The source's side of one data stream: events in, bytes out."""
 
-    def __init__(self, secret: bytes, index: int, layout: Layout, *, sealed: bool) -> None:
+    def __init__(
+        self, secret: bytes, index: int, layout: Layout, *, sealed: bool, buffers: seal.Buffers = seal.FRESH
+    ) -> None:
         self.index = index
         self._layout = layout
-        self._sealer = seal.Sealer(stream_key(secret, index)) if sealed else None
+        self._sealer = seal.Sealer(stream_key(secret, index), buffers) if sealed else None
         self.batches = 0
         self.pages = 0
         self.ended = False
@@ -254,11 +256,13 @@ class DataReceiver:
     needs), reports with `received(n)` (0 for EOF), and drains `next_event()` until NEED_DATA.
     A PageBatch's arrays and data are valid until the next call to next_event()."""
 
-    def __init__(self, secret: bytes, index: int, layout: Layout, *, sealed: bool) -> None:
+    def __init__(
+        self, secret: bytes, index: int, layout: Layout, *, sealed: bool, buffers: seal.Buffers = seal.FRESH
+    ) -> None:
         self.index = index
         self._layout = layout
         largest = framing.PREFIX.size + limits.MAX_HEADER_BYTES + layout.max_batch_bytes
-        self._opener = seal.Opener(stream_key(secret, index), largest, reuse=True) if sealed else None
+        self._opener = seal.Opener(stream_key(secret, index), largest, reuse=True, buffers=buffers) if sealed else None
         # Clear frames: one buffer of the largest frame, filled frame by frame.
         self._frame = bytearray(largest if not sealed else 0)
         self._need = framing.PREFIX.size  # clear: bytes the current part needs

@@ -16,8 +16,9 @@ import numpy.typing as npt
 
 from transport import PageBatch
 
+from ..pagehash import nonzero_pages
+
 PAGE_SIZE = 4096
-WORDS = PAGE_SIZE // 8
 
 Pages = npt.NDArray[np.uint64]
 SendBatch = Callable[[PageBatch], Awaitable[None]]
@@ -34,17 +35,11 @@ class StreamCounters:
 def _split_zero(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
     """True for each page (row) of `block` that holds a non-zero byte.
 
-    A page whose first word is non-zero is decided by that word alone (one cache line read per
-    page: a guest's data pages nearly all qualify); only the rest are scanned whole, with `max`
-    (a SIMD reduction, ~5x faster here than `any`, which casts every word to bool first)."""
-    words = block.view(np.uint64).reshape(-1, WORDS)
-    nonzero: npt.NDArray[np.bool_] = words[:, 0] != 0
-    if nonzero.all():
-        return nonzero
-    doubtful = np.flatnonzero(~nonzero)
-    rows = words if doubtful.size == nonzero.size else words[doubtful]
-    nonzero[doubtful] = rows.max(axis=1) != 0
-    return nonzero
+    The C loop of the pagehash shim: a page whose first word is non-zero is decided by that word
+    (one cache line read: a guest's data pages nearly all qualify), the rest are read whole,
+    nothing copied, the GIL released; 1.4-1.7x numpy's first-word-then-`max` (which copied the
+    doubtful rows out first) on allocated zero pages (bench/zero_scan.py)."""
+    return nonzero_pages(block.reshape(-1))
 
 
 async def _send_block(

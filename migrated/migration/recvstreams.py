@@ -33,7 +33,9 @@ from transport.datastream import MAGIC, DataHello, DataReceiver, Layout, decode_
 from .. import tls
 from ..config import PeerConfig
 from ..kvm.memory import GuestMemory
+from .blocking import block_with_deadline, deadline_s, is_timeout
 from .pagestream import PAGE_SIZE, apply_batch
+from .recordbuffers import RECORD_BUFFERS
 
 # A batch of more runs than this (a scattered dirty set) is one numpy scatter into the mapping
 # instead: those pages were written before (warm), and a write call per run would be per page.
@@ -165,7 +167,9 @@ class _ReceiveThread:
         self.apply_s = 0.0
         # Pages (data and zero) per round: the bulk copy's and the final pass's are in the stats.
         self.entries_by_round: dict[int, int] = {}
-        sock.settimeout(io_timeout_s)
+        block_with_deadline(sock, io_timeout_s)
+        # A whole record (or frame part) in one call: one GIL hand-over per record (blocking.py).
+        self._recv_flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
         self.thread = threading.Thread(target=self._run, name=f"data-recv-{receiver.index}", daemon=True)
         self.thread.start()
 
@@ -173,7 +177,12 @@ class _ReceiveThread:
         index = self.receiver.index
         try:
             self._receive()
-        except (OSError, RemoteProtocolError, ssl.SSLError) as err:
+        except OSError as err:
+            if is_timeout(err):
+                self._on_error(index, f"data stream {index}: nothing received for {deadline_s(self.sock):g} s")
+            else:
+                self._on_error(index, str(err) or type(err).__name__)
+        except RemoteProtocolError as err:
             self._on_error(index, str(err) or type(err).__name__)
         except Exception as err:  # a bug: reported, the migration fails, the daemon goes on
             self._on_error(index, f"data stream {index} crashed: {type(err).__name__}: {err}")
@@ -182,7 +191,7 @@ class _ReceiveThread:
         receiver = self.receiver
         while True:
             buffer = receiver.receive_buffer()
-            nbytes = self.sock.recv_into(buffer)
+            nbytes = self.sock.recv_into(buffer, 0, self._recv_flags)
             receiver.received(nbytes)
             self.bytes += nbytes
             while True:
@@ -232,7 +241,7 @@ class ReceiveStreams:
             raise RemoteProtocolError(f"data stream says {hello.count} streams; the VM description said {self.count}")
         if hello.index in self._threads:
             raise RemoteProtocolError(f"data stream {hello.index} connected twice")
-        receiver = DataReceiver(self._secret, hello.index, self._layout, sealed=self._sealed)
+        receiver = DataReceiver(self._secret, hello.index, self._layout, sealed=self._sealed, buffers=RECORD_BUFFERS)
         self._threads[hello.index] = _ReceiveThread(
             sock, receiver, self._applier, self._io_timeout_s, self._report_end, self._report_error
         )

@@ -32,8 +32,10 @@ from .. import tls
 from ..config import PeerConfig
 from ..kvm.dirty import DirtyPages
 from ..kvm.memory import GuestMemory
+from .blocking import block_with_deadline, deadline_s, is_timeout
 from .pagestream import PAGE_SIZE, _split_zero
 from .ratelimit import TokenBucket
+from .recordbuffers import RECORD_BUFFERS
 
 CHUNK_SHIFT = 9
 """2 MiB of 4 KiB pages travel on one stream: long runs for the sender, and every stream busy."""
@@ -138,12 +140,14 @@ class _StreamThread:
             error: BaseException | None = None
             try:
                 self._do(job)
-            except TimeoutError:
-                # Nothing taken by the peer for the socket's timeout: a cut link sends no RST.
-                error = OSError(
-                    f"data stream {self.sender.index} made no progress for {self.sock.gettimeout():g} s "
-                    "(nothing received by the peer)"
-                )
+            except OSError as err:
+                if is_timeout(err):
+                    # Nothing taken by the peer for the socket's timeout: a cut link sends no RST.
+                    err = OSError(
+                        f"data stream {self.sender.index} made no progress for {deadline_s(self.sock):g} s "
+                        "(nothing received by the peer)"
+                    )
+                error = err
                 self._stop.set()
             except Exception as err:  # reported to trio, which fails the migration
                 error = err
@@ -263,7 +267,7 @@ def _connect_one(
             sock = tls.client_context(peer).wrap_socket(sock, server_hostname=host)
         sock.sendall(hello.encode())
         # A link that takes no byte for this long is broken (a cut cable sends no RST).
-        sock.settimeout(io_timeout_s)
+        block_with_deadline(sock, io_timeout_s)
         return sock
     except BaseException:
         sock.close()
@@ -351,7 +355,14 @@ class SendStreams:
         stop = threading.Event()
         limiter = TokenBucket(bandwidth_bytes_s, stop)
         threads = [
-            _StreamThread(sock, DataSender(secret, index, layout, sealed=sealed), memory, batch_pages, limiter, stop)
+            _StreamThread(
+                sock,
+                DataSender(secret, index, layout, sealed=sealed, buffers=RECORD_BUFFERS),
+                memory,
+                batch_pages,
+                limiter,
+                stop,
+            )
             for index, sock in enumerate(sockets)
         ]
         return cls(threads, stop, limiter)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from migrated.pagehash import PAGE_SIZE, page_hashes, ram_digest
+from migrated.pagehash import PAGE_SIZE, nonzero_pages, page_hashes, ram_digest
 
 M = (1 << 64) - 1
 P1, P2, P3 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
@@ -78,3 +78,30 @@ def test_sparse_digest_equals_the_dense_one() -> None:
     assert ram_digest([(1 << 20, ram)], [[(0, 12), (39, 64)]]) == dense
     assert ram_digest([(1 << 20, ram)], [[(5, 9)]]) != dense  # page 40 left out: caught
     np.testing.assert_array_equal(zero_page_hashes(3, 77), page_hashes(np.zeros(3 * PAGE_SIZE, np.uint8), 77))
+
+
+# ---- the zero-page split (ph_nonzero_pages) --------------------------------------------------
+
+
+def test_nonzero_pages_matches_numpy_wherever_the_byte_lies() -> None:
+    """Every byte position of a page, one page each, and pages of zeros between: the C loop reads
+    the first word, then the whole page; numpy's `any` over every byte is the oracle."""
+    pages = PAGE_SIZE + 3
+    ram = np.zeros((pages, PAGE_SIZE), np.uint8)
+    ram[np.arange(PAGE_SIZE), np.arange(PAGE_SIZE)] = 0x80  # page i: byte i only
+    ram[PAGE_SIZE + 1, :] = 0x5A  # a full data page; PAGE_SIZE and PAGE_SIZE + 2 stay zero
+    got = nonzero_pages(ram.reshape(-1))
+    assert got.dtype == np.bool_
+    assert (got == ram.any(axis=1)).all()
+    assert got[: PAGE_SIZE + 2].tolist() == [True] * PAGE_SIZE + [False, True]
+
+
+def test_nonzero_pages_refuses_what_is_not_whole_contiguous_pages() -> None:
+    ram = np.zeros(2 * PAGE_SIZE, np.uint8)
+    with pytest.raises(ValueError, match="whole number"):
+        nonzero_pages(ram[:-1])
+    with pytest.raises(ValueError, match="contiguous"):
+        nonzero_pages(ram[::2])
+    with pytest.raises(ValueError, match="contiguous"):
+        nonzero_pages(ram.view(np.uint16))
+    assert nonzero_pages(ram[:0]).size == 0

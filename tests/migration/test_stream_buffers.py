@@ -1,0 +1,187 @@
+"""What the data streams keep between records and migrations, and how their sockets wait.
+
+Record buffers (recordbuffers.py) are reused by the next stream of either direction: the pool
+stays bounded, a reused buffer still holding another stream's bytes seals and opens exactly
+what it must, and a changed byte still fails. The sockets (blocking.py) block in the kernel
+for a whole record under SO_SNDTIMEO/SO_RCVTIMEO: a silent or stuck peer still ends a stream
+with an error that names the stream and the deadline, on either side. Real loopback TCP, real
+threads; no VM (the pages are what matters)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from migrated.kvm.memory import GuestMemory
+from migrated.migration.blocking import block_with_deadline, deadline_s, is_timeout
+from migrated.migration.ratelimit import TokenBucket
+from migrated.migration.recordbuffers import RecordBuffers
+from migrated.migration.recvstreams import _Applier, _ReceiveThread
+from migrated.migration.sendstreams import _Job, _StreamThread, chunk_runs
+from transport import seal
+from transport.datastream import DataReceiver, DataSender, Layout
+
+MIB = 1 << 20
+PAGE = 4096
+
+
+def _records(sealer: seal.Sealer, frame: bytes) -> bytes:
+    return b"".join(bytes(part) for part in sealer.seal([frame]))
+
+
+def _open_all(opener: seal.Opener, data: bytes) -> list[bytes]:
+    frames = []
+    view = memoryview(data)
+    while view.nbytes:
+        if opener.missing:
+            buffer = opener.receive_buffer()
+            take = min(buffer.nbytes, view.nbytes)
+            buffer[:take] = view[:take]
+            opener.received(take)
+        else:
+            take = min(7, view.nbytes)  # between records: a few bytes at a time, as a socket may
+            opener.feed(view[:take])
+        view = view[take:]
+        while (frame := opener.next_frame()) is not None:
+            frames.append(bytes(frame))
+    return frames
+
+
+def test_the_pool_keeps_the_largest_buffers_within_its_bounds() -> None:
+    pool = RecordBuffers(max_kept=2, max_kept_bytes=3 * MIB)
+    buffers = [pool.take(size) for size in (MIB, 2 * MIB, MIB // 2, 3 * MIB)]
+    assert pool.allocated == 4 and pool.kept_bytes == 0
+    for buffer in buffers:
+        pool.give(buffer)
+    # Two kept at most, 3 MiB at most: the 3 MiB one alone (with the 2 MiB one it would be 5).
+    assert pool.kept_bytes == 3 * MIB
+    assert pool.take(MIB) is buffers[3]  # the largest, for a stream whose records grow
+    assert pool.take(MIB) is not buffers[2] and pool.allocated == 5  # nothing kept: a new one
+
+
+def test_a_reused_buffer_seals_and_opens_the_next_streams_frames_exactly() -> None:
+    """Stream 1 fills the buffers with its bytes; stream 2 (another key, smaller and larger
+    frames) reuses them without allocating, and every frame opens as it was sealed."""
+    pool = RecordBuffers()
+    key1, key2 = os.urandom(32), os.urandom(32)
+    sealer, opener = seal.Sealer(key1, pool), seal.Opener(key1, 4 * MIB, reuse=True, buffers=pool)
+    first = [os.urandom(3 * MIB)]
+    assert _open_all(opener, b"".join(_records(sealer, f) for f in first)) == first
+    sealer.release()
+    opener.release()
+    made = pool.allocated
+    assert made == 2 and pool.kept_bytes >= 2 * 3 * MIB
+
+    sealer, opener = seal.Sealer(key2, pool), seal.Opener(key2, 4 * MIB, reuse=True, buffers=pool)
+    frames = [os.urandom(100), os.urandom(MIB), b"\x00" * (2 * MIB), os.urandom(17)]
+    wire = b"".join(_records(sealer, f) for f in frames)
+    assert _open_all(opener, wire) == frames
+    assert pool.allocated == made, "the second stream allocated although warm buffers were kept"
+
+    # A changed byte still fails its tag in a reused buffer.
+    tampered = bytearray(_records(sealer, os.urandom(5000)))
+    tampered[100] ^= 1
+    with pytest.raises(Exception, match="failed authentication"):
+        _open_all(opener, bytes(tampered))
+
+
+def test_a_blocking_stream_socket_takes_a_whole_record_in_one_receive() -> None:
+    """The receive thread asks for a record with MSG_WAITALL: with the socket blocking in the
+    kernel (no Python timeout, which makes it non-blocking underneath) one call returns all of
+    it, however the sender cut it up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    try:
+        block_with_deadline(server, 5.0)
+        assert server.gettimeout() is None and deadline_s(server) == pytest.approx(5.0)
+        payload = os.urandom(4 * MIB)
+        sent_half = threading.Event()
+
+        def send() -> None:
+            client.sendall(payload[: 2 * MIB])
+            sent_half.set()
+            for offset in range(2 * MIB, 4 * MIB, 64 * 1024):
+                client.sendall(payload[offset : offset + 64 * 1024])
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert sent_half.wait(10)  # half of it is in flight before the rest is even sent
+        buffer = bytearray(4 * MIB)
+        assert server.recv_into(buffer, 0, socket.MSG_WAITALL) == 4 * MIB
+        sender.join()
+        assert buffer == payload
+    finally:
+        client.close()
+        server.close()
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    return client, server
+
+
+def test_a_silent_source_ends_the_receive_thread_with_the_deadline_named() -> None:
+    client, server = _pair()
+    dst = GuestMemory.flat(4 * MIB, "dst")
+    errors: list[str] = []
+    done = threading.Event()
+    try:
+        layout = Layout({0: dst.size // PAGE}, PAGE, MIB)
+        receiver = DataReceiver(os.urandom(32), 0, layout, sealed=True)
+        thread = _ReceiveThread(
+            server, receiver, _Applier(dst), 0.3, lambda index: done.set(), lambda i, m: (errors.append(m), done.set())
+        )
+        assert done.wait(30), "the receive thread never gave up on a silent source"
+        thread.thread.join(10)
+        assert errors == ["data stream 0: nothing received for 0.3 s"]
+    finally:
+        client.close()
+        server.close()
+        dst.close()
+
+
+def test_a_target_that_takes_nothing_ends_the_send_with_the_deadline_named() -> None:
+    """The target's end never reads: once both socket buffers are full, the blocked sendmsg
+    returns at its deadline and the stream's job fails, naming the stream and the deadline."""
+    client, server = _pair()
+    src = GuestMemory.flat(64 * MIB, "src")
+    try:
+        src.bytes[:] = 0x5A
+        block_with_deadline(client, 0.3)
+        stop = threading.Event()
+        layout = Layout({0: src.size // PAGE}, PAGE, 8 * MIB)
+        thread = _StreamThread(
+            client, DataSender(os.urandom(32), 0, layout, sealed=True), src, 2047, TokenBucket(0, stop), stop
+        )
+        outcome: list[BaseException | None] = []
+        reported = threading.Event()
+
+        def report(error: BaseException | None) -> None:
+            outcome.append(error)
+            reported.set()
+
+        runs = chunk_runs([(0, src.size // PAGE)], 0, 1, 2047)
+        thread.submit(_Job("ranges", slot=0, round=0, ranges=runs, report=report))
+        assert reported.wait(60), "the send never gave up on a target that takes nothing"
+        thread.thread.join(10)
+        assert outcome and outcome[0] is not None
+        assert str(outcome[0]) == "data stream 0 made no progress for 0.3 s (nothing received by the peer)"
+        assert stop.is_set()
+    finally:
+        client.close()
+        server.close()
+        src.close()
+
+
+def test_timeouts_are_told_apart_from_other_socket_errors() -> None:
+    assert is_timeout(TimeoutError())
+    assert is_timeout(BlockingIOError(11, "Resource temporarily unavailable"))
+    assert not is_timeout(ConnectionResetError(104, "reset"))
