@@ -56,7 +56,7 @@ from .policy import (
     RateMeter,
 )
 from .stats import MigrationStats, StepTimes
-from .window import DowntimeWindow
+from .window import STATE_WORK_ON_LOOP_MAX_VCPUS, DowntimeWindow
 
 E = TypeVar("E", bound=Event)
 
@@ -493,18 +493,23 @@ class Source(OutgoingSetup, Precopy):
         channel = self._channel
         plane = self._plane
         assert channel is not None and plane is not None
-        # One worker-thread trip for R6.1-4, not one per step (every trip waits for the
-        # scheduler twice, and on a busy host for long): the pages of R6.2 start streaming from
-        # that thread, between R6.2 and R6.3 (the stream threads take jobs from any thread).
+        # R6.1-4 in one go, here on the event loop for a small VM (window.py), otherwise in one
+        # worker-thread trip, not one per step (every trip waits for the scheduler twice, and
+        # on a busy host for long): the pages of R6.2 start streaming between R6.2 and R6.3
+        # (the stream threads take jobs from any thread).
         timeline = self._timeline
         sent_before = self._sent_bytes()
         early_end = not vm.tracker.uses_backup_bitmap
-        worker_clock = clock.fork()
-        dirty, passes, blobs, backup = await trio.to_thread.run_sync(
-            self._stop_and_save, pending, early_end, worker_clock, on_control
-        )
-        clock.merge(worker_clock)
-        timeline.mark("save_returned")
+        if len(vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
+            dirty, passes, blobs, backup = self._stop_and_save(pending, early_end, clock, on_control)
+        else:
+            worker_clock = clock.fork()
+            dirty, passes, blobs, backup = await trio.to_thread.run_sync(
+                self._stop_and_save, pending, early_end, worker_clock, on_control, True
+            )
+            clock.merge(worker_clock)
+            timeline.mark("save_returned")
+        await faults.hold(self.log, "downtime")  # paused, the state saved, nothing of it sent
         final_batches: list[PageBatch] = []
         if on_control:
             assert vm.memory is not None and channel.conn.negotiated is not None
@@ -598,14 +603,15 @@ class Source(OutgoingSetup, Precopy):
         )
 
     def _stop_and_save(
-        self, pending: DirtyPages, early_end: bool, clock: _StepClock, on_control: bool = False
+        self, pending: DirtyPages, early_end: bool, clock: _StepClock, on_control: bool = False, in_worker: bool = False
     ) -> tuple[DirtyPages, list[Pass], list[tuple[str, bytes]], DirtyPages | None]:
-        """R6.1-4 in order, in a worker thread; R6.2's pages (R6.5) stream out from between R6.2
-        and R6.3 on. `early_end`: their end markers follow them at once. `on_control`: the
-        streams have ended; the pages go on the control connection after the save."""
+        """R6.1-4 in order, on the event loop or in a worker thread; R6.2's pages (R6.5) stream
+        out from between R6.2 and R6.3 on. `early_end`: their end markers follow them at once.
+        `on_control`: the streams have ended; the pages go on the control connection after the
+        save."""
         plane = self._plane
         assert plane is not None
-        final = self._stop_and_harvest(clock)
+        final = self._stop_and_harvest(clock, in_worker)
         dirty = pending.union(final)
         if on_control:
             blobs, backup = self._save_state(clock)
@@ -620,11 +626,12 @@ class Source(OutgoingSetup, Precopy):
         blobs, backup = self._save_state(clock)
         return dirty, passes, blobs, backup
 
-    def _stop_and_harvest(self, clock: _StepClock) -> DirtyPages:
-        """R6.1-2 in order, in a worker thread."""
+    def _stop_and_harvest(self, clock: _StepClock, in_worker: bool) -> DirtyPages:
+        """R6.1-2 in order."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
-        self._timeline.mark("worker_entered")
+        if in_worker:
+            self._timeline.mark("worker_entered")
         raised = self._window.raise_for_pause({v.thread_id for v in vm.vcpus if v.thread_id is not None})
         try:
             vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
@@ -633,15 +640,13 @@ class Source(OutgoingSetup, Precopy):
         vm.tracker.count_pages_by_vcpu = False  # the dirty limit's measure ends with the rounds
         clock.step("pause")
         self._timeline.mark("parked")
-        if faults.active("cutover-holds"):
-            trio.from_thread.run(faults.hold, self.log, "downtime")
         final = vm.tracker.collect()  # R6.2: harvest and reset
         clock.step("final_harvest")
         self._timeline.mark("harvested")
         return final
 
     def _save_state(self, clock: _StepClock) -> tuple[list[tuple[str, bytes]], DirtyPages | None]:
-        """R6.3-4 in order, in the worker thread (R6.2's pages stream out meanwhile)."""
+        """R6.3-4 in order (R6.2's pages stream out meanwhile)."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
         blobs = vmstate.capture(self.hosted, self.daemon.kvm, self._timeline)  # R6.3

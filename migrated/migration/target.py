@@ -52,7 +52,7 @@ from .prefault import Prefaulter
 from .recvstreams import ReceiveStreams
 from .stats import MigrationStats, StepTimes
 from .timeline import Timeline
-from .window import DowntimeWindow
+from .window import STATE_WORK_ON_LOOP_MAX_VCPUS, DowntimeWindow
 
 
 # How long the target waits, after RUNNING, for the source's Close with its timing: the source
@@ -587,8 +587,13 @@ class Target:
         stats.state = stats.phase = "loading"
         # One worker-thread trip for the digest and the restore (on a loaded host each trip
         # waits for the scheduler twice); the restore runs only on a digest that matched.
+        # Without a digest the restore alone runs here on the event loop, for a small VM
+        # (window.py: the trip there and back cost more than the restore keeps the loop).
         try:
-            digest = await trio.to_thread.run_sync(self._digest_and_restore, done, blobs)
+            if done.verify != "full" and len(hosted.vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
+                digest = self._digest_and_restore(done, blobs, in_worker=False)
+            else:
+                digest = await trio.to_thread.run_sync(self._digest_and_restore, done, blobs)
         except (KvmError, ValueError) as err:
             raise Refused(f"state restore failed: {err}") from None
         self._timeline.mark("restore_returned")
@@ -608,11 +613,13 @@ class Target:
         stats.state = stats.phase = "loaded"
         await faults.hold(self.log, "loaded")
 
-    def _digest_and_restore(self, done: Done, blobs: list[tuple[str, bytes]]) -> bytes | None:
-        """In a worker thread: the digest (with verify = full), then, if it matches, the state."""
+    def _digest_and_restore(self, done: Done, blobs: list[tuple[str, bytes]], in_worker: bool = True) -> bytes | None:
+        """The digest (with verify = full), then, if it matches, the state: in a worker thread,
+        or on the event loop without a digest (`_load`)."""
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and hosted.vm.memory is not None and stats is not None
-        self._timeline.mark("worker_entered")
+        if in_worker:
+            self._timeline.mark("worker_entered")
         digest = None
         if done.verify == "full":
             verify_started = time.perf_counter()
