@@ -388,7 +388,7 @@ class Source(OutgoingSetup, Precopy):
         if faults.active("source-lose-commit"):
             await channel.aclose()
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
-        await channel.send(Commit())
+        await channel.send(Commit(), at_once=True)
         commit_sent_at = time.monotonic()
         timeline.mark("commit_sent")
         # Everything the target receives from this connection has been written: both sides
@@ -547,14 +547,14 @@ class Source(OutgoingSetup, Precopy):
             async with trio.open_nursery() as nursery:
                 if verify:
                     nursery.start_soon(digest_ram)  # RAM is final: nothing writes it after R6.4
-                    await channel.send_many([*final_batches, *state])
+                    await channel.send_many([*final_batches, *state], at_once=True)
                     timeline.mark("state_sent")
                 else:
                     # Without a digest nothing is left to wait for: DONE goes in the state's
                     # write, and the target waits for the streams' end markers itself (behind
                     # the last pages, datastream.py rule 4) while these are still on their way.
                     await faults.hold(self.log, "done")
-                    await channel.send_many([*final_batches, *state, self._done(None, final_batches)])
+                    await channel.send_many([*final_batches, *state, self._done(None, final_batches)], at_once=True)
                     timeline.mark("state_and_done_sent")
                 for pass_ in passes:
                     await pass_.wait()
@@ -573,7 +573,7 @@ class Source(OutgoingSetup, Precopy):
             self.stats.digest = digest.hex()
             timeline.mark("digest_done")
             await faults.hold(self.log, "done")
-            await channel.send(self._done(digest))
+            await channel.send(self._done(digest), at_once=True)
             timeline.mark("done_sent")
         self.stats.state = self.stats.phase = "cutover"
         loaded = await self._expect(Loaded)

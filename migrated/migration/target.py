@@ -606,7 +606,8 @@ class Target:
             raise Refused("refusing at LOADED (test fault target-refuse-loaded)")
         # What loading cost here: the source learns the downtime's costs from it.
         load_us = round((time.perf_counter() - done_at) * 1e6)
-        await self.channel.send(Loaded(digest=digest, digest_us=digest_us, load_us=load_us))
+        # At once (peer.py `_write_at_once`): the downtime's messages skip trio's send_all.
+        await self.channel.send(Loaded(digest=digest, digest_us=digest_us, load_us=load_us), at_once=True)
         self._timeline.mark("loaded_sent")
         self.loaded = True
         self.daemon.incoming.record(stats.migration_id, "loaded")
@@ -689,7 +690,8 @@ class Target:
                 Running(
                     resume_us=round((resumed_at - commit_at) * 1e6),
                     reply_us=round((time.perf_counter() - commit_at) * 1e6),
-                )
+                ),
+                at_once=True,
             )
             timeline.mark("running_sent")
         finally:
