@@ -244,6 +244,16 @@ def test_irqchip_after_a_vcpu_is_refused_before_the_kernel_sees_it(kvm: Kvm) -> 
         assert detect_devices(vm) == (False, False)
 
 
+def test_devices_added_after_a_detection_are_seen(kvm: Kvm) -> None:
+    """detect_devices asks KVM once per VM; creating a device makes it ask again."""
+    with Vm(kvm, kvm.caps(), host_arch()) as vm:
+        assert detect_devices(vm) == (False, False)
+        create_irqchip(vm)
+        assert detect_devices(vm) == (True, False)
+        create_pit2(vm)
+        assert detect_devices(vm) == (True, True)
+
+
 def test_running_vcpus_are_refused(kvm: Kvm) -> None:
     with build_vm(kvm, 1, devices=False) as vm:
         start_workload(vm, 1, devices=False)
