@@ -556,7 +556,10 @@ class Target:
             with trio.fail_after(timeout):
                 # First the report (`report_end` in `_receive`, set at once without one): nothing
                 # else goes out on this connection before it, and it is the streams' one waiter.
-                await self._end_reported.wait()
+                # Not waited for once set: a wait on a set Event still passes through the
+                # scheduler, inside the downtime (the final pages' way in).
+                if not self._end_reported.is_set():
+                    await self._end_reported.wait()
                 await streams.wait_ended()
         except trio.TooSlowError:
             raise PeerError(f"not every data stream ended within {timeout:g} s of Done") from None
