@@ -220,9 +220,7 @@ class Source(OutgoingSetup, Precopy):
                 self._phase_steps.step("to_downtime")
                 with self._window:
                     await self._downtime(pending)
-                if self._window.imported:
-                    # A cold path that was inside the window (window.py): found, to be removed.
-                    self.log.warning("downtime_window_imports", modules=list(self._window.imported))
+                self._window.log_imports(self.log)
                 await self._save_models()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:

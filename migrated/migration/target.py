@@ -703,9 +703,7 @@ class Target:
             # data threads (they ended at their end markers) is part of DESIGN 5's invariant.
             # Written whether or not RUNNING went out: the VM runs here.
             self._window.close()
-            if self._window.imported:
-                # A cold path that was inside the window (window.py): found, to be removed.
-                self.log.warning("downtime_window_imports", modules=list(self._window.imported))
+            self._window.log_imports(self.log)
             with trio.CancelScope(shield=True):
                 self.daemon.record_vm(hosted)
                 await self._close_streams()

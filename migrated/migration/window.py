@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Any
 
+from structlog.typing import FilteringBoundLogger
+
 from ..realtime import RAISED, window_thread_ids
 
 
@@ -148,6 +150,12 @@ class DowntimeWindow:
             return set()
         raised, _ = RAISED.raise_threads(thread_ids)
         return raised
+
+    def log_imports(self, log: FilteringBoundLogger) -> None:
+        """After `close`: the modules first imported while it was open, a cold path in the
+        downtime each, named in one `downtime_window_imports` warning (none: nothing logged)."""
+        if self.imported:
+            log.warning("downtime_window_imports", modules=list(self.imported))
 
     @staticmethod
     def lower(thread_ids: set[int]) -> None:
