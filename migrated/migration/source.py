@@ -50,7 +50,7 @@ from .outgoing_setup import OutgoingSetup, batch_pages_for
 from .precopy import MigrationFailed, Precopy, target_ram_bytes
 from .source_options import SourceOptions as SourceOptions  # re-exported: service.py, tests
 from .sendstreams import Pass, SendStreams
-from .timeline import Timeline, guest_downtime_ms
+from .timeline import StepClock, Timeline, guest_downtime_ms
 from .policy import (
     DigestSample,
     RateMeter,
@@ -62,6 +62,9 @@ E = TypeVar("E", bound=Event)
 
 MIB = 1 << 20
 PROGRESS_INTERVAL_S = 0.1  # how often the stats read the data threads' counters
+# How long the pause may hold the event loop (`_downtime_until_loaded`) before the wait for the
+# vCPUs to park moves to a worker: 0.2-0.7 ms is usual, 5-11 ms a preempted vCPU thread's.
+LOOP_PARK_WAIT_S = 0.01
 
 
 class Source(OutgoingSetup, Precopy):
@@ -359,7 +362,7 @@ class Source(OutgoingSetup, Precopy):
             self._phase_steps.step("streams_drained")
         self.stats.state = self.stats.phase = "downtime"
         steps = self.stats.downtime_breakdown_ms
-        clock = _StepClock(steps)
+        clock = StepClock(steps)
         self._timeline = timeline = Timeline()
         self._paused_at = time.monotonic()
         # The downtime guard: from the pause to COMMIT at most the limit plus the named margin. A
@@ -470,7 +473,7 @@ class Source(OutgoingSetup, Precopy):
             and self._predicted_final_pages <= CONTROL_FINAL_MAX_PAGES
         )
 
-    async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock, on_control: bool) -> None:
+    async def _downtime_until_loaded(self, pending: DirtyPages, clock: StepClock, on_control: bool) -> None:
         """R6, in order, up to LOADED with the digests compared.
 
         What R6 lets overlap, overlaps: the pages of R6.2 stream out (in the data threads) while
@@ -499,6 +502,10 @@ class Source(OutgoingSetup, Precopy):
         sent_before = self._sent_bytes()
         early_end = not vm.tracker.uses_backup_bitmap
         if len(vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
+            if not self._park(LOOP_PARK_WAIT_S):
+                # A vCPU slow to leave KVM_RUN (preempted, or in a long exit): the rest of the
+                # wait off the event loop, which must not stall up to the pause timeout.
+                await trio.to_thread.run_sync(self._park, None)
             dirty, passes, blobs, backup = self._stop_and_save(pending, early_end, clock, on_control)
         else:
             worker_clock = clock.fork()
@@ -601,7 +608,7 @@ class Source(OutgoingSetup, Precopy):
         )
 
     def _stop_and_save(
-        self, pending: DirtyPages, early_end: bool, clock: _StepClock, on_control: bool = False, in_worker: bool = False
+        self, pending: DirtyPages, early_end: bool, clock: StepClock, on_control: bool = False, in_worker: bool = False
     ) -> tuple[DirtyPages, list[Pass], list[tuple[str, bytes]], DirtyPages | None]:
         """R6.1-4 in order, on the event loop or in a worker thread; R6.2's pages (R6.5) stream
         out from between R6.2 and R6.3 on. `early_end`: their end markers follow them at once.
@@ -624,17 +631,13 @@ class Source(OutgoingSetup, Precopy):
         blobs, backup = self._save_state(clock)
         return dirty, passes, blobs, backup
 
-    def _stop_and_harvest(self, clock: _StepClock, in_worker: bool) -> DirtyPages:
+    def _stop_and_harvest(self, clock: StepClock, in_worker: bool) -> DirtyPages:
         """R6.1-2 in order."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
         if in_worker:
             self._timeline.mark("worker_entered")
-        raised = self._window.raise_for_pause({v.thread_id for v in vm.vcpus if v.thread_id is not None})
-        try:
-            vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
-        finally:
-            self._window.lower(raised)  # parked, or resumed by the failure that follows
+            self._park(None)
         vm.tracker.count_pages_by_vcpu = False  # the dirty limit's measure ends with the rounds
         clock.step("pause")
         self._timeline.mark("parked")
@@ -643,7 +646,21 @@ class Source(OutgoingSetup, Precopy):
         self._timeline.mark("harvested")
         return final
 
-    def _save_state(self, clock: _StepClock) -> tuple[list[tuple[str, bytes]], DirtyPages | None]:
+    def _park(self, wait_s: float | None) -> bool:
+        """R6.1: every vCPU left KVM_RUN and parked; `wait_s`: at most that long, False if not
+        all did (None: up to the pause timeout, then VcpuError)."""
+        vm = self.hosted.vm
+        assert vm is not None
+        raised = self._window.raise_for_pause({v.thread_id for v in vm.vcpus if v.thread_id is not None})
+        try:
+            if wait_s is None:
+                vm.pause()
+                return True
+            return vm.pause_within(wait_s)
+        finally:
+            self._window.lower(raised)  # parked, or resumed by the failure that follows
+
+    def _save_state(self, clock: StepClock) -> tuple[list[tuple[str, bytes]], DirtyPages | None]:
         """R6.3-4 in order (R6.2's pages stream out meanwhile)."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
@@ -748,7 +765,7 @@ class Source(OutgoingSetup, Precopy):
 # state estimate.
 _MEASURED_NOW = ("harvest_ms", "state_ms")
 
-# The downtime's steps in order, as _StepClock names them: the guard's error names the first one
+# The downtime's steps in order, as StepClock names them: the guard's error names the first one
 # that had not finished. Page streaming overlaps state_save and backup_bitmap (see
 # `_downtime_until_loaded`); `send` is what remained of it after them.
 _DOWNTIME_STEPS = (
@@ -760,34 +777,6 @@ _DOWNTIME_STEPS = (
     "digest",
     "target_load",
 )
-
-
-class _StepClock:
-    """Times consecutive steps into `steps` (name -> ms); `step` returns the step's ms."""
-
-    def __init__(self, steps: dict[str, float]) -> None:
-        self._steps = steps
-        self._last = time.perf_counter()
-
-    def step(self, name: str) -> float:
-        now = time.perf_counter()
-        elapsed = (now - self._last) * 1e3
-        self._steps[name] = round(elapsed, 3)
-        self._last = now
-        return elapsed
-
-    def fork(self) -> _StepClock:
-        """A clock for a worker thread, going on from this one's last step into a dict of its
-        own: `steps` is the stats' dict, which the event loop reads (`migration status`)."""
-        other = _StepClock({})
-        other._last = self._last
-        return other
-
-    def merge(self, other: _StepClock) -> None:
-        """Back on the event loop: the worker's steps join these, and the next step starts
-        where the worker's last ended."""
-        self._steps.update(other._steps)
-        self._last = other._last
 
 
 def new_migration_id() -> str:
