@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import numpy.ma  # noqa: F401  # imported by np.unique's first call otherwise: 8-9 ms (window.py)
 import numpy.typing as npt
 
 import ringreader

@@ -48,6 +48,7 @@ class Kvm:
         self.fd = fd
         self.device = device
         self._supported_cpuid: list[uapi.kvm_cpuid_entry2] | None = None
+        self._msr_indices: list[int] | None = None
 
     @classmethod
     def open(cls, device: str = DEFAULT_DEVICE) -> Kvm:
@@ -126,6 +127,13 @@ class Kvm:
             return [uapi.kvm_cpuid_entry2.from_buffer_copy(entries[i]) for i in range(header.nent)]
 
     def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST (asked once, as the supported CPUID: every state save and
+        restore reads it, in the downtime)."""
+        if self._msr_indices is None:
+            self._msr_indices = self._query_msr_index_list()
+        return list(self._msr_indices)
+
+    def _query_msr_index_list(self) -> list[int]:
         count = 64
         while True:
             header_size = ctypes.sizeof(uapi.kvm_msr_list)

@@ -27,6 +27,7 @@ from .errors import (
     DirtyTrackingOrderError,
     KvmCapabilityError,
     KvmIoctlError,
+    VcpuError,
     VmConfigError,
 )
 from .memory import PAGE_SIZE, GuestMemory
@@ -471,6 +472,19 @@ class Vm:
             vcpu.request_pause()
         for vcpu in self.vcpus:
             vcpu.wait_parked()
+
+    def pause_within(self, seconds: float) -> bool:
+        """`pause`, waiting at most `seconds` in all: False if a vCPU had not parked by then (the
+        request stands: a later `pause` waits for the rest)."""
+        for vcpu in self.vcpus:
+            vcpu.request_pause()
+        deadline = time.monotonic() + seconds
+        try:
+            for vcpu in self.vcpus:
+                vcpu.wait_parked(max(0.0, deadline - time.monotonic()))
+        except VcpuError:
+            return False
+        return True
 
     def resume(self) -> None:
         for vcpu in self.vcpus:

@@ -50,18 +50,21 @@ from .outgoing_setup import OutgoingSetup, batch_pages_for
 from .precopy import MigrationFailed, Precopy, target_ram_bytes
 from .source_options import SourceOptions as SourceOptions  # re-exported: service.py, tests
 from .sendstreams import Pass, SendStreams
-from .timeline import Timeline, guest_downtime_ms
+from .timeline import StepClock, Timeline, guest_downtime_ms
 from .policy import (
     DigestSample,
     RateMeter,
 )
 from .stats import MigrationStats, StepTimes
-from .window import DowntimeWindow
+from .window import STATE_WORK_ON_LOOP_MAX_VCPUS, DowntimeWindow
 
 E = TypeVar("E", bound=Event)
 
 MIB = 1 << 20
 PROGRESS_INTERVAL_S = 0.1  # how often the stats read the data threads' counters
+# How long the pause may hold the event loop (`_downtime_until_loaded`) before the wait for the
+# vCPUs to park moves to a worker: 0.2-0.7 ms is usual, 5-11 ms a preempted vCPU thread's.
+LOOP_PARK_WAIT_S = 0.01
 
 
 class Source(OutgoingSetup, Precopy):
@@ -231,6 +234,7 @@ class Source(OutgoingSetup, Precopy):
                 self._phase_steps.step("to_downtime")
                 with self._window:
                     await self._downtime(pending)
+                self._window.log_imports(self.log)
                 await self._save_models()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -369,7 +373,7 @@ class Source(OutgoingSetup, Precopy):
             self._phase_steps.step("streams_drained")
         self.stats.state = self.stats.phase = "downtime"
         steps = self.stats.downtime_breakdown_ms
-        clock = _StepClock(steps)
+        clock = StepClock(steps)
         self._timeline = timeline = Timeline()
         self._paused_at = time.monotonic()
         # The downtime guard: from the pause to COMMIT at most the limit plus the named margin. A
@@ -396,7 +400,7 @@ class Source(OutgoingSetup, Precopy):
         if faults.active("source-lose-commit"):
             await channel.aclose()
             raise PeerError("link dropped before COMMIT left (test fault source-lose-commit)")
-        await channel.send(Commit())
+        await channel.send(Commit(), at_once=True)
         commit_sent_at = time.monotonic()
         timeline.mark("commit_sent")
         # Everything the target receives from this connection has been written: both sides
@@ -480,7 +484,7 @@ class Source(OutgoingSetup, Precopy):
             and self._predicted_final_pages <= CONTROL_FINAL_MAX_PAGES
         )
 
-    async def _downtime_until_loaded(self, pending: DirtyPages, clock: _StepClock, on_control: bool) -> None:
+    async def _downtime_until_loaded(self, pending: DirtyPages, clock: StepClock, on_control: bool) -> None:
         """R6, in order, up to LOADED with the digests compared.
 
         What R6 lets overlap, overlaps: the pages of R6.2 stream out (in the data threads) while
@@ -501,18 +505,27 @@ class Source(OutgoingSetup, Precopy):
         channel = self._channel
         plane = self._plane
         assert channel is not None and plane is not None
-        # One worker-thread trip for R6.1-4, not one per step (every trip waits for the
-        # scheduler twice, and on a busy host for long): the pages of R6.2 start streaming from
-        # that thread, between R6.2 and R6.3 (the stream threads take jobs from any thread).
+        # R6.1-4 in one go, here on the event loop for a small VM (window.py), otherwise in one
+        # worker-thread trip, not one per step (every trip waits for the scheduler twice, and
+        # on a busy host for long): the pages of R6.2 start streaming between R6.2 and R6.3
+        # (the stream threads take jobs from any thread).
         timeline = self._timeline
         sent_before = self._sent_bytes()
         early_end = not vm.tracker.uses_backup_bitmap
-        worker_clock = clock.fork()
-        dirty, passes, blobs, backup = await trio.to_thread.run_sync(
-            self._stop_and_save, pending, early_end, worker_clock, on_control
-        )
-        clock.merge(worker_clock)
-        timeline.mark("save_returned")
+        if len(vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
+            if not self._park(LOOP_PARK_WAIT_S):
+                # A vCPU slow to leave KVM_RUN (preempted, or in a long exit): the rest of the
+                # wait off the event loop, which must not stall up to the pause timeout.
+                await trio.to_thread.run_sync(self._park, None)
+            dirty, passes, blobs, backup = self._stop_and_save(pending, early_end, clock, on_control)
+        else:
+            worker_clock = clock.fork()
+            dirty, passes, blobs, backup = await trio.to_thread.run_sync(
+                self._stop_and_save, pending, early_end, worker_clock, on_control, True
+            )
+            clock.merge(worker_clock)
+            timeline.mark("save_returned")
+        await faults.hold(self.log, "downtime")  # paused, the state saved, nothing of it sent
         final_batches: list[PageBatch] = []
         if on_control:
             assert vm.memory is not None and channel.conn.negotiated is not None
@@ -550,14 +563,14 @@ class Source(OutgoingSetup, Precopy):
             async with trio.open_nursery() as nursery:
                 if verify:
                     nursery.start_soon(digest_ram)  # RAM is final: nothing writes it after R6.4
-                    await channel.send_many([*final_batches, *state])
+                    await channel.send_many([*final_batches, *state], at_once=True)
                     timeline.mark("state_sent")
                 else:
                     # Without a digest nothing is left to wait for: DONE goes in the state's
                     # write, and the target waits for the streams' end markers itself (behind
                     # the last pages, datastream.py rule 4) while these are still on their way.
                     await faults.hold(self.log, "done")
-                    await channel.send_many([*final_batches, *state, self._done(None, final_batches)])
+                    await channel.send_many([*final_batches, *state, self._done(None, final_batches)], at_once=True)
                     timeline.mark("state_and_done_sent")
                 for pass_ in passes:
                     await pass_.wait()
@@ -576,7 +589,7 @@ class Source(OutgoingSetup, Precopy):
             self.stats.digest = digest.hex()
             timeline.mark("digest_done")
             await faults.hold(self.log, "done")
-            await channel.send(self._done(digest))
+            await channel.send(self._done(digest), at_once=True)
             timeline.mark("done_sent")
         self.stats.state = self.stats.phase = "cutover"
         loaded = await self._expect(Loaded)
@@ -606,14 +619,15 @@ class Source(OutgoingSetup, Precopy):
         )
 
     def _stop_and_save(
-        self, pending: DirtyPages, early_end: bool, clock: _StepClock, on_control: bool = False
+        self, pending: DirtyPages, early_end: bool, clock: StepClock, on_control: bool = False, in_worker: bool = False
     ) -> tuple[DirtyPages, list[Pass], list[tuple[str, bytes]], DirtyPages | None]:
-        """R6.1-4 in order, in a worker thread; R6.2's pages (R6.5) stream out from between R6.2
-        and R6.3 on. `early_end`: their end markers follow them at once. `on_control`: the
-        streams have ended; the pages go on the control connection after the save."""
+        """R6.1-4 in order, on the event loop or in a worker thread; R6.2's pages (R6.5) stream
+        out from between R6.2 and R6.3 on. `early_end`: their end markers follow them at once.
+        `on_control`: the streams have ended; the pages go on the control connection after the
+        save."""
         plane = self._plane
         assert plane is not None
-        final = self._stop_and_harvest(clock)
+        final = self._stop_and_harvest(clock, in_worker)
         dirty = pending.union(final)
         if on_control:
             blobs, backup = self._save_state(clock)
@@ -628,28 +642,37 @@ class Source(OutgoingSetup, Precopy):
         blobs, backup = self._save_state(clock)
         return dirty, passes, blobs, backup
 
-    def _stop_and_harvest(self, clock: _StepClock) -> DirtyPages:
-        """R6.1-2 in order, in a worker thread."""
+    def _stop_and_harvest(self, clock: StepClock, in_worker: bool) -> DirtyPages:
+        """R6.1-2 in order."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
-        self._timeline.mark("worker_entered")
-        raised = self._window.raise_for_pause({v.thread_id for v in vm.vcpus if v.thread_id is not None})
-        try:
-            vm.pause()  # R6.1: every vCPU left KVM_RUN and parked
-        finally:
-            self._window.lower(raised)  # parked, or resumed by the failure that follows
+        if in_worker:
+            self._timeline.mark("worker_entered")
+            self._park(None)
         vm.tracker.count_pages_by_vcpu = False  # the dirty limit's measure ends with the rounds
         clock.step("pause")
         self._timeline.mark("parked")
-        if faults.active("cutover-holds"):
-            trio.from_thread.run(faults.hold, self.log, "downtime")
         final = vm.tracker.collect()  # R6.2: harvest and reset
         clock.step("final_harvest")
         self._timeline.mark("harvested")
         return final
 
-    def _save_state(self, clock: _StepClock) -> tuple[list[tuple[str, bytes]], DirtyPages | None]:
-        """R6.3-4 in order, in the worker thread (R6.2's pages stream out meanwhile)."""
+    def _park(self, wait_s: float | None) -> bool:
+        """R6.1: every vCPU left KVM_RUN and parked; `wait_s`: at most that long, False if not
+        all did (None: up to the pause timeout, then VcpuError)."""
+        vm = self.hosted.vm
+        assert vm is not None
+        raised = self._window.raise_for_pause({v.thread_id for v in vm.vcpus if v.thread_id is not None})
+        try:
+            if wait_s is None:
+                vm.pause()
+                return True
+            return vm.pause_within(wait_s)
+        finally:
+            self._window.lower(raised)  # parked, or resumed by the failure that follows
+
+    def _save_state(self, clock: StepClock) -> tuple[list[tuple[str, bytes]], DirtyPages | None]:
+        """R6.3-4 in order (R6.2's pages stream out meanwhile)."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
         blobs = vmstate.capture(self.hosted, self.daemon.kvm, self._timeline)  # R6.3
@@ -753,7 +776,7 @@ class Source(OutgoingSetup, Precopy):
 # state estimate.
 _MEASURED_NOW = ("harvest_ms", "state_ms")
 
-# The downtime's steps in order, as _StepClock names them: the guard's error names the first one
+# The downtime's steps in order, as StepClock names them: the guard's error names the first one
 # that had not finished. Page streaming overlaps state_save and backup_bitmap (see
 # `_downtime_until_loaded`); `send` is what remained of it after them.
 _DOWNTIME_STEPS = (
@@ -765,34 +788,6 @@ _DOWNTIME_STEPS = (
     "digest",
     "target_load",
 )
-
-
-class _StepClock:
-    """Times consecutive steps into `steps` (name -> ms); `step` returns the step's ms."""
-
-    def __init__(self, steps: dict[str, float]) -> None:
-        self._steps = steps
-        self._last = time.perf_counter()
-
-    def step(self, name: str) -> float:
-        now = time.perf_counter()
-        elapsed = (now - self._last) * 1e3
-        self._steps[name] = round(elapsed, 3)
-        self._last = now
-        return elapsed
-
-    def fork(self) -> _StepClock:
-        """A clock for a worker thread, going on from this one's last step into a dict of its
-        own: `steps` is the stats' dict, which the event loop reads (`migration status`)."""
-        other = _StepClock({})
-        other._last = self._last
-        return other
-
-    def merge(self, other: _StepClock) -> None:
-        """Back on the event loop: the worker's steps join these, and the next step starts
-        where the worker's last ended."""
-        self._steps.update(other._steps)
-        self._last = other._last
 
 
 def new_migration_id() -> str:

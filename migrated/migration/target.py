@@ -55,7 +55,7 @@ from .prefault import Prefaulter
 from .recvstreams import ReceiveStreams
 from .stats import MigrationStats, StepTimes
 from .timeline import Timeline
-from .window import DowntimeWindow
+from .window import STATE_WORK_ON_LOOP_MAX_VCPUS, DowntimeWindow
 
 
 # How long the target waits, after RUNNING, for the source's Close with its timing: the source
@@ -602,7 +602,10 @@ class Target:
             with trio.fail_after(timeout):
                 # First the report (`report_end` in `_receive`, set at once without one): nothing
                 # else goes out on this connection before it, and it is the streams' one waiter.
-                await self._end_reported.wait()
+                # Not waited for once set: a wait on a set Event still passes through the
+                # scheduler, inside the downtime (the final pages' way in).
+                if not self._end_reported.is_set():
+                    await self._end_reported.wait()
                 await streams.wait_ended()
         except trio.TooSlowError:
             raise PeerError(f"not every data stream ended within {timeout:g} s of Done") from None
@@ -633,8 +636,13 @@ class Target:
         stats.state = stats.phase = "loading"
         # One worker-thread trip for the digest and the restore (on a loaded host each trip
         # waits for the scheduler twice); the restore runs only on a digest that matched.
+        # Without a digest the restore alone runs here on the event loop, for a small VM
+        # (window.py: the trip there and back cost more than the restore keeps the loop).
         try:
-            digest = await trio.to_thread.run_sync(self._digest_and_restore, done, blobs)
+            if done.verify != "full" and len(hosted.vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
+                digest = self._digest_and_restore(done, blobs, in_worker=False)
+            else:
+                digest = await trio.to_thread.run_sync(self._digest_and_restore, done, blobs)
         except (KvmError, ValueError) as err:
             raise Refused(f"state restore failed: {err}") from None
         self._timeline.mark("restore_returned")
@@ -647,18 +655,21 @@ class Target:
             raise Refused("refusing at LOADED (test fault target-refuse-loaded)")
         # What loading cost here: the source learns the downtime's costs from it.
         load_us = round((time.perf_counter() - done_at) * 1e6)
-        await self.channel.send(Loaded(digest=digest, digest_us=digest_us, load_us=load_us))
+        # At once (peer.py `_write_at_once`): the downtime's messages skip trio's send_all.
+        await self.channel.send(Loaded(digest=digest, digest_us=digest_us, load_us=load_us), at_once=True)
         self._timeline.mark("loaded_sent")
         self.loaded = True
         self.daemon.incoming.record(stats.migration_id, "loaded")
         stats.state = stats.phase = "loaded"
         await faults.hold(self.log, "loaded")
 
-    def _digest_and_restore(self, done: Done, blobs: list[tuple[str, bytes]]) -> bytes | None:
-        """In a worker thread: the digest (with verify = full), then, if it matches, the state."""
+    def _digest_and_restore(self, done: Done, blobs: list[tuple[str, bytes]], in_worker: bool = True) -> bytes | None:
+        """The digest (with verify = full), then, if it matches, the state: in a worker thread,
+        or on the event loop without a digest (`_load`)."""
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and hosted.vm.memory is not None and stats is not None
-        self._timeline.mark("worker_entered")
+        if in_worker:
+            self._timeline.mark("worker_entered")
         digest = None
         if done.verify == "full":
             verify_started = time.perf_counter()
@@ -728,7 +739,8 @@ class Target:
                 Running(
                     resume_us=round((resumed_at - commit_at) * 1e6),
                     reply_us=round((time.perf_counter() - commit_at) * 1e6),
-                )
+                ),
+                at_once=True,
             )
             timeline.mark("running_sent")
         finally:
@@ -737,6 +749,7 @@ class Target:
             # data threads (they ended at their end markers) is part of DESIGN 5's invariant.
             # Written whether or not RUNNING went out: the VM runs here.
             self._window.close()
+            self._window.log_imports(self.log)
             with trio.CancelScope(shield=True):
                 self.daemon.record_vm(hosted)
                 await self._close_streams()

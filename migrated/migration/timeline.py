@@ -1,9 +1,9 @@
 """Timing inside the downtime window: fine marks on either side (the `downtime_timeline` and
 `cutover_timeline` events), and the downtime the guest saw (`guest_downtime_ms`).
 
-`downtime_breakdown_ms` has the few steps an operator reads; this has every hop between them
-(worker trips, each message, each wait), so a cost can be found without a profiler. The marks
-are `time.perf_counter()` values: CLOCK_MONOTONIC, the same clock in every process of a host, so
+`downtime_breakdown_ms` has the few steps an operator reads (timed by `StepClock`); `Timeline`
+has every hop between them (worker trips, each message, each wait), so a cost can be found
+without a profiler. The marks are `time.perf_counter()` values: CLOCK_MONOTONIC, the same clock in every process of a host, so
 two daemons on one machine (the benchmarks) can be laid on one axis with `origin`.
 """
 
@@ -46,3 +46,31 @@ def guest_downtime_ms(
         return None
     one_way_s = max(0.0, (running_at - commit_sent_at) - reply_us / 1e6) / 2
     return (commit_sent_at - paused_at + one_way_s + resume_us / 1e6) * 1e3
+
+
+class StepClock:
+    """Times consecutive steps into `steps` (name -> ms); `step` returns the step's ms."""
+
+    def __init__(self, steps: dict[str, float]) -> None:
+        self._steps = steps
+        self._last = time.perf_counter()
+
+    def step(self, name: str) -> float:
+        now = time.perf_counter()
+        elapsed = (now - self._last) * 1e3
+        self._steps[name] = round(elapsed, 3)
+        self._last = now
+        return elapsed
+
+    def fork(self) -> StepClock:
+        """A clock for a worker thread, going on from this one's last step into a dict of its
+        own: `steps` is the stats' dict, which the event loop reads (`migration status`)."""
+        other = StepClock({})
+        other._last = self._last
+        return other
+
+    def merge(self, other: StepClock) -> None:
+        """Back on the event loop: the worker's steps join these, and the next step starts
+        where the worker's last ended."""
+        self._steps.update(other._steps)
+        self._last = other._last

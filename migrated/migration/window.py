@@ -16,16 +16,31 @@ at the normal policy (bench/timeline.py: `tgt.state_received` against `src.state
 
 `GcMonitor` times every collection (`gc.callbacks`), so a window reports what the collector
 cost inside it: the evidence, and the check that the window keeps it at zero.
+
+A window also tells which modules were first imported while it was open (`imported`): a lazy
+import is a cold path that only the first migration of a process pays, and it lands in the
+downtime (numpy's `np.unique` imported `numpy.ma` on its first call: 8-9 ms inside `state_save`
+of the first migration out of a daemon whose VM had arrived by migration).
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 from typing import Any
 
+from structlog.typing import FilteringBoundLogger
+
 from ..realtime import RAISED, window_thread_ids
+
+
+# The downtime's state work (the source's pause, harvest and save; the target's restore without a
+# digest) runs on the event loop for a VM of up to this many vCPUs, in a worker thread beyond: a
+# worker's trip there and back cost 0.3-0.4 ms of the downtime here, more than the work itself
+# keeps the loop from other work (0.5-1 ms per vCPU measured, so a few milliseconds at most).
+STATE_WORK_ON_LOOP_MAX_VCPUS = 4
 
 
 class GcMonitor:
@@ -82,6 +97,8 @@ class DowntimeWindow:
         self._gc_ms_before = 0.0
         self._collections_before = 0
         self._open = False
+        self._modules_at_open = 0
+        self.imported: tuple[str, ...] = ()  # modules first imported while it was open
 
     def __enter__(self) -> DowntimeWindow:
         self.open()
@@ -107,6 +124,8 @@ class DowntimeWindow:
             _open_windows += 1
         self._gc_ms_before = MONITOR.total_ms
         self._collections_before = MONITOR.collections
+        # sys.modules keeps insertion order: what comes after this count was imported since.
+        self._modules_at_open = len(sys.modules)
         if self.realtime:
             # From the event loop's thread: it is the first of the threads raised.
             self._raised, self.realtime_error = RAISED.raise_threads(window_thread_ids())
@@ -132,6 +151,12 @@ class DowntimeWindow:
         raised, _ = RAISED.raise_threads(thread_ids)
         return raised
 
+    def log_imports(self, log: FilteringBoundLogger) -> None:
+        """After `close`: the modules first imported while it was open, a cold path in the
+        downtime each, named in one `downtime_window_imports` warning (none: nothing logged)."""
+        if self.imported:
+            log.warning("downtime_window_imports", modules=list(self.imported))
+
     @staticmethod
     def lower(thread_ids: set[int]) -> None:
         RAISED.lower(thread_ids)
@@ -147,6 +172,8 @@ class DowntimeWindow:
         self._open = False
         self.gc_ms = MONITOR.total_ms - self._gc_ms_before
         self.gc_collections = MONITOR.collections - self._collections_before
+        if len(sys.modules) > self._modules_at_open:
+            self.imported = tuple(list(sys.modules)[self._modules_at_open :])
         RAISED.lower(self._raised)
         self._raised = set()
         with _lock:

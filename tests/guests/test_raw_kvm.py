@@ -47,7 +47,7 @@ from migrated.kvm.dirty import RingTracker
 from migrated.kvm.errors import DirtyRingLivelockError
 from migrated.kvm.memory import PAGE_SIZE
 from migrated.kvm.system import Kvm
-from migrated.kvm.vcpu import Vcpu
+from migrated.kvm.vcpu import Vcpu, VcpuRunState
 from migrated.kvm.arch import create_vm
 from migrated.kvm.vm import Vm, VmConfig
 
@@ -341,6 +341,40 @@ def test_io_exit_is_completed_before_the_state_is_saved(kvm: Kvm, sector: bytes)
         finally:
             target.vm.close()
     finally:
+        machine.vm.close()
+
+
+@pytest.mark.kvm
+def test_pause_within_says_when_a_vcpu_has_not_parked_in_time(kvm: Kvm, sector: bytes) -> None:
+    """`Vm.pause_within` (the source pauses on its event loop and hands the rest of a slow park
+    to a worker): a vCPU held inside an exit handler has not parked when the time is up; the
+    request stands, and the vCPU parks once the handler returns."""
+    image = bsbuild.configure(sector, BootSectorParams(bytes=4096))
+    machine = new_machine(kvm, VmConfig(memory_bytes=MEMORY, vcpus=1))
+    vcpu = machine.vm.vcpus[0]
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_exit(v: Vcpu) -> None:
+        machine.ports.bus.handle_io_exit(v)
+        if not release.is_set():
+            inside.set()
+            release.wait(60)
+
+    vcpu.handlers[uapi.KVM_EXIT_IO] = slow_exit
+    try:
+        load_raw(machine.vm, image)
+        start(machine)
+        assert inside.wait(30), "precondition: the guest's first port I/O exit"
+        assert machine.vm.pause_within(0.05) is False
+        assert vcpu.state is VcpuRunState.RUNNING, "still in the exit handler"
+        release.set()
+        assert machine.vm.pause_within(30) is True, "the standing request parks it"
+        assert vcpu.state is VcpuRunState.PAUSED
+        machine.vm.resume()
+        assert machine.vm.pause_within(30) is True
+        machine.assert_healthy()
+    finally:
+        release.set()
         machine.vm.close()
 
 

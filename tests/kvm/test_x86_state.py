@@ -34,9 +34,12 @@ from migrated.kvm.arch.x86_64 import (
     MSR_IA32_TSC_DEADLINE,
     X86MachineState,
     check_compatible,
+    cpuid_buffer_of,
     create_irqchip,
     create_pit2,
     detect_devices,
+    get_cpuid,
+    get_cpuid_bytes,
     get_msrs,
     restore_msr_order,
     restore_vcpu_state,
@@ -239,6 +242,16 @@ def test_irqchip_after_a_vcpu_is_refused_before_the_kernel_sees_it(kvm: Kvm) -> 
         with pytest.raises(StateError, match="KVM_CREATE_IRQCHIP must come before any vCPU"):
             create_irqchip(vm)
         assert detect_devices(vm) == (False, False)
+
+
+def test_devices_added_after_a_detection_are_seen(kvm: Kvm) -> None:
+    """detect_devices asks KVM once per VM; creating a device makes it ask again."""
+    with Vm(kvm, kvm.caps(), host_arch()) as vm:
+        assert detect_devices(vm) == (False, False)
+        create_irqchip(vm)
+        assert detect_devices(vm) == (True, False)
+        create_pit2(vm)
+        assert detect_devices(vm) == (True, True)
 
 
 def test_running_vcpus_are_refused(kvm: Kvm) -> None:
@@ -447,6 +460,22 @@ BAD_WIRE: list[tuple[str, Mutation, str]] = [
     ),
     ("CPUID empty", _set("vcpus/0/cpuid", []), r"vcpus\[0\]\.cpuid: no entries"),
     (
+        "CPUID entry not bytes",
+        _set("vcpus/0/cpuid", lambda entries: [*entries[:-1], "x" * 40]),
+        r"vcpus\[0\]\.cpuid\[\d+\]: expected bytes, got str",
+    ),
+    (
+        "CPUID leaf twice",
+        _set("vcpus/1/cpuid", lambda entries: [entries[0], *entries]),
+        r"vcpus\[1\]\.cpuid: the same \(function, index\) appears twice",
+    ),
+    (
+        "MSR index a bool",
+        _set("vcpus/0/msrs", [[True, 0]]),
+        r"vcpus\[0\]\.msrs\[0\]\[0\]: expected an integer, got bool",
+    ),
+    ("MSR value negative", _set("vcpus/1/msrs", [[0x10, 5], [0x11, -1]]), r"vcpus\[1\]\.msrs\[1\]\[1\]: -1 is outside"),
+    (
         "xsave too big",
         _set("vcpus/0/xsave", b"\0" * (64 * 1024 + 4)),
         r"vcpus\[0\]\.xsave: 65540 bytes: expected a multiple of 4 from 4096 to 65536",
@@ -495,3 +524,23 @@ def test_wire_top_level_must_be_a_map() -> None:
 
 def test_state_format_error_is_a_value_error() -> None:
     assert issubclass(StateFormatError, ValueError)
+
+
+def test_cpuid_and_msrs_go_to_kvm_and_back_as_written(kvm: Kvm) -> None:
+    """The packed buffers (cpu.py: one pack or unpack per table, not ctypes field by field) carry
+    what KVM reads and writes: a CPUID table set from raw entries reads back entry for entry,
+    and MSRs written in one KVM_SET_MSRS read back with their values."""
+    with build_vm(kvm, 1, devices=False) as vm:
+        vcpu = vm.vcpus[0]
+        entries = get_cpuid_bytes(vcpu)
+        assert len(entries) > 2 and entries == tuple(bytes(e) for e in get_cpuid(vcpu))
+        # A table without its last entry (the vCPU never ran: KVM takes another table).
+        vcpu.set_cpuid(cpuid_buffer_of(entries[:-1]))
+        again = get_cpuid_bytes(vcpu)
+        assert len(again) == len(entries) - 1
+        assert {e[:8] for e in again} == {e[:8] for e in entries[:-1]}, "(function, index) of every entry"
+        with pytest.raises(ValueError, match="40 bytes each"):
+            cpuid_buffer_of([entries[0][:-1]])
+        sysenter = [(0x174, 0x10), (0x175, 0xFFFF_8000_0000_1000), (0x176, 0xFFFF_8000_0000_2000)]
+        assert set_msrs(vcpu, sysenter) == []
+        assert get_msrs(vcpu, [index for index, _ in sysenter]) == sysenter

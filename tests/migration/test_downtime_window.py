@@ -121,3 +121,21 @@ def test_without_the_right_to_fifo_the_downtime_runs_as_before_and_startup_says_
     assert back["state"] == "completed", back
     assert back["downtime_realtime_threads"] > 0, "b may: its threads ran at FIFO in the downtime"
     assert_runs_here(a, "vm1")
+
+
+@pytest.mark.kvm
+def test_no_module_is_first_imported_inside_a_downtime_window(make_daemon: MakeDaemon) -> None:
+    """A lazy import is a cold path in the downtime of the first migration that reaches it. The
+    way back starts from the daemon the VM arrived at, which had never saved a VM's state nor
+    harvested for a migration (numpy's first `np.unique` imported `numpy.ma` there: 8-9 ms)."""
+    a = make_daemon("a", downtime_limit_ms=300)
+    b = make_daemon("b", downtime_limit_ms=300)
+    create(a, rate=0.0, memory_mib=128, vcpus=1, working_set_mib=16)
+    for source, target in ((a, b), (b, a)):
+        done = migrate(source, target)
+        assert done["state"] == "completed", done
+    assert_runs_here(a, "vm1")
+    for daemon in (a, b):
+        assert daemon.events("migration_completed") or daemon.events("incoming_vm_running")
+        imports = [(e["component"], e["modules"]) for e in daemon.events("downtime_window_imports")]
+        assert imports == [], f"{daemon.name} imported inside a downtime window"

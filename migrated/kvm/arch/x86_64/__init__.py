@@ -20,6 +20,8 @@ from .cpu import get_msrs as get_msrs
 from .cpu import set_msrs as set_msrs
 from .cpu import restore_msr_order as restore_msr_order
 from .cpu import get_cpuid as get_cpuid
+from .cpu import get_cpuid_bytes as get_cpuid_bytes
+from .cpu import cpuid_buffer_of as cpuid_buffer_of
 from .cpu import read_tsc_khz as read_tsc_khz
 from .cpu import set_xcr0 as set_xcr0
 from .devices import create_irqchip as create_irqchip

@@ -13,7 +13,6 @@ from ... import uapi
 from ..._libc import ioctl
 from ...errors import KvmIoctlError
 from ...saved_state import StateError
-from ...system import cpuid_buffer
 from ...vcpu import Vcpu
 from . import uapi as x86_uapi
 
@@ -103,30 +102,37 @@ def xsave2_size(fd: int) -> int:
         raise KvmIoctlError("KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)", err) from err
 
 
-def _msr_buffer(
-    entries: Sequence[tuple[int, int]],
-) -> tuple[ctypes.Array[ctypes.c_uint8], ctypes.Array[x86_uapi.kvm_msr_entry]]:
-    header_size = ctypes.sizeof(x86_uapi.kvm_msrs)
+# struct kvm_msrs (u32 nmsrs, u32 pad) and its struct kvm_msr_entry (u32 index, u32 reserved, u64
+# data), packed and unpacked in one call each rather than field by field through ctypes: these
+# run in the downtime, once per vCPU each way.
+_MSRS_HEADER_BYTES = ctypes.sizeof(x86_uapi.kvm_msrs)
+_MSR_ENTRY_BYTES = ctypes.sizeof(x86_uapi.kvm_msr_entry)
+
+
+def _msr_buffer(entries: Sequence[tuple[int, int]]) -> ctypes.Array[ctypes.c_uint8]:
     count = len(entries)
-    buf = (ctypes.c_uint8 * (header_size + ctypes.sizeof(x86_uapi.kvm_msr_entry) * count))()
-    x86_uapi.kvm_msrs.from_buffer(buf).nmsrs = count
-    slots = (x86_uapi.kvm_msr_entry * count).from_buffer(buf, header_size)
-    for slot, (index, value) in zip(slots, entries):
-        slot.index = index
-        slot.data = value
-    return buf, slots
+    buf = (ctypes.c_uint8 * (_MSRS_HEADER_BYTES + _MSR_ENTRY_BYTES * count))()
+    flat = [field for index, value in entries for field in (index, 0, value)]
+    struct.pack_into(f"<I{_MSRS_HEADER_BYTES - 4}x" + "IIQ" * count, buf, 0, count, *flat)
+    return buf
+
+
+def _msr_entries(buf: ctypes.Array[ctypes.c_uint8], count: int) -> list[tuple[int, int]]:
+    """The first `count` (index, data) pairs of a `_msr_buffer`."""
+    fields = struct.unpack_from("<" + "IIQ" * count, buf, _MSRS_HEADER_BYTES)
+    return list(zip(fields[0::3], fields[2::3]))
 
 
 def get_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[tuple[int, int]]:
     """KVM_GET_MSRS: (index, value) of each MSR, in order. Names the first one KVM refused."""
-    buf, slots = _msr_buffer([(index, 0) for index in indices])
+    buf = _msr_buffer([(index, 0) for index in indices])
     done = vcpu.ioctl("KVM_GET_MSRS", x86_uapi.KVM_GET_MSRS, buf)
     if done != len(indices):
         raise StateError(
             f"vCPU {vcpu.index}: KVM_GET_MSRS read {done} of {len(indices)} MSRs: "
             f"{msr_name(indices[done])} could not be read"
         )
-    return [(int(s.index), int(s.data)) for s in slots]
+    return _msr_entries(buf, len(indices))
 
 
 def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
@@ -142,7 +148,7 @@ def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
     pending = list(entries)
     total = len(pending)
     while pending:
-        buf, _ = _msr_buffer(pending)
+        buf = _msr_buffer(pending)
         done = vcpu.ioctl("KVM_SET_MSRS", x86_uapi.KVM_SET_MSRS, buf)
         if done == len(pending):
             break
@@ -160,10 +166,10 @@ def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
 
 
 def _read_msr(vcpu: Vcpu, index: int) -> int | None:
-    buf, slots = _msr_buffer([(index, 0)])
+    buf = _msr_buffer([(index, 0)])
     if vcpu.ioctl("KVM_GET_MSRS", x86_uapi.KVM_GET_MSRS, buf) != 1:
         return None
-    return int(slots[0].data)
+    return _msr_entries(buf, 1)[0][1]
 
 
 def restore_msr_order(msrs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -172,9 +178,16 @@ def restore_msr_order(msrs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return sorted(msrs, key=lambda pair: rank.get(pair[0], 1))  # sorted() is stable
 
 
-def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
-    """KVM_GET_CPUID2: the vCPU's own CPUID table (what was set, plus KVM's runtime updates)."""
-    buf = cpuid_buffer([uapi.kvm_cpuid_entry2()] * MAX_CPUID_ENTRIES)
+CPUID_ENTRY_BYTES = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+_CPUID2_HEADER_BYTES = ctypes.sizeof(uapi.kvm_cpuid2)
+
+
+def get_cpuid_bytes(vcpu: Vcpu) -> tuple[bytes, ...]:
+    """KVM_GET_CPUID2: the vCPU's own CPUID table (what was set, plus KVM's runtime updates), each
+    entry as the raw bytes of its struct kvm_cpuid_entry2, sliced from the buffer in one pass (the
+    state keeps them so; building ctypes objects per entry cost more than the ioctl)."""
+    buf = (ctypes.c_uint8 * (_CPUID2_HEADER_BYTES + CPUID_ENTRY_BYTES * MAX_CPUID_ENTRIES))()
+    uapi.kvm_cpuid2.from_buffer(buf).nent = MAX_CPUID_ENTRIES
     try:
         vcpu.ioctl("KVM_GET_CPUID2", x86_uapi.KVM_GET_CPUID2, buf)
     except KvmIoctlError as err:
@@ -182,8 +195,26 @@ def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
             raise StateError(f"vCPU {vcpu.index}: its CPUID has more than {MAX_CPUID_ENTRIES} entries") from err
         raise
     count = uapi.kvm_cpuid2.from_buffer(buf).nent
-    entries = (uapi.kvm_cpuid_entry2 * count).from_buffer(buf, ctypes.sizeof(uapi.kvm_cpuid2))
-    return [uapi.kvm_cpuid_entry2.from_buffer_copy(e) for e in entries]
+    raw = bytes(buf)
+    end = _CPUID2_HEADER_BYTES + CPUID_ENTRY_BYTES * count
+    return tuple(raw[at : at + CPUID_ENTRY_BYTES] for at in range(_CPUID2_HEADER_BYTES, end, CPUID_ENTRY_BYTES))
+
+
+def get_cpuid(vcpu: Vcpu) -> list[uapi.kvm_cpuid_entry2]:
+    """KVM_GET_CPUID2 as structs (`get_cpuid_bytes`)."""
+    return [uapi.kvm_cpuid_entry2.from_buffer_copy(entry) for entry in get_cpuid_bytes(vcpu)]
+
+
+def cpuid_buffer_of(entries: Sequence[bytes]) -> ctypes.Array[ctypes.c_uint8]:
+    """A `struct kvm_cpuid2` for KVM_SET_CPUID2 from raw struct kvm_cpuid_entry2 bytes, copied in
+    one piece."""
+    raw = b"".join(entries)
+    if len(raw) != CPUID_ENTRY_BYTES * len(entries):
+        raise ValueError(f"CPUID entries must be {CPUID_ENTRY_BYTES} bytes each (struct kvm_cpuid_entry2)")
+    buf = (ctypes.c_uint8 * (_CPUID2_HEADER_BYTES + len(raw)))()
+    uapi.kvm_cpuid2.from_buffer(buf).nent = len(entries)
+    ctypes.memmove(ctypes.addressof(buf) + _CPUID2_HEADER_BYTES, raw, len(raw))
+    return buf
 
 
 def read_tsc_khz(vcpu: Vcpu) -> int:

@@ -51,7 +51,7 @@ from ...saved_state import (
     WireReader,
 )
 from ...errors import KvmIoctlError
-from ...system import Kvm, cpuid_buffer
+from ...system import Kvm
 from ...vcpu import Vcpu
 from ...vcpu import VcpuRunState
 from ...vm import Vm
@@ -59,7 +59,8 @@ from .cpu import (
     MAX_CPUID_ENTRIES,
     CpuModel,
     cpu_identity,
-    get_cpuid,
+    cpuid_buffer_of,
+    get_cpuid_bytes,
     get_msrs,
     msr_name,
     restore_msr_order,
@@ -188,22 +189,19 @@ class X86VcpuState:
         cpuid = _list(m, "cpuid", where, MAX_CPUID_ENTRIES)
         if not cpuid:
             raise _error(where, "cpuid", "no entries: a vCPU always has a CPUID")
-        entries = tuple(_sized(e, f"{where}.cpuid[{i}]", "cpuid") for i, e in enumerate(cpuid))
-        keys = [struct.unpack_from("<II", e) for e in entries]
-        if len(set(keys)) != len(keys):
+        # Checked as a whole first, entry by entry (naming the bad one) only when that fails: this
+        # runs in the target's downtime, and the per-entry paths cost more than the checks.
+        if all(type(e) is bytes and len(e) == _SIZE["cpuid"] for e in cpuid):
+            entries = tuple(cpuid)
+        else:
+            entries = tuple(_sized(e, f"{where}.cpuid[{i}]", "cpuid") for i, e in enumerate(cpuid))
+        # Each entry starts with its u32 function and u32 index.
+        if len({e[:8] for e in entries}) != len(entries):
             raise _error(where, "cpuid", "the same (function, index) appears twice")
-        msrs: list[tuple[int, int]] = []
-        seen: set[int] = set()
-        for i, pair in enumerate(_list(m, "msrs", where, MAX_MSRS)):
-            here = f"{where}.msrs[{i}]"
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise StateFormatError(f"x86 state: {here}: expected [index, value]")
-            index = _int_value(pair[0], here + "[0]", 0, (1 << 32) - 1)
-            value = _int_value(pair[1], here + "[1]", 0, (1 << 64) - 1)
-            if index in seen:
-                raise StateFormatError(f"x86 state: {here}: {msr_name(index)} appears twice")
-            seen.add(index)
-            msrs.append((index, value))
+        pairs = _list(m, "msrs", where, MAX_MSRS)
+        msrs = _msr_pairs(pairs)
+        if msrs is None:
+            msrs = _msr_pairs_checked(pairs, where)
         xsave = _bytes(m, "xsave", where)
         if not MIN_XSAVE_BYTES <= len(xsave) <= MAX_XSAVE_BYTES or len(xsave) % 4:
             raise _error(
@@ -233,7 +231,7 @@ class X86VcpuState:
             xcrs=_struct_bytes(m, "xcrs", where),
             debugregs=_struct_bytes(m, "debugregs", where),
             lapic=lapic,
-            msrs=tuple(msrs),
+            msrs=msrs,
             events=_struct_bytes(m, "events", where),
         )
 
@@ -335,6 +333,39 @@ def _struct_bytes(m: Mapping[str, Any], key: str, where: str) -> bytes:
     return _sized(m[key], f"{where}.{key}" if where else key, key)
 
 
+def _msr_pairs(pairs: list[Any]) -> tuple[tuple[int, int], ...] | None:
+    """[[index, value], ...] when every pair is well formed and no index repeats, else None
+    (`_msr_pairs_checked` then names what is wrong)."""
+    if not all(
+        type(pair) in (list, tuple)
+        and len(pair) == 2
+        and type(pair[0]) is int
+        and type(pair[1]) is int
+        and 0 <= pair[0] <= 0xFFFF_FFFF
+        and 0 <= pair[1] <= 0xFFFF_FFFF_FFFF_FFFF
+        for pair in pairs
+    ):
+        return None
+    msrs = tuple((pair[0], pair[1]) for pair in pairs)
+    return msrs if len({index for index, _ in msrs}) == len(msrs) else None
+
+
+def _msr_pairs_checked(pairs: list[Any], where: str) -> tuple[tuple[int, int], ...]:
+    msrs: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    for i, pair in enumerate(pairs):
+        here = f"{where}.msrs[{i}]"
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise StateFormatError(f"x86 state: {here}: expected [index, value]")
+        index = _int_value(pair[0], here + "[0]", 0, (1 << 32) - 1)
+        value = _int_value(pair[1], here + "[1]", 0, (1 << 64) - 1)
+        if index in seen:
+            raise StateFormatError(f"x86 state: {here}: {msr_name(index)} appears twice")
+        seen.add(index)
+        msrs.append((index, value))
+    return tuple(msrs)
+
+
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
@@ -397,7 +428,7 @@ def save_vcpu_state(
     with _step(times, "tsc_khz"):
         tsc_khz = read_tsc_khz(vcpu)
     with _step(times, "cpuid"):
-        cpuid = tuple(bytes(e) for e in get_cpuid(vcpu))
+        cpuid = get_cpuid_bytes(vcpu)
     with _step(times, "mp_state"):
         mp = uapi.kvm_mp_state()
         vcpu.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
@@ -568,7 +599,7 @@ def restore_vcpu_state(
                     ) from err
     with _step(times, "cpuid"):
         try:
-            vcpu.set_cpuid(cpuid_buffer(state.cpuid_entries()))
+            vcpu.set_cpuid(cpuid_buffer_of(state.cpuid))
         except KvmIoctlError as err:
             if err.errno != errno.EINVAL:
                 raise
