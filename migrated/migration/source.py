@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -28,8 +28,6 @@ from transport import (
     PageBatch,
     Progress,
     ProtocolError,
-    Query,
-    QueryResult,
     Running,
 )
 
@@ -43,6 +41,7 @@ from ..peer import FINAL_PAGES_ON_CONTROL, PeerChannel, PeerError
 from . import vmstate
 from .downtime_models_file import save_models
 from .host import MigrationHost
+from .indoubt import InDoubt
 from .hostspeed import HostSpeed
 from .finalpass import CONTROL_FINAL_MAX_PAGES, final_batches_of
 from .pagestream import StreamCounters
@@ -67,7 +66,7 @@ PROGRESS_INTERVAL_S = 0.1  # how often the stats read the data threads' counters
 LOOP_PARK_WAIT_S = 0.01
 
 
-class Source(OutgoingSetup, Precopy):
+class Source(OutgoingSetup, Precopy, InDoubt):
     def __init__(self, daemon: MigrationHost, hosted: HostedVm, options: SourceOptions, migration_id: str) -> None:
         self.daemon = daemon
         self.hosted = hosted
@@ -353,24 +352,22 @@ class Source(OutgoingSetup, Precopy):
             # The streams end now, before the pause (the target reports when it applied all they
             # carried, below): the final pages go on the control connection with the state.
             self._early_end = self._plane.start_end()
-        # DESIGN 5 step 3, written before the pause rather than between LOADED and COMMIT, so that
-        # no fsync sits in the downtime. It is conservative: it says "COMMIT may go out, so if
-        # this daemon dies, ask the target", which is true from here on, and the target resumes
-        # only on a COMMIT that leaves after it. A migration that ends before COMMIT overwrites
-        # it (`_fail`); a record left saying "committing" only sends an operator to ask the
-        # target, who knows (DESIGN 5). If it cannot be written, nothing was paused yet: the
-        # migration fails and the VM runs on.
-        try:
-            await trio.to_thread.run_sync(self._record, "committing")
-        except StateDirError as err:
-            raise MigrationFailed(f"{err}; the VM keeps running here") from None
-        self._commit_recorded = True
         if on_control:
             # What the streams carried is still on its way (a send ends in this host's socket
             # buffers: megabytes per stream), and the target applies it: 3-7 ms measured here
-            # after the bulk copy, which was inside the downtime while the guest waited.
-            await self._expect(Progress)
+            # after the bulk copy, which was inside the downtime while the guest waited. The
+            # record's fsync (1-8 ms here) runs meanwhile; both are done before the pause.
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._record_committing)
+                    await self._expect(Progress)
+            except BaseExceptionGroup as group:
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
             self._phase_steps.step("streams_drained")
+        else:
+            await self._record_committing()
         self.stats.state = self.stats.phase = "downtime"
         steps = self.stats.downtime_breakdown_ms
         clock = StepClock(steps)
@@ -449,6 +446,20 @@ class Source(OutgoingSetup, Precopy):
         self.log.info("downtime_timeline", origin=timeline.origin, marks_ms=timeline.as_ms())
         await self._send_outcome(channel)
         await self._release("completed", timed=True)
+
+    async def _record_committing(self) -> None:
+        """DESIGN 5 step 3, written before the pause rather than between LOADED and COMMIT, so
+        that no fsync sits in the downtime. It is conservative: it says "COMMIT may go out, so if
+        this daemon dies, ask the target", which is true from here on, and the target resumes
+        only on a COMMIT that leaves after it. A migration that ends before COMMIT overwrites it
+        (`_fail`); a record left saying "committing" only sends an operator to ask the target,
+        who knows (DESIGN 5). If it cannot be written, nothing was paused yet: the migration
+        fails and the VM runs on."""
+        try:
+            await trio.to_thread.run_sync(self._record, "committing")
+        except StateDirError as err:
+            raise MigrationFailed(f"{err}; the VM keeps running here") from None
+        self._commit_recorded = True
 
     async def _send_outcome(self, channel: PeerChannel) -> None:
         """Close, with the downtime and total time as measured here: only the source can time
@@ -720,57 +731,6 @@ class Source(OutgoingSetup, Precopy):
         except StateDirError as err:
             self.log.error("migration_record_failed", state=state, error=str(err))
 
-    # ---- in doubt -------------------------------------------------------------------------
-
-    async def resolve(self, attempts: int = 0, interval_s: float = 1.0) -> str:
-        """Ask the target what became of the migration until it answers (0 = forever).
-
-        "running": release the paused copy here. "aborted" / "unknown": the target discarded
-        (or never had) the VM; only then resume here.
-        """
-        tries = 0
-        while True:
-            tries += 1
-            try:
-                answer = await self._query()
-            except (PeerError, OSError, trio.TooSlowError) as err:
-                self.log.info("in_doubt_query_failed", error=str(err), attempt=tries)
-                if attempts and tries >= attempts:
-                    return "in-doubt"
-                await trio.sleep(interval_s)
-                continue
-            self.log.info("in_doubt_resolved", target_says=answer)
-            if answer == "running":
-                self.stats.downtime_ms = None
-                await self._release("completed")
-            else:
-                self.committed = False
-                self._record_after(f"resumed-after-{answer}")
-                self.stats.state = self.stats.phase = "aborted"
-                await self._resume_here()
-            return answer
-
-    async def _query(self) -> str:
-        channel = await self._connect()
-        try:
-            await channel.send(Query(self.stats.migration_id))
-            with trio.fail_after(self.daemon.config.peer.message_timeout_s):
-                result = await channel.expect(QueryResult)
-            return result.state
-        finally:
-            await channel.aclose()
-
-    async def resolve_by_operator(self, action: str) -> None:
-        if action == "release":
-            await self._release("completed-by-operator")
-        elif action == "resume":
-            self.committed = False
-            self._record_after("resumed-by-operator")
-            self.stats.state = self.stats.phase = "aborted"
-            await self._resume_here()
-        else:
-            raise ValueError(f"action {action!r}: allowed are release, resume")
-
 
 # Terms of the prediction that this migration measures itself (not learned): the harvest and the
 # state estimate.
@@ -792,7 +752,3 @@ _DOWNTIME_STEPS = (
 
 def new_migration_id() -> str:
     return f"m-{int(time.time())}-{os.urandom(4).hex()}"
-
-
-def status_line(stats: MigrationStats) -> dict[str, Any]:
-    return stats.as_dict()

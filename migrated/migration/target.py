@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import trio
 
-from transport.datastream import MAX_STREAMS, DataHello, Layout
+from transport.datastream import DataHello, Layout
 from transport import (
     Accept,
     Close,
@@ -40,16 +40,15 @@ from transport import (
 from .. import faults, tls
 from ..hosted import HostedVm, SpecError, VmSpec, VmState, create_incoming, vm_config
 from ..kvm.arch import guest_memory, host_arch
-from ..kvm.backing import MEMORY_BACKINGS
 from ..kvm.errors import KvmError, KvmIoctlError
 from ..kvm.memory import GuestMemory
 from ..kvm.vm import VmConfig, validate_config
 from ..logs import get_logger
-from ..overcommit import OvercommitRefused
 from ..pagehash import memory_digest
 from ..peer import FINAL_PAGES_ON_CONTROL, PeerAborted, PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
+from .incoming_check import Refused, check_description
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
 from .recvstreams import ReceiveStreams
@@ -61,10 +60,6 @@ from .window import STATE_WORK_ON_LOOP_MAX_VCPUS, DowntimeWindow
 # How long the target waits, after RUNNING, for the source's Close with its timing: the source
 # sends it right after RUNNING arrives; an older one only closes the link.
 SOURCE_CLOSE_WAIT_S = 2.0
-
-
-class Refused(Exception):
-    """This daemon cannot host the described VM; the reason goes back to the source."""
 
 
 class Target:
@@ -216,46 +211,13 @@ class Target:
         await self.channel.send(QueryResult(migration_id=query.migration_id, state=answer))
 
     def _check(self, description: VmDescription) -> VmSpec:
-        caps = self.daemon.kvm.caps()
-        if not isinstance(description.cpu_features, dict):
-            raise Refused("VM description: cpu_features must be a map")
-        features = description.cpu_features
-        spec_wire = features.get("spec")
-        if not isinstance(spec_wire, dict):
-            raise Refused("VM description: cpu_features has no VM spec map")
-        try:
-            spec = VmSpec.from_wire(dict(spec_wire))
-        except SpecError as err:
-            raise Refused(f"VM description: {err}") from None
-        if spec.name != description.name:
-            raise Refused(f"VM description names {description.name!r} but its spec {spec.name!r}")
-        if description.arch != caps.arch:
-            raise Refused(f"VM is {description.arch}; this host is {caps.arch}")
-        if description.vcpus != spec.vcpus or description.vcpus > caps.max_vcpus:
-            raise Refused(f"{description.vcpus} vCPUs: this host allows 1 to {caps.max_vcpus}")
-        layout = [(r.slot, r.guest_phys_addr, r.size) for r in description.memory]
-        ram_base = host_arch(caps.arch).ram_base
-        if layout != [(0, ram_base, spec.memory_bytes)]:
-            raise Refused(f"memory layout {layout}: this daemon hosts one slot at {ram_base:#x} of the spec's size")
-        try:
-            self.daemon.check_overcommit(spec)
-        except OvercommitRefused as err:
-            raise Refused(str(err)) from None
-        problem = vmstate.incompatibility(dict(features), self.daemon.kvm)
-        if problem:
-            raise Refused(problem)
-        backing = features.get("memory_backing")
-        if backing is not None and backing not in MEMORY_BACKINGS:
-            raise Refused(f"memory_backing {backing!r}: allowed are {', '.join(MEMORY_BACKINGS)}")
-        self.memory_backing = backing
-        run_state = features.get("run_state", "running")
-        if run_state not in ("running", "paused"):
-            raise Refused(f"run_state {run_state!r}: allowed are running, paused")
-        self.run_state = run_state
-        data_streams = features.get("data_streams", 0)
-        if isinstance(data_streams, bool) or not isinstance(data_streams, int) or not 0 <= data_streams <= MAX_STREAMS:
-            raise Refused(f"data_streams {data_streams!r}: allowed are 0 to {MAX_STREAMS}")
-        self.data_streams = data_streams
+        checked = check_description(description, self.daemon)
+        spec = checked.spec
+        self.memory_backing, self.run_state, self.data_streams = (
+            checked.memory_backing,
+            checked.run_state,
+            checked.streams,
+        )
         limits = self.daemon.config.migration
         try:
             self.daemon.incoming.admit(
