@@ -26,13 +26,18 @@ if lib.ph_abi_version() != ABI_VERSION:
     )
 
 
-def page_hashes(ram: npt.NDArray[np.uint8], first_pfn: int = 0) -> npt.NDArray[np.uint64]:
-    """One 64-bit hash per 4 KiB page of `ram` (contiguous, whole pages)."""
+def _whole_pages(ram: npt.NDArray[np.uint8]) -> int:
+    """How many pages `ram` holds; ValueError unless it is contiguous bytes of whole pages."""
     if ram.dtype != np.uint8 or ram.ndim != 1 or not ram.flags.c_contiguous:
         raise ValueError("ram must be a contiguous 1-D uint8 array")
     if ram.size % PAGE_SIZE:
         raise ValueError(f"ram is {ram.size} bytes: not a whole number of {PAGE_SIZE}-byte pages")
-    npages = ram.size // PAGE_SIZE
+    return ram.size // PAGE_SIZE
+
+
+def page_hashes(ram: npt.NDArray[np.uint8], first_pfn: int = 0) -> npt.NDArray[np.uint64]:
+    """One 64-bit hash per 4 KiB page of `ram` (contiguous, whole pages)."""
+    npages = _whole_pages(ram)
     out = np.empty(npages, np.uint64)
     if npages:
         result = lib.ph_page_hashes(
@@ -48,11 +53,7 @@ def nonzero_pages(ram: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
 
     The bulk copy's zero-page split: each page is read up to its first non-zero 64-byte block,
     nothing is copied, and the GIL is released (bench/zero_scan.py against numpy)."""
-    if ram.dtype != np.uint8 or ram.ndim != 1 or not ram.flags.c_contiguous:
-        raise ValueError("ram must be a contiguous 1-D uint8 array")
-    if ram.size % PAGE_SIZE:
-        raise ValueError(f"ram is {ram.size} bytes: not a whole number of {PAGE_SIZE}-byte pages")
-    npages = ram.size // PAGE_SIZE
+    npages = _whole_pages(ram)
     out = np.empty(npages, np.uint8)
     if npages:
         result = lib.ph_nonzero_pages(ffi.from_buffer("uint8_t[]", ram), npages, ffi.from_buffer("uint8_t[]", out))

@@ -54,10 +54,12 @@ def _first_migration_calls(mode: str) -> dict[str, object]:
 @pytest.mark.kvm
 def test_after_the_warm_up_a_first_migrations_calls_import_nothing() -> None:
     cold = _first_migration_calls("cold")
-    # Precondition: the daemon's own imports leave these to the first call, and without the
-    # warm-up that call imports them (else this test could not fail).
-    assert cold["not_loaded_at_start"] == ["numpy.ma", "numpy.ctypeslib"], cold
-    assert {"numpy.ma", "numpy.ctypeslib"} <= set(cold["imported_late"]), cold  # type: ignore[arg-type]
+    # Precondition: the daemon's own imports leave some of these to the first call (a module
+    # may import one up front, as kvm/dirty.py does numpy.ma), and without the warm-up that call
+    # imports each of them (else this test could not fail).
+    left = cold["not_loaded_at_start"]
+    assert isinstance(left, list) and left, cold
+    assert set(left) <= set(cold["imported_late"]), cold  # type: ignore[arg-type]
     warm = _first_migration_calls("warm")
     assert warm["imported_late"] == [], warm
     assert set(warm["steps"]) == {"imports_ms", "cpu_features_ms", "handshake_ms"}, warm  # type: ignore[arg-type]
