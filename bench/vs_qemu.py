@@ -432,9 +432,22 @@ def boot_sector(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path
 # ---------------------------------------------------------------------------- bulk copy
 
 
-def iperf3_mib_s(seconds: float) -> float:
-    """One iperf3 stream on loopback. `iperf3 -s -1` serves exactly one test, so no probe may
-    connect first: the client retries until the server listens."""
+def iperf3_mib_s(seconds: float, attempts: int = 3) -> float:
+    """One iperf3 stream on loopback, with a fresh server per attempt: a client that exits 0 with
+    no result in its JSON (seen once: the run's JSON was lost with it) is a failed attempt."""
+    failures = []
+    for _ in range(attempts):
+        report = _iperf3_once(seconds)
+        received = report.get("end", {}).get("sum_received", {}).get("bits_per_second")
+        if received is not None:
+            return float(received) / 8 / MIB
+        failures.append(str(report.get("error", report))[-300:])
+    raise RuntimeError(f"iperf3 failed {attempts} times: {failures}")
+
+
+def _iperf3_once(seconds: float) -> dict[str, Any]:
+    """`iperf3 -s -1` serves exactly one test, so no probe may connect first: the client
+    retries until the server listens."""
     port = free_port()
     server = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL)
     try:
@@ -458,7 +471,11 @@ def iperf3_mib_s(seconds: float) -> float:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    return float(json.loads(done.stdout)["end"]["sum_received"]["bits_per_second"]) / 8 / MIB
+    try:
+        report: dict[str, Any] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"error": f"no JSON from the client: {done.stdout[-300:]}"}
+    return report
 
 
 def fill_nonzero(path: Path, size_mib: int) -> None:
