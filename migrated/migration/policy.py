@@ -183,9 +183,9 @@ OUTLIER_SLACK_MS = 100.0
 
 # What a first migration to a peer assumes, until one was learned: measured with the boot-sector
 # guest between two daemons on this 2-core host, bench/fixed_cost.py and bench/vs_qemu.py: pause
-# 0.2-2.5 ms; since the downtime lost its fsyncs and thread hops (one worker trip, no record
-# between LOADED and COMMIT) the whole downtime is 6-17 ms quiet, 7.5 and 14.3 ms for first
-# migrations. Higher defaults would keep a first migration from ever completing under a tight
+# 0.2-2.5 ms; since the downtime lost its fsyncs and thread hops (no record between LOADED and
+# COMMIT; no worker trip at all for VMs of up to 4 vCPUs) the whole downtime is 2.9-4.6 ms quiet,
+# up to 17 ms on a loaded host: 8 ms is a first guess with room, not a measured mean. Higher defaults would keep a first migration from ever completing under a tight
 # limit (with FIRST_MISS_MS a 30 ms limit never converged at 15 ms here: predicted 31-44 ms for
 # 7-14 ms measured), and with it the learning of what the path costs.
 FIRST_FIXED_MS = 8.0
