@@ -268,7 +268,6 @@ class ReceiveStreams:
         """Until every stream's end marker arrived and what came before it was applied."""
         while not self.all_ended and self.error is None:
             await self._changed.wait()
-            self._changed = trio.Event()
         if self.error is not None:
             raise RemoteProtocolError(self.error)
 
@@ -284,15 +283,21 @@ class ReceiveStreams:
         except trio.RunFinishedError:
             pass
 
+    def _wake(self) -> None:
+        """Every waiter of `wait_ended` looks again. The setter, not a waiter, renews the event:
+        a waiter that renewed it would leave a second waiter on an event nobody sets."""
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
     def _ended_in_trio(self, index: int) -> None:
         self._ended.add(index)
-        self._changed.set()
+        self._wake()
 
     def _failed_in_trio(self, message: str) -> None:
         if self._closed or self.error is not None:
             return
         self.error = message
-        self._changed.set()
+        self._wake()
         if self.on_failure is not None:
             self.on_failure(message)
 

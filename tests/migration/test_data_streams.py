@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from migrated.kvm.dirty import DirtyPages
 from migrated.kvm.memory import GuestMemory
@@ -210,6 +211,42 @@ def test_a_broken_stream_is_reported_and_closing_stops_every_thread() -> None:
 
         trio.run(main)
         assert threading.active_count() <= threads_before, "a data stream thread outlived its plane"
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_two_waiters_of_the_streams_end_are_both_woken() -> None:
+    """`wait_ended` with two waiters at once: each stream's end wakes both, and neither is left
+    on an event that the next wake-up no longer sets (a waiter that renewed the event did that)."""
+    src, dst = GuestMemory.flat(4 * MIB, "src"), GuestMemory.flat(4 * MIB, "dst")
+    try:
+        _fill(src, 5)
+        woken: list[str] = []
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                send, receive, failures = await _plane(src, dst, 3, True, nursery)
+
+                async def wait(name: str) -> None:
+                    await receive.wait_ended()
+                    woken.append(name)
+
+                with trio.fail_after(60):  # the waiters' nursery ends only when both returned
+                    async with trio.open_nursery() as waiters:
+                        waiters.start_soon(wait, "first")
+                        waiters.start_soon(wait, "second")
+                        await trio.testing.wait_all_tasks_blocked()
+                        assert woken == [] and not receive.all_ended  # both wait before any end
+                        await send.send_extents({0: [(0, src.size // PAGE)]}, 0)
+                        await send.end()
+                assert sorted(woken) == ["first", "second"] and failures == []
+                await send.aclose()
+                await receive.aclose()
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        np.testing.assert_array_equal(dst.bytes, src.bytes)
     finally:
         src.close()
         dst.close()
