@@ -40,6 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from streampairs import loopback_pairs, receive_threads
+
 PAGE = 4096
 GIB = 1 << 30
 
@@ -117,28 +119,17 @@ def main() -> None:
     secret = os.urandom(32)
     sealed = bool(args.aead)
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    pairs = []
-    for _ in range(args.streams):
-        client = socket.create_connection(listener.getsockname())
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pairs.append((client, listener.accept()[0]))
-    listener.close()
-
+    pairs = loopback_pairs(args.streams)
     errors: list[object] = []
     finished = threading.Semaphore(0)
-    applier = recvstreams._Applier(target)  # type: ignore[attr-defined]
-    receivers = [
-        recvstreams._ReceiveThread(  # type: ignore[attr-defined]
-            TimedSocket(server),
-            DataReceiver(secret, index, layout, sealed=sealed),
-            applier,
-            60.0,
-            lambda index: finished.release(),
-            lambda index, message: (errors.append(message), finished.release()),
-        )
-        for index, (_, server) in enumerate(pairs)
-    ]
+    receivers = receive_threads(
+        pairs,
+        target,
+        lambda index: DataReceiver(secret, index, layout, sealed=sealed),
+        finished.release,
+        errors.append,
+        wrap=TimedSocket,
+    )
     started = time.perf_counter()
     stop = threading.Event()
     senders = []

@@ -26,7 +26,6 @@ import argparse
 import ctypes
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from streampairs import loopback_pairs, receive_threads
 
 PAGE = 4096
 MIB = 1 << 20
@@ -121,25 +122,14 @@ def trials(
                 libc.malloc_trim(0)
             target = GuestMemory.flat(size, name="bench-target")
             secret = os.urandom(32)
-            listener = socket.create_server(("127.0.0.1", 0))
-            pairs = []
-            for _ in range(streams):
-                client = socket.create_connection(listener.getsockname())
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                pairs.append((client, listener.accept()[0]))
-            listener.close()
-            applier = recvstreams._Applier(target)  # type: ignore[attr-defined]
-            receivers = [
-                recvstreams._ReceiveThread(  # type: ignore[attr-defined]
-                    server,
-                    DataReceiver(secret, index, layout, sealed=True, **pooled),
-                    applier,
-                    60.0,
-                    lambda index: drained.release(),
-                    lambda index, message: (errors.append(message), drained.release()),
-                )
-                for index, (_, server) in enumerate(pairs)
-            ]
+            pairs = loopback_pairs(streams)
+            receivers = receive_threads(
+                pairs,
+                target,
+                lambda index, secret=secret: DataReceiver(secret, index, layout, sealed=True, **pooled),
+                drained.release,
+                errors.append,
+            )
             stop = threading.Event()
             senders = [
                 sendstreams._StreamThread(  # type: ignore[attr-defined]
