@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,11 +44,11 @@ print(json.dumps({"not_loaded_at_start": not_loaded, "steps": steps, "imported_l
 """
 
 
-def _first_migration_calls(mode: str) -> dict[str, object]:
+def _first_migration_calls(mode: str) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-c", _FIRST_MIGRATION_CALLS, mode], cwd=REPO, capture_output=True, text=True, check=True
     )
-    result: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
     return result
 
 
@@ -59,10 +60,10 @@ def test_after_the_warm_up_a_first_migrations_calls_import_nothing() -> None:
     # imports each of them (else this test could not fail).
     left = cold["not_loaded_at_start"]
     assert isinstance(left, list) and left, cold
-    assert set(left) <= set(cold["imported_late"]), cold  # type: ignore[arg-type]
+    assert set(left) <= set(cold["imported_late"]), cold
     warm = _first_migration_calls("warm")
     assert warm["imported_late"] == [], warm
-    assert set(warm["steps"]) == {"imports_ms", "cpu_features_ms", "handshake_ms"}, warm  # type: ignore[arg-type]
+    assert set(warm["steps"]) == {"imports_ms", "cpu_features_ms", "handshake_ms"}, warm
 
 
 def test_the_warm_up_handshake_fails_loudly_on_a_broken_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
