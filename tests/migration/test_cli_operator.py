@@ -58,9 +58,15 @@ def test_ctrl_c_on_wait_stops_watching_and_the_migration_goes_on(make_daemon: Ma
     a, b = make_daemon("a"), make_daemon("b")
     created = migratectl(a, "vm", "create", "web", "--memory", "256", "--dirty-rate", "8", "--working-set", "128")
     assert created.returncode == 0, created.stderr
-    # Let the guest touch its working set, so the bulk copy has pages to send.
-    wait_for(lambda: a.call("vm.show", name="web")["guest"]["pages_written"] > 0, what="guest writing")
-    # 4 MiB/s keeps the copy of >100 MiB going for far longer than the test needs it.
+    # Let the guest touch 32 MiB of its working set first: the bulk copy sends only RAM that
+    # holds data, and a guest that had written a few MiB was copied (and the migration done)
+    # before the SIGINT's watcher had said its piece (seen once in CI).
+    wait_for(
+        lambda: a.call("vm.show", name="web")["memory_allocated_bytes"] >= 32 << 20,
+        timeout=120,
+        what="the guest to write 32 MiB",
+    )
+    # 4 MiB/s keeps the copy of 32 MiB or more going for 8 s, far longer than the test needs it.
     watcher = subprocess.Popen(
         [sys.executable, "-m", "migrated.cli", "--socket", str(a.socket), "migrate", "web"]
         + ["--to", b.address, "--max-bandwidth", "4", "--wait"],
