@@ -39,6 +39,7 @@ from .migration.stats import FinishedMigration
 from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
 from .rammount import RamDirectory
 from .realtime import COST_WITHOUT_REALTIME, FIX, probe_realtime
+from .vcpupriority import FIX as NICE_FIX, probe_nice_restore
 from .sdnotify import Notifier
 from .socket_access import restrict_control_socket
 from .statedir import check_state_dir
@@ -81,6 +82,7 @@ class Daemon:
         self.downtime_models, self.downtime_models_error = load_models(Path(config.daemon.state_dir))
         self.records = VmRecords(Path(config.daemon.state_dir))
         self.realtime_error = probe_realtime()  # None: the harvester can have SCHED_FIFO
+        self.nice_error = probe_nice_restore()  # None: a migrating guest's vCPUs may yield (vcpupriority.py)
         self.ram_directory = RamDirectory(config.vm.memory_backing_dir, Path(config.daemon.state_dir))
         self.commands: dict[str, Command] = {
             "vm.create": self.cmd_vm_create,
@@ -364,6 +366,7 @@ class Daemon:
             "pvm": self.kvm.caps().pvm,
             "harvester_realtime": self.realtime_error is None,
             "harvester_realtime_error": self.realtime_error,
+            "vcpu_nice_restorable": self.nice_error is None,
         }
 
     async def remove_vm(self, hosted: HostedVm, reason: str, keep_record: bool = False) -> None:
@@ -591,6 +594,8 @@ async def run_daemon(
     metrics: DaemonMetrics | None = None
     if daemon.realtime_error is not None:
         log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)
+    if daemon.nice_error is not None and config.migration.vcpu_nice:
+        log.warning("vcpu_nice_unavailable", error=daemon.nice_error, fix=NICE_FIX)
     try:
         if config.vm.memory_backing == "shmem-huge":
             # Its default backing must be usable before the daemon looks ready (MemoryBackingError

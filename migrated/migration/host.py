@@ -51,6 +51,7 @@ class MigrationHost(Protocol):
     vms: dict[str, HostedVm]
     migrations: dict[str, Migration]  # VM name -> its latest migration
     incoming: Incoming  # incoming migrations in progress, and how recent ones ended
+    nice_error: str | None  # None: a migrating guest's vCPU threads may yield (vcpupriority.py)
     commands: dict[str, Command]
 
     def hosted(self, args: CommandArgs) -> HostedVm:

@@ -37,6 +37,7 @@ from ..kvm.dirty import DirtyPages
 from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
+from ..vcpupriority import YieldingVcpus
 from ..peer import FINAL_PAGES_ON_CONTROL, PeerChannel, PeerError
 from . import vmstate
 from .downtime_models_file import save_models
@@ -114,6 +115,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         self._commit_recorded = False  # the "committing" record is on disk (`_downtime`)
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
+        self._yielding = YieldingVcpus(daemon.config.migration.vcpu_nice)
 
     # ---- entry --------------------------------------------------------------------------
 
@@ -130,6 +132,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         # A VM the operator paused migrates paused and stays paused on the target.
         self.was_paused = hosted.state is VmState.PAUSED
         hosted.state = VmState.MIGRATING
+        self._yield_vcpus()
         try:
             # The time limit covers everything before the downtime; _downtime lifts it.
             self.cancel_scope.deadline = trio.current_time() + self._time_limit_s()
@@ -159,6 +162,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
                 await self._plane.aclose()
             if self._channel is not None:
                 await self._channel.aclose()
+            self._unyield_vcpus()  # in doubt the VM stays paused here: it resumes at its own value
             hosted.last_migration = self.stats.as_dict()
 
     async def _fail(self, err: BaseException) -> None:
@@ -188,8 +192,25 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         self.stats.state = self.stats.phase = "cancelled" if self.operator_cancelled else "failed"
         self.log.warning("migration_failed", error=message, resumed=True)
 
+    def _yield_vcpus(self) -> None:
+        """The guest's vCPU threads yield the CPU to the migration (vcpupriority.py), unless they
+        could not be given their value back or there is nothing to yield (a paused guest)."""
+        vm = self.hosted.vm
+        if vm is None or self.was_paused or not self._yielding.nice or self.daemon.nice_error is not None:
+            return
+        errors = self._yielding.lower(vcpu.thread_id for vcpu in vm.vcpus)
+        self.stats.vcpu_nice = self._yielding.nice if self._yielding.threads else 0
+        if errors:
+            self.log.warning("vcpu_nice_failed", errors=errors)
+
+    def _unyield_vcpus(self) -> None:
+        errors = self._yielding.restore()
+        if errors:
+            self.log.warning("vcpu_nice_restore_failed", errors=errors)
+
     async def _resume_here(self) -> None:
         vm = self.hosted.vm
+        self._unyield_vcpus()  # before the guest runs again
         if self._vm_record_written is not None:
             with trio.CancelScope(shield=True):
                 await self._vm_record_written.wait()  # the "migrating" record goes first

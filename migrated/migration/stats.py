@@ -61,6 +61,7 @@ class MigrationStats:
     downtime_guard_ms: float = 0.0  # the source aborts and resumes if COMMIT is not out this long after the pause
     downtime_gc_ms: float = 0.0  # the garbage collector's pauses inside the downtime (window.py)
     downtime_realtime_threads: int = 0  # threads at SCHED_FIFO for the downtime (0: none, or not allowed)
+    vcpu_nice: int = 0  # the nice value the guest's vCPU threads had while it migrated out (0: left alone)
     downtime_outlier: bool = False  # measured far beyond the prediction: reported, not learned
     throttle_percent: int = 0  # share of the time the vCPUs were held paused (policy "throttle")
     # Policy "dirty-limit": the vCPUs held to a dirty-rate quota in the last round (vcpu,

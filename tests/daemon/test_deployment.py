@@ -94,12 +94,19 @@ def test_the_units_capability_gives_the_harvester_sched_fifo(tmp_path: Path, dae
     )
     assert shown["harvester_realtime"] is True, shown
     assert daemon.events("harvester_realtime_unavailable") == []
+    # The same capability gives a migrating guest's vCPU threads their priority back (vcpupriority.py).
+    assert status["vcpu_nice_restorable"] is True, status
+    assert daemon.events("vcpu_nice_unavailable") == []
 
 
 def test_without_rtprio_the_daemon_says_loudly_what_it_costs(tmp_path: Path, daemons: list[DaemonProcess]) -> None:
-    daemon = make(tmp_path, daemons, "nort", wrapper=("prlimit", "--rtprio=0", *NO_CAPABILITIES)).start()
+    daemon = make(tmp_path, daemons, "nort", wrapper=("prlimit", "--rtprio=0", "--nice=0", *NO_CAPABILITIES)).start()
     status = daemon.call("daemon.status")
     assert status["harvester_realtime"] is False, status
+    # Nor could a migrating guest's vCPU threads get their priority back: they are left alone.
+    assert status["vcpu_nice_restorable"] is False, status
+    (nice_warning,) = daemon.events("vcpu_nice_unavailable")
+    assert "Permission denied" in str(nice_warning["error"]) and "CAP_SYS_NICE" in str(nice_warning["fix"])
     assert "Operation not permitted" in status["harvester_realtime_error"]
     (warning,) = daemon.events("harvester_realtime_unavailable")
     assert warning["level"] == "warning"
