@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-import os
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -17,12 +17,13 @@ import trio
 from transport.datastream import Layout
 from transport import Accept, MemoryRegion, Role, VmDescription
 
-from .. import faults, tls
+from .. import faults
 from ..hosted import HostedVm
-from ..peer import PeerChannel, PeerError, make_connection
+from ..peer import LinkLost, PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
 from .pagestream import PAGE_SIZE
+from .peerconnect import connect_failure, connect_stream
 from .precopy import MigrationFailed
 from .sendstreams import SendStreams
 from .stats import MigrationStats, StepTimes
@@ -51,6 +52,7 @@ class OutgoingSetup:
     _channel: PeerChannel | None
     _last_collect: float
     _setup_timeline: Timeline
+    _received_before_description: int
     _vm_record_written: trio.Event | None
 
     async def _connect(self, timed: bool = False, then: VmDescription | None = None) -> PeerChannel:
@@ -58,20 +60,14 @@ class OutgoingSetup:
         description, sent within the handshake, right behind this side's proof of the key
         (PeerChannel.handshake): one round trip fewer than after it."""
         peer = self.daemon.config.peer
-        with trio.fail_after(peer.connect_timeout_s):
-            try:
-                raw = await trio.open_tcp_stream(self.options.host, self.options.port)
-            except OSError as err:
-                raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
+
+        def connected() -> None:
             if timed:
                 self._phase_steps.step("connect")
                 self._setup_timeline.mark("connected")
-            stream: trio.abc.Stream = raw
-            if peer.auth == "tls":
-                try:
-                    stream = await tls.wrap_client(raw, peer, self.options.host)
-                except (ssl.SSLError, trio.BrokenResourceError) as err:
-                    raise PeerError(f"TLS handshake with the peer failed: {err}") from err
+
+        with trio.fail_after(peer.connect_timeout_s):
+            stream = await connect_stream(self.options.host, self.options.port, peer, connected)
         channel = PeerChannel(
             stream,
             make_connection(Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
@@ -91,9 +87,43 @@ class OutgoingSetup:
         prepared = _Prepared()
         self._vm_record_written = trio.Event()
         self.daemon.start_task(partial(self._prepare_bulk, extents, prepared))
+        description = self._description()
+        warm = await self.daemon.warm_links.take(self.options.host, self.options.port)
+        if warm is not None:
+            self._phase_steps.step("take_warm_link")
+            self._setup_timeline.mark("warm_link_taken")
+            try:
+                await self._until_accept(partial(self._describe_on, warm, description))
+                link = "warm"
+            except LinkLost as err:
+                if warm.conn.bytes_received != self._received_before_description:
+                    raise
+                # The target closed this link before it answered the description: at its idle
+                # deadline, over its idle-link limits, or stopping, each without reading on, so
+                # no copy of the VM exists there for it. A target that did read it and failed
+                # without an answer recorded this migration id and refuses it a second time
+                # (incoming.py): a fresh connection can never make a second copy. The VM was
+                # never paused; the streams opened for the dead link carry its token and are
+                # refused by the target. Once: a second failure is the migration's.
+                self.log.info("warm_link_lost", error=str(err))
+                self._setup_timeline.mark("warm_link_lost")
+                await self._drop_link()
+                link = "fresh-after-warm"
+        else:
+            link = "fresh"
+        if link != "warm":
+            await self._until_accept(partial(self._connect, timed=True, then=description))
+        self.stats.link = link  # accepted: a link to this peer is worth keeping warm (source.py)
+        await prepared.done.wait()
+        if prepared.error is not None:
+            raise prepared.error
+
+    async def _until_accept(self, link: Callable[[], Awaitable[PeerChannel]]) -> None:
+        """`link` connects (or takes a warm link) and sends the description; then the data
+        streams open while the target checks it and makes the RAM, until its ACCEPT."""
         try:
             async with trio.open_nursery() as nursery:
-                self._channel = channel = await self._connect(timed=True, then=self._description())
+                self._channel = channel = await link()
                 # The data streams connect while the target makes the RAM (it holds them); after
                 # the description, so that the target knows the migration they name.
                 nursery.start_soon(self._open_streams_into, channel)
@@ -108,9 +138,24 @@ class OutgoingSetup:
             if errors:
                 raise errors[0] from None
             raise
-        await prepared.done.wait()
-        if prepared.error is not None:
-            raise prepared.error
+
+    async def _describe_on(self, channel: PeerChannel, description: VmDescription) -> PeerChannel:
+        """The description on a warm link: its handshake is long done."""
+        self._received_before_description = channel.conn.bytes_received
+        await faults.hold(self.log, "setup")
+        await channel.send(description)
+        self._phase_steps.step("describe")
+        self._setup_timeline.mark("described")
+        return channel
+
+    async def _drop_link(self) -> None:
+        """What a lost warm link's attempt opened: its streams and the link itself."""
+        if self._plane is not None:
+            await self._plane.aclose()
+            self._plane = None
+        if self._channel is not None:
+            await self._channel.aclose()
+            self._channel = None
 
     def _description(self) -> VmDescription:
         hosted = self.hosted
@@ -238,23 +283,6 @@ class _Prepared:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: Exception | None = None
-
-
-def connect_failure(err: OSError) -> str:
-    """The cause of a failed connect, without the errno noise: "Name or service not known" for
-    a host name that does not resolve; for refused or unreachable addresses (which trio reports
-    as "all attempts to connect to ... failed"), the first attempt's reason."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            cause = cause.exceptions[0]
-            continue
-        if isinstance(cause, OSError) and cause.strerror:
-            # trio's own message repeats the address; the errno's text is the reason alone.
-            code = cause.errno
-            return os.strerror(code) if isinstance(code, int) and code > 0 else str(cause.strerror)
-        cause = cause.__cause__
-    return str(err) or type(err).__name__
 
 
 def batch_pages_for(max_batch_bytes: int) -> int:

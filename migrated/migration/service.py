@@ -278,3 +278,4 @@ async def start_migration_service(daemon: MigrationHost, nursery: trio.Nursery) 
         }
     )
     await nursery.start(serve_peers, daemon)
+    await nursery.start(daemon.warm_links.serve)

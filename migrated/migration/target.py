@@ -26,6 +26,7 @@ from transport import (
     Commit,
     DeviceState,
     Done,
+    Event,
     Loaded,
     PageBatch,
     Progress,
@@ -48,6 +49,7 @@ from ..pagehash import memory_digest
 from ..peer import FINAL_PAGES_ON_CONTROL, PeerAborted, PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
+from .idlelinks import is_idle_link, wait_on_idle_link
 from .incoming_check import Refused, check_description
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
@@ -143,9 +145,15 @@ class Target:
                         raise PeerError(f"TLS handshake failed: {err}") from err
                 await self.channel.handshake(mark=self._setup_timeline.mark)
                 self._phase_steps.step("handshake")
-                first = await self.channel.receive()
-                self._phase_steps.step("describe")
-                self._setup_timeline.mark("described")
+                idle = is_idle_link(self.channel)
+                first: Event | None = None if idle else await self.channel.receive()
+            if idle:
+                # A source's warm link: it waits for its first message under its own deadline.
+                first = await wait_on_idle_link(self, self.daemon.idle_links, peer_config)
+                if first is None:
+                    return
+            self._phase_steps.step("describe")
+            self._setup_timeline.mark("described")
             if isinstance(first, Query):
                 await self._answer_query(first)
             elif isinstance(first, VmDescription):
@@ -175,6 +183,12 @@ class Target:
             self.log.exception("incoming_migration_crashed")
             await self.channel.abort(f"target error: {err}")
             await self._on_failure(f"target error: {err}")
+
+    def restart_clocks(self) -> None:
+        """An idle link's first message came: the migration starts now, not at the connect."""
+        self._started = time.monotonic()
+        self._phase_steps = StepTimes({})
+        self._setup_timeline = Timeline()
 
     async def _next(self) -> Any:
         """The peer's next event within peer.message_timeout_s: the deadline of every phase

@@ -1,0 +1,112 @@
+"""The target's count of idle links: authenticated connections from sources that keep them open,
+with no migration yet, for their next migration to this host (peer.py IDLE_LINK).
+
+Each holds an fd and a task here until its first message or its deadline
+(peer.idle_link_timeout_s), so they are bounded in total and per peer address
+(peer.max_idle_links, peer.max_idle_links_per_peer): no one peer can hold this daemon's fds
+(DESIGN 6). A link counts from the end of its handshake until its first message arrives; from
+then on it is a migration, counted by `Incoming` like any other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from transport import Event
+
+from ..config import PeerConfig
+from ..peer import IDLE_LINK, LinkLost, PeerChannel
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+
+class IdleLinkRefused(Exception):
+    """Taking this link would break a limit; the message names it and its key."""
+
+
+class IdleLinks:
+    def __init__(self) -> None:
+        self._per_peer: Counter[str] = Counter()  # peer address (no port) -> idle links
+
+    def __len__(self) -> int:
+        return sum(self._per_peer.values())
+
+    @contextmanager
+    def holding(self, peer_host: str, max_total: int, max_per_peer: int) -> Iterator[None]:
+        """Count one idle link from `peer_host` while the block runs, or raise IdleLinkRefused.
+        No await between the check and the count: in trio the pair is atomic."""
+        held = self._per_peer[peer_host]
+        if held >= max_per_peer:
+            raise IdleLinkRefused(
+                f"{held} idle links from {peer_host} already, the most this daemon keeps from one peer "
+                f"(peer.max_idle_links_per_peer = {max_per_peer})"
+            )
+        total = len(self)
+        if total >= max_total:
+            raise IdleLinkRefused(
+                f"{total} idle links already, the most this daemon keeps (peer.max_idle_links = {max_total})"
+            )
+        self._per_peer[peer_host] += 1
+        try:
+            yield
+        finally:
+            self._per_peer[peer_host] -= 1
+            if not self._per_peer[peer_host]:
+                del self._per_peer[peer_host]
+
+
+class _IdleLinkTarget(Protocol):
+    """What `wait_on_idle_link` needs of a Target (target.py)."""
+
+    channel: PeerChannel
+    peer: str  # HOST:PORT of the connection
+    log: FilteringBoundLogger
+
+    def restart_clocks(self) -> None: ...
+
+
+def is_idle_link(channel: PeerChannel) -> bool:
+    """The source announced this link as one it keeps idle (negotiated in the Hellos)."""
+    negotiated = channel.conn.negotiated
+    return negotiated is not None and IDLE_LINK in negotiated.capabilities
+
+
+async def wait_on_idle_link(target: _IdleLinkTarget, idle_links: IdleLinks, peer: PeerConfig) -> Event | None:
+    """An authenticated idle link's first message, counted against the idle-link limits while
+    it waits; None when the link is refused over a limit, its deadline passed or the source
+    closed it (the caller closes it: nothing was started for it).
+
+    None of these sends an Abort: the source may be sending its description right now, and an
+    Abort would fail that migration, where a closed link makes it connect afresh. A description
+    that arrives after the deadline is never read, so no VM is made for it here."""
+    channel = target.channel
+    host = target.peer.rpartition(":")[0] or target.peer
+    try:
+        with idle_links.holding(host, peer.max_idle_links, peer.max_idle_links_per_peer):
+            target.log.info("idle_link_held", idle_links=len(idle_links), timeout_s=peer.idle_link_timeout_s)
+            # Silence is what an idle link does: only its own deadline ends it.
+            channel.io_timeout_s = math.inf
+            first: Event | None = None
+            waited = trio.current_time()
+            with trio.move_on_after(peer.idle_link_timeout_s):
+                first = await channel.receive()
+            channel.io_timeout_s = peer.connect_timeout_s
+    except IdleLinkRefused as err:
+        target.log.warning("idle_link_refused", error=str(err))
+        return None
+    except LinkLost:
+        target.log.info("idle_link_closed_by_source")
+        return None
+    if first is None:
+        target.log.info("idle_link_expired", timeout_s=peer.idle_link_timeout_s)
+        return None
+    target.log.info("idle_link_used", idle_s=round(trio.current_time() - waited, 3))
+    target.restart_clocks()
+    return first
