@@ -30,11 +30,7 @@ def client_context(peer: PeerConfig) -> ssl.SSLContext:
 
 
 def server_context(peer: PeerConfig) -> ssl.SSLContext:
-    context = _context(peer, ssl.Purpose.CLIENT_AUTH)
-    # No TLS 1.3 session tickets after the handshake: sessions are never resumed here, and a
-    # source's idle warm link must stay silent until this side closes it (warmlinks.py).
-    context.num_tickets = 0
-    return context
+    return _context(peer, ssl.Purpose.CLIENT_AUTH)
 
 
 async def wrap_client(stream: trio.SocketStream, peer: PeerConfig, host: str) -> trio.SSLStream[trio.SocketStream]:
@@ -44,6 +40,6 @@ async def wrap_client(stream: trio.SocketStream, peer: PeerConfig, host: str) ->
 
 
 async def wrap_server(stream: trio.SocketStream, peer: PeerConfig) -> trio.SSLStream[trio.SocketStream]:
-    tls = trio.SSLStream(stream, server_context(peer), server_side=True)
+    tls = trio.SSLStream(stream, _context(peer, ssl.Purpose.CLIENT_AUTH), server_side=True)
     await tls.do_handshake()
     return tls

@@ -16,6 +16,7 @@ from daemons import DaemonProcess, heartbeat, wait_for, wait_migration
 from helpers import write_key
 from hostile import LogWatch, Peer, TargetHost
 from migrated.peer import IDLE_LINK
+from test_tls import make_ca, make_cert, tls_daemon
 from transport import Auth, Connection, Hello, Role, State
 
 pytestmark = pytest.mark.kvm
@@ -247,4 +248,37 @@ def test_idle_links_over_the_limits_are_refused_with_a_logged_error(tmp_path: Pa
     finally:
         for link in links:
             link.sock.close()
+        b.stop()
+
+
+def test_warm_links_over_mutual_tls(tmp_path: Path) -> None:
+    """With TLS each warm link has its own TLS handshake; what the server sends after it (TLS 1.3
+    session tickets) is read within the link's own handshake, so the idle link stays quiet and
+    the third migration takes it."""
+    ca = make_ca(tmp_path, "migration")
+    a = tls_daemon(tmp_path, "a", make_cert(tmp_path, "a", ca), ca[1]).start()
+    b = tls_daemon(tmp_path, "b", make_cert(tmp_path, "b", ca), ca[1]).start()
+    try:
+        _create(a)
+        assert _migrate(a, b)["link"] == "fresh"
+        _migrate(b, a)
+        _wait_event(a, "warm_link_ready", peer=b.address)
+        assert _migrate(a, b)["link"] == "warm"
+        assert not a.events("warm_link_dead") and not a.events("warm_link_closed_by_peer")
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_warm_links_switched_off_connect_every_migration_afresh(tmp_path: Path, key: Path) -> None:
+    a = _daemon(tmp_path, "a", key, peer="warm_links = false")
+    b = _daemon(tmp_path, "b", key, peer="warm_links = false")
+    try:
+        _create(a)
+        links = [_migrate(a, b)["link"], _migrate(b, a)["link"], _migrate(a, b)["link"]]
+        assert links == ["fresh", "fresh", "fresh"], links
+        assert not a.events("warm_link_ready") and not b.events("warm_link_ready")
+        assert not b.events("idle_link_held") and not a.events("idle_link_held")
+    finally:
+        a.stop()
         b.stop()
