@@ -14,11 +14,12 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from transport import Event
+from transport import Event, RemoteProtocolError
+from transport.datastream import DataHello
 
 from ..config import PeerConfig
 from ..peer import IDLE_LINK, LinkLost, PeerChannel
@@ -34,6 +35,28 @@ class IdleLinkRefused(Exception):
 class IdleLinks:
     def __init__(self) -> None:
         self._per_peer: Counter[str] = Counter()  # peer address (no port) -> idle links
+        # The stream secret of each link that went idle -> its Target, for the link's whole life:
+        # its warm data streams connect before its description names a migration, and find it
+        # by their token, which only that link's two ends can make (transport/datastream.py).
+        self._links: dict[bytes, Any] = {}
+
+    def register(self, secret: bytes, target: Any) -> None:
+        self._links[secret] = target
+
+    def forget(self, target: Any) -> None:
+        for secret in [s for s, t in self._links.items() if t is target]:
+            del self._links[secret]
+
+    def owner(self, hello: DataHello) -> Any:
+        """The Target of the idle link this data stream's token proves it belongs to, or None.
+        At most max_idle_links tokens to try (and links in a migration: max_incoming)."""
+        for secret, target in self._links.items():
+            try:
+                hello.check_token(secret)
+            except RemoteProtocolError:
+                continue
+            return target
+        return None
 
     def __len__(self) -> int:
         return sum(self._per_peer.values())
@@ -90,6 +113,7 @@ async def wait_on_idle_link(target: _IdleLinkTarget, idle_links: IdleLinks, peer
     host = target.peer.rpartition(":")[0] or target.peer
     try:
         with idle_links.holding(host, peer.max_idle_links, peer.max_idle_links_per_peer):
+            idle_links.register(channel.conn.data_stream_secret(), target)
             target.log.info("idle_link_held", idle_links=len(idle_links), timeout_s=peer.idle_link_timeout_s)
             # Silence is what an idle link does: only its own deadline ends it.
             channel.io_timeout_s = math.inf

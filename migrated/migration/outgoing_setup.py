@@ -10,7 +10,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -88,27 +88,32 @@ class OutgoingSetup:
         self._vm_record_written = trio.Event()
         self.daemon.start_task(partial(self._prepare_bulk, extents, prepared))
         description = self._description()
-        warm = await self.daemon.warm_links.take(self.options.host, self.options.port)
+        warm = await self.daemon.warm_links.take(self.options.host, self.options.port, self.options.streams)
         if warm is not None:
             self._phase_steps.step("take_warm_link")
             self._setup_timeline.mark("warm_link_taken")
+            self._channel = warm.channel  # closed with the migration, whatever happens from here
             try:
-                await self._until_accept(partial(self._describe_on, warm, description))
+                await self._until_accept(partial(self._describe_on, warm.channel, description), warm.streams)
                 link = "warm"
             except LinkLost as err:
-                if warm.conn.bytes_received != self._received_before_description:
+                if warm.channel.conn.bytes_received != self._received_before_description:
                     raise
                 # The target closed this link before it answered the description: at its idle
                 # deadline, over its idle-link limits, or stopping, each without reading on, so
                 # no copy of the VM exists there for it. A target that did read it and failed
                 # without an answer recorded this migration id and refuses it a second time
                 # (incoming.py): a fresh connection can never make a second copy. The VM was
-                # never paused; the streams opened for the dead link carry its token and are
-                # refused by the target. Once: a second failure is the migration's.
+                # never paused; the link's warm streams were the dead link's alone (the target
+                # closed them with it). Once: a second failure is the migration's.
                 self.log.info("warm_link_lost", error=str(err))
                 self._setup_timeline.mark("warm_link_lost")
                 await self._drop_link()
                 link = "fresh-after-warm"
+            finally:
+                if self._plane is None:  # no SendStreams took the warm streams over (and closes them)
+                    for sock in warm.streams:
+                        sock.close()
         else:
             link = "fresh"
         if link != "warm":
@@ -118,15 +123,22 @@ class OutgoingSetup:
         if prepared.error is not None:
             raise prepared.error
 
-    async def _until_accept(self, link: Callable[[], Awaitable[PeerChannel]]) -> None:
+    async def _until_accept(
+        self, link: Callable[[], Awaitable[PeerChannel]], warm_streams: list[socket.socket] | None = None
+    ) -> None:
         """`link` connects (or takes a warm link) and sends the description; then the data
-        streams open while the target checks it and makes the RAM, until its ACCEPT."""
+        streams open while the target checks it and makes the RAM, until its ACCEPT.
+        `warm_streams`: a warm link's, connected already (the target holds them)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._channel = channel = await link()
-                # The data streams connect while the target makes the RAM (it holds them); after
-                # the description, so that the target knows the migration they name.
-                nursery.start_soon(self._open_streams_into, channel)
+                if warm_streams is not None:
+                    self._plane = SendStreams.over(warm_streams, **self._stream_parameters(channel))
+                    self._setup_timeline.mark("streams_opened")
+                else:
+                    # The data streams connect while the target makes the RAM (it holds them);
+                    # after the description, so that the target knows the migration they name.
+                    nursery.start_soon(self._open_streams_into, channel)
                 with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
                     await channel.expect(Accept)
                 self._phase_steps.step("accept")
@@ -240,14 +252,23 @@ class OutgoingSetup:
             mark("worker_returned")
             self._phase_steps.add("overlapped.rearm_extents_record", started)
 
-    async def _open_streams(self, channel: PeerChannel) -> SendStreams:
+    def _stream_parameters(self, channel: PeerChannel) -> dict[str, Any]:
+        """What this migration's streams are made with, but their sockets (SendStreams.over)."""
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
-        conn = channel.conn
-        negotiated = conn.negotiated
+        negotiated = channel.conn.negotiated
         assert negotiated is not None
+        return {
+            "secret": channel.conn.data_stream_secret(),
+            "sealed": negotiated.auth == "psk",
+            "memory": vm.memory,
+            "layout": Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes),
+            "batch_pages": batch_pages_for(negotiated.max_batch_bytes),
+            "bandwidth_bytes_s": self.options.max_bandwidth_mib_s * MIB,
+        }
+
+    async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         peer = self.daemon.config.peer
-        layout = Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
         with trio.fail_after(peer.connect_timeout_s * 2), contextlib.ExitStack() as fault:
             port = self.options.port
             if faults.active("source-streams-refused"):
@@ -260,14 +281,9 @@ class OutgoingSetup:
                     host=self.options.host,
                     port=port,
                     peer=peer,
-                    secret=conn.data_stream_secret(),
-                    sealed=negotiated.auth == "psk",
                     migration_id=self.stats.migration_id,
                     count=self.options.streams,
-                    memory=vm.memory,
-                    layout=layout,
-                    batch_pages=batch_pages_for(negotiated.max_batch_bytes),
-                    bandwidth_bytes_s=self.options.max_bandwidth_mib_s * MIB,
+                    **self._stream_parameters(channel),
                 )
             except (OSError, ssl.SSLError) as err:
                 raise PeerError(f"cannot open the data streams to {self.stats.peer}: {connect_failure(err)}") from err

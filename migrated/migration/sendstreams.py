@@ -308,6 +308,27 @@ class Pass:
             raise OSError(text if text.startswith("data stream") else f"data stream failed: {text}") from err
 
 
+async def connect_streams(
+    host: str, port: int, peer: PeerConfig, secret: bytes, migration_id: str, count: int
+) -> list[socket.socket]:
+    """`count` data connections, each with its hello sent, in stream order; in a worker thread,
+    bounded by the connect timeout and not cancellable: the sockets are ours either way."""
+
+    def connect_all() -> list[socket.socket]:
+        sockets: list[socket.socket] = []
+        try:
+            for index in range(count):
+                hello = DataHello.make(secret, migration_id, index, count)
+                sockets.append(_connect_one(host, port, peer, hello, peer.connect_timeout_s, peer.connect_timeout_s))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return sockets
+
+    return await trio.to_thread.run_sync(connect_all)
+
+
 class SendStreams:
     """N data streams of one migration, from guest RAM to the target."""
 
@@ -336,22 +357,21 @@ class SendStreams:
         batch_pages: int,
         bandwidth_bytes_s: float,
     ) -> SendStreams:
-        def connect_all() -> list[socket.socket]:
-            sockets: list[socket.socket] = []
-            try:
-                for index in range(count):
-                    hello = DataHello.make(secret, migration_id, index, count)
-                    sockets.append(
-                        _connect_one(host, port, peer, hello, peer.connect_timeout_s, peer.connect_timeout_s)
-                    )
-            except BaseException:
-                for sock in sockets:
-                    sock.close()
-                raise
-            return sockets
+        sockets = await connect_streams(host, port, peer, secret, migration_id, count)
+        return cls.over(sockets, secret, sealed, memory, layout, batch_pages, bandwidth_bytes_s)
 
-        # Bounded by the connect timeout, not cancellable: the sockets are ours either way.
-        sockets = await trio.to_thread.run_sync(connect_all)
+    @classmethod
+    def over(
+        cls,
+        sockets: list[socket.socket],
+        secret: bytes,
+        sealed: bool,
+        memory: GuestMemory,
+        layout: Layout,
+        batch_pages: int,
+        bandwidth_bytes_s: float,
+    ) -> SendStreams:
+        """Streams over sockets already connected with their hellos (`connect_streams`)."""
         stop = threading.Event()
         limiter = TokenBucket(bandwidth_bytes_s, stop)
         threads = [

@@ -109,6 +109,7 @@ class Target:
         self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
         self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
+        self.idle_link = False  # a source's warm link: it may wait idle, its streams come early
 
     async def run(self) -> None:
         try:
@@ -123,6 +124,7 @@ class Target:
             if self.admitted_id is not None:
                 self.daemon.incoming.leave(self.admitted_id)
             self.daemon.finish_incoming(self)
+            self.daemon.idle_links.forget(self)  # its warm streams find it no more
             self._streams_ready.set()  # a data stream still waiting is refused now
             await self._close_streams()
             self._close_ram()
@@ -145,7 +147,7 @@ class Target:
                         raise PeerError(f"TLS handshake failed: {err}") from err
                 await self.channel.handshake(mark=self._setup_timeline.mark)
                 self._phase_steps.step("handshake")
-                idle = is_idle_link(self.channel)
+                idle = self.idle_link = is_idle_link(self.channel)
                 first: Event | None = None if idle else await self.channel.receive()
             if idle:
                 # A source's warm link: it waits for its first message under its own deadline.
@@ -406,12 +408,14 @@ class Target:
         once its token proved it is this migration's."""
         if not self._streams_ready.is_set():
             negotiated = self.channel.conn.negotiated
-            if negotiated is None or not self.data_streams:
+            # An idle link's warm streams come before its description: as many as their hellos say.
+            announced = self.data_streams or (hello.count if self.idle_link else 0)
+            if negotiated is None or not announced:
                 raise RemoteProtocolError(f"migration {hello.migration_id!r} takes no data streams now")
             hello.check_token(self.channel.conn.data_stream_secret())
-            if self._streams_waiting >= self.data_streams:
+            if self._streams_waiting >= announced:
                 # Each waiting stream holds an fd until the RAM exists: no more than announced.
-                raise RemoteProtocolError(f"more data streams than the {self.data_streams} announced")
+                raise RemoteProtocolError(f"more data streams than the {announced} announced")
             self._streams_waiting += 1
             if self._streams_waiting >= self.data_streams:
                 self._all_streams_waiting.set()

@@ -20,7 +20,9 @@ Rules of this file:
 
 from __future__ import annotations
 
+import secrets
 import select
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,13 +38,18 @@ from ..logs import get_logger
 from ..peer import PeerChannel, PeerError, make_connection
 from .idlelinks import is_idle_link
 from .peerconnect import connect_stream
+from .sendstreams import connect_streams
 
 Address = tuple[str, int]
 
 
 @dataclass
-class _IdleLink:
+class WarmLink:
+    """An idle link, and its data streams: connected, their hellos sent under a name of the
+    link's own (`link_id`); the target holds them for the link's migration (service.py)."""
+
     channel: PeerChannel
+    streams: list[socket.socket] = field(default_factory=list)
     since: float = field(default_factory=time.monotonic)
     watch: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -51,7 +58,7 @@ class WarmLinks:
     def __init__(self, config: Callable[[], Config], node: str) -> None:
         self._config = config  # the daemon's current one (a reload may turn warm links off)
         self._node = node
-        self._idle: dict[Address, _IdleLink] = {}
+        self._idle: dict[Address, WarmLink] = {}
         self._opening: set[Address] = set()
         self._nursery: trio.Nursery | None = None
         self.log = get_logger(component="warm_links")
@@ -71,7 +78,7 @@ class WarmLinks:
             links, self._idle = list(self._idle.values()), {}
             with trio.CancelScope(shield=True):  # the daemon is stopping: each closes at once
                 for link in links:
-                    await _close(link.channel)
+                    await _close(link)
             if links:
                 self.log.info("warm_links_closed", links=len(links))
 
@@ -86,27 +93,30 @@ class WarmLinks:
         self._opening.add(address)
         self._nursery.start_soon(self._open_and_watch, address)
 
-    async def take(self, host: str, port: int) -> PeerChannel | None:
-        """The idle link to host:port, now the caller's (it closes it), if there is one that
-        the peer has not closed; None otherwise."""
+    async def take(self, host: str, port: int, streams: int) -> WarmLink | None:
+        """The idle link to host:port with its `streams` data streams, now the caller's (it
+        closes them), if the peer has closed none of them; None otherwise. All or nothing:
+        the target holds the link's streams for its migration, and streams of the migration's
+        own would find their places taken."""
         link = self._idle.pop((host, port), None)
         if link is None:
             return None
         link.watch.cancel()  # no one else waits on its socket from here on
-        if not self._config().peer.warm_links:
-            await _close(link.channel)
+        if not self._config().peer.warm_links or len(link.streams) != streams:
+            await _close(link)
             return None
-        if not _quiet(link.channel) and not faults.active("source-warm-link-unwatched"):
+        sockets = [_socket_of(link.channel), *link.streams]
+        if not all(_quiet(sock) for sock in sockets) and not faults.active("source-warm-link-unwatched"):
             # An idle target sends nothing: EOF, a reset or bytes mean the link is over.
             self.log.info("warm_link_dead", peer=f"{host}:{port}", idle_s=round(time.monotonic() - link.since, 3))
-            await _close(link.channel)
+            await _close(link)
             return None
-        return link.channel
+        return link
 
     async def _open_and_watch(self, address: Address) -> None:
         peer = f"{address[0]}:{address[1]}"
         try:
-            channel = await self._open(address)
+            link = await self._open(address)
         except (PeerError, OSError, trio.TooSlowError) as err:
             # Nothing lost: the next migration there connects as it always did.
             self.log.info("warm_link_failed", peer=peer, error=str(err) or type(err).__name__)
@@ -116,16 +126,17 @@ class WarmLinks:
             return
         finally:
             self._opening.discard(address)
-        if not is_idle_link(channel):
+        if not is_idle_link(link.channel):
             # An older target cuts an idle link off at its connect_timeout_s: no use keeping it.
             self.log.info("warm_link_unsupported", peer=peer)
-            await _close(channel)
+            await _close(link)
             return
         if not self._config().peer.warm_links or address in self._idle:
-            await _close(channel)
+            await _close(link)
             return
-        link = self._idle[address] = _IdleLink(channel)
-        self.log.info("warm_link_ready", peer=peer)
+        self._idle[address] = link
+        channel = link.channel
+        self.log.info("warm_link_ready", peer=peer, streams=len(link.streams))
         if faults.active("source-warm-link-unwatched"):
             return
         with link.watch:
@@ -135,27 +146,38 @@ class WarmLinks:
         if self._idle.get(address) is link:
             del self._idle[address]
         self.log.info("warm_link_closed_by_peer", peer=peer, idle_s=round(time.monotonic() - link.since, 3))
-        await _close(channel)
+        await _close(link)
 
-    async def _open(self, address: Address) -> PeerChannel:
+    async def _open(self, address: Address) -> WarmLink:
+        """The link and, once it is authenticated, its data streams (as many as a migration
+        opens by default, migration.streams), named by a fresh link id: the migration that
+        takes the link need not connect them (outgoing_setup.py)."""
         config = self._config()
         peer = config.peer
         host, port = address
-        channel: PeerChannel | None = None
+        link: WarmLink | None = None
         try:
-            with trio.fail_after(peer.connect_timeout_s):
+            with trio.fail_after(peer.connect_timeout_s * 2):
                 stream = await connect_stream(host, port, peer)
-                channel = PeerChannel(
-                    stream,
-                    make_connection(Role.SOURCE, peer, self._node, config.migration.max_batch_bytes, idle_link=True),
-                    io_timeout_s=peer.connect_timeout_s,
+                link = WarmLink(
+                    PeerChannel(
+                        stream,
+                        make_connection(
+                            Role.SOURCE, peer, self._node, config.migration.max_batch_bytes, idle_link=True
+                        ),
+                        io_timeout_s=peer.connect_timeout_s,
+                    )
                 )
-                await channel.handshake()
-            return channel
+                await link.channel.handshake()
+                if is_idle_link(link.channel):
+                    secret = link.channel.conn.data_stream_secret()
+                    link_id = f"w-{secrets.token_hex(8)}"
+                    link.streams = await connect_streams(host, port, peer, secret, link_id, config.migration.streams)
+            return link
         except BaseException:
-            if channel is not None:
+            if link is not None:
                 with trio.CancelScope(shield=True):
-                    await _close(channel)
+                    await _close(link)
             raise
 
 
@@ -164,14 +186,21 @@ def _socket_of(channel: PeerChannel) -> Any:
     return getattr(stream, "transport_stream", stream).socket  # TLS: the socket beneath
 
 
-def _quiet(channel: PeerChannel) -> bool:
-    """Nothing to read and no hang-up on the link's socket, this instant."""
+def _quiet(sock: Any) -> bool:
+    """Nothing to read and no hang-up on this socket, this instant."""
     poller = select.poll()
-    poller.register(_socket_of(channel).fileno(), select.POLLIN | select.POLLPRI | select.POLLRDHUP)
+    poller.register(sock.fileno(), select.POLLIN | select.POLLPRI | select.POLLRDHUP)
     return not poller.poll(0)
 
 
-async def _close(channel: PeerChannel) -> None:
+def _close_streams(link: WarmLink) -> None:
+    for sock in link.streams:
+        sock.close()
+    link.streams = []
+
+
+async def _close(link: WarmLink) -> None:
     """At once, also while cancelled (the daemon stopping): no TLS close_notify to wait for."""
-    await trio.aclose_forcefully(channel.stream)
-    channel.conn.release_buffers()
+    _close_streams(link)
+    await trio.aclose_forcefully(link.channel.stream)
+    link.channel.conn.release_buffers()

@@ -158,9 +158,10 @@ def test_idle_links_are_closed_when_either_daemon_stops(tmp_path: Path, key: Pat
         b_sockets = _sockets(b)
         _create(a)
         _migrate(a, b)
-        _wait_event(a, "warm_link_ready", peer=b.address)
-        # The migration's own connections close; one socket stays: A's idle link.
-        wait_for(lambda: _sockets(b) == b_sockets + 1, timeout=10, what="B to hold one socket for A's idle link")
+        (ready,) = _wait_event(a, "warm_link_ready", peer=b.address)
+        assert ready["streams"] == 2, ready  # migration.streams: its data streams are warm too
+        # The migration's own connections close; A's idle link and its streams stay.
+        wait_for(lambda: _sockets(b) == b_sockets + 3, timeout=10, what="B to hold A's idle link and its streams")
         assert a.stop() == 0
         assert any(e.get("links") == 1 for e in a.events("warm_links_closed")), a.log()[-3000:]
         _wait_event(b, "idle_link_closed_by_source")
@@ -169,7 +170,7 @@ def test_idle_links_are_closed_when_either_daemon_stops(tmp_path: Path, key: Pat
         c_sockets = _sockets(c)
         _migrate(b, c)
         _wait_event(b, "warm_link_ready", peer=c.address)
-        wait_for(lambda: _sockets(c) == c_sockets + 1, timeout=10, what="C to hold one socket for B's idle link")
+        wait_for(lambda: _sockets(c) == c_sockets + 3, timeout=10, what="C to hold B's idle link and its streams")
         assert b.stop() == 0
         _wait_event(c, "idle_link_closed_by_source")
         wait_for(lambda: _sockets(c) == c_sockets, timeout=10, what="C to close the idle link's socket")
@@ -279,6 +280,32 @@ def test_warm_links_switched_off_connect_every_migration_afresh(tmp_path: Path, 
         assert links == ["fresh", "fresh", "fresh"], links
         assert not a.events("warm_link_ready") and not b.events("warm_link_ready")
         assert not b.events("idle_link_held") and not a.events("idle_link_held")
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_migration_with_another_stream_count_leaves_the_warm_link_and_connects_afresh(
+    tmp_path: Path, key: Path
+) -> None:
+    """The warm link's data streams (migration.streams = 2) are held by the target for it: a
+    migration asking for 3 streams does not mix its own with them; it closes the warm link and
+    connects afresh, and completes."""
+    a, b = _daemon(tmp_path, "a", key), _daemon(tmp_path, "b", key)
+    try:
+        _create(a)
+        _migrate(a, b)
+        _migrate(b, a)
+        _wait_event(a, "warm_link_ready", peer=b.address)
+        a.call("migrate", name="vm1", to=b.address, streams=3)
+        stats = wait_migration(a, "vm1")
+        assert stats["state"] == "completed" and stats["link"] == "fresh", stats
+        wait_for(lambda: heartbeat(b, "vm1") > 0, what="the guest on B")
+        assert b.call("vm.show", name="vm1")["guest"]["verification_errors"] == 0
+        # The next migration with the default count takes the link warmed after this one.
+        _migrate(b, a)
+        _wait_event(a, "warm_link_ready", count=2, peer=b.address)
+        assert _migrate(a, b)["link"] == "warm"
     finally:
         a.stop()
         b.stop()
