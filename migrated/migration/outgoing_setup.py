@@ -8,6 +8,7 @@ import contextlib
 from functools import partial
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -94,7 +95,11 @@ class OutgoingSetup:
             self._setup_timeline.mark("warm_link_taken")
             self._channel = warm.channel  # closed with the migration, whatever happens from here
             try:
-                await self._until_accept(partial(self._describe_on, warm.channel, description), warm.streams)
+                await self._until_accept(
+                    partial(self._describe_on, warm.channel, description),
+                    warm.streams,
+                    partial(self._prepare_on_loop, extents, prepared),
+                )
                 link = "warm"
             except LinkLost as err:
                 if warm.channel.conn.bytes_received != self._received_before_description:
@@ -124,11 +129,15 @@ class OutgoingSetup:
             raise prepared.error
 
     async def _until_accept(
-        self, link: Callable[[], Awaitable[PeerChannel]], warm_streams: list[socket.socket] | None = None
+        self,
+        link: Callable[[], Awaitable[PeerChannel]],
+        warm_streams: list[socket.socket] | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> None:
         """`link` connects (or takes a warm link) and sends the description; then the data
         streams open while the target checks it and makes the RAM, until its ACCEPT.
-        `warm_streams`: a warm link's, connected already (the target holds them)."""
+        `warm_streams`: a warm link's, connected already (the target holds them); `meanwhile`:
+        run on the loop then, before the wait for ACCEPT."""
         try:
             async with trio.open_nursery() as nursery:
                 self._channel = channel = await link()
@@ -139,6 +148,8 @@ class OutgoingSetup:
                     # The data streams connect while the target makes the RAM (it holds them);
                     # after the description, so that the target knows the migration they name.
                     nursery.start_soon(self._open_streams_into, channel)
+                if meanwhile is not None:
+                    meanwhile()
                 with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
                     await channel.expect(Accept)
                 self._phase_steps.step("accept")
@@ -212,27 +223,16 @@ class OutgoingSetup:
         migrating VM). One trip, not two: a second worker thread is one more to start (the
         loop waits for a new thread to run) and to schedule while the setup runs."""
         hosted = self.hosted
-        vm = hosted.vm
-        assert vm is not None and vm.memory is not None and vm.tracker is not None
-        memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
+        record = self.daemon.record_vm
         written = self._vm_record_written
         assert written is not None
         mark, slow = self._setup_timeline.mark, faults.active("source-record-slow")
 
-        def on_prepared() -> None:  # in trio's thread
-            mark("extents_found")
-            self._last_collect = time.perf_counter()
-            self._phase_steps.add("overlapped.rearm_extents", started)
-            prepared.done.set()
-
         def rearm_find_extents_and_record() -> None:
             mark("worker_entered")
-            try:
-                tracker.rearm()
-                extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
-            except Exception as err:  # the setup raises it; the migration fails and resumes
-                prepared.error = err
-            trio.from_thread.run_sync(on_prepared)
+            if prepared.claim.acquire(blocking=False):  # not done on the loop already
+                self._rearm_and_find_extents(extents, prepared)
+                trio.from_thread.run_sync(self._on_prepared, prepared, started)
             if prepared.error is not None:
                 return  # the resume writes the record
             if slow:
@@ -251,6 +251,33 @@ class OutgoingSetup:
             written.set()
             mark("worker_returned")
             self._phase_steps.add("overlapped.rearm_extents_record", started)
+
+    def _rearm_and_find_extents(self, extents: dict[int, list[tuple[int, int]]], prepared: _Prepared) -> None:
+        """R3's re-arm, then the RAM file's extents (`_prepare_bulk`); in either thread."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None and vm.tracker is not None
+        memory = vm.memory
+        try:
+            vm.tracker.rearm()
+            extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
+        except Exception as err:  # the setup raises it; the migration fails and resumes
+            prepared.error = err
+
+    def _on_prepared(self, prepared: _Prepared, started: float) -> None:  # in trio's thread
+        self._setup_timeline.mark("extents_found")
+        self._last_collect = time.perf_counter()
+        self._phase_steps.add("overlapped.rearm_extents", started)
+        prepared.done.set()
+
+    def _prepare_on_loop(self, extents: dict[int, list[tuple[int, int]]], prepared: _Prepared) -> None:
+        """A warm link's setup: with the description out and the streams connected, the loop
+        only waits for ACCEPT (the target's check and RAM, a round trip), so the re-arm and the
+        extents run here meanwhile instead of waiting for the worker thread to be scheduled
+        (the last step of a warm setup on a busy host). The worker then only writes the record."""
+        if prepared.claim.acquire(blocking=False):
+            started = time.perf_counter()
+            self._rearm_and_find_extents(extents, prepared)
+            self._on_prepared(prepared, started)
 
     def _stream_parameters(self, channel: PeerChannel) -> dict[str, Any]:
         """What this migration's streams are made with, but their sockets (SendStreams.over)."""
@@ -299,6 +326,7 @@ class _Prepared:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: Exception | None = None
+        self.claim = threading.Lock()  # the re-arm and the extents: whichever thread takes it
 
 
 def batch_pages_for(max_batch_bytes: int) -> int:
