@@ -60,16 +60,40 @@ def _wait_event(daemon: DaemonProcess, event: str, count: int = 1, **fields: Any
     return found()
 
 
-def _sockets(daemon: DaemonProcess) -> int:
+def _connections(daemon: DaemonProcess) -> int:
+    """The daemon's established TCP connections: its fds that are sockets found ESTABLISHED in
+    /proc/net/tcp (listeners, the control socket and closed peers are not counted)."""
     assert daemon.process is not None
     fd_dir = f"/proc/{daemon.process.pid}/fd"
-    count = 0
+    inodes = set()
     for fd in os.listdir(fd_dir):
         try:
-            count += os.readlink(f"{fd_dir}/{fd}").startswith("socket:")
+            target = os.readlink(f"{fd_dir}/{fd}")
         except FileNotFoundError:
-            pass  # closed meanwhile
-    return count
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as file:
+            for line in file.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01":  # TCP_ESTABLISHED
+                    established.add(fields[9])
+    return len(inodes & established)
+
+
+def _wait_connections(daemon: DaemonProcess, count: int) -> None:
+    seen: list[int] = []
+
+    def holds() -> bool:
+        seen.append(_connections(daemon))
+        return seen[-1] == count
+
+    try:
+        wait_for(holds, timeout=10, what=f"{daemon.name} to hold {count} peer connections")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; it held {sorted(set(seen))}") from None
 
 
 @pytest.fixture
@@ -101,6 +125,11 @@ def test_migrations_after_the_first_to_a_peer_take_a_warm_link(tmp_path: Path, k
         assert "phase_steps_ms" in third and "connect" not in third["phase_steps_ms"], third
         # Used once: a fresh link was warmed after it (a second warm_link_ready from A to B).
         _wait_event(a, "warm_link_ready", count=2, peer=b.address)
+        _wait_event(b, "warm_link_ready", count=2, peer=a.address)
+        # No connection of a used link is left behind: each daemon holds its own idle link to
+        # the other and the other's to it, 3 connections each (control and 2 streams), no more.
+        _wait_connections(a, 6)
+        _wait_connections(b, 6)
         # The target took the idle link as a migration, not as a failed connection.
         assert b.events("idle_link_used"), b.log()[-3000:]
         assert not b.events("incoming_connection_failed"), b.events("incoming_connection_failed")
@@ -155,25 +184,23 @@ def test_idle_links_are_closed_when_either_daemon_stops(tmp_path: Path, key: Pat
     a, b = _daemon(tmp_path, "a", key), _daemon(tmp_path, "b", key)
     c = _daemon(tmp_path, "c", key)
     try:
-        b_sockets = _sockets(b)
         _create(a)
         _migrate(a, b)
         (ready,) = _wait_event(a, "warm_link_ready", peer=b.address)
         assert ready["streams"] == 2, ready  # migration.streams: its data streams are warm too
         # The migration's own connections close; A's idle link and its streams stay.
-        wait_for(lambda: _sockets(b) == b_sockets + 3, timeout=10, what="B to hold A's idle link and its streams")
+        _wait_connections(b, 3)
         assert a.stop() == 0
         assert any(e.get("links") == 1 for e in a.events("warm_links_closed")), a.log()[-3000:]
         _wait_event(b, "idle_link_closed_by_source")
-        wait_for(lambda: _sockets(b) == b_sockets, timeout=10, what="B to close the idle link's socket")
+        _wait_connections(b, 0)
         # Now B warms a link to C, and B stops: C sees it closed, B exits cleanly.
-        c_sockets = _sockets(c)
         _migrate(b, c)
         _wait_event(b, "warm_link_ready", peer=c.address)
-        wait_for(lambda: _sockets(c) == c_sockets + 3, timeout=10, what="C to hold B's idle link and its streams")
+        _wait_connections(c, 3)
         assert b.stop() == 0
         _wait_event(c, "idle_link_closed_by_source")
-        wait_for(lambda: _sockets(c) == c_sockets, timeout=10, what="C to close the idle link's socket")
+        _wait_connections(c, 0)
         for daemon in (a, b):
             assert "Traceback" not in daemon.log(), daemon.log()[-3000:]
     finally:
