@@ -166,7 +166,9 @@ class OutgoingSetup:
         """The description on a warm link: its handshake is long done."""
         self._received_before_description = channel.conn.bytes_received
         await faults.hold(self.log, "setup")
-        await channel.send(description)
+        # At once (peer.py `_write_at_once`): out before the scheduler runs anything else, such
+        # as the bulk copy's preparation starting its worker.
+        await channel.send(description, at_once=True)
         self._phase_steps.step("describe")
         self._setup_timeline.mark("described")
         return channel
