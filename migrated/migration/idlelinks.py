@@ -2,10 +2,12 @@
 with no migration yet, for their next migration to this host (peer.py IDLE_LINK).
 
 Each holds an fd and a task here until its first message or its deadline
-(peer.idle_link_timeout_s), so they are bounded in total and per peer address
+(peer.idle_link_timeout_s), and its warm data streams (at most transport.datastream.MAX_STREAMS,
+`Target.attach_data_stream`), so they are bounded in total and per peer address
 (peer.max_idle_links, peer.max_idle_links_per_peer): no one peer can hold this daemon's fds
 (DESIGN 6). A link counts from the end of its handshake until its first message arrives; from
-then on it is a migration, counted by `Incoming` like any other.
+then on it is a migration, counted by `Incoming` like any other. Its warm streams find it by
+their token for the link's whole life (`owner`).
 """
 
 from __future__ import annotations

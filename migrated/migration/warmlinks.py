@@ -6,8 +6,11 @@ there sends its VM description at once, without the connect and the handshake on
 Rules of this file:
 
 - A link is opened exactly as a migration's own (TCP, TLS or the PSK handshake with fresh
-  nonces both ways, so fresh keys), announced as idle in its Hello (peer.py IDLE_LINK), and
-  carries one migration: `take` hands it out once and forgets it; the migration closes it.
+  nonces both ways, so fresh keys), announced as idle in its Hello (peer.py IDLE_LINK), then
+  its data streams (migration.streams), their hellos named by a fresh link id and proved by
+  this link's stream secret (the target holds them for the link: idlelinks.py). It carries one
+  migration: `take` hands it out once, with all its streams or not at all, and forgets it; the
+  migration closes it.
 - At most one idle link (or one being opened) per peer address. Opening never holds anything
   up: it runs in this pool's own nursery, and a migration that finds no idle link connects as
   it always did.
