@@ -106,6 +106,7 @@ class WarmLinks:
             return None
         link.watch.cancel()  # no one else waits on its socket from here on
         if not self._config().peer.warm_links or len(link.streams) != streams:
+            self.log.info("warm_link_not_used", peer=f"{host}:{port}", streams=len(link.streams), wanted=streams)
             await _close(link)
             return None
         sockets = [_socket_of(link.channel), *link.streams]

@@ -327,6 +327,7 @@ def test_a_migration_with_another_stream_count_leaves_the_warm_link_and_connects
         a.call("migrate", name="vm1", to=b.address, streams=3)
         stats = wait_migration(a, "vm1")
         assert stats["state"] == "completed" and stats["link"] == "fresh", stats
+        assert any(e["streams"] == 2 and e["wanted"] == 3 for e in a.events("warm_link_not_used"))
         wait_for(lambda: heartbeat(b, "vm1") > 0, what="the guest on B")
         assert b.call("vm.show", name="vm1")["guest"]["verification_errors"] == 0
         # The next migration with the default count takes the link warmed after this one.
