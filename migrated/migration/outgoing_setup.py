@@ -123,7 +123,7 @@ class OutgoingSetup:
             link = "fresh"
         if link != "warm":
             await self._until_accept(partial(self._connect, timed=True, then=description))
-        self.stats.link = link  # accepted: a link to this peer is worth keeping warm (source.py)
+        self.stats.link = link
         await prepared.done.wait()
         if prepared.error is not None:
             raise prepared.error

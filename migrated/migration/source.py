@@ -159,7 +159,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
                 await self._plane.aclose()
             if self._channel is not None:
                 await self._channel.aclose()
-            if self.stats.link:  # the target accepted us: the next migration there finds a link
+            if self.stats.state == "completed":  # the next migration there finds a link ready
                 self.daemon.warm_links.warm(self.options.host, self.options.port)
             hosted.last_migration = self.stats.as_dict()
 
