@@ -332,14 +332,21 @@ async def connect_streams(
 class SendStreams:
     """N data streams of one migration, from guest RAM to the target."""
 
-    def __init__(self, threads: list[_StreamThread], stop: threading.Event, limiter: TokenBucket) -> None:
+    def __init__(
+        self,
+        threads: list[_StreamThread],
+        stop: threading.Event,
+        limiter: TokenBucket,
+        token: trio.lowlevel.TrioToken | None = None,
+    ) -> None:
         self._threads = threads
         self._stop = stop
         self.limiter = limiter
         self._closed = False
         # Passes report here; start_pages and start_end may run in a worker thread (the
-        # downtime starts the final pages from the thread that paused the VM).
-        self._token = trio.lowlevel.current_trio_token()
+        # downtime starts the final pages from the thread that paused the VM). `token`: made in
+        # a worker thread (`over`), the run's token is passed in.
+        self._token = token or trio.lowlevel.current_trio_token()
 
     @classmethod
     async def open(
@@ -370,8 +377,10 @@ class SendStreams:
         layout: Layout,
         batch_pages: int,
         bandwidth_bytes_s: float,
+        token: trio.lowlevel.TrioToken | None = None,
     ) -> SendStreams:
-        """Streams over sockets already connected with their hellos (`connect_streams`)."""
+        """Streams over sockets already connected with their hellos (`connect_streams`). In a
+        worker thread with the run's `token`: each thread's start waits for it to be scheduled."""
         stop = threading.Event()
         limiter = TokenBucket(bandwidth_bytes_s, stop)
         threads = [
@@ -385,7 +394,7 @@ class SendStreams:
             )
             for index, sock in enumerate(sockets)
         ]
-        return cls(threads, stop, limiter)
+        return cls(threads, stop, limiter, token)
 
     @property
     def count(self) -> int:
