@@ -23,7 +23,7 @@ import trio
 from transport import Event, RemoteProtocolError
 from transport.datastream import DataHello
 
-from ..config import PeerConfig
+from ..config import Config
 from ..peer import IDLE_LINK, LinkLost, PeerChannel
 
 if TYPE_CHECKING:
@@ -64,9 +64,14 @@ class IdleLinks:
         return sum(self._per_peer.values())
 
     @contextmanager
-    def holding(self, peer_host: str, max_total: int, max_per_peer: int) -> Iterator[None]:
+    def holding(
+        self, peer_host: str, max_total: int, max_per_peer: int, incoming: int, max_incoming: int
+    ) -> Iterator[None]:
         """Count one idle link from `peer_host` while the block runs, or raise IdleLinkRefused.
-        No await between the check and the count: in trio the pair is atomic."""
+        An idle link is a migration to come: with the `incoming` ones in progress they stay
+        within migration.max_incoming (a description on it is then admitted as any, and an
+        idle link never keeps a migration out). No await between the checks and the count: in
+        trio the pair is atomic."""
         held = self._per_peer[peer_host]
         if held >= max_per_peer:
             raise IdleLinkRefused(
@@ -77,6 +82,11 @@ class IdleLinks:
         if total >= max_total:
             raise IdleLinkRefused(
                 f"{total} idle links already, the most this daemon keeps (peer.max_idle_links = {max_total})"
+            )
+        if total + incoming >= max_incoming:
+            raise IdleLinkRefused(
+                f"{incoming} incoming migrations in progress and {total} idle links, as many as this daemon "
+                f"accepts migrations (migration.max_incoming = {max_incoming})"
             )
         self._per_peer[peer_host] += 1
         try:
@@ -103,7 +113,9 @@ def is_idle_link(channel: PeerChannel) -> bool:
     return negotiated is not None and IDLE_LINK in negotiated.capabilities
 
 
-async def wait_on_idle_link(target: _IdleLinkTarget, idle_links: IdleLinks, peer: PeerConfig) -> Event | None:
+async def wait_on_idle_link(
+    target: _IdleLinkTarget, idle_links: IdleLinks, config: Config, incoming: int
+) -> Event | None:
     """An authenticated idle link's first message, counted against the idle-link limits while
     it waits; None when the link is refused over a limit, its deadline passed or the source
     closed it (the caller closes it: nothing was started for it).
@@ -111,10 +123,11 @@ async def wait_on_idle_link(target: _IdleLinkTarget, idle_links: IdleLinks, peer
     None of these sends an Abort: the source may be sending its description right now, and an
     Abort would fail that migration, where a closed link makes it connect afresh. A description
     that arrives after the deadline is never read, so no VM is made for it here."""
-    channel = target.channel
+    channel, peer = target.channel, config.peer
     host = target.peer.rpartition(":")[0] or target.peer
+    limits = (peer.max_idle_links, peer.max_idle_links_per_peer, incoming, config.migration.max_incoming)
     try:
-        with idle_links.holding(host, peer.max_idle_links, peer.max_idle_links_per_peer):
+        with idle_links.holding(host, *limits):
             idle_links.register(channel.conn.data_stream_secret(), target)
             target.log.info("idle_link_held", idle_links=len(idle_links), timeout_s=peer.idle_link_timeout_s)
             # Silence is what an idle link does: only its own deadline ends it.

@@ -151,7 +151,9 @@ class Target:
                 first: Event | None = None if idle else await self.channel.receive()
             if idle:
                 # A source's warm link: it waits for its first message under its own deadline.
-                first = await wait_on_idle_link(self, self.daemon.idle_links, peer_config)
+                first = await wait_on_idle_link(
+                    self, self.daemon.idle_links, self.daemon.config, len(self.daemon.incoming)
+                )
                 if first is None:
                     return
             self._phase_steps.step("describe")

@@ -337,3 +337,27 @@ def test_a_migration_with_another_stream_count_leaves_the_warm_link_and_connects
     finally:
         a.stop()
         b.stop()
+
+
+def test_idle_links_count_against_the_incoming_migrations_limit(tmp_path: Path, key: Path) -> None:
+    """An idle link is a migration to come: with migration.max_incoming = 2, B keeps two idle
+    links and refuses a third, naming that key, though its idle-link limits would allow it."""
+    config = tmp_path / "b.toml"
+    config.write_text("[peer]\nconnect_timeout_s = 5\nmax_idle_links_per_peer = 8\n[migration]\nmax_incoming = 2\n")
+    b = DaemonProcess("b", tmp_path, key, extra_args=("--config", str(config))).start()
+    target = TargetHost(b, key.read_bytes(), {})
+    links: list[Peer] = []
+    try:
+        watch = LogWatch(b)
+        links = [_idle_link(target) for _ in range(2)]
+        _held(watch, 2)
+        refused = _idle_link(target)
+        event = watch.wait("idle_link_refused")
+        assert "migration.max_incoming = 2" in event["error"], event
+        refused.closed_by_target()
+        refused.sock.close()
+        assert all(_still_open(link) for link in links)
+    finally:
+        for link in links:
+            link.sock.close()
+        b.stop()
