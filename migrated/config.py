@@ -117,6 +117,12 @@ class PeerConfig:
     allow_unauthenticated: bool
     connect_timeout_s: float
     message_timeout_s: float
+    # Source: keep one authenticated link to each peer migrated to, for the next migration there.
+    warm_links: bool = True
+    # Target: how long an idle link (a source's warm link) may wait for its first message.
+    idle_link_timeout_s: float = 60.0
+    max_idle_links: int = 16  # target: idle links from all peers together
+    max_idle_links_per_peer: int = 2  # target: idle links from one peer address
     # The key file's exact bytes, read once at load (no second read that could see another file).
     psk: bytes | None = field(default=None, repr=False)
 
@@ -405,6 +411,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "allow_unauthenticated": _Key(False, _boolean, False),
         "connect_timeout_s": _Key(10, _number(0.1, 3600), True),
         "message_timeout_s": _Key(60, _number(0.1, 3600), True),
+        "warm_links": _Key(True, _boolean, True),
+        "idle_link_timeout_s": _Key(60, _number(0.1, 3600), True),
+        "max_idle_links": _Key(16, _integer(0, 1024), True),
+        "max_idle_links_per_peer": _Key(2, _integer(0, 64), True),
     },
     "vm": {
         "dirty_tracking": _Key("auto", _one_of("auto", "ring", "bitmap"), True),

@@ -31,11 +31,13 @@ from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
 from .migration.host import Command, CommandArgs, CommandReply, Migration
+from .migration.idlelinks import IdleLinks
 from .migration.incoming import Incoming
 from .migration.downtime_models_file import load_models
 from .migration.window import freeze_startup_objects
 from .migration.service import start_migration_service
 from .migration.stats import FinishedMigration
+from .migration.warmlinks import WarmLinks
 from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
 from .rammount import RamDirectory
 from .realtime import COST_WITHOUT_REALTIME, FIX, probe_realtime
@@ -78,6 +80,8 @@ class Daemon:
         self.migrations: dict[str, Migration] = {}  # VM name -> its Source, Target, or FinishedMigration
         self.incoming = Incoming()  # incoming migrations in progress, and how recent ones ended
         self.node = f"{socket.gethostname()}/{config.peer.listen}"
+        self.idle_links = IdleLinks()  # peers' idle links held open here
+        self.warm_links = WarmLinks(lambda: self.config, self.node)  # ours to peers, served by the migration service
         # What the last run learned of each peer's downtime costs (None: read, or there was none).
         self.downtime_models, self.downtime_models_error = load_models(Path(config.daemon.state_dir))
         self.records = VmRecords(Path(config.daemon.state_dir))

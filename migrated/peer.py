@@ -57,13 +57,23 @@ class LinkLost(PeerError):
 # stream's end marker (migration/source.py `_downtime`); a target that does not offer this refuses
 # a PageBatch on the control connection of such a migration.
 FINAL_PAGES_ON_CONTROL = "final-pages-on-control"
+# A source offers this in the Hello of a link it keeps idle for a later migration (a warm link,
+# migration/warmlinks.py); a target always offers it. Negotiated, the target waits for that
+# link's first message under peer.idle_link_timeout_s and counts it against its idle-link limits
+# (migration/idlelinks.py) instead of cutting it off at connect_timeout_s. The Hellos are under
+# the handshake's MAC (or inside TLS): the target decides this on an authenticated value.
+IDLE_LINK = "idle-link"
 
 
-def make_connection(role: Role, peer: PeerConfig, node: str, max_batch_bytes: int) -> Connection:
+def make_connection(
+    role: Role, peer: PeerConfig, node: str, max_batch_bytes: int, idle_link: bool = False
+) -> Connection:
+    """`idle_link`: a source's warm link (IDLE_LINK); a target offers it always."""
+    offers_idle = role is Role.TARGET or idle_link
     return Connection(
         role,
         node=node,
-        capabilities=(FINAL_PAGES_ON_CONTROL,),
+        capabilities=(FINAL_PAGES_ON_CONTROL, *((IDLE_LINK,) if offers_idle else ())),
         psk=peer.psk if peer.auth == "psk" else None,
         tls=peer.auth == "tls",
         allow_unauthenticated=peer.allow_unauthenticated,

@@ -30,7 +30,13 @@ def client_context(peer: PeerConfig) -> ssl.SSLContext:
 
 
 def server_context(peer: PeerConfig) -> ssl.SSLContext:
-    return _context(peer, ssl.Purpose.CLIENT_AUTH)
+    """For a data stream's thread (the control link uses wrap_server)."""
+    context = _context(peer, ssl.Purpose.CLIENT_AUTH)
+    # No TLS 1.3 session tickets after the handshake (sessions are never resumed here): a warm
+    # data stream reads nothing until its migration, and its source takes bytes waiting on it
+    # for a stream the target closed (migration/warmlinks.py).
+    context.num_tickets = 0
+    return context
 
 
 async def wrap_client(stream: trio.SocketStream, peer: PeerConfig, host: str) -> trio.SSLStream[trio.SocketStream]:

@@ -17,9 +17,11 @@ from ..events import EventStream
 from ..hosted import HostedVm, VmSpec
 from ..kvm.backing import RamBacking
 from ..kvm.system import Kvm
+from .idlelinks import IdleLinks
 from .incoming import Incoming
 from .policy import DowntimeModels
 from .stats import MigrationStats
+from .warmlinks import WarmLinks
 
 # A control command: its arguments as the client sent them (decoded JSON), its answer as JSON.
 CommandArgs = dict[str, Any]
@@ -52,6 +54,8 @@ class MigrationHost(Protocol):
     migrations: dict[str, Migration]  # VM name -> its latest migration
     incoming: Incoming  # incoming migrations in progress, and how recent ones ended
     nice_error: str | None  # None: a migrating guest's vCPU threads may yield (vcpupriority.py)
+    idle_links: IdleLinks  # target: peers' idle links held open here
+    warm_links: WarmLinks  # source: idle links to peers, for the next migration there
     commands: dict[str, Command]
 
     def hosted(self, args: CommandArgs) -> HostedVm:

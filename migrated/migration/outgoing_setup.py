@@ -6,23 +6,25 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-import os
 import socket
 import ssl
+import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from transport.datastream import Layout
 from transport import Accept, MemoryRegion, Role, VmDescription
 
-from .. import faults, tls
+from .. import faults
 from ..hosted import HostedVm
-from ..peer import PeerChannel, PeerError, make_connection
+from ..peer import LinkLost, PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
 from .pagestream import PAGE_SIZE
+from .peerconnect import connect_failure, connect_stream
 from .precopy import MigrationFailed
 from .sendstreams import SendStreams
 from .stats import MigrationStats, StepTimes
@@ -51,6 +53,7 @@ class OutgoingSetup:
     _channel: PeerChannel | None
     _last_collect: float
     _setup_timeline: Timeline
+    _received_before_description: int
     _vm_record_written: trio.Event | None
 
     async def _connect(self, timed: bool = False, then: VmDescription | None = None) -> PeerChannel:
@@ -58,20 +61,14 @@ class OutgoingSetup:
         description, sent within the handshake, right behind this side's proof of the key
         (PeerChannel.handshake): one round trip fewer than after it."""
         peer = self.daemon.config.peer
-        with trio.fail_after(peer.connect_timeout_s):
-            try:
-                raw = await trio.open_tcp_stream(self.options.host, self.options.port)
-            except OSError as err:
-                raise PeerError(f"cannot connect to the peer {self.stats.peer}: {connect_failure(err)}") from err
+
+        def connected() -> None:
             if timed:
                 self._phase_steps.step("connect")
                 self._setup_timeline.mark("connected")
-            stream: trio.abc.Stream = raw
-            if peer.auth == "tls":
-                try:
-                    stream = await tls.wrap_client(raw, peer, self.options.host)
-                except (ssl.SSLError, trio.BrokenResourceError) as err:
-                    raise PeerError(f"TLS handshake with the peer failed: {err}") from err
+
+        with trio.fail_after(peer.connect_timeout_s):
+            stream = await connect_stream(self.options.host, self.options.port, peer, connected)
         channel = PeerChannel(
             stream,
             make_connection(Role.SOURCE, peer, self.daemon.node, self.options.max_batch_bytes),
@@ -91,12 +88,67 @@ class OutgoingSetup:
         prepared = _Prepared()
         self._vm_record_written = trio.Event()
         self.daemon.start_task(partial(self._prepare_bulk, extents, prepared))
+        description = self._description()
+        warm = await self.daemon.warm_links.take(self.options.host, self.options.port, self.options.streams)
+        if warm is not None:
+            self._phase_steps.step("take_warm_link")
+            self._setup_timeline.mark("warm_link_taken")
+            self._channel = warm.channel  # closed with the migration, whatever happens from here
+            try:
+                await self._until_accept(
+                    partial(self._describe_on, warm.channel, description),
+                    warm.streams,
+                    partial(self._prepare_on_loop, extents, prepared),
+                )
+                link = "warm"
+            except LinkLost as err:
+                if warm.channel.conn.bytes_received != self._received_before_description:
+                    raise
+                # The target closed this link before it answered the description: at its idle
+                # deadline, over its idle-link limits, or stopping, each without reading on, so
+                # no copy of the VM exists there for it. A target that did read it and failed
+                # without an answer recorded this migration id and refuses it a second time
+                # (incoming.py): a fresh connection can never make a second copy. The VM was
+                # never paused; the link's warm streams were the dead link's alone (the target
+                # closed them with it). Once: a second failure is the migration's.
+                self.log.info("warm_link_lost", error=str(err))
+                self._setup_timeline.mark("warm_link_lost")
+                await self._drop_link()
+                link = "fresh-after-warm"
+            finally:
+                if self._plane is None:  # no SendStreams took the warm streams over (and closes them)
+                    for sock in warm.streams:
+                        sock.close()
+        else:
+            link = "fresh"
+        if link != "warm":
+            await self._until_accept(partial(self._connect, timed=True, then=description))
+        self.stats.link = link
+        await prepared.done.wait()
+        if prepared.error is not None:
+            raise prepared.error
+
+    async def _until_accept(
+        self,
+        link: Callable[[], Awaitable[PeerChannel]],
+        warm_streams: list[socket.socket] | None = None,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
+        """`link` connects (or takes a warm link) and sends the description; then the data
+        streams open while the target checks it and makes the RAM, until its ACCEPT.
+        `warm_streams`: a warm link's, connected already (the target holds them); `meanwhile`:
+        run on the loop then, before the wait for ACCEPT."""
         try:
             async with trio.open_nursery() as nursery:
-                self._channel = channel = await self._connect(timed=True, then=self._description())
-                # The data streams connect while the target makes the RAM (it holds them); after
-                # the description, so that the target knows the migration they name.
-                nursery.start_soon(self._open_streams_into, channel)
+                self._channel = channel = await link()
+                if warm_streams is not None:
+                    nursery.start_soon(self._streams_over, channel, warm_streams)
+                else:
+                    # The data streams connect while the target makes the RAM (it holds them);
+                    # after the description, so that the target knows the migration they name.
+                    nursery.start_soon(self._open_streams_into, channel)
+                if meanwhile is not None:
+                    meanwhile()
                 with trio.fail_after(self.daemon.config.peer.connect_timeout_s):
                     await channel.expect(Accept)
                 self._phase_steps.step("accept")
@@ -108,9 +160,36 @@ class OutgoingSetup:
             if errors:
                 raise errors[0] from None
             raise
-        await prepared.done.wait()
-        if prepared.error is not None:
-            raise prepared.error
+
+    async def _streams_over(self, channel: PeerChannel, sockets: list[socket.socket]) -> None:
+        """A warm link's streams get their threads in a worker: each start waits for the new
+        thread to be scheduled (5 ms for two at load 6 here), which the loop spends meanwhile
+        on the bulk copy's preparation and the wait for ACCEPT."""
+        make = partial(
+            SendStreams.over, sockets, token=trio.lowlevel.current_trio_token(), **self._stream_parameters(channel)
+        )
+        self._plane = await trio.to_thread.run_sync(make)
+        self._setup_timeline.mark("streams_opened")
+
+    async def _describe_on(self, channel: PeerChannel, description: VmDescription) -> PeerChannel:
+        """The description on a warm link: its handshake is long done."""
+        self._received_before_description = channel.conn.bytes_received
+        await faults.hold(self.log, "setup")
+        # At once (peer.py `_write_at_once`): out before the scheduler runs anything else, such
+        # as the bulk copy's preparation starting its worker.
+        await channel.send(description, at_once=True)
+        self._phase_steps.step("describe")
+        self._setup_timeline.mark("described")
+        return channel
+
+    async def _drop_link(self) -> None:
+        """What a lost warm link's attempt opened: its streams and the link itself."""
+        if self._plane is not None:
+            await self._plane.aclose()
+            self._plane = None
+        if self._channel is not None:
+            await self._channel.aclose()
+            self._channel = None
 
     def _description(self) -> VmDescription:
         hosted = self.hosted
@@ -155,27 +234,16 @@ class OutgoingSetup:
         migrating VM). One trip, not two: a second worker thread is one more to start (the
         loop waits for a new thread to run) and to schedule while the setup runs."""
         hosted = self.hosted
-        vm = hosted.vm
-        assert vm is not None and vm.memory is not None and vm.tracker is not None
-        memory, tracker, record = vm.memory, vm.tracker, self.daemon.record_vm
+        record = self.daemon.record_vm
         written = self._vm_record_written
         assert written is not None
         mark, slow = self._setup_timeline.mark, faults.active("source-record-slow")
 
-        def on_prepared() -> None:  # in trio's thread
-            mark("extents_found")
-            self._last_collect = time.perf_counter()
-            self._phase_steps.add("overlapped.rearm_extents", started)
-            prepared.done.set()
-
         def rearm_find_extents_and_record() -> None:
             mark("worker_entered")
-            try:
-                tracker.rearm()
-                extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
-            except Exception as err:  # the setup raises it; the migration fails and resumes
-                prepared.error = err
-            trio.from_thread.run_sync(on_prepared)
+            if prepared.claim.acquire(blocking=False):  # not done on the loop already
+                self._rearm_and_find_extents(extents, prepared)
+                trio.from_thread.run_sync(self._on_prepared, prepared, started)
             if prepared.error is not None:
                 return  # the resume writes the record
             if slow:
@@ -195,14 +263,50 @@ class OutgoingSetup:
             mark("worker_returned")
             self._phase_steps.add("overlapped.rearm_extents_record", started)
 
-    async def _open_streams(self, channel: PeerChannel) -> SendStreams:
+    def _rearm_and_find_extents(self, extents: dict[int, list[tuple[int, int]]], prepared: _Prepared) -> None:
+        """R3's re-arm, then the RAM file's extents (`_prepare_bulk`); in either thread."""
+        vm = self.hosted.vm
+        assert vm is not None and vm.memory is not None and vm.tracker is not None
+        memory = vm.memory
+        try:
+            vm.tracker.rearm()
+            extents.update({region.slot: memory.data_extents(region) for region in memory.regions})
+        except Exception as err:  # the setup raises it; the migration fails and resumes
+            prepared.error = err
+
+    def _on_prepared(self, prepared: _Prepared, started: float) -> None:  # in trio's thread
+        self._setup_timeline.mark("extents_found")
+        self._last_collect = time.perf_counter()
+        self._phase_steps.add("overlapped.rearm_extents", started)
+        prepared.done.set()
+
+    def _prepare_on_loop(self, extents: dict[int, list[tuple[int, int]]], prepared: _Prepared) -> None:
+        """A warm link's setup: with the description out and the streams connected, the loop
+        only waits for ACCEPT (the target's check and RAM, a round trip), so the re-arm and the
+        extents run here meanwhile instead of waiting for the worker thread to be scheduled
+        (the last step of a warm setup on a busy host). The worker then only writes the record."""
+        if prepared.claim.acquire(blocking=False):
+            started = time.perf_counter()
+            self._rearm_and_find_extents(extents, prepared)
+            self._on_prepared(prepared, started)
+
+    def _stream_parameters(self, channel: PeerChannel) -> dict[str, Any]:
+        """What this migration's streams are made with, but their sockets (SendStreams.over)."""
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
-        conn = channel.conn
-        negotiated = conn.negotiated
+        negotiated = channel.conn.negotiated
         assert negotiated is not None
+        return {
+            "secret": channel.conn.data_stream_secret(),
+            "sealed": negotiated.auth == "psk",
+            "memory": vm.memory,
+            "layout": Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes),
+            "batch_pages": batch_pages_for(negotiated.max_batch_bytes),
+            "bandwidth_bytes_s": self.options.max_bandwidth_mib_s * MIB,
+        }
+
+    async def _open_streams(self, channel: PeerChannel) -> SendStreams:
         peer = self.daemon.config.peer
-        layout = Layout({r.slot: r.pages for r in vm.memory.regions}, PAGE_SIZE, negotiated.max_batch_bytes)
         with trio.fail_after(peer.connect_timeout_s * 2), contextlib.ExitStack() as fault:
             port = self.options.port
             if faults.active("source-streams-refused"):
@@ -215,14 +319,9 @@ class OutgoingSetup:
                     host=self.options.host,
                     port=port,
                     peer=peer,
-                    secret=conn.data_stream_secret(),
-                    sealed=negotiated.auth == "psk",
                     migration_id=self.stats.migration_id,
                     count=self.options.streams,
-                    memory=vm.memory,
-                    layout=layout,
-                    batch_pages=batch_pages_for(negotiated.max_batch_bytes),
-                    bandwidth_bytes_s=self.options.max_bandwidth_mib_s * MIB,
+                    **self._stream_parameters(channel),
                 )
             except (OSError, ssl.SSLError) as err:
                 raise PeerError(f"cannot open the data streams to {self.stats.peer}: {connect_failure(err)}") from err
@@ -238,23 +337,7 @@ class _Prepared:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: Exception | None = None
-
-
-def connect_failure(err: OSError) -> str:
-    """The cause of a failed connect, without the errno noise: "Name or service not known" for
-    a host name that does not resolve; for refused or unreachable addresses (which trio reports
-    as "all attempts to connect to ... failed"), the first attempt's reason."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            cause = cause.exceptions[0]
-            continue
-        if isinstance(cause, OSError) and cause.strerror:
-            # trio's own message repeats the address; the errno's text is the reason alone.
-            code = cause.errno
-            return os.strerror(code) if isinstance(code, int) and code > 0 else str(cause.strerror)
-        cause = cause.__cause__
-    return str(err) or type(err).__name__
+        self.claim = threading.Lock()  # the re-arm and the extents: whichever thread takes it
 
 
 def batch_pages_for(max_batch_bytes: int) -> int:

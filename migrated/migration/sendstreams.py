@@ -308,17 +308,45 @@ class Pass:
             raise OSError(text if text.startswith("data stream") else f"data stream failed: {text}") from err
 
 
+async def connect_streams(
+    host: str, port: int, peer: PeerConfig, secret: bytes, migration_id: str, count: int
+) -> list[socket.socket]:
+    """`count` data connections, each with its hello sent, in stream order; in a worker thread,
+    bounded by the connect timeout and not cancellable: the sockets are ours either way."""
+
+    def connect_all() -> list[socket.socket]:
+        sockets: list[socket.socket] = []
+        try:
+            for index in range(count):
+                hello = DataHello.make(secret, migration_id, index, count)
+                sockets.append(_connect_one(host, port, peer, hello, peer.connect_timeout_s, peer.connect_timeout_s))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return sockets
+
+    return await trio.to_thread.run_sync(connect_all)
+
+
 class SendStreams:
     """N data streams of one migration, from guest RAM to the target."""
 
-    def __init__(self, threads: list[_StreamThread], stop: threading.Event, limiter: TokenBucket) -> None:
+    def __init__(
+        self,
+        threads: list[_StreamThread],
+        stop: threading.Event,
+        limiter: TokenBucket,
+        token: trio.lowlevel.TrioToken | None = None,
+    ) -> None:
         self._threads = threads
         self._stop = stop
         self.limiter = limiter
         self._closed = False
         # Passes report here; start_pages and start_end may run in a worker thread (the
-        # downtime starts the final pages from the thread that paused the VM).
-        self._token = trio.lowlevel.current_trio_token()
+        # downtime starts the final pages from the thread that paused the VM). `token`: made in
+        # a worker thread (`over`), the run's token is passed in.
+        self._token = token or trio.lowlevel.current_trio_token()
 
     @classmethod
     async def open(
@@ -336,22 +364,23 @@ class SendStreams:
         batch_pages: int,
         bandwidth_bytes_s: float,
     ) -> SendStreams:
-        def connect_all() -> list[socket.socket]:
-            sockets: list[socket.socket] = []
-            try:
-                for index in range(count):
-                    hello = DataHello.make(secret, migration_id, index, count)
-                    sockets.append(
-                        _connect_one(host, port, peer, hello, peer.connect_timeout_s, peer.connect_timeout_s)
-                    )
-            except BaseException:
-                for sock in sockets:
-                    sock.close()
-                raise
-            return sockets
+        sockets = await connect_streams(host, port, peer, secret, migration_id, count)
+        return cls.over(sockets, secret, sealed, memory, layout, batch_pages, bandwidth_bytes_s)
 
-        # Bounded by the connect timeout, not cancellable: the sockets are ours either way.
-        sockets = await trio.to_thread.run_sync(connect_all)
+    @classmethod
+    def over(
+        cls,
+        sockets: list[socket.socket],
+        secret: bytes,
+        sealed: bool,
+        memory: GuestMemory,
+        layout: Layout,
+        batch_pages: int,
+        bandwidth_bytes_s: float,
+        token: trio.lowlevel.TrioToken | None = None,
+    ) -> SendStreams:
+        """Streams over sockets already connected with their hellos (`connect_streams`). In a
+        worker thread with the run's `token`: each thread's start waits for it to be scheduled."""
         stop = threading.Event()
         limiter = TokenBucket(bandwidth_bytes_s, stop)
         threads = [
@@ -365,7 +394,7 @@ class SendStreams:
             )
             for index, sock in enumerate(sockets)
         ]
-        return cls(threads, stop, limiter)
+        return cls(threads, stop, limiter, token)
 
     @property
     def count(self) -> int:

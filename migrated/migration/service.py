@@ -56,13 +56,20 @@ async def accept_data_stream(
         return
     sock = None
     in_handshake = True
+    warm = None
     try:
         with trio.fail_at(deadline):
             hello, sock = await accept_hello(stream, daemon.config.peer)
-            # Until its migration is admitted the stream has proved nothing (its token is checked
-            # against that migration's secret), so it keeps its handshake slot: a flood of hellos
-            # naming no migration holds at most MAX_DATA_HANDSHAKES fds, each for the grace.
-            target = await daemon.incoming.wait_live(hello.migration_id, ADMISSION_GRACE_S)
+            # A warm stream of an idle link (warmlinks.py) proves which by its token at once.
+            target = warm = daemon.idle_links.owner(hello)
+            if target is None:
+                # Until its migration is admitted the stream has proved nothing (its token is
+                # checked against that migration's secret), so it keeps its handshake slot: a
+                # flood of hellos naming no migration holds at most MAX_DATA_HANDSHAKES fds,
+                # each for the grace.
+                target = await daemon.incoming.wait_live(hello.migration_id, ADMISSION_GRACE_S)
+                if target is None:  # a warm stream whose link had not gone idle when it came
+                    target = warm = daemon.idle_links.owner(hello)
             if target is None:
                 raise RemoteProtocolError(
                     f"data stream for migration {hello.migration_id!r}, which is not in progress here"
@@ -71,7 +78,12 @@ async def accept_data_stream(
             # `attach_data_stream`, bounded by the streams announced) holds no slot meanwhile.
             handshakes.release()
             in_handshake = False
-            await target.attach_data_stream(hello, sock)
+            if warm is None:
+                await target.attach_data_stream(hello, sock)
+        if warm is not None:
+            # Held until its link's description and RAM, or the link's end (its idle deadline,
+            # then the migration's), not this connection's setup deadline.
+            await warm.attach_data_stream(hello, sock)
         sock = None  # its thread owns it now
         log.info("data_stream_attached", peer=peer, migration_id=hello.migration_id, index=hello.index)
     except (RemoteProtocolError, OSError, ssl.SSLError, trio.TooSlowError) as err:
@@ -278,3 +290,4 @@ async def start_migration_service(daemon: MigrationHost, nursery: trio.Nursery) 
         }
     )
     await nursery.start(serve_peers, daemon)
+    await nursery.start(daemon.warm_links.serve)

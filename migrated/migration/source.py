@@ -163,6 +163,8 @@ class Source(OutgoingSetup, Precopy, InDoubt):
             if self._channel is not None:
                 await self._channel.aclose()
             self._unyield_vcpus()  # in doubt the VM stays paused here: it resumes at its own value
+            if self.stats.state == "completed":  # the next migration there finds a link ready
+                self.daemon.warm_links.warm(self.options.host, self.options.port)
             hosted.last_migration = self.stats.as_dict()
 
     async def _fail(self, err: BaseException) -> None:
@@ -238,7 +240,12 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         extents: dict[int, list[tuple[int, int]]] = {}
         await self._set_up(extents)
         self._phase_steps.step("wait_overlapped")
-        self.log.info("setup_timeline", origin=self._setup_timeline.origin, marks_ms=self._setup_timeline.as_ms())
+        self.log.info(
+            "setup_timeline",
+            origin=self._setup_timeline.origin,
+            marks_ms=self._setup_timeline.as_ms(),
+            link=self.stats.link,
+        )
         self._note_progress()  # the target answered and took the streams
         self.stats.setup_ms = (time.monotonic() - self._started) * 1e3
         try:

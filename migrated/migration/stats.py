@@ -50,6 +50,9 @@ class MigrationStats:
     state_save_ms: float | None = None
     state_bytes: int = 0
     final_pages: int = 0
+    # Source: how its link reached the target: "warm" (an idle link from warmlinks.py), "fresh"
+    # (connected for this migration), "fresh-after-warm" (the warm link had died); set at ACCEPT.
+    link: str = ""
     dirty_tracking: str = ""
     memory_backing: str = ""  # what holds this side's guest RAM: memfd, shmem-huge, hugetlbfs
     backup_bitmap: str = ""

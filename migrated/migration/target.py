@@ -26,6 +26,7 @@ from transport import (
     Commit,
     DeviceState,
     Done,
+    Event,
     Loaded,
     PageBatch,
     Progress,
@@ -48,6 +49,7 @@ from ..pagehash import memory_digest
 from ..peer import FINAL_PAGES_ON_CONTROL, PeerAborted, PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
+from .idlelinks import is_idle_link, wait_on_idle_link
 from .incoming_check import Refused, check_description
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
@@ -107,6 +109,7 @@ class Target:
         self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
         self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
+        self.idle_link = False  # a source's warm link: it may wait idle, its streams come early
 
     async def run(self) -> None:
         try:
@@ -121,6 +124,7 @@ class Target:
             if self.admitted_id is not None:
                 self.daemon.incoming.leave(self.admitted_id)
             self.daemon.finish_incoming(self)
+            self.daemon.idle_links.forget(self)  # its warm streams find it no more
             self._streams_ready.set()  # a data stream still waiting is refused now
             await self._close_streams()
             self._close_ram()
@@ -143,9 +147,17 @@ class Target:
                         raise PeerError(f"TLS handshake failed: {err}") from err
                 await self.channel.handshake(mark=self._setup_timeline.mark)
                 self._phase_steps.step("handshake")
-                first = await self.channel.receive()
-                self._phase_steps.step("describe")
-                self._setup_timeline.mark("described")
+                idle = self.idle_link = is_idle_link(self.channel)
+                first: Event | None = None if idle else await self.channel.receive()
+            if idle:
+                # A source's warm link: it waits for its first message under its own deadline.
+                first = await wait_on_idle_link(
+                    self, self.daemon.idle_links, self.daemon.config, len(self.daemon.incoming)
+                )
+                if first is None:
+                    return
+            self._phase_steps.step("describe")
+            self._setup_timeline.mark("described")
             if isinstance(first, Query):
                 await self._answer_query(first)
             elif isinstance(first, VmDescription):
@@ -175,6 +187,12 @@ class Target:
             self.log.exception("incoming_migration_crashed")
             await self.channel.abort(f"target error: {err}")
             await self._on_failure(f"target error: {err}")
+
+    def restart_clocks(self) -> None:
+        """An idle link's first message came: the migration starts now, not at the connect."""
+        self._started = time.monotonic()
+        self._phase_steps = StepTimes({})
+        self._setup_timeline = Timeline()
 
     async def _next(self) -> Any:
         """The peer's next event within peer.message_timeout_s: the deadline of every phase
@@ -392,12 +410,14 @@ class Target:
         once its token proved it is this migration's."""
         if not self._streams_ready.is_set():
             negotiated = self.channel.conn.negotiated
-            if negotiated is None or not self.data_streams:
+            # An idle link's warm streams come before its description: as many as their hellos say.
+            announced = self.data_streams or (hello.count if self.idle_link else 0)
+            if negotiated is None or not announced:
                 raise RemoteProtocolError(f"migration {hello.migration_id!r} takes no data streams now")
             hello.check_token(self.channel.conn.data_stream_secret())
-            if self._streams_waiting >= self.data_streams:
+            if self._streams_waiting >= announced:
                 # Each waiting stream holds an fd until the RAM exists: no more than announced.
-                raise RemoteProtocolError(f"more data streams than the {self.data_streams} announced")
+                raise RemoteProtocolError(f"more data streams than the {announced} announced")
             self._streams_waiting += 1
             if self._streams_waiting >= self.data_streams:
                 self._all_streams_waiting.set()
