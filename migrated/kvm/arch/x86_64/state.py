@@ -58,7 +58,6 @@ from ...vm import Vm
 from .cpu import (
     MAX_CPUID_ENTRIES,
     CpuModel,
-    cpu_identity,
     cpuid_buffer_of,
     get_cpuid_bytes,
     get_msrs,
@@ -69,6 +68,7 @@ from .cpu import (
     xsave2_size,
 )
 from .devices import check_devices
+from .fixed import cpuid_is_set, cpuid_of, host_facts, set_cpuid, vm_xsave2_bytes
 from . import uapi as x86_uapi
 
 
@@ -428,7 +428,9 @@ def save_vcpu_state(
     with _step(times, "tsc_khz"):
         tsc_khz = read_tsc_khz(vcpu)
     with _step(times, "cpuid"):
-        cpuid = get_cpuid_bytes(vcpu)
+        # Read when it was set (fixed.py: a vCPU's CPUID cannot change once it ran); KVM is asked
+        # here only for a vCPU whose table was not read then.
+        cpuid = cpuid_of(vcpu) or get_cpuid_bytes(vcpu)
     with _step(times, "mp_state"):
         mp = uapi.kvm_mp_state()
         vcpu.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
@@ -488,9 +490,9 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> X86MachineState:
     with times.step("devices"):
         check_devices(vm, irqchip, pit, "save_vm_state")
     with times.step("setup"):
-        vendor, signature = cpu_identity(vm.kvm.supported_cpuid())
-        xsave2 = xsave2_size(vm.fd)
-        indices = vm.kvm.msr_index_list()
+        host = host_facts(vm.kvm)  # read once per host, and per VM below (fixed.py)
+        vendor, signature, indices = host.cpu_vendor, host.cpu_signature, host.msr_indices
+        xsave2 = vm_xsave2_bytes(vm)
     vcpus = tuple(
         save_vcpu_state(vcpu, vm.kvm, lapic=irqchip, xsave2_bytes=xsave2, msr_indices=indices, times=times)
         for vcpu in vm.vcpus
@@ -534,31 +536,31 @@ def check_compatible(state: X86MachineState, kvm: Kvm) -> None:
     Every saved MSR must be known to this host's KVM, the XSAVE area must fit, and the in-kernel
     devices the state has must be available.
     """
-    here = CpuModel.from_cpuid(*cpu_identity(kvm.supported_cpuid()))
+    host = host_facts(kvm)  # no ioctl after the first: this runs in the target's downtime
+    here = host.cpu_model
     saved = state.cpu_model
     if (here.vendor, here.family, here.model) != (saved.vendor, saved.family, saved.model):
         raise IncompatibleStateError(
             f"the VM's state was saved on {saved}; this host is {here}: migrated moves VMs only "
             "between hosts with the same CPU vendor, family and model"
         )
-    known = set(kvm.msr_index_list())
-    unknown = sorted({i for v in state.vcpus for i, _ in v.msrs} - known)
+    unknown = sorted({i for v in state.vcpus for i, _ in v.msrs} - host.known_msrs)
     if unknown:
         raise IncompatibleStateError(
             f"{len(unknown)} MSR(s) of the VM are unknown to this host's KVM: "
             + ", ".join(msr_name(i) for i in unknown[:8])
             + (" ..." if len(unknown) > 8 else "")
         )
-    size = max(xsave2_size(kvm.fd), MIN_XSAVE_BYTES)
+    size = host.xsave_bytes
     largest = max(len(v.xsave) for v in state.vcpus)
     if largest > size:
         raise IncompatibleStateError(
             f"the VM's XSAVE area is {largest} bytes; this host's KVM offers {size} "
             "(KVM_CAP_XSAVE2): a state component is missing here"
         )
-    if state.has_irqchip and kvm.check_extension(x86_uapi.KVM_CAP_IRQCHIP) <= 0:
+    if state.has_irqchip and not host.irqchip:
         raise IncompatibleStateError("the VM has an in-kernel irqchip; this host's KVM has none")
-    if state.has_pit and kvm.check_extension(x86_uapi.KVM_CAP_PIT_STATE2) <= 0:
+    if state.has_pit and not host.pit_state2:
         raise IncompatibleStateError("the VM has an in-kernel PIT; this host's KVM lacks KVM_CAP_PIT_STATE2")
 
 
@@ -599,7 +601,9 @@ def restore_vcpu_state(
                     ) from err
     with _step(times, "cpuid"):
         try:
-            vcpu.set_cpuid(cpuid_buffer_of(state.cpuid))
+            # Already set when the VM was built with the source's table (VmConfig.cpuid).
+            if not cpuid_is_set(vcpu, state.cpuid):
+                set_cpuid(vcpu, cpuid_buffer_of(state.cpuid), read_back=False)
         except KvmIoctlError as err:
             if err.errno != errno.EINVAL:
                 raise
@@ -674,7 +678,7 @@ def restore_vm_state(
         with times.step("check"):
             check_compatible(state, vm.kvm)
     with times.step("setup"):
-        xsave2 = xsave2_size(vm.fd)
+        xsave2 = vm_xsave2_bytes(vm)
     kept: list[tuple[int, int]] = []
     for vcpu, vcpu_state in zip(vm.vcpus, state.vcpus):
         for index in restore_vcpu_state(vcpu, vcpu_state, xsave2_bytes=xsave2, times=times):
