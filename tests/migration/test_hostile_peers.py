@@ -538,6 +538,10 @@ def _unhostable(target: TargetHost, label: str, name: str) -> VmDescription:
         "another architecture": lambda: description(target, name, arch="aarch64"),
         "a run state of its own": lambda: description(target, name, features={"run_state": "owned"}),
         "a state format from the future": lambda: description(target, name, features={"state_version": 99}),
+        "an MSR this KVM does not know": lambda: description(
+            target, name, features={"msr_indices": [*target.cpu["msr_indices"], 0x4B564DFF]}
+        ),
+        "an XSAVE area larger than this KVM's": lambda: description(target, name, features={"xsave_bytes": 65536}),
     }
     return cases[label]()  # type: ignore[no-any-return]
 
@@ -559,6 +563,8 @@ UNHOSTABLE = {
     "another architecture": ["VM is aarch64; this host is x86_64"],
     "a run state of its own": ["run_state 'owned'"],
     "a state format from the future": ["state format is version 99", "upgrade the target"],
+    "an MSR this KVM does not know": ["1 MSR(s) of the VM are unknown to this host's KVM: 0x4b564dff"],
+    "an XSAVE area larger than this KVM's": ["XSAVE area is 65536 bytes; this host's KVM offers"],
 }
 
 
@@ -607,6 +613,14 @@ MALFORMED_DESCRIPTIONS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "no memory": ({"memory": []}, ["must hold 1 to 1024 regions, got 0"]),
     "a name with a newline": ({"name": "vm\nEVIL log line"}, ["VmDescription.name holds control"]),
     "an unknown field": ({"bootloader": "grub"}, ["unknown field 'bootloader'"]),
+    "a CPUID entry of 39 bytes": (
+        {"cpu_features": {"spec": {}, "vcpu_cpuid": [b"\0" * 40, b"\1" * 39]}},
+        ["VmDescription.cpu_features.vcpu_cpuid[1] must be 40 bytes (struct kvm_cpuid_entry2)"],
+    ),
+    "257 CPUID entries": (
+        {"cpu_features": {"spec": {}, "vcpu_cpuid": [i.to_bytes(4, "little") + bytes(36) for i in range(257)]}},
+        ["VmDescription.cpu_features.vcpu_cpuid must be 1 to 256 CPUID entries"],
+    ),
     "cpu_features nested 20 deep": (
         {"cpu_features": {"spec": {}, "x": [[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]}},
         ["cpu_features nests deeper than"],
