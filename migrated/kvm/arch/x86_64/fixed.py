@@ -20,8 +20,12 @@ guest runs: read once, outside the downtime, and reused by every save and restor
   equality check compares with what KVM stored, and setting what KVM reads back gives it back
   unchanged (measured here).
 
-Not here: the TSC frequency. KVM_GET_TSC_KHZ answers -EIO once the host's TSC is found
-unstable (api.rst), which can happen while a guest runs; it stays a read in the save.
+- A target vCPU's TSC frequency, read when it is built (`read_build_tsc_khz`): KVM sets it at
+  KVM_CREATE_VCPU, and only KVM_SET_TSC_KHZ changes it, which this process issues in the restore
+  alone (`note_tsc_khz`). The restore compares with it instead of asking KVM in the downtime. A
+  source still reads its own in the save: api.rst (KVM_GET_TSC_KHZ) "If the host has unstable
+  tsc this ioctl returns -EIO instead", and the host can find its TSC unstable while the guest
+  runs; the state then says 0 and the target keeps its own frequency, as before.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ...system import Kvm
 from ...vcpu import Vcpu
 from ...vm import Vm
 from . import uapi as x86_uapi
-from .cpu import CpuModel, cpu_identity, get_cpuid_bytes, xsave2_size
+from .cpu import CpuModel, cpu_identity, get_cpuid_bytes, read_tsc_khz, xsave2_size
 
 _CPUID2_HEADER_BYTES = ctypes.sizeof(uapi.kvm_cpuid2)
 LEGACY_XSAVE_BYTES = ctypes.sizeof(x86_uapi.kvm_xsave)  # 4096: what KVM_GET_XSAVE fills
@@ -80,6 +84,25 @@ def host_facts(kvm: Kvm) -> HostFacts:
         )
         _HOSTS[kvm] = known
     return known
+
+
+_TSC_KHZ: weakref.WeakKeyDictionary[Vcpu, int] = weakref.WeakKeyDictionary()
+
+
+def read_build_tsc_khz(vcpu: Vcpu) -> None:
+    """At the build: the vCPU's TSC frequency as KVM set it (0: the host's TSC is unstable)."""
+    _TSC_KHZ[vcpu] = read_tsc_khz(vcpu)
+
+
+def note_tsc_khz(vcpu: Vcpu, khz: int) -> None:
+    """After KVM_SET_TSC_KHZ took `khz`."""
+    _TSC_KHZ[vcpu] = khz
+
+
+def tsc_khz_of(vcpu: Vcpu) -> int:
+    """The vCPU's TSC frequency: as read at the build or set since, else asked of KVM now."""
+    known = _TSC_KHZ.get(vcpu)
+    return known if known is not None else read_tsc_khz(vcpu)
 
 
 def vm_xsave2_bytes(vm: Vm) -> int:

@@ -15,7 +15,7 @@ from ...vcpu import Vcpu
 from ...vm import Vm, VmConfig
 from .cpu import cpuid_buffer_of
 from .devices import create_irqchip, create_pit2, detect_devices
-from .fixed import LEGACY_XSAVE_BYTES, cpuid_of, host_facts, set_cpuid, vm_xsave2_bytes
+from .fixed import LEGACY_XSAVE_BYTES, cpuid_of, host_facts, read_build_tsc_khz, set_cpuid, vm_xsave2_bytes
 from .state import X86MachineState, restore_vm_state, save_vm_state
 
 # The CPUID table a VM under construction gives each vCPU (VmConfig.cpuid), from
@@ -52,9 +52,11 @@ class X86_64:
 
     def after_vcpus(self, vm: Vm) -> None:
         _BUILD_CPUID.pop(vm, None)
-        # Read now rather than by the first state save, in the downtime (fixed.py).
+        # Read now rather than in a downtime (fixed.py).
         host_facts(vm.kvm)
         vm_xsave2_bytes(vm)
+        for vcpu in vm.vcpus:
+            read_build_tsc_khz(vcpu)
 
     def cpu_features(self, kvm: Kvm) -> dict[str, object]:
         """What a target compares before it accepts a VM: the same CPU vendor, family, model,

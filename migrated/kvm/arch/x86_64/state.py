@@ -69,7 +69,7 @@ from .cpu import (
     xsave2_size,
 )
 from .devices import check_devices
-from .fixed import cpuid_is_set, cpuid_of, host_facts, set_cpuid, vm_xsave2_bytes
+from .fixed import cpuid_is_set, cpuid_of, host_facts, note_tsc_khz, set_cpuid, tsc_khz_of, vm_xsave2_bytes
 from . import uapi as x86_uapi
 
 
@@ -595,10 +595,11 @@ def restore_vcpu_state(
     _require_parked([vcpu], "restoring")
     if state.tsc_khz:
         with _step(times, "tsc_khz"):
-            here = read_tsc_khz(vcpu)
+            here = tsc_khz_of(vcpu)  # read at the build (fixed.py)
             if here != state.tsc_khz:
                 try:
                     vcpu.ioctl("KVM_SET_TSC_KHZ", x86_uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
+                    note_tsc_khz(vcpu, state.tsc_khz)
                 except KvmIoctlError as err:
                     raise IncompatibleStateError(
                         f"vCPU {vcpu.index}: the guest's TSC runs at {state.tsc_khz} kHz, this "
