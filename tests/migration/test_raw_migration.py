@@ -103,7 +103,7 @@ def test_a_ping_pong_keeps_memory_exact_with_the_cpuid_set_at_the_build(
     """Three migrations there and back (each target built with the source's CPUID from the VM
     description, its restore leaving it set), verify off as the benchmarks run them: the guest's
     region checks out word for word in a dump of the last target, and the guest carries on."""
-    params = BootSectorParams(bytes=16 * MIB, print_every=1)
+    params = BootSectorParams(bytes=2 * MIB, print_every=1)
     image = tmp_path / "boot.bin"
     write_image(image, build_boot_sector(params))
     a, b = make_daemon("a", verify="off"), make_daemon("b", verify="off")
