@@ -620,3 +620,16 @@ def test_a_cpuid_table_kvm_refuses_at_the_build_is_a_clear_error(kvm: Kvm) -> No
     config = VmConfig(memory_bytes=MEMORY, vcpus=1, cpuid=(bad,))
     with pytest.raises(KvmIoctlError, match=r"vCPU 0: KVM_SET_CPUID2 failed"):
         create_vm(kvm, config).close()
+
+
+def test_a_table_set_by_the_restore_is_read_back_for_the_next_save(kvm: Kvm) -> None:
+    """A restore that had to set the state's CPUID (an older source described none) reads the
+    table back then: the VM's next save, and its next description, know it without asking KVM."""
+    with build_vm(kvm, 1, devices=False) as source, build_vm(kvm, 1, devices=False) as target:
+        _, _, state = _run_and_save(source)
+        target.vcpus[0].set_cpuid(cpuid_buffer_of([bytes(e) for e in kvm.supported_cpuid()]))
+        assert cpuid_of(target.vcpus[0]) is None  # set another way: not known
+        target.ram[:] = source.ram
+        restore_vm_state(target, state, irqchip=False, pit=False)
+        assert cpuid_of(target.vcpus[0]) == state.vcpus[0].cpuid
+        assert host_arch().vm_features(target)["vcpu_cpuid"] == list(state.vcpus[0].cpuid)

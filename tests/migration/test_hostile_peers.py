@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -745,6 +746,26 @@ def test_a_forged_data_stream_is_refused_and_a_bad_batch_on_a_real_one_discards_
             failure = log.wait("incoming_connection_failed", peer=source.address)
             assert f"page index {SLOT_PAGES} outside slot 0" in failure["error"], failure
     log.wait("incoming_vm_discarded", vm=name)
+    assert_unharmed(target)
+
+
+def test_a_cpuid_table_kvm_refuses_is_refused_at_the_build(target: TargetHost) -> None:
+    """A well-formed CPUID table (within the transport's bounds) that KVM will not take: the
+    target builds the vCPUs with it behind ACCEPT, KVM_SET_CPUID2 fails, and the source is told
+    why with an Abort (it would resume its VM), long before any downtime."""
+    name = new_name()
+    log = LogWatch(target.daemon)
+    # Leaf 0x80000008 with 255 linear-address bits: KVM allows 48 or 57 (or 0).
+    bad = struct.pack("<7I12x", 0x8000_0008, 0, 0, 0xFF00 | 48, 0, 0, 0)
+    with Peer(target, key=target.key) as source:
+        source.handshake()
+        assert isinstance(source.offer(description(target, name, features={"vcpu_cpuid": [bad]})), Accept)
+        answer = source.receive()
+        assert isinstance(answer, Abort), answer
+        assert f"cannot create VM {name} here" in answer.reason and "KVM_SET_CPUID2" in answer.reason, answer
+    refused = log.wait("incoming_vm_refused", peer=source.address)
+    assert "KVM_SET_CPUID2" in refused["error"], refused
+    assert name not in vm_names(target.daemon)
     assert_unharmed(target)
 
 

@@ -114,9 +114,8 @@ def vm_xsave2_bytes(vm: Vm) -> int:
 
 
 def set_cpuid(vcpu: Vcpu, table: ctypes.Array[ctypes.c_uint8], read_back: bool = True) -> None:
-    """KVM_SET_CPUID2, and (`read_back`) the table KVM keeps, read now, outside any downtime, for
-    every state save of this vCPU (`cpuid_of`). Without `read_back` (a restore inside the
-    downtime) the first save reads it instead."""
+    """KVM_SET_CPUID2, and (`read_back`) the table KVM keeps, read now, before the vCPU runs, for
+    every state save of this vCPU (`cpuid_of`). Without `read_back` each save reads it."""
     vcpu.set_cpuid(table)
     raw = vcpu.cpuid_set
     if read_back and raw is not None:

@@ -607,9 +607,11 @@ def restore_vcpu_state(
                     ) from err
     with _step(times, "cpuid"):
         try:
-            # Already set when the VM was built with the source's table (VmConfig.cpuid).
+            # Already set when the VM was built with the source's table (VmConfig.cpuid). Else
+            # (an older source) set here, and read back so that this VM's next migration finds
+            # its table known (fixed.py): once, in this window, rather than in every later one.
             if not cpuid_is_set(vcpu, state.cpuid):
-                set_cpuid(vcpu, cpuid_buffer_of(state.cpuid), read_back=False)
+                set_cpuid(vcpu, cpuid_buffer_of(state.cpuid))
         except KvmIoctlError as err:
             if err.errno != errno.EINVAL:
                 raise
