@@ -117,6 +117,7 @@ _STRUCT_NAME = {
     "clock": "struct kvm_clock_data",
 }
 _FUNCTION_AND_INDEX = operator.itemgetter(slice(0, 8))  # of a struct kvm_cpuid_entry2's bytes
+_MSR_INDEX = operator.itemgetter(0)  # of an (index, value) pair
 IRQCHIP_IDS = (x86_uapi.KVM_IRQCHIP_PIC_MASTER, x86_uapi.KVM_IRQCHIP_PIC_SLAVE, x86_uapi.KVM_IRQCHIP_IOAPIC)
 _IRQCHIP_NAMES = ("PIC master", "PIC slave", "IOAPIC")
 
@@ -541,15 +542,20 @@ def check_compatible(state: X86MachineState, kvm: Kvm) -> None:
     Every saved MSR must be known to this host's KVM, the XSAVE area must fit, and the in-kernel
     devices the state has must be available.
     """
-    host = host_facts(kvm)  # no ioctl after the first: this runs in the target's downtime
-    here = host.cpu_model
-    saved = state.cpu_model
-    if (here.vendor, here.family, here.model) != (saved.vendor, saved.family, saved.model):
-        raise IncompatibleStateError(
-            f"the VM's state was saved on {saved}; this host is {here}: migrated moves VMs only "
-            "between hosts with the same CPU vendor, family and model"
-        )
-    unknown = sorted({i for v in state.vcpus for i, _ in v.msrs} - host.known_msrs)
+    # No ioctl after the first call, and the common case (the same CPU, MSRs known) decided with
+    # comparisons and builtins that loop in C: this runs in the target's downtime.
+    host = host_facts(kvm)
+    if (state.cpu_vendor, state.cpu_signature) != (host.cpu_vendor, host.cpu_signature):
+        here, saved = host.cpu_model, state.cpu_model
+        if (here.vendor, here.family, here.model) != (saved.vendor, saved.family, saved.model):
+            raise IncompatibleStateError(
+                f"the VM's state was saved on {saved}; this host is {here}: migrated moves VMs "
+                "only between hosts with the same CPU vendor, family and model"
+            )
+    if all(host.known_msrs.issuperset(map(_MSR_INDEX, v.msrs)) for v in state.vcpus):
+        unknown = []
+    else:
+        unknown = sorted({i for v in state.vcpus for i, _ in v.msrs} - host.known_msrs)
     if unknown:
         raise IncompatibleStateError(
             f"{len(unknown)} MSR(s) of the VM are unknown to this host's KVM: "
