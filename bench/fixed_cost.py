@@ -180,6 +180,9 @@ def measure_reference(args: argparse.Namespace) -> dict[tuple[int, str], list[di
     command = [sys.executable, str(script), "--runs", "--rounds", "1"]
     for name in ("migrations", "limits", "verify", "memory_mib", "region_mib", "settle_s"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.workdir is not None:
+        # The reference's daemon logs too (bench/timeline.py DIR/reference/*.log).
+        command += ["--workdir", str(args.workdir / "reference")]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result = json.loads(out)["this"]
     return {(entry["limit_ms"], entry["verify"]): entry["runs"] for entry in result["lines"]}
@@ -201,7 +204,11 @@ def main() -> int:
     parser.add_argument("--region-mib", type=int, default=100, help="RAM the boot sector rewrites")
     parser.add_argument("--settle-s", type=float, default=0.5, help="guest run time before each migration")
     parser.add_argument("--runs", action="store_true", help="every migration's figures, not only the summary")
-    parser.add_argument("--workdir", type=Path, help="keep the daemons' logs and state here (default: a temporary dir)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the daemons' logs and state here, the reference's in its reference/ (default: a temporary dir)",
+    )
     parser.add_argument(
         "--reference", type=Path, help="a checkout to compare with: its daemons run the same lines, interleaved"
     )

@@ -26,30 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from migrated.guests.x86_64.boot import load_workload  # noqa: E402
 from migrated.guests.workload import WorkloadParams  # noqa: E402
 from migrated.kvm.arch import x86_64  # noqa: E402
-from migrated.kvm.memory import GuestMemory  # noqa: E402
 from migrated.kvm.system import Kvm  # noqa: E402
 from migrated.kvm.vcpu import ensure_kick_handler  # noqa: E402
-from migrated.kvm.arch import host_arch
-from migrated.kvm.vm import Vm  # noqa: E402
+from migrated.kvm.arch import create_vm  # noqa: E402
+from migrated.kvm.vm import Vm, VmConfig  # noqa: E402
 
 MIB = 1 << 20
 MEMORY = 64 * MIB
 
 
-def build_vm(kvm: Kvm, vcpus: int, name: str) -> Vm:
-    vm = Vm(kvm, kvm.caps(), host_arch(), name)
-    try:
-        vm.enable_dirty_ring(1 << 20)
-        vm.add_memory(GuestMemory.flat(MEMORY, name=f"{name}-ram"))
-        x86_64.create_irqchip(vm)
-        x86_64.create_pit2(vm)
-        for i in range(vcpus):
-            vm.create_vcpu(i)
-        vm.finish_setup()
-    except BaseException:
-        vm.close()
-        raise
-    return vm
+def build_vm(kvm: Kvm, vcpus: int, name: str, cpuid: tuple[bytes, ...] = ()) -> Vm:
+    """Built as the daemon builds a VM (Vm.create: irqchip and PIT before the vCPUs, the host's
+    facts read at the build); a target with the source's CPUID, as its VM description gives it."""
+    config = VmConfig(memory_bytes=MEMORY, vcpus=vcpus, name=name, irqchip=True, pit=True, cpuid=cpuid)
+    return create_vm(kvm, config)
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -68,7 +58,7 @@ def one(kvm: Kvm, vcpus: int) -> tuple[float, float, dict[str, float], dict[str,
         state = x86_64.save_vm_state(vm, irqchip=True, pit=True)
         save = time.perf_counter() - t0
         before = [s.smallos for s in guest.status(vm.ram)]
-        with build_vm(kvm, vcpus, "dst") as target:
+        with build_vm(kvm, vcpus, "dst", state.vcpus[0].cpuid) as target:
             target.ram[:] = vm.ram
             t0 = time.perf_counter()
             report = x86_64.restore_vm_state(target, state, irqchip=True, pit=True)

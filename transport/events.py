@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -187,6 +187,35 @@ def _freeze_feature(owner: object, value: object, depth: int) -> object:
     raise _fail(owner, "cpu_features", f"holds a {type(value).__name__}, not a msgpack type")
 
 
+def _x86_features(owner: object, features: Mapping[str, object]) -> None:
+    """The x86 machine facts cpu_features may carry, bounded here like every wire field (an older
+    peer leaves them out, and an older target ignores them)."""
+    cpuid = features.get("vcpu_cpuid")
+    if cpuid is not None:
+        name = "cpu_features.vcpu_cpuid"
+        if not isinstance(cpuid, tuple) or not 1 <= len(cpuid) <= limits.MAX_CPUID_ENTRIES:
+            raise _fail(owner, name, f"must be 1 to {limits.MAX_CPUID_ENTRIES} CPUID entries")
+        size = limits.CPUID_ENTRY_BYTES
+        for i, entry in enumerate(cpuid):
+            if not isinstance(entry, bytes) or len(entry) != size:
+                raise _fail(owner, f"{name}[{i}]", f"must be {size} bytes (struct kvm_cpuid_entry2)")
+        # Each entry starts with its u32 function and u32 index: a leaf given twice is ambiguous.
+        if len({entry[:8] for entry in cpuid}) != len(cpuid):
+            raise _fail(owner, name, "gives the same (function, index) twice")
+    msrs = features.get("msr_indices")
+    if msrs is not None:
+        name = "cpu_features.msr_indices"
+        if not isinstance(msrs, tuple) or len(msrs) > limits.MAX_MSR_INDICES:
+            raise _fail(owner, name, f"must be at most {limits.MAX_MSR_INDICES} MSR indices")
+        for i, index in enumerate(msrs):
+            _int(owner, f"{name}[{i}]", index, 0, limits.U32_MAX)
+        if len(set(msrs)) != len(msrs):
+            raise _fail(owner, name, "names an MSR twice")
+    xsave = features.get("xsave_bytes")
+    if xsave is not None:
+        _int(owner, "cpu_features.xsave_bytes", xsave, limits.MIN_XSAVE_BYTES, limits.MAX_XSAVE_BYTES)
+
+
 def _regions(owner: object, value: object, page_size: int) -> tuple[MemoryRegion, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise _fail(owner, "memory", f"must be a sequence of (slot, gpa, size), got {type(value).__name__}")
@@ -243,6 +272,8 @@ class VmDescription(Event):
         if not isinstance(self.cpu_features, (dict, list, tuple)):
             raise _fail(self, "cpu_features", f"must be a dict or a sequence, got {type(self.cpu_features).__name__}")
         _set(self, "cpu_features", _freeze_feature(self, self.cpu_features, 0))
+        if isinstance(self.cpu_features, dict):
+            _x86_features(self, self.cpu_features)
         _choice(self, "dirty_tracking", self.dirty_tracking, DIRTY_TRACKING_MODES)
         _choice(self, "arch", self.arch, ARCHES)
 

@@ -101,6 +101,21 @@ PAGE_SIZES: Final = frozenset({4 * KiB, 16 * KiB, 64 * KiB})
 MAX_FEATURE_DEPTH: Final = 8
 """cpu_features is a table of flags and leaves; nesting deeper than this is not a feature list."""
 
+# x86 machine facts a VM description may carry in cpu_features (the target builds and checks
+# with them before ACCEPT, so that the downtime does not):
+MAX_CPUID_ENTRIES: Final = 256
+"""KVM_MAX_CPUID_ENTRIES: "vcpu_cpuid", the table every vCPU of the VM has."""
+
+CPUID_ENTRY_BYTES: Final = 40
+"""struct kvm_cpuid_entry2: each "vcpu_cpuid" entry, raw."""
+
+MAX_MSR_INDICES: Final = 1024
+""""msr_indices", the MSRs a state of the VM carries: KVM lists 40 here, a few hundred at most."""
+
+MIN_XSAVE_BYTES: Final = 4096
+MAX_XSAVE_BYTES: Final = 64 * KiB
+""""xsave_bytes": struct kvm_xsave is at least 4096 bytes; AMX needs ~11 KiB."""
+
 U32_MAX: Final = 0xFFFF_FFFF
 U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 I64_MIN: Final = -(1 << 63)

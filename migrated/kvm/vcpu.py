@@ -95,6 +95,11 @@ class Vcpu:
         self._state = VcpuRunState.CREATED
         self._thread: threading.Thread | None = None
         self.on_finished: Callable[[Vcpu], None] | None = None
+        # The struct kvm_cpuid2 last set, as set: fixed before the first KVM_RUN (KVM refuses
+        # a different one afterwards), so a state save reuses it instead of asking KVM in the
+        # downtime. None: never set, or the last set failed (api.rst: the vCPU's CPUID is then
+        # undefined).
+        self.cpuid_set: bytes | None = None
 
     # ---- register access (only while the thread is parked or not started) ----------------
 
@@ -133,7 +138,9 @@ class Vcpu:
         self.ioctl("KVM_SET_MP_STATE", uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state=mp_state))
 
     def set_cpuid(self, cpuid_buffer: ctypes.Array[ctypes.c_uint8]) -> None:
+        self.cpuid_set = None
         self.ioctl("KVM_SET_CPUID2", uapi.KVM_SET_CPUID2, cpuid_buffer)
+        self.cpuid_set = bytes(cpuid_buffer)
 
     def tsc_khz(self) -> int:
         return self.ioctl("KVM_GET_TSC_KHZ", uapi.KVM_GET_TSC_KHZ)

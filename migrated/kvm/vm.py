@@ -54,6 +54,9 @@ class VmConfig:
     irqchip: bool = False
     pit: bool = False
     memory_backing: RamBacking = RamBacking()
+    # x86: the CPUID table every vCPU gets (raw struct kvm_cpuid_entry2 each); empty: the host's
+    # supported CPUID. A target builds with the source's, so its restore need not set it again.
+    cpuid: tuple[bytes, ...] = ()
 
 
 class VmArch(Protocol):

@@ -28,6 +28,9 @@ class CheckedDescription:
     memory_backing: str | None  # None: this daemon's default
     run_state: str  # "running" or "paused": as the VM is to be after the cutover
     streams: int  # data streams the source opens beside the control connection
+    # x86: the CPUID table of the source's vCPUs, which the VM is built with (VmConfig.cpuid);
+    # () from an older source: the restore sets the state's, in the downtime.
+    cpuid: tuple[bytes, ...] = ()
 
 
 def check_description(description: VmDescription, daemon: MigrationHost) -> CheckedDescription:
@@ -68,4 +71,7 @@ def check_description(description: VmDescription, daemon: MigrationHost) -> Chec
     data_streams = features.get("data_streams", 0)
     if isinstance(data_streams, bool) or not isinstance(data_streams, int) or not 0 <= data_streams <= MAX_STREAMS:
         raise Refused(f"data_streams {data_streams!r}: allowed are 0 to {MAX_STREAMS}")
-    return CheckedDescription(spec, backing, run_state, data_streams)
+    # Bounded and checked entry by entry by the transport (VmDescription); whether KVM takes it
+    # shows when the vCPUs are built, a refusal all the same (`Target._build_and_register`).
+    cpuid = features.get("vcpu_cpuid") or ()
+    return CheckedDescription(spec, backing, run_state, data_streams, tuple(cpuid))

@@ -208,7 +208,7 @@ class OutgoingSetup:
                     {"memory_backing": self.options.target_memory_backing} if self.options.target_memory_backing else {}
                 ),
                 "data_streams": self.options.streams,
-                **vmstate.cpu_features(self.daemon.kvm),
+                **vmstate.cpu_features(self.daemon.kvm, vm),
             },
             dirty_tracking=vm.dirty_tracking,
             arch=vm.caps.arch,

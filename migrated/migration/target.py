@@ -8,6 +8,7 @@ paused: asked again, this side aborts for good (it never got COMMIT) and says so
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -84,6 +85,7 @@ class Target:
         self.committed = False
         self.run_state = "running"
         self.memory_backing: str | None = None  # the source's operator's choice for this copy, if any
+        self._source_cpuid: tuple[bytes, ...] = ()  # the vCPUs' CPUID, from the description
         self.reserved_name: str | None = None
         self.admitted_id: str | None = None  # counted in daemon.incoming until the connection ends
         self.scope = trio.CancelScope()  # cancelled when a query aborts this copy for good
@@ -236,6 +238,7 @@ class Target:
             checked.run_state,
             checked.streams,
         )
+        self._source_cpuid = checked.cpuid
         limits = self.daemon.config.migration
         try:
             self.daemon.incoming.admit(
@@ -274,6 +277,8 @@ class Target:
             config = vm_config(
                 spec, defaults.dirty_tracking, defaults.ring_bytes, defaults.harvest_interval_ms, backing
             )
+            # Built with the source's CPUID: the restore then finds it set (x86 fixed.py).
+            config = dataclasses.replace(config, cpuid=self._source_cpuid)
             # Everything the build would refuse for this host's KVM, refused before ACCEPT.
             validate_config(config, self.daemon.kvm.caps(), host_arch(self.daemon.kvm.caps().arch))
             # Before ACCEPT only the RAM the pages go into (DESIGN 4): the VM itself (KVM_CREATE_VM,

@@ -13,8 +13,10 @@ import msgpack
 from .. import faults
 from ..hosted import HostedVm
 from ..kvm.arch import ARCHES, arch_of, host_arch
+from ..kvm.arch.x86_64 import host_facts
 from ..kvm.saved_state import STATE_VERSION
 from ..kvm.system import Kvm
+from ..kvm.vm import Vm
 from .timeline import Timeline
 
 # A raw guest's port devices (COM1 registers, its receive FIFO and its last 64 KiB of output;
@@ -26,10 +28,13 @@ KINDS = frozenset({*(arch.state_kind for arch in ARCHES.values()), X86_PORTS})
 _MAX_BLOB = 16 << 20
 
 
-def cpu_features(kvm: Kvm) -> dict[str, Any]:
+def cpu_features(kvm: Kvm, vm: Vm | None = None) -> dict[str, Any]:
     """What the VM's CPU and state format look like, for the target to refuse an incompatible
-    host up front, in the VM description: before the source stops anything."""
-    return {**host_arch(kvm.caps().arch).cpu_features(kvm), "state_version": STATE_VERSION}
+    host up front, in the VM description: before the source stops anything. With `vm`, also
+    what the target builds the VM with (`Arch.vm_features`), so that its downtime need not."""
+    arch = host_arch(kvm.caps().arch)
+    machine = arch.vm_features(vm) if vm is not None else {}
+    return {**arch.cpu_features(kvm), **machine, "state_version": STATE_VERSION}
 
 
 def incompatibility(features: dict[str, Any], kvm: Kvm) -> str | None:
@@ -41,11 +46,30 @@ def incompatibility(features: dict[str, Any], kvm: Kvm) -> str | None:
             f"{here['state_version']}: upgrade the target first"
         )
     here.pop("state_version")
+    # Checked as the state will be (x86 check_compatible), not for equality: the source's MSRs
+    # must all be known here (this KVM may know more), its XSAVE area must fit. The transport
+    # bounded both (transport/events.py); an older source sends neither, and the restore checks.
+    our_msrs = here.pop("msr_indices", None)
+    their_msrs = features.get("msr_indices")
     theirs = {k: features.get(k) for k in here}
     if theirs != here:
         return (
             f"CPU {theirs} differs from this host's {here}: migrated moves VMs only between "
             "hosts with the same CPU vendor, family and model"
+        )
+    if our_msrs is not None and their_msrs is not None:
+        unknown = sorted(set(their_msrs) - set(our_msrs))
+        if unknown:
+            return (
+                f"{len(unknown)} MSR(s) of the VM are unknown to this host's KVM: "
+                + ", ".join(f"{index:#x}" for index in unknown[:8])
+                + (" ..." if len(unknown) > 8 else "")
+            )
+    their_xsave = features.get("xsave_bytes")
+    if their_xsave is not None and their_xsave > (ours := host_facts(kvm).xsave_bytes):
+        return (
+            f"the VM's XSAVE area is {their_xsave} bytes; this host's KVM offers {ours} "
+            "(KVM_CAP_XSAVE2): a state component is missing here"
         )
     return None
 

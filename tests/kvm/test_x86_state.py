@@ -9,6 +9,7 @@ that `X86MachineState.from_wire` refuses every malformed input with a message na
 from __future__ import annotations
 
 import dataclasses
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from migrated.kvm.system import Kvm
 from migrated.kvm.vcpu import ensure_kick_handler
 from migrated.kvm.arch import create_vm, host_arch
 from migrated.kvm.vm import DEFAULT_RING_BYTES, Vm, VmConfig
+from migrated.kvm.errors import KvmIoctlError
 from migrated.kvm.saved_state import STATE_VERSION, IncompatibleStateError, StateError, StateFormatError
 from migrated.kvm.arch.x86_64 import uapi as x86_uapi
 from migrated.kvm.arch.x86_64 import (
@@ -35,6 +37,7 @@ from migrated.kvm.arch.x86_64 import (
     X86MachineState,
     check_compatible,
     cpuid_buffer_of,
+    cpuid_of,
     create_irqchip,
     create_pit2,
     detect_devices,
@@ -544,3 +547,89 @@ def test_cpuid_and_msrs_go_to_kvm_and_back_as_written(kvm: Kvm) -> None:
         sysenter = [(0x174, 0x10), (0x175, 0xFFFF_8000_0000_1000), (0x176, 0xFFFF_8000_0000_2000)]
         assert set_msrs(vcpu, sysenter) == []
         assert get_msrs(vcpu, [index for index, _ in sysenter]) == sysenter
+
+
+# ---- the CPUID: read when it is set, not in the downtime (fixed.py) ------------------------
+
+
+def _run_and_save(vm: Vm) -> tuple[WorkloadGuest, list[VcpuStatus], X86MachineState]:
+    guest = start_workload(vm, 1, devices=False)
+    wait_guest(vm, guest, lambda st: all(s.started and s.heartbeat > 0 and s.pages_written > 0 for s in st))
+    vm.pause()
+    assert_vcpus_healthy(vm)
+    return guest, guest.status(vm.ram), save_vm_state(vm, irqchip=False, pit=False)
+
+
+def _carries_on(target: Vm, guest: WorkloadGuest, before: list[VcpuStatus]) -> None:
+    target.start()
+    wait_guest(target, guest, lambda st: all(a.heartbeat > b.heartbeat for b, a in zip(before, st)))
+    target.pause()
+    assert_vcpus_healthy(target)
+    assert_continued(before, guest.status(target.ram))
+
+
+def test_the_saved_cpuid_is_the_table_read_back_when_it_was_set(kvm: Kvm) -> None:
+    """A state carries what KVM_GET_CPUID2 read right after the build set the table (before the
+    first KVM_RUN), not a read in the downtime; KVM takes it back into the vCPU after it ran
+    (Linux 5.16+ accepts only the table it holds, modulo the bits it updates at run time)."""
+    with build_vm(kvm, 1, devices=False) as vm:
+        vcpu = vm.vcpus[0]
+        read_at_build = cpuid_of(vcpu)
+        assert read_at_build is not None and read_at_build == get_cpuid_bytes(vcpu)
+        _, _, state = _run_and_save(vm)
+        assert state.vcpus[0].cpuid == read_at_build
+        restore_vcpu_state(vcpu, state.vcpus[0])  # a different table would be refused (EINVAL)
+
+
+def test_a_target_built_with_the_sources_cpuid_restores_without_setting_it(kvm: Kvm) -> None:
+    """The target's vCPUs get the source's table at the build (VmConfig.cpuid, from the VM
+    description): the restore compares bytes and leaves the table, and the guest carries on."""
+    with build_vm(kvm, 1, devices=False) as source:
+        guest, before, state = _run_and_save(source)
+        config = VmConfig(memory_bytes=MEMORY, vcpus=1, cpuid=state.vcpus[0].cpuid)
+        with create_vm(kvm, config) as target:
+            set_at_build = target.vcpus[0].cpuid_set
+            assert set_at_build is not None
+            target.ram[:] = source.ram
+            restore_vm_state(target, state, irqchip=False, pit=False)
+            assert target.vcpus[0].cpuid_set is set_at_build, "KVM_SET_CPUID2 ran again in the restore"
+            assert get_cpuid_bytes(target.vcpus[0]) == state.vcpus[0].cpuid
+            _carries_on(target, guest, before)
+
+
+def test_a_target_built_with_another_cpuid_takes_the_states(kvm: Kvm) -> None:
+    """A target built with another table (an older source sends none: the host's supported
+    CPUID) gets the state's in the restore, as before, and the guest carries on."""
+    with build_vm(kvm, 1, devices=False) as source, build_vm(kvm, 1, devices=False) as target:
+        guest, before, state = _run_and_save(source)
+        supported = cpuid_buffer_of([bytes(e) for e in kvm.supported_cpuid()])
+        target.vcpus[0].set_cpuid(supported)
+        assert target.vcpus[0].cpuid_set != bytes(cpuid_buffer_of(state.vcpus[0].cpuid))
+        target.ram[:] = source.ram
+        restore_vm_state(target, state, irqchip=False, pit=False)
+        assert target.vcpus[0].cpuid_set == bytes(cpuid_buffer_of(state.vcpus[0].cpuid))
+        assert get_cpuid_bytes(target.vcpus[0]) == state.vcpus[0].cpuid
+        _carries_on(target, guest, before)
+
+
+def test_a_cpuid_table_kvm_refuses_at_the_build_is_a_clear_error(kvm: Kvm) -> None:
+    """A described table KVM will not take fails the build, naming the ioctl (the target
+    refuses the VM then, and the source resumes it)."""
+    # Leaf 0x80000008 with 255 linear-address bits: KVM allows 48 or 57 (or 0).
+    bad = struct.pack("<7I12x", 0x8000_0008, 0, 0, 0xFF00 | 48, 0, 0, 0)
+    config = VmConfig(memory_bytes=MEMORY, vcpus=1, cpuid=(bad,))
+    with pytest.raises(KvmIoctlError, match=r"vCPU 0: KVM_SET_CPUID2 failed"):
+        create_vm(kvm, config).close()
+
+
+def test_a_table_set_by_the_restore_is_read_back_for_the_next_save(kvm: Kvm) -> None:
+    """A restore that had to set the state's CPUID (an older source described none) reads the
+    table back then: the VM's next save, and its next description, know it without asking KVM."""
+    with build_vm(kvm, 1, devices=False) as source, build_vm(kvm, 1, devices=False) as target:
+        _, _, state = _run_and_save(source)
+        target.vcpus[0].set_cpuid(cpuid_buffer_of([bytes(e) for e in kvm.supported_cpuid()]))
+        assert cpuid_of(target.vcpus[0]) is None  # set another way: not known
+        target.ram[:] = source.ram
+        restore_vm_state(target, state, irqchip=False, pit=False)
+        assert cpuid_of(target.vcpus[0]) == state.vcpus[0].cpuid
+        assert host_arch().vm_features(target)["vcpu_cpuid"] == list(state.vcpus[0].cpuid)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -538,6 +539,10 @@ def _unhostable(target: TargetHost, label: str, name: str) -> VmDescription:
         "another architecture": lambda: description(target, name, arch="aarch64"),
         "a run state of its own": lambda: description(target, name, features={"run_state": "owned"}),
         "a state format from the future": lambda: description(target, name, features={"state_version": 99}),
+        "an MSR this KVM does not know": lambda: description(
+            target, name, features={"msr_indices": [*target.cpu["msr_indices"], 0x4B564DFF]}
+        ),
+        "an XSAVE area larger than this KVM's": lambda: description(target, name, features={"xsave_bytes": 65536}),
     }
     return cases[label]()  # type: ignore[no-any-return]
 
@@ -559,6 +564,8 @@ UNHOSTABLE = {
     "another architecture": ["VM is aarch64; this host is x86_64"],
     "a run state of its own": ["run_state 'owned'"],
     "a state format from the future": ["state format is version 99", "upgrade the target"],
+    "an MSR this KVM does not know": ["1 MSR(s) of the VM are unknown to this host's KVM: 0x4b564dff"],
+    "an XSAVE area larger than this KVM's": ["XSAVE area is 65536 bytes; this host's KVM offers"],
 }
 
 
@@ -607,6 +614,14 @@ MALFORMED_DESCRIPTIONS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "no memory": ({"memory": []}, ["must hold 1 to 1024 regions, got 0"]),
     "a name with a newline": ({"name": "vm\nEVIL log line"}, ["VmDescription.name holds control"]),
     "an unknown field": ({"bootloader": "grub"}, ["unknown field 'bootloader'"]),
+    "a CPUID entry of 39 bytes": (
+        {"cpu_features": {"spec": {}, "vcpu_cpuid": [b"\0" * 40, b"\1" * 39]}},
+        ["VmDescription.cpu_features.vcpu_cpuid[1] must be 40 bytes (struct kvm_cpuid_entry2)"],
+    ),
+    "257 CPUID entries": (
+        {"cpu_features": {"spec": {}, "vcpu_cpuid": [i.to_bytes(4, "little") + bytes(36) for i in range(257)]}},
+        ["VmDescription.cpu_features.vcpu_cpuid must be 1 to 256 CPUID entries"],
+    ),
     "cpu_features nested 20 deep": (
         {"cpu_features": {"spec": {}, "x": [[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]}},
         ["cpu_features nests deeper than"],
@@ -731,6 +746,26 @@ def test_a_forged_data_stream_is_refused_and_a_bad_batch_on_a_real_one_discards_
             failure = log.wait("incoming_connection_failed", peer=source.address)
             assert f"page index {SLOT_PAGES} outside slot 0" in failure["error"], failure
     log.wait("incoming_vm_discarded", vm=name)
+    assert_unharmed(target)
+
+
+def test_a_cpuid_table_kvm_refuses_is_refused_at_the_build(target: TargetHost) -> None:
+    """A well-formed CPUID table (within the transport's bounds) that KVM will not take: the
+    target builds the vCPUs with it behind ACCEPT, KVM_SET_CPUID2 fails, and the source is told
+    why with an Abort (it would resume its VM), long before any downtime."""
+    name = new_name()
+    log = LogWatch(target.daemon)
+    # Leaf 0x80000008 with 255 linear-address bits: KVM allows 48 or 57 (or 0).
+    bad = struct.pack("<7I12x", 0x8000_0008, 0, 0, 0xFF00 | 48, 0, 0, 0)
+    with Peer(target, key=target.key) as source:
+        source.handshake()
+        assert isinstance(source.offer(description(target, name, features={"vcpu_cpuid": [bad]})), Accept)
+        answer = source.receive()
+        assert isinstance(answer, Abort), answer
+        assert f"cannot create VM {name} here" in answer.reason and "KVM_SET_CPUID2" in answer.reason, answer
+    refused = log.wait("incoming_vm_refused", peer=source.address)
+    assert "KVM_SET_CPUID2" in refused["error"], refused
+    assert name not in vm_names(target.daemon)
     assert_unharmed(target)
 
 

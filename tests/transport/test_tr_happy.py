@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -41,6 +42,7 @@ from transport import (
     Role,
     Running,
     State,
+    VmDescription,
 )
 
 SLOTS = {0: SLOT0_PAGES, 1: SLOT1_PAGES}
@@ -331,3 +333,19 @@ def test_need_data_until_complete_and_hello_is_fresh_each_time() -> None:
     assert first.nonce != second.nonce
     assert isinstance(first, Hello) and first.auth == "psk"
     assert target.next_event() is NEED_DATA
+
+
+def test_the_x86_machine_facts_of_a_description_travel_as_sent() -> None:
+    """cpu_features.vcpu_cpuid, msr_indices and xsave_bytes (the target builds and checks with
+    them before ACCEPT) arrive byte for byte."""
+    source, target = make_pair()
+    handshake(source, target)
+    entries = [struct.pack("<II", leaf, 0) + bytes(range(32)) for leaf in (0, 1, 7, 0xD)]
+    features = {"vcpu_cpuid": entries, "msr_indices": [0x10, 0x1B, 0xC0000080], "xsave_bytes": 4096 + 64}
+    [got] = transfer(source, target, description(cpu_features=features))
+    assert isinstance(got, VmDescription)
+    assert got.cpu_features == {
+        "vcpu_cpuid": tuple(entries),
+        "msr_indices": (0x10, 0x1B, 0xC0000080),
+        "xsave_bytes": 4160,
+    }

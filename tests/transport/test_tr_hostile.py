@@ -352,6 +352,11 @@ def test_own_events_must_come_from_the_helpers() -> None:
 # --- VM description -----------------------------------------------------------------------------
 
 
+def _cpuid_entry(leaf: int) -> bytes:
+    """A struct kvm_cpuid_entry2 for (leaf, index 0), registers zero."""
+    return struct.pack("<II", leaf, 0) + bytes(32)
+
+
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
@@ -366,6 +371,34 @@ def test_own_events_must_come_from_the_helpers() -> None:
         ({"cpu_features": {"a": [[[[[[[[[[1]]]]]]]]]]}}, r"cpu_features nests deeper than 8"),
         ({"cpu_features": {"a": float("nan")}}, r"cpu_features holds a non-finite float"),
         ({"cpu_features": 5}, r"'vm_description' field 'cpu_features' must be map or array, got int"),
+        # The x86 machine facts a source adds (the target builds and checks with them).
+        (
+            {"cpu_features": {"vcpu_cpuid": [_cpuid_entry(0), b"\0" * 39]}},
+            r"VmDescription.cpu_features.vcpu_cpuid\[1\] must be 40 bytes \(struct kvm_cpuid_entry2\)",
+        ),
+        ({"cpu_features": {"vcpu_cpuid": [_cpuid_entry(0), 7]}}, r"vcpu_cpuid\[1\] must be 40 bytes"),
+        (
+            {"cpu_features": {"vcpu_cpuid": [_cpuid_entry(leaf) for leaf in range(257)]}},
+            r"VmDescription.cpu_features.vcpu_cpuid must be 1 to 256 CPUID entries",
+        ),
+        ({"cpu_features": {"vcpu_cpuid": []}}, r"vcpu_cpuid must be 1 to 256 CPUID entries"),
+        ({"cpu_features": {"vcpu_cpuid": _cpuid_entry(0)}}, r"vcpu_cpuid must be 1 to 256 CPUID entries"),
+        (
+            {"cpu_features": {"vcpu_cpuid": [_cpuid_entry(7), _cpuid_entry(7)]}},
+            r"vcpu_cpuid gives the same \(function, index\) twice",
+        ),
+        (
+            {"cpu_features": {"msr_indices": list(range(1025))}},
+            r"VmDescription.cpu_features.msr_indices must be at most 1024 MSR indices",
+        ),
+        ({"cpu_features": {"msr_indices": [0x10, -1]}}, r"msr_indices\[1\] must be in \[0, 4294967295\], got -1"),
+        ({"cpu_features": {"msr_indices": [0x10, 1 << 32]}}, r"msr_indices\[1\] must be in \[0, 4294967295\]"),
+        ({"cpu_features": {"msr_indices": [0x10, "0x1b"]}}, r"msr_indices\[1\] must be an integer, got str"),
+        ({"cpu_features": {"msr_indices": [0x10, 0x10]}}, r"msr_indices names an MSR twice"),
+        ({"cpu_features": {"msr_indices": 16}}, r"msr_indices must be at most 1024 MSR indices"),
+        ({"cpu_features": {"xsave_bytes": 512}}, r"cpu_features.xsave_bytes must be in \[4096, 65536\], got 512"),
+        ({"cpu_features": {"xsave_bytes": 1 << 20}}, r"xsave_bytes must be in \[4096, 65536\]"),
+        ({"cpu_features": {"xsave_bytes": True}}, r"xsave_bytes must be an integer, got bool"),
     ],
 )
 def test_invalid_description(changes: dict[str, object], match: str) -> None:

@@ -28,6 +28,11 @@ class Arch(VmArch, Protocol):
         """What a target compares with its own before it accepts a VM."""
         ...
 
+    def vm_features(self, vm: Vm) -> dict[str, object]:
+        """What of this VM's machine a target builds and checks with before it accepts it, so
+        that its downtime need not (x86: the vCPUs' CPUID, the XSAVE size)."""
+        ...
+
     def prepare_state_save(self, vm: Vm) -> None:
         """State the kernel writes into guest RAM, with every vCPU parked, before the registers."""
         ...

@@ -46,6 +46,9 @@ class Aarch64:
         # between hosts is checked register by register when the state is restored.
         return {"cpu_arch": "aarch64"}
 
+    def vm_features(self, vm: Vm) -> dict[str, object]:
+        return {}
+
     def prepare_state_save(self, vm: Vm) -> None:
         """R6.3 on arm64: the LPI pending tables and the ITS tables go into guest RAM first, with
         no vCPU running (EBUSY otherwise); only the backup bitmap sees those writes, and the

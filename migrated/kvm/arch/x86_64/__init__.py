@@ -3,6 +3,7 @@
 - `machine.py`: how an x86 VM is built (the VmArch hooks `Vm.create` calls).
 - `cpu.py`: MSRs, CPUID, XSAVE size, TSC frequency, the CPU model of a saved state.
 - `devices.py`: the in-kernel PIC, IOAPIC and PIT.
+- `fixed.py`: what of the host, a VM or a vCPU cannot change while the guest runs, read once.
 - `state.py`: the complete machine state, saved and restored in the order KVM accepts (R9).
 - `uapi.py`: the x86-only KVM numbers and structs (the common ones are in `migrated/kvm/uapi.py`).
 """
@@ -25,6 +26,10 @@ from .cpu import cpuid_buffer_of as cpuid_buffer_of
 from .cpu import read_tsc_khz as read_tsc_khz
 from .cpu import set_xcr0 as set_xcr0
 from .devices import create_irqchip as create_irqchip
+from .fixed import HostFacts as HostFacts
+from .fixed import host_facts as host_facts
+from .fixed import cpuid_of as cpuid_of
+from .fixed import set_cpuid as set_cpuid
 from .devices import create_pit2 as create_pit2
 from .devices import detect_devices as detect_devices
 from .devices import check_devices as check_devices

@@ -26,16 +26,18 @@ def create_irqchip(vm: Vm) -> None:
             "KVM_CREATE_IRQCHIP must come before any vCPU is created (each vCPU gets its LAPIC "
             f"at creation); this VM has {len(vm.vcpus)} vCPU(s)"
         )
-    _DETECTED.pop(vm, None)
     vm.ioctl("KVM_CREATE_IRQCHIP", x86_uapi.KVM_CREATE_IRQCHIP)
+    known = _DETECTED.get(vm)
+    _DETECTED[vm] = (True, known[1] if known is not None else _has_pit(vm))
 
 
 def create_pit2(vm: Vm, flags: int = x86_uapi.KVM_PIT_SPEAKER_DUMMY) -> None:
     """KVM_CREATE_PIT2: the i8254 PIT in the kernel, after `create_irqchip` (api.rst: "only valid
     after enabling in-kernel irqchip support"). KVM_PIT_SPEAKER_DUMMY (the default) lets the
     kernel answer port 0x61 too, which this VMM does not emulate."""
-    _DETECTED.pop(vm, None)
     vm.ioctl("KVM_CREATE_PIT2", x86_uapi.KVM_CREATE_PIT2, x86_uapi.kvm_pit_config(flags=flags))
+    known = _DETECTED.get(vm)
+    _DETECTED[vm] = (known[0] if known is not None else _has_irqchip(vm), True)
 
 
 def _probe(vm: Vm, step: str, request: int, arg: ctypes.Structure) -> bool:
@@ -49,23 +51,28 @@ def _probe(vm: Vm, step: str, request: int, arg: ctypes.Structure) -> bool:
     return True
 
 
-# What each VM has, once asked: a device is never removed, and only the two functions above (the
-# only KVM_CREATE_IRQCHIP and KVM_CREATE_PIT2 of the daemon; VM ioctls come from this process
-# alone) add one, forgetting the answer first. A state save and a restore each asked KVM twice,
-# with four probes, inside the downtime.
+def _has_irqchip(vm: Vm) -> bool:
+    chip = x86_uapi.kvm_irqchip(chip_id=x86_uapi.KVM_IRQCHIP_PIC_MASTER)
+    return _probe(vm, "KVM_GET_IRQCHIP", x86_uapi.KVM_GET_IRQCHIP, chip)
+
+
+def _has_pit(vm: Vm) -> bool:
+    return _probe(vm, "KVM_GET_PIT2", x86_uapi.KVM_GET_PIT2, x86_uapi.kvm_pit_state2())
+
+
+# What each VM has: a device is never removed, and only the two functions above (the only
+# KVM_CREATE_IRQCHIP and KVM_CREATE_PIT2 of the daemon; VM ioctls come from this process alone)
+# add one, recording it as they do, so that the build (`X86_64.before_vcpus`) leaves the answer
+# here and no state save or restore asks KVM inside the downtime.
 _DETECTED: weakref.WeakKeyDictionary[Vm, tuple[bool, bool]] = weakref.WeakKeyDictionary()
 
 
 def detect_devices(vm: Vm) -> tuple[bool, bool]:
     """(has in-kernel irqchip, has in-kernel PIT), asked of KVM (once per VM: `_DETECTED`)."""
     known = _DETECTED.get(vm)
-    if known is not None:
-        return known
-    chip = x86_uapi.kvm_irqchip(chip_id=x86_uapi.KVM_IRQCHIP_PIC_MASTER)
-    irqchip = _probe(vm, "KVM_GET_IRQCHIP", x86_uapi.KVM_GET_IRQCHIP, chip)
-    pit = _probe(vm, "KVM_GET_PIT2", x86_uapi.KVM_GET_PIT2, x86_uapi.kvm_pit_state2())
-    _DETECTED[vm] = (irqchip, pit)
-    return irqchip, pit
+    if known is None:
+        known = _DETECTED[vm] = (_has_irqchip(vm), _has_pit(vm))
+    return known
 
 
 def check_devices(vm: Vm, irqchip: bool, pit: bool, side: str) -> None:

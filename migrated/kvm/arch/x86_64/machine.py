@@ -4,6 +4,8 @@ vCPU) and how its machine state travels (`state.py`)."""
 
 from __future__ import annotations
 
+import ctypes
+import weakref
 from typing import Any
 
 from ...backing import RamBacking
@@ -11,9 +13,14 @@ from ...memory import GuestMemory
 from ...system import HostCaps, Kvm, cpuid_buffer
 from ...vcpu import Vcpu
 from ...vm import Vm, VmConfig
-from .cpu import CpuModel, cpu_identity
+from .cpu import cpuid_buffer_of
 from .devices import create_irqchip, create_pit2, detect_devices
+from .fixed import LEGACY_XSAVE_BYTES, cpuid_of, host_facts, read_build_tsc_khz, set_cpuid, vm_xsave2_bytes
 from .state import X86MachineState, restore_vm_state, save_vm_state
+
+# The CPUID table a VM under construction gives each vCPU (VmConfig.cpuid), from
+# `before_vcpus` to `after_vcpus`.
+_BUILD_CPUID: weakref.WeakKeyDictionary[Vm, ctypes.Array[ctypes.c_uint8]] = weakref.WeakKeyDictionary()
 
 
 class X86_64:
@@ -33,18 +40,47 @@ class X86_64:
             create_irqchip(vm)
         if config.pit:
             create_pit2(vm)
+        detect_devices(vm)  # known from here on: a state save or restore asks no more (devices.py)
+        if config.cpuid:
+            _BUILD_CPUID[vm] = cpuid_buffer_of(config.cpuid)
 
     def setup_vcpu(self, vm: Vm, vcpu: Vcpu) -> None:
-        vcpu.set_cpuid(cpuid_buffer(vm.kvm.supported_cpuid()))
+        """The CPUID the VM was built for (a target: the source's, from the VM description, so
+        that the restore finds it set and leaves it), else the host's supported one."""
+        table = _BUILD_CPUID.get(vm)
+        set_cpuid(vcpu, table if table is not None else cpuid_buffer(vm.kvm.supported_cpuid()))
 
     def after_vcpus(self, vm: Vm) -> None:
-        return None
+        _BUILD_CPUID.pop(vm, None)
+        # Read now rather than in a downtime (fixed.py).
+        host_facts(vm.kvm)
+        vm_xsave2_bytes(vm)
+        for vcpu in vm.vcpus:
+            read_build_tsc_khz(vcpu)
 
     def cpu_features(self, kvm: Kvm) -> dict[str, object]:
-        """What a target compares before it accepts a VM: the same CPU vendor, family, model."""
-        vendor, signature = cpu_identity(kvm.supported_cpuid())
-        model = CpuModel.from_cpuid(vendor, signature)
-        return {"cpu_vendor": model.vendor, "cpu_family": model.family, "cpu_model": model.model}
+        """What a target compares before it accepts a VM: the same CPU vendor, family, model,
+        and (`migration.vmstate.incompatibility`) every MSR a state carries known there."""
+        host = host_facts(kvm)
+        model = host.cpu_model
+        return {
+            "cpu_vendor": model.vendor,
+            "cpu_family": model.family,
+            "cpu_model": model.model,
+            "msr_indices": list(host.msr_indices),
+        }
+
+    def vm_features(self, vm: Vm) -> dict[str, object]:
+        """The CPUID table of every vCPU, where they share one read when it was set (fixed.py):
+        the target builds its vCPUs with it, and its restore finds it set. The XSAVE size a state
+        of this VM carries, for the target to check before it accepts."""
+        features: dict[str, object] = {"xsave_bytes": max(vm_xsave2_bytes(vm), LEGACY_XSAVE_BYTES)}
+        tables = {cpuid_of(vcpu) for vcpu in vm.vcpus}
+        if len(tables) == 1:
+            (table,) = tables
+            if table is not None:
+                features["vcpu_cpuid"] = list(table)
+        return features
 
     def prepare_state_save(self, vm: Vm) -> None:
         return None  # nothing of the x86 machine lives in guest RAM

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import operator
 import struct
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -58,7 +59,6 @@ from ...vm import Vm
 from .cpu import (
     MAX_CPUID_ENTRIES,
     CpuModel,
-    cpu_identity,
     cpuid_buffer_of,
     get_cpuid_bytes,
     get_msrs,
@@ -69,6 +69,7 @@ from .cpu import (
     xsave2_size,
 )
 from .devices import check_devices
+from .fixed import cpuid_is_set, cpuid_of, host_facts, note_tsc_khz, set_cpuid, tsc_khz_of, vm_xsave2_bytes
 from . import uapi as x86_uapi
 
 
@@ -115,6 +116,8 @@ _STRUCT_NAME = {
     "pit2": "struct kvm_pit_state2",
     "clock": "struct kvm_clock_data",
 }
+_FUNCTION_AND_INDEX = operator.itemgetter(slice(0, 8))  # of a struct kvm_cpuid_entry2's bytes
+_MSR_INDEX = operator.itemgetter(0)  # of an (index, value) pair
 IRQCHIP_IDS = (x86_uapi.KVM_IRQCHIP_PIC_MASTER, x86_uapi.KVM_IRQCHIP_PIC_SLAVE, x86_uapi.KVM_IRQCHIP_IOAPIC)
 _IRQCHIP_NAMES = ("PIC master", "PIC slave", "IOAPIC")
 
@@ -189,14 +192,15 @@ class X86VcpuState:
         cpuid = _list(m, "cpuid", where, MAX_CPUID_ENTRIES)
         if not cpuid:
             raise _error(where, "cpuid", "no entries: a vCPU always has a CPUID")
-        # Checked as a whole first, entry by entry (naming the bad one) only when that fails: this
-        # runs in the target's downtime, and the per-entry paths cost more than the checks.
-        if all(type(e) is bytes and len(e) == _SIZE["cpuid"] for e in cpuid):
+        # Checked as a whole first, with builtins that loop in C, entry by entry (naming the bad
+        # one) only when that fails: this runs in the target's downtime, where a Python loop over
+        # the 75 entries cost more than the ioctls around it.
+        if set(map(type, cpuid)) == {bytes} and set(map(len, cpuid)) == {_SIZE["cpuid"]}:
             entries = tuple(cpuid)
         else:
             entries = tuple(_sized(e, f"{where}.cpuid[{i}]", "cpuid") for i, e in enumerate(cpuid))
         # Each entry starts with its u32 function and u32 index.
-        if len({e[:8] for e in entries}) != len(entries):
+        if len(set(map(_FUNCTION_AND_INDEX, entries))) != len(entries):
             raise _error(where, "cpuid", "the same (function, index) appears twice")
         pairs = _list(m, "msrs", where, MAX_MSRS)
         msrs = _msr_pairs(pairs)
@@ -335,19 +339,21 @@ def _struct_bytes(m: Mapping[str, Any], key: str, where: str) -> bytes:
 
 def _msr_pairs(pairs: list[Any]) -> tuple[tuple[int, int], ...] | None:
     """[[index, value], ...] when every pair is well formed and no index repeats, else None
-    (`_msr_pairs_checked` then names what is wrong)."""
-    if not all(
-        type(pair) in (list, tuple)
-        and len(pair) == 2
-        and type(pair[0]) is int
-        and type(pair[1]) is int
-        and 0 <= pair[0] <= 0xFFFF_FFFF
-        and 0 <= pair[1] <= 0xFFFF_FFFF_FFFF_FFFF
-        for pair in pairs
-    ):
+    (`_msr_pairs_checked` then names what is wrong). Checked with builtins that loop in C (the
+    target's downtime): a pair is a list or tuple of two, both exact ints (a bool is not), in
+    range."""
+    if not pairs:
+        return ()
+    if not set(map(type, pairs)) <= {list, tuple} or set(map(len, pairs)) != {2}:
         return None
-    msrs = tuple((pair[0], pair[1]) for pair in pairs)
-    return msrs if len({index for index, _ in msrs}) == len(msrs) else None
+    indices, values = zip(*pairs)
+    if set(map(type, indices)) != {int} or set(map(type, values)) != {int}:
+        return None
+    if min(indices) < 0 or max(indices) > 0xFFFF_FFFF or min(values) < 0 or max(values) > 0xFFFF_FFFF_FFFF_FFFF:
+        return None
+    if len(set(indices)) != len(indices):
+        return None
+    return tuple(zip(indices, values))
 
 
 def _msr_pairs_checked(pairs: list[Any], where: str) -> tuple[tuple[int, int], ...]:
@@ -428,7 +434,9 @@ def save_vcpu_state(
     with _step(times, "tsc_khz"):
         tsc_khz = read_tsc_khz(vcpu)
     with _step(times, "cpuid"):
-        cpuid = get_cpuid_bytes(vcpu)
+        # Read when it was set (fixed.py: a vCPU's CPUID cannot change once it ran); KVM is asked
+        # here only for a vCPU whose table was not read then.
+        cpuid = cpuid_of(vcpu) or get_cpuid_bytes(vcpu)
     with _step(times, "mp_state"):
         mp = uapi.kvm_mp_state()
         vcpu.ioctl("KVM_GET_MP_STATE", uapi.KVM_GET_MP_STATE, mp)
@@ -488,9 +496,9 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> X86MachineState:
     with times.step("devices"):
         check_devices(vm, irqchip, pit, "save_vm_state")
     with times.step("setup"):
-        vendor, signature = cpu_identity(vm.kvm.supported_cpuid())
-        xsave2 = xsave2_size(vm.fd)
-        indices = vm.kvm.msr_index_list()
+        host = host_facts(vm.kvm)  # read once per host, and per VM below (fixed.py)
+        vendor, signature, indices = host.cpu_vendor, host.cpu_signature, host.msr_indices
+        xsave2 = vm_xsave2_bytes(vm)
     vcpus = tuple(
         save_vcpu_state(vcpu, vm.kvm, lapic=irqchip, xsave2_bytes=xsave2, msr_indices=indices, times=times)
         for vcpu in vm.vcpus
@@ -534,31 +542,36 @@ def check_compatible(state: X86MachineState, kvm: Kvm) -> None:
     Every saved MSR must be known to this host's KVM, the XSAVE area must fit, and the in-kernel
     devices the state has must be available.
     """
-    here = CpuModel.from_cpuid(*cpu_identity(kvm.supported_cpuid()))
-    saved = state.cpu_model
-    if (here.vendor, here.family, here.model) != (saved.vendor, saved.family, saved.model):
-        raise IncompatibleStateError(
-            f"the VM's state was saved on {saved}; this host is {here}: migrated moves VMs only "
-            "between hosts with the same CPU vendor, family and model"
-        )
-    known = set(kvm.msr_index_list())
-    unknown = sorted({i for v in state.vcpus for i, _ in v.msrs} - known)
+    # No ioctl after the first call, and the common case (the same CPU, MSRs known) decided with
+    # comparisons and builtins that loop in C: this runs in the target's downtime.
+    host = host_facts(kvm)
+    if (state.cpu_vendor, state.cpu_signature) != (host.cpu_vendor, host.cpu_signature):
+        here, saved = host.cpu_model, state.cpu_model
+        if (here.vendor, here.family, here.model) != (saved.vendor, saved.family, saved.model):
+            raise IncompatibleStateError(
+                f"the VM's state was saved on {saved}; this host is {here}: migrated moves VMs "
+                "only between hosts with the same CPU vendor, family and model"
+            )
+    if all(host.known_msrs.issuperset(map(_MSR_INDEX, v.msrs)) for v in state.vcpus):
+        unknown = []
+    else:
+        unknown = sorted({i for v in state.vcpus for i, _ in v.msrs} - host.known_msrs)
     if unknown:
         raise IncompatibleStateError(
             f"{len(unknown)} MSR(s) of the VM are unknown to this host's KVM: "
             + ", ".join(msr_name(i) for i in unknown[:8])
             + (" ..." if len(unknown) > 8 else "")
         )
-    size = max(xsave2_size(kvm.fd), MIN_XSAVE_BYTES)
+    size = host.xsave_bytes
     largest = max(len(v.xsave) for v in state.vcpus)
     if largest > size:
         raise IncompatibleStateError(
             f"the VM's XSAVE area is {largest} bytes; this host's KVM offers {size} "
             "(KVM_CAP_XSAVE2): a state component is missing here"
         )
-    if state.has_irqchip and kvm.check_extension(x86_uapi.KVM_CAP_IRQCHIP) <= 0:
+    if state.has_irqchip and not host.irqchip:
         raise IncompatibleStateError("the VM has an in-kernel irqchip; this host's KVM has none")
-    if state.has_pit and kvm.check_extension(x86_uapi.KVM_CAP_PIT_STATE2) <= 0:
+    if state.has_pit and not host.pit_state2:
         raise IncompatibleStateError("the VM has an in-kernel PIT; this host's KVM lacks KVM_CAP_PIT_STATE2")
 
 
@@ -588,10 +601,11 @@ def restore_vcpu_state(
     _require_parked([vcpu], "restoring")
     if state.tsc_khz:
         with _step(times, "tsc_khz"):
-            here = read_tsc_khz(vcpu)
+            here = tsc_khz_of(vcpu)  # read at the build (fixed.py)
             if here != state.tsc_khz:
                 try:
                     vcpu.ioctl("KVM_SET_TSC_KHZ", x86_uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
+                    note_tsc_khz(vcpu, state.tsc_khz)
                 except KvmIoctlError as err:
                     raise IncompatibleStateError(
                         f"vCPU {vcpu.index}: the guest's TSC runs at {state.tsc_khz} kHz, this "
@@ -599,7 +613,11 @@ def restore_vcpu_state(
                     ) from err
     with _step(times, "cpuid"):
         try:
-            vcpu.set_cpuid(cpuid_buffer_of(state.cpuid))
+            # Already set when the VM was built with the source's table (VmConfig.cpuid). Else
+            # (an older source) set here, and read back so that this VM's next migration finds
+            # its table known (fixed.py): once, in this window, rather than in every later one.
+            if not cpuid_is_set(vcpu, state.cpuid):
+                set_cpuid(vcpu, cpuid_buffer_of(state.cpuid))
         except KvmIoctlError as err:
             if err.errno != errno.EINVAL:
                 raise
@@ -674,7 +692,7 @@ def restore_vm_state(
         with times.step("check"):
             check_compatible(state, vm.kvm)
     with times.step("setup"):
-        xsave2 = xsave2_size(vm.fd)
+        xsave2 = vm_xsave2_bytes(vm)
     kept: list[tuple[int, int]] = []
     for vcpu, vcpu_state in zip(vm.vcpus, state.vcpus):
         for index in restore_vcpu_state(vcpu, vcpu_state, xsave2_bytes=xsave2, times=times):
