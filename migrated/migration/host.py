@@ -17,6 +17,7 @@ from ..events import EventStream
 from ..hosted import HostedVm, VmSpec
 from ..kvm.backing import RamBacking
 from ..kvm.system import Kvm
+from ..vmshell import VmShell
 from .incoming import Incoming
 from .policy import DowntimeModels
 from .stats import MigrationStats
@@ -51,6 +52,7 @@ class MigrationHost(Protocol):
     vms: dict[str, HostedVm]
     migrations: dict[str, Migration]  # VM name -> its latest migration
     incoming: Incoming  # incoming migrations in progress, and how recent ones ended
+    vm_shell: VmShell  # the empty VM an incoming one may start from
     commands: dict[str, Command]
 
     def hosted(self, args: CommandArgs) -> HostedVm:

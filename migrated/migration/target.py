@@ -48,6 +48,7 @@ from ..pagehash import memory_digest
 from ..peer import FINAL_PAGES_ON_CONTROL, PeerAborted, PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
+from .background_record import BackgroundRecord
 from .incoming_check import Refused, check_description
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
@@ -107,6 +108,7 @@ class Target:
         self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
         self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
+        self._record = BackgroundRecord(lambda: None, lambda started: None)  # `_start_record`'s
 
     async def run(self) -> None:
         try:
@@ -125,6 +127,7 @@ class Target:
             await self._close_streams()
             self._close_ram()
             await self.channel.aclose()
+            self.daemon.vm_shell.refill()  # after this migration's own work (vmshell.py)
             self.finished.set()
 
     async def _run(self) -> None:
@@ -297,6 +300,7 @@ class Target:
             memory_mib=spec.memory_mib,
             vcpus=spec.vcpus,
             memory_backing=config.memory_backing.kind,
+            vm_shell=stats.vm_shell,
         )
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
@@ -329,20 +333,24 @@ class Target:
                 prefaulter.stop()
 
     async def _build_and_register(self, spec: VmSpec, config: VmConfig) -> HostedVm:
-        """The VM around the RAM the pages already go into (R1/R2), in a worker; then its
-        threads (vCPUs parked, the harvester) and its record (two fsyncs), each in a worker,
-        side by side, while the loop attaches the data streams: all done before any control
-        event is read, so before anything loads or resumes the VM. A build that fails after
-        ACCEPT is a refusal all the same: the source is told and resumes (DESIGN 5)."""
-        ram, mark = self._ram, self._setup_timeline.mark
-        assert ram is not None
+        """The VM around the RAM the pages already go into (R1/R2), from the daemon's warm
+        shell where it fits (vmshell.py), in a worker; then its threads (vCPUs parked, the
+        harvester), in a worker, while the loop attaches the data streams: all done before any
+        control event is read, so before anything loads or resumes the VM. Its record is not
+        waited for here (`_start_record`). A build that fails after ACCEPT is a refusal all the
+        same: the source is told and resumes (DESIGN 5)."""
+        ram, mark, stats = self._ram, self._setup_timeline.mark, self.stats
+        assert ram is not None and stats is not None
         kvm, console_log = self.daemon.kvm, self.daemon.console_log(spec)
+        shell, stats.vm_shell = self.daemon.vm_shell.take(config)
 
         def build() -> HostedVm:
             mark("build_entered")
             if faults.active("target-build-fails"):
+                if shell is not None:
+                    shell.close()  # as a build that fails closes it
                 raise KvmIoctlError("KVM_CREATE_VM (test fault target-build-fails)", OSError(errno.ENOMEM, "no memory"))
-            hosted = create_incoming(kvm, spec, config, console_log, False, ram)
+            hosted = create_incoming(kvm, spec, config, console_log, False, ram, shell)
             mark("vm_created")
             return hosted
 
@@ -355,20 +363,27 @@ class Target:
         vm = hosted.vm
         assert vm is not None
         self.daemon.register_incoming(hosted, self, record=False)
-        record = self.daemon.record_vm
-
-        def record_vm() -> None:
-            record(hosted)
-            mark("recorded")
+        self._start_record(hosted)
 
         def start_threads() -> None:
             vm.start(False)
             mark("threads_started")
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, record_vm)
-            nursery.start_soon(trio.to_thread.run_sync, start_threads)
+        await trio.to_thread.run_sync(start_threads)
         return hosted
+
+    def _start_record(self, hosted: HostedVm) -> None:
+        """The VM's record, beside the receive: on disk before LOADED and before a discard
+        removes it (`_record.wait`), but no longer before the first control read (DESIGN 5
+        needs it from LOADED on: background_record.py)."""
+        record, mark, steps = self.daemon.record_vm, self._setup_timeline.mark, self._phase_steps
+
+        def write() -> None:
+            record(hosted)  # an OSError is logged there: the VM is fine, only its record is not
+            mark("recorded")
+
+        self._record = BackgroundRecord(write, lambda started: steps.add("overlapped.record", started))
+        self._record.start()
 
     def _open_streams(self, memory: GuestMemory) -> None:
         conn = self.channel.conn
@@ -546,6 +561,7 @@ class Target:
                     stats.final_pages = round_entries if stats.round == event.rounds + 1 else 0
                     stats.round = event.rounds
                 stats.untouched_pages = sum(views[slot].shape[0] for slot in views) - bulk_entries
+                await self._record.wait()  # before LOADED (`_start_record`)
                 await self._load(event, blobs, done_at)
                 return
             else:
@@ -759,6 +775,10 @@ class Target:
 
     async def _discard(self, reason: str) -> None:
         await self._close_streams()
+        try:
+            await self._record.wait()  # or it would be written after the removal, outliving the VM
+        except Exception:
+            self.log.exception("vm_record_crashed")
         self._close_ram()
         hosted = self.hosted
         if self.stats is not None:
