@@ -591,7 +591,7 @@ async def run_daemon(
         arch=caps.arch,
     )
     # Before READY: what the first migration would otherwise pay in its setup (warmup.py).
-    log.info("daemon_warmed", **warm_up(kvm))
+    log.info("daemon_warmed", **warm_up(kvm, config.migration.max_batch_bytes))
     metrics: DaemonMetrics | None = None
     if daemon.realtime_error is not None:
         log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)
