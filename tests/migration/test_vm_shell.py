@@ -40,6 +40,8 @@ def test_an_incoming_vm_takes_the_shell_and_a_new_one_is_made_after(make_daemon:
     shell, and each daemon has its next one once the migration ended; no VM fd is left over."""
     a, b = make_daemon("a", verify="full"), make_daemon("b", verify="full")
     for daemon in (a, b):
+        # The control socket answers before READY; the shell is there by READY.
+        wait_for(lambda d=daemon: d.events("daemon_ready"), what=f"{daemon.name} to be ready")
         assert shell(daemon) == {
             "enabled": True,
             "ready": True,
