@@ -42,7 +42,10 @@ class BackgroundRecord:
         def deliver(outcome: Any) -> None:
             self._outcome = outcome
             self._on_written(started)
-            token.run_sync_soon(self._done.set)
+            try:
+                token.run_sync_soon(self._done.set)
+            except trio.RunFinishedError:
+                pass  # the daemon's loop ended meanwhile: nobody waits any more
 
         self._started = True
         trio.lowlevel.start_thread_soon(write, deliver)
