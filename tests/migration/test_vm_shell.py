@@ -131,3 +131,25 @@ def _off_and_on(a: DaemonProcess, b: DaemonProcess, config: Path) -> None:
     b.process.send_signal(signal.SIGHUP)
     wait_for(lambda: not shell(b)["ready"], what="the shell to be closed")
     assert vm_fds(b) == 1, "only the VM"
+
+
+def test_two_vms_arriving_at_once_never_share_the_shell(make_daemon: MakeDaemon) -> None:
+    """Two incoming migrations at the same time: one VM is built from the shell, the other from
+    scratch (none ready), both arrive whole, and one new shell is made after. The target holds
+    0.3 s at LOADED and at RUNNING (cutover-holds), so the first migration cannot have ended,
+    and its shell been made again, before the second one's build."""
+    a, b = make_daemon("a", verify="full"), make_daemon("b", verify="full", faults="cutover-holds")
+    wait_for(lambda: b.events("daemon_ready"), what="b to be ready")
+    for name in ("vm1", "vm2"):
+        create(a, name=name, rate=16, memory_mib=128, vcpus=1, working_set_mib=32)
+    for name in ("vm1", "vm2"):
+        a.call("migrate", name=name, to=b.address)
+    for name in ("vm1", "vm2"):
+        assert wait_migration(a, name)["state"] == "completed"
+    used = sorted(wait_migration(b, name)["vm_shell"] for name in ("vm1", "vm2"))
+    assert used == ["none", "used"], used
+    wait_for(lambda: shell(b)["made"] == 2, what="b's next shell")
+    assert shell(b)["taken"] == 1
+    for name in ("vm1", "vm2"):
+        assert_runs_here(b, name)
+    assert vm_fds(b) == 3, "two VMs and the next shell"
