@@ -21,13 +21,14 @@ SLOW_RECORD_S = 0.5  # fault target-record-slow: a slow state dir, made determin
 
 class BackgroundRecord:
     def __init__(self, write: Callable[[], None], on_written: Callable[[float], None]) -> None:
-        """`write` runs in its own thread; `on_written(started)` in that thread after it (a
-        perf_counter time, for the stats)."""
+        """`write` runs in its own thread; `on_written(ms)`, how long it took, on the event loop
+        at the first `wait` after it (so the stats gain the step after the steps before)."""
         self._write = write
         self._on_written = on_written
         self._done = trio.Event()
         self._outcome: Any = None
         self._started = False
+        self._elapsed_ms: float | None = None
 
     def start(self) -> None:
         token = trio.lowlevel.current_trio_token()
@@ -41,7 +42,7 @@ class BackgroundRecord:
 
         def deliver(outcome: Any) -> None:
             self._outcome = outcome
-            self._on_written(started)
+            self._elapsed_ms = round((time.perf_counter() - started) * 1e3, 3)
             try:
                 token.run_sync_soon(self._done.set)
             except trio.RunFinishedError:
@@ -57,6 +58,9 @@ class BackgroundRecord:
         if self._started and not self._done.is_set():
             with trio.CancelScope(shield=True):
                 await self._done.wait()
+        elapsed, self._elapsed_ms = self._elapsed_ms, None
+        if elapsed is not None:
+            self._on_written(elapsed)
         outcome, self._outcome = self._outcome, None
         if outcome is not None:
             outcome.unwrap()

@@ -108,7 +108,7 @@ class Target:
         self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
         self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
-        self._record = BackgroundRecord(lambda: None, lambda started: None)  # `_start_record`'s
+        self._record = BackgroundRecord(lambda: None, lambda ms: None)  # `_start_record`'s
 
     async def run(self) -> None:
         try:
@@ -382,7 +382,10 @@ class Target:
             record(hosted)  # an OSError is logged there: the VM is fine, only its record is not
             mark("recorded")
 
-        self._record = BackgroundRecord(write, lambda started: steps.add("overlapped.record", started))
+        def written(ms: float) -> None:
+            steps.steps["overlapped.record"] = ms
+
+        self._record = BackgroundRecord(write, written)
         self._record.start()
 
     def _open_streams(self, memory: GuestMemory) -> None:

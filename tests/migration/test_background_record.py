@@ -49,6 +49,6 @@ def test_wait_returns_once_the_record_is_written_and_raises_its_error_once() -> 
 def test_a_record_never_started_is_not_waited_for() -> None:
     async def main() -> None:
         with trio.fail_after(5):
-            await BackgroundRecord(lambda: None, lambda started: None).wait()
+            await BackgroundRecord(lambda: None, lambda ms: None).wait()
 
     trio.run(main)
