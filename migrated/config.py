@@ -164,6 +164,7 @@ class MigrationConfig:
     progress_timeout_s: float  # 0: off; else no byte moved for this long cancels the migration
     max_incoming: int
     max_incoming_memory_mib: int  # 0 = this host's physical memory
+    warm_vm_shell: bool = True  # one empty VM kept ready for the next incoming one (vmshell.py)
 
     @property
     def max_incoming_memory_bytes(self) -> int:
@@ -444,6 +445,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_incoming": _Key(4, _integer(1, 1024), True),
         # 2**30 MiB: 1 EiB, far beyond any host; 0 means "this host's physical memory".
         "max_incoming_memory_mib": _Key(0, _integer(0, 1 << 30), True),
+        "warm_vm_shell": _Key(True, _boolean, True),
     },
 }
 

@@ -45,6 +45,7 @@ from .vcpupriority import FIX as NICE_FIX, probe_nice_restore
 from .sdnotify import Notifier
 from .socket_access import restrict_control_socket
 from .statedir import check_state_dir
+from .vmshell import VmShell
 from .warmup import warm_up
 
 
@@ -88,6 +89,7 @@ class Daemon:
         self.realtime_error = probe_realtime()  # None: the harvester can have SCHED_FIFO
         self.nice_error = probe_nice_restore()  # None: a migrating guest's vCPUs may yield (vcpupriority.py)
         self.ram_directory = RamDirectory(config.vm.memory_backing_dir, Path(config.daemon.state_dir))
+        self.vm_shell = VmShell(kvm, lambda: self.config)  # made and closed by its `serve`
         self.commands: dict[str, Command] = {
             "vm.create": self.cmd_vm_create,
             "vm.list": self.cmd_vm_list,
@@ -371,6 +373,7 @@ class Daemon:
             "harvester_realtime": self.realtime_error is None,
             "harvester_realtime_error": self.realtime_error,
             "vcpu_nice_restorable": self.nice_error is None,
+            "vm_shell": self.vm_shell.status(),
         }
 
     async def remove_vm(self, hosted: HostedVm, reason: str, keep_record: bool = False) -> None:
@@ -481,6 +484,7 @@ class Daemon:
             else:
                 self.log.warning("config_change_needs_restart", key=change.key)
         self.config = self.config.apply_reload(new)
+        self.vm_shell.refill()  # made again (or closed) for what the configuration says now
         configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
         # systemd sets up RuntimeDirectory= again (0750, root's group) for every control process,
         # ExecReload's `kill` included, which shuts the operators' group out of the socket's
@@ -594,7 +598,7 @@ async def run_daemon(
         arch=caps.arch,
     )
     # Before READY: what the first migration would otherwise pay in its setup (warmup.py).
-    log.info("daemon_warmed", **warm_up(kvm))
+    log.info("daemon_warmed", **warm_up(kvm, config.migration.max_batch_bytes))
     metrics: DaemonMetrics | None = None
     if daemon.realtime_error is not None:
         log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)
@@ -623,6 +627,8 @@ async def run_daemon(
                     daemon.handle,
                 )
                 await start_migration_service(daemon, nursery)
+                # After the warm-up, before READY: the first incoming VM finds its shell.
+                await nursery.start(daemon.vm_shell.serve)
                 nursery.start_soon(daemon.watchdog)
                 nursery.start_soon(daemon.inject_irqs)
                 # What exists now lives as long as the daemon: no collection walks it again, so one

@@ -30,6 +30,8 @@ needs a failure that the real world produces only by bad luck:
 - source-record-slow: the source's "migrating" VM record, written beside the setup, takes 0.5 s
   longer (a slow state dir, made deterministic): a migration that fails meanwhile must resume
   and write its own record only after it.
+- target-record-slow: the target's VM record, written beside the receive after the build, takes
+  0.5 s longer (a slow state dir): LOADED, and a discard's removal of the record, wait for it.
 - source-streams-refused: the source connects its data streams to a port where nothing listens
   (the kernel refuses them), while the target makes the RAM: a stream that cannot connect.
 - source-warm-link-unwatched: the source's idle warm links are neither watched nor polled before
@@ -63,6 +65,7 @@ KNOWN = frozenset(
         "source-streams-refused",
         "source-warm-link-unwatched",
         "source-record-slow",
+        "target-record-slow",
     }
 )
 

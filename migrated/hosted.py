@@ -344,14 +344,16 @@ def create_incoming(
     console_log: Path | None = None,
     start: bool = True,
     memory: GuestMemory | None = None,
+    shell: Vm | None = None,
 ) -> HostedVm:
     """The target's empty copy: same layout, created under R1/R2, vCPUs parked, never running.
     A raw guest gets the same devices, empty: their state comes with the vCPUs' (vmstate).
     `start=False`: the vCPU threads (parked) and the harvester are started later by the
     caller (`hosted.vm.start(running=False)`), before anything loads or resumes the VM.
     `memory`: its RAM, made beforehand (`kvm.arch.guest_memory`): the VM's once built, the
-    caller's still if this fails."""
-    vm = create_vm(kvm, config, memory)
+    caller's still if this fails. `shell`: an empty VM made ahead for this config's kind
+    (vmshell.py), the VM's from here on."""
+    vm = create_vm(kvm, config, memory, shell)
     ports: PcPorts | None = None
     log: ConsoleLog | None = None
     try:

@@ -8,7 +8,13 @@ more in its setup than the later ones, on first calls, all while holding the GIL
   handshake; `numpy.ctypeslib` on the first `GuestMemory` (the target's first VM);
 - the first psk handshake and the first sealed frame (HMAC, HKDF, AES-GCM, msgpack): 1.5 ms,
   against 0.35 ms for the next ones;
-- the first look at this host's CPU for a VM's description (`vmstate.cpu_features`): 0.7 ms.
+- the first look at this host's CPU for a VM's description (`vmstate.cpu_features`): 0.7 ms;
+- the data streams' record buffers (recordbuffers.py), made on the first records that found
+  none large enough: the faults of a few MiB, 1-1.5 ms per MiB on a loaded host, inside the
+  copy on both sides (the target's last record was received and applied 3-4 ms later than it
+  could have been: the tail the source waits for as `streams_drained`). Made here at their
+  largest (`migration.max_batch_bytes`), as many as the pool keeps: ~32 MiB that a daemon kept
+  after its first migrations anyway.
 
 None of this depends on a VM or a peer, so a dry run of the same calls in memory (no socket, no
 VM, a throwaway key) costs a few milliseconds once, at start-up. The rest of a first migration's
@@ -26,6 +32,7 @@ from transport import Accept, Connection, Event, MemoryRegion, Role, VmDescripti
 
 from .kvm.system import Kvm
 from .migration import vmstate
+from .migration.recordbuffers import RECORD_BUFFERS, largest_record_bytes
 
 # Modules numpy imports on the first call of a function the migration paths use; each named
 # with the call that imports it.
@@ -35,9 +42,9 @@ LAZY_MODULES = (
 )
 
 
-def warm_up(kvm: Kvm) -> dict[str, float]:
-    """Import what migrations would import late and run one handshake in memory; returns each
-    step's milliseconds (logged as `daemon_warmed`)."""
+def warm_up(kvm: Kvm, max_batch_bytes: int) -> dict[str, float]:
+    """Import what migrations would import late, run one handshake in memory, make the record
+    buffers; returns each step's milliseconds (logged as `daemon_warmed`)."""
     steps: dict[str, float] = {}
     started = time.perf_counter()
     for name in LAZY_MODULES:
@@ -49,6 +56,9 @@ def warm_up(kvm: Kvm) -> dict[str, float]:
     started = time.perf_counter()
     _handshake_in_memory(features, kvm.caps().arch)
     steps["handshake_ms"] = _ms_since(started)
+    started = time.perf_counter()
+    RECORD_BUFFERS.prefill(largest_record_bytes(max_batch_bytes))
+    steps["record_buffers_ms"] = _ms_since(started)
     return steps
 
 

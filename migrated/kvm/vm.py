@@ -86,6 +86,28 @@ class ArchDevices(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class ShellKind:
+    """What a VM is before its first memslot and vCPU (`Vm.create_empty`): two configs of one
+    kind build the same empty VM, so a shell made for one serves the other."""
+
+    tracking: str  # "ring" or "bitmap", resolved from "auto"
+    ring_bytes: int  # 0 in bitmap mode
+    irqchip: bool
+    pit: bool
+
+    def __str__(self) -> str:
+        ring = f" of {self.ring_bytes} bytes" if self.ring_bytes else ""
+        devices = "".join(f", {name}" for name, has in (("irqchip", self.irqchip), ("PIT", self.pit)) if has)
+        return f"({self.tracking}{ring}{devices})"
+
+
+def shell_kind(config: VmConfig, caps: HostCaps, arch: VmArch) -> ShellKind:
+    """The kind of empty VM `config` starts from; raises what `validate_config` raises."""
+    mode = validate_config(config, caps, arch)
+    return ShellKind(mode, config.ring_bytes if mode == "ring" else 0, config.irqchip, config.pit)
+
+
 def validate_config(config: VmConfig, caps: HostCaps, arch: VmArch) -> str:
     """Check `config` against this host; returns the tracking mode to use ("ring" or "bitmap")."""
     if config.memory_bytes <= 0 or config.memory_bytes % (2 << 20):
@@ -153,44 +175,88 @@ class Vm:
         self.on_vcpu_finished: Callable[[Vcpu], None] | None = None
         # arm64 only: the vCPU init and the vGIC/ITS device fds (aarch64.setup_machine).
         self.arm: ArchDevices | None = None
+        self.kind: ShellKind | None = None  # what `create_empty` made it for (vmshell.py)
 
     # ---- the one order (R1, R2), composed -----------------------------------------------
 
     @classmethod
-    def create(cls, kvm: Kvm, config: VmConfig, arch: VmArch, memory: GuestMemory | None = None) -> Vm:
+    def create(
+        cls, kvm: Kvm, config: VmConfig, arch: VmArch, memory: GuestMemory | None = None, shell: Vm | None = None
+    ) -> Vm:
         """The whole build; `migrated.kvm.arch.create_vm` passes this host's architecture.
 
         `memory`: guest RAM made beforehand by `arch.guest_memory` for this config (a target
         receives pages into it while the VM is built). The VM owns it once built; a build that
-        fails leaves it to the caller, whose threads may still be writing into it."""
+        fails leaves it to the caller, whose threads may still be writing into it.
+        `shell`: a VM made ahead by `create_empty` for a config of the same `shell_kind`
+        (vmshell.py): the build goes on from there, and the shell is this VM's (closed with it
+        if the build fails)."""
+        if shell is None:
+            vm = cls.create_empty(kvm, config, arch)
+        else:
+            vm, wanted = shell, shell_kind(config, shell.caps, arch)
+            if vm.kind != wanted or vm.fd < 0 or vm.memslots or vm.vcpus:
+                vm.close()
+                raise VmConfigError(f"the VM shell {vm.kind} is used or does not fit a VM of kind {wanted}")
+        vm.complete(config, memory)
+        return vm
+
+    @classmethod
+    def create_empty(cls, kvm: Kvm, config: VmConfig, arch: VmArch) -> Vm:
+        """The steps that come before any memslot and vCPU, and depend on none of the VM's
+        description but its `shell_kind`: KVM_CREATE_VM, the dirty ring (R1), WITH_BITMAP (R2)
+        or bitmap mode's manual protect, the in-kernel devices made before the vCPUs. `complete`
+        adds the rest; a warm shell (vmshell.py) is one of these made ahead of its VM."""
         caps = kvm.caps()
         mode = validate_config(config, caps, arch)
-        if memory is not None and memory.size != config.memory_bytes:
-            raise VmConfigError(f"guest memory of {memory.size} bytes given for a VM of {config.memory_bytes} bytes")
         ensure_kick_handler()
         vm = cls(kvm, caps, arch, config.name)
         try:
-            vm._harvest_interval_s = config.harvest_interval_s
             if mode == "ring":
+                # api.rst (8.29): "Userspace should call KVM_ENABLE_CAP ioctl right after
+                # KVM_CREATE_VM ioctl to enable this capability [...] Enabling the capability is
+                # only allowed before creating any vCPU".
                 vm.enable_dirty_ring(config.ring_bytes)  # R1
                 if caps.dirty_ring_with_bitmap:
+                    # api.rst: "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP can't be enabled if the
+                    # capability of KVM_CAP_DIRTY_LOG_RING_ACQ_REL hasn't been enabled, or any
+                    # memslot has been existing."
                     vm.enable_ring_with_bitmap()  # R2
             elif caps.manual_dirty_log_protect:
                 vm.enable_manual_dirty_log_protect()
-            if memory is None:
-                memory = arch.guest_memory(config.memory_bytes, f"{config.name}-ram", config.memory_backing)
-            vm.add_memory(memory)
+            # x86: KVM_CREATE_IRQCHIP "sets up future vcpus to have a local APIC" (api.rst), so
+            # before the vCPUs; it needs no memslot.
             arch.before_vcpus(vm, config)
-            for index in range(config.vcpus):
-                vm.create_vcpu(index)
-            arch.after_vcpus(vm)
-            vm.finish_setup()
         except BaseException:
-            if memory is not None:
-                vm.memory = None  # the caller's: its memslots die with the VM fd, the RAM stays
             vm.close()
             raise
+        vm.kind = shell_kind(config, caps, arch)
         return vm
+
+    def complete(self, config: VmConfig, memory: GuestMemory | None = None) -> None:
+        """The rest of the build on a VM from `create_empty`: the memslots, the vCPUs, the
+        tracker. A failure closes the VM (not `memory`, which stays the caller's)."""
+        arch = self.arch
+        self.name = config.name
+        self._harvest_interval_s = config.harvest_interval_s
+        given = memory is not None
+        try:
+            if memory is not None and memory.size != config.memory_bytes:
+                raise VmConfigError(
+                    f"guest memory of {memory.size} bytes given for a VM of {config.memory_bytes} bytes"
+                )
+            if memory is None:
+                memory = arch.guest_memory(config.memory_bytes, f"{config.name}-ram", config.memory_backing)
+            self.add_memory(memory)
+            for index in range(config.vcpus):
+                self.create_vcpu(index)
+            arch.after_vcpus(self)
+            self.finish_setup()
+        except BaseException:
+            if given:
+                self.memory = None  # the caller's: its memslots die with the VM fd, the RAM stays
+            self.close()
+            raise
 
     # ---- single steps -------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from ..hosted import HostedVm, VmSpec
 from ..kvm.backing import RamBacking
 from ..kvm.system import Kvm
 from .idlelinks import IdleLinks
+from ..vmshell import VmShell
 from .incoming import Incoming
 from .policy import DowntimeModels
 from .stats import MigrationStats
@@ -56,6 +57,7 @@ class MigrationHost(Protocol):
     nice_error: str | None  # None: a migrating guest's vCPU threads may yield (vcpupriority.py)
     idle_links: IdleLinks  # target: peers' idle links held open here
     warm_links: WarmLinks  # source: idle links to peers, for the next migration there
+    vm_shell: VmShell  # the empty VM an incoming one may start from
     commands: dict[str, Command]
 
     def hosted(self, args: CommandArgs) -> HostedVm:

@@ -15,11 +15,19 @@ from __future__ import annotations
 import threading
 from typing import Final
 
+from transport import framing, limits, seal
+
 MIB = 1 << 20
 MAX_KEPT: Final = 4
 MAX_KEPT_BYTES: Final = 40 * MIB
 """Four buffers of the default 8 MiB batch (and their framing): one migration's two streams on
 each side. A daemon idle after its first migration holds this much more than before it."""
+
+
+def largest_record_bytes(max_batch_bytes: int) -> int:
+    """A buffer that holds any record of a batch of up to `max_batch_bytes`, on either side: the
+    frame (prefix, header, pages), the tag, and the cipher block `Sealer` wants room for."""
+    return framing.PREFIX.size + limits.MAX_HEADER_BYTES + max_batch_bytes + seal.TAG_BYTES + 16
 
 
 class RecordBuffers:
@@ -40,6 +48,18 @@ class RecordBuffers:
                 return self._kept.pop(0)
             self.allocated += 1
         return bytearray(size)
+
+    def prefill(self, size: int) -> int:
+        """Up to the bounds, buffers of `size` bytes made now, their pages touched (a bytearray
+        is zero-filled at creation): the first records of the first migrations then find them
+        warm instead of paying the faults inside the copy. Returns how many were made."""
+        made = 0
+        with self._lock:
+            while len(self._kept) < self._max_kept and sum(len(b) for b in self._kept) + size <= self._max_kept_bytes:
+                self._kept.append(bytearray(size))
+                made += 1
+            self._kept.sort(key=len, reverse=True)
+        return made
 
     def give(self, buffer: bytearray) -> None:
         with self._lock:

@@ -55,6 +55,9 @@ class MigrationStats:
     link: str = ""
     dirty_tracking: str = ""
     memory_backing: str = ""  # what holds this side's guest RAM: memfd, shmem-huge, hugetlbfs
+    # Target: "used" when the VM was built from the daemon's warm shell (vmshell.py); "mismatch",
+    # "none" (not ready) or "off" when it was built from scratch.
+    vm_shell: str = ""
     backup_bitmap: str = ""
     backup_bitmap_pages: int = 0
     backup_bitmap_added: int = 0  # pages only the backup bitmap reported

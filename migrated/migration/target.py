@@ -16,14 +16,13 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 import trio
 
 from transport.datastream import DataHello, Layout
 from transport import (
     Accept,
-    Close,
     Commit,
     DeviceState,
     Done,
@@ -32,7 +31,6 @@ from transport import (
     PageBatch,
     Progress,
     Query,
-    QueryResult,
     RemoteProtocolError,
     Role,
     Running,
@@ -51,18 +49,15 @@ from ..peer import FINAL_PAGES_ON_CONTROL, PeerAborted, PeerChannel, PeerError, 
 from . import vmstate
 from .host import MigrationHost
 from .idlelinks import is_idle_link, wait_on_idle_link
+from .background_record import BackgroundRecord
 from .incoming_check import Refused, check_description
 from .pagestream import PAGE_SIZE, apply_batch
 from .prefault import Prefaulter
 from .recvstreams import ReceiveStreams
+from .source_exchanges import answer_query, take_source_timing
 from .stats import MigrationStats, StepTimes
 from .timeline import Timeline
 from .window import STATE_WORK_ON_LOOP_MAX_VCPUS, DowntimeWindow
-
-
-# How long the target waits, after RUNNING, for the source's Close with its timing: the source
-# sends it right after RUNNING arrives; an older one only closes the link.
-SOURCE_CLOSE_WAIT_S = 2.0
 
 
 class Target:
@@ -112,6 +107,7 @@ class Target:
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
         self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
         self.idle_link = False  # a source's warm link: it may wait idle, its streams come early
+        self._record = BackgroundRecord(lambda: None, lambda ms: None)  # `_start_record`'s
 
     async def run(self) -> None:
         try:
@@ -131,6 +127,7 @@ class Target:
             await self._close_streams()
             self._close_ram()
             await self.channel.aclose()
+            self.daemon.vm_shell.refill()  # after this migration's own work (vmshell.py)
             self.finished.set()
 
     async def _run(self) -> None:
@@ -161,7 +158,7 @@ class Target:
             self._phase_steps.step("describe")
             self._setup_timeline.mark("described")
             if isinstance(first, Query):
-                await self._answer_query(first)
+                await answer_query(self.daemon, self.channel, self.log, first)
             elif isinstance(first, VmDescription):
                 await self._receive_vm(first)
             else:
@@ -208,27 +205,6 @@ class Target:
             raise PeerError(
                 f"no complete message from the peer within {timeout:g} s (peer.message_timeout_s)"
             ) from None
-
-    async def _answer_query(self, query: Query) -> None:
-        live = self.daemon.incoming.live.get(query.migration_id)
-        if live is not None:
-            # Still on its first connection: unless COMMIT came, it aborts for good now, and
-            # the answer waits for its recorded outcome (DESIGN 5: only then may the source resume).
-            live.abort_for_good("the source asked after a lost link; no COMMIT came")
-            with trio.move_on_after(self.daemon.config.peer.message_timeout_s):
-                await live.finished.wait()
-            if not live.finished.is_set():
-                raise PeerError(f"migration {query.migration_id} is still being discarded; ask again")
-        outcome = self.daemon.incoming.outcome(query.migration_id)
-        answer: Literal["running", "aborted", "unknown"]
-        if outcome is None:
-            answer = "unknown"
-        elif outcome == "running":
-            answer = "running"
-        else:
-            answer = "aborted"
-        self.log.info("query_answered", migration_id=query.migration_id, answer=answer)
-        await self.channel.send(QueryResult(migration_id=query.migration_id, state=answer))
 
     def _check(self, description: VmDescription) -> VmSpec:
         checked = check_description(description, self.daemon)
@@ -320,6 +296,7 @@ class Target:
             memory_mib=spec.memory_mib,
             vcpus=spec.vcpus,
             memory_backing=config.memory_backing.kind,
+            vm_shell=stats.vm_shell,
         )
         vm = self.hosted.vm
         assert vm is not None and vm.memory is not None
@@ -352,20 +329,24 @@ class Target:
                 prefaulter.stop()
 
     async def _build_and_register(self, spec: VmSpec, config: VmConfig) -> HostedVm:
-        """The VM around the RAM the pages already go into (R1/R2), in a worker; then its
-        threads (vCPUs parked, the harvester) and its record (two fsyncs), each in a worker,
-        side by side, while the loop attaches the data streams: all done before any control
-        event is read, so before anything loads or resumes the VM. A build that fails after
-        ACCEPT is a refusal all the same: the source is told and resumes (DESIGN 5)."""
-        ram, mark = self._ram, self._setup_timeline.mark
-        assert ram is not None
+        """The VM around the RAM the pages already go into (R1/R2), from the daemon's warm
+        shell where it fits (vmshell.py), in a worker; then its threads (vCPUs parked, the
+        harvester), in a worker, while the loop attaches the data streams: all done before any
+        control event is read, so before anything loads or resumes the VM. Its record is not
+        waited for here (`_start_record`). A build that fails after ACCEPT is a refusal all the
+        same: the source is told and resumes (DESIGN 5)."""
+        ram, mark, stats = self._ram, self._setup_timeline.mark, self.stats
+        assert ram is not None and stats is not None
         kvm, console_log = self.daemon.kvm, self.daemon.console_log(spec)
+        shell, stats.vm_shell = self.daemon.vm_shell.take(config)
 
         def build() -> HostedVm:
             mark("build_entered")
             if faults.active("target-build-fails"):
+                if shell is not None:
+                    shell.close()  # as a build that fails closes it
                 raise KvmIoctlError("KVM_CREATE_VM (test fault target-build-fails)", OSError(errno.ENOMEM, "no memory"))
-            hosted = create_incoming(kvm, spec, config, console_log, False, ram)
+            hosted = create_incoming(kvm, spec, config, console_log, False, ram, shell)
             mark("vm_created")
             return hosted
 
@@ -378,20 +359,30 @@ class Target:
         vm = hosted.vm
         assert vm is not None
         self.daemon.register_incoming(hosted, self, record=False)
-        record = self.daemon.record_vm
-
-        def record_vm() -> None:
-            record(hosted)
-            mark("recorded")
+        self._start_record(hosted)
 
         def start_threads() -> None:
             vm.start(False)
             mark("threads_started")
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, record_vm)
-            nursery.start_soon(trio.to_thread.run_sync, start_threads)
+        await trio.to_thread.run_sync(start_threads)
         return hosted
+
+    def _start_record(self, hosted: HostedVm) -> None:
+        """The VM's record, beside the receive: on disk before LOADED and before a discard
+        removes it (`_record.wait`), but no longer before the first control read (DESIGN 5
+        needs it from LOADED on: background_record.py)."""
+        record, mark, steps = self.daemon.record_vm, self._setup_timeline.mark, self._phase_steps
+
+        def write() -> None:
+            record(hosted)  # an OSError is logged there: the VM is fine, only its record is not
+            mark("recorded")
+
+        def written(ms: float) -> None:
+            steps.steps["overlapped.record"] = ms
+
+        self._record = BackgroundRecord(write, written)
+        self._record.start()
 
     def _open_streams(self, memory: GuestMemory) -> None:
         conn = self.channel.conn
@@ -571,6 +562,7 @@ class Target:
                     stats.final_pages = round_entries if stats.round == event.rounds + 1 else 0
                     stats.round = event.rounds
                 stats.untouched_pages = sum(views[slot].shape[0] for slot in views) - bulk_entries
+                await self._record.wait()  # before LOADED (`_start_record`)
                 await self._load(event, blobs, done_at)
                 return
             else:
@@ -707,7 +699,7 @@ class Target:
             await self._send_running(commit_at, resumed_at)
             self.log.info("incoming_vm_running")
             self.log.info("cutover_timeline", origin=timeline.origin, marks_ms=timeline.as_ms())
-            await self._take_source_timing(stats)
+            await take_source_timing(self.channel, stats)
         finally:
             stats.state = stats.phase = "completed"
             hosted.last_migration = stats.as_dict()
@@ -741,23 +733,6 @@ class Target:
                 self.daemon.record_vm(hosted)
                 await self._close_streams()
 
-    async def _take_source_timing(self, stats: MigrationStats) -> None:
-        """The downtime and total time as the source measured them, from its Close: only it can
-        time them, and both sides then report the same numbers. A source that closes without
-        them (an older release) or not at all leaves this side's own total time."""
-        with trio.move_on_after(SOURCE_CLOSE_WAIT_S):
-            try:
-                event = await self.channel.receive()
-            except PeerError:
-                return
-            if isinstance(event, Close):
-                if event.downtime_us is not None:
-                    stats.downtime_ms = event.downtime_us / 1e3
-                if event.total_us is not None:
-                    stats.total_ms = event.total_us / 1e3
-                if event.guest_downtime_us is not None:
-                    stats.guest_downtime_ms = event.guest_downtime_us / 1e3
-
     async def _on_failure(self, reason: str) -> None:
         if self.committed:
             return  # the VM runs here; only the RUNNING answer was lost
@@ -784,6 +759,10 @@ class Target:
 
     async def _discard(self, reason: str) -> None:
         await self._close_streams()
+        try:
+            await self._record.wait()  # or it would be written after the removal, outliving the VM
+        except Exception:
+            self.log.exception("vm_record_crashed")
         self._close_ram()
         hosted = self.hosted
         if self.stats is not None:

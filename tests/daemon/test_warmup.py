@@ -27,7 +27,7 @@ from migrated.migration import vmstate
 
 not_loaded = [name for name in LAZY_MODULES if name not in sys.modules]
 kvm = Kvm.open()
-steps = warm_up(kvm) if sys.argv[1] == "warm" else {}
+steps = warm_up(kvm, 8 << 20) if sys.argv[1] == "warm" else {}
 before = set(sys.modules)
 spec = VmSpec(name="warm", memory_mib=4, guest="none", working_set_mib=1)
 hosted = create_incoming(kvm, spec, vm_config(spec, "ring", 1 << 16, 1.0), None, False)
@@ -63,7 +63,7 @@ def test_after_the_warm_up_a_first_migrations_calls_import_nothing() -> None:
     assert set(left) <= set(cold["imported_late"]), cold
     warm = _first_migration_calls("warm")
     assert warm["imported_late"] == [], warm
-    assert set(warm["steps"]) == {"imports_ms", "cpu_features_ms", "handshake_ms"}, warm
+    assert set(warm["steps"]) == {"imports_ms", "cpu_features_ms", "handshake_ms", "record_buffers_ms"}, warm
 
 
 def test_the_warm_up_handshake_fails_loudly_on_a_broken_exchange(monkeypatch: pytest.MonkeyPatch) -> None:

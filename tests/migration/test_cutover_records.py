@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from daemons import DaemonProcess, MakeDaemon, wait_for, wait_migration
-from test_migration import assert_runs_here, create, migrate
+from test_migration import assert_absent, assert_runs_here, create, migrate
 
 from migrated.migration.timeline import guest_downtime_ms
 from migrated.vmrecords import VmRecords
@@ -168,3 +168,40 @@ def test_the_downtime_keeps_r6_order_and_the_target_loads_after_every_end_marker
     incoming = b.call("migration.status", name="vm1")
     assert incoming["final_pages"] == stats["final_pages"], (incoming, stats)
     assert incoming["pages_sent"] + incoming["zero_pages"] == stats["pages_sent"] + stats["zero_pages"]
+
+
+def test_the_target_has_its_vm_record_on_disk_before_loaded(make_daemon: MakeDaemon) -> None:
+    """The target writes its VM record beside the receive, not before its first control read;
+    here it takes 0.5 s (fault target-record-slow), far longer than the VM takes to arrive. A
+    crash after LOADED must not lose the VM from the record a successor reads: at LOADED (the
+    target holds there 0.3 s: cutover-holds) the record says "incoming"."""
+    a, b = make_daemon("a"), make_daemon("b", faults="cutover-holds,target-record-slow")
+    create(a, rate=16, memory_mib=128, vcpus=1, working_set_mib=32)
+    a.call("migrate", name="vm1", to=b.address)
+    wait_for(lambda: '"point": "loaded"' in b.log(), what="the target to send LOADED and hold")
+    assert vm_record(b, "vm1").get("state") == "incoming", vm_record(b, "vm1")
+    stats = wait_migration(a, "vm1")
+    assert stats["state"] == "completed", stats
+    incoming = wait_migration(b, "vm1")
+    assert incoming["phase_steps_ms"]["overlapped.record"] >= 500, incoming  # the fault was on
+    assert_runs_here(b, "vm1")
+    wait_for(lambda: vm_record(b, "vm1").get("state") == "running", what="b's record of vm1 as running")
+
+
+def test_a_copy_discarded_while_its_record_is_written_leaves_no_record(make_daemon: MakeDaemon) -> None:
+    """The source cancels while the target's record is still being written (0.5 s: fault
+    target-record-slow): the discard waits for it and then removes it, so no record outlives
+    the discarded copy (a successor would report a VM lost that never was here)."""
+    a, b = make_daemon("a"), make_daemon("b", faults="target-record-slow")
+    create(a, rate=16, memory_mib=128, vcpus=1, working_set_mib=32)
+    a.call("migrate", name="vm1", to=b.address)
+    wait_for(lambda: b.events("incoming_vm_accepted"), what="the target to build the VM")
+    a.call("migration.cancel", name="vm1")
+    stats = wait_migration(a, "vm1")
+    assert stats["state"] in ("cancelled", "aborted", "failed"), stats
+    assert_runs_here(a, "vm1")
+    wait_for(lambda: b.events("incoming_vm_discarded"), what="the target to discard its copy")
+    incoming = wait_migration(b, "vm1")
+    assert incoming["phase_steps_ms"]["overlapped.record"] >= 500, incoming  # written meanwhile
+    assert vm_record(b, "vm1") == {}, vm_record(b, "vm1")
+    assert_absent(b, "vm1")

@@ -18,7 +18,7 @@ import pytest
 from migrated.kvm.memory import GuestMemory
 from migrated.migration.blocking import block_with_deadline, deadline_s, is_timeout
 from migrated.migration.ratelimit import TokenBucket
-from migrated.migration.recordbuffers import RecordBuffers
+from migrated.migration.recordbuffers import RecordBuffers, largest_record_bytes
 from migrated.migration.recvstreams import _Applier, _ReceiveThread
 from migrated.migration.sendstreams import _Job, _StreamThread, chunk_runs
 from transport import seal
@@ -60,6 +60,23 @@ def test_the_pool_keeps_the_largest_buffers_within_its_bounds() -> None:
     assert pool.kept_bytes == 3 * MIB
     assert pool.take(MIB) is buffers[3]  # the largest, for a stream whose records grow
     assert pool.take(MIB) is not buffers[2] and pool.allocated == 5  # nothing kept: a new one
+
+
+def test_a_prefilled_pool_serves_the_largest_records_of_both_sides_without_allocating() -> None:
+    """The warm-up fills the pool (warmup.py): the largest record a batch of max_batch_bytes
+    makes, sealed and opened, takes buffers from it; filling again stays within the bounds."""
+    pool = RecordBuffers()
+    size = largest_record_bytes(8 * MIB)
+    assert pool.prefill(size) == 4 and pool.kept_bytes == 4 * size and pool.allocated == 0
+    key = os.urandom(32)
+    sealer = seal.Sealer(key, pool)
+    opener = seal.Opener(key, size - seal.TAG_BYTES - 16, reuse=True, buffers=pool)
+    frame = os.urandom(size - seal.TAG_BYTES - 16)  # the largest frame the opener allows
+    assert _open_all(opener, _records(sealer, frame)) == [frame]
+    assert pool.allocated == 0, "a record did not fit the prefilled buffers"
+    sealer.release()
+    opener.release()
+    assert pool.prefill(size) == 0 and pool.kept_bytes == 4 * size
 
 
 def test_a_reused_buffer_seals_and_opens_the_next_streams_frames_exactly() -> None:

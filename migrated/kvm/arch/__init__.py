@@ -54,9 +54,15 @@ def host_arch(machine: str | None = None) -> Arch:
     return arch
 
 
-def create_vm(kvm: Kvm, config: VmConfig, memory: GuestMemory | None = None) -> Vm:
-    """`memory`: RAM made beforehand for this config (`guest_memory`), the VM's once built."""
-    return Vm.create(kvm, config, host_arch(kvm.caps().arch), memory)
+def create_vm(kvm: Kvm, config: VmConfig, memory: GuestMemory | None = None, shell: Vm | None = None) -> Vm:
+    """`memory`: RAM made beforehand for this config (`guest_memory`), the VM's once built.
+    `shell`: an empty VM made ahead (`create_empty`) that the build goes on from."""
+    return Vm.create(kvm, config, host_arch(kvm.caps().arch), memory, shell)
+
+
+def create_empty(kvm: Kvm, config: VmConfig) -> Vm:
+    """`Vm.create_empty` with this host's architecture: a warm shell (vmshell.py)."""
+    return Vm.create_empty(kvm, config, host_arch(kvm.caps().arch))
 
 
 def guest_memory(kvm: Kvm, config: VmConfig) -> GuestMemory:
