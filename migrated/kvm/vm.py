@@ -73,6 +73,11 @@ class VmArch(Protocol):
         """In-kernel devices that must exist before the first vCPU."""
         ...
 
+    def before_vcpus_of(self, vm: Vm, config: VmConfig) -> None:
+        """What the vCPUs of this VM's description need (`complete`), on a VM that may have been
+        made ahead of its description (a warm shell: `before_vcpus` ran then)."""
+        ...
+
     def setup_vcpu(self, vm: Vm, vcpu: Vcpu) -> None: ...
 
     def after_vcpus(self, vm: Vm) -> None:
@@ -248,6 +253,7 @@ class Vm:
             if memory is None:
                 memory = arch.guest_memory(config.memory_bytes, f"{config.name}-ram", config.memory_backing)
             self.add_memory(memory)
+            arch.before_vcpus_of(self, config)
             for index in range(config.vcpus):
                 self.create_vcpu(index)
             arch.after_vcpus(self)

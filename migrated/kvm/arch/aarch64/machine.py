@@ -35,6 +35,9 @@ class Aarch64:
     def before_vcpus(self, vm: Vm, config: VmConfig) -> None:
         return None
 
+    def before_vcpus_of(self, vm: Vm, config: VmConfig) -> None:
+        return None
+
     def setup_vcpu(self, vm: Vm, vcpu: Vcpu) -> None:
         return None  # KVM_ARM_VCPU_INIT needs every vCPU first (after_vcpus)
 

@@ -19,7 +19,7 @@ from .fixed import LEGACY_XSAVE_BYTES, cpuid_of, host_facts, read_build_tsc_khz,
 from .state import X86MachineState, restore_vm_state, save_vm_state
 
 # The CPUID table a VM under construction gives each vCPU (VmConfig.cpuid), from
-# `before_vcpus` to `after_vcpus`.
+# `before_vcpus_of` to `after_vcpus`.
 _BUILD_CPUID: weakref.WeakKeyDictionary[Vm, ctypes.Array[ctypes.c_uint8]] = weakref.WeakKeyDictionary()
 
 
@@ -41,6 +41,9 @@ class X86_64:
         if config.pit:
             create_pit2(vm)
         detect_devices(vm)  # known from here on: a state save or restore asks no more (devices.py)
+
+    def before_vcpus_of(self, vm: Vm, config: VmConfig) -> None:
+        # Not in `before_vcpus`: a warm shell (vmshell.py) ran that before the description came.
         if config.cpuid:
             _BUILD_CPUID[vm] = cpuid_buffer_of(config.cpuid)
 
