@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 HARVESTER_PRIORITY = 1
 
@@ -31,24 +32,28 @@ FIX = (
 )
 
 
-def probe_realtime() -> str | None:
-    """None if a thread of this process may switch to SCHED_FIFO at the harvester's priority,
-    else why not. The probe runs in a thread of its own, which ends at once: no thread of the
-    daemon keeps a real-time policy it did not ask for."""
+def probe_in_thread(attempt: Callable[[], str | None], name: str) -> str | None:
+    """What `attempt` returns (None: allowed, else why not), run in a thread of its own that ends
+    at once: a scheduling change a probe makes stays with that thread, never with the daemon's."""
     outcome: list[str | None] = []
-
-    def attempt() -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(HARVESTER_PRIORITY))
-        except OSError as err:
-            outcome.append(f"sched_setscheduler(SCHED_FIFO, {HARVESTER_PRIORITY}): {err.strerror}")
-            return
-        outcome.append(None)
-
-    probe = threading.Thread(target=attempt, name="realtime-probe")
+    probe = threading.Thread(target=lambda: outcome.append(attempt()), name=name)
     probe.start()
     probe.join()
     return outcome[0] if outcome else "the probe thread ended without an answer"
+
+
+def probe_realtime() -> str | None:
+    """None if a thread of this process may switch to SCHED_FIFO at the harvester's priority,
+    else why not."""
+
+    def attempt() -> str | None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(HARVESTER_PRIORITY))
+        except OSError as err:
+            return f"sched_setscheduler(SCHED_FIFO, {HARVESTER_PRIORITY}): {err.strerror}"
+        return None
+
+    return probe_in_thread(attempt, "realtime-probe")
 
 
 # ---- the downtime window ---------------------------------------------------------------------

@@ -20,6 +20,8 @@ import os
 import threading
 from collections.abc import Iterable
 
+from .realtime import probe_in_thread
+
 MAX_NICE = 19
 
 FIX = "give the daemon CAP_SYS_NICE (the unit's CapabilityBoundingSet=CAP_SYS_NICE, as root) or LimitNICE=40"
@@ -27,24 +29,19 @@ FIX = "give the daemon CAP_SYS_NICE (the unit's CapabilityBoundingSet=CAP_SYS_NI
 
 def probe_nice_restore() -> str | None:
     """None if a thread of this process can raise its nice value and lower it back, else why
-    not. Runs in a throwaway thread: the daemon's own threads keep their value."""
-    outcome: list[str | None] = []
+    not. In a throwaway thread: the daemon's own threads keep their value."""
 
-    def attempt() -> None:
+    def attempt() -> str | None:
         me = threading.get_native_id()
         start = os.getpriority(os.PRIO_PROCESS, me)
         try:
             os.setpriority(os.PRIO_PROCESS, me, min(start + 1, MAX_NICE))
             os.setpriority(os.PRIO_PROCESS, me, start)
         except OSError as err:
-            outcome.append(f"setpriority back to nice {start}: {err.strerror}")
-            return
-        outcome.append(None)
+            return f"setpriority back to nice {start}: {err.strerror}"
+        return None
 
-    probe = threading.Thread(target=attempt, name="nice-probe")
-    probe.start()
-    probe.join()
-    return outcome[0] if outcome else "the probe thread ended without an answer"
+    return probe_in_thread(attempt, "nice-probe")
 
 
 class YieldingVcpus:

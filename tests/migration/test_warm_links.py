@@ -241,6 +241,20 @@ def _held(watch: LogWatch, count: int) -> None:
     wait_for(lambda: len(watch.find("idle_link_held")) >= count, timeout=10, what=f"B to hold {count} idle links")
 
 
+def _two_held_and_a_third_refused(target: TargetHost, watch: LogWatch, key_named: str) -> list[Peer]:
+    """Two idle links from 127.0.0.1, held; a third refused and closed with an error naming
+    `key_named`, the two still open. Returns the two (the caller closes them)."""
+    links = [_idle_link(target) for _ in range(2)]
+    _held(watch, 2)
+    refused = _idle_link(target)
+    event = watch.wait("idle_link_refused")
+    assert key_named in event["error"], event
+    refused.closed_by_target()
+    refused.sock.close()
+    assert all(_still_open(link) for link in links)
+    return links
+
+
 def test_idle_links_over_the_limits_are_refused_with_a_logged_error(tmp_path: Path, key: Path) -> None:
     """A peer that opens more idle links than B allows from one address (2) gets the extra one
     refused and closed, with an error naming the key; B's total (3) holds the same way for
@@ -250,14 +264,7 @@ def test_idle_links_over_the_limits_are_refused_with_a_logged_error(tmp_path: Pa
     links: list[Peer] = []
     try:
         watch = LogWatch(b)
-        links = [_idle_link(target) for _ in range(2)]
-        _held(watch, 2)
-        refused = _idle_link(target)
-        event = watch.wait("idle_link_refused")
-        assert "peer.max_idle_links_per_peer = 2" in event["error"], event
-        refused.closed_by_target()
-        refused.sock.close()
-        assert all(_still_open(link) for link in links)
+        links = _two_held_and_a_third_refused(target, watch, "peer.max_idle_links_per_peer = 2")
         links.append(_idle_link(target, "127.0.0.2"))
         _held(watch, 3)
         over_total = _idle_link(target, "127.0.0.2")
@@ -349,14 +356,7 @@ def test_idle_links_count_against_the_incoming_migrations_limit(tmp_path: Path, 
     links: list[Peer] = []
     try:
         watch = LogWatch(b)
-        links = [_idle_link(target) for _ in range(2)]
-        _held(watch, 2)
-        refused = _idle_link(target)
-        event = watch.wait("idle_link_refused")
-        assert "migration.max_incoming = 2" in event["error"], event
-        refused.closed_by_target()
-        refused.sock.close()
-        assert all(_still_open(link) for link in links)
+        links = _two_held_and_a_third_refused(target, watch, "migration.max_incoming = 2")
     finally:
         for link in links:
             link.sock.close()
