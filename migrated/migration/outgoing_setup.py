@@ -162,13 +162,13 @@ class OutgoingSetup:
             raise
 
     async def _streams_over(self, channel: PeerChannel, sockets: list[socket.socket]) -> None:
-        """A warm link's streams get their threads in a worker: each start waits for the new
-        thread to be scheduled (5 ms for two at load 6 here), which the loop spends meanwhile
-        on the bulk copy's preparation and the wait for ACCEPT."""
-        make = partial(
-            SendStreams.over, sockets, token=trio.lowlevel.current_trio_token(), **self._stream_parameters(channel)
+        """A warm link's streams take their threads from the parked ones (parkedthreads.py), on
+        the loop: a handover, not a start. Started fresh, in a worker, each waited for the new
+        thread to be scheduled, and the streams were the last step of a warm setup (2.5-2.8 ms
+        after ACCEPT under load); a fresh start remains the fallback when none is parked."""
+        self._plane = SendStreams.over(
+            sockets, token=trio.lowlevel.current_trio_token(), **self._stream_parameters(channel)
         )
-        self._plane = await trio.to_thread.run_sync(make)
         self._setup_timeline.mark("streams_opened")
 
     async def _describe_on(self, channel: PeerChannel, description: VmDescription) -> PeerChannel:

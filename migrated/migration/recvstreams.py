@@ -18,7 +18,6 @@ import errno
 import os
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable
 
@@ -34,6 +33,7 @@ from .. import tls
 from ..config import PeerConfig
 from ..kvm.memory import GuestMemory
 from .blocking import block_with_deadline, deadline_s, is_timeout
+from .parkedthreads import STREAM_THREADS
 from .pagestream import PAGE_SIZE, apply_batch
 from .recordbuffers import RECORD_BUFFERS
 
@@ -170,8 +170,7 @@ class _ReceiveThread:
         block_with_deadline(sock, io_timeout_s)
         # A whole record (or frame part) in one call: one GIL hand-over per record (blocking.py).
         self._recv_flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
-        self.thread = threading.Thread(target=self._run, name=f"data-recv-{receiver.index}", daemon=True)
-        self.thread.start()
+        self.thread = STREAM_THREADS.start(self._run, f"data-recv-{receiver.index}")
 
     def _run(self) -> None:
         index = self.receiver.index

@@ -33,6 +33,7 @@ from ..config import PeerConfig
 from ..kvm.dirty import DirtyPages
 from ..kvm.memory import GuestMemory
 from .blocking import block_with_deadline, deadline_s, is_timeout
+from .parkedthreads import STREAM_THREADS
 from .pagestream import PAGE_SIZE, _split_zero
 from .ratelimit import BURST_S, TokenBucket
 from .recordbuffers import RECORD_BUFFERS
@@ -132,8 +133,7 @@ class _StreamThread:
         self._stop = stop
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._sendmsg = not isinstance(sock, ssl.SSLSocket)  # an SSL socket has no sendmsg
-        self.thread = threading.Thread(target=self._run, name=f"data-stream-{sender.index}", daemon=True)
-        self.thread.start()
+        self.thread = STREAM_THREADS.start(self._run, f"data-stream-{sender.index}")
 
     def submit(self, job: _Job | None) -> None:
         self._jobs.put(job)
@@ -402,8 +402,9 @@ class SendStreams:
         bandwidth_bytes_s: float,
         token: trio.lowlevel.TrioToken | None = None,
     ) -> SendStreams:
-        """Streams over sockets already connected with their hellos (`connect_streams`). In a
-        worker thread with the run's `token`: each thread's start waits for it to be scheduled."""
+        """Streams over sockets already connected with their hellos (`connect_streams`). Their
+        threads come from the parked ones (parkedthreads.py), so this is cheap on the event loop;
+        from a worker thread, pass the run's `token`."""
         stop = threading.Event()
         limiter = TokenBucket(bandwidth_bytes_s, stop)
         threads = [

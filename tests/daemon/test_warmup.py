@@ -63,7 +63,13 @@ def test_after_the_warm_up_a_first_migrations_calls_import_nothing() -> None:
     assert set(left) <= set(cold["imported_late"]), cold
     warm = _first_migration_calls("warm")
     assert warm["imported_late"] == [], warm
-    assert set(warm["steps"]) == {"imports_ms", "cpu_features_ms", "handshake_ms", "record_buffers_ms"}, warm
+    assert set(warm["steps"]) == {
+        "imports_ms",
+        "cpu_features_ms",
+        "handshake_ms",
+        "record_buffers_ms",
+        "stream_threads_ms",
+    }, warm
 
 
 def test_the_warm_up_handshake_fails_loudly_on_a_broken_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
