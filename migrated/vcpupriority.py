@@ -80,10 +80,15 @@ class YieldingVcpus:
             self._before[tid] = before
         return errors
 
-    def restore(self) -> list[str]:
-        """Every lowered thread back to its value; idempotent."""
+    def restore(self, alive: Iterable[int | None]) -> list[str]:
+        """Every lowered thread that is still one of `alive` (the VM's vCPU threads now) back
+        to its value, the others forgotten: a thread id is reused once its thread has ended, and
+        a released VM's must not reach another thread. Idempotent."""
         errors = []
+        still = set(alive)
         for tid, before in self._before.items():
+            if tid not in still:
+                continue
             try:
                 os.setpriority(os.PRIO_PROCESS, tid, before)
             except ProcessLookupError:

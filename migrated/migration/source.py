@@ -34,6 +34,7 @@ from transport import (
 from .. import faults
 from ..hosted import HostedVm, VmState
 from ..kvm.dirty import DirtyPages
+from ..kvm.vcpu import VcpuRunState
 from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
@@ -206,7 +207,9 @@ class Source(OutgoingSetup, Precopy, InDoubt):
             self.log.warning("vcpu_nice_failed", errors=errors)
 
     def _unyield_vcpus(self) -> None:
-        errors = self._yielding.restore()
+        vm = self.hosted.vm
+        vcpus = [] if vm is None else vm.vcpus  # a released VM's threads have ended
+        errors = self._yielding.restore(v.thread_id for v in vcpus if v.state is not VcpuRunState.FINISHED)
         if errors:
             self.log.warning("vcpu_nice_restore_failed", errors=errors)
 

@@ -102,10 +102,15 @@ def test_a_thread_is_lowered_and_restored_and_one_already_lower_is_left_alone() 
         assert yielding.threads == 1
         assert os.getpriority(os.PRIO_PROCESS, normal) == NICE
         assert os.getpriority(os.PRIO_PROCESS, already) == 15
-        assert yielding.restore() == []
+        assert yielding.restore([normal, already]) == []
         assert os.getpriority(os.PRIO_PROCESS, normal) == 0
         assert os.getpriority(os.PRIO_PROCESS, already) == 15
-        assert yielding.restore() == []  # idempotent
+        assert yielding.restore([normal]) == []  # idempotent
+        # A thread no longer among the VM's (it ended; its id may be another's now) is forgotten.
+        assert yielding.lower([normal]) == [] and os.getpriority(os.PRIO_PROCESS, normal) == NICE
+        assert yielding.restore([]) == [] and yielding.threads == 0
+        assert os.getpriority(os.PRIO_PROCESS, normal) == NICE
+        os.setpriority(os.PRIO_PROCESS, normal, 0)
     finally:
         done.set()
         for thread in threads:
