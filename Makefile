@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml setup.py ringreader/ringreader.c ringreader/ringreader.h ringreader/_build.py \
 	$(wildcard migrated/pagehash/*.[ch]) migrated/pagehash/_build.py \
+	$(wildcard migrated/kvm/ioctlbatch/*.[ch]) migrated/kvm/ioctlbatch/_build.py \
 	$(wildcard migrated/guests/x86_64/*.[chS] migrated/guests/x86_64/*.ld) \
 	$(wildcard migrated/guests/aarch64/*.[chS] migrated/guests/aarch64/*.ld) migrated/guests/build.py
 
@@ -83,7 +84,7 @@ soak: venv
 	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info ringreader/*.so migrated/pagehash/*.so migrated/guests/*.bin
+	rm -rf $(VENV) build *.egg-info ringreader/*.so migrated/pagehash/*.so migrated/kvm/ioctlbatch/*.so migrated/guests/*.bin
 
 # The arm64 lane (.ci/arm64/lane): tests marked arm64, on a real arm64 KVM inside an emulated
 # arm64 machine; fetches and caches what it needs under ~/.cache/migrated/arm64. pytest's exit

@@ -43,6 +43,7 @@ setup(
     cffi_modules=[
         "ringreader/_build.py:ffibuilder",
         "migrated/pagehash/_build.py:ffibuilder",
+        "migrated/kvm/ioctlbatch/_build.py:ffibuilder",
     ],
     cmdclass={"build_py": BuildPyWithGuest},
 )

@@ -104,6 +104,7 @@ class Target:
         self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
         self._timeline = Timeline()  # restarted at the first state: the cutover's fine marks
         self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
+        self._restore_steps_ms: dict[str, float] = {}  # the state restore's steps, for the cutover's log
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
         self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
         self.idle_link = False  # a source's warm link: it may wait idle, its streams come early
@@ -658,7 +659,8 @@ class Target:
                 return digest
         restore_started = time.perf_counter()
         self._timeline.mark("digested")
-        vmstate.restore(hosted, self.daemon.kvm, blobs)
+        steps = vmstate.restore(hosted, self.daemon.kvm, blobs)
+        self._restore_steps_ms = {name: round(seconds * 1e3, 3) for name, seconds in steps.items()}
         stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
         self._timeline.mark("restored")
         return digest
@@ -698,7 +700,12 @@ class Target:
         try:
             await self._send_running(commit_at, resumed_at)
             self.log.info("incoming_vm_running")
-            self.log.info("cutover_timeline", origin=timeline.origin, marks_ms=timeline.as_ms())
+            self.log.info(
+                "cutover_timeline",
+                origin=timeline.origin,
+                marks_ms=timeline.as_ms(),
+                restore_steps_ms=self._restore_steps_ms,
+            )
             await take_source_timing(self.channel, stats)
         finally:
             stats.state = stats.phase = "completed"

@@ -97,7 +97,8 @@ def capture(hosted: HostedVm, kvm: Kvm, timeline: Timeline | None = None) -> lis
     return blobs
 
 
-def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> None:
+def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> dict[str, float]:
+    """R9, after all memory is in place. Returns the restore's seconds per step."""
     vm = hosted.vm
     assert vm is not None
     arch = arch_of(vm)
@@ -111,7 +112,7 @@ def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> None:
     if hosted.ports is not None:
         # Before any vCPU runs: the first `in` from the UART must see the source's registers.
         hosted.ports.bus.load_wire(_unpack(blobs[1][1], "port device state"))
-    arch.restore_state(vm, wire)
+    return arch.restore_state(vm, wire).timings
 
 
 def _unpack(blob: bytes, what: str) -> Any:

@@ -652,3 +652,24 @@ def test_a_vm_built_from_a_shell_gets_the_cpuid_of_its_description(kvm: Kvm) -> 
     with create_vm(kvm, dataclasses.replace(SHELL_TEST_CONFIG, cpuid=wanted), shell=shell) as vm:
         assert vm is shell
         assert all(cpuid_is_set(vcpu, wanted) for vcpu in vm.vcpus)
+
+
+def test_batched_save_and_restore_stop_at_the_msr_kvm_refused(kvm: Kvm) -> None:
+    """The save and the restore run their ioctls in one batch (statebuffers.py); an MSR KVM cannot
+    read or will not write still fails with the same errors as one-by-one calls, naming it."""
+    with build_vm(kvm, 1, devices=False) as vm:
+        vcpu = vm.vcpus[0]
+        with pytest.raises(StateError, match=r"read 1 of 2 MSRs: MSR 0x12345678 could not be read"):
+            save_vcpu_state(vcpu, kvm, msr_indices=[MSR_IA32_TSC, 0x12345678])
+        saved = save_vcpu_state(vcpu, kvm)
+        ((_, efer),) = get_msrs(vcpu, [0xC0000080])
+        bad_efer = efer | 1 << 63  # a reserved bit
+        bad = dataclasses.replace(saved, msrs=(*saved.msrs, (0xC0000080, bad_efer)))
+        with pytest.raises(StateError, match=rf"MSR 0xc0000080 \(EFER\) = {bad_efer:#x} was refused"):
+            restore_vcpu_state(vcpu, bad)
+        # A good state after the failed one: the batch writes all of it, events included.
+        regs = uapi.kvm_regs.from_buffer_copy(saved.regs)
+        regs.rax = 0x1234_5678
+        good = dataclasses.replace(saved, regs=bytes(regs))
+        restore_vcpu_state(vcpu, good)
+        assert save_vcpu_state(vcpu, kvm).regs == good.regs

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from ..errors import KvmUnavailableError
 from ..memory import GuestMemory
+from ..saved_state import RestoreReport
 from ..system import Kvm
 from ..vm import Vm, VmArch, VmConfig
 from .aarch64 import Aarch64
@@ -39,7 +40,7 @@ class Arch(VmArch, Protocol):
 
     def save_state(self, vm: Vm) -> dict[str, Any]: ...
 
-    def restore_state(self, vm: Vm, wire: object) -> None: ...
+    def restore_state(self, vm: Vm, wire: object) -> RestoreReport: ...
 
 
 ARCHES: dict[str, Arch] = {"x86_64": X86_64(), "aarch64": Aarch64()}

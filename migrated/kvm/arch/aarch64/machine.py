@@ -8,6 +8,7 @@ from typing import Any
 from ...backing import RamBacking
 from ...errors import KvmCapabilityError
 from ...memory import GuestMemory
+from ...saved_state import RestoreReport
 from ...system import HostCaps, Kvm
 from ...vcpu import Vcpu
 from ...vm import Vm, VmConfig
@@ -61,6 +62,6 @@ class Aarch64:
     def save_state(self, vm: Vm) -> dict[str, Any]:
         return save_vm_state(vm).to_wire()
 
-    def restore_state(self, vm: Vm, wire: object) -> None:
+    def restore_state(self, vm: Vm, wire: object) -> RestoreReport:
         # R9: memory is in place; restore_vm_state follows arm-vgic-its.rst's order.
-        restore_vm_state(vm, Arm64MachineState.from_wire(wire))
+        return restore_vm_state(vm, Arm64MachineState.from_wire(wire))

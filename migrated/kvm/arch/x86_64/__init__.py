@@ -35,7 +35,7 @@ from .devices import detect_devices as detect_devices
 from .devices import check_devices as check_devices
 from .state import MAX_VCPUS as MAX_VCPUS
 from .state import MAX_MSRS as MAX_MSRS
-from .state import MIN_XSAVE_BYTES as MIN_XSAVE_BYTES
+from .statebuffers import MIN_XSAVE_BYTES as MIN_XSAVE_BYTES
 from .state import MAX_XSAVE_BYTES as MAX_XSAVE_BYTES
 from .state import X86_MP_STATES as X86_MP_STATES
 from .state import IRQCHIP_IDS as IRQCHIP_IDS

@@ -109,30 +109,41 @@ _MSRS_HEADER_BYTES = ctypes.sizeof(x86_uapi.kvm_msrs)
 _MSR_ENTRY_BYTES = ctypes.sizeof(x86_uapi.kvm_msr_entry)
 
 
-def _msr_buffer(entries: Sequence[tuple[int, int]]) -> ctypes.Array[ctypes.c_uint8]:
-    count = len(entries)
-    buf = (ctypes.c_uint8 * (_MSRS_HEADER_BYTES + _MSR_ENTRY_BYTES * count))()
-    flat = [field for index, value in entries for field in (index, 0, value)]
-    struct.pack_into(f"<I{_MSRS_HEADER_BYTES - 4}x" + "IIQ" * count, buf, 0, count, *flat)
+def msr_buffer(entries: Sequence[tuple[int, int]]) -> ctypes.Array[ctypes.c_uint8]:
+    """A `struct kvm_msrs` holding `entries` ((index, data) pairs)."""
+    buf = (ctypes.c_uint8 * (_MSRS_HEADER_BYTES + _MSR_ENTRY_BYTES * len(entries)))()
+    pack_msrs_into(buf, entries)
     return buf
 
 
-def _msr_entries(buf: ctypes.Array[ctypes.c_uint8], count: int) -> list[tuple[int, int]]:
-    """The first `count` (index, data) pairs of a `_msr_buffer`."""
+def pack_msrs_into(buf: ctypes.Array[ctypes.c_uint8], entries: Sequence[tuple[int, int]]) -> None:
+    """`entries` into a `msr_buffer` made for exactly as many."""
+    count = len(entries)
+    flat = [field for index, value in entries for field in (index, 0, value)]
+    struct.pack_into(f"<I{_MSRS_HEADER_BYTES - 4}x" + "IIQ" * count, buf, 0, count, *flat)
+
+
+def msr_entries(buf: ctypes.Array[ctypes.c_uint8], count: int) -> list[tuple[int, int]]:
+    """The first `count` (index, data) pairs of a `msr_buffer`."""
     fields = struct.unpack_from("<" + "IIQ" * count, buf, _MSRS_HEADER_BYTES)
     return list(zip(fields[0::3], fields[2::3]))
 
 
 def get_msrs(vcpu: Vcpu, indices: Sequence[int]) -> list[tuple[int, int]]:
     """KVM_GET_MSRS: (index, value) of each MSR, in order. Names the first one KVM refused."""
-    buf = _msr_buffer([(index, 0) for index in indices])
+    buf = msr_buffer([(index, 0) for index in indices])
     done = vcpu.ioctl("KVM_GET_MSRS", x86_uapi.KVM_GET_MSRS, buf)
     if done != len(indices):
-        raise StateError(
-            f"vCPU {vcpu.index}: KVM_GET_MSRS read {done} of {len(indices)} MSRs: "
-            f"{msr_name(indices[done])} could not be read"
-        )
-    return _msr_entries(buf, len(indices))
+        raise msrs_read_short(vcpu, indices, done)
+    return msr_entries(buf, len(indices))
+
+
+def msrs_read_short(vcpu: Vcpu, indices: Sequence[int], done: int) -> StateError:
+    """The error of a KVM_GET_MSRS of `indices` that read only `done` of them."""
+    return StateError(
+        f"vCPU {vcpu.index}: KVM_GET_MSRS read {done} of {len(indices)} MSRs: "
+        f"{msr_name(indices[done])} could not be read"
+    )
 
 
 def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
@@ -144,14 +155,16 @@ def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
     on: KVM can refuse even a register's reset value (MSR_KVM_ASYNC_PF_INT = 0 without an
     in-kernel LAPIC, though KVM_GET_MSRS reads it). Any other refusal raises, naming the MSR.
     """
+    done = vcpu.ioctl("KVM_SET_MSRS", x86_uapi.KVM_SET_MSRS, msr_buffer(entries))
+    return finish_set_msrs(vcpu, entries, done)
+
+
+def finish_set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]], done: int) -> list[int]:
+    """`set_msrs` after its first KVM_SET_MSRS of `entries` set `done` of them (in a batch, say)."""
     kept: list[int] = []
     pending = list(entries)
     total = len(pending)
-    while pending:
-        buf = _msr_buffer(pending)
-        done = vcpu.ioctl("KVM_SET_MSRS", x86_uapi.KVM_SET_MSRS, buf)
-        if done == len(pending):
-            break
+    while done != len(pending):
         index, value = pending[done]
         current = _read_msr(vcpu, index)
         if current != value:
@@ -162,14 +175,17 @@ def set_msrs(vcpu: Vcpu, entries: Sequence[tuple[int, int]]) -> list[int]:
             )
         kept.append(index)
         pending = pending[done + 1 :]
+        if not pending:
+            break
+        done = vcpu.ioctl("KVM_SET_MSRS", x86_uapi.KVM_SET_MSRS, msr_buffer(pending))
     return kept
 
 
 def _read_msr(vcpu: Vcpu, index: int) -> int | None:
-    buf = _msr_buffer([(index, 0)])
+    buf = msr_buffer([(index, 0)])
     if vcpu.ioctl("KVM_GET_MSRS", x86_uapi.KVM_GET_MSRS, buf) != 1:
         return None
-    return _msr_entries(buf, 1)[0][1]
+    return msr_entries(buf, 1)[0][1]
 
 
 def restore_msr_order(msrs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ from .cpu import cpuid_buffer_of
 from .devices import create_irqchip, create_pit2, detect_devices
 from .fixed import LEGACY_XSAVE_BYTES, cpuid_of, host_facts, read_build_tsc_khz, set_cpuid, vm_xsave2_bytes
 from .state import X86MachineState, restore_vm_state, save_vm_state
+from .statebuffers import MIN_XSAVE_BYTES, restore_plan, save_plan
 
 # The CPUID table a VM under construction gives each vCPU (VmConfig.cpuid), from
 # `before_vcpus_of` to `after_vcpus`.
@@ -55,11 +56,15 @@ class X86_64:
 
     def after_vcpus(self, vm: Vm) -> None:
         _BUILD_CPUID.pop(vm, None)
-        # Read now rather than in a downtime (fixed.py).
-        host_facts(vm.kvm)
-        vm_xsave2_bytes(vm)
+        # Read now rather than in a downtime (fixed.py), and the state's buffers made now
+        # (statebuffers.py), in the shapes this host's states have.
+        host = host_facts(vm.kvm)
+        xsave2 = vm_xsave2_bytes(vm)
+        irqchip, _ = detect_devices(vm)
         for vcpu in vm.vcpus:
             read_build_tsc_khz(vcpu)
+            save_plan(vcpu, irqchip, xsave2, host.msr_indices)
+            restore_plan(vcpu, irqchip, max(xsave2, MIN_XSAVE_BYTES), len(host.msr_indices))
 
     def cpu_features(self, kvm: Kvm) -> dict[str, object]:
         """What a target compares before it accepts a VM: the same CPU vendor, family, model,
