@@ -10,6 +10,7 @@ from typing import Any
 
 from ...backing import RamBacking
 from ...memory import GuestMemory
+from ...saved_state import RestoreReport
 from ...system import HostCaps, Kvm, cpuid_buffer
 from ...vcpu import Vcpu
 from ...vm import Vm, VmConfig
@@ -97,9 +98,9 @@ class X86_64:
         irqchip, pit = detect_devices(vm)
         return save_vm_state(vm, irqchip=irqchip, pit=pit).to_wire()
 
-    def restore_state(self, vm: Vm, wire: object) -> None:
+    def restore_state(self, vm: Vm, wire: object) -> RestoreReport:
         state = X86MachineState.from_wire(wire)
         # The target built the same devices from the same spec (hosted.vm_config); checked again
         # against the state by restore_vm_state.
         irqchip, pit = detect_devices(vm)
-        restore_vm_state(vm, state, irqchip=irqchip, pit=pit)
+        return restore_vm_state(vm, state, irqchip=irqchip, pit=pit)
