@@ -159,6 +159,7 @@ class MigrationConfig:
     streams: int  # data connections (each in its own thread) that carry the pages
     downtime_guard_ms: int  # beyond downtime_limit_ms: how long the source may stay paused before COMMIT
     downtime_realtime: bool  # the downtime's threads at SCHED_FIFO for the window (realtime.py)
+    downtime_idle_polling: bool  # idle CPUs poll while a downtime window is open (cpulatency.py)
     vcpu_nice: int  # the source guest's vCPU threads at this nice value while it migrates (vcpupriority.py)
     completion_timeout_per_gib_s: float  # 0: off; else the whole migration may take this per GiB of RAM
     progress_timeout_s: float  # 0: off; else no byte moved for this long cancels the migration
@@ -439,6 +440,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "streams": _Key(2, _integer(1, 16), True),
         "downtime_guard_ms": _Key(2000, _integer(0, 600_000), True),
         "downtime_realtime": _Key(True, _boolean, True),
+        "downtime_idle_polling": _Key(True, _boolean, True),
         "vcpu_nice": _Key(10, _integer(0, 19), True),
         "completion_timeout_per_gib_s": _Key(0, _number(0, 86_400), True),
         "progress_timeout_s": _Key(150, _number(0, 86_400), True),

@@ -42,6 +42,7 @@ from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
 from .rammount import RamDirectory
 from .realtime import COST_WITHOUT_REALTIME, FIX, probe_realtime
 from .vcpupriority import FIX as NICE_FIX, probe_nice_restore
+from .cpulatency import CPU_LATENCY, FIX as CPU_LATENCY_FIX
 from .sdnotify import Notifier
 from .socket_access import restrict_control_socket
 from .statedir import check_state_dir
@@ -88,6 +89,9 @@ class Daemon:
         self.records = VmRecords(Path(config.daemon.state_dir))
         self.realtime_error = probe_realtime()  # None: the harvester can have SCHED_FIFO
         self.nice_error = probe_nice_restore()  # None: a migrating guest's vCPUs may yield (vcpupriority.py)
+        # None: a downtime can keep idle CPUs polling (cpulatency.py); the request is made now and
+        # constrains nothing until a downtime window holds it.
+        self.cpu_latency_error = CPU_LATENCY.open()
         self.ram_directory = RamDirectory(config.vm.memory_backing_dir, Path(config.daemon.state_dir))
         self.vm_shell = VmShell(kvm, lambda: self.config)  # made and closed by its `serve`
         self.commands: dict[str, Command] = {
@@ -373,6 +377,7 @@ class Daemon:
             "harvester_realtime": self.realtime_error is None,
             "harvester_realtime_error": self.realtime_error,
             "vcpu_nice_restorable": self.nice_error is None,
+            "downtime_idle_polling": self.cpu_latency_error is None,
             "vm_shell": self.vm_shell.status(),
         }
 
@@ -604,6 +609,8 @@ async def run_daemon(
         log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)
     if daemon.nice_error is not None and config.migration.vcpu_nice:
         log.warning("vcpu_nice_unavailable", error=daemon.nice_error, fix=NICE_FIX)
+    if daemon.cpu_latency_error is not None and config.migration.downtime_idle_polling:
+        log.warning("cpu_latency_unavailable", error=daemon.cpu_latency_error, fix=CPU_LATENCY_FIX)
     try:
         if config.vm.memory_backing == "shmem-huge":
             # Its default backing must be usable before the daemon looks ready (MemoryBackingError

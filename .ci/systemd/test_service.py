@@ -181,6 +181,9 @@ def test_the_ring_harvester_is_real_time_under_the_units_hardening() -> None:
     assert shown["tracker"]["harvester_realtime"] is True, shown
     assert shown["state"] == "running", shown
     assert not [e for _, e in events(journal(A)) if e.get("event") == "harvester_realtime_unavailable"]
+    # The unit lets a downtime keep idle CPUs polling (DeviceAllow=/dev/cpu_dma_latency).
+    assert ctl_json(A, "daemon", "status")["downtime_idle_polling"] is True
+    assert not [e for _, e in events(journal(A)) if e.get("event") == "cpu_latency_unavailable"]
     status = wait_for("STATUS to count the VM", lambda: s if (s := show(A))["StatusText"].startswith("1 VMs") else None)
     assert "1 running" in status["StatusText"]
 

@@ -108,7 +108,10 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         self._target_digest_ms: float | None = None  # as the target reported it in LOADED
         self._host_speed = HostSpeed()  # the sends' pace: is the host slower than when costs were learned?
         # From the pause to RUNNING: the collector off, the threads at SCHED_FIFO (window.py).
-        self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
+        self._window = DowntimeWindow(
+            realtime=daemon.config.migration.downtime_realtime,
+            idle_polling=daemon.config.migration.downtime_idle_polling,
+        )
         self._timeline = Timeline()  # restarted at the pause: the downtime's fine marks
         self._setup_timeline = Timeline()  # the setup's fine marks, from the migrate command on
         # Once the "migrating" VM record is on its way (`_prepare_bulk`): set when it is done.

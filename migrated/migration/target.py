@@ -101,7 +101,10 @@ class Target:
         self._ram: GuestMemory | None = None  # made before ACCEPT, until the VM built around it owns it
         # From the first device state (the source paused) to RUNNING: the collector off, the
         # threads at SCHED_FIFO (window.py).
-        self._window = DowntimeWindow(realtime=daemon.config.migration.downtime_realtime)
+        self._window = DowntimeWindow(
+            realtime=daemon.config.migration.downtime_realtime,
+            idle_polling=daemon.config.migration.downtime_idle_polling,
+        )
         self._timeline = Timeline()  # restarted at the first state: the cutover's fine marks
         self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
         self._restore_steps_ms: dict[str, float] = {}  # the state restore's steps, for the cutover's log
@@ -467,6 +470,8 @@ class Target:
             except RemoteProtocolError:
                 self._end_reported.set()
                 return
+            # The source pauses as soon as this arrives: the state's arrival is the next wake-up.
+            self._window.poll_early()
             pages, zero_pages, nbytes, _ = streams.totals()
             await self.channel.send(
                 Progress(bytes_received=nbytes, pages_received=pages + zero_pages, round=stats.round)

@@ -33,6 +33,7 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
+from ..cpulatency import CPU_LATENCY
 from ..realtime import RAISED, window_thread_ids
 
 
@@ -86,8 +87,10 @@ class DowntimeWindow:
     `window.gc_collections` are what the collector cost inside it (0 unless someone called
     `gc.collect()` explicitly)."""
 
-    def __init__(self, realtime: bool = False) -> None:
+    def __init__(self, realtime: bool = False, idle_polling: bool = False) -> None:
         self.realtime = realtime
+        self.idle_polling = idle_polling  # hold CPU_LATENCY while open (cpulatency.py)
+        self._polling = False
         self.realtime_error: str | None = None  # why the threads could not be raised
         self.raised_threads = 0
         self._raised: set[int] = set()
@@ -126,6 +129,7 @@ class DowntimeWindow:
         self._collections_before = MONITOR.collections
         # sys.modules keeps insertion order: what comes after this count was imported since.
         self._modules_at_open = len(sys.modules)
+        self.poll_early()
         if self.realtime:
             # From the event loop's thread: it is the first of the threads raised.
             self._raised, self.realtime_error = RAISED.raise_threads(window_thread_ids())
@@ -140,6 +144,14 @@ class DowntimeWindow:
             return
         self._raised_early, error = RAISED.raise_threads({threading.get_native_id()})
         self.realtime_error = self.realtime_error or error
+
+    def poll_early(self) -> None:
+        """Idle CPUs poll from now until `close` (cpulatency.py), before the window opens: a
+        target from its streams' end on, so that the wake-up for the state finds its CPU awake.
+        Idempotent."""
+        if self.idle_polling and not self._polling:
+            CPU_LATENCY.hold()
+            self._polling = True
 
     def raise_for_pause(self, thread_ids: set[int]) -> set[int]:
         """The vCPU threads for their way out of KVM_RUN and into their park: a thread the host
@@ -167,6 +179,9 @@ class DowntimeWindow:
         global _open_windows
         RAISED.lower(self._raised_early)
         self._raised_early = set()
+        if self._polling:
+            CPU_LATENCY.release()
+            self._polling = False
         if not self._open:
             return
         self._open = False

@@ -97,6 +97,9 @@ def test_the_units_capability_gives_the_harvester_sched_fifo(tmp_path: Path, dae
     # The same capability gives a migrating guest's vCPU threads their priority back (vcpupriority.py).
     assert status["vcpu_nice_restorable"] is True, status
     assert daemon.events("vcpu_nice_unavailable") == []
+    # A root daemon keeps idle CPUs polling in its downtimes (cpulatency.py).
+    assert status["downtime_idle_polling"] is True, status
+    assert daemon.events("cpu_latency_unavailable") == []
 
 
 def test_without_rtprio_the_daemon_says_loudly_what_it_costs(tmp_path: Path, daemons: list[DaemonProcess]) -> None:

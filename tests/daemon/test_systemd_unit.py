@@ -113,7 +113,7 @@ def test_directories_match_the_config_defaults() -> None:
 def test_hardening_keeps_kvm_reachable() -> None:
     s = service_settings()
     assert s["DevicePolicy"] == ["closed"]
-    assert s["DeviceAllow"] == ["/dev/kvm rw"]
+    assert s["DeviceAllow"] == ["/dev/kvm rw", "/dev/cpu_dma_latency w"]
     assert "PrivateDevices" not in s  # it would hide /dev/kvm
     # One capability: the ring harvester's SCHED_FIFO (tests/daemon/test_deployment.py).
     assert s["CapabilityBoundingSet"] == ["CAP_SYS_NICE"]

@@ -1,16 +1,19 @@
-"""The downtime window (window.py, realtime.py): no garbage collection inside it, its threads at
-SCHED_FIFO for it only and as before afterwards, and a clean fallback without the right to."""
+"""The downtime window (window.py, realtime.py, cpulatency.py): no garbage collection inside it,
+its threads at SCHED_FIFO for it only and as before afterwards, idle CPUs polling while it is
+open, and a clean fallback without the right to."""
 
 from __future__ import annotations
 
 import gc
 import os
+import struct
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from conftest import MakeDaemon
+from migrated.cpulatency import CPU_LATENCY, DEVICE, CpuLatency
 from migrated.migration.window import MONITOR, DowntimeWindow
 from migrated.realtime import RAISED, window_thread_ids
 from test_migration import assert_runs_here, create, migrate
@@ -139,3 +142,54 @@ def test_no_module_is_first_imported_inside_a_downtime_window(make_daemon: MakeD
         assert daemon.events("migration_completed") or daemon.events("incoming_vm_running")
         imports = [(e["component"], e["modules"]) for e in daemon.events("downtime_window_imports")]
         assert imports == [], f"{daemon.name} imported inside a downtime window"
+
+
+def cpu_latency_target_us() -> int:
+    """What the kernel's CPU latency constraint is now (reading the device adds no constraint)."""
+    fd = os.open(DEVICE, os.O_RDONLY)
+    try:
+        return int(struct.unpack("=i", os.read(fd, 4))[0])
+    finally:
+        os.close(fd)
+
+
+needs_pm_qos = pytest.mark.skipif(
+    not os.access(DEVICE, os.W_OK), reason=f"{DEVICE} is writable by root only (root here, and in CI)"
+)
+
+
+@needs_pm_qos
+def test_idle_cpus_poll_while_a_window_is_open_and_not_after() -> None:
+    """A PM QoS request of 0 us while any window that asks for it is open (counted across
+    overlapping windows), and none once the last closed; a window that does not ask holds none."""
+    assert CPU_LATENCY.open() is None
+    unconstrained = cpu_latency_target_us()
+    assert unconstrained > 0, "another process holds a 0 us request: this test cannot tell"
+    first, second = DowntimeWindow(idle_polling=True), DowntimeWindow(idle_polling=True)
+    with first:
+        assert cpu_latency_target_us() == 0
+        second.poll_early()  # a target from its streams' end, before its window opens
+        second.open()
+        assert CPU_LATENCY.held
+    assert cpu_latency_target_us() == 0, "the second window is still open"
+    second.close()
+    assert cpu_latency_target_us() == unconstrained and not CPU_LATENCY.held
+    with DowntimeWindow(idle_polling=False):
+        assert cpu_latency_target_us() == unconstrained
+    early = DowntimeWindow(idle_polling=True)
+    early.poll_early()
+    assert cpu_latency_target_us() == 0
+    early.close()  # a window that never opened lets go of what it held early
+    assert cpu_latency_target_us() == unconstrained
+
+
+def test_without_the_device_a_window_holds_nothing_and_says_why(tmp_path: os.PathLike[str]) -> None:
+    latency = CpuLatency()
+    error = latency.open(os.path.join(tmp_path, "no-such-device"))
+    assert error is not None and "No such file or directory" in error
+    assert latency.error == error
+    latency.hold()
+    assert not latency.held
+    latency.release()
+    latency.release()  # more releases than holds: ignored
+    assert not latency.held

@@ -144,4 +144,3 @@ def restore_plan(vcpu: Vcpu, lapic: bool, xsave_bytes: int, msr_count: int) -> V
     if plan is None or plan.shape != shape:
         plan = _RESTORES[vcpu] = VcpuRestore(vcpu, *shape)
     return plan
-
