@@ -10,9 +10,10 @@ that the collections that do run outside the window walk only what came since.
 
 With `realtime`, the threads that do the downtime's work also run at SCHED_FIFO for the window
 (realtime.py), and go back to their own policy when it closes. A target's event loop can be raised
-before its window opens (`raise_event_loop`): the window opens when the first state arrives, and
-that arrival is itself a wake-up of the event loop, which on a busy host waited 5-15 ms for a core
-at the normal policy (bench/timeline.py: `tgt.state_received` against `src.state_and_done_sent`).
+before its window opens (`raise_event_loop`): the state's arrival is itself a wake-up of the event
+loop, which on a busy host waited 5-15 ms for a core at the normal policy (bench/timeline.py:
+`tgt.state_received` against `src.state_and_done_sent`). A target opens its window when its data
+streams have ended, just before the source pauses, or else when the first state arrives.
 
 `GcMonitor` times every collection (`gc.callbacks`), so a window reports what the collector
 cost inside it: the evidence, and the check that the window keeps it at zero.
@@ -146,9 +147,8 @@ class DowntimeWindow:
         self.realtime_error = self.realtime_error or error
 
     def poll_early(self) -> None:
-        """Idle CPUs poll from now until `close` (cpulatency.py), before the window opens: a
-        target from its streams' end on, so that the wake-up for the state finds its CPU awake.
-        Idempotent."""
+        """Idle CPUs poll from now until `close` (cpulatency.py), whether or not the window
+        opens meanwhile (`open` starts it too). Idempotent."""
         if self.idle_polling and not self._polling:
             CPU_LATENCY.hold()
             self._polling = True

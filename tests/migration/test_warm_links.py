@@ -123,6 +123,9 @@ def test_migrations_after_the_first_to_a_peer_take_a_warm_link(tmp_path: Path, k
         marks = timelines[0]["marks_ms"]
         assert "warm_link_taken" in marks and "described" in marks and "connected" not in marks, marks
         assert "phase_steps_ms" in third and "connect" not in third["phase_steps_ms"], third
+        # The target names the link the same way (the first came fresh to it).
+        incoming = {e["migration_id"]: e["link"] for e in b.events("setup_timeline")}
+        assert incoming[first["migration_id"]] == "fresh" and incoming[third["migration_id"]] == "warm", incoming
         # Used once: a fresh link was warmed after it (a second warm_link_ready from A to B).
         _wait_event(a, "warm_link_ready", count=2, peer=b.address)
         _wait_event(b, "warm_link_ready", count=2, peer=a.address)
