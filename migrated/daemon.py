@@ -37,6 +37,7 @@ from .migration.downtime_models_file import load_models
 from .migration.window import freeze_startup_objects
 from .migration.service import start_migration_service
 from .migration.stats import FinishedMigration
+from .migration.target import Target
 from .migration.warmlinks import WarmLinks
 from .overcommit import Demand, OvercommitRefused, check_overcommit, host_size
 from .rammount import RamDirectory
@@ -50,6 +51,9 @@ from .vmshell import VmShell
 from .warmup import warm_up
 
 
+# A stopping daemon waits this long for an incoming copy's own discard (streams joined, its
+# record on disk) before it removes the copy itself.
+INCOMING_DISCARD_S = 10.0
 # `migration status` of finished incoming migrations is kept for this many VM names.
 FINISHED_KEPT = 256
 
@@ -513,6 +517,16 @@ class Daemon:
                 self._record_stopped_with_daemon(hosted)
                 await self.remove_vm(hosted, "daemon stopping", keep_record=True)
             else:
+                migration = self.migrations.get(hosted.name)
+                if hosted.state is VmState.INCOMING and isinstance(migration, Target):
+                    # Its own discard (the source is told, and keeps the VM): the data streams
+                    # stop before the RAM they write goes, and the record being written in a
+                    # thread is on disk before it is removed, or it would outlive the copy.
+                    migration.abort_for_good("the target's daemon is stopping")
+                    with trio.move_on_after(INCOMING_DISCARD_S):
+                        await migration.finished.wait()
+                    if self.vms.get(hosted.name) is not hosted:
+                        continue  # removed by its discard
                 await self.remove_vm(hosted, "daemon stopping")
 
     async def _finish_outgoing_migrations(self) -> None:

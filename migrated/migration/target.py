@@ -776,12 +776,18 @@ class Target:
         if self._streams is not None:
             await self._streams.aclose()
 
-    async def _discard(self, reason: str) -> None:
-        await self._close_streams()
+    async def record_written(self) -> None:
+        """Until this copy's record (`_start_record`) is on disk: a discard waits for it before
+        it removes the copy. Written after the removal, it would outlive the copy, and the next
+        daemon would report a VM lost that never ran here."""
         try:
-            await self._record.wait()  # or it would be written after the removal, outliving the VM
+            await self._record.wait()
         except Exception:
             self.log.exception("vm_record_crashed")
+
+    async def _discard(self, reason: str) -> None:
+        await self._close_streams()
+        await self.record_written()
         self._close_ram()
         hosted = self.hosted
         if self.stats is not None:

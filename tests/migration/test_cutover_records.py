@@ -205,3 +205,21 @@ def test_a_copy_discarded_while_its_record_is_written_leaves_no_record(make_daem
     assert incoming["phase_steps_ms"]["overlapped.record"] >= 500, incoming  # written meanwhile
     assert vm_record(b, "vm1") == {}, vm_record(b, "vm1")
     assert_absent(b, "vm1")
+
+
+def test_a_target_stopped_while_its_record_is_written_leaves_no_record(make_daemon: MakeDaemon) -> None:
+    """The target's daemon stops (SIGTERM) while its record of an incoming copy is still being
+    written (0.5 s: fault target-record-slow): the stop waits for the record before it removes
+    the copy, so no record outlives it and the next daemon reports no VM lost that never was
+    here. The source keeps its VM."""
+    a, b = make_daemon("a"), make_daemon("b", faults="target-record-slow")
+    create(a, rate=16, memory_mib=128, vcpus=1, working_set_mib=32)
+    a.call("migrate", name="vm1", to=b.address)
+    wait_for(lambda: b.events("incoming_vm_accepted"), what="the target to build the VM")
+    assert b.stop() == 0
+    assert vm_record(b, "vm1") == {}, vm_record(b, "vm1")
+    stats = wait_migration(a, "vm1")
+    assert stats["state"] in ("aborted", "failed"), stats
+    assert_runs_here(a, "vm1")
+    b.start()
+    assert b.call("vm.list", lost=True) == [], "a copy that never ran here is no lost VM"
