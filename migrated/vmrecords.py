@@ -109,7 +109,14 @@ class VmRecords:
         if stopped_with_daemon:
             return "stopped when its daemon was stopped (SIGTERM); start it again from its image or a backup"
         if state == "incoming":
-            return "an incoming migration died here before COMMIT: the source keeps or resumes the VM"
+            # Written when the copy was built, replaced after RUNNING: a daemon that died between
+            # the resume and that record (a few ms) leaves it too, with the VM running here.
+            return (
+                "an incoming migration died here before its record said running: if COMMIT had "
+                "not come, the source keeps or resumes the VM; if it had, the VM ran here and died "
+                "with this daemon (the source then reports it released or in doubt: `migratectl "
+                "migration status` there)"
+            )
         return "its daemon process died and the VM with it; start it again from its image or a backup"
 
 

@@ -108,3 +108,20 @@ def test_vms_stopped_with_their_daemon_are_reported_at_the_next_start(make_daemo
     assert lost["name"] == "web" and lost["state"] == "running", lost
     assert "stopped when its daemon was stopped" in lost["detail"], lost
     assert a.log().count('"event": "vm_lost_at_restart"') == 1
+
+
+def test_a_target_killed_after_the_resume_reports_that_the_vm_may_have_run_here(make_daemon: MakeDaemon) -> None:
+    """The target's record says running only after RUNNING went out; killed between the resume
+    and that record (held there: fault cutover-holds), its successor must not claim the source
+    still has the VM: COMMIT had come, and the VM ran here and died with the daemon."""
+    a, b = make_daemon("a"), make_daemon("b", faults="cutover-holds")
+    create(a, rate=4, memory_mib=64, working_set_mib=8)
+    a.call("migrate", name="vm1", to=b.address)
+    wait_for(lambda: '"point": "running"' in b.log(), what="the target to resume and hold before RUNNING")
+    b.kill()
+    b.start()
+    (lost,) = b.call("vm.list", lost=True)
+    assert lost["name"] == "vm1" and lost["state"] == "incoming", lost
+    assert "if it had, the VM ran here and died with this daemon" in lost["detail"], lost
+    stats = wait_migration(a, "vm1", until=("in-doubt", "completed", "failed"))
+    assert stats["state"] == "in-doubt", "COMMIT went out and RUNNING never came: never resumed blindly"
