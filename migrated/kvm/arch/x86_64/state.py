@@ -391,12 +391,6 @@ def _step(times: StepTimes | None, name: str) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 # ioctl plumbing
 # --------------------------------------------------------------------------------------------
-def _get_struct(vcpu: Vcpu, step: str, request: int, cls: type[ctypes.Structure]) -> bytes:
-    obj = cls()
-    vcpu.ioctl(step, request, obj)
-    return bytes(obj)
-
-
 def _buffer(data: bytes, size: int | None = None) -> ctypes.Array[ctypes.c_uint8]:
     """A writable copy of `data`, zero-padded to `size` bytes."""
     buf = (ctypes.c_uint8 * max(len(data), size or 0))()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 from ... import uapi
 from ...ioctlbatch import IoctlBatch
@@ -27,68 +28,89 @@ from .cpu import msr_buffer, pack_msrs_into
 MIN_XSAVE_BYTES = ctypes.sizeof(x86_uapi.kvm_xsave)  # 4096: "always at least 4096" (api.rst)
 
 
-class VcpuSave:
-    """KVM_GET_MP_STATE, REGS, SREGS, XSAVE(2), XCRS, DEBUGREGS, LAPIC, MSRS and VCPU_EVENTS."""
+# The ioctl of each part, each way; a plan lists the parts in the order KVM accepts them back
+# (state.py): MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC, MSRS, VCPU_EVENTS.
+_REQUESTS: dict[tuple[str, str], int] = {
+    ("GET", "MP_STATE"): uapi.KVM_GET_MP_STATE,
+    ("SET", "MP_STATE"): uapi.KVM_SET_MP_STATE,
+    ("GET", "REGS"): uapi.KVM_GET_REGS,
+    ("SET", "REGS"): uapi.KVM_SET_REGS,
+    ("GET", "SREGS"): uapi.KVM_GET_SREGS,
+    ("SET", "SREGS"): uapi.KVM_SET_SREGS,
+    ("GET", "XSAVE"): x86_uapi.KVM_GET_XSAVE,
+    ("GET", "XSAVE2"): x86_uapi.KVM_GET_XSAVE2,
+    ("SET", "XSAVE"): x86_uapi.KVM_SET_XSAVE,
+    ("GET", "XCRS"): x86_uapi.KVM_GET_XCRS,
+    ("SET", "XCRS"): x86_uapi.KVM_SET_XCRS,
+    ("GET", "DEBUGREGS"): x86_uapi.KVM_GET_DEBUGREGS,
+    ("SET", "DEBUGREGS"): x86_uapi.KVM_SET_DEBUGREGS,
+    ("GET", "LAPIC"): x86_uapi.KVM_GET_LAPIC,
+    ("SET", "LAPIC"): x86_uapi.KVM_SET_LAPIC,
+    ("GET", "MSRS"): x86_uapi.KVM_GET_MSRS,
+    ("SET", "MSRS"): x86_uapi.KVM_SET_MSRS,
+    ("GET", "VCPU_EVENTS"): uapi.KVM_GET_VCPU_EVENTS,
+    ("SET", "VCPU_EVENTS"): uapi.KVM_SET_VCPU_EVENTS,
+}
+
+
+class _VcpuPlan:
+    """One vCPU's buffers, and its batch over them one way (GET: the save; SET: the restore)."""
+
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        way: str,
+        lapic: bool,
+        xsave: tuple[str, int],
+        msrs: ctypes.Array[ctypes.c_uint8],
+        msr_count: int,
+    ) -> None:
+        """`xsave`: the XSAVE part's name ("XSAVE" or "XSAVE2") and its buffer's size; `msrs`: a
+        `msr_buffer` of `msr_count` entries."""
+        who, fd = f"vCPU {vcpu.index}", vcpu.fd
+        self.mp = uapi.kvm_mp_state()
+        self.regs = uapi.kvm_regs()
+        self.sregs = uapi.kvm_sregs()
+        self.xsave = (ctypes.c_uint8 * xsave[1])()
+        self.xcrs = x86_uapi.kvm_xcrs()
+        self.debugregs = x86_uapi.kvm_debugregs()
+        self.lapic = x86_uapi.kvm_lapic_state() if lapic else None
+        self.msrs = msrs
+        self.events = x86_uapi.kvm_vcpu_events()
+        parts: list[tuple[str, Any]] = [
+            ("MP_STATE", self.mp),
+            ("REGS", self.regs),
+            ("SREGS", self.sregs),
+            (xsave[0], self.xsave),
+            ("XCRS", self.xcrs),
+            ("DEBUGREGS", self.debugregs),
+        ]
+        if self.lapic is not None:
+            parts.append(("LAPIC", self.lapic))
+        self.batch = batch = IoctlBatch()
+        for name, buffer in parts:
+            batch.add(f"{who}: KVM_{way}_{name}", fd, _REQUESTS[way, name], buffer)
+        self.msrs_at = batch.add(f"{who}: KVM_{way}_MSRS", fd, _REQUESTS[way, "MSRS"], msrs, expect=msr_count)
+        batch.add(f"{who}: KVM_{way}_VCPU_EVENTS", fd, _REQUESTS[way, "VCPU_EVENTS"], self.events)
+        batch.prepare()
+
+
+class VcpuSave(_VcpuPlan):
+    """The save: every part read from KVM into these buffers."""
 
     def __init__(self, vcpu: Vcpu, lapic: bool, xsave2: int, indices: tuple[int, ...]) -> None:
         self.shape = (lapic, xsave2, indices)
-        who, fd = f"vCPU {vcpu.index}", vcpu.fd
-        self.batch = batch = IoctlBatch()
-        self.mp = uapi.kvm_mp_state()
-        batch.add(f"{who}: KVM_GET_MP_STATE", fd, uapi.KVM_GET_MP_STATE, self.mp)
-        self.regs = uapi.kvm_regs()
-        batch.add(f"{who}: KVM_GET_REGS", fd, uapi.KVM_GET_REGS, self.regs)
-        self.sregs = uapi.kvm_sregs()
-        batch.add(f"{who}: KVM_GET_SREGS", fd, uapi.KVM_GET_SREGS, self.sregs)
-        if xsave2 > 0:
-            # KVM_GET_XSAVE2 writes as many bytes as KVM_CAP_XSAVE2 says (never below 4096).
-            self.xsave = (ctypes.c_uint8 * max(xsave2, MIN_XSAVE_BYTES))()
-            batch.add(f"{who}: KVM_GET_XSAVE2", fd, x86_uapi.KVM_GET_XSAVE2, self.xsave)
-        else:
-            self.xsave = (ctypes.c_uint8 * MIN_XSAVE_BYTES)()
-            batch.add(f"{who}: KVM_GET_XSAVE", fd, x86_uapi.KVM_GET_XSAVE, self.xsave)
-        self.xcrs = x86_uapi.kvm_xcrs()
-        batch.add(f"{who}: KVM_GET_XCRS", fd, x86_uapi.KVM_GET_XCRS, self.xcrs)
-        self.debugregs = x86_uapi.kvm_debugregs()
-        batch.add(f"{who}: KVM_GET_DEBUGREGS", fd, x86_uapi.KVM_GET_DEBUGREGS, self.debugregs)
-        self.lapic = x86_uapi.kvm_lapic_state() if lapic else None
-        if self.lapic is not None:
-            batch.add(f"{who}: KVM_GET_LAPIC", fd, x86_uapi.KVM_GET_LAPIC, self.lapic)
-        self.msrs = msr_buffer([(index, 0) for index in indices])
-        self.msrs_at = batch.add(f"{who}: KVM_GET_MSRS", fd, x86_uapi.KVM_GET_MSRS, self.msrs, expect=len(indices))
-        self.events = x86_uapi.kvm_vcpu_events()
-        batch.add(f"{who}: KVM_GET_VCPU_EVENTS", fd, uapi.KVM_GET_VCPU_EVENTS, self.events)
-        batch.prepare()
+        # KVM_GET_XSAVE2 writes as many bytes as KVM_CAP_XSAVE2 says (never below 4096).
+        xsave = ("XSAVE2", max(xsave2, MIN_XSAVE_BYTES)) if xsave2 > 0 else ("XSAVE", MIN_XSAVE_BYTES)
+        super().__init__(vcpu, "GET", lapic, xsave, msr_buffer([(index, 0) for index in indices]), len(indices))
 
 
-class VcpuRestore:
-    """KVM_SET_MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC, MSRS and VCPU_EVENTS, in
-    the order KVM accepts (state.py); `fill` copies a state's bytes in."""
+class VcpuRestore(_VcpuPlan):
+    """The restore: `fill` copies a state's bytes in, the batch writes them to KVM."""
 
     def __init__(self, vcpu: Vcpu, lapic: bool, xsave_bytes: int, msr_count: int) -> None:
         self.shape = (lapic, xsave_bytes, msr_count)
-        who, fd = f"vCPU {vcpu.index}", vcpu.fd
-        self.batch = batch = IoctlBatch()
-        self.mp = uapi.kvm_mp_state()
-        batch.add(f"{who}: KVM_SET_MP_STATE", fd, uapi.KVM_SET_MP_STATE, self.mp)
-        self.regs = uapi.kvm_regs()
-        batch.add(f"{who}: KVM_SET_REGS", fd, uapi.KVM_SET_REGS, self.regs)
-        self.sregs = uapi.kvm_sregs()
-        batch.add(f"{who}: KVM_SET_SREGS", fd, uapi.KVM_SET_SREGS, self.sregs)
-        self.xsave = (ctypes.c_uint8 * xsave_bytes)()
-        batch.add(f"{who}: KVM_SET_XSAVE", fd, x86_uapi.KVM_SET_XSAVE, self.xsave)
-        self.xcrs = x86_uapi.kvm_xcrs()
-        batch.add(f"{who}: KVM_SET_XCRS", fd, x86_uapi.KVM_SET_XCRS, self.xcrs)
-        self.debugregs = x86_uapi.kvm_debugregs()
-        batch.add(f"{who}: KVM_SET_DEBUGREGS", fd, x86_uapi.KVM_SET_DEBUGREGS, self.debugregs)
-        self.lapic = x86_uapi.kvm_lapic_state() if lapic else None
-        if self.lapic is not None:
-            batch.add(f"{who}: KVM_SET_LAPIC", fd, x86_uapi.KVM_SET_LAPIC, self.lapic)
-        self.msrs = msr_buffer([(0, 0)] * msr_count)
-        self.msrs_at = batch.add(f"{who}: KVM_SET_MSRS", fd, x86_uapi.KVM_SET_MSRS, self.msrs, expect=msr_count)
-        self.events = x86_uapi.kvm_vcpu_events()
-        batch.add(f"{who}: KVM_SET_VCPU_EVENTS", fd, uapi.KVM_SET_VCPU_EVENTS, self.events)
-        batch.prepare()
+        super().__init__(vcpu, "SET", lapic, ("XSAVE", xsave_bytes), msr_buffer([(0, 0)] * msr_count), msr_count)
 
     def fill(
         self,
