@@ -130,7 +130,9 @@ class DowntimeWindow:
         self._collections_before = MONITOR.collections
         # sys.modules keeps insertion order: what comes after this count was imported since.
         self._modules_at_open = len(sys.modules)
-        self.poll_early()
+        if self.idle_polling:
+            CPU_LATENCY.hold()  # released by `close`
+            self._polling = True
         if self.realtime:
             # From the event loop's thread: it is the first of the threads raised.
             self._raised, self.realtime_error = RAISED.raise_threads(window_thread_ids())
@@ -145,13 +147,6 @@ class DowntimeWindow:
             return
         self._raised_early, error = RAISED.raise_threads({threading.get_native_id()})
         self.realtime_error = self.realtime_error or error
-
-    def poll_early(self) -> None:
-        """Idle CPUs poll from now until `close` (cpulatency.py), whether or not the window
-        opens meanwhile (`open` starts it too). Idempotent."""
-        if self.idle_polling and not self._polling:
-            CPU_LATENCY.hold()
-            self._polling = True
 
     def raise_for_pause(self, thread_ids: set[int]) -> set[int]:
         """The vCPU threads for their way out of KVM_RUN and into their park: a thread the host
