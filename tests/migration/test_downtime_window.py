@@ -8,6 +8,7 @@ import gc
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -159,23 +160,36 @@ needs_pm_qos = pytest.mark.skipif(
 
 
 @needs_pm_qos
+def unconstrained_within(seconds: float = 10.0) -> bool:
+    """Whether no process holds a 0 us request at some moment within `seconds`: another daemon's
+    downtime window (another test run on this host) holds one for milliseconds, ours until
+    released."""
+    deadline = time.monotonic() + seconds
+    while cpu_latency_target_us() == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def test_idle_cpus_poll_while_a_window_is_open_and_not_after() -> None:
     """A PM QoS request of 0 us while any window that asks for it is open (counted across
     overlapping windows), and none once the last closed; a window that does not ask holds none."""
     assert CPU_LATENCY.open() is None
-    unconstrained = cpu_latency_target_us()
-    assert unconstrained > 0, "another process holds a 0 us request: this test cannot tell"
+    assert unconstrained_within(), "a 0 us request held by someone else for 10 s: this test cannot tell"
     first, second = DowntimeWindow(idle_polling=True), DowntimeWindow(idle_polling=True)
     with first:
         assert cpu_latency_target_us() == 0
         second.open()
         second.open()  # idempotent: one hold
         assert CPU_LATENCY.held
-    assert cpu_latency_target_us() == 0, "the second window is still open"
+    assert CPU_LATENCY.held and cpu_latency_target_us() == 0, "the second window is still open"
     second.close()
-    assert cpu_latency_target_us() == unconstrained and not CPU_LATENCY.held
+    assert not CPU_LATENCY.held
+    assert unconstrained_within(), "the request outlived the last window"
     with DowntimeWindow(idle_polling=False):
-        assert cpu_latency_target_us() == unconstrained
+        assert not CPU_LATENCY.held
+        assert unconstrained_within()
 
 
 def test_without_the_device_a_window_holds_nothing_and_says_why(tmp_path: os.PathLike[str]) -> None:
