@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers import CALL_FAILED
+
 KVM_DEVICE = "/dev/kvm"
 HAVE_KVM = os.path.exists(KVM_DEVICE)
 
@@ -31,6 +33,8 @@ _skipped_kvm_tests: list[str] = []
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
+    # Fixtures read this in their teardown to say more about a failed test (daemon logs).
+    item.stash[CALL_FAILED] = item.stash.get(CALL_FAILED, False) or (report.when == "call" and report.failed)
     if HAVE_KVM and report.skipped and "kvm" in item.keywords:
         _skipped_kvm_tests.append(item.nodeid)
 

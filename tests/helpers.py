@@ -11,7 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import pytest
+
 T = TypeVar("T")
+
+# Set on a test item whose test body failed (tests/conftest.py), so that a fixture's teardown can
+# print what helps to read the failure (the daemons' warnings) and stay quiet otherwise.
+CALL_FAILED = pytest.StashKey[bool]()
 
 
 def write_key(path: Path, data: bytes | None = None, mode: int = 0o600) -> Path:

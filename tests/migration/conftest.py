@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from daemons import DaemonProcess, MakeDaemon, write_config
-from helpers import write_key
+from helpers import CALL_FAILED, write_key
 
 
 @pytest.fixture
-def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
+def make_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MakeDaemon]:
     """make_daemon(name, key=..., config={...}, faults=..., netns=..., host=...) -> started daemon."""
     started: list[DaemonProcess] = []
     shared_key = write_key(tmp_path / "peer.key")
@@ -43,3 +43,8 @@ def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
     yield make
     for daemon in started:
         daemon.stop()
+    if request.node.stash.get(CALL_FAILED, False):
+        # CI keeps only pytest's output: the daemons' own account of a failure goes into it.
+        for daemon in started:
+            print(f"--- daemon {daemon.name}: its warnings and errors, then its last events ---")
+            print(daemon.log_digest())

@@ -90,6 +90,13 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_digest(self, last: int = 25, limit: int = 60) -> str:
+        """Its warning and error events (up to `limit`, the last ones), then its `last` events of
+        any level: enough to read a failure from CI's output, short enough to print."""
+        lines = self.log().splitlines()
+        loud = [line for line in lines if '"level": "warning"' in line or '"level": "error"' in line]
+        return "\n".join([*loud[-limit:], "...", *lines[-last:]])
+
     def events(self, name: str) -> list[dict[str, Any]]:
         """Every structured event called `name` in this daemon's log, oldest first."""
         found = []
