@@ -15,6 +15,7 @@ from ._harvest import bitmap_to_pages as bitmap_to_pages
 from ._harvest import harvest as harvest
 from ._shim import EXPECTED_ABI_VERSION as ABI_VERSION
 from ._shim import RingReaderError as RingReaderError
+from ._wait import RingWaiter as RingWaiter
 
 __all__ = [
     "ABI_VERSION",
@@ -26,6 +27,7 @@ __all__ = [
     "DirtyDedup",
     "RingBuffer",
     "RingReaderError",
+    "RingWaiter",
     "bitmap_to_pages",
     "harvest",
 ]

@@ -3,8 +3,11 @@
  *
  * Quotes are from Documentation/virt/kvm/api.rst, section "KVM_CAP_DIRTY_LOG_RING".
  */
+#define _POSIX_C_SOURCE 200809L /* clock_nanosleep under -std=c11 */
+
 #include <errno.h>
 #include <stddef.h>
+#include <time.h>
 
 #include "ringreader.h"
 
@@ -126,4 +129,62 @@ int64_t rr_bitmap_to_pages(const uint64_t *bitmap, uint64_t n_words, uint64_t *o
         }
     }
     return (int64_t)count;
+}
+
+/* Is the entry `ahead` places past ring i's fetch index DIRTY?  The acquire pairs with KVM's
+ * store-release of DIRTY, as in rr_harvest (only the flags are read here). */
+static int rr_dirty_at(struct rr_dirty_gfn *const *rings, const uint32_t *fetch_indices,
+                       uint32_t i, uint32_t mask, uint32_t ahead)
+{
+    const uint32_t fetch = __atomic_load_n(&fetch_indices[i], __ATOMIC_RELAXED);
+    const struct rr_dirty_gfn *gfn = &rings[i][(fetch + ahead) & mask];
+
+    return (__atomic_load_n(&gfn->flags, __ATOMIC_ACQUIRE) & RR_DIRTY_GFN_F_DIRTY) != 0;
+}
+
+/* The longest sleep between two looks at the stop flag (rr_wait_dirty). */
+#define RR_WAIT_SLICE_NS 10000000u
+
+int64_t rr_wait_dirty(struct rr_dirty_gfn *const *rings, const uint32_t *fetch_indices,
+                      uint32_t n_rings, uint32_t n_entries, uint32_t threshold,
+                      const int32_t *stop, uint64_t interval_ns, uint64_t max_checks,
+                      int32_t *due)
+{
+    if (n_entries == 0 || (n_entries & (n_entries - 1)) != 0 || threshold == 0 ||
+        threshold > n_entries || max_checks == 0)
+        return -EINVAL;
+
+    const uint32_t mask = n_entries - 1;
+    uint64_t checks = 0;
+
+    *due = 0;
+    while (checks < max_checks) {
+        /* Relative sleeps: a late wake-up (a busy host) delays the next check, never bunches
+         * checks up to catch up.  In slices, so that a stop is seen within one slice even when
+         * the interval is long. */
+        for (uint64_t left = interval_ns; left > 0;) {
+            const uint64_t slice = left < RR_WAIT_SLICE_NS ? left : RR_WAIT_SLICE_NS;
+            const struct timespec pause = {.tv_sec = 0, .tv_nsec = (long)slice};
+
+            while (clock_nanosleep(CLOCK_MONOTONIC, 0, &pause, NULL) == EINTR)
+                ;
+            if (__atomic_load_n(stop, __ATOMIC_ACQUIRE))
+                return (int64_t)checks;
+            left -= slice;
+        }
+        checks++;
+        for (uint32_t i = 0; i < n_rings; i++) {
+            if (rr_dirty_at(rings, fetch_indices, i, mask, threshold - 1)) {
+                *due = 1;
+                return (int64_t)checks;
+            }
+        }
+    }
+    for (uint32_t i = 0; i < n_rings; i++) {
+        if (rr_dirty_at(rings, fetch_indices, i, mask, 0)) {
+            *due = 1;
+            break;
+        }
+    }
+    return (int64_t)checks;
 }

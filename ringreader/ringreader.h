@@ -18,7 +18,7 @@
 /* cffi-cdef-begin */
 
 /* Bump whenever a signature or struct below changes; the wrapper refuses a mismatched build. */
-#define RR_ABI_VERSION 1
+#define RR_ABI_VERSION 2
 
 /* Mirror of KVM_DIRTY_GFN_F_DIRTY / KVM_DIRTY_GFN_F_RESET from <linux/kvm.h>. */
 #define RR_DIRTY_GFN_F_DIRTY 1
@@ -68,6 +68,23 @@ int64_t rr_bitmap_count(const uint64_t *bitmap, uint64_t n_words);
  */
 int64_t rr_bitmap_to_pages(const uint64_t *bitmap, uint64_t n_words, uint64_t *out_pages,
                            uint64_t capacity);
+
+/*
+ * The continuous harvester's wait, so that a check of the rings costs no Python and no GIL
+ * (a check every interval_ns, for every VM the daemon hosts).  rings[i] is a ring of n_entries
+ * entries and fetch_indices[i] its next entry to harvest (read afresh at every check: another
+ * thread may harvest meanwhile, and a stale index only delays or adds a harvest).
+ *
+ * Returns when a ring holds `threshold` or more entries waiting (its entry at fetch + threshold
+ * - 1 is DIRTY: KVM publishes entries in order), or, after max_checks checks, when any ring has
+ * an entry waiting, or when *stop is non-zero (looked at every 10 ms at most).  *due is set to 1
+ * in the first two cases, else 0.  Returns the number of checks made, or -EINVAL if n_entries
+ * is 0 or not a power of two, or threshold is 0 or above n_entries, or max_checks is 0.
+ */
+int64_t rr_wait_dirty(struct rr_dirty_gfn *const *rings, const uint32_t *fetch_indices,
+                      uint32_t n_rings, uint32_t n_entries, uint32_t threshold,
+                      const int32_t *stop, uint64_t interval_ns, uint64_t max_checks,
+                      int32_t *due);
 
 /* cffi-cdef-end */
 

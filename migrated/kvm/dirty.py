@@ -114,6 +114,10 @@ class RingTracker:
     # Consecutive ring-full exits of one vCPU with nothing in its ring before we call it a
     # livelock (HOST-NOTES.md: hundreds of thousands of such exits a second, no guest progress).
     LIVELOCK_EXITS = 1000
+    # The harvester's wait (`wait_for_harvest`): harvest once a ring holds 1/8 of its entries,
+    # or anything has waited this long.
+    HARVEST_FRACTION = 8
+    IDLE_HARVEST_S = 0.05
 
     def __init__(
         self,
@@ -130,6 +134,7 @@ class RingTracker:
         # vcpu -> (the mmapped ring as a writable buffer, [fetch index])
         self._rings: dict[int, tuple[ringreader.RingBuffer, list[int]]] = {}
         self._lock = threading.Lock()
+        self._waiter: ringreader.RingWaiter | None = None
         self._slot_ids = [r.slot for r in memory.regions]
         self._dedup = ringreader.DirtyDedup({r.slot: r.pages for r in memory.regions})
         self._out_slot = np.empty(ring_entries, np.uint32)
@@ -150,19 +155,55 @@ class RingTracker:
         )
 
     def add_ring(self, vcpu_index: int, ring: ringreader.RingBuffer) -> None:
-        """Register a vCPU's mmapped ring (a writable buffer of ring_entries * 16 bytes)."""
+        """Register a vCPU's mmapped ring (a writable buffer of ring_entries * 16 bytes), before
+        the harvester starts (`wait_for_harvest` waits on the rings known then)."""
         with self._lock:
             self._rings[vcpu_index] = (ring, [0])
+            if self._waiter is not None:
+                self._waiter.release()
+            self._waiter = ringreader.RingWaiter([r for r, _ in self._rings.values()], self._entries)
+            self._waiter.fetch_indices[: len(self._rings)] = [fetch[0] for _, fetch in self._rings.values()]
 
     def remove_rings(self) -> None:
+        """After the harvester has stopped (`stop_waiting`, then its thread joined)."""
         with self._lock:
             self._rings.clear()
+            if self._waiter is not None:
+                self._waiter.release()
+                self._waiter = None
+
+    def wait_for_harvest(self, interval_s: float) -> bool:
+        """The continuous harvester's wait (R4), in the shim and without the GIL: a check of the
+        rings every `interval_s`, until one holds HARVEST_FRACTION of its entries waiting, or
+        any entry has waited IDLE_HARVEST_S, or `stop_waiting`. True when a `poll` is due.
+
+        Why not a harvest at every check, as before: a harvest re-protects the pages it found,
+        and the guest's next write to each faults again (a page written all the time, a stack or
+        a counter, came back after every harvest), and each harvest took the GIL from the event
+        loop and the data plane. What bounds the wait is the ring: at most an eighth of it plus
+        one interval's writes (HOST-NOTES: ~600 k entries/s per vCPU under emulation, ~600 a
+        millisecond) wait, far below the soft limit (entries minus 64, minus 512 with PML).
+        Measured (bench/harvest_idle.py): see bench/RESULTS.md."""
+        waiter = self._waiter
+        if waiter is None or waiter.stopped:
+            return False
+        threshold = max(1, self._entries // self.HARVEST_FRACTION)
+        checks, due = waiter.wait(threshold, interval_s, max(1, round(self.IDLE_HARVEST_S / interval_s)))
+        self.stats.polls += checks
+        return due
+
+    def stop_waiting(self) -> None:
+        """Ends the harvester's wait within 10 ms, and every later one."""
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.stop()
 
     def _harvest_locked(self) -> dict[int, int]:
         """R3: harvest every ring in order from its fetch index, then KVM_RESET_DIRTY_RINGS."""
         counts: dict[int, int] = {}
         total = 0
-        for index, (ring, fetch) in self._rings.items():
+        waiter = self._waiter
+        for position, (index, (ring, fetch)) in enumerate(self._rings.items()):
             harvested = 0
             while True:
                 count, fetch[0] = ringreader.harvest(ring, self._entries, fetch[0], self._out_slot, self._out_offset)
@@ -173,6 +214,8 @@ class RingTracker:
                     harvested += count
                 if count < self._entries:
                     break
+            if waiter is not None:
+                waiter.fetch_indices[position] = fetch[0]
             counts[index] = harvested
             total += harvested
         self._pending_entries += total
@@ -216,9 +259,9 @@ class RingTracker:
         self._pending_entries = self._compacted_entries = int(slots.size)
 
     def poll(self) -> None:
+        """A harvest by the harvester (its checks are counted in `stats.polls` by the wait)."""
         with self._lock:
             self._harvest_locked()
-            self.stats.polls += 1
 
     def on_ring_full(self, vcpu_index: int) -> None:
         """A vCPU exited with KVM_EXIT_DIRTY_RING_FULL: harvest so it can re-enter (R4)."""

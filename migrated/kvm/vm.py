@@ -459,7 +459,7 @@ class Vm:
 
     def _harvest_loop(self) -> None:
         tracker = self.tracker
-        assert tracker is not None
+        assert isinstance(tracker, RingTracker)  # `start` runs this thread in ring mode only
         # HOST-NOTES: on PVM a ring that fills under emulated guest code livelocks the vCPU and
         # loses entries, and emulated stores push ~600 k entries/s per vCPU: a 65,536-entry ring
         # fills in ~110 ms. A normal thread on a busy 2-core host was kept off the CPU that long
@@ -470,8 +470,9 @@ class Vm:
         except OSError:  # EPERM without CAP_SYS_NICE / RLIMIT_RTPRIO: run as a normal thread
             self.harvester_realtime = False
         try:
-            while not self._harvest_stop.wait(self._harvest_interval_s):
-                tracker.poll()
+            while not self._harvest_stop.is_set():
+                if tracker.wait_for_harvest(self._harvest_interval_s):
+                    tracker.poll()
         except BaseException as err:
             self.harvester_error = err
             self.pause()
@@ -577,6 +578,8 @@ class Vm:
             self._throttle_thread = None
             self._throttle_shares = ()
         self._harvest_stop.set()
+        if isinstance(self.tracker, RingTracker):
+            self.tracker.stop_waiting()
         for vcpu in self.vcpus:
             vcpu.stop()
         if self._harvester is not None:

@@ -147,6 +147,26 @@ def test_small_ring_fills_and_loses_nothing() -> None:
         assert full_exits == exits > 0, (full_exits, exits)
 
 
+def test_the_harvester_checks_every_interval_and_harvests_a_small_working_set_rarely() -> None:
+    """A vCPU rewriting 1 MiB (256 pages) at full speed: between two harvests each page is
+    pushed once, so its 65,536-entry ring never holds the eighth that makes a harvest due at
+    once. The harvester then harvests only when entries have waited IDLE_HARVEST_S (every 50
+    checks of 1 ms), not at every check as it did: a harvest re-protects the pages, and each
+    rewrite faulted again. Counted, not timed: harvests (resets) against checks (polls)."""
+    with workload_vm(1, "ring", working_set=1 * MIB) as (vm, guest):
+        tracker = vm.tracker
+        assert isinstance(tracker, RingTracker)
+        vm.start()
+        wait_for(lambda: tracker.stats.polls > 500, what="500 checks by the harvester")
+        resets = tracker.stats.resets  # before the checks: a later read can only be larger
+        checks = tracker.stats.polls
+        per_harvest = round(RingTracker.IDLE_HARVEST_S / VmConfig.harvest_interval_s)
+        assert tracker.stats.entries_harvested > 0
+        assert 0 < resets <= checks // per_harvest, (resets, checks)
+        assert tracker.stats.ring_full_exits == 0
+        assert sum(status.pages_written for status in guest.status(vm.ram)) > 0
+
+
 def test_bitmap_loses_no_page_over_1000_harvests_at_full_speed() -> None:
     with workload_vm(2, "bitmap") as (vm, guest):
         assert _run_and_check(vm, guest, harvests=1000) > 10_000
