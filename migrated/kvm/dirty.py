@@ -115,9 +115,11 @@ class RingTracker:
     # livelock (HOST-NOTES.md: hundreds of thousands of such exits a second, no guest progress).
     LIVELOCK_EXITS = 1000
     # The harvester's wait (`wait_for_harvest`): harvest once a ring holds 1/8 of its entries,
-    # or anything has waited this long.
+    # or, this long after the last harvest, whatever waits. Nothing needs entries before a
+    # collection (a migration's first step drops them: `rearm`), and every harvest re-protects
+    # the pages: the slow harvest only keeps `vm show`'s counts moving.
     HARVEST_FRACTION = 8
-    IDLE_HARVEST_S = 0.05
+    IDLE_HARVEST_S = 1.0
 
     def __init__(
         self,
@@ -174,8 +176,9 @@ class RingTracker:
 
     def wait_for_harvest(self, interval_s: float) -> bool:
         """The continuous harvester's wait (R4), in the shim and without the GIL: a check of the
-        rings every `interval_s`, until one holds HARVEST_FRACTION of its entries waiting, or
-        any entry has waited IDLE_HARVEST_S, or `stop_waiting`. True when a `poll` is due.
+        rings every `interval_s`, until one holds 1/HARVEST_FRACTION of its entries waiting, or
+        IDLE_HARVEST_S has passed with any entry waiting, or `stop_waiting`. True when a `poll`
+        is due.
 
         Why not a harvest at every check, as before: a harvest re-protects the pages it found,
         and the guest's next write to each faults again (a page written all the time, a stack or
