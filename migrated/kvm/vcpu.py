@@ -27,6 +27,7 @@ from typing import Any
 from . import uapi
 from ._libc import ioctl
 from .errors import KvmError, KvmIoctlError, VcpuError
+from .threadnames import name_this_thread
 
 # A real-time signal nobody else in the daemon uses; its handler does nothing: its only purpose
 # is to make a KVM_RUN in progress return EINTR.
@@ -100,6 +101,8 @@ class Vcpu:
         # downtime. None: never set, or the last set failed (api.rst: the vCPU's CPUID is then
         # undefined).
         self.cpuid_set: bytes | None = None
+        # What `top -H` and /proc show for its thread (threadnames.py); the VM names it.
+        self.kernel_name = f"vcpu{index}"
 
     # ---- register access (only while the thread is parked or not started) ----------------
 
@@ -276,6 +279,7 @@ class Vcpu:
             self.run.immediate_exit = saved
 
     def _thread_main(self) -> None:
+        name_this_thread(self.kernel_name)
         try:
             self._loop()
         except BaseException as err:  # the thread must report every end, never die silently

@@ -32,6 +32,7 @@ from .errors import (
 )
 from .memory import PAGE_SIZE, GuestMemory
 from .system import HostCaps, Kvm
+from .threadnames import kernel_name, name_this_thread
 from .vcpu import Vcpu, VcpuRunState, ensure_kick_handler
 
 DirtyTrackingMode = Literal["auto", "ring", "bitmap"]
@@ -384,6 +385,7 @@ class Vm:
             os.close(fd)
             raise
         vcpu = Vcpu(index, fd, run_address, ring_address)
+        vcpu.kernel_name = kernel_name(self.name, f"vcpu{index}")
         self.vcpus.append(vcpu)
         self._vcpu_maps.extend(maps)
         self.arch.setup_vcpu(self, vcpu)
@@ -458,6 +460,7 @@ class Vm:
             vcpu.start(running=running)
 
     def _harvest_loop(self) -> None:
+        name_this_thread(kernel_name(self.name, "harvest"))
         tracker = self.tracker
         assert isinstance(tracker, RingTracker)  # `start` runs this thread in ring mode only
         # HOST-NOTES: on PVM a ring that fills under emulated guest code livelocks the vCPU and
@@ -528,6 +531,7 @@ class Vm:
         return self._throttle_shares
 
     def _throttle_loop(self) -> None:
+        name_this_thread(kernel_name(self.name, "throttle"))
         # Each period: hold every throttled vCPU, release each when its share has passed, then
         # let all run to the period's end.
         while not self._throttle_stop.is_set():

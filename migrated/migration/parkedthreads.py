@@ -20,6 +20,8 @@ import threading
 import traceback
 from collections.abc import Callable
 
+from ..kvm.threadnames import name_this_thread
+
 PARKED_NAME = "parked-stream-thread"
 
 
@@ -92,6 +94,7 @@ class ThreadPark:
         threading.Thread(target=self._loop, args=(worker,), name=PARKED_NAME, daemon=True).start()
 
     def _loop(self, worker: _Worker) -> None:
+        name_this_thread("page-stream")  # what every job here does (threadnames.py)
         me = threading.current_thread()
         while True:
             job, worker.job = worker.job, None

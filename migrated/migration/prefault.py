@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 
 from ..kvm.memory import populate_write
+from ..kvm.threadnames import name_this_thread
 
 LOOKAHEAD_BYTES = 128 << 20
 CHUNK_BYTES = 8 << 20
@@ -66,6 +67,7 @@ class Prefaulter:
         return min(self._size, self._received + lookahead)
 
     def _run(self) -> None:
+        name_this_thread("prefault")
         while True:
             with self._cond:
                 while not self._stopped and self._populated >= self._limit():
