@@ -156,6 +156,14 @@ class Vcpu:
             return self._state
 
     @property
+    def may_run(self) -> bool:
+        """In KVM_RUN, or started or resumed and on its way there (its thread not yet through the
+        lock), or held by a throttle that may release it: its registers may change under a
+        reader. False once `pause()` returned, and before the first `start()`."""
+        with self._cond:
+            return self._state is VcpuRunState.RUNNING or self._want is VcpuRunState.RUNNING
+
+    @property
     def thread_id(self) -> int | None:
         """The thread's kernel id (for its scheduling policy); None before it started."""
         thread = self._thread

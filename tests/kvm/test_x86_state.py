@@ -23,7 +23,7 @@ from migrated.kvm import uapi
 from migrated.kvm._libc import ioctl
 from migrated.kvm.memory import GuestMemory
 from migrated.kvm.system import Kvm
-from migrated.kvm.vcpu import ensure_kick_handler
+from migrated.kvm.vcpu import VcpuRunState, ensure_kick_handler
 from migrated.kvm.arch import create_empty, create_vm, host_arch
 from migrated.kvm.arch.x86_64.fixed import cpuid_is_set
 from migrated.kvm.vm import DEFAULT_RING_BYTES, Vm, VmConfig
@@ -264,6 +264,23 @@ def test_running_vcpus_are_refused(kvm: Kvm) -> None:
         try:
             with pytest.raises(StateError, match="vCPU 0 is running: pause the VM"):
                 save_vm_state(vm, irqchip=False, pit=False)
+        finally:
+            vm.pause()
+
+
+def test_a_vcpu_started_but_not_yet_in_kvm_run_is_refused(kvm: Kvm) -> None:
+    """The guard does not wait for the thread to say RUNNING: being started is enough. (Checking
+    the state alone lost that race under a CPU hog: the save ran before the thread got going.)
+    The vCPU's lock, held here (it is reentrant), keeps its thread from getting there."""
+    with build_vm(kvm, 1, devices=False) as vm:
+        load_workload(vm, WorkloadParams(vcpus=1, working_set_bytes=16 * MIB))
+        vcpu = vm.vcpus[0]
+        try:
+            with vcpu._cond:
+                vcpu.start()
+                assert vcpu.state is VcpuRunState.CREATED
+                with pytest.raises(StateError, match="vCPU 0 is running: pause the VM"):
+                    save_vm_state(vm, irqchip=False, pit=False)
         finally:
             vm.pause()
 

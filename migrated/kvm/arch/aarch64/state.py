@@ -40,7 +40,7 @@ from ...saved_state import (
     StepTimes,
     WireReader,
 )
-from ...vcpu import Vcpu, VcpuRunState
+from ...vcpu import Vcpu
 from ...vm import Vm
 from .devices import (
     GICD_BASE,
@@ -98,7 +98,7 @@ _bytes_value, _bytes, _list = _W.bytes_value, _W.bytes_field, _W.list_field
 # --------------------------------------------------------------------------------------------
 def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
     for vcpu in vcpus:
-        if vcpu.state is VcpuRunState.RUNNING:
+        if vcpu.may_run:  # not `state`: a vCPU just started has not yet said RUNNING
             raise StateError(f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state")
 
 

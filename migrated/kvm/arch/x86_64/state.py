@@ -55,7 +55,6 @@ from ...errors import KvmIoctlError
 from ...ioctlbatch import IoctlBatch
 from ...system import Kvm
 from ...vcpu import Vcpu
-from ...vcpu import VcpuRunState
 from ...vm import Vm
 from .cpu import (
     MAX_CPUID_ENTRIES,
@@ -400,7 +399,7 @@ def _buffer(data: bytes, size: int | None = None) -> ctypes.Array[ctypes.c_uint8
 
 def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
     for vcpu in vcpus:
-        if vcpu.state is VcpuRunState.RUNNING:
+        if vcpu.may_run:  # not `state`: a vCPU just started has not yet said RUNNING
             raise StateError(f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state")
 
 
