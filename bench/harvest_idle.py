@@ -56,10 +56,16 @@ def child(repo: str, vms: int, working_set_mib: int, rate_mib_s: float, seconds:
             machines.append((vm, guest))
         time.sleep(1.0)  # past the start-up: every guest writing, every harvester waiting
 
+        # Each VM's harvester thread and tracker, as they are while it runs (ring mode).
+        harvesters = [vm._harvester.native_id for vm, _ in machines if vm._harvester is not None]
+        trackers = [vm.tracker for vm, _ in machines if vm.tracker is not None]
+        if len(harvesters) != vms or len(trackers) != vms or None in harvesters:
+            raise RuntimeError("a VM runs without a harvester: this bench needs ring mode")
+
         def sample() -> tuple[float, int, int, float]:
-            cpu = sum(_task_cpu_s(vm._harvester.native_id) for vm, _ in machines)  # type: ignore[union-attr]
+            cpu = sum(_task_cpu_s(tid) for tid in harvesters if tid is not None)
             written = sum(s.pages_written for vm, guest in machines for s in guest.status(vm.ram))
-            resets = sum(vm.tracker.stats.resets for vm, _ in machines)  # type: ignore[union-attr]
+            resets = sum(tracker.stats.resets for tracker in trackers)
             return cpu, written, resets, time.monotonic()
 
         cpu0, written0, resets0, t0 = sample()

@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from . import _args
 from ._constants import DIRTY_GFN_SIZE
-from ._shim import RingReaderError, check, ffi, lib
+from ._shim import check, check_ring_aligned, ffi, lib
 
 DIRTY_GFN_DTYPE = np.dtype([("flags", np.uint32), ("slot", np.uint32), ("offset", np.uint64)])
 """numpy view of struct kvm_dirty_gfn, e.g. np.frombuffer(ring_mmap, DIRTY_GFN_DTYPE)."""
@@ -41,9 +41,7 @@ def harvest(
 
     c_index = ffi.new("uint32_t *", index)
     with ffi.from_buffer("struct rr_dirty_gfn[]", ring, require_writable=True) as c_ring:
-        # The flags accesses are atomics: misaligned ones are undefined behaviour.
-        if int(ffi.cast("uintptr_t", c_ring)) % 8:
-            raise RingReaderError("ring buffer must be 8-byte aligned")
+        check_ring_aligned(c_ring)
         rc = lib.rr_harvest(
             c_ring,
             n,

@@ -45,6 +45,13 @@ _MEANING = {
 }
 
 
+def check_ring_aligned(c_ring: object) -> None:
+    """A ring's entries must be 8-byte aligned: the C reads and writes their flags as atomics,
+    and a misaligned atomic is undefined behaviour."""
+    if int(ffi.cast("uintptr_t", c_ring)) % 8:
+        raise RingReaderError("ring buffer must be 8-byte aligned")
+
+
 def check(rc: int, op: str, detail: Callable[[], str] | None = None) -> int:
     """Return rc if it is a count; raise RingReaderError naming op if it is a negative errno.
 
@@ -58,4 +65,4 @@ def check(rc: int, op: str, detail: Callable[[], str] | None = None) -> int:
     raise RingReaderError(f"{op} failed with {errno.errorcode.get(code, code)}, {meaning}{extra}")
 
 
-__all__ = ["EXPECTED_ABI_VERSION", "RingReaderError", "check", "ffi", "lib"]
+__all__ = ["EXPECTED_ABI_VERSION", "RingReaderError", "check", "check_ring_aligned", "ffi", "lib"]

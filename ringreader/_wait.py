@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from . import _args
 from ._constants import DIRTY_GFN_SIZE
-from ._shim import RingReaderError, check, ffi, lib
+from ._shim import RingReaderError, check, check_ring_aligned, ffi, lib
 
 
 class RingWaiter:
@@ -31,8 +31,7 @@ class RingWaiter:
         for ring in rings:
             _args.ring_buffer(ring, self.n_entries, DIRTY_GFN_SIZE)
             c_ring = ffi.from_buffer("struct rr_dirty_gfn[]", ring, require_writable=True)
-            if int(ffi.cast("uintptr_t", c_ring)) % 8:
-                raise RingReaderError("ring buffer must be 8-byte aligned")
+            check_ring_aligned(c_ring)
             self._buffers.append(c_ring)
         self._rings = ffi.new("struct rr_dirty_gfn *[]", self._buffers or [ffi.NULL])
         self._n_rings = len(self._buffers)

@@ -92,17 +92,16 @@ def test_a_migration_that_drops_xsave_is_caught_by_the_guest(make_daemon: MakeDa
         found: dict[str, Any] = info["guest"]["smallos"]
         return found
 
+    def checked_on(daemon: DaemonProcess, checks: int) -> dict[str, Any]:
+        wait_for(lambda: smallos(daemon)["reg_checks"] >= checks, what=f"20 more register checks on {daemon.name}")
+        return smallos(daemon)
+
     seen = []
     for source, target in ((a, b), (b, a), (a, b)):
         source.call("migrate", name="os1", to=target.address)
         stats = wait_migration(source, "os1")
         assert stats["state"] == "completed", stats["error"]
-        checks = smallos(target)["reg_checks"]
-        wait_for(
-            lambda: smallos(target)["reg_checks"] > checks + 20,  # noqa: B023 (called in this pass)
-            what=f"20 more register checks on {target.name}",
-        )
-        after = smallos(target)
+        after = checked_on(target, smallos(target)["reg_checks"] + 20)
         if after["reg_mismatches"] > 0:
             return
         seen.append({"to": target.name, "reg_checks": after["reg_checks"], "errors": after["errors"]})

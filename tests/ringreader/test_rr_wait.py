@@ -113,3 +113,12 @@ def test_bad_arguments_are_named(
 def test_a_ring_of_another_size_is_refused(make_ring: MakeRing) -> None:
     with pytest.raises(RingReaderError, match="n_entries=64 needs exactly 1024"):
         RingWaiter([make_ring(32)], N)
+
+
+def test_a_misaligned_ring_is_refused() -> None:
+    backing = np.zeros(N * 16 + 8, np.uint8)
+    start = 4 if backing.ctypes.data % 8 != 4 else 2
+    ring = backing[start : start + N * 16]
+    assert ring.ctypes.data % 8
+    with pytest.raises(RingReaderError, match="aligned"):
+        RingWaiter([ring], N)
