@@ -136,9 +136,11 @@ class Sealer:
 class Opener:
     """The peer's records, in order: bytes in, one authenticated frame out per record.
 
-    `max_frame` bounds a record before any of it is buffered. With `reuse`, every frame is
-    decrypted in place, in the one buffer records are received into, so a frame is valid only
-    until the next call to `next_frame`."""
+    `max_frame` bounds a record before any of it is buffered. With `reuse`, records are received
+    into one buffer and every frame is decrypted into a second one, both kept (from `buffers`),
+    so a frame is valid only until the next call to `next_frame`. Never in place: cryptography
+    refuses overlapping input and output from version 51 (ValueError), and earlier versions
+    never promised it."""
 
     def __init__(self, key: bytes, max_frame: int, *, reuse: bool = False, buffers: Buffers = FRESH) -> None:
         self._aead = AESGCM(key)
@@ -150,7 +152,8 @@ class Opener:
         self._head = bytearray()  # received bytes not yet in a record: a length, later records
         self._prefix = b""
         self._record: bytearray | None = None  # ciphertext and tag of the record arriving
-        self._record_buffer: bytearray | None = None  # reused: decrypt_into consumes what it holds
+        self._record_buffer: bytearray | None = None  # reused: records are received into it
+        self._plain_buffer: bytearray | None = None  # reused: frames are decrypted into it
         self._filled = 0
 
     @property
@@ -203,11 +206,8 @@ class Opener:
             return None
         assert self._record is not None
         record = memoryview(self._record)[: self._length]
-        # Reused buffers: the frame is decrypted where its ciphertext lies (GCM allows in == out),
-        # so the bytes the caller writes on are the ones still in cache, and no second buffer
-        # of the largest frame is kept.
         size = self._length - TAG_BYTES
-        out = record[:size] if self._reuse else memoryview(bytearray(size))
+        out = memoryview(self._plain(size))[:size] if self._reuse else memoryview(bytearray(size))
         try:
             self._aead.decrypt_into(_nonce(self.sequence), record, self._prefix, out)
         except InvalidTag:
@@ -222,10 +222,19 @@ class Opener:
     def release(self) -> None:
         """Drop every buffer held (the stream is closed): a record half received is dropped too."""
         self._head = bytearray()
-        if self._record_buffer is not None:
-            self._buffers.give(self._record_buffer)
-        self._record = self._record_buffer = None
+        for buffer in (self._record_buffer, self._plain_buffer):
+            if buffer is not None:
+                self._buffers.give(buffer)
+        self._record = self._record_buffer = self._plain_buffer = None
         self._filled = 0
+
+    def _plain(self, size: int) -> bytearray:
+        """The kept buffer frames are decrypted into, at least `size` bytes."""
+        if self._plain_buffer is None or len(self._plain_buffer) < size:
+            if self._plain_buffer is not None:
+                self._buffers.give(self._plain_buffer)
+            self._plain_buffer = self._buffers.take(size)
+        return self._plain_buffer
 
     def _start_record(self) -> None:
         prefix = bytes(self._head[: LENGTH.size])

@@ -1,12 +1,13 @@
 """The data streams' record buffers, kept between streams and migrations (transport/seal.py).
 
-Each sealed data stream holds one buffer of its largest record on each side: the source seals
-into it, the target receives and opens in it. Fresh, such a buffer costs more than the AES-GCM
+Each sealed data stream holds buffers of its largest record: the source one, which it seals
+into; the target two, one it receives records into and one it opens them into (cryptography
+refuses to decrypt in place from version 51). Fresh, such a buffer costs more than the AES-GCM
 that fills it: its pages are faulted and zeroed on first touch (a 4 MiB buffer ~3 ms here,
 sealing it 0.5 ms), and a migration of a few MiB paid that on both sides, every time. Given back
 when a stream ends, a buffer serves the next stream of either direction, warm.
 
-What is kept is bounded (`MAX_KEPT`, `MAX_KEPT_BYTES`): the buffers of two migrations' default
+What is kept is bounded (`MAX_KEPT`, `MAX_KEPT_BYTES`): the buffers of a target's two default
 streams, whatever ran before; the largest are kept, as they serve any record.
 """
 
@@ -20,8 +21,8 @@ from transport import framing, limits, seal
 MIB = 1 << 20
 MAX_KEPT: Final = 4
 MAX_KEPT_BYTES: Final = 40 * MIB
-"""Four buffers of the default 8 MiB batch (and their framing): one migration's two streams on
-each side. A daemon idle after its first migration holds this much more than before it."""
+"""Four buffers of the default 8 MiB batch (and their framing): a target's two default streams
+(a source's need two). A daemon idle after its first migration holds this much more than before it."""
 
 
 def largest_record_bytes(max_batch_bytes: int) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +41,26 @@ def _fill(memory: GuestMemory, seed: int) -> None:
     memory.bytes[:] = rng.integers(1, 255, memory.size, dtype=np.uint8)
 
 
+@asynccontextmanager
 async def _plane(
-    src: GuestMemory, dst: GuestMemory, count: int, sealed: bool, nursery: trio.Nursery, batch_pages: int = 200
+    src: GuestMemory, dst: GuestMemory, count: int, sealed: bool, batch_pages: int = 200
+) -> AsyncIterator[tuple[SendStreams, ReceiveStreams, list[str]]]:
+    """Both planes, connected; on leaving, pass or fail, every stream thread is joined. The
+    caller unmaps the RAM they read and write right after: a thread left sealing from
+    unmapped RAM crashed the whole test run once (a test had failed before its own aclose)."""
+    async with trio.open_nursery() as nursery:
+        send, receive, failures = await _connect(src, dst, count, sealed, nursery, batch_pages)
+        try:
+            yield send, receive, failures
+        finally:
+            with trio.CancelScope(shield=True):
+                await send.aclose()
+                await receive.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _connect(
+    src: GuestMemory, dst: GuestMemory, count: int, sealed: bool, nursery: trio.Nursery, batch_pages: int
 ) -> tuple[SendStreams, ReceiveStreams, list[str]]:
     secret = stream_secret(os.urandom(32) if sealed else None, os.urandom(32), os.urandom(32))
     layout = Layout({0: src.size // PAGE}, PAGE, 1 * MIB)
@@ -109,8 +129,7 @@ def test_a_bulk_copy_of_scattered_extents_sends_several_runs_per_batch(sealed: b
         runs = sum(len(chunk_runs(extents, index, 3, 240)) for index in range(3))
 
         async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                send, receive, failures = await _plane(src, dst, 3, sealed, nursery, batch_pages=240)
+            async with _plane(src, dst, 3, sealed, batch_pages=240) as (send, receive, failures):
                 await send.send_extents({0: extents}, 0)
                 await send.end()
                 with trio.fail_after(60):
@@ -119,9 +138,6 @@ def test_a_bulk_copy_of_scattered_extents_sends_several_runs_per_batch(sealed: b
                 total = send.totals()
                 assert total.batches < runs / 2, (total.batches, runs)  # grouped, not one per run
                 assert total.zero_pages == len(extents[::3]) + 50  # extents[1] is not among extents[::3]
-                await send.aclose()
-                await receive.aclose()
-                nursery.cancel_scope.cancel()
 
         trio.run(main)
         sent = np.zeros(ram.shape[0], bool)
@@ -145,8 +161,7 @@ def test_pages_sent_in_several_rounds_end_with_their_newest_content(sealed: bool
         rng = np.random.default_rng(2)
 
         async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                send, receive, failures = await _plane(src, dst, 4, sealed, nursery)
+            async with _plane(src, dst, 4, sealed) as (send, receive, failures):
                 await send.send_extents({0: [(0, pages)]}, 0)
                 runs = np.concatenate((np.arange(100, 2000), np.arange(5000, 5600), [7000])).astype(np.uint64)
                 for round_ in (1, 2, 3, 4):
@@ -162,9 +177,6 @@ def test_pages_sent_in_several_rounds_end_with_their_newest_content(sealed: bool
                 assert failures == []
                 total = send.totals()
                 assert total.batches > 4 and total.zero_pages > 0
-                await send.aclose()
-                await receive.aclose()
-                nursery.cancel_scope.cancel()
 
         trio.run(main)
         differ = np.flatnonzero((src.bytes.reshape(-1, PAGE) != dst.bytes.reshape(-1, PAGE)).any(axis=1))
@@ -183,8 +195,7 @@ def test_a_broken_stream_is_reported_and_closing_stops_every_thread() -> None:
         _fill(src, 3)
 
         async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                send, receive, failures = await _plane(src, dst, 2, True, nursery)
+            async with _plane(src, dst, 2, True) as (send, receive, failures):
                 send.limiter.set_rate(4 * MIB)  # the pass takes seconds: time to cut it
                 async with trio.open_nursery() as inner:
                     outcome: list[BaseException] = []
@@ -206,8 +217,6 @@ def test_a_broken_stream_is_reported_and_closing_stops_every_thread() -> None:
                             await trio.sleep(0.01)
                     await send.aclose()
                 assert outcome, "the pass ended without an error although a stream was cut"
-                await receive.aclose()
-                nursery.cancel_scope.cancel()
 
         trio.run(main)
         assert threading.active_count() <= threads_before, "a data stream thread outlived its plane"
@@ -225,8 +234,7 @@ def test_two_waiters_of_the_streams_end_are_both_woken() -> None:
         woken: list[str] = []
 
         async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                send, receive, failures = await _plane(src, dst, 3, True, nursery)
+            async with _plane(src, dst, 3, True) as (send, receive, failures):
 
                 async def wait(name: str) -> None:
                     await receive.wait_ended()
@@ -241,9 +249,6 @@ def test_two_waiters_of_the_streams_end_are_both_woken() -> None:
                         await send.send_extents({0: [(0, src.size // PAGE)]}, 0)
                         await send.end()
                 assert sorted(woken) == ["first", "second"] and failures == []
-                await send.aclose()
-                await receive.aclose()
-                nursery.cancel_scope.cancel()
 
         trio.run(main)
         np.testing.assert_array_equal(dst.bytes, src.bytes)

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 
+import numpy as np
 import pytest
 
 from migrated.kvm.memory import GuestMemory
@@ -90,7 +91,7 @@ def test_a_reused_buffer_seals_and_opens_the_next_streams_frames_exactly() -> No
     sealer.release()
     opener.release()
     made = pool.allocated
-    assert made == 2 and pool.kept_bytes >= 2 * 3 * MIB
+    assert made == 3 and pool.kept_bytes >= 3 * 3 * MIB  # the sealer's, the opener's record and frame
 
     sealer, opener = seal.Sealer(key2, pool), seal.Opener(key2, 4 * MIB, reuse=True, buffers=pool)
     frames = [os.urandom(100), os.urandom(MIB), b"\x00" * (2 * MIB), os.urandom(17)]
@@ -103,6 +104,34 @@ def test_a_reused_buffer_seals_and_opens_the_next_streams_frames_exactly() -> No
     tampered[100] ^= 1
     with pytest.raises(Exception, match="failed authentication"):
         _open_all(opener, bytes(tampered))
+
+
+def test_a_reusing_opener_opens_each_record_into_a_buffer_of_its_own() -> None:
+    """Never in place: cryptography 51 refuses overlapping input and output (ValueError: data and
+    buf must not overlap), which broke every sealed stream; earlier versions never promised it.
+    The frame lies outside the buffer records are received into, and stays intact while the
+    next record arrives there."""
+    key = os.urandom(32)
+    sealer, opener = seal.Sealer(key), seal.Opener(key, MIB, reuse=True, buffers=RecordBuffers())
+    first, second = os.urandom(MIB), os.urandom(MIB)
+    wire = memoryview(_records(sealer, first) + _records(sealer, second))
+    record_bytes = len(wire) // 2
+    opener.feed(wire[: seal.LENGTH.size])
+    assert opener.next_frame() is None  # the length is in: the record starts
+    received = opener.receive_buffer()
+    received[:] = wire[seal.LENGTH.size : record_bytes]
+    opener.received(received.nbytes)
+    frame = opener.next_frame()
+    assert frame is not None and bytes(frame) == first
+    opener.feed(wire[record_bytes : record_bytes + seal.LENGTH.size])
+    assert opener.next_frame() is None
+    arriving = opener.receive_buffer()
+    assert not np.shares_memory(np.frombuffer(frame, np.uint8), np.frombuffer(arriving, np.uint8))
+    arriving[:] = wire[record_bytes + seal.LENGTH.size :]
+    assert bytes(frame) == first, "the next record overwrote the frame before it was done with"
+    opener.received(arriving.nbytes)
+    frame = opener.next_frame()
+    assert frame is not None and bytes(frame) == second
 
 
 def test_a_blocking_stream_socket_takes_a_whole_record_in_one_receive() -> None:
