@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ._constants import DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET, DIRTY_GFN_SIZE
 
-EXPECTED_ABI_VERSION = 2
+EXPECTED_ABI_VERSION = 3
 """Must equal RR_ABI_VERSION in ringreader.h; bump both together."""
 
 

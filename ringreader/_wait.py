@@ -36,25 +36,38 @@ class RingWaiter:
         self._rings = ffi.new("struct rr_dirty_gfn *[]", self._buffers or [ffi.NULL])
         self._n_rings = len(self._buffers)
         self._c_fetch = ffi.from_buffer("uint32_t[]", self.fetch_indices)
+        # rr_wait_dirty's scratch: how far each ring was seen filled, and by how much at the last check.
+        self._c_marks = ffi.new("uint32_t[]", len(self.fetch_indices))
+        self._c_passed = ffi.new("uint32_t[]", len(self.fetch_indices))
         self._c_stop = ffi.from_buffer("int32_t[]", self._stop)
 
-    def wait(self, threshold: int, interval_s: float, max_checks: int) -> tuple[int, bool]:
-        """Check every `interval_s` until a ring holds `threshold` entries waiting, or, after
-        `max_checks` checks, until any ring holds one, or until `stop()`. Returns (checks made,
-        whether a harvest is due)."""
+    def wait(self, threshold: int, interval_s: float, max_interval_s: float, idle_s: float) -> tuple[int, bool]:
+        """Check the rings until one holds `threshold` entries waiting, or, once the intervals
+        slept add up to `idle_s`, until any ring holds one, or until `stop()`. Returns (checks
+        made, whether a harvest is due).
+
+        The checks come every `interval_s` while a ring fills fast enough to reach the threshold
+        soon, and up to `max_interval_s` apart while the rings fill slowly or not at all
+        (rr_wait_dirty): a quiet VM's harvester wakes up that much less often."""
         threshold = _args.as_int("threshold", threshold, 1, self.n_entries)
-        max_checks = _args.as_int("max_checks", max_checks, 1, 1 << 32)
         if not 1e-6 <= interval_s <= 86400:
             raise RingReaderError(f"interval_s must be from 1 us to a day, got {interval_s} s")
+        if not interval_s <= max_interval_s <= 86400:
+            raise RingReaderError(f"max_interval_s must be from interval_s to a day, got {max_interval_s} s")
+        if not 1e-6 <= idle_s <= 86400:
+            raise RingReaderError(f"idle_s must be from 1 us to a day, got {idle_s} s")
         checks = lib.rr_wait_dirty(
             self._rings,
             self._c_fetch,
+            self._c_marks,
+            self._c_passed,
             self._n_rings,
             self.n_entries,
             threshold,
             self._c_stop,
             round(interval_s * 1e9),
-            max_checks,
+            round(max_interval_s * 1e9),
+            round(idle_s * 1e9),
             self._due,
         )
         return check(checks, "rr_wait_dirty"), bool(self._due[0])

@@ -131,38 +131,74 @@ int64_t rr_bitmap_to_pages(const uint64_t *bitmap, uint64_t n_words, uint64_t *o
     return (int64_t)count;
 }
 
-/* Is the entry `ahead` places past ring i's fetch index DIRTY?  The acquire pairs with KVM's
- * store-release of DIRTY, as in rr_harvest (only the flags are read here). */
-static int rr_dirty_at(struct rr_dirty_gfn *const *rings, const uint32_t *fetch_indices,
-                       uint32_t i, uint32_t mask, uint32_t ahead)
-{
-    const uint32_t fetch = __atomic_load_n(&fetch_indices[i], __ATOMIC_RELAXED);
-    const struct rr_dirty_gfn *gfn = &rings[i][(fetch + ahead) & mask];
-
-    return (__atomic_load_n(&gfn->flags, __ATOMIC_ACQUIRE) & RR_DIRTY_GFN_F_DIRTY) != 0;
-}
-
 /* The longest sleep between two looks at the stop flag (rr_wait_dirty). */
 #define RR_WAIT_SLICE_NS 10000000u
 
+/* Advances marks[i] over the entries KVM has published since the last look, up to `threshold`
+ * past the fetch index, and returns how many it passed.  Entries before the mark were seen
+ * DIRTY: KVM publishes in order and only a harvest (which moves the fetch index past them)
+ * takes them back.  The acquire pairs with KVM's store-release of DIRTY, as in rr_harvest. */
+static uint32_t rr_advance_mark(struct rr_dirty_gfn *const *rings, const uint32_t *fetch_indices,
+                                uint32_t *marks, uint32_t i, uint32_t mask, uint32_t threshold)
+{
+    const uint32_t fetch = __atomic_load_n(&fetch_indices[i], __ATOMIC_RELAXED);
+    uint32_t mark = marks[i];
+    uint32_t passed = 0;
+
+    if ((int32_t)(mark - fetch) < 0)
+        mark = fetch; /* harvested past it meanwhile */
+    while (mark - fetch < threshold &&
+           (__atomic_load_n(&rings[i][mark & mask].flags, __ATOMIC_ACQUIRE) & RR_DIRTY_GFN_F_DIRTY)) {
+        mark++;
+        passed++;
+    }
+    marks[i] = mark;
+    return passed;
+}
+
+/* Entries of ring i seen waiting: from its fetch index to its mark (0 if a harvest by another
+ * thread has just passed the mark). */
+static uint32_t rr_fill(const uint32_t *fetch_indices, const uint32_t *marks, uint32_t i)
+{
+    const int32_t fill = (int32_t)(marks[i] - __atomic_load_n(&fetch_indices[i], __ATOMIC_RELAXED));
+
+    return fill > 0 ? (uint32_t)fill : 0;
+}
+
+uint64_t rr_check_gap_ns(uint32_t fill, uint32_t passed, uint32_t threshold, uint64_t slept_ns,
+                         uint64_t interval_ns, uint64_t max_interval_ns)
+{
+    if (passed == 0)
+        return max_interval_ns;
+    const uint64_t left = fill < threshold ? threshold - fill : 0;
+    /* 128 bits: left < 2^32 times a gap of up to a day (< 2^47 ns) would not fit 64. */
+    const uint64_t eta = (uint64_t)((unsigned __int128)left * slept_ns / passed / 2);
+
+    return eta < interval_ns ? interval_ns : eta > max_interval_ns ? max_interval_ns : eta;
+}
+
 int64_t rr_wait_dirty(struct rr_dirty_gfn *const *rings, const uint32_t *fetch_indices,
-                      uint32_t n_rings, uint32_t n_entries, uint32_t threshold,
-                      const int32_t *stop, uint64_t interval_ns, uint64_t max_checks,
-                      int32_t *due)
+                      uint32_t *marks, uint32_t *passed, uint32_t n_rings, uint32_t n_entries,
+                      uint32_t threshold, const int32_t *stop, uint64_t interval_ns,
+                      uint64_t max_interval_ns, uint64_t idle_ns, int32_t *due)
 {
     if (n_entries == 0 || (n_entries & (n_entries - 1)) != 0 || threshold == 0 ||
-        threshold > n_entries || max_checks == 0)
+        threshold > n_entries || interval_ns == 0 || max_interval_ns < interval_ns || idle_ns == 0)
         return -EINVAL;
 
     const uint32_t mask = n_entries - 1;
-    uint64_t checks = 0;
+    uint64_t checks = 0, slept = 0, next = interval_ns;
 
     *due = 0;
-    while (checks < max_checks) {
+    for (uint32_t i = 0; i < n_rings; i++) {
+        marks[i] = __atomic_load_n(&fetch_indices[i], __ATOMIC_RELAXED);
+        rr_advance_mark(rings, fetch_indices, marks, i, mask, threshold);
+    }
+    while (slept < idle_ns) {
         /* Relative sleeps: a late wake-up (a busy host) delays the next check, never bunches
          * checks up to catch up.  In slices, so that a stop is seen within one slice even when
          * the interval is long. */
-        for (uint64_t left = interval_ns; left > 0;) {
+        for (uint64_t left = next; left > 0;) {
             const uint64_t slice = left < RR_WAIT_SLICE_NS ? left : RR_WAIT_SLICE_NS;
             const struct timespec pause = {.tv_sec = 0, .tv_nsec = (long)slice};
 
@@ -172,16 +208,27 @@ int64_t rr_wait_dirty(struct rr_dirty_gfn *const *rings, const uint32_t *fetch_i
                 return (int64_t)checks;
             left -= slice;
         }
+        slept += next;
         checks++;
         for (uint32_t i = 0; i < n_rings; i++) {
-            if (rr_dirty_at(rings, fetch_indices, i, mask, threshold - 1)) {
+            passed[i] = rr_advance_mark(rings, fetch_indices, marks, i, mask, threshold);
+            if (rr_fill(fetch_indices, marks, i) >= threshold) {
                 *due = 1;
                 return (int64_t)checks;
             }
         }
+        const uint64_t slept_now = next;
+
+        next = max_interval_ns;
+        for (uint32_t i = 0; i < n_rings; i++) {
+            const uint64_t gap = rr_check_gap_ns(rr_fill(fetch_indices, marks, i), passed[i],
+                                                 threshold, slept_now, interval_ns, max_interval_ns);
+            if (gap < next)
+                next = gap;
+        }
     }
     for (uint32_t i = 0; i < n_rings; i++) {
-        if (rr_dirty_at(rings, fetch_indices, i, mask, 0)) {
+        if (rr_fill(fetch_indices, marks, i) > 0) {
             *due = 1;
             break;
         }

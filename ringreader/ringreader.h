@@ -18,7 +18,7 @@
 /* cffi-cdef-begin */
 
 /* Bump whenever a signature or struct below changes; the wrapper refuses a mismatched build. */
-#define RR_ABI_VERSION 2
+#define RR_ABI_VERSION 3
 
 /* Mirror of KVM_DIRTY_GFN_F_DIRTY / KVM_DIRTY_GFN_F_RESET from <linux/kvm.h>. */
 #define RR_DIRTY_GFN_F_DIRTY 1
@@ -70,21 +70,37 @@ int64_t rr_bitmap_to_pages(const uint64_t *bitmap, uint64_t n_words, uint64_t *o
                            uint64_t capacity);
 
 /*
+ * The gap before the next check of a ring that holds `fill` entries waiting, `passed` of them
+ * published during the last `slept_ns`: half the time it needs to reach `threshold` at that
+ * pace, within [interval_ns, max_interval_ns]; max_interval_ns if nothing was published.
+ * (rr_wait_dirty takes the smallest over its rings.)
+ */
+uint64_t rr_check_gap_ns(uint32_t fill, uint32_t passed, uint32_t threshold, uint64_t slept_ns,
+                         uint64_t interval_ns, uint64_t max_interval_ns);
+
+/*
  * The continuous harvester's wait, so that a check of the rings costs no Python and no GIL
- * (a check every interval_ns, for every VM the daemon hosts).  rings[i] is a ring of n_entries
- * entries and fetch_indices[i] its next entry to harvest (read afresh at every check: another
- * thread may harvest meanwhile, and a stale index only delays or adds a harvest).
+ * (for every VM the daemon hosts).  rings[i] is a ring of n_entries entries and fetch_indices[i]
+ * its next entry to harvest (read afresh at every check: another thread may harvest meanwhile,
+ * and a stale index only delays or adds a harvest).  marks and passed are the caller's scratch,
+ * n_rings entries each (no state is kept between calls).
  *
- * Returns when a ring holds `threshold` or more entries waiting (its entry at fetch + threshold
- * - 1 is DIRTY: KVM publishes entries in order), or, after max_checks checks, when any ring has
- * an entry waiting, or when *stop is non-zero (looked at every 10 ms at most).  *due is set to 1
- * in the first two cases, else 0.  Returns the number of checks made, or -EINVAL if n_entries
- * is 0 or not a power of two, or threshold is 0 or above n_entries, or max_checks is 0.
+ * A check finds how many entries each ring holds waiting (KVM publishes them in order, so it
+ * reads only the entries published since the last check, and at most `threshold`).  The next
+ * check comes after half the time the fastest-filling ring needs to reach `threshold` at the
+ * pace of the last interval, but no sooner than interval_ns and no later than max_interval_ns:
+ * a quiet ring is looked at every max_interval_ns, a filling one more often as it fills.
+ *
+ * Returns when a ring holds `threshold` or more entries waiting, or once the intervals slept
+ * add up to idle_ns (then *due says whether any ring holds an entry), or when *stop is non-zero
+ * (looked at every 10 ms at most).  *due is set to 1 in the first case, 0 in the last.  Returns
+ * the number of checks made, or -EINVAL if n_entries is 0 or not a power of two, threshold is 0
+ * or above n_entries, interval_ns or idle_ns is 0, or max_interval_ns is below interval_ns.
  */
 int64_t rr_wait_dirty(struct rr_dirty_gfn *const *rings, const uint32_t *fetch_indices,
-                      uint32_t n_rings, uint32_t n_entries, uint32_t threshold,
-                      const int32_t *stop, uint64_t interval_ns, uint64_t max_checks,
-                      int32_t *due);
+                      uint32_t *marks, uint32_t *passed, uint32_t n_rings, uint32_t n_entries,
+                      uint32_t threshold, const int32_t *stop, uint64_t interval_ns,
+                      uint64_t max_interval_ns, uint64_t idle_ns, int32_t *due);
 
 /* cffi-cdef-end */
 

@@ -98,6 +98,16 @@ def _bitmap_words(region: MemoryRegion) -> int:
     return (region.pages + 63) // 64
 
 
+def max_check_interval_s(ring_entries: int, interval_s: float) -> float:
+    """The longest gap between two checks of rings of `ring_entries` (never below `interval_s`):
+    RingTracker.MAX_CHECK_INTERVAL_S, or less where the room between the harvest threshold and
+    the soft limit would not hold twice that gap's writes at RingTracker.PEAK_ENTRIES_PER_S."""
+    threshold = max(1, ring_entries // RingTracker.HARVEST_FRACTION)
+    room = ring_entries - 64 - 512 - threshold
+    bound = room / RingTracker.PEAK_ENTRIES_PER_S / 2
+    return max(interval_s, min(RingTracker.MAX_CHECK_INTERVAL_S, bound))
+
+
 class RingTracker:
     """Harvests the per-vCPU dirty rings (R3) and resets them before anyone reads the pages.
 
@@ -120,6 +130,14 @@ class RingTracker:
     # the pages: the slow harvest only keeps `vm show`'s counts moving.
     HARVEST_FRACTION = 8
     IDLE_HARVEST_S = 1.0
+    # A ring that fills slowly or not at all is looked at less often than `interval_s`, up to
+    # this far apart (rr_wait_dirty paces the checks by how fast the rings fill): each check
+    # wakes the harvester thread, ~1.5% of a core per VM at 1 kHz on this nested host.
+    MAX_CHECK_INTERVAL_S = 0.008
+    # What bounds that gap: a ring's room above the threshold and below its soft limit (entries
+    # minus 64, minus 512 with PML: api.rst) must hold the longest gap's writes at the fastest
+    # pace measured here (HOST-NOTES: ~600 k entries/s per vCPU under PVM's emulator), twice.
+    PEAK_ENTRIES_PER_S = 600_000
 
     def __init__(
         self,
@@ -175,25 +193,33 @@ class RingTracker:
                 self._waiter = None
 
     def wait_for_harvest(self, interval_s: float) -> bool:
-        """The continuous harvester's wait (R4), in the shim and without the GIL: a check of the
-        rings every `interval_s`, until one holds 1/HARVEST_FRACTION of its entries waiting, or
-        IDLE_HARVEST_S has passed with any entry waiting, or `stop_waiting`. True when a `poll`
-        is due.
+        """The continuous harvester's wait (R4), in the shim and without the GIL: checks of the
+        rings, until one holds 1/HARVEST_FRACTION of its entries waiting, or IDLE_HARVEST_S has
+        passed with any entry waiting, or `stop_waiting`. True when a `poll` is due. The checks
+        come every `interval_s` while a ring fills fast, and up to `max_check_interval_s` apart
+        while they fill slowly (rr_wait_dirty).
 
         Why not a harvest at every check, as before: a harvest re-protects the pages it found,
         and the guest's next write to each faults again (a page written all the time, a stack or
         a counter, came back after every harvest), and each harvest took the GIL from the event
         loop and the data plane. What bounds the wait is the ring: at most an eighth of it plus
-        one interval's writes (HOST-NOTES: ~600 k entries/s per vCPU under emulation, ~600 a
-        millisecond) wait, far below the soft limit (entries minus 64, minus 512 with PML).
+        the longest gap's writes (HOST-NOTES: ~600 k entries/s per vCPU under emulation, 4,800 in
+        8 ms) wait, far below the soft limit (entries minus 64, minus 512 with PML).
         Measured (bench/harvest_idle.py): see bench/RESULTS.md."""
         waiter = self._waiter
         if waiter is None or waiter.stopped:
             return False
-        threshold = max(1, self._entries // self.HARVEST_FRACTION)
-        checks, due = waiter.wait(threshold, interval_s, max(1, round(self.IDLE_HARVEST_S / interval_s)))
+        threshold = self.harvest_threshold
+        checks, due = waiter.wait(threshold, interval_s, self.max_check_interval_s(interval_s), self.IDLE_HARVEST_S)
         self.stats.polls += checks
         return due
+
+    @property
+    def harvest_threshold(self) -> int:
+        return max(1, self._entries // self.HARVEST_FRACTION)
+
+    def max_check_interval_s(self, interval_s: float) -> float:
+        return max_check_interval_s(self._entries, interval_s)
 
     def stop_waiting(self) -> None:
         """Ends the harvester's wait within 10 ms, and every later one."""

@@ -9,6 +9,7 @@ once the VM is paused and collected a last time, the mirror must equal guest RAM
 
 from __future__ import annotations
 
+import math
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import pytest
 from helpers import wait_for
 from migrated.guests.x86_64.boot import load_workload
 from migrated.guests.workload import WorkloadGuest, WorkloadParams
-from migrated.kvm.dirty import RingTracker
+from migrated.kvm.dirty import RingTracker, max_check_interval_s
 from migrated.kvm.errors import DirtyRingLivelockError
 from migrated.kvm.memory import PAGE_SIZE
 from migrated.kvm.system import Kvm
@@ -150,9 +151,11 @@ def test_small_ring_fills_and_loses_nothing() -> None:
 def test_the_harvester_checks_every_interval_and_harvests_a_small_working_set_rarely() -> None:
     """A vCPU rewriting 1 MiB (256 pages) at full speed: between two harvests each page is
     pushed once, so its 65,536-entry ring never holds the eighth that makes a harvest due at
-    once. The harvester then harvests only IDLE_HARVEST_S after the last (every 1,000 checks of
-    1 ms), not at every check as it did: a harvest re-protects the pages, and each rewrite
-    faulted again. Counted, not timed: harvests (resets) against checks (polls)."""
+    once. The harvester then harvests only IDLE_HARVEST_S after the last, not at every check as
+    it did: a harvest re-protects the pages, and each rewrite faulted again. And once the ring
+    stops filling, its checks come max_check_interval_s apart, not every 1 ms interval. Counted,
+    not timed: harvests (resets) against checks (polls): a wait makes at least IDLE_HARVEST_S /
+    max_check_interval_s checks and, at the 1 ms pace, would make 1,000."""
     with workload_vm(1, "ring", working_set=1 * MIB) as (vm, guest):
         tracker = vm.tracker
         assert isinstance(tracker, RingTracker)
@@ -160,11 +163,27 @@ def test_the_harvester_checks_every_interval_and_harvests_a_small_working_set_ra
         wait_for(lambda: tracker.stats.resets >= 2, what="two harvests by the harvester")
         resets = tracker.stats.resets
         checks = tracker.stats.polls  # read after the resets: a later read can only be larger
-        per_harvest = round(RingTracker.IDLE_HARVEST_S / VmConfig.harvest_interval_s)
-        assert checks >= per_harvest * (resets - 1), (resets, checks)
+        interval_s = VmConfig.harvest_interval_s
+        least = math.ceil(RingTracker.IDLE_HARVEST_S / tracker.max_check_interval_s(interval_s))
+        at_every_interval = round(RingTracker.IDLE_HARVEST_S / interval_s)
+        assert least * (resets - 1) <= checks < at_every_interval * (resets + 1) // 2, (resets, checks)
         assert tracker.stats.entries_harvested > 0
         assert tracker.stats.ring_full_exits == 0
         assert sum(status.pages_written for status in guest.status(vm.ram)) > 0
+
+
+@pytest.mark.parametrize(
+    ("ring_entries", "gap_ms"),
+    [(65536, 8.0), (16384, 8.0), (8192, 5.49), (4096, 2.51), (1024, 1.0), (256, 1.0)],
+)
+def test_the_longest_gap_between_checks_leaves_room_in_the_ring(ring_entries: int, gap_ms: float) -> None:
+    """8 ms at most; less where twice the gap's writes at the fastest pace measured here would
+    not fit between the harvest threshold and the soft limit; never below the interval."""
+    gap_s = max_check_interval_s(ring_entries, 0.001)
+    assert gap_s == pytest.approx(gap_ms / 1000, abs=1e-5)
+    room = ring_entries - 64 - 512 - ring_entries // RingTracker.HARVEST_FRACTION
+    assert gap_s == 0.001 or 2 * gap_s * RingTracker.PEAK_ENTRIES_PER_S <= room
+    assert max_check_interval_s(ring_entries, 0.05) == 0.05
 
 
 def test_bitmap_loses_no_page_over_1000_harvests_at_full_speed() -> None:
