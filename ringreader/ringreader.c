@@ -200,9 +200,11 @@ int64_t rr_wait_dirty(struct rr_dirty_gfn *const *rings, const uint32_t *fetch_i
          * the interval is long. */
         for (uint64_t left = next; left > 0;) {
             const uint64_t slice = left < RR_WAIT_SLICE_NS ? left : RR_WAIT_SLICE_NS;
-            const struct timespec pause = {.tv_sec = 0, .tv_nsec = (long)slice};
+            struct timespec pause = {.tv_sec = 0, .tv_nsec = (long)slice};
 
-            while (clock_nanosleep(CLOCK_MONOTONIC, 0, &pause, NULL) == EINTR)
+            /* A signal (a process-directed one may land on this thread) resumes the sleep with
+             * what was left of it, not the whole slice again. */
+            while (clock_nanosleep(CLOCK_MONOTONIC, 0, &pause, &pause) == EINTR)
                 ;
             if (__atomic_load_n(stop, __ATOMIC_ACQUIRE))
                 return (int64_t)checks;
