@@ -199,10 +199,11 @@ def test_a_target_that_takes_nothing_ends_the_send_with_the_deadline_named() -> 
     returns at its deadline and the stream's job fails, naming the stream and the deadline."""
     client, server = _pair()
     src = GuestMemory.flat(64 * MIB, "src")
+    stop = threading.Event()
+    thread: _StreamThread | None = None
     try:
         src.bytes[:] = 0x5A
         block_with_deadline(client, 0.3)
-        stop = threading.Event()
         layout = Layout({0: src.size // PAGE}, PAGE, 8 * MIB)
         thread = _StreamThread(
             client, DataSender(os.urandom(32), 0, layout, sealed=True), src, 2047, TokenBucket(0, stop), stop
@@ -222,6 +223,17 @@ def test_a_target_that_takes_nothing_ends_the_send_with_the_deadline_named() -> 
         assert str(outcome[0]) == "data stream 0 made no progress for 0.3 s (nothing received by the peer)"
         assert stop.is_set()
     finally:
+        # The thread seals from `src`: joined before it is unmapped, pass or fail (a thread
+        # left reading unmapped RAM crashes the whole run instead of failing this test).
+        stop.set()
+        for sock in (client, server):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if thread is not None:
+            thread.submit(None)
+            thread.thread.join(10)
         client.close()
         server.close()
         src.close()
