@@ -58,8 +58,9 @@ class InDoubt:
             else:
                 self.committed = False
                 self._record_after(f"resumed-after-{answer}")
-                self.stats.state = self.stats.phase = "aborted"
                 await self._resume_here()
+                # Published last, as `_fail` does: whoever sees "aborted" finds the VM running here.
+                self.stats.state = self.stats.phase = "aborted"
             return answer
 
     async def _query(self) -> str:
@@ -78,7 +79,7 @@ class InDoubt:
         elif action == "resume":
             self.committed = False
             self._record_after("resumed-by-operator")
-            self.stats.state = self.stats.phase = "aborted"
             await self._resume_here()
+            self.stats.state = self.stats.phase = "aborted"  # published last (see `resolve`)
         else:
             raise ValueError(f"action {action!r}: allowed are release, resume")

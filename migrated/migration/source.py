@@ -63,6 +63,7 @@ E = TypeVar("E", bound=Event)
 
 MIB = 1 << 20
 PROGRESS_INTERVAL_S = 0.1  # how often the stats read the data threads' counters
+SLOW_RESUME_S = 0.5  # fault source-resume-slow
 # How long the pause may hold the event loop (`_downtime_until_loaded`) before the wait for the
 # vCPUs to park moves to a worker: 0.2-0.7 ms is usual, 5-11 ms a preempted vCPU thread's.
 LOOP_PARK_WAIT_S = 0.01
@@ -224,6 +225,8 @@ class Source(OutgoingSetup, Precopy, InDoubt):
                 await self._vm_record_written.wait()  # the "migrating" record goes first
         with trio.CancelScope(shield=True):
             await self._lift_limits("migration ended without cutover")
+            if faults.active("source-resume-slow"):
+                await trio.sleep(SLOW_RESUME_S)
         if vm is not None and self._paused_at is not None and not self.was_paused:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(vm.resume)

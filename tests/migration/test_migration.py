@@ -177,6 +177,29 @@ def test_commit_lost_on_the_way_is_resolved_by_the_target_aborting_for_good(make
     wait_for(lambda: "vm1" not in [v["name"] for v in b.call("vm.list")], what="b to discard")
 
 
+def test_an_in_doubt_migration_is_published_aborted_only_once_the_vm_runs_here(make_daemon: MakeDaemon) -> None:
+    """The target, asked, answers aborted; the resume here is slow (source-resume-slow, 0.5 s).
+    Whoever reads "aborted" must find the VM running: it was published before the resume once,
+    and a test that read the VM right after the migration's end found it still in doubt."""
+    a, b = make_daemon("a", faults="source-lose-commit,source-resume-slow"), make_daemon("b")
+    create(a, rate=16)
+    a.call("migrate", name="vm1", to=b.address)
+    samples = 0
+    while True:
+        state = a.call("migration.status", name="vm1")["state"]
+        vm_state = a.call("vm.show", name="vm1")["state"]
+        samples += 1
+        if state == "aborted":
+            assert vm_state == "running", f"the migration read aborted while the VM was {vm_state}"
+            break
+        assert state not in ("completed", "failed"), state
+        assert samples < 10_000, f"still {state} after {samples} samples"
+        time.sleep(0.01)
+    wait_for(lambda: '"event": "in_doubt_resolved"' in a.log(), what="the in-doubt resolution")
+    assert '"target_says": "aborted"' in a.log()
+    assert_runs_here(a, "vm1")
+
+
 def test_cancel_during_dirty_rounds(make_daemon: MakeDaemon) -> None:
     a, b = make_daemon("a", downtime_limit_ms=1, max_rounds=10000, timeout_s=600), make_daemon("b")
     create(a, rate="max", working_set_mib=128)
