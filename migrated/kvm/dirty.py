@@ -98,12 +98,16 @@ def _bitmap_words(region: MemoryRegion) -> int:
     return (region.pages + 63) // 64
 
 
+def harvest_threshold(ring_entries: int) -> int:
+    """Entries waiting in one ring that make a harvest due (RingTracker.HARVEST_FRACTION)."""
+    return max(1, ring_entries // RingTracker.HARVEST_FRACTION)
+
+
 def max_check_interval_s(ring_entries: int, interval_s: float) -> float:
     """The longest gap between two checks of rings of `ring_entries` (never below `interval_s`):
     RingTracker.MAX_CHECK_INTERVAL_S, or less where the room between the harvest threshold and
     the soft limit would not hold twice that gap's writes at RingTracker.PEAK_ENTRIES_PER_S."""
-    threshold = max(1, ring_entries // RingTracker.HARVEST_FRACTION)
-    room = ring_entries - 64 - 512 - threshold
+    room = ring_entries - RingTracker.SOFT_LIMIT_MARGIN - harvest_threshold(ring_entries)
     bound = room / RingTracker.PEAK_ENTRIES_PER_S / 2
     return max(interval_s, min(RingTracker.MAX_CHECK_INTERVAL_S, bound))
 
@@ -134,10 +138,13 @@ class RingTracker:
     # this far apart (rr_wait_dirty paces the checks by how fast the rings fill): each check
     # wakes the harvester thread, ~1.5% of a core per VM at 1 kHz on this nested host.
     MAX_CHECK_INTERVAL_S = 0.008
-    # What bounds that gap: a ring's room above the threshold and below its soft limit (entries
-    # minus 64, minus 512 with PML: api.rst) must hold the longest gap's writes at the fastest
-    # pace measured here (HOST-NOTES: ~600 k entries/s per vCPU under PVM's emulator), twice.
+    # What bounds that gap: a ring's room above the threshold and below its soft limit must hold
+    # the longest gap's writes at the fastest pace measured here (HOST-NOTES: ~600 k entries/s
+    # per vCPU under PVM's emulator), twice.
     PEAK_ENTRIES_PER_S = 600_000
+    # The soft limit is this far below a ring's size (api.rst: 64 entries reserved, 512 more
+    # with Intel PML); counted whole whatever the CPU, as the safe side.
+    SOFT_LIMIT_MARGIN = 64 + 512
 
     def __init__(
         self,
@@ -216,7 +223,7 @@ class RingTracker:
 
     @property
     def harvest_threshold(self) -> int:
-        return max(1, self._entries // self.HARVEST_FRACTION)
+        return harvest_threshold(self._entries)
 
     def max_check_interval_s(self, interval_s: float) -> float:
         return max_check_interval_s(self._entries, interval_s)
