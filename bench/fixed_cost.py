@@ -10,7 +10,7 @@ other (with this script copied into its bench/): its daemons run the same lines,
 round by round with this checkout's.
 
     python bench/fixed_cost.py [--migrations 5] [--limits 300,30] [--verify off,full]
-                               [--reference DIR --rounds 3]
+                               [--reference DIR --rounds 3] [--daemon-config K=V ...]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "migration"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.py
 
+from daemonconfig import write_daemon_config  # noqa: E402
 from daemons import DaemonProcess, wait_for, wait_migration  # noqa: E402
 
 from migrated.control import RequestError  # noqa: E402
@@ -51,8 +52,10 @@ def line(args: argparse.Namespace, work: Path, image: Path, limit_ms: int, verif
     key = work / f"{label}.key"
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
-    config = work / f"{label}.toml"
-    config.write_text(f'[migration]\ndowntime_limit_ms = {limit_ms}\nverify = "{verify}"\n')
+    config = write_daemon_config(
+        work / f"{label}.toml",
+        [f"migration.downtime_limit_ms={limit_ms}", f"migration.verify={verify}", *args.daemon_config],
+    )
     extra = ("--config", str(config))
     a = DaemonProcess(f"{label}-a", work, key, extra_args=extra).start()
     b = DaemonProcess(f"{label}-b", work, key, extra_args=extra).start()
@@ -180,6 +183,8 @@ def measure_reference(args: argparse.Namespace) -> dict[tuple[int, str], list[di
     command = [sys.executable, str(script), "--runs", "--rounds", "1"]
     for name in ("migrations", "limits", "verify", "memory_mib", "region_mib", "settle_s"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    for setting in args.daemon_config:
+        command += ["--daemon-config", setting]
     if args.workdir is not None:
         # The reference's daemon logs too (bench/timeline.py DIR/reference/*.log).
         command += ["--workdir", str(args.workdir / "reference")]
@@ -211,6 +216,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--reference", type=Path, help="a checkout to compare with: its daemons run the same lines, interleaved"
+    )
+    parser.add_argument(
+        "--daemon-config",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a daemon setting for both daemons of every line (and the reference's), repeatable",
     )
     parser.add_argument("--rounds", type=int, default=1, help="rounds (this checkout, then the reference, each round)")
     args = parser.parse_args()

@@ -49,7 +49,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helper
 import numpy as np  # noqa: E402
 import qemu_vm  # noqa: E402
 from daemons import DaemonProcess, free_port, wait_for, wait_migration  # noqa: E402
+from daemonconfig import write_daemon_config  # noqa: E402
 from vs_qemu_report import crypto_share, evaluate, markdown  # noqa: E402
 
 from migrated.guests.x86_64.bootsector import PASSES_ADDR, BootSectorParams, check_region  # noqa: E402
@@ -247,25 +247,6 @@ class QemuLine:
 
 
 # ---------------------------------------------------------------------------- boot sector: migrated
-
-
-def write_daemon_config(path: Path, settings: list[str]) -> Path:
-    """SECTION.KEY=VALUE settings as a TOML file (VALUE in TOML, a bare word as a string)."""
-    sections: dict[str, list[str]] = {}
-    for setting in settings:
-        key, sep, value = setting.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not section or not name:
-            raise SystemExit(f"--daemon-config {setting!r}: SECTION.KEY=VALUE, e.g. migration.streams=4")
-        value = value.strip()
-        try:
-            tomllib.loads(f"v = {value}")
-        except tomllib.TOMLDecodeError:
-            value = json.dumps(value)  # a bare word: a TOML string
-        sections.setdefault(section, []).append(f"{name} = {value}")
-    path.write_text("".join(f"[{s}]\n" + "".join(f"{line}\n" for line in lines) for s, lines in sections.items()))
-    tomllib.loads(path.read_text())  # a setting that breaks the file fails here, not in a daemon
-    return path
 
 
 def start_daemons(work: Path, label: str, config: Path) -> tuple[DaemonProcess, DaemonProcess]:

@@ -120,7 +120,8 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         self._commit_recorded = False  # the "committing" record is on disk (`_downtime`)
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
-        self._yielding = YieldingVcpus(daemon.config.migration.vcpu_nice)
+        limits = daemon.config.migration
+        self._yielding = YieldingVcpus(limits.vcpu_nice, limits.vcpu_sched_idle)
 
     # ---- entry --------------------------------------------------------------------------
 
@@ -203,10 +204,20 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         """The guest's vCPU threads yield the CPU to the migration (vcpupriority.py), unless they
         could not be given their value back or there is nothing to yield (a paused guest)."""
         vm = self.hosted.vm
-        if vm is None or self.was_paused or not self._yielding.nice or self.daemon.nice_error is not None:
+        if vm is None or self.was_paused or not self._yielding.enabled or self.daemon.nice_error is not None:
             return
         errors = self._yielding.lower(vcpu.thread_id for vcpu in vm.vcpus)
         self.stats.vcpu_nice = self._yielding.nice if self._yielding.threads else 0
+        self.stats.vcpu_sched_idle = self._yielding.went_idle
+        if errors:
+            self.log.warning("vcpu_nice_failed", errors=errors)
+
+    def _wake_vcpus(self) -> None:
+        """Before the pause: the vCPU threads back from SCHED_IDLE (at the nice value), so that
+        they leave KVM_RUN at once when signalled, however busy the host's cores are."""
+        vm = self.hosted.vm
+        vcpus = [] if vm is None else vm.vcpus
+        errors = self._yielding.wake(v.thread_id for v in vcpus if v.state is not VcpuRunState.FINISHED)
         if errors:
             self.log.warning("vcpu_nice_failed", errors=errors)
 
@@ -405,6 +416,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
             self._phase_steps.step("streams_drained")
         else:
             await self._record_committing()
+        self._wake_vcpus()
         self.stats.state = self.stats.phase = "downtime"
         steps = self.stats.downtime_breakdown_ms
         clock = StepClock(steps)

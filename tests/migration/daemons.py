@@ -158,7 +158,10 @@ def write_config(path: Path, **migration: object) -> Path:
     and elsewhere a loaded test host must not turn a slow cutover into a guard abort."""
     migration.setdefault("downtime_guard_ms", 60_000)
     lines = ["[peer]", "connect_timeout_s = 3", "[migration]"]
-    lines += [f"{key} = {value!r}".replace("'", '"') for key, value in migration.items()]
+    lines += [
+        f"{key} = {str(value).lower() if isinstance(value, bool) else repr(value)}".replace("'", '"')
+        for key, value in migration.items()
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
