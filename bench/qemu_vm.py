@@ -32,6 +32,13 @@ UNTHROTTLED_BYTES_S = 64 << 30
 FINISHED = ("completed", "failed", "cancelled")
 
 
+# QEMU's migration over TLS (tls-creds-x509): each process holds a client and a server credential,
+# since a ping-pong target becomes the next source. The peer checks the other's certificate (both
+# ways: verify-peer on the server), as migrated's peers authenticate each other.
+TLS_CLIENT, TLS_SERVER = "tls-client", "tls-server"
+TLS_HOSTNAME = "127.0.0.1"
+
+
 class QmpError(RuntimeError):
     """QEMU answered a QMP command with an error, or the QMP socket broke."""
 
@@ -202,9 +209,51 @@ def ram_backend(memory_mib: int) -> str:
     return f"memory-backend-ram,id=m0,size={memory_mib}M"
 
 
-def listen_incoming(target: QemuProcess, port: int) -> None:
+def tls_certificates(directory: Path) -> Path:
+    """A CA and a certificate and key for each end, signed by it, for 127.0.0.1, in `directory`
+    under the names QEMU's tls-creds-x509 reads (ca-cert.pem, server-*.pem, client-*.pem)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*arguments: str) -> None:
+        subprocess.run(["openssl", *arguments], check=True, capture_output=True, cwd=directory)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
+            "-days", "2", "-subj", "/CN=vs-qemu bench CA")  # fmt: skip
+    (directory / "ext.cnf").write_text(
+        f"subjectAltName=IP:{TLS_HOSTNAME}\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    for end in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{end}-key.pem", "-out", f"{end}.csr",
+                "-subj", f"/CN={TLS_HOSTNAME}")  # fmt: skip
+        openssl("x509", "-req", "-in", f"{end}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+                "-CAcreateserial", "-out", f"{end}-cert.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+    return directory
+
+
+def tls_args(certificates: Path) -> list[str]:
+    """Both credentials of a process that may receive a migration and later send it on."""
+    return [
+        "-object",
+        f"tls-creds-x509,id={TLS_CLIENT},dir={certificates},endpoint=client",
+        "-object",
+        f"tls-creds-x509,id={TLS_SERVER},dir={certificates},endpoint=server,verify-peer=on",
+    ]
+
+
+def use_tls(process: QemuProcess, endpoint: str) -> None:
+    """The next migration out (TLS_CLIENT) or in (TLS_SERVER) of `process` goes over TLS."""
+    parameters: dict[str, Any] = {"tls-creds": endpoint}
+    if endpoint == TLS_CLIENT:
+        parameters["tls-hostname"] = TLS_HOSTNAME
+    process.execute("migrate-set-parameters", **parameters)
+
+
+def listen_incoming(target: QemuProcess, port: int, tls: bool = False) -> None:
     """A target started with `-incoming defer` listens once this returns."""
     enable_events(target)
+    if tls:
+        use_tls(target, TLS_SERVER)
     target.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
 
 
@@ -236,19 +285,24 @@ def enable_events(process: QemuProcess) -> None:
     process.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
 
 
-def migrate(source: QemuProcess, port: int, downtime_limit_ms: int, timeout: float) -> dict[str, Any]:
+def migrate(
+    source: QemuProcess, port: int, downtime_limit_ms: int, timeout: float, tls: bool = False
+) -> dict[str, Any]:
     """Migrate `source` to the target listening on `port`; poll `query-migrate` until it ends.
 
     Past `timeout` seconds the migration is cancelled (a guest that never converges under the
     limit); the source runs on, as QEMU leaves it after a cancel. Returns the last query-migrate
     reply (status, total-time, downtime, setup-time, ram), with the source's event times under
-    "events_s": setup, stop (the VM paused for the last pass) and completed."""
+    "events_s": setup, stop (the VM paused for the last pass) and completed. `tls`: over TLS
+    (both processes made with `tls_args`, the target listening with `tls`)."""
     assert source.qmp is not None
     enable_events(source)
     source.qmp.events.clear()
     source.execute(
         "migrate-set-parameters", **{"downtime-limit": downtime_limit_ms, "max-bandwidth": UNTHROTTLED_BYTES_S}
     )
+    if tls:
+        use_tls(source, TLS_CLIENT)
     source.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
     deadline = time.monotonic() + timeout
     cancelled = False

@@ -17,13 +17,16 @@ this nested host (its memory backing swings a lot, HOST-NOTES.md) hits both alik
   source has sent everything; "downtime to target loaded" ends when the target has loaded it
   (for migrated: its downtime without the COMMIT/RUNNING round trip), the like-for-like figure.
   QEMU's dirty-ring mode (`-accel kvm,dirty-ring-size=65536`) runs as its own line unless
-  `--no-qemu-ring`.
+  `--no-qemu-ring`, and so does QEMU over TLS (`tls-creds-x509`, both ends' certificates checked,
+  made with openssl for the run) at the first limit unless `--no-qemu-tls`: QEMU doing the same
+  work as migrated, whose every byte on the wire is authenticated and encrypted.
 * bulk copy: a paused guest of `--bulk-mib`, every page non-zero, into a fresh target. QEMU's
   source RAM is a pre-filled shared file (started with -S, so no code runs), its target a fresh
   memory-backend-ram; migrated's guest is the workload guest, which writes its whole working set
   once and is paused, then migrates ping-pong (each target allocates fresh guest RAM). MiB/s is
   bytes moved over the migration's total time for both (QEMU's own `mbps` and migrated's bulk
-  phase rate are reported too). iperf3, one stream on loopback, runs before and after.
+  phase rate are reported too). QEMU over TLS takes its turn after QEMU in the clear unless
+  `--no-qemu-tls`. iperf3, one stream on loopback, runs before and after.
   Unless `--no-bulk-clear`, the same guest also migrates in the clear (`peer.auth = "none"`, test-only
   `allow_unauthenticated`; NOT a production mode, DESIGN.md 6), interleaved: `crypto_share` prices the AEAD.
 
@@ -35,7 +38,7 @@ Extra daemon configuration (keys other engineers add) passes through without cod
     python bench/vs_qemu.py [--quick] [--migrations 5] [--no-qemu-ring] [--daemon-config K=V ...] > RUN.json
     python bench/vs_qemu.py --table RUN.json     # the Markdown tables of bench/RESULTS.md
 
-Needs qemu-system-x86_64 (Debian: apt-get install -y qemu-system-x86) and iperf3.
+Needs qemu-system-x86_64 (Debian: apt-get install -y qemu-system-x86), iperf3 and openssl.
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ class QemuLine:
     params: BootSectorParams
     memory_mib: int
     timeout_s: float
+    tls_certificates: Path | None = None  # over TLS (x509) with these, else in the clear (QEMU's default)
     current: qemu_vm.QemuProcess | None = None
     serial: int = 0
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -179,6 +183,8 @@ class QemuLine:
         )
         # Source and target open the same image on one host: no image locks between them.
         argv += ["-drive", f"file={self.disk},format=raw,if=ide,file.locking=off", *extra]
+        if self.tls_certificates is not None:
+            argv += qemu_vm.tls_args(self.tls_certificates)
         return qemu_vm.QemuProcess(f"{self.label}-{self.serial}", self.work, argv).start()
 
     def start(self) -> None:
@@ -194,10 +200,11 @@ class QemuLine:
         # Started before the source's guest runs again, so its start-up does not eat the guest's time.
         target = self._process("-S", "-incoming", "defer")
         port = free_port()
-        qemu_vm.listen_incoming(target, port)
+        tls = self.tls_certificates is not None
+        qemu_vm.listen_incoming(target, port, tls)
         source.execute("cont")
         time.sleep(settle_s)  # the guest dirties at its own pace on this host before the migration
-        info = qemu_vm.migrate(source, port, self.limit_ms, self.timeout_s)
+        info = qemu_vm.migrate(source, port, self.limit_ms, self.timeout_s, tls)
         completed = info.get("status") == "completed"
         ram = info.get("ram", {})
         run: dict[str, Any] = {
@@ -242,6 +249,8 @@ class QemuLine:
 
     def report(self) -> dict[str, Any]:
         mode = f"dirty ring {self.ring_entries} entries" if self.ring_entries else "bitmap (default)"
+        if self.tls_certificates is not None:
+            mode += ", over TLS (x509)"
         line = {"engine": "qemu", "dirty_tracking": mode, "limit_ms": self.limit_ms, "runs": self.runs}
         return {**line, "summary": summarize_line(line)}
 
@@ -377,6 +386,7 @@ def boot_sector(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path
     with open(disk, "wb") as out:  # a 1 MiB raw disk whose first sector is the boot sector
         out.write(image.read_bytes())
         out.truncate(MIB)
+    certificates = None if args.no_qemu_tls else qemu_vm.tls_certificates(work / "qemu-tls")
     lines: list[QemuLine | MigratedLine] = []
     for limit in args.limits:
         qemu_modes = [0] if (args.no_qemu_ring or limit != args.limits[0]) else [0, args.qemu_ring_entries]
@@ -387,6 +397,23 @@ def boot_sector(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path
             )
             if ring == 0:
                 lines.append(MigratedLine(f"m{limit}off", limit, "off", work, config, image, params, args.memory_mib))
+            if ring == 0 and certificates is not None and limit == args.limits[0]:
+                # QEMU doing what migrated does: every byte authenticated and encrypted.
+                lines.append(
+                    QemuLine(
+                        f"qtls{limit}",
+                        limit,
+                        0,
+                        binary,
+                        work,
+                        ram_dir,
+                        disk,
+                        params,
+                        args.memory_mib,
+                        args.qemu_timeout_s,
+                        certificates,
+                    )  # fmt: skip
+                )
         if not args.no_verify_full:
             lines.append(MigratedLine(f"m{limit}full", limit, "full", work, config, image, params, args.memory_mib))
     try:
@@ -467,23 +494,28 @@ def fill_nonzero(path: Path, size_mib: int) -> None:
             out.write(block)
 
 
-def qemu_bulk_once(binary: str, work: Path, source_ram: Path, size_mib: int, serial: int) -> dict[str, Any]:
+def qemu_bulk_once(
+    binary: str, work: Path, source_ram: Path, size_mib: int, serial: int, tls_certificates: Path | None = None
+) -> dict[str, Any]:
+    """`tls_certificates`: over TLS (x509), the same protection as migrated's sealed streams."""
+    tls = [] if tls_certificates is None else qemu_vm.tls_args(tls_certificates)
+    name = "bulk-tls" if tls else "bulk"
     source = qemu_vm.QemuProcess(
-        f"bulk-src-{serial}",
+        f"{name}-src-{serial}",
         work,
-        [*qemu_vm.machine_args(binary, size_mib, qemu_vm.file_backend(source_ram, size_mib)), "-S"],
+        [*qemu_vm.machine_args(binary, size_mib, qemu_vm.file_backend(source_ram, size_mib)), "-S", *tls],
     )
     target = qemu_vm.QemuProcess(
-        f"bulk-dst-{serial}",
+        f"{name}-dst-{serial}",
         work,
-        [*qemu_vm.machine_args(binary, size_mib, qemu_vm.ram_backend(size_mib)), "-S", "-incoming", "defer"],
+        [*qemu_vm.machine_args(binary, size_mib, qemu_vm.ram_backend(size_mib)), "-S", "-incoming", "defer", *tls],
     )
     try:
         source.start()
         target.start()
         port = free_port()
-        qemu_vm.listen_incoming(target, port)
-        info = qemu_vm.migrate(source, port, 300, timeout=300)
+        qemu_vm.listen_incoming(target, port, bool(tls))
+        info = qemu_vm.migrate(source, port, 300, timeout=300, tls=bool(tls))
         if info.get("status") != "completed":
             raise RuntimeError(f"QEMU bulk migration did not complete: {info}")
         qemu_vm.wait_incoming_done(target)
@@ -541,7 +573,9 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
     source_ram = ram_dir / "bulk-source.ram"
     fill_nonzero(source_ram, args.bulk_mib)
     iperf = [iperf3_mib_s(args.iperf_seconds)]
+    certificates = None if args.no_qemu_tls else qemu_vm.tls_certificates(work / "qemu-tls")
     qemu_runs: list[dict[str, Any]] = []
+    qemu_tls_runs: list[dict[str, Any]] = []
     migrated_runs: list[dict[str, Any]] = []
     clear_runs: list[dict[str, Any]] = []
     pairs: list[tuple[DaemonProcess, DaemonProcess]] = []
@@ -554,6 +588,8 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
             pairs.append(migrated_bulk_start(work, clear_config, args.bulk_mib, "bulk-clear"))
         for serial in range(args.bulk_runs):
             qemu_runs.append(qemu_bulk_once(binary, work, source_ram, args.bulk_mib, serial))
+            if certificates is not None:
+                qemu_tls_runs.append(qemu_bulk_once(binary, work, source_ram, args.bulk_mib, serial, certificates))
             # Sealed and clear take turns going first: neither always gets the memory just freed.
             order = range(len(pairs)) if serial % 2 == 0 else reversed(range(len(pairs)))
             for index in order:
@@ -576,6 +612,8 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
             "bulk_phase_mib_s": spread(r["bulk_phase_mib_s"] for r in migrated_runs),
         },
     }
+    if qemu_tls_runs:
+        result["qemu_tls"] = {"runs": qemu_tls_runs, "mib_s": spread(r["mib_s"] for r in qemu_tls_runs)}
     if clear_runs:  # stream protection off (peer.auth none, test-only allow_unauthenticated): prices the AEAD
         mib_s = {k: spread(r[k] for r in clear_runs) for k in ("mib_s", "bulk_phase_mib_s")}
         result["migrated_clear_not_production"] = {"runs": clear_runs, **mib_s}
@@ -619,6 +657,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle-s", type=float, default=0.5, help="guest run time before each migration")
     parser.add_argument("--no-qemu-ring", action="store_true", help="skip QEMU's dirty-ring line")
     parser.add_argument("--qemu-ring-entries", type=int, default=65536, help="QEMU's dirty-ring-size")
+    parser.add_argument(
+        "--no-qemu-tls", action="store_true", help="skip QEMU over TLS (x509), the same protection as migrated's"
+    )
     parser.add_argument("--no-verify-full", action="store_true", help="skip migrated's verify=full lines")
     parser.add_argument("--qemu-timeout-s", type=float, default=20.0, help="cancel a QEMU migration after this long")
     parser.add_argument("--bulk-mib", type=int, default=2048, help="bulk-copy guest RAM")

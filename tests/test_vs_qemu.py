@@ -7,6 +7,7 @@ test_bench_scripts.py."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import qemu_vm  # noqa: E402
 import vs_qemu  # noqa: E402
 
 from migrated.config import load_config  # noqa: E402
@@ -110,3 +112,57 @@ def test_the_crypto_share_and_its_table_rows() -> None:
     table = vs_qemu.markdown({"bulk": bulk})
     assert "stream protection OFF (test-only, not a production mode) | 1500 (1500-1500) | 1500.0 |" in table
     assert "slows the copy 20.0%" in table
+
+
+def test_qemu_over_tls_is_judged_as_a_second_reference_and_gets_its_table_row() -> None:
+    def figure(median: float) -> dict[str, object]:
+        return {"median": median, "range": [median, median]}
+
+    bulk = {
+        "guest_mib": 2048,
+        "iperf3_one_stream_mib_s": {"runs": [3000.0], **figure(3000.0)},
+        "qemu": {"runs": [{"mib_s": 700.0}], "mib_s": figure(700.0)},
+        "qemu_tls": {"runs": [{"mib_s": 400.0}], "mib_s": figure(400.0)},
+        "migrated": {"runs": [{"mib_s": 1200.0}], "mib_s": figure(1200.0), "bulk_phase_mib_s": figure(1250.0)},
+    }
+
+    def line(engine: str, total: float, downtime: float) -> dict[str, object]:
+        summary = {
+            "total_ms": figure(total),
+            "downtime_ms": figure(downtime),
+            "downtime_to_target_loaded_ms": figure(downtime),
+        }
+        return {"engine": engine, "limit_ms": 300, "runs": [], "summary": summary}
+
+    lines = {
+        "q300": line("qemu", 20.0, 2.0),
+        "m300off": line("migrated", 25.0, 3.0),
+        "qtls300": line("qemu", 30.0, 8.0),
+    }
+    targets = vs_qemu.evaluate({"bulk": bulk, "boot_sector": {"lines": lines}}, [300])
+    assert targets["bulk_at_least_2x_qemu"]["pass"] is False  # 1200 < 1400
+    assert targets["bulk_at_least_2x_qemu_over_tls"] == {"pass": True, "migrated": 1200.0, "qemu_tls": 400.0}
+    assert targets["boot_300ms_total_le_qemu"]["pass"] is False
+    assert targets["boot_300ms_total_le_qemu_over_tls"] == {"pass": True, "migrated": 25.0, "qemu": 30.0}
+    assert targets["boot_300ms_downtime_le_half_qemu_over_tls"]["pass"] is True  # 3 <= 8 / 2
+    assert targets["boot_300ms_downtime_le_half_qemu"]["pass"] is False
+    table = vs_qemu.markdown({"bulk": bulk})
+    assert "| QEMU over TLS (x509: the same protection as migrated's) | 400 (400-400) | 400.0 |" in table
+
+
+def test_the_tls_certificates_are_what_qemu_reads_and_verify_for_both_ends(tmp_path: Path) -> None:
+    """openssl itself checks the chain and the address QEMU's client names (tls-hostname)."""
+    directory = qemu_vm.tls_certificates(tmp_path / "tls")
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"):
+        assert (directory / name).is_file(), name
+    for end in ("server", "client"):
+        done = subprocess.run(
+            ["openssl", "verify", "-CAfile", "ca-cert.pem", "-verify_ip", qemu_vm.TLS_HOSTNAME, f"{end}-cert.pem"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
+    args = qemu_vm.tls_args(directory)
+    assert f"tls-creds-x509,id={qemu_vm.TLS_SERVER},dir={directory},endpoint=server,verify-peer=on" in args
+    assert f"tls-creds-x509,id={qemu_vm.TLS_CLIENT},dir={directory},endpoint=client" in args
