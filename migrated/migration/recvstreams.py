@@ -18,6 +18,7 @@ import errno
 import os
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 
@@ -40,6 +41,24 @@ from .recordbuffers import RECORD_BUFFERS
 # A batch of more runs than this (a scattered dirty set) is one numpy scatter into the mapping
 # instead: those pages were written before (warm), and a write call per run would be per page.
 MAX_PWRITE_RUNS = 16
+
+
+# struct tcp_info (<linux/tcp.h>): tcpi_bytes_received, a u64 at this offset, since Linux 4.1.
+_TCP_INFO_BYTES_RECEIVED = struct.Struct("@Q")
+_TCP_INFO_BYTES_RECEIVED_OFFSET = 128
+
+
+def tcp_bytes_received(sock: socket.socket) -> int | None:
+    """Bytes the kernel has taken in on this TCP connection, whether or not anyone read them yet
+    (TCP_INFO's tcpi_bytes_received); None where the kernel does not say (not TCP, too old)."""
+    end = _TCP_INFO_BYTES_RECEIVED_OFFSET + _TCP_INFO_BYTES_RECEIVED.size
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, end)
+    except OSError:
+        return None
+    if len(info) < end:
+        return None
+    return int(_TCP_INFO_BYTES_RECEIVED.unpack_from(info, _TCP_INFO_BYTES_RECEIVED_OFFSET)[0])
 
 
 def is_data_stream(first_byte: bytes) -> bool:
@@ -254,6 +273,18 @@ class ReceiveStreams:
             sum(t.bytes for t in threads),
             sum(t.apply_s for t in threads),
         )
+
+    def arrived_bytes(self) -> int:
+        """Bytes that reached this host on every stream so far, read or not: a receive thread
+        waits in the kernel for a whole record (MSG_WAITALL), and its own count moves only when
+        the record is in or its call's deadline returns part of it. Under a low bandwidth cap a
+        record takes longer than the link's silence window, so the link's watch counts what the
+        kernel took in (each stream's own count where the kernel does not say)."""
+        total = 0
+        for thread in list(self._threads.values()):
+            arrived = tcp_bytes_received(thread.sock)
+            total += thread.bytes if arrived is None else max(arrived, thread.bytes)
+        return total
 
     def entries_in_round(self, round_: int) -> int:
         """Pages (data and zero) of one round over every stream so far."""

@@ -453,14 +453,14 @@ class Target:
             return event
 
         async def watch() -> None:
-            moved = streams.totals()[2]
+            moved = streams.arrived_bytes()
             with watch_scope:
                 await watch_loop(moved)
 
         async def watch_loop(moved: int) -> None:
             while True:
                 await trio.sleep(min(1.0, silence_s / 4))
-                now, total = trio.current_time(), streams.totals()[2]
+                now, total = trio.current_time(), streams.arrived_bytes()
                 if total != moved:
                     moved, heard[0] = total, now
                 if now - heard[0] >= silence_s:

@@ -255,3 +255,36 @@ def test_two_waiters_of_the_streams_end_are_both_woken() -> None:
     finally:
         src.close()
         dst.close()
+
+
+def test_the_links_watch_counts_bytes_that_arrived_while_a_record_is_still_incomplete() -> None:
+    """A receive thread waits in the kernel for a whole record (MSG_WAITALL) and counts its
+    bytes when the record is in. Under a low bandwidth cap a record takes longer than the link's
+    silence window, so the watch reads what the kernel took in: here a paced pass whose first
+    record (0.94 MiB) the thread has counted nothing of while the kernel has taken in a quarter."""
+    src, dst = GuestMemory.flat(1 * MIB, "src"), GuestMemory.flat(1 * MIB, "dst")
+    try:
+        _fill(src, 4)
+
+        async def main() -> None:
+            async with _plane(src, dst, 1, True, batch_pages=240) as (send, receive, failures):
+                arrived_before = receive.arrived_bytes()
+                send.limiter.set_rate(1 * MIB)  # the record takes about a second
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(send.send_extents, {0: [(0, src.size // PAGE)]}, 0)
+                    with trio.fail_after(30):
+                        while receive.arrived_bytes() - arrived_before < 256 << 10:
+                            await trio.sleep(0.01)
+                    # Its own count: at most the record's length prefix, read apart.
+                    assert receive.totals()[2] < 64, "precondition: the record is not in yet"
+                    with trio.fail_after(30):
+                        while receive.totals()[2] < 64:
+                            await trio.sleep(0.01)
+                assert receive.arrived_bytes() >= receive.totals()[2] > 1 * MIB
+                assert not failures, failures
+
+        trio.run(main)
+        assert (dst.bytes == src.bytes).all()
+    finally:
+        src.close()
+        dst.close()
