@@ -95,17 +95,26 @@ def test_the_clear_bulk_line_reaches_the_config_parser_as_unauthenticated(tmp_pa
     assert config.migration.streams == 4
 
 
-def test_the_crypto_share_and_its_table_rows() -> None:
-    def figure(median: float) -> dict[str, object]:
-        return {"median": median, "range": [median, median]}
+def figure(median: float) -> dict[str, object]:
+    """A spread() result whose runs all had `median`."""
+    return {"median": median, "range": [median, median]}
 
-    bulk = {
+
+def bulk_result(qemu: float, migrated: float, **extra: object) -> dict[str, object]:
+    """A bulk section of vs_qemu's JSON, iperf3 at 3000 MiB/s."""
+    return {
         "guest_mib": 2048,
         "iperf3_one_stream_mib_s": {"runs": [3000.0], **figure(3000.0)},
-        "qemu": {"runs": [{"mib_s": 500.0}], "mib_s": figure(500.0)},
-        "migrated": {"runs": [{"mib_s": 1200.0}], "mib_s": figure(1200.0), "bulk_phase_mib_s": figure(1250.0)},
-        "migrated_clear_not_production": {"runs": [{"mib_s": 1500.0}], "mib_s": figure(1500.0)},
+        "qemu": {"runs": [{"mib_s": qemu}], "mib_s": figure(qemu)},
+        "migrated": {"runs": [{"mib_s": migrated}], "mib_s": figure(migrated), "bulk_phase_mib_s": figure(1250.0)},
+        **extra,
     }
+
+
+def test_the_crypto_share_and_its_table_rows() -> None:
+    bulk = bulk_result(
+        500.0, 1200.0, migrated_clear_not_production={"runs": [{"mib_s": 1500.0}], "mib_s": figure(1500.0)}
+    )
     share = vs_qemu.crypto_share(bulk)
     assert share == {"slowdown_percent": 20.0, "share_of_gap_to_iperf3_percent": round(100 * 300 / 1800, 1)}
     bulk["crypto_share"] = share
@@ -115,16 +124,7 @@ def test_the_crypto_share_and_its_table_rows() -> None:
 
 
 def test_qemu_over_tls_is_judged_as_a_second_reference_and_gets_its_table_row() -> None:
-    def figure(median: float) -> dict[str, object]:
-        return {"median": median, "range": [median, median]}
-
-    bulk = {
-        "guest_mib": 2048,
-        "iperf3_one_stream_mib_s": {"runs": [3000.0], **figure(3000.0)},
-        "qemu": {"runs": [{"mib_s": 700.0}], "mib_s": figure(700.0)},
-        "qemu_tls": {"runs": [{"mib_s": 400.0}], "mib_s": figure(400.0)},
-        "migrated": {"runs": [{"mib_s": 1200.0}], "mib_s": figure(1200.0), "bulk_phase_mib_s": figure(1250.0)},
-    }
+    bulk = bulk_result(700.0, 1200.0, qemu_tls={"runs": [{"mib_s": 400.0}], "mib_s": figure(400.0)})
 
     def line(engine: str, total: float, downtime: float) -> dict[str, object]:
         summary = {
