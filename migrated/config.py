@@ -161,7 +161,7 @@ class MigrationConfig:
     downtime_realtime: bool  # the downtime's threads at SCHED_FIFO for the window (realtime.py)
     downtime_idle_polling: bool  # idle CPUs poll while a downtime window is open (cpulatency.py)
     vcpu_nice: int  # the source guest's vCPU threads at this nice value while it migrates (vcpupriority.py)
-    vcpu_sched_idle: bool  # ... and under SCHED_IDLE until the pause (vcpupriority.py)
+    vcpu_sched_idle_s: float  # ... and under SCHED_IDLE for up to this long, never past the pause (0: off)
     completion_timeout_per_gib_s: float  # 0: off; else the whole migration may take this per GiB of RAM
     progress_timeout_s: float  # 0: off; else no byte moved for this long cancels the migration
     max_incoming: int
@@ -443,7 +443,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "downtime_realtime": _Key(True, _boolean, True),
         "downtime_idle_polling": _Key(True, _boolean, True),
         "vcpu_nice": _Key(10, _integer(0, 19), True),
-        "vcpu_sched_idle": _Key(True, _boolean, True),
+        "vcpu_sched_idle_s": _Key(1.0, _number(0, 600), True),
         "completion_timeout_per_gib_s": _Key(0, _number(0, 86_400), True),
         "progress_timeout_s": _Key(150, _number(0, 86_400), True),
         "max_incoming": _Key(4, _integer(1, 1024), True),

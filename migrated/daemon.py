@@ -621,7 +621,7 @@ async def run_daemon(
     metrics: DaemonMetrics | None = None
     if daemon.realtime_error is not None:
         log.warning("harvester_realtime_unavailable", error=daemon.realtime_error, cost=COST_WITHOUT_REALTIME, fix=FIX)
-    if daemon.nice_error is not None and (config.migration.vcpu_nice or config.migration.vcpu_sched_idle):
+    if daemon.nice_error is not None and (config.migration.vcpu_nice or config.migration.vcpu_sched_idle_s):
         log.warning("vcpu_nice_unavailable", error=daemon.nice_error, fix=NICE_FIX)
     if daemon.cpu_latency_error is not None and config.migration.downtime_idle_polling:
         log.warning("cpu_latency_unavailable", error=daemon.cpu_latency_error, fix=CPU_LATENCY_FIX)

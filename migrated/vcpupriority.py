@@ -1,5 +1,5 @@
 """The migrating guest's vCPU threads yield the CPU to the migration (`migration.vcpu_nice`,
-`migration.vcpu_sched_idle`).
+`migration.vcpu_sched_idle_s`).
 
 On a host whose cores are all busy, the source's migration threads (event loop, page streams)
 wait for a core behind the guest's own vCPUs, and every step of the setup and the copy takes
@@ -16,11 +16,13 @@ more than its share, the guest is picked before it, and runs until the next tick
 or until its emulation returns to a scheduling point (perf sched: the target's event loop
 waited 1.3 ms with a description in hand, the source's 1.8 ms). Under SCHED_IDLE the kernel
 counts a CPU that runs only the guest as idle when it places a woken thread, and any other
-thread preempts the guest at once. So `vcpu_sched_idle` puts the vCPU threads under SCHED_IDLE
-from the start of the migration until the pause (bench/fixed_cost.py, 24 migrations each,
-interleaved: total 29.9 -> 24.8 ms, setup 8.8 -> 6.9 ms). For the pause they are back under
-their own policy (at the nice value): a vCPU thread has to run to leave KVM_RUN, and under
-SCHED_IDLE on a host whose cores are busy it would wait for a core inside the downtime.
+thread preempts the guest at once. So the vCPU threads run under SCHED_IDLE from the start of the
+migration for `vcpu_sched_idle_s` (1 s) at most (bench/fixed_cost.py, 24 migrations each,
+interleaved: total 29.9 -> 24.8 ms, setup 8.8 -> 6.9 ms). Not longer: on a host whose cores are
+all busy a SCHED_IDLE guest gets almost no CPU, and what it buys (the setup, small copies: chains
+of wake-ups) is over within that; a longer copy is bound by the data plane. Nor past the pause:
+for it they are back under their own policy (at the nice value), since a vCPU thread has to run
+to leave KVM_RUN, and under SCHED_IDLE on a busy host it would wait for a core in the downtime.
 
 The vCPU threads go back to their policy and nice value when the migration ends without cutover
 (the VM runs here again). Going back needs CAP_SYS_NICE (or RLIMIT_NICE), which

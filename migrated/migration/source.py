@@ -121,7 +121,9 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         # Costs learned from migrations to this peer only: another path's say nothing about it.
         self._model = daemon.downtime_models.for_peer(self.stats.peer)
         limits = daemon.config.migration
-        self._yielding = YieldingVcpus(limits.vcpu_nice, limits.vcpu_sched_idle)
+        self._yielding = YieldingVcpus(limits.vcpu_nice, limits.vcpu_sched_idle_s > 0)
+        self._sched_idle_s = limits.vcpu_sched_idle_s
+        self._sched_idle_scope = trio.CancelScope()  # the SCHED_IDLE bound's timer (`_yield_vcpus`)
 
     # ---- entry --------------------------------------------------------------------------
 
@@ -168,6 +170,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
                 await self._plane.aclose()
             if self._channel is not None:
                 await self._channel.aclose()
+            self._sched_idle_scope.cancel()
             self._unyield_vcpus()  # in doubt the VM stays paused here: it resumes at its own value
             if self.stats.state == "completed":  # the next migration there finds a link ready
                 self.daemon.warm_links.warm(self.options.host, self.options.port)
@@ -211,10 +214,23 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         self.stats.vcpu_sched_idle = self._yielding.went_idle
         if errors:
             self.log.warning("vcpu_nice_failed", errors=errors)
+        if self._yielding.went_idle:
+            self.daemon.start_task(self._end_sched_idle)
+
+    async def _end_sched_idle(self) -> None:
+        """SCHED_IDLE for `migration.vcpu_sched_idle_s` at most, then the nice value alone: on a
+        host whose cores are all busy the guest gets almost no CPU under SCHED_IDLE, and what it
+        buys (a migration's setup and small copies, chains of wake-ups) is over well within a
+        second; a longer copy is bound by the data plane, where it buys nothing. Ended early
+        with the migration (`run`'s finally), and the pause wakes the vCPUs itself."""
+        with self._sched_idle_scope:
+            await trio.sleep(self._sched_idle_s)
+            self._wake_vcpus()
 
     def _wake_vcpus(self) -> None:
-        """Before the pause: the vCPU threads back from SCHED_IDLE (at the nice value), so that
-        they leave KVM_RUN at once when signalled, however busy the host's cores are."""
+        """The vCPU threads back from SCHED_IDLE (at the nice value): before the pause, so that
+        they leave KVM_RUN at once when signalled, however busy the host's cores are, or at the
+        end of `migration.vcpu_sched_idle_s`. Idempotent."""
         vm = self.hosted.vm
         vcpus = [] if vm is None else vm.vcpus
         errors = self._yielding.wake(v.thread_id for v in vcpus if v.state is not VcpuRunState.FINISHED)

@@ -68,7 +68,7 @@ class MigrationStats:
     downtime_gc_ms: float = 0.0  # the garbage collector's pauses inside the downtime (window.py)
     downtime_realtime_threads: int = 0  # threads at SCHED_FIFO for the downtime (0: none, or not allowed)
     vcpu_nice: int = 0  # the nice value the guest's vCPU threads had while it migrated out (0: left alone)
-    vcpu_sched_idle: bool = False  # the guest's vCPU threads ran under SCHED_IDLE until the pause
+    vcpu_sched_idle: bool = False  # the guest's vCPU threads ran under SCHED_IDLE (migration.vcpu_sched_idle_s)
     downtime_outlier: bool = False  # measured far beyond the prediction: reported, not learned
     throttle_percent: int = 0  # share of the time the vCPUs were held paused (policy "throttle")
     # Policy "dirty-limit": the vCPUs held to a dirty-rate quota in the last round (vcpu,

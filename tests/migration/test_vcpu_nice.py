@@ -1,5 +1,5 @@
 """A migrating guest's vCPU threads yield the CPU to the migration (`migration.vcpu_nice`,
-`migration.vcpu_sched_idle`, migrated/vcpupriority.py): real daemons and vCPU threads, their
+`migration.vcpu_sched_idle_s`, migrated/vcpupriority.py): real daemons and vCPU threads, their
 nice values read from /proc and their policies from the kernel.
 
 Python 3.11 does not name OS threads, so the vCPU threads are told apart by their nice value (or
@@ -59,7 +59,8 @@ def under_sched_idle(daemon: DaemonProcess) -> int:
 
 @pytest.mark.kvm
 def test_the_vcpus_yield_while_migrating_and_get_their_priority_back_when_cancelled(make_daemon: MakeDaemon) -> None:
-    a = make_daemon("a", downtime_limit_ms=1, max_rounds=10000, timeout_s=600, vcpu_nice=NICE)
+    # SCHED_IDLE for the whole migration: this test does not race its bound (the next one does).
+    a = make_daemon("a", downtime_limit_ms=1, max_rounds=10000, timeout_s=600, vcpu_nice=NICE, vcpu_sched_idle_s=600)
     b = make_daemon("b")
     create(a, rate="max", working_set_mib=64, vcpus=2)
     assert at_nice(a) == 0, f"precondition: a thread of a is at nice {NICE} already: {thread_nices(a)}"
@@ -84,7 +85,7 @@ def test_the_vcpus_are_under_their_own_policy_again_for_the_pause(make_daemon: M
     """cutover-holds stops the source 0.3 s before it describes the VM (the vCPUs yield from the
     migration's start) and again once paused with the state saved: SCHED_IDLE at the first, their
     own policy at the nice value at the second, so that the pause never waits for a core."""
-    a, b = make_daemon("a", faults="cutover-holds", vcpu_nice=NICE), make_daemon("b")
+    a, b = make_daemon("a", faults="cutover-holds", vcpu_nice=NICE, vcpu_sched_idle_s=600), make_daemon("b")
     create(a, rate=16, vcpus=2)
     assert under_sched_idle(a) == 0 and at_nice(a) == 0, (thread_policies(a), thread_nices(a))
     a.call("migrate", name="vm1", to=b.address)
@@ -96,6 +97,26 @@ def test_the_vcpus_are_under_their_own_policy_again_for_the_pause(make_daemon: M
     stats = wait_migration(a, "vm1")
     assert stats["state"] == "completed" and stats["vcpu_sched_idle"] is True, stats
     assert_runs_here(b, "vm1")
+
+
+@pytest.mark.kvm
+def test_sched_idle_ends_after_its_bound_while_the_migration_goes_on(make_daemon: MakeDaemon) -> None:
+    """On a busy host a SCHED_IDLE guest gets almost no CPU: after vcpu_sched_idle_s the vCPU
+    threads are back under their own policy, at the nice value, while the migration (a guest
+    that never converges under a 1 ms limit) is still copying."""
+    a = make_daemon("a", downtime_limit_ms=1, max_rounds=10000, timeout_s=600, vcpu_nice=NICE, vcpu_sched_idle_s=0.2)
+    b = make_daemon("b")
+    create(a, rate="max", working_set_mib=64, vcpus=2)
+    assert under_sched_idle(a) == 0, f"precondition: a thread of a is under SCHED_IDLE: {thread_policies(a)}"
+    a.call("migrate", name="vm1", to=b.address)
+    wait_for(lambda: a.call("migration.status", name="vm1")["vcpu_sched_idle"] is True, what="the vCPUs' yield")
+    wait_for(lambda: under_sched_idle(a) == 0 and at_nice(a) == 2, what="the vCPUs back at nice, SCHED_IDLE over")
+    assert a.call("migration.status", name="vm1")["state"] in ("setup", "bulk", "rounds"), "still copying"
+    a.call("migration.cancel", name="vm1")
+    stats = wait_migration(a, "vm1")
+    assert stats["state"] == "cancelled", stats
+    assert at_nice(a) == 0 and under_sched_idle(a) == 0, (thread_nices(a), thread_policies(a))
+    assert_runs_here(a, "vm1")
 
 
 @pytest.mark.kvm
@@ -112,7 +133,7 @@ def test_a_completed_migration_leaves_the_targets_vcpus_at_their_normal_priority
 
 @pytest.mark.kvm
 def test_at_zero_and_without_sched_idle_the_vcpus_are_left_alone(make_daemon: MakeDaemon) -> None:
-    a, b = make_daemon("a", vcpu_nice=0, vcpu_sched_idle=False), make_daemon("b")
+    a, b = make_daemon("a", vcpu_nice=0, vcpu_sched_idle_s=0), make_daemon("b")
     create(a, rate=8, working_set_mib=16, vcpus=2)
     a.call("migrate", name="vm1", to=b.address)
     stats = wait_migration(a, "vm1")
