@@ -412,7 +412,7 @@ def boot_sector(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path
                         args.memory_mib,
                         args.qemu_timeout_s,
                         certificates,
-                    )  # fmt: skip
+                    )
                 )
         if not args.no_verify_full:
             lines.append(MigratedLine(f"m{limit}full", limit, "full", work, config, image, params, args.memory_mib))

@@ -95,6 +95,11 @@ class YieldingVcpus:
         return bool(self.nice) or self.sched_idle
 
     @property
+    def lowered(self) -> bool:
+        """Some thread is at `nice` now because of this (not restored yet)."""
+        return bool(self._nice_before)
+
+    @property
     def threads(self) -> int:
         """Threads whose nice value or policy this changed, and has not restored."""
         return len(self._nice_before.keys() | self._policy_before.keys())

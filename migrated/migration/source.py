@@ -210,7 +210,8 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         if vm is None or self.was_paused or not self._yielding.enabled or self.daemon.nice_error is not None:
             return
         errors = self._yielding.lower(vcpu.thread_id for vcpu in vm.vcpus)
-        self.stats.vcpu_nice = self._yielding.nice if self._yielding.threads else 0
+        # What was done, not what was asked: a thread already at the value, or under SCHED_IDLE only.
+        self.stats.vcpu_nice = self._yielding.nice if self._yielding.lowered else 0
         self.stats.vcpu_sched_idle = self._yielding.went_idle
         if errors:
             self.log.warning("vcpu_nice_failed", errors=errors)

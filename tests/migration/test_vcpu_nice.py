@@ -198,14 +198,14 @@ def test_a_thread_goes_under_sched_idle_wakes_at_the_nice_value_and_a_real_time_
         normal, fifo = ids["normal"], ids["fifo"]
         yielding = YieldingVcpus(NICE, sched_idle=True)
         assert yielding.lower([normal, fifo]) == []
-        assert yielding.went_idle and yielding.threads == 2  # fifo: its nice value only
+        assert yielding.went_idle and yielding.threads == 2 and yielding.lowered  # fifo: its nice value only
         assert os.sched_getscheduler(normal) == os.SCHED_IDLE
         assert os.sched_getscheduler(fifo) == os.SCHED_FIFO
         assert yielding.wake([normal, fifo]) == []
         assert os.sched_getscheduler(normal) == os.SCHED_OTHER
         assert os.getpriority(os.PRIO_PROCESS, normal) == NICE, "the nice value stays until restore"
         assert yielding.wake([normal]) == []  # idempotent
-        assert yielding.restore([normal, fifo]) == []
+        assert yielding.restore([normal, fifo]) == [] and not yielding.lowered
         assert os.sched_getscheduler(normal) == os.SCHED_OTHER
         assert os.getpriority(os.PRIO_PROCESS, normal) == 0
         assert os.sched_getscheduler(fifo) == os.SCHED_FIFO
