@@ -12,6 +12,13 @@ With a RAM file larger than the memory this nested host keeps backed (HOST-NOTES
 memory), `apply` shows the outer host's first-touch cost: run it at 1 and at 2+ GiB.
 
     python bench/dataplane_cpu.py [--gib 1] [--aead 1] [--streams 1] [--batch-mib 8] [--repo DIR]
+                                  [--backing memfd|shmem-huge|hugetlbfs]
+
+`--backing` chooses what holds both RAM files, as `vm.memory_backing` does: "shmem-huge" on a
+private tmpfs mounted with huge=within_size for the run (root), "hugetlbfs" from the pool in
+/proc/sys/vm/nr_hugepages (reserve twice `--gib` first). `--warm` writes and frees as much
+anonymous memory just before the target's RAM file is made: the outer host then backs the pages
+the copy fills, as a host in service does; without it they may be cold, and `apply` swings 10x.
 
 Two facts the data plane's choices rest on, each measured alone (no streams) by its own flag:
 `--aead-sizes` is what seal.py's AES-256-GCM calls move per CPU-second by record size (64 KiB to
@@ -29,14 +36,17 @@ thread's CPU per GiB, interleaved rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +69,12 @@ def main() -> None:
     parser.add_argument("--fresh-writes", action="store_true", help="only the ways to write a fresh memfd")
     parser.add_argument("--splice-receive", action="store_true", help="only the splice receiver prototype")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of those three (default: 3)")
+    parser.add_argument(
+        "--warm", action="store_true", help="write and free the target's size in memory just before the copy"
+    )
+    parser.add_argument(
+        "--backing", default="memfd", choices=("memfd", "shmem-huge", "hugetlbfs"), help="what holds both RAM files"
+    )
     args = parser.parse_args()
     if args.aead_sizes:
         print(json.dumps(aead_sizes(args.rounds), indent=2))
@@ -71,9 +87,54 @@ def main() -> None:
         return
     sys.path.insert(0, str(args.repo))
 
+    from migrated.kvm.memory import GuestMemory
+
+    size = int(args.gib * GIB) // PAGE * PAGE
+    with ram_backing(args.backing) as backing:
+        source = GuestMemory.flat(size, name="bench-source", backing=backing)
+        source.bytes[:] = 0x5A
+        if args.warm:
+            warm_host_memory(size)
+        target = GuestMemory.flat(size, name="bench-target", backing=backing)
+        try:
+            copy(args, source, target, size)
+        finally:
+            source.close()
+            target.close()
+
+
+def warm_host_memory(size: int) -> None:
+    """Write and free a little more than `size` bytes of anonymous memory: the target's RAM is
+    then made of pages the outer host backs now, as on a host in service (HOST-NOTES.md: this
+    nested host hands unused memory back to its own host within seconds)."""
     import numpy as np
 
-    from migrated.kvm.memory import GuestMemory
+    block = np.empty(size + size // 4, dtype=np.uint8)
+    block.fill(1)
+    del block
+
+
+@contextlib.contextmanager
+def ram_backing(kind: str) -> Iterator[Any]:
+    """The RamBacking of `kind`; for "shmem-huge", on a private huge-page tmpfs for the run."""
+    from migrated.kvm.backing import RamBacking
+
+    if kind != "shmem-huge":
+        yield RamBacking(kind)  # type: ignore[arg-type]
+        return
+    directory = tempfile.mkdtemp(prefix="dataplane-cpu-ram-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=within_size,mode=0700", "tmpfs", directory], check=True)
+    try:
+        yield RamBacking("shmem-huge", directory)
+    finally:
+        subprocess.run(["umount", directory], check=True)
+        os.rmdir(directory)
+
+
+def copy(args: argparse.Namespace, source: Any, target: Any, size: int) -> None:
+    """The copy itself, timed step by step, and its JSON."""
+    import numpy as np
+
     from migrated.migration import recvstreams, sendstreams
     from migrated.migration.ratelimit import TokenBucket
     from transport.datastream import DataReceiver, DataSender, Layout
@@ -108,10 +169,6 @@ def main() -> None:
         def __getattr__(self, name: str) -> Any:
             return getattr(self._sock, name)
 
-    size = int(args.gib * GIB) // PAGE * PAGE
-    source = GuestMemory.flat(size, name="bench-source")
-    source.bytes[:] = 0x5A
-    target = GuestMemory.flat(size, name="bench-target")
     pages = source.regions[0].pages
     batch_bytes = int(args.batch_mib * (1 << 20))
     batch_pages = max(1, batch_bytes // (PAGE + 16))  # as source.batch_pages_for
@@ -164,6 +221,8 @@ def main() -> None:
                 "repo": str(args.repo),
                 "gib": gib,
                 "aead": sealed,
+                "backing": args.backing,
+                "warm": args.warm,
                 "streams": args.streams,
                 "batch_mib": args.batch_mib,
                 "mib_s": size / (1 << 20) / elapsed,
