@@ -140,8 +140,9 @@ def test_the_downtime_keeps_r6_order_and_the_target_loads_after_every_end_marker
 
     The final pages take one of two ways. A small final set (a guest dirtying 1 MiB/s; the
     final-pages-on-control capability): the streams ended and the target reported them applied
-    before the pause (`streams_drained`), the pages are read from RAM after the state and go in
-    its write, and the target applies them after every stream ended. A bigger one (64 MiB/s,
+    before the pause (`streams_drained`), the pages go out on the control connection as soon as
+    the harvest found them, before the state is read (the target applies them meanwhile, after
+    every stream ended), and the state and DONE follow in one write. A bigger one (64 MiB/s,
     when the prediction expects more than CONTROL_FINAL_MAX_PAGES): the pages and their end
     markers are handed to the streams before the state is read."""
     a, b = make_daemon("a", verify="off"), make_daemon("b")
@@ -153,8 +154,10 @@ def test_the_downtime_keeps_r6_order_and_the_target_loads_after_every_end_marker
         assert on_control, stats["phase_steps_ms"]
     source = _timeline(a, "downtime_timeline")
     if on_control:
-        order = ["parked", "harvested", "state_read", "state_packed", "final_pages_read", "state_and_done_sent"]
+        order = ["parked", "harvested", "final_pages_sent", "state_read", "state_packed", "state_and_done_sent"]
         assert "pages_started" not in source, "no page went on a data stream in the downtime"
+        steps = list(stats["downtime_breakdown_ms"])
+        assert steps[:4] == ["pause", "final_harvest", "final_pages", "state_save"], steps
     else:
         order = ["parked", "harvested", "pages_started", "state_read", "state_packed", "state_and_done_sent"]
     assert [source[m] for m in order] == sorted(source[m] for m in order), source
