@@ -40,6 +40,9 @@ needs a failure that the real world produces only by bad luck:
 - source-warm-link-unwatched: the source's idle warm links are neither watched nor polled before
   use (warmlinks.py), so a link the target closed is handed to the next migration: the close
   that crosses a description in flight, made deterministic (the migration must fall back).
+- target-corrupt-ram: the target flips one byte of guest RAM (page 0 of the first slot) once
+  every page is in and the state arrived, before its digest: RAM that differs from the source's,
+  which verify = full must refuse (the VM keeps running on the source).
 - source-skip-its-save: arm64, the source leaves out ITS_SAVE_TABLES and SAVE_PENDING_TABLES
   (the negative test: the target's ITS must then come out wrong, and the test must notice).
 """
@@ -53,6 +56,7 @@ from structlog.typing import FilteringBoundLogger
 
 KNOWN = frozenset(
     {
+        "target-corrupt-ram",
         "target-refuse-loaded",
         "target-vanish-after-commit",
         "source-lose-commit",

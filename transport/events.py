@@ -259,6 +259,10 @@ class VmDescription(Event):
     dirty_tracking: str
     page_size: int = 4096
     arch: str = "x86_64"
+    verify: Literal["full", "off"] | None = None
+    """The verify mode the source will name in Done, said ahead so that the target can digest its
+    RAM as soon as every page is in rather than after Done (optional: older sources do not
+    send it). Done's is the one that counts."""
 
     def __post_init__(self) -> None:
         _str(self, "name", self.name, limits.MAX_NAME_CHARS)
@@ -276,6 +280,8 @@ class VmDescription(Event):
             _x86_features(self, self.cpu_features)
         _choice(self, "dirty_tracking", self.dirty_tracking, DIRTY_TRACKING_MODES)
         _choice(self, "arch", self.arch, ARCHES)
+        if self.verify is not None:
+            _choice(self, "verify", self.verify, VERIFY_MODES)
 
     def slot_pages(self) -> dict[int, int]:
         """slot -> number of pages in it: what every PageBatch is checked against."""
@@ -428,8 +434,10 @@ class Loaded(Event):
     """Target -> source: everything is loaded and verified; the target waits for Commit.
 
     Optional (older targets do not send them): what loading cost the target, in microseconds,
-    `digest_us` its digest of guest memory and `load_us` all of it from Done to Loaded; the
-    source learns the downtime's costs from them instead of guessing the target's share.
+    `digest_us` its digest of guest memory after Done (a digest begun when the state arrived,
+    VmDescription.verify: only the wait for what was left of it) and `load_us` all of it from
+    Done to Loaded; the source learns the downtime's costs from them instead of guessing the
+    target's share.
     """
 
     digest: bytes | None

@@ -110,6 +110,7 @@ WIRES: Final[tuple[Wire, ...]] = (
             "page_size": _INT,
             "arch": _STR,
         },
+        optional={"verify": _STR},
     ),
     Wire("accept", Accept, {}),
     Wire("abort", Abort, {"reason": _STR}),
@@ -194,7 +195,7 @@ def _header_fields(event: Event, optional_fields: bool) -> dict[str, Any]:
             "max_batch_bytes": event.max_batch_bytes,
         }
     if isinstance(event, VmDescription):
-        return {
+        described: dict[str, Any] = {
             "name": event.name,
             "migration_id": event.migration_id,
             "memory": [list(region) for region in event.memory],
@@ -205,6 +206,9 @@ def _header_fields(event: Event, optional_fields: bool) -> dict[str, Any]:
             "page_size": event.page_size,
             "arch": event.arch,
         }
+        if optional_fields and event.verify is not None:
+            described["verify"] = event.verify
+        return described
     if isinstance(event, PageBatch):
         return {
             "slot": event.slot,

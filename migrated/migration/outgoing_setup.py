@@ -215,6 +215,7 @@ class OutgoingSetup:
             },
             dirty_tracking=vm.dirty_tracking,
             arch=vm.caps.arch,
+            verify=self.options.verify,
         )
 
     async def _open_streams_into(self, channel: PeerChannel) -> None:

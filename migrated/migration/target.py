@@ -57,6 +57,7 @@ from .recvstreams import ReceiveStreams
 from .source_exchanges import answer_query, take_source_timing
 from .stats import MigrationStats, StepTimes
 from .timeline import Timeline
+from .earlydigest import EarlyDigest
 from .window import STATE_WORK_ON_LOOP_MAX_VCPUS, DowntimeWindow
 
 
@@ -110,6 +111,9 @@ class Target:
         self._restore_steps_ms: dict[str, float] = {}  # the state restore's steps, for the cutover's log
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
         self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
+        self._verify_expected: str | None = None  # the description's verify (None: an older source)
+        self._early_digest: EarlyDigest | None = None  # started once every page is in (verify full)
+        self._tasks: trio.Nursery | None = None  # the receive's nursery, for the early digest
         self.idle_link = False  # a source's warm link: it may wait idle, its streams come early
         self._record = BackgroundRecord(lambda: None, lambda ms: None)  # `_start_record`'s
 
@@ -238,6 +242,7 @@ class Target:
     async def _receive_vm(self, description: VmDescription) -> None:
         started = time.monotonic()
         spec = self._check(description)
+        self._verify_expected = description.verify
         self.stats = stats = MigrationStats(
             migration_id=description.migration_id, vm=spec.name, role="target", peer=self.peer
         )
@@ -432,6 +437,23 @@ class Target:
         self._streams.attach(hello, sock)
 
     async def _receive(self, stats: MigrationStats, views: dict[int, Any], prefault: dict[int, Prefaulter]) -> None:
+        # The early digest's nursery (earlydigest.py): a failure cancels it and waits for its
+        # thread before the RAM it reads is discarded.
+        try:
+            async with trio.open_nursery() as nursery:
+                self._tasks = nursery
+                await self._receive_with_tasks(stats, views, prefault)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            self._tasks = None
+
+    async def _receive_with_tasks(
+        self, stats: MigrationStats, views: dict[int, Any], prefault: dict[int, Prefaulter]
+    ) -> None:
         if self._streams is None:
             await self._receive_events(stats, views, prefault, self._next)
             return
@@ -555,6 +577,7 @@ class Target:
                         # The cutover's fine marks start where this side's downtime work does.
                         self._timeline = Timeline()
                     self._timeline.mark("state_received")
+                    await self._state_arrived(stats)
                 blobs.append((event.kind, event.blob))
                 self._window.open()
             elif isinstance(event, Done):
@@ -580,6 +603,30 @@ class Target:
                 return
             else:
                 raise PeerError(f"unexpected {type(event).__name__} while receiving the VM")
+
+    async def _state_arrived(self, stats: MigrationStats) -> None:
+        """The first device state: the source has paused, and every page it sends on this
+        connection came before it. With verify = full announced, the digest starts here, once
+        every data stream ended too (earlydigest.py)."""
+        hosted = self.hosted
+        assert hosted is not None and hosted.vm is not None and hosted.vm.memory is not None
+        corrupt = faults.active("target-corrupt-ram")
+        if self._verify_expected != "full" and not corrupt:
+            return
+        if self._streams is not None:
+            await self._streams_ended(stats)
+        # All memory is here: populating ahead of it would only take a core from the digest.
+        for prefaulter in self._prefault:
+            prefaulter.cancel()
+        if corrupt:
+            memory = hosted.vm.memory
+            view = memory.view(memory.regions[0])
+            view[0] ^= 0xFF  # one byte of guest RAM that the source never sent
+            self.log.warning("test_fault_corrupted_ram", slot=memory.regions[0].slot, offset=0)
+        if self._verify_expected == "full" and self._tasks is not None:
+            self._early_digest = EarlyDigest(hosted.vm.memory)
+            self._early_digest.start(self._tasks)
+            self._timeline.mark("digest_started")
 
     async def _streams_ended(self, stats: MigrationStats) -> None:
         """Every data stream's end marker arrived and all before it is in RAM (datastream.py
@@ -630,16 +677,31 @@ class Target:
         # waits for the scheduler twice); the restore runs only on a digest that matched.
         # Without a digest the restore alone runs here on the event loop, for a small VM
         # (window.py: the trip there and back cost more than the restore keeps the loop).
+        early = self._early_digest if done.verify == "full" else None
+        digest: bytes | None = None
+        digest_us: int | None = None
+        if early is not None:
+            # Started when the state arrived, beside the source's: only what is left of it is
+            # inside the downtime from here, and that is what the source learns as its cost.
+            waited = time.perf_counter()
+            digest = await early.sha256()
+            digest_us = round((time.perf_counter() - waited) * 1e6)
+            stats.verify_ms = early.ms
+            self._timeline.mark("digested")
+            stats.digest = digest.hex()
+            if digest != done.digest:
+                raise Refused("memory digest mismatch after loading: discarding this copy")
         try:
-            if done.verify != "full" and len(hosted.vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
-                digest = self._digest_and_restore(done, blobs, in_worker=False)
+            if (done.verify != "full" or early is not None) and len(hosted.vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
+                restored = self._digest_and_restore(done, blobs, in_worker=False, digested=early is not None)
             else:
-                digest = await trio.to_thread.run_sync(self._digest_and_restore, done, blobs)
+                restored = await trio.to_thread.run_sync(self._digest_and_restore, done, blobs, True, early is not None)
         except (KvmError, ValueError) as err:
             raise Refused(f"state restore failed: {err}") from None
         self._timeline.mark("restore_returned")
-        digest_us = None if digest is None else round((stats.verify_ms or 0.0) * 1e3)
-        if digest is not None:
+        if restored is not None:
+            digest = restored
+            digest_us = round((stats.verify_ms or 0.0) * 1e3)
             stats.digest = digest.hex()
             if digest != done.digest:
                 raise Refused("memory digest mismatch after loading: discarding this copy")
@@ -655,15 +717,18 @@ class Target:
         stats.state = stats.phase = "loaded"
         await faults.hold(self.log, "loaded")
 
-    def _digest_and_restore(self, done: Done, blobs: list[tuple[str, bytes]], in_worker: bool = True) -> bytes | None:
-        """The digest (with verify = full), then, if it matches, the state: in a worker thread,
-        or on the event loop without a digest (`_load`)."""
+    def _digest_and_restore(
+        self, done: Done, blobs: list[tuple[str, bytes]], in_worker: bool = True, digested: bool = False
+    ) -> bytes | None:
+        """The digest (with verify = full, unless `digested` early), then, if it matches, the
+        state: in a worker thread, or on the event loop without a digest to take (`_load`).
+        Returns the digest taken here, None if none was."""
         hosted, stats = self.hosted, self.stats
         assert hosted is not None and hosted.vm is not None and hosted.vm.memory is not None and stats is not None
         if in_worker:
             self._timeline.mark("worker_entered")
         digest = None
-        if done.verify == "full":
+        if done.verify == "full" and not digested:
             verify_started = time.perf_counter()
             digest = memory_digest(hosted.vm.memory).sha256
             stats.verify_ms = (time.perf_counter() - verify_started) * 1e3

@@ -226,3 +226,36 @@ def test_a_target_stopped_while_its_record_is_written_leaves_no_record(make_daem
     assert_runs_here(a, "vm1")
     b.start()
     assert b.call("vm.list", lost=True) == [], "a copy that never ran here is no lost VM"
+
+
+@pytest.mark.parametrize("rate", [1.0, 64.0])
+def test_with_verify_full_the_target_digests_as_soon_as_every_page_is_in(make_daemon: MakeDaemon, rate: float) -> None:
+    """The source says verify = full in its description, so the target starts its digest when the
+    state arrives (after every stream ended), beside the source's own, not after DONE; the
+    digests agree and the migration completes. Both ways of the final pages (see above)."""
+    a, b = make_daemon("a"), make_daemon("b")
+    create(a, rate=rate)
+    stats = migrate(a, b)
+    assert stats["state"] == "completed", stats.get("error")
+    target = _timeline(b, "cutover_timeline")
+    assert target["streams_ended"] <= target["digest_started"] < target["done_received"], target
+    assert target["digest_started"] <= target["digested"] <= target["restored"] <= target["loaded_sent"], target
+    assert "worker_entered" not in target, "no worker trip for the digest after DONE"
+    wait_for(lambda: b.call("migration.status", name="vm1")["state"] == "completed", what="the target's part")
+    assert b.call("migration.status", name="vm1")["digest"] == stats["digest"]
+    assert_runs_here(b, "vm1")
+
+
+def test_target_ram_that_differs_from_the_sources_is_refused_with_verify_full(make_daemon: MakeDaemon) -> None:
+    """The target flips a byte of guest RAM once every page is in (fault target-corrupt-ram):
+    its early digest differs from the source's, so it refuses before LOADED, discards its copy,
+    and the VM runs on at the source."""
+    a, b = make_daemon("a"), make_daemon("b", faults="target-corrupt-ram")
+    create(a, rate=1.0)
+    stats = migrate(a, b)
+    assert stats["state"] == "failed", stats
+    assert "memory digest mismatch" in stats["error"], stats["error"]
+    assert b.events("test_fault_corrupted_ram"), "the fault changed the target's RAM"
+    assert_runs_here(a, "vm1")
+    wait_for(lambda: "vm1" not in [vm["name"] for vm in b.call("vm.list")], what="the target to discard its copy")
+    assert_absent(b, "vm1")

@@ -1,5 +1,6 @@
-"""Optional fields (Done.rounds, Loaded's costs): sent to a peer that negotiated them, absent
-from an older peer's frames without harm, type-checked like every other field."""
+"""Optional fields (Done.rounds, Loaded's costs, VmDescription.verify): sent to a peer that
+negotiated them, absent from an older peer's frames without harm, type-checked like every other
+field."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from dataclasses import replace
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
-from tr_helpers import drive, feed, raw_frame, split_frames, transfer
+from tr_helpers import description, drive, feed, raw_frame, split_frames, transfer
 
-from transport import Close, Commit, Done, Loaded, RemoteProtocolError, Running, State, framing
+from transport import Close, Commit, Done, Loaded, RemoteProtocolError, Running, State, VmDescription, framing
 
 
 def test_rounds_and_the_targets_costs_reach_the_peer() -> None:
@@ -19,6 +20,24 @@ def test_rounds_and_the_targets_costs_reach_the_peer() -> None:
     assert isinstance(done, Done) and done.rounds == 3
     [loaded] = transfer(target, source, Loaded(None, digest_us=12_500, load_us=31_000))
     assert isinstance(loaded, Loaded) and (loaded.digest_us, loaded.load_us) == (12_500, 31_000)
+
+
+@pytest.mark.parametrize("verify", ["full", "off", None])
+def test_the_description_says_the_verify_mode_ahead(verify: str | None) -> None:
+    source, target = drive(State.READY)
+    [described] = transfer(source, target, description(verify=verify))
+    assert isinstance(described, VmDescription) and described.verify == verify
+    assert target.state is State.DESCRIBED
+
+
+def test_a_description_without_verify_still_decodes() -> None:
+    """As an older source writes it: no `verify`, so the target digests after Done as before."""
+    _, buffers = framing.encode(description(), optional_fields=False)
+    assert "verify" not in _header(bytes(buffers[0]))
+    _, buffers = framing.encode(description(verify="full"), optional_fields=False)
+    assert "verify" not in _header(bytes(buffers[0]))
+    _, buffers = framing.encode(description(verify="full"))
+    assert _header(bytes(buffers[0]))["verify"] == "full"
 
 
 def test_the_sources_close_carries_its_timing() -> None:
@@ -81,6 +100,19 @@ def test_an_older_peer_gets_frames_without_them() -> None:
     assert len(split_frames(bytes(buffers[0]))) == 1
 
 
+_DESCRIBED = {
+    "name": "vm1",
+    "migration_id": "m-1",
+    "memory": [[0, 0, 1 << 20]],
+    "vcpus": 1,
+    "guest_kind": "workload",
+    "cpu_features": {},
+    "dirty_tracking": "ring",
+    "page_size": 4096,
+    "arch": "x86_64",
+}
+
+
 @pytest.mark.parametrize(
     ("header", "match"),
     [
@@ -93,6 +125,8 @@ def test_an_older_peer_gets_frames_without_them() -> None:
         ({"t": "loaded", "digest": None, "digest_us": 1 << 40}, "Loaded.digest_us"),
         ({"t": "running", "resume_us": -1}, "Running.resume_us"),
         ({"t": "running", "reply_us": 2.5}, "'reply_us' must be int, got float"),
+        ({"t": "vm_description", **_DESCRIBED, "verify": 1}, "'verify' must be str, got int"),
+        ({"t": "vm_description", **_DESCRIBED, "verify": "sometimes"}, "VmDescription.verify"),
     ],
 )
 def test_optional_fields_are_checked(header: dict[str, object], match: str) -> None:
