@@ -687,7 +687,7 @@ class Target:
             digest = await early.sha256()
             digest_us = round((time.perf_counter() - waited) * 1e6)
             stats.verify_ms = early.ms
-            self._timeline.mark("digested")
+            self._timeline.mark("early_digest_done")
             stats.digest = digest.hex()
             if digest != done.digest:
                 raise Refused("memory digest mismatch after loading: discarding this copy")
