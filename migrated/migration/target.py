@@ -631,7 +631,7 @@ class Target:
     async def _streams_ended(self, stats: MigrationStats) -> None:
         """Every data stream's end marker arrived and all before it is in RAM (datastream.py
         rule 4), within peer.message_timeout_s of Done (or of the first final page on the
-        control connection). Counted once."""
+        control connection, or of the first device state with verify full). Counted once."""
         streams = self._streams
         assert streams is not None
         if self._streams_counted:
@@ -647,7 +647,10 @@ class Target:
                     await self._end_reported.wait()
                 await streams.wait_ended()
         except trio.TooSlowError:
-            raise PeerError(f"not every data stream ended within {timeout:g} s of Done") from None
+            raise PeerError(
+                f"not every data stream ended within {timeout:g} s of the downtime's first message "
+                "(final pages, device state or Done)"
+            ) from None
         except RemoteProtocolError as err:
             raise PeerError(str(err)) from None
         self._streams_counted = True
