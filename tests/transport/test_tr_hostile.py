@@ -14,6 +14,7 @@ from tr_helpers import (
     PAGE,
     batch,
     description,
+    description_header,
     drain,
     drive,
     encoded,
@@ -402,20 +403,7 @@ def _cpuid_entry(leaf: int) -> bytes:
     ],
 )
 def test_invalid_description(changes: dict[str, object], match: str) -> None:
-    fields: dict[str, object] = {
-        "t": "vm_description",
-        "name": "vm",
-        "migration_id": MIGRATION_ID,
-        "memory": [[0, 0, 1 << 20]],
-        "vcpus": 1,
-        "guest_kind": "workload",
-        "cpu_features": {},
-        "dirty_tracking": "ring",
-        "page_size": 4096,
-        "arch": "x86_64",
-    }
-    fields.update(changes)
-    refused(target_at(State.READY), raw_frame(fields), match)
+    refused(target_at(State.READY), raw_frame(description_header(**changes)), match)
 
 
 # --- page batches -------------------------------------------------------------------------------

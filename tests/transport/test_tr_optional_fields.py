@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
-from tr_helpers import description, drive, feed, raw_frame, split_frames, transfer
+from tr_helpers import description, description_header, drive, feed, raw_frame, split_frames, transfer
 
 from transport import Close, Commit, Done, Loaded, RemoteProtocolError, Running, State, VmDescription, framing
 
@@ -100,19 +100,6 @@ def test_an_older_peer_gets_frames_without_them() -> None:
     assert len(split_frames(bytes(buffers[0]))) == 1
 
 
-_DESCRIBED = {
-    "name": "vm1",
-    "migration_id": "m-1",
-    "memory": [[0, 0, 1 << 20]],
-    "vcpus": 1,
-    "guest_kind": "workload",
-    "cpu_features": {},
-    "dirty_tracking": "ring",
-    "page_size": 4096,
-    "arch": "x86_64",
-}
-
-
 @pytest.mark.parametrize(
     ("header", "match"),
     [
@@ -125,8 +112,8 @@ _DESCRIBED = {
         ({"t": "loaded", "digest": None, "digest_us": 1 << 40}, "Loaded.digest_us"),
         ({"t": "running", "resume_us": -1}, "Running.resume_us"),
         ({"t": "running", "reply_us": 2.5}, "'reply_us' must be int, got float"),
-        ({"t": "vm_description", **_DESCRIBED, "verify": 1}, "'verify' must be str, got int"),
-        ({"t": "vm_description", **_DESCRIBED, "verify": "sometimes"}, "VmDescription.verify"),
+        (description_header(verify=1), "'verify' must be str, got int"),
+        (description_header(verify="sometimes"), "VmDescription.verify"),
     ],
 )
 def test_optional_fields_are_checked(header: dict[str, object], match: str) -> None:

@@ -124,6 +124,24 @@ def handshake(source: Connection, target: Connection) -> None:
     assert source.state is target.state is State.READY
 
 
+def description_header(**changes: object) -> dict[str, object]:
+    """A vm_description frame's header as a peer would write it, for hand-built frames."""
+    fields: dict[str, object] = {
+        "t": "vm_description",
+        "name": "vm",
+        "migration_id": MIGRATION_ID,
+        "memory": [[0, 0, 1 << 20]],
+        "vcpus": 1,
+        "guest_kind": "workload",
+        "cpu_features": {},
+        "dirty_tracking": "ring",
+        "page_size": 4096,
+        "arch": "x86_64",
+    }
+    fields.update(changes)
+    return fields
+
+
 def description(**changes: Any) -> VmDescription:
     fields: dict[str, Any] = dict(
         name="vm1",
