@@ -239,7 +239,9 @@ def test_with_verify_full_the_target_digests_as_soon_as_every_page_is_in(make_da
     assert stats["state"] == "completed", stats.get("error")
     target = _timeline(b, "cutover_timeline")
     assert target["streams_ended"] <= target["digest_started"] < target["done_received"], target
-    assert target["digest_started"] <= target["early_digest_done"] <= target["restored"] <= target["loaded_sent"], target
+    assert target["digest_started"] <= target["early_digest_done"] <= target["restored"] <= target["loaded_sent"], (
+        target
+    )
     assert "worker_entered" not in target, "no worker trip for the digest after DONE"
     wait_for(lambda: b.call("migration.status", name="vm1")["state"] == "completed", what="the target's part")
     assert b.call("migration.status", name="vm1")["digest"] == stats["digest"]
