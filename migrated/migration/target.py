@@ -627,6 +627,7 @@ class Target:
             self._early_digest = EarlyDigest(hosted.vm.memory)
             self._early_digest.start(self._tasks)
             self._timeline.mark("digest_started")
+            self.log.info("target_digest_started", before_done=True)
 
     async def _streams_ended(self, stats: MigrationStats) -> None:
         """Every data stream's end marker arrived and all before it is in RAM (datastream.py

@@ -322,12 +322,13 @@ def description_header(target: TargetHost, vm_name: str, **changes: Any) -> dict
     return header
 
 
-def accepted_peer(target: TargetHost, name: str) -> Peer:
-    """An authenticated peer whose VM B accepted: B holds an incoming copy, pages may flow."""
+def accepted_peer(target: TargetHost, name: str, **changes: Any) -> Peer:
+    """An authenticated peer whose VM B accepted: B holds an incoming copy, pages may flow.
+    `changes` go into its description."""
     peer = Peer(target, key=target.key)
     try:
         peer.handshake()
-        answer = peer.offer(description(target, name))
+        answer = peer.offer(description(target, name, **changes))
         assert isinstance(answer, Accept), answer
         # B answers ACCEPT once the RAM exists and builds the VM behind it (beside the bulk copy).
         wait_for(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
+import numpy as np
 import pytest
 
 from daemons import DaemonProcess, heartbeat, wait_for, wait_migration
@@ -53,6 +54,7 @@ from hostile import (
 )
 from migrated.kvm.system import Kvm
 from migrated.migration import vmstate
+from migrated.pagehash import ram_digest
 from migrated.peer import FINAL_PAGES_ON_CONTROL
 from transport import (
     Abort,
@@ -438,6 +440,33 @@ def test_done_without_device_state_is_aborted_with_a_reason(target: TargetHost) 
         assert isinstance(answer, Abort), answer
         assert "device state" in answer.reason, answer
     log.wait("incoming_vm_refused")
+    log.wait("incoming_vm_discarded", vm=name)
+    assert "incoming_vm_running" not in log.names()
+    assert_unharmed(target)
+
+
+@pytest.mark.parametrize("announced", ["full", None], ids=["verify announced", "an older source"])
+@pytest.mark.parametrize("right", [True, False], ids=["right digest", "wrong digest"])
+def test_the_digest_in_done_is_checked_whether_or_not_verify_was_announced(
+    target: TargetHost, announced: str | None, right: bool
+) -> None:
+    """With verify announced in the description B digests its RAM when the state arrives; from
+    an older source, which announces nothing, after Done. Either way Done's digest decides: a
+    wrong one is refused before any state is restored, and the right one lets the restore go on
+    (here it then refuses the unrestorable state, which shows the digest passed)."""
+    name = new_name()
+    log = LogWatch(target.daemon)
+    ram = np.zeros(VM_MIB * MIB, dtype=np.uint8)  # what B's RAM holds: the pages sent are zeros
+    digest = ram_digest([(0, ram)]).sha256 if right else bytes(32)
+    with accepted_peer(target, name, verify=announced) as peer:
+        peer.send(page_batch([0, 1]))
+        peer.send(DeviceState(kind=vmstate.X86_MACHINE, blob=msgpack.packb({"version": 99})))
+        peer.send(Done(pages_total=2, digest=digest, verify="full"))
+        answer = peer.receive()
+        assert isinstance(answer, Abort), answer
+        expected = "state restore failed" if right else "memory digest mismatch"
+        assert expected in answer.reason, answer
+    assert bool(log.find("target_digest_started", peer=peer.address)) == (announced == "full"), log.names()
     log.wait("incoming_vm_discarded", vm=name)
     assert "incoming_vm_running" not in log.names()
     assert_unharmed(target)
