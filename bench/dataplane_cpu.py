@@ -119,8 +119,11 @@ def ram_backing(kind: str) -> Iterator[Any]:
     """The RamBacking of `kind`; for "shmem-huge", on a private huge-page tmpfs for the run."""
     from migrated.kvm.backing import RamBacking
 
-    if kind != "shmem-huge":
-        yield RamBacking(kind)  # type: ignore[arg-type]
+    if kind == "memfd":
+        yield RamBacking("memfd")
+        return
+    if kind == "hugetlbfs":
+        yield RamBacking("hugetlbfs")
         return
     directory = tempfile.mkdtemp(prefix="dataplane-cpu-ram-")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=within_size,mode=0700", "tmpfs", directory], check=True)

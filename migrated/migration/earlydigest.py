@@ -2,8 +2,8 @@
 
 The source digests its RAM after the pause and sends the digest in Done; the target used to
 start its own digest only then, so the two ran one after the other inside the downtime (3.3 ms
-each for the boot-sector guest here, measured by bench/timeline.py; a quarter of a second each
-for 8 GiB). The target's RAM is final earlier: once every data stream ended and the device
+each for the boot-sector guest here, measured by bench/timeline.py; in proportion to the data
+for bigger guests). The target's RAM is final earlier: once every data stream ended and the device
 state arrived (the final pages come before the state on the control connection), nothing but a
 page batch writes it, and the protocol refuses a page batch after device state (R9,
 transport/states.py). The source says in its description whether it will verify

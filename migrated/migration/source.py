@@ -591,14 +591,15 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         timeline = self._timeline
         sent_before = self._sent_bytes()
         early_end = not vm.tracker.uses_backup_bitmap
-        final_batches: list[PageBatch] | None = None  # with `on_control`: sent before the save
+        final_sent_early = False  # with `on_control` on the event loop: sent before the save
         if len(vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
             if not self._park(LOOP_PARK_WAIT_S):
                 # A vCPU slow to leave KVM_RUN (preempted, or in a long exit): the rest of the
                 # wait off the event loop, which must not stall up to the pause timeout.
                 await trio.to_thread.run_sync(self._park, None)
             if on_control:
-                dirty, final_batches = await self._stop_and_send_final_pages(pending, clock)
+                dirty = await self._stop_and_send_final_pages(pending, clock)
+                final_sent_early = True
                 blobs, backup = self._save_state(clock)
                 passes: list[Pass] = []
             else:
@@ -615,7 +616,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         await faults.hold(self.log, "downtime")
         unsent: list[PageBatch] = []  # final pages that go in the state's write
         if on_control:
-            if final_batches is None:
+            if not final_sent_early:
                 unsent = await self._final_batches(dirty)
                 timeline.mark("final_pages_read")
             assert self._early_end is not None
@@ -692,9 +693,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
                 "memory digest mismatch: the target's RAM differs from the source's; aborted, the VM resumes here"
             )
 
-    async def _stop_and_send_final_pages(
-        self, pending: DirtyPages, clock: StepClock
-    ) -> tuple[DirtyPages, list[PageBatch]]:
+    async def _stop_and_send_final_pages(self, pending: DirtyPages, clock: StepClock) -> DirtyPages:
         """R6.1-2, then R6.5's pages on the control connection at once, before R6.3 (the
         streams ended before the pause: `_final_pages_on_control`). The target applies them
         while the state is saved here: measured 0.47 ms off the downtime (bench/fixed_cost.py,
@@ -710,7 +709,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
             await channel.send_many(batches, at_once=True)
         clock.step("final_pages")
         self._timeline.mark("final_pages_sent")
-        return dirty, batches
+        return dirty
 
     async def _final_batches(self, dirty: DirtyPages) -> list[PageBatch]:
         """The final pages, read from guest RAM now, as the control connection's PageBatches."""

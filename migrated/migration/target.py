@@ -692,9 +692,7 @@ class Target:
             digest_us = round((time.perf_counter() - waited) * 1e6)
             stats.verify_ms = early.ms
             self._timeline.mark("early_digest_done")
-            stats.digest = digest.hex()
-            if digest != done.digest:
-                raise Refused("memory digest mismatch after loading: discarding this copy")
+            self._check_digest(digest, done)
         try:
             if (done.verify != "full" or early is not None) and len(hosted.vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
                 restored = self._digest_and_restore(done, blobs, in_worker=False, digested=early is not None)
@@ -706,9 +704,7 @@ class Target:
         if restored is not None:
             digest = restored
             digest_us = round((stats.verify_ms or 0.0) * 1e3)
-            stats.digest = digest.hex()
-            if digest != done.digest:
-                raise Refused("memory digest mismatch after loading: discarding this copy")
+            self._check_digest(digest, done)
         if faults.active("target-refuse-loaded"):
             raise Refused("refusing at LOADED (test fault target-refuse-loaded)")
         # What loading cost here: the source learns the downtime's costs from it.
@@ -720,6 +716,13 @@ class Target:
         self.daemon.incoming.record(stats.migration_id, "loaded")
         stats.state = stats.phase = "loaded"
         await faults.hold(self.log, "loaded")
+
+    def _check_digest(self, digest: bytes, done: Done) -> None:
+        """Recorded, then compared with the source's: a copy that differs is refused (R9)."""
+        assert self.stats is not None
+        self.stats.digest = digest.hex()
+        if digest != done.digest:
+            raise Refused("memory digest mismatch after loading: discarding this copy")
 
     def _digest_and_restore(
         self, done: Done, blobs: list[tuple[str, bytes]], in_worker: bool = True, digested: bool = False
