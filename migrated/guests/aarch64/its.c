@@ -291,9 +291,11 @@ static void acknowledge(struct lpi *l)
 		report(l->status, WLA_S_LAST_INTID, intid);
 		u64 e = intid - WLA_LPI_BASE; /* wraps for INTIDs below the base */
 		if (e < WLA_INT_EVENTS && (l->outstanding & BIT(e))) {
+			/* Counted before the bit clears: a VMM that sees nothing outstanding must
+			 * already see the count that goes with it. */
+			bump(l->status, WLA_S_LPIS_RECEIVED);
 			l->outstanding &= ~BIT(e);
 			report(l->status, WLA_S_LPI_OUTSTANDING, l->outstanding);
-			bump(l->status, WLA_S_LPIS_RECEIVED);
 		} else if (e >= WLA_INT_EVENTS && e < WLA_EVENTS) {
 			bump(l->status, WLA_S_MSIS_RECEIVED);
 		} else {
