@@ -90,11 +90,17 @@ def _nonce(sequence: int) -> bytes:
     return _NONCE.pack(sequence)
 
 
+# Up to this size (ciphertext and tag) a record is sealed in one AEAD call from a joined copy of
+# its frame; above it, streamed from the frame's buffers where they lie (no copy of page data).
+SMALL_RECORD_BYTES: Final = 64 << 10
+
+
 class Sealer:
     """This side's records, in order."""
 
     def __init__(self, key: bytes, buffers: Buffers = FRESH) -> None:
         self._key = key
+        self._aead = AESGCM(key)  # set up once: a small record costs one call, not a new context
         self.sequence = 0
         """The sequence number of the next record."""
         self._buffers = buffers
@@ -107,15 +113,26 @@ class Sealer:
         self._out = bytearray()
 
     def seal(self, frame: Sequence[Buffer]) -> list[Buffer]:
-        """The record for one frame given as buffers: [length, ciphertext, tag].
+        """The record for one frame given as buffers: [length, ciphertext and tag] for a small
+        frame, [length, ciphertext, tag] for a larger one.
 
-        Streaming GCM encrypts each buffer where it lies (page data straight from guest RAM) into
-        one buffer this Sealer reuses: the ciphertext is valid until the next call to seal()."""
+        A larger frame is encrypted by streaming GCM, each buffer where it lies (page data
+        straight from guest RAM), into one buffer this Sealer reuses: the ciphertext is valid
+        until the next call to seal()."""
         sizes = [memoryview(part).nbytes for part in frame]
         length = sum(sizes) + TAG_BYTES
         if length > limits.U32_MAX:
             raise LocalProtocolError(f"frame of {length} bytes does not fit one record")
         prefix = LENGTH.pack(length)
+        if length <= SMALL_RECORD_BYTES:
+            # Control messages (the cutover's among them): a streaming context costs 4 us warm
+            # and 50-80 us cold inside a downtime (its Python layers), the kept AEAD one call;
+            # joining a small frame's parts costs less than either.
+            data = frame[0] if len(frame) == 1 else b"".join(frame)
+            record = bytearray(length)
+            self._aead.encrypt_into(_nonce(self.sequence), data, prefix, record)
+            self.sequence += 1
+            return [prefix, record]
         encryptor = Cipher(algorithms.AES(self._key), modes.GCM(_nonce(self.sequence))).encryptor()
         encryptor.authenticate_additional_data(prefix)
         # update_into wants room for one block more than it is given.

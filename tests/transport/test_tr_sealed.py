@@ -29,6 +29,7 @@ from transport import (
     Connection,
     Done,
     Loaded,
+    LocalProtocolError,
     PageBatch,
     Progress,
     RemoteProtocolError,
@@ -222,3 +223,31 @@ def test_without_a_psk_nothing_is_sealed(mode: dict[str, bool]) -> None:
     assert source.sealer is None and target.sealer is None and not source.sealed
     [got] = feed(target, bytes(encoded(batch(0, [1]))))
     assert isinstance(got, PageBatch)
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1, 4096])
+def test_records_either_side_of_the_small_record_size_open_alike(extra: int) -> None:
+    """A small frame is sealed in one AEAD call from a copy, a larger one streamed from its
+    buffers: the same record format either way, opened by the same Opener, in sequence, and a
+    changed byte fails either."""
+    key = b"k" * 32
+    sealer = seal.Sealer(key)
+    opener = seal.Opener(key, 1 << 20)
+    size = seal.SMALL_RECORD_BYTES - seal.TAG_BYTES + extra
+    rng = np.random.default_rng(size)
+    frames = []
+    for _ in range(2):
+        body = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        parts = [body[:100], memoryview(body)[100:]]  # a header and a payload, as sent
+        record = b"".join(bytes(p) for p in sealer.seal(parts))
+        assert seal.LENGTH.unpack_from(record)[0] == size + seal.TAG_BYTES == len(record) - seal.LENGTH.size
+        opener.feed(memoryview(record))
+        opened = opener.next_frame()
+        assert opened is not None and bytes(opened) == body
+        frames.append(record)
+    bad = bytearray(frames[0])
+    bad[seal.LENGTH.size + size // 2] ^= 1
+    fresh = seal.Opener(key, 1 << 20)
+    fresh.feed(memoryview(bytes(bad)))
+    with pytest.raises(LocalProtocolError, match="failed authentication"):
+        fresh.next_frame()
