@@ -132,7 +132,7 @@ class Sealer:
             record = bytearray(length)
             self._aead.encrypt_into(_nonce(self.sequence), data, prefix, record)
             self.sequence += 1
-            return [prefix, record]
+            return [prefix, memoryview(record)]
         encryptor = Cipher(algorithms.AES(self._key), modes.GCM(_nonce(self.sequence))).encryptor()
         encryptor.authenticate_additional_data(prefix)
         # update_into wants room for one block more than it is given.
