@@ -104,6 +104,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         self._digest_sample: DigestSample | None = None  # `_price_digest`
         self._predicted_final_pages = 0  # the converged prediction's pages (`_final_pages_on_control`)
         self._control_counters = StreamCounters()  # final pages sent on the control connection
+        self._downtime_steps = downtime_steps(False, False)  # set for the path the downtime takes
         self._early_end: Pass | None = None  # the streams' end markers, sent before the pause
         self._bulk_pages: int | None = None  # pages in the bulk copy, while it runs
         self._target_digest_ms: float | None = None  # as the target reported it in LOADED
@@ -447,7 +448,7 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         with trio.move_on_after(guard_ms / 1e3) as guard:
             await self._downtime_until_loaded(pending, clock, on_control)
         if guard.cancelled_caught:
-            waiting_for = next((s for s in _DOWNTIME_STEPS if s not in steps), "commit")
+            waiting_for = next((s for s in self._downtime_steps if s not in steps), "commit")
             self.log.warning("downtime_guard_expired", guard_ms=guard_ms, step=waiting_for)
             raise MigrationFailed(
                 f"downtime guard: no COMMIT within {guard_ms:.0f} ms of the pause (limit "
@@ -592,7 +593,9 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         sent_before = self._sent_bytes()
         early_end = not vm.tracker.uses_backup_bitmap
         final_sent_early = False  # with `on_control` on the event loop: sent before the save
-        if len(vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS:
+        on_loop = len(vm.vcpus) <= STATE_WORK_ON_LOOP_MAX_VCPUS
+        self._downtime_steps = downtime_steps(on_control and on_loop, self.options.verify == "full")
+        if on_loop:
             if not self._park(LOOP_PARK_WAIT_S):
                 # A vCPU slow to leave KVM_RUN (preempted, or in a long exit): the rest of the
                 # wait off the event loop, which must not stall up to the pause timeout.
@@ -838,20 +841,23 @@ class Source(OutgoingSetup, Precopy, InDoubt):
 # state estimate.
 _MEASURED_NOW = ("harvest_ms", "state_ms")
 
-# The downtime's steps in order, as StepClock names them: the guard's error names the first one
-# that had not finished. Page streaming overlaps state_save and backup_bitmap (see
-# `_downtime_until_loaded`); `send` is what remained of it after them. `final_pages` only where
-# the final pages go on the control connection ahead of the state save.
-_DOWNTIME_STEPS = (
-    "pause",
-    "final_harvest",
-    "final_pages",
-    "state_save",
-    "backup_bitmap",
-    "send",
-    "digest",
-    "target_load",
-)
+
+def downtime_steps(final_pages_first: bool, digest: bool) -> tuple[str, ...]:
+    """The downtime's steps in order, as StepClock names them, for the path this downtime takes:
+    the guard's error names the first one that had not finished. `final_pages_first`: the final
+    pages go on the control connection ahead of the state save (step `final_pages`); `digest`:
+    verify = full. Page streaming overlaps state_save and backup_bitmap (see
+    `_downtime_until_loaded`); `send` is what remained of it after them."""
+    return (
+        "pause",
+        "final_harvest",
+        *(("final_pages",) if final_pages_first else ()),
+        "state_save",
+        "backup_bitmap",
+        "send",
+        *(("digest",) if digest else ()),
+        "target_load",
+    )
 
 
 def new_migration_id() -> str:

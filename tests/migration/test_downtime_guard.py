@@ -32,8 +32,11 @@ def stopped(daemon: DaemonProcess) -> bool:
     return stat[stat.rindex(")") + 2] == "T"
 
 
-def test_a_target_stopped_in_the_downtime_is_cut_off_by_the_guard(make_daemon: MakeDaemon) -> None:
-    a = make_daemon("a", downtime_limit_ms=300, downtime_guard_ms=700)
+@pytest.mark.parametrize("verify", ["full", "off"])
+def test_a_target_stopped_in_the_downtime_is_cut_off_by_the_guard(make_daemon: MakeDaemon, verify: str) -> None:
+    """The error names the step the downtime stalled in: the target's load, after the digest
+    (verify full) or with none taken (verify off, where no `digest` step exists)."""
+    a = make_daemon("a", downtime_limit_ms=300, downtime_guard_ms=700, verify=verify)
     b = make_daemon("b", faults="target-stop-on-done")
     create(a, rate=0.0, memory_mib=128, working_set_mib=16)
     try:
@@ -43,6 +46,7 @@ def test_a_target_stopped_in_the_downtime_is_cut_off_by_the_guard(make_daemon: M
         assert stopped(b), "the target should still be stopped"
         assert stats["state"] == "failed", stats
         assert "downtime guard" in stats["error"] and "1000 ms" in stats["error"], stats["error"]
+        assert "stalled in step 'target_load'" in stats["error"], stats["error"]
         assert stats["downtime_guard_ms"] == 1000
         assert stats["downtime_ms"] is not None, "the pause the guest saw is reported"
         assert_runs_here(a, "vm1")
