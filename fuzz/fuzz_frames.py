@@ -173,9 +173,9 @@ def _fresh(name: str) -> tuple[Connection, Connection]:
     # An AESGCM context holds only its key and cannot be copied: the copies share it.
     memo: dict[int, object] = {}
     for conn in pair:
-        opener = conn._opener
-        if opener is not None:
-            memo[id(opener._aead)] = opener._aead
+        for keeper in (conn._opener, conn._sealer):
+            if keeper is not None:
+                memo[id(keeper._aead)] = keeper._aead
     return copy.deepcopy(pair, memo)
 
 
