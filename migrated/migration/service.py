@@ -19,7 +19,7 @@ from ..logs import get_logger
 from .host import CommandArgs, CommandReply, MigrationHost, Migration
 from .source import Source, SourceOptions, new_migration_id
 from .recvstreams import accept_hello, is_data_stream
-from .target import Target
+from .target import DataStreamUnused, Target
 
 # Data connections in their handshake at once: each may hold a TLS thread until its deadline.
 MAX_DATA_HANDSHAKES = 8
@@ -86,6 +86,10 @@ async def accept_data_stream(
             await warm.attach_data_stream(hello, sock)
         sock = None  # its thread owns it now
         log.info("data_stream_attached", peer=peer, migration_id=hello.migration_id, index=hello.index)
+    except DataStreamUnused as err:
+        # Expected where a source stops with an idle link (its warm streams wait for it) or a
+        # migration fails before its streams ran: the migration's end is logged on its own.
+        log.info("data_stream_unused", peer=peer, reason=str(err))
     except (RemoteProtocolError, OSError, ssl.SSLError, trio.TooSlowError) as err:
         log.warning("data_stream_refused", peer=peer, error=str(err) or type(err).__name__)
     finally:

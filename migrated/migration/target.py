@@ -61,6 +61,11 @@ from .earlydigest import EarlyDigest
 from .window import STATE_WORK_ON_LOOP_MAX_VCPUS, DowntimeWindow
 
 
+class DataStreamUnused(Exception):
+    """A data stream that proved it is its migration's and waited, and the migration ended (it
+    failed, or its idle link closed) before the stream was used: no fault of the stream's."""
+
+
 class Target:
     def __init__(
         self, daemon: MigrationHost, stream: trio.SocketStream, peer: str, setup_deadline: float | None = None
@@ -432,6 +437,8 @@ class Target:
             if self._streams_waiting >= self.data_streams:
                 self._all_streams_waiting.set()
             await self._streams_ready.wait()
+            if self._streams is None:
+                raise DataStreamUnused(f"migration {hello.migration_id!r} ended before its data stream was used")
         if self._streams is None:
             raise RemoteProtocolError(f"migration {hello.migration_id!r} takes no data streams now")
         self._streams.attach(hello, sock)
