@@ -112,13 +112,20 @@ class Sealer:
             self._buffers.give(self._out)
         self._out = bytearray()
 
+    def _room(self, size: int) -> memoryview:
+        """The reused buffer, at least `size` bytes."""
+        if len(self._out) < size:
+            self.release()
+            self._out = self._buffers.take(size)
+        return memoryview(self._out)
+
     def seal(self, frame: Sequence[Buffer]) -> list[Buffer]:
         """The record for one frame given as buffers: [length, ciphertext and tag] for a small
-        frame, [length, ciphertext, tag] for a larger one.
+        frame, [length, ciphertext, tag] for a larger one. Either is written into one buffer
+        this Sealer reuses: the ciphertext is valid until the next call to seal().
 
         A larger frame is encrypted by streaming GCM, each buffer where it lies (page data
-        straight from guest RAM), into one buffer this Sealer reuses: the ciphertext is valid
-        until the next call to seal()."""
+        straight from guest RAM)."""
         sizes = [memoryview(part).nbytes for part in frame]
         length = sum(sizes) + TAG_BYTES
         if length > limits.U32_MAX:
@@ -129,17 +136,14 @@ class Sealer:
             # and 50-80 us cold inside a downtime (its Python layers), the kept AEAD one call;
             # joining a small frame's parts costs less than either.
             data = frame[0] if len(frame) == 1 else b"".join(frame)
-            record = bytearray(length)
+            record = self._room(length)[:length]
             self._aead.encrypt_into(_nonce(self.sequence), data, prefix, record)
             self.sequence += 1
-            return [prefix, memoryview(record)]
+            return [prefix, record]
         encryptor = Cipher(algorithms.AES(self._key), modes.GCM(_nonce(self.sequence))).encryptor()
         encryptor.authenticate_additional_data(prefix)
         # update_into wants room for one block more than it is given.
-        if len(self._out) < length + _BLOCK_BYTES:
-            self.release()
-            self._out = self._buffers.take(length + _BLOCK_BYTES)
-        out, filled = memoryview(self._out), 0
+        out, filled = self._room(length + _BLOCK_BYTES), 0
         for part, size in zip(frame, sizes):
             if size:
                 filled += encryptor.update_into(part, out[filled:])
