@@ -139,6 +139,10 @@ class VmDefaults:
     memory_backing: MemoryBacking = "memfd"
     # "shmem-huge" RAM files; None: <state_dir>/ram, a tmpfs the daemon mounts (rammount.py)
     memory_backing_dir: Path | None = None
+    # The RAM files of VMs that left, zeroed and kept for the next VM (kvm/ramreserve.py): at most
+    # this many MiB of their pages together (0: off), each for at most ram_reserve_hold_s.
+    ram_reserve_mib: int = 2048
+    ram_reserve_hold_s: float = 60.0
 
     @property
     def harvest_interval_s(self) -> float:
@@ -428,6 +432,9 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_vcpu_overcommit": _Key(8, _number(0.1, 1000), True),
         "memory_backing": _Key("memfd", _one_of("memfd", "shmem-huge", "hugetlbfs"), True),
         "memory_backing_dir": _Key(None, _path(), False),
+        # 2**30 MiB: 1 EiB, far beyond any host; 0 keeps nothing.
+        "ram_reserve_mib": _Key(2048, _integer(0, 1 << 30), True),
+        "ram_reserve_hold_s": _Key(60, _number(0, 86_400), True),
     },
     "migration": {
         "downtime_limit_ms": _Key(300, _integer(1, 60_000), True),

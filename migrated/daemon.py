@@ -27,6 +27,7 @@ from .guests.x86_64.boot import pulse_irq
 from .kvm.errors import KvmError
 from .kvm.backing import MEMORY_BACKINGS, MemoryBackingError, RamBacking
 from .kvm.memory import GuestMemory
+from .kvm.ramreserve import MIB, RamReserve, ReserveLimits
 from .kvm.system import Kvm
 from .kvm.vcpu import ensure_kick_handler
 from .logs import configure_logging, get_logger
@@ -96,7 +97,12 @@ class Daemon:
         # None: a downtime can keep idle CPUs polling (cpulatency.py); the request is made now and
         # constrains nothing until a downtime window holds it.
         self.cpu_latency_error = CPU_LATENCY.open()
-        self.ram_directory = RamDirectory(config.vm.memory_backing_dir, Path(config.daemon.state_dir))
+        reserve_log = get_logger(component="ram_reserve")
+        self.ram_reserve = RamReserve(
+            lambda: ReserveLimits(self.config.vm.ram_reserve_mib * MIB, self.config.vm.ram_reserve_hold_s),
+            report=lambda event, **fields: reserve_log.info(event, **fields),
+        )
+        self.ram_directory = RamDirectory(config.vm.memory_backing_dir, Path(config.daemon.state_dir), self.ram_reserve)
         self.vm_shell = VmShell(kvm, lambda: self.config)  # made and closed by its `serve`
         self.commands: dict[str, Command] = {
             "vm.create": self.cmd_vm_create,
@@ -383,6 +389,7 @@ class Daemon:
             "vcpu_nice_restorable": self.nice_error is None,
             "downtime_idle_polling": self.cpu_latency_error is None,
             "vm_shell": self.vm_shell.status(),
+            "ram_reserve": self.ram_reserve.status(),
         }
 
     async def remove_vm(self, hosted: HostedVm, reason: str, keep_record: bool = False) -> None:
@@ -678,6 +685,7 @@ async def run_daemon(
         if metrics is not None:
             metrics.close()
         daemon.ram_directory.unmount()
+        daemon.ram_reserve.close()  # every VM is closed: no file comes after this
         kvm.close()
         notifier.close()
         log.info("daemon_stopped")

@@ -210,6 +210,7 @@ class HostedVm:
         vm = self.vm
         if vm is not None and vm.memory is not None:
             info["memory_backing"] = vm.memory.backing.kind
+            info["ram_from_reserve"] = vm.memory.from_reserve  # the zeroed file of a VM that left (ramreserve.py)
             # What the RAM file holds now: for hugetlbfs all of it, from the start.
             info["memory_allocated_bytes"] = vm.memory.allocated_bytes()
         if vm is not None and vm.tracker is not None:

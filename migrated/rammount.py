@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from .kvm.backing import MemoryBackingError, RamBacking, huge_tmpfs_problem
+from .kvm.ramreserve import RamReserve
 
 MNT_DETACH = 2
 MOUNT_OPTIONS = "huge=within_size,mode=0700,size=0"  # size=0: no limit of its own
@@ -35,14 +36,17 @@ _libc.umount2.restype = ctypes.c_int
 class RamDirectory:
     """Resolves a VM's backing choice into a `RamBacking`, mounting the default tmpfs once."""
 
-    def __init__(self, configured: Path | None, state_dir: Path) -> None:
+    def __init__(self, configured: Path | None, state_dir: Path, reserve: RamReserve | None = None) -> None:
         self.path = configured if configured is not None else state_dir / "ram"
+        self.reserve = reserve  # memfd RAM comes from it and goes back to it (kvm/ramreserve.py)
         self.ours = configured is None  # the daemon may mount (and must unmount) only its default
         self.mounted = False
         self._lock = threading.Lock()
 
     def backing(self, kind: str) -> RamBacking:
         """The backing for a new VM; MemoryBackingError naming the problem if it cannot be had."""
+        if kind == "memfd":
+            return RamBacking("memfd", reserve=self.reserve)
         if kind != "shmem-huge":
             return RamBacking(kind)  # type: ignore[arg-type]  # RamBacking checks the name
         with self._lock:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import VmConfigError
+from .ramreserve import FILE_NAME as RESERVE_FILE_NAME, RamReserve
 
 MemoryBacking = Literal["memfd", "shmem-huge", "hugetlbfs"]
 MEMORY_BACKINGS: tuple[MemoryBacking, ...] = ("memfd", "shmem-huge", "hugetlbfs")
@@ -48,6 +49,9 @@ class RamBacking:
 
     kind: MemoryBacking = "memfd"
     directory: str = ""
+    # The daemon's reserve of zeroed RAM files (ramreserve.py), for memfd RAM: where a new VM's
+    # file comes from if one is kept, and where a closed VM's file goes.
+    reserve: RamReserve | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in MEMORY_BACKINGS:
@@ -169,7 +173,7 @@ def open_ram_file(backing: RamBacking, name: str, size: int) -> int:
             f"memory {size} bytes: backing {backing.kind!r} needs a multiple of {HUGE_PAGE_SIZE >> 20} MiB"
         )
     if backing.kind == "memfd":
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(RESERVE_FILE_NAME if backing.reserve is not None else name, os.MFD_CLOEXEC)
     elif backing.kind == "shmem-huge":
         problem = huge_tmpfs_problem(backing.directory)
         if problem:

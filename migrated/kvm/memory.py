@@ -65,7 +65,11 @@ class GuestMemory:
         self.regions = tuple(regions)
         self.size = sum(r.size for r in regions)
         self.backing = backing if backing is not None else RamBacking()
-        self._fd = open_ram_file(self.backing, name, self.size)
+        # A file from the daemon's reserve is zeroed, and its pages exist already (ramreserve.py).
+        self._reserve = self.backing.reserve if self.backing.kind == "memfd" else None
+        fd = self._reserve.take(self.size) if self._reserve is not None else None
+        self.from_reserve = fd is not None
+        self._fd = fd if fd is not None else open_ram_file(self.backing, name, self.size)
         self.address = 0
         try:
             # hugetlbfs pages were all taken at open (fallocate): a reserving mapping of them
@@ -223,5 +227,8 @@ class GuestMemory:
             _libc.munmap(self.address, self.size)
             self.address = 0
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            if self._reserve is not None:
+                self._reserve.give(fd)  # unmapped above: only the reserve holds it now
+            else:
+                os.close(fd)

@@ -55,6 +55,7 @@ class MigrationStats:
     link: str = ""
     dirty_tracking: str = ""
     memory_backing: str = ""  # what holds this side's guest RAM: memfd, shmem-huge, hugetlbfs
+    ram_from_reserve: bool = False  # target: its RAM file came from the daemon's reserve (ramreserve.py)
     # Target: "used" when the VM was built from the daemon's warm shell (vmshell.py); "mismatch",
     # "none" (not ready) or "off" when it was built from scratch.
     vm_shell: str = ""

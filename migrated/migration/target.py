@@ -284,6 +284,7 @@ class Target:
         except (KvmError, SpecError, ValueError) as err:
             raise Refused(f"cannot create VM {spec.name} here: {err}") from None
         stats.memory_backing = config.memory_backing.kind
+        stats.ram_from_reserve = self._ram.from_reserve
         if self.data_streams:
             self._open_streams(self._ram)
             # The event loop only coordinates while the pages come on the data streams: raised
@@ -315,6 +316,7 @@ class Target:
             memory_mib=spec.memory_mib,
             vcpus=spec.vcpus,
             memory_backing=config.memory_backing.kind,
+            ram_from_reserve=stats.ram_from_reserve,
             vm_shell=stats.vm_shell,
         )
         vm = self.hosted.vm
