@@ -23,12 +23,18 @@ this nested host (its memory backing swings a lot, HOST-NOTES.md) hits both alik
 * bulk copy: a paused guest of `--bulk-mib`, every page non-zero, into a fresh target. QEMU's
   source RAM is a pre-filled shared file (started with -S, so no code runs), its target a fresh
   memory-backend-ram; migrated's guest is the workload guest, which writes its whole working set
-  once and is paused, then migrates ping-pong (each target allocates fresh guest RAM). MiB/s is
+  once and is paused, then migrates ping-pong (each target allocates fresh guest RAM: the RAM
+  reserve off, `vm.ram_reserve_mib = 0`, unless `--daemon-config` sets it). MiB/s is
   bytes moved over the migration's total time for both (QEMU's own `mbps` and migrated's bulk
   phase rate are reported too). QEMU over TLS takes its turn after QEMU in the clear unless
   `--no-qemu-tls`. iperf3, one stream on loopback, runs before and after.
   Unless `--no-bulk-clear`, the same guest also migrates in the clear (`peer.auth = "none"`, test-only
   `allow_unauthenticated`; NOT a production mode, DESIGN.md 6), interleaved: `crypto_share` prices the AEAD.
+  Unless `--no-bulk-reserve`, a third pair of daemons with their defaults migrates it too: from its
+  second run on the target's RAM is the zeroed file the VM left there (the RAM reserve), reported
+  apart (`migrated_ram_reserve`: the runs that took it), never as the fresh-target figure.
+* the boot-sector lines run the daemons' defaults, RAM reserve included: each run says whether the
+  target's RAM came from it (`ram_from_reserve`).
 
 Figures are medians with [min, max] ranges; `targets` evaluates issue 12's goals on them.
 Extra daemon configuration (keys other engineers add) passes through without code changes:
@@ -102,6 +108,11 @@ def summarize_line(line: dict[str, Any]) -> dict[str, Any]:
         "guest_downtime_ms": spread(r.get("guest_downtime_ms") for r in done),
         "total_ms_events": spread(r.get("total_ms_events") for r in done),
         "over_limit": sum(1 for r in done if r["downtime_ms"] is not None and r["downtime_ms"] > line["limit_ms"]),
+        **(
+            {"ram_from_reserve": f"{sum(1 for r in done if r.get('ram_from_reserve'))}/{len(done)}"}
+            if line["engine"] == "migrated"
+            else {}
+        ),
         **{
             key: _step_spreads(done, key)
             for key in ("phase_steps_ms", "target_phase_steps_ms")
@@ -342,6 +353,9 @@ class MigratedLine:
             incoming = wait_migration(target, VM, timeout=30)
             if incoming.get("migration_id") == stats.get("migration_id"):
                 run["target_phase_steps_ms"] = incoming.get("phase_steps_ms") or {}
+                # The RAM file of the VM that left this daemon before (its RAM reserve): disclosed,
+                # as QEMU's target always starts from fresh memory.
+                run["ram_from_reserve"] = incoming.get("ram_from_reserve")
             # Up to the target's LOADED, as QEMU's figure of the same name: without the COMMIT
             # round trip and the resume, which QEMU's -S target (kept paused for the check) skips.
             resume = (stats.get("downtime_breakdown_ms") or {}).get("commit_to_running")
@@ -536,6 +550,7 @@ def qemu_bulk_once(
 
 
 CLEAR_SETTINGS = ["peer.auth=none", "peer.allow_unauthenticated=true"]  # test-only, never a production mode
+NO_RESERVE = "vm.ram_reserve_mib=0"  # every bulk target writes fresh RAM, as QEMU's
 
 
 def migrated_bulk_start(work: Path, config: Path, size_mib: int, label: str) -> tuple[DaemonProcess, DaemonProcess]:
@@ -559,7 +574,9 @@ def migrated_bulk_once(source: DaemonProcess, target: DaemonProcess) -> dict[str
     stats = wait_migration(source, "bulk", timeout=300)
     if stats["state"] != "completed":
         raise RuntimeError(f"migrated bulk migration did not complete: {stats.get('error')}")
+    incoming = wait_migration(target, "bulk", timeout=30)
     return {
+        "ram_from_reserve": incoming.get("ram_from_reserve"),
         "mib_s": round(stats["bytes_sent"] / MIB / (stats["total_ms"] / 1e3), 1),
         "bulk_phase_mib_s": round(stats["bulk_bytes"] / MIB / (stats["bulk_ms"] / 1e3), 1),
         "total_ms": _round(stats["total_ms"]),
@@ -578,14 +595,26 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
     qemu_tls_runs: list[dict[str, Any]] = []
     migrated_runs: list[dict[str, Any]] = []
     clear_runs: list[dict[str, Any]] = []
+    reserve_runs: list[dict[str, Any]] = []
     pairs: list[tuple[DaemonProcess, DaemonProcess]] = []
+    lines: list[list[dict[str, Any]]] = []
+    # "Into a fresh target" (issue 12): the target's RAM reserve off, unless the operator set it.
+    fresh = [] if any(s.strip().startswith("vm.ram_reserve_mib") for s in args.daemon_config) else [NO_RESERVE]
     try:
-        pairs.append(migrated_bulk_start(work, config, args.bulk_mib, "bulk"))
+        fresh_config = write_daemon_config(work / "daemon-bulk.toml", [*args.daemon_config, *fresh])
+        pairs.append(migrated_bulk_start(work, fresh_config, args.bulk_mib, "bulk"))
+        lines.append(migrated_runs)
         if not args.no_bulk_clear:
             # The operator's settings stay, but for the peer's authentication, which this line sets.
             kept = [s for s in args.daemon_config if not s.strip().startswith(("peer.auth", "peer.allow_unauth"))]
-            clear_config = write_daemon_config(work / "daemon-clear.toml", [*kept, *CLEAR_SETTINGS])
+            clear_config = write_daemon_config(work / "daemon-clear.toml", [*kept, *CLEAR_SETTINGS, *fresh])
             pairs.append(migrated_bulk_start(work, clear_config, args.bulk_mib, "bulk-clear"))
+            lines.append(clear_runs)
+        if not args.no_bulk_reserve:
+            # The daemons' defaults: from its second run on, each target's RAM is the file the VM
+            # left there the run before, zeroed (the RAM reserve).
+            pairs.append(migrated_bulk_start(work, config, args.bulk_mib, "bulk-reserve"))
+            lines.append(reserve_runs)
         for serial in range(args.bulk_runs):
             qemu_runs.append(qemu_bulk_once(binary, work, source_ram, args.bulk_mib, serial))
             if certificates is not None:
@@ -594,8 +623,8 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
             order = range(len(pairs)) if serial % 2 == 0 else reversed(range(len(pairs)))
             for index in order:
                 a, b = pairs[index]
-                (migrated_runs if index == 0 else clear_runs).append(migrated_bulk_once(a, b))
-                pairs[index] = (b, a)  # ping-pong: every target allocates its guest RAM afresh
+                lines[index].append(migrated_bulk_once(a, b))
+                pairs[index] = (b, a)  # ping-pong
     finally:
         for a, b in pairs:
             a.stop()
@@ -618,6 +647,13 @@ def bulk(args: argparse.Namespace, binary: str, work: Path, ram_dir: Path, confi
         mib_s = {k: spread(r[k] for r in clear_runs) for k in ("mib_s", "bulk_phase_mib_s")}
         result["migrated_clear_not_production"] = {"runs": clear_runs, **mib_s}
         result["crypto_share"] = crypto_share(result)
+    if reserve_runs:
+        from_reserve = [r for r in reserve_runs if r["ram_from_reserve"]]
+        result["migrated_ram_reserve"] = {
+            "runs": reserve_runs,
+            "from_reserve": f"{len(from_reserve)}/{len(reserve_runs)}",
+            **{k: spread(r[k] for r in from_reserve) for k in ("mib_s", "bulk_phase_mib_s")},
+        }
     return result
 
 
@@ -666,6 +702,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bulk-runs", type=int, default=3, help="bulk migrations per engine, interleaved")
     parser.add_argument("--iperf-seconds", type=float, default=3.0, help="each iperf3 run (before and after)")
     parser.add_argument("--no-bulk-clear", action="store_true", help="skip the bulk copy without stream protection")
+    parser.add_argument(
+        "--no-bulk-reserve", action="store_true", help="skip the bulk copy into RAM from the target's reserve"
+    )
     parser.add_argument("--skip-boot-sector", action="store_true", help="only the bulk copy")
     parser.add_argument("--skip-bulk", action="store_true", help="only the boot-sector guest")
     parser.add_argument(

@@ -166,3 +166,35 @@ def test_the_tls_certificates_are_what_qemu_reads_and_verify_for_both_ends(tmp_p
     args = qemu_vm.tls_args(directory)
     assert f"tls-creds-x509,id={qemu_vm.TLS_SERVER},dir={directory},endpoint=server,verify-peer=on" in args
     assert f"tls-creds-x509,id={qemu_vm.TLS_CLIENT},dir={directory},endpoint=client" in args
+
+
+def test_bulk_runs_into_reserved_ram_are_reported_apart_and_marked() -> None:
+    """The RAM reserve's bulk line: its own row, each run marked fresh or reserve, its median from
+    the reserve's runs only; the targets stay judged on the fresh-target line."""
+    reserve_runs = [{"mib_s": 900.0, "ram_from_reserve": False}, {"mib_s": 2000.0, "ram_from_reserve": True}]
+    bulk = bulk_result(
+        700.0,
+        1200.0,
+        migrated_ram_reserve={"runs": reserve_runs, "from_reserve": "1/2", "mib_s": figure(2000.0)},
+    )
+    table = vs_qemu.markdown({"bulk": bulk})
+    assert (
+        "| migrated, target RAM from its reserve (1/2 runs; not the fresh-target figure) | 2000 (2000-2000) | "
+        "900.0 (fresh), 2000.0 (reserve) |" in table
+    )
+    assert vs_qemu.evaluate({"bulk": bulk}, [300])["bulk_at_least_2x_qemu"] == {
+        "pass": False,
+        "migrated": 1200.0,
+        "qemu": 700.0,
+    }
+
+
+def test_a_boot_sector_line_counts_the_runs_whose_target_ram_came_from_the_reserve() -> None:
+    memory = {"ok": True}
+    runs = [
+        {"completed": True, "total_ms": 30.0, "downtime_ms": 3.0, "memory": memory, "ram_from_reserve": flag}
+        for flag in (False, True, True)
+    ]
+    line = {"engine": "migrated", "limit_ms": 300, "runs": runs}
+    assert vs_qemu.summarize_line(line)["ram_from_reserve"] == "2/3"
+    assert "ram_from_reserve" not in vs_qemu.summarize_line({**line, "engine": "qemu"})
