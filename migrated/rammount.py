@@ -46,7 +46,7 @@ class RamDirectory:
     def backing(self, kind: str) -> RamBacking:
         """The backing for a new VM; MemoryBackingError naming the problem if it cannot be had."""
         if kind == "memfd":
-            return RamBacking("memfd", reserve=self.reserve)
+            return RamBacking("memfd", reserve=None if self.reserve is None else self.reserve.claim())
         if kind != "shmem-huge":
             return RamBacking(kind)  # type: ignore[arg-type]  # RamBacking checks the name
         with self._lock:

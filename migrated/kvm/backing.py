@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import VmConfigError
-from .ramreserve import FILE_NAME as RESERVE_FILE_NAME, RamReserve
+from .ramreserve import FILE_NAME as RESERVE_FILE_NAME, ReserveClaim
 
 MemoryBacking = Literal["memfd", "shmem-huge", "hugetlbfs"]
 MEMORY_BACKINGS: tuple[MemoryBacking, ...] = ("memfd", "shmem-huge", "hugetlbfs")
@@ -51,7 +51,7 @@ class RamBacking:
     directory: str = ""
     # The daemon's reserve of zeroed RAM files (ramreserve.py), for memfd RAM: where a new VM's
     # file comes from if one is kept, and where a closed VM's file goes.
-    reserve: RamReserve | None = field(default=None, compare=False, repr=False)
+    reserve: ReserveClaim | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in MEMORY_BACKINGS:

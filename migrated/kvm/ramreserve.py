@@ -44,6 +44,11 @@ from typing import Any
 MIB = 1 << 20
 ZERO_CHUNK = 1 * MIB  # one pwrite of zeros: the GIL is released for each, and a stop is seen between them
 LOW_MEMORY_FRACTION = 8
+# A kept file serves a VM expected to hold `expected` bytes of RAM only up to expected + its
+# slack: a kept file's pages stay with the VM that takes it (zeros, until the VM writes them),
+# and a sparse VM should not hold 2 GiB of another's zeroed pages for its whole life.
+SLACK_BYTES = 16 * MIB
+SLACK_FRACTION = 4  # ... or a quarter of `expected`, whichever is more
 MEMINFO = Path("/proc/meminfo")
 FILE_NAME = "migrated-ram"  # every memfd a reserve may serve: a kept file outlives the VM it was made for
 
@@ -61,6 +66,21 @@ class _Kept:
     fd: int
     allocated: int
     since: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveClaim:
+    """A reserve as one VM's RAM sees it (RamBacking.reserve): where its file comes from, with
+    the VM's expected size, and where it goes when the VM is gone."""
+
+    reserve: RamReserve
+    expected_bytes: int
+
+    def take(self, size: int) -> int | None:
+        return self.reserve.take(size, self.expected_bytes)
+
+    def give(self, fd: int) -> None:
+        self.reserve.give(fd)
 
 
 def _no_report(event: str, **fields: Any) -> None:
@@ -105,14 +125,24 @@ class RamReserve:
 
     # ---- the VMs' side ---------------------------------------------------------------------
 
-    def take(self, size: int) -> int | None:
-        """A zeroed RAM file of `size` bytes (its pages below `size` allocated already), or None."""
+    def claim(self, expected_bytes: int = 0) -> ReserveClaim:
+        """What a new VM's RAM comes from: this reserve, for a VM expected to hold about
+        `expected_bytes` of RAM (an incoming VM: what its source holds; a new one: 0)."""
+        return ReserveClaim(self, expected_bytes)
+
+    def take(self, size: int, expected_bytes: int = 0) -> int | None:
+        """A zeroed RAM file of `size` bytes whose allocated pages fit a VM expected to hold
+        `expected_bytes` (see SLACK_BYTES), or None."""
+        fits = expected_bytes + max(SLACK_BYTES, expected_bytes // SLACK_FRACTION)
         with self._lock:
             self._expire_locked()
-            if not self._kept:
+            # The newest that fits: the most recently used pages, the least likely taken back by
+            # a hypervisor under this host.
+            index = next((i for i in reversed(range(len(self._kept))) if self._kept[i].allocated <= fits), None)
+            if index is None:
                 self.misses += 1
                 return None
-            kept = self._kept.pop()  # the newest: the longest the outer host has left its pages alone
+            kept = self._kept.pop(index)
             self.taken += 1
         try:
             # Shrinking frees the pages past `size`; growing adds a hole, which reads as zero.

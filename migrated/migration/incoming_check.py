@@ -31,6 +31,9 @@ class CheckedDescription:
     # x86: the CPUID table of the source's vCPUs, which the VM is built with (VmConfig.cpuid);
     # () from an older source: the restore sets the state's, in the downtime.
     cpuid: tuple[bytes, ...] = ()
+    # The RAM the source's file holds (st_blocks): which kept file of this daemon's RAM reserve
+    # fits the VM (kvm/ramreserve.py); None from an older source.
+    allocated_bytes: int | None = None
 
 
 def check_description(description: VmDescription, daemon: MigrationHost) -> CheckedDescription:
@@ -74,4 +77,9 @@ def check_description(description: VmDescription, daemon: MigrationHost) -> Chec
     # Bounded and checked entry by entry by the transport (VmDescription); whether KVM takes it
     # shows when the vCPUs are built, a refusal all the same (`Target._build_and_register`).
     cpuid = features.get("vcpu_cpuid") or ()
-    return CheckedDescription(spec, backing, run_state, data_streams, tuple(cpuid))
+    allocated = features.get("allocated_bytes")
+    if allocated is not None and (
+        isinstance(allocated, bool) or not isinstance(allocated, int) or not 0 <= allocated <= spec.memory_bytes
+    ):
+        raise Refused(f"allocated_bytes {allocated!r}: allowed are 0 to the VM's memory ({spec.memory_bytes} bytes)")
+    return CheckedDescription(spec, backing, run_state, data_streams, tuple(cpuid), allocated)

@@ -211,6 +211,7 @@ class OutgoingSetup:
                     {"memory_backing": self.options.target_memory_backing} if self.options.target_memory_backing else {}
                 ),
                 "data_streams": self.options.streams,
+                "allocated_bytes": vm.memory.allocated_bytes(),  # the target's RAM reserve picks by it
                 **vmstate.cpu_features(self.daemon.kvm, vm),
             },
             dirty_tracking=vm.dirty_tracking,

@@ -87,6 +87,7 @@ class Target:
         self.run_state = "running"
         self.memory_backing: str | None = None  # the source's operator's choice for this copy, if any
         self._source_cpuid: tuple[bytes, ...] = ()  # the vCPUs' CPUID, from the description
+        self._source_allocated: int | None = None  # the RAM the source's file holds, from the description
         self.reserved_name: str | None = None
         self.admitted_id: str | None = None  # counted in daemon.incoming until the connection ends
         self.scope = trio.CancelScope()  # cancelled when a query aborts this copy for good
@@ -228,6 +229,7 @@ class Target:
             checked.streams,
         )
         self._source_cpuid = checked.cpuid
+        self._source_allocated = checked.allocated_bytes
         limits = self.daemon.config.migration
         try:
             self.daemon.incoming.admit(
@@ -264,6 +266,9 @@ class Target:
             # This daemon's backing unless the source's operator named one (`migrate
             # --target-memory-backing`): where RAM lives is the host's business, not the VM's.
             backing = self.daemon.memory_backing(self.memory_backing or defaults.memory_backing)
+            if backing.reserve is not None and self._source_allocated is not None:
+                # A kept file fits if its pages are about what the source's RAM holds (ramreserve.py).
+                backing = dataclasses.replace(backing, reserve=backing.reserve.reserve.claim(self._source_allocated))
             config = vm_config(
                 spec, defaults.dirty_tracking, defaults.ring_bytes, defaults.harvest_interval_ms, backing
             )

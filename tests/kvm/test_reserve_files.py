@@ -170,7 +170,7 @@ def test_guest_memory_goes_to_the_reserve_and_the_next_vm_reads_zeros(tmp_path: 
     """The path the daemon uses: RAM of the memfd backing with the daemon's reserve. The second
     VM's RAM is the first's file (its pages already there), and reads as zeros everywhere."""
     pool = reserve()
-    backing = RamBacking("memfd", reserve=pool)
+    backing = RamBacking("memfd", reserve=pool.claim())
     first = GuestMemory.flat(4 * MIB, "vm-a", backing)
     assert not first.from_reserve
     first.bytes[: 2 * MIB] = 0x5A  # what a guest wrote: through the mapping
@@ -206,3 +206,18 @@ def test_the_available_fraction_is_read_from_meminfo(tmp_path: Path) -> None:
     meminfo.write_text("MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    250 kB\n")
     assert memory_available_fraction(meminfo) == 0.25
     assert 0 < memory_available_fraction() <= 1
+
+
+def test_a_kept_file_serves_only_a_vm_of_about_its_size() -> None:
+    """A sparse VM does not take a file that would give it another VM's many zeroed pages for its
+    whole life; a VM that holds about as much does; the file stays for it meanwhile."""
+    pool = reserve()
+    fd = ram_file(64 * MIB, list(range(0, 40 * MIB, PAGE_SIZE)))
+    pool.give(fd)
+    assert pool.wait_idle(10)
+    assert pool.take(64 * MIB) is None, "a new VM (expected 0): 40 MiB is past the 16 MiB slack"
+    assert pool.take(64 * MIB, expected_bytes=20 * MIB) is None, "20 MiB + a quarter < 40 MiB"
+    assert pool.status()["files"] == 1
+    taken = pool.claim(36 * MIB).take(64 * MIB)
+    assert taken == fd, "36 MiB + 16 MiB slack fits"
+    os.close(taken)

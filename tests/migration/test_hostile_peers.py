@@ -572,6 +572,10 @@ def _unhostable(target: TargetHost, label: str, name: str) -> VmDescription:
             target, name, features={"msr_indices": [*target.cpu["msr_indices"], 0x4B564DFF]}
         ),
         "an XSAVE area larger than this KVM's": lambda: description(target, name, features={"xsave_bytes": 65536}),
+        "more RAM allocated than the VM has": lambda: description(
+            target, name, features={"allocated_bytes": VM_MIB * MIB + PAGE}
+        ),
+        "a RAM allocation that is text": lambda: description(target, name, features={"allocated_bytes": "all"}),
     }
     return cases[label]()  # type: ignore[no-any-return]
 
@@ -595,6 +599,8 @@ UNHOSTABLE = {
     "a state format from the future": ["state format is version 99", "upgrade the target"],
     "an MSR this KVM does not know": ["1 MSR(s) of the VM are unknown to this host's KVM: 0x4b564dff"],
     "an XSAVE area larger than this KVM's": ["XSAVE area is 65536 bytes; this host's KVM offers"],
+    "more RAM allocated than the VM has": ["allocated_bytes", "allowed are 0 to the VM's memory"],
+    "a RAM allocation that is text": ["allocated_bytes 'all'", "allowed are 0 to the VM's memory"],
 }
 
 
