@@ -501,6 +501,7 @@ class Daemon:
                 self.log.warning("config_change_needs_restart", key=change.key)
         self.config = self.config.apply_reload(new)
         self.vm_shell.refill()  # made again (or closed) for what the configuration says now
+        self.ram_reserve.trim()  # a lower ram_reserve_mib frees what is kept past it now
         configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
         # systemd sets up RuntimeDirectory= again (0750, root's group) for every control process,
         # ExecReload's `kill` included, which shuts the operators' group out of the socket's

@@ -38,6 +38,7 @@ class Observed(Protocol):
 
     vms: dict[str, Any]
     migrations: dict[str, Any]
+    ram_reserve: Any  # kvm/ramreserve.py RamReserve: its status()
 
 
 class MetricsError(Exception):
@@ -157,3 +158,13 @@ class _Live(Collector):
             sent.add_metric([name, stats.role], stats.bytes_sent)
         yield dirty
         yield sent
+        reserve = self._daemon.ram_reserve.status()
+        yield GaugeMetricFamily(
+            "migrated_ram_reserve_files", "Zeroed RAM files kept for the next VM (RAM reserve)", value=reserve["files"]
+        )
+        yield GaugeMetricFamily(
+            "migrated_ram_reserve_bytes", "RAM held by the RAM reserve's files", value=reserve["kept_mib"] * (1 << 20)
+        )
+        yield CounterMetricFamily(
+            "migrated_ram_reserve_taken", "VMs whose RAM file came from the RAM reserve", value=reserve["taken"]
+        )

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .threadnames import name_this_thread
+
 MIB = 1 << 20
 ZERO_CHUNK = 1 * MIB  # one pwrite of zeros: the GIL is released for each, and a stop is seen between them
 LOW_MEMORY_FRACTION = 8
@@ -181,6 +183,15 @@ class RamReserve:
                 "released": dict(self.released),
             }
 
+    def trim(self) -> None:
+        """Apply the limits now (a reload lowered them, or turned the reserve off): the oldest
+        files past the limit and those held long enough are closed at once."""
+        limit = self._limits().limit_bytes
+        with self._lock:
+            self._expire_locked()
+            while self._kept and sum(k.allocated for k in self._kept) > limit:
+                self._release_locked(self._kept.pop(0).fd, "over_limit")
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Until every file given so far is zeroed (kept or closed); False on timeout."""
         with self._lock:
@@ -204,6 +215,7 @@ class RamReserve:
     # ---- the reserve's thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        name_this_thread("ram-reserve")
         while True:
             with self._lock:
                 while not self._to_zero and not self._closing:
@@ -216,14 +228,17 @@ class RamReserve:
             started = time.perf_counter()
             try:
                 allocated = self._zero(fd)
-            except OSError as err:
+            except Exception as err:  # an OSError, or a bug: the file is closed, the thread goes on
                 allocated = None
-                self.report("ram_reserve_zeroing_failed", error=os.strerror(err.errno or errno.EIO))
+                self.report("ram_reserve_zeroing_failed", error=str(err) or type(err).__name__)
             zero_ms = round((time.perf_counter() - started) * 1e3, 2)
             with self._lock:
                 self._zeroing = False
-                self._keep_locked(fd, allocated, zero_ms)
+                kept = self._keep_locked(fd, allocated)
+                files = len(self._kept)
                 self._changed.notify_all()
+            if kept:
+                self.report("ram_reserve_kept", mib=round((allocated or 0) / MIB, 1), zero_ms=zero_ms, files=files)
 
     def _zero(self, fd: int) -> int | None:
         """Zeros over every allocated extent; the allocated bytes after, or None if stopped."""
@@ -245,7 +260,8 @@ class RamReserve:
             position = hole
         return os.fstat(fd).st_blocks * 512
 
-    def _keep_locked(self, fd: int, allocated: int | None, zero_ms: float) -> None:
+    def _keep_locked(self, fd: int, allocated: int | None) -> bool:
+        """Keep the zeroed file, or close it (and why); True if kept."""
         limits = self._limits()
         if allocated is None:
             self._release_locked(fd, "stopping" if self._closing else "zeroing_failed")
@@ -260,7 +276,8 @@ class RamReserve:
             self.kept += 1
             while sum(k.allocated for k in self._kept) > limits.limit_bytes:
                 self._release_locked(self._kept.pop(0).fd, "over_limit")
-            self.report("ram_reserve_kept", mib=round(allocated / MIB, 1), zero_ms=zero_ms, files=len(self._kept))
+            return True  # the newest, within the limit: never the one the loop closes
+        return False
 
     def _expire_locked(self) -> None:
         hold_s = self._limits().hold_s

@@ -124,6 +124,24 @@ def test_the_kept_bytes_stay_within_the_limit_oldest_out_first() -> None:
     os.close(taken)
 
 
+def test_a_lower_limit_applies_at_once_when_trimmed() -> None:
+    """A reload that lowers ram_reserve_mib (or sets 0) frees what is kept past it, oldest first,
+    without waiting for the next VM."""
+    limit = [8]
+    pool = RamReserve(lambda: ReserveLimits(limit[0] * MIB, 60), clock=Clock(), available_fraction=lambda: 0.5)
+    older, newer = ram_file(4 * MIB, list(range(0, 2 * MIB, PAGE_SIZE))), ram_file(4 * MIB, [0])
+    for fd in (older, newer):
+        pool.give(fd)
+    assert pool.wait_idle(10)
+    limit[0] = 1
+    pool.trim()
+    assert is_closed(older) and not is_closed(newer)
+    limit[0] = 0
+    pool.trim()
+    assert is_closed(newer) and pool.status()["files"] == 0
+    assert pool.status()["released"] == {"over_limit": 2}
+
+
 def test_a_file_kept_past_the_hold_time_is_closed() -> None:
     clock = Clock()
     pool = reserve(hold_s=30, clock=clock)
@@ -150,6 +168,15 @@ def test_a_file_without_pages_is_not_kept() -> None:
     pool.give(fd)
     assert pool.wait_idle(10)
     assert is_closed(fd) and pool.status()["released"] == {"empty": 1}
+
+
+def test_the_reserve_thread_has_a_kernel_name() -> None:
+    pool = reserve()
+    pool.give(ram_file(MIB, [0]))
+    assert pool.wait_idle(10)
+    names = {Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in os.listdir("/proc/self/task")}
+    assert "ram-reserve" in names
+    pool.close()
 
 
 def test_closing_the_reserve_closes_every_file_and_takes_no_more() -> None:

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MakeDaemon
-from daemons import DaemonProcess, free_port, wait_migration
+from daemons import DaemonProcess, free_port, wait_for, wait_migration
 from test_migration import create
 
 pytestmark = pytest.mark.kvm
@@ -43,6 +43,8 @@ def test_metrics_count_migrations_and_show_the_vms(make_daemon: MakeDaemon) -> N
         assert wait_migration(source, "vm1")["state"] == "completed"
         # The target counts its side once its own part (record, streams, the source's timing) is done.
         assert wait_migration(target, "vm1")["state"] == "completed"
+        # The VM's RAM file, zeroed, is kept where it left (the RAM reserve) before it comes back.
+        wait_for(lambda s=source: s.call("daemon.status")["ram_reserve"]["files"] == 1, what="the kept RAM file")
     after_a, after_b = scrape(port_a), scrape(port_b)
     assert value(after_a, "migrated_migrations_total", role="source", outcome="completed") == 1
     assert value(after_a, "migrated_migrations_total", role="target", outcome="completed") == 1
@@ -53,6 +55,13 @@ def test_metrics_count_migrations_and_show_the_vms(make_daemon: MakeDaemon) -> N
     assert value(after_a, "migrated_vms", state="running") == 1
     assert value(after_b, "migrated_vms", state="running") == 0
     assert ("migrated_migration_dirty_rate_bytes_per_second", (("role", "source"), ("vm", "vm1"))) in after_b
+    # The RAM reserve: a took back the file the VM left there; b keeps the one it left on b.
+    assert value(after_a, "migrated_ram_reserve_taken_total") == 1
+    assert value(after_a, "migrated_ram_reserve_files") == 0
+    wait_for(lambda: b.call("daemon.status")["ram_reserve"]["files"] == 1, what="b to keep the VM's RAM file")
+    kept = scrape(port_b)
+    assert value(kept, "migrated_ram_reserve_files") == 1
+    assert value(kept, "migrated_ram_reserve_bytes") > 0
 
 
 def test_a_metrics_address_in_use_is_named(make_daemon: MakeDaemon) -> None:

@@ -5,6 +5,7 @@ the bytes of the VM before it."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from daemons import DaemonProcess, MakeDaemon, wait_for, wait_migration, write_config
+from helpers import write_key
 from test_migration import assert_absent, assert_runs_here, create, migrate
 
 pytestmark = pytest.mark.kvm
@@ -79,3 +81,20 @@ def test_a_new_vm_never_sees_the_bytes_of_the_one_before(make_daemon: MakeDaemon
         assert from_reserve <= fresh + 16, f"vm2 from the reserve: {from_reserve} non-zero pages, fresh: {fresh}"
     finally:
         plain.stop()
+
+
+def test_a_reload_that_turns_the_reserve_off_frees_what_it_keeps(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "a.toml")
+    a = DaemonProcess("a", tmp_path, write_key(tmp_path / "peer.key"), extra_args=("--config", str(config))).start()
+    try:
+        create(a, rate=16, memory_mib=64, vcpus=1, working_set_mib=8)
+        a.call("vm.stop", name="vm1")
+        wait_for(lambda: reserve(a)["files"] == 1, what="a to keep vm1's RAM file")
+        config.write_text(config.read_text() + "[vm]\nram_reserve_mib = 0\n")
+        assert a.process is not None
+        a.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: reserve(a)["files"] == 0, what="the reload to free the kept file")
+        assert reserve(a)["limit_mib"] == 0 and reserve(a)["released"] == {"over_limit": 1}, reserve(a)
+        assert a.alive()
+    finally:
+        a.stop()
