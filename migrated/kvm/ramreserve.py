@@ -67,6 +67,7 @@ class ReserveLimits:
 class _Kept:
     fd: int
     allocated: int
+    size: int
     since: float
 
 
@@ -133,22 +134,29 @@ class RamReserve:
         return ReserveClaim(self, expected_bytes)
 
     def take(self, size: int, expected_bytes: int = 0) -> int | None:
-        """A zeroed RAM file of `size` bytes whose allocated pages fit a VM expected to hold
-        `expected_bytes` (see SLACK_BYTES), or None."""
+        """A zeroed RAM file of `size` bytes, made from a kept one of at most that size whose
+        allocated pages fit a VM expected to hold `expected_bytes` (see SLACK_BYTES), or None."""
         fits = expected_bytes + max(SLACK_BYTES, expected_bytes // SLACK_FRACTION)
         with self._lock:
             self._expire_locked()
             # The newest that fits: the most recently used pages, the least likely taken back by
-            # a hypervisor under this host.
-            index = next((i for i in reversed(range(len(self._kept))) if self._kept[i].allocated <= fits), None)
+            # a hypervisor under this host. Never one larger than `size`: shrinking it would free
+            # pages, inside the caller (a target's setup, on the event loop).
+            index = next(
+                (
+                    i
+                    for i in reversed(range(len(self._kept)))
+                    if self._kept[i].allocated <= fits and self._kept[i].size <= size
+                ),
+                None,
+            )
             if index is None:
                 self.misses += 1
                 return None
             kept = self._kept.pop(index)
             self.taken += 1
         try:
-            # Shrinking frees the pages past `size`; growing adds a hole, which reads as zero.
-            os.ftruncate(kept.fd, size)
+            os.ftruncate(kept.fd, size)  # growing adds a hole, which reads as zero
         except OSError:
             os.close(kept.fd)
             return None
@@ -272,7 +280,7 @@ class RamReserve:
         elif self._available_fraction() < 1 / LOW_MEMORY_FRACTION:
             self._release_locked(fd, "low_memory")
         else:
-            self._kept.append(_Kept(fd, allocated, self._clock()))
+            self._kept.append(_Kept(fd, allocated, os.fstat(fd).st_size, self._clock()))
             self.kept += 1
             while sum(k.allocated for k in self._kept) > limits.limit_bytes:
                 self._release_locked(self._kept.pop(0).fd, "over_limit")
