@@ -168,3 +168,25 @@ def write_config(path: Path, **migration: object) -> Path:
 
 MakeDaemon = Callable[..., DaemonProcess]
 """The `make_daemon` fixture (conftest.py): make_daemon(name, key=..., faults=..., **migration)."""
+
+
+def guest_ram_fds(daemon: DaemonProcess) -> int:
+    """The daemon's fds on guest RAM memfds: its VMs' and its RAM reserve's (a daemon with a
+    reserve names every one migrated-ram, kvm/ramreserve.py)."""
+    assert daemon.process is not None
+    fd_dir = f"/proc/{daemon.process.pid}/fd"
+    count = 0
+    for fd in os.listdir(fd_dir):
+        try:
+            count += os.readlink(f"{fd_dir}/{fd}").startswith("/memfd:migrated-ram")
+        except FileNotFoundError:
+            pass  # closed while we looked
+    return count
+
+
+def ram_given_back(daemon: DaemonProcess) -> int:
+    """RAM files the daemon's VMs gave up so far (kept by its RAM reserve, or freed), once none
+    is still being zeroed."""
+    wait_for(lambda: daemon.call("daemon.status")["ram_reserve"]["zeroing"] == 0, what="the reserve to be idle")
+    reserve = daemon.call("daemon.status")["ram_reserve"]
+    return int(reserve["kept"]) + sum(reserve["released"].values())

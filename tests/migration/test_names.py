@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import MakeDaemon
-from daemons import DaemonProcess, wait_for, wait_migration
+from daemons import DaemonProcess, guest_ram_fds, ram_given_back, wait_for, wait_migration
 from migrated.control import RequestError
 
 pytestmark = pytest.mark.kvm
@@ -23,19 +23,6 @@ SMALL_VM: dict[str, Any] = {"memory_mib": 64, "vcpus": 2, "working_set_mib": 8, 
 def threads(daemon: DaemonProcess) -> int:
     assert daemon.process is not None
     return len(os.listdir(f"/proc/{daemon.process.pid}/task"))
-
-
-def guest_ram_fds(daemon: DaemonProcess, name: str) -> int:
-    """The daemon's fds on the memfd of VM `name`'s guest RAM (kvm/vm.py names it NAME-ram)."""
-    assert daemon.process is not None
-    fd_dir = f"/proc/{daemon.process.pid}/fd"
-    count = 0
-    for fd in os.listdir(fd_dir):
-        try:
-            count += os.readlink(f"{fd_dir}/{fd}").startswith(f"/memfd:{name}-ram")
-        except FileNotFoundError:
-            pass  # closed while we looked
-    return count
 
 
 def at_once(calls: list[Callable[[], Any]]) -> list[Any]:
@@ -84,10 +71,11 @@ def test_six_concurrent_creates_of_one_name_make_one_vm(make_daemon: MakeDaemon)
     for err in refused:
         assert "a VM named 'twin' already exists" in str(err), err
     assert [vm["name"] for vm in a.call("vm.list")] == ["twin"]
-    assert guest_ram_fds(a, "twin") == 1, "a refused create left guest RAM behind"
+    assert guest_ram_fds(a) == 1 and ram_given_back(a) == 0, "a refused create made guest RAM"
     assert_runs_here(a, "twin")
     a.call("vm.stop", name="twin")
-    assert guest_ram_fds(a, "twin") == 0
+    assert ram_given_back(a) == 1
+    assert guest_ram_fds(a) == a.call("daemon.status")["ram_reserve"]["files"], "RAM neither kept nor freed"
     # trio's idle worker threads end by themselves within seconds; a VM's vCPU threads do not.
     wait_for(lambda: threads(a) <= baseline, timeout=40, what=f"threads back to {baseline} (now {threads(a)})")
     assert a.alive() and a.call("daemon.status")["vms"] == 0
@@ -109,6 +97,6 @@ def test_two_sources_migrating_one_name_to_one_target(make_daemon: MakeDaemon) -
     assert_runs_here(loser, "twin")  # the loser's VM never left its source
     assert [vm["name"] for vm in b.call("vm.list")] == ["twin"]
     assert_runs_here(b, "twin")
-    assert guest_ram_fds(b, "twin") == 1, "the refused migration left guest RAM on the target"
+    assert guest_ram_fds(b) == 1 and ram_given_back(b) == 0, "the refused migration made guest RAM on the target"
     winner = a1 if loser is a2 else a2
     assert "twin" not in [vm["name"] for vm in winner.call("vm.list")]
