@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemons import DaemonProcess, MakeDaemon, wait_for, wait_migration, write_config
+from daemons import (
+    DaemonProcess,
+    MakeDaemon,
+    guest_ram_fds,
+    ram_given_back,
+    wait_for,
+    wait_migration,
+    write_config,
+)
 from helpers import write_key
 from test_migration import assert_absent, assert_runs_here, create, migrate
 
@@ -44,6 +52,11 @@ def test_a_vm_that_comes_back_lands_in_the_ram_it_left(make_daemon: MakeDaemon) 
     assert a.call("vm.show", name="vm1")["ram_from_reserve"] is True
     assert_runs_here(a, "vm1")  # the guest re-verifies its own pages: none wrong
     assert_absent(b, "vm1")
+    # No RAM file is lost track of: each daemon holds its VMs' and its reserve's, no more.
+    for daemon, vms in ((a, 1), (b, 0)):
+        given = ram_given_back(daemon)
+        assert given == 1, (daemon.name, given)  # the VM left each daemon once
+        assert guest_ram_fds(daemon) == vms + reserve(daemon)["files"], (daemon.name, reserve(daemon))
 
 
 def nonzero_pages(daemon: DaemonProcess, name: str, path: Path) -> int:
