@@ -11,7 +11,6 @@ only guest writes).
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy.typing as npt
 
 from . import _libc
 from .backing import RamBacking, open_ram_file
+from .extents import allocated_ranges
 from .errors import VmConfigError
 
 PAGE_SIZE = 4096
@@ -180,25 +180,8 @@ class GuestMemory:
             return [(0, region.pages)]
         return [
             ((data - region.offset) >> PAGE_SHIFT, (hole - region.offset + PAGE_SIZE - 1) >> PAGE_SHIFT)
-            for data, hole in self._allocated(region.offset, region.offset + region.size)
+            for data, hole in allocated_ranges(self._fd, region.offset, region.offset + region.size)
         ]
-
-    def _allocated(self, position: int, end: int) -> list[tuple[int, int]]:
-        """Byte ranges [data, hole) of the RAM file within [position, end) that hold pages."""
-        ranges: list[tuple[int, int]] = []
-        while position < end:
-            try:
-                data = os.lseek(self._fd, position, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno == errno.ENXIO:  # no data after position
-                    break
-                raise
-            if data >= end:
-                break
-            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
-            ranges.append((data, hole))
-            position = hole
-        return ranges
 
     def data_ranges(self, gpa: int, length: int) -> list[tuple[int, int]]:
         """Byte ranges [start, end), relative to `gpa`, of guest-physical [gpa, gpa + length)
@@ -207,7 +190,7 @@ class GuestMemory:
         start = region.offset + gpa - region.guest_phys_addr
         if not self.backing.sparse:
             return [(0, length)]
-        return [(data - start, hole - start) for data, hole in self._allocated(start, start + length)]
+        return [(data - start, hole - start) for data, hole in allocated_ranges(self._fd, start, start + length)]
 
     def read_sparse(self, gpa: int, length: int) -> npt.NDArray[np.uint8]:
         """A copy of guest-physical [gpa, gpa + length) that reads holes of the RAM file as the

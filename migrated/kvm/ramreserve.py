@@ -31,7 +31,6 @@ Rules of this file:
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 import time
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .extents import allocated_ranges
 from .threadnames import name_this_thread
 
 MIB = 1 << 20
@@ -197,8 +197,7 @@ class RamReserve:
         limit = self._limits().limit_bytes
         with self._lock:
             self._expire_locked()
-            while self._kept and sum(k.allocated for k in self._kept) > limit:
-                self._release_locked(self._kept.pop(0).fd, "over_limit")
+            self._within_limit_locked(limit)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Until every file given so far is zeroed (kept or closed); False on timeout."""
@@ -251,21 +250,11 @@ class RamReserve:
     def _zero(self, fd: int) -> int | None:
         """Zeros over every allocated extent; the allocated bytes after, or None if stopped."""
         zeros = memoryview(bytes(ZERO_CHUNK))
-        end = os.fstat(fd).st_size
-        position = 0
-        while position < end:
-            try:
-                data = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno == errno.ENXIO:  # nothing allocated past `position`
-                    break
-                raise
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        for data, hole in allocated_ranges(fd, 0, os.fstat(fd).st_size):
             while data < hole:
                 if self._closing:
                     return None
                 data += os.pwrite(fd, zeros[: min(ZERO_CHUNK, hole - data)], data)
-            position = hole
         return os.fstat(fd).st_blocks * 512
 
     def _keep_locked(self, fd: int, allocated: int | None) -> bool:
@@ -282,10 +271,14 @@ class RamReserve:
         else:
             self._kept.append(_Kept(fd, allocated, os.fstat(fd).st_size, self._clock()))
             self.kept += 1
-            while sum(k.allocated for k in self._kept) > limits.limit_bytes:
-                self._release_locked(self._kept.pop(0).fd, "over_limit")
+            self._within_limit_locked(limits.limit_bytes)
             return True  # the newest, within the limit: never the one the loop closes
         return False
+
+    def _within_limit_locked(self, limit: int) -> None:
+        """The oldest kept files closed until the rest hold at most `limit` bytes."""
+        while self._kept and sum(k.allocated for k in self._kept) > limit:
+            self._release_locked(self._kept.pop(0).fd, "over_limit")
 
     def _expire_locked(self) -> None:
         hold_s = self._limits().hold_s
