@@ -16,6 +16,8 @@ needs a failure that the real world produces only by bad luck:
   deterministic, so that a test can act during the rounds).
 - target-stop-on-done: the target process stops itself (SIGSTOP) when the first DONE arrives, as
   a target host that freezes in the downtime; the test sends SIGCONT. Later migrations run clean.
+- source-map-state: the source sends the machine state in its map form whatever the target
+  offers, as a source older than the flat-machine-state capability would.
 - source-zero-xsave: x86, the source sends every vCPU's XSAVE area zeroed (the negative test of
   the complete state: the guest's register checks must catch it).
 - cutover-holds: each side waits HOLD_S at the named points of a migration (source: setup,
@@ -65,6 +67,7 @@ KNOWN = frozenset(
         "source-stall-rounds",
         "source-skip-its-save",
         "source-zero-xsave",
+        "source-map-state",
         "target-stop-on-done",
         "cutover-holds",
         "target-build-after-streams",

@@ -39,7 +39,7 @@ from ..logs import get_logger
 from ..pagehash import memory_digest
 from ..statedir import StateDirError, write_record
 from ..vcpupriority import YieldingVcpus
-from ..peer import FINAL_PAGES_ON_CONTROL, PeerChannel, PeerError
+from ..peer import FINAL_PAGES_ON_CONTROL, FLAT_MACHINE_STATE, PeerChannel, PeerError
 from . import vmstate
 from .downtime_models_file import save_models
 from .host import MigrationHost
@@ -791,7 +791,13 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         """R6.3-4 in order (R6.2's pages stream out meanwhile)."""
         vm = self.hosted.vm
         assert vm is not None and vm.tracker is not None
-        blobs = vmstate.capture(self.hosted, self.daemon.kvm, self._timeline)  # R6.3
+        negotiated = self._channel.conn.negotiated if self._channel is not None else None
+        flat = (
+            negotiated is not None
+            and FLAT_MACHINE_STATE in negotiated.capabilities
+            and not faults.active("source-map-state")
+        )
+        blobs = vmstate.capture(self.hosted, self.daemon.kvm, self._timeline, flat)  # R6.3
         self.stats.state_save_ms = clock.step("state_save")
         backup = vm.tracker.collect_backup_bitmap()  # R6.4 (R7)
         clock.step("backup_bitmap")

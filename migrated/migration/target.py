@@ -115,6 +115,7 @@ class Target:
         self._timeline = Timeline()  # restarted at the first state: the cutover's fine marks
         self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
         self._restore_steps_ms: dict[str, float] = {}  # the state restore's steps, for the cutover's log
+        self._state_kind: str | None = None  # the machine state's form, for the same log
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
         self._end_reported = trio.Event()  # the streams' end reported to the source (Progress)
         self._verify_expected: str | None = None  # the description's verify (None: an older source)
@@ -757,6 +758,7 @@ class Target:
                 return digest
         restore_started = time.perf_counter()
         self._timeline.mark("digested")
+        self._state_kind = blobs[0][0] if blobs else None
         steps = vmstate.restore(hosted, self.daemon.kvm, blobs)
         self._restore_steps_ms = {name: round(seconds * 1e3, 3) for name, seconds in steps.items()}
         stats.state_save_ms = (time.perf_counter() - restore_started) * 1e3
@@ -803,6 +805,7 @@ class Target:
                 origin=timeline.origin,
                 marks_ms=timeline.as_ms(),
                 restore_steps_ms=self._restore_steps_ms,
+                state_kind=self._state_kind,
             )
             await take_source_timing(self.channel, stats)
         finally:

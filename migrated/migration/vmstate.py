@@ -14,6 +14,7 @@ from .. import faults
 from ..hosted import HostedVm
 from ..kvm.arch import ARCHES, arch_of, host_arch
 from ..kvm.arch.x86_64 import host_facts
+from ..kvm.arch.x86_64.flatstate import zero_flat_xsave
 from ..kvm.saved_state import STATE_VERSION
 from ..kvm.system import Kvm
 from ..kvm.vm import Vm
@@ -23,7 +24,13 @@ from .timeline import Timeline
 # port 0x92): migrated.devices.PortBus.to_wire(). Well under 100 KiB.
 X86_PORTS = "x86-ports"
 X86_MACHINE = ARCHES["x86_64"].state_kind
-KINDS = frozenset({*(arch.state_kind for arch in ARCHES.values()), X86_PORTS})
+KINDS = frozenset(
+    {
+        *(arch.state_kind for arch in ARCHES.values()),
+        *(arch.flat_state_kind for arch in ARCHES.values() if arch.flat_state_kind is not None),
+        X86_PORTS,
+    }
+)
 # A state blob is a few KiB per vCPU; the transport caps DeviceState at 16 MiB anyway.
 _MAX_BLOB = 16 << 20
 
@@ -74,20 +81,23 @@ def incompatibility(features: dict[str, Any], kvm: Kvm) -> str | None:
     return None
 
 
-def capture(hosted: HostedVm, kvm: Kvm, timeline: Timeline | None = None) -> list[tuple[str, bytes]]:
-    """R6.3: every vCPU's and the VM's state; the vCPUs are parked."""
+def capture(
+    hosted: HostedVm, kvm: Kvm, timeline: Timeline | None = None, flat: bool = False
+) -> list[tuple[str, bytes]]:
+    """R6.3: every vCPU's and the VM's state; the vCPUs are parked. `flat`: the machine state in
+    its flat form where the arch has one (the target offered FLAT_MACHINE_STATE)."""
     vm = hosted.vm
     assert vm is not None
     arch = arch_of(vm)
     if not faults.active("source-skip-its-save"):
         arch.prepare_state_save(vm)
-    wire = arch.save_state(vm)
+    kind = arch.flat_state_kind if flat and arch.flat_state_kind is not None else arch.state_kind
+    wire = arch.save_state(vm, flat=kind != arch.state_kind)
     if timeline is not None:
         timeline.mark("state_read")
     if faults.active("source-zero-xsave"):
-        for vcpu in wire["vcpus"]:
-            vcpu["xsave"] = bytes(len(vcpu["xsave"]))
-    blobs = [(arch.state_kind, msgpack.packb(wire, use_bin_type=True))]
+        _zero_xsave(wire, kind != arch.state_kind)
+    blobs = [(kind, msgpack.packb(wire, use_bin_type=True))]
     if hosted.ports is not None:
         # The vCPUs are parked, and (vcpu.py) finished their last I/O instruction before they
         # parked, so no device access is half done.
@@ -102,17 +112,26 @@ def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> dict[
     vm = hosted.vm
     assert vm is not None
     arch = arch_of(vm)
-    expected = [arch.state_kind]
-    if hosted.ports is not None:
-        expected.append(X86_PORTS)
+    machine = [arch.state_kind] + ([arch.flat_state_kind] if arch.flat_state_kind is not None else [])
+    ports = [X86_PORTS] if hosted.ports is not None else []
     kinds = [kind for kind, _ in blobs]
-    if kinds != expected:
+    if len(kinds) != 1 + len(ports) or kinds[0] not in machine or kinds[1:] != ports:
+        expected = " or ".join(repr([kind, *ports]) for kind in machine)
         raise ValueError(f"device state kinds {kinds}: this VM restores exactly {expected}")
     wire = _unpack(blobs[0][1], "machine state")
     if hosted.ports is not None:
         # Before any vCPU runs: the first `in` from the UART must see the source's registers.
         hosted.ports.bus.load_wire(_unpack(blobs[1][1], "port device state"))
-    return arch.restore_state(vm, wire).timings
+    return arch.restore_state(vm, wire, flat=kinds[0] != arch.state_kind).timings
+
+
+def _zero_xsave(wire: dict[str, Any], flat: bool) -> None:
+    """The test fault source-zero-xsave (x86): every vCPU's XSAVE area sent as zeros."""
+    if flat:
+        zero_flat_xsave(wire)
+        return
+    for vcpu in wire["vcpus"]:
+        vcpu["xsave"] = bytes(len(vcpu["xsave"]))
 
 
 def _unpack(blob: bytes, what: str) -> Any:

@@ -121,13 +121,18 @@ def test_guest_downtime_arithmetic() -> None:
 
 
 def _timeline(daemon: DaemonProcess, event: str) -> dict[str, float]:
+    marks: dict[str, float] = _timeline_event(daemon, event)["marks_ms"]
+    return marks
+
+
+def _timeline_event(daemon: DaemonProcess, event: str) -> dict[str, Any]:
     # Each side logs its timeline once its part is done, which may be after the other side's
     # stats already say "completed" (the target writes its record and joins its streams first).
     wait_for(lambda: f'"event": "{event}"' in daemon.log(), what=f"{daemon.name}'s {event}")
     lines = [json.loads(line) for line in daemon.log().splitlines() if f'"event": "{event}"' in line]
     assert len(lines) == 1, lines
-    marks: dict[str, float] = lines[0]["marks_ms"]
-    return marks
+    found: dict[str, Any] = lines[0]
+    return found
 
 
 @pytest.mark.parametrize("rate", [1.0, 64.0])
@@ -162,7 +167,11 @@ def test_the_downtime_keeps_r6_order_and_the_target_loads_after_every_end_marker
         order = ["parked", "harvested", "pages_started", "state_read", "state_packed", "state_and_done_sent"]
     assert [source[m] for m in order] == sorted(source[m] for m in order), source
     assert source["loaded_received"] < source["commit_sent"] < source["running_received"], source
-    target = _timeline(b, "cutover_timeline")
+    cutover = _timeline_event(b, "cutover_timeline")
+    # Two daemons of this version: the flat form (flat-machine-state), restored in its steps.
+    assert cutover["state_kind"] == "x86-machine-flat", cutover
+    assert set(cutover["restore_steps_ms"]) == {"check", "vcpu_buffers", "vcpu_ioctls", "vm_ioctls", "total"}, cutover
+    target = cutover["marks_ms"]
     assert target["streams_ended"] <= target["restored"] <= target["loaded_sent"], target
     if on_control:
         assert target["streams_ended"] <= target["state_received"], target

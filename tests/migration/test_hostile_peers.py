@@ -472,20 +472,34 @@ def test_the_digest_in_done_is_checked_whether_or_not_verify_was_announced(
     assert_unharmed(target)
 
 
+FLAT = "x86-machine-flat"
+
+
 @pytest.mark.parametrize(
-    ("blob", "words"),
+    ("kind", "blob", "words"),
     [
-        (b"garbage", ["machine state is not valid msgpack"]),
-        (msgpack.packb({}), ["x86 state: missing key 'version'"]),
-        (msgpack.packb({"version": 99}), ["version 99 is newer"]),
+        (vmstate.X86_MACHINE, b"garbage", ["machine state is not valid msgpack"]),
+        (vmstate.X86_MACHINE, msgpack.packb({}), ["x86 state: missing key 'version'"]),
+        (vmstate.X86_MACHINE, msgpack.packb({"version": 99}), ["version 99 is newer"]),
+        (FLAT, b"garbage", ["machine state is not valid msgpack"]),
+        (FLAT, msgpack.packb({"version": 1}), ["x86 flat state", "missing key(s)"]),
+        (FLAT, msgpack.packb({"version": 99}), ["version 99 is newer"]),
+        # The map form's keys under the flat form's kind: refused by the flat form's checks.
+        (
+            FLAT,
+            msgpack.packb({"version": 1, "vcpus": [], "cpu_vendor": b"x" * 12}),
+            ["x86 flat state", "missing key(s)"],
+        ),
     ],
-    ids=["not msgpack", "empty map", "future version"],
+    ids=["not msgpack", "empty map", "future version", "flat not msgpack", "flat empty", "flat future", "flat keys"],
 )
-def test_malformed_machine_state_is_aborted_with_a_reason(target: TargetHost, blob: bytes, words: list[str]) -> None:
+def test_malformed_machine_state_is_aborted_with_a_reason(
+    target: TargetHost, kind: str, blob: bytes, words: list[str]
+) -> None:
     name = new_name()
     log = LogWatch(target.daemon)
     with accepted_peer(target, name) as peer:
-        peer.send(DeviceState(kind=vmstate.X86_MACHINE, blob=blob))
+        peer.send(DeviceState(kind=kind, blob=blob))
         peer.send(Done(pages_total=0, digest=None, verify="off"))
         answer = peer.receive()
         assert isinstance(answer, Abort), answer

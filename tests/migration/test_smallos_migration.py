@@ -73,6 +73,21 @@ def test_small_os_keeps_running_when_the_target_dies(make_daemon: MakeDaemon) ->
     assert_machine_alive(a, 2)
 
 
+def test_the_map_form_of_an_older_source_still_restores(make_daemon: MakeDaemon) -> None:
+    """A source that sends the machine state in its map form (fault source-map-state, as one
+    older than the flat-machine-state capability): the target restores it, the whole machine
+    carries on, and its log names the form it restored."""
+    a, b = make_daemon("a", faults="source-map-state"), make_daemon("b")
+    a.call("vm.create", name="os1", memory_mib=128, vcpus=2, guest="smallos", dirty_rate_mib_s=32, working_set_mib=32)
+    wait_for(lambda: kernel(a)["ticks"][0] > 10, what="the small OS to tick")
+    a.call("migrate", name="os1", to=b.address)
+    stats = wait_migration(a, "os1")
+    assert stats["state"] == "completed", stats["error"]
+    assert_machine_alive(b, 2)
+    wait_for(lambda: '"event": "cutover_timeline"' in b.log(), what="b's cutover_timeline")
+    assert '"state_kind": "x86-machine"' in b.log()
+
+
 def test_a_migration_that_drops_xsave_is_caught_by_the_guest(make_daemon: MakeDaemon) -> None:
     """The negative test: a test-only source (fault source-zero-xsave) loses the vector
     registers; the small OS's own checks count the mismatches on the target.

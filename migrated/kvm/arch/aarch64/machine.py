@@ -20,6 +20,7 @@ class Aarch64:
     name = "aarch64"
     ram_base = RAM_BASE
     state_kind = "arm64-machine"
+    flat_state_kind: str | None = None  # the map form only: an arm64 vCPU's registers are ONE_REG pairs
     boots_raw_images = False
 
     def check_config(self, config: VmConfig, caps: HostCaps, tracking: str) -> None:
@@ -59,9 +60,13 @@ class Aarch64:
         caller collects it after the state (R6.4)."""
         save_its_tables(vm)
 
-    def save_state(self, vm: Vm) -> dict[str, Any]:
+    def save_state(self, vm: Vm, flat: bool = False) -> dict[str, Any]:
+        if flat:
+            raise ValueError("arm64 machine state has no flat form")
         return save_vm_state(vm).to_wire()
 
-    def restore_state(self, vm: Vm, wire: object) -> RestoreReport:
+    def restore_state(self, vm: Vm, wire: object, flat: bool = False) -> RestoreReport:
+        if flat:
+            raise ValueError("arm64 machine state has no flat form")
         # R9: memory is in place; restore_vm_state follows arm-vgic-its.rst's order.
         return restore_vm_state(vm, Arm64MachineState.from_wire(wire))

@@ -38,7 +38,7 @@ from .state import MAX_MSRS as MAX_MSRS
 from .statebuffers import MIN_XSAVE_BYTES as MIN_XSAVE_BYTES
 from .state import MAX_XSAVE_BYTES as MAX_XSAVE_BYTES
 from .state import X86_MP_STATES as X86_MP_STATES
-from .state import IRQCHIP_IDS as IRQCHIP_IDS
+from .statebuffers import IRQCHIP_IDS as IRQCHIP_IDS
 from .state import X86VcpuState as X86VcpuState
 from .state import X86MachineState as X86MachineState
 from .state import save_vcpu_state as save_vcpu_state

@@ -39,7 +39,7 @@ from ...system import Kvm
 from ...vcpu import Vcpu
 from ...vm import Vm
 from . import uapi as x86_uapi
-from .cpu import CpuModel, cpu_identity, get_cpuid_bytes, read_tsc_khz, xsave2_size
+from .cpu import CpuModel, cpu_identity, get_cpuid_bytes, read_tsc_khz, restore_msr_order, xsave2_size
 
 _CPUID2_HEADER_BYTES = ctypes.sizeof(uapi.kvm_cpuid2)
 LEGACY_XSAVE_BYTES = ctypes.sizeof(x86_uapi.kvm_xsave)  # 4096: what KVM_GET_XSAVE fills
@@ -51,7 +51,9 @@ class HostFacts:
 
     cpu_vendor: bytes  # CPUID leaf 0 (EBX, EDX, ECX) of the supported CPUID
     cpu_signature: int  # CPUID leaf 1 EAX
-    msr_indices: tuple[int, ...]  # KVM_GET_MSR_INDEX_LIST, in KVM's order
+    # KVM_GET_MSR_INDEX_LIST in the order a restore writes them (`restore_msr_order`): a save
+    # reads them so, and a flat state's MSRs go back to KVM as they came (flatstate.py).
+    msr_indices: tuple[int, ...]
     known_msrs: frozenset[int]
     xsave_bytes: int  # KVM_CAP_XSAVE2 of /dev/kvm, at least 4096 (the legacy struct kvm_xsave)
     irqchip: bool  # KVM_CAP_IRQCHIP
@@ -65,14 +67,15 @@ class HostFacts:
 _HOSTS: weakref.WeakKeyDictionary[Kvm, HostFacts] = weakref.WeakKeyDictionary()
 _XSAVE2: weakref.WeakKeyDictionary[Vm, int] = weakref.WeakKeyDictionary()
 # vCPU -> (the Vcpu.cpuid_set it belongs to, the entries KVM_GET_CPUID2 read back after it)
-_CPUIDS: weakref.WeakKeyDictionary[Vcpu, tuple[bytes, tuple[bytes, ...]]] = weakref.WeakKeyDictionary()
+# and those entries back to back (`cpuid_table_of`)
+_CPUIDS: weakref.WeakKeyDictionary[Vcpu, tuple[bytes, tuple[bytes, ...], bytes]] = weakref.WeakKeyDictionary()
 
 
 def host_facts(kvm: Kvm) -> HostFacts:
     known = _HOSTS.get(kvm)
     if known is None:
         vendor, signature = cpu_identity(kvm.supported_cpuid())
-        indices = tuple(kvm.msr_index_list())
+        indices = tuple(index for index, _ in restore_msr_order([(i, 0) for i in kvm.msr_index_list()]))
         known = HostFacts(
             cpu_vendor=vendor,
             cpu_signature=signature,
@@ -119,7 +122,8 @@ def set_cpuid(vcpu: Vcpu, table: ctypes.Array[ctypes.c_uint8], read_back: bool =
     vcpu.set_cpuid(table)
     raw = vcpu.cpuid_set
     if read_back and raw is not None:
-        _CPUIDS[vcpu] = (raw, get_cpuid_bytes(vcpu))
+        entries = get_cpuid_bytes(vcpu)
+        _CPUIDS[vcpu] = (raw, entries, b"".join(entries))
     else:
         _CPUIDS.pop(vcpu, None)
 
@@ -131,6 +135,20 @@ def cpuid_of(vcpu: Vcpu) -> tuple[bytes, ...] | None:
     if known is None or known[0] is not vcpu.cpuid_set:
         return None
     return known[1]
+
+
+def cpuid_table_of(vcpu: Vcpu) -> bytes:
+    """The vCPU's CPUID entries as one run of bytes (`cpuid_of`, else asked of KVM now)."""
+    known = _CPUIDS.get(vcpu)
+    if known is None or known[0] is not vcpu.cpuid_set:
+        return b"".join(get_cpuid_bytes(vcpu))
+    return known[2]
+
+
+def cpuid_table_is_set(vcpu: Vcpu, table: bytes) -> bool:
+    """True when `table` (entries back to back) is exactly the table last set on `vcpu`."""
+    raw = vcpu.cpuid_set
+    return raw is not None and raw[_CPUID2_HEADER_BYTES:] == table
 
 
 def cpuid_is_set(vcpu: Vcpu, entries: tuple[bytes, ...]) -> bool:

@@ -17,8 +17,9 @@ from ...vm import Vm, VmConfig
 from .cpu import cpuid_buffer_of
 from .devices import create_irqchip, create_pit2, detect_devices
 from .fixed import LEGACY_XSAVE_BYTES, cpuid_of, host_facts, read_build_tsc_khz, set_cpuid, vm_xsave2_bytes
+from .flatstate import restore_flat, save_flat
 from .state import X86MachineState, restore_vm_state, save_vm_state
-from .statebuffers import MIN_XSAVE_BYTES, restore_plan, save_plan
+from .statebuffers import MIN_XSAVE_BYTES, restore_plan, save_plan, vm_devices_plan
 
 # The CPUID table a VM under construction gives each vCPU (VmConfig.cpuid), from
 # `before_vcpus_of` to `after_vcpus`.
@@ -29,6 +30,7 @@ class X86_64:
     name = "x86_64"
     ram_base = 0
     state_kind = "x86-machine"  # the DeviceState kind its machine state travels as
+    flat_state_kind: str | None = "x86-machine-flat"  # flatstate.py
     boots_raw_images = True  # BIOS-style boot sectors and flat binaries (guests/x86_64/raw.py)
 
     def check_config(self, config: VmConfig, caps: HostCaps, tracking: str) -> None:
@@ -61,7 +63,9 @@ class X86_64:
         # (statebuffers.py), in the shapes this host's states have.
         host = host_facts(vm.kvm)
         xsave2 = vm_xsave2_bytes(vm)
-        irqchip, _ = detect_devices(vm)
+        irqchip, pit = detect_devices(vm)
+        for way in ("GET", "SET"):
+            vm_devices_plan(vm, way, irqchip, pit)
         for vcpu in vm.vcpus:
             read_build_tsc_khz(vcpu)
             save_plan(vcpu, irqchip, xsave2, host.msr_indices)
@@ -94,11 +98,15 @@ class X86_64:
     def prepare_state_save(self, vm: Vm) -> None:
         return None  # nothing of the x86 machine lives in guest RAM
 
-    def save_state(self, vm: Vm) -> dict[str, Any]:
+    def save_state(self, vm: Vm, flat: bool = False) -> dict[str, Any]:
         irqchip, pit = detect_devices(vm)
+        if flat:
+            return save_flat(vm, irqchip=irqchip, pit=pit)
         return save_vm_state(vm, irqchip=irqchip, pit=pit).to_wire()
 
-    def restore_state(self, vm: Vm, wire: object) -> RestoreReport:
+    def restore_state(self, vm: Vm, wire: object, flat: bool = False) -> RestoreReport:
+        if flat:
+            return restore_flat(vm, wire)
         state = X86MachineState.from_wire(wire)
         # The target built the same devices from the same spec (hosted.vm_config); checked again
         # against the state by restore_vm_state.

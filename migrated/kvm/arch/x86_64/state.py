@@ -52,7 +52,6 @@ from ...saved_state import (
     WireReader,
 )
 from ...errors import KvmIoctlError
-from ...ioctlbatch import IoctlBatch
 from ...system import Kvm
 from ...vcpu import Vcpu
 from ...vm import Vm
@@ -70,8 +69,8 @@ from .cpu import (
     xsave2_size,
 )
 from .devices import check_devices
-from .statebuffers import MIN_XSAVE_BYTES, restore_plan, save_plan
-from .fixed import cpuid_is_set, cpuid_of, host_facts, note_tsc_khz, set_cpuid, tsc_khz_of, vm_xsave2_bytes
+from .statebuffers import IRQCHIP_IDS, MIN_XSAVE_BYTES, restore_plan, save_plan, vm_devices_plan
+from .fixed import HostFacts, cpuid_is_set, cpuid_of, host_facts, note_tsc_khz, set_cpuid, tsc_khz_of, vm_xsave2_bytes
 from . import uapi as x86_uapi
 
 
@@ -119,7 +118,6 @@ _STRUCT_NAME = {
 }
 _FUNCTION_AND_INDEX = operator.itemgetter(slice(0, 8))  # of a struct kvm_cpuid_entry2's bytes
 _MSR_INDEX = operator.itemgetter(0)  # of an (index, value) pair
-IRQCHIP_IDS = (x86_uapi.KVM_IRQCHIP_PIC_MASTER, x86_uapi.KVM_IRQCHIP_PIC_SLAVE, x86_uapi.KVM_IRQCHIP_IOAPIC)
 _IRQCHIP_NAMES = ("PIC master", "PIC slave", "IOAPIC")
 
 
@@ -190,19 +188,7 @@ class X86VcpuState:
     @classmethod
     def from_wire(cls, d: object, where: str = "vcpu") -> X86VcpuState:
         m = _mapping(d, where, _VCPU_KEYS)
-        cpuid = _list(m, "cpuid", where, MAX_CPUID_ENTRIES)
-        if not cpuid:
-            raise _error(where, "cpuid", "no entries: a vCPU always has a CPUID")
-        # Checked as a whole first, with builtins that loop in C, entry by entry (naming the bad
-        # one) only when that fails: this runs in the target's downtime, where a Python loop over
-        # the 75 entries cost more than the ioctls around it.
-        if set(map(type, cpuid)) == {bytes} and set(map(len, cpuid)) == {_SIZE["cpuid"]}:
-            entries = tuple(cpuid)
-        else:
-            entries = tuple(_sized(e, f"{where}.cpuid[{i}]", "cpuid") for i, e in enumerate(cpuid))
-        # Each entry starts with its u32 function and u32 index.
-        if len(set(map(_FUNCTION_AND_INDEX, entries))) != len(entries):
-            raise _error(where, "cpuid", "the same (function, index) appears twice")
+        entries = cpuid_entries(m, where)
         pairs = _list(m, "msrs", where, MAX_MSRS)
         msrs = _msr_pairs(pairs)
         if msrs is None:
@@ -284,20 +270,9 @@ class X86MachineState:
     def from_wire(cls, d: object) -> X86MachineState:
         _W.read_header(d)
         m = _mapping(d, "", _VM_KEYS)
-        vendor = _bytes(m, "cpu_vendor", "")
-        if len(vendor) != 12:
-            raise _error("", "cpu_vendor", f"{len(vendor)} bytes, expected 12 (CPUID leaf 0)")
+        vendor = cpu_vendor_field(m)
         vcpus = _W.vcpus(m, MAX_VCPUS, X86VcpuState.from_wire)
-        chips = _list(m, "irqchip", "", len(IRQCHIP_IDS))
-        if len(chips) not in (0, len(IRQCHIP_IDS)):
-            raise _error("", "irqchip", f"{len(chips)} entries: expected 0 or 3 (PIC master, slave, IOAPIC)")
-        irqchip = tuple(_sized(c, f"irqchip[{i}]", "irqchip") for i, c in enumerate(chips))
-        for i, (chip, chip_id) in enumerate(zip(irqchip, IRQCHIP_IDS)):
-            found = struct.unpack_from("<I", chip)[0]
-            if found != chip_id:
-                raise StateFormatError(
-                    f"x86 state: irqchip[{i}]: chip_id {found}, expected {chip_id} ({_IRQCHIP_NAMES[i]})"
-                )
+        irqchip, pit2, clock = vm_devices(m)
         for v in vcpus:
             if bool(v.lapic) != bool(irqchip):
                 raise StateFormatError(
@@ -305,26 +280,67 @@ class X86MachineState:
                     + ("missing, but the VM has" if irqchip else "present, but the VM has no")
                     + " in-kernel irqchip"
                 )
-        pit2 = _bytes(m, "pit2", "")
-        if len(pit2) not in (0, _SIZE["pit2"]):
-            raise _error(
-                "",
-                "pit2",
-                f"{len(pit2)} bytes: expected 0 (no PIT) or {_SIZE['pit2']} (struct kvm_pit_state2)",
-            )
-        if pit2 and not irqchip:
-            raise _error("", "pit2", "an in-kernel PIT needs the in-kernel irqchip (absent)")
         return cls(
             cpu_vendor=vendor,
             cpu_signature=_int(m, "cpu_signature", "", 0, (1 << 32) - 1),
             vcpus=vcpus,
             irqchip=irqchip,
             pit2=pit2,
-            clock=_struct_bytes(m, "clock", ""),
+            clock=clock,
         )
 
 
 # ---- wire validation helpers ----------------------------------------------------------------
+
+
+def cpuid_entries(m: Mapping[str, Any], where: str) -> tuple[bytes, ...]:
+    """A vCPU's `cpuid` list: raw struct kvm_cpuid_entry2 each, no (function, index) twice."""
+    cpuid = _list(m, "cpuid", where, MAX_CPUID_ENTRIES)
+    if not cpuid:
+        raise _error(where, "cpuid", "no entries: a vCPU always has a CPUID")
+    # Checked as a whole first, with builtins that loop in C, entry by entry (naming the bad
+    # one) only when that fails: this runs in the target's downtime, where a Python loop over
+    # the 75 entries cost more than the ioctls around it.
+    if set(map(type, cpuid)) == {bytes} and set(map(len, cpuid)) == {_SIZE["cpuid"]}:
+        entries = tuple(cpuid)
+    else:
+        entries = tuple(_sized(e, f"{where}.cpuid[{i}]", "cpuid") for i, e in enumerate(cpuid))
+    # Each entry starts with its u32 function and u32 index.
+    if len(set(map(_FUNCTION_AND_INDEX, entries))) != len(entries):
+        raise _error(where, "cpuid", "the same (function, index) appears twice")
+    return entries
+
+
+def vm_devices(m: Mapping[str, Any]) -> tuple[tuple[bytes, ...], bytes, bytes]:
+    """The VM-wide parts of a state's top level: the irqchips (none, or PIC master, slave and
+    IOAPIC), the PIT (or b"") and kvmclock, checked."""
+    chips = _list(m, "irqchip", "", len(IRQCHIP_IDS))
+    if len(chips) not in (0, len(IRQCHIP_IDS)):
+        raise _error("", "irqchip", f"{len(chips)} entries: expected 0 or 3 (PIC master, slave, IOAPIC)")
+    irqchip = tuple(_sized(c, f"irqchip[{i}]", "irqchip") for i, c in enumerate(chips))
+    for i, (chip, chip_id) in enumerate(zip(irqchip, IRQCHIP_IDS)):
+        found = struct.unpack_from("<I", chip)[0]
+        if found != chip_id:
+            raise StateFormatError(
+                f"x86 state: irqchip[{i}]: chip_id {found}, expected {chip_id} ({_IRQCHIP_NAMES[i]})"
+            )
+    pit2 = _bytes(m, "pit2", "")
+    if len(pit2) not in (0, _SIZE["pit2"]):
+        raise _error(
+            "",
+            "pit2",
+            f"{len(pit2)} bytes: expected 0 (no PIT) or {_SIZE['pit2']} (struct kvm_pit_state2)",
+        )
+    if pit2 and not irqchip:
+        raise _error("", "pit2", "an in-kernel PIT needs the in-kernel irqchip (absent)")
+    return irqchip, pit2, _struct_bytes(m, "clock", "")
+
+
+def cpu_vendor_field(m: Mapping[str, Any]) -> bytes:
+    vendor = _bytes(m, "cpu_vendor", "")
+    if len(vendor) != 12:
+        raise _error("", "cpu_vendor", f"{len(vendor)} bytes, expected 12 (CPUID leaf 0)")
+    return vendor
 
 
 def _sized(value: object, path: str, kind: str) -> bytes:
@@ -390,14 +406,7 @@ def _step(times: StepTimes | None, name: str) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 # ioctl plumbing
 # --------------------------------------------------------------------------------------------
-def _buffer(data: bytes, size: int | None = None) -> ctypes.Array[ctypes.c_uint8]:
-    """A writable copy of `data`, zero-padded to `size` bytes."""
-    buf = (ctypes.c_uint8 * max(len(data), size or 0))()
-    ctypes.memmove(buf, data, len(data))
-    return buf
-
-
-def _require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
+def require_parked(vcpus: Sequence[Vcpu], doing: str) -> None:
     for vcpu in vcpus:
         if vcpu.may_run:  # not `state`: a vCPU just started has not yet said RUNNING
             raise StateError(f"vCPU {vcpu.index} is running: pause the VM (Vm.pause) before {doing} its state")
@@ -421,7 +430,7 @@ def save_vcpu_state(
     `xsave2_bytes`: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) of the VM (asked of `kvm` if None).
     `msr_indices`: MSRs to read (`kvm.msr_index_list()` if None).
     """
-    _require_parked([vcpu], "saving")
+    require_parked([vcpu], "saving")
     xsave2 = xsave2_bytes if xsave2_bytes is not None else xsave2_size(kvm.fd)
     indices = list(kvm.msr_index_list() if msr_indices is None else msr_indices)
     if len(indices) > MAX_MSRS:
@@ -466,7 +475,7 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> X86MachineState:
     """
     times = StepTimes()
     start = time.perf_counter()
-    _require_parked(vm.vcpus, "saving")
+    require_parked(vm.vcpus, "saving")
     if not vm.vcpus:
         raise StateError("the VM has no vCPUs to save")
     with times.step("devices"):
@@ -479,29 +488,25 @@ def save_vm_state(vm: Vm, *, irqchip: bool, pit: bool) -> X86MachineState:
         save_vcpu_state(vcpu, vm.kvm, lapic=irqchip, xsave2_bytes=xsave2, msr_indices=indices, times=times)
         for vcpu in vm.vcpus
     )
-    batch = IoctlBatch()  # the VM's devices in one C call, as each vCPU's state
-    chip_structs = [x86_uapi.kvm_irqchip(chip_id=chip_id) for chip_id in (IRQCHIP_IDS if irqchip else ())]
-    for chip in chip_structs:
-        batch.add(f"KVM_GET_IRQCHIP({chip.chip_id})", vm.fd, x86_uapi.KVM_GET_IRQCHIP, chip)
-    pit_state = x86_uapi.kvm_pit_state2()
-    if pit:
-        batch.add("KVM_GET_PIT2", vm.fd, x86_uapi.KVM_GET_PIT2, pit_state)
-    clock = x86_uapi.kvm_clock_data()
-    batch.add("KVM_GET_CLOCK", vm.fd, x86_uapi.KVM_GET_CLOCK, clock)
     with times.step("vm_ioctls"):
-        batch.run()
-    chips = [bytes(chip) for chip in chip_structs]
-    pit2 = bytes(pit_state) if pit else b""
+        chips, pit2, clock = save_vm_devices(vm, irqchip, pit)
     times.seconds["total"] = time.perf_counter() - start
     return X86MachineState(
         cpu_vendor=vendor,
         cpu_signature=signature,
         vcpus=vcpus,
-        irqchip=tuple(chips),
+        irqchip=chips,
         pit2=pit2,
-        clock=bytes(clock),
+        clock=clock,
         timings=dict(times.seconds),
     )
+
+
+def save_vm_devices(vm: Vm, irqchip: bool, pit: bool) -> tuple[tuple[bytes, ...], bytes, bytes]:
+    """The VM-wide parts, in one C call: the irqchips (or none), the PIT (or b""), kvmclock."""
+    plan = vm_devices_plan(vm, "GET", irqchip, pit)  # made at the build (machine.py)
+    plan.batch.run()
+    return tuple(bytes(chip) for chip in plan.chips), b"" if plan.pit is None else bytes(plan.pit), bytes(plan.clock)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,17 +523,27 @@ def check_compatible(state: X86MachineState, kvm: Kvm) -> None:
     # No ioctl after the first call, and the common case (the same CPU, MSRs known) decided with
     # comparisons and builtins that loop in C: this runs in the target's downtime.
     host = host_facts(kvm)
-    if (state.cpu_vendor, state.cpu_signature) != (host.cpu_vendor, host.cpu_signature):
-        here, saved = host.cpu_model, state.cpu_model
+    check_cpu(state.cpu_vendor, state.cpu_signature, host)
+    if all(host.known_msrs.issuperset(map(_MSR_INDEX, v.msrs)) for v in state.vcpus):
+        unknown = []
+    else:
+        unknown = sorted({i for v in state.vcpus for i, _ in v.msrs} - host.known_msrs)
+    check_host_has(unknown, max(len(v.xsave) for v in state.vcpus), state.has_irqchip, state.has_pit, host)
+
+
+def check_cpu(vendor: bytes, signature: int, host: HostFacts) -> None:
+    """The same CPU vendor, family and model as this host (the stepping may differ)."""
+    if (vendor, signature) != (host.cpu_vendor, host.cpu_signature):
+        here, saved = host.cpu_model, CpuModel.from_cpuid(vendor, signature)
         if (here.vendor, here.family, here.model) != (saved.vendor, saved.family, saved.model):
             raise IncompatibleStateError(
                 f"the VM's state was saved on {saved}; this host is {here}: migrated moves VMs "
                 "only between hosts with the same CPU vendor, family and model"
             )
-    if all(host.known_msrs.issuperset(map(_MSR_INDEX, v.msrs)) for v in state.vcpus):
-        unknown = []
-    else:
-        unknown = sorted({i for v in state.vcpus for i, _ in v.msrs} - host.known_msrs)
+
+
+def check_host_has(unknown: Sequence[int], largest_xsave: int, irqchip: bool, pit: bool, host: HostFacts) -> None:
+    """No MSR unknown here (`unknown`, sorted), the XSAVE area fits, the devices exist."""
     if unknown:
         raise IncompatibleStateError(
             f"{len(unknown)} MSR(s) of the VM are unknown to this host's KVM: "
@@ -536,22 +551,54 @@ def check_compatible(state: X86MachineState, kvm: Kvm) -> None:
             + (" ..." if len(unknown) > 8 else "")
         )
     size = host.xsave_bytes
-    largest = max(len(v.xsave) for v in state.vcpus)
-    if largest > size:
+    if largest_xsave > size:
         raise IncompatibleStateError(
-            f"the VM's XSAVE area is {largest} bytes; this host's KVM offers {size} "
+            f"the VM's XSAVE area is {largest_xsave} bytes; this host's KVM offers {size} "
             "(KVM_CAP_XSAVE2): a state component is missing here"
         )
-    if state.has_irqchip and not host.irqchip:
+    if irqchip and not host.irqchip:
         raise IncompatibleStateError("the VM has an in-kernel irqchip; this host's KVM has none")
-    if state.has_pit and not host.pit_state2:
+    if pit and not host.pit_state2:
         raise IncompatibleStateError("the VM has an in-kernel PIT; this host's KVM lacks KVM_CAP_PIT_STATE2")
 
 
 # --------------------------------------------------------------------------------------------
 # Restore
 # --------------------------------------------------------------------------------------------
-_EVENTS_SET_FLAGS = x86_uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | x86_uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+EVENTS_SET_FLAGS = x86_uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | x86_uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+
+
+def restore_tsc_khz_and_cpuid(
+    vcpu: Vcpu, tsc_khz: int, cpuid: tuple[bytes, ...] | None, times: StepTimes | None
+) -> None:
+    """The parts of a vCPU's state that go first, each only where it differs from the vCPU's
+    (`cpuid` None: the caller found it set)."""
+    if tsc_khz:
+        with _step(times, "tsc_khz"):
+            here = tsc_khz_of(vcpu)  # read at the build (fixed.py)
+            if here != tsc_khz:
+                try:
+                    vcpu.ioctl("KVM_SET_TSC_KHZ", x86_uapi.KVM_SET_TSC_KHZ, tsc_khz)
+                    note_tsc_khz(vcpu, tsc_khz)
+                except KvmIoctlError as err:
+                    raise IncompatibleStateError(
+                        f"vCPU {vcpu.index}: the guest's TSC runs at {tsc_khz} kHz, this "
+                        f"host's at {here} kHz, and KVM cannot scale it ({err})"
+                    ) from err
+    with _step(times, "cpuid"):
+        try:
+            # Already set when the VM was built with the source's table (VmConfig.cpuid). Else
+            # (an older source) set here, and read back so that this VM's next migration finds
+            # its table known (fixed.py): once, in this window, rather than in every later one.
+            if cpuid is not None and not cpuid_is_set(vcpu, cpuid):
+                set_cpuid(vcpu, cpuid_buffer_of(cpuid))
+        except KvmIoctlError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            raise StateError(
+                f"{err}: KVM refuses a CPUID different from the one a vCPU already ran with "
+                "(Linux 5.16+); restore into vCPUs that never ran"
+            ) from err
 
 
 def restore_vcpu_state(
@@ -571,33 +618,8 @@ def restore_vcpu_state(
     `xsave2_bytes`: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) of the target VM; the XSAVE buffer is
     zero-padded to it, since KVM_SET_XSAVE reads that many bytes (api.rst 4.43).
     """
-    _require_parked([vcpu], "restoring")
-    if state.tsc_khz:
-        with _step(times, "tsc_khz"):
-            here = tsc_khz_of(vcpu)  # read at the build (fixed.py)
-            if here != state.tsc_khz:
-                try:
-                    vcpu.ioctl("KVM_SET_TSC_KHZ", x86_uapi.KVM_SET_TSC_KHZ, state.tsc_khz)
-                    note_tsc_khz(vcpu, state.tsc_khz)
-                except KvmIoctlError as err:
-                    raise IncompatibleStateError(
-                        f"vCPU {vcpu.index}: the guest's TSC runs at {state.tsc_khz} kHz, this "
-                        f"host's at {here} kHz, and KVM cannot scale it ({err})"
-                    ) from err
-    with _step(times, "cpuid"):
-        try:
-            # Already set when the VM was built with the source's table (VmConfig.cpuid). Else
-            # (an older source) set here, and read back so that this VM's next migration finds
-            # its table known (fixed.py): once, in this window, rather than in every later one.
-            if not cpuid_is_set(vcpu, state.cpuid):
-                set_cpuid(vcpu, cpuid_buffer_of(state.cpuid))
-        except KvmIoctlError as err:
-            if err.errno != errno.EINVAL:
-                raise
-            raise StateError(
-                f"{err}: KVM refuses a CPUID different from the one a vCPU already ran with "
-                "(Linux 5.16+); restore into vCPUs that never ran"
-            ) from err
+    require_parked([vcpu], "restoring")
+    restore_tsc_khz_and_cpuid(vcpu, state.tsc_khz, state.cpuid, times)
     # One C call for the rest, in this order (ioctlbatch.h), from buffers made when the VM was
     # built (statebuffers.py). KVM_SET_MSRS stops it where KVM refused an MSR: `finish_set_msrs`
     # decides that one and writes the rest before the batch goes on.
@@ -617,7 +639,7 @@ def restore_vcpu_state(
             # KVM_GET_VCPU_EVENTS reports VALID_SHADOW / SMM / PAYLOAD / TRIPLE_FAULT for the
             # fields it filled; nmi.pending and sipi_vector are written only when asked for
             # (api.rst 4.32).
-            events_flags=_EVENTS_SET_FLAGS,
+            events_flags=EVENTS_SET_FLAGS,
         )
     kept: list[int] = []
     with _step(times, "vcpu_ioctls"):
@@ -653,15 +675,7 @@ def restore_vm_state(
     """
     times = StepTimes()
     start = time.perf_counter()
-    if len(vm.vcpus) != len(state.vcpus):
-        raise IncompatibleStateError(f"the state has {len(state.vcpus)} vCPU(s); the target VM has {len(vm.vcpus)}")
-    for name, has, said in (("irqchip", state.has_irqchip, irqchip), ("PIT", state.has_pit, pit)):
-        if has != said:
-            raise IncompatibleStateError(
-                f"the source VM {'had' if has else 'had no'} in-kernel {name}; the target is "
-                f"told {name}={said}: build the target like the source"
-            )
-    _require_parked(vm.vcpus, "restoring")
+    check_restorable(vm, len(state.vcpus), (state.has_irqchip, state.has_pit), (irqchip, pit))
     with times.step("devices"):
         check_devices(vm, irqchip, pit, "restore_vm_state")
     if check:
@@ -673,7 +687,36 @@ def restore_vm_state(
     for vcpu, vcpu_state in zip(vm.vcpus, state.vcpus):
         for index in restore_vcpu_state(vcpu, vcpu_state, xsave2_bytes=xsave2, times=times):
             kept.append((vcpu.index, index))
-    clock = state.clock_struct()
+    with times.step("vm_ioctls"):
+        advanced = restore_vm_devices(vm, state.irqchip, state.pit2, state.clock, advance_clock)
+    times.seconds["total"] = time.perf_counter() - start
+    return RestoreReport(timings=dict(times.seconds), clock_advanced=advanced, msrs_kept=tuple(kept))
+
+
+def check_restorable(vm: Vm, vcpus: int, has: tuple[bool, bool], told: tuple[bool, bool]) -> None:
+    """A target built like the source: as many vCPUs, all parked, and the in-kernel irqchip and
+    PIT the state has (`has`), as the caller was told (`told`: `check_devices` checks it)."""
+    if len(vm.vcpus) != vcpus:
+        raise IncompatibleStateError(f"the state has {vcpus} vCPU(s); the target VM has {len(vm.vcpus)}")
+    for name, had, said in zip(("irqchip", "PIT"), has, told):
+        if had != said:
+            raise IncompatibleStateError(
+                f"the source VM {'had' if had else 'had no'} in-kernel {name}; the target is "
+                f"told {name}={said}: build the target like the source"
+            )
+    require_parked(vm.vcpus, "restoring")
+
+
+def restore_vm_devices(vm: Vm, irqchip: Sequence[bytes], pit2: bytes, clock_bytes: bytes, advance_clock: bool) -> bool:
+    """The VM-wide parts after every vCPU, in one C call, kvmclock last. Returns whether KVM was
+    asked to advance kvmclock by the real time elapsed (`restore_vm_state`)."""
+    plan = vm_devices_plan(vm, "SET", bool(irqchip), bool(pit2))  # made at the build (machine.py)
+    for chip, data in zip(plan.chips, irqchip):
+        ctypes.memmove(ctypes.addressof(chip), data, len(data))
+    if plan.pit is not None:
+        ctypes.memmove(ctypes.addressof(plan.pit), pit2, len(pit2))
+    clock = plan.clock
+    ctypes.memmove(ctypes.addressof(clock), clock_bytes, len(clock_bytes))
     flags = 0
     if (
         advance_clock
@@ -682,13 +725,5 @@ def restore_vm_state(
     ):
         flags = x86_uapi.KVM_CLOCK_REALTIME
     clock.flags = flags
-    batch = IoctlBatch()  # the VM's devices in one C call, in this order
-    for chip_id, chip in zip(IRQCHIP_IDS, state.irqchip):
-        batch.add(f"KVM_SET_IRQCHIP({chip_id})", vm.fd, x86_uapi.KVM_SET_IRQCHIP, _buffer(chip))
-    if state.pit2:
-        batch.add("KVM_SET_PIT2", vm.fd, x86_uapi.KVM_SET_PIT2, _buffer(state.pit2))
-    batch.add("KVM_SET_CLOCK", vm.fd, x86_uapi.KVM_SET_CLOCK, clock)
-    with times.step("vm_ioctls"):
-        batch.run()
-    times.seconds["total"] = time.perf_counter() - start
-    return RestoreReport(timings=dict(times.seconds), clock_advanced=bool(flags), msrs_kept=tuple(kept))
+    plan.batch.run()
+    return bool(flags)
