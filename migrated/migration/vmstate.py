@@ -91,13 +91,21 @@ def capture(
     arch = arch_of(vm)
     if not faults.active("source-skip-its-save"):
         arch.prepare_state_save(vm)
-    kind = arch.flat_state_kind if flat and arch.flat_state_kind is not None else arch.state_kind
-    wire = arch.save_state(vm, flat=kind != arch.state_kind)
-    if timeline is not None:
-        timeline.mark("state_read")
-    if faults.active("source-zero-xsave"):
-        _zero_xsave(wire, kind != arch.state_kind)
-    blobs = [(kind, msgpack.packb(wire, use_bin_type=True))]
+    if flat and arch.flat_state_kind is not None:
+        record = arch.save_flat_state(vm)
+        if timeline is not None:
+            timeline.mark("state_read")
+        if faults.active("source-zero-xsave"):
+            record = zero_flat_xsave(record)
+        blobs = [(arch.flat_state_kind, record)]
+    else:
+        wire = arch.save_state(vm)
+        if timeline is not None:
+            timeline.mark("state_read")
+        if faults.active("source-zero-xsave"):
+            for vcpu in wire["vcpus"]:
+                vcpu["xsave"] = bytes(len(vcpu["xsave"]))
+        blobs = [(arch.state_kind, msgpack.packb(wire, use_bin_type=True))]
     if hosted.ports is not None:
         # The vCPUs are parked, and (vcpu.py) finished their last I/O instruction before they
         # parked, so no device access is half done.
@@ -118,20 +126,16 @@ def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> dict[
     if len(kinds) != 1 + len(ports) or kinds[0] not in machine or kinds[1:] != ports:
         expected = " or ".join(repr([kind, *ports]) for kind in machine)
         raise ValueError(f"device state kinds {kinds}: this VM restores exactly {expected}")
-    wire = _unpack(blobs[0][1], "machine state")
+    kind, blob = blobs[0]
+    if len(blob) > _MAX_BLOB:
+        raise ValueError(f"machine state of {len(blob)} bytes exceeds {_MAX_BLOB}")
+    wire = _unpack(blob, "machine state") if kind == arch.state_kind else None
     if hosted.ports is not None:
         # Before any vCPU runs: the first `in` from the UART must see the source's registers.
         hosted.ports.bus.load_wire(_unpack(blobs[1][1], "port device state"))
-    return arch.restore_state(vm, wire, flat=kinds[0] != arch.state_kind).timings
-
-
-def _zero_xsave(wire: dict[str, Any], flat: bool) -> None:
-    """The test fault source-zero-xsave (x86): every vCPU's XSAVE area sent as zeros."""
-    if flat:
-        zero_flat_xsave(wire)
-        return
-    for vcpu in wire["vcpus"]:
-        vcpu["xsave"] = bytes(len(vcpu["xsave"]))
+    if wire is None:
+        return arch.restore_flat_state(vm, blob).timings
+    return arch.restore_state(vm, wire).timings
 
 
 def _unpack(blob: bytes, what: str) -> Any:

@@ -1,23 +1,21 @@
 """The flat form of the x86 machine state (flatstate.py) on real KVM: saved from a running
-workload guest, through msgpack, restored into a fresh VM that carries on; the same registers as
-the map form; every malformed or incompatible flat state refused, naming the field, before any
-vCPU is written.
+workload guest as one record of bytes, restored into a fresh VM that carries on; the same
+registers as the map form; every malformed or incompatible record refused, naming the field,
+before any vCPU is written.
 """
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from migrated.kvm.arch.x86_64 import MSR_IA32_TSC, save_vm_state
 from migrated.kvm.arch.x86_64.fixed import cpuid_of, cpuid_table_is_set
-from migrated.kvm.arch.x86_64.flatstate import restore_flat, save_flat, zero_flat_xsave
+from migrated.kvm.arch.x86_64.flatstate import FLAG_LAPIC, FLAG_PIT, restore_flat, save_flat, zero_flat_xsave
 from migrated.kvm.arch.x86_64.statebuffers import MSR_ENTRY_BYTES, MSRS_HEADER_BYTES, block_layout
 from migrated.kvm.saved_state import IncompatibleStateError, StateFormatError
 from migrated.kvm.system import Kvm
@@ -49,8 +47,16 @@ def _paused_source(kvm: Kvm, vcpus: int, devices: bool) -> tuple[Vm, Any, list[A
     return vm, guest, guest.status(vm.ram)
 
 
-def _through_msgpack(wire: dict[str, Any]) -> Any:
-    return msgpack.unpackb(msgpack.packb(wire, use_bin_type=True), raw=False, strict_map_key=True)
+HEADER = struct.Struct("<4sHHIIIII12s")  # flatstate.py's header, as the record's reader sees it
+VCPU = struct.Struct("<IIII")
+
+
+def _shape(record: bytes) -> tuple[Any, int, int]:
+    """The blocks' layout, and where vCPU 0's CPUID table and block start."""
+    _, _, flags, _, xsave_bytes, msr_count, _, _, _ = HEADER.unpack_from(record)
+    cpuid_bytes = VCPU.unpack_from(record, HEADER.size)[2]
+    cpuid_at = HEADER.size + VCPU.size
+    return block_layout(bool(flags & FLAG_LAPIC), xsave_bytes, msr_count), cpuid_at, cpuid_at + cpuid_bytes
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
@@ -62,7 +68,7 @@ def test_a_flat_state_restores_and_the_guest_carries_on(kvm: Kvm, vcpus: int, de
         # The map form of the same paused VM, for the registers the flat form must carry alike.
         mapped = save_vm_state(source, irqchip=devices, pit=devices)
         target.ram[:] = source.ram
-        report = restore_flat(target, _through_msgpack(wire))
+        report = restore_flat(target, wire)
         assert set(report.timings) == {"check", "vcpu_buffers", "vcpu_ioctls", "vm_ioctls", "total"}
         assert_same_state(mapped, save_vm_state(target, irqchip=devices, pit=devices))
         target.start()
@@ -78,8 +84,8 @@ def test_the_blocks_are_the_map_forms_parts_and_the_msrs_in_restore_order(kvm: K
     with source:
         wire = save_flat(source, irqchip=True, pit=True)
         mapped = save_vm_state(source, irqchip=True, pit=True).vcpus[0]
-    layout = block_layout(wire["lapic"], wire["xsave_bytes"], wire["msr_count"])
-    block = wire["vcpus"][0]["block"]
+    layout, cpuid_at, block_at = _shape(wire)
+    block = wire[block_at : block_at + layout.size]
     assert len(block) == layout.size
     for name, value in (
         ("REGS", mapped.regs),
@@ -87,6 +93,7 @@ def test_the_blocks_are_the_map_forms_parts_and_the_msrs_in_restore_order(kvm: K
         ("XSAVE", mapped.xsave),
         ("XCRS", mapped.xcrs),
         ("DEBUGREGS", mapped.debugregs),
+        ("LAPIC", mapped.lapic),
     ):
         assert bytes(layout.part(block, name)) == value, name
     assert struct.unpack_from("<I", block, layout.offsets["MP_STATE"])[0] == mapped.mp_state
@@ -94,7 +101,9 @@ def test_the_blocks_are_the_map_forms_parts_and_the_msrs_in_restore_order(kvm: K
     assert indices[0] == MSR_IA32_TSC  # fixed.py keeps the host's list in restore order
     at = layout.offsets["MSRS"] + MSRS_HEADER_BYTES
     assert [struct.unpack_from("<I", block, at + i * MSR_ENTRY_BYTES)[0] for i in range(len(indices))] == indices
-    assert wire["vcpus"][0]["cpuid"] == b"".join(mapped.cpuid)
+    assert wire[cpuid_at:block_at] == b"".join(mapped.cpuid)
+    # Nothing after the VM-wide parts: the irqchips, the PIT, kvmclock.
+    assert len(wire) == block_at + layout.size + 3 * 520 + 112 + 48
 
 
 def test_a_target_built_with_another_cpuid_takes_the_states(kvm: Kvm) -> None:
@@ -102,7 +111,8 @@ def test_a_target_built_with_another_cpuid_takes_the_states(kvm: Kvm) -> None:
     source, guest, before = _paused_source(kvm, 1, devices=False)
     with source, build_vm(kvm, 1, devices=False) as target:
         wire = save_flat(source, irqchip=False, pit=False)
-        table = wire["vcpus"][0]["cpuid"]
+        _, cpuid_at, block_at = _shape(wire)
+        table = wire[cpuid_at:block_at]
         # Another table on the target before the restore: the source's with one entry less.
         from migrated.kvm.arch.x86_64 import cpuid_buffer_of
         from migrated.kvm.arch.x86_64.fixed import set_cpuid
@@ -112,7 +122,7 @@ def test_a_target_built_with_another_cpuid_takes_the_states(kvm: Kvm) -> None:
         set_cpuid(target.vcpus[0], cpuid_buffer_of(entries[:-1]))
         assert not cpuid_table_is_set(target.vcpus[0], table)
         target.ram[:] = source.ram
-        restore_flat(target, _through_msgpack(wire))
+        restore_flat(target, wire)
         assert cpuid_table_is_set(target.vcpus[0], table)
         target.start()
         wait_guest(target, guest, lambda st: all(a.heartbeat > b.heartbeat for b, a in zip(before, st)))
@@ -124,122 +134,141 @@ def test_a_target_built_with_another_cpuid_takes_the_states(kvm: Kvm) -> None:
 
 
 @pytest.fixture(scope="module")
-def flat_wire() -> Any:
+def flat_wire() -> bytes:
     with Kvm.open() as kvm:
         source, _, _ = _paused_source(kvm, 1, devices=True)
         with source:
-            return _through_msgpack(save_flat(source, irqchip=True, pit=True))
+            return save_flat(source, irqchip=True, pit=True)
 
 
-Mutation = Callable[[dict[str, Any]], None]
+Mutation = Callable[[bytearray], bytearray]
 
 
-def _block(change: Callable[[bytearray, Any], None]) -> Mutation:
-    def mutate(wire: dict[str, Any]) -> None:
-        layout = block_layout(wire["lapic"], wire["xsave_bytes"], wire["msr_count"])
-        block = bytearray(wire["vcpus"][0]["block"])
-        change(block, layout)
-        wire["vcpus"][0]["block"] = bytes(block)
+def _header(**fields: Any) -> Mutation:
+    names = ["magic", "version", "flags", "vcpus", "xsave_bytes", "msr_count", "signature", "zero", "vendor"]
+
+    def mutate(record: bytearray) -> bytearray:
+        values = dict(zip(names, HEADER.unpack_from(record)))
+        values.update(fields)
+        HEADER.pack_into(record, 0, *(values[name] for name in names))
+        return record
+
+    return mutate
+
+
+def _in_block(change: Callable[[bytearray, Any, int], None]) -> Mutation:
+    def mutate(record: bytearray) -> bytearray:
+        layout, _, block_at = _shape(bytes(record))
+        change(record, layout, block_at)
+        return record
 
     return mutate
 
 
 def _msr_index(position: int, index: int) -> Mutation:
-    def change(block: bytearray, layout: Any) -> None:
-        struct.pack_into("<I", block, layout.offsets["MSRS"] + MSRS_HEADER_BYTES + position * MSR_ENTRY_BYTES, index)
+    def change(record: bytearray, layout: Any, at: int) -> None:
+        entry = at + layout.offsets["MSRS"] + MSRS_HEADER_BYTES + position * MSR_ENTRY_BYTES
+        struct.pack_into("<I", record, entry, index)
 
-    return _block(change)
-
-
-def _swap_first_msrs(block: bytearray, layout: Any) -> None:
-    at = layout.offsets["MSRS"] + MSRS_HEADER_BYTES
-    first, second = bytes(block[at : at + 16]), bytes(block[at + 16 : at + 32])
-    block[at : at + 32] = second + first
+    return _in_block(change)
 
 
-def _other_vendor(vendor: bytes) -> bytes:
-    return b"AuthenticAMD" if vendor == b"GenuineIntel" else b"GenuineIntel"
+def _swap_first_msrs(record: bytearray, layout: Any, at: int) -> None:
+    at += layout.offsets["MSRS"] + MSRS_HEADER_BYTES
+    first, second = bytes(record[at : at + 16]), bytes(record[at + 16 : at + 32])
+    record[at : at + 32] = second + first
+
+
+def _vcpu_header(field: int, value: int) -> Mutation:
+    def mutate(record: bytearray) -> bytearray:
+        struct.pack_into("<I", record, HEADER.size + 4 * field, value)
+        return record
+
+    return mutate
+
+
+def _cpuid_twice(record: bytearray) -> bytearray:
+    _, cpuid_at, _ = _shape(bytes(record))
+    record[cpuid_at + 40 : cpuid_at + 80] = record[cpuid_at : cpuid_at + 40]
+    return record
+
+
+def _other_vendor(record: bytearray) -> bytearray:
+    vendor = HEADER.unpack_from(record)[8]
+    return _header(vendor=b"AuthenticAMD" if vendor == b"GenuineIntel" else b"GenuineIntel")(record)
+
+
+def _first_chip_id(record: bytearray) -> bytearray:
+    chips = len(record) - 48 - 112 - 3 * 520
+    struct.pack_into("<I", record, chips, 2)
+    return record
 
 
 BAD: list[tuple[str, Mutation, type[Exception], str]] = [
-    ("version", lambda w: w.update(version=99), StateFormatError, "version 99 is newer"),
-    ("unknown key", lambda w: w.update(extra=1), StateFormatError, "unknown key(s) extra"),
-    ("missing key", lambda w: w.pop("msr_count"), StateFormatError, "missing key(s) msr_count"),
-    ("vendor", lambda w: w.update(cpu_vendor=b"x"), StateFormatError, "cpu_vendor: 1 bytes"),
-    ("lapic type", lambda w: w.update(lapic=1), StateFormatError, "lapic: expected true or false"),
-    ("lapic vs irqchip", lambda w: w.update(irqchip=[], pit2=b""), StateFormatError, "lapic"),
-    ("xsave not a multiple of 4", lambda w: w.update(xsave_bytes=4098), StateFormatError, "xsave_bytes: 4098"),
-    ("xsave too large", lambda w: w.update(xsave_bytes=1 << 20), StateFormatError, "xsave_bytes"),
-    ("msr count", lambda w: w.update(msr_count=5000), StateFormatError, "msr_count"),
-    (
-        "block size",
-        lambda w: w["vcpus"][0].update(block=w["vcpus"][0]["block"][:-8]),
-        StateFormatError,
-        "bytes, expected",
-    ),
+    ("short", lambda r: r[:20], StateFormatError, "shorter than the header"),
+    ("magic", _header(magic=b"XXXX"), StateFormatError, "magic b'XXXX'"),
+    ("version", _header(version=99), StateFormatError, "version: 99"),
+    ("flags", _header(flags=8), StateFormatError, "unknown bits"),
+    ("header reserved", _header(zero=1), StateFormatError, "reserved bytes"),
+    ("pit without irqchip", _header(flags=FLAG_PIT), StateFormatError, "needs the in-kernel irqchip"),
+    ("no vcpus", _header(vcpus=0), StateFormatError, "vcpus: 0"),
+    ("xsave not a multiple of 4", _header(xsave_bytes=4098), StateFormatError, "xsave_bytes: 4098"),
+    ("xsave too large", _header(xsave_bytes=1 << 20), StateFormatError, "xsave_bytes"),
+    ("msr count", _header(msr_count=5000), StateFormatError, "msr_count: 5000"),
+    ("one byte more", lambda r: r + b"\0", StateFormatError, "the header and the vCPUs say"),
+    ("one byte less", lambda r: r[:-1], StateFormatError, "the header and the vCPUs say"),
+    ("cut in a vcpu", lambda r: r[:3000], StateFormatError, "inside this vCPU"),
     (
         "mp state",
-        _block(lambda b, lay: struct.pack_into("<I", b, lay.offsets["MP_STATE"], 77)),
+        _in_block(lambda r, lay, at: struct.pack_into("<I", r, at + lay.offsets["MP_STATE"], 77)),
         StateFormatError,
         "MP state 77",
     ),
     (
         "msr list count",
-        _block(lambda b, lay: struct.pack_into("<I", b, lay.offsets["MSRS"], 3)),
+        _in_block(lambda r, lay, at: struct.pack_into("<I", r, at + lay.offsets["MSRS"], 3)),
         StateFormatError,
         "MSR list says 3 entries",
     ),
     ("msr twice", _msr_index(1, MSR_IA32_TSC), StateFormatError, "an MSR appears twice"),
-    ("tsc not first", _block(_swap_first_msrs), StateFormatError, "must come first"),
+    ("tsc not first", _in_block(_swap_first_msrs), StateFormatError, "must come first"),
     ("unknown msr", _msr_index(2, 0xDEAD0000), IncompatibleStateError, "0xdead0000"),
-    ("cpuid length", lambda w: w["vcpus"][0].update(cpuid=b"\0" * 41), StateFormatError, "cpuid: 41 bytes"),
-    (
-        "cpuid twice",
-        lambda w: w["vcpus"][0].update(cpuid=w["vcpus"][0]["cpuid"][:40] * 2),
-        StateFormatError,
-        "appears twice",
-    ),
-    ("vcpu index", lambda w: w["vcpus"][0].update(index=3), StateFormatError, "vcpus[0].index"),
-    ("vcpu count", lambda w: w["vcpus"].append(copy.deepcopy(w["vcpus"][0])), StateFormatError, "index"),
-    (
-        "another cpu",
-        lambda w: w.update(cpu_vendor=_other_vendor(w["cpu_vendor"])),
-        IncompatibleStateError,
-        "same CPU vendor",
-    ),
-    ("irqchip id", lambda w: w["irqchip"].reverse(), StateFormatError, "chip_id"),
+    ("cpuid length", _vcpu_header(2, 41), StateFormatError, "cpuid: 41 bytes"),
+    ("cpuid twice", _cpuid_twice, StateFormatError, "appears twice"),
+    ("vcpu index", _vcpu_header(0, 3), StateFormatError, "vcpus[0].index: 3"),
+    ("vcpu reserved", _vcpu_header(3, 1), StateFormatError, "reserved"),
+    ("another cpu", _other_vendor, IncompatibleStateError, "same CPU vendor"),
+    ("irqchip id", _first_chip_id, StateFormatError, "irqchip[0]: chip_id 2"),
 ]
 
 
 @pytest.mark.parametrize("what, mutate, error, message", BAD, ids=[case[0] for case in BAD])
 def test_a_bad_flat_state_is_refused_naming_it_before_any_write(
-    kvm: Kvm, flat_wire: Any, what: str, mutate: Mutation, error: type[Exception], message: str
+    kvm: Kvm, flat_wire: bytes, what: str, mutate: Mutation, error: type[Exception], message: str
 ) -> None:
-    wire = copy.deepcopy(flat_wire)
-    mutate(wire)
+    record = bytes(mutate(bytearray(flat_wire)))
     with build_vm(kvm, 1, devices=True) as target:
         regs_before = save_vm_state(target, irqchip=True, pit=True).vcpus[0].regs
         with pytest.raises(error) as caught:
-            restore_flat(target, wire)
+            restore_flat(target, record)
         assert message in str(caught.value), (what, str(caught.value))
         assert save_vm_state(target, irqchip=True, pit=True).vcpus[0].regs == regs_before
 
 
-def test_a_vcpu_count_other_than_the_targets_is_refused(kvm: Kvm, flat_wire: Any) -> None:
+def test_a_vcpu_count_other_than_the_targets_is_refused(kvm: Kvm, flat_wire: bytes) -> None:
     with build_vm(kvm, 2, devices=True) as target:
         with pytest.raises(IncompatibleStateError, match="the state has 1 vCPU"):
             restore_flat(target, flat_wire)
 
 
-def test_the_zero_xsave_fault_zeroes_only_the_xsave_part(flat_wire: Any) -> None:
-    wire = copy.deepcopy(flat_wire)
-    zero_flat_xsave(wire)
-    layout = block_layout(wire["lapic"], wire["xsave_bytes"], wire["msr_count"])
-    old, new = flat_wire["vcpus"][0]["block"], wire["vcpus"][0]["block"]
-    assert any(layout.part(old, "XSAVE")) and not any(layout.part(new, "XSAVE"))
-    for name in layout.offsets:
-        if name != "XSAVE":
-            assert layout.part(new, name) == layout.part(old, name), name
+def test_the_zero_xsave_fault_zeroes_only_the_xsave_part(flat_wire: bytes) -> None:
+    zeroed = zero_flat_xsave(flat_wire)
+    layout, _, block_at = _shape(flat_wire)
+    xsave = block_at + layout.offsets["XSAVE"]
+    assert any(flat_wire[xsave : xsave + layout.xsave_bytes])
+    assert not any(zeroed[xsave : xsave + layout.xsave_bytes])
+    assert zeroed[:xsave] == flat_wire[:xsave]
+    assert zeroed[xsave + layout.xsave_bytes :] == flat_wire[xsave + layout.xsave_bytes :]
 
 
 def test_a_block_goes_into_a_larger_xsave_plan_part_by_part_zero_padded() -> None:

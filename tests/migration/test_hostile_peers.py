@@ -481,17 +481,13 @@ FLAT = "x86-machine-flat"
         (vmstate.X86_MACHINE, b"garbage", ["machine state is not valid msgpack"]),
         (vmstate.X86_MACHINE, msgpack.packb({}), ["x86 state: missing key 'version'"]),
         (vmstate.X86_MACHINE, msgpack.packb({"version": 99}), ["version 99 is newer"]),
-        (FLAT, b"garbage", ["machine state is not valid msgpack"]),
-        (FLAT, msgpack.packb({"version": 1}), ["x86 flat state", "missing key(s)"]),
-        (FLAT, msgpack.packb({"version": 99}), ["version 99 is newer"]),
-        # The map form's keys under the flat form's kind: refused by the flat form's checks.
-        (
-            FLAT,
-            msgpack.packb({"version": 1, "vcpus": [], "cpu_vendor": b"x" * 12}),
-            ["x86 flat state", "missing key(s)"],
-        ),
+        (FLAT, b"garbage", ["x86 flat state: header: 7 bytes, shorter than the header's 40"]),
+        (FLAT, msgpack.packb({"version": 1}) + bytes(40), ["x86 flat state: header: magic"]),
+        (FLAT, b"MX86" + struct.pack("<H", 99) + bytes(34), ["x86 flat state: version: 99"]),
+        # A record cut short inside its first vCPU.
+        (FLAT, b"MX86" + struct.pack("<HHIII", 1, 0, 1, 4096, 40) + bytes(24) + bytes(8), ["inside this vCPU"]),
     ],
-    ids=["not msgpack", "empty map", "future version", "flat not msgpack", "flat empty", "flat future", "flat keys"],
+    ids=["not msgpack", "empty map", "future version", "flat short", "flat magic", "flat future", "flat cut"],
 )
 def test_malformed_machine_state_is_aborted_with_a_reason(
     target: TargetHost, kind: str, blob: bytes, words: list[str]

@@ -23,8 +23,8 @@ class Arch(VmArch, Protocol):
     machine state leaves and enters a VM (DESIGN R6.3, R9)."""
 
     state_kind: str  # the DeviceState kind the machine state travels as
-    # The kind of its flat form (each vCPU's registers as one block of bytes), which a target
-    # restores with less work in its downtime, or None; sent where the target offers it.
+    # The kind of its flat form (one record of bytes, each vCPU's registers as one block), which
+    # a target restores with less work in its downtime, or None; sent where the target offers it.
     flat_state_kind: str | None
     boots_raw_images: bool  # BIOS-style boot sectors and flat binaries (x86 only)
 
@@ -41,12 +41,20 @@ class Arch(VmArch, Protocol):
         """State the kernel writes into guest RAM, with every vCPU parked, before the registers."""
         ...
 
-    def save_state(self, vm: Vm, flat: bool = False) -> dict[str, Any]:
-        """The machine state for msgpack: in the flat form (`flat_state_kind`) if `flat`."""
+    def save_state(self, vm: Vm) -> dict[str, Any]:
+        """The machine state in its map form, for msgpack."""
         ...
 
-    def restore_state(self, vm: Vm, wire: object, flat: bool = False) -> RestoreReport:
-        """`wire` as `save_state` gave it (`flat`: in the flat form), after all memory (R9)."""
+    def restore_state(self, vm: Vm, wire: object) -> RestoreReport:
+        """`wire` as `save_state` gave it (through msgpack), after all memory (R9)."""
+        ...
+
+    def save_flat_state(self, vm: Vm) -> bytes:
+        """The machine state in its flat form (only where `flat_state_kind` is not None)."""
+        ...
+
+    def restore_flat_state(self, vm: Vm, record: bytes) -> RestoreReport:
+        """`record` as `save_flat_state` gave it, after all memory (R9)."""
         ...
 
 

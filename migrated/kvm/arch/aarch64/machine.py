@@ -60,13 +60,15 @@ class Aarch64:
         caller collects it after the state (R6.4)."""
         save_its_tables(vm)
 
-    def save_state(self, vm: Vm, flat: bool = False) -> dict[str, Any]:
-        if flat:
-            raise ValueError("arm64 machine state has no flat form")
+    def save_state(self, vm: Vm) -> dict[str, Any]:
         return save_vm_state(vm).to_wire()
 
-    def restore_state(self, vm: Vm, wire: object, flat: bool = False) -> RestoreReport:
-        if flat:
-            raise ValueError("arm64 machine state has no flat form")
+    def save_flat_state(self, vm: Vm) -> bytes:
+        raise ValueError("arm64 machine state has no flat form (flat_state_kind is None)")
+
+    def restore_flat_state(self, vm: Vm, record: bytes) -> RestoreReport:
+        raise ValueError("arm64 machine state has no flat form (flat_state_kind is None)")
+
+    def restore_state(self, vm: Vm, wire: object) -> RestoreReport:
         # R9: memory is in place; restore_vm_state follows arm-vgic-its.rst's order.
         return restore_vm_state(vm, Arm64MachineState.from_wire(wire))

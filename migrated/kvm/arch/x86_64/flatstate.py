@@ -8,15 +8,21 @@ copies them one by one on the target; measured in migrations here that Python co
 ioctls. This form is what the negotiated capability FLAT_MACHINE_STATE (migrated/peer.py) sends;
 the target reads both.
 
-A flat state, as msgpack gives it:
+A flat state is one record of bytes, little-endian, no msgpack (its DeviceState blob as is):
 
-    version, cpu_vendor, cpu_signature    as the map form
-    lapic, xsave_bytes, msr_count         the blocks' shape: one for every vCPU
-    vcpus: [{index, tsc_khz, cpuid, block}, ...]   cpuid: its struct kvm_cpuid_entry2s back to back
-    irqchip, pit2, clock                  as the map form
+    header  (40 bytes) magic b"MX86", version (u16), flags (u16: LAPIC and irqchips; PIT), vCPU
+            count, the blocks' shape (XSAVE bytes, MSR count), CPU signature, 0 (u32 each),
+            CPU vendor (12 bytes)
+    per vCPU, in index order:
+            index, tsc_khz, CPUID bytes, 0   (u32 each)
+            its CPUID table: struct kvm_cpuid_entry2s back to back
+            its block (statebuffers.py `block_layout` for the shape)
+    VM-wide: 3 struct kvm_irqchip (PIC master, slave, IOAPIC) with the LAPIC flag,
+            struct kvm_pit_state2 with the PIT flag, struct kvm_clock_data
 
-A block is checked before anything of it reaches KVM: its size for the shape, the MP state, the
-MSR list's count, indices (each once, known to this host's KVM) and order (IA32_TSC first,
+and nothing after. Every length is known from the header and the vCPUs' CPUID sizes before a byte
+is read from where it says. A block is checked before anything of it reaches KVM: the MP state,
+the MSR list's count, indices (each once, known to this host's KVM) and order (IA32_TSC first,
 IA32_TSC_DEADLINE last, as `restore_msr_order` writes them; a source saves them so, fixed.py);
 the struct bytes themselves are KVM's to judge, as in the map form.
 """
@@ -27,10 +33,10 @@ import ctypes
 import functools
 import struct
 import time
-from typing import Any
 
-from ...saved_state import RestoreReport, StateFormatError, WireReader
+from ...saved_state import RestoreReport, StateError, StateFormatError
 from ...vm import Vm
+from . import uapi as x86_uapi
 from .cpu import (
     CPUID_ENTRY_BYTES,
     MAX_CPUID_ENTRIES,
@@ -45,20 +51,20 @@ from .state import (
     EVENTS_SET_FLAGS,
     MAX_MSRS,
     MAX_VCPUS,
+    MAX_XSAVE_BYTES,
     X86_MP_STATES,
     require_parked,
     check_cpu,
     check_host_has,
     check_restorable,
-    cpu_vendor_field,
     cpuid_entries,
     restore_tsc_khz_and_cpuid,
     restore_vm_devices,
     save_vm_devices,
-    vm_devices,
 )
 from .devices import check_devices, detect_devices
 from .statebuffers import (
+    IRQCHIP_IDS,
     MIN_XSAVE_BYTES,
     MSRS_HEADER_BYTES,
     BlockLayout,
@@ -67,98 +73,104 @@ from .statebuffers import (
     save_plan,
 )
 
-_KEYS = frozenset("version cpu_vendor cpu_signature lapic xsave_bytes msr_count vcpus irqchip pit2 clock".split())
-_VCPU_KEYS = frozenset("index tsc_khz cpuid block".split())
-MAX_XSAVE_BYTES = 64 << 10  # as the map form (state.py)
+MAGIC = b"MX86"
+VERSION = 1  # bumped when the record changes; a target refuses a newer one, naming it
+FLAG_LAPIC = 1  # in-kernel irqchip: a LAPIC part in each block, and the 3 irqchips
+FLAG_PIT = 2
+_HEADER = struct.Struct("<4sHHIIIII12s")  # magic version flags vcpus xsave msrs signature 0 vendor
+_VCPU = struct.Struct("<IIII")  # index tsc_khz cpuid_bytes 0
+_CHIP_BYTES = ctypes.sizeof(x86_uapi.kvm_irqchip)
+_PIT_BYTES = ctypes.sizeof(x86_uapi.kvm_pit_state2)
+_CLOCK_BYTES = ctypes.sizeof(x86_uapi.kvm_clock_data)
+_MP_STATE = struct.Struct("<I")
 
-_W = WireReader("x86 flat state")
 
-
-def save_flat(vm: Vm, *, irqchip: bool, pit: bool) -> dict[str, Any]:
-    """The whole machine's state in the flat form. Every vCPU parked (`vm.pause()`)."""
+def save_flat(vm: Vm, *, irqchip: bool, pit: bool) -> bytes:
+    """The whole machine's state as a flat record. Every vCPU parked (`vm.pause()`)."""
     require_parked(vm.vcpus, "saving")
     if not vm.vcpus:
-        raise StateFormatError("the VM has no vCPUs to save")
+        raise StateError("the VM has no vCPUs to save")
     check_devices(vm, irqchip, pit, "save_flat")
     host = host_facts(vm.kvm)
     xsave2 = vm_xsave2_bytes(vm)
     indices = host.msr_indices
-    vcpus = []
+    parts: list[bytes] = [b""]  # the header, once the shape is known
     layout: BlockLayout | None = None
     for vcpu in vm.vcpus:
         plan = save_plan(vcpu, irqchip, xsave2, indices)  # made at the build (machine.py)
         if plan.batch.run() == plan.msrs_at:
             raise msrs_read_short(vcpu, indices, plan.batch.result(plan.msrs_at))
         layout = plan.layout
-        vcpus.append(
-            {
-                "index": vcpu.index,
-                "tsc_khz": tsc_khz_of(vcpu),
-                "cpuid": cpuid_table_of(vcpu),
-                "block": bytes(plan.block),
-            }
-        )
+        cpuid = cpuid_table_of(vcpu)
+        parts += (_VCPU.pack(vcpu.index, tsc_khz_of(vcpu), len(cpuid), 0), cpuid, bytes(plan.block))
     assert layout is not None
     chips, pit2, clock = save_vm_devices(vm, irqchip, pit)
-    return {
-        **_W.header(),
-        "cpu_vendor": host.cpu_vendor,
-        "cpu_signature": host.cpu_signature,
-        "lapic": layout.lapic,
-        "xsave_bytes": layout.xsave_bytes,
-        "msr_count": layout.msr_count,
-        "vcpus": vcpus,
-        "irqchip": list(chips),
-        "pit2": pit2,
-        "clock": clock,
-    }
+    flags = (FLAG_LAPIC if layout.lapic else 0) | (FLAG_PIT if pit2 else 0)
+    parts[0] = _HEADER.pack(
+        MAGIC,
+        VERSION,
+        flags,
+        len(vm.vcpus),
+        layout.xsave_bytes,
+        layout.msr_count,
+        host.cpu_signature,
+        0,
+        host.cpu_vendor,
+    )
+    return b"".join((*parts, *chips, pit2, clock))
+
+
+def _fail(where: str, message: str) -> StateFormatError:
+    return StateFormatError(f"x86 flat state: {where}: {message}")
 
 
 class _Vcpu:
-    """One vCPU of a flat state, checked."""
+    """One vCPU of a flat record, checked: its fields, and views of its CPUID table and block."""
 
-    __slots__ = ("index", "tsc_khz", "cpuid", "block", "msr_indices")
+    __slots__ = ("index", "tsc_khz", "cpuid", "block", "msr_indices", "end")
 
-    def __init__(self, d: object, where: str, layout: BlockLayout, host: HostFacts) -> None:
-        m = _W.mapping(d, where, _VCPU_KEYS)
-        self.index = _W.int_field(m, "index", where, 0, MAX_VCPUS - 1)
-        self.tsc_khz = _W.int_field(m, "tsc_khz", where, 0, (1 << 32) - 1)
-        self.cpuid = _W.bytes_field(m, "cpuid", where)  # checked entry by entry by `entries`
-        self.block = block = _W.bytes_field(m, "block", where)
-        if len(block) != layout.size:
-            raise _W.error(
-                where,
-                "block",
-                f"{len(block)} bytes, expected {layout.size} for lapic={layout.lapic}, "
-                f"xsave_bytes={layout.xsave_bytes}, msr_count={layout.msr_count}",
+    def __init__(self, record: memoryview, at: int, position: int, layout: BlockLayout, host: HostFacts) -> None:
+        where = f"vcpus[{position}]"
+        if at + _VCPU.size > len(record):
+            raise _fail(where, f"the record ends at byte {len(record)}, inside this vCPU's header")
+        self.index, self.tsc_khz, cpuid_bytes, zero = _VCPU.unpack_from(record, at)
+        if self.index != position:
+            raise _fail(f"{where}.index", f"{self.index}, expected {position}")
+        if zero:
+            raise _fail(where, "reserved header bytes are not zero")
+        if not 0 < cpuid_bytes <= CPUID_ENTRY_BYTES * MAX_CPUID_ENTRIES or cpuid_bytes % CPUID_ENTRY_BYTES:
+            raise _fail(
+                f"{where}.cpuid",
+                f"{cpuid_bytes} bytes: 1 to {MAX_CPUID_ENTRIES} entries of {CPUID_ENTRY_BYTES} (struct kvm_cpuid_entry2)",
             )
-        (mp_state,) = struct.unpack_from("<I", block, layout.offsets["MP_STATE"])
+        at += _VCPU.size
+        end = at + cpuid_bytes + layout.size
+        if end > len(record):
+            raise _fail(where, f"the record ends at byte {len(record)}, inside this vCPU (to byte {end})")
+        self.cpuid = bytes(record[at : at + cpuid_bytes])
+        self.block = block = record[at + cpuid_bytes : end]
+        self.end = end
+        (mp_state,) = _MP_STATE.unpack_from(block, layout.offsets["MP_STATE"])
         if mp_state not in X86_MP_STATES:
-            raise _W.error(where, "block", f"MP state {mp_state} is not an x86 KVM_MP_STATE_* value")
-        at = layout.offsets["MSRS"]
-        (count,) = struct.unpack_from("<I", block, at)
+            raise _fail(f"{where}.block", f"MP state {mp_state} is not an x86 KVM_MP_STATE_* value")
+        msrs = layout.offsets["MSRS"]
+        (count,) = _MP_STATE.unpack_from(block, msrs)
         if count != layout.msr_count:
-            raise _W.error(where, "block", f"its MSR list says {count} entries, the shape {layout.msr_count}")
-        self.msr_indices = _msr_indices(layout.msr_count).unpack_from(block, at + MSRS_HEADER_BYTES)
+            raise _fail(f"{where}.block", f"its MSR list says {count} entries, the header {layout.msr_count}")
+        self.msr_indices = _msr_indices(layout.msr_count).unpack_from(block, msrs + MSRS_HEADER_BYTES)
         if self.msr_indices == host.msr_indices:
             return  # each once, and in restore order (fixed.py)
         if len(set(self.msr_indices)) != len(self.msr_indices):
-            raise _W.error(where, "block", "an MSR appears twice")
+            raise _fail(f"{where}.block", "an MSR appears twice")
         for msr, place, name in ((MSR_IA32_TSC, 0, "first"), (MSR_IA32_TSC_DEADLINE, -1, "last")):
             if msr in self.msr_indices and self.msr_indices[place] != msr:
-                raise _W.error(where, "block", f"MSR {msr:#x} must come {name} (the order KVM takes them back)")
+                raise _fail(f"{where}.block", f"MSR {msr:#x} must come {name} (the order KVM takes them back)")
 
-    def entries(self, where: str) -> tuple[bytes, ...]:
+    def entries(self) -> tuple[bytes, ...]:
         """The CPUID table as entries, checked as the map form's (state.py `cpuid_entries`)."""
         table = self.cpuid
-        if not 0 < len(table) <= CPUID_ENTRY_BYTES * MAX_CPUID_ENTRIES or len(table) % CPUID_ENTRY_BYTES:
-            raise _W.error(
-                where,
-                "cpuid",
-                f"{len(table)} bytes: 1 to {MAX_CPUID_ENTRIES} entries of {CPUID_ENTRY_BYTES} (struct kvm_cpuid_entry2)",
-            )
         chunks = [table[at : at + CPUID_ENTRY_BYTES] for at in range(0, len(table), CPUID_ENTRY_BYTES)]
-        return cpuid_entries({"cpuid": chunks}, where)
+        return cpuid_entries({"cpuid": chunks}, f"x86 flat state: vcpus[{self.index}]")
 
 
 @functools.cache
@@ -167,15 +179,15 @@ def _msr_indices(count: int) -> struct.Struct:
     return struct.Struct("<" + "I12x" * count)
 
 
-def restore_flat(vm: Vm, wire: object) -> RestoreReport:
-    """A flat state into `vm`, built like the source and never run; guest RAM in place (R9).
+def restore_flat(vm: Vm, record: bytes) -> RestoreReport:
+    """A flat record into `vm`, built like the source and never run; guest RAM in place (R9).
     Checks everything first (a bad state leaves the vCPUs as they were), then writes.
 
     Timed with bare clock reads, not StepTimes' context managers: on this project's hosts each
     of those cost a few microseconds of the downtime."""
     now = time.perf_counter
     start = now()
-    layout, vcpus, (chips, pit2, clock), cpuids = _checked(vm, wire)
+    layout, vcpus, (chips, pit2, clock), cpuids = _checked(vm, record)
     checked = now()
     xsave2 = vm_xsave2_bytes(vm)
     kept: list[tuple[int, int]] = []
@@ -208,64 +220,97 @@ def restore_flat(vm: Vm, wire: object) -> RestoreReport:
 
 
 def _checked(
-    vm: Vm, wire: object
-) -> tuple[BlockLayout, tuple[_Vcpu, ...], tuple[tuple[bytes, ...], bytes, bytes], list[tuple[bytes, ...] | None]]:
-    """Everything of a flat state checked, against the wire's bounds and this host and VM: the
+    vm: Vm, record: bytes
+) -> tuple[BlockLayout, list[_Vcpu], tuple[tuple[bytes, ...], bytes, bytes], list[tuple[bytes, ...] | None]]:
+    """Everything of a flat record checked, against its own lengths and this host and VM: the
     blocks' layout, the vCPUs, the VM-wide parts, and per vCPU the CPUID entries to set (None:
     the table it was built with, the description's: nothing to check or set)."""
-    _W.read_header(wire)
-    m = _W.mapping(wire, "", _KEYS)
-    vendor = cpu_vendor_field(m)
-    signature = _W.int_field(m, "cpu_signature", "", 0, (1 << 32) - 1)
-    lapic = m["lapic"]
-    if not isinstance(lapic, bool):
-        raise _W.error("", "lapic", f"expected true or false, got {lapic!r}")
-    xsave_bytes = _W.int_field(m, "xsave_bytes", "", MIN_XSAVE_BYTES, MAX_XSAVE_BYTES)
-    if xsave_bytes % 4:
-        raise _W.error("", "xsave_bytes", f"{xsave_bytes}: a multiple of 4 (struct kvm_xsave)")
-    layout = block_layout(lapic, xsave_bytes, _W.int_field(m, "msr_count", "", 0, MAX_MSRS))
+    if len(record) < _HEADER.size:
+        raise _fail("header", f"{len(record)} bytes, shorter than the header's {_HEADER.size}")
+    magic, version, flags, count, xsave_bytes, msr_count, signature, zero, vendor = _HEADER.unpack_from(record)
+    if magic != MAGIC:
+        raise _fail("header", f"magic {magic!r}, expected {MAGIC!r}")
+    if version > VERSION or version < 1:
+        raise _fail(
+            "version",
+            f"{version}: this migrated reads version 1 to {VERSION}; a newer one needs migrated upgraded here",
+        )
+    if zero:
+        raise _fail("header", "reserved bytes are not zero")
+    if flags & ~(FLAG_LAPIC | FLAG_PIT):
+        raise _fail("flags", f"{flags:#x}: unknown bits (known: LAPIC {FLAG_LAPIC}, PIT {FLAG_PIT})")
+    lapic, pit = bool(flags & FLAG_LAPIC), bool(flags & FLAG_PIT)
+    if pit and not lapic:
+        raise _fail("flags", "an in-kernel PIT needs the in-kernel irqchip (absent)")
+    if not 0 < count <= MAX_VCPUS:
+        raise _fail("vcpus", f"{count}: 1 to {MAX_VCPUS}")
+    if not MIN_XSAVE_BYTES <= xsave_bytes <= MAX_XSAVE_BYTES or xsave_bytes % 4:
+        raise _fail(
+            "xsave_bytes",
+            f"{xsave_bytes}: a multiple of 4 from {MIN_XSAVE_BYTES} to {MAX_XSAVE_BYTES} (struct kvm_xsave)",
+        )
+    if msr_count > MAX_MSRS:
+        raise _fail("msr_count", f"{msr_count}: at most {MAX_MSRS}")
+    layout = block_layout(lapic, xsave_bytes, msr_count)
     host = host_facts(vm.kvm)
-    vcpus = _W.vcpus(m, MAX_VCPUS, lambda d, where: _Vcpu(d, where, layout, host))
-    devices = chips, pit2, _ = vm_devices(m)
-    if lapic != bool(chips):
-        raise _W.error("", "lapic", f"{lapic}, but the state has {'an' if chips else 'no'} in-kernel irqchip")
+    view = memoryview(record)
+    vcpus: list[_Vcpu] = []
+    at = _HEADER.size
+    for position in range(count):
+        vcpus.append(_Vcpu(view, at, position, layout, host))
+        at = vcpus[-1].end
+    chips_at, end = at, at + (3 * _CHIP_BYTES if lapic else 0) + (_PIT_BYTES if pit else 0) + _CLOCK_BYTES
+    if end != len(record):
+        raise _fail("length", f"{len(record)} bytes; the header and the vCPUs say {end}")
+    chips = tuple(
+        record[chips_at + i * _CHIP_BYTES : chips_at + (i + 1) * _CHIP_BYTES] for i in range(3 if lapic else 0)
+    )
+    for i, (chip, chip_id) in enumerate(zip(chips, IRQCHIP_IDS)):
+        (found,) = _MP_STATE.unpack_from(chip)
+        if found != chip_id:
+            raise _fail(f"irqchip[{i}]", f"chip_id {found}, expected {chip_id}")
+    at = chips_at + len(chips) * _CHIP_BYTES
+    pit2 = record[at : at + _PIT_BYTES] if pit else b""
+    clock = record[end - _CLOCK_BYTES : end]
     check_cpu(vendor, signature, host)
     saved_msrs = vcpus[0].msr_indices
     for vcpu_state in vcpus[1:]:
         if vcpu_state.msr_indices != saved_msrs:
-            raise _W.error(f"vcpus[{vcpu_state.index}]", "block", "its MSRs differ from vCPU 0's")
+            raise _fail(f"vcpus[{vcpu_state.index}].block", "its MSRs differ from vCPU 0's")
     unknown = [] if host.known_msrs.issuperset(saved_msrs) else sorted({*saved_msrs} - host.known_msrs)
-    check_host_has(unknown, xsave_bytes, bool(chips), bool(pit2), host)
-    check_restorable(vm, len(vcpus), (bool(chips), bool(pit2)), detect_devices(vm))
+    check_host_has(unknown, xsave_bytes, lapic, pit, host)
+    check_restorable(vm, count, (lapic, pit), detect_devices(vm))
     cpuids = [
-        None if cpuid_table_is_set(vcpu, state.cpuid) else state.entries(f"vcpus[{vcpu.index}]")
-        for vcpu, state in zip(vm.vcpus, vcpus)
+        None if cpuid_table_is_set(vcpu, state.cpuid) else state.entries() for vcpu, state in zip(vm.vcpus, vcpus)
     ]
-    return layout, vcpus, devices, cpuids
+    return layout, vcpus, (chips, pit2, clock), cpuids
 
 
 def _copy_block(
-    block: bytes, layout: BlockLayout, into: ctypes.Array[ctypes.c_uint8], into_layout: BlockLayout
+    block: bytes | memoryview, layout: BlockLayout, into: ctypes.Array[ctypes.c_uint8], into_layout: BlockLayout
 ) -> None:
     """A vCPU's block into a restore plan's: one copy for the same shape; else part by part, the
     XSAVE area zero-padded to the plan's size (KVM_SET_XSAVE reads that many bytes, api.rst 4.43)."""
+    target = memoryview(into).cast("B")
     if layout is into_layout:  # block_layout gives one object per shape
-        ctypes.memmove(into, block, layout.size)
+        target[: layout.size] = block
         return
-    base = ctypes.addressof(into)
     for name, at in layout.offsets.items():
-        size = layout.sizes[name]
+        size, room = layout.sizes[name], into_layout.sizes[name]
         to = into_layout.offsets[name]
-        ctypes.memmove(base + to, block[at : at + size], size)
-        if into_layout.sizes[name] > size:
-            ctypes.memset(base + to + size, 0, into_layout.sizes[name] - size)
+        target[to : to + size] = block[at : at + size]
+        target[to + size : to + room] = bytes(room - size)
 
 
-def zero_flat_xsave(wire: dict[str, Any]) -> None:
-    """Every vCPU's XSAVE area in a flat state `save_flat` made, zeroed (a test fault's)."""
-    layout = block_layout(wire["lapic"], wire["xsave_bytes"], wire["msr_count"])
-    at, size = layout.offsets["XSAVE"], layout.sizes["XSAVE"]
-    for vcpu in wire["vcpus"]:
-        block = bytearray(vcpu["block"])
-        block[at : at + size] = bytes(size)
-        vcpu["block"] = bytes(block)
+def zero_flat_xsave(record: bytes) -> bytes:
+    """`record` (from `save_flat`) with every vCPU's XSAVE area zeroed (a test fault's)."""
+    _, _, flags, count, xsave_bytes, msr_count, _, _, _ = _HEADER.unpack_from(record)
+    layout = block_layout(bool(flags & FLAG_LAPIC), xsave_bytes, msr_count)
+    out = bytearray(record)
+    at = _HEADER.size
+    for _ in range(count):
+        cpuid_bytes = _VCPU.unpack_from(record, at)[2]
+        xsave = at + _VCPU.size + cpuid_bytes + layout.offsets["XSAVE"]
+        out[xsave : xsave + xsave_bytes] = bytes(xsave_bytes)
+        at += _VCPU.size + cpuid_bytes + layout.size
+    return bytes(out)

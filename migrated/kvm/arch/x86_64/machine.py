@@ -98,15 +98,18 @@ class X86_64:
     def prepare_state_save(self, vm: Vm) -> None:
         return None  # nothing of the x86 machine lives in guest RAM
 
-    def save_state(self, vm: Vm, flat: bool = False) -> dict[str, Any]:
+    def save_state(self, vm: Vm) -> dict[str, Any]:
         irqchip, pit = detect_devices(vm)
-        if flat:
-            return save_flat(vm, irqchip=irqchip, pit=pit)
         return save_vm_state(vm, irqchip=irqchip, pit=pit).to_wire()
 
-    def restore_state(self, vm: Vm, wire: object, flat: bool = False) -> RestoreReport:
-        if flat:
-            return restore_flat(vm, wire)
+    def save_flat_state(self, vm: Vm) -> bytes:
+        irqchip, pit = detect_devices(vm)
+        return save_flat(vm, irqchip=irqchip, pit=pit)
+
+    def restore_flat_state(self, vm: Vm, record: bytes) -> RestoreReport:
+        return restore_flat(vm, record)
+
+    def restore_state(self, vm: Vm, wire: object) -> RestoreReport:
         state = X86MachineState.from_wire(wire)
         # The target built the same devices from the same spec (hosted.vm_config); checked again
         # against the state by restore_vm_state.
