@@ -19,7 +19,13 @@ def test_the_harnesses_exist() -> None:
     assert HARNESSES, "no fuzz/fuzz_*.py found"
 
 
-@pytest.mark.parametrize("harness", HARNESSES, ids=lambda path: path.name)
+def _param(harness: Path) -> object:
+    """A harness whose docstring says it needs /dev/kvm is a `kvm` test (conftest.py's rules)."""
+    marks = [pytest.mark.kvm] if "Needs /dev/kvm" in harness.read_text() else []
+    return pytest.param(harness, marks=marks, id=harness.name)
+
+
+@pytest.mark.parametrize("harness", [_param(h) for h in HARNESSES])
 def test_a_bounded_fuzzing_run_finds_nothing(harness: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(harness), f"-runs={RUNS}", "-seed=1", f"-artifact_prefix={tmp_path}/"],

@@ -170,7 +170,7 @@ class _Vcpu:
         """The CPUID table as entries, checked as the map form's (state.py `cpuid_entries`)."""
         table = self.cpuid
         chunks = [table[at : at + CPUID_ENTRY_BYTES] for at in range(0, len(table), CPUID_ENTRY_BYTES)]
-        return cpuid_entries({"cpuid": chunks}, f"x86 flat state: vcpus[{self.index}]")
+        return cpuid_entries({"cpuid": chunks}, f"vcpus[{self.index}]")
 
 
 @functools.cache
@@ -187,7 +187,7 @@ def restore_flat(vm: Vm, record: bytes) -> RestoreReport:
     of those cost a few microseconds of the downtime."""
     now = time.perf_counter
     start = now()
-    layout, vcpus, (chips, pit2, clock), cpuids = _checked(vm, record)
+    layout, vcpus, (chips, pit2, clock), cpuids = check_record(vm, record)
     checked = now()
     xsave2 = vm_xsave2_bytes(vm)
     kept: list[tuple[int, int]] = []
@@ -219,7 +219,7 @@ def restore_flat(vm: Vm, record: bytes) -> RestoreReport:
     return RestoreReport(timings=timings, clock_advanced=False, msrs_kept=tuple(kept))
 
 
-def _checked(
+def check_record(
     vm: Vm, record: bytes
 ) -> tuple[BlockLayout, list[_Vcpu], tuple[tuple[bytes, ...], bytes, bytes], list[tuple[bytes, ...] | None]]:
     """Everything of a flat record checked, against its own lengths and this host and VM: the
