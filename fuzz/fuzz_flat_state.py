@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import struct
 import sys
-import tempfile
-from pathlib import Path
 
 import atheris
+from seeded import fuzz_from_seeds
 
 with atheris.instrument_imports(include=["migrated.kvm.arch.x86_64"]):
     from migrated.kvm.arch.x86_64 import flatstate
@@ -64,16 +63,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    argv = list(sys.argv)
-    for seed in SEEDS:  # also a smoke test: every seed must pass before fuzzing starts
-        test_one_input(seed)
-    if not any(not arg.startswith("-") for arg in argv[1:]):
-        corpus = Path(tempfile.mkdtemp(prefix="fuzz_flat_state."))
-        for number, seed in enumerate(SEEDS):
-            (corpus / f"seed{number}").write_bytes(seed)
-        argv.append(str(corpus))
-    atheris.Setup(argv, test_one_input)
-    atheris.Fuzz()
+    fuzz_from_seeds(sys.argv, SEEDS, test_one_input, "fuzz_flat_state")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import struct
 import sys
-import tempfile
 from collections.abc import Callable
 
 import atheris
+from seeded import fuzz_from_seeds
 
 with atheris.instrument_imports(include=["transport"]):
     import msgpack
@@ -235,15 +234,7 @@ def _seeds() -> list[bytes]:
 
 
 def main(argv: list[str]) -> None:
-    args = list(argv)
-    if not any(not arg.startswith("-") for arg in args[1:]):
-        corpus = tempfile.mkdtemp(prefix="fuzz_frames-")
-        for number, seed in enumerate(_seeds()):
-            with open(os.path.join(corpus, f"seed-{number}"), "wb") as file:
-                file.write(seed)
-        args.append(corpus)
-    atheris.Setup(args, test_one_input)
-    atheris.Fuzz()
+    fuzz_from_seeds(argv, _seeds(), test_one_input, "fuzz_frames", check_seeds=False)
 
 
 if __name__ == "__main__":

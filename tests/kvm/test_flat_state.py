@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -30,12 +30,6 @@ from test_x86_state import (
 )
 
 pytestmark = pytest.mark.kvm
-
-
-@pytest.fixture
-def kvm() -> Iterator[Kvm]:
-    with Kvm.open() as handle:
-        yield handle
 
 
 def _paused_source(kvm: Kvm, vcpus: int, devices: bool) -> tuple[Vm, Any, list[Any]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,12 +22,6 @@ from migrated.kvm.arch import create_vm, host_arch
 from migrated.kvm.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.kvm
-
-
-@pytest.fixture
-def kvm() -> Iterator[Kvm]:
-    with Kvm.open() as handle:
-        yield handle
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,6 @@ from migrated.vmshell import VmShell, shell_config
 pytestmark = pytest.mark.kvm
 
 CONFIG = VmConfig(memory_bytes=16 << 20, vcpus=2, dirty_tracking="ring", ring_bytes=1 << 16)
-
-
-@pytest.fixture
-def kvm() -> Iterator[Kvm]:
-    with Kvm.open() as kvm:
-        yield kvm
 
 
 def _vm_fds() -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -58,12 +58,6 @@ pytestmark = pytest.mark.kvm
 MIB = 1 << 20
 MEMORY = 64 * MIB
 WAIT_S = 30.0  # a deadline for guest progress, generous for a loaded host
-
-
-@pytest.fixture
-def kvm() -> Iterator[Kvm]:
-    with Kvm.open() as handle:
-        yield handle
 
 
 def build_vm(kvm: Kvm, vcpus: int, devices: bool) -> Vm:
