@@ -650,12 +650,16 @@ async def run_daemon(
                     metrics = DaemonMetrics(daemon)
                     metrics.serve(config.daemon.metrics_listen)
                     log.info("metrics_listening", listen=str(config.daemon.metrics_listen))
+                # The peer listener and the migration commands too: a client that reached the
+                # control socket must find the daemon listening for peers and `migrate` known (a
+                # test connected to the peer port right after its first status reply and was
+                # refused, under load).
+                await start_migration_service(daemon, nursery)
                 await nursery.start(
                     partial(serve_control, group=config.daemon.control_socket_group),
                     config.daemon.control_socket,
                     daemon.handle,
                 )
-                await start_migration_service(daemon, nursery)
                 # After the warm-up, before READY: the first incoming VM finds its shell.
                 await nursery.start(daemon.vm_shell.serve)
                 nursery.start_soon(daemon.watchdog)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import MakeDaemon, write_key
 from daemons import REPO, DaemonProcess, wait_for, wait_migration
+from migrated.control import RequestError
 
 pytestmark = pytest.mark.kvm
 
@@ -139,6 +141,24 @@ def test_address_in_use_names_the_address(make_daemon: MakeDaemon, tmp_path: Pat
     assert f"cannot listen for peers on {a.address} (peer.listen)" in result.stderr, result.stderr
     assert "Address already in use" in result.stderr, result.stderr
     assert a.alive(), "the first daemon keeps serving"
+    # The peer listener comes before the control socket: a daemon that cannot serve peers never
+    # answered a client as if it could.
+    assert not (tmp_path / "second.sock").exists()
+
+
+def test_the_control_socket_answers_only_once_peers_can_connect(make_daemon: MakeDaemon) -> None:
+    """A client that reached the control socket finds the peer listener listening and the
+    migration commands known (a test once connected to the peer port right after its first
+    status reply and was refused, under load): the daemon logs peer_listening before
+    control_listening, and `migration.status` is a command from the first reply on."""
+    a = make_daemon("a")
+    names = [event["event"] for event in map(json.loads, a.log().splitlines()) if "event" in event]
+    assert names.index("peer_listening") < names.index("control_listening"), names
+    with pytest.raises(RequestError) as refused:
+        a.call("migration.status", name="nothing-here")
+    assert "unknown command" not in str(refused.value), refused.value
+    host, port = a.address.rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=10).close()
 
 
 @pytest.mark.parametrize(
