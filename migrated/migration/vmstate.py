@@ -127,20 +127,26 @@ def restore(hosted: HostedVm, kvm: Kvm, blobs: list[tuple[str, bytes]]) -> dict[
         expected = " or ".join(repr([kind, *ports]) for kind in machine)
         raise ValueError(f"device state kinds {kinds}: this VM restores exactly {expected}")
     kind, blob = blobs[0]
-    if len(blob) > _MAX_BLOB:
-        raise ValueError(f"machine state of {len(blob)} bytes exceeds {_MAX_BLOB}")
-    wire = _unpack(blob, "machine state") if kind == arch.state_kind else None
+    # The map form goes through msgpack; the flat form is a record of its own, checked by its arch.
+    flat = kind != arch.state_kind
+    wire = None if flat else _unpack(blob, "machine state")
+    if flat:
+        _bounded(blob, "machine state")
     if hosted.ports is not None:
         # Before any vCPU runs: the first `in` from the UART must see the source's registers.
         hosted.ports.bus.load_wire(_unpack(blobs[1][1], "port device state"))
-    if wire is None:
+    if flat:
         return arch.restore_flat_state(vm, blob).timings
     return arch.restore_state(vm, wire).timings
 
 
-def _unpack(blob: bytes, what: str) -> Any:
+def _bounded(blob: bytes, what: str) -> None:
     if len(blob) > _MAX_BLOB:
         raise ValueError(f"{what} of {len(blob)} bytes exceeds {_MAX_BLOB}")
+
+
+def _unpack(blob: bytes, what: str) -> Any:
+    _bounded(blob, what)
     try:
         return msgpack.unpackb(blob, raw=False, strict_map_key=True, max_bin_len=_MAX_BLOB)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:

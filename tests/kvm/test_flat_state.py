@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from migrated.kvm.arch.x86_64 import MSR_IA32_TSC, save_vm_state
+from migrated.kvm.arch.x86_64 import uapi as x86_uapi
 from migrated.kvm.arch.x86_64.fixed import cpuid_of, cpuid_table_is_set
 from migrated.kvm.arch.x86_64.flatstate import FLAG_LAPIC, FLAG_PIT, restore_flat, save_flat, zero_flat_xsave
 from migrated.kvm.arch.x86_64.statebuffers import MSR_ENTRY_BYTES, MSRS_HEADER_BYTES, block_layout
@@ -43,6 +44,12 @@ def _paused_source(kvm: Kvm, vcpus: int, devices: bool) -> tuple[Vm, Any, list[A
 
 HEADER = struct.Struct("<4sHHIIIII12s")  # flatstate.py's header, as the record's reader sees it
 VCPU = struct.Struct("<IIII")
+# The VM-wide parts that close a record with in-kernel irqchip and PIT: 3 irqchips, PIT, kvmclock.
+DEVICES_BYTES = (
+    3 * ctypes.sizeof(x86_uapi.kvm_irqchip)
+    + ctypes.sizeof(x86_uapi.kvm_pit_state2)
+    + ctypes.sizeof(x86_uapi.kvm_clock_data)
+)
 
 
 def _shape(record: bytes) -> tuple[Any, int, int]:
@@ -97,7 +104,7 @@ def test_the_blocks_are_the_map_forms_parts_and_the_msrs_in_restore_order(kvm: K
     assert [struct.unpack_from("<I", block, at + i * MSR_ENTRY_BYTES)[0] for i in range(len(indices))] == indices
     assert wire[cpuid_at:block_at] == b"".join(mapped.cpuid)
     # Nothing after the VM-wide parts: the irqchips, the PIT, kvmclock.
-    assert len(wire) == block_at + layout.size + 3 * 520 + 112 + 48
+    assert len(wire) == block_at + layout.size + DEVICES_BYTES
 
 
 def test_a_target_built_with_another_cpuid_takes_the_states(kvm: Kvm) -> None:
@@ -193,7 +200,7 @@ def _other_vendor(record: bytearray) -> bytearray:
 
 
 def _first_chip_id(record: bytearray) -> bytearray:
-    chips = len(record) - 48 - 112 - 3 * 520
+    chips = len(record) - DEVICES_BYTES
     struct.pack_into("<I", record, chips, 2)
     return record
 

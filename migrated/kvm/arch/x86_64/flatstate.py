@@ -82,7 +82,7 @@ _VCPU = struct.Struct("<IIII")  # index tsc_khz cpuid_bytes 0
 _CHIP_BYTES = ctypes.sizeof(x86_uapi.kvm_irqchip)
 _PIT_BYTES = ctypes.sizeof(x86_uapi.kvm_pit_state2)
 _CLOCK_BYTES = ctypes.sizeof(x86_uapi.kvm_clock_data)
-_MP_STATE = struct.Struct("<I")
+_U32 = struct.Struct("<I")  # an MP state, an MSR list's count, an irqchip's chip_id
 
 
 def save_flat(vm: Vm, *, irqchip: bool, pit: bool) -> bytes:
@@ -150,11 +150,11 @@ class _Vcpu:
         self.cpuid = bytes(record[at : at + cpuid_bytes])
         self.block = block = record[at + cpuid_bytes : end]
         self.end = end
-        (mp_state,) = _MP_STATE.unpack_from(block, layout.offsets["MP_STATE"])
+        (mp_state,) = _U32.unpack_from(block, layout.offsets["MP_STATE"])
         if mp_state not in X86_MP_STATES:
             raise _fail(f"{where}.block", f"MP state {mp_state} is not an x86 KVM_MP_STATE_* value")
         msrs = layout.offsets["MSRS"]
-        (count,) = _MP_STATE.unpack_from(block, msrs)
+        (count,) = _U32.unpack_from(block, msrs)
         if count != layout.msr_count:
             raise _fail(f"{where}.block", f"its MSR list says {count} entries, the header {layout.msr_count}")
         self.msr_indices = _msr_indices(layout.msr_count).unpack_from(block, msrs + MSRS_HEADER_BYTES)
@@ -266,7 +266,7 @@ def check_record(
         record[chips_at + i * _CHIP_BYTES : chips_at + (i + 1) * _CHIP_BYTES] for i in range(3 if lapic else 0)
     )
     for i, (chip, chip_id) in enumerate(zip(chips, IRQCHIP_IDS)):
-        (found,) = _MP_STATE.unpack_from(chip)
+        (found,) = _U32.unpack_from(chip)
         if found != chip_id:
             raise _fail(f"irqchip[{i}]", f"chip_id {found}, expected {chip_id}")
     at = chips_at + len(chips) * _CHIP_BYTES

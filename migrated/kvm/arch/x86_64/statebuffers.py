@@ -57,8 +57,7 @@ _REQUESTS: dict[tuple[str, str], int] = {
 }
 
 
-# The parts of a vCPU's state in the order KVM takes them back (state.py), with the ioctl name
-# each way's batch uses (the save reads XSAVE2 where KVM has it, the restore writes XSAVE).
+# The parts of a vCPU's state in the order KVM takes them back (state.py), as they lie in a block.
 PARTS = ("MP_STATE", "REGS", "SREGS", "XSAVE", "XCRS", "DEBUGREGS", "LAPIC", "MSRS", "VCPU_EVENTS")
 _FIXED_SIZES = {
     "MP_STATE": ctypes.sizeof(uapi.kvm_mp_state),
@@ -225,6 +224,16 @@ def restore_plan(vcpu: Vcpu, lapic: bool, xsave_bytes: int, msr_count: int) -> V
     return plan
 
 
+_VM_REQUESTS: dict[tuple[str, str], int] = {
+    ("GET", "IRQCHIP"): x86_uapi.KVM_GET_IRQCHIP,
+    ("SET", "IRQCHIP"): x86_uapi.KVM_SET_IRQCHIP,
+    ("GET", "PIT2"): x86_uapi.KVM_GET_PIT2,
+    ("SET", "PIT2"): x86_uapi.KVM_SET_PIT2,
+    ("GET", "CLOCK"): x86_uapi.KVM_GET_CLOCK,
+    ("SET", "CLOCK"): x86_uapi.KVM_SET_CLOCK,
+}
+
+
 class VmDevices:
     """The VM-wide parts' buffers (the irqchips, the PIT, kvmclock) and their batch one way (GET:
     the save; SET: the restore), in the order KVM takes them back, kvmclock last."""
@@ -243,14 +252,6 @@ class VmDevices:
         batch.prepare()
 
 
-_VM_REQUESTS: dict[tuple[str, str], int] = {
-    ("GET", "IRQCHIP"): x86_uapi.KVM_GET_IRQCHIP,
-    ("SET", "IRQCHIP"): x86_uapi.KVM_SET_IRQCHIP,
-    ("GET", "PIT2"): x86_uapi.KVM_GET_PIT2,
-    ("SET", "PIT2"): x86_uapi.KVM_SET_PIT2,
-    ("GET", "CLOCK"): x86_uapi.KVM_GET_CLOCK,
-    ("SET", "CLOCK"): x86_uapi.KVM_SET_CLOCK,
-}
 _DEVICES: weakref.WeakKeyDictionary[Vm, dict[str, VmDevices]] = weakref.WeakKeyDictionary()
 
 
