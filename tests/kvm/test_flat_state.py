@@ -15,13 +15,15 @@ import pytest
 
 from migrated.kvm.arch.x86_64 import MSR_IA32_TSC, save_vm_state
 from migrated.kvm.arch.x86_64 import uapi as x86_uapi
-from migrated.kvm.arch.x86_64.fixed import cpuid_of, cpuid_table_is_set
+from migrated.kvm.arch import create_vm
+from migrated.kvm.arch.x86_64.fixed import cpuid_of, cpuid_table_is_set, host_facts, refused_msrs_of, vm_xsave2_bytes
 from migrated.kvm.arch.x86_64.flatstate import FLAG_LAPIC, FLAG_PIT, restore_flat, save_flat, zero_flat_xsave
-from migrated.kvm.arch.x86_64.statebuffers import MSR_ENTRY_BYTES, MSRS_HEADER_BYTES, block_layout
-from migrated.kvm.saved_state import IncompatibleStateError, StateFormatError
+from migrated.kvm.arch.x86_64.statebuffers import MSR_ENTRY_BYTES, MSRS_HEADER_BYTES, block_layout, restore_plan
+from migrated.kvm.saved_state import IncompatibleStateError, StateError, StateFormatError
 from migrated.kvm.system import Kvm
-from migrated.kvm.vm import Vm
+from migrated.kvm.vm import Vm, VmConfig
 from test_x86_state import (
+    MEMORY,
     assert_continued,
     assert_same_state,
     assert_vcpus_healthy,
@@ -129,6 +131,60 @@ def test_a_target_built_with_another_cpuid_takes_the_states(kvm: Kvm) -> None:
         wait_guest(target, guest, lambda st: all(a.heartbeat > b.heartbeat for b, a in zip(before, st)))
         target.pause()
         assert_continued(before, guest.status(target.ram))
+
+
+MSR_KVM_ASYNC_PF_INT = 0x4B564D06
+
+
+def _target_built_for(kvm: Kvm, source: Vm) -> Vm:
+    """A VM built as a migration target is: with the source's CPUID table (VmConfig.cpuid)."""
+    entries = cpuid_of(source.vcpus[0])
+    assert entries is not None
+    return create_vm(kvm, VmConfig(memory_bytes=MEMORY, vcpus=len(source.vcpus), cpuid=entries))
+
+
+def test_a_target_leaves_out_the_msrs_kvm_refused_at_its_build(kvm: Kvm) -> None:
+    """Without an in-kernel LAPIC, KVM refuses MSR_KVM_ASYNC_PF_INT even at its value 0
+    (`kvm_pv_enable_async_pf_int`; KVM_GET_MSR_INDEX_LIST lists it since Linux 5.8). A target
+    finds that at its build; its restore leaves the MSR out, and one KVM_SET_MSRS sets the rest."""
+    msr_indices = host_facts(kvm).msr_indices
+    assert MSR_KVM_ASYNC_PF_INT in msr_indices
+    source, guest, before = _paused_source(kvm, 1, devices=False)
+    with source, _target_built_for(kvm, source) as target, build_vm(kvm, 1, devices=False) as not_a_target:
+        vcpu = target.vcpus[0]
+        refused = dict(refused_msrs_of(vcpu))
+        assert refused.get(MSR_KVM_ASYNC_PF_INT) == 0
+        assert refused_msrs_of(not_a_target.vcpus[0]) == ()  # built without a given table: not probed
+        wire = save_flat(source, irqchip=False, pit=False)
+        mapped = save_vm_state(source, irqchip=False, pit=False)
+        target.ram[:] = source.ram
+        report = restore_flat(target, wire)
+        assert (0, MSR_KVM_ASYNC_PF_INT) in report.msrs_kept
+        layout, _, _ = _shape(wire)
+        plan = restore_plan(vcpu, layout.lapic, max(layout.xsave_bytes, vm_xsave2_bytes(target)), layout.msr_count)
+        assert plan.batch.result(plan.msrs_at) == len(msr_indices) - len(refused)  # all the rest, in one call
+        assert_same_state(mapped, save_vm_state(target, irqchip=False, pit=False))
+        target.start()
+        wait_guest(target, guest, lambda st: all(a.heartbeat > b.heartbeat for b, a in zip(before, st)))
+        target.pause()
+        assert_continued(before, guest.status(target.ram))
+        assert guest.verify(target.ram).ok
+
+
+def test_a_refused_msr_saved_with_another_value_is_named(kvm: Kvm) -> None:
+    """Left out only at the value it holds: another value goes to KVM, which refuses it, and the
+    restore names the MSR."""
+    source, _, _ = _paused_source(kvm, 1, devices=False)
+    with source, _target_built_for(kvm, source) as target:
+        wire = bytearray(save_flat(source, irqchip=False, pit=False))
+        layout, _, block_at = _shape(bytes(wire))
+        position = host_facts(kvm).msr_indices.index(MSR_KVM_ASYNC_PF_INT)
+        value_at = block_at + layout.offsets["MSRS"] + MSRS_HEADER_BYTES + position * MSR_ENTRY_BYTES + 8
+        struct.pack_into("<Q", wire, value_at, 0xEC)  # a vector, as a guest with a LAPIC sets it
+        with pytest.raises(
+            StateError, match=r"MSR 0x4b564d06 \(KVM_ASYNC_PF_INT\) = 0xec was refused \(it holds 0x0\)"
+        ):
+            restore_flat(target, bytes(wire))
 
 
 # ---- refused ------------------------------------------------------------------------------

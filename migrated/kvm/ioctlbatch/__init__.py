@@ -58,6 +58,16 @@ class IoctlBatch:
             for call, (fd, expect, request, value) in zip(self._calls, self._specs):
                 call.fd, call.expect, call.request, call.arg = fd, expect, request, value
 
+    def expect(self, index: int, result: int) -> None:
+        """From now on call `index` lets the batch go on only when it returns `result` (a call
+        whose argument changes from run to run, as a KVM_SET_MSRS whose count does)."""
+        if not 0 <= index < len(self._specs):
+            raise ValueError(f"call {index} outside the batch of {len(self._specs)} calls")
+        fd, _, request, value = self._specs[index]
+        self._specs[index] = (fd, result, request, value)
+        if self._calls is not None:
+            self._calls[index].expect = result
+
     def run(self, start: int = 0) -> int:
         """Run the calls from `start` on; returns the index of a call that returned other than
         expected (its `result`), or len(self) when every call was as expected."""

@@ -46,7 +46,15 @@ from .cpu import (
     msr_entries,
     msrs_read_short,
 )
-from .fixed import HostFacts, cpuid_table_is_set, cpuid_table_of, host_facts, tsc_khz_of, vm_xsave2_bytes
+from .fixed import (
+    HostFacts,
+    cpuid_table_is_set,
+    cpuid_table_of,
+    host_facts,
+    refused_msrs_of,
+    tsc_khz_of,
+    vm_xsave2_bytes,
+)
 from .state import (
     EVENTS_SET_FLAGS,
     MAX_MSRS,
@@ -66,8 +74,11 @@ from .devices import check_devices, detect_devices
 from .statebuffers import (
     IRQCHIP_IDS,
     MIN_XSAVE_BYTES,
+    MSR_ENTRY_BYTES,
+    MSR_VALUE_OFFSET,
     MSRS_HEADER_BYTES,
     BlockLayout,
+    VcpuRestore,
     block_layout,
     restore_plan,
     save_plan,
@@ -83,6 +94,7 @@ _CHIP_BYTES = ctypes.sizeof(x86_uapi.kvm_irqchip)
 _PIT_BYTES = ctypes.sizeof(x86_uapi.kvm_pit_state2)
 _CLOCK_BYTES = ctypes.sizeof(x86_uapi.kvm_clock_data)
 _U32 = struct.Struct("<I")  # an MP state, an MSR list's count, an irqchip's chip_id
+_U64 = struct.Struct("<Q")  # an MSR's value
 
 
 def save_flat(vm: Vm, *, irqchip: bool, pit: bool) -> bytes:
@@ -198,9 +210,15 @@ def restore_flat(vm: Vm, record: bytes) -> RestoreReport:
         plan = restore_plan(vcpu, layout.lapic, max(layout.xsave_bytes, xsave2), layout.msr_count)
         _copy_block(vcpu_state.block, layout, plan.block, plan.layout)
         plan.events.flags |= EVENTS_SET_FLAGS  # as restore_vcpu_state, why there
+        refused = refused_msrs_of(vcpu)
+        count = layout.msr_count
+        if refused:
+            count, left_out = _leave_out_refused(plan, vcpu_state.msr_indices, refused)
+            kept += [(vcpu.index, i) for i in left_out]
+        plan.batch.expect(plan.msrs_at, count)
         copied = now()
         if plan.batch.run() == plan.msrs_at:
-            msrs = msr_entries(plan.msrs, layout.msr_count)
+            msrs = msr_entries(plan.msrs, count)
             kept += [(vcpu.index, i) for i in finish_set_msrs(vcpu, msrs, plan.batch.result(plan.msrs_at))]
             plan.batch.run(plan.msrs_at + 1)
         written = now()
@@ -300,6 +318,40 @@ def _copy_block(
         to = into_layout.offsets[name]
         target[to : to + size] = block[at : at + size]
         target[to + size : to + room] = bytes(room - size)
+
+
+def _leave_out_refused(
+    plan: VcpuRestore, indices: tuple[int, ...], refused: tuple[tuple[int, int], ...]
+) -> tuple[int, list[int]]:
+    """The plan's MSR list without the MSRs this vCPU refused at its build whose saved values are
+    the ones they hold (fixed.py `read_build_refused_msrs`): they are in that state already, and
+    a KVM_SET_MSRS that reached one would stop there. A refused MSR with another value stays in,
+    for KVM to refuse and `finish_set_msrs` to name. Returns the list's new count and the MSRs
+    left out."""
+    base = ctypes.addressof(plan.msrs)
+    count = len(indices)
+    left_out: list[int] = []
+    for position, index, value in _refused_positions(indices, refused):
+        at = MSRS_HEADER_BYTES + position * MSR_ENTRY_BYTES
+        if _U64.unpack_from(plan.msrs, at + MSR_VALUE_OFFSET)[0] != value:
+            continue
+        ctypes.memmove(base + at, base + at + MSR_ENTRY_BYTES, (count - position - 1) * MSR_ENTRY_BYTES)
+        count -= 1
+        left_out.append(index)
+    _U32.pack_into(plan.msrs, 0, count)
+    return count, left_out
+
+
+@functools.lru_cache(maxsize=64)
+def _refused_positions(
+    indices: tuple[int, ...], refused: tuple[tuple[int, int], ...]
+) -> tuple[tuple[int, int, int], ...]:
+    """(position in `indices`, index, value) of each refused MSR the list holds, the last first:
+    an entry moved out leaves the earlier ones where they were. A state's list is normally this
+    host's, so one entry serves every restore."""
+    at = {index: position for position, index in enumerate(indices)}
+    found = [(at[index], index, value) for index, value in refused if index in at]
+    return tuple(sorted(found, reverse=True))
 
 
 def zero_flat_xsave(record: bytes) -> bytes:

@@ -16,7 +16,15 @@ from ...vcpu import Vcpu
 from ...vm import Vm, VmConfig
 from .cpu import cpuid_buffer_of
 from .devices import create_irqchip, create_pit2, detect_devices
-from .fixed import LEGACY_XSAVE_BYTES, cpuid_of, host_facts, read_build_tsc_khz, set_cpuid, vm_xsave2_bytes
+from .fixed import (
+    LEGACY_XSAVE_BYTES,
+    cpuid_of,
+    host_facts,
+    read_build_refused_msrs,
+    read_build_tsc_khz,
+    set_cpuid,
+    vm_xsave2_bytes,
+)
 from .flatstate import restore_flat, save_flat
 from .state import X86MachineState, restore_vm_state, save_vm_state
 from .statebuffers import MIN_XSAVE_BYTES, restore_plan, save_plan, vm_devices_plan
@@ -58,7 +66,8 @@ class X86_64:
         set_cpuid(vcpu, table if table is not None else cpuid_buffer(vm.kvm.supported_cpuid()))
 
     def after_vcpus(self, vm: Vm) -> None:
-        _BUILD_CPUID.pop(vm, None)
+        # Built with a given table: a target (the description's), whose restore uses the probe.
+        target = _BUILD_CPUID.pop(vm, None) is not None
         # Read now rather than in a downtime (fixed.py), and the state's buffers made now
         # (statebuffers.py), in the shapes this host's states have.
         host = host_facts(vm.kvm)
@@ -70,6 +79,8 @@ class X86_64:
             read_build_tsc_khz(vcpu)
             save_plan(vcpu, irqchip, xsave2, host.msr_indices)
             restore_plan(vcpu, irqchip, max(xsave2, MIN_XSAVE_BYTES), len(host.msr_indices))
+            if target:
+                read_build_refused_msrs(vcpu, host.msr_indices)
 
     def cpu_features(self, kvm: Kvm) -> dict[str, object]:
         """What a target compares before it accepts a VM: the same CPU vendor, family, model,

@@ -70,6 +70,7 @@ _FIXED_SIZES = {
 }
 MSRS_HEADER_BYTES = ctypes.sizeof(x86_uapi.kvm_msrs)
 MSR_ENTRY_BYTES = ctypes.sizeof(x86_uapi.kvm_msr_entry)
+MSR_VALUE_OFFSET = x86_uapi.kvm_msr_entry.data.offset  # u32 index, u32 reserved, u64 data
 _ALIGN = 8  # every part starts 8-byte aligned, as the kernel's structs are
 
 
@@ -199,6 +200,7 @@ class VcpuRestore(_VcpuPlan):
         ctypes.memmove(self.xsave, xsave, len(xsave))
         ctypes.memset(ctypes.addressof(self.xsave) + len(xsave), 0, len(self.xsave) - len(xsave))
         pack_msrs_into(self.msrs, msrs)
+        self.batch.expect(self.msrs_at, len(msrs))  # a flat restore may have left out some (flatstate.py)
         self.events.flags |= events_flags
 
 
