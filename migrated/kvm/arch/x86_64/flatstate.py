@@ -215,7 +215,7 @@ def restore_flat(vm: Vm, record: bytes) -> RestoreReport:
         if refused:
             count, left_out = _leave_out_refused(plan, vcpu_state.msr_indices, refused)
             kept += [(vcpu.index, i) for i in left_out]
-        plan.batch.expect(plan.msrs_at, count)
+        plan.expect_msrs(count)
         copied = now()
         if plan.batch.run() == plan.msrs_at:
             msrs = msr_entries(plan.msrs, count)
