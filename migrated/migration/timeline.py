@@ -23,6 +23,10 @@ class Timeline:
     def mark(self, name: str) -> None:
         self._marks.append((name, time.perf_counter()))
 
+    def restart(self) -> None:
+        """The origin is now (marks made before it come out negative)."""
+        self.origin = time.perf_counter()
+
     def as_ms(self) -> dict[str, float]:
         """Each mark's ms since `origin`; a name marked again gets `#2`, `#3`..."""
         out: dict[str, float] = {}
@@ -53,6 +57,10 @@ class StepClock:
 
     def __init__(self, steps: dict[str, float]) -> None:
         self._steps = steps
+        self._last = time.perf_counter()
+
+    def restart(self) -> None:
+        """The next step starts now."""
         self._last = time.perf_counter()
 
     def step(self, name: str) -> float:
