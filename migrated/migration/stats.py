@@ -49,7 +49,10 @@ class MigrationStats:
     verify_ms: float | None = None
     state_save_ms: float | None = None
     state_bytes: int = 0
+    # The last pass's pages (data and zero), as both sides count them; the source sends those of
+    # its last harvest before the pause where the streams ended first (`final_pages_before_pause`).
     final_pages: int = 0
+    final_pages_before_pause: int = 0
     # Source: how its link reached the target: "warm" (an idle link from warmlinks.py), "fresh"
     # (connected for this migration), "fresh-after-warm" (the warm link had died); set at ACCEPT.
     link: str = ""
