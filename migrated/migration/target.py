@@ -45,7 +45,7 @@ from ..kvm.memory import GuestMemory
 from ..kvm.vm import VmConfig, validate_config
 from ..logs import get_logger
 from ..pagehash import memory_digest
-from ..peer import FINAL_PAGES_ON_CONTROL, PeerAborted, PeerChannel, PeerError, make_connection
+from ..peer import FINAL_PAGES_ON_CONTROL, FLAT_MACHINE_STATE, PeerAborted, PeerChannel, PeerError, make_connection
 from . import vmstate
 from .host import MigrationHost
 from .idlelinks import is_idle_link, wait_on_idle_link
@@ -114,6 +114,7 @@ class Target:
         )
         self._timeline = Timeline()  # restarted at the first state: the cutover's fine marks
         self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
+        self._rehearsal_ms: float | None = None  # `_rehearse_restore`, when it ran
         self._restore_steps_ms: dict[str, float] = {}  # the state restore's steps, for the cutover's log
         self._state_kind: str | None = None  # the machine state's form, for the same log
         self._streams_counted = False  # `_streams_ended` added the streams' totals to the stats
@@ -521,6 +522,7 @@ class Target:
                 Progress(bytes_received=nbytes, pages_received=pages + zero_pages, round=stats.round)
             )
             self._end_reported.set()
+            await self._rehearse_restore()
 
         negotiated = self.channel.conn.negotiated
         if negotiated is None or FINAL_PAGES_ON_CONTROL not in negotiated.capabilities:
@@ -618,6 +620,28 @@ class Target:
                 return
             else:
                 raise PeerError(f"unexpected {type(event).__name__} while receiving the VM")
+
+    async def _rehearse_restore(self) -> None:
+        """Just before the source pauses (the streams' end reported): the restore's checks and
+        copies once on this VM's own state (`vmstate.rehearse_restore`), so that the real one, in
+        the downtime, runs warm. Only where that restore will run on the event loop in the flat
+        form. The receive goes first (a page batch may wait), and a failure here costs only the
+        warm-up: the real restore checks and says what is wrong."""
+        negotiated = self.channel.conn.negotiated
+        hosted = self.hosted
+        if (
+            negotiated is None
+            or FLAT_MACHINE_STATE not in negotiated.capabilities
+            or hosted is None
+            or hosted.vm is None
+            or len(hosted.vm.vcpus) > STATE_WORK_ON_LOOP_MAX_VCPUS
+        ):
+            return
+        await trio.sleep(0)
+        try:
+            self._rehearsal_ms = round(vmstate.rehearse_restore(hosted) * 1e3, 3)
+        except (KvmError, ValueError) as err:
+            self.log.warning("restore_rehearsal_failed", error=str(err))
 
     async def _state_arrived(self, stats: MigrationStats) -> None:
         """The first device state: the source has paused, and every page it sends on this
@@ -805,6 +829,7 @@ class Target:
                 origin=timeline.origin,
                 marks_ms=timeline.as_ms(),
                 restore_steps_ms=self._restore_steps_ms,
+                rehearsal_ms=self._rehearsal_ms,
                 state_kind=self._state_kind,
             )
             await take_source_timing(self.channel, stats)

@@ -17,7 +17,14 @@ from migrated.kvm.arch.x86_64 import MSR_IA32_TSC, save_vm_state
 from migrated.kvm.arch.x86_64 import uapi as x86_uapi
 from migrated.kvm.arch import create_vm
 from migrated.kvm.arch.x86_64.fixed import cpuid_of, cpuid_table_is_set, host_facts, refused_msrs_of, vm_xsave2_bytes
-from migrated.kvm.arch.x86_64.flatstate import FLAG_LAPIC, FLAG_PIT, restore_flat, save_flat, zero_flat_xsave
+from migrated.kvm.arch.x86_64.flatstate import (
+    FLAG_LAPIC,
+    FLAG_PIT,
+    rehearse_restore,
+    restore_flat,
+    save_flat,
+    zero_flat_xsave,
+)
 from migrated.kvm.arch.x86_64.statebuffers import MSR_ENTRY_BYTES, MSRS_HEADER_BYTES, block_layout, restore_plan
 from migrated.kvm.saved_state import IncompatibleStateError, StateError, StateFormatError
 from migrated.kvm.system import Kvm
@@ -185,6 +192,28 @@ def test_a_refused_msr_saved_with_another_value_is_named(kvm: Kvm) -> None:
             StateError, match=r"MSR 0x4b564d06 \(KVM_ASYNC_PF_INT\) = 0xec was refused \(it holds 0x0\)"
         ):
             restore_flat(target, bytes(wire))
+
+
+@pytest.mark.parametrize("devices", [False, True])
+def test_a_rehearsal_writes_nothing_and_the_restore_after_it_holds(kvm: Kvm, devices: bool) -> None:
+    """The rehearsal (a target just before the source pauses) runs the restore's checks and
+    copies on the target's own state: every register of the never-run target reads as before,
+    and the real restore that follows puts the source's state in, the guest carrying on."""
+    source, guest, before = _paused_source(kvm, 1, devices)
+    target_vm = _target_built_for(kvm, source) if not devices else build_vm(kvm, 1, devices=True)
+    with source, target_vm as target:
+        fresh = save_vm_state(target, irqchip=devices, pit=devices)
+        assert rehearse_restore(target) > 0
+        assert_same_state(fresh, save_vm_state(target, irqchip=devices, pit=devices))
+        wire = save_flat(source, irqchip=devices, pit=devices)
+        mapped = save_vm_state(source, irqchip=devices, pit=devices)
+        target.ram[:] = source.ram
+        restore_flat(target, wire)
+        assert_same_state(mapped, save_vm_state(target, irqchip=devices, pit=devices))
+        target.start()
+        wait_guest(target, guest, lambda st: all(a.heartbeat > b.heartbeat for b, a in zip(before, st)))
+        target.pause()
+        assert_continued(before, guest.status(target.ram))
 
 
 # ---- refused ------------------------------------------------------------------------------

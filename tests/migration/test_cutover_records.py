@@ -175,6 +175,8 @@ def test_the_downtime_keeps_r6_order_and_the_target_loads_after_every_end_marker
     assert target["streams_ended"] <= target["restored"] <= target["loaded_sent"], target
     if on_control:
         assert target["streams_ended"] <= target["state_received"], target
+        # The restore rehearsed once the streams' end was reported, before the pause.
+        assert cutover["rehearsal_ms"] is not None and cutover["rehearsal_ms"] > 0, cutover
     assert target["commit_received"] <= target["resumed"] <= target["running_sent"], target
     wait_for(lambda: b.call("migration.status", name="vm1")["state"] == "completed", what="the target's part")
     incoming = b.call("migration.status", name="vm1")

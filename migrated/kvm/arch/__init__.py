@@ -57,6 +57,11 @@ class Arch(VmArch, Protocol):
         """`record` as `save_flat_state` gave it, after all memory (R9)."""
         ...
 
+    def rehearse_flat_restore(self, vm: Vm) -> float:
+        """The flat restore up to its first write to KVM, on `vm`'s own state (a target that
+        never ran), so that the real one runs warm; returns the seconds it took."""
+        ...
+
 
 ARCHES: dict[str, Arch] = {"x86_64": X86_64(), "aarch64": Aarch64()}
 

@@ -69,6 +69,9 @@ class Aarch64:
     def restore_flat_state(self, vm: Vm, record: bytes) -> RestoreReport:
         raise ValueError("arm64 machine state has no flat form (flat_state_kind is None)")
 
+    def rehearse_flat_restore(self, vm: Vm) -> float:
+        raise ValueError("arm64 machine state has no flat form (flat_state_kind is None)")
+
     def restore_state(self, vm: Vm, wire: object) -> RestoreReport:
         # R9: memory is in place; restore_vm_state follows arm-vgic-its.rst's order.
         return restore_vm_state(vm, Arm64MachineState.from_wire(wire))

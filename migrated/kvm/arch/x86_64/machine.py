@@ -25,7 +25,7 @@ from .fixed import (
     set_cpuid,
     vm_xsave2_bytes,
 )
-from .flatstate import restore_flat, save_flat
+from .flatstate import rehearse_restore, restore_flat, save_flat
 from .state import X86MachineState, restore_vm_state, save_vm_state
 from .statebuffers import MIN_XSAVE_BYTES, restore_plan, save_plan, vm_devices_plan
 
@@ -119,6 +119,9 @@ class X86_64:
 
     def restore_flat_state(self, vm: Vm, record: bytes) -> RestoreReport:
         return restore_flat(vm, record)
+
+    def rehearse_flat_restore(self, vm: Vm) -> float:
+        return rehearse_restore(vm)
 
     def restore_state(self, vm: Vm, wire: object) -> RestoreReport:
         state = X86MachineState.from_wire(wire)
