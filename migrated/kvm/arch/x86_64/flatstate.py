@@ -35,6 +35,7 @@ import struct
 import time
 
 from ...saved_state import RestoreReport, StateError, StateFormatError
+from ...vcpu import Vcpu
 from ...vm import Vm
 from . import uapi as x86_uapi
 from .cpu import (
@@ -207,14 +208,9 @@ def restore_flat(vm: Vm, record: bytes) -> RestoreReport:
     for vcpu, vcpu_state, cpuid in zip(vm.vcpus, vcpus, cpuids):
         restore_tsc_khz_and_cpuid(vcpu, vcpu_state.tsc_khz, cpuid, None)
         at = now()
-        plan = restore_plan(vcpu, layout.lapic, max(layout.xsave_bytes, xsave2), layout.msr_count)
-        _copy_block(vcpu_state.block, layout, plan.block, plan.layout)
+        plan, count, left_out = _fill_plan(vcpu, vcpu_state, layout, xsave2)
+        kept += [(vcpu.index, i) for i in left_out]
         plan.events.flags |= EVENTS_SET_FLAGS  # as restore_vcpu_state, why there
-        refused = refused_msrs_of(vcpu)
-        count = layout.msr_count
-        if refused:
-            count, left_out = _leave_out_refused(plan, vcpu_state.msr_indices, refused)
-            kept += [(vcpu.index, i) for i in left_out]
         plan.expect_msrs(count)
         copied = now()
         if plan.batch.run() == plan.msrs_at:
@@ -250,12 +246,20 @@ def rehearse_restore(vm: Vm) -> float:
     layout, vcpus, _, _ = check_record(vm, save_flat(vm, irqchip=irqchip, pit=pit))
     xsave2 = vm_xsave2_bytes(vm)
     for vcpu, vcpu_state in zip(vm.vcpus, vcpus):
-        plan = restore_plan(vcpu, layout.lapic, max(layout.xsave_bytes, xsave2), layout.msr_count)
-        _copy_block(vcpu_state.block, layout, plan.block, plan.layout)
-        refused = refused_msrs_of(vcpu)
-        if refused:
-            _leave_out_refused(plan, vcpu_state.msr_indices, refused)
+        _fill_plan(vcpu, vcpu_state, layout, xsave2)
     return time.perf_counter() - started
+
+
+def _fill_plan(vcpu: Vcpu, vcpu_state: _Vcpu, layout: BlockLayout, xsave2: int) -> tuple[VcpuRestore, int, list[int]]:
+    """The vCPU's restore plan with its block copied in and the MSRs it refused at its build
+    left out (`_leave_out_refused`): the plan, its MSR count, the MSRs left out."""
+    plan = restore_plan(vcpu, layout.lapic, max(layout.xsave_bytes, xsave2), layout.msr_count)
+    _copy_block(vcpu_state.block, layout, plan.block, plan.layout)
+    refused = refused_msrs_of(vcpu)
+    if not refused:
+        return plan, layout.msr_count, []
+    count, left_out = _leave_out_refused(plan, vcpu_state.msr_indices, refused)
+    return plan, count, left_out
 
 
 def check_record(
