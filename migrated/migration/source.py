@@ -437,8 +437,8 @@ class Source(OutgoingSetup, Precopy, InDoubt):
         else:
             await self._record_committing()
         self._wake_vcpus()
-        # R6.1's way out of KVM_RUN raised now, while the guest still runs: the syscalls took
-        # 0.05-0.06 ms here, the first step of the pause (`_park` lowers them once parked).
+        # The vCPU threads raised for R6.1's way out of KVM_RUN now, while the guest still runs
+        # (the downtime starts at the pause request, `_park`, which lowers them once parked).
         self._pause_raised = self._window.raise_for_pause(self._vcpu_thread_ids())
         self.stats.state = self.stats.phase = "downtime"
         steps = self.stats.downtime_breakdown_ms
