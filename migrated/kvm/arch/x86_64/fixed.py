@@ -43,6 +43,7 @@ import weakref
 from dataclasses import dataclass
 
 from ... import uapi
+from ...errors import KvmError
 from ...system import Kvm
 from ...vcpu import Vcpu
 from ...vm import Vm
@@ -132,16 +133,21 @@ _REFUSED_MSRS: weakref.WeakKeyDictionary[Vcpu, tuple[tuple[int, int], ...]] = we
 def read_build_refused_msrs(vcpu: Vcpu, indices: tuple[int, ...]) -> None:
     """At a target's build, before the vCPU ever ran: which of `indices` KVM refuses to set, and
     the values they hold (module docstring). IA32_TSC is left out: a write of the value read a
-    moment ago would set the guest's TSC back by the time between, and KVM takes it anyway."""
-    pending = get_msrs(vcpu, [index for index in indices if index != MSR_IA32_TSC])
+    moment ago would set the guest's TSC back by the time between, and KVM takes it anyway.
+    A probe KVM fails leaves nothing known (the restore then meets each refusal as it comes):
+    a build does not fail for what only spares the restore some work."""
     refused: dict[int, int] = {}
-    while pending:
-        done = vcpu.ioctl("KVM_SET_MSRS", x86_uapi.KVM_SET_MSRS, msr_buffer(pending))
-        if done >= len(pending):
-            break
-        index, value = pending[done]
-        refused[index] = value
-        pending = pending[done + 1 :]
+    try:
+        pending = get_msrs(vcpu, [index for index in indices if index != MSR_IA32_TSC])
+        while pending:
+            done = vcpu.ioctl("KVM_SET_MSRS", x86_uapi.KVM_SET_MSRS, msr_buffer(pending))
+            if done >= len(pending):
+                break
+            index, value = pending[done]
+            refused[index] = value
+            pending = pending[done + 1 :]
+    except KvmError:
+        refused = {}
     _REFUSED_MSRS[vcpu] = tuple(refused.items())
 
 
