@@ -133,6 +133,7 @@ class Target:
                 self.log.warning("incoming_aborted_for_good", reason=self.abort_reason)
                 await self._on_failure(self.abort_reason)
         finally:
+            self._window.close()  # idempotent; lowers the loop where `_receive_vm` did not get to
             if self.reserved_name is not None:
                 self.daemon.release_name(self.reserved_name)
             if self.admitted_id is not None:
@@ -250,6 +251,9 @@ class Target:
 
     async def _receive_vm(self, description: VmDescription) -> None:
         started = time.monotonic()
+        # From the description on, as the source's for its setup (window.py); kept for the
+        # whole migration where the pages come on data streams (below), else lowered there.
+        self._window.raise_event_loop()
         spec = self._check(description)
         self._verify_expected = description.verify
         self.stats = stats = MigrationStats(
@@ -295,9 +299,10 @@ class Target:
         if self.data_streams:
             self._open_streams(self._ram)
             # The event loop only coordinates while the pages come on the data streams: raised
-            # from here on, its wake-up for the state (the downtime's first on this side) does
-            # not wait for a core behind the host's other work (window.py).
-            self._window.raise_event_loop()
+            # on, its wake-up for the state (the downtime's first on this side) does not wait
+            # for a core behind the host's other work (window.py).
+        else:
+            self._window.lower_event_loop()  # the pages come through this loop
         self._streams_ready.set()
         # Accept before the VM is built and its record (fsync'd) written: the source starts its
         # bulk copy meanwhile. Until registered, a failure discards the copy all the same

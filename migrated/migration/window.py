@@ -140,13 +140,20 @@ class DowntimeWindow:
 
     def raise_event_loop(self) -> None:
         """Before the window opens: the calling thread (the event loop) alone at the window's
-        policy until `close`, so that the wake-up that opens the window is not itself one that
-        waits for a core. Only for an event loop that does no bulk work of its own (a target
-        whose pages come on data streams): it stays raised for the whole migration. Idempotent."""
+        policy until `lower_event_loop` or `close`, so that its wake-ups do not wait for a core.
+        For a setup (a chain of hops between two daemons' loops, which a shared core otherwise
+        time-slices against each other) and for a target's loop whose pages come on data
+        streams (the state's arrival, the downtime's first wake-up on that side). Only while the
+        loop does no bulk work of its own. Idempotent."""
         if not self.realtime or self._raised_early:
             return
         self._raised_early, error = RAISED.raise_threads({threading.get_native_id()})
         self.realtime_error = self.realtime_error or error
+
+    def lower_event_loop(self) -> None:
+        """`raise_event_loop` undone (the window itself raises it again when it opens). Idempotent."""
+        RAISED.lower(self._raised_early)
+        self._raised_early = set()
 
     def raise_for_pause(self, thread_ids: set[int]) -> set[int]:
         """The vCPU threads for their way out of KVM_RUN and into their park: a thread the host
@@ -172,8 +179,7 @@ class DowntimeWindow:
         """Idempotent; a window never opened closes as a no-op (but lowers what
         `raise_event_loop` raised)."""
         global _open_windows
-        RAISED.lower(self._raised_early)
-        self._raised_early = set()
+        self.lower_event_loop()
         if self._polling:
             CPU_LATENCY.release()
             self._polling = False

@@ -17,6 +17,7 @@ from conftest import MakeDaemon
 from migrated.cpulatency import CPU_LATENCY, DEVICE, CpuLatency
 from migrated.migration.window import MONITOR, DowntimeWindow
 from migrated.realtime import RAISED, window_thread_ids
+from daemons import wait_for, wait_migration
 from test_migration import assert_runs_here, create, migrate
 
 NO_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
@@ -103,6 +104,49 @@ def test_the_event_loop_raised_before_the_window_stays_raised_until_it_closes(pa
     unraised = DowntimeWindow(realtime=False)
     unraised.raise_event_loop()
     assert policy_of(me) == os.SCHED_OTHER, "realtime off: nothing raised"
+
+
+@needs_fifo
+def test_the_event_loop_lowered_early_is_raised_again_by_its_window() -> None:
+    """A source's loop, raised for its setup and lowered for the bulk copy (`lower_event_loop`,
+    idempotent), is at FIFO again once the downtime's window opens, and back after it."""
+    me = threading.get_native_id()
+    window = DowntimeWindow(realtime=True)
+    window.raise_event_loop()
+    assert policy_of(me) == os.SCHED_FIFO
+    window.lower_event_loop()
+    window.lower_event_loop()
+    assert policy_of(me) == os.SCHED_OTHER and len(RAISED) == 0
+    window.open()
+    assert policy_of(me) == os.SCHED_FIFO
+    window.close()
+    assert policy_of(me) == os.SCHED_OTHER and len(RAISED) == 0
+
+
+@needs_fifo
+@pytest.mark.kvm
+def test_a_sources_event_loop_is_raised_for_its_setup_and_lowered_after(make_daemon: MakeDaemon) -> None:
+    """The source's event loop (its main thread) is at FIFO while the setup runs (held there by
+    the cutover-holds fault, before the description goes out), and at its own policy once the
+    migration ended: completed, or failed in its setup (a target that refuses the description:
+    it has a VM of that name)."""
+    a, b = make_daemon("a", faults="cutover-holds"), make_daemon("b")
+    loop = a.process.pid  # trio runs on the daemon's main thread
+    assert policy_of(loop) == os.SCHED_OTHER
+    create(a, rate=1)
+    a.call("migrate", name="vm1", to=b.address)
+    wait_for(lambda: '"point": "setup"' in a.log(), what="the source to hold in its setup")
+    assert policy_of(loop) == os.SCHED_FIFO
+    assert wait_migration(a, "vm1")["state"] == "completed"
+    # "completed" is said inside the downtime's window, which closes as the migration's task ends.
+    wait_for(lambda: policy_of(loop) == os.SCHED_OTHER, what="the source's loop back at its policy")
+    c, d = make_daemon("c"), make_daemon("d")
+    create(c, rate=1)
+    create(d, rate=1)
+    stats = migrate(c, d)
+    assert stats["state"] == "failed" and "already exists" in stats["error"], stats
+    wait_for(lambda: policy_of(c.process.pid) == os.SCHED_OTHER, what="the failed source's loop lowered")
+    wait_for(lambda: policy_of(d.process.pid) == os.SCHED_OTHER, what="the refusing target's loop lowered")
 
 
 @pytest.mark.kvm
