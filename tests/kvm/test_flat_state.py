@@ -34,7 +34,9 @@ from migrated.kvm.arch.x86_64.flatstate import (
 )
 from migrated.kvm.arch.x86_64.statebuffers import MSR_ENTRY_BYTES, MSRS_HEADER_BYTES, block_layout, restore_plan
 from migrated.kvm.saved_state import IncompatibleStateError, StateError, StateFormatError
+from migrated.kvm.ioctlbatch import IoctlBatch
 from migrated.kvm.system import Kvm
+from migrated.kvm.vcpu import Vcpu
 from migrated.kvm.vm import Vm, VmConfig
 from test_x86_state import (
     MEMORY,
@@ -210,15 +212,34 @@ def test_a_refused_msr_saved_with_another_value_is_named(kvm: Kvm) -> None:
 
 
 @pytest.mark.parametrize("devices", [False, True])
-def test_a_rehearsal_writes_nothing_and_the_restore_after_it_holds(kvm: Kvm, devices: bool) -> None:
+def test_a_rehearsal_writes_nothing_and_the_restore_after_it_holds(
+    kvm: Kvm, devices: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The rehearsal (a target just before the source pauses) runs the restore's checks and
-    copies on the target's own state: every register of the never-run target reads as before,
-    and the real restore that follows puts the source's state in, the guest carrying on."""
+    copies on the target's own state: every ioctl it issues only reads (each batch's steps and
+    each single call recorded), every register of the never-run target reads as before, and the
+    real restore that follows puts the source's state in, the guest carrying on."""
     source, guest, before = _paused_source(kvm, 1, devices)
     target_vm = _target_built_for(kvm, source) if not devices else build_vm(kvm, 1, devices=True)
     with source, target_vm as target:
         fresh = save_vm_state(target, irqchip=devices, pit=devices)
+        calls: list[str] = []
+        run, ioctl = IoctlBatch.run, Vcpu.ioctl
+
+        def recorded_run(batch: IoctlBatch, start: int = 0) -> int:
+            calls.extend(batch._steps[start:])
+            return run(batch, start)
+
+        def recorded_ioctl(vcpu: Vcpu, name: str, *args: Any) -> Any:
+            calls.append(name)
+            return ioctl(vcpu, name, *args)
+
+        monkeypatch.setattr(IoctlBatch, "run", recorded_run)
+        monkeypatch.setattr(Vcpu, "ioctl", recorded_ioctl)
         assert rehearse_restore(target) > 0
+        monkeypatch.undo()
+        assert any("KVM_GET_REGS" in call for call in calls), calls  # the recording saw the save
+        assert not [call for call in calls if "_SET_" in call], calls
         assert_same_state(fresh, save_vm_state(target, irqchip=devices, pit=devices))
         wire = save_flat(source, irqchip=devices, pit=devices)
         mapped = save_vm_state(source, irqchip=devices, pit=devices)

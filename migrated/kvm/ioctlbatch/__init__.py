@@ -63,7 +63,9 @@ class IoctlBatch:
         whose argument changes from run to run, as a KVM_SET_MSRS whose count does)."""
         if not 0 <= index < len(self._specs):
             raise ValueError(f"call {index} outside the batch of {len(self._specs)} calls")
-        fd, _, request, value = self._specs[index]
+        fd, expected, request, value = self._specs[index]
+        if expected == result:
+            return  # unchanged: no cold cffi write in a downtime
         self._specs[index] = (fd, result, request, value)
         if self._calls is not None:
             self._calls[index].expect = result

@@ -211,7 +211,7 @@ def restore_flat(vm: Vm, record: bytes) -> RestoreReport:
         plan, count, left_out = _fill_plan(vcpu, vcpu_state, layout, xsave2)
         kept += [(vcpu.index, i) for i in left_out]
         plan.events.flags |= EVENTS_SET_FLAGS  # as restore_vcpu_state, why there
-        plan.expect_msrs(count)
+        plan.batch.expect(plan.msrs_at, count)
         copied = now()
         if plan.batch.run() == plan.msrs_at:
             msrs = msr_entries(plan.msrs, count)

@@ -168,7 +168,6 @@ class VcpuRestore(_VcpuPlan):
     def __init__(self, vcpu: Vcpu, lapic: bool, xsave_bytes: int, msr_count: int) -> None:
         self.shape = (lapic, xsave_bytes, msr_count)
         super().__init__(vcpu, "SET", lapic, ("XSAVE", xsave_bytes), [(0, 0)] * msr_count)
-        self._msrs_expected = msr_count
 
     def fill(
         self,
@@ -201,14 +200,8 @@ class VcpuRestore(_VcpuPlan):
         ctypes.memmove(self.xsave, xsave, len(xsave))
         ctypes.memset(ctypes.addressof(self.xsave) + len(xsave), 0, len(self.xsave) - len(xsave))
         pack_msrs_into(self.msrs, msrs)
-        self.expect_msrs(len(msrs))  # a flat restore may have left out some (flatstate.py)
+        self.batch.expect(self.msrs_at, len(msrs))  # a flat restore may have left out some (flatstate.py)
         self.events.flags |= events_flags
-
-    def expect_msrs(self, count: int) -> None:
-        """The MSR list holds `count` entries now: KVM_SET_MSRS lets the batch go on at that."""
-        if count != self._msrs_expected:
-            self.batch.expect(self.msrs_at, count)
-            self._msrs_expected = count
 
 
 _SAVES: weakref.WeakKeyDictionary[Vcpu, VcpuSave] = weakref.WeakKeyDictionary()
