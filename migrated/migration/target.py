@@ -112,7 +112,9 @@ class Target:
             realtime=daemon.config.migration.downtime_realtime,
             idle_polling=daemon.config.migration.downtime_idle_polling,
         )
-        self._timeline = Timeline()  # restarted at the first state: the cutover's fine marks
+        self._timeline = Timeline()  # the cutover's fine marks, restarted by `_start_cutover_timeline`
+        self._cutover_timeline_started = False
+        self._streams_end_marked = False  # by `report_end`, where the streams' end was reported
         self._setup_timeline = Timeline()  # the setup's fine marks, from the connection taken up
         self._rehearsal_ms: float | None = None  # `_rehearse_restore`, when it ran
         self._restore_steps_ms: dict[str, float] = {}  # the state restore's steps, for the cutover's log
@@ -522,6 +524,12 @@ class Target:
             # idle CPUs polling), so that the state's arrival, the next wake-up, finds it open
             # and its cost (0.1-0.2 ms of syscalls) is spent before the pause, not after it.
             self._window.open()
+            # The cutover's marks start here, where the source pauses on this report: the end is
+            # marked when it was seen, not when an event of the downtime counts it (`_streams_ended`;
+            # a downtime with no page on this connection counted it only at DONE).
+            self._start_cutover_timeline()
+            self._timeline.mark("streams_ended")
+            self._streams_end_marked = True
             pages, zero_pages, nbytes, _ = streams.totals()
             await self.channel.send(
                 Progress(bytes_received=nbytes, pages_received=pages + zero_pages, round=stats.round)
@@ -569,8 +577,7 @@ class Target:
                         )
                     # The final pass (FINAL_PAGES_ON_CONTROL): applied only once every stream
                     # ended and all it carried is in RAM, so nothing older lands after it.
-                    if not control_final_entries:
-                        self._timeline = Timeline()  # this side's downtime work starts here
+                    self._start_cutover_timeline()
                     await self._streams_ended(stats)
                     control_final_entries += int(event.pages.size) + int(event.zero_pages.size)
                 applied = time.perf_counter()
@@ -595,9 +602,7 @@ class Target:
                         f"{', '.join(sorted(vmstate.KINDS))})"
                     )
                 if not blobs:
-                    if not control_final_entries:
-                        # The cutover's fine marks start where this side's downtime work does.
-                        self._timeline = Timeline()
+                    self._start_cutover_timeline()
                     self._timeline.mark("state_received")
                     await self._state_arrived(stats)
                 blobs.append((event.kind, event.blob))
@@ -625,6 +630,13 @@ class Target:
                 return
             else:
                 raise PeerError(f"unexpected {type(event).__name__} while receiving the VM")
+
+    def _start_cutover_timeline(self) -> None:
+        """The cutover's fine marks start where this side's downtime work does: the streams' end
+        reported (the source pauses on it), else the downtime's first message. Once."""
+        if not self._cutover_timeline_started:
+            self._timeline = Timeline()
+            self._cutover_timeline_started = True
 
     async def _rehearse_restore(self) -> None:
         """Just before the source pauses (the streams' end reported): the restore's checks and
@@ -699,7 +711,8 @@ class Target:
         except RemoteProtocolError as err:
             raise PeerError(str(err)) from None
         self._streams_counted = True
-        self._timeline.mark("streams_ended")
+        if not self._streams_end_marked:
+            self._timeline.mark("streams_ended")
         pages, zero_pages, nbytes, apply_s = streams.totals()
         stats.pages_sent += pages
         stats.zero_pages += zero_pages

@@ -184,6 +184,21 @@ def test_the_downtime_keeps_r6_order_and_the_target_loads_after_every_end_marker
     assert incoming["pages_sent"] + incoming["zero_pages"] == stats["pages_sent"] + stats["zero_pages"]
 
 
+def test_the_streams_end_before_the_state_also_with_no_page_in_the_downtime(make_daemon: MakeDaemon) -> None:
+    """A paused guest dirties nothing: no page goes on the control connection, before the pause
+    or in it. The target still marks the streams' end where it saw and reported it, before the
+    state arrived (it once counted it only at DONE, after the state)."""
+    a, b = make_daemon("a", verify="off"), make_daemon("b")
+    create(a, rate=1.0)
+    a.call("vm.pause", name="vm1")
+    stats = migrate(a, b)
+    assert stats["state"] == "completed", stats.get("error")
+    assert "streams_drained" in stats["phase_steps_ms"], stats["phase_steps_ms"]
+    assert stats["final_pages"] == 0, stats
+    target = _timeline_event(b, "cutover_timeline")["marks_ms"]
+    assert target["streams_ended"] <= target["state_received"] <= target["restored"], target
+
+
 def test_the_last_harvest_goes_before_the_pause_and_the_final_harvest_behind_it(make_daemon: MakeDaemon) -> None:
     """With the streams ended before the pause (a small final set), the pages of the last
     harvest go on the control connection while the streams drain and the guest still runs; the
