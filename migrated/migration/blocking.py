@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import errno
 import math
+import select
 import socket
 import ssl
 import struct
+import time
 
 _TIMEVAL = struct.Struct("@ll")
 
@@ -51,3 +53,45 @@ def deadline_s(sock: socket.socket) -> float:
 def is_timeout(err: OSError) -> bool:
     """A call that ran into its kernel deadline (EAGAIN) or the Python timeout (TLS)."""
     return isinstance(err, TimeoutError) or err.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+class RecordReads:
+    """Receives on a blocking TCP socket into the buffer in hand, woken once it can all be read.
+
+    Before each receive the socket's SO_RCVLOWAT is set to the buffer's size (when it changed),
+    and `poll` waits for the kernel to say that much is queued; the receive then takes it without
+    waiting (MSG_DONTWAIT). MSG_WAITALL alone woke the receive thread for every segment: 20-40
+    wake-ups of a few microseconds' work per 2 MiB record, each taking a core from the sender
+    beside it. A thread asleep with a low-water mark above what is still to come would never
+    wake, which is why the mark is never above what the buffer in hand lacks: a reader woken
+    short of it (the kernel also wakes it when its receive window closes or its buffer is under
+    pressure, and caps the mark at half its largest receive buffer) gets what is there, and the
+    next call asks only for the rest.
+
+    The deadline keeps `block_with_deadline`'s meaning: a receive that waited `timeout_s` returns
+    what arrived by then, or fails with EAGAIN (`is_timeout`) if nothing did."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._timeout_s = timeout_s if 0 < timeout_s < math.inf else None
+        self._low_water = 1  # the kernel's default
+
+    def recv_into(self, buffer: memoryview) -> int:
+        """Bytes received into `buffer` (0: the peer closed), at most its size."""
+        wanted = buffer.nbytes
+        if wanted != self._low_water:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, wanted)
+            self._low_water = wanted
+        deadline = None if self._timeout_s is None else time.monotonic() + self._timeout_s
+        while True:
+            wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1e3))
+            ready = self._poll.poll(wait_ms)
+            try:
+                return self._sock.recv_into(buffer, wanted, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                # Nothing queued: a poll that timed out is the deadline; one that said "ready"
+                # with nothing to read (it can, rarely) waits again.
+                if not ready and deadline is not None and time.monotonic() >= deadline:
+                    raise

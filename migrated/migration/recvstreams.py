@@ -3,7 +3,8 @@
 A data connection is told apart from a control connection by its first byte (`is_data_stream`);
 its hello names the migration and proves, with a token of that migration's session, that it came
 from that migration's source (transport/datastream.py). Only then does a thread take the socket:
-it reads exactly the frame or record in hand (`recv_into`, GIL released), opens and checks it
+it reads exactly the frame or record in hand (`recv_into`, GIL released, woken once it is all
+there: blocking.RecordReads), opens and checks it
 (sans-IO), and writes the batch into guest RAM at once: one `pwritev` per run of pages into the
 RAM file (a fresh shmem page filled by a write is neither faulted nor zeroed), or, where the
 backing refuses writes (hugetlbfs), one numpy copy into the mapping. Never per page in Python.
@@ -33,7 +34,7 @@ from transport.datastream import MAGIC, DataHello, DataReceiver, Layout, decode_
 from .. import tls
 from ..config import PeerConfig
 from ..kvm.memory import GuestMemory
-from .blocking import block_with_deadline, deadline_s, is_timeout
+from .blocking import RecordReads, block_with_deadline, deadline_s, is_timeout
 from .parkedthreads import STREAM_THREADS
 from .pagestream import PAGE_SIZE, apply_batch
 from .recordbuffers import RECORD_BUFFERS
@@ -187,8 +188,9 @@ class _ReceiveThread:
         # Pages (data and zero) per round: the bulk copy's and the final pass's are in the stats.
         self.entries_by_round: dict[int, int] = {}
         block_with_deadline(sock, io_timeout_s)
-        # A whole record (or frame part) in one call: one GIL hand-over per record (blocking.py).
-        self._recv_flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
+        # A whole record (or frame part) per call and per wake-up (blocking.py); a TLS socket
+        # reads records of its own.
+        self._reads = None if isinstance(sock, ssl.SSLSocket) else RecordReads(sock, io_timeout_s)
         self.thread = STREAM_THREADS.start(self._run, f"data-recv-{receiver.index}")
 
     def _run(self) -> None:
@@ -209,7 +211,7 @@ class _ReceiveThread:
         receiver = self.receiver
         while True:
             buffer = receiver.receive_buffer()
-            nbytes = self.sock.recv_into(buffer, 0, self._recv_flags)
+            nbytes = self.sock.recv_into(buffer) if self._reads is None else self._reads.recv_into(buffer)
             receiver.received(nbytes)
             self.bytes += nbytes
             while True:
@@ -276,7 +278,7 @@ class ReceiveStreams:
 
     def arrived_bytes(self) -> int:
         """Bytes that reached this host on every stream so far, read or not: a receive thread
-        waits in the kernel for a whole record (MSG_WAITALL), and its own count moves only when
+        waits in the kernel for a whole record (blocking.RecordReads), and its own count moves only when
         the record is in or its call's deadline returns part of it. Under a low bandwidth cap a
         record takes longer than the link's silence window, so the link's watch counts what the
         kernel took in (each stream's own count where the kernel does not say)."""

@@ -3,7 +3,8 @@
 Record buffers (recordbuffers.py) are reused by the next stream of either direction: the pool
 stays bounded, a reused buffer still holding another stream's bytes seals and opens exactly
 what it must, and a changed byte still fails. The sockets (blocking.py) block in the kernel
-for a whole record under SO_SNDTIMEO/SO_RCVTIMEO: a silent or stuck peer still ends a stream
+for a whole record under SO_SNDTIMEO/SO_RCVTIMEO (a receiving thread woken once the record can
+be read, not per segment, RecordReads): a silent or stuck peer still ends a stream
 with an error that names the stream and the deadline, on either side. Real loopback TCP, real
 threads; no VM (the pages are what matters)."""
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from migrated.kvm.memory import GuestMemory
-from migrated.migration.blocking import block_with_deadline, deadline_s, is_timeout
+from migrated.migration.blocking import RecordReads, block_with_deadline, deadline_s, is_timeout
 from migrated.migration.ratelimit import TokenBucket
 from migrated.migration.recordbuffers import RecordBuffers, largest_record_bytes
 from migrated.migration.recvstreams import _Applier, _ReceiveThread
@@ -134,33 +135,98 @@ def test_a_reusing_opener_opens_each_record_into_a_buffer_of_its_own() -> None:
     assert frame is not None and bytes(frame) == second
 
 
-def test_a_blocking_stream_socket_takes_a_whole_record_in_one_receive() -> None:
-    """The receive thread asks for a record with MSG_WAITALL: with the socket blocking in the
-    kernel (no Python timeout, which makes it non-blocking underneath) one call returns all of
-    it, however the sender cut it up."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
-    listener.close()
+def _voluntary_switches() -> int:
+    """How often the calling thread went to sleep (/proc/thread-self/status)."""
+    with open("/proc/thread-self/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc/thread-self/status")
+
+
+def test_a_record_sent_in_pieces_wakes_its_reader_a_few_times_not_once_per_piece() -> None:
+    """RecordReads: a 4 MiB record sent in 64 pieces of 64 KiB arrives whole, and the reading
+    thread sleeps a few times in all, not once per piece (MSG_WAITALL alone: 25-57 here)."""
+    client, server = _pair()
     try:
-        block_with_deadline(server, 5.0)
-        assert server.gettimeout() is None and deadline_s(server) == pytest.approx(5.0)
+        block_with_deadline(server, 30.0)
+        assert server.gettimeout() is None and deadline_s(server) == pytest.approx(30.0)
         payload = os.urandom(4 * MIB)
-        sent_half = threading.Event()
+        buffer = memoryview(bytearray(4 * MIB))
+        outcome: dict[str, int] = {}
 
-        def send() -> None:
-            client.sendall(payload[: 2 * MIB])
-            sent_half.set()
-            for offset in range(2 * MIB, 4 * MIB, 64 * 1024):
-                client.sendall(payload[offset : offset + 64 * 1024])
+        def read() -> None:
+            reads = RecordReads(server, 30.0)
+            before, got, calls = _voluntary_switches(), 0, 0
+            while got < buffer.nbytes:
+                received = reads.recv_into(buffer[got:])
+                assert received > 0, "the peer closed mid-record"
+                got, calls = got + received, calls + 1
+            outcome.update(sleeps=_voluntary_switches() - before, calls=calls)
 
-        sender = threading.Thread(target=send)
-        sender.start()
-        assert sent_half.wait(10)  # half of it is in flight before the rest is even sent
-        buffer = bytearray(4 * MIB)
-        assert server.recv_into(buffer, 0, socket.MSG_WAITALL) == 4 * MIB
-        sender.join()
-        assert buffer == payload
+        reader = threading.Thread(target=read)
+        reader.start()
+        for offset in range(0, len(payload), 64 * 1024):
+            client.sendall(payload[offset : offset + 64 * 1024])
+        reader.join(60)
+        assert not reader.is_alive()
+        assert bytes(buffer) == payload
+        assert outcome["sleeps"] < 16, outcome
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_reader_woken_short_of_its_record_asks_only_for_the_rest() -> None:
+    """The receive buffer is locked small, so the kernel caps the low-water mark far below the
+    record and wakes the reader many times short of it; each next call asks for what is still
+    missing, down to the last 100 bytes. A mark left above what is still to come would never be
+    reached: the reader would sleep to its deadline (60 s) with the bytes queued."""
+    client, server = _pair()
+    try:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        block_with_deadline(server, 60.0)
+        payload = os.urandom(MIB + 100)
+        buffer = memoryview(bytearray(len(payload)))
+        calls: list[int] = []
+
+        def read() -> None:
+            reads = RecordReads(server, 60.0)
+            got = 0
+            while got < buffer.nbytes:
+                received = reads.recv_into(buffer[got:])
+                assert received > 0, "the peer closed mid-record"
+                got += received
+                calls.append(received)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        client.sendall(payload)  # and the connection stays open, silent
+        reader.join(30)
+        assert not reader.is_alive(), "the reader waited for a low-water mark that could not be reached"
+        assert bytes(buffer) == payload
+        assert len(calls) > 1  # woken short of the record at least once
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_reader_at_its_deadline_gets_what_arrived_and_then_a_timeout() -> None:
+    """The deadline keeps its meaning under RecordReads: what arrived by then is returned (100
+    of the 1,000 bytes asked for), and a deadline with nothing at all is a timeout."""
+    client, server = _pair()
+    try:
+        block_with_deadline(server, 0.3)
+        reads = RecordReads(server, 0.3)
+        client.sendall(b"x" * 100)
+        buffer = memoryview(bytearray(1000))
+        assert reads.recv_into(buffer) == 100
+        assert bytes(buffer[:100]) == b"x" * 100
+        with pytest.raises(OSError) as raised:
+            reads.recv_into(buffer[100:])
+        assert is_timeout(raised.value)
+        client.close()
+        assert reads.recv_into(buffer[100:]) == 0  # the peer closed: end of stream, as recv says
     finally:
         client.close()
         server.close()
