@@ -5,10 +5,12 @@ then the call, repeated as often as the socket buffer fills or drains within a r
 of these gives up the GIL and takes it back. Taking it back waits for whichever thread holds it
 (up to the interpreter's switch interval, 5 ms, behind one that runs Python code), and a daemon
 has several: vCPU exits, the ring harvester every millisecond, the event loop. Blocking in the
-kernel instead (`sendmsg` until all of it is queued, `recv_into` with MSG_WAITALL until the
-record is in), a record costs one call and one GIL hand-over per side.
+kernel instead (`sendmsg` until all of it is queued; on the receiving side a `poll` until the
+whole record is queued, then one `recv_into`: `RecordReads`), a record costs one call and one
+GIL hand-over per side.
 
-The link's deadline stays: SO_SNDTIMEO and SO_RCVTIMEO bound each call. A call that moved some
+The link's deadline stays: SO_SNDTIMEO and SO_RCVTIMEO bound each call (`RecordReads` gives its
+poll the same bound). A call that moved some
 bytes before the deadline returns what it moved (the caller goes on with the rest); one that
 moved nothing fails with EAGAIN (`is_timeout`), as the Python timeout raised TimeoutError. TLS
 sockets keep their Python timeout (the ssl module reads and writes in records of its own).
