@@ -9,6 +9,14 @@ import pytest
 
 from daemons import DaemonProcess, MakeDaemon, write_config
 from helpers import CALL_FAILED, write_key
+from vethlink import Link, veth_link
+
+
+@pytest.fixture
+def link() -> Iterator[Link]:
+    """Two network namespaces joined by a veth pair, removed afterwards (vethlink.py)."""
+    with veth_link() as made:
+        yield made
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A slow real link: the veth pair of test_link_cut.py, shaped by a token bucket on the source's
+"""A slow real link: the veth pair of the `link` fixture (vethlink.py), shaped by a token bucket on the source's
 side (`tc qdisc tbf`: this host has it, netem it has not).
 
 The target's receive threads sleep until a whole record is queued (SO_RCVLOWAT set to what the
@@ -15,8 +15,8 @@ import subprocess
 import pytest
 
 from daemons import MakeDaemon, wait_for, wait_migration
-from test_link_cut import Link, link  # noqa: F401 (the fixture)
 from test_migration import assert_absent, assert_runs_here, create
+from vethlink import Link
 
 pytestmark = pytest.mark.kvm
 
@@ -25,7 +25,7 @@ RATE_MBIT = 40  # 5 MB/s: a 16 MiB working set takes ~3 s, each 8 MiB record ~1.
 
 def test_a_migration_over_a_slow_link_completes_with_records_that_take_seconds(
     make_daemon: MakeDaemon,
-    link: Link,  # noqa: F811
+    link: Link,
 ) -> None:
     subprocess.run(
         ["tc", "-n", link.ns_a, "qdisc", "add", "dev", link.dev_a, "root", "tbf",
