@@ -10,10 +10,10 @@ whole record is queued, then one `recv_into`: `RecordReads`), a record costs one
 GIL hand-over per side.
 
 The link's deadline stays: SO_SNDTIMEO and SO_RCVTIMEO bound each call (`RecordReads` gives its
-poll the same bound). A call that moved some
-bytes before the deadline returns what it moved (the caller goes on with the rest); one that
-moved nothing fails with EAGAIN (`is_timeout`), as the Python timeout raised TimeoutError. TLS
-sockets keep their Python timeout (the ssl module reads and writes in records of its own).
+poll the same bound). A call that moved some bytes before the deadline returns what it moved (the
+caller goes on with the rest); one that moved nothing fails with EAGAIN (`is_timeout`), as the
+Python timeout raised TimeoutError. TLS sockets keep their Python timeout (the ssl module reads
+and writes in records of its own).
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ class RecordReads:
 
     Before each receive the socket's SO_RCVLOWAT is set to the buffer's size (when it changed),
     and `poll` waits for the kernel to say that much is queued; the receive then takes it without
-    waiting (MSG_DONTWAIT). MSG_WAITALL alone woke the receive thread for every segment: 20-40
-    wake-ups of a few microseconds' work per 2 MiB record, each taking a core from the sender
-    beside it. A thread asleep with a low-water mark above what is still to come would never
+    waiting (MSG_DONTWAIT). MSG_WAITALL alone woke the receive thread for every segment: 25-57
+    wake-ups of a few microseconds' work per 4 MiB record here (2-3 this way), each taking a
+    core from the sender beside it. A thread asleep with a low-water mark above what is still to come would never
     wake, which is why the mark is never above what the buffer in hand lacks: a reader woken
     short of it (the kernel also wakes it when its receive window closes or its buffer is under
     pressure, and caps the mark at half its largest receive buffer) gets what is there, and the
@@ -94,6 +94,6 @@ class RecordReads:
                 return self._sock.recv_into(buffer, wanted, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 # Nothing queued: a poll that timed out is the deadline; one that said "ready"
-                # with nothing to read (it can, rarely) waits again.
+                # with nothing to read waits again.
                 if not ready and deadline is not None and time.monotonic() >= deadline:
                     raise

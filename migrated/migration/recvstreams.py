@@ -4,10 +4,10 @@ A data connection is told apart from a control connection by its first byte (`is
 its hello names the migration and proves, with a token of that migration's session, that it came
 from that migration's source (transport/datastream.py). Only then does a thread take the socket:
 it reads exactly the frame or record in hand (`recv_into`, GIL released, woken once it is all
-there: blocking.RecordReads), opens and checks it
-(sans-IO), and writes the batch into guest RAM at once: one `pwritev` per run of pages into the
-RAM file (a fresh shmem page filled by a write is neither faulted nor zeroed), or, where the
-backing refuses writes (hugetlbfs), one numpy copy into the mapping. Never per page in Python.
+there: blocking.RecordReads), opens and checks it (sans-IO), and writes the batch into guest RAM
+at once: one `pwritev` per run of pages into the RAM file (a fresh shmem page filled by a write
+is neither faulted nor zeroed), or, where the backing refuses writes (hugetlbfs), one numpy copy
+into the mapping. Never per page in Python.
 
 Trio keeps the control: a stream that fails reports to the Target (which aborts the migration),
 and the Target loads only after every stream's end marker arrived (`wait_ended`).
@@ -278,8 +278,8 @@ class ReceiveStreams:
 
     def arrived_bytes(self) -> int:
         """Bytes that reached this host on every stream so far, read or not: a receive thread
-        waits in the kernel for a whole record (blocking.RecordReads), and its own count moves only when
-        the record is in or its call's deadline returns part of it. Under a low bandwidth cap a
+        waits in the kernel for a whole record (blocking.RecordReads), and its own count moves
+        only when the record is in or its call's deadline returns part of it. Under a low bandwidth cap a
         record takes longer than the link's silence window, so the link's watch counts what the
         kernel took in (each stream's own count where the kernel does not say)."""
         total = 0
