@@ -258,8 +258,8 @@ def test_two_waiters_of_the_streams_end_are_both_woken() -> None:
 
 
 def test_the_links_watch_counts_bytes_that_arrived_while_a_record_is_still_incomplete() -> None:
-    """A receive thread waits in the kernel for a whole record (MSG_WAITALL) and counts its
-    bytes when the record is in. Under a low bandwidth cap a record takes longer than the link's
+    """A receive thread waits in the kernel for a whole record (blocking.RecordReads) and counts
+    its bytes when the record is in. Under a low bandwidth cap a record takes longer than the link's
     silence window, so the watch reads what the kernel took in: here a paced pass whose first
     record (0.94 MiB) the thread has counted nothing of while the kernel has taken in a quarter."""
     src, dst = GuestMemory.flat(1 * MIB, "src"), GuestMemory.flat(1 * MIB, "dst")
@@ -280,6 +280,10 @@ def test_the_links_watch_counts_bytes_that_arrived_while_a_record_is_still_incom
                     with trio.fail_after(30):
                         while receive.totals()[2] < 64:
                             await trio.sleep(0.01)
+                # The pass is sent; the receive thread may still be reading its last record.
+                with trio.fail_after(30):
+                    while sum(receive.totals()[:2]) < src.size // PAGE:
+                        await trio.sleep(0.01)
                 assert receive.arrived_bytes() >= receive.totals()[2] > 1 * MIB
                 assert not failures, failures
 
